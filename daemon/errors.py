@@ -1,0 +1,201 @@
+"""The exception family of fine-tuner.
+
+Every error carries fields (file, row, column, status, ...) and a message that tells the operator
+what to do. Messages never contain cell values from a dataset: these are patient records, so an
+error names the file, the column, the row number and counts, never the text of a cell.
+This module imports nothing from ``daemon``.
+"""
+
+from __future__ import annotations
+
+
+class FineTunerError(Exception):
+    """Base of every error fine-tuner raises on purpose.
+
+    ``hint`` says what the user should do; ``error_type`` is the stable name written to
+    ``error.json`` and logs.
+    """
+
+    default_hint = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    @property
+    def error_type(self) -> str:
+        return type(self).__name__
+
+    def to_dict(self) -> dict:
+        """The error as JSON-ready fields (for error.json and metadata); no cell contents."""
+        out = {"error_type": self.error_type, "message": self.message, "hint": self.hint}
+        for key in ("file", "row", "column"):
+            value = getattr(self, key, None)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+class ConfigError(FineTunerError):
+    """The configuration is invalid; ``problems`` lists every problem found (key: what is wrong)."""
+
+    default_hint = "fix the configuration file or the FINE_TUNER_* variables and start again"
+
+    def __init__(self, problems: list[str], *, source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid configuration{where}: " + "; ".join(self.problems))
+
+
+# --- datasets and mappings ---------------------------------------------------------------------
+
+class DatasetError(FineTunerError, ValueError):
+    """A dataset or rating mapping cannot be used. Names the file, and the column/row where it applies."""
+
+    default_hint = "fix the input file and drop it again"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        row: int | None = None,
+        column: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.file = file
+        self.row = row
+        self.column = column
+        where = []
+        if file:
+            where.append(file)
+        if column:
+            where.append(f"column {column!r}")
+        if row is not None:
+            where.append(f"row {row}")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message, hint=hint)
+
+
+class EmptyDatasetError(DatasetError):
+    """The file is empty, holds only a header, or has no usable rows."""
+
+
+class DatasetFormatError(DatasetError):
+    """The file is not a readable CSV (binary junk, wrong delimiter, bad quoting, too large a cell)."""
+
+
+class DatasetEncodingError(DatasetError):
+    """The file is neither UTF-8 nor cp1252."""
+
+    default_hint = "save the file as UTF-8 (CSV UTF-8 in Excel) and drop it again"
+
+
+class MissingColumnError(DatasetError):
+    """A required column is absent; the message suggests the closest column name."""
+
+
+class InvalidRatingError(DatasetError):
+    """Ratings are not integers."""
+
+
+class UnmappedRatingError(DatasetError):
+    """Ratings appear that the rating mapping does not contain (each value and its count are named)."""
+
+
+class MappingError(DatasetError):
+    """The rating mapping file or object is invalid, or cannot be inferred."""
+
+    default_hint = "fix the mapping file (labels as keys, integer ratings as values) and drop it again"
+
+
+# --- the seed's errors -------------------------------------------------------------------------
+
+class DatasetTooSmallWarning(UserWarning):
+    """The dataset has fewer usable rows than recommended for fine-tuning (50)."""
+
+
+class FineTuningNotSupportedError(FineTunerError):
+    """The model, its weights or this machine cannot be fine-tuned; ``report`` says which check failed."""
+
+    default_hint = "use approach 'model_set', or enable fallback, or fix the failed checks"
+
+    def __init__(self, message: str, *, report: object | None = None, hint: str | None = None) -> None:
+        self.report = report
+        super().__init__(message, hint=hint)
+
+
+class TrainingFailedError(FineTunerError):
+    """The trainer child failed: non-zero exit, signal or timeout. Its stderr log stays in the job folder."""
+
+    default_hint = "read the trainer's stderr log named in this error; fix the cause and resubmit"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        stderr_path: str | None = None,
+        timed_out: bool = False,
+        hint: str | None = None,
+    ) -> None:
+        self.exit_code = exit_code
+        self.stderr_path = stderr_path
+        self.timed_out = timed_out
+        super().__init__(message, hint=hint)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.update(exit_code=self.exit_code, stderr_path=self.stderr_path, timed_out=self.timed_out)
+        return out
+
+
+class TrainingInterruptedError(FineTunerError):
+    """Training was stopped because the service is shutting down; the job goes back to the queue."""
+
+    default_hint = "the job is retried when the service starts again"
+
+
+class ModelSetConfigError(FineTunerError):
+    """The model set configuration could not be created."""
+
+
+# --- Ollama ------------------------------------------------------------------------------------
+
+class OllamaError(FineTunerError):
+    """An Ollama call failed. ``status`` is the HTTP status (None when no response came back),
+    ``server_error`` the server's ``error`` text."""
+
+    default_hint = "check that Ollama is running and reachable at the configured host"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        server_error: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.status = status
+        self.server_error = server_error
+        super().__init__(message, hint=hint)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.update(status=self.status, server_error=self.server_error)
+        return out
+
+
+class OllamaUnavailableError(OllamaError):
+    """No answer from the server: connection refused, reset or timed out."""
+
+
+class RegistrationError(OllamaError):
+    """A model was built but could not be registered in Ollama (or failed its check afterwards)."""

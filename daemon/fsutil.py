@@ -1,0 +1,134 @@
+"""Filesystem primitives: atomic file writes, publishing a folder, claiming by rename, hashing.
+
+A reader never sees half a file or half a folder: files are written to a temporary sibling,
+fsynced and ``os.replace``d; folders are built under a temporary name and renamed when complete.
+This module knows nothing about jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+HASH_CHUNK = 1 << 20
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or creation inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8",
+                durable: bool = True) -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing; on success it replaces ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    """
+    target = Path(path)
+    binary = "b" in mode
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if binary else encoding,
+                       newline=None if binary else "") as fh:
+            yield fh
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(target.parent)
+
+
+def write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> None:
+    with atomic_open(path, "w", durable=durable) as fh:
+        fh.write(text)
+
+
+def write_json(path: str | os.PathLike, data: Any, *, durable: bool = True) -> None:
+    with atomic_open(path, "w", durable=durable) as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False, sort_keys=False, default=str)
+        fh.write("\n")
+
+
+def write_lines(path: str | os.PathLike, chunks: Iterable[str], *, durable: bool = True) -> None:
+    """Write an iterable of text chunks (each already ending with its newlines) atomically."""
+    with atomic_open(path, "w", durable=durable) as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, streamed in 1 MiB chunks (never read whole into memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def temp_dir_for(final: str | os.PathLike) -> Path:
+    """The temporary sibling a folder is built in before publishing: ``<parent>/.tmp-<name>``."""
+    final = Path(final)
+    return final.parent / f".tmp-{final.name}"
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename a completely built folder into place. Fails if ``final`` already exists."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; not replacing published output")
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    return final
+
+
+def claim(src: str | os.PathLike, dest: str | os.PathLike) -> bool:
+    """Atomically move ``src`` to ``dest`` (same filesystem). False when another process won the race
+    (``src`` vanished); never overwrites an existing ``dest``."""
+    src, dest = Path(src), Path(dest)
+    if dest.exists():
+        return False
+    try:
+        # os.link + unlink would refuse to overwrite, but rename is what makes the claim atomic;
+        # the exists() check above covers the only case rename would silently replace.
+        os.rename(src, dest)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def unique_path(path: str | os.PathLike) -> Path:
+    """``path`` if free, else ``path`` with ``-1``, ``-2``, ... before the suffix."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    stem, suffix = path.stem, path.suffix
+    n = 1
+    while True:
+        candidate = path.with_name(f"{stem}-{n}{suffix}")
+        if not candidate.exists():
+            return candidate
+        n += 1
+
+
+def make_private_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) and make sure it is mode 0700."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path

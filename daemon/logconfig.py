@@ -1,0 +1,97 @@
+"""The single structlog configuration: JSON lines with ISO-8601 UTC timestamps.
+
+Everything goes through the standard ``logging`` module so that one event can reach several sinks:
+stdout (journald keeps it), ``fine_tuner.log`` in the log directory, and a per-job ``job.log``
+(see ``job_log``), which receives only the lines bound to that job's ``job_id``.
+Never log a cell value: log counts, column names, hashes and row numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import structlog
+
+_ROOT = "fine_tuner"
+
+_SHARED = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+]
+
+
+def _formatter() -> logging.Formatter:
+    return structlog.stdlib.ProcessorFormatter(
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False, default=str),
+        ],
+        foreign_pre_chain=_SHARED,
+    )
+
+
+def configure(*, level: int | str = logging.INFO, stream: IO[str] | None = sys.stdout,
+              log_file: str | Path | None = None) -> None:
+    """(Re)configure logging. ``stream`` None means no console output (library use)."""
+    structlog.configure(
+        processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger(_ROOT)
+    for handler in list(root.handlers):
+        if getattr(handler, "_fine_tuner_owned", False):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+    root.propagate = False
+    if stream is not None:
+        _add(root, logging.StreamHandler(stream))
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        _add(root, logging.FileHandler(log_file, encoding="utf-8"))
+
+
+def _add(root: logging.Logger, handler: logging.Handler) -> logging.Handler:
+    handler.setFormatter(_formatter())
+    handler._fine_tuner_owned = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    return handler
+
+
+def get_logger(name: str = "") -> structlog.stdlib.BoundLogger:
+    """A logger under the ``fine_tuner`` hierarchy (``name`` is the module, e.g. ``service``)."""
+    return structlog.get_logger(f"{_ROOT}.{name}" if name else _ROOT)
+
+
+class _JobFilter(logging.Filter):
+    def __init__(self, job_id: str) -> None:
+        super().__init__()
+        self.job_id = job_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        return isinstance(msg, dict) and msg.get("job_id") == self.job_id
+
+
+@contextlib.contextmanager
+def job_log(path: str | Path, job_id: str) -> Iterator[None]:
+    """Copy every log line bound to ``job_id`` into ``path`` while the block runs."""
+    root = logging.getLogger(_ROOT)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(_formatter())
+    handler.addFilter(_JobFilter(job_id))
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,95 @@
+"""The text and schema shared by training data and model sets: the system prompt, the answer.
+
+The system turn states the task, the topic(s) and the rating scale with all of its labels, and asks
+for exactly one JSON object ``{"rating": <int>, "rationale": "<text>"}``; the same answer shape is
+the assistant turn of every training record and few-shot example, and ``output_schema`` describes
+it as a JSON Schema usable as Ollama's ``format``. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+
+def normalize_topics(topics: str | Sequence[str] | None) -> list[str]:
+    """``"a, b"`` or ``["a", "b"]`` → ``["a", "b"]`` (trimmed, empty parts dropped, order kept)."""
+    if topics is None:
+        return []
+    parts = topics.split(",") if isinstance(topics, str) else list(topics)
+    seen: list[str] = []
+    for part in parts:
+        part = str(part).strip()
+        if part and part not in seen:
+            seen.append(part)
+    return seen
+
+
+def labels_by_value(label_to_value: Mapping[str, int]) -> dict[int, list[str]]:
+    """Invert a label → rating mapping; several labels may share one rating. Sorted by rating, high first."""
+    out: dict[int, list[str]] = {}
+    for label, value in label_to_value.items():
+        out.setdefault(int(value), []).append(str(label))
+    return dict(sorted(out.items(), key=lambda kv: -kv[0]))
+
+
+def rating_scale_lines(label_to_value: Mapping[str, int]) -> list[str]:
+    """One line per rating: ``- 1: Match`` or ``- 0: Does Not Match / No``."""
+    return [f"- {value}: {' / '.join(labels)}" for value, labels in labels_by_value(label_to_value).items()]
+
+
+def system_prompt(topics: str | Sequence[str] | None, label_to_value: Mapping[str, int]) -> str:
+    """The system turn used for training records and for the model set."""
+    topic_list = normalize_topics(topics)
+    if not topic_list:
+        topic_text = "the target topic"
+    elif len(topic_list) == 1:
+        topic_text = f'the topic "{topic_list[0]}"'
+    else:
+        topic_text = "the topics " + ", ".join(f'"{t}"' for t in topic_list)
+    values = sorted({int(v) for v in label_to_value.values()})
+    return "\n".join([
+        "You are an expert public-health analyst reviewing emergency-department visit records.",
+        f"Rate how well each record matches {topic_text}, the way the expert reviewers do.",
+        "",
+        "Rating scale (rating: label):",
+        *rating_scale_lines(label_to_value),
+        "",
+        'Answer with exactly one JSON object and nothing else: {"rating": <integer>, "rationale": "<short reason>"}',
+        f"The rating must be one of: {', '.join(str(v) for v in values)}.",
+    ])
+
+
+def answer_json(rating: int, rationale: str | None) -> str:
+    """The assistant answer: compact JSON, non-ASCII kept as is."""
+    return json.dumps({"rating": int(rating), "rationale": rationale or ""}, ensure_ascii=False)
+
+
+def output_schema(values: Sequence[int]) -> dict:
+    """JSON Schema of the answer (usable as Ollama's ``format``)."""
+    return {
+        "type": "object",
+        "properties": {
+            "rating": {"type": "integer", "enum": sorted({int(v) for v in values})},
+            "rationale": {"type": "string"},
+        },
+        "required": ["rating", "rationale"],
+        "additionalProperties": False,
+    }
+
+
+def parse_answer(text: str, values: Sequence[int] | None = None) -> dict | None:
+    """Parse a model's answer; the dict when it is ``{"rating": int, "rationale": str}`` (with the
+    rating among ``values`` when given), else None."""
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    rating, rationale = data.get("rating"), data.get("rationale")
+    if not isinstance(rating, int) or isinstance(rating, bool) or not isinstance(rationale, str):
+        return None
+    if values is not None and rating not in set(values):
+        return None
+    return {"rating": rating, "rationale": rationale}

@@ -1,0 +1,72 @@
+"""Shared test helpers: waiting on conditions, leak checks, common fixtures.
+
+Fixture modules of their own (the fake Ollama server, the tiny model) are plugged in here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.fake_ollama", "tests.tiny_model"]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temporary files or folders (``*.tmp``, ``.tmp-*``) anywhere under ``root``."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.name.endswith(".tmp") or p.name.startswith(".tmp-"))
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Fail a test that leaves non-daemon threads running."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        leaked = [t for t in threading.enumerate()
+                  if t not in before and t.is_alive() and not t.daemon]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"leaked threads: {[t.name for t in leaked]}"
+
+
+@pytest.fixture
+def mapping_dict() -> dict:
+    from daemon.synthetic import MAPPING
+    return dict(MAPPING)
+
+
+@pytest.fixture
+def synthetic_csv(tmp_path) -> Callable[..., Path]:
+    """Factory: write a synthetic formatted dataset CSV of ``rows`` rows into tmp_path."""
+    from daemon.synthetic import write_csv
+
+    def make(rows: int = 60, name: str = "visits.csv", seed: int = 7, **kw) -> Path:
+        path = tmp_path / name
+        write_csv(path, rows, seed, **kw)
+        return path
+
+    return make
