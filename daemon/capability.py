@@ -1,0 +1,83 @@
+"""The capability report: can this model be fine-tuned here? A list of named checks, each ok/detail.
+
+The report does not decide the approach (``fine_tuner`` does); it only says what is true. Checks
+that need nothing external (trainer packages importable, base weights configured) always run; the
+Ollama checks run when a client is given; the base-weight checks come from ``training`` (the
+parent side, which never imports the ML libraries).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .ollama import OllamaClient
+
+TRAINER_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors")
+# Ollama converts safetensors LoRA adapters only for these GGUF architectures (reference §5).
+ADAPTER_ARCHITECTURES = ("llama", "gemma2")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True  # a failed optional check is reported but does not block fine-tuning
+
+
+@dataclass
+class CapabilityReport:
+    model: str
+    checks: list[Check] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # e.g. architecture, quantization, weights dir
+
+    @property
+    def supported(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks if c.required)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.required and not c.ok]
+
+    def add(self, name: str, ok: bool, detail: str, *, required: bool = True) -> Check:
+        check = Check(name, bool(ok), detail, required)
+        self.checks.append(check)
+        return check
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "supported": self.supported,
+                "checks": [asdict(c) for c in self.checks], "facts": dict(self.facts)}
+
+    def __bool__(self) -> bool:  # the seed's check_fine_tuning_capability returned a bool
+        return self.supported
+
+
+def package_checks(report: CapabilityReport) -> None:
+    """Trainer packages importable, found with ``find_spec`` so that nothing heavy is imported."""
+    missing = [name for name in TRAINER_PACKAGES if importlib.util.find_spec(name) is None]
+    report.add("trainer_packages", not missing,
+               "torch, transformers, peft, accelerate and safetensors are installed" if not missing
+               else f"missing {', '.join(missing)}: install the extra with pip install 'fine-tuner[train]'")
+
+
+def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | None) -> None:
+    """Base weights resolved and usable (issue 5 fills this in, via ``training.resolve_base_weights``)."""
+
+
+def ollama_checks(report: CapabilityReport, client: OllamaClient, register_mode: str) -> str | None:
+    """Ollama reachable, model known, architecture takes a LoRA adapter (issue 4 fills this in).
+    Returns the model's ``general.architecture`` when known."""
+    return None
+
+
+def build_report(model_name: str, cfg: Config, client: OllamaClient | None = None) -> CapabilityReport:
+    """Run every check for ``model_name``; ``client`` None skips the Ollama checks."""
+    report = CapabilityReport(model=model_name)
+    package_checks(report)
+    arch = ollama_checks(report, client, cfg.ollama.register) if client is not None else None
+    weights_checks(report, cfg, arch)
+    return report
