@@ -1,5 +1,197 @@
-"""Placeholder CLI (replaced by the real one)."""
+"""The ``fine-tuner`` command line: argv → config → logging → one call → exit code.
+
+Subcommands: ``process`` (one dataset, one-shot), ``validate`` (a data report), ``check`` (the
+capability report), ``watch`` (the inbox daemon) and ``status`` (the journal). Exit codes: 0 ok,
+1 the job failed (or the data is unusable / the model cannot be fine-tuned), 2 usage, 78 a
+configuration error for ``watch`` (systemd's EX_CONFIG, which the unit does not restart on).
+Errors are one line on stderr saying what to fix; logs are JSON lines (stdout for ``watch``, the
+``fine_tuner.log`` file otherwise, and stderr too with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import APPROACHES, Config, ConfigError, load_config
+from .errors import DatasetTooSmallWarning, FineTunerError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
 
-def main() -> int:
-    return 0
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="YAML configuration file (default: $FINE_TUNER_CONFIG)")
+    common.add_argument("--debug", action="store_true", help="DEBUG logging, also on stderr")
+
+    p = argparse.ArgumentParser(prog="fine-tuner", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"fine-tuner {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    proc = sub.add_parser("process", parents=[common], help="turn one dataset into a fine-tune or a model set")
+    proc.add_argument("--input", required=True, metavar="CSV", help="formatted dataset (CSV)")
+    proc.add_argument("--mapping", metavar="FILE", help="rating mapping (JSON or YAML); inferred when omitted")
+    proc.add_argument("--model", help="Ollama base model (default from config)")
+    proc.add_argument("--topics", help='target topic(s), comma-separated, e.g. "respiratory infections"')
+    proc.add_argument("--output-dir", metavar="DIR", help="where the outputs go (default: outputs/<input stem>)")
+    proc.add_argument("--output-model", metavar="NAME", help="Ollama name to register (default derived)")
+    proc.add_argument("--epochs", type=int)
+    proc.add_argument("--learning-rate", type=float)
+    proc.add_argument("--batch-size", type=int)
+    proc.add_argument("--approach", choices=APPROACHES)
+    proc.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to a model set")
+
+    val = sub.add_parser("validate", parents=[common], help="report on a dataset without processing it")
+    val.add_argument("--input", required=True, metavar="CSV")
+    val.add_argument("--mapping", metavar="FILE")
+    val.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    chk = sub.add_parser("check", parents=[common], help="can MODEL be fine-tuned here? (exit 0 yes, 1 no)")
+    chk.add_argument("model", metavar="MODEL")
+    chk.add_argument("--json", action="store_true")
+
+    wat = sub.add_parser("watch", parents=[common], help="run the inbox daemon")
+    wat.add_argument("--root", metavar="DIR", help="folder holding inbox/ and outputs/ (default: .)")
+    wat.add_argument("--once", action="store_true", help="process what is in the inbox, then exit")
+
+    st = sub.add_parser("status", parents=[common], help="queued, running, recent jobs from the journal")
+    st.add_argument("--root", metavar="DIR")
+    st.add_argument("--json", action="store_true")
+    return p
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"fine-tuner: error: {message}", file=sys.stderr)
+    return code
+
+
+def _log_dir(cfg: Config) -> Path:
+    base = cfg.paths.log_dir or os.environ.get("LOGS_DIRECTORY")
+    return Path(base) if base else Path(cfg.paths.root)
+
+
+def _configure_logging(cfg: Config, args: argparse.Namespace, *, stdout: bool) -> None:
+    from . import logconfig
+
+    level = "DEBUG" if (args.debug or cfg.debug) else "INFO"
+    stream = sys.stdout if stdout else (sys.stderr if args.debug else None)
+    log_file = _log_dir(cfg) / "fine_tuner.log" if not stdout else None
+    logconfig.configure(level=level, stream=stream, log_file=log_file)
+
+
+def _with_root(cfg: Config, root: str | None) -> Config:
+    if not root:
+        return cfg
+    return dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, root=root))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, os.environ)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_USAGE)
+    handler = {"process": _cmd_process, "validate": _cmd_validate, "check": _cmd_check,
+               "watch": _cmd_watch, "status": _cmd_status}[args.command]
+    try:
+        return handler(cfg, args)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_USAGE)
+    except (FineTunerError, DatasetTooSmallWarning) as exc:
+        return _fail(f"{exc} ({exc.hint})" if isinstance(exc, DatasetTooSmallWarning) else str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _cmd_process(cfg: Config, args: argparse.Namespace) -> int:
+    from .config import job_settings
+    from .fine_tuner import FineTuner, JobInputs
+
+    _configure_logging(cfg, args, stdout=False)
+    csv_path = Path(args.input)
+    if not csv_path.is_file():
+        return _fail(f"{csv_path}: no such file; pass the formatted dataset CSV with --input", EXIT_USAGE)
+    if args.mapping and not Path(args.mapping).is_file():
+        return _fail(f"{args.mapping}: no such file; pass the rating mapping with --mapping", EXIT_USAGE)
+    settings = job_settings(cfg.defaults, {
+        "model": args.model, "topics": args.topics, "epochs": args.epochs,
+        "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+        "approach": args.approach, "fallback": False if args.no_fallback else None,
+        "output_model": args.output_model,
+    }, source="command line")
+    out_dir = Path(args.output_dir) if args.output_dir else Path(cfg.paths.root) / cfg.paths.outputs / csv_path.stem
+    tuner = FineTuner(debug_mode=args.debug, fallback_mode=settings.fallback, config=cfg)
+    progress = _progress_printer() if sys.stderr.isatty() else None
+    ok, meta = tuner.run_job(JobInputs(
+        csv_path=csv_path, mapping_path=Path(args.mapping) if args.mapping else None, settings=settings,
+        output_dir=out_dir, stem=csv_path.stem, job_id=None, staged=True, on_progress=progress))
+    if progress is not None:
+        print(file=sys.stderr)
+    reg = meta.get("registration") or {}
+    print(f"approach: {meta['approach']} ({meta.get('approach_reason', '')})")
+    print(f"rows: {meta['rows']['used']} used of {meta['rows']['read']} read")
+    print(f"outputs: {out_dir}")
+    if reg:
+        print(f"ollama: {'registered as ' + reg.get('name', '') if reg.get('registered') else 'not registered: ' + str(reg.get('reason', ''))}")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _progress_printer():
+    """A one-line progress bar on stderr for training (only when stderr is a terminal)."""
+    def show(event: dict) -> None:
+        pct = float(event.get("percent") or 0.0)
+        filled = int(pct / 100 * 30)
+        loss = event.get("loss")
+        eta = event.get("eta_s")
+        line = (f"\rtraining [{'#' * filled}{'.' * (30 - filled)}] {pct:5.1f}% "
+                f"step {event.get('step')}/{event.get('total_steps')}"
+                + (f" loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+                + (f" eta {eta:.0f}s" if isinstance(eta, (int, float)) else ""))
+        print(line, end="", file=sys.stderr, flush=True)
+    return show
+
+
+def _cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
+    from .report import validation_report, format_validation_report
+
+    _configure_logging(cfg, args, stdout=False)
+    report = validation_report(Path(args.input), Path(args.mapping) if args.mapping else None, cfg)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_validation_report(report))
+    return EXIT_OK if report["usable"] else EXIT_FAILED
+
+
+def _cmd_check(cfg: Config, args: argparse.Namespace) -> int:
+    from .fine_tuner import FineTuner
+
+    _configure_logging(cfg, args, stdout=False)
+    report = FineTuner(debug_mode=args.debug, config=cfg).capability_report(args.model)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(f"{report.model}: fine-tuning {'supported' if report.supported else 'NOT supported'}")
+        for c in report.checks:
+            mark = "ok " if c.ok else ("-- " if not c.required else "NO ")
+            print(f"  [{mark}] {c.name}: {c.detail}")
+    return EXIT_OK if report.supported else EXIT_FAILED
+
+
+def _cmd_watch(cfg: Config, args: argparse.Namespace) -> int:
+    from . import service
+
+    cfg = _with_root(cfg, args.root)
+    _configure_logging(cfg, args, stdout=True)
+    return service.run(cfg, once=args.once, config_path=args.config or os.environ.get("FINE_TUNER_CONFIG"))
+
+
+def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    from . import service
+
+    cfg = _with_root(cfg, args.root)
+    report = service.status(cfg)
+    print(json.dumps(report, indent=2, default=str) if args.json else service.format_status(report))
+    return EXIT_OK

@@ -119,7 +119,21 @@ class MappingError(DatasetError):
 # --- the seed's errors -------------------------------------------------------------------------
 
 class DatasetTooSmallWarning(UserWarning):
-    """The dataset has fewer usable rows than recommended for fine-tuning (50)."""
+    """The dataset has fewer usable rows than recommended for fine-tuning (50).
+
+    Warned normally; raised when fallback is off and no other approach is allowed, so it carries
+    the same ``hint``/``to_dict`` as the errors above.
+    """
+
+    hint = "add rows (50 or more are recommended), or allow the model-set fallback"
+    error_type = "DatasetTooSmallWarning"
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def to_dict(self) -> dict:
+        return {"error_type": self.error_type, "message": self.message, "hint": self.hint}
 
 
 class FineTuningNotSupportedError(FineTunerError):

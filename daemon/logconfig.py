@@ -95,3 +95,8 @@ def job_log(path: str | Path, job_id: str) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+def is_configured() -> bool:
+    """True once ``configure`` has run in this process (the library then leaves logging alone)."""
+    return any(getattr(h, "_fine_tuner_owned", False) for h in logging.getLogger(_ROOT).handlers)

@@ -1,0 +1,463 @@
+"""The seed's ``FineTuner`` facade: one dataset end to end.
+
+validate → decide the approach → build the outputs (training data → trainer child → adapter, or the
+model set) → register in Ollama → metadata. The approach decision lives here and nowhere else:
+``auto`` fine-tunes when the dataset is large enough and every required capability check passes,
+and otherwise (or when training fails) falls back to a model set if fallback is on. ``fine_tune``
+and ``model_set`` force one path, with no fallback. This module knows nothing about the inbox: the
+daemon hands it a ``JobInputs`` and publishes the folder it filled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import fsutil, prompts
+from .capability import CapabilityReport, build_report
+from .config import Config, JobSettings, job_settings, load_config
+from .errors import (
+    DatasetTooSmallWarning,
+    FineTuningNotSupportedError,
+    ModelSetConfigError,
+    TrainingFailedError,
+)
+from .logconfig import get_logger
+
+log = get_logger("fine_tuner")
+
+FINE_TUNE, MODEL_SET = "fine_tune", "model_set"
+MODEL_SET_FILES = ("model_set_config.json", "Modelfile", "fine_tuning_metadata.json")
+FINE_TUNE_FILES = ("training_data.jsonl", "validation_data.jsonl", "training_config.yaml",
+                   "fine_tuning_metadata.json")
+_PACKAGES = ("fine-tuner", "pandas", "pyyaml", "structlog", "requests", "watchdog",
+             "torch", "transformers", "peft", "accelerate", "safetensors")
+
+
+@dataclass
+class JobInputs:
+    """One job as the daemon or the CLI hands it over.
+
+    ``output_dir``: with ``staged`` False (the daemon) the files are written straight into it (the
+    daemon built it as ``outputs/.tmp-<job_id>`` and publishes it); with ``staged`` True (the CLI)
+    they are built in a temporary sibling and moved in when complete.
+    """
+
+    csv_path: Path
+    mapping_path: Path | None
+    settings: JobSettings
+    output_dir: Path
+    stem: str
+    job_id: str | None = None
+    stop_event: threading.Event | None = None
+    training_lock: threading.Lock | None = None
+    staged: bool = False
+    on_progress: Callable[[dict], None] | None = None
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions (from package metadata: nothing is imported)."""
+    out: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+class _Stages:
+    """Stage durations for the metadata (``stage_durations_s``)."""
+
+    def __init__(self) -> None:
+        self.durations: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.durations[name] = round(self.durations.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def _resolve_config(config: Config | Mapping | str | os.PathLike | None) -> Config:
+    if isinstance(config, Config):
+        return config
+    if config is None:
+        return load_config(None, os.environ)
+    if isinstance(config, Mapping):
+        return load_config(None, os.environ, overrides=config)
+    return load_config(config, os.environ)
+
+
+class FineTuner:
+    """Turn a rated dataset into an Ollama model: a LoRA fine-tune or a model set.
+
+    ``FineTuner(debug_mode=False, fallback_mode=True, config=None)``; ``config`` may be a
+    ``Config``, a path to a YAML file, or a mapping in the file's shape.
+    """
+
+    def __init__(self, debug_mode: bool = False, fallback_mode: bool = True,
+                 config: Config | Mapping | str | os.PathLike | None = None) -> None:
+        self.config = _resolve_config(config)
+        self.debug_mode = bool(debug_mode or self.config.debug)
+        self.fallback_mode = bool(fallback_mode)
+        self._ensure_logging()
+
+    # --- logging -------------------------------------------------------------------------------
+
+    def _ensure_logging(self) -> None:
+        """Library use: log to ``fine_tuner.log`` in the log directory unless the CLI or daemon
+        already configured logging."""
+        from . import logconfig
+
+        if logconfig.is_configured():
+            return
+        log_dir = self.config.paths.log_dir or os.environ.get("LOGS_DIRECTORY") or self.config.paths.root
+        logconfig.configure(level="DEBUG" if self.debug_mode else "INFO", stream=None,
+                            log_file=Path(log_dir) / "fine_tuner.log")
+
+    # --- capability ----------------------------------------------------------------------------
+
+    def _ollama_client(self):
+        from .ollama import OllamaClient
+
+        return OllamaClient(self.config.ollama)
+
+    def capability_report(self, model_name: str) -> CapabilityReport:
+        """Every check, each with ok/detail; ``report.supported`` is the answer."""
+        report = build_report(model_name, self.config, self._ollama_client())
+        log.info("capability_checked", model=model_name, supported=report.supported,
+                 failed=[c.name for c in report.failed])
+        return report
+
+    def check_fine_tuning_capability(self, model_name: str) -> bool:
+        """True when ``model_name`` can be fine-tuned here (see ``capability_report`` for why not)."""
+        return self.capability_report(model_name).supported
+
+    # --- the seed's builders -------------------------------------------------------------------
+
+    def _dataset(self, df, rating_mapping, source: str = "<dataframe>"):
+        from .dataset import validate_frame
+
+        return validate_frame(df, rating_mapping, source=source)
+
+    def prepare_training_data(self, df, rating_mapping, target_topics: str | None = None) -> list[dict]:
+        """One ``{"messages": [system, user, assistant]}`` chat record per usable row."""
+        from .trainingdata import chat_records
+
+        ds = self._dataset(df, rating_mapping)
+        topics = target_topics if target_topics is not None else self.config.defaults.topics
+        return chat_records(ds, prompts.system_prompt(topics, ds.mapping.labels))
+
+    def create_model_set_config(self, model_name: str, df, rating_mapping, target_topics) -> dict:
+        """The ``model_set_config.json`` content for meta-prompting (nothing is written)."""
+        ds = self._dataset(df, rating_mapping)
+        settings = job_settings(self.config.defaults, {"model": model_name, "topics": _topics_text(target_topics)},
+                                source="arguments")
+        return self._model_set(ds, settings, stem="dataset", exclude=(), input_hashes={})
+
+    def process_dataset(self, df, model_name: str, rating_mapping, target_topics, *, epochs: int = 3,
+                        learning_rate: float = 1e-4, batch_size: int = 4, output_dir: str | os.PathLike = "outputs",
+                        approach: str = "auto", output_model: str | None = None,
+                        source_name: str = "dataset") -> tuple[bool, dict]:
+        """Process an in-memory dataset; outputs go into ``output_dir`` (moved in when complete)."""
+        settings = job_settings(self.config.defaults, {
+            "model": model_name, "topics": _topics_text(target_topics), "epochs": epochs,
+            "learning_rate": float(learning_rate), "batch_size": batch_size, "approach": approach,
+            "fallback": self.fallback_mode, "output_model": output_model}, source="arguments")
+        ds = self._dataset(df, rating_mapping)
+        return self._process(ds, settings, Path(output_dir), stem=source_name, staged=True,
+                             input_hashes={})
+
+    # --- jobs from files (CLI and daemon) ------------------------------------------------------
+
+    def run_job(self, job: JobInputs) -> tuple[bool, dict]:
+        """Process a dataset file (and its mapping file, or an inferred mapping)."""
+        from .dataset import load_dataset
+
+        stages = _Stages()
+        with stages("load"):
+            ds = load_dataset(job.csv_path, job.mapping_path)
+        hashes = {"dataset": ds.read_info.sha256 if ds.read_info else None,
+                  "mapping": ds.mapping.sha256}
+        log.info("dataset_loaded", file=job.csv_path.name, rows_read=ds.rows_read, rows_used=ds.rows_used,
+                 dropped=ds.dropped, mapping_source=ds.mapping.source, columns=list(ds.columns.values()),
+                 duration_s=stages.durations["load"])
+        return self._process(ds, job.settings, job.output_dir, stem=job.stem, staged=job.staged,
+                             input_hashes=hashes, job=job, stages=stages)
+
+    # --- the pipeline --------------------------------------------------------------------------
+
+    def _process(self, ds, settings: JobSettings, output_dir: Path, *, stem: str, staged: bool,
+                 input_hashes: dict, job: JobInputs | None = None,
+                 stages: _Stages | None = None) -> tuple[bool, dict]:
+        stages = stages or _Stages()
+        started = time.perf_counter()
+        meta: dict[str, Any] = {
+            "created_at": _utc_now(), "job_id": job.job_id if job else None, "source": ds.source,
+            "model": settings.model, "target_topics": prompts.normalize_topics(settings.topics),
+            "parameters": dataclasses.asdict(settings),
+            "rows": {"read": ds.rows_read, "used": ds.rows_used, "dropped": dict(ds.dropped)},
+            "label_distribution": {str(k): v for k, v in ds.label_distribution.items()},
+            "mapping": {"source": ds.mapping.source, "inferred": ds.mapping.inferred,
+                        "labels": dict(ds.mapping.labels)},
+            "warnings": list(ds.warnings), "input_sha256": input_hashes,
+            "package_versions": package_versions(),
+        }
+        build_dir, final_dir = self._build_dir(output_dir, staged)
+        try:
+            approach, reason, report = self._decide(ds, settings, meta, stages)
+            meta.update(approach=approach, approach_reason=reason)
+            if report is not None:
+                meta["capability"] = report.to_dict()
+            log.info("approach_selected", approach=approach, reason=reason, model=settings.model,
+                     rows_used=ds.rows_used)
+            if approach == FINE_TUNE:
+                try:
+                    self._fine_tune(ds, settings, build_dir, stem, input_hashes, meta, stages, job)
+                except TrainingFailedError as exc:
+                    if settings.approach != "auto" or not settings.fallback:
+                        raise
+                    meta["fine_tune_failure"] = exc.to_dict()
+                    meta.update(approach=MODEL_SET, approach_reason=f"fine-tuning failed, fell back: {exc.message}")
+                    log.warning("fallback_to_model_set", reason="training_failed", exit_code=exc.exit_code)
+                    warnings.warn(f"fine-tuning failed; fell back to a model set: {exc.message}", UserWarning, stacklevel=3)
+                    approach = MODEL_SET
+            if approach == MODEL_SET:
+                self._write_model_set(ds, settings, build_dir, stem, input_hashes, meta, stages)
+            meta["stage_durations_s"] = stages.durations
+            meta["duration_s"] = round(time.perf_counter() - started, 4)
+            meta["artifacts"] = sorted(p.name for p in build_dir.iterdir() if not p.name.startswith("."))
+            if "fine_tuning_metadata.json" not in meta["artifacts"]:
+                meta["artifacts"].append("fine_tuning_metadata.json")
+            fsutil.write_json(build_dir / "fine_tuning_metadata.json", meta)
+        except BaseException as exc:
+            if staged:
+                kept = self._discard_staging(build_dir)
+                if kept is not None and isinstance(exc, TrainingFailedError):
+                    exc.stderr_path = str(kept / "trainer_stderr.log")
+            raise
+        if staged:
+            self._publish_staged(build_dir, final_dir)
+        log.info("dataset_processed", approach=meta["approach"], rows_used=ds.rows_used,
+                 duration_s=meta["duration_s"], output_dir=str(final_dir))
+        return True, meta
+
+    def _decide(self, ds, settings: JobSettings, meta: dict, stages: _Stages):
+        """Returns (approach, reason, capability report or None)."""
+        min_rows = self.config.defaults.min_rows
+        small = ds.rows_used < min_rows
+        if small:
+            msg = (f"dataset has {ds.rows_used} usable rows; at least {min_rows} are recommended for "
+                   f"fine-tuning")
+            meta["warnings"].append(msg)
+            if settings.approach == "auto" and not settings.fallback:
+                raise DatasetTooSmallWarning(msg + "; add rows, or enable fallback to build a model set")
+            warnings.warn(msg, DatasetTooSmallWarning, stacklevel=4)
+            log.warning("dataset_too_small", rows_used=ds.rows_used, min_rows=min_rows)
+        if settings.approach == MODEL_SET:
+            return MODEL_SET, "model_set requested", None
+        if small and settings.approach == "auto":
+            return MODEL_SET, f"fewer than {min_rows} usable rows", None
+        with stages("capability"):
+            report = self.capability_report(settings.model)
+        if report.supported:
+            return FINE_TUNE, ("fine_tune requested" if settings.approach == FINE_TUNE
+                               else "every capability check passed"), report
+        failed = ", ".join(f"{c.name} ({c.detail})" for c in report.failed)
+        if settings.approach == FINE_TUNE or not settings.fallback:
+            raise FineTuningNotSupportedError(
+                f"{settings.model} cannot be fine-tuned here: failed checks: {', '.join(c.name for c in report.failed)}",
+                report=report, hint=f"see 'fine-tuner check {settings.model}': {failed}")
+        return MODEL_SET, f"fine-tuning not possible: {failed}", report
+
+    # --- model set -----------------------------------------------------------------------------
+
+    def _model_set(self, ds, settings: JobSettings, *, stem: str, exclude, input_hashes: dict) -> dict:
+        from . import modelset
+
+        d = self.config.defaults
+        try:
+            system = prompts.system_prompt(settings.topics, ds.mapping.labels)
+            few_shot = modelset.select_few_shot(ds, per_rating=d.few_shot_per_rating,
+                                                max_chars=d.few_shot_max_chars, exclude=exclude)
+            name = settings.output_model or modelset.ollama_model_name(settings.model, stem)
+            return modelset.model_set_config(
+                ds=ds, base_model=settings.model, topics=prompts.normalize_topics(settings.topics),
+                system=system, few_shot=few_shot, model_name=name,
+                defaults={"few_shot_per_rating": d.few_shot_per_rating, "few_shot_max_chars": d.few_shot_max_chars},
+                created_at=_utc_now(), input_hashes=input_hashes)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelSetConfigError(f"could not build the model set: {type(exc).__name__}",
+                                      hint="report this with fine_tuning_metadata.json attached") from exc
+
+    def _write_model_set(self, ds, settings, build_dir: Path, stem: str, input_hashes: dict,
+                         meta: dict, stages: _Stages) -> None:
+        from . import modelset
+
+        with stages("model_set"):
+            exclude = meta.get("_validation_positions", ())
+            config = self._model_set(ds, settings, stem=stem, exclude=exclude, input_hashes=input_hashes)
+            fsutil.write_json(build_dir / "model_set_config.json", config)
+            fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
+                base=settings.model, system=config["system_prompt"],
+                messages=_few_shot_messages(config), parameters=config["ollama"]["parameters"]))
+        meta.pop("_validation_positions", None)
+        meta["model_set"] = {"model_name": config["ollama"]["model_name"],
+                             "few_shot_examples": len(config["few_shot_examples"]),
+                             "few_shot_source_rows": [e.get("source_row") for e in config["few_shot_examples"]]}
+        log.info("model_set_built", few_shot_examples=len(config["few_shot_examples"]),
+                 model_name=config["ollama"]["model_name"])
+        with stages("registration"):
+            meta["registration"] = self._register(lambda client: _register_model_set(client, config))
+
+    def _register(self, action: Callable[[Any], dict]) -> dict:
+        from .register import register_with_policy
+
+        mode = self.config.ollama.register
+        if mode == "off":
+            return register_with_policy(mode, lambda: {})
+        client = self._ollama_client()
+        result = register_with_policy(mode, lambda: action(client))
+        if result.get("registered"):
+            log.info("model_registered", name=result.get("name"), digest=result.get("digest"),
+                     check_ok=(result.get("check") or {}).get("ok"))
+        else:
+            log.warning("model_not_registered", reason=result.get("reason"))
+        return result
+
+    # --- fine-tune -----------------------------------------------------------------------------
+
+    def _fine_tune(self, ds, settings: JobSettings, build_dir: Path, stem: str, input_hashes: dict,
+                   meta: dict, stages: _Stages, job: JobInputs | None) -> None:
+        from . import modelset, training, trainingdata
+
+        d, t = self.config.defaults, self.config.training
+        system = prompts.system_prompt(settings.topics, ds.mapping.labels)
+        with stages("training_data"):
+            train_pos, val_pos = trainingdata.split_holdout(ds, fraction=d.validation_fraction, seed=d.seed,
+                                                            min_rows=d.min_rows)
+            fsutil.write_lines(build_dir / "training_data.jsonl", trainingdata.jsonl_chunks(ds, train_pos, system))
+            fsutil.write_lines(build_dir / "validation_data.jsonl", trainingdata.jsonl_chunks(ds, val_pos, system))
+            base = training.resolve_base_weights(settings.model, self.config.base_models,
+                                                 allow_download=t.allow_download)
+            cfg = trainingdata.training_config(
+                base_model=base.hf_id or settings.model, dataset_path="training_data.jsonl",
+                validation_path="validation_data.jsonl", output_dir="adapter", training=t,
+                epochs=settings.epochs, learning_rate=settings.learning_rate,
+                micro_batch_size=settings.batch_size, seed=d.seed)
+            fsutil.write_text(build_dir / "training_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        meta["_validation_positions"] = set(int(p) for p in val_pos)
+        meta["split"] = {"train_rows": int(len(train_pos)), "validation_rows": int(len(val_pos))}
+        log.info("training_data_written", train_rows=len(train_pos), validation_rows=len(val_pos))
+
+        def relay(event: dict) -> None:
+            log.info("training_progress", **{k: event.get(k) for k in (
+                "step", "total_steps", "epoch", "loss", "eval_loss", "learning_rate", "tokens_per_s",
+                "elapsed_s", "eta_s", "percent")})
+            if job is not None and job.on_progress is not None:
+                job.on_progress(event)
+
+        lock = job.training_lock if job and job.training_lock is not None else contextlib.nullcontext()
+        with stages("training"), lock:
+            log.info("training_started", base_model=settings.model, device=t.device, epochs=settings.epochs)
+            result = training.run_training(build_dir, base=base, training=t, timeout_s=t.timeout_s,
+                                           on_progress=relay, stop_event=job.stop_event if job else None)
+        meta["training"] = dict(result.metrics)
+        log.info("training_finished", **{k: result.metrics.get(k) for k in (
+            "first_loss", "final_loss", "eval_loss", "steps", "tokens", "duration_s", "device")})
+        name = settings.output_model or modelset.ollama_model_name(settings.model, stem, suffix="-ft")
+        fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
+            base=settings.model, system=system, messages=[], parameters={"temperature": 0},
+            adapter="./adapter"))
+        meta["fine_tune"] = {"model_name": name, "adapter_dir": "adapter", "base_weights": base.hf_id or base.ref}
+        meta.pop("_validation_positions", None)
+        schema = prompts.output_schema(ds.mapping.values)
+        with stages("registration"):
+            meta["registration"] = self._register(lambda client: _register_adapter(
+                client, name=name, base=settings.model, adapter_dir=Path(result.adapter_dir),
+                system=system, schema=schema))
+
+    # --- output folders ------------------------------------------------------------------------
+
+    @staticmethod
+    def _build_dir(output_dir: Path, staged: bool) -> tuple[Path, Path]:
+        output_dir = Path(output_dir)
+        if not staged:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            return output_dir, output_dir
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
+        return tmp, output_dir
+
+    @staticmethod
+    def _publish_staged(build_dir: Path, final_dir: Path) -> None:
+        """A new folder is renamed into place whole; into an existing folder each file is replaced
+        atomically (the seed wrote into a shared ``outputs/``)."""
+        if not final_dir.exists():
+            fsutil.publish_dir(build_dir, final_dir)
+            return
+        for item in sorted(build_dir.iterdir(), key=lambda p: p.name == "fine_tuning_metadata.json"):
+            target = final_dir / item.name
+            if item.is_dir() and target.is_dir():
+                # an adapter folder from an earlier run: keep it beside, never delete it
+                os.rename(target, fsutil.unique_path(final_dir / f"{item.name}.previous"))
+            os.replace(item, target)
+        fsutil.fsync_dir(final_dir)
+        build_dir.rmdir()
+
+    @staticmethod
+    def _discard_staging(build_dir: Path) -> Path | None:
+        """A failed run leaves no half output. When the trainer ran, its folder (with its stderr log)
+        is kept as ``failed-<name>`` for the error message; the folder it moved to is returned."""
+        if (build_dir / "trainer_stderr.log").exists():
+            keep = fsutil.unique_path(build_dir.parent / f"failed-{build_dir.name.removeprefix('.tmp-')}")
+            os.rename(build_dir, keep)
+            return keep
+        shutil.rmtree(build_dir, ignore_errors=True)
+        return None
+
+
+def _topics_text(topics) -> str:
+    return ", ".join(prompts.normalize_topics(topics))
+
+
+def _few_shot_messages(config: dict) -> list[dict]:
+    out: list[dict] = []
+    for ex in config["few_shot_examples"]:
+        out.append({"role": "user", "content": ex["input"]})
+        out.append({"role": "assistant", "content": ex["output"]})
+    return out
+
+
+def _register_model_set(client, config: dict) -> dict:
+    from .register import register_model_set
+
+    return register_model_set(client, config)
+
+
+def _register_adapter(client, *, name: str, base: str, adapter_dir: Path, system: str, schema: dict) -> dict:
+    from .register import register_adapter
+
+    return register_adapter(client, name=name, base=base, adapter_dir=adapter_dir, system=system,
+                            parameters={"temperature": 0}, output_schema=schema)
