@@ -1,0 +1,78 @@
+"""Atomic writes, publishing folders, claiming by rename."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from daemon import fsutil
+from tests.conftest import leftovers
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    """write_json replaces the target in one step and leaves no temporary file."""
+    target = tmp_path / "a.json"
+    target.write_text("old")
+    fsutil.write_json(target, {"k": "välue"})
+    assert json.loads(target.read_text(encoding="utf-8")) == {"k": "välue"}
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_write_keeps_old_content_and_no_temp(tmp_path):
+    """An exception while writing leaves the old file untouched and removes the temp file."""
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+
+    def chunks():
+        yield "new part\n"
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        fsutil.write_lines(target, chunks())
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_sha256_file_matches_hashlib(tmp_path):
+    """The streamed hash equals hashlib over the whole content."""
+    data = os.urandom(3 * fsutil.HASH_CHUNK + 17)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert fsutil.sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_publish_dir_renames_and_refuses_to_overwrite(tmp_path):
+    """A built folder appears whole; publishing over an existing folder fails."""
+    final = tmp_path / "job"
+    tmp = fsutil.temp_dir_for(final)
+    tmp.mkdir()
+    (tmp / "f").write_text("x")
+    assert fsutil.publish_dir(tmp, final) == final
+    assert (final / "f").read_text() == "x" and not tmp.exists()
+    tmp.mkdir()
+    with pytest.raises(FileExistsError):
+        fsutil.publish_dir(tmp, final)
+
+
+def test_claim_is_exclusive(tmp_path):
+    """The first claim wins; a second claim of the same file reports False."""
+    src = tmp_path / "in.csv"
+    src.write_text("a")
+    assert fsutil.claim(src, tmp_path / "c1.csv") is True
+    assert fsutil.claim(src, tmp_path / "c2.csv") is False
+    other = tmp_path / "other.csv"
+    other.write_text("b")
+    assert fsutil.claim(other, tmp_path / "c1.csv") is False
+    assert (tmp_path / "c1.csv").read_text() == "a"
+
+
+def test_unique_path_and_private_dir(tmp_path):
+    """unique_path never returns an existing path; make_private_dir sets 0700."""
+    (tmp_path / "x.json").write_text("")
+    (tmp_path / "x-1.json").write_text("")
+    assert fsutil.unique_path(tmp_path / "x.json") == tmp_path / "x-2.json"
+    d = fsutil.make_private_dir(tmp_path / "a" / "b")
+    assert d.stat().st_mode & 0o777 == 0o700

@@ -1,0 +1,34 @@
+"""Logging: JSON lines with UTC timestamps, job.log receives only its job's lines."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import structlog
+
+from daemon import logconfig
+
+
+def test_json_lines_with_utc_timestamp_and_job_log(tmp_path):
+    """Each event is one JSON object; job_log copies only lines bound to its job_id."""
+    stream = io.StringIO()
+    logconfig.configure(level="INFO", stream=stream, log_file=tmp_path / "fine_tuner.log")
+    log = logconfig.get_logger("test")
+    try:
+        with logconfig.job_log(tmp_path / "job.log", "job-1"):
+            with structlog.contextvars.bound_contextvars(job_id="job-1"):
+                log.info("job_started", rows=3)
+            with structlog.contextvars.bound_contextvars(job_id="job-2"):
+                log.info("job_started", rows=4)
+            log.debug("hidden_debug")
+    finally:
+        logconfig.configure(level="INFO", stream=None, log_file=None)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["event"], e["job_id"], e["rows"]) for e in lines] == [("job_started", "job-1", 3),
+                                                                    ("job_started", "job-2", 4)]
+    assert lines[0]["level"] == "info" and lines[0]["timestamp"].endswith("Z")
+    job_lines = [json.loads(line) for line in (tmp_path / "job.log").read_text().splitlines()]
+    assert [(e["event"], e["job_id"]) for e in job_lines] == [("job_started", "job-1")]
+    file_lines = (tmp_path / "fine_tuner.log").read_text().splitlines()
+    assert len(file_lines) == 2
