@@ -1,0 +1,168 @@
+"""The seed's FineTuner API end to end: builders, approach decision, outputs, real fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from daemon import modelset, prompts
+from daemon.synthetic import MAPPING, synthetic_rows, HEADER
+from scripts.fine_tuner import (
+    DatasetTooSmallWarning,
+    FineTuner,
+    FineTuningNotSupportedError,
+)
+
+MARKER = "ZZPATIENTMARKER"
+
+
+def frame(rows: int, seed: int = 7, marker: bool = False) -> pd.DataFrame:
+    df = pd.DataFrame(list(synthetic_rows(rows, seed)), columns=HEADER)
+    if marker:
+        df["formatted_prompt"] = df["formatted_prompt"] + f" {MARKER}"
+    return df
+
+
+def offline_config(tmp_path: Path, **sections) -> dict:
+    """No Ollama reachable (a closed port, no retries), logs under tmp_path."""
+    cfg = {"ollama": {"host": "http://127.0.0.1:9", "retries": 0, "connect_timeout_s": 0.5, "register": "auto"},
+           "paths": {"root": str(tmp_path)}}
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value)
+    return cfg
+
+
+class TestFineTuner:
+    def test_defaults(self, tmp_path):
+        """The seed's constructor defaults hold."""
+        tuner = FineTuner(config=offline_config(tmp_path))
+        assert (tuner.debug_mode, tuner.fallback_mode) == (False, True)
+
+    def test_prepare_training_data(self, tmp_path):
+        """One chat record per usable row: system, user prompt, assistant JSON answer."""
+        df = frame(12)
+        records = FineTuner(config=offline_config(tmp_path)).prepare_training_data(df, MAPPING)
+        assert len(records) == 12
+        first = records[0]["messages"]
+        assert [m["role"] for m in first] == ["system", "user", "assistant"]
+        assert first[1]["content"] == df.loc[0, "formatted_prompt"]
+        answer = json.loads(first[2]["content"])
+        assert answer == {"rating": int(df.loc[0, "Standardized_Rating"]),
+                          "rationale": df.loc[0, "Rationale of Rating"]}
+        assert "- 0: Does Not Match" in first[0]["content"]
+
+    def test_prepare_training_data_drops_empty_rows(self, tmp_path):
+        """Rows with an empty prompt or rating are dropped, never trained on as -1."""
+        df = frame(10)
+        df.loc[2, "formatted_prompt"] = "   "
+        df.loc[5, "Standardized_Rating"] = ""
+        records = FineTuner(config=offline_config(tmp_path)).prepare_training_data(df, MAPPING)
+        assert len(records) == 8
+        prompts_used = [r["messages"][1]["content"] for r in records]
+        assert df.loc[5, "formatted_prompt"] not in prompts_used
+
+    def test_create_model_set_config(self, tmp_path):
+        """The model set has the scale, balanced few-shot examples and an answer schema."""
+        config = FineTuner(config=offline_config(tmp_path)).create_model_set_config(
+            "llama2", frame(90), MAPPING, "cardiac conditions")
+        assert config["base_model"] == "llama2"
+        assert config["target_topics"] == ["cardiac conditions"]
+        assert config["rating_mapping"] == MAPPING
+        ratings = sorted(e["rating"] for e in config["few_shot_examples"])
+        assert ratings == [-1, -1, 0, 0, 1, 1]
+        assert config["output_schema"] == prompts.output_schema([1, 0, -1])
+        assert config["ollama"]["parameters"] == {"temperature": 0}
+        assert config["dataset_size"] == 90
+
+    def test_process_dataset_model_set_approach(self, tmp_path):
+        """A forced model set writes exactly its three files, and the Modelfile parses back."""
+        out = tmp_path / "out"
+        ok, meta = FineTuner(config=offline_config(tmp_path)).process_dataset(
+            frame(60), "llama3.2:1b", MAPPING, "respiratory infections", approach="model_set", output_dir=out)
+        assert ok is True
+        assert meta["approach"] == "model_set"
+        assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "fine_tuning_metadata.json",
+                                                        "model_set_config.json"]
+        on_disk = json.loads((out / "fine_tuning_metadata.json").read_text())
+        assert on_disk["rows"] == {"read": 60, "used": 60, "dropped": meta["rows"]["dropped"]}
+        assert on_disk["registration"]["registered"] is False
+        parsed = modelset.parse_modelfile((out / "Modelfile").read_text())
+        assert parsed[0] == ("FROM", "llama3.2:1b")
+        assert ("PARAMETER", "temperature 0") in parsed
+
+    def test_small_dataset_warns_and_falls_back(self, tmp_path):
+        """Below 50 rows: DatasetTooSmallWarning, and a model set (fallback on)."""
+        with pytest.warns(DatasetTooSmallWarning):
+            ok, meta = FineTuner(config=offline_config(tmp_path)).process_dataset(
+                frame(20), "llama3.2:1b", MAPPING, "flu", output_dir=tmp_path / "o")
+        assert (ok, meta["approach"]) == (True, "model_set")
+        assert meta["approach_reason"] == "fewer than 50 usable rows"
+
+    def test_small_dataset_without_fallback_raises(self, tmp_path):
+        """Below 50 rows with fallback off and approach auto, the warning is raised; nothing is written."""
+        with pytest.raises(DatasetTooSmallWarning):
+            FineTuner(fallback_mode=False, config=offline_config(tmp_path)).process_dataset(
+                frame(20), "llama3.2:1b", MAPPING, "flu", output_dir=tmp_path / "o")
+        assert not (tmp_path / "o").exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+    def test_unsupported_model_falls_back_with_failed_checks(self, tmp_path):
+        """No local weights: the capability report fails and the metadata lists the failed checks."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ok, meta = FineTuner(config=offline_config(tmp_path)).process_dataset(
+                frame(60), "no-such-model:7b", MAPPING, "flu", output_dir=tmp_path / "o")
+        assert meta["approach"] == "model_set"
+        failed = [c["name"] for c in meta["capability"]["checks"] if c["required"] and not c["ok"]]
+        assert "base_weights" in failed
+        assert meta["approach_reason"].startswith("fine-tuning not possible: ")
+
+    def test_unsupported_model_without_fallback_raises(self, tmp_path):
+        """Fallback off: FineTuningNotSupportedError carrying the report."""
+        tuner = FineTuner(fallback_mode=False, config=offline_config(tmp_path))
+        with pytest.raises(FineTuningNotSupportedError) as info:
+            tuner.process_dataset(frame(60), "no-such-model:7b", MAPPING, "flu", output_dir=tmp_path / "o")
+        assert info.value.report.supported is False
+        assert tuner.check_fine_tuning_capability("no-such-model:7b") is False
+
+    def test_logs_carry_no_cell_values(self, tmp_path):
+        """fine_tuner.log has the job's events and never a cell value."""
+        FineTuner(config=offline_config(tmp_path)).process_dataset(
+            frame(60, marker=True), "llama3.2:1b", MAPPING, "flu", approach="model_set", output_dir=tmp_path / "o")
+        text = (tmp_path / "fine_tuner.log").read_text()
+        events = [json.loads(line)["event"] for line in text.splitlines()]
+        assert "approach_selected" in events and "dataset_processed" in events
+        assert MARKER not in text
+
+    def test_process_dataset_fine_tuning_approach(self, tmp_path, tiny_model_dir, fake_ollama):
+        """A real LoRA fine-tune of the tiny model through process_dataset, registered in the fake Ollama."""
+        fake_ollama.add_model("tiny-llama:latest", architecture="llama")
+        cfg = {"ollama": {"host": fake_ollama.url, "register": "required", "retries": 0},
+               "base_models": {"tiny-llama:latest": str(tiny_model_dir)},
+               "training": {"sequence_len": 512, "device": "cpu"},
+               "paths": {"root": str(tmp_path)}}
+        tuner = FineTuner(config=cfg)
+        assert tuner.check_fine_tuning_capability("tiny-llama") is True
+        out = tmp_path / "ft"
+        ok, meta = tuner.process_dataset(frame(60), "tiny-llama", MAPPING, "respiratory infections",
+                                         epochs=2, learning_rate=2e-3, batch_size=4, output_dir=out,
+                                         source_name="visits")
+        assert (ok, meta["approach"]) == (True, "fine_tune")
+        for name in ("training_data.jsonl", "validation_data.jsonl", "training_config.yaml", "Modelfile",
+                     "training_log.jsonl", "fine_tuning_metadata.json", "adapter/adapter_model.safetensors",
+                     "adapter/adapter_config.json"):
+            assert (out / name).is_file(), name
+        assert meta["training"]["final_loss"] < meta["training"]["first_loss"]
+        adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert not Path(adapter_cfg["base_model_name_or_path"]).is_absolute()
+        parsed = modelset.parse_modelfile((out / "Modelfile").read_text())
+        assert ("FROM", "tiny-llama") in parsed and ("ADAPTER", "./adapter") in parsed
+        reg = meta["registration"]
+        assert reg["registered"] is True and reg["name"] == meta["fine_tune"]["model_name"]
+        creates = [r for r in fake_ollama.requests if r["path"] == "/api/create"]
+        assert creates[-1]["body"]["from"] == "tiny-llama"
+        assert set(creates[-1]["body"]["adapters"]) == {"adapter_config.json", "adapter_model.safetensors"}
