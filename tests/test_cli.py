@@ -1,0 +1,133 @@
+"""The command line as a user runs it: real processes, real files, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = "ZZCLIMARKER"
+
+
+def run(*args: str, cwd: Path, env: dict | None = None, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9", "FINE_TUNER_OLLAMA__RETRIES": "0",
+                "PYTHONPATH": str(ROOT), **(env or {})}
+    cmd = [sys.executable, *(script or ["-m", "daemon"]), *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def dataset(tmp_path, synthetic_csv, mapping_dict):
+    csv_path = synthetic_csv(60)
+    text = csv_path.read_text().replace("Triage note:", f"Triage note: {MARKER}")
+    csv_path.write_text(text)
+    mapping = tmp_path / "visits.mapping.json"
+    mapping.write_text(json.dumps(mapping_dict))
+    return csv_path, mapping
+
+
+def test_process_model_set(tmp_path, dataset):
+    """process writes the model set into outputs/<stem>/ and exits 0; the log has no cell value."""
+    csv_path, mapping = dataset
+    res = run("process", "--input", str(csv_path), "--mapping", str(mapping), "--model", "llama3.2:1b",
+              "--topics", "respiratory infections", "--approach", "model_set", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "outputs" / "visits"
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "fine_tuning_metadata.json", "model_set_config.json"]
+    assert "approach: model_set" in res.stdout
+    log_text = (tmp_path / "fine_tuner.log").read_text()
+    assert "approach_selected" in log_text and MARKER not in log_text
+    assert res.stderr == ""
+
+
+def test_process_bad_input_is_one_line_error(tmp_path):
+    """A dataset with missing columns exits 1 with one line on stderr suggesting the column."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text("formatted_prompt,Standardised_Rating\nhello,1\n")
+    res = run("process", "--input", str(bad), "--model", "m", "--topics", "t", cwd=tmp_path)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fine-tuner: error: ")
+    assert "Standardised_Rating" in lines[0]
+    assert not (tmp_path / "outputs" / "bad").exists()
+
+
+def test_usage_errors_exit_2(tmp_path):
+    """Unknown flags, missing files and bad config values are usage errors (exit 2)."""
+    assert run("process", "--bogus", cwd=tmp_path).returncode == 2
+    res = run("process", "--input", "missing.csv", "--model", "m", cwd=tmp_path)
+    assert res.returncode == 2 and "no such file" in res.stderr
+    res = run("validate", "--input", "x.csv", cwd=tmp_path, env={"FINE_TUNER_EPOCHS": "many"})
+    assert res.returncode == 2 and "defaults.epochs" in res.stderr
+
+
+def test_watch_config_error_exits_78(tmp_path):
+    """A configuration error for watch exits 78 (the unit does not restart on it)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("watch:\n  workers: lots\n")
+    res = run("watch", "--config", str(cfg), "--root", str(tmp_path), "--once", cwd=tmp_path)
+    assert res.returncode == 78
+    assert "watch.workers" in res.stderr
+
+
+def test_validate_report(tmp_path, dataset):
+    """validate reports rows, balance and lengths as JSON, exit 0; an unusable file exits 1."""
+    csv_path, mapping = dataset
+    res = run("validate", "--input", str(csv_path), "--mapping", str(mapping), "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["usable"] is True
+    assert report["rows"]["used"] == 60
+    assert sum(v["count"] for v in report["label_balance"].values()) == 60
+    assert report["prompt_chars"]["max"] >= report["prompt_chars"]["min"] > 0
+    assert MARKER not in res.stdout
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    res = run("validate", "--input", str(empty), cwd=tmp_path)
+    assert res.returncode == 1
+    assert "NOT usable" in res.stdout
+
+
+def test_check_reports_failed_checks(tmp_path):
+    """check exits 1 for a model without weights and shows each check."""
+    res = run("check", "no-such-model:7b", "--json", cwd=tmp_path)
+    assert res.returncode == 1
+    report = json.loads(res.stdout)
+    assert report["supported"] is False
+    assert {"trainer_packages", "base_weights"} <= {c["name"] for c in report["checks"]}
+
+
+def test_seed_script_command_line(tmp_path, dataset):
+    """The seed's scripts/fine_tuner.py command line works and writes into outputs/."""
+    csv_path, _ = dataset
+    res = run("--input", str(csv_path), "--model", "llama2", "--topics", "respiratory infections",
+              "--epochs", "5", "--learning-rate", "0.001", cwd=tmp_path,
+              script=[str(ROOT / "scripts" / "fine_tuner.py")])
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((tmp_path / "outputs" / "fine_tuning_metadata.json").read_text())
+    assert meta["parameters"]["epochs"] == 5 and meta["parameters"]["learning_rate"] == 0.001
+    assert meta["mapping"]["inferred"] is True
+    assert meta["approach"] == "model_set"
+
+
+def test_daemon_import_is_light():
+    """Importing the package, the CLI, the facade and the service pulls in no ML library."""
+    code = ("import sys, daemon, daemon.cli, daemon.fine_tuner, daemon.capability, daemon.training, daemon.service;"
+            "bad=[m for m in ('torch','transformers','peft','accelerate') if m in sys.modules];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_demo_runs_offline(tmp_path):
+    """demo_fine_tuner.py builds a model set and a real fine-tune on a generated dataset."""
+    res = run(cwd=tmp_path, script=[str(ROOT / "demo_fine_tuner.py")], env={"FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "model set: ok=True" in res.stdout
+    assert "fine-tune: ok=True" in res.stdout
+    assert (tmp_path / "demo_outputs" / "fine_tune" / "adapter" / "adapter_model.safetensors").is_file()
