@@ -1,0 +1,526 @@
+"""The inbox: what a drop is, when a file is complete, claiming drops and moving them out.
+
+Names: a dataset ``NAME.csv``; its mapping ``NAME.mapping.json|.yaml|.yml``; an optional job file
+``NAME.job.yaml|.yml|.json``. Ignored: dotfiles and ``*.tmp``, ``*.part``, ``*.swp``, ``*~`` — write a
+file under such a name and rename it to its final name when complete (the write-then-rename
+convention; a rename is taken at once). Refused into ``failed/``: symlinks (the link itself is moved,
+never followed), FIFOs and other non-regular files, directories, unknown extensions and files over
+``max_input_bytes``. A file written in place is complete after its close-after-write event and no
+further change for ``settle_s``; a file found by a scan (start-up, rescan, event overflow, polling)
+after its size and mtime stayed the same for ``settle_s``. Drop the job file before the dataset: a
+dataset is claimed as soon as it and its mapping are complete; one without a mapping waits
+``pair_timeout_s`` for it. Mappings and job files without a dataset wait (they are "orphans").
+
+Claiming renames the dataset (the anchor: whoever renames it owns the drop) and then its companions
+into ``.work/.claim-<random>/``, hashes them there, and renames that folder to ``.work/<job_id>/``.
+The owner holds an ``flock`` on the claim folder for as long as it works on the job, so recovery
+(another daemon, or this one after a crash) only takes up folders nobody holds. Finishing a job
+renames the whole work folder into ``processed/`` or ``failed/`` in one step: inputs are never in two
+places and nothing is deleted. The watchdog observer thread only posts hints on a queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import queue
+import secrets
+import stat
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .fsutil import fsync_dir, sha256_file, unique_path, write_json
+
+DATASET_SUFFIXES = (".csv",)
+MAPPING_SUFFIXES = (".mapping.json", ".mapping.yaml", ".mapping.yml")
+JOB_SUFFIXES = (".job.yaml", ".job.yml", ".job.json")
+IGNORED_SUFFIXES = (".tmp", ".part", ".swp", "~")
+RESERVED_DIRS = ("processed", "failed")
+WORK_DIR = ".work"
+CLAIM_PREFIX = ".claim-"
+DEFAULT_MAPPING_STEM = "default-mapping"  # the config's default mapping, copied into a claim folder
+
+DATASET, MAPPING, JOB, IGNORED, UNKNOWN = "dataset", "mapping", "job", "ignored", "unknown"
+
+
+def classify_name(name: str) -> tuple[str, str]:
+    """``(kind, stem)`` of an inbox entry's name; kind is dataset, mapping, job, ignored or unknown."""
+    lower = name.lower()
+    if name.startswith(".") or lower.endswith(IGNORED_SUFFIXES):
+        return IGNORED, ""
+    for kind, suffixes in ((MAPPING, MAPPING_SUFFIXES), (JOB, JOB_SUFFIXES), (DATASET, DATASET_SUFFIXES)):
+        for suffix in suffixes:
+            if lower.endswith(suffix) and len(name) > len(suffix):
+                return kind, name[: -len(suffix)]
+    return UNKNOWN, ""
+
+
+def refusal_reason(kind: str, st: os.stat_result, max_input_bytes: int) -> str | None:
+    """Why an inbox entry is refused (None when it is acceptable). Uses ``lstat`` results."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if not stat.S_ISREG(mode):
+        return "not_regular_file"
+    if kind == UNKNOWN:
+        return "unknown_extension"
+    if st.st_size > max_input_bytes:
+        return "too_large"
+    return None
+
+
+REFUSAL_MESSAGES = {
+    "symlink": ("a symbolic link was dropped; links are never followed",
+                "copy the file itself into the inbox (write it as NAME.csv.part, then rename it)"),
+    "directory": ("a folder was dropped; only files are accepted",
+                  "drop the files inside the folder one by one"),
+    "not_regular_file": ("a special file (FIFO, socket or device) was dropped",
+                         "drop a regular file"),
+    "unknown_extension": ("the file name does not end in .csv, .mapping.json|.yaml|.yml or "
+                          ".job.yaml|.yml|.json", "rename the file to one of these endings and drop it again"),
+    "too_large": ("the file is larger than watch.max_input_bytes",
+                  "split the dataset or raise watch.max_input_bytes in the configuration"),
+}
+
+
+# --- completeness tracking ---------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """What the daemon knows about one inbox entry."""
+
+    name: str
+    kind: str
+    stem: str
+    sig: tuple[int, int, int]  # (mode, size, mtime_ns) from lstat
+    changed_at: float  # monotonic time of the last observed change
+    writing: bool = False  # opened/modified and not yet closed
+    renamed_in: bool = False  # arrived complete by rename
+    refusal: str | None = None
+    logged: bool = False  # file_detected was logged
+
+    def settled(self, now: float, settle_s: float) -> bool:
+        if self.writing:
+            return False
+        return self.renamed_in or now - self.changed_at >= settle_s
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A dataset ready to claim, with the companions found next to it."""
+
+    stem: str
+    dataset: str
+    mapping: str | None
+    job: str | None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    name: str
+    reason: str
+    size_bytes: int
+
+
+class InboxTracker:
+    """Follows inbox entries from first sight to "complete"; decides which drops can be claimed.
+
+    Owned by the service's main loop (not thread-safe). Events are hints; ``scan`` is the truth.
+    """
+
+    def __init__(self, inbox: Path, *, settle_s: float, max_input_bytes: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.inbox = Path(inbox)
+        self.settle_s = settle_s
+        self.max_input_bytes = max_input_bytes
+        self.clock = clock
+        self.entries: dict[str, Entry] = {}
+        self._dataset_ready_at: dict[str, float] = {}
+
+    def refresh(self, name: str, *, event: str | None = None) -> Entry | None:
+        """Re-stat one entry (after an event or during a scan); returns it, None when gone/ignored."""
+        kind, stem = classify_name(name)
+        if kind == IGNORED or name in RESERVED_DIRS:
+            return None
+        try:
+            st = os.lstat(self.inbox / name)
+        except FileNotFoundError:
+            self.forget(name)
+            return None
+        now = self.clock()
+        sig = (st.st_mode, st.st_size, st.st_mtime_ns)
+        entry = self.entries.get(name)
+        if entry is None:
+            entry = Entry(name, kind, stem, sig, now)
+            self.entries[name] = entry
+        elif entry.sig != sig:
+            entry.sig, entry.changed_at, entry.renamed_in = sig, now, False
+        if event == "moved_in":
+            entry.renamed_in, entry.writing, entry.changed_at = True, False, now
+        elif event in ("opened", "modified", "created"):
+            entry.writing = event != "created"
+            entry.renamed_in = False
+            entry.changed_at = now
+        elif event == "closed":
+            entry.writing, entry.changed_at = False, now
+        entry.refusal = refusal_reason(kind, st, self.max_input_bytes)
+        return entry
+
+    def scan(self, *, events_lost: bool = False) -> None:
+        """List the inbox: pick up entries no event told us about and drop vanished ones.
+
+        ``events_lost`` (after an event-queue overflow) forgets "being written" marks whose close
+        event may have been lost; such files then complete by the settle rule."""
+        if events_lost:
+            for entry in self.entries.values():
+                entry.writing = False
+        try:
+            names = set(os.listdir(self.inbox))
+        except FileNotFoundError:
+            names = set()
+        for name in list(self.entries):
+            if name not in names:
+                self.forget(name)
+        for name in names:
+            self.refresh(name)
+
+    def forget(self, name: str) -> None:
+        self.entries.pop(name, None)
+        self._dataset_ready_at.pop(name, None)
+
+    def refusals(self) -> list[Refusal]:
+        """Entries to move to ``failed/``: links and special files at once, others once settled."""
+        now = self.clock()
+        out = []
+        for e in self.entries.values():
+            if e.refusal is None:
+                continue
+            if e.refusal in ("symlink", "not_regular_file") or e.settled(now, self.settle_s):
+                out.append(Refusal(e.name, e.refusal, e.sig[1]))
+        return out
+
+    def _companion(self, stem: str, kind: str, now: float) -> tuple[str | None, bool]:
+        """(name of a complete companion, whether one exists but is still being written)."""
+        suffixes = MAPPING_SUFFIXES if kind == MAPPING else JOB_SUFFIXES
+        pending = False
+        for suffix in suffixes:
+            for name in (stem + suffix, stem + suffix.upper()):
+                e = self.entries.get(name)
+                if e is None or e.refusal is not None:
+                    continue
+                if e.settled(now, self.settle_s):
+                    return name, False
+                pending = True
+        return None, pending
+
+    def ready_drops(self, pair_timeout_s: float) -> list[Drop]:
+        """Datasets that can be claimed now, oldest first, with their complete companions."""
+        now = self.clock()
+        out = []
+        for e in sorted(self.entries.values(), key=lambda x: x.changed_at):
+            if e.kind != DATASET or e.refusal is not None or not e.settled(now, self.settle_s):
+                continue
+            ready_at = self._dataset_ready_at.setdefault(e.name, now)
+            mapping, mapping_pending = self._companion(e.stem, MAPPING, now)
+            job, job_pending = self._companion(e.stem, JOB, now)
+            if mapping_pending or job_pending:
+                continue
+            if mapping is None and now - ready_at < pair_timeout_s:
+                continue
+            out.append(Drop(e.stem, e.name, mapping, job))
+        return out
+
+    def waiting_datasets(self) -> int:
+        return sum(1 for e in self.entries.values() if e.kind == DATASET and e.refusal is None)
+
+    def next_deadline(self, pair_timeout_s: float) -> float | None:
+        """Seconds until something may become ready without a new event (for the loop's sleep)."""
+        now = self.clock()
+        waits = []
+        for e in self.entries.values():
+            if not e.settled(now, self.settle_s) and not e.writing:
+                waits.append(self.settle_s - (now - e.changed_at))
+        for name, at in self._dataset_ready_at.items():
+            if name in self.entries:
+                waits.append(pair_timeout_s - (now - at))
+        return max(0.0, min(waits)) if waits else None
+
+
+def orphans(inbox: Path) -> list[dict]:
+    """Mappings and job files in the inbox whose dataset is not there (for ``status``)."""
+    try:
+        names = sorted(os.listdir(inbox))
+    except FileNotFoundError:
+        return []
+    datasets = {stem for kind, stem in map(classify_name, names) if kind == DATASET}
+    out = []
+    for name in names:
+        kind, stem = classify_name(name)
+        if kind in (MAPPING, JOB) and stem not in datasets:
+            with contextlib.suppress(FileNotFoundError):
+                age = time.time() - os.lstat(inbox / name).st_mtime
+                out.append({"name": name, "kind": kind, "waiting_s": round(max(age, 0.0), 1)})
+    return out
+
+
+# --- claiming and moving -----------------------------------------------------------------------
+
+def utc_stamp(when: datetime | None = None) -> str:
+    return (when or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S")
+
+
+def content_key(inputs: Iterable[tuple[str, str]]) -> str:
+    """sha256 over ``role:sha256`` lines of a job's inputs (sorted), the duplicate-detection key."""
+    h = hashlib.sha256()
+    for role, digest in sorted(inputs):
+        h.update(f"{role}:{digest}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Claim:
+    """A job's claimed folder under ``.work/``, locked by this process while the object is open."""
+
+    path: Path
+    fd: int
+    files: dict[str, str] = field(default_factory=dict)  # role -> file name inside ``path``
+
+    @property
+    def job_id(self) -> str:
+        return self.path.name
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
+def _lock_dir(path: Path) -> int | None:
+    """Open ``path`` and take an exclusive non-blocking flock; None when someone else holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def claim_drop(inbox: Path, work: Path, drop: Drop, *, default_mapping: Path | None = None) -> Claim | None:
+    """Move the drop's files into a locked claim folder; None when another process won the dataset.
+
+    The folder is still named ``.claim-*``: call ``name_claim`` to give it its job id.
+    """
+    tmp = work / f"{CLAIM_PREFIX}{secrets.token_hex(6)}"
+    tmp.mkdir(mode=0o700)
+    fd = _lock_dir(tmp)
+    if fd is None:  # a recovery scan took the empty folder between mkdir and lock
+        return None
+    claim = Claim(tmp, fd)
+    try:
+        os.rename(inbox / drop.dataset, tmp / drop.dataset)
+    except FileNotFoundError:
+        claim.release()
+        with contextlib.suppress(OSError):
+            tmp.rmdir()
+        return None
+    claim.files["dataset"] = drop.dataset
+    for role, name in (("mapping", drop.mapping), ("job", drop.job)):
+        if name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(inbox / name, tmp / name)
+                claim.files[role] = name
+    if "mapping" not in claim.files and default_mapping is not None:
+        target = tmp / f"{DEFAULT_MAPPING_STEM}{default_mapping.suffix or '.json'}"
+        target.write_bytes(default_mapping.read_bytes())
+        claim.files["default_mapping"] = target.name
+    fsync_dir(inbox)
+    return claim
+
+
+def hash_claim(claim: Claim) -> dict[str, tuple[str, str, int]]:
+    """role -> (file name, sha256, size) for every input in the claim folder."""
+    out = {}
+    for role, name in claim.files.items():
+        path = claim.path / name
+        out[role] = (name, sha256_file(path), path.stat().st_size)
+    return out
+
+
+def name_claim(claim: Claim, stem: str, key: str, *, when: datetime | None = None) -> str:
+    """Rename the claim folder to ``<stem>-<UTC stamp>-<8 hex of key>`` (with ``-N`` if taken)."""
+    base = f"{stem}-{utc_stamp(when)}-{key[:8]}"
+    n = 0
+    while True:
+        job_id = base if n == 0 else f"{base}-{n}"
+        target = claim.path.parent / job_id
+        try:
+            # rename onto an existing empty folder would succeed silently, so create it first
+            target.mkdir(mode=0o700)
+        except FileExistsError:
+            n += 1
+            continue
+        os.rename(claim.path, target)
+        claim.path = target
+        fsync_dir(target.parent)
+        return job_id
+
+
+def abandoned_claims(work: Path) -> list[Claim]:
+    """Claim folders under ``.work/`` that nobody holds (their owner died), now locked by us."""
+    out = []
+    try:
+        names = sorted(os.listdir(work))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        fd = _lock_dir(work / name)
+        if fd is None:
+            continue
+        claim = Claim(work / name, fd)
+        try:
+            entries = sorted(os.listdir(claim.path))
+        except FileNotFoundError:  # moved away by its owner just before we locked it
+            claim.release()
+            continue
+        if not entries:
+            claim.release()
+            with contextlib.suppress(OSError):
+                claim.path.rmdir()
+            continue
+        claim.files = roles_of(entries)
+        out.append(claim)
+    return out
+
+
+def roles_of(names: Iterable[str]) -> dict[str, str]:
+    """role -> file name for the files of a claim folder (notes such as error.json are skipped)."""
+    files: dict[str, str] = {}
+    for name in names:
+        kind, _ = classify_name(name)
+        if kind in (DATASET, MAPPING, JOB):
+            files.setdefault(kind, name)
+        elif name.startswith(DEFAULT_MAPPING_STEM + "."):
+            files["default_mapping"] = name
+    return files
+
+
+def finish_claim(claim: Claim, destination: Path, *, note: tuple[str, dict] | None = None) -> Path:
+    """Write an optional note (``error.json``, ``duplicate.json``) and rename the work folder to
+    ``destination/<job_id>`` (never overwriting: ``-N`` when taken). Releases the lock."""
+    if note is not None:
+        write_json(claim.path / note[0], note[1])
+    target = destination / claim.job_id
+    while True:
+        target = unique_path(target)
+        try:
+            target.mkdir(mode=0o700)
+            break
+        except FileExistsError:
+            continue
+    os.rename(claim.path, target)
+    fsync_dir(destination)
+    fsync_dir(claim.path.parent)
+    claim.release()
+    return target
+
+
+def refuse(inbox: Path, failed: Path, refusal: Refusal, error: dict) -> Path | None:
+    """Move a refused entry (the link itself for a symlink) into ``failed/<name>-<stamp>/`` with
+    ``error.json``. None when it vanished first (another daemon took it)."""
+    target = failed / f"{refusal.name}-{utc_stamp()}"
+    while True:
+        target = unique_path(target)
+        try:
+            target.mkdir(mode=0o700)
+            break
+        except FileExistsError:
+            continue
+    try:
+        os.rename(inbox / refusal.name, target / refusal.name)
+    except FileNotFoundError:
+        target.rmdir()
+        return None
+    write_json(target / "error.json", {**error, "job_id": target.name})
+    fsync_dir(inbox)
+    return target
+
+
+# --- the watcher -------------------------------------------------------------------------------
+
+RESCAN = "__rescan__"
+
+
+class _OverflowHandler(logging.Handler):
+    """watchdog reports a kernel event-queue overflow only as a log warning: turn it into a rescan."""
+
+    def __init__(self, hints: queue.Queue) -> None:
+        super().__init__(logging.WARNING)
+        self.hints = hints
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.hints.put((RESCAN, ""))
+
+
+class InboxWatcher:
+    """Runs a watchdog observer on the inbox (not recursive) and posts ``(event, name)`` hints."""
+
+    def __init__(self, inbox: Path, hints: queue.Queue, *, polling: bool = False,
+                 poll_interval_s: float = 1.0) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers.inotify import InotifyObserver
+        from watchdog.observers.polling import PollingObserver
+
+        self.inbox = Path(inbox)
+        self.hints = hints
+        if polling:
+            self.observer = PollingObserver(timeout=poll_interval_s)
+        else:
+            self.observer = InotifyObserver(generate_full_events=True)
+        watcher = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:  # noqa: ANN001 - watchdog's type
+                watcher._post(event)
+
+        self.observer.schedule(Handler(), str(self.inbox), recursive=False)
+        self._overflow = _OverflowHandler(hints)
+
+    def _post(self, event) -> None:  # noqa: ANN001
+        kind = event.event_type
+        if kind == "moved":
+            src, dest = os.fsdecode(event.src_path), os.fsdecode(event.dest_path)
+            if dest and os.path.dirname(dest) == str(self.inbox):
+                self.hints.put(("moved_in", os.path.basename(dest)))
+            if src and os.path.dirname(src) == str(self.inbox):
+                self.hints.put(("deleted", os.path.basename(src)))
+            return
+        path = os.fsdecode(event.src_path)
+        if os.path.dirname(path) != str(self.inbox):
+            return
+        mapped = {"created": "created", "modified": "modified", "opened": "opened",
+                  "closed": "closed", "closed_no_write": "closed", "deleted": "deleted"}.get(kind)
+        if mapped is None or (event.is_directory and mapped not in ("created", "deleted")):
+            return
+        self.hints.put((mapped, os.path.basename(path)))
+
+    def start(self) -> None:
+        logging.getLogger("watchdog").addHandler(self._overflow)
+        self.observer.start()
+
+    def stop(self) -> None:
+        logging.getLogger("watchdog").removeHandler(self._overflow)
+        self.observer.stop()
+        self.observer.join(timeout=5)

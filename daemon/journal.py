@@ -1,0 +1,254 @@
+"""The job journal: one SQLite row per job, its state and history, and duplicate detection.
+
+Schema (``PRAGMA user_version`` = 1):
+
+- ``jobs``: ``id`` (the job id ``<stem>-<UTC yyyymmddThhmmss>-<8 hex>``, or the folder name of a
+  refused file), ``stem``, ``inputs`` (JSON list of ``{"role", "name", "sha256", "size_bytes"}``;
+  role is ``dataset``, ``mapping``, ``default_mapping``, ``job`` or ``refused``), ``content_key``
+  (sha256 over the roles and hashes of the inputs), ``state`` (``queued``, ``running``, ``succeeded``,
+  ``failed``, ``duplicate``), ``attempts`` (processing starts; an interrupted start is given back),
+  ``created_at`` / ``updated_at`` / ``started_at`` / ``finished_at`` (ISO-8601 UTC), ``output_path``,
+  ``approach``, ``error`` (the error.json fields as JSON: never cell contents), ``duplicate_of``,
+  ``force``.
+- ``contents``: ``content_key`` PRIMARY KEY → ``job_id`` of the latest success with that content.
+  The UNIQUE key is what makes "the same content dropped again" a duplicate: a later drop whose key is
+  here is recorded as ``duplicate`` pointing at that job's outputs, unless its job file says
+  ``force: true`` (then it is processed and becomes the key's new owner).
+
+The database runs in WAL mode with a busy timeout, so the daemon's worker threads, ``fine-tuner
+status`` and a second daemon sharing the state directory can use it at once. Every change goes
+through ``transaction()`` (``BEGIN IMMEDIATE`` under a process-local lock). This module keeps states
+only: it never moves files and holds no business rules beyond the state transitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+STATES = ("queued", "running", "succeeded", "failed", "duplicate")
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id           TEXT PRIMARY KEY,
+    stem         TEXT NOT NULL,
+    inputs       TEXT NOT NULL,
+    content_key  TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('queued','running','succeeded','failed','duplicate')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    created_at   TEXT NOT NULL,
+    updated_at   TEXT NOT NULL,
+    started_at   TEXT,
+    finished_at  TEXT,
+    output_path  TEXT,
+    approach     TEXT,
+    error        TEXT,
+    duplicate_of TEXT,
+    force        INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated_at);
+CREATE TABLE IF NOT EXISTS contents (
+    content_key TEXT PRIMARY KEY,
+    job_id      TEXT NOT NULL REFERENCES jobs (id)
+);
+"""
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input of a job as the journal records it (a name and a hash, never contents)."""
+
+    role: str
+    name: str
+    sha256: str
+    size_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "name": self.name, "sha256": self.sha256, "size_bytes": self.size_bytes}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    stem: str
+    inputs: tuple[InputFile, ...]
+    content_key: str
+    state: str
+    attempts: int
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+    output_path: str | None
+    approach: str | None
+    error: dict | None
+    duplicate_of: str | None
+    force: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["inputs"] = [f.as_dict() for f in self.inputs]
+        return out
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"], stem=row["stem"],
+        inputs=tuple(InputFile(**f) for f in json.loads(row["inputs"])),
+        content_key=row["content_key"], state=row["state"], attempts=row["attempts"],
+        created_at=row["created_at"], updated_at=row["updated_at"], started_at=row["started_at"],
+        finished_at=row["finished_at"], output_path=row["output_path"], approach=row["approach"],
+        error=json.loads(row["error"]) if row["error"] else None, duplicate_of=row["duplicate_of"],
+        force=bool(row["force"]),
+    )
+
+
+class Journal:
+    """The job journal in one SQLite file. Thread-safe; several processes may open the same file."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        # autocommit mode: transactions are opened explicitly by transaction()
+        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        with self.transaction() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The one way to change the journal: ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def add_job(self, job_id: str, stem: str, inputs: Sequence[InputFile], content_key: str, *,
+                force: bool = False) -> bool:
+        """Record a newly claimed job as ``queued``. False when a row with this id already exists."""
+        now = utc_now()
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO jobs (id, stem, inputs, content_key, state, created_at,"
+                " updated_at, force) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                (job_id, stem, json.dumps([f.as_dict() for f in inputs]), content_key, now, now,
+                 int(force)))
+            return cur.rowcount == 1
+
+    def start(self, job_id: str) -> int:
+        """Mark the job ``running`` and count the attempt; returns the attempt number."""
+        now = utc_now()
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?,"
+                       " updated_at = ? WHERE id = ?", (now, now, job_id))
+            row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return int(row["attempts"])
+
+    def requeue(self, job_id: str, *, give_back_attempt: bool) -> None:
+        """Put a job back to ``queued`` (shutdown interrupted it: the attempt is not counted)."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'queued', updated_at = ?,"
+                       " attempts = MAX(attempts - ?, 0) WHERE id = ?",
+                       (utc_now(), int(give_back_attempt), job_id))
+
+    def succeed(self, job_id: str, *, output_path: str, approach: str | None) -> None:
+        """Mark the job ``succeeded`` and make it the owner of its content key."""
+        now = utc_now()
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'succeeded', output_path = ?, approach = ?,"
+                       " finished_at = ?, updated_at = ?, error = NULL WHERE id = ?",
+                       (output_path, approach, now, now, job_id))
+            db.execute("INSERT INTO contents (content_key, job_id) SELECT content_key, id FROM jobs"
+                       " WHERE id = ? ON CONFLICT (content_key) DO UPDATE SET job_id = excluded.job_id",
+                       (job_id,))
+
+    def fail(self, job_id: str, error: dict) -> None:
+        now = utc_now()
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ?"
+                       " WHERE id = ?", (json.dumps(error, default=str), now, now, job_id))
+
+    def mark_duplicate(self, job_id: str, *, of: JobRecord) -> None:
+        now = utc_now()
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'duplicate', duplicate_of = ?, output_path = ?,"
+                       " approach = ?, finished_at = ?, updated_at = ? WHERE id = ?",
+                       (of.id, of.output_path, of.approach, now, now, job_id))
+
+    def record_refused(self, refused_id: str, name: str, error: dict, *, size_bytes: int = 0) -> None:
+        """A file refused at the door (symlink, FIFO, directory, unknown extension, too large)."""
+        now = utc_now()
+        inputs = json.dumps([InputFile("refused", name, "", size_bytes).as_dict()])
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO jobs (id, stem, inputs, content_key, state, created_at,"
+                " updated_at, finished_at, error) VALUES (?, ?, ?, '', 'failed', ?, ?, ?, ?)",
+                (refused_id, name, inputs, now, now, now, json.dumps(error, default=str)))
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _record(rows[0]) if rows else None
+
+    def success_for(self, content_key: str) -> JobRecord | None:
+        """The job that owns this content (the latest success with the same inputs), if any."""
+        rows = self._read("SELECT jobs.* FROM contents JOIN jobs ON jobs.id = contents.job_id"
+                          " WHERE contents.content_key = ?", (content_key,))
+        return _record(rows[0]) if rows else None
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        for row in self._read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            out[row["state"]] = row["n"]
+        return out
+
+    def jobs(self, states: Sequence[str], *, limit: int | None = None) -> list[JobRecord]:
+        """Jobs in ``states``, most recently updated first."""
+        marks = ",".join("?" * len(states))
+        sql = f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY updated_at DESC, id"
+        params: list[Any] = list(states)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_record(r) for r in self._read(sql, params)]

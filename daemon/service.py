@@ -1,0 +1,645 @@
+"""The inbox daemon's main loop: start-up recovery, claiming, workers, signals, sd_notify, status.
+
+``run(cfg)`` owns the state: the watcher thread only posts hints and worker threads post "done"; the
+loop re-stats hinted files, scans the inbox at start-up / after an event overflow / every
+``rescan_s``, claims complete drops (see ``daemon.inbox``), hands them to ``watch.workers`` worker
+threads, and keeps systemd informed (``READY=1`` after recovery, ``STATUS=`` with queue counts,
+``WATCHDOG=1`` at half ``WATCHDOG_USEC``). One job: duplicate check → ``FineTuner.run_job`` into
+``outputs/.tmp-<job_id>`` (with ``job.log``) → publish ``outputs/<job_id>`` → journal → the work
+folder is renamed into ``processed/<job_id>`` or ``failed/<job_id>`` (with ``error.json``).
+Fine-tune jobs share one training lock, so at most one trains at a time. Recovery takes up claim
+folders whose owner died: finished ones are moved on, the rest retried until ``max_attempts``.
+Signals only set events: SIGTERM/SIGINT stop claiming, let running model-set jobs finish (up to
+``stop_timeout_s``), ask training to give its job back, exit 0; a second one exits at once; SIGHUP
+reloads the configuration (paths stay as they are).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import queue
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from . import __version__
+from .config import Config, ConfigError, job_settings, load_config, read_job_file
+from .errors import DatasetTooSmallWarning, FineTunerError, TrainingInterruptedError
+from .fsutil import make_private_dir, publish_dir
+from .inbox import (
+    RESCAN,
+    REFUSAL_MESSAGES,
+    Claim,
+    Drop,
+    InboxTracker,
+    InboxWatcher,
+    abandoned_claims,
+    claim_drop,
+    content_key,
+    finish_claim,
+    hash_claim,
+    name_claim,
+    orphans,
+    refuse,
+    CLAIM_PREFIX,
+)
+from .journal import InputFile, Journal, JobRecord, utc_now
+from .logconfig import get_logger, job_log
+from .notify import Notifier
+
+log = get_logger("service")
+
+JOURNAL_NAME = "journal.sqlite3"
+TICK_S = 0.25  # the longest the loop sleeps: bounds signal, watchdog and settle latency
+EXIT_OK = 0
+EXIT_SECOND_SIGNAL = 1
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+    inbox: Path
+    outputs: Path
+    processed: Path
+    failed: Path
+    work: Path
+    state_dir: Path
+
+    @property
+    def journal(self) -> Path:
+        return self.state_dir / JOURNAL_NAME
+
+
+def resolve_paths(cfg: Config, env: dict[str, str] | None = None) -> Paths:
+    """Where everything lives; relative paths are under ``paths.root``."""
+    env = dict(os.environ) if env is None else env
+    p = cfg.paths
+    root = Path(p.root).absolute()
+    inbox = root / p.inbox
+    state = p.state_dir or env.get("STATE_DIRECTORY", "").split(":")[0] or ".fine-tuner"
+    return Paths(root=root, inbox=inbox, outputs=root / p.outputs, processed=inbox / "processed",
+                 failed=inbox / "failed", work=inbox / ".work", state_dir=root / state)
+
+
+# --- status ------------------------------------------------------------------------------------
+
+def status(cfg: Config) -> dict:
+    """Queued, running, recent successes and failures with reasons, and orphans, from the journal."""
+    paths = resolve_paths(cfg)
+    report: dict[str, Any] = {"inbox": str(paths.inbox), "outputs": str(paths.outputs),
+                              "journal": str(paths.journal), "counts": {}, "queued": [],
+                              "running": [], "recent_succeeded": [], "recent_failed": [],
+                              "orphans": orphans(paths.inbox), "waiting_datasets": _waiting(paths)}
+    if not paths.journal.exists():
+        return report
+    recent = cfg.watch.recent
+    with Journal(paths.journal) as journal:
+        report["counts"] = journal.counts()
+        report["queued"] = [_brief(j) for j in journal.jobs(["queued"])]
+        report["running"] = [_brief(j) for j in journal.jobs(["running"])]
+        report["recent_succeeded"] = [_brief(j) for j in journal.jobs(["succeeded", "duplicate"], limit=recent)]
+        report["recent_failed"] = [_brief(j) for j in journal.jobs(["failed"], limit=recent)]
+    return report
+
+
+def _waiting(paths: Paths) -> list[str]:
+    from .inbox import DATASET, classify_name
+    with contextlib.suppress(FileNotFoundError):
+        return sorted(n for n in os.listdir(paths.inbox) if classify_name(n)[0] == DATASET)
+    return []
+
+
+def _brief(job: JobRecord) -> dict:
+    out: dict[str, Any] = {"job_id": job.id, "state": job.state, "attempts": job.attempts,
+                           "updated_at": job.updated_at,
+                           "inputs": [f.name for f in job.inputs]}
+    if job.output_path:
+        out["output_path"] = job.output_path
+    if job.approach:
+        out["approach"] = job.approach
+    if job.duplicate_of:
+        out["duplicate_of"] = job.duplicate_of
+    if job.error:
+        out["error"] = {k: job.error.get(k) for k in ("error_type", "message", "hint")}
+    return out
+
+
+def format_status(report: dict) -> str:
+    """The status report as a few human-readable lines."""
+    counts = report.get("counts") or {}
+    lines = [f"inbox: {report['inbox']}",
+             "jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none yet")]
+    for title, key in (("queued", "queued"), ("running", "running"),
+                       ("recent successes", "recent_succeeded"), ("recent failures", "recent_failed")):
+        jobs = report.get(key) or []
+        if not jobs:
+            continue
+        lines.append(f"{title}:")
+        for job in jobs:
+            line = f"  {job['job_id']}"
+            if job.get("duplicate_of"):
+                line += f"  duplicate of {job['duplicate_of']}"
+            elif job.get("approach"):
+                line += f"  {job['approach']} -> {job.get('output_path')}"
+            if job.get("error"):
+                err = job["error"]
+                line += f"  {err.get('error_type')}: {err.get('message')}"
+                if err.get("hint"):
+                    line += f" ({err['hint']})"
+            lines.append(line)
+    if report.get("waiting_datasets"):
+        lines.append("datasets in the inbox: " + ", ".join(report["waiting_datasets"]))
+    if report.get("orphans"):
+        lines.append("waiting for their dataset:")
+        lines.extend(f"  {o['name']} ({o['kind']}, {o['waiting_s']} s)" for o in report["orphans"])
+    return "\n".join(lines)
+
+
+# --- the daemon --------------------------------------------------------------------------------
+
+def run(cfg: Config, *, once: bool = False, config_path: str | os.PathLike | None = None) -> int:
+    """Run the inbox daemon until SIGTERM/SIGINT (or, with ``once``, until the inbox is drained)."""
+    os.umask(0o077)
+    return Service(cfg, once=once, config_path=config_path).run()
+
+
+class Service:
+    def __init__(self, cfg: Config, *, once: bool, config_path: str | os.PathLike | None) -> None:
+        self.cfg = cfg
+        self.once = once
+        self.config_path = config_path
+        self.paths = resolve_paths(cfg)
+        self.notifier = Notifier()
+        self.hints: queue.Queue = queue.Queue()
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        self.job_stop = threading.Event()  # tells training to give its job back
+        self.training_lock = threading.Lock()
+        self.ready: collections.deque[Claim] = collections.deque()
+        self.running: dict[str, threading.Thread] = {}
+        self.running_lock = threading.Lock()
+        self.jobs_in: queue.Queue = queue.Queue()
+        self.journal: Journal | None = None
+        self.tracker: InboxTracker | None = None
+        self._signals = 0
+        self._last_status = ""
+        self._fine_tuner = None
+
+    # --- start and stop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        p = self.paths
+        for d in (p.inbox, p.outputs, p.processed, p.failed, p.work, p.state_dir):
+            make_private_dir(d)
+        self.journal = Journal(p.journal)
+        self.tracker = InboxTracker(p.inbox, settle_s=self.cfg.watch.settle_s,
+                                    max_input_bytes=self.cfg.watch.max_input_bytes)
+        self._install_signals()
+        log.info("daemon_started", version=__version__, pid=os.getpid(), inbox=str(p.inbox),
+                 outputs=str(p.outputs), journal=str(p.journal), workers=self.cfg.watch.workers,
+                 observer="once" if self.once else ("polling" if self.cfg.watch.polling else "inotify"),
+                 systemd=self.notifier.enabled)
+        watcher = None
+        if not self.once:
+            # watch before the first scan, so that nothing dropped in between is missed
+            watcher = InboxWatcher(p.inbox, self.hints, polling=self.cfg.watch.polling)
+            watcher.start()
+        workers = [threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
+                   for i in range(self.cfg.watch.workers)]
+        for t in workers:
+            t.start()
+        try:
+            self.recover()
+            self.tracker.scan()
+            self._note_new_entries()
+            self.notifier.ready(self._status_line())
+            log.info("daemon_ready", queued=len(self.ready))
+            self._loop()
+        finally:
+            if watcher is not None:
+                watcher.stop()
+        code = self._shutdown(workers)
+        log.info("daemon_stopped", exit_code=code, reason="drained" if self.once else "signal")
+        self.notifier.close()
+        self.journal.close()
+        return code
+
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, _frame: object) -> None:
+            self._signals += 1
+            if self._signals > 1:
+                # the operator insists: leave now; claimed jobs are recovered on the next start
+                log.warning("daemon_stopped", exit_code=EXIT_SECOND_SIGNAL, reason="second_signal",
+                            signal=signal.Signals(signum).name)
+                sys.stdout.flush()
+                os._exit(EXIT_SECOND_SIGNAL)
+            self.stop_requested.set()
+
+        def on_hup(_signum: int, _frame: object) -> None:
+            self.reload_requested.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def _shutdown(self, workers: list[threading.Thread]) -> int:
+        self.notifier.stopping()
+        log.info("daemon_stopping", running=len(self.running), queued=len(self.ready))
+        # claimed but not started: they stay in .work/ as queued and are taken up on the next start
+        while self.ready:
+            self.ready.popleft().release()
+        for _ in workers:
+            self.jobs_in.put(None)
+        deadline = time.monotonic() + self.cfg.watch.stop_timeout_s
+        while self._running_count() and time.monotonic() < deadline:
+            self._ping_watchdog()
+            time.sleep(0.1)
+        if self._running_count():
+            log.warning("stop_timeout_reached", running=sorted(self.running))
+        self.job_stop.set()
+        grace = self.cfg.training.grace_s + 5.0
+        for t in workers:
+            t.join(timeout=max(0.1, grace))
+            grace = 0.1
+        if self._running_count():
+            log.warning("jobs_abandoned_at_stop", job_ids=sorted(self.running),
+                        hint="they are retried when the service starts again")
+        return EXIT_OK
+
+    def _running_count(self) -> int:
+        with self.running_lock:
+            return len(self.running)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        tracker = self.tracker
+        assert tracker is not None
+        last_scan = last_watchdog = time.monotonic()
+        while not self.stop_requested.is_set():
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self._reload()
+            rescan = self.once or time.monotonic() - last_scan >= self.cfg.watch.rescan_s
+            events_lost = False
+            timeout = self._sleep_s()
+            try:
+                while True:
+                    event, name = self.hints.get(timeout=timeout)
+                    timeout = 0
+                    if event == RESCAN:
+                        rescan = events_lost = True
+                    elif event != "job_done":
+                        tracker.refresh(name, event=event)
+            except queue.Empty:
+                pass
+            if rescan:
+                if events_lost:
+                    log.warning("event_queue_overflow", action="rescan")
+                if not self.once:
+                    self.recover()
+                tracker.scan(events_lost=events_lost)
+                last_scan = time.monotonic()
+            self._note_new_entries()
+            try:
+                self._refuse_entries()
+                self._claim_ready()
+            except OSError as exc:
+                # a full disk or a permissions change must not kill the service; it retries
+                log.error("inbox_error", error_type=type(exc).__name__, errno=exc.errno,
+                          path=str(getattr(exc, "filename", "")))
+            self._dispatch()
+            now = time.monotonic()
+            if self.notifier.watchdog_interval_s and now - last_watchdog >= self.notifier.watchdog_interval_s:
+                self.notifier.watchdog()
+                last_watchdog = now
+            self._send_status()
+            if self.once and self._drained():
+                return
+
+    def _sleep_s(self) -> float:
+        if self.once:
+            return 0.05
+        assert self.tracker is not None
+        deadline = self.tracker.next_deadline(self.cfg.watch.pair_timeout_s)
+        return TICK_S if deadline is None else min(TICK_S, max(deadline, 0.01))
+
+    def _drained(self) -> bool:
+        assert self.tracker is not None
+        return (not self.ready and not self._running_count()
+                and not self.tracker.waiting_datasets() and self.jobs_in.empty())
+
+    def _ping_watchdog(self) -> None:
+        if self.notifier.watchdog_interval_s:
+            self.notifier.watchdog()
+
+    def _status_line(self) -> str:
+        waiting = self.tracker.waiting_datasets() if self.tracker else 0
+        return f"queued {len(self.ready)}, running {self._running_count()}, waiting {waiting}"
+
+    def _send_status(self) -> None:
+        line = self._status_line()
+        if line != self._last_status:
+            self._last_status = line
+            self.notifier.status(line)
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config_reload_failed", problems=exc.problems, hint=exc.hint)
+        else:
+            if new.paths != dataclasses.replace(self.cfg.paths, root=new.paths.root):
+                log.warning("config_paths_unchanged", hint="restart the service to change paths")
+            changed = [k for k in ("workers",) if getattr(new.watch, k) != getattr(self.cfg.watch, k)]
+            if changed:
+                log.warning("config_restart_needed", keys=[f"watch.{k}" for k in changed])
+            self.cfg = dataclasses.replace(new, paths=self.cfg.paths)
+            self._fine_tuner = None
+            assert self.tracker is not None
+            self.tracker.settle_s = self.cfg.watch.settle_s
+            self.tracker.max_input_bytes = self.cfg.watch.max_input_bytes
+            log.info("config_reloaded", source=str(self.config_path) if self.config_path else None)
+        self.notifier.ready(self._status_line())
+
+    # --- inbox ---------------------------------------------------------------------------------
+
+    def _note_new_entries(self) -> None:
+        assert self.tracker is not None
+        for entry in self.tracker.entries.values():
+            if not entry.logged:
+                entry.logged = True
+                log.info("file_detected", file=entry.name, kind=entry.kind, size_bytes=entry.sig[1])
+
+    def _refuse_entries(self) -> None:
+        assert self.tracker is not None and self.journal is not None
+        for refusal in self.tracker.refusals():
+            message, hint = REFUSAL_MESSAGES[refusal.reason]
+            error = {"error_type": "RefusedInputError", "reason": refusal.reason,
+                     "message": f"{refusal.name}: {message}", "hint": hint, "attempts": 0,
+                     "failed_at": utc_now()}
+            target = refuse(self.paths.inbox, self.paths.failed, refusal, error)
+            self.tracker.forget(refusal.name)
+            if target is None:
+                continue
+            self.journal.record_refused(target.name, refusal.name, {**error, "job_id": target.name},
+                                        size_bytes=refusal.size_bytes)
+            log.warning("input_refused", file=refusal.name, reason=refusal.reason, job_id=target.name)
+            log.info("input_moved", file=refusal.name, to=str(target), job_id=target.name)
+
+    def _claim_ready(self) -> None:
+        assert self.tracker is not None
+        capacity = 2 * self.cfg.watch.workers - len(self.ready) - self._running_count()
+        if capacity <= 0:
+            return
+        for drop in self.tracker.ready_drops(self.cfg.watch.pair_timeout_s)[:capacity]:
+            for name in (drop.dataset, drop.mapping, drop.job):
+                if name:
+                    self.tracker.forget(name)
+            claim = self._claim(drop)
+            if claim is not None:
+                self.ready.append(claim)
+
+    def _default_mapping(self) -> Path | None:
+        value = self.cfg.defaults.mapping
+        if not value:
+            return None
+        path = Path(value)
+        return path if path.is_absolute() else self.paths.root / path
+
+    def _claim(self, drop: Drop) -> Claim | None:
+        assert self.journal is not None
+        default = self._default_mapping() if drop.mapping is None else None
+        if default is not None and not default.is_file():
+            log.error("default_mapping_missing", path=str(default),
+                      hint="fix defaults.mapping in the configuration; the job uses an inferred mapping")
+            default = None
+        claim = claim_drop(self.paths.inbox, self.paths.work, drop, default_mapping=default)
+        if claim is None:
+            log.info("claim_lost", file=drop.dataset)
+            return None
+        return self._register(claim, drop.stem)
+
+    def _register(self, claim: Claim, stem: str) -> Claim:
+        """Hash a claim folder, give it its job id and record the job as queued."""
+        assert self.journal is not None
+        hashes = hash_claim(claim)
+        key = content_key((role, digest) for role, (_, digest, _) in hashes.items())
+        if claim.path.name.startswith(CLAIM_PREFIX):
+            name_claim(claim, stem, key)
+        force = self._force(claim)
+        inputs = [InputFile(role, name, digest, size) for role, (name, digest, size) in hashes.items()]
+        self.journal.add_job(claim.job_id, stem, inputs, key, force=force)
+        log.info("job_claimed", job_id=claim.job_id, files=sorted(claim.files.values()),
+                 dataset_sha256=hashes["dataset"][1] if "dataset" in hashes else None)
+        return claim
+
+    @staticmethod
+    def _force(claim: Claim) -> bool:
+        name = claim.files.get("job")
+        if not name:
+            return False
+        try:
+            return read_job_file(claim.path / name).get("force") is True
+        except ConfigError:
+            return False  # the job fails with the job file's problems when it runs
+
+    def _dispatch(self) -> None:
+        while self.ready and self._running_count() < self.cfg.watch.workers:
+            claim = self.ready.popleft()
+            with self.running_lock:
+                self.running[claim.job_id] = threading.current_thread()
+            self.jobs_in.put(claim)
+
+    # --- recovery ------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Take up claim folders nobody holds (a crash, or a daemon that died): finish or retry."""
+        assert self.journal is not None
+        for claim in abandoned_claims(self.paths.work):
+            try:
+                self._recover_one(claim)
+            except OSError as exc:
+                claim.release()
+                log.error("recovery_error", job_id=claim.job_id, error_type=type(exc).__name__,
+                          errno=exc.errno)
+
+    def _recover_one(self, claim: Claim) -> None:
+        assert self.journal is not None
+        if "dataset" not in claim.files:
+            # only a dataset starts a claim, so this is a note-only folder; hand it to failed/
+            dest = finish_claim(claim, self.paths.failed, note=("error.json", {
+                "error_type": "RecoveryError", "message": "a claim folder without a dataset was found",
+                "hint": "drop the dataset again with its mapping", "job_id": claim.job_id,
+                "attempts": 0, "failed_at": utc_now()}))
+            log.warning("input_moved", job_id=claim.job_id, to=str(dest), reason="no_dataset")
+            return
+        stem = Path(claim.files["dataset"]).stem
+        record = None if claim.path.name.startswith(CLAIM_PREFIX) else self.journal.get(claim.job_id)
+        if record is None:
+            claim = self._register(claim, stem)
+            record = self.journal.get(claim.job_id)
+            assert record is not None
+        log.info("job_recovered", job_id=claim.job_id, state=record.state, attempts=record.attempts)
+        if record.state in ("succeeded", "duplicate"):
+            note = ("duplicate.json", self._duplicate_note(record)) if record.state == "duplicate" else None
+            self._move_inputs(claim, self.paths.processed, note=note)
+        elif record.state == "failed":
+            self._move_inputs(claim, self.paths.failed, note=("error.json", record.error or {}))
+        elif (self.paths.outputs / claim.job_id).is_dir():
+            # published before the crash, recorded after: the outputs are complete
+            self.journal.succeed(claim.job_id, output_path=str(self.paths.outputs / claim.job_id),
+                                 approach=None)
+            self._move_inputs(claim, self.paths.processed)
+        else:
+            self.ready.append(claim)
+
+    def _duplicate_note(self, record: JobRecord) -> dict:
+        return {"job_id": record.id, "duplicate_of": record.duplicate_of,
+                "outputs": record.output_path, "recorded_at": utc_now(),
+                "hint": "this content was processed before; add force: true to a job file to redo it"}
+
+    def _move_inputs(self, claim: Claim, destination: Path, *, note: tuple[str, dict] | None = None) -> Path:
+        job_id = claim.job_id
+        target = finish_claim(claim, destination, note=note)
+        log.info("input_moved", job_id=job_id, to=str(target))
+        return target
+
+    # --- one job (worker threads) --------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            claim = self.jobs_in.get()
+            if claim is None:
+                return
+            try:
+                self._run_job(claim)
+            finally:
+                with self.running_lock:
+                    self.running.pop(claim.job_id, None)
+                self.hints.put(("job_done", claim.job_id))
+
+    def _fine_tuner_instance(self):
+        if self._fine_tuner is None:
+            from .fine_tuner import FineTuner
+            self._fine_tuner = FineTuner(config=self.cfg)
+        return self._fine_tuner
+
+    def _run_job(self, claim: Claim) -> None:
+        assert self.journal is not None
+        job_id = claim.job_id
+        started = time.monotonic()
+        with structlog.contextvars.bound_contextvars(job_id=job_id):
+            record = self.journal.get(job_id)
+            assert record is not None
+            status = "failed"
+            try:
+                status = self._process(claim, record)
+            except Exception as exc:  # the one broad handler per job: a bug, recorded as a failure
+                frames = [f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+                          for f in traceback.extract_tb(exc.__traceback__)]
+                # the exception text may quote data, so only its type and the frames are logged
+                log.error("job_crashed", error_type=type(exc).__name__, frames=frames)
+                self._fail(claim, {"error_type": type(exc).__name__,
+                                   "message": "an internal error stopped this job",
+                                   "hint": "report this with the job id; the service log has the "
+                                           "traceback locations; drop the files again to retry"},
+                           build=self.paths.outputs / f".tmp-{job_id}")
+            log.info("job_finished", status=status,
+                     duration_s=round(time.monotonic() - started, 3))
+
+    def _process(self, claim: Claim, record: JobRecord) -> str:
+        assert self.journal is not None
+        job_id = claim.job_id
+        if not record.force:
+            earlier = self.journal.success_for(record.content_key)
+            if earlier is not None and earlier.id != job_id:
+                self.journal.mark_duplicate(job_id, of=earlier)
+                record = self.journal.get(job_id) or record
+                log.info("job_duplicate", duplicate_of=earlier.id, outputs=earlier.output_path)
+                self._move_inputs(claim, self.paths.processed,
+                                  note=("duplicate.json", self._duplicate_note(record)))
+                return "duplicate"
+        if record.attempts >= self.cfg.watch.max_attempts:
+            self._fail(claim, {
+                "error_type": "PoisonJobError",
+                "message": f"the service stopped while processing this job {record.attempts} times",
+                "hint": "look in the service log for what killed it (memory, a crash) around these "
+                        "times; drop the files again to retry"}, attempts=record.attempts)
+            return "failed"
+        attempt = self.journal.start(job_id)
+        log.info("job_started", attempt=attempt, files=sorted(claim.files.values()))
+        build = self.paths.outputs / f".tmp-{job_id}"
+        if build.exists():  # a partial build from an attempt that crashed
+            shutil.rmtree(build)
+        make_private_dir(build)
+        try:
+            ok, metadata = self._call_fine_tuner(claim, build)
+        except TrainingInterruptedError:
+            shutil.rmtree(build, ignore_errors=True)
+            self.journal.requeue(job_id, give_back_attempt=True)
+            claim.release()
+            log.info("job_requeued", reason="shutdown")
+            return "queued"
+        except (FineTunerError, DatasetTooSmallWarning) as exc:
+            error = exc.to_dict() if isinstance(exc, FineTunerError) else {
+                "error_type": type(exc).__name__, "message": str(exc),
+                "hint": "add rows, or enable fallback to build a model set"}
+            self._fail(claim, error, attempts=attempt, build=build)
+            return "failed"
+        if not ok:
+            self._fail(claim, {"error_type": "JobFailedError", "message": "the job did not complete",
+                               "hint": "see job.log next to this file"}, attempts=attempt, build=build)
+            return "failed"
+        final = publish_dir(build, self.paths.outputs / job_id)
+        approach = metadata.get("approach")
+        self.journal.succeed(job_id, output_path=str(final), approach=approach)
+        log.info("job_succeeded", approach=approach, outputs=str(final))
+        self._move_inputs(claim, self.paths.processed)
+        return "succeeded"
+
+    def _call_fine_tuner(self, claim: Claim, build: Path) -> tuple[bool, dict]:
+        from .fine_tuner import JobInputs
+
+        job_file = claim.files.get("job")
+        values = read_job_file(claim.path / job_file) if job_file else None
+        values = {k: v for k, v in (values or {}).items()}
+        settings = job_settings(self.cfg.defaults, values, source=job_file or "defaults")
+        mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
+        inputs = JobInputs(csv_path=claim.path / claim.files["dataset"],
+                           mapping_path=claim.path / mapping if mapping else None,
+                           settings=settings, output_dir=build, stem=Path(claim.files["dataset"]).stem,
+                           job_id=claim.job_id, stop_event=self.job_stop,
+                           training_lock=self.training_lock)
+        with job_log(build / "job.log", claim.job_id):
+            return self._fine_tuner_instance().run_job(inputs)
+
+    def _fail(self, claim: Claim, error: dict, *, attempts: int | None = None,
+              build: Path | None = None) -> None:
+        assert self.journal is not None
+        job_id = claim.job_id
+        record = self.journal.get(job_id)
+        error = {**error, "job_id": job_id,
+                 "attempts": attempts if attempts is not None else (record.attempts if record else 0),
+                 "failed_at": utc_now()}
+        self.journal.fail(job_id, error)
+        if build is not None and build.exists():
+            # keep the job's log with its inputs; the rest of a failed build is not an output
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(build / "job.log", claim.path / "job.log")
+            shutil.rmtree(build, ignore_errors=True)
+        log.warning("job_failed", error_type=error.get("error_type"), message=error.get("message"),
+                    hint=error.get("hint"), attempts=error["attempts"])
+        self._move_inputs(claim, self.paths.failed, note=("error.json", error))
