@@ -65,7 +65,54 @@ def package_checks(report: CapabilityReport) -> None:
 
 
 def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | None) -> None:
-    """Base weights resolved and usable (issue 5 fills this in, via ``training.resolve_base_weights``)."""
+    """Base weights found, of an architecture Ollama takes adapters for (and the same as the Ollama
+    model's when known), with a chat template. Reads files only (``training.resolve_base_weights``)."""
+    from .training import ADAPTER_MODEL_TYPES, resolve_base_weights, with_tag
+
+    model = report.model
+    base = resolve_base_weights(model, cfg.base_models, allow_download=cfg.training.allow_download)
+    report.facts.update(weights_dir=base.local_dir, model_type=base.model_type, hf_id=base.hf_id)
+    if base.local_dir is not None:
+        report.add("base_weights", True, f"Hugging Face weights for {model} found in {base.local_dir}")
+    elif base.ref is not None and base.problem is None:
+        report.add("base_weights", True, f"{base.hf_id} is not on disk yet; the trainer downloads it "
+                                         "(training.allow_download is on)")
+    else:
+        detail = base.problem or f"no Hugging Face weights found for {model}"
+        if base.ref is None:
+            detail = (f"no Hugging Face weights are known for {model}: add `{with_tag(model)}: "
+                      f"<weights dir or HF repo id>` under base_models: in the config")
+        report.add("base_weights", False, detail)
+
+    # Weights still to be downloaded cannot be inspected yet; the trainer checks them after download.
+    pending = base.local_dir is None and base.ref is not None and base.problem is None
+    if base.model_type is None:
+        report.add("weights_architecture", False,
+                   "unknown until the base weights are on disk (config.json model_type)",
+                   required=not pending)
+    else:
+        arch = ADAPTER_MODEL_TYPES.get(base.model_type)
+        if arch is None:
+            report.add("weights_architecture", False,
+                       f"config.json model_type is {base.model_type!r}; Ollama takes LoRA adapters only "
+                       f"for {', '.join(sorted(ADAPTER_MODEL_TYPES))} models")
+        elif ollama_arch is not None and arch != ollama_arch:
+            report.add("weights_architecture", False,
+                       f"the weights are {base.model_type!r} ({arch} in Ollama) but the Ollama model "
+                       f"{model} is {ollama_arch!r}: configure the weights of the same base model")
+        else:
+            same = ", the same as the Ollama model" if ollama_arch is not None else ""
+            report.add("weights_architecture", True,
+                       f"config.json model_type {base.model_type!r} ({arch} in Ollama{same})")
+
+    if base.local_dir is None:
+        report.add("chat_template", False, "unknown until the base weights are on disk",
+                   required=not pending)
+    else:
+        report.add("chat_template", base.has_chat_template,
+                   "the tokenizer has a chat template" if base.has_chat_template else
+                   f"no chat template in {base.local_dir} (tokenizer_config.json or chat_template.jinja): "
+                   "use the instruct/chat variant of the weights")
 
 
 def ollama_checks(report: CapabilityReport, client: OllamaClient, register_mode: str) -> str | None:
