@@ -293,6 +293,15 @@ class FakeOllama:
         with self.lock:
             return self.models.get(key)
 
+    def config(self, **overrides: Any):
+        """An ``OllamaConfig`` pointing at this server with short timeouts and one quick retry."""
+        from daemon.config import OllamaConfig
+
+        values = dict(host=self.url, connect_timeout_s=2.0, read_timeout_s=2.0, create_timeout_s=2.0,
+                      retries=1, backoff_s=0.01, backoff_max_s=0.02)
+        values.update(overrides)
+        return OllamaConfig(**values)
+
     def requests_to(self, path: str, method: str | None = None) -> list[RecordedRequest]:
         with self.lock:
             return [r for r in self.requests
