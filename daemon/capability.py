@@ -116,9 +116,75 @@ def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | Non
 
 
 def ollama_checks(report: CapabilityReport, client: OllamaClient, register_mode: str) -> str | None:
-    """Ollama reachable, model known, architecture takes a LoRA adapter (issue 4 fills this in).
-    Returns the model's ``general.architecture`` when known."""
-    return None
+    """Ollama reachable (``ollama_reachable``), the model known (``ollama_model``), its architecture
+    takes a safetensors LoRA (``adapter_architecture``), and a note on a quantized base
+    (``base_quantization``, never required). Facts: ``ollama_version``, ``architecture``, ``format``,
+    ``family``, ``parameter_size``, ``quantization_level``. Returns ``general.architecture`` or None.
+
+    Which checks are required depends on ``register_mode``: with ``"required"`` all three are,
+    because the job fails without registration. With ``"off"`` none is: the adapter can be
+    produced without Ollama. With ``"auto"`` an unreachable server is not required (the job
+    registers nothing, records why and still succeeds; the base weights' own ``model_type`` check
+    covers the architecture then), but once the server answers, an unknown model or an
+    architecture Ollama cannot attach an adapter to is required: the answer is then known, and
+    a fine-tune that Ollama refuses to serve is not what the user asked for.
+    """
+    from .errors import OllamaError
+
+    model = report.model
+    hard = register_mode == "required"
+    known = register_mode != "off"  # required once the server has answered
+    try:
+        version = client.version()
+    except OllamaError as exc:
+        report.add("ollama_reachable", False, f"Ollama at {client.base_url} is not reachable: {exc}",
+                   required=hard)
+        skipped = "not checked: Ollama is not reachable"
+        report.add("ollama_model", False, skipped, required=hard)
+        report.add("adapter_architecture", False, skipped, required=hard)
+        return None
+    report.facts["ollama_version"] = version
+    report.add("ollama_reachable", True, f"Ollama {version} answers at {client.base_url}", required=hard)
+
+    try:
+        info = client.show(model)
+    except OllamaError as exc:
+        if exc.status == 404:
+            detail = f"{model!r} is not in Ollama at {client.base_url}: run ollama pull {model}"
+        else:
+            detail = f"could not read {model!r} from Ollama: {exc}"
+        report.add("ollama_model", False, detail, required=known)
+        report.add("adapter_architecture", False, "not checked: the model is not available in Ollama",
+                   required=known)
+        return None
+    details = info.get("details") if isinstance(info.get("details"), dict) else {}
+    model_info = info.get("model_info") if isinstance(info.get("model_info"), dict) else {}
+    arch = model_info.get("general.architecture") or details.get("family") or None
+    report.facts.update(architecture=arch, format=details.get("format"), family=details.get("family"),
+                        parameter_size=details.get("parameter_size"),
+                        quantization_level=details.get("quantization_level"))
+    report.add("ollama_model", True, f"{model!r} is in Ollama ({details.get('parameter_size') or 'size unknown'}, "
+               f"{details.get('format') or 'format unknown'})", required=known)
+
+    supported = ", ".join(ADAPTER_ARCHITECTURES)
+    if arch in ADAPTER_ARCHITECTURES:
+        report.add("adapter_architecture", True,
+                   f"architecture {arch!r} takes a safetensors LoRA adapter in Ollama", required=known)
+    else:
+        report.add("adapter_architecture", False,
+                   f"architecture {arch!r} cannot take a safetensors LoRA adapter in Ollama (only {supported}; "
+                   f"Mistral reports llama): use approach model_set or a llama/gemma2 base", required=known)
+
+    level = details.get("quantization_level")
+    if level and str(level).upper() not in ("F16", "BF16", "F32"):
+        report.add("base_quantization", False,
+                   f"the Ollama base is quantized ({level}); the adapter is trained on full-precision "
+                   f"weights and will be applied to the quantized base, so answers may differ slightly",
+                   required=False)
+    else:
+        report.add("base_quantization", True, f"the Ollama base is not quantized ({level or 'unknown'})",
+                   required=False)
+    return arch
 
 
 def build_report(model_name: str, cfg: Config, client: OllamaClient | None = None) -> CapabilityReport:
