@@ -1,0 +1,109 @@
+"""The job journal: states, attempts, duplicate detection, refused files, WAL and sharing."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from daemon.journal import InputFile, Journal
+
+INPUTS = [InputFile("dataset", "visits.csv", "a" * 64, 120), InputFile("mapping", "visits.mapping.json", "b" * 64, 40)]
+
+
+@pytest.fixture
+def journal(tmp_path):
+    with Journal(tmp_path / "journal.sqlite3") as j:
+        yield j
+
+
+def test_add_job_records_queued_row_once(journal):
+    """A claimed job is recorded as queued with its inputs; the same id cannot be added twice."""
+    assert journal.add_job("visits-20250101T000000-abcdef01", "visits", INPUTS, "k1") is True
+    assert journal.add_job("visits-20250101T000000-abcdef01", "visits", INPUTS, "k1") is False
+    job = journal.get("visits-20250101T000000-abcdef01")
+    assert (job.state, job.attempts, job.stem, job.content_key, job.force) == ("queued", 0, "visits", "k1", False)
+    assert job.inputs == tuple(INPUTS)
+
+
+def test_start_counts_attempts_and_requeue_gives_one_back(journal):
+    """start() counts an attempt; an interrupted job goes back to queued without counting it."""
+    journal.add_job("j1", "s", INPUTS, "k")
+    assert journal.start("j1") == 1
+    assert journal.get("j1").state == "running"
+    journal.requeue("j1", give_back_attempt=True)
+    assert (journal.get("j1").state, journal.get("j1").attempts) == ("queued", 0)
+    assert journal.start("j1") == 1
+    assert journal.start("j1") == 2
+
+
+def test_success_owns_content_key_and_force_takes_it_over(journal):
+    """A success becomes the owner of its content key; a forced reprocess becomes the new owner."""
+    journal.add_job("j1", "s", INPUTS, "key")
+    assert journal.success_for("key") is None
+    journal.start("j1")
+    journal.succeed("j1", output_path="/out/j1", approach="model_set")
+    owner = journal.success_for("key")
+    assert (owner.id, owner.state, owner.output_path, owner.approach) == ("j1", "succeeded", "/out/j1", "model_set")
+    journal.add_job("j2", "s", INPUTS, "key", force=True)
+    journal.start("j2")
+    journal.succeed("j2", output_path="/out/j2", approach="model_set")
+    assert journal.success_for("key").id == "j2"
+    assert journal.get("j2").force is True
+
+
+def test_duplicate_points_at_earlier_outputs(journal):
+    """mark_duplicate records which job and outputs the content belongs to."""
+    journal.add_job("j1", "s", INPUTS, "key")
+    journal.succeed("j1", output_path="/out/j1", approach="model_set")
+    journal.add_job("j2", "s", INPUTS, "key")
+    journal.mark_duplicate("j2", of=journal.success_for("key"))
+    dup = journal.get("j2")
+    assert (dup.state, dup.duplicate_of, dup.output_path) == ("duplicate", "j1", "/out/j1")
+    assert journal.success_for("key").id == "j1"
+
+
+def test_fail_and_refused_rows_carry_errors(journal):
+    """Failures and refused files are failed rows whose error fields read back unchanged."""
+    journal.add_job("j1", "s", INPUTS, "k")
+    journal.fail("j1", {"error_type": "MappingError", "message": "m", "hint": "h"})
+    journal.record_refused("link.csv-20250101T000000", "link.csv", {"error_type": "RefusedInputError"}, size_bytes=3)
+    assert journal.get("j1").error == {"error_type": "MappingError", "message": "m", "hint": "h"}
+    refused = journal.get("link.csv-20250101T000000")
+    assert (refused.state, refused.inputs[0].role, refused.inputs[0].name) == ("failed", "refused", "link.csv")
+    assert journal.counts() == {"queued": 0, "running": 0, "succeeded": 0, "failed": 2, "duplicate": 0}
+    assert [j.id for j in journal.jobs(["failed"], limit=1)] == ["link.csv-20250101T000000"]
+
+
+def test_transaction_rolls_back_on_error(journal):
+    """An exception inside transaction() leaves the journal unchanged."""
+    journal.add_job("j1", "s", INPUTS, "k")
+    with pytest.raises(RuntimeError):
+        with journal.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'failed' WHERE id = 'j1'")
+            raise RuntimeError("boom")
+    assert journal.get("j1").state == "queued"
+
+
+def test_wal_mode_and_a_second_connection_sees_writes(tmp_path):
+    """The file is in WAL mode and two Journal objects on one file share their rows."""
+    path = tmp_path / "journal.sqlite3"
+    with Journal(path) as a, Journal(path) as b:
+        a.add_job("j1", "s", INPUTS, "k")
+        assert b.get("j1").state == "queued"
+        b.start("j1")
+        assert a.get("j1").attempts == 1
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    finally:
+        db.close()
+
+
+def test_invalid_state_is_rejected(journal):
+    """The schema refuses a state outside queued/running/succeeded/failed/duplicate."""
+    journal.add_job("j1", "s", INPUTS, "k")
+    with pytest.raises(sqlite3.IntegrityError):
+        with journal.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'lost' WHERE id = 'j1'")
