@@ -44,6 +44,9 @@ class RecordedRequest:
     size_bytes: int
     headers: dict[str, str]
 
+    def __getitem__(self, key: str) -> Any:  # dict-style access too: r["path"], r["body"]
+        return getattr(self, key)
+
 
 class BadRequest(Exception):
     def __init__(self, status: int, error: str) -> None:
