@@ -207,7 +207,8 @@ class OllamaClient:
             hint = ("Ollama did not answer in time: check the server's load, or raise "
                     "ollama.read_timeout_s / ollama.create_timeout_s")
         else:
-            why = "got no usable answer (connection refused or reset)"
+            why = ("refused the connection" if _never_sent(exc)
+                   else "closed or reset the connection before a complete answer")
             hint = (f"start Ollama (ollama serve / systemctl start ollama) and check that it listens on "
                     f"{self.base_url} (ollama.host or OLLAMA_HOST)")
         log.warning("ollama_unavailable", method=method, path=path, error_class=type(exc).__name__)

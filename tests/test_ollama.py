@@ -302,3 +302,13 @@ def test_client_recovers_when_the_server_comes_back(client, fake_ollama):
         client.version()
     fake_ollama.fault = None
     assert client.version() == "0.12.3"
+
+
+def test_refused_connection_message(fake_ollama):
+    """A refused connection names the URL and the call, and hints at starting Ollama."""
+    with OllamaClient(fake_ollama.config(retries=0), env={}) as c:
+        fake_ollama.fault = "down"
+        with pytest.raises(OllamaUnavailableError) as info:
+            c.version()
+    assert info.value.message == f"Ollama at {fake_ollama.url} refused the connection (GET /api/version)"
+    assert info.value.hint.startswith("start Ollama (ollama serve / systemctl start ollama)")
