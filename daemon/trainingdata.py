@@ -1,5 +1,10 @@
 """Pure builders for the fine-tuning inputs: chat records, the validation split, the training config.
 
+This module owns the shape of ``training_data.jsonl`` / ``validation_data.jsonl`` (one
+``{"messages": [system, user, assistant]}`` record per row, the format OpenAI fine-tuning, TRL,
+axolotl and LLaMA-Factory read), the seeded stratified hold-out, and ``training_config.yaml``
+under axolotl's key names.
+
 CONTRACT (signatures fixed; the implementation fills them in):
 
 - ``chat_record(system, prompt, rating, rationale) -> dict``: ``{"messages": [system, user, assistant]}``
@@ -11,6 +16,7 @@ CONTRACT (signatures fixed; the implementation fills them in):
   empty validation when ``ds.rows_used < min_rows``.
 - ``jsonl_chunks(ds, positions, system) -> Iterator[str]``: the JSONL text of those rows in chunks
   (each chunk many complete lines), fast: this is the hot path of ``bench/prep_throughput.py``.
+  Each line is exactly ``json.dumps(chat_record(...), ensure_ascii=False)``.
 - ``training_config(*, base_model, dataset_path, validation_path, output_dir, training, epochs,
   learning_rate, micro_batch_size, seed) -> dict``: axolotl key names (``base_model``, ``datasets``
   with ``type: chat_template``, ``test_datasets``, ``adapter: lora``, ``lora_r``, ``lora_alpha``,
@@ -20,3 +26,136 @@ CONTRACT (signatures fixed; the implementation fills them in):
 
 No file I/O here: callers write the chunks with ``fsutil``.
 """
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .prompts import answer_json
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .config import TrainingConfig
+    from .dataset import Dataset
+
+CHUNK_ROWS = 4096  # lines per chunk: large enough to amortise writes, small enough to bound memory
+
+# The same encoder json.dumps(..., ensure_ascii=False) uses for a str, without its per-call set-up.
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def chat_record(system: str, prompt: str, rating: int, rationale: str | None) -> dict:
+    """One training example: the system turn, the record as the user turn, the JSON answer."""
+    return {"messages": [
+        {"role": "system", "content": system},
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": answer_json(rating, rationale)},
+    ]}
+
+
+def chat_records(ds: Dataset, system: str) -> list[dict]:
+    """One chat record per usable row of ``ds.frame``, in order."""
+    frame = ds.frame
+    return [chat_record(system, p, r, x) for p, r, x in zip(
+        frame["prompt"].tolist(), frame["rating"].tolist(), frame["rationale"].tolist())]
+
+
+def split_holdout(ds: Dataset, *, fraction: float = 0.1, seed: int = 42,
+                  min_rows: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, validation positions) into ``ds.frame``, both sorted ascending.
+
+    Per rating, ``round(fraction * n)`` rows go to validation, at least one when the rating has 2 or
+    more rows and never all of them; the choice is a seeded permutation per rating, so the same
+    dataset and seed always give the same split."""
+    import numpy as np
+
+    n = ds.rows_used
+    everything = np.arange(n, dtype=np.int64)
+    if n < min_rows or fraction <= 0:
+        return everything, np.empty(0, dtype=np.int64)
+    ratings = ds.frame["rating"].to_numpy()
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for value in np.unique(ratings):
+        members = np.flatnonzero(ratings == value)
+        if len(members) < 2:
+            continue
+        take = min(max(1, int(round(fraction * len(members)))), len(members) - 1)
+        chosen.append(rng.permutation(members)[:take])
+    validation = np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
+    mask = np.ones(n, dtype=bool)
+    mask[validation] = False
+    return everything[mask], validation.astype(np.int64)
+
+
+def jsonl_chunks(ds: Dataset, positions: Sequence[int] | np.ndarray, system: str) -> Iterator[str]:
+    """The JSONL text of the rows at ``positions``, ``CHUNK_ROWS`` lines per chunk.
+
+    Builds each line from pre-encoded pieces instead of ``json.dumps`` of a dict per row: the
+    system turn is encoded once, and the prompt, rationale and answer strings go through the C
+    string encoder directly. The result is byte-for-byte ``json.dumps(chat_record(...),
+    ensure_ascii=False)`` (a test holds it to that)."""
+    import numpy as np
+
+    positions = np.asarray(positions, dtype=np.int64)
+    frame = ds.frame
+    prompt_col = frame["prompt"].to_numpy(dtype=object)
+    rating_col = frame["rating"].to_numpy()
+    rationale_col = frame["rationale"].to_numpy(dtype=object)
+    head = '{"messages": [{"role": "system", "content": ' + _encode(system) + '}, {"role": "user", "content": '
+    middle = '}, {"role": "assistant", "content": '
+    tail = "}]}\n"
+    encode = _encode
+    for start in range(0, len(positions), CHUNK_ROWS):
+        block = positions[start:start + CHUNK_ROWS]
+        prompts = prompt_col[block].tolist()
+        ratings = rating_col[block].tolist()
+        rationales = rationale_col[block].tolist()
+        answers = [f'{{"rating": {r}, "rationale": {encode(x)}}}' for r, x in zip(ratings, rationales)]
+        yield "".join([f"{head}{encode(p)}{middle}{encode(a)}{tail}" for p, a in zip(prompts, answers)])
+
+
+def training_config(*, base_model: str, dataset_path: str, validation_path: str | None, output_dir: str,
+                    training: TrainingConfig, epochs: int, learning_rate: float, micro_batch_size: int,
+                    seed: int) -> dict[str, Any]:
+    """The run's settings under axolotl's key names, so the same file can be handed to axolotl on a
+    bigger machine. ``validation_path`` None (no hold-out) leaves ``test_datasets`` out."""
+
+    def dataset_entry(path: str, split: str | None = None) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "path": path,
+            "ds_type": "json",
+            "type": "chat_template",
+            "field_messages": "messages",
+            "message_property_mappings": {"role": "role", "content": "content"},
+        }
+        if split:
+            entry["split"] = split
+        return entry
+
+    config: dict[str, Any] = {
+        "base_model": base_model,
+        "datasets": [dataset_entry(dataset_path)],
+    }
+    if validation_path:
+        config["test_datasets"] = [dataset_entry(validation_path, "train")]
+    config.update({
+        "adapter": "lora",
+        "lora_r": int(training.lora_r),
+        "lora_alpha": int(training.lora_alpha),
+        "lora_dropout": float(training.lora_dropout),
+        "lora_target_modules": list(training.lora_target_modules),
+        "sequence_len": int(training.sequence_len),
+        "micro_batch_size": int(micro_batch_size),
+        "gradient_accumulation_steps": int(training.gradient_accumulation_steps),
+        "num_epochs": int(epochs),
+        "learning_rate": float(learning_rate),
+        "warmup_ratio": float(training.warmup_ratio),
+        "logging_steps": int(training.logging_steps),
+        "seed": int(seed),
+        "output_dir": output_dir,
+    })
+    return config
