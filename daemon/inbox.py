@@ -358,13 +358,18 @@ def hash_claim(claim: Claim) -> dict[str, tuple[str, str, int]]:
     return out
 
 
-def name_claim(claim: Claim, stem: str, key: str, *, when: datetime | None = None) -> str:
-    """Rename the claim folder to ``<stem>-<UTC stamp>-<8 hex of key>`` (with ``-N`` if taken)."""
+def name_claim(claim: Claim, stem: str, key: str, *, when: datetime | None = None,
+               taken: Callable[[str], bool] = lambda job_id: False) -> str:
+    """Rename the claim folder to ``<stem>-<UTC stamp>-<8 hex of key>``, with ``-N`` when that id is
+    in ``.work/`` or ``taken(job_id)`` says it was used before (the same content in the same second)."""
     base = f"{stem}-{utc_stamp(when)}-{key[:8]}"
     n = 0
     while True:
         job_id = base if n == 0 else f"{base}-{n}"
         target = claim.path.parent / job_id
+        if taken(job_id):
+            n += 1
+            continue
         try:
             # rename onto an existing empty folder would succeed silently, so create it first
             target.mkdir(mode=0o700)

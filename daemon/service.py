@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,17 @@ def format_status(report: dict) -> str:
 def run(cfg: Config, *, once: bool = False, config_path: str | os.PathLike | None = None) -> int:
     """Run the inbox daemon until SIGTERM/SIGINT (or, with ``once``, until the inbox is drained)."""
     os.umask(0o077)
+    warnings.showwarning = _log_warning
     return Service(cfg, once=once, config_path=config_path).run()
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: object = None, line: str | None = None) -> None:
+    """Python warnings as JSON log lines (stdout stays parseable). Only our own package's warning
+    texts are logged: a library's warning text could quote data."""
+    ours = Path(filename).resolve().parent == Path(__file__).resolve().parent
+    log.warning("python_warning", category=category.__name__, location=f"{Path(filename).name}:{lineno}",
+                **({"message": str(message)} if ours else {}))
 
 
 class Service:
@@ -438,13 +449,19 @@ class Service:
         hashes = hash_claim(claim)
         key = content_key((role, digest) for role, (_, digest, _) in hashes.items())
         if claim.path.name.startswith(CLAIM_PREFIX):
-            name_claim(claim, stem, key)
+            name_claim(claim, stem, key, taken=self._job_id_taken)
         force = self._force(claim)
         inputs = [InputFile(role, name, digest, size) for role, (name, digest, size) in hashes.items()]
         self.journal.add_job(claim.job_id, stem, inputs, key, force=force)
         log.info("job_claimed", job_id=claim.job_id, files=sorted(claim.files.values()),
                  dataset_sha256=hashes["dataset"][1] if "dataset" in hashes else None)
         return claim
+
+    def _job_id_taken(self, job_id: str) -> bool:
+        assert self.journal is not None
+        p = self.paths
+        return (self.journal.get(job_id) is not None or (p.outputs / job_id).exists()
+                or (p.processed / job_id).exists() or (p.failed / job_id).exists())
 
     @staticmethod
     def _force(claim: Claim) -> bool:
@@ -580,23 +597,29 @@ class Service:
                         "times; drop the files again to retry"}, attempts=record.attempts)
             return "failed"
         attempt = self.journal.start(job_id)
-        log.info("job_started", attempt=attempt, files=sorted(claim.files.values()))
         build = self.paths.outputs / f".tmp-{job_id}"
         if build.exists():  # a partial build from an attempt that crashed
             shutil.rmtree(build)
         make_private_dir(build)
-        try:
-            ok, metadata = self._call_fine_tuner(claim, build)
-        except TrainingInterruptedError:
+        error: dict | None = None
+        with job_log(build / "job.log", job_id):
+            log.info("job_started", attempt=attempt, files=sorted(claim.files.values()))
+            try:
+                ok, metadata = self._call_fine_tuner(claim, build)
+            except TrainingInterruptedError:
+                ok, metadata = False, {"interrupted": True}
+            except (FineTunerError, DatasetTooSmallWarning) as exc:
+                ok, metadata = False, {}
+                error = exc.to_dict() if isinstance(exc, FineTunerError) else {
+                    "error_type": type(exc).__name__, "message": str(exc),
+                    "hint": "add rows, or enable fallback to build a model set"}
+        if metadata.get("interrupted"):
             shutil.rmtree(build, ignore_errors=True)
             self.journal.requeue(job_id, give_back_attempt=True)
             claim.release()
             log.info("job_requeued", reason="shutdown")
             return "queued"
-        except (FineTunerError, DatasetTooSmallWarning) as exc:
-            error = exc.to_dict() if isinstance(exc, FineTunerError) else {
-                "error_type": type(exc).__name__, "message": str(exc),
-                "hint": "add rows, or enable fallback to build a model set"}
+        if error is not None:
             self._fail(claim, error, attempts=attempt, build=build)
             return "failed"
         if not ok:
@@ -616,15 +639,14 @@ class Service:
         job_file = claim.files.get("job")
         values = read_job_file(claim.path / job_file) if job_file else None
         values = {k: v for k, v in (values or {}).items()}
-        settings = job_settings(self.cfg.defaults, values, source=job_file or "defaults")
+        settings = job_settings(self.cfg.defaults, values, source=job_file or "the configuration's defaults")
         mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
         inputs = JobInputs(csv_path=claim.path / claim.files["dataset"],
                            mapping_path=claim.path / mapping if mapping else None,
                            settings=settings, output_dir=build, stem=Path(claim.files["dataset"]).stem,
                            job_id=claim.job_id, stop_event=self.job_stop,
                            training_lock=self.training_lock)
-        with job_log(build / "job.log", claim.job_id):
-            return self._fine_tuner_instance().run_job(inputs)
+        return self._fine_tuner_instance().run_job(inputs)
 
     def _fail(self, claim: Claim, error: dict, *, attempts: int | None = None,
               build: Path | None = None) -> None:

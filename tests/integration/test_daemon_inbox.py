@@ -1,0 +1,207 @@
+"""The inbox daemon as a real process: drops, pairing, job files, refusals, bad inputs, duplicates."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+from daemon.synthetic import MAPPING
+from tests.conftest import leftovers, wait_for
+from tests.integration.conftest import MARKER, REPO, all_log_text
+
+REQUIRED_EVENTS = {"daemon_started", "file_detected", "job_claimed", "job_started", "approach_selected",
+                   "job_succeeded", "input_moved", "job_finished", "daemon_stopped"}
+
+
+def _stop(daemon) -> None:
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+
+
+def test_drop_by_rename_is_processed_and_logged(root, start_daemon):
+    """A renamed-in dataset+mapping ends in processed/<job_id>/ with a complete outputs/<job_id>/."""
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    root.drop_dataset("visits")
+    wait_for(lambda: root.job_folders(root.processed, "visits"), timeout=20, message="processed")
+    _stop(d)
+    [done] = root.job_folders(root.processed, "visits")
+    job_id = done.name
+    assert sorted(os.listdir(done)) == ["visits.csv", "visits.mapping.json"]
+    assert sorted(os.listdir(root.outputs / job_id)) == [
+        "Modelfile", "fine_tuning_metadata.json", "job.log", "model_set_config.json"]
+    job_lines = [json.loads(x) for x in (root.outputs / job_id / "job.log").read_text().splitlines()]
+    assert {x["job_id"] for x in job_lines} == {job_id}
+    lines = d.lines()
+    assert REQUIRED_EVENTS <= {x["event"] for x in lines}
+    [finished] = d.events("job_finished")
+    assert (finished["job_id"], finished["status"]) == (job_id, "succeeded")
+    assert isinstance(finished["duration_s"], float)
+    assert [x["job_id"] for x in d.events("job_started")] == [job_id]
+    assert MARKER not in all_log_text(root)
+    assert leftovers(root.path) == []
+    assert root.folders(root.inbox) == [".work", "failed", "processed"]
+    assert os.listdir(root.inbox / ".work") == []
+    assert oct(os.stat(root.outputs / job_id).st_mode & 0o777) == "0o700"
+
+
+def test_slow_in_place_write_is_not_taken_half_written(root, start_daemon):
+    """A dataset written in place with pauses longer than settle_s is claimed only after close."""
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    data = root.dataset_bytes(rows=40)
+    root.drop_bytes("slow.mapping.json", json.dumps(MAPPING).encode())
+    src = root.path / "source.csv"
+    src.write_bytes(data)
+    writer = textwrap.dedent(f"""
+        import time
+        data = open({str(src)!r}, "rb").read()
+        with open({str(root.inbox / "slow.csv")!r}, "wb") as fh:
+            for i in range(4):
+                fh.write(data[i * len(data) // 4:(i + 1) * len(data) // 4]); fh.flush()
+                time.sleep(0.5)
+    """)
+    subprocess.run([sys.executable, "-c", writer], check=True, timeout=30)
+    wait_for(lambda: root.job_folders(root.processed, "slow"), timeout=20, message="processed")
+    _stop(d)
+    [done] = root.job_folders(root.processed, "slow")
+    assert hashlib.sha256((done / "slow.csv").read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert [x["status"] for x in d.events("job_finished")] == ["succeeded"]
+
+
+def test_mapping_after_dataset_and_dataset_after_mapping(root, start_daemon):
+    """A mapping arriving within pair_timeout_s joins its dataset; an early mapping waits as an orphan."""
+    root.write_config(watch={"pair_timeout_s": 30.0})
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    root.drop_bytes("late.csv", root.dataset_bytes())
+    wait_for(lambda: any(x["file"] == "late.csv" for x in d.events("file_detected")), message="detected")
+    root.drop_bytes("late.mapping.json", json.dumps(MAPPING).encode())
+    root.drop_bytes("early.mapping.json", json.dumps(MAPPING).encode())
+    wait_for(lambda: root.job_folders(root.processed, "late"), timeout=20, message="late processed")
+    status = subprocess.run([sys.executable, "-m", "daemon", "status", "--json", "--config", str(root.config),
+                             "--root", str(root.path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert [(o["name"], o["kind"]) for o in report["orphans"]] == [("early.mapping.json", "mapping")]
+    assert [j["inputs"] for j in report["recent_succeeded"]] == [["late.csv", "late.mapping.json"]]
+    root.drop_bytes("early.csv", root.dataset_bytes(seed=8))
+    wait_for(lambda: root.job_folders(root.processed, "early"), timeout=20, message="early processed")
+    _stop(d)
+    for stem in ("late", "early"):
+        [done] = root.job_folders(root.processed, stem)
+        assert sorted(os.listdir(done)) == [f"{stem}.csv", f"{stem}.mapping.json"]
+
+
+def test_job_file_settings_and_a_bad_job_file(root, start_daemon):
+    """A job file's settings reach the job; a job file with an unknown key fails the job."""
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    root.drop_bytes("asthma.job.yaml", b"topics: asthma\noutput_model: asthma-set\n")
+    root.drop_dataset("asthma")
+    root.drop_bytes("oops.job.yaml", b"topics: asthma\ncolour: blue\n")
+    root.drop_dataset("oops", seed=9)
+    wait_for(lambda: root.job_folders(root.processed, "asthma") and root.job_folders(root.failed, "oops"),
+             timeout=20, message="both jobs done")
+    _stop(d)
+    [done] = root.job_folders(root.processed, "asthma")
+    meta = json.loads((root.outputs / done.name / "fine_tuning_metadata.json").read_text())
+    assert (meta["parameters"]["topics"], meta["parameters"]["output_model"]) == ("asthma", "asthma-set")
+    [failed] = root.job_folders(root.failed, "oops")
+    error = json.loads((failed / "error.json").read_text())
+    assert error["error_type"] == "ConfigError"
+    assert "colour: unknown key" in error["message"]
+    assert (error["job_id"], error["attempts"]) == (failed.name, 1)
+    assert sorted(os.listdir(failed)) == ["error.json", "job.log", "oops.csv", "oops.job.yaml", "oops.mapping.json"]
+    assert not (root.outputs / failed.name).exists()
+
+
+def test_every_refused_kind_goes_to_failed_while_serving(root, start_daemon):
+    """Symlinks, FIFOs, folders, unknown extensions and oversized files are refused; work goes on."""
+    root.write_config(watch={"max_input_bytes": 200_000})
+    secret = root.path / "outside.csv"
+    secret.write_bytes(root.dataset_bytes())
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    os.symlink(secret, root.inbox / "link.csv")
+    os.mkfifo(root.inbox / "pipe.csv")
+    (root.inbox / "folder").mkdir()
+    root.drop_bytes("notes.txt", b"hello")
+    root.drop_bytes("huge.csv", b"x" * 200_001)
+    root.drop_dataset("fine")
+    expected = {"link.csv": "symlink", "pipe.csv": "not_regular_file", "folder": "directory",
+                "notes.txt": "unknown_extension", "huge.csv": "too_large"}
+    wait_for(lambda: len(root.folders(root.failed)) == 5 and root.job_folders(root.processed, "fine"),
+             timeout=20, message="refusals and the good job")
+    _stop(d)
+    seen = {}
+    for folder in root.failed.iterdir():
+        error = json.loads((folder / "error.json").read_text())
+        [name] = [n for n in os.listdir(folder) if n != "error.json"]
+        seen[name] = error["reason"]
+        assert (error["error_type"], error["job_id"]) == ("RefusedInputError", folder.name)
+    assert seen == expected
+    assert os.path.islink(next(root.failed.glob("link.csv-*")) / "link.csv")
+    assert secret.exists()
+    assert MARKER not in all_log_text(root)
+
+
+BAD_INPUTS = {
+    # name: (csv bytes, expected error_type)
+    "empty": (b"", "EmptyDatasetError"),
+    "header_only": (b"Row_ID,formatted_prompt,Expert Rating,Standardized_Rating,Rationale of Rating\n",
+                    "EmptyDatasetError"),
+    "no_prompt": (f"Row_ID,Expert Rating,Standardized_Rating\nR1,Match,1\nR2,{MARKER},0\n".encode(),
+                  "MissingColumnError"),
+    "unmapped": (("Row_ID,formatted_prompt,Expert Rating,Standardized_Rating,Rationale of Rating\n"
+                  + "".join(f"R{i},visit {MARKER} {i},Match,{7 if i % 2 else 1},why\n" for i in range(30))).encode(),
+                 "UnmappedRatingError"),
+}
+
+
+def test_bad_inputs_each_fail_with_their_error_and_no_cell_text(root, start_daemon):
+    """Each bad dataset ends in failed/ with its specific error type; the daemon keeps serving."""
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    for stem, (data, _) in BAD_INPUTS.items():
+        root.drop_bytes(f"{stem}.mapping.json", json.dumps(MAPPING).encode())
+        root.drop_bytes(f"{stem}.csv", data)
+    root.drop_dataset("good")
+    wait_for(lambda: len(root.folders(root.failed)) == len(BAD_INPUTS) and root.job_folders(root.processed, "good"),
+             timeout=30, message="bad inputs failed and the good one processed")
+    _stop(d)
+    for stem, (_, error_type) in BAD_INPUTS.items():
+        [folder] = root.job_folders(root.failed, stem)
+        error = json.loads((folder / "error.json").read_text())
+        assert (stem, error["error_type"]) == (stem, error_type)
+        assert set(error) >= {"error_type", "message", "hint", "job_id", "attempts", "failed_at"}
+        assert error["message"] and error["hint"]
+    assert MARKER not in all_log_text(root)
+    assert leftovers(root.path) == []
+
+
+def test_same_content_twice_is_a_duplicate_unless_forced(root, start_daemon):
+    """Dropping the same files again records a duplicate pointing at the first outputs; force redoes it."""
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    root.drop_dataset("twice")
+    wait_for(lambda: len(root.job_folders(root.processed, "twice")) == 1, timeout=20, message="first")
+    first = root.job_folders(root.processed, "twice")[0].name
+    root.drop_dataset("twice")
+    wait_for(lambda: len(root.job_folders(root.processed, "twice")) == 2, timeout=20, message="second")
+    second = next(p for p in root.job_folders(root.processed, "twice") if p.name != first)
+    note = json.loads((second / "duplicate.json").read_text())
+    assert (note["duplicate_of"], note["outputs"]) == (first, str(root.outputs / first))
+    assert not (root.outputs / second.name).exists()
+    root.drop_bytes("twice.job.yaml", b"force: true\n")
+    root.drop_dataset("twice")
+    wait_for(lambda: len(root.job_folders(root.processed, "twice")) == 3, timeout=20, message="forced")
+    _stop(d)
+    statuses = sorted(x["status"] for x in d.events("job_finished"))
+    assert statuses == ["duplicate", "succeeded", "succeeded"]
+    assert len(root.job_folders(root.outputs, "twice")) == 2
