@@ -130,11 +130,11 @@ class FineTuner:
         already configured logging."""
         from . import logconfig
 
-        if logconfig.is_configured():
+        if logconfig.configured_by() == "app":
             return
         log_dir = self.config.paths.log_dir or os.environ.get("LOGS_DIRECTORY") or self.config.paths.root
         logconfig.configure(level="DEBUG" if self.debug_mode else "INFO", stream=None,
-                            log_file=Path(log_dir) / "fine_tuner.log")
+                            log_file=Path(log_dir) / "fine_tuner.log", owner="library")
 
     # --- capability ----------------------------------------------------------------------------
 

@@ -37,9 +37,17 @@ def _formatter() -> logging.Formatter:
     )
 
 
+_owner: str | None = None
+
+
 def configure(*, level: int | str = logging.INFO, stream: IO[str] | None = sys.stdout,
-              log_file: str | Path | None = None) -> None:
-    """(Re)configure logging. ``stream`` None means no console output (library use)."""
+              log_file: str | Path | None = None, owner: str | None = "app") -> None:
+    """(Re)configure logging. ``stream`` None means no console output (library use).
+
+    ``owner`` is "app" for the CLI and daemon, "library" when ``FineTuner`` set it up on its own;
+    a library instance never overrides an application's configuration."""
+    global _owner
+    _owner = owner
     structlog.configure(
         processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -97,6 +105,6 @@ def job_log(path: str | Path, job_id: str) -> Iterator[None]:
         handler.close()
 
 
-def is_configured() -> bool:
-    """True once ``configure`` has run in this process (the library then leaves logging alone)."""
-    return any(getattr(h, "_fine_tuner_owned", False) for h in logging.getLogger(_ROOT).handlers)
+def configured_by() -> str | None:
+    """Who configured logging in this process: "app", "library" or None."""
+    return _owner

@@ -23,7 +23,7 @@ def test_json_lines_with_utc_timestamp_and_job_log(tmp_path):
                 log.info("job_started", rows=4)
             log.debug("hidden_debug")
     finally:
-        logconfig.configure(level="INFO", stream=None, log_file=None)
+        logconfig.configure(level="INFO", stream=None, log_file=None, owner=None)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(e["event"], e["job_id"], e["rows"]) for e in lines] == [("job_started", "job-1", 3),
                                                                     ("job_started", "job-2", 4)]
