@@ -1,0 +1,149 @@
+"""The daemon's life: signals, --once, reload, sd_notify, two daemons, and kill -9 during a burst."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+
+from tests.conftest import leftovers, wait_for
+from tests.integration.conftest import MARKER, REPO, all_log_text
+
+MODEL_SET_OUTPUTS = ["Modelfile", "fine_tuning_metadata.json", "job.log", "model_set_config.json"]
+
+
+def _check_invariants(root, stems: list[str]) -> None:
+    """Every dataset is in exactly one of processed/ or failed/; every success has complete outputs."""
+    places = Counter()
+    for where in (root.processed, root.failed):
+        for folder in where.iterdir():
+            for name in os.listdir(folder):
+                if name.endswith(".csv"):
+                    places[name] += 1
+    assert places == Counter({f"{s}.csv": 1 for s in stems})
+    assert root.inputs_everywhere() == sorted(f"{s}.csv" for s in stems)
+    successes = {p.name for p in root.processed.iterdir() if not (p / "duplicate.json").exists()}
+    assert {p.name for p in root.outputs.iterdir()} == successes
+    for job_id in successes:
+        assert sorted(os.listdir(root.outputs / job_id)) == MODEL_SET_OUTPUTS
+    assert leftovers(root.path) == []
+    assert os.listdir(root.inbox / ".work") == []
+
+
+def test_sigterm_during_work_exits_0_and_once_drains_the_rest(root, start_daemon):
+    """SIGTERM while jobs run exits 0 leaving every input in one place; --once then drains and exits."""
+    root.write_config(watch={"workers": 1})
+    stems = [f"job{i:02d}" for i in range(8)]
+    for i, stem in enumerate(stems):
+        root.drop_dataset(stem, rows=600, seed=100 + i)
+    d = start_daemon()
+    d.wait_event("job_started")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert d.events("daemon_stopped")[-1]["exit_code"] == 0
+    assert Counter(root.inputs_everywhere()) == Counter(f"{s}.csv" for s in stems)
+    once = start_daemon("--once", log_name="daemon-once.log")
+    assert once.wait_exit(timeout=120) == 0
+    assert once.events("daemon_stopped")[-1]["reason"] == "drained"
+    _check_invariants(root, stems)
+    assert sorted(x["status"] for x in d.events("job_finished") + once.events("job_finished")).count("succeeded") == 8
+    assert MARKER not in all_log_text(root)
+
+
+def test_sighup_reloads_the_configuration(root, start_daemon):
+    """After SIGHUP new jobs use the reloaded defaults."""
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    root.write_config(defaults={"topics": "influenza"})
+    d.signal(signal.SIGHUP)
+    d.wait_event("config_reloaded")
+    root.drop_dataset("flu")
+    wait_for(lambda: root.job_folders(root.processed, "flu"), timeout=20, message="processed")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    [done] = root.job_folders(root.processed, "flu")
+    meta = json.loads((root.outputs / done.name / "fine_tuning_metadata.json").read_text())
+    assert meta["parameters"]["topics"] == "influenza"
+
+
+def test_config_error_exits_78(root):
+    """An invalid configuration makes `watch` exit 78 (the unit does not restart on it)."""
+    root.config.write_text("watch:\n  workers: 0\n")
+    proc = subprocess.run([sys.executable, "-m", "daemon", "watch", "--config", str(root.config),
+                           "--root", str(root.path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 78
+    assert "watch.workers: must be at least 1" in proc.stderr
+
+
+def test_sd_notify_ready_status_watchdog_stopping(root, start_daemon, tmp_path):
+    """READY=1, STATUS=, WATCHDOG=1 and STOPPING=1 arrive on a real AF_UNIX datagram socket."""
+    path = str(tmp_path / "notify.sock")
+    received: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        server.setblocking(False)
+
+        def drain() -> list[str]:
+            while True:
+                try:
+                    received.append(server.recv(4096).decode())
+                except BlockingIOError:
+                    return received
+
+        d = start_daemon(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+        wait_for(lambda: any(m.startswith("READY=1") for m in drain()), timeout=20, message="READY=1")
+        wait_for(lambda: sum(m == "WATCHDOG=1" for m in drain()) >= 3, timeout=10, message="3 watchdog pings")
+        root.drop_dataset("notified")
+        wait_for(lambda: root.job_folders(root.processed, "notified"), timeout=20, message="processed")
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit() == 0
+        drain()
+    assert received.index("STOPPING=1") > 0
+    statuses = [m for m in received if m.startswith("STATUS=")]
+    assert "STATUS=queued 0, running 1, waiting 0" in statuses
+    assert statuses[-1] == "STATUS=queued 0, running 0, waiting 0"
+
+
+def test_two_daemons_on_one_inbox_never_process_a_job_twice(root, start_daemon):
+    """Two daemons sharing an inbox process each of 30 drops exactly once."""
+    a, b = start_daemon(log_name="daemon-a.log"), start_daemon(log_name="daemon-b.log")
+    a.wait_event("daemon_ready")
+    b.wait_event("daemon_ready")
+    stems = [f"shared{i:02d}" for i in range(30)]
+    for i, stem in enumerate(stems):
+        root.drop_dataset(stem, seed=200 + i)
+    wait_for(lambda: len(root.folders(root.processed)) == 30, timeout=60, message="30 processed")
+    for d in (a, b):
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit() == 0
+    started = [x["job_id"] for d in (a, b) for x in d.events("job_started")]
+    assert sorted(started) == sorted(set(started)) and len(started) == 30
+    _check_invariants(root, stems)
+
+
+def test_kill_9_during_a_burst_loses_and_doubles_nothing(root, start_daemon):
+    """kill -9 at random moments during 100 jobs, restarts: each input ends in one place, outputs whole."""
+    rng = random.Random(1234)
+    stems = [f"burst{i:03d}" for i in range(100)]
+    for i, stem in enumerate(stems):
+        root.drop_dataset(stem, seed=1000 + i)
+    finished_before = 0
+    for round_no in range(4):
+        d = start_daemon(log_name=f"daemon-{round_no}.log")
+        target = finished_before + rng.randint(1, 20)
+        d.wait_event("daemon_ready", timeout=30)
+        wait_for(lambda: len(d.events("job_finished")) + finished_before >= target
+                 or len(root.folders(root.processed)) + len(root.folders(root.failed)) >= 100,
+                 timeout=60, message="some progress")
+        finished_before += len(d.events("job_finished"))
+        os.killpg(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(timeout=10)
+    final = start_daemon("--once", log_name="daemon-final.log")
+    assert final.wait_exit(timeout=120) == 0
+    _check_invariants(root, stems)
+    assert MARKER not in all_log_text(root)
