@@ -497,7 +497,8 @@ def load_mapping(path: str | os.PathLike) -> RatingMapping:
         try:
             obj = yaml.safe_load(text)
         except yaml.constructor.ConstructorError as exc:
-            tag = f" ({exc.problem.split('tag')[-1].strip()})" if exc.problem and "tag" in exc.problem else ""
+            m = re.search(r"tag '([^']+)'", exc.problem or "")
+            tag = f" ({m.group(1).replace('tag:yaml.org,2002:', '!!')})" if m else ""
             raise MappingError(f"the YAML uses a tag{tag}, which is not allowed in a mapping file",
                                file=name, hint="write plain YAML: labels as keys, integer ratings as values, "
                                                "no '!!' or '!' tags") from None

@@ -1,0 +1,383 @@
+"""Tests for daemon/dataset.py: reading CSVs and mappings, validation, the bad-input corpus."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from daemon.dataset import (
+    Dataset,
+    RatingMapping,
+    infer_mapping,
+    load_dataset,
+    load_mapping,
+    mapping_from_object,
+    read_csv,
+    sibling_mapping,
+    validate_frame,
+)
+from daemon.errors import (
+    DatasetError,
+    DatasetFormatError,
+    MappingError,
+    MissingColumnError,
+    UnmappedRatingError,
+)
+from daemon.synthetic import MAPPING, synthetic_rows
+from tests.corpus import MARKER, write_bad_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CORPUS_NAMES = [
+    "empty-file", "header-only", "binary-junk", "wrong-delimiter", "missing-columns", "non-numeric-ratings",
+    "unmapped-ratings", "invalid-json-mapping", "invalid-yaml-mapping", "yaml-tags", "non-integer-mapping",
+    "empty-mapping", "reversed-mapping", "no-mapping", "not-utf8-or-cp1252", "utf16", "unclosed-quote",
+    "extra-fields", "no-usable-rows", "inferred-conflict", "wide-header", "huge-cell",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    return {case.name: case for case in write_bad_inputs(tmp_path_factory.mktemp("corpus"))}
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+# --- the bad-input corpus ----------------------------------------------------------------------
+
+def test_corpus_lists_every_case(corpus):
+    """write_bad_inputs produces exactly the cases this file checks, with distinct file names."""
+    assert sorted(corpus) == sorted(CORPUS_NAMES)
+    names = [c.csv.name for c in corpus.values()] + [c.mapping.name for c in corpus.values() if c.mapping]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("name", CORPUS_NAMES)
+def test_corpus_case_fails_with_its_error(corpus, name):
+    """Each bad input raises exactly its DatasetError subclass with its fragment and no cell value."""
+    case = corpus[name]
+    with pytest.raises(DatasetError) as info:
+        load_dataset(case.csv, case.mapping)
+    exc = info.value
+    assert type(exc) is case.error
+    assert case.fragment in str(exc)
+    assert MARKER not in str(exc)
+    assert MARKER not in json.dumps(exc.to_dict())
+    assert exc.file in {case.csv.name, case.mapping.name if case.mapping else None}
+
+
+def test_huge_cell_and_wide_header_fail_with_bounded_memory(corpus):
+    """A 50 MB cell and a 100k-column header fail while peak RSS grows by less than 40 MiB."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import pandas, numpy, yaml
+        from daemon.dataset import load_dataset
+        from daemon.errors import DatasetFormatError
+        def kib(key):
+            for line in open('/proc/self/status'):
+                if line.startswith(key + ':'):
+                    return int(line.split()[1])
+        before = kib('VmRSS')
+        for csv_path, mapping in {[(str(corpus[n].csv), str(corpus[n].mapping)) for n in ("huge-cell", "wide-header")]!r}:
+            try:
+                load_dataset(csv_path, mapping)
+            except DatasetFormatError:
+                pass
+            else:
+                raise SystemExit('no error')
+        print(kib('VmHWM') - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    grown_kib = int(out.stdout.strip())
+    assert grown_kib < 40 * 1024, grown_kib
+
+
+# --- reading good files ------------------------------------------------------------------------
+
+def test_synthetic_dataset_loads_with_exact_counts(synthetic_csv):
+    """A generated dataset loads with every row, its label counts, columns, encoding and hash."""
+    path = synthetic_csv(rows=120)
+    ds = load_dataset(path, mapping=MAPPING)
+    expected = [row for row in synthetic_rows(120)]
+    assert ds.rows_read == 120
+    assert ds.rows_used == 120
+    assert ds.dropped == {"empty_prompt": 0, "empty_rating": 0}
+    counts: dict[int, int] = {}
+    for row in expected:
+        counts[int(row[3])] = counts.get(int(row[3]), 0) + 1
+    assert ds.label_distribution == dict(sorted(counts.items()))
+    assert ds.columns == {"prompt": "formatted_prompt", "rating": "Standardized_Rating",
+                          "rationale": "Rationale of Rating", "id": "Row_ID"}
+    assert ds.frame["prompt"].tolist() == [row[1] for row in expected]
+    assert ds.frame["rating"].tolist() == [int(row[3]) for row in expected]
+    assert ds.frame["rationale"].tolist() == [row[4] for row in expected]
+    assert ds.frame["row_id"].tolist() == [row[0] for row in expected]
+    assert ds.frame["source_row"].tolist() == list(range(1, 121))
+    assert ds.frame.index.tolist() == list(range(120))
+    assert ds.read_info.encoding == "utf-8"
+    assert ds.read_info.delimiter == ","
+    assert ds.read_info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert ds.read_info.size_bytes == path.stat().st_size
+    assert ds.source == "visits.csv"
+    assert ds.warnings == []
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_other_delimiters_are_detected(synthetic_csv, delimiter):
+    """Semicolon, tab and pipe separated files load like comma separated ones."""
+    ds = load_dataset(synthetic_csv(rows=30, delimiter=delimiter), mapping=MAPPING)
+    assert ds.read_info.delimiter == delimiter
+    assert ds.rows_used == 30
+    assert ds.frame["prompt"].tolist() == [row[1] for row in synthetic_rows(30)]
+
+
+def test_semicolon_file_with_commas_in_prompts(tmp_path):
+    """A ';' file whose prompts are full of commas is read with ';' (the header decides)."""
+    lines = ["formatted_prompt;Standardized_Rating"] + [f"cough, fever, chills, day {i};1" for i in range(20)]
+    ds = load_dataset(write(tmp_path / "semi.csv", "\n".join(lines) + "\n"), mapping=MAPPING)
+    assert ds.read_info.delimiter == ";"
+    assert ds.frame["prompt"].tolist() == [f"cough, fever, chills, day {i}" for i in range(20)]
+
+
+def test_utf8_bom_is_read(tmp_path):
+    """A UTF-8 file with a BOM is read as utf-8-sig and its first column name is clean."""
+    path = write(tmp_path / "bom.csv", "formatted_prompt,Standardized_Rating\nfièvre,1\n", "utf-8-sig")
+    ds = load_dataset(path, mapping=MAPPING)
+    assert ds.read_info.encoding == "utf-8-sig"
+    assert ds.columns["prompt"] == "formatted_prompt"
+    assert ds.frame["prompt"].tolist() == ["fièvre"]
+
+
+def test_cp1252_falls_back_with_a_warning(tmp_path):
+    """A cp1252 file is read as cp1252 and the dataset carries a warning saying so."""
+    path = write(tmp_path / "win.csv", "formatted_prompt,Standardized_Rating\n“fièvre” – 38°,1\n", "cp1252")
+    ds = load_dataset(path, mapping=MAPPING)
+    assert ds.read_info.encoding == "cp1252"
+    assert ds.frame["prompt"].tolist() == ["“fièvre” – 38°"]
+    assert ds.warnings == ["the file is not valid UTF-8; it was read as cp1252 (Windows-1252): "
+                           "save it as UTF-8 to be sure every character is right"]
+
+
+def test_rating_spellings_are_accepted(tmp_path):
+    """Ratings written 1, 1.0, ' 1 ', -1 and +0 all parse to integers."""
+    text = "Prompt,Standardized_Rating\na,1\nb,1.0\nc, 1 \nd,-1\ne,+0\n"
+    ds = load_dataset(write(tmp_path / "r.csv", text), mapping=MAPPING)
+    assert ds.frame["rating"].tolist() == [1, 1, 1, -1, 0]
+    assert str(ds.frame["rating"].dtype) == "int64"
+    assert ds.columns["prompt"] == "Prompt"
+
+
+def test_formatted_prompt_wins_over_prompt(tmp_path):
+    """With both prompt columns present, formatted_prompt is used; alternative names are found."""
+    text = "C_BioSense_ID,Prompt,formatted_prompt,Standardized_Rating,Rationale_of_Rating\nB1,short,long one,1,why\n"
+    ds = load_dataset(write(tmp_path / "both.csv", text), mapping=MAPPING)
+    assert ds.columns == {"prompt": "formatted_prompt", "rating": "Standardized_Rating",
+                          "rationale": "Rationale_of_Rating", "id": "C_BioSense_ID"}
+    assert ds.frame["prompt"].tolist() == ["long one"]
+    assert ds.frame["rationale"].tolist() == ["why"]
+    assert ds.frame["row_id"].tolist() == ["B1"]
+
+
+def test_empty_prompts_and_ratings_are_dropped_and_counted(tmp_path):
+    """Rows with an empty prompt or rating are dropped, counted by reason and warned about."""
+    text = ("formatted_prompt,Standardized_Rating\n"
+            "a,1\n  ,1\n,0\nb,\nc,  \nd,0\n")
+    ds = load_dataset(write(tmp_path / "drops.csv", text), mapping=MAPPING)
+    assert ds.rows_read == 6
+    assert ds.rows_used == 2
+    assert ds.dropped == {"empty_prompt": 2, "empty_rating": 2}
+    assert ds.frame["prompt"].tolist() == ["a", "d"]
+    assert ds.frame["source_row"].tolist() == [1, 6]
+    assert ds.warnings == ["dropped 2 row(s) with an empty prompt", "dropped 2 row(s) with an empty rating"]
+    assert ds.has_rationale is False
+    assert ds.frame["rationale"].tolist() == ["", ""]
+
+
+def test_conflicting_duplicates_are_counted(tmp_path):
+    """Prompts repeated with different ratings are counted once each; agreeing repeats are not."""
+    text = "formatted_prompt,Standardized_Rating\nx,1\nx,0\ny,1\ny,1\nz,-1\nz,0\nz,1\n"
+    ds = load_dataset(write(tmp_path / "dup.csv", text), mapping=MAPPING)
+    assert ds.conflicting_duplicates == 2
+    assert ds.warnings == ["2 prompt(s) appear more than once with different ratings; check those rows before training"]
+
+
+def test_summary_is_json_ready(synthetic_csv, tmp_path):
+    """summary() survives a JSON round trip unchanged and holds counts, columns, hashes, mapping source."""
+    path = synthetic_csv(rows=12)
+    mapping_path = tmp_path / "visits.mapping.json"
+    mapping_path.write_text(json.dumps(MAPPING))
+    ds = load_dataset(path, mapping_path)
+    summary = ds.summary()
+    assert json.loads(json.dumps(summary)) == summary
+    distribution = {str(k): v for k, v in ds.label_distribution.items()}
+    assert summary == {
+        "source": "visits.csv", "rows_read": 12, "rows_used": 12,
+        "dropped": {"empty_prompt": 0, "empty_rating": 0}, "label_distribution": distribution,
+        "conflicting_duplicates": ds.conflicting_duplicates, "warnings": [],
+        "columns": {"prompt": "formatted_prompt", "rating": "Standardized_Rating",
+                    "rationale": "Rationale of Rating", "id": "Row_ID"},
+        "encoding": "utf-8", "delimiter": ",", "size_bytes": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "mapping": {"source": "file:visits.mapping.json", "inferred": False,
+                    "sha256": hashlib.sha256(mapping_path.read_bytes()).hexdigest(), "labels": MAPPING},
+    }
+
+
+def test_multiline_cell_over_limit_is_found_after_parsing(tmp_path):
+    """A cell spread over short lines but over max_cell_bytes fails naming its row and column."""
+    cell = "\n".join([f"{MARKER} line"] * 20)
+    text = f'formatted_prompt,Standardized_Rating\nok,1\n"{cell}",1\n'
+    with pytest.raises(DatasetFormatError) as info:
+        read_csv(write(tmp_path / "ml.csv", text), max_cell_bytes=200)
+    assert str(info.value).startswith("ml.csv, column 'formatted_prompt', row 2: a cell is larger than the limit")
+    assert MARKER not in str(info.value)
+
+
+def test_huge_cell_in_a_later_column_is_located(tmp_path):
+    """A single-line oversized cell is reported with its own row and column, quotes and commas included."""
+    text = 'formatted_prompt,Standardized_Rating,Rationale of Rating\n"a, ""b""",1,ok\nc,1,' + "x" * 500 + "\n"
+    with pytest.raises(DatasetFormatError) as info:
+        read_csv(write(tmp_path / "late.csv", text), max_cell_bytes=100)
+    assert (info.value.row, info.value.column) == (2, "Rationale of Rating")
+
+
+def test_missing_file_is_a_dataset_error(tmp_path):
+    """A path that does not exist gives a DatasetError, not FileNotFoundError."""
+    with pytest.raises(DatasetError) as info:
+        load_dataset(tmp_path / "nope.csv", mapping=MAPPING)
+    assert str(info.value) == "nope.csv: the file does not exist (check the path and try again)"
+
+
+def test_missing_prompt_column_suggests_case_insensitive_match(tmp_path):
+    """A differently-cased prompt column is suggested by its real name."""
+    with pytest.raises(MissingColumnError) as info:
+        load_dataset(write(tmp_path / "c.csv", "FORMATTED_PROMPT,Standardized_Rating\na,1\n"), mapping=MAPPING)
+    assert "missing required column 'formatted_prompt' or 'Prompt' (closest column: 'FORMATTED_PROMPT')" \
+        in str(info.value)
+    assert info.value.column == "formatted_prompt"
+
+
+# --- mappings ----------------------------------------------------------------------------------
+
+def test_flat_json_mapping(tmp_path):
+    """A flat JSON mapping keeps its labels in order, with its source and hash."""
+    path = tmp_path / "m.json"
+    path.write_text('{"Match": 1, "Probable": 1, "Does Not Match": 0, "Unknown": -1.0}')
+    m = load_mapping(path)
+    assert m.labels == {"Match": 1, "Probable": 1, "Does Not Match": 0, "Unknown": -1}
+    assert list(m.labels) == ["Match", "Probable", "Does Not Match", "Unknown"]
+    assert m.values == [-1, 0, 1]
+    assert m.labels_for(1) == ["Match", "Probable"]
+    assert m.source == "file:m.json"
+    assert m.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert m.inferred is False
+
+
+def test_schema_mapper_yaml_mapping(tmp_path):
+    """Schema-mapper metadata in YAML gives the labels under 'schema'."""
+    path = tmp_path / "m.yaml"
+    path.write_text("schema:\n  Match: 1\n  Does Not Match: 0\noriginal_values: [Match, Does Not Match]\n"
+                    "created_by: schema-mapper\n")
+    assert load_mapping(path).labels == {"Match": 1, "Does Not Match": 0}
+
+
+def test_yaml_yes_no_labels_are_rejected(tmp_path):
+    """Unquoted yes/no labels (booleans in YAML) are a MappingError telling to quote them."""
+    path = tmp_path / "m.yml"
+    path.write_text("yes: 1\nno: 0\n")
+    with pytest.raises(MappingError) as info:
+        load_mapping(path)
+    assert "a label is a yes/no/on/off word read as a boolean, not text" in str(info.value)
+    assert "quote labels in YAML" in str(info.value)
+
+
+def test_mapping_file_extension_is_checked(tmp_path):
+    """A mapping file that is neither JSON nor YAML by extension is refused."""
+    path = tmp_path / "m.txt"
+    path.write_text('{"Match": 1}')
+    with pytest.raises(MappingError) as info:
+        load_mapping(path)
+    assert info.value.message == "m.txt: unsupported mapping file type '.txt'; use .json, .yaml or .yml"
+
+
+def test_mapping_from_object_rejects_bool_and_string_values():
+    """In-memory mappings follow the same rules: bools and strings are not ratings."""
+    with pytest.raises(MappingError) as info:
+        mapping_from_object({"Match": True, "No": "0"})
+    assert "label 'Match' has a bool value" in str(info.value)
+    assert "label 'No' has a str value" in str(info.value)
+    assert mapping_from_object({"Match": 1.0}).labels == {"Match": 1}
+
+
+def test_mapping_is_inferred_from_expert_rating(synthetic_csv):
+    """Without a mapping, Expert Rating + Standardized_Rating pairs give it, marked inferred."""
+    ds = load_dataset(synthetic_csv(rows=60))
+    assert ds.mapping.inferred is True
+    assert ds.mapping.source == "inferred from 'Expert Rating'"
+    assert dict(sorted(ds.mapping.labels.items())) == dict(sorted(MAPPING.items()))
+    assert ds.summary()["mapping"]["inferred"] is True
+
+
+def test_infer_mapping_ignores_rows_without_label_or_rating():
+    """Rows with an empty label or rating do not take part in inference."""
+    df = pd.DataFrame({"Expert Rating": ["Match", "", "No", "No"], "Standardized_Rating": ["1", "0", "", "0"]})
+    assert infer_mapping(df).labels == {"Match": 1, "No": 0}
+
+
+def test_sibling_mapping_is_found(tmp_path):
+    """sibling_mapping finds <stem>.mapping.yaml next to a CSV, and None when there is none."""
+    csv_path = tmp_path / "visits.csv"
+    csv_path.write_text("x\n")
+    assert sibling_mapping(csv_path) is None
+    (tmp_path / "visits.mapping.yaml").write_text("Match: 1\n")
+    assert sibling_mapping(csv_path) == tmp_path / "visits.mapping.yaml"
+
+
+# --- in-memory frames (the FineTuner API) ------------------------------------------------------
+
+def test_validate_frame_accepts_numeric_and_missing_values():
+    """A DataFrame with int/float ratings and NaN cells validates; NaN counts as empty, never -1."""
+    df = pd.DataFrame({
+        "formatted_prompt": ["a", "b", None, "d", "e"],
+        "Standardized_Rating": [1.0, np.nan, 0.0, -1.0, 0.0],
+        "Rationale of Rating": ["why", np.nan, "x", None, "because"],
+    })
+    ds = validate_frame(df, {"Match": 1, "No": 0, "Unknown": -1})
+    assert isinstance(ds, Dataset)
+    assert ds.frame["prompt"].tolist() == ["a", "d", "e"]
+    assert ds.frame["rating"].tolist() == [1, -1, 0]
+    assert ds.frame["rationale"].tolist() == ["why", "", "because"]
+    assert ds.dropped == {"empty_prompt": 1, "empty_rating": 1}
+    assert ds.source == "<dataframe>"
+    assert ds.read_info is None
+    assert ds.mapping == RatingMapping({"Match": 1, "No": 0, "Unknown": -1}, "object")
+
+
+def test_validate_frame_unmapped_rating_from_dict_mapping():
+    """A rating absent from a dict mapping is an UnmappedRatingError naming the value and count."""
+    df = pd.DataFrame({"Prompt": ["a", "b", "c"], "Standardized_Rating": [1, 2, 2]})
+    with pytest.raises(UnmappedRatingError) as info:
+        validate_frame(df, {"Match": 1})
+    assert info.value.message == ("<dataframe>, column 'Standardized_Rating': ratings not in the rating "
+                                  "mapping (object): 2 (2 rows)")
+
+
+def test_read_csv_keeps_every_column_as_text(tmp_path):
+    """read_csv returns all columns as strings, short rows padded with '' and names stripped."""
+    df, info = read_csv(write(tmp_path / "t.csv", " formatted_prompt , Standardized_Rating,extra\na,1,NA\nb,2\n"))
+    assert list(df.columns) == ["formatted_prompt", "Standardized_Rating", "extra"]
+    assert df.to_numpy().tolist() == [["a", "1", "NA"], ["b", "2", ""]]
+    assert (info.file, info.delimiter, info.encoding, info.warnings) == ("t.csv", ",", "utf-8", ())
+
