@@ -43,8 +43,12 @@ if TYPE_CHECKING:
 
 CHUNK_ROWS = 4096  # lines per chunk: large enough to amortise writes, small enough to bound memory
 
-# The same encoder json.dumps(..., ensure_ascii=False) uses for a str, without its per-call set-up.
-_encode = json.JSONEncoder(ensure_ascii=False).encode
+# The C string encoder json.dumps(..., ensure_ascii=False) itself uses for a str; called directly it
+# skips json.dumps' per-call encoder set-up, which is most of the cost for short strings.
+_encode = json.encoder.encode_basestring
+# Answers are pre-encoded once per distinct (rating, rationale) when rows share few of them
+# (templated or empty rationales); below this share of distinct pairs the table pays for itself.
+_ANSWER_TABLE_SHARE = 0.25
 
 
 def chat_record(system: str, prompt: str, rating: int, rationale: str | None) -> dict:
@@ -109,13 +113,28 @@ def jsonl_chunks(ds: Dataset, positions: Sequence[int] | np.ndarray, system: str
     middle = '}, {"role": "assistant", "content": '
     tail = "}]}\n"
     encode = _encode
+    table = _answer_table(rating_col[positions], rationale_col[positions])
     for start in range(0, len(positions), CHUNK_ROWS):
         block = positions[start:start + CHUNK_ROWS]
-        prompts = prompt_col[block].tolist()
-        ratings = rating_col[block].tolist()
-        rationales = rationale_col[block].tolist()
-        answers = [f'{{"rating": {r}, "rationale": {encode(x)}}}' for r, x in zip(ratings, rationales)]
-        yield "".join([f"{head}{encode(p)}{middle}{encode(a)}{tail}" for p, a in zip(prompts, answers)])
+        prompts = map(encode, prompt_col[block].tolist())
+        if table is not None:
+            answers = map(table.__getitem__, zip(rating_col[block].tolist(), rationale_col[block].tolist()))
+        else:
+            answers = map(_encoded_answer, rating_col[block].tolist(), rationale_col[block].tolist())
+        yield "".join([f"{head}{p}{middle}{a}{tail}" for p, a in zip(prompts, answers)])
+
+
+def _encoded_answer(rating: int, rationale: str) -> str:
+    """``prompts.answer_json(rating, rationale)`` as a JSON string literal."""
+    return _encode(f'{{"rating": {rating}, "rationale": {_encode(rationale)}}}')
+
+
+def _answer_table(ratings: np.ndarray, rationales: np.ndarray) -> dict[tuple[int, str], str] | None:
+    """Encoded answers by (rating, rationale) when few distinct pairs exist, else None."""
+    pairs = set(zip(ratings.tolist(), rationales.tolist()))
+    if len(pairs) > _ANSWER_TABLE_SHARE * len(ratings):
+        return None
+    return {pair: _encoded_answer(*pair) for pair in pairs}
 
 
 def training_config(*, base_model: str, dataset_path: str, validation_path: str | None, output_dir: str,

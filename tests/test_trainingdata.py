@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 
 from daemon import fsutil, prompts
@@ -52,11 +53,14 @@ def test_chat_records_one_per_row_in_order():
     assert records == [chat_record(SYSTEM, f"visit {i}", (1, 0, -1)[i % 3], f"why {i}") for i in range(4)]
 
 
-def test_jsonl_lines_equal_json_dumps_of_records_even_for_tricky_text():
-    """Every JSONL line is exactly json.dumps(chat_record(...), ensure_ascii=False), across chunks."""
+@pytest.mark.parametrize("shared_rationales", [True, False])
+def test_jsonl_lines_equal_json_dumps_of_records_even_for_tricky_text(shared_rationales):
+    """Every JSONL line is exactly json.dumps(chat_record(...), ensure_ascii=False), across chunks,
+    whether rationales repeat (pre-encoded answers) or are all distinct."""
     n = CHUNK_ROWS + 7
     ds = frame_dataset(n, prompt=lambda i: f"{TRICKY[i % len(TRICKY)]} #{i}",
-                       rationale=lambda i: TRICKY[(i + 3) % len(TRICKY)])
+                       rationale=(lambda i: TRICKY[(i + 3) % len(TRICKY)]) if shared_rationales
+                       else (lambda i: f"{TRICKY[(i + 3) % len(TRICKY)]} {i}"))
     positions = np.arange(n)
     chunks = list(jsonl_chunks(ds, positions, SYSTEM))
     assert len(chunks) == 2
