@@ -246,7 +246,7 @@ class Journal:
     def jobs(self, states: Sequence[str], *, limit: int | None = None) -> list[JobRecord]:
         """Jobs in ``states``, most recently updated first."""
         marks = ",".join("?" * len(states))
-        sql = f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY updated_at DESC, id"
+        sql = f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY updated_at DESC, rowid DESC"
         params: list[Any] = list(states)
         if limit is not None:
             sql += " LIMIT ?"
