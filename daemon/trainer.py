@@ -85,11 +85,35 @@ def read_records(path: str | None) -> list[list[dict]]:
     return out
 
 
+def merge_system(messages: list[dict]) -> list[dict]:
+    """The system turn folded into the first user turn, for templates without a system role (Gemma)."""
+    if not messages or messages[0].get("role") != "system":
+        return messages
+    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    for m in rest:
+        if m.get("role") == "user":
+            m["content"] = f"{system}\n\n{m['content']}"
+            break
+    return rest
+
+
+def render(tokenizer: Any, messages: list[dict], *, prompt_only: bool) -> str:
+    """The chat template applied; a template that rejects the system role gets it merged instead."""
+    convo = messages[:-1] if prompt_only else messages
+    try:
+        return tokenizer.apply_chat_template(convo, add_generation_prompt=prompt_only, tokenize=False)
+    except Exception as exc:  # jinja raise_exception(): the template's own refusal
+        if messages[0].get("role") != "system" or "system" not in str(exc).lower():
+            raise
+    convo = merge_system(convo)
+    return tokenizer.apply_chat_template(convo, add_generation_prompt=prompt_only, tokenize=False)
+
+
 def encode_example(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of the whole conversation and labels that are -100 except on the assistant answer
     (and whatever the template puts after it, e.g. the end-of-turn token)."""
-    prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt_text = render(tokenizer, messages, prompt_only=True)
+    full_text = render(tokenizer, messages, prompt_only=False)
     if not full_text.startswith(prompt_text):
         raise TrainerExit(EXIT_DATA, "the chat template does not render the prompt as a prefix of the "
                                      "conversation; the answer cannot be masked with this tokenizer")
@@ -222,6 +246,9 @@ def evaluate(model: Any, examples: list, batch_size: int, pad_id: int, device: s
 
 
 def train(spec: dict, started: float) -> dict:
+    # Malformed data fails in a fraction of a second, before the slow imports.
+    train_rows = read_records(spec["train_path"])
+    val_rows = read_records(spec.get("validation_path"))
     import torch
     from transformers import AutoTokenizer
 
@@ -238,8 +265,8 @@ def train(spec: dict, started: float) -> dict:
         raise TrainerExit(EXIT_SPEC, "the base tokenizer has no chat template; use instruct/chat weights")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seq_len = int(spec["sequence_len"])
-    train_ex, dropped = encode_rows(tokenizer, read_records(spec["train_path"]), seq_len)
-    val_ex, val_dropped = encode_rows(tokenizer, read_records(spec.get("validation_path")), seq_len)
+    train_ex, dropped = encode_rows(tokenizer, train_rows, seq_len)
+    val_ex, val_dropped = encode_rows(tokenizer, val_rows, seq_len)
     if dropped or val_dropped:
         _say(f"warning: {len(dropped)} training and {len(val_dropped)} validation rows are longer than "
              f"sequence_len={seq_len} tokens and were dropped (training rows {dropped[:20]})")

@@ -443,3 +443,42 @@ class TestWeightsChecks:
             ("base_weights", False, True), ("weights_architecture", False, True), ("chat_template", False, True)]
         assert report.checks[0].detail == ("no Hugging Face weights are known for phi3:mini: add "
                                            "`phi3:mini: <weights dir or HF repo id>` under base_models: in the config")
+
+
+def test_malformed_training_data_exits_3_without_cell_text(tmp_path, tiny_base_models):
+    """A JSONL line that is not a chat record makes the child exit 3, naming the line, not its text."""
+    job = write_job(tmp_path / "job")
+    with open(job / "training_data.jsonl", "a") as fh:
+        fh.write(json.dumps({"text": f"{MARKER} free text"}) + "\n")
+    with pytest.raises(TrainingFailedError) as info:
+        run_training(job, base=tiny_base(tiny_base_models), training=TrainingConfig())
+    assert info.value.exit_code == 3
+    stderr = (job / "trainer_stderr.log").read_text()
+    assert stderr == (f'trainer: training_data.jsonl line {TRAIN_ROWS + OVERLONG_ROWS + 1} is not a '
+                      '{"messages": [...]} record\n')
+    assert MARKER not in stderr + str(info.value)
+
+
+def test_template_without_system_role_gets_it_merged(tiny_model_dir):
+    """A chat template that refuses the system role (as Gemma's does) trains with it merged into the
+    user turn; the labels are still exactly the answer and the end token."""
+    from transformers import AutoTokenizer
+
+    from daemon.trainer import encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    answer = answer_json(0, "No respiratory signs.")
+    ids, labels = encode_example(tokenizer, [{"role": "system", "content": "Rate it."},
+                                             {"role": "user", "content": "Visit: ankle sprain."},
+                                             {"role": "assistant", "content": answer}])
+    assert tokenizer.decode(ids) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+                                     "Rate it.\n\nVisit: ankle sprain.<|eot_id|>"
+                                     "<|start_header_id|>assistant<|end_header_id|>\n\n"
+                                     f"{answer}<|eot_id|>")
+    assert tokenizer.decode([t for t in labels if t != -100]) == answer + "<|eot_id|>"
