@@ -33,7 +33,9 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -689,17 +691,19 @@ def _resolve_columns(df: pd.DataFrame, source: str) -> dict[str, str]:
 
 
 def _conflicting_duplicates(prompts: np.ndarray, ratings: np.ndarray) -> int:
-    """How many distinct prompts appear with more than one rating.
-
-    A prompt has conflicting ratings exactly when some row's rating differs from the last rating
-    seen for that prompt, so one dict built in C (last one wins) and one lookup pass decide it."""
+    """How many distinct prompts appear with more than one rating. Set operations only (C speed):
+    one set of all prompts; one per rating only when some prompt repeats; a count only when the
+    per-rating sets overlap."""
     import numpy as np
 
-    last = dict(zip(prompts.tolist(), ratings.tolist()))
-    if len(last) == len(prompts):  # every prompt distinct: the common case
+    distinct = set(prompts.tolist())
+    if len(distinct) == len(prompts):  # every prompt distinct: the common case
         return 0
-    differs = np.fromiter(map(last.__getitem__, prompts), dtype=np.int64, count=len(prompts)) != ratings
-    return len(set(prompts[differs]))
+    per_rating = [set(prompts[ratings == value].tolist()) for value in np.unique(ratings)]
+    if sum(map(len, per_rating)) == len(distinct):
+        return 0
+    counts = Counter(chain.from_iterable(per_rating))
+    return sum(1 for n in counts.values() if n > 1)
 
 
 def _stripped(values: np.ndarray) -> np.ndarray:
