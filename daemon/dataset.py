@@ -318,12 +318,12 @@ def _foreign_delimiter(header: str, chosen: str) -> str | None:
     return None
 
 
-def _first_oversized_cell(path: Path, delimiter: str, encoding: str, limit: int) -> tuple[int, int, int] | None:
+def _first_oversized_cell(path: Path, delimiter: str, limit: int) -> tuple[int, int, int] | None:
     """(data row number, 0-based field index, bytes seen) of the first cell over ``limit`` bytes,
     scanning quote-aware in 1 MiB chunks (memory stays bounded); None when every cell fits.
 
     Only called when some physical line is longer than the limit, which is rare."""
-    delim = delimiter.encode(encoding)
+    delim = delimiter.encode("ascii")  # every accepted delimiter is ASCII, in cp1252 and UTF-8 alike
     token = re.compile(b"[" + re.escape(delim) + b'"\n]')
     record = field_index = field_len = 0
     in_quotes = False
@@ -398,7 +398,7 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
             file=name, hint="save the file as comma-separated CSV (or with ';', tab or '|') and drop it again")
 
     if scan.long_line:
-        big = _first_oversized_cell(path, delimiter, encoding, max_cell_bytes)
+        big = _first_oversized_cell(path, delimiter, max_cell_bytes)
         if big is not None:
             record, index, _ = big
             fields = _header_fields(header, delimiter)

@@ -27,6 +27,7 @@ from daemon.dataset import (
 from daemon.errors import (
     DatasetError,
     DatasetFormatError,
+    EmptyDatasetError,
     MappingError,
     MissingColumnError,
     UnmappedRatingError,
@@ -245,12 +246,32 @@ def test_multiline_cell_over_limit_is_found_after_parsing(tmp_path):
     assert MARKER not in str(info.value)
 
 
-def test_huge_cell_in_a_later_column_is_located(tmp_path):
-    """A single-line oversized cell is reported with its own row and column, quotes and commas included."""
-    text = 'formatted_prompt,Standardized_Rating,Rationale of Rating\n"a, ""b""",1,ok\nc,1,' + "x" * 500 + "\n"
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "cp1252"])
+@pytest.mark.parametrize("delimiter", [",", "\t"])
+def test_huge_cell_in_a_later_column_is_located(tmp_path, encoding, delimiter):
+    """A single-line oversized cell is reported with its own row and column, quoted delimiters,
+    multi-line cells and a BOM before it notwithstanding."""
+    d = delimiter
+    text = (f'formatted_prompt{d}Standardized_Rating{d}Rationale of Rating\r\n"a{d} ""b""\r\nc"{d}1{d}ok\r\n'
+            f"c{d}1{d}" + "é" * 500 + "\r\n")
     with pytest.raises(DatasetFormatError) as info:
-        read_csv(write(tmp_path / "late.csv", text), max_cell_bytes=100)
+        read_csv(write(tmp_path / "late.csv", text, encoding), max_cell_bytes=100)
     assert (info.value.row, info.value.column) == (2, "Rationale of Rating")
+
+
+def test_crlf_and_blank_lines_are_read(tmp_path):
+    """CRLF line endings and blank lines between rows give clean cells and no extra rows."""
+    text = "formatted_prompt,Standardized_Rating\r\na,1\r\n\r\nb,0\r\n"
+    ds = load_dataset(write(tmp_path / "crlf.csv", text), mapping=MAPPING)
+    assert ds.frame["prompt"].tolist() == ["a", "b"]
+    assert ds.frame["rating"].tolist() == [1, 0]
+
+
+def test_blank_file_is_empty(tmp_path):
+    """A file of blank lines is an EmptyDatasetError."""
+    with pytest.raises(EmptyDatasetError) as info:
+        load_dataset(write(tmp_path / "blank.csv", "\n\n  \n"), mapping=MAPPING)
+    assert info.value.message == "blank.csv: the file holds only blank lines"
 
 
 def test_missing_file_is_a_dataset_error(tmp_path):
