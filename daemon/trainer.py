@@ -11,6 +11,7 @@ evaluates on the validation rows after each epoch, appends one JSON line per log
 stderr: only counts and row numbers.
 
 Exit codes: 0 done; 2 the spec or the device is unusable; 3 the data cannot be trained on;
+4 the supervising parent died (checked every step, so a killed daemon leaves no orphan training);
 1 anything unexpected (traceback on stderr, which the parent keeps in the job folder).
 
 Test hook: when the environment has ``FT_TRAINER_TEST_HOOK=hang`` the child sleeps for
@@ -35,6 +36,7 @@ from .fsutil import publish_dir, temp_dir_for, write_json
 
 EXIT_SPEC = 2
 EXIT_DATA = 3
+EXIT_ORPHANED = 4
 HOOK_ENV = "FT_TRAINER_TEST_HOOK"
 HANG_ENV = "FT_TRAINER_TEST_HANG_S"
 
@@ -285,6 +287,7 @@ def train(spec: dict, started: float) -> dict:
     warmup_steps = math.ceil(total_steps * float(spec["warmup_ratio"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))
     logging_steps = max(1, int(spec.get("logging_steps", 1)))
+    parent_pid = spec.get("parent_pid")
 
     progress = ProgressLog(out_dir / "training_log.jsonl")
     step, tokens, first_loss, last_loss, eval_loss = 0, 0, None, None, None
@@ -315,6 +318,8 @@ def train(spec: dict, started: float) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if parent_pid and os.getppid() != parent_pid:
+                    raise TrainerExit(EXIT_ORPHANED, "the supervising process is gone; stopping")
                 if first_step_s is None:
                     first_step_s = time.monotonic() - started
                 first_loss = step_loss if first_loss is None else first_loss

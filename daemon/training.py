@@ -259,6 +259,7 @@ def build_run_spec(job_dir: Path, base: BaseWeights, training: TrainingConfig) -
         "seed": int(get("seed", 42)),
         "logging_steps": int(training.logging_steps),
         "device": training.device,
+        "parent_pid": os.getpid(),
     }
 
 
