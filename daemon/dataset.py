@@ -551,7 +551,8 @@ def mapping_from_object(obj: Any, source: str = "object") -> RatingMapping:
         labels[key.strip()] = rating
     if reversed_shape:
         raise MappingError("the mapping looks reversed (ratings as keys, labels as values)", file=file,
-                           hint='write labels as keys and integer ratings as values, e.g. {"Match": 1, "Does Not Match": 0}')
+                           hint="write labels as keys and integer ratings as values, "
+                                'e.g. {"Match": 1, "Does Not Match": 0}')
     if problems:
         shown = "; ".join(problems[:_ROW_LIST]) + (f"; and {len(problems) - _ROW_LIST} more"
                                                   if len(problems) > _ROW_LIST else "")

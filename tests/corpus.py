@@ -105,7 +105,8 @@ def write_bad_inputs(directory: str | Path) -> list[BadInput]:
     add("extra-fields", ",".join(HEADER) + "\n" + _rows(2) + f"R9,{MARKER},1,x,{MARKER},{MARKER}\n",
         DatasetFormatError, "could not be parsed near line 4")
     add("no-usable-rows", ",".join(HEADER) + "\n" + "".join(f"R{i}, ,1,{MARKER}\n" for i in range(3))
-        + f"R9,{MARKER},,x\n", EmptyDatasetError, "no usable rows: 4 read, 3 with an empty prompt, 1 with an empty rating")
+        + f"R9,{MARKER},,x\n", EmptyDatasetError,
+        "no usable rows: 4 read, 3 with an empty prompt, 1 with an empty rating")
     add("inferred-conflict", "Row_ID,formatted_prompt,Expert Rating,Standardized_Rating\n"
         + f"R1,{MARKER} a,Match,1\nR2,{MARKER} b,Match,0\nR3,{MARKER} c,Unknown,-1\n",
         MappingError, "1 label(s) appear with more than one Standardized_Rating: 'Match' (0/1)", mapping=None)

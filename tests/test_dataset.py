@@ -80,6 +80,7 @@ def test_corpus_case_fails_with_its_error(corpus, name):
 
 def test_huge_cell_and_wide_header_fail_with_bounded_memory(corpus):
     """A 50 MB cell and a 100k-column header fail while peak RSS grows by less than 40 MiB."""
+    files = [(str(corpus[n].csv), str(corpus[n].mapping)) for n in ("huge-cell", "wide-header")]
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
@@ -91,7 +92,7 @@ def test_huge_cell_and_wide_header_fail_with_bounded_memory(corpus):
                 if line.startswith(key + ':'):
                     return int(line.split()[1])
         before = kib('VmRSS')
-        for csv_path, mapping in {[(str(corpus[n].csv), str(corpus[n].mapping)) for n in ("huge-cell", "wide-header")]!r}:
+        for csv_path, mapping in {files!r}:
             try:
                 load_dataset(csv_path, mapping)
             except DatasetFormatError:
@@ -249,8 +250,7 @@ def test_multiline_cell_over_limit_is_found_after_parsing(tmp_path):
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "cp1252"])
 @pytest.mark.parametrize("delimiter", [",", "\t"])
 def test_huge_cell_in_a_later_column_is_located(tmp_path, encoding, delimiter):
-    """A single-line oversized cell is reported with its own row and column, quoted delimiters,
-    multi-line cells and a BOM before it notwithstanding."""
+    """An oversized single-line cell is located by row and column past quotes, newlines and a BOM."""
     d = delimiter
     text = (f'formatted_prompt{d}Standardized_Rating{d}Rationale of Rating\r\n"a{d} ""b""\r\nc"{d}1{d}ok\r\n'
             f"c{d}1{d}" + "é" * 500 + "\r\n")

@@ -55,8 +55,7 @@ def test_chat_records_one_per_row_in_order():
 
 @pytest.mark.parametrize("shared_rationales", [True, False])
 def test_jsonl_lines_equal_json_dumps_of_records_even_for_tricky_text(shared_rationales):
-    """Every JSONL line is exactly json.dumps(chat_record(...), ensure_ascii=False), across chunks,
-    whether rationales repeat (pre-encoded answers) or are all distinct."""
+    """Every JSONL line equals json.dumps(chat_record(...), ensure_ascii=False), shared rationales or not."""
     n = CHUNK_ROWS + 7
     ds = frame_dataset(n, prompt=lambda i: f"{TRICKY[i % len(TRICKY)]} #{i}",
                        rationale=(lambda i: TRICKY[(i + 3) % len(TRICKY)]) if shared_rationales
