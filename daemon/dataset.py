@@ -402,7 +402,7 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
         if big is not None:
             record, index, _ = big
             fields = _header_fields(header, delimiter)
-            column = fields[index] if index < len(fields) else f"#{index + 1}"
+            column = _column_label(fields[index] if record and index < len(fields) else None, index)
             where = "" if record else " (in the header row)"
             raise DatasetFormatError(
                 f"a cell is larger than the limit of {max_cell_bytes} bytes{where}", file=name,
@@ -439,15 +439,23 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
     return df, info
 
 
+def _column_label(name: str | None, index: int) -> str:
+    """How a message names a column: by its name when it is one we know, else by position, since
+    the 'header' of a file exported without one is a row of patient data."""
+    known = PROMPT_COLUMNS + (RATING_COLUMN,) + RATIONALE_COLUMNS + ID_COLUMNS + (EXPERT_RATING_COLUMN,)
+    return name if name in known else f"#{index + 1}"
+
+
 def _check_cell_lengths(df: pd.DataFrame, limit: int, name: str) -> None:
     """Cells that span several lines escape the line-length pre-scan; ``max(map(len, ...))`` is a
     few milliseconds per column, so every column is checked."""
-    for column in df.columns:
+    for index, column in enumerate(df.columns):
         values = df[column].to_numpy(dtype=object)
         if len(values) and max(map(len, values)) > limit:
             row = next(i for i, v in enumerate(values) if len(v) > limit) + 1
             raise DatasetFormatError(
-                f"a cell is larger than the limit of {limit} bytes", file=name, row=row, column=str(column),
+                f"a cell is larger than the limit of {limit} bytes", file=name, row=row,
+                column=_column_label(str(column), index),
                 hint="shorten that cell (prompts are short records, not documents) and drop the file again")
 
 

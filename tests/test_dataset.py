@@ -259,6 +259,15 @@ def test_huge_cell_in_a_later_column_is_located(tmp_path, encoding, delimiter):
     assert (info.value.row, info.value.column) == (2, "Rationale of Rating")
 
 
+def test_oversized_cell_in_an_unknown_column_is_named_by_position(tmp_path):
+    """A column we do not know is named by position, so a headerless file never leaks a cell."""
+    text = f"{MARKER} first row,1\nsecond," + "x" * 300 + "\n"
+    with pytest.raises(DatasetFormatError) as info:
+        read_csv(write(tmp_path / "nohead.csv", text), max_cell_bytes=100)
+    assert (info.value.row, info.value.column) == (1, "#2")
+    assert MARKER not in str(info.value)
+
+
 def test_crlf_and_blank_lines_are_read(tmp_path):
     """CRLF line endings and blank lines between rows give clean cells and no extra rows."""
     text = "formatted_prompt,Standardized_Rating\r\na,1\r\n\r\nb,0\r\n"
