@@ -35,9 +35,9 @@ def main() -> int:
           f"Ollama name {meta['model_set']['model_name']}, outputs in {OUT / 'model_set'}")
 
     if all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft", "tokenizers")):
-        from daemon.tinymodel import build_tiny_llama
+        from daemon.tinymodel import build_tiny_model
 
-        base = build_tiny_llama(OUT / "tiny-llama")
+        base = build_tiny_model(OUT / "tiny-llama")
         tuner = FineTuner(config={"base_models": {"tiny-llama:latest": str(base)},
                                   "ollama": {"register": "off"}, "training": {"sequence_len": 512}})
         with warnings.catch_warnings():

@@ -111,7 +111,7 @@ def main() -> int:
                         help="alternate the two runs this many times and keep each one's best")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tests.tiny_model import build_tiny_model
+    from daemon.tinymodel import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         tmp_path = Path(tmp)
