@@ -44,6 +44,9 @@ FINE_TUNE, MODEL_SET = "fine_tune", "model_set"
 MODEL_SET_FILES = ("model_set_config.json", "Modelfile", "fine_tuning_metadata.json")
 FINE_TUNE_FILES = ("training_data.jsonl", "validation_data.jsonl", "training_config.yaml",
                    "fine_tuning_metadata.json")
+CAPABILITY_TTL_S = 30.0
+_CAPABILITY_CACHE: dict[tuple[int, str], tuple[Config, float, CapabilityReport]] = {}
+_CAPABILITY_LOCK = threading.Lock()
 _PACKAGES = ("fine-tuner", "pandas", "pyyaml", "structlog", "requests", "watchdog",
              "torch", "transformers", "peft", "accelerate", "safetensors")
 
@@ -138,16 +141,34 @@ class FineTuner:
 
     # --- capability ----------------------------------------------------------------------------
 
-    def _ollama_client(self):
+    def _ollama_client(self, *, probe: bool = False):
+        """The configured client; ``probe`` makes a single attempt per call (a capability check
+        must not spend the retry budget waiting on a server that is simply not running)."""
         from .ollama import OllamaClient
 
-        return OllamaClient(self.config.ollama)
+        cfg = dataclasses.replace(self.config.ollama, retries=0) if probe else self.config.ollama
+        return OllamaClient(cfg)
 
     def capability_report(self, model_name: str) -> CapabilityReport:
         """Every check, each with ok/detail; ``report.supported`` is the answer."""
-        report = build_report(model_name, self.config, self._ollama_client())
+        report = build_report(model_name, self.config, self._ollama_client(probe=True))
         log.info("capability_checked", model=model_name, supported=report.supported,
                  failed=[c.name for c in report.failed])
+        return report
+
+    def _cached_capability_report(self, model_name: str) -> CapabilityReport:
+        """The daemon runs many jobs for the same model: reuse a report for ``CAPABILITY_TTL_S``
+        as long as the configuration object is the same (a SIGHUP reload makes a new one)."""
+        key = (id(self.config), model_name)
+        with _CAPABILITY_LOCK:
+            hit = _CAPABILITY_CACHE.get(key)
+            if hit is not None and hit[0] is self.config and time.monotonic() - hit[1] < CAPABILITY_TTL_S:
+                return hit[2]
+        report = self.capability_report(model_name)
+        with _CAPABILITY_LOCK:
+            if len(_CAPABILITY_CACHE) >= 64:  # configs are held by the cache: keep it small
+                _CAPABILITY_CACHE.clear()
+            _CAPABILITY_CACHE[key] = (self.config, time.monotonic(), report)
         return report
 
     def check_fine_tuning_capability(self, model_name: str) -> bool:
@@ -280,7 +301,7 @@ class FineTuner:
         if small and settings.approach == "auto":
             return MODEL_SET, f"fewer than {min_rows} usable rows", None
         with stages("capability"):
-            report = self.capability_report(settings.model)
+            report = self._cached_capability_report(settings.model)
         if report.supported:
             return FINE_TUNE, ("fine_tune requested" if settings.approach == FINE_TUNE
                                else "every capability check passed"), report
