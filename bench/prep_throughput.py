@@ -46,11 +46,14 @@ def run_project(csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
 
     start = time.perf_counter()
     ds = load_dataset(csv_path, mapping_path)
+    loaded = time.perf_counter()
     system = prompts.system_prompt(TOPICS, ds.mapping.labels)
     train, validation = trainingdata.split_holdout(ds)
     fsutil.write_lines(out_dir / "training_data.jsonl", trainingdata.jsonl_chunks(ds, train, system))
     fsutil.write_lines(out_dir / "validation_data.jsonl", trainingdata.jsonl_chunks(ds, validation, system))
-    _report(start, ds.rows_used)
+    end = time.perf_counter()
+    _report(start, ds.rows_used, stages={"load_s": loaded - start, "split_and_write_s": end - loaded},
+            output_bytes=sum((out_dir / n).stat().st_size for n in ("training_data.jsonl", "validation_data.jsonl")))
     return 0
 
 
@@ -76,17 +79,17 @@ def run_baseline(csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
     with open(out_dir / "baseline.jsonl", "w", encoding="utf-8") as fh:
         for record in records:
             fh.write(json.dumps(record) + "\n")
-    _report(start, len(records))
+    _report(start, len(records), output_bytes=(out_dir / "baseline.jsonl").stat().st_size)
     return 0
 
 
 _IMPORTED_RSS_KIB = 0
 
 
-def _report(start: float, rows: int) -> None:
+def _report(start: float, rows: int, **extra) -> None:
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "rows": rows, "peak_rss_kib": _status_kib("VmHWM"),
-                      "post_import_rss_kib": _IMPORTED_RSS_KIB}))
+                      "post_import_rss_kib": _IMPORTED_RSS_KIB, **extra}))
 
 
 def child(kind: str, csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
@@ -143,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         above = (run["peak_rss_kib"] - run["post_import_rss_kib"]) * 1024
         result[name] = {"seconds": round(run["seconds"], 3), "rows_per_s": round(run["rows"] / run["seconds"]),
                         "peak_rss_bytes": peak, "peak_rss_over_csv": round(peak / csv_bytes, 2),
-                        "rss_above_imports_bytes": above, "rss_above_imports_over_csv": round(above / csv_bytes, 2)}
+                        "rss_above_imports_bytes": above, "rss_above_imports_over_csv": round(above / csv_bytes, 2),
+                        "output_bytes": run.get("output_bytes"),
+                        "stages": {k: round(v, 3) for k, v in run.get("stages", {}).items()}}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -154,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:9s} {r['seconds']:8.3f} s {r['rows_per_s']:>10,} rows/s   peak RSS "
               f"{r['peak_rss_bytes'] / mb:7.1f} MiB ({r['peak_rss_over_csv']:.2f}x CSV)   above imports "
               f"{r['rss_above_imports_bytes'] / mb:7.1f} MiB ({r['rss_above_imports_over_csv']:.2f}x CSV)")
+    stages = ", ".join(f"{k} {v:.3f}" for k, v in result["project"]["stages"].items())
+    print(f"project stages: {stages}; JSONL written: {result['project']['output_bytes'] / mb:.1f} MiB "
+          f"(baseline {result['baseline']['output_bytes'] / mb:.1f} MiB)")
     print(f"speed-up baseline/project: {result['speedup']:.1f}x (target >= 20x); "
           f"project peak RSS {result['project']['peak_rss_over_csv']:.2f}x CSV (target <= 2x)")
     return 0
