@@ -371,12 +371,15 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
     name = path.name
     try:
         size = path.stat().st_size
+        if size == 0:
+            raise EmptyDatasetError("the file is empty", file=name,
+                                    hint="export the dataset again with a header row and at least one data row")
+        scan = _scan_file(path, max_cell_bytes)
     except FileNotFoundError:
         raise DatasetError("the file does not exist", file=name, hint="check the path and try again") from None
-    if size == 0:
-        raise EmptyDatasetError("the file is empty", file=name,
-                                hint="export the dataset again with a header row and at least one data row")
-    scan = _scan_file(path, max_cell_bytes)
+    except OSError as exc:
+        raise DatasetError(f"the file cannot be read ({exc.strerror or type(exc).__name__})", file=name,
+                           hint="check that the path is a readable file") from None
     encoding, warnings = _choose_encoding(scan, path)
     sample_text = scan.sample.decode(encoding, errors="ignore")
     if not sample_text.strip() and size <= len(scan.sample):
@@ -489,6 +492,9 @@ def load_mapping(path: str | os.PathLike) -> RatingMapping:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise MappingError("the mapping file does not exist", file=name) from None
+    except OSError as exc:
+        raise MappingError(f"the mapping file cannot be read ({exc.strerror or type(exc).__name__})",
+                           file=name) from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -666,6 +672,11 @@ def _raise_invalid(invalid: np.ndarray, source: str, candidates: np.ndarray | No
 
 def _resolve_columns(df: pd.DataFrame, source: str) -> dict[str, str]:
     names = [str(c) for c in df.columns]
+    known = PROMPT_COLUMNS + (RATING_COLUMN,) + RATIONALE_COLUMNS + ID_COLUMNS + (EXPERT_RATING_COLUMN,)
+    repeated = sorted({n for n in names if n in known and names.count(n) > 1})
+    if repeated:
+        raise DatasetFormatError(f"the column {repeated[0]!r} appears more than once", file=source,
+                                 column=repeated[0], hint="keep one column of that name and drop the file again")
     columns: dict[str, str] = {}
     prompt = next((c for c in PROMPT_COLUMNS if c in names), None)
     missing = []

@@ -290,6 +290,24 @@ def test_missing_file_is_a_dataset_error(tmp_path):
     assert str(info.value) == "nope.csv: the file does not exist (check the path and try again)"
 
 
+def test_directory_instead_of_file_is_a_dataset_error(tmp_path):
+    """A directory given as the CSV or the mapping gives a DatasetError, not an OSError."""
+    with pytest.raises(DatasetError) as info:
+        load_dataset(tmp_path, mapping=MAPPING)
+    assert info.value.message.endswith("the file cannot be read (Is a directory)")
+    (tmp_path / "m.json").mkdir()
+    with pytest.raises(MappingError) as info:
+        load_mapping(tmp_path / "m.json")
+    assert info.value.message == "m.json: the mapping file cannot be read (Is a directory)"
+
+
+def test_repeated_role_column_is_refused(tmp_path):
+    """Two columns that both strip to 'Prompt' are a DatasetFormatError naming the column."""
+    with pytest.raises(DatasetFormatError) as info:
+        load_dataset(write(tmp_path / "two.csv", "Prompt, Prompt,Standardized_Rating\na,b,1\n"), mapping=MAPPING)
+    assert info.value.message == "two.csv, column 'Prompt': the column 'Prompt' appears more than once"
+
+
 def test_missing_prompt_column_suggests_case_insensitive_match(tmp_path):
     """A differently-cased prompt column is suggested by its real name."""
     with pytest.raises(MissingColumnError) as info:
