@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import os
 import shutil
@@ -76,15 +77,20 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def package_versions() -> dict[str, str | None]:
-    """Installed versions (from package metadata: nothing is imported)."""
-    out: dict[str, str | None] = {}
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> tuple[tuple[str, str | None], ...]:
+    out = []
     for name in _PACKAGES:
         try:
-            out[name] = importlib.metadata.version(name)
+            out.append((name, importlib.metadata.version(name)))
         except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+            out.append((name, None))
+    return tuple(out)
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions, read once per process from package metadata (nothing is imported)."""
+    return dict(_package_versions())
 
 
 class _Stages:

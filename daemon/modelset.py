@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 # Few-shot choice ---------------------------------------------------------------------------------
 
-CANDIDATES_PER_RATING = 500  # farthest-first is quadratic-ish; 500 keeps 200k-row datasets instant
+CANDIDATES_PER_RATING = 128  # a deterministic sample per rating: plenty to spread 2-5 examples, and cheap
 _WORD = re.compile(r"\w+")
 # json.dumps({"rating": r, "rationale": ""}) without the digits of r: a lower bound of an answer
 _ANSWER_OVERHEAD = len('{"rating": , "rationale": ""}')
@@ -130,6 +130,8 @@ def _candidate_pools(ds: Dataset, *, max_chars: int, exclude: Iterable[int]) -> 
     excluded = excluded[(excluded >= 0) & (excluded < n)]
     usable[excluded] = False
     hashes = _stable_hashes(prompts)
+    prompt_values = prompts.to_numpy(dtype=object)  # positional access without pandas indexing
+    rationale_values = rationale.to_numpy(dtype=object)
 
     pools = []
     for rating in sorted({int(r) for r in ratings}, reverse=True):
@@ -140,7 +142,7 @@ def _candidate_pools(ds: Dataset, *, max_chars: int, exclude: Iterable[int]) -> 
                 break
             idx = np.flatnonzero(usable & tier_mask & (ratings == rating))
             idx = idx[np.lexsort((idx, hashes[idx]))][:room]
-            rows.extend((int(p), int(hashes[p]), bool(has_rationale[p]), prompts.iat[p], rationale.iat[p])
+            rows.extend((int(p), int(hashes[p]), bool(has_rationale[p]), prompt_values[p], rationale_values[p])
                         for p in idx)
         if rows:
             pools.append(_RatingPool(rating, rows))
