@@ -73,6 +73,25 @@ class JobInputs:
     on_progress: Callable[[dict], None] | None = None
 
 
+@dataclass
+class JobPlan:
+    """A validated job with its approach decided (``FineTuner.plan_job``), ready for ``execute``."""
+
+    ds: Any
+    settings: JobSettings
+    output_dir: Path
+    stem: str
+    staged: bool
+    input_hashes: dict
+    job: JobInputs | None
+    stages: Any
+    meta: dict
+
+    @property
+    def approach(self) -> str:
+        return self.meta["approach"]
+
+
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -220,6 +239,11 @@ class FineTuner:
 
     def run_job(self, job: JobInputs) -> tuple[bool, dict]:
         """Process a dataset file (and its mapping file, or an inferred mapping)."""
+        return self.execute(self.plan_job(job))
+
+    def plan_job(self, job: JobInputs) -> JobPlan:
+        """Load and validate the files and decide the approach; nothing is written yet. The daemon
+        uses the plan to run fine-tunes in their own lane, one at a time."""
         from .dataset import load_dataset
 
         stages = _Stages()
@@ -230,16 +254,14 @@ class FineTuner:
         log.info("dataset_loaded", file=job.csv_path.name, rows_read=ds.rows_read, rows_used=ds.rows_used,
                  dropped=ds.dropped, mapping_source=ds.mapping.source, columns=list(ds.columns.values()),
                  duration_s=stages.durations["load"])
-        return self._process(ds, job.settings, job.output_dir, stem=job.stem, staged=job.staged,
-                             input_hashes=hashes, job=job, stages=stages)
+        return self._plan(ds, job.settings, job.output_dir, stem=job.stem, staged=job.staged,
+                          input_hashes=hashes, job=job, stages=stages)
 
     # --- the pipeline --------------------------------------------------------------------------
 
-    def _process(self, ds, settings: JobSettings, output_dir: Path, *, stem: str, staged: bool,
-                 input_hashes: dict, job: JobInputs | None = None,
-                 stages: _Stages | None = None) -> tuple[bool, dict]:
+    def _plan(self, ds, settings: JobSettings, output_dir: Path, *, stem: str, staged: bool,
+              input_hashes: dict, job: JobInputs | None = None, stages: _Stages | None = None) -> JobPlan:
         stages = stages or _Stages()
-        started = time.perf_counter()
         meta: dict[str, Any] = {
             "created_at": _utc_now(), "job_id": job.job_id if job else None, "source": ds.source,
             "model": settings.model, "target_topics": prompts.normalize_topics(settings.topics),
@@ -251,17 +273,29 @@ class FineTuner:
             "warnings": list(ds.warnings), "input_sha256": input_hashes,
             "package_versions": package_versions(),
         }
-        build_dir, final_dir = self._build_dir(output_dir, staged)
+        approach, reason, report = self._decide(ds, settings, meta, stages)
+        meta.update(approach=approach, approach_reason=reason)
+        if report is not None:
+            meta["capability"] = report.to_dict()
+        log.info("approach_selected", approach=approach, reason=reason, model=settings.model,
+                 rows_used=ds.rows_used)
+        return JobPlan(ds=ds, settings=settings, output_dir=Path(output_dir), stem=stem, staged=staged,
+                       input_hashes=input_hashes, job=job, stages=stages, meta=meta)
+
+    def _process(self, ds, settings: JobSettings, output_dir: Path, *, stem: str, staged: bool,
+                 input_hashes: dict) -> tuple[bool, dict]:
+        return self.execute(self._plan(ds, settings, output_dir, stem=stem, staged=staged,
+                                       input_hashes=input_hashes))
+
+    def execute(self, plan: JobPlan) -> tuple[bool, dict]:
+        """Build the outputs of a planned job (training, when planned, holds the job's training lock)."""
+        ds, settings, meta, stages, job = plan.ds, plan.settings, plan.meta, plan.stages, plan.job
+        build_dir, final_dir = self._build_dir(plan.output_dir, plan.staged)
         try:
-            approach, reason, report = self._decide(ds, settings, meta, stages)
-            meta.update(approach=approach, approach_reason=reason)
-            if report is not None:
-                meta["capability"] = report.to_dict()
-            log.info("approach_selected", approach=approach, reason=reason, model=settings.model,
-                     rows_used=ds.rows_used)
+            approach = plan.approach
             if approach == FINE_TUNE:
                 try:
-                    self._fine_tune(ds, settings, build_dir, stem, input_hashes, meta, stages, job)
+                    self._fine_tune(ds, settings, build_dir, plan.stem, plan.input_hashes, meta, stages, job)
                 except TrainingFailedError as exc:
                     if settings.approach != "auto" or not settings.fallback:
                         raise
@@ -271,20 +305,20 @@ class FineTuner:
                     warnings.warn(f"fine-tuning failed; fell back to a model set: {exc.message}", UserWarning, stacklevel=3)
                     approach = MODEL_SET
             if approach == MODEL_SET:
-                self._write_model_set(ds, settings, build_dir, stem, input_hashes, meta, stages)
+                self._write_model_set(ds, settings, build_dir, plan.stem, plan.input_hashes, meta, stages)
             meta["stage_durations_s"] = stages.durations
-            meta["duration_s"] = round(time.perf_counter() - started, 4)
+            meta["duration_s"] = round(sum(stages.durations.values()), 4)  # work time, not queueing
             meta["artifacts"] = sorted(p.name for p in build_dir.iterdir() if not p.name.startswith("."))
             if "fine_tuning_metadata.json" not in meta["artifacts"]:
                 meta["artifacts"].append("fine_tuning_metadata.json")
             fsutil.write_json(build_dir / "fine_tuning_metadata.json", meta)
         except BaseException as exc:
-            if staged:
+            if plan.staged:
                 kept = self._discard_staging(build_dir)
                 if kept is not None and isinstance(exc, TrainingFailedError):
                     exc.stderr_path = str(kept / "trainer_stderr.log")
             raise
-        if staged:
+        if plan.staged:
             self._publish_staged(build_dir, final_dir)
         log.info("dataset_processed", approach=meta["approach"], rows_used=ds.rows_used,
                  duration_s=meta["duration_s"], output_dir=str(final_dir))
