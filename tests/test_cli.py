@@ -131,3 +131,39 @@ def test_demo_runs_offline(tmp_path):
     assert "model set: ok=True" in res.stdout
     assert "fine-tune: ok=True" in res.stdout
     assert (tmp_path / "demo_outputs" / "fine_tune" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_process_fine_tune_shows_progress_bar_on_a_terminal(tmp_path, dataset, tiny_model_dir):
+    """With stderr on a terminal, process draws a training progress bar that reaches 100 %."""
+    import pty
+
+    csv_path, mapping = dataset
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"base_models": {"tiny-llama:latest": str(tiny_model_dir)},
+                               "ollama": {"register": "off"},
+                               "training": {"sequence_len": 512, "device": "cpu"}}))
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9",
+           "FINE_TUNER_OLLAMA__RETRIES": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "process", "--config", str(cfg), "--input", str(csv_path),
+         "--mapping", str(mapping), "--model", "tiny-llama", "--topics", "respiratory infections",
+         "--approach", "fine_tune", "--epochs", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    stdout, _ = proc.communicate(timeout=120)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, screen[-2000:]
+    assert "approach: fine_tune" in stdout
+    assert "training [" in screen and "100.0%" in screen
+    assert MARKER not in screen

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from daemon import modelset, prompts
+from daemon import fsutil, modelset, prompts
 from daemon.synthetic import MAPPING, synthetic_rows, HEADER
 from scripts.fine_tuner import (
     DatasetTooSmallWarning,
@@ -163,6 +163,11 @@ class TestFineTuner:
         assert ("FROM", "tiny-llama") in parsed and ("ADAPTER", "./adapter") in parsed
         reg = meta["registration"]
         assert reg["registered"] is True and reg["name"] == meta["fine_tune"]["model_name"]
-        creates = [r for r in fake_ollama.requests if r["path"] == "/api/create"]
-        assert creates[-1]["body"]["from"] == "tiny-llama"
-        assert set(creates[-1]["body"]["adapters"]) == {"adapter_config.json", "adapter_model.safetensors"}
+        creates = fake_ollama.requests_to("/api/create", "POST")
+        assert creates[-1].body["from"] == "tiny-llama"
+        expected = {name: "sha256:" + fsutil.sha256_file(out / "adapter" / name)
+                    for name in ("adapter_config.json", "adapter_model.safetensors")}
+        assert creates[-1].body["adapters"] == expected
+        uploaded = {r.path.rsplit("/", 1)[1] for r in fake_ollama.requests if r.path.startswith("/api/blobs/")
+                    and r.method == "POST"}
+        assert set(expected.values()) <= uploaded
