@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 from daemon.synthetic import MAPPING
+from tests import corpus
 from tests.conftest import leftovers, wait_for
 from tests.integration.conftest import MARKER, REPO, all_log_text
 
@@ -151,37 +152,39 @@ def test_every_refused_kind_goes_to_failed_while_serving(root, start_daemon):
     assert MARKER not in all_log_text(root)
 
 
-BAD_INPUTS = {
-    # name: (csv bytes, expected error_type)
-    "empty": (b"", "EmptyDatasetError"),
-    "header_only": (b"Row_ID,formatted_prompt,Expert Rating,Standardized_Rating,Rationale of Rating\n",
-                    "EmptyDatasetError"),
-    "no_prompt": (f"Row_ID,Expert Rating,Standardized_Rating\nR1,Match,1\nR2,{MARKER},0\n".encode(),
-                  "MissingColumnError"),
-    "unmapped": (("Row_ID,formatted_prompt,Expert Rating,Standardized_Rating,Rationale of Rating\n"
-                  + "".join(f"R{i},visit {MARKER} {i},Match,{7 if i % 2 else 1},why\n" for i in range(30))).encode(),
-                 "UnmappedRatingError"),
-}
-
-
-def test_bad_inputs_each_fail_with_their_error_and_no_cell_text(root, start_daemon):
-    """Each bad dataset ends in failed/ with its specific error type; the daemon keeps serving."""
+def test_bad_input_corpus_each_fails_with_its_error_and_the_daemon_keeps_serving(root, start_daemon):
+    """Every corpus case ends in failed/<job_id>/ with its error class and fragment, never a cell value;
+    a good dataset dropped after the corpus still succeeds."""
+    root.write_config(watch={"pair_timeout_s": 0.3})
+    cases = corpus.write_bad_inputs(root.path / "corpus")
     d = start_daemon()
     d.wait_event("daemon_ready")
-    for stem, (data, _) in BAD_INPUTS.items():
-        root.drop_bytes(f"{stem}.mapping.json", json.dumps(MAPPING).encode())
-        root.drop_bytes(f"{stem}.csv", data)
+    for case in cases:
+        if case.mapping is not None:
+            os.rename(case.mapping, root.inbox / case.mapping.name)
+        os.rename(case.csv, root.inbox / case.csv.name)
     root.drop_dataset("good")
-    wait_for(lambda: len(root.folders(root.failed)) == len(BAD_INPUTS) and root.job_folders(root.processed, "good"),
-             timeout=30, message="bad inputs failed and the good one processed")
+    stems = [case.csv.stem for case in cases]
+    wait_for(lambda: all(root.job_folders(root.failed, stem) for stem in stems)
+             and root.job_folders(root.processed, "good"),
+             timeout=60, message="every corpus case failed and the good drop processed")
     _stop(d)
-    for stem, (_, error_type) in BAD_INPUTS.items():
-        [folder] = root.job_folders(root.failed, stem)
+    seen = {}
+    for case in cases:
+        [folder] = root.job_folders(root.failed, case.csv.stem)
         error = json.loads((folder / "error.json").read_text())
-        assert (stem, error["error_type"]) == (stem, error_type)
-        assert set(error) >= {"error_type", "message", "hint", "job_id", "attempts", "failed_at"}
-        assert error["message"] and error["hint"]
-    assert MARKER not in all_log_text(root)
+        seen[case.name] = error["error_type"]
+        # the corpus fragment is from str(exc), which is "message (hint)"
+        assert case.fragment in f"{error['message']} ({error['hint']})", (case.name, error["message"])
+        assert (error["job_id"], error["attempts"]) == (folder.name, 1)
+        assert error["hint"]
+        assert not (root.outputs / folder.name).exists()
+    assert seen == {case.name: case.error.__name__ for case in cases}
+    assert len(seen) == 22
+    [good] = d.events("job_succeeded")
+    assert good["job_id"].startswith("good-")
+    text = all_log_text(root)
+    assert corpus.MARKER not in text and MARKER not in text
     assert leftovers(root.path) == []
 
 
