@@ -9,7 +9,8 @@ Schema (``PRAGMA user_version`` = 1):
   ``failed``, ``duplicate``), ``attempts`` (processing starts; an interrupted start is given back),
   ``created_at`` / ``updated_at`` / ``started_at`` / ``finished_at`` (ISO-8601 UTC), ``output_path``,
   ``approach``, ``error`` (the error.json fields as JSON: never cell contents), ``duplicate_of``,
-  ``force``.
+  ``force``. A ``queued`` job whose approach is already ``fine_tune`` has been planned and waits
+  for the training lane (``await_training``; ``resume`` starts it without counting a new attempt).
 - ``contents``: ``content_key`` PRIMARY KEY → ``job_id`` of the latest success with that content.
   The UNIQUE key is what makes "the same content dropped again" a duplicate: a later drop whose key is
   here is recorded as ``duplicate`` pointing at that job's outputs, unless its job file says
@@ -184,10 +185,22 @@ class Journal:
             raise KeyError(job_id)
         return int(row["attempts"])
 
+    def await_training(self, job_id: str) -> None:
+        """A planned fine-tune waits for the training lane: ``queued`` with approach ``fine_tune``
+        (its attempt stays counted: planning it was part of the attempt)."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'queued', approach = 'fine_tune', updated_at = ?"
+                       " WHERE id = ?", (utc_now(), job_id))
+
+    def resume(self, job_id: str) -> None:
+        """The training lane takes up a job that waited for it: ``running`` again, same attempt."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'running', updated_at = ? WHERE id = ?", (utc_now(), job_id))
+
     def requeue(self, job_id: str, *, give_back_attempt: bool) -> None:
         """Put a job back to ``queued`` (shutdown interrupted it: the attempt is not counted)."""
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET state = 'queued', updated_at = ?,"
+            db.execute("UPDATE jobs SET state = 'queued', approach = NULL, updated_at = ?,"
                        " attempts = MAX(attempts - ?, 0) WHERE id = ?",
                        (utc_now(), int(give_back_attempt), job_id))
 

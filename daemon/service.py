@@ -1,17 +1,23 @@
-"""The inbox daemon's main loop: start-up recovery, claiming, workers, signals, sd_notify, status.
+"""The inbox daemon's main loop: start-up recovery, claiming, workers, the training lane, signals,
+sd_notify, status.
 
 ``run(cfg)`` owns the state: the watcher thread only posts hints and worker threads post "done"; the
 loop re-stats hinted files, scans the inbox at start-up / after an event overflow / every
 ``rescan_s``, claims complete drops (see ``daemon.inbox``), hands them to ``watch.workers`` worker
 threads, and keeps systemd informed (``READY=1`` after recovery, ``STATUS=`` with queue counts,
-``WATCHDOG=1`` at half ``WATCHDOG_USEC``). One job: duplicate check → ``FineTuner.run_job`` into
-``outputs/.tmp-<job_id>`` (with ``job.log``) → publish ``outputs/<job_id>`` → journal → the work
-folder is renamed into ``processed/<job_id>`` or ``failed/<job_id>`` (with ``error.json``).
-Fine-tune jobs share one training lock, so at most one trains at a time. Recovery takes up claim
-folders whose owner died: finished ones are moved on, the rest retried until ``max_attempts``.
-Signals only set events: SIGTERM/SIGINT stop claiming, let running model-set jobs finish (up to
-``stop_timeout_s``), ask training to give its job back, exit 0; a second one exits at once; SIGHUP
-reloads the configuration (paths stay as they are).
+``WATCHDOG=1`` at half ``WATCHDOG_USEC``). One job: on a pool worker, duplicate and poison checks →
+``FineTuner.plan_job`` (load, validate, decide); a model-set plan is executed on the same worker, a
+fine-tune plan waits (journal: ``queued`` with approach ``fine_tune``) for the single training-lane
+thread, so that a long training never blocks the pool and only one trains at a time.
+``FineTuner.execute`` builds into ``outputs/.tmp-<job_id>`` (with ``job.log``, appended to by both
+phases) → publish ``outputs/<job_id>`` → journal → the work folder is renamed into
+``processed/<job_id>`` or ``failed/<job_id>`` (with ``error.json``); one ``job_finished`` line closes
+each job, from whichever thread ends it. Recovery takes up claim folders whose owner died: finished
+ones are moved on, the rest retried until ``max_attempts``. Signals only set events: SIGTERM/SIGINT
+stop claiming, give the training job and the fine-tunes waiting for it back to the queue (attempt
+not counted, inputs stay claimed in ``.work/``), let running model-set jobs finish (up to
+``stop_timeout_s``), exit 0; a second one exits at once; SIGHUP reloads the configuration (paths
+stay as they are).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +136,8 @@ def _brief(job: JobRecord) -> dict:
         out["output_path"] = job.output_path
     if job.approach:
         out["approach"] = job.approach
+    if job.state == "queued" and job.approach == "fine_tune":
+        out["waiting_for"] = "training"
     if job.duplicate_of:
         out["duplicate_of"] = job.duplicate_of
     if job.error:
@@ -151,8 +160,12 @@ def format_status(report: dict) -> str:
             line = f"  {job['job_id']}"
             if job.get("duplicate_of"):
                 line += f"  duplicate of {job['duplicate_of']}"
+            elif job.get("waiting_for"):
+                line += f"  waiting for {job['waiting_for']}"
+            elif job.get("output_path"):
+                line += f"  {job.get('approach')} -> {job['output_path']}"
             elif job.get("approach"):
-                line += f"  {job['approach']} -> {job.get('output_path')}"
+                line += f"  {job['approach']}"
             if job.get("error"):
                 err = job["error"]
                 line += f"  {err.get('error_type')}: {err.get('message')}"
@@ -196,7 +209,10 @@ class Service:
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.job_stop = threading.Event()  # tells training to give its job back
-        self.training_lock = threading.Lock()
+        self.training_cv = threading.Condition()  # guards the three training-lane fields below
+        self.training_queue: collections.deque[_Planned] = collections.deque()
+        self.training_current: _Planned | None = None
+        self.training_closed = False
         self.ready: collections.deque[Claim] = collections.deque()
         self.running: dict[str, threading.Thread] = {}
         self.running_lock = threading.Lock()
@@ -228,7 +244,8 @@ class Service:
             watcher.start()
         workers = [threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
                    for i in range(self.cfg.watch.workers)]
-        for t in workers:
+        trainer = threading.Thread(target=self._training_lane, name="training-lane", daemon=True)
+        for t in (*workers, trainer):
             t.start()
         try:
             self.recover()
@@ -240,7 +257,7 @@ class Service:
         finally:
             if watcher is not None:
                 watcher.stop()
-        code = self._shutdown(workers)
+        code = self._shutdown(workers, trainer)
         log.info("daemon_stopped", exit_code=code, reason="drained" if self.once else "signal")
         self.notifier.close()
         self.journal.close()
@@ -264,28 +281,35 @@ class Service:
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
 
-    def _shutdown(self, workers: list[threading.Thread]) -> int:
+    def _shutdown(self, workers: list[threading.Thread], trainer: threading.Thread) -> int:
         self.notifier.stopping()
-        log.info("daemon_stopping", running=len(self.running), queued=len(self.ready))
+        training, waiting = self._training_counts()
+        log.info("daemon_stopping", running=self._running_count(), queued=len(self.ready),
+                 training=training, waiting_for_training=waiting)
         # claimed but not started: they stay in .work/ as queued and are taken up on the next start
         while self.ready:
             self.ready.popleft().release()
+        # training gives its job back at once; fine-tunes waiting for the lane go back unstarted
+        self.job_stop.set()
+        for item in self._close_training_lane():
+            with structlog.contextvars.bound_contextvars(job_id=item.claim.job_id):
+                self._give_back(item.claim, item.build)
+                log.info("job_finished", status="queued", duration_s=round(time.monotonic() - item.started, 3))
         for _ in workers:
             self.jobs_in.put(None)
+        # model-set jobs on the pool are finished, within stop_timeout_s
         deadline = time.monotonic() + self.cfg.watch.stop_timeout_s
         while self._running_count() and time.monotonic() < deadline:
             self._ping_watchdog()
             time.sleep(0.1)
         if self._running_count():
             log.warning("stop_timeout_reached", running=sorted(self.running))
-        self.job_stop.set()
-        grace = self.cfg.training.grace_s + 5.0
+        trainer.join(timeout=self.cfg.training.grace_s + 5.0)
         for t in workers:
-            t.join(timeout=max(0.1, grace))
-            grace = 0.1
-        if self._running_count():
+            t.join(timeout=0.1)
+        if self._running_count() or trainer.is_alive():
             log.warning("jobs_abandoned_at_stop", job_ids=sorted(self.running),
-                        hint="they are retried when the service starts again")
+                        training=trainer.is_alive(), hint="they are retried when the service starts again")
         return EXIT_OK
 
     def _running_count(self) -> int:
@@ -348,7 +372,7 @@ class Service:
 
     def _drained(self) -> bool:
         assert self.tracker is not None
-        return (not self.ready and not self._running_count()
+        return (not self.ready and not self._running_count() and self._training_counts() == (0, 0)
                 and not self.tracker.waiting_datasets() and self.jobs_in.empty())
 
     def _ping_watchdog(self) -> None:
@@ -357,7 +381,11 @@ class Service:
 
     def _status_line(self) -> str:
         waiting = self.tracker.waiting_datasets() if self.tracker else 0
-        return f"queued {len(self.ready)}, running {self._running_count()}, waiting {waiting}"
+        line = f"queued {len(self.ready)}, running {self._running_count()}, waiting {waiting}"
+        training, lane = self._training_counts()
+        if training or lane:
+            line += f", training {training}, waiting for training {lane}"
+        return line
 
     def _send_status(self) -> None:
         line = self._status_line()
@@ -534,7 +562,7 @@ class Service:
         log.info("input_moved", job_id=job_id, to=str(target))
         return target
 
-    # --- one job (worker threads) --------------------------------------------------------------
+    # --- one job: plan on the pool, execute on the pool (model sets) or the training lane ----------
 
     def _worker(self) -> None:
         while True:
@@ -555,31 +583,36 @@ class Service:
         return self._fine_tuner
 
     def _run_job(self, claim: Claim) -> None:
-        assert self.journal is not None
-        job_id = claim.job_id
         started = time.monotonic()
-        with structlog.contextvars.bound_contextvars(job_id=job_id):
-            record = self.journal.get(job_id)
-            assert record is not None
-            status = "failed"
-            try:
-                status = self._process(claim, record)
-            except Exception as exc:  # the one broad handler per job: a bug, recorded as a failure
-                frames = [f"{Path(f.filename).name}:{f.lineno} in {f.name}"
-                          for f in traceback.extract_tb(exc.__traceback__)]
-                # the exception text may quote data, so only its type and the frames are logged
-                log.error("job_crashed", error_type=type(exc).__name__, frames=frames)
-                self._fail(claim, {"error_type": type(exc).__name__,
-                                   "message": "an internal error stopped this job",
-                                   "hint": "report this with the job id; the service log has the "
-                                           "traceback locations; drop the files again to retry"},
-                           build=self.paths.outputs / f".tmp-{job_id}")
-            log.info("job_finished", status=status,
-                     duration_s=round(time.monotonic() - started, 3))
+        with structlog.contextvars.bound_contextvars(job_id=claim.job_id):
+            status = self._guarded(claim, lambda: self._plan_phase(claim, started))
+            if status is not None:  # None: handed to the training lane, which closes the job
+                log.info("job_finished", status=status, duration_s=round(time.monotonic() - started, 3))
 
-    def _process(self, claim: Claim, record: JobRecord) -> str:
+    def _guarded(self, claim: Claim, phase: Callable[[], str | None]) -> str | None:
+        """Run one phase of a job under the one broad handler per job: a bug is recorded as a failure."""
+        try:
+            return phase()
+        except Exception as exc:
+            frames = [f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+                      for f in traceback.extract_tb(exc.__traceback__)]
+            # the exception text may quote data, so only its type and the frames are logged
+            log.error("job_crashed", error_type=type(exc).__name__, frames=frames)
+            self._fail(claim, {"error_type": type(exc).__name__,
+                               "message": "an internal error stopped this job",
+                               "hint": "report this with the job id; the service log has the "
+                                       "traceback locations; drop the files again to retry"},
+                       build=self.paths.outputs / f".tmp-{claim.job_id}")
+            return "failed"
+
+    def _plan_phase(self, claim: Claim, started: float) -> str | None:
+        """Duplicate and poison checks, then load, validate and decide (pool worker)."""
+        from .fine_tuner import FINE_TUNE
+
         assert self.journal is not None
         job_id = claim.job_id
+        record = self.journal.get(job_id)
+        assert record is not None
         if not record.force:
             earlier = self.journal.success_for(record.content_key)
             if earlier is not None and earlier.id != job_id:
@@ -605,20 +638,50 @@ class Service:
         with job_log(build / "job.log", job_id):
             log.info("job_started", attempt=attempt, files=sorted(claim.files.values()))
             try:
-                ok, metadata = self._call_fine_tuner(claim, build)
-            except TrainingInterruptedError:
-                ok, metadata = False, {"interrupted": True}
+                plan = self._plan(claim, build)
             except (FineTunerError, DatasetTooSmallWarning) as exc:
-                ok, metadata = False, {}
-                error = exc.to_dict() if isinstance(exc, FineTunerError) else {
-                    "error_type": type(exc).__name__, "message": str(exc),
-                    "hint": "add rows, or enable fallback to build a model set"}
-        if metadata.get("interrupted"):
-            shutil.rmtree(build, ignore_errors=True)
-            self.journal.requeue(job_id, give_back_attempt=True)
-            claim.release()
-            log.info("job_requeued", reason="shutdown")
-            return "queued"
+                error = _error_fields(exc)
+        if error is not None:
+            self._fail(claim, error, attempts=attempt, build=build)
+            return "failed"
+        if plan.approach == FINE_TUNE:
+            self.journal.await_training(job_id)
+            return self._hand_to_training(_Planned(claim, plan, build, attempt, started))
+        return self._execute_phase(claim, plan, build, attempt)
+
+    def _plan(self, claim: Claim, build: Path):
+        from .fine_tuner import JobInputs
+
+        job_file = claim.files.get("job")
+        values = read_job_file(claim.path / job_file) if job_file else None
+        values = {k: v for k, v in (values or {}).items()}
+        settings = job_settings(self.cfg.defaults, values, source=job_file or "the configuration's defaults")
+        mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
+        inputs = JobInputs(csv_path=claim.path / claim.files["dataset"],
+                           mapping_path=claim.path / mapping if mapping else None,
+                           settings=settings, output_dir=build, stem=Path(claim.files["dataset"]).stem,
+                           job_id=claim.job_id, stop_event=self.job_stop)
+        return self._fine_tuner_instance().plan_job(inputs)
+
+    def _execute_phase(self, claim: Claim, plan: Any, build: Path, attempt: int,
+                       waited_s: float | None = None) -> str:
+        """Build the outputs, publish them, record the result and move the inputs."""
+        assert self.journal is not None
+        job_id = claim.job_id
+        error: dict | None = None
+        interrupted = False
+        ok, metadata = False, {}
+        with job_log(build / "job.log", job_id):
+            if waited_s is not None:
+                log.info("training_lane_started", waited_s=waited_s, attempt=attempt)
+            try:
+                ok, metadata = self._fine_tuner_instance().execute(plan)
+            except TrainingInterruptedError:
+                interrupted = True
+            except (FineTunerError, DatasetTooSmallWarning) as exc:
+                error = _error_fields(exc)
+        if interrupted:
+            return self._give_back(claim, build)
         if error is not None:
             self._fail(claim, error, attempts=attempt, build=build)
             return "failed"
@@ -633,20 +696,68 @@ class Service:
         self._move_inputs(claim, self.paths.processed)
         return "succeeded"
 
-    def _call_fine_tuner(self, claim: Claim, build: Path) -> tuple[bool, dict]:
-        from .fine_tuner import JobInputs
+    def _give_back(self, claim: Claim, build: Path) -> str:
+        """Shutdown: the job goes back to the queue, its attempt not counted; inputs stay in .work/."""
+        assert self.journal is not None
+        shutil.rmtree(build, ignore_errors=True)
+        self.journal.requeue(claim.job_id, give_back_attempt=True)
+        claim.release()
+        log.info("job_requeued", reason="shutdown")
+        return "queued"
 
-        job_file = claim.files.get("job")
-        values = read_job_file(claim.path / job_file) if job_file else None
-        values = {k: v for k, v in (values or {}).items()}
-        settings = job_settings(self.cfg.defaults, values, source=job_file or "the configuration's defaults")
-        mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
-        inputs = JobInputs(csv_path=claim.path / claim.files["dataset"],
-                           mapping_path=claim.path / mapping if mapping else None,
-                           settings=settings, output_dir=build, stem=Path(claim.files["dataset"]).stem,
-                           job_id=claim.job_id, stop_event=self.job_stop,
-                           training_lock=self.training_lock)
-        return self._fine_tuner_instance().run_job(inputs)
+    # --- the training lane: one thread, one fine-tune at a time ----------------------------------
+
+    def _hand_to_training(self, item: _Planned) -> str | None:
+        with self.training_cv:
+            accepted = not self.training_closed
+            if accepted:
+                self.training_queue.append(item)
+                ahead = len(self.training_queue) - 1 + (self.training_current is not None)
+                self.training_cv.notify()
+        if not accepted:  # planned while the service was stopping
+            return self._give_back(item.claim, item.build)
+        log.info("job_waiting_for_training", jobs_ahead=ahead)
+        return None
+
+    def _training_lane(self) -> None:
+        while True:
+            with self.training_cv:
+                while not self.training_queue and not self.training_closed:
+                    self.training_cv.wait()
+                if self.training_closed:  # the queue was handed back by _shutdown
+                    return
+                item = self.training_queue.popleft()
+                self.training_current = item
+            job_id = item.claim.job_id
+            try:
+                with structlog.contextvars.bound_contextvars(job_id=job_id):
+                    status = self._guarded(item.claim, lambda: self._training_phase(item))
+                    log.info("job_finished", status=status,
+                             duration_s=round(time.monotonic() - item.started, 3))
+            finally:
+                with self.training_cv:
+                    self.training_current = None
+                self.hints.put(("job_done", job_id))
+
+    def _training_phase(self, item: _Planned) -> str:
+        assert self.journal is not None
+        self.journal.resume(item.claim.job_id)
+        return self._execute_phase(item.claim, item.plan, item.build, item.attempt,
+                                   waited_s=round(time.monotonic() - item.started, 3))
+
+    def _close_training_lane(self) -> list[_Planned]:
+        """Stop the lane taking jobs; returns the fine-tunes that were waiting (to give back)."""
+        with self.training_cv:
+            self.training_closed = True
+            waiting = list(self.training_queue)
+            self.training_queue.clear()
+            self.training_cv.notify_all()
+        return waiting
+
+    def _training_counts(self) -> tuple[int, int]:
+        """(training now, waiting for training)."""
+        with self.training_cv:
+            return int(self.training_current is not None), len(self.training_queue)
 
     def _fail(self, claim: Claim, error: dict, *, attempts: int | None = None,
               build: Path | None = None) -> None:
@@ -665,3 +776,22 @@ class Service:
         log.warning("job_failed", error_type=error.get("error_type"), message=error.get("message"),
                     hint=error.get("hint"), attempts=error["attempts"])
         self._move_inputs(claim, self.paths.failed, note=("error.json", error))
+
+
+@dataclass
+class _Planned:
+    """A planned fine-tune handed from a pool worker to the training lane."""
+
+    claim: Claim
+    plan: Any  # fine_tuner.JobPlan
+    build: Path
+    attempt: int
+    started: float  # monotonic time the job started on the pool (job_finished's duration_s)
+
+
+def _error_fields(exc: BaseException) -> dict:
+    """error.json fields for an expected job failure."""
+    if isinstance(exc, FineTunerError):
+        return exc.to_dict()
+    return {"error_type": type(exc).__name__, "message": str(exc),
+            "hint": "add rows, or enable fallback to build a model set"}

@@ -37,6 +37,21 @@ def test_start_counts_attempts_and_requeue_gives_one_back(journal):
     assert journal.start("j1") == 2
 
 
+def test_planned_fine_tune_waits_resumes_and_is_given_back_without_its_attempt(journal):
+    """await_training keeps the attempt and marks approach fine_tune; resume runs it; requeue clears both."""
+    journal.add_job("j1", "s", INPUTS, "k")
+    assert journal.start("j1") == 1
+    journal.await_training("j1")
+    job = journal.get("j1")
+    assert (job.state, job.attempts, job.approach) == ("queued", 1, "fine_tune")
+    journal.resume("j1")
+    job = journal.get("j1")
+    assert (job.state, job.attempts, job.approach) == ("running", 1, "fine_tune")
+    journal.requeue("j1", give_back_attempt=True)
+    job = journal.get("j1")
+    assert (job.state, job.attempts, job.approach) == ("queued", 0, None)
+
+
 def test_success_owns_content_key_and_force_takes_it_over(journal):
     """A success becomes the owner of its content key; a forced reprocess becomes the new owner."""
     journal.add_job("j1", "s", INPUTS, "key")
