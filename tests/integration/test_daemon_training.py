@@ -1,0 +1,98 @@
+"""Fine-tuning through the daemon: the training lane, status while waiting, give-back on SIGTERM, restart.
+
+A real LoRA run of the tiny Llama (``tests/tiny_model.py``) on the CPU, registered in the fake Ollama.
+The first daemon's trainer children hang (``FT_TRAINER_TEST_HOOK=hang``, set only in that daemon's
+environment), so the test controls when training is in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from daemon.journal import Journal
+from tests.conftest import leftovers, wait_for
+from tests.integration.conftest import MARKER, REPO, all_log_text
+
+FT_JOB = b"approach: fine_tune\nmodel: tiny-llama\nepochs: 1\nlearning_rate: 0.002\nbatch_size: 4\n"
+
+
+def _status(root) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "daemon", "status", "--json", "--config", str(root.config),
+                           "--root", str(root.path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_fine_tunes_run_in_their_lane_are_given_back_on_sigterm_and_finish_after_restart(
+        root, start_daemon, fake_ollama, tiny_model_dir):
+    """Two fine-tune drops: one trains, one waits (status shows it) while a model-set drop still
+    succeeds; SIGTERM gives both back (exit 0, inputs in .work/, journal queued, attempt not counted);
+    a restart trains both into outputs/<job_id>/adapter with progress lines bound to the job id."""
+    fake_ollama.add_model("tiny-llama:latest", architecture="llama")
+    root.write_config(ollama={"host": fake_ollama.url, "register": "auto", "retries": 0},
+                      base_models={"tiny-llama:latest": str(tiny_model_dir)},
+                      training={"sequence_len": 512, "device": "cpu", "grace_s": 2.0})
+    d = start_daemon(env={"FT_TRAINER_TEST_HOOK": "hang"})
+    d.wait_event("daemon_ready")
+    for i, stem in enumerate(("ft1", "ft2")):
+        root.drop_bytes(f"{stem}.job.yaml", FT_JOB)
+        root.drop_dataset(stem, rows=60, seed=300 + i)
+    d.wait_event("job_waiting_for_training", count=2, timeout=30)
+    d.wait_event("training_started", timeout=30)
+    [trained_first] = {x["job_id"] for x in d.events("training_started")}
+
+    root.drop_dataset("quick", seed=400)  # the pool is not blocked by training
+    wait_for(lambda: root.job_folders(root.processed, "quick"), timeout=20, message="model set while training")
+    report = _status(root)
+    assert [(j["job_id"], j["approach"]) for j in report["running"]] == [(trained_first, "fine_tune")]
+    [waiting] = report["queued"]
+    assert (waiting["waiting_for"], waiting["attempts"]) == ("training", 1)
+    job_ids = sorted([trained_first, waiting["job_id"]])
+
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(timeout=30) == 0
+    assert sorted(os.listdir(root.inbox / ".work")) == job_ids
+    for job_id in job_ids:
+        stem = job_id.split("-")[0]
+        assert sorted(os.listdir(root.inbox / ".work" / job_id)) == [
+            f"{stem}.csv", f"{stem}.job.yaml", f"{stem}.mapping.json"]
+        assert not (root.outputs / job_id).exists()
+    with Journal(root.path / ".fine-tuner" / "journal.sqlite3") as journal:
+        assert [(journal.get(j).state, journal.get(j).attempts) for j in job_ids] == [("queued", 0)] * 2
+    assert sorted(x["job_id"] for x in d.events("job_requeued")) == job_ids
+    assert sorted((x["job_id"], x["status"]) for x in d.events("job_finished")
+                  if x["job_id"] in job_ids) == [(j, "queued") for j in job_ids]
+    assert d.events("training_interrupted")[0]["job_id"] == trained_first
+
+    again = start_daemon(log_name="daemon-restart.log")
+    wait_for(lambda: len(root.folders(root.processed)) == 3, timeout=180, message="both fine-tunes done")
+    again.signal(signal.SIGTERM)
+    assert again.wait_exit(timeout=30) == 0
+    assert sorted((x["job_id"], x["status"]) for x in again.events("job_finished")) == [
+        (j, "succeeded") for j in job_ids]
+    progress = again.events("training_progress")
+    assert {x["job_id"] for x in progress} == set(job_ids)
+    for job_id in job_ids:
+        out = root.outputs / job_id
+        for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "training_log.jsonl",
+                     "training_data.jsonl", "Modelfile", "fine_tuning_metadata.json", "job.log"):
+            assert (out / name).is_file(), (job_id, name)
+        meta = json.loads((out / "fine_tuning_metadata.json").read_text())
+        assert (meta["approach"], meta["registration"]["registered"]) == ("fine_tune", True)
+        assert fake_ollama.get_model(meta["fine_tune"]["model_name"]) is not None
+        events = [json.loads(line) for line in (out / "job.log").read_text().splitlines()]
+        assert {x["job_id"] for x in events} == {job_id}
+        names = [x["event"] for x in events]
+        # job.log spans both phases: planned on the pool, trained in the lane
+        assert {"job_started", "approach_selected", "training_lane_started", "training_progress",
+                "adapter_registered", "dataset_processed"} <= set(names)
+        assert (root.processed / job_id).is_dir()
+    with Journal(root.path / ".fine-tuner" / "journal.sqlite3") as journal:
+        assert [(journal.get(j).state, journal.get(j).attempts) for j in job_ids] == [("succeeded", 1)] * 2
+    assert os.listdir(root.inbox / ".work") == []
+    assert leftovers(root.path) == []
+    assert MARKER not in all_log_text(root)
