@@ -50,9 +50,10 @@ from .errors import (
     UnmappedRatingError,
 )
 
-if TYPE_CHECKING:  # pandas is imported lazily by the implementation where it is needed
+if TYPE_CHECKING:  # pandas and pyarrow are imported lazily by the implementation where needed
     import numpy as np
     import pandas as pd
+    import pyarrow as pa
 
 PROMPT_COLUMNS = ("formatted_prompt", "Prompt")
 RATING_COLUMN = "Standardized_Rating"
@@ -412,6 +413,97 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
                 row=record if record else None, column=column,
                 hint="shorten that cell (prompts are short records, not documents) and drop the file again")
 
+    df = _read_body_arrow(path, delimiter, encoding, width)
+    if df is None:
+        df = _read_body_pandas(path, delimiter, encoding, name)
+    if df.empty:
+        raise EmptyDatasetError("the file has a header but no data rows", file=name,
+                                hint="add the rated rows and drop the file again")
+    if size > max_cell_bytes:
+        _check_cell_lengths(df, max_cell_bytes, name)
+    info = ReadInfo(file=name, sha256=scan.sha256, size_bytes=size, encoding=encoding,
+                    delimiter=delimiter, warnings=tuple(warnings))
+    return df, info
+
+
+def _read_body_arrow(path: Path, delimiter: str, encoding: str, width: int) -> pd.DataFrame | None:
+    """The fast reader: pyarrow's multi-threaded CSV parser into Arrow-backed ``str`` columns (no
+    Python object per cell, about the CSV's size in memory). None when the file needs what only
+    pandas does the way this module promises (cp1252, short rows padded with "", a header that does
+    not parse like the rows): the caller then reads it with pandas, so every odd file keeps exactly
+    the pandas behaviour and messages. Arrow's own error texts quote cells and are never shown."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    if encoding not in ("utf-8", "utf-8-sig"):
+        return None
+    # The header is read as data row 0 under generated names, so it is split by the same parser
+    # as the rows; Arrow skips a UTF-8 BOM itself.
+    names = [f"f{i}" for i in range(width)]
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(use_threads=True, autogenerate_column_names=True),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"', double_quote=True,
+                                             escape_char=False, newlines_in_values=True,
+                                             ignore_empty_lines=True),
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.large_string()),
+                                                 strings_can_be_null=False, quoted_strings_can_be_null=False,
+                                                 check_utf8=True))
+    except (pa.ArrowException, OSError):
+        return None
+    if table.column_names != names or any(t != pa.large_string() for t in table.schema.types):
+        return None
+    header = [str(v) for v in table.slice(0, 1).to_pylist()[0].values()]
+    body = table.slice(1)
+    columns = _pandas_column_names(header)
+    frame = _frame_of({i: body.column(i) for i in range(width)})
+    frame.columns = [c.strip().lstrip("\ufeff") for c in columns]
+    return frame
+
+
+def _pandas_column_names(header: list[str]) -> list[str]:
+    """Header cells named the way ``pd.read_csv`` names them: an empty name becomes ``Unnamed: i``
+    and a repeated one ``name.1``, ``name.2``, ... (before names are stripped, as pandas does)."""
+    names = [h if h else f"Unnamed: {i}" for i, h in enumerate(header)]
+    counts: dict[str, int] = {}
+    for i, col in enumerate(names):
+        seen = counts.get(col, 0)
+        while seen > 0:
+            counts[col] = seen + 1
+            col = f"{col}.{seen}"
+            seen = counts.get(col, 0)
+        names[i] = col
+        counts[col] = seen + 1
+    return names
+
+
+def _frame_of(columns: dict[Any, Any]) -> pd.DataFrame:
+    """A DataFrame whose Arrow string columns (``pa.ChunkedArray``/``pa.Array``) become pandas ``str``
+    columns without copying; other values (numpy arrays) are passed through."""
+    import pandas as pd
+
+    return pd.DataFrame({key: _str_series(value) for key, value in columns.items()}, copy=False)
+
+
+def _str_series(values: Any) -> Any:
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    if isinstance(values, pa.Array):
+        values = pa.chunked_array([values])
+    if isinstance(values, pa.ChunkedArray):
+        if values.type != pa.large_string():
+            values = values.cast(pa.large_string())
+        return pd.Series(pd.arrays.ArrowStringArray(values, dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
+                         copy=False)
+    return values
+
+
+def _read_body_pandas(path: Path, delimiter: str, encoding: str, name: str) -> pd.DataFrame:
+    import pandas as pd
+
     try:
         df = pd.read_csv(path, sep=delimiter, dtype=object, na_filter=False, keep_default_na=False,
                          encoding=encoding, engine="c", quotechar='"', doublequote=True,
@@ -430,16 +522,8 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
     except (ValueError, csv.Error):
         raise DatasetFormatError("the CSV could not be parsed", file=name,
                                  hint="export the dataset again as CSV and drop it again") from None
-
     df.columns = [str(c).strip().lstrip("\ufeff") for c in df.columns]
-    if df.empty:
-        raise EmptyDatasetError("the file has a header but no data rows", file=name,
-                                hint="add the rated rows and drop the file again")
-    if size > max_cell_bytes:
-        _check_cell_lengths(df, max_cell_bytes, name)
-    info = ReadInfo(file=name, sha256=scan.sha256, size_bytes=size, encoding=encoding,
-                    delimiter=delimiter, warnings=tuple(warnings))
-    return df, info
+    return df
 
 
 def _column_label(name: str | None, index: int) -> str:
@@ -450,14 +534,20 @@ def _column_label(name: str | None, index: int) -> str:
 
 
 def _check_cell_lengths(df: pd.DataFrame, limit: int, name: str) -> None:
-    """Cells that span several lines escape the line-length pre-scan; ``max(map(len, ...))`` is a
-    few milliseconds per column, so every column is checked."""
+    """Cells that span several lines escape the line-length pre-scan, so every column is checked
+    after parsing: byte lengths come free from Arrow's offsets, and characters (the unit this check
+    has always counted) are only counted for a column whose bytes exceed the limit."""
+    import numpy as np
+    import pyarrow.compute as pc
+
     for index, column in enumerate(df.columns):
-        values = df[column].to_numpy(dtype=object)
-        if len(values) and max(map(len, values)) > limit:
-            row = next(i for i, v in enumerate(values) if len(v) > limit) + 1
+        values = _arrow_text(df.iloc[:, index])
+        if not len(values) or pc.max(pc.binary_length(values)).as_py() <= limit:
+            continue
+        over = np.flatnonzero(pc.greater(pc.utf8_length(values), limit).to_numpy(zero_copy_only=False))
+        if len(over):
             raise DatasetFormatError(
-                f"a cell is larger than the limit of {limit} bytes", file=name, row=row,
+                f"a cell is larger than the limit of {limit} bytes", file=name, row=int(over[0]) + 1,
                 column=_column_label(str(column), index),
                 hint="shorten that cell (prompts are short records, not documents) and drop the file again")
 
@@ -588,17 +678,24 @@ def infer_mapping(df: pd.DataFrame, source: str = "<dataframe>") -> RatingMappin
             file=source,
             hint=f'add {stem}.mapping.json next to the CSV with labels as keys and integer ratings as values, '
                  f'e.g. {{"Match": 1, "Does Not Match": 0, "Unknown": -1}}')
-    labels_text = _stripped(_text_values(df[EXPERT_RATING_COLUMN]))
-    ratings, empty, invalid = _parse_ratings(_text_values(df[RATING_COLUMN]))
-    _raise_invalid(invalid, source, labels_text != "")
-    usable = ~empty & (labels_text != "")
+    labels_text = _strip(_arrow_text(df[EXPERT_RATING_COLUMN]))
+    has_label = _nonempty(labels_text)
+    ratings, empty, invalid = _parse_ratings(_arrow_text(df[RATING_COLUMN]))
+    _raise_invalid(invalid, source, has_label)
+    usable = ~empty & has_label
     if not usable.any():
         raise MappingError(f"cannot infer the rating mapping: no row has both {EXPERT_RATING_COLUMN!r} and "
                            f"{RATING_COLUMN!r}", file=source,
                            hint=f"add {stem}.mapping.json next to the CSV with labels as keys and integer ratings")
-    seen: dict[str, set[int]] = {}
-    for label, rating in zip(labels_text[usable], ratings[usable]):
-        seen.setdefault(label, set()).add(int(rating))
+    # Distinct (label, rating) pairs without a Python loop over rows; dictionary codes follow first
+    # appearance, so labels keep the order in which the file first shows them.
+    encoded = labels_text.filter(usable).combine_chunks().dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    pairs = np.unique(np.column_stack([codes, ratings[usable]]), axis=0)
+    names = encoded.dictionary.to_pylist()
+    seen: dict[str, set[int]] = {name: set() for name in names}
+    for code, rating in pairs.tolist():
+        seen[names[code]].add(rating)
     conflicts = {label: sorted(values) for label, values in seen.items() if len(values) > 1}
     if conflicts:
         shown = ", ".join(f"{label!r} ({'/'.join(map(str, v))})" for label, v in list(conflicts.items())[:_ROW_LIST])
@@ -625,6 +722,67 @@ def _text_values(series: pd.Series) -> np.ndarray:
     return out
 
 
+def _arrow_text(series: pd.Series) -> pa.ChunkedArray:
+    """The column as Arrow ``large_string`` with missing values as "": zero-copy for the Arrow-backed
+    string columns ``read_csv`` returns (and pandas 3 makes by default); other columns go through
+    ``str()`` per value, as they always did."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dtype = series.dtype
+    arrow_backed = ((isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow")
+                    or (isinstance(dtype, pd.ArrowDtype)
+                        and (pa.types.is_string(dtype.pyarrow_dtype) or pa.types.is_large_string(dtype.pyarrow_dtype))))
+    if arrow_backed:
+        values = series.array.__arrow_array__()
+        if not isinstance(values, pa.ChunkedArray):
+            values = pa.chunked_array([values])
+    else:
+        try:
+            values = pa.chunked_array([pa.array(_text_values(series), type=pa.large_string())])
+        except (pa.ArrowException, UnicodeEncodeError):
+            raise DatasetEncodingError(
+                f"the column {str(series.name)!r} holds text that is not valid Unicode (a lone surrogate)",
+                column=str(series.name), hint="clean that column's text and try again") from None
+    if values.type != pa.large_string():
+        values = values.cast(pa.large_string())
+    if values.null_count:
+        values = pc.fill_null(values, "")
+    return values
+
+
+# What str.strip() removes: Python's whitespace, which is not Arrow's (U+001C..U+001F, U+0085).
+_WHITESPACE = tuple(ch for ch in map(chr, range(0x3001)) if ch.isspace())
+
+
+def _strip(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``str.strip()`` of every value, exactly. Only a value whose first or last character is
+    whitespace can change, which two one-character slices find; those few are stripped in Python,
+    and a column with none is returned as it is (no copy)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not len(values):
+        return values
+    spaces = pa.array(_WHITESPACE, type=pa.large_string())
+    edge = pc.or_(pc.is_in(pc.utf8_slice_codeunits(values, 0, 1), value_set=spaces),
+                  pc.is_in(pc.utf8_slice_codeunits(values, -1), value_set=spaces))
+    mask = edge.to_numpy(zero_copy_only=False)
+    if not mask.any():
+        return values
+    fixed = [v.strip() for v in values.take(np.flatnonzero(mask)).to_pylist()]
+    flat = values.combine_chunks()
+    return pa.chunked_array([pc.replace_with_mask(flat, pa.array(mask), pa.array(fixed, type=pa.large_string()))])
+
+
+def _nonempty(values: pa.ChunkedArray) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.greater(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
+
+
 def _parse_rating_text(text: str) -> int | None:
     text = text.strip()
     if _INT_TEXT.fullmatch(text):
@@ -636,13 +794,14 @@ def _parse_rating_text(text: str) -> int | None:
     return int(value) if math.isfinite(value) and value.is_integer() else None
 
 
-def _parse_ratings(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _parse_ratings(texts: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(int64 ratings, empty mask, invalid mask). Parses each distinct text once: a rating column
     has a handful of distinct values, so this is O(rows) in C plus O(distinct) in Python."""
     import numpy as np
-    import pandas as pd
 
-    codes, uniques = pd.factorize(texts)
+    encoded = texts.combine_chunks().dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    uniques = encoded.dictionary.to_pylist()
     parsed = np.zeros(len(uniques), dtype=np.int64)
     kind = np.zeros(len(uniques), dtype=np.int8)  # 0 ok, 1 empty, 2 invalid
     for i, text in enumerate(uniques):
@@ -710,34 +869,46 @@ def _resolve_columns(df: pd.DataFrame, source: str) -> dict[str, str]:
     return columns
 
 
-def _conflicting_duplicates(prompts: np.ndarray, ratings: np.ndarray) -> int:
-    """How many distinct prompts appear with more than one rating. Set operations only (C speed):
-    one set of all prompts; one per rating only when some prompt repeats; a count only when the
-    per-rating sets overlap."""
+_DUPLICATE_BUCKETS = 8
+
+
+def _conflicting_duplicates(prompts: pa.ChunkedArray, ratings: np.ndarray) -> int:
+    """How many distinct prompts appear with more than one rating.
+
+    Equal prompts have equal byte lengths, so rows are checked in buckets of ``length % 8``: each
+    bucket's distinct count needs a hash table of an eighth of the prompts, not of all of them (the
+    peak memory of this step), and the common answer, "every prompt distinct", needs nothing more.
+    Only a bucket with repeats is grouped by prompt to count those with several ratings."""
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    distinct = set(prompts.tolist())
-    if len(distinct) == len(prompts):  # every prompt distinct: the common case
-        return 0
-    per_rating = [set(prompts[ratings == value].tolist()) for value in np.unique(ratings)]
-    if sum(map(len, per_rating)) == len(distinct):
-        return 0
-    counts = Counter(chain.from_iterable(per_rating))
-    return sum(1 for n in counts.values() if n > 1)
-
-
-def _stripped(values: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    return np.fromiter(map(str.strip, values), dtype=object, count=len(values))
+    lengths = pc.binary_length(prompts).to_numpy(zero_copy_only=False)
+    conflicts = 0
+    for bucket in range(_DUPLICATE_BUCKETS):
+        rows = np.flatnonzero(lengths % _DUPLICATE_BUCKETS == bucket)
+        if len(rows) < 2:
+            continue
+        members = prompts.take(rows)
+        if pc.count_distinct(members).as_py() == len(rows):
+            continue
+        grouped = pa.table({"prompt": members, "rating": ratings[rows]}).group_by("prompt").aggregate(
+            [("rating", "count_distinct")])
+        conflicts += int(pc.sum(pc.greater(grouped["rating_count_distinct"], 1)).as_py() or 0)
+    return conflicts
 
 
 def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, source: str = "<dataframe>",
                    read_info: ReadInfo | None = None) -> Dataset:
     """Turn a raw table into a ``Dataset``: resolve columns, drop rows with an empty prompt or rating,
-    parse ratings, check them against the mapping (inferred when None), count conflicting duplicates."""
+    parse ratings, check them against the mapping (inferred when None), count conflicting duplicates.
+
+    Works on Arrow columns throughout (strip, empty checks, rating parsing, duplicates), so a large
+    file never becomes one Python object per cell; ``frame``'s text columns are pandas ``str``
+    (Arrow-backed) and share the parsed buffers when no row is dropped or stripped."""
     import numpy as np
     import pandas as pd
+    import pyarrow as pa
 
     if not isinstance(df, pd.DataFrame):
         raise DatasetError(f"expected a pandas DataFrame, got {type(df).__name__}", file=source)
@@ -748,9 +919,9 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
         raise EmptyDatasetError("the dataset has no data rows", file=source,
                                 hint="add the rated rows and try again")
 
-    prompts = _stripped(_text_values(df[columns["prompt"]]))
-    ratings, empty_rating, invalid = _parse_ratings(_text_values(df[RATING_COLUMN]))
-    empty_prompt = prompts == ""
+    prompts = _strip(_arrow_text(df[columns["prompt"]]))
+    ratings, empty_rating, invalid = _parse_ratings(_arrow_text(df[RATING_COLUMN]))
+    empty_prompt = ~_nonempty(prompts)
     empty_rating &= ~empty_prompt
     keep = ~(empty_prompt | empty_rating)
     _raise_invalid(invalid, source, keep)
@@ -777,16 +948,22 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
             hint="fill in the prompt and rating of each row and drop the file again")
 
     positions = np.flatnonzero(keep)
+    everything = len(positions) == rows_read
+
+    def kept(values: pa.ChunkedArray) -> pa.ChunkedArray:
+        # the common case keeps every row: the columns are the parsed buffers themselves, no copy
+        return values if everything else values.take(positions)
+
     data: dict[str, Any] = {
-        "prompt": prompts[keep],
+        "prompt": kept(prompts),
         "rating": kept_ratings.astype(np.int64),
-        "rationale": (_stripped(_text_values(df[columns["rationale"]])[keep])
-                      if "rationale" in columns else np.full(len(positions), "", dtype=object)),
+        "rationale": (kept(_strip(_arrow_text(df[columns["rationale"]]))) if "rationale" in columns
+                      else pa.chunked_array([pa.repeat("", len(positions)).cast(pa.large_string())])),
     }
     if "id" in columns:
-        data["row_id"] = _text_values(df[columns["id"]])[keep]
+        data["row_id"] = kept(_arrow_text(df[columns["id"]]))
     data["source_row"] = positions + 1
-    frame = pd.DataFrame(data)
+    frame = _frame_of(data)
 
     warnings = list(read_info.warnings) if read_info else []
     if dropped["empty_prompt"]:
