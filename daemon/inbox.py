@@ -7,9 +7,13 @@ convention; a rename is taken at once). Refused into ``failed/``: symlinks (the 
 never followed), FIFOs and other non-regular files, directories, unknown extensions and files over
 ``max_input_bytes``. A file written in place is complete after its close-after-write event and no
 further change for ``settle_s``; a file found by a scan (start-up, rescan, event overflow, polling)
-after its size and mtime stayed the same for ``settle_s``. Drop the job file before the dataset: a
-dataset is claimed as soon as it and its mapping are complete; one without a mapping waits
-``pair_timeout_s`` for it. Mappings and job files without a dataset wait (they are "orphans").
+after its size and mtime stayed the same for ``settle_s``. The order of a drop's files does not
+matter: a dataset without a mapping waits ``pair_timeout_s`` for it (then the default or inferred
+mapping is used); a complete dataset and mapping without a job file wait ``job_wait_s`` for one
+(a job file dropped in that window still joins the drop); a drop with all three complete is
+claimed at once, so include a job file (it may be empty) to skip the wait. A companion that is
+still being written holds its dataset back. Mappings and job files without a dataset wait (they
+are "orphans").
 
 Claiming renames the dataset (the anchor: whoever renames it owns the drop) and then its companions
 into ``.work/.claim-<random>/``, hashes them there, and renames that folder to ``.work/<job_id>/``.
@@ -136,14 +140,16 @@ class InboxTracker:
     Owned by the service's main loop (not thread-safe). Events are hints; ``scan`` is the truth.
     """
 
-    def __init__(self, inbox: Path, *, settle_s: float, max_input_bytes: int,
+    def __init__(self, inbox: Path, *, settle_s: float, max_input_bytes: int, job_wait_s: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.inbox = Path(inbox)
         self.settle_s = settle_s
+        self.job_wait_s = job_wait_s
         self.max_input_bytes = max_input_bytes
         self.clock = clock
         self.entries: dict[str, Entry] = {}
-        self._dataset_ready_at: dict[str, float] = {}
+        self._dataset_ready_at: dict[str, float] = {}  # dataset complete (pair_timeout_s runs)
+        self._paired_at: dict[str, float] = {}  # dataset and mapping complete (job_wait_s runs)
 
     def refresh(self, name: str, *, event: str | None = None) -> Entry | None:
         """Re-stat one entry (after an event or during a scan); returns it, None when gone/ignored."""
@@ -195,6 +201,7 @@ class InboxTracker:
     def forget(self, name: str) -> None:
         self.entries.pop(name, None)
         self._dataset_ready_at.pop(name, None)
+        self._paired_at.pop(name, None)
 
     def refusals(self) -> list[Refusal]:
         """Entries to move to ``failed/``: links and special files at once, others once settled."""
@@ -233,8 +240,13 @@ class InboxTracker:
             job, job_pending = self._companion(e.stem, JOB, now)
             if mapping_pending or job_pending:
                 continue
-            if mapping is None and now - ready_at < pair_timeout_s:
-                continue
+            if mapping is None:
+                if now - ready_at < max(pair_timeout_s, self.job_wait_s):
+                    continue
+            elif job is None:
+                paired_at = self._paired_at.setdefault(e.name, now)
+                if now - paired_at < self.job_wait_s:
+                    continue
             out.append(Drop(e.stem, e.name, mapping, job))
         return out
 
@@ -249,8 +261,11 @@ class InboxTracker:
             if not e.settled(now, self.settle_s) and not e.writing:
                 waits.append(self.settle_s - (now - e.changed_at))
         for name, at in self._dataset_ready_at.items():
+            if name in self.entries and name not in self._paired_at:
+                waits.append(max(pair_timeout_s, self.job_wait_s) - (now - at))
+        for name, at in self._paired_at.items():
             if name in self.entries:
-                waits.append(pair_timeout_s - (now - at))
+                waits.append(self.job_wait_s - (now - at))
         return max(0.0, min(waits)) if waits else None
 
 

@@ -231,7 +231,8 @@ class Service:
             make_private_dir(d)
         self.journal = Journal(p.journal)
         self.tracker = InboxTracker(p.inbox, settle_s=self.cfg.watch.settle_s,
-                                    max_input_bytes=self.cfg.watch.max_input_bytes)
+                                    max_input_bytes=self.cfg.watch.max_input_bytes,
+                                    job_wait_s=self.cfg.watch.job_wait_s)
         self._install_signals()
         log.info("daemon_started", version=__version__, pid=os.getpid(), inbox=str(p.inbox),
                  outputs=str(p.outputs), journal=str(p.journal), workers=self.cfg.watch.workers,
@@ -409,6 +410,7 @@ class Service:
             self._fine_tuner = None
             assert self.tracker is not None
             self.tracker.settle_s = self.cfg.watch.settle_s
+            self.tracker.job_wait_s = self.cfg.watch.job_wait_s
             self.tracker.max_input_bytes = self.cfg.watch.max_input_bytes
             log.info("config_reloaded", source=str(self.config_path) if self.config_path else None)
         self.notifier.ready(self._status_line())

@@ -140,6 +140,42 @@ def test_dataset_without_mapping_waits_pair_timeout(dirs):
     assert tracker.ready_drops(2.0) == [Drop("d", "d.csv", None, "d.job.yaml")]
 
 
+def test_complete_pair_waits_job_wait_for_a_late_job_file(dirs):
+    """A dataset and mapping without a job file wait job_wait_s; a job file arriving then joins the drop."""
+    inbox = dirs[0]
+    clock = Clock()
+    tracker = InboxTracker(inbox, settle_s=0.5, max_input_bytes=1 << 20, job_wait_s=0.4, clock=clock)
+    for name in ("e.mapping.json", "e.csv", "f.mapping.json", "f.csv"):
+        (inbox / name).write_text("x")
+        tracker.refresh(name, event="moved_in")
+    assert tracker.ready_drops(5.0) == []
+    assert tracker.next_deadline(5.0) == pytest.approx(0.4)
+    clock.now += 0.3
+    (inbox / "e.job.yaml").write_text("epochs: 1\n")
+    tracker.refresh("e.job.yaml", event="moved_in")
+    assert tracker.ready_drops(5.0) == [Drop("e", "e.csv", "e.mapping.json", "e.job.yaml")]
+    tracker.forget("e.csv")
+    clock.now += 0.2
+    assert tracker.ready_drops(5.0) == [Drop("f", "f.csv", "f.mapping.json", None)]
+
+
+def test_job_file_being_written_holds_its_dataset_back(dirs):
+    """A job file still open for writing keeps a complete dataset and mapping waiting past job_wait_s."""
+    inbox = dirs[0]
+    clock = Clock()
+    tracker = InboxTracker(inbox, settle_s=0.5, max_input_bytes=1 << 20, job_wait_s=0.1, clock=clock)
+    for name in ("g.mapping.json", "g.csv"):
+        (inbox / name).write_text("x")
+        tracker.refresh(name, event="moved_in")
+    (inbox / "g.job.yaml").write_text("epo")
+    tracker.refresh("g.job.yaml", event="opened")
+    clock.now += 1.0
+    assert tracker.ready_drops(5.0) == []
+    tracker.refresh("g.job.yaml", event="closed")
+    clock.now += 0.5
+    assert tracker.ready_drops(5.0) == [Drop("g", "g.csv", "g.mapping.json", "g.job.yaml")]
+
+
 def test_claim_name_finish_moves_everything_in_one_folder(dirs):
     """A claim takes the drop's files, gets a <stem>-<stamp>-<8 hex> id and ends in processed/."""
     inbox, work, _, processed = dirs

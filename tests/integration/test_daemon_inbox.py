@@ -122,6 +122,21 @@ def test_job_file_settings_and_a_bad_job_file(root, start_daemon):
     assert not (root.outputs / failed.name).exists()
 
 
+def test_job_file_dropped_after_dataset_and_mapping_still_joins(root, start_daemon):
+    """A job file arriving within job_wait_s after a complete dataset and mapping is part of the job."""
+    root.write_config(watch={"job_wait_s": 2.0})
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    root.drop_dataset("late")
+    wait_for(lambda: any(x["file"] == "late.csv" for x in d.events("file_detected")), message="detected")
+    root.drop_bytes("late.job.yaml", b"output_model: late-set\n")
+    [done] = wait_for(lambda: root.job_folders(root.processed, "late"), timeout=20, message="processed")
+    _stop(d)
+    assert sorted(os.listdir(done)) == ["late.csv", "late.job.yaml", "late.mapping.json"]
+    meta = json.loads((root.outputs / done.name / "fine_tuning_metadata.json").read_text())
+    assert meta["parameters"]["output_model"] == "late-set"
+
+
 def test_every_refused_kind_goes_to_failed_while_serving(root, start_daemon):
     """Symlinks, FIFOs, folders, unknown extensions and oversized files are refused; work goes on."""
     root.write_config(watch={"max_input_bytes": 200_000})
