@@ -86,6 +86,7 @@ class PathsConfig:
 class WatchConfig:
     pair_timeout_s: float = 5.0
     settle_s: float = 0.5
+    job_wait_s: float = 0.5  # a complete dataset+mapping without a job file waits this long for one
     rescan_s: float = 30.0
     polling: bool = False
     max_input_bytes: int = 512 * 1024 * 1024
@@ -191,7 +192,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append("defaults.validation_fraction: must be in [0, 1)")
     if t.device not in ("auto", "cpu", "cuda", "mps"):
         problems.append("training.device: must be one of auto, cpu, cuda, mps")
-    for key in ("pair_timeout_s", "settle_s", "rescan_s", "stop_timeout_s"):
+    for key in ("pair_timeout_s", "settle_s", "job_wait_s", "rescan_s", "stop_timeout_s"):
         value = getattr(w, key)
         if value is not None and value < 0:
             problems.append(f"watch.{key}: must not be negative")
