@@ -5,9 +5,10 @@ Usage: ``python bench/prep_throughput.py ROWS [--workdir DIR] [--json]``
 Generates a formatted CSV of ROWS synthetic rows (``daemon.synthetic.write_csv``) and its rating
 mapping, then runs, each in its own child process so that each peak RSS is its own:
 
-(a) project: ``load_dataset`` + ``split_holdout`` + ``training_data.jsonl`` and
-    ``validation_data.jsonl`` written through ``jsonl_chunks`` and ``fsutil.write_lines``
-    (durable, as the product writes them: fsync included);
+(a) project: ``load_dataset`` (mapping, ``read_csv``, ``validate_frame``, each timed) +
+    ``split_holdout`` + ``training_data.jsonl`` and ``validation_data.jsonl`` written from
+    ``jsonl_blocks`` through ``fsutil.atomic_open`` (durable, as the product writes them: fsync
+    included; the time building lines and the time in ``write`` and in the fsyncs are reported apart);
 (b) baseline, what the seed did: ``pd.read_csv``, ``df.iterrows()``, one dict per row, then
     ``json.dumps`` per line written to a file (no fsync).
 
@@ -42,19 +43,49 @@ def _status_kib(key: str) -> int:
 
 def run_project(csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
     from daemon import fsutil, prompts, trainingdata
-    from daemon.dataset import load_dataset
+    from daemon.dataset import load_mapping, read_csv, validate_frame
 
+    # load_dataset's three steps, called one by one so that each is timed
+    stages = dict.fromkeys(("mapping_s", "scan_and_parse_s", "validate_s", "split_s", "build_s", "write_s",
+                            "fsync_s"), 0.0)
     start = time.perf_counter()
-    ds = load_dataset(csv_path, mapping_path)
-    loaded = time.perf_counter()
+    mapping = load_mapping(mapping_path)
+    t = _lap(stages, "mapping_s", start)
+    df, info = read_csv(csv_path)
+    t = _lap(stages, "scan_and_parse_s", t)
+    ds = validate_frame(df, mapping, source=info.file, read_info=info)
+    del df
+    t = _lap(stages, "validate_s", t)
     system = prompts.system_prompt(TOPICS, ds.mapping.labels)
     train, validation = trainingdata.split_holdout(ds)
-    fsutil.write_lines(out_dir / "training_data.jsonl", trainingdata.jsonl_chunks(ds, train, system))
-    fsutil.write_lines(out_dir / "validation_data.jsonl", trainingdata.jsonl_chunks(ds, validation, system))
-    end = time.perf_counter()
-    _report(start, ds.rows_used, stages={"load_s": loaded - start, "split_and_write_s": end - loaded},
+    t = _lap(stages, "split_s", t)
+    for name, positions in (("training_data.jsonl", train), ("validation_data.jsonl", validation)):
+        # as the product writes them: atomically, fsync included
+        handle = fsutil.atomic_open(out_dir / name, "wb")
+        fh = handle.__enter__()
+        blocks = trainingdata.jsonl_blocks(ds, positions, system)
+        while True:
+            block = next(blocks, None)
+            t = _lap(stages, "build_s", t)
+            if block is None:
+                break
+            fh.write(block)
+            t = _lap(stages, "write_s", t)
+        handle.__exit__(None, None, None)
+        t = _lap(stages, "fsync_s", t)
+    _report(start, ds.rows_used, stages=stages, peaks=_PEAKS,
             output_bytes=sum((out_dir / n).stat().st_size for n in ("training_data.jsonl", "validation_data.jsonl")))
     return 0
+
+
+def _lap(stages: dict, key: str, since: float) -> float:
+    now = time.perf_counter()
+    stages[key] += now - since
+    _PEAKS[key.replace("_s", "_peak_rss_mib")] = _status_kib("VmHWM") // 1024
+    return now
+
+
+_PEAKS: dict[str, int] = {}  # peak RSS (VmHWM) at the end of each stage
 
 
 def run_baseline(csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
@@ -98,6 +129,9 @@ def child(kind: str, csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
     # Import everything either side needs before measuring, so "above post-import" is the work alone.
     import numpy  # noqa: F401
     import pandas  # noqa: F401
+    import pyarrow  # noqa: F401
+    import pyarrow.compute  # noqa: F401
+    import pyarrow.csv  # noqa: F401
     import yaml  # noqa: F401
 
     from daemon import dataset, fsutil, prompts, trainingdata  # noqa: F401

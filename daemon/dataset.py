@@ -29,6 +29,7 @@ import codecs
 import csv
 import difflib
 import hashlib
+import io
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .errors import (
     DatasetEncodingError,
@@ -189,56 +190,120 @@ class _Scan:
     utf8_ok: bool
     long_line: bool  # some physical line is longer than the cell limit
 
+    @property
+    def clean(self) -> bool:
+        return self.utf8_ok and not self.has_nul and not self.long_line
+
+
+class _Scanner:
+    """The checks of the streaming pass, fed chunk by chunk: the hash, UTF-8, NUL bytes and line
+    lengths. The expensive checks are skipped when they cannot fail (ASCII chunks, chunks shorter
+    than the limit). ``clean`` stays True while nothing unusual has been seen."""
+
+    def __init__(self, line_limit: int) -> None:
+        self.line_limit = line_limit
+        self.hash = hashlib.sha256()
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.utf8_ok = True
+        self.has_nul = self.long_line = False
+        self.current = 0  # bytes of the line still open at the end of the previous chunk
+        self.sample = b""
+        self.size = 0
+
+    @property
+    def clean(self) -> bool:
+        return self.utf8_ok and not self.has_nul and not self.long_line
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        self.hash.update(chunk)
+        if len(self.sample) < _SAMPLE_BYTES:
+            self.sample += chunk[: _SAMPLE_BYTES - len(self.sample)]
+        if not self.has_nul and b"\x00" in chunk:
+            self.has_nul = True
+        if self.utf8_ok and not (chunk.isascii() and not self.decoder.getstate()[0]):
+            try:
+                self.decoder.decode(chunk)
+            except UnicodeDecodeError:
+                self.utf8_ok = False
+        if self.long_line:
+            return
+        limit = self.line_limit
+        first = chunk.find(b"\n")
+        if first < 0:
+            self.current += len(chunk)
+        else:
+            last = chunk.rfind(b"\n")
+            # interior lines are shorter than the chunk, so only split when the limit is smaller
+            if self.current + first > limit or (
+                    last > first and len(chunk) > limit
+                    and max(map(len, chunk[first + 1:last].split(b"\n"))) > limit):
+                self.long_line = True
+            self.current = len(chunk) - last - 1
+        self.long_line = self.long_line or self.current > limit
+
+    def finish(self) -> _Scan:
+        if self.utf8_ok:
+            try:
+                self.decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                self.utf8_ok = False
+        return _Scan(self.hash.hexdigest(), self.sample, _bom(self.sample), self.has_nul, self.utf8_ok,
+                     self.long_line)
+
+
+def _bom(sample: bytes) -> str | None:
+    if sample.startswith(codecs.BOM_UTF8):
+        return "utf-8"
+    if sample.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if sample.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return None
+
 
 def _scan_file(path: Path, line_limit: int) -> _Scan:
     """Hash the file and check UTF-8, NUL bytes and line lengths in one pass of 1 MiB chunks, so
-    memory stays bounded whatever the file holds. This is on the hot path of every job: the
-    expensive checks are skipped when they cannot fail (ASCII chunks, chunks shorter than the limit)."""
-    h = hashlib.sha256()
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    utf8_ok = True
-    has_nul = long_line = False
-    current = 0  # bytes of the line still open at the end of the previous chunk
-    sample = b""
+    memory stays bounded whatever the file holds."""
+    scanner = _Scanner(line_limit)
     with open(path, "rb") as fh:
         while chunk := fh.read(_SCAN_CHUNK):
-            h.update(chunk)
-            if len(sample) < _SAMPLE_BYTES:
-                sample += chunk[: _SAMPLE_BYTES - len(sample)]
-            if not has_nul and b"\x00" in chunk:
-                has_nul = True
-            if utf8_ok and not (chunk.isascii() and not decoder.getstate()[0]):
-                try:
-                    decoder.decode(chunk)
-                except UnicodeDecodeError:
-                    utf8_ok = False
-            if long_line:
-                continue
-            first = chunk.find(b"\n")
-            if first < 0:
-                current += len(chunk)
-            else:
-                last = chunk.rfind(b"\n")
-                # interior lines are shorter than the chunk, so only split when the limit is smaller
-                if current + first > line_limit or (
-                        last > first and len(chunk) > line_limit
-                        and max(map(len, chunk[first + 1:last].split(b"\n"))) > line_limit):
-                    long_line = True
-                current = len(chunk) - last - 1
-            long_line = long_line or current > line_limit
-    if utf8_ok:
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            utf8_ok = False
-    bom = None
-    if sample.startswith(codecs.BOM_UTF8):
-        bom = "utf-8"
-    elif sample.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
-        bom = "utf-32"
-    elif sample.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        bom = "utf-16"
-    return _Scan(h.hexdigest(), sample, bom, has_nul, utf8_ok, long_line)
+            scanner.feed(chunk)
+    return scanner.finish()
+
+
+class _StopScan(Exception):
+    """Raised into the CSV parser by ``_ScanningReader`` to stop it at the first unusual byte."""
+
+
+class _ScanningReader(io.RawIOBase):
+    """A file that runs ``_Scanner`` over every chunk the CSV parser reads, so the file is read and
+    hashed once, on the parser's reader thread while its worker threads parse; the read stops (the
+    parser fails) at the first chunk that the slow path must look at."""
+
+    def __init__(self, fh: IO[bytes], scanner: _Scanner) -> None:
+        super().__init__()
+        self._fh = fh
+        self._scanner = scanner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._fh.readinto(buffer)
+        if n:
+            self._scanner.feed(bytes(memoryview(buffer)[:n]))
+            if not self._scanner.clean:
+                raise _StopScan
+        return n or 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._fh.read(size)
+        if chunk:
+            self._scanner.feed(chunk)
+            if not self._scanner.clean:
+                raise _StopScan
+        return chunk
 
 
 def _cp1252_ok(path: Path) -> bool:
@@ -366,10 +431,11 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
     Checks run before pandas parses the body, in this order: empty file, binary content, encoding
     (UTF-8 with or without BOM, else cp1252 with a warning), delimiter, header width, oversized
     cells; so a hostile file fails fast with bounded memory."""
-    import pandas as pd
-
     path = Path(path)
     name = path.name
+    fast = _read_csv_fast(path, max_cell_bytes, max_columns)
+    if fast is not None:
+        return fast
     try:
         size = path.stat().st_size
         if size == 0:
@@ -426,7 +492,55 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
     return df, info
 
 
-def _read_body_arrow(path: Path, delimiter: str, encoding: str, width: int) -> pd.DataFrame | None:
+def _read_csv_fast(path: Path, max_cell_bytes: int, max_columns: int) -> tuple[pd.DataFrame, ReadInfo] | None:
+    """``read_csv`` in one pass for the usual file (UTF-8, a header that passes its checks, no
+    binary bytes, no line over the cell limit): the streaming checks run inside the parser's reads.
+    None as soon as anything is unusual; ``read_csv`` then takes the careful path from the start,
+    so every error is the one that path raises, in its order, with its bounded memory."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            sample = fh.read(_SAMPLE_BYTES)
+    except OSError:
+        return None
+    bom = _bom(sample)
+    if not size or bom in ("utf-16", "utf-32") or b"\x00" in sample \
+            or len(_CONTROL_BYTES.findall(sample)) > max(2, len(sample) // 100):
+        return None
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(sample)
+    except UnicodeDecodeError:
+        return None
+    encoding = "utf-8-sig" if bom == "utf-8" else "utf-8"
+    sample_text = sample.decode(encoding, errors="ignore")
+    if not sample_text.strip():
+        return None
+    try:
+        header, _ = _read_header_line(path, encoding)
+    except (OSError, UnicodeDecodeError):
+        return None
+    delimiter = _choose_delimiter(header, sample_text)
+    width = len(_header_fields(header, delimiter))
+    if width > max_columns or _foreign_delimiter(header, delimiter) is not None:
+        return None
+    scanner = _Scanner(max_cell_bytes)
+    try:
+        with open(path, "rb") as raw, _ScanningReader(raw, scanner) as source:
+            df = _read_body_arrow(source, delimiter, encoding, width)
+    except OSError:
+        return None
+    if df is None or scanner.size != size:
+        return None
+    scan = scanner.finish()
+    if not scan.clean or df.empty:
+        return None
+    if size > max_cell_bytes:
+        _check_cell_lengths(df, max_cell_bytes, path.name)
+    return df, ReadInfo(file=path.name, sha256=scan.sha256, size_bytes=size, encoding=encoding,
+                        delimiter=delimiter, warnings=())
+
+
+def _read_body_arrow(source: Path | IO[bytes], delimiter: str, encoding: str, width: int) -> pd.DataFrame | None:
     """The fast reader: pyarrow's multi-threaded CSV parser into Arrow-backed ``str`` columns (no
     Python object per cell, about the CSV's size in memory). None when the file needs what only
     pandas does the way this module promises (cp1252, short rows padded with "", a header that does
@@ -442,7 +556,7 @@ def _read_body_arrow(path: Path, delimiter: str, encoding: str, width: int) -> p
     names = [f"f{i}" for i in range(width)]
     try:
         table = pacsv.read_csv(
-            path,
+            source if isinstance(source, Path) else pa.PythonFile(source, mode="r"),
             read_options=pacsv.ReadOptions(use_threads=True, autogenerate_column_names=True),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"', double_quote=True,
                                              escape_char=False, newlines_in_values=True,
@@ -450,7 +564,7 @@ def _read_body_arrow(path: Path, delimiter: str, encoding: str, width: int) -> p
             convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.large_string()),
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False,
                                                  check_utf8=True))
-    except (pa.ArrowException, OSError):
+    except (pa.ArrowException, OSError, _StopScan):
         return None
     if table.column_names != names or any(t != pa.large_string() for t in table.schema.types):
         return None
@@ -756,25 +870,62 @@ def _arrow_text(series: pd.Series) -> pa.ChunkedArray:
 _WHITESPACE = tuple(ch for ch in map(chr, range(0x3001)) if ch.isspace())
 
 
+def _edge_bytes(values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(first byte, last byte) of every value, read from Arrow's buffers (0 for an empty value)."""
+    import numpy as np
+
+    firsts, lasts = [], []
+    for chunk in values.chunks:
+        n = len(chunk)
+        if not n:
+            continue
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=n + 1, offset=chunk.offset * 8)
+        data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None and data_buf.size else np.zeros(1, np.uint8)
+        filled = offsets[1:] > offsets[:-1]
+        first = np.zeros(n, dtype=np.uint8)
+        last = np.zeros(n, dtype=np.uint8)
+        first[filled] = data[offsets[:-1][filled]]
+        last[filled] = data[offsets[1:][filled] - 1]
+        firsts.append(first)
+        lasts.append(last)
+    if not firsts:
+        return np.zeros(0, np.uint8), np.zeros(0, np.uint8)
+    return np.concatenate(firsts), np.concatenate(lasts)
+
+
+# Bytes that can begin or end a whitespace character: ASCII whitespace, and any non-ASCII byte
+# (a multi-byte character such as U+00A0 or U+3000 starts >= 0xC2 and ends with 0x80..0xBF).
+_EDGE_CANDIDATES = None
+
+
 def _strip(values: pa.ChunkedArray) -> pa.ChunkedArray:
-    """``str.strip()`` of every value, exactly. Only a value whose first or last character is
-    whitespace can change, which two one-character slices find; those few are stripped in Python,
-    and a column with none is returned as it is (no copy)."""
+    """``str.strip()`` of every value, exactly, and no copy of a column that needs none.
+
+    Only a value whose first or last byte may belong to a whitespace character can change; those
+    (none, in a clean column) are checked and stripped in Python."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if not len(values):
+    global _EDGE_CANDIDATES
+    if _EDGE_CANDIDATES is None:
+        table = np.zeros(256, dtype=bool)
+        table[[ord(c) for c in _WHITESPACE if c.isascii()]] = True
+        table[0x80:] = True
+        _EDGE_CANDIDATES = table
+    first, last = _edge_bytes(values)
+    candidates = np.flatnonzero(_EDGE_CANDIDATES[first] | _EDGE_CANDIDATES[last])
+    if not len(candidates):
         return values
-    spaces = pa.array(_WHITESPACE, type=pa.large_string())
-    edge = pc.or_(pc.is_in(pc.utf8_slice_codeunits(values, 0, 1), value_set=spaces),
-                  pc.is_in(pc.utf8_slice_codeunits(values, -1), value_set=spaces))
-    mask = edge.to_numpy(zero_copy_only=False)
-    if not mask.any():
+    texts = take_rows(values, candidates).to_pylist()
+    changed = [i for i, text in enumerate(texts) if text != text.strip()]
+    if not changed:
         return values
-    fixed = [v.strip() for v in values.take(np.flatnonzero(mask)).to_pylist()]
-    flat = values.combine_chunks()
-    return pa.chunked_array([pc.replace_with_mask(flat, pa.array(mask), pa.array(fixed, type=pa.large_string()))])
+    mask = np.zeros(len(values), dtype=bool)
+    mask[candidates[changed]] = True
+    fixed = pa.array([texts[i].strip() for i in changed], type=pa.large_string())
+    return pa.chunked_array([pc.replace_with_mask(values.combine_chunks(), pa.array(mask), fixed)])
 
 
 def _nonempty(values: pa.ChunkedArray) -> np.ndarray:
@@ -869,32 +1020,58 @@ def _resolve_columns(df: pd.DataFrame, source: str) -> dict[str, str]:
     return columns
 
 
-_DUPLICATE_BUCKETS = 8
+_DUPLICATE_BUCKETS = 16  # a power of two: the bucket is length & 15
+
+
+def take_rows(values: pa.ChunkedArray, positions: np.ndarray) -> pa.ChunkedArray:
+    """``values.take(positions)`` chunk by chunk. Arrow's own take on a ChunkedArray first
+    concatenates every chunk (a copy of the whole column per call); this one copies only the rows
+    taken. Runs of positions in the same chunk become one take each, so sorted positions cost one
+    call per chunk they touch."""
+    import numpy as np
+    import pyarrow as pa
+
+    positions = np.asarray(positions, dtype=np.int64)
+    chunks = values.chunks
+    if len(chunks) == 1:
+        return pa.chunked_array([chunks[0].take(positions)], type=values.type)
+    starts = np.cumsum([0] + [len(c) for c in chunks])
+    owner = np.searchsorted(starts, positions, side="right") - 1
+    cuts = np.flatnonzero(np.diff(owner)) + 1
+    pieces = []
+    for run in np.split(np.arange(len(positions)), cuts):
+        if len(run):
+            c = int(owner[run[0]])
+            pieces.append(chunks[c].take(positions[run] - starts[c]))
+    return pa.chunked_array(pieces, type=values.type)
 
 
 def _conflicting_duplicates(prompts: pa.ChunkedArray, ratings: np.ndarray) -> int:
     """How many distinct prompts appear with more than one rating.
 
-    Equal prompts have equal byte lengths, so rows are checked in buckets of ``length % 8``: each
-    bucket's distinct count needs a hash table of an eighth of the prompts, not of all of them (the
-    peak memory of this step), and the common answer, "every prompt distinct", needs nothing more.
-    Only a bucket with repeats is grouped by prompt to count those with several ratings."""
+    Equal prompts have equal byte lengths, so rows are checked in buckets of ``length % 16``: each
+    bucket's hash table holds a sixteenth of the prompts, not all of them (a whole-column table
+    costs about twice the column in memory, the peak of this step). In a bucket with repeats, only
+    the repeated rows' ratings are compared."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    lengths = pc.binary_length(prompts).to_numpy(zero_copy_only=False)
+    buckets = pc.bit_wise_and(pc.binary_length(prompts), _DUPLICATE_BUCKETS - 1)
     conflicts = 0
     for bucket in range(_DUPLICATE_BUCKETS):
-        rows = np.flatnonzero(lengths % _DUPLICATE_BUCKETS == bucket)
-        if len(rows) < 2:
-            continue
-        members = prompts.take(rows)
-        if pc.count_distinct(members).as_py() == len(rows):
-            continue
-        grouped = pa.table({"prompt": members, "rating": ratings[rows]}).group_by("prompt").aggregate(
-            [("rating", "count_distinct")])
-        conflicts += int(pc.sum(pc.greater(grouped["rating_count_distinct"], 1)).as_py() or 0)
+        member = pc.equal(buckets, bucket)
+        # one memo over the bucket's chunks: every chunk of the result shares the whole dictionary
+        encoded = pc.dictionary_encode(pc.filter(prompts, member))
+        if not encoded.num_chunks or len(encoded.chunk(0).dictionary) == len(encoded):
+            continue  # every prompt of the bucket distinct: the common case
+        codes = pa.chunked_array([c.indices for c in encoded.chunks]).to_numpy()
+        repeated = np.bincount(codes)[codes] > 1
+        rows = np.flatnonzero(pa.chunked_array(member).to_numpy(zero_copy_only=False))[repeated]
+        seen: dict[int, set[int]] = {}
+        for code, rating in zip(codes[repeated].tolist(), ratings[rows].tolist()):
+            seen.setdefault(code, set()).add(rating)
+        conflicts += sum(1 for values in seen.values() if len(values) > 1)
     return conflicts
 
 
@@ -952,7 +1129,7 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
 
     def kept(values: pa.ChunkedArray) -> pa.ChunkedArray:
         # the common case keeps every row: the columns are the parsed buffers themselves, no copy
-        return values if everything else values.take(positions)
+        return values if everything else take_rows(values, positions)
 
     data: dict[str, Any] = {
         "prompt": kept(prompts),
