@@ -109,7 +109,6 @@ class Entry:
     writing: bool = False  # opened/modified and not yet closed
     renamed_in: bool = False  # arrived complete by rename
     refusal: str | None = None
-    logged: bool = False  # file_detected was logged
 
     def settled(self, now: float, settle_s: float) -> bool:
         if self.writing:
@@ -138,18 +137,24 @@ class InboxTracker:
     """Follows inbox entries from first sight to "complete"; decides which drops can be claimed.
 
     Owned by the service's main loop (not thread-safe). Events are hints; ``scan`` is the truth.
+    The loop runs on every batch of events, so the work per call is kept to what changed: the
+    datasets, refused and not-yet-settled entries are kept in their own sets, and the wait times
+    of a drop are worked out from its files' settle times instead of being stored.
     """
 
     def __init__(self, inbox: Path, *, settle_s: float, max_input_bytes: int, job_wait_s: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.inbox = Path(inbox)
         self.settle_s = settle_s
-        self.job_wait_s = job_wait_s
         self.max_input_bytes = max_input_bytes
+        self.job_wait_s = job_wait_s
         self.clock = clock
         self.entries: dict[str, Entry] = {}
-        self._dataset_ready_at: dict[str, float] = {}  # dataset complete (pair_timeout_s runs)
-        self._paired_at: dict[str, float] = {}  # dataset and mapping complete (job_wait_s runs)
+        self._new: list[Entry] = []  # first seen since the last take_new()
+        self._datasets: set[str] = set()
+        self._refused: set[str] = set()
+        self._unsettled: set[str] = set()  # may still be waiting for settle_s
+        self._due: list[float] = []  # when drops seen waiting by the last ready_drops() are due
 
     def refresh(self, name: str, *, event: str | None = None) -> Entry | None:
         """Re-stat one entry (after an event or during a scan); returns it, None when gone/ignored."""
@@ -167,17 +172,28 @@ class InboxTracker:
         if entry is None:
             entry = Entry(name, kind, stem, sig, now)
             self.entries[name] = entry
+            self._new.append(entry)
+            if kind == DATASET:
+                self._datasets.add(name)
+            self._unsettled.add(name)
         elif entry.sig != sig:
             entry.sig, entry.changed_at, entry.renamed_in = sig, now, False
+            self._unsettled.add(name)
         if event == "moved_in":
             entry.renamed_in, entry.writing, entry.changed_at = True, False, now
         elif event in ("opened", "modified", "created"):
             entry.writing = event != "created"
             entry.renamed_in = False
             entry.changed_at = now
+            self._unsettled.add(name)
         elif event == "closed":
             entry.writing, entry.changed_at = False, now
+            self._unsettled.add(name)
         entry.refusal = refusal_reason(kind, st, self.max_input_bytes)
+        if entry.refusal is None:
+            self._refused.discard(name)
+        else:
+            self._refused.add(name)
         return entry
 
     def scan(self, *, events_lost: bool = False) -> None:
@@ -187,7 +203,9 @@ class InboxTracker:
         event may have been lost; such files then complete by the settle rule."""
         if events_lost:
             for entry in self.entries.values():
-                entry.writing = False
+                if entry.writing:
+                    entry.writing = False
+                    self._unsettled.add(entry.name)
         try:
             names = set(os.listdir(self.inbox))
         except FileNotFoundError:
@@ -200,22 +218,31 @@ class InboxTracker:
 
     def forget(self, name: str) -> None:
         self.entries.pop(name, None)
-        self._dataset_ready_at.pop(name, None)
-        self._paired_at.pop(name, None)
+        self._datasets.discard(name)
+        self._refused.discard(name)
+        self._unsettled.discard(name)
+
+    def take_new(self) -> list[Entry]:
+        """Entries first seen since the last call (for ``file_detected`` log lines)."""
+        new, self._new = self._new, []
+        return [e for e in new if self.entries.get(e.name) is e]
 
     def refusals(self) -> list[Refusal]:
         """Entries to move to ``failed/``: links and special files at once, others once settled."""
         now = self.clock()
         out = []
-        for e in self.entries.values():
-            if e.refusal is None:
-                continue
+        for name in sorted(self._refused):
+            e = self.entries[name]
             if e.refusal in ("symlink", "not_regular_file") or e.settled(now, self.settle_s):
                 out.append(Refusal(e.name, e.refusal, e.sig[1]))
         return out
 
-    def _companion(self, stem: str, kind: str, now: float) -> tuple[str | None, bool]:
-        """(name of a complete companion, whether one exists but is still being written)."""
+    def _ready_time(self, e: Entry) -> float:
+        """When ``e`` became (or becomes) complete."""
+        return e.changed_at if e.renamed_in else e.changed_at + self.settle_s
+
+    def _companion(self, stem: str, kind: str, now: float) -> tuple[Entry | None, bool]:
+        """(a complete companion, whether one exists but is still being written)."""
         suffixes = MAPPING_SUFFIXES if kind == MAPPING else JOB_SUFFIXES
         pending = False
         for suffix in suffixes:
@@ -224,48 +251,53 @@ class InboxTracker:
                 if e is None or e.refusal is not None:
                     continue
                 if e.settled(now, self.settle_s):
-                    return name, False
+                    return e, False
                 pending = True
         return None, pending
 
-    def ready_drops(self, pair_timeout_s: float) -> list[Drop]:
-        """Datasets that can be claimed now, oldest first, with their complete companions."""
+    def ready_drops(self, pair_timeout_s: float, limit: int | None = None) -> list[Drop]:
+        """Datasets that can be claimed now (at most ``limit``), oldest first, with their complete
+        companions. A dataset without a mapping is due ``pair_timeout_s`` after it is complete; a
+        dataset and mapping without a job file ``job_wait_s`` after both are; with all three at once."""
         now = self.clock()
-        out = []
-        for e in sorted(self.entries.values(), key=lambda x: x.changed_at):
-            if e.kind != DATASET or e.refusal is not None or not e.settled(now, self.settle_s):
+        out: list[Drop] = []
+        self._due = []
+        for e in sorted((self.entries[n] for n in self._datasets), key=lambda x: x.changed_at):
+            if e.refusal is not None or not e.settled(now, self.settle_s):
                 continue
-            ready_at = self._dataset_ready_at.setdefault(e.name, now)
             mapping, mapping_pending = self._companion(e.stem, MAPPING, now)
             job, job_pending = self._companion(e.stem, JOB, now)
             if mapping_pending or job_pending:
                 continue
             if mapping is None:
-                if now - ready_at < max(pair_timeout_s, self.job_wait_s):
-                    continue
+                due = self._ready_time(e) + max(pair_timeout_s, self.job_wait_s)
             elif job is None:
-                paired_at = self._paired_at.setdefault(e.name, now)
-                if now - paired_at < self.job_wait_s:
-                    continue
-            out.append(Drop(e.stem, e.name, mapping, job))
+                due = max(self._ready_time(e), self._ready_time(mapping)) + self.job_wait_s
+            else:
+                due = now
+            if now < due:
+                self._due.append(due)
+                continue
+            out.append(Drop(e.stem, e.name, mapping.name if mapping else None, job.name if job else None))
+            if limit is not None and len(out) >= limit:
+                break
         return out
 
     def waiting_datasets(self) -> int:
-        return sum(1 for e in self.entries.values() if e.kind == DATASET and e.refusal is None)
+        return len(self._datasets) - len(self._datasets & self._refused)
 
-    def next_deadline(self, pair_timeout_s: float) -> float | None:
-        """Seconds until something may become ready without a new event (for the loop's sleep)."""
+    def next_deadline(self) -> float | None:
+        """Seconds until something may become ready without a new event (for the loop's sleep):
+        a file settling, or a drop seen waiting by the last ``ready_drops``. Drops that were due
+        then and not claimed wait for capacity, which a finished job's hint announces."""
         now = self.clock()
-        waits = []
-        for e in self.entries.values():
-            if not e.settled(now, self.settle_s) and not e.writing:
+        waits = [due - now for due in self._due if due > now]
+        for name in list(self._unsettled):
+            e = self.entries.get(name)
+            if e is None or e.settled(now, self.settle_s):
+                self._unsettled.discard(name)
+            elif not e.writing:
                 waits.append(self.settle_s - (now - e.changed_at))
-        for name, at in self._dataset_ready_at.items():
-            if name in self.entries and name not in self._paired_at:
-                waits.append(max(pair_timeout_s, self.job_wait_s) - (now - at))
-        for name, at in self._paired_at.items():
-            if name in self.entries:
-                waits.append(self.job_wait_s - (now - at))
         return max(0.0, min(waits)) if waits else None
 
 

@@ -70,6 +70,7 @@ log = get_logger("service")
 
 JOURNAL_NAME = "journal.sqlite3"
 TICK_S = 0.25  # the longest the loop sleeps: bounds signal, watchdog and settle latency
+ONCE_RESCAN_S = 0.5  # --once has no watcher: it lists the inbox this often (not every tick)
 EXIT_OK = 0
 EXIT_SECOND_SIGNAL = 1
 
@@ -327,7 +328,8 @@ class Service:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self._reload()
-            rescan = self.once or time.monotonic() - last_scan >= self.cfg.watch.rescan_s
+            rescan_s = ONCE_RESCAN_S if self.once else self.cfg.watch.rescan_s
+            rescan = time.monotonic() - last_scan >= rescan_s
             events_lost = False
             timeout = self._sleep_s()
             try:
@@ -368,7 +370,7 @@ class Service:
         if self.once:
             return 0.05
         assert self.tracker is not None
-        deadline = self.tracker.next_deadline(self.cfg.watch.pair_timeout_s)
+        deadline = self.tracker.next_deadline()
         return TICK_S if deadline is None else min(TICK_S, max(deadline, 0.01))
 
     def _drained(self) -> bool:
@@ -419,10 +421,8 @@ class Service:
 
     def _note_new_entries(self) -> None:
         assert self.tracker is not None
-        for entry in self.tracker.entries.values():
-            if not entry.logged:
-                entry.logged = True
-                log.info("file_detected", file=entry.name, kind=entry.kind, size_bytes=entry.sig[1])
+        for entry in self.tracker.take_new():
+            log.info("file_detected", file=entry.name, kind=entry.kind, size_bytes=entry.sig[1])
 
     def _refuse_entries(self) -> None:
         assert self.tracker is not None and self.journal is not None
@@ -445,7 +445,7 @@ class Service:
         capacity = 2 * self.cfg.watch.workers - len(self.ready) - self._running_count()
         if capacity <= 0:
             return
-        for drop in self.tracker.ready_drops(self.cfg.watch.pair_timeout_s)[:capacity]:
+        for drop in self.tracker.ready_drops(self.cfg.watch.pair_timeout_s, limit=capacity):
             for name in (drop.dataset, drop.mapping, drop.job):
                 if name:
                     self.tracker.forget(name)

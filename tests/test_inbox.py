@@ -134,7 +134,7 @@ def test_dataset_without_mapping_waits_pair_timeout(dirs):
     tracker.refresh("d.csv", event="moved_in")
     assert tracker.ready_drops(2.0) == []
     clock.now += 1.0
-    assert tracker.next_deadline(2.0) == pytest.approx(1.0)
+    assert tracker.next_deadline() == pytest.approx(1.0)
     assert tracker.ready_drops(2.0) == []
     clock.now += 1.0
     assert tracker.ready_drops(2.0) == [Drop("d", "d.csv", None, "d.job.yaml")]
@@ -149,7 +149,7 @@ def test_complete_pair_waits_job_wait_for_a_late_job_file(dirs):
         (inbox / name).write_text("x")
         tracker.refresh(name, event="moved_in")
     assert tracker.ready_drops(5.0) == []
-    assert tracker.next_deadline(5.0) == pytest.approx(0.4)
+    assert tracker.next_deadline() == pytest.approx(0.4)
     clock.now += 0.3
     (inbox / "e.job.yaml").write_text("epochs: 1\n")
     tracker.refresh("e.job.yaml", event="moved_in")
@@ -174,6 +174,21 @@ def test_job_file_being_written_holds_its_dataset_back(dirs):
     tracker.refresh("g.job.yaml", event="closed")
     clock.now += 0.5
     assert tracker.ready_drops(5.0) == [Drop("g", "g.csv", "g.mapping.json", "g.job.yaml")]
+
+
+def test_ready_drops_stop_at_the_limit_and_drops_waiting_for_capacity_set_no_deadline(dirs):
+    """ready_drops returns at most ``limit`` drops, oldest first; complete drops left over (waiting
+    for a worker, announced by a finished job) do not make the loop wake up early."""
+    inbox = dirs[0]
+    clock = Clock()
+    tracker = InboxTracker(inbox, settle_s=0.5, max_input_bytes=1 << 20, job_wait_s=0.4, clock=clock)
+    for stem in ("h1", "h2", "h3"):
+        for name in (f"{stem}.mapping.json", f"{stem}.job.yaml", f"{stem}.csv"):
+            (inbox / name).write_text("x")
+            tracker.refresh(name, event="moved_in")
+        clock.now += 0.01
+    assert [d.stem for d in tracker.ready_drops(5.0, limit=2)] == ["h1", "h2"]
+    assert tracker.next_deadline() is None
 
 
 def test_claim_name_finish_moves_everything_in_one_folder(dirs):
