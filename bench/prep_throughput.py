@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         "peak_rss_bytes": peak, "peak_rss_over_csv": round(peak / csv_bytes, 2),
                         "rss_above_imports_bytes": above, "rss_above_imports_over_csv": round(above / csv_bytes, 2),
                         "output_bytes": run.get("output_bytes"),
-                        "stages": {k: round(v, 3) for k, v in run.get("stages", {}).items()}}
+                        "stages": {k: round(v, 3) for k, v in run.get("stages", {}).items()},
+                        "peak_rss_mib_after": run.get("peaks", {})}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     stages = ", ".join(f"{k} {v:.3f}" for k, v in result["project"]["stages"].items())
     print(f"project stages: {stages}; JSONL written: {result['project']['output_bytes'] / mb:.1f} MiB "
           f"(baseline {result['baseline']['output_bytes'] / mb:.1f} MiB)")
+    peaks = ", ".join(f"{k.replace('_peak_rss_mib', '')} {v}" for k, v in result["project"]["peak_rss_mib_after"].items())
+    print(f"project peak RSS (MiB) after each stage: {peaks}; after imports "
+          f"{(result['project']['peak_rss_bytes'] - result['project']['rss_above_imports_bytes']) / mb:.1f}")
     print(f"speed-up baseline/project: {result['speedup']:.1f}x (target >= 20x); "
           f"project peak RSS {result['project']['peak_rss_over_csv']:.2f}x CSV (target <= 2x)")
     return 0
