@@ -255,6 +255,7 @@ class Service:
             self._note_new_entries()
             self.notifier.ready(self._status_line())
             log.info("daemon_ready", queued=len(self.ready))
+            threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
             self._loop()
         finally:
             if watcher is not None:
@@ -789,6 +790,17 @@ class _Planned:
     build: Path
     attempt: int
     started: float  # monotonic time the job started on the pool (job_finished's duration_s)
+
+
+def _warm_up() -> None:
+    """Import what a job needs while the service waits, so that the first drop is not the one that
+    pays for loading pandas and pyarrow (about half a second)."""
+    started = time.monotonic()
+    import pandas  # noqa: F401 - the dataset loader's libraries, imported lazily there
+    import pyarrow  # noqa: F401
+
+    from . import dataset, fine_tuner, modelset  # noqa: F401
+    log.info("warm_up_done", duration_s=round(time.monotonic() - started, 3))
 
 
 def _error_fields(exc: BaseException) -> dict:
