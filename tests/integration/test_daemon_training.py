@@ -20,11 +20,11 @@ from tests.integration.conftest import MARKER, REPO, all_log_text
 FT_JOB = b"approach: fine_tune\nmodel: tiny-llama\nepochs: 1\nlearning_rate: 0.002\nbatch_size: 4\n"
 
 
-def _status(root) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "daemon", "status", "--json", "--config", str(root.config),
+def _status(root, *flags: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "daemon", "status", *flags, "--config", str(root.config),
                            "--root", str(root.path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return proc.stdout
 
 
 def test_fine_tunes_run_in_their_lane_are_given_back_on_sigterm_and_finish_after_restart(
@@ -47,10 +47,13 @@ def test_fine_tunes_run_in_their_lane_are_given_back_on_sigterm_and_finish_after
 
     root.drop_dataset("quick", seed=400)  # the pool is not blocked by training
     wait_for(lambda: root.job_folders(root.processed, "quick"), timeout=20, message="model set while training")
-    report = _status(root)
+    report = json.loads(_status(root, "--json"))
     assert [(j["job_id"], j["approach"]) for j in report["running"]] == [(trained_first, "fine_tune")]
     [waiting] = report["queued"]
     assert (waiting["waiting_for"], waiting["attempts"]) == ("training", 1)
+    text = _status(root).splitlines()
+    assert f"  {waiting['job_id']}  waiting for training" in text
+    assert f"  {trained_first}  fine_tune" in text
     job_ids = sorted([trained_first, waiting["job_id"]])
 
     d.signal(signal.SIGTERM)
