@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .config import TrainingConfig
     from .dataset import Dataset
 
-CHUNK_ROWS = 16384  # lines per block (~14 MB of JSONL): amortises per-call costs, bounds memory
+CHUNK_ROWS = 4096  # lines per block (~3.5 MB of JSONL): amortises per-call costs, bounds memory
 
 # The C string encoder json.dumps(..., ensure_ascii=False) itself uses for a str; called directly it
 # skips json.dumps' per-call encoder set-up, which is most of the cost for short strings.
