@@ -1,16 +1,18 @@
 """CSV + rating mapping → a validated ``Dataset`` (rows, labels, drop counts, warnings).
 
 This module owns everything between a user's files and a clean table: reading the CSV (encoding,
-delimiter, size limits, checked with one streaming pass before pandas parses the body), reading or
-inferring the rating mapping, and validating rows (column resolution, integer ratings, drops,
-unmapped ratings, conflicting duplicates). Every failure is one ``DatasetError`` subclass naming the
+delimiter, size limits, checked by one streaming pass; the usual UTF-8 file is parsed by pyarrow
+during that same pass, anything unusual takes the careful path: scan first, then pyarrow or pandas),
+reading or inferring the rating mapping, and validating rows (column resolution, integer ratings,
+drops, unmapped ratings, conflicting duplicates) on Arrow columns, never one Python object per cell. Every failure is one ``DatasetError`` subclass naming the
 file, the column and the row where they apply, never a cell value: these are patient records.
 
 CONTRACT (written first so that every module can code against it; the implementation fills in the
 functions below without changing these signatures or the dataclass fields):
 
 - ``read_csv(path, *, max_cell_bytes, max_columns) -> tuple[pd.DataFrame, ReadInfo]``: all columns as
-  strings, the file's encoding/delimiter sniffed; raises the ``DatasetError`` family.
+  strings (pandas ``str``, Arrow-backed), the file's encoding/delimiter sniffed; raises the
+  ``DatasetError`` family.
 - ``load_mapping(path) -> RatingMapping``: JSON or YAML (``safe_load``), flat or schema-mapper shape.
 - ``mapping_from_object(obj, source) -> RatingMapping``: the same from an in-memory dict.
 - ``infer_mapping(df, source) -> RatingMapping``: from ``Expert Rating`` + ``Standardized_Rating`` pairs.

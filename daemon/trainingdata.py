@@ -17,6 +17,8 @@ CONTRACT (signatures fixed; the implementation fills them in):
 - ``jsonl_chunks(ds, positions, system) -> Iterator[str]``: the JSONL text of those rows in chunks
   (each chunk many complete lines), fast: this is the hot path of ``bench/prep_throughput.py``.
   Each line is exactly ``json.dumps(chat_record(...), ensure_ascii=False)``.
+- ``jsonl_blocks(ds, positions, system) -> Iterator[memoryview]``: the same as UTF-8 bytes, for
+  binary writers (``jsonl_chunks`` decodes these).
 - ``training_config(*, base_model, dataset_path, validation_path, output_dir, training, epochs,
   learning_rate, micro_batch_size, seed) -> dict``: axolotl key names (``base_model``, ``datasets``
   with ``type: chat_template``, ``test_datasets``, ``adapter: lora``, ``lora_r``, ``lora_alpha``,
