@@ -86,7 +86,7 @@ class PathsConfig:
 class WatchConfig:
     pair_timeout_s: float = 5.0
     settle_s: float = 0.5
-    job_wait_s: float = 0.5  # a complete dataset+mapping without a job file waits this long for one
+    job_wait_s: float = 0.0  # a complete dataset+mapping without a job file waits this long for one
     rescan_s: float = 30.0
     polling: bool = False
     max_input_bytes: int = 512 * 1024 * 1024
