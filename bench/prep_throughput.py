@@ -5,10 +5,9 @@ Usage: ``python bench/prep_throughput.py ROWS [--workdir DIR] [--json]``
 Generates a formatted CSV of ROWS synthetic rows (``daemon.synthetic.write_csv``) and its rating
 mapping, then runs, each in its own child process so that each peak RSS is its own:
 
-(a) project: ``load_dataset`` (mapping, ``read_csv``, ``validate_frame``, each timed) +
-    ``split_holdout`` + ``training_data.jsonl`` and ``validation_data.jsonl`` written through
-    ``jsonl_chunks`` and ``fsutil.write_lines`` (durable, as the product writes them: fsync
-    included; the time building lines, in ``write`` and in the final fsyncs is reported apart);
+(a) project: ``load_dataset`` + ``split_holdout`` + ``training_data.jsonl`` and
+    ``validation_data.jsonl`` written through ``jsonl_chunks`` and ``fsutil.write_lines``
+    (durable, as the product writes them: fsync included);
 (b) baseline, what the seed did: ``pd.read_csv``, ``df.iterrows()``, one dict per row, then
     ``json.dumps`` per line written to a file (no fsync).
 
@@ -43,55 +42,19 @@ def _status_kib(key: str) -> int:
 
 def run_project(csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
     from daemon import fsutil, prompts, trainingdata
-    from daemon.dataset import load_mapping, read_csv, validate_frame
+    from daemon.dataset import load_dataset
 
-    # load_dataset's three steps, called one by one so that each is timed
-    stages = dict.fromkeys(("mapping_s", "scan_and_parse_s", "validate_s", "split_s", "build_s", "write_s",
-                            "fsync_s"), 0.0)
     start = time.perf_counter()
-    mapping = load_mapping(mapping_path)
-    t = _lap(stages, "mapping_s", start)
-    df, info = read_csv(csv_path)
-    t = _lap(stages, "scan_and_parse_s", t)
-    ds = validate_frame(df, mapping, source=info.file, read_info=info)
-    del df
-    t = _lap(stages, "validate_s", t)
+    ds = load_dataset(csv_path, mapping_path)
+    loaded = time.perf_counter()
     system = prompts.system_prompt(TOPICS, ds.mapping.labels)
     train, validation = trainingdata.split_holdout(ds)
-    t = _lap(stages, "split_s", t)
-    for name, positions in (("training_data.jsonl", train), ("validation_data.jsonl", validation)):
-        # exactly as the product writes them (fine_tuner: fsutil.write_lines, fsync included); the
-        # wrapper only splits the time: in the builder, in write(), and after the last chunk (fsyncs)
-        t = _timed_write(out_dir / name, trainingdata.jsonl_chunks(ds, positions, system), stages, t)
-    _report(start, ds.rows_used, stages=stages, peaks=_PEAKS,
+    fsutil.write_lines(out_dir / "training_data.jsonl", trainingdata.jsonl_chunks(ds, train, system))
+    fsutil.write_lines(out_dir / "validation_data.jsonl", trainingdata.jsonl_chunks(ds, validation, system))
+    end = time.perf_counter()
+    _report(start, ds.rows_used, stages={"load_s": loaded - start, "split_and_write_s": end - loaded},
             output_bytes=sum((out_dir / n).stat().st_size for n in ("training_data.jsonl", "validation_data.jsonl")))
     return 0
-
-
-def _timed_write(path: Path, chunks, stages: dict, t: float) -> float:
-    from daemon import fsutil
-
-    clock = {"t": t}
-
-    def timed():
-        for chunk in chunks:
-            clock["t"] = _lap(stages, "build_s", clock["t"])
-            yield chunk
-            clock["t"] = _lap(stages, "write_s", clock["t"])
-        clock["t"] = _lap(stages, "build_s", clock["t"])
-
-    fsutil.write_lines(path, timed())
-    return _lap(stages, "fsync_s", clock["t"])
-
-
-def _lap(stages: dict, key: str, since: float) -> float:
-    now = time.perf_counter()
-    stages[key] += now - since
-    _PEAKS[key.replace("_s", "_peak_rss_mib")] = _status_kib("VmHWM") // 1024
-    return now
-
-
-_PEAKS: dict[str, int] = {}  # peak RSS (VmHWM) at the end of each stage
 
 
 def run_baseline(csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
@@ -135,9 +98,6 @@ def child(kind: str, csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
     # Import everything either side needs before measuring, so "above post-import" is the work alone.
     import numpy  # noqa: F401
     import pandas  # noqa: F401
-    import pyarrow  # noqa: F401
-    import pyarrow.compute  # noqa: F401
-    import pyarrow.csv  # noqa: F401
     import yaml  # noqa: F401
 
     from daemon import dataset, fsutil, prompts, trainingdata  # noqa: F401
@@ -188,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                         "peak_rss_bytes": peak, "peak_rss_over_csv": round(peak / csv_bytes, 2),
                         "rss_above_imports_bytes": above, "rss_above_imports_over_csv": round(above / csv_bytes, 2),
                         "output_bytes": run.get("output_bytes"),
-                        "stages": {k: round(v, 3) for k, v in run.get("stages", {}).items()},
-                        "peak_rss_mib_after": run.get("peaks", {})}
+                        "stages": {k: round(v, 3) for k, v in run.get("stages", {}).items()}}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -203,9 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     stages = ", ".join(f"{k} {v:.3f}" for k, v in result["project"]["stages"].items())
     print(f"project stages: {stages}; JSONL written: {result['project']['output_bytes'] / mb:.1f} MiB "
           f"(baseline {result['baseline']['output_bytes'] / mb:.1f} MiB)")
-    peaks = ", ".join(f"{k.replace('_peak_rss_mib', '')} {v}" for k, v in result["project"]["peak_rss_mib_after"].items())
-    print(f"project peak RSS (MiB) after each stage: {peaks}; after imports "
-          f"{(result['project']['peak_rss_bytes'] - result['project']['rss_above_imports_bytes']) / mb:.1f}")
     print(f"speed-up baseline/project: {result['speedup']:.1f}x (target >= 20x); "
           f"project peak RSS {result['project']['peak_rss_over_csv']:.2f}x CSV (target <= 2x)")
     return 0

@@ -1,18 +1,16 @@
 """CSV + rating mapping → a validated ``Dataset`` (rows, labels, drop counts, warnings).
 
 This module owns everything between a user's files and a clean table: reading the CSV (encoding,
-delimiter, size limits, checked by one streaming pass; the usual UTF-8 file is parsed by pyarrow
-during that same pass, anything unusual takes the careful path: scan first, then pyarrow or pandas),
-reading or inferring the rating mapping, and validating rows (column resolution, integer ratings,
-drops, unmapped ratings, conflicting duplicates) on Arrow columns, never one Python object per cell. Every failure is one ``DatasetError`` subclass naming the
+delimiter, size limits, checked with one streaming pass before pandas parses the body), reading or
+inferring the rating mapping, and validating rows (column resolution, integer ratings, drops,
+unmapped ratings, conflicting duplicates). Every failure is one ``DatasetError`` subclass naming the
 file, the column and the row where they apply, never a cell value: these are patient records.
 
 CONTRACT (written first so that every module can code against it; the implementation fills in the
 functions below without changing these signatures or the dataclass fields):
 
 - ``read_csv(path, *, max_cell_bytes, max_columns) -> tuple[pd.DataFrame, ReadInfo]``: all columns as
-  strings (pandas ``str``, Arrow-backed), the file's encoding/delimiter sniffed; raises the
-  ``DatasetError`` family.
+  strings, the file's encoding/delimiter sniffed; raises the ``DatasetError`` family.
 - ``load_mapping(path) -> RatingMapping``: JSON or YAML (``safe_load``), flat or schema-mapper shape.
 - ``mapping_from_object(obj, source) -> RatingMapping``: the same from an in-memory dict.
 - ``infer_mapping(df, source) -> RatingMapping``: from ``Expert Rating`` + ``Standardized_Rating`` pairs.
@@ -31,7 +29,6 @@ import codecs
 import csv
 import difflib
 import hashlib
-import io
 import json
 import math
 import os
@@ -40,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     DatasetEncodingError,
@@ -53,10 +50,9 @@ from .errors import (
     UnmappedRatingError,
 )
 
-if TYPE_CHECKING:  # pandas and pyarrow are imported lazily by the implementation where needed
+if TYPE_CHECKING:  # pandas is imported lazily by the implementation where it is needed
     import numpy as np
     import pandas as pd
-    import pyarrow as pa
 
 PROMPT_COLUMNS = ("formatted_prompt", "Prompt")
 RATING_COLUMN = "Standardized_Rating"
@@ -192,120 +188,56 @@ class _Scan:
     utf8_ok: bool
     long_line: bool  # some physical line is longer than the cell limit
 
-    @property
-    def clean(self) -> bool:
-        return self.utf8_ok and not self.has_nul and not self.long_line
-
-
-class _Scanner:
-    """The checks of the streaming pass, fed chunk by chunk: the hash, UTF-8, NUL bytes and line
-    lengths. The expensive checks are skipped when they cannot fail (ASCII chunks, chunks shorter
-    than the limit). ``clean`` stays True while nothing unusual has been seen."""
-
-    def __init__(self, line_limit: int) -> None:
-        self.line_limit = line_limit
-        self.hash = hashlib.sha256()
-        self.decoder = codecs.getincrementaldecoder("utf-8")()
-        self.utf8_ok = True
-        self.has_nul = self.long_line = False
-        self.current = 0  # bytes of the line still open at the end of the previous chunk
-        self.sample = b""
-        self.size = 0
-
-    @property
-    def clean(self) -> bool:
-        return self.utf8_ok and not self.has_nul and not self.long_line
-
-    def feed(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        self.hash.update(chunk)
-        if len(self.sample) < _SAMPLE_BYTES:
-            self.sample += chunk[: _SAMPLE_BYTES - len(self.sample)]
-        if not self.has_nul and b"\x00" in chunk:
-            self.has_nul = True
-        if self.utf8_ok and not (chunk.isascii() and not self.decoder.getstate()[0]):
-            try:
-                self.decoder.decode(chunk)
-            except UnicodeDecodeError:
-                self.utf8_ok = False
-        if self.long_line:
-            return
-        limit = self.line_limit
-        first = chunk.find(b"\n")
-        if first < 0:
-            self.current += len(chunk)
-        else:
-            last = chunk.rfind(b"\n")
-            # interior lines are shorter than the chunk, so only split when the limit is smaller
-            if self.current + first > limit or (
-                    last > first and len(chunk) > limit
-                    and max(map(len, chunk[first + 1:last].split(b"\n"))) > limit):
-                self.long_line = True
-            self.current = len(chunk) - last - 1
-        self.long_line = self.long_line or self.current > limit
-
-    def finish(self) -> _Scan:
-        if self.utf8_ok:
-            try:
-                self.decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                self.utf8_ok = False
-        return _Scan(self.hash.hexdigest(), self.sample, _bom(self.sample), self.has_nul, self.utf8_ok,
-                     self.long_line)
-
-
-def _bom(sample: bytes) -> str | None:
-    if sample.startswith(codecs.BOM_UTF8):
-        return "utf-8"
-    if sample.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
-        return "utf-32"
-    if sample.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "utf-16"
-    return None
-
 
 def _scan_file(path: Path, line_limit: int) -> _Scan:
     """Hash the file and check UTF-8, NUL bytes and line lengths in one pass of 1 MiB chunks, so
-    memory stays bounded whatever the file holds."""
-    scanner = _Scanner(line_limit)
+    memory stays bounded whatever the file holds. This is on the hot path of every job: the
+    expensive checks are skipped when they cannot fail (ASCII chunks, chunks shorter than the limit)."""
+    h = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    utf8_ok = True
+    has_nul = long_line = False
+    current = 0  # bytes of the line still open at the end of the previous chunk
+    sample = b""
     with open(path, "rb") as fh:
         while chunk := fh.read(_SCAN_CHUNK):
-            scanner.feed(chunk)
-    return scanner.finish()
-
-
-class _StopScan(Exception):
-    """Raised into the CSV parser by ``_ScanningReader`` to stop it at the first unusual byte."""
-
-
-class _ScanningReader(io.RawIOBase):
-    """A file that runs ``_Scanner`` over every chunk the CSV parser reads, so the file is read and
-    hashed once, on the parser's reader thread while its worker threads parse; the read stops (the
-    parser fails) at the first chunk that the slow path must look at."""
-
-    def __init__(self, fh: IO[bytes], scanner: _Scanner) -> None:
-        super().__init__()
-        self._fh = fh
-        self._scanner = scanner
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = self._fh.readinto(buffer)
-        if n:
-            self._scanner.feed(bytes(memoryview(buffer)[:n]))
-            if not self._scanner.clean:
-                raise _StopScan
-        return n or 0
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self._fh.read(size)
-        if chunk:
-            self._scanner.feed(chunk)
-            if not self._scanner.clean:
-                raise _StopScan
-        return chunk
+            h.update(chunk)
+            if len(sample) < _SAMPLE_BYTES:
+                sample += chunk[: _SAMPLE_BYTES - len(sample)]
+            if not has_nul and b"\x00" in chunk:
+                has_nul = True
+            if utf8_ok and not (chunk.isascii() and not decoder.getstate()[0]):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError:
+                    utf8_ok = False
+            if long_line:
+                continue
+            first = chunk.find(b"\n")
+            if first < 0:
+                current += len(chunk)
+            else:
+                last = chunk.rfind(b"\n")
+                # interior lines are shorter than the chunk, so only split when the limit is smaller
+                if current + first > line_limit or (
+                        last > first and len(chunk) > line_limit
+                        and max(map(len, chunk[first + 1:last].split(b"\n"))) > line_limit):
+                    long_line = True
+                current = len(chunk) - last - 1
+            long_line = long_line or current > line_limit
+    if utf8_ok:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            utf8_ok = False
+    bom = None
+    if sample.startswith(codecs.BOM_UTF8):
+        bom = "utf-8"
+    elif sample.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        bom = "utf-32"
+    elif sample.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        bom = "utf-16"
+    return _Scan(h.hexdigest(), sample, bom, has_nul, utf8_ok, long_line)
 
 
 def _cp1252_ok(path: Path) -> bool:
@@ -433,11 +365,10 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
     Checks run before pandas parses the body, in this order: empty file, binary content, encoding
     (UTF-8 with or without BOM, else cp1252 with a warning), delimiter, header width, oversized
     cells; so a hostile file fails fast with bounded memory."""
+    import pandas as pd
+
     path = Path(path)
     name = path.name
-    fast = _read_csv_fast(path, max_cell_bytes, max_columns)
-    if fast is not None:
-        return fast
     try:
         size = path.stat().st_size
         if size == 0:
@@ -481,146 +412,6 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
                 row=record if record else None, column=column,
                 hint="shorten that cell (prompts are short records, not documents) and drop the file again")
 
-    df = _read_body_arrow(path, delimiter, encoding, width)
-    if df is None:
-        df = _read_body_pandas(path, delimiter, encoding, name)
-    if df.empty:
-        raise EmptyDatasetError("the file has a header but no data rows", file=name,
-                                hint="add the rated rows and drop the file again")
-    if size > max_cell_bytes:
-        _check_cell_lengths(df, max_cell_bytes, name)
-    info = ReadInfo(file=name, sha256=scan.sha256, size_bytes=size, encoding=encoding,
-                    delimiter=delimiter, warnings=tuple(warnings))
-    return df, info
-
-
-def _read_csv_fast(path: Path, max_cell_bytes: int, max_columns: int) -> tuple[pd.DataFrame, ReadInfo] | None:
-    """``read_csv`` in one pass for the usual file (UTF-8, a header that passes its checks, no
-    binary bytes, no line over the cell limit): the streaming checks run inside the parser's reads.
-    None as soon as anything is unusual; ``read_csv`` then takes the careful path from the start,
-    so every error is the one that path raises, in its order, with its bounded memory."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            sample = fh.read(_SAMPLE_BYTES)
-    except OSError:
-        return None
-    bom = _bom(sample)
-    if not size or bom in ("utf-16", "utf-32") or b"\x00" in sample \
-            or len(_CONTROL_BYTES.findall(sample)) > max(2, len(sample) // 100):
-        return None
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(sample)
-    except UnicodeDecodeError:
-        return None
-    encoding = "utf-8-sig" if bom == "utf-8" else "utf-8"
-    sample_text = sample.decode(encoding, errors="ignore")
-    if not sample_text.strip():
-        return None
-    try:
-        header, _ = _read_header_line(path, encoding)
-    except (OSError, UnicodeDecodeError):
-        return None
-    delimiter = _choose_delimiter(header, sample_text)
-    width = len(_header_fields(header, delimiter))
-    if width > max_columns or _foreign_delimiter(header, delimiter) is not None:
-        return None
-    scanner = _Scanner(max_cell_bytes)
-    try:
-        with open(path, "rb") as raw, _ScanningReader(raw, scanner) as source:
-            df = _read_body_arrow(source, delimiter, encoding, width)
-    except OSError:
-        return None
-    if df is None or scanner.size != size:
-        return None
-    scan = scanner.finish()
-    if not scan.clean or df.empty:
-        return None
-    if size > max_cell_bytes:
-        _check_cell_lengths(df, max_cell_bytes, path.name)
-    return df, ReadInfo(file=path.name, sha256=scan.sha256, size_bytes=size, encoding=encoding,
-                        delimiter=delimiter, warnings=())
-
-
-def _read_body_arrow(source: Path | IO[bytes], delimiter: str, encoding: str, width: int) -> pd.DataFrame | None:
-    """The fast reader: pyarrow's CSV parser into Arrow-backed ``str`` columns (no Python object per
-    cell, about the CSV's size in memory). Single-threaded on purpose: on the shared 2-core box the
-    threaded reader was slower (0.2-0.4 s against 0.1-0.16 s at 200k rows) and peaked 20 MiB higher. None when the file needs what only
-    pandas does the way this module promises (cp1252, short rows padded with "", a header that does
-    not parse like the rows): the caller then reads it with pandas, so every odd file keeps exactly
-    the pandas behaviour and messages. Arrow's own error texts quote cells and are never shown."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    if encoding not in ("utf-8", "utf-8-sig"):
-        return None
-    # The header is read as data row 0 under generated names, so it is split by the same parser
-    # as the rows; Arrow skips a UTF-8 BOM itself.
-    names = [f"f{i}" for i in range(width)]
-    try:
-        table = pacsv.read_csv(
-            source if isinstance(source, Path) else pa.PythonFile(source, mode="r"),
-            read_options=pacsv.ReadOptions(use_threads=False, autogenerate_column_names=True),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"', double_quote=True,
-                                             escape_char=False, newlines_in_values=True,
-                                             ignore_empty_lines=True),
-            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.large_string()),
-                                                 strings_can_be_null=False, quoted_strings_can_be_null=False,
-                                                 check_utf8=True))
-    except (pa.ArrowException, OSError, _StopScan):
-        return None
-    if table.column_names != names or any(t != pa.large_string() for t in table.schema.types):
-        return None
-    header = [str(v) for v in table.slice(0, 1).to_pylist()[0].values()]
-    body = table.slice(1)
-    columns = _pandas_column_names(header)
-    frame = _frame_of({i: body.column(i) for i in range(width)})
-    frame.columns = [c.strip().lstrip("\ufeff") for c in columns]
-    return frame
-
-
-def _pandas_column_names(header: list[str]) -> list[str]:
-    """Header cells named the way ``pd.read_csv`` names them: an empty name becomes ``Unnamed: i``
-    and a repeated one ``name.1``, ``name.2``, ... (before names are stripped, as pandas does)."""
-    names = [h if h else f"Unnamed: {i}" for i, h in enumerate(header)]
-    counts: dict[str, int] = {}
-    for i, col in enumerate(names):
-        seen = counts.get(col, 0)
-        while seen > 0:
-            counts[col] = seen + 1
-            col = f"{col}.{seen}"
-            seen = counts.get(col, 0)
-        names[i] = col
-        counts[col] = seen + 1
-    return names
-
-
-def _frame_of(columns: dict[Any, Any]) -> pd.DataFrame:
-    """A DataFrame whose Arrow string columns (``pa.ChunkedArray``/``pa.Array``) become pandas ``str``
-    columns without copying; other values (numpy arrays) are passed through."""
-    import pandas as pd
-
-    return pd.DataFrame({key: _str_series(value) for key, value in columns.items()}, copy=False)
-
-
-def _str_series(values: Any) -> Any:
-    import numpy as np
-    import pandas as pd
-    import pyarrow as pa
-
-    if isinstance(values, pa.Array):
-        values = pa.chunked_array([values])
-    if isinstance(values, pa.ChunkedArray):
-        if values.type != pa.large_string():
-            values = values.cast(pa.large_string())
-        return pd.Series(pd.arrays.ArrowStringArray(values, dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
-                         copy=False)
-    return values
-
-
-def _read_body_pandas(path: Path, delimiter: str, encoding: str, name: str) -> pd.DataFrame:
-    import pandas as pd
-
     try:
         df = pd.read_csv(path, sep=delimiter, dtype=object, na_filter=False, keep_default_na=False,
                          encoding=encoding, engine="c", quotechar='"', doublequote=True,
@@ -639,8 +430,16 @@ def _read_body_pandas(path: Path, delimiter: str, encoding: str, name: str) -> p
     except (ValueError, csv.Error):
         raise DatasetFormatError("the CSV could not be parsed", file=name,
                                  hint="export the dataset again as CSV and drop it again") from None
+
     df.columns = [str(c).strip().lstrip("\ufeff") for c in df.columns]
-    return df
+    if df.empty:
+        raise EmptyDatasetError("the file has a header but no data rows", file=name,
+                                hint="add the rated rows and drop the file again")
+    if size > max_cell_bytes:
+        _check_cell_lengths(df, max_cell_bytes, name)
+    info = ReadInfo(file=name, sha256=scan.sha256, size_bytes=size, encoding=encoding,
+                    delimiter=delimiter, warnings=tuple(warnings))
+    return df, info
 
 
 def _column_label(name: str | None, index: int) -> str:
@@ -651,20 +450,14 @@ def _column_label(name: str | None, index: int) -> str:
 
 
 def _check_cell_lengths(df: pd.DataFrame, limit: int, name: str) -> None:
-    """Cells that span several lines escape the line-length pre-scan, so every column is checked
-    after parsing: byte lengths come free from Arrow's offsets, and characters (the unit this check
-    has always counted) are only counted for a column whose bytes exceed the limit."""
-    import numpy as np
-    import pyarrow.compute as pc
-
+    """Cells that span several lines escape the line-length pre-scan; ``max(map(len, ...))`` is a
+    few milliseconds per column, so every column is checked."""
     for index, column in enumerate(df.columns):
-        values = _arrow_text(df.iloc[:, index])
-        if not len(values) or pc.max(pc.binary_length(values)).as_py() <= limit:
-            continue
-        over = np.flatnonzero(pc.greater(pc.utf8_length(values), limit).to_numpy(zero_copy_only=False))
-        if len(over):
+        values = df[column].to_numpy(dtype=object)
+        if len(values) and max(map(len, values)) > limit:
+            row = next(i for i, v in enumerate(values) if len(v) > limit) + 1
             raise DatasetFormatError(
-                f"a cell is larger than the limit of {limit} bytes", file=name, row=int(over[0]) + 1,
+                f"a cell is larger than the limit of {limit} bytes", file=name, row=row,
                 column=_column_label(str(column), index),
                 hint="shorten that cell (prompts are short records, not documents) and drop the file again")
 
@@ -795,24 +588,17 @@ def infer_mapping(df: pd.DataFrame, source: str = "<dataframe>") -> RatingMappin
             file=source,
             hint=f'add {stem}.mapping.json next to the CSV with labels as keys and integer ratings as values, '
                  f'e.g. {{"Match": 1, "Does Not Match": 0, "Unknown": -1}}')
-    labels_text = _strip(_arrow_text(df[EXPERT_RATING_COLUMN]))
-    has_label = _nonempty(labels_text)
-    ratings, empty, invalid = _parse_ratings(_arrow_text(df[RATING_COLUMN]))
-    _raise_invalid(invalid, source, has_label)
-    usable = ~empty & has_label
+    labels_text = _stripped(_text_values(df[EXPERT_RATING_COLUMN]))
+    ratings, empty, invalid = _parse_ratings(_text_values(df[RATING_COLUMN]))
+    _raise_invalid(invalid, source, labels_text != "")
+    usable = ~empty & (labels_text != "")
     if not usable.any():
         raise MappingError(f"cannot infer the rating mapping: no row has both {EXPERT_RATING_COLUMN!r} and "
                            f"{RATING_COLUMN!r}", file=source,
                            hint=f"add {stem}.mapping.json next to the CSV with labels as keys and integer ratings")
-    # Distinct (label, rating) pairs without a Python loop over rows; dictionary codes follow first
-    # appearance, so labels keep the order in which the file first shows them.
-    encoded = labels_text.filter(usable).combine_chunks().dictionary_encode()
-    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    pairs = np.unique(np.column_stack([codes, ratings[usable]]), axis=0)
-    names = encoded.dictionary.to_pylist()
-    seen: dict[str, set[int]] = {name: set() for name in names}
-    for code, rating in pairs.tolist():
-        seen[names[code]].add(rating)
+    seen: dict[str, set[int]] = {}
+    for label, rating in zip(labels_text[usable], ratings[usable]):
+        seen.setdefault(label, set()).add(int(rating))
     conflicts = {label: sorted(values) for label, values in seen.items() if len(values) > 1}
     if conflicts:
         shown = ", ".join(f"{label!r} ({'/'.join(map(str, v))})" for label, v in list(conflicts.items())[:_ROW_LIST])
@@ -839,104 +625,6 @@ def _text_values(series: pd.Series) -> np.ndarray:
     return out
 
 
-def _arrow_text(series: pd.Series) -> pa.ChunkedArray:
-    """The column as Arrow ``large_string`` with missing values as "": zero-copy for the Arrow-backed
-    string columns ``read_csv`` returns (and pandas 3 makes by default); other columns go through
-    ``str()`` per value, as they always did."""
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    dtype = series.dtype
-    arrow_backed = ((isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow")
-                    or (isinstance(dtype, pd.ArrowDtype)
-                        and (pa.types.is_string(dtype.pyarrow_dtype) or pa.types.is_large_string(dtype.pyarrow_dtype))))
-    if arrow_backed:
-        values = series.array.__arrow_array__()
-        if not isinstance(values, pa.ChunkedArray):
-            values = pa.chunked_array([values])
-    else:
-        try:
-            values = pa.chunked_array([pa.array(_text_values(series), type=pa.large_string())])
-        except (pa.ArrowException, UnicodeEncodeError):
-            raise DatasetEncodingError(
-                f"the column {str(series.name)!r} holds text that is not valid Unicode (a lone surrogate)",
-                column=str(series.name), hint="clean that column's text and try again") from None
-    if values.type != pa.large_string():
-        values = values.cast(pa.large_string())
-    if values.null_count:
-        values = pc.fill_null(values, "")
-    return values
-
-
-# What str.strip() removes: Python's whitespace, which is not Arrow's (U+001C..U+001F, U+0085).
-_WHITESPACE = tuple(ch for ch in map(chr, range(0x3001)) if ch.isspace())
-
-
-def _edge_bytes(values: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(first byte, last byte) of every value, read from Arrow's buffers (0 for an empty value)."""
-    import numpy as np
-
-    firsts, lasts = [], []
-    for chunk in values.chunks:
-        n = len(chunk)
-        if not n:
-            continue
-        _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=n + 1, offset=chunk.offset * 8)
-        data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None and data_buf.size else np.zeros(1, np.uint8)
-        filled = offsets[1:] > offsets[:-1]
-        first = np.zeros(n, dtype=np.uint8)
-        last = np.zeros(n, dtype=np.uint8)
-        first[filled] = data[offsets[:-1][filled]]
-        last[filled] = data[offsets[1:][filled] - 1]
-        firsts.append(first)
-        lasts.append(last)
-    if not firsts:
-        return np.zeros(0, np.uint8), np.zeros(0, np.uint8)
-    return np.concatenate(firsts), np.concatenate(lasts)
-
-
-# Bytes that can begin or end a whitespace character: ASCII whitespace, and any non-ASCII byte
-# (a multi-byte character such as U+00A0 or U+3000 starts >= 0xC2 and ends with 0x80..0xBF).
-_EDGE_CANDIDATES = None
-
-
-def _strip(values: pa.ChunkedArray) -> pa.ChunkedArray:
-    """``str.strip()`` of every value, exactly, and no copy of a column that needs none.
-
-    Only a value whose first or last byte may belong to a whitespace character can change; those
-    (none, in a clean column) are checked and stripped in Python."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    global _EDGE_CANDIDATES
-    if _EDGE_CANDIDATES is None:
-        table = np.zeros(256, dtype=bool)
-        table[[ord(c) for c in _WHITESPACE if c.isascii()]] = True
-        table[0x80:] = True
-        _EDGE_CANDIDATES = table
-    first, last = _edge_bytes(values)
-    candidates = np.flatnonzero(_EDGE_CANDIDATES[first] | _EDGE_CANDIDATES[last])
-    if not len(candidates):
-        return values
-    texts = take_rows(values, candidates).to_pylist()
-    changed = [i for i, text in enumerate(texts) if text != text.strip()]
-    if not changed:
-        return values
-    mask = np.zeros(len(values), dtype=bool)
-    mask[candidates[changed]] = True
-    fixed = pa.array([texts[i].strip() for i in changed], type=pa.large_string())
-    return pa.chunked_array([pc.replace_with_mask(values.combine_chunks(), pa.array(mask), fixed)])
-
-
-def _nonempty(values: pa.ChunkedArray) -> np.ndarray:
-    import pyarrow.compute as pc
-
-    return pc.greater(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
-
-
 def _parse_rating_text(text: str) -> int | None:
     text = text.strip()
     if _INT_TEXT.fullmatch(text):
@@ -948,14 +636,13 @@ def _parse_rating_text(text: str) -> int | None:
     return int(value) if math.isfinite(value) and value.is_integer() else None
 
 
-def _parse_ratings(texts: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _parse_ratings(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(int64 ratings, empty mask, invalid mask). Parses each distinct text once: a rating column
     has a handful of distinct values, so this is O(rows) in C plus O(distinct) in Python."""
     import numpy as np
+    import pandas as pd
 
-    encoded = texts.combine_chunks().dictionary_encode()
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
-    uniques = encoded.dictionary.to_pylist()
+    codes, uniques = pd.factorize(texts)
     parsed = np.zeros(len(uniques), dtype=np.int64)
     kind = np.zeros(len(uniques), dtype=np.int8)  # 0 ok, 1 empty, 2 invalid
     for i, text in enumerate(uniques):
@@ -1023,74 +710,34 @@ def _resolve_columns(df: pd.DataFrame, source: str) -> dict[str, str]:
     return columns
 
 
-# A power of two (the bucket is length & 15). At 200k rows: 16 buckets 0.07 s and +36 MiB peak,
-# 32 buckets 0.10 s and +22 MiB, one whole-column table 0.06 s and +105 MiB.
-_DUPLICATE_BUCKETS = 16
-
-
-def take_rows(values: pa.ChunkedArray, positions: np.ndarray) -> pa.ChunkedArray:
-    """``values.take(positions)`` chunk by chunk. Arrow's own take on a ChunkedArray first
-    concatenates every chunk (a copy of the whole column per call); this one copies only the rows
-    taken. Runs of positions in the same chunk become one take each, so sorted positions cost one
-    call per chunk they touch."""
+def _conflicting_duplicates(prompts: np.ndarray, ratings: np.ndarray) -> int:
+    """How many distinct prompts appear with more than one rating. Set operations only (C speed):
+    one set of all prompts; one per rating only when some prompt repeats; a count only when the
+    per-rating sets overlap."""
     import numpy as np
-    import pyarrow as pa
 
-    positions = np.asarray(positions, dtype=np.int64)
-    chunks = values.chunks
-    if len(chunks) == 1:
-        return pa.chunked_array([chunks[0].take(positions)], type=values.type)
-    starts = np.cumsum([0] + [len(c) for c in chunks])
-    owner = np.searchsorted(starts, positions, side="right") - 1
-    cuts = np.flatnonzero(np.diff(owner)) + 1
-    pieces = []
-    for run in np.split(np.arange(len(positions)), cuts):
-        if len(run):
-            c = int(owner[run[0]])
-            pieces.append(chunks[c].take(positions[run] - starts[c]))
-    return pa.chunked_array(pieces, type=values.type)
+    distinct = set(prompts.tolist())
+    if len(distinct) == len(prompts):  # every prompt distinct: the common case
+        return 0
+    per_rating = [set(prompts[ratings == value].tolist()) for value in np.unique(ratings)]
+    if sum(map(len, per_rating)) == len(distinct):
+        return 0
+    counts = Counter(chain.from_iterable(per_rating))
+    return sum(1 for n in counts.values() if n > 1)
 
 
-def _conflicting_duplicates(prompts: pa.ChunkedArray, ratings: np.ndarray) -> int:
-    """How many distinct prompts appear with more than one rating.
-
-    Equal prompts have equal byte lengths, so rows are checked in buckets of ``length % 16``: each
-    bucket's hash table holds a sixteenth of the prompts, not all of them (a whole-column table
-    costs about twice the column in memory, the peak of this step). In a bucket with repeats, only
-    the repeated rows' ratings are compared."""
+def _stripped(values: np.ndarray) -> np.ndarray:
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
-    buckets = pc.bit_wise_and(pc.binary_length(prompts), _DUPLICATE_BUCKETS - 1)
-    conflicts = 0
-    for bucket in range(_DUPLICATE_BUCKETS):
-        member = pc.equal(buckets, bucket)
-        # one memo over the bucket's chunks: every chunk of the result shares the whole dictionary
-        encoded = pc.dictionary_encode(pc.filter(prompts, member))
-        if not encoded.num_chunks or len(encoded.chunk(0).dictionary) == len(encoded):
-            continue  # every prompt of the bucket distinct: the common case
-        codes = pa.chunked_array([c.indices for c in encoded.chunks]).to_numpy()
-        repeated = np.bincount(codes)[codes] > 1
-        rows = np.flatnonzero(pa.chunked_array(member).to_numpy(zero_copy_only=False))[repeated]
-        seen: dict[int, set[int]] = {}
-        for code, rating in zip(codes[repeated].tolist(), ratings[rows].tolist()):
-            seen.setdefault(code, set()).add(rating)
-        conflicts += sum(1 for values in seen.values() if len(values) > 1)
-    return conflicts
+    return np.fromiter(map(str.strip, values), dtype=object, count=len(values))
 
 
 def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, source: str = "<dataframe>",
                    read_info: ReadInfo | None = None) -> Dataset:
     """Turn a raw table into a ``Dataset``: resolve columns, drop rows with an empty prompt or rating,
-    parse ratings, check them against the mapping (inferred when None), count conflicting duplicates.
-
-    Works on Arrow columns throughout (strip, empty checks, rating parsing, duplicates), so a large
-    file never becomes one Python object per cell; ``frame``'s text columns are pandas ``str``
-    (Arrow-backed) and share the parsed buffers when no row is dropped or stripped."""
+    parse ratings, check them against the mapping (inferred when None), count conflicting duplicates."""
     import numpy as np
     import pandas as pd
-    import pyarrow as pa
 
     if not isinstance(df, pd.DataFrame):
         raise DatasetError(f"expected a pandas DataFrame, got {type(df).__name__}", file=source)
@@ -1101,9 +748,9 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
         raise EmptyDatasetError("the dataset has no data rows", file=source,
                                 hint="add the rated rows and try again")
 
-    prompts = _strip(_arrow_text(df[columns["prompt"]]))
-    ratings, empty_rating, invalid = _parse_ratings(_arrow_text(df[RATING_COLUMN]))
-    empty_prompt = ~_nonempty(prompts)
+    prompts = _stripped(_text_values(df[columns["prompt"]]))
+    ratings, empty_rating, invalid = _parse_ratings(_text_values(df[RATING_COLUMN]))
+    empty_prompt = prompts == ""
     empty_rating &= ~empty_prompt
     keep = ~(empty_prompt | empty_rating)
     _raise_invalid(invalid, source, keep)
@@ -1130,22 +777,16 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
             hint="fill in the prompt and rating of each row and drop the file again")
 
     positions = np.flatnonzero(keep)
-    everything = len(positions) == rows_read
-
-    def kept(values: pa.ChunkedArray) -> pa.ChunkedArray:
-        # the common case keeps every row: the columns are the parsed buffers themselves, no copy
-        return values if everything else take_rows(values, positions)
-
     data: dict[str, Any] = {
-        "prompt": kept(prompts),
+        "prompt": prompts[keep],
         "rating": kept_ratings.astype(np.int64),
-        "rationale": (kept(_strip(_arrow_text(df[columns["rationale"]]))) if "rationale" in columns
-                      else pa.chunked_array([pa.repeat("", len(positions)).cast(pa.large_string())])),
+        "rationale": (_stripped(_text_values(df[columns["rationale"]])[keep])
+                      if "rationale" in columns else np.full(len(positions), "", dtype=object)),
     }
     if "id" in columns:
-        data["row_id"] = kept(_arrow_text(df[columns["id"]]))
+        data["row_id"] = _text_values(df[columns["id"]])[keep]
     data["source_row"] = positions + 1
-    frame = _frame_of(data)
+    frame = pd.DataFrame(data)
 
     warnings = list(read_info.warnings) if read_info else []
     if dropped["empty_prompt"]:

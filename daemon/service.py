@@ -794,10 +794,9 @@ class _Planned:
 
 def _warm_up() -> None:
     """Import what a job needs while the service waits, so that the first drop is not the one that
-    pays for loading pandas and pyarrow (about half a second)."""
+    pays for loading pandas (about half a second)."""
     started = time.monotonic()
-    import pandas  # noqa: F401 - the dataset loader's libraries, imported lazily there
-    import pyarrow  # noqa: F401
+    import pandas  # noqa: F401 - the dataset loader's library, imported lazily there
 
     from . import dataset, fine_tuner, modelset  # noqa: F401
     log.info("warm_up_done", duration_s=round(time.monotonic() - started, 3))

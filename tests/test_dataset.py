@@ -25,7 +25,6 @@ from daemon.dataset import (
     validate_frame,
 )
 from daemon.errors import (
-    DatasetEncodingError,
     DatasetError,
     DatasetFormatError,
     EmptyDatasetError,
@@ -430,63 +429,3 @@ def test_read_csv_keeps_every_column_as_text(tmp_path):
     assert df.to_numpy().tolist() == [["a", "1", "NA"], ["b", "2", ""]]
     assert (info.file, info.delimiter, info.encoding, info.warnings) == ("t.csv", ",", "utf-8", ())
 
-
-
-# --- the Arrow fast path -----------------------------------------------------------------------
-
-def test_fast_reader_matches_pandas_on_quoting_edge_cases(tmp_path):
-    """The Arrow reader gives the same names and cells as pd.read_csv on quotes mid-field, doubled
-    quotes, line breaks inside quotes, empty and repeated header names, blank lines and a BOM."""
-    text = ('\ufeffRow_ID,formatted_prompt,,Standardized_Rating,x,x\r\n'
-            'R1,"a ""quoted"" word, and a comma",e1,1,p,q\r\n'
-            '\r\n'
-            'R2,mid"quote,e2, 0 ,"",\r\n'
-            'R3,"line\r\nbreak\nand é 😀",e3,-1,"x""",z\r\n')
-    path = write(tmp_path / "edge.csv", text)
-    df, info = read_csv(path)
-    expected = pd.read_csv(path, dtype=object, na_filter=False, keep_default_na=False, encoding="utf-8-sig")
-    assert list(df.columns) == ["Row_ID", "formatted_prompt", "Unnamed: 2", "Standardized_Rating", "x", "x.1"]
-    assert list(df.columns) == [str(c).strip() for c in expected.columns]
-    assert df.to_numpy().tolist() == expected.to_numpy().tolist()
-    assert info.encoding == "utf-8-sig"
-    assert isinstance(df["formatted_prompt"].dtype, pd.StringDtype)
-    assert df["formatted_prompt"].dtype.storage == "pyarrow"
-
-
-def test_strip_follows_python_whitespace(tmp_path):
-    """Prompts are stripped exactly like str.strip(), including whitespace Arrow does not know
-    (U+001C..U+001F, U+0085), and a prompt of only such whitespace is dropped as empty."""
-    prompts = ["\x1c a \x85", "\u3000b\u3000", "\u00a0c", "d é", "\x1f", "e\t\n"]
-    df = pd.DataFrame({"formatted_prompt": prompts, "Standardized_Rating": ["1"] * len(prompts)})
-    ds = validate_frame(df, MAPPING)
-    assert ds.frame["prompt"].tolist() == ["a", "b", "c", "d é", "e"]
-    assert ds.dropped == {"empty_prompt": 1, "empty_rating": 0}
-    assert ds.frame["source_row"].tolist() == [1, 2, 3, 4, 6]
-
-
-def test_conflicting_duplicates_are_exact_across_length_buckets():
-    """Repeated prompts of many lengths are counted like a plain dictionary count would."""
-    prompts, ratings = [], []
-    for i in range(300):
-        text = "p" * (i % 20) + f"-{i % 15}"
-        prompts.append(text)
-        ratings.append((1, 0, -1)[(i // 60) % 3] if i % 7 else 1)
-    for i in range(40):  # repeats that agree, and singletons, in every bucket
-        prompts += ["q" * i + "!", "q" * i + "!", "r" * i + "?"]
-        ratings += [0, 0, -1]
-    by_prompt: dict[str, set[int]] = {}
-    for text, rating in zip(prompts, ratings):
-        by_prompt.setdefault(text, set()).add(rating)
-    expected = sum(1 for values in by_prompt.values() if len(values) > 1)
-    ds = validate_frame(pd.DataFrame({"Prompt": prompts, "Standardized_Rating": ratings}), MAPPING)
-    assert expected == 60
-    assert ds.conflicting_duplicates == expected
-
-
-def test_lone_surrogate_in_a_frame_is_a_dataset_error():
-    """Text that cannot be UTF-8 (a lone surrogate) gives a DatasetEncodingError naming the column."""
-    df = pd.DataFrame({"Prompt": ["ok", "bad \ud800 " + MARKER], "Standardized_Rating": [1, 1]}, dtype=object)
-    with pytest.raises(DatasetEncodingError) as info:
-        validate_frame(df, MAPPING)
-    assert info.value.column == "Prompt"
-    assert MARKER not in str(info.value)

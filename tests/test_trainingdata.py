@@ -16,7 +16,6 @@ from daemon.trainingdata import (
     CHUNK_ROWS,
     chat_record,
     chat_records,
-    jsonl_blocks,
     jsonl_chunks,
     split_holdout,
     training_config,
@@ -156,35 +155,3 @@ def test_training_config_without_validation_has_no_test_datasets():
                           seed=3)
     assert "test_datasets" not in cfg
     assert (cfg["lora_r"], cfg["num_epochs"], cfg["micro_batch_size"], cfg["seed"]) == (8, 1, 2, 3)
-
-
-NASTY = ["".join(map(chr, range(0x20))), "\x7f del", "sep \u2028 and \u2029", "emoji 😀🇫🇷 e\u0301",
-         'literal \\u0000 and \\n and \\"', '\\', '"', "", " ", "\\\\\"\"\n\n\r\t\b\f\x0b\x00"]
-
-
-def test_jsonl_blocks_are_json_dumps_bytes_for_every_control_and_unicode():
-    """jsonl_blocks gives the UTF-8 of json.dumps(chat_record(...), ensure_ascii=False) per line for
-    every control character, U+2028/2029, emoji, literal escapes and empty text."""
-    n = len(NASTY) * 3
-    ds = frame_dataset(n, prompt=lambda i: NASTY[i % len(NASTY)] + ("" if i % 2 else f" {i}"),
-                       rationale=lambda i: NASTY[(i * 5) % len(NASTY)])
-    assert ds.rows_used == n - 3  # the odd-numbered "" and " " prompts are dropped as empty
-    positions = np.arange(ds.rows_used)[::-1]
-    got = b"".join(bytes(block) for block in jsonl_blocks(ds, positions, SYSTEM + " \u2028\x01\"\\"))
-    records = chat_records(ds, SYSTEM + " \u2028\x01\"\\")
-    expected = "".join(json.dumps(records[p], ensure_ascii=False) + "\n" for p in positions).encode("utf-8")
-    assert got == expected
-
-
-def test_jsonl_is_the_same_from_a_csv_and_from_an_object_frame(synthetic_csv):
-    """A dataset read from CSV (Arrow columns) and the same rows as a plain object DataFrame give
-    identical JSONL."""
-    from daemon.synthetic import HEADER, synthetic_rows
-
-    from_csv = load_dataset(synthetic_csv(rows=CHUNK_ROWS + 3), mapping=MAPPING)
-    rows = list(synthetic_rows(CHUNK_ROWS + 3))
-    df = pd.DataFrame(rows, columns=HEADER).astype(object)
-    from_frame = validate_frame(df, MAPPING)
-    positions = np.arange(from_csv.rows_used)[1::2]
-    assert b"".join(map(bytes, jsonl_blocks(from_csv, positions, SYSTEM))) == \
-        b"".join(map(bytes, jsonl_blocks(from_frame, positions, SYSTEM)))
