@@ -32,6 +32,7 @@ from . import fsutil, prompts
 from .capability import CapabilityReport, build_report
 from .config import Config, JobSettings, job_settings, load_config
 from .errors import (
+    DatasetEncodingError,
     DatasetTooSmallWarning,
     FineTuningNotSupportedError,
     ModelSetConfigError,
@@ -312,6 +313,13 @@ class FineTuner:
             if "fine_tuning_metadata.json" not in meta["artifacts"]:
                 meta["artifacts"].append("fine_tuning_metadata.json")
             fsutil.write_json(build_dir / "fine_tuning_metadata.json", meta)
+        except UnicodeEncodeError:
+            # only an in-memory DataFrame can hold text that is not valid Unicode (lone surrogates)
+            if plan.staged:
+                self._discard_staging(build_dir)
+            raise DatasetEncodingError(
+                "the text holds characters that cannot be written as UTF-8 (lone surrogates)",
+                file=ds.source, hint="clean the text columns (e.g. decode the source with errors='replace')") from None
         except BaseException as exc:
             if plan.staged:
                 kept = self._discard_staging(build_dir)
@@ -368,6 +376,8 @@ class FineTuner:
                 system=system, few_shot=few_shot, model_name=name,
                 defaults={"few_shot_per_rating": d.few_shot_per_rating, "few_shot_max_chars": d.few_shot_max_chars},
                 created_at=_utc_now(), input_hashes=input_hashes)
+        except UnicodeEncodeError:
+            raise  # bad text, not a bug: execute() turns it into DatasetEncodingError
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelSetConfigError(f"could not build the model set: {type(exc).__name__}",
                                       hint="report this with fine_tuning_metadata.json attached") from exc

@@ -770,12 +770,16 @@ class Service:
         error = {**error, "job_id": job_id,
                  "attempts": attempts if attempts is not None else (record.attempts if record else 0),
                  "failed_at": utc_now()}
-        self.journal.fail(job_id, error)
         if build is not None and build.exists():
-            # keep the job's log with its inputs; the rest of a failed build is not an output
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(build / "job.log", claim.path / "job.log")
+            # keep the job's log and the trainer's stderr with its inputs (error.json points at the
+            # latter); the rest of a failed build is not an output
+            for name in ("job.log", "trainer_stderr.log"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(build / name, claim.path / name)
+                    if name == "trainer_stderr.log":
+                        error["stderr_path"] = name  # beside error.json in failed/<job_id>/
             shutil.rmtree(build, ignore_errors=True)
+        self.journal.fail(job_id, error)
         log.warning("job_failed", error_type=error.get("error_type"), message=error.get("message"),
                     hint=error.get("hint"), attempts=error["attempts"])
         self._move_inputs(claim, self.paths.failed, note=("error.json", error))

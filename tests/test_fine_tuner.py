@@ -171,3 +171,16 @@ class TestFineTuner:
         uploaded = {r.path.rsplit("/", 1)[1] for r in fake_ollama.requests if r.path.startswith("/api/blobs/")
                     and r.method == "POST"}
         assert set(expected.values()) <= uploaded
+
+    def test_unencodable_text_in_a_dataframe_is_a_dataset_error(self, tmp_path):
+        """A lone surrogate in an in-memory DataFrame gives DatasetEncodingError and no output folder."""
+        from daemon import DatasetEncodingError
+
+        df = frame(60)
+        df.loc[3, "formatted_prompt"] = "cough \ud800 fever"
+        with pytest.raises(DatasetEncodingError) as info:
+            FineTuner(config=offline_config(tmp_path)).process_dataset(
+                df, "llama3.2:1b", MAPPING, "flu", approach="model_set", output_dir=tmp_path / "o")
+        assert "\ud800" not in str(info.value) and "cough" not in str(info.value)
+        assert not (tmp_path / "o").exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []

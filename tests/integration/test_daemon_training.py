@@ -99,3 +99,29 @@ def test_fine_tunes_run_in_their_lane_are_given_back_on_sigterm_and_finish_after
     assert os.listdir(root.inbox / ".work") == []
     assert leftovers(root.path) == []
     assert MARKER not in all_log_text(root)
+
+
+def test_a_crashing_trainer_fails_the_job_and_keeps_its_stderr_log(root, start_daemon, tiny_model_dir, tmp_path):
+    """Weights that pass the capability checks but cannot be loaded: with fallback off the job fails
+    with TrainingFailedError, and the trainer's stderr log is kept beside error.json in failed/."""
+    import shutil
+
+    broken = tmp_path / "broken-llama"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    root.write_config(ollama={"register": "off"}, base_models={"tiny-llama:latest": str(broken)},
+                      training={"sequence_len": 512, "device": "cpu"})
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    root.drop_bytes("crash.job.yaml", FT_JOB + b"fallback: false\n")
+    root.drop_dataset("crash", rows=60)
+    [folder] = wait_for(lambda: root.job_folders(root.failed, "crash"), timeout=120, message="failed")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(timeout=30) == 0
+    error = json.loads((folder / "error.json").read_text())
+    assert (error["error_type"], error["stderr_path"]) == ("TrainingFailedError", "trainer_stderr.log")
+    assert error["exit_code"] != 0
+    assert (folder / "trainer_stderr.log").stat().st_size > 0
+    assert not root.job_folders(root.outputs, "crash")
+    assert leftovers(root.path) == []
+    assert MARKER not in all_log_text(root)
