@@ -126,6 +126,19 @@ def unique_path(path: str | os.PathLike) -> Path:
         n += 1
 
 
+def reserve_dir(path: str | os.PathLike) -> Path:
+    """Create a new, empty 0700 folder at ``path`` or, when taken, at the first free ``-N`` variant
+    (race-free: the mkdir itself decides)."""
+    target = Path(path)
+    while True:
+        target = unique_path(target)
+        try:
+            target.mkdir(mode=0o700)
+            return target
+        except FileExistsError:
+            continue
+
+
 def make_private_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` (and parents) and make sure it is mode 0700."""
     path = Path(path)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .fsutil import fsync_dir, sha256_file, unique_path, write_json
+from .fsutil import fsync_dir, reserve_dir, sha256_file, write_json
 
 DATASET_SUFFIXES = (".csv",)
 MAPPING_SUFFIXES = (".mapping.json", ".mapping.yaml", ".mapping.yml")
@@ -473,14 +473,7 @@ def finish_claim(claim: Claim, destination: Path, *, note: tuple[str, dict] | No
     ``destination/<job_id>`` (never overwriting: ``-N`` when taken). Releases the lock."""
     if note is not None:
         write_json(claim.path / note[0], note[1])
-    target = destination / claim.job_id
-    while True:
-        target = unique_path(target)
-        try:
-            target.mkdir(mode=0o700)
-            break
-        except FileExistsError:
-            continue
+    target = reserve_dir(destination / claim.job_id)
     os.rename(claim.path, target)
     fsync_dir(destination)
     fsync_dir(claim.path.parent)
@@ -491,14 +484,7 @@ def finish_claim(claim: Claim, destination: Path, *, note: tuple[str, dict] | No
 def refuse(inbox: Path, failed: Path, refusal: Refusal, error: dict) -> Path | None:
     """Move a refused entry (the link itself for a symlink) into ``failed/<name>-<stamp>/`` with
     ``error.json``. None when it vanished first (another daemon took it)."""
-    target = failed / f"{refusal.name}-{utc_stamp()}"
-    while True:
-        target = unique_path(target)
-        try:
-            target.mkdir(mode=0o700)
-            break
-        except FileExistsError:
-            continue
+    target = reserve_dir(failed / f"{refusal.name}-{utc_stamp()}")
     try:
         os.rename(inbox / refusal.name, target / refusal.name)
     except FileNotFoundError:
