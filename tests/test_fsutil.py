@@ -76,3 +76,11 @@ def test_unique_path_and_private_dir(tmp_path):
     assert fsutil.unique_path(tmp_path / "x.json") == tmp_path / "x-2.json"
     d = fsutil.make_private_dir(tmp_path / "a" / "b")
     assert d.stat().st_mode & 0o777 == 0o700
+
+
+def test_reserve_dir_never_reuses_a_folder(tmp_path):
+    """reserve_dir creates a fresh empty 0700 folder, with -N when the name is taken."""
+    first = fsutil.reserve_dir(tmp_path / "job")
+    second = fsutil.reserve_dir(tmp_path / "job")
+    assert (first.name, second.name) == ("job", "job-1")
+    assert second.stat().st_mode & 0o777 == 0o700 and list(second.iterdir()) == []
