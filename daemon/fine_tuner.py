@@ -409,7 +409,15 @@ class FineTuner:
         if mode == "off":
             return register_with_policy(mode, lambda: {})
         client = self._ollama_client()
-        result = register_with_policy(mode, lambda: action(client))
+
+        def probe_then_register() -> dict:
+            if mode == "auto":
+                # one attempt first: a server that is simply not running is recorded at once
+                # instead of spending the retry budget on every job
+                self._ollama_client(probe=True).version()
+            return action(client)
+
+        result = register_with_policy(mode, probe_then_register)
         if result.get("registered"):
             log.info("model_registered", name=result.get("name"), digest=result.get("digest"),
                      check_ok=(result.get("check") or {}).get("ok"))

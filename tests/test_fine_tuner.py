@@ -184,3 +184,15 @@ class TestFineTuner:
         assert "\ud800" not in str(info.value) and "cough" not in str(info.value)
         assert not (tmp_path / "o").exists()
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+    def test_auto_registration_does_not_retry_a_server_that_is_down(self, tmp_path):
+        """register: auto with Ollama down records why at once: no retries, the job succeeds."""
+        cfg = offline_config(tmp_path, ollama={"retries": 3, "backoff_s": 30.0})
+        ok, meta = FineTuner(config=cfg).process_dataset(
+            frame(60), "llama3.2:1b", MAPPING, "flu", approach="model_set", output_dir=tmp_path / "o")
+        assert ok is True
+        assert meta["registration"]["registered"] is False
+        assert meta["registration"]["error"]["error_type"] == "OllamaUnavailableError"
+        events = [json.loads(line)["event"] for line in (tmp_path / "fine_tuner.log").read_text().splitlines()]
+        assert "ollama_retry" not in events
+        assert "model_not_registered" in events

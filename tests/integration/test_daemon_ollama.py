@@ -25,6 +25,16 @@ FAULTS = {
 }
 
 
+# with register auto a single-attempt probe (GET /api/version) runs first; "reset" only breaks streams
+AUTO_FAULTS = {
+    "down": ("OllamaUnavailableError", "refused the connection (GET /api/version)"),
+    "slow": ("OllamaUnavailableError", "timed out (GET /api/version)"),
+    "error500": ("OllamaError", "answered 500 to GET /api/version: fake internal server error"),
+    "reset": FAULTS["reset"],
+    "garbage": ("OllamaError", "GET /api/version"),
+}
+
+
 def _config(root, fake, mode: str) -> None:
     fake.slow_s = 3.0  # longer than every timeout below
     root.write_config(defaults={"model": "llama3.2:1b"},
@@ -49,7 +59,7 @@ def test_register_auto_every_fault_still_gives_an_unregistered_model_set(root, s
     _config(root, fake_ollama, "auto")
     d = start_daemon()
     d.wait_event("daemon_ready")
-    for i, (fault, (error_type, reason)) in enumerate(FAULTS.items()):
+    for i, (fault, (error_type, reason)) in enumerate(AUTO_FAULTS.items()):
         fake_ollama.fault = fault
         folder = _drop_and_wait(root, f"auto{fault}", 500 + i, root.processed)
         registration = _meta(root, folder.name)["registration"]
