@@ -87,6 +87,7 @@ class JobPlan:
     job: JobInputs | None
     stages: Any
     meta: dict
+    validation_positions: frozenset[int] = frozenset()  # set once the fine-tune split is made
 
     @property
     def approach(self) -> str:
@@ -296,7 +297,7 @@ class FineTuner:
             approach = plan.approach
             if approach == FINE_TUNE:
                 try:
-                    self._fine_tune(ds, settings, build_dir, plan.stem, plan.input_hashes, meta, stages, job)
+                    self._fine_tune(plan, build_dir)
                 except TrainingFailedError as exc:
                     if settings.approach != "auto" or not settings.fallback:
                         raise
@@ -306,7 +307,7 @@ class FineTuner:
                     warnings.warn(f"fine-tuning failed; fell back to a model set: {exc.message}", UserWarning, stacklevel=3)
                     approach = MODEL_SET
             if approach == MODEL_SET:
-                self._write_model_set(ds, settings, build_dir, plan.stem, plan.input_hashes, meta, stages)
+                self._write_model_set(plan, build_dir)
             meta["stage_durations_s"] = stages.durations
             meta["duration_s"] = round(sum(stages.durations.values()), 4)  # work time, not queueing
             meta["artifacts"] = sorted(p.name for p in build_dir.iterdir() if not p.name.startswith("."))
@@ -382,18 +383,17 @@ class FineTuner:
             raise ModelSetConfigError(f"could not build the model set: {type(exc).__name__}",
                                       hint="report this with fine_tuning_metadata.json attached") from exc
 
-    def _write_model_set(self, ds, settings, build_dir: Path, stem: str, input_hashes: dict,
-                         meta: dict, stages: _Stages) -> None:
+    def _write_model_set(self, plan: JobPlan, build_dir: Path) -> None:
         from . import modelset
 
+        ds, settings, stem, meta, stages = plan.ds, plan.settings, plan.stem, plan.meta, plan.stages
         with stages("model_set"):
-            exclude = meta.get("_validation_positions", ())
-            config = self._model_set(ds, settings, stem=stem, exclude=exclude, input_hashes=input_hashes)
+            exclude = plan.validation_positions  # few-shot examples never come from the hold-out
+            config = self._model_set(ds, settings, stem=stem, exclude=exclude, input_hashes=plan.input_hashes)
             fsutil.write_json(build_dir / "model_set_config.json", config)
             fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
                 base=settings.model, system=config["system_prompt"],
                 messages=_few_shot_messages(config), parameters=config["ollama"]["parameters"]))
-        meta.pop("_validation_positions", None)
         meta["model_set"] = {"model_name": config["ollama"]["model_name"],
                              "few_shot_examples": len(config["few_shot_examples"]),
                              "few_shot_source_rows": [e.get("source_row") for e in config["few_shot_examples"]]}
@@ -427,10 +427,10 @@ class FineTuner:
 
     # --- fine-tune -----------------------------------------------------------------------------
 
-    def _fine_tune(self, ds, settings: JobSettings, build_dir: Path, stem: str, input_hashes: dict,
-                   meta: dict, stages: _Stages, job: JobInputs | None) -> None:
+    def _fine_tune(self, plan: JobPlan, build_dir: Path) -> None:
         from . import modelset, training, trainingdata
 
+        ds, settings, stem, meta, stages, job = plan.ds, plan.settings, plan.stem, plan.meta, plan.stages, plan.job
         d, t = self.config.defaults, self.config.training
         system = prompts.system_prompt(settings.topics, ds.mapping.labels)
         with stages("training_data"):
@@ -446,7 +446,7 @@ class FineTuner:
                 epochs=settings.epochs, learning_rate=settings.learning_rate,
                 micro_batch_size=settings.batch_size, seed=d.seed)
             fsutil.write_text(build_dir / "training_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-        meta["_validation_positions"] = set(int(p) for p in val_pos)
+        plan.validation_positions = frozenset(int(p) for p in val_pos)
         meta["split"] = {"train_rows": int(len(train_pos)), "validation_rows": int(len(val_pos))}
         log.info("training_data_written", train_rows=len(train_pos), validation_rows=len(val_pos))
 
@@ -470,7 +470,6 @@ class FineTuner:
             base=settings.model, system=system, messages=[], parameters={"temperature": 0},
             adapter="./adapter"))
         meta["fine_tune"] = {"model_name": name, "adapter_dir": "adapter", "base_weights": base.hf_id or base.ref}
-        meta.pop("_validation_positions", None)
         schema = prompts.output_schema(ds.mapping.values)
         with stages("registration"):
             meta["registration"] = self._register(lambda client: _register_adapter(

@@ -196,3 +196,27 @@ class TestFineTuner:
         events = [json.loads(line)["event"] for line in (tmp_path / "fine_tuner.log").read_text().splitlines()]
         assert "ollama_retry" not in events
         assert "model_not_registered" in events
+
+    def test_training_failure_falls_back_to_a_model_set_outside_the_holdout(self, tmp_path, tiny_model_dir):
+        """A trainer crash with fallback on gives a model set, records the failure, and takes no
+        few-shot example from the validation hold-out."""
+        import shutil
+
+        broken = tmp_path / "broken"
+        shutil.copytree(tiny_model_dir, broken)
+        (broken / "model.safetensors").write_bytes(b"not safetensors")
+        cfg = offline_config(tmp_path, training={"sequence_len": 512, "device": "cpu"},
+                             ollama={"register": "off"})
+        cfg["base_models"] = {"tiny-llama:latest": str(broken)}
+        out = tmp_path / "out"
+        with pytest.warns(UserWarning, match="fine-tuning failed"):
+            ok, meta = FineTuner(config=cfg).process_dataset(frame(80), "tiny-llama", MAPPING, "flu",
+                                                             output_dir=out)
+        assert (ok, meta["approach"]) == (True, "model_set")
+        assert meta["fine_tune_failure"]["error_type"] == "TrainingFailedError"
+        assert meta["fine_tune_failure"]["exit_code"] != 0
+        held_out = {json.loads(line)["messages"][1]["content"]
+                    for line in (out / "validation_data.jsonl").read_text().splitlines()}
+        config = json.loads((out / "model_set_config.json").read_text())
+        assert len(held_out) == 8
+        assert {e["input"] for e in config["few_shot_examples"]}.isdisjoint(held_out)
