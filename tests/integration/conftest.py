@@ -105,7 +105,7 @@ class Daemon:
     def events(self, name: str) -> list[dict]:
         return [line for line in self.lines() if line.get("event") == name]
 
-    def wait_event(self, name: str, count: int = 1, timeout: float = 20.0) -> list[dict]:
+    def wait_event(self, name: str, count: int = 1, timeout: float = 60.0) -> list[dict]:
         return wait_for(lambda: len(self.events(name)) >= count and self.events(name),
                         timeout=timeout, message=f"{count} x {name} in {self.log_path.name}")
 
