@@ -384,7 +384,7 @@ class FineTuner:
                                       hint="report this with fine_tuning_metadata.json attached") from exc
 
     def _write_model_set(self, plan: JobPlan, build_dir: Path) -> None:
-        from . import modelset
+        from . import modelset, register
 
         ds, settings, stem, meta, stages = plan.ds, plan.settings, plan.stem, plan.meta, plan.stages
         with stages("model_set"):
@@ -393,14 +393,14 @@ class FineTuner:
             fsutil.write_json(build_dir / "model_set_config.json", config)
             fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
                 base=settings.model, system=config["system_prompt"],
-                messages=_few_shot_messages(config), parameters=config["ollama"]["parameters"]))
+                messages=register.few_shot_messages(config), parameters=config["ollama"]["parameters"]))
         meta["model_set"] = {"model_name": config["ollama"]["model_name"],
                              "few_shot_examples": len(config["few_shot_examples"]),
                              "few_shot_source_rows": [e.get("source_row") for e in config["few_shot_examples"]]}
         log.info("model_set_built", few_shot_examples=len(config["few_shot_examples"]),
                  model_name=config["ollama"]["model_name"])
         with stages("registration"):
-            meta["registration"] = self._register(lambda client: _register_model_set(client, config))
+            meta["registration"] = self._register(lambda client: register.register_model_set(client, config))
 
     def _register(self, action: Callable[[Any], dict]) -> dict:
         from .register import register_with_policy
@@ -428,7 +428,7 @@ class FineTuner:
     # --- fine-tune -----------------------------------------------------------------------------
 
     def _fine_tune(self, plan: JobPlan, build_dir: Path) -> None:
-        from . import modelset, training, trainingdata
+        from . import modelset, register, training, trainingdata
 
         ds, settings, stem, meta, stages, job = plan.ds, plan.settings, plan.stem, plan.meta, plan.stages, plan.job
         d, t = self.config.defaults, self.config.training
@@ -472,9 +472,9 @@ class FineTuner:
         meta["fine_tune"] = {"model_name": name, "adapter_dir": "adapter", "base_weights": base.hf_id or base.ref}
         schema = prompts.output_schema(ds.mapping.values)
         with stages("registration"):
-            meta["registration"] = self._register(lambda client: _register_adapter(
+            meta["registration"] = self._register(lambda client: register.register_adapter(
                 client, name=name, base=settings.model, adapter_dir=Path(result.adapter_dir),
-                system=system, schema=schema))
+                system=system, parameters={"temperature": 0}, output_schema=schema))
 
     # --- output folders ------------------------------------------------------------------------
 
@@ -518,24 +518,3 @@ class FineTuner:
 
 def _topics_text(topics) -> str:
     return ", ".join(prompts.normalize_topics(topics))
-
-
-def _few_shot_messages(config: dict) -> list[dict]:
-    out: list[dict] = []
-    for ex in config["few_shot_examples"]:
-        out.append({"role": "user", "content": ex["input"]})
-        out.append({"role": "assistant", "content": ex["output"]})
-    return out
-
-
-def _register_model_set(client, config: dict) -> dict:
-    from .register import register_model_set
-
-    return register_model_set(client, config)
-
-
-def _register_adapter(client, *, name: str, base: str, adapter_dir: Path, system: str, schema: dict) -> dict:
-    from .register import register_adapter
-
-    return register_adapter(client, name=name, base=base, adapter_dir=adapter_dir, system=system,
-                            parameters={"temperature": 0}, output_schema=schema)
