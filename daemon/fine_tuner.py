@@ -459,12 +459,9 @@ class FineTuner:
 
         lock = job.training_lock if job and job.training_lock is not None else contextlib.nullcontext()
         with stages("training"), lock:
-            log.info("training_started", base_model=settings.model, device=t.device, epochs=settings.epochs)
             result = training.run_training(build_dir, base=base, training=t, timeout_s=t.timeout_s,
                                            on_progress=relay, stop_event=job.stop_event if job else None)
         meta["training"] = dict(result.metrics)
-        log.info("training_finished", **{k: result.metrics.get(k) for k in (
-            "first_loss", "final_loss", "eval_loss", "steps", "tokens", "duration_s", "device")})
         name = settings.output_model or modelset.ollama_model_name(settings.model, stem, suffix="-ft")
         fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
             base=settings.model, system=system, messages=[], parameters={"temperature": 0},

@@ -290,14 +290,19 @@ def train(spec: dict, started: float) -> dict:
     parent_pid = spec.get("parent_pid")
 
     progress = ProgressLog(out_dir / "training_log.jsonl")
-    step, tokens, first_loss, last_loss, eval_loss = 0, 0, None, None, None
+    step, tokens, first_loss, eval_loss = 0, 0, None, None
     window: list[float] = []
+    # per-step losses of the epoch running (the last one at the end): one step's loss is noisy, so
+    # final_loss is this epoch's mean; train_loss is the mean over every step, as Trainer reports it
+    epoch_losses: list[float] = []
+    loss_sum = 0.0
     train_start = time.monotonic()
     first_step_s = None
     try:
         for epoch in range(epochs):
             order = list(range(len(train_ex)))
             random.Random(seed + epoch).shuffle(order)
+            epoch_losses = []
             batches = [[train_ex[i] for i in order[b:b + micro]] for b in range(0, len(order), micro)]
             for group_start in range(0, len(batches), accum):
                 group = batches[group_start:group_start + accum]
@@ -323,7 +328,8 @@ def train(spec: dict, started: float) -> dict:
                 if first_step_s is None:
                     first_step_s = time.monotonic() - started
                 first_loss = step_loss if first_loss is None else first_loss
-                last_loss = step_loss
+                epoch_losses.append(step_loss)
+                loss_sum += step_loss
                 window.append(step_loss)
                 end_of_epoch = step % steps_per_epoch == 0
                 if end_of_epoch and val_ex:
@@ -348,7 +354,9 @@ def train(spec: dict, started: float) -> dict:
 
     save_adapter(model, out_dir, spec["base_name"])
     return {
-        "first_loss": first_loss, "final_loss": last_loss, "eval_loss": eval_loss,
+        "first_loss": first_loss,
+        "final_loss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else None,
+        "train_loss": loss_sum / step if step else None, "eval_loss": eval_loss,
         "steps": step, "total_steps": total_steps, "epochs": epochs, "tokens": tokens,
         "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
         "train_s": round(train_s, 3), "startup_s": round(first_step_s or 0.0, 3),

@@ -423,7 +423,8 @@ def _collect(job_dir: Path, log_path: Path, stderr_path: Path, code: int,
                                   exit_code=code, stderr_path=str(stderr_path))
     log.info("training_finished", duration_s=duration_s, steps=metrics.get("steps"),
              first_loss=metrics.get("first_loss"), final_loss=metrics.get("final_loss"),
-             eval_loss=metrics.get("eval_loss"), device=metrics.get("device"),
+             train_loss=metrics.get("train_loss"), eval_loss=metrics.get("eval_loss"),
+             tokens=metrics.get("tokens"), device=metrics.get("device"),
              rows_trained=metrics.get("rows_trained"),
              rows_dropped_too_long=metrics.get("rows_dropped_too_long"))
     return TrainingResult(adapter_dir=str(adapter), log_path=str(log_path),

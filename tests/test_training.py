@@ -169,6 +169,16 @@ class TestRealRun:
         assert progress[per_epoch - 1]["eval_loss"] is not None
         assert progress[-1]["eval_loss"] == round(result.metrics["eval_loss"], 6)
 
+    def test_loss_metrics_summarise_the_logged_steps(self, trained):
+        """first_loss is step 1's loss, final_loss the last epoch's mean, train_loss the mean of all steps."""
+        _job, result, progress, _logs = trained
+        m = result.metrics
+        per_epoch = STEPS // EPOCHS
+        losses = [p["loss"] for p in progress]  # logging_steps=1: one step's loss per line
+        assert m["first_loss"] == pytest.approx(losses[0], abs=1e-6)
+        assert m["final_loss"] == pytest.approx(sum(losses[-per_epoch:]) / per_epoch, abs=1e-6)
+        assert m["train_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-6)
+
     def test_metrics_are_written_next_to_the_adapter(self, trained):
         """training_result.json holds the metrics run_training returns."""
         job, result, _progress, _logs = trained
