@@ -10,7 +10,7 @@ threads, and keeps systemd informed (``READY=1`` after recovery, ``STATUS=`` wit
 fine-tune plan waits (journal: ``queued`` with approach ``fine_tune``) for the single training-lane
 thread, so that a long training never blocks the pool and only one trains at a time.
 ``FineTuner.execute`` builds into ``outputs/.tmp-<job_id>`` (with ``job.log``, appended to by both
-phases) → publish ``outputs/<job_id>`` → journal → the work folder is renamed into
+phases and closed by the ``job_succeeded`` / ``job_failed`` line) → publish ``outputs/<job_id>`` → journal → the work folder is renamed into
 ``processed/<job_id>`` or ``failed/<job_id>`` (with ``error.json``); one ``job_finished`` line closes
 each job, from whichever thread ends it. Recovery takes up claim folders whose owner died: finished
 ones are moved on, the rest retried until ``max_attempts``. Signals only set events: SIGTERM/SIGINT
@@ -695,7 +695,8 @@ class Service:
         final = publish_dir(build, self.paths.outputs / job_id)
         approach = metadata.get("approach")
         self.journal.succeed(job_id, output_path=str(final), approach=approach)
-        log.info("job_succeeded", approach=approach, outputs=str(final))
+        with job_log(final / "job.log", job_id):  # the job's own log ends with its outcome too
+            log.info("job_succeeded", approach=approach, outputs=str(final))
         self._move_inputs(claim, self.paths.processed)
         return "succeeded"
 
@@ -780,8 +781,10 @@ class Service:
                         error["stderr_path"] = name  # beside error.json in failed/<job_id>/
             shutil.rmtree(build, ignore_errors=True)
         self.journal.fail(job_id, error)
-        log.warning("job_failed", error_type=error.get("error_type"), message=error.get("message"),
-                    hint=error.get("hint"), attempts=error["attempts"])
+        kept_log = claim.path / "job.log"
+        with job_log(kept_log, job_id) if kept_log.exists() else contextlib.nullcontext():
+            log.warning("job_failed", error_type=error.get("error_type"), message=error.get("message"),
+                        hint=error.get("hint"), attempts=error["attempts"])
         self._move_inputs(claim, self.paths.failed, note=("error.json", error))
 
 

@@ -38,6 +38,7 @@ def test_drop_by_rename_is_processed_and_logged(root, start_daemon):
         "Modelfile", "fine_tuning_metadata.json", "job.log", "model_set_config.json"]
     job_lines = [json.loads(x) for x in (root.outputs / job_id / "job.log").read_text().splitlines()]
     assert {x["job_id"] for x in job_lines} == {job_id}
+    assert (job_lines[0]["event"], job_lines[-1]["event"]) == ("job_started", "job_succeeded")
     lines = d.lines()
     assert REQUIRED_EVENTS <= {x["event"] for x in lines}
     [finished] = d.events("job_finished")
@@ -119,6 +120,8 @@ def test_job_file_settings_and_a_bad_job_file(root, start_daemon):
     assert "colour: unknown key" in error["message"]
     assert (error["job_id"], error["attempts"]) == (failed.name, 1)
     assert sorted(os.listdir(failed)) == ["error.json", "job.log", "oops.csv", "oops.job.yaml", "oops.mapping.json"]
+    last = json.loads((failed / "job.log").read_text().splitlines()[-1])
+    assert (last["event"], last["job_id"], last["error_type"]) == ("job_failed", failed.name, "ConfigError")
     assert not (root.outputs / failed.name).exists()
 
 
