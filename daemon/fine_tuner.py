@@ -33,6 +33,7 @@ from .capability import CapabilityReport, build_report
 from .config import Config, JobSettings, job_settings, load_config
 from .errors import (
     DatasetEncodingError,
+    DatasetError,
     DatasetTooSmallWarning,
     FineTuningNotSupportedError,
     ModelSetConfigError,
@@ -92,6 +93,13 @@ class JobPlan:
     @property
     def approach(self) -> str:
         return self.meta["approach"]
+
+    def drop_dataset(self) -> None:
+        """Free the validated rows while the plan waits (the daemon's queued fine-tunes, which may
+        wait for hours); ``execute`` reads the files again and checks they are unchanged."""
+        if self.job is None:
+            raise ValueError("only a plan made from files (plan_job) can drop its dataset")
+        self.ds = None
 
 
 def _utc_now() -> str:
@@ -259,6 +267,23 @@ class FineTuner:
         return self._plan(ds, job.settings, job.output_dir, stem=job.stem, staged=job.staged,
                           input_hashes=hashes, job=job, stages=stages)
 
+    def _reload(self, plan: JobPlan):
+        """The dataset of a plan that dropped it, read again; the files must be the ones planned."""
+        from .dataset import load_dataset
+
+        job = plan.job
+        assert job is not None  # drop_dataset allows files only
+        with plan.stages("reload"):
+            ds = load_dataset(job.csv_path, job.mapping_path)
+        now = {"dataset": ds.read_info.sha256 if ds.read_info else None, "mapping": ds.mapping.sha256}
+        if now != plan.input_hashes:
+            changed = [name for name in ("dataset", "mapping") if now[name] != plan.input_hashes.get(name)]
+            raise DatasetError(f"the {' and '.join(changed)} file changed after the job was planned",
+                               file=job.csv_path.name,
+                               hint="drop the files again as a new job; a claimed job's files must not be edited")
+        log.info("dataset_reloaded", rows_used=ds.rows_used, duration_s=plan.stages.durations["reload"])
+        return ds
+
     # --- the pipeline --------------------------------------------------------------------------
 
     def _plan(self, ds, settings: JobSettings, output_dir: Path, *, stem: str, staged: bool,
@@ -291,6 +316,8 @@ class FineTuner:
 
     def execute(self, plan: JobPlan) -> tuple[bool, dict]:
         """Build the outputs of a planned job (training, when planned, holds the job's training lock)."""
+        if plan.ds is None:
+            plan.ds = self._reload(plan)
         ds, settings, meta, stages, job = plan.ds, plan.settings, plan.meta, plan.stages, plan.job
         build_dir, final_dir = self._build_dir(plan.output_dir, plan.staged)
         try:

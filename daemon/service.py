@@ -649,6 +649,7 @@ class Service:
             return "failed"
         if plan.approach == FINE_TUNE:
             self.journal.await_training(job_id)
+            plan.drop_dataset()  # a queued fine-tune may wait for hours; the lane reads the files again
             return self._hand_to_training(_Planned(claim, plan, build, attempt, started))
         return self._execute_phase(claim, plan, build, attempt)
 

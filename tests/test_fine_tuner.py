@@ -220,3 +220,53 @@ class TestFineTuner:
         config = json.loads((out / "model_set_config.json").read_text())
         assert len(held_out) == 8
         assert {e["input"] for e in config["few_shot_examples"]}.isdisjoint(held_out)
+
+
+class TestPlannedJobs:
+    """plan_job / execute on files, as the daemon runs them; a queued plan may drop its rows."""
+
+    def _plan(self, tmp_path: Path, name: str):
+        from daemon.config import job_settings
+        from daemon.fine_tuner import JobInputs
+        from daemon.synthetic import write_csv
+
+        csv_path = tmp_path / "visits.csv"
+        if not csv_path.exists():
+            write_csv(csv_path, 120)
+            (tmp_path / "visits.mapping.json").write_text(json.dumps(MAPPING))
+        tuner = FineTuner(config=offline_config(tmp_path, ollama={"register": "off"}))
+        settings = job_settings(tuner.config.defaults, {"model": "llama2", "topics": "respiratory infections",
+                                                        "approach": "model_set"}, source="test")
+        return tuner, tuner.plan_job(JobInputs(
+            csv_path=csv_path, mapping_path=tmp_path / "visits.mapping.json", settings=settings,
+            output_dir=tmp_path / name, stem="visits", staged=True))
+
+    def test_a_dropped_dataset_is_read_again_with_the_same_result(self, tmp_path):
+        """A plan that dropped its dataset executes from the files and builds the same model set."""
+        tuner, kept = self._plan(tmp_path, "kept")
+        tuner, dropped = self._plan(tmp_path, "dropped")
+        dropped.drop_dataset()
+        assert dropped.ds is None
+        _, meta_kept = tuner.execute(kept)
+        ok, meta_dropped = tuner.execute(dropped)
+        assert ok
+        assert meta_dropped["rows"] == meta_kept["rows"] == {"read": 120, "used": 120,
+                                                             "dropped": {"empty_prompt": 0, "empty_rating": 0}}
+        assert "reload" in meta_dropped["stage_durations_s"] and "reload" not in meta_kept["stage_durations_s"]
+        config_kept = json.loads((tmp_path / "kept" / "model_set_config.json").read_text())
+        config_dropped = json.loads((tmp_path / "dropped" / "model_set_config.json").read_text())
+        assert config_dropped["few_shot_examples"] == config_kept["few_shot_examples"]
+
+    def test_a_file_changed_after_planning_fails_and_writes_nothing(self, tmp_path):
+        """The files are checked against the planned hashes: an edited dataset is an error, no output."""
+        from daemon.errors import DatasetError
+
+        tuner, plan = self._plan(tmp_path, "out")
+        plan.drop_dataset()
+        with open(tmp_path / "visits.csv", "a", encoding="utf-8") as fh:
+            fh.write("R9999999,another visit,Match,1,\n")
+        with pytest.raises(DatasetError) as info:
+            tuner.execute(plan)
+        assert str(info.value).startswith("visits.csv: the dataset file changed after the job was planned")
+        assert not (tmp_path / "out").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fine_tuner.log", "visits.csv", "visits.mapping.json"]

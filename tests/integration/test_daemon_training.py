@@ -90,9 +90,12 @@ def test_fine_tunes_run_in_their_lane_are_given_back_on_sigterm_and_finish_after
         events = [json.loads(line) for line in (out / "job.log").read_text().splitlines()]
         assert {x["job_id"] for x in events} == {job_id}
         names = [x["event"] for x in events]
-        # job.log spans both phases: planned on the pool, trained in the lane
-        assert {"job_started", "approach_selected", "training_lane_started", "training_progress",
-                "adapter_registered", "dataset_processed"} <= set(names)
+        # job.log spans both phases: planned on the pool, trained in the lane, which read the files
+        # again (a queued plan drops its rows) and ends with the outcome
+        assert {"job_started", "approach_selected", "training_lane_started", "dataset_reloaded",
+                "training_progress", "adapter_registered", "dataset_processed"} <= set(names)
+        assert names.index("training_lane_started") < names.index("dataset_reloaded") < names.index("training_progress")
+        assert names[-1] == "job_succeeded"
         assert (root.processed / job_id).is_dir()
     with Journal(root.path / ".fine-tuner" / "journal.sqlite3") as journal:
         assert [(journal.get(j).state, journal.get(j).attempts) for j in job_ids] == [("succeeded", 1)] * 2
