@@ -38,6 +38,11 @@ def leftovers(root: Path) -> list[str]:
                   if p.name.endswith(".tmp") or p.name.startswith(".tmp-"))
 
 
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads():
     """Fail a test that leaves non-daemon threads running."""

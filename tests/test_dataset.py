@@ -1,4 +1,4 @@
-"""Tests for daemon/dataset.py: reading CSVs and mappings, validation, the bad-input corpus."""
+"""Tests for daemon/dataset.py: validation, load_dataset end to end, the bad-input corpus."""
 
 from __future__ import annotations
 
@@ -13,26 +13,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from daemon.dataset import (
-    Dataset,
-    RatingMapping,
-    infer_mapping,
-    load_dataset,
-    load_mapping,
-    mapping_from_object,
-    read_csv,
-    sibling_mapping,
-    validate_frame,
-)
+from daemon.dataset import Dataset, load_dataset, validate_frame
 from daemon.errors import (
     DatasetError,
     DatasetFormatError,
-    EmptyDatasetError,
     MappingError,
     MissingColumnError,
     UnmappedRatingError,
 )
+from daemon.mapping import RatingMapping, load_mapping
 from daemon.synthetic import MAPPING, synthetic_rows
+from tests.conftest import write
 from tests.corpus import MARKER, write_bad_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,11 +39,6 @@ CORPUS_NAMES = [
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     return {case.name: case for case in write_bad_inputs(tmp_path_factory.mktemp("corpus"))}
-
-
-def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
-    path.write_bytes(text.encode(encoding))
-    return path
 
 
 # --- the bad-input corpus ----------------------------------------------------------------------
@@ -106,7 +92,7 @@ def test_huge_cell_and_wide_header_fail_with_bounded_memory(corpus):
     assert grown_kib < 40 * 1024, grown_kib
 
 
-# --- reading good files ------------------------------------------------------------------------
+# --- loading and validating files --------------------------------------------------------------
 
 def test_synthetic_dataset_loads_with_exact_counts(synthetic_csv):
     """A generated dataset loads with every row, its label counts, columns, encoding and hash."""
@@ -134,42 +120,6 @@ def test_synthetic_dataset_loads_with_exact_counts(synthetic_csv):
     assert ds.read_info.size_bytes == path.stat().st_size
     assert ds.source == "visits.csv"
     assert ds.warnings == []
-
-
-@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
-def test_other_delimiters_are_detected(synthetic_csv, delimiter):
-    """Semicolon, tab and pipe separated files load like comma separated ones."""
-    ds = load_dataset(synthetic_csv(rows=30, delimiter=delimiter), mapping=MAPPING)
-    assert ds.read_info.delimiter == delimiter
-    assert ds.rows_used == 30
-    assert ds.frame["prompt"].tolist() == [row[1] for row in synthetic_rows(30)]
-
-
-def test_semicolon_file_with_commas_in_prompts(tmp_path):
-    """A ';' file whose prompts are full of commas is read with ';' (the header decides)."""
-    lines = ["formatted_prompt;Standardized_Rating"] + [f"cough, fever, chills, day {i};1" for i in range(20)]
-    ds = load_dataset(write(tmp_path / "semi.csv", "\n".join(lines) + "\n"), mapping=MAPPING)
-    assert ds.read_info.delimiter == ";"
-    assert ds.frame["prompt"].tolist() == [f"cough, fever, chills, day {i}" for i in range(20)]
-
-
-def test_utf8_bom_is_read(tmp_path):
-    """A UTF-8 file with a BOM is read as utf-8-sig and its first column name is clean."""
-    path = write(tmp_path / "bom.csv", "formatted_prompt,Standardized_Rating\nfièvre,1\n", "utf-8-sig")
-    ds = load_dataset(path, mapping=MAPPING)
-    assert ds.read_info.encoding == "utf-8-sig"
-    assert ds.columns["prompt"] == "formatted_prompt"
-    assert ds.frame["prompt"].tolist() == ["fièvre"]
-
-
-def test_cp1252_falls_back_with_a_warning(tmp_path):
-    """A cp1252 file is read as cp1252 and the dataset carries a warning saying so."""
-    path = write(tmp_path / "win.csv", "formatted_prompt,Standardized_Rating\n“fièvre” – 38°,1\n", "cp1252")
-    ds = load_dataset(path, mapping=MAPPING)
-    assert ds.read_info.encoding == "cp1252"
-    assert ds.frame["prompt"].tolist() == ["“fièvre” – 38°"]
-    assert ds.warnings == ["the file is not valid UTF-8; it was read as cp1252 (Windows-1252): "
-                           "save it as UTF-8 to be sure every character is right"]
 
 
 def test_rating_spellings_are_accepted(tmp_path):
@@ -237,59 +187,6 @@ def test_summary_is_json_ready(synthetic_csv, tmp_path):
     }
 
 
-def test_multiline_cell_over_limit_is_found_after_parsing(tmp_path):
-    """A cell spread over short lines but over max_cell_bytes fails naming its row and column."""
-    cell = "\n".join([f"{MARKER} line"] * 20)
-    text = f'formatted_prompt,Standardized_Rating\nok,1\n"{cell}",1\n'
-    with pytest.raises(DatasetFormatError) as info:
-        read_csv(write(tmp_path / "ml.csv", text), max_cell_bytes=200)
-    assert str(info.value).startswith("ml.csv, column 'formatted_prompt', row 2: a cell is larger than the limit")
-    assert MARKER not in str(info.value)
-
-
-@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "cp1252"])
-@pytest.mark.parametrize("delimiter", [",", "\t"])
-def test_huge_cell_in_a_later_column_is_located(tmp_path, encoding, delimiter):
-    """An oversized single-line cell is located by row and column past quotes, newlines and a BOM."""
-    d = delimiter
-    text = (f'formatted_prompt{d}Standardized_Rating{d}Rationale of Rating\r\n"a{d} ""b""\r\nc"{d}1{d}ok\r\n'
-            f"c{d}1{d}" + "é" * 500 + "\r\n")
-    with pytest.raises(DatasetFormatError) as info:
-        read_csv(write(tmp_path / "late.csv", text, encoding), max_cell_bytes=100)
-    assert (info.value.row, info.value.column) == (2, "Rationale of Rating")
-
-
-def test_oversized_cell_in_an_unknown_column_is_named_by_position(tmp_path):
-    """A column we do not know is named by position, so a headerless file never leaks a cell."""
-    text = f"{MARKER} first row,1\nsecond," + "x" * 300 + "\n"
-    with pytest.raises(DatasetFormatError) as info:
-        read_csv(write(tmp_path / "nohead.csv", text), max_cell_bytes=100)
-    assert (info.value.row, info.value.column) == (1, "#2")
-    assert MARKER not in str(info.value)
-
-
-def test_crlf_and_blank_lines_are_read(tmp_path):
-    """CRLF line endings and blank lines between rows give clean cells and no extra rows."""
-    text = "formatted_prompt,Standardized_Rating\r\na,1\r\n\r\nb,0\r\n"
-    ds = load_dataset(write(tmp_path / "crlf.csv", text), mapping=MAPPING)
-    assert ds.frame["prompt"].tolist() == ["a", "b"]
-    assert ds.frame["rating"].tolist() == [1, 0]
-
-
-def test_blank_file_is_empty(tmp_path):
-    """A file of blank lines is an EmptyDatasetError."""
-    with pytest.raises(EmptyDatasetError) as info:
-        load_dataset(write(tmp_path / "blank.csv", "\n\n  \n"), mapping=MAPPING)
-    assert info.value.message == "blank.csv: the file holds only blank lines"
-
-
-def test_missing_file_is_a_dataset_error(tmp_path):
-    """A path that does not exist gives a DatasetError, not FileNotFoundError."""
-    with pytest.raises(DatasetError) as info:
-        load_dataset(tmp_path / "nope.csv", mapping=MAPPING)
-    assert str(info.value) == "nope.csv: the file does not exist (check the path and try again)"
-
-
 def test_directory_instead_of_file_is_a_dataset_error(tmp_path):
     """A directory given as the CSV or the mapping gives a DatasetError, not an OSError."""
     with pytest.raises(DatasetError) as info:
@@ -315,82 +212,6 @@ def test_missing_prompt_column_suggests_case_insensitive_match(tmp_path):
     assert "missing required column 'formatted_prompt' or 'Prompt' (closest column: 'FORMATTED_PROMPT')" \
         in str(info.value)
     assert info.value.column == "formatted_prompt"
-
-
-# --- mappings ----------------------------------------------------------------------------------
-
-def test_flat_json_mapping(tmp_path):
-    """A flat JSON mapping keeps its labels in order, with its source and hash."""
-    path = tmp_path / "m.json"
-    path.write_text('{"Match": 1, "Probable": 1, "Does Not Match": 0, "Unknown": -1.0}')
-    m = load_mapping(path)
-    assert m.labels == {"Match": 1, "Probable": 1, "Does Not Match": 0, "Unknown": -1}
-    assert list(m.labels) == ["Match", "Probable", "Does Not Match", "Unknown"]
-    assert m.values == [-1, 0, 1]
-    assert m.labels_for(1) == ["Match", "Probable"]
-    assert m.source == "file:m.json"
-    assert m.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert m.inferred is False
-
-
-def test_schema_mapper_yaml_mapping(tmp_path):
-    """Schema-mapper metadata in YAML gives the labels under 'schema'."""
-    path = tmp_path / "m.yaml"
-    path.write_text("schema:\n  Match: 1\n  Does Not Match: 0\noriginal_values: [Match, Does Not Match]\n"
-                    "created_by: schema-mapper\n")
-    assert load_mapping(path).labels == {"Match": 1, "Does Not Match": 0}
-
-
-def test_yaml_yes_no_labels_are_rejected(tmp_path):
-    """Unquoted yes/no labels (booleans in YAML) are a MappingError telling to quote them."""
-    path = tmp_path / "m.yml"
-    path.write_text("yes: 1\nno: 0\n")
-    with pytest.raises(MappingError) as info:
-        load_mapping(path)
-    assert "a label is a yes/no/on/off word read as a boolean, not text" in str(info.value)
-    assert "quote labels in YAML" in str(info.value)
-
-
-def test_mapping_file_extension_is_checked(tmp_path):
-    """A mapping file that is neither JSON nor YAML by extension is refused."""
-    path = tmp_path / "m.txt"
-    path.write_text('{"Match": 1}')
-    with pytest.raises(MappingError) as info:
-        load_mapping(path)
-    assert info.value.message == "m.txt: unsupported mapping file type '.txt'; use .json, .yaml or .yml"
-
-
-def test_mapping_from_object_rejects_bool_and_string_values():
-    """In-memory mappings follow the same rules: bools and strings are not ratings."""
-    with pytest.raises(MappingError) as info:
-        mapping_from_object({"Match": True, "No": "0"})
-    assert "label 'Match' has a bool value" in str(info.value)
-    assert "label 'No' has a str value" in str(info.value)
-    assert mapping_from_object({"Match": 1.0}).labels == {"Match": 1}
-
-
-def test_mapping_is_inferred_from_expert_rating(synthetic_csv):
-    """Without a mapping, Expert Rating + Standardized_Rating pairs give it, marked inferred."""
-    ds = load_dataset(synthetic_csv(rows=60))
-    assert ds.mapping.inferred is True
-    assert ds.mapping.source == "inferred from 'Expert Rating'"
-    assert dict(sorted(ds.mapping.labels.items())) == dict(sorted(MAPPING.items()))
-    assert ds.summary()["mapping"]["inferred"] is True
-
-
-def test_infer_mapping_ignores_rows_without_label_or_rating():
-    """Rows with an empty label or rating do not take part in inference."""
-    df = pd.DataFrame({"Expert Rating": ["Match", "", "No", "No"], "Standardized_Rating": ["1", "0", "", "0"]})
-    assert infer_mapping(df).labels == {"Match": 1, "No": 0}
-
-
-def test_sibling_mapping_is_found(tmp_path):
-    """sibling_mapping finds <stem>.mapping.yaml next to a CSV, and None when there is none."""
-    csv_path = tmp_path / "visits.csv"
-    csv_path.write_text("x\n")
-    assert sibling_mapping(csv_path) is None
-    (tmp_path / "visits.mapping.yaml").write_text("Match: 1\n")
-    assert sibling_mapping(csv_path) == tmp_path / "visits.mapping.yaml"
 
 
 # --- in-memory frames (the FineTuner API) ------------------------------------------------------
@@ -420,12 +241,4 @@ def test_validate_frame_unmapped_rating_from_dict_mapping():
         validate_frame(df, {"Match": 1})
     assert info.value.message == ("<dataframe>, column 'Standardized_Rating': ratings not in the rating "
                                   "mapping (object): 2 (2 rows)")
-
-
-def test_read_csv_keeps_every_column_as_text(tmp_path):
-    """read_csv returns all columns as strings, short rows padded with '' and names stripped."""
-    df, info = read_csv(write(tmp_path / "t.csv", " formatted_prompt , Standardized_Rating,extra\na,1,NA\nb,2\n"))
-    assert list(df.columns) == ["formatted_prompt", "Standardized_Rating", "extra"]
-    assert df.to_numpy().tolist() == [["a", "1", "NA"], ["b", "2", ""]]
-    assert (info.file, info.delimiter, info.encoding, info.warnings) == ("t.csv", ",", "utf-8", ())
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from daemon.dataset import Dataset, RatingMapping
+from daemon.dataset import Dataset
 from daemon.errors import ModelSetConfigError
+from daemon.mapping import RatingMapping
 from daemon.modelset import (
     model_set_config,
     modelfile_create_fields,
