@@ -28,7 +28,8 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,12 +128,30 @@ class Journal:
                                    check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        self._db.execute("PRAGMA journal_mode = WAL")
+        self._retry_busy(lambda: self._db.execute("PRAGMA journal_mode = WAL"), busy_timeout_s)
         self._db.execute("PRAGMA synchronous = NORMAL")
         with self.transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @staticmethod
+    def _retry_busy(action: Callable[[], object], timeout_s: float) -> None:
+        """Run ``action`` until SQLite stops answering "database is locked", up to ``timeout_s``.
+        Switching to WAL while another process opens the same file can fail at once, without the
+        busy handler (SQLite reports the lock clash as a deadlock), so daemons started together
+        would crash at start-up."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            try:
+                action()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     def close(self) -> None:
         with self._lock:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -122,3 +125,31 @@ def test_invalid_state_is_rejected(journal):
     with pytest.raises(sqlite3.IntegrityError):
         with journal.transaction() as db:
             db.execute("UPDATE jobs SET state = 'lost' WHERE id = 'j1'")
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+from daemon.journal import Journal
+path, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+for _ in range(20):
+    with Journal(path) as j:
+        j.counts()
+"""
+
+
+def test_processes_opening_a_new_journal_at_once_all_succeed(tmp_path):
+    """Processes opening and closing one fresh journal file at the same moments all succeed (WAL switch races)."""
+    for trial in range(5):
+        path = tmp_path / f"journal-{trial}.sqlite3"
+        start = time.time() + 1.0  # past every child's start-up, so the opens collide
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(path), str(start)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(6)]
+        results = [(p.wait(timeout=60), p.stderr.read().strip().splitlines()[-1:]) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        assert results == [(0, [])] * 6, trial
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
