@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
@@ -151,5 +152,5 @@ def test_processes_opening_a_new_journal_at_once_all_succeed(tmp_path):
             p.stdout.close()
             p.stderr.close()
         assert results == [(0, [])] * 6, trial
-        with sqlite3.connect(path) as db:
+        with contextlib.closing(sqlite3.connect(path)) as db:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
