@@ -622,6 +622,8 @@ class Service:
                 self.journal.mark_duplicate(job_id, of=earlier)
                 record = self.journal.get(job_id) or record
                 log.info("job_duplicate", duplicate_of=earlier.id, outputs=earlier.output_path)
+                # an attempt killed while building leaves a partial build; a duplicate has no outputs
+                shutil.rmtree(self.paths.outputs / f".tmp-{job_id}", ignore_errors=True)
                 self._move_inputs(claim, self.paths.processed,
                                   note=("duplicate.json", self._duplicate_note(record)))
                 return "duplicate"
@@ -630,7 +632,8 @@ class Service:
                 "error_type": "PoisonJobError",
                 "message": f"the service stopped while processing this job {record.attempts} times",
                 "hint": "look in the service log for what killed it (memory, a crash) around these "
-                        "times; drop the files again to retry"}, attempts=record.attempts)
+                        "times; drop the files again to retry"}, attempts=record.attempts,
+                build=self.paths.outputs / f".tmp-{job_id}")  # the last killed attempt's partial build
             return "failed"
         attempt = self.journal.start(job_id)
         build = self.paths.outputs / f".tmp-{job_id}"

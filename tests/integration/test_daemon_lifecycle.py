@@ -147,3 +147,47 @@ def test_kill_9_during_a_burst_loses_and_doubles_nothing(root, start_daemon):
     assert final.wait_exit(timeout=120) == 0
     _check_invariants(root, stems)
     assert MARKER not in all_log_text(root)
+
+
+def test_a_job_killed_max_attempts_times_fails_as_poison_without_leftovers(root, start_daemon):
+    """A job whose process died max_attempts times goes to failed/ as PoisonJobError with the killed
+    attempt's job.log; its half-built outputs/.tmp-<job_id> is removed."""
+    root.write_config(watch={"max_attempts": 1})
+    root.drop_dataset("big", rows=100_000)  # about a second of loading: still running when killed
+    d = start_daemon()
+    d.wait_event("job_started", timeout=30)
+    os.killpg(d.proc.pid, signal.SIGKILL)
+    d.proc.wait(timeout=10)
+    [job_id] = [x["job_id"] for x in d.events("job_started")]
+    assert (root.outputs / f".tmp-{job_id}").is_dir()  # the killed attempt's partial build
+    again = start_daemon("--once", log_name="daemon-again.log")
+    assert again.wait_exit(timeout=60) == 0
+    [failed] = root.job_folders(root.failed, "big")
+    error = json.loads((failed / "error.json").read_text())
+    assert (error["error_type"], error["attempts"], error["job_id"]) == ("PoisonJobError", 1, job_id)
+    assert sorted(os.listdir(failed)) == ["big.csv", "big.mapping.json", "error.json", "job.log"]
+    events = [json.loads(line)["event"] for line in (failed / "job.log").read_text().splitlines()]
+    assert (events[0], events[-1]) == ("job_started", "job_failed")
+    assert os.listdir(root.outputs) == []
+    assert leftovers(root.path) == []
+
+
+def test_a_killed_job_that_became_a_duplicate_leaves_no_partial_build(root, start_daemon):
+    """Two drops of one content both killed while building: after a restart one succeeds, the other
+    is a duplicate, and neither leaves an outputs/.tmp-<job_id> behind."""
+    for stem in ("same1", "same2"):
+        root.drop_dataset(stem, rows=100_000, seed=5)
+    d = start_daemon()
+    d.wait_event("job_started", count=2, timeout=30)
+    os.killpg(d.proc.pid, signal.SIGKILL)
+    d.proc.wait(timeout=10)
+    assert len([p for p in root.outputs.iterdir() if p.name.startswith(".tmp-")]) == 2
+    root.write_config(watch={"workers": 1})  # one after the other: the second sees the first's success
+    again = start_daemon("--once", log_name="daemon-again.log")
+    assert again.wait_exit(timeout=120) == 0
+    assert sorted(x["status"] for x in again.events("job_finished")) == ["duplicate", "succeeded"]
+    [duplicate] = [p for p in root.processed.iterdir() if (p / "duplicate.json").exists()]
+    assert [p.name for p in root.outputs.iterdir()] == [
+        x["job_id"] for x in again.events("job_finished") if x["status"] == "succeeded"]
+    assert not (root.outputs / f".tmp-{duplicate.name}").exists()
+    assert leftovers(root.path) == []
