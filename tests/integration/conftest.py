@@ -96,11 +96,10 @@ class Daemon:
             cwd=REPO, stdout=self._log, stderr=self._err, env=env, start_new_session=True)
 
     def lines(self) -> list[dict]:
-        out = []
-        for raw in self.log_path.read_text(encoding="utf-8").splitlines():
-            if raw.strip():
-                out.append(json.loads(raw))
-        return out
+        """The complete log lines so far: the last one may still be being written, or was cut off
+        by a kill -9, so text after the last newline is not a line yet."""
+        complete = self.log_path.read_bytes().split(b"\n")[:-1]
+        return [json.loads(raw.decode("utf-8")) for raw in complete if raw.strip()]
 
     def events(self, name: str) -> list[dict]:
         return [line for line in self.lines() if line.get("event") == name]

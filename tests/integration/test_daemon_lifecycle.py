@@ -155,18 +155,24 @@ def test_a_job_killed_max_attempts_times_fails_as_poison_without_leftovers(root,
     root.write_config(watch={"max_attempts": 1})
     root.drop_dataset("big", rows=100_000)  # about a second of loading: still running when killed
     d = start_daemon()
-    d.wait_event("job_started", timeout=30)
+    [started] = d.wait_event("job_started", timeout=30)
+    job_id = started["job_id"]
+    build_log = root.outputs / f".tmp-{job_id}" / "job.log"  # the killed attempt's partial build
+    wait_for(lambda: build_log.is_file() and build_log.read_bytes().endswith(b"\n"), timeout=10,
+             message="job_started in the build's job.log")
     os.killpg(d.proc.pid, signal.SIGKILL)
     d.proc.wait(timeout=10)
-    [job_id] = [x["job_id"] for x in d.events("job_started")]
-    assert (root.outputs / f".tmp-{job_id}").is_dir()  # the killed attempt's partial build
+    with open(build_log, "ab") as fh:  # as if the kill had cut a line in half
+        fh.write(b'{"event": "cut off by kill -9')
     again = start_daemon("--once", log_name="daemon-again.log")
     assert again.wait_exit(timeout=60) == 0
     [failed] = root.job_folders(root.failed, "big")
     error = json.loads((failed / "error.json").read_text())
     assert (error["error_type"], error["attempts"], error["job_id"]) == ("PoisonJobError", 1, job_id)
     assert sorted(os.listdir(failed)) == ["big.csv", "big.mapping.json", "error.json", "job.log"]
-    events = [json.loads(line)["event"] for line in (failed / "job.log").read_text().splitlines()]
+    lines = (failed / "job.log").read_text().splitlines()
+    assert lines[-2] == '{"event": "cut off by kill -9'  # the outcome still gets a line of its own
+    events = [json.loads(line)["event"] for line in lines[:-2] + lines[-1:]]
     assert (events[0], events[-1]) == ("job_started", "job_failed")
     assert os.listdir(root.outputs) == []
     assert leftovers(root.path) == []
