@@ -88,7 +88,10 @@ def format_validation_report(report: dict[str, Any]) -> str:
             lines.append(f"  prompt length (chars): min {pc['min']}, median {pc['p50']}, p95 {pc['p95']}, max {pc['max']}")
         lines.append(f"  rationale coverage: {report['rationale_coverage']:.0%}")
         lines.append(f"  mapping: {report['mapping']['source']}")
-        lines.append(f"  recommended approach: {report['recommended_approach']}")
+        approach = report["recommended_approach"]
+        lines.append(f"  recommended approach: {approach}" + (
+            " (enough rows; whether this machine can train a model: fine-tuner check MODEL)"
+            if approach == "fine_tune" else ""))
     for warning in report["warnings"]:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)

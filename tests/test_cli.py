@@ -93,6 +93,19 @@ def test_validate_report(tmp_path, dataset):
     assert "NOT usable" in res.stdout
 
 
+def test_validate_text_report_points_at_check_for_the_machine(tmp_path, dataset):
+    """The text report says the file is usable, counts rows, and sends fine-tuning to `check`."""
+    csv_path, mapping = dataset
+    res = run("validate", "--input", str(csv_path), "--mapping", str(mapping), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"{csv_path.name}: usable"
+    assert "  rows: 60 used of 60 read (dropped: none)" in lines
+    assert "  recommended approach: fine_tune (enough rows; whether this machine can train a model: " \
+           "fine-tuner check MODEL)" in lines
+    assert MARKER not in res.stdout
+
+
 def test_check_reports_failed_checks(tmp_path):
     """check exits 1 for a model without weights and shows each check."""
     res = run("check", "no-such-model:7b", "--json", cwd=tmp_path)
