@@ -10,7 +10,8 @@ threads, and keeps systemd informed (``READY=1`` after recovery, ``STATUS=`` wit
 fine-tune plan waits (journal: ``queued`` with approach ``fine_tune``) for the single training-lane
 thread, so that a long training never blocks the pool and only one trains at a time.
 ``FineTuner.execute`` builds into ``outputs/.tmp-<job_id>`` (with ``job.log``, appended to by both
-phases and closed by the ``job_succeeded`` / ``job_failed`` line) → publish ``outputs/<job_id>`` → journal → the work folder is renamed into
+phases and closed by the ``job_succeeded`` / ``job_failed`` line) → publish ``outputs/<job_id>`` →
+journal → the work folder is renamed into
 ``processed/<job_id>`` or ``failed/<job_id>`` (with ``error.json``); one ``job_finished`` line closes
 each job, from whichever thread ends it. Recovery takes up claim folders whose owner died: finished
 ones are moved on, the rest retried until ``max_attempts``. Signals only set events: SIGTERM/SIGINT
