@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections import Counter
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from .csvfile import (
@@ -160,19 +158,16 @@ def _resolve_columns(df: pd.DataFrame, source: str) -> dict[str, str]:
 
 
 def _conflicting_duplicates(prompts: np.ndarray, ratings: np.ndarray) -> int:
-    """How many distinct prompts appear with more than one rating. Set operations only (C speed):
-    one set of all prompts; one per rating only when some prompt repeats; a count only when the
-    per-rating sets overlap."""
-    import numpy as np
+    """How many distinct prompts appear with more than one rating. pandas' hash table finds the
+    repeated prompts (C speed, about a third of the memory of a Python set of every prompt); only
+    those are grouped."""
+    import pandas as pd
 
-    distinct = set(prompts.tolist())
-    if len(distinct) == len(prompts):  # every prompt distinct: the common case
+    repeated = pd.Series(prompts, dtype=object).duplicated(keep=False).to_numpy()
+    if not repeated.any():  # every prompt distinct: the common case
         return 0
-    per_rating = [set(prompts[ratings == value].tolist()) for value in np.unique(ratings)]
-    if sum(map(len, per_rating)) == len(distinct):
-        return 0
-    counts = Counter(chain.from_iterable(per_rating))
-    return sum(1 for n in counts.values() if n > 1)
+    pairs = pd.DataFrame({"prompt": prompts[repeated], "rating": ratings[repeated]})
+    return int((pairs.groupby("prompt", sort=False)["rating"].nunique() > 1).sum())
 
 
 def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, source: str = "<dataframe>",

@@ -107,3 +107,18 @@ def test_read_csv_keeps_every_column_as_text(tmp_path):
     assert list(df.columns) == ["formatted_prompt", "Standardized_Rating", "extra"]
     assert df.to_numpy().tolist() == [["a", "1", "NA"], ["b", "2", ""]]
     assert (info.file, info.delimiter, info.encoding, info.warnings) == ("t.csv", ",", "utf-8", ())
+
+
+def test_a_large_file_reads_whole_and_names_the_right_line_past_the_first_parse_chunk(tmp_path):
+    """The body is parsed in chunks of rows: all rows arrive in order, and a bad row far into the
+    file is reported at its own line number."""
+    rows = 60_000  # over two parse chunks
+    lines = ["Row_ID,formatted_prompt,Standardized_Rating"] + [f"R{i},visit {i},{i % 2}" for i in range(rows)]
+    df, _info = read_csv(write(tmp_path / "big.csv", "\n".join(lines) + "\n"))
+    assert len(df) == rows
+    assert df["Row_ID"].tolist() == [f"R{i}" for i in range(rows)]
+    assert list(df.index) == list(range(rows))
+    lines[55_001] = "R55000,visit 55000,1,one field too many"
+    with pytest.raises(DatasetFormatError) as info:
+        read_csv(write(tmp_path / "bad.csv", "\n".join(lines) + "\n"))
+    assert "near line 55002:" in info.value.message
