@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .config import TrainingConfig
     from .dataset import Dataset
 
-CHUNK_ROWS = 4096  # lines per chunk: large enough to amortise writes, small enough to bound memory
+CHUNK_ROWS = 1024  # lines per chunk: large enough to amortise writes, small enough to bound memory
 
 # The C string encoder json.dumps(..., ensure_ascii=False) itself uses for a str; called directly it
 # skips json.dumps' per-call encoder set-up, which is most of the cost for short strings.

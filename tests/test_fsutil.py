@@ -36,6 +36,34 @@ def test_failed_write_keeps_old_content_and_no_temp(tmp_path):
     assert list(tmp_path.iterdir()) == [target]
 
 
+def test_write_lines_writes_every_chunk_in_order_as_utf8(tmp_path):
+    """Many chunks (more than the writer thread takes ahead) arrive whole, in order, UTF-8, no CRLF."""
+    target = tmp_path / "lines.jsonl"
+    chunks = [f"{i} fièvre\n" * (i % 5 + 1) for i in range(200)]
+    fsutil.write_lines(target, iter(chunks))
+    assert target.read_bytes() == "".join(chunks).encode("utf-8")
+    assert leftovers(tmp_path) == []
+
+
+def test_write_lines_raises_a_write_side_error_and_keeps_the_old_file(tmp_path):
+    """Text that cannot be encoded fails on the writer thread: the caller gets that error, the old file
+    stays, no temporary file is left and the producer is not left blocked."""
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    produced = []
+
+    def chunks():
+        for i in range(50):
+            produced.append(i)
+            yield "lone surrogate \ud800\n" if i == 3 else f"line {i}\n"
+
+    with pytest.raises(UnicodeEncodeError):
+        fsutil.write_lines(target, chunks())
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+    assert len(produced) < 50  # stopped soon after the failure instead of building every chunk
+
+
 def test_sha256_file_matches_hashlib(tmp_path):
     """The streamed hash equals hashlib over the whole content."""
     data = os.urandom(3 * fsutil.HASH_CHUNK + 17)
