@@ -83,6 +83,15 @@ def canonical_name(name: Any) -> tuple[str, str]:
     return display.lower(), display
 
 
+def requested_name(body: Any, keys: tuple[str, ...] = ("model", "name")) -> Any:
+    """The model a request body names (create, show and delete also take the older "name" key);
+    ``BadRequest(400, "model is required")`` when it names none."""
+    name = next((body[k] for k in keys if isinstance(body, dict) and body.get(k)), None)
+    if not name:
+        raise BadRequest(400, "model is required")
+    return name
+
+
 def _schema_sample(schema: Any, key: str = "") -> Any:
     """Deterministic JSON that matches a (simple) JSON Schema: first enum value, fixed text."""
     if not isinstance(schema, dict):
@@ -288,6 +297,14 @@ class FakeOllama:
             self.models[key] = model
         return model
 
+    def require_model(self, name: Any) -> tuple[Model, str]:
+        """(the model, its display name): 400 for an invalid name, 404 when no such model exists."""
+        _, display = canonical_name(name)
+        model = self.get_model(name)
+        if model is None:
+            raise BadRequest(404, f"model '{display}' not found")
+        return model, display
+
     def get_model(self, name: str) -> Model | None:
         try:
             key, _ = canonical_name(name)
@@ -319,9 +336,7 @@ class FakeOllama:
     def create(self, body: dict) -> tuple[list[dict], BadRequest | None, Model | None]:
         """Validate and build a model. Returns (status lines streamed before any failure, the
         failure if any, the new model). Failures before the first line are raised as BadRequest."""
-        name = body.get("model") or body.get("name")
-        if not name:
-            raise BadRequest(400, "model is required")
+        name = requested_name(body)
         _, display = canonical_name(name)
         base_name, files, adapters = body.get("from"), body.get("files"), body.get("adapters")
         if not base_name and not files:
@@ -428,13 +443,7 @@ class FakeOllama:
 
     def chat_response(self, body: dict) -> tuple[Model, str, str]:
         """(model, content, done_reason) for a valid chat body; BadRequest otherwise."""
-        name = body.get("model")
-        if not name:
-            raise BadRequest(400, "model is required")
-        _, display = canonical_name(name)
-        model = self.get_model(name)
-        if model is None:
-            raise BadRequest(404, f"model '{display}' not found")
+        model, display = self.require_model(requested_name(body, ("model",)))
         if "completion" not in model.capabilities:
             raise BadRequest(400, f'"{display}" does not support chat')
         fmt = body.get("format")
@@ -646,22 +655,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"models": []})
 
     def _show(self, path: str, raw: bytes) -> None:
-        body = self._parse_json(raw)
-        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
-        if not name:
-            raise BadRequest(400, "model is required")
-        _, display = canonical_name(name)
-        model = self.fake.get_model(name)
-        if model is None:
-            raise BadRequest(404, f"model '{display}' not found")
+        model, _ = self.fake.require_model(requested_name(self._parse_json(raw)))
         self._json(200, model.show())
 
     def _delete(self, path: str, raw: bytes) -> None:
-        body = self._parse_json(raw)
-        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
-        if not name:
-            raise BadRequest(400, "model is required")
-        key, display = canonical_name(name)
+        key, display = canonical_name(requested_name(self._parse_json(raw)))
         with self.fake.lock:
             if key not in self.fake.models:
                 raise BadRequest(404, f"model '{display}' not found")
