@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,7 +93,9 @@ class _JobFilter(logging.Filter):
 
 @contextlib.contextmanager
 def job_log(path: str | Path, job_id: str) -> Iterator[None]:
-    """Copy every log line bound to ``job_id`` into ``path`` while the block runs."""
+    """Copy every log line bound to ``job_id`` into ``path`` while the block runs (appending to an
+    existing file)."""
+    _end_partial_line(Path(path))
     root = logging.getLogger(_ROOT)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(_formatter())
@@ -103,6 +106,20 @@ def job_log(path: str | Path, job_id: str) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+def _end_partial_line(path: Path) -> None:
+    """A log cut off mid-line (its process was killed) gets a newline, so that lines appended
+    after it stay lines of their own."""
+    try:
+        with open(path, "rb+") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+    except FileNotFoundError:
+        pass
 
 
 def configured_by() -> str | None:

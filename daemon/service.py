@@ -787,7 +787,6 @@ class Service:
             shutil.rmtree(build, ignore_errors=True)
         self.journal.fail(job_id, error)
         kept_log = claim.path / "job.log"
-        _end_partial_line(kept_log)
         with job_log(kept_log, job_id) if kept_log.exists() else contextlib.nullcontext():
             log.warning("job_failed", error_type=error.get("error_type"), message=error.get("message"),
                         hint=error.get("hint"), attempts=error["attempts"])
@@ -813,20 +812,6 @@ def _warm_up() -> None:
 
     from . import dataset, fine_tuner, modelset  # noqa: F401
     log.info("warm_up_done", duration_s=round(time.monotonic() - started, 3))
-
-
-def _end_partial_line(path: Path) -> None:
-    """A log cut off mid-line (its process was killed) gets a newline, so that lines appended
-    after it stay lines of their own."""
-    try:
-        with open(path, "rb+") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            if size:
-                fh.seek(size - 1)
-                if fh.read(1) != b"\n":
-                    fh.write(b"\n")
-    except FileNotFoundError:
-        pass
 
 
 def _error_fields(exc: BaseException) -> dict:

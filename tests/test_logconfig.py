@@ -32,3 +32,19 @@ def test_json_lines_with_utc_timestamp_and_job_log(tmp_path):
     assert [(e["event"], e["job_id"]) for e in job_lines] == [("job_started", "job-1")]
     file_lines = (tmp_path / "fine_tuner.log").read_text().splitlines()
     assert len(file_lines) == 2
+
+
+def test_job_log_appends_on_a_line_of_its_own_after_a_cut_off_line(tmp_path):
+    """A job.log whose last line was cut by a kill gets a newline first, so the next line parses."""
+    path = tmp_path / "job.log"
+    path.write_bytes(b'{"event": "job_started", "job_id": "job-1"}\n{"event": "cut off')
+    logconfig.configure(level="INFO", stream=io.StringIO(), log_file=None)
+    try:
+        with logconfig.job_log(path, "job-1"):
+            with structlog.contextvars.bound_contextvars(job_id="job-1"):
+                logconfig.get_logger("test").warning("job_failed")
+    finally:
+        logconfig.configure(level="INFO", stream=None, log_file=None, owner=None)
+    lines = path.read_text().splitlines()
+    assert lines[:2] == ['{"event": "job_started", "job_id": "job-1"}', '{"event": "cut off']
+    assert [json.loads(line)["event"] for line in lines[2:]] == ["job_failed"]

@@ -141,8 +141,7 @@ def test_kill_9_during_a_burst_loses_and_doubles_nothing(root, start_daemon):
                  or len(root.folders(root.processed)) + len(root.folders(root.failed)) >= 100,
                  timeout=60, message="some progress")
         finished_before += len(d.events("job_finished"))
-        os.killpg(d.proc.pid, signal.SIGKILL)
-        d.proc.wait(timeout=10)
+        d.kill()  # kill -9 of its process group
     final = start_daemon("--once", log_name="daemon-final.log")
     assert final.wait_exit(timeout=120) == 0
     _check_invariants(root, stems)
@@ -160,8 +159,7 @@ def test_a_job_killed_max_attempts_times_fails_as_poison_without_leftovers(root,
     build_log = root.outputs / f".tmp-{job_id}" / "job.log"  # the killed attempt's partial build
     wait_for(lambda: build_log.is_file() and build_log.read_bytes().endswith(b"\n"), timeout=10,
              message="job_started in the build's job.log")
-    os.killpg(d.proc.pid, signal.SIGKILL)
-    d.proc.wait(timeout=10)
+    d.kill()  # kill -9 of its process group
     with open(build_log, "ab") as fh:  # as if the kill had cut a line in half
         fh.write(b'{"event": "cut off by kill -9')
     again = start_daemon("--once", log_name="daemon-again.log")
@@ -185,8 +183,7 @@ def test_a_killed_job_that_became_a_duplicate_leaves_no_partial_build(root, star
         root.drop_dataset(stem, rows=100_000, seed=5)
     d = start_daemon()
     d.wait_event("job_started", count=2, timeout=30)
-    os.killpg(d.proc.pid, signal.SIGKILL)
-    d.proc.wait(timeout=10)
+    d.kill()  # kill -9 of its process group
     assert len([p for p in root.outputs.iterdir() if p.name.startswith(".tmp-")]) == 2
     root.write_config(watch={"workers": 1})  # one after the other: the second sees the first's success
     again = start_daemon("--once", log_name="daemon-again.log")
