@@ -102,6 +102,11 @@ class JobPlan:
         self.ds = None
 
 
+def _file_hashes(ds) -> dict:
+    """sha256 of the dataset and mapping files a Dataset was read from (None for what was not a file)."""
+    return {"dataset": ds.read_info.sha256 if ds.read_info else None, "mapping": ds.mapping.sha256}
+
+
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -259,8 +264,7 @@ class FineTuner:
         stages = _Stages()
         with stages("load"):
             ds = load_dataset(job.csv_path, job.mapping_path)
-        hashes = {"dataset": ds.read_info.sha256 if ds.read_info else None,
-                  "mapping": ds.mapping.sha256}
+        hashes = _file_hashes(ds)
         log.info("dataset_loaded", file=job.csv_path.name, rows_read=ds.rows_read, rows_used=ds.rows_used,
                  dropped=ds.dropped, mapping_source=ds.mapping.source, columns=list(ds.columns.values()),
                  duration_s=stages.durations["load"])
@@ -275,7 +279,7 @@ class FineTuner:
         assert job is not None  # drop_dataset allows files only
         with plan.stages("reload"):
             ds = load_dataset(job.csv_path, job.mapping_path)
-        now = {"dataset": ds.read_info.sha256 if ds.read_info else None, "mapping": ds.mapping.sha256}
+        now = _file_hashes(ds)
         if now != plan.input_hashes:
             changed = [name for name in ("dataset", "mapping") if now[name] != plan.input_hashes.get(name)]
             raise DatasetError(f"the {' and '.join(changed)} file changed after the job was planned",
