@@ -8,10 +8,12 @@ This module knows nothing about jobs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import queue
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -63,9 +65,13 @@ def write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> N
 
 
 def write_json(path: str | os.PathLike, data: Any, *, durable: bool = True) -> None:
+    text = json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a file name that is not UTF-8): escape it
+        text = json.dumps(data, indent=2, ensure_ascii=True, sort_keys=False, default=str)
     with atomic_open(path, "w", durable=durable) as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False, sort_keys=False, default=str)
-        fh.write("\n")
+        fh.write(text + "\n")
 
 
 def write_lines(path: str | os.PathLike, chunks: Iterable[str], *, durable: bool = True) -> None:
@@ -107,6 +113,47 @@ def _write_overlapped(fh: IO[bytes], chunks: Iterable[str]) -> None:
         thread.join()
     if failed:
         raise failed[0]
+
+
+class NotRegularFileError(OSError):
+    """An input path is a FIFO, socket, device, folder or symbolic link where a file was expected."""
+
+
+def open_regular(path: str | os.PathLike) -> int:
+    """Open a regular file for reading without ever blocking or following a link: ``O_NONBLOCK``
+    (a FIFO swapped in would otherwise block ``open`` until a writer comes), ``O_NOFOLLOW``, and
+    the type checked on the opened descriptor, not on a name that can change in between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFileError(errno.ELOOP, "a symbolic link, not a file", os.fspath(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFileError(errno.EINVAL, "not a regular file", os.fspath(path))
+    os.set_blocking(fd, True)
+    return fd
+
+
+def hash_regular_file(path: str | os.PathLike) -> tuple[str, int]:
+    """``(hex sha256, size)`` of a regular file (``open_regular``), streamed in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with os.fdopen(open_regular(path), "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def real_dir(path: str | os.PathLike) -> Path:
+    """``path`` when it is a real folder (checked with ``lstat``: a symbolic link put in place of a
+    state folder is never followed); NotADirectoryError otherwise."""
+    path = Path(path)
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder (a symbolic link or a file)", str(path))
+    return path
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -177,8 +224,20 @@ def reserve_dir(path: str | os.PathLike) -> Path:
 
 
 def make_private_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) and make sure it is mode 0700."""
+    """Create ``path`` (and parents) and make sure it is mode 0700. A symbolic link or a file in its
+    place raises NotADirectoryError: the link is never followed, its target never chmodded."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    with contextlib.suppress(FileExistsError):  # a file in its place: reported just below
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder (a symbolic link or a file)",
+                                     str(path)) from None
+        raise
+    try:
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return path

@@ -34,12 +34,13 @@ import queue
 import secrets
 import stat
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .fsutil import fsync_dir, reserve_dir, sha256_file, write_json
+from .fsutil import NotRegularFileError, fsync_dir, hash_regular_file, real_dir, reserve_dir, write_json
 
 DATASET_SUFFIXES = (".csv",)
 MAPPING_SUFFIXES = (".mapping.json", ".mapping.yaml", ".mapping.yml")
@@ -51,6 +52,41 @@ CLAIM_PREFIX = ".claim-"
 DEFAULT_MAPPING_STEM = "default-mapping"  # the config's default mapping, copied into a claim folder
 
 DATASET, MAPPING, JOB, IGNORED, UNKNOWN = "dataset", "mapping", "job", "ignored", "unknown"
+# Mapping and job files are small; a bigger one is refused before anything parses it (a 28 MB job
+# file once took a YAML parser 326 s and 6.8 GB).
+MAX_COMPANION_BYTES = 256 * 1024
+# Job ids and the folders named after them must stay well below the 255-byte name limit:
+# ``.tmp-`` + stem + ``-<stamp>-<8 hex>`` + ``-N`` from reserve_dir.
+MAX_ID_STEM_BYTES = 120
+
+
+def escape_name(name: str) -> str:
+    """A file name as text that is safe everywhere: bytes that are not UTF-8 (``os.listdir`` hands
+    them over as lone surrogates) become ``\\xNN``; control and formatting characters (newlines,
+    escape sequences, right-to-left overrides) become ``\\xNN`` / ``\\uNNNN``. Used for job ids,
+    log lines, JSON, the journal and ``status`` output; the file itself keeps its real name."""
+    raw = os.fsencode(name).decode("utf-8", errors="backslashreplace")
+    out = []
+    for ch in raw:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def bounded(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, never inside a character."""
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return text
+    return data[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def id_stem(stem: str) -> str:
+    """The part of a job id (or a refused entry's folder name) that comes from a file name."""
+    return bounded(escape_name(stem), MAX_ID_STEM_BYTES).rstrip(".") or "input"
 
 
 def classify_name(name: str) -> tuple[str, str]:
@@ -76,7 +112,7 @@ def refusal_reason(kind: str, st: os.stat_result, max_input_bytes: int) -> str |
         return "not_regular_file"
     if kind == UNKNOWN:
         return "unknown_extension"
-    if st.st_size > max_input_bytes:
+    if st.st_size > (MAX_COMPANION_BYTES if kind in (MAPPING, JOB) else max_input_bytes):
         return "too_large"
     return None
 
@@ -90,8 +126,10 @@ REFUSAL_MESSAGES = {
                          "drop a regular file"),
     "unknown_extension": ("the file name does not end in .csv, .mapping.json|.yaml|.yml or "
                           ".job.yaml|.yml|.json", "rename the file to one of these endings and drop it again"),
-    "too_large": ("the file is larger than watch.max_input_bytes",
-                  "split the dataset or raise watch.max_input_bytes in the configuration"),
+    "too_large": ("the file is too large (a dataset: more than watch.max_input_bytes; a mapping or "
+                  "job file: more than 256 KiB)",
+                  "split the dataset or raise watch.max_input_bytes; a mapping or job file only "
+                  "needs a few lines"),
 }
 
 
@@ -396,20 +434,29 @@ def claim_drop(inbox: Path, work: Path, drop: Drop, *, default_mapping: Path | N
     return claim
 
 
+NOT_REGULAR = "not-a-regular-file"  # the digest recorded for an input that is not a regular file
+
+
 def hash_claim(claim: Claim) -> dict[str, tuple[str, str, int]]:
-    """role -> (file name, sha256, size) for every input in the claim folder."""
+    """role -> (file name, sha256, size) for every input in the claim folder. An input that is not a
+    regular file (a FIFO or link renamed over a companion between the scan and the claim) is never
+    opened for reading: its digest is ``NOT_REGULAR`` and the job fails when it reads it."""
     out = {}
     for role, name in claim.files.items():
-        path = claim.path / name
-        out[role] = (name, sha256_file(path), path.stat().st_size)
+        try:
+            digest, size = hash_regular_file(claim.path / name)
+        except NotRegularFileError:
+            digest, size = NOT_REGULAR, 0
+        out[role] = (name, digest, size)
     return out
 
 
 def name_claim(claim: Claim, stem: str, key: str, *, when: datetime | None = None,
                taken: Callable[[str], bool] = lambda job_id: False) -> str:
     """Rename the claim folder to ``<stem>-<UTC stamp>-<8 hex of key>``, with ``-N`` when that id is
-    in ``.work/`` or ``taken(job_id)`` says it was used before (the same content in the same second)."""
-    base = f"{stem}-{utc_stamp(when)}-{key[:8]}"
+    in ``.work/`` or ``taken(job_id)`` says it was used before (the same content in the same second).
+    The stem is escaped and bounded (``id_stem``), so every id is valid UTF-8 and short enough."""
+    base = f"{id_stem(stem)}-{utc_stamp(when)}-{key[:8]}"
     n = 0
     while True:
         job_id = base if n == 0 else f"{base}-{n}"
@@ -473,7 +520,7 @@ def finish_claim(claim: Claim, destination: Path, *, note: tuple[str, dict] | No
     ``destination/<job_id>`` (never overwriting: ``-N`` when taken). Releases the lock."""
     if note is not None:
         write_json(claim.path / note[0], note[1])
-    target = reserve_dir(destination / claim.job_id)
+    target = reserve_dir(real_dir(destination) / claim.job_id)
     os.rename(claim.path, target)
     fsync_dir(destination)
     fsync_dir(claim.path.parent)
@@ -483,8 +530,9 @@ def finish_claim(claim: Claim, destination: Path, *, note: tuple[str, dict] | No
 
 def refuse(inbox: Path, failed: Path, refusal: Refusal, error: dict) -> Path | None:
     """Move a refused entry (the link itself for a symlink) into ``failed/<name>-<stamp>/`` with
-    ``error.json``. None when it vanished first (another daemon took it)."""
-    target = reserve_dir(failed / f"{refusal.name}-{utc_stamp()}")
+    ``error.json``. None when it vanished first (another daemon took it). The folder's name is the
+    entry's escaped and bounded name, so any name the kernel allows gives a valid folder name."""
+    target = reserve_dir(real_dir(failed) / f"{id_stem(refusal.name)}-{utc_stamp()}")
     try:
         os.rename(inbox / refusal.name, target / refusal.name)
     except FileNotFoundError:

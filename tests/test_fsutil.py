@@ -112,3 +112,32 @@ def test_reserve_dir_never_reuses_a_folder(tmp_path):
     second = fsutil.reserve_dir(tmp_path / "job")
     assert (first.name, second.name) == ("job", "job-1")
     assert second.stat().st_mode & 0o777 == 0o700 and list(second.iterdir()) == []
+
+
+def test_open_regular_refuses_fifo_and_symlink_without_blocking(tmp_path):
+    """open_regular raises NotRegularFileError for a FIFO (no writer: a plain open would block)
+    and for a symbolic link; a regular file opens."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "real").write_text("abc")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    for name in ("fifo", "link"):
+        with pytest.raises(fsutil.NotRegularFileError):
+            fsutil.open_regular(tmp_path / name)
+    assert fsutil.hash_regular_file(tmp_path / "real") == (hashlib.sha256(b"abc").hexdigest(), 3)
+
+
+def test_write_json_escapes_lone_surrogates(tmp_path):
+    """A value holding a lone surrogate (a non-UTF-8 file name) is written escaped, not a crash."""
+    fsutil.write_json(tmp_path / "e.json", {"file": os.fsdecode(b"note\xff.txt")})
+    assert json.loads((tmp_path / "e.json").read_text(encoding="utf-8")) == {"file": "note\udcff.txt"}
+
+
+def test_make_private_dir_never_follows_a_symlink(tmp_path):
+    """A link in place of a state folder raises NotADirectoryError and its target keeps its mode."""
+    target = tmp_path / "target"
+    target.mkdir(mode=0o755)
+    os.chmod(target, 0o755)
+    os.symlink(target, tmp_path / "state")
+    with pytest.raises(NotADirectoryError):
+        fsutil.make_private_dir(tmp_path / "state")
+    assert oct(os.stat(target).st_mode & 0o777) == "0o755"

@@ -15,7 +15,10 @@ from daemon.inbox import (
     abandoned_claims,
     claim_drop,
     classify_name,
+    MAX_COMPANION_BYTES,
+    NOT_REGULAR,
     content_key,
+    escape_name,
     finish_claim,
     hash_claim,
     name_claim,
@@ -262,3 +265,72 @@ def test_orphans_lists_companions_without_dataset(dirs):
     for name in ("h.mapping.json", "i.job.yaml", "j.csv", "j.mapping.yaml"):
         (inbox / name).write_text("x")
     assert [(o["name"], o["kind"]) for o in orphans(inbox)] == [("h.mapping.json", "mapping"), ("i.job.yaml", "job")]
+
+
+def test_escape_name_escapes_bytes_that_are_not_utf8_and_control_characters():
+    """Non-UTF-8 bytes become \\xNN; newlines, escapes and bidi overrides are escaped; text stays."""
+    assert escape_name(os.fsdecode(b"Grippe_M\xe4rz.csv")) == "Grippe_M\\xe4rz.csv"
+    assert escape_name("a\nb\x1b[2J\u202ec.csv") == "a\\x0ab\\x1b[2J\\u202ec.csv"
+    assert escape_name("Erkältung.csv") == "Erkältung.csv"
+
+
+def test_job_ids_from_long_or_undecodable_stems_are_bounded_utf8(dirs):
+    """A 240-byte stem gives a job id of at most 150 bytes; a non-UTF-8 stem gives a UTF-8 id."""
+    inbox, work, _, _ = dirs
+    for stem in ("é" * 120, os.fsdecode(b"M\xe4rz")):
+        (inbox / f"{stem}.csv").write_text("rows")
+        claim = claim_drop(inbox, work, Drop(stem, f"{stem}.csv", None, None))
+        job_id = name_claim(claim, stem, "0" * 64)
+        assert len(job_id.encode("utf-8")) <= 150
+        assert job_id.startswith("é" * 60 if stem.startswith("é") else "M\\xe4rz-")
+        assert (work / job_id / f"{stem}.csv").is_file()
+        claim.release()
+
+
+def test_hash_claim_never_opens_a_fifo(dirs):
+    """A FIFO renamed over a companion is hashed as NOT_REGULAR without blocking on open."""
+    inbox, work, _, _ = dirs
+    (inbox / "p.csv").write_text("rows")
+    os.mkfifo(inbox / "p.mapping.json")
+    claim = claim_drop(inbox, work, Drop("p", "p.csv", "p.mapping.json", None))
+    hashes = hash_claim(claim)
+    assert hashes["mapping"] == ("p.mapping.json", NOT_REGULAR, 0)
+    assert hashes["dataset"][2] == 4
+    claim.release()
+
+
+def test_companions_over_the_cap_are_refused(tmp_path):
+    """Mapping and job files over 256 KiB are refused as too large; a dataset of that size is not."""
+    path = tmp_path / "x"
+    path.write_bytes(b"x" * (MAX_COMPANION_BYTES + 1))
+    st = os.lstat(path)
+    assert refusal_reason("mapping", st, 10**9) == "too_large"
+    assert refusal_reason("job", st, 10**9) == "too_large"
+    assert refusal_reason("dataset", st, 10**9) is None
+
+
+def test_refusing_a_long_or_undecodable_name_bounds_the_folder_name(dirs):
+    """A refused 250-byte name or a non-UTF-8 name gets a bounded, escaped failed/ folder."""
+    inbox, _, failed, _ = dirs
+    for name in ("n" * 246 + ".txt", os.fsdecode(b"note\xff.txt")):
+        (inbox / name).write_text("x")
+        dest = refuse(inbox, failed, Refusal(name, "unknown_extension", 1), {"error_type": "RefusedInputError"})
+        assert len(os.fsencode(dest.name)) <= 150
+        assert (dest / name).is_file()
+    assert sorted(p.name[:8] for p in failed.iterdir()) == ["nnnnnnnn", "note\\xff"]
+
+
+def test_finish_claim_refuses_a_symlinked_destination(dirs, tmp_path):
+    """A symbolic link put in place of processed/ is not followed: the claim stays where it is."""
+    inbox, work, _, processed = dirs
+    os.rmdir(processed)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, processed)
+    (inbox / "s.csv").write_text("rows")
+    claim = claim_drop(inbox, work, Drop("s", "s.csv", None, None))
+    with pytest.raises(NotADirectoryError):
+        finish_claim(claim, processed)
+    assert os.listdir(outside) == []
+    assert os.listdir(claim.path) == ["s.csv"]
+    claim.release()
