@@ -22,6 +22,7 @@ import csv
 import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -262,7 +263,11 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
     path = Path(path)
     name = path.name
     try:
-        size = path.stat().st_size
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise DatasetError("the dataset is not a regular file (a FIFO, link or special file)",
+                               file=name, hint="drop a regular CSV file")
+        size = st.st_size
         if size == 0:
             raise EmptyDatasetError("the file is empty", file=name,
                                     hint="export the dataset again with a header row and at least one data row")

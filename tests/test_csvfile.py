@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from daemon.csvfile import read_csv
@@ -122,3 +124,13 @@ def test_a_large_file_reads_whole_and_names_the_right_line_past_the_first_parse_
     with pytest.raises(DatasetFormatError) as info:
         read_csv(write(tmp_path / "bad.csv", "\n".join(lines) + "\n"))
     assert "near line 55002:" in info.value.message
+
+
+def test_fifo_in_place_of_the_dataset_is_refused_without_blocking(tmp_path):
+    """A FIFO where the dataset should be is a DatasetError naming the file, never an open that
+    waits for a writer."""
+    os.mkfifo(tmp_path / "visits.csv")
+    with pytest.raises(DatasetError) as info:
+        read_csv(tmp_path / "visits.csv")
+    assert (info.value.file, str(info.value).split(":")[0]) == ("visits.csv", "visits.csv")
+    assert "not a regular file" in str(info.value)
