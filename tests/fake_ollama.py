@@ -6,7 +6,11 @@ thread and keeps its state in memory: ``models`` (canonical name → record), ``
 (``sha256:<hex>`` → bytes) and ``requests`` (every request received: method, path, parsed JSON body
 or byte count, headers). ``fault`` switches on a failure mode: ``"down"`` (server stopped, URL
 kept), ``"slow"`` (answers after ``slow_s`` seconds), ``"error500"``, ``"reset"`` (connection reset
-in the middle of a create or chat response), ``"garbage"`` (200 with a body that is not JSON).
+in the middle of a create or chat response), ``"garbage"`` (200 with a body that is not JSON),
+``"hang"`` (reads the request and never answers, until the client closes the connection) and
+``"trickle"`` (the normal answer, status line included, one byte every ``trickle_s`` seconds, so that
+no single socket read ever waits long). ``accepted`` counts the TCP connections the server accepted
+and ``open_connections()`` those still open.
 The ``fake_ollama`` fixture yields a started server seeded with ``llama3.2:1b`` (llama),
 ``gemma2:2b`` (gemma2) and ``qwen2.5:0.5b`` (qwen2) and stops it, and its threads, afterwards.
 """
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import io
 import posixpath
 import re
+import select
 import socket
 import struct
 import threading
@@ -27,7 +33,7 @@ from typing import Any
 
 import pytest
 
-FAULTS = (None, "down", "slow", "error500", "reset", "garbage")
+FAULTS = (None, "down", "slow", "error500", "reset", "garbage", "hang", "trickle")
 ADAPTER_ARCHITECTURES = ("llama", "gemma2")  # reference §5: convert.ConvertAdapter
 BLOB_DIR = "/usr/share/ollama/.ollama/models/blobs"
 DIGEST_RE = re.compile(r"^sha256[:-][0-9a-fA-F]{64}$")
@@ -231,6 +237,8 @@ class FakeOllama:
         self.blobs: dict[str, bytes] = {}
         self.requests: list[RecordedRequest] = []
         self.slow_s = 5.0
+        self.trickle_s = 0.1
+        self.accepted = 0  # TCP connections accepted, over restarts
         self.chat_content: str | None = None  # overrides the scripted chat answer when set
         self.lock = threading.RLock()
         self.stopping = threading.Event()
@@ -321,6 +329,13 @@ class FakeOllama:
                       retries=1, backoff_s=0.01, backoff_max_s=0.02)
         values.update(overrides)
         return OllamaConfig(**values)
+
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed (0 while the server is down)."""
+        if self._server is None:
+            return 0
+        with self._server.connections_lock:
+            return len(self._server.connections)
 
     def requests_to(self, path: str, method: str | None = None) -> list[RecordedRequest]:
         with self.lock:
@@ -478,6 +493,8 @@ class _Server(ThreadingHTTPServer):
     def process_request(self, request, client_address) -> None:
         with self.connections_lock:
             self.connections.add(request)
+        with self.fake.lock:
+            self.fake.accepted += 1
         super().process_request(request, client_address)
 
     def shutdown_request(self, request) -> None:
@@ -561,6 +578,29 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
 
+    def _hang(self) -> None:
+        """Never answer; return once the client closed the connection (or the server stops)."""
+        self.close_connection = True
+        while not self.fake.stopping.wait(0.02):
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if readable:
+                try:
+                    if not self.connection.recv(1, socket.MSG_PEEK):
+                        return
+                except OSError:
+                    return
+
+    def _trickle(self, answer: bytes) -> None:
+        """Send ``answer`` one byte every ``trickle_s``; stop when the client has gone."""
+        self.close_connection = True
+        for i in range(len(answer)):
+            if self.fake.stopping.wait(self.fake.trickle_s):
+                return
+            try:
+                self.connection.sendall(answer[i:i + 1])
+            except OSError:
+                return
+
     def _reset(self) -> None:
         """Abort the connection with a TCP RST (SO_LINGER 0), as a crashing server would."""
         self.wfile.flush()
@@ -593,6 +633,21 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.fake.fault
         if fault == "slow" and self.fake.stopping.wait(self.fake.slow_s):
             return
+        if fault == "hang":
+            self._hang()
+            return
+        if fault == "trickle":
+            real, self.wfile = self.wfile, io.BytesIO()
+            try:
+                self._answer(path, raw, is_blob_post)
+            finally:
+                answer, self.wfile = self.wfile.getvalue(), real
+            self._trickle(answer)
+            return
+        self._answer(path, raw, is_blob_post)
+
+    def _answer(self, path: str, raw: bytes, is_blob_post: bool) -> None:
+        fault = self.fake.fault
         if fault == "error500" and path.startswith("/api/"):
             if is_blob_post:
                 self.fake.record(RecordedRequest(self.command, path, None, 0, dict(self.headers)))

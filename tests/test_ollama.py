@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import pytest
 
 from daemon.config import OllamaConfig
 from daemon.errors import OllamaError, OllamaUnavailableError
-from daemon.ollama import DEFAULT_HOST, OllamaClient, parse_host, resolve_base_url
+from daemon.ollama import DEFAULT_HOST, OllamaClient, UnreachableMemory, parse_host, resolve_base_url
+from tests.conftest import wait_for
 
 SCHEMA = {"type": "object",
           "properties": {"rating": {"type": "integer", "enum": [0, 1, 2]}, "rationale": {"type": "string"}},
@@ -312,3 +314,91 @@ def test_refused_connection_message(fake_ollama):
             c.version()
     assert info.value.message == f"Ollama at {fake_ollama.url} refused the connection (GET /api/version)"
     assert info.value.hint.startswith("start Ollama (ollama serve / systemctl start ollama)")
+
+
+# --- total deadline: a trickling or silent server cannot hold a call ----------------------------
+
+DEADLINE_CFG = dict(connect_timeout_s=0.5, read_timeout_s=0.5, create_timeout_s=0.5, backoff_s=0.01,
+                    backoff_max_s=0.02)
+DEADLINE_S = 1.0  # connect_timeout_s + read_timeout_s (create_timeout_s for create) above
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("call", ["version", "chat", "create"])
+def test_trickling_server_is_cut_at_the_total_deadline(fake_ollama, call):
+    """A server sending one byte every 0.1 s (each socket read is short) still ends the call with a
+    timed-out OllamaUnavailableError within the call's total deadline, and the connection is closed."""
+    fake_ollama.trickle_s = 0.1
+    with OllamaClient(fake_ollama.config(**DEADLINE_CFG), env={}) as c:
+        fake_ollama.fault = "trickle"
+        started = time.monotonic()
+        with pytest.raises(OllamaUnavailableError) as info:
+            _calls(c)[call]()
+        elapsed = time.monotonic() - started
+        wait_for(lambda: fake_ollama.open_connections() == 0, timeout=5, message="the connection closed")
+    assert " timed out (" in info.value.message
+    assert elapsed < 3 * DEADLINE_S, elapsed
+
+
+@pytest.mark.timeout(60)
+def test_retries_share_the_call_deadline(fake_ollama):
+    """A server that never answers costs one deadline in total, however many retries are configured."""
+    with OllamaClient(fake_ollama.config(retries=10, **DEADLINE_CFG), env={}) as c:
+        fake_ollama.fault = "hang"
+        started = time.monotonic()
+        with pytest.raises(OllamaUnavailableError) as info:
+            c.version()
+        elapsed = time.monotonic() - started
+        wait_for(lambda: fake_ollama.open_connections() == 0, timeout=5, message="the connections closed")
+    assert info.value.message == f"Ollama at {fake_ollama.url} timed out (GET /api/version)"
+    assert elapsed < 3 * DEADLINE_S, elapsed
+    assert 1 <= fake_ollama.accepted <= 3
+
+
+@pytest.mark.timeout(60)
+def test_is_reachable_is_false_within_the_deadline_for_a_trickling_server(fake_ollama):
+    """is_reachable() gives up on a trickling server within the deadline and returns False."""
+    with OllamaClient(fake_ollama.config(**DEADLINE_CFG), env={}) as c:
+        fake_ollama.fault = "trickle"
+        started = time.monotonic()
+        assert c.is_reachable() is False
+        elapsed = time.monotonic() - started
+    assert elapsed < 3 * DEADLINE_S, elapsed
+
+
+# --- unreachable memory: a silent server is waited for once -------------------------------------
+
+@pytest.mark.timeout(60)
+def test_shared_memory_fails_at_once_until_the_ttl_has_passed(fake_ollama):
+    """Clients sharing an UnreachableMemory: after one waited on a silent server, the other fails at
+    once without opening a connection; once the TTL has passed it asks the server again."""
+    now = [1000.0]
+    memory = UnreachableMemory(ttl_s=30.0, clock=lambda: now[0])
+    cfg = fake_ollama.config(retries=0, **DEADLINE_CFG)
+    with OllamaClient(cfg, env={}, memory=memory) as first, OllamaClient(cfg, env={}, memory=memory) as second:
+        fake_ollama.fault = "hang"
+        with pytest.raises(OllamaUnavailableError):
+            first.version()
+        assert fake_ollama.accepted == 1
+        with pytest.raises(OllamaUnavailableError) as remembered:
+            second.show("llama3.2:1b")
+        now[0] += 29.9
+        assert second.is_reachable() is False
+        assert fake_ollama.accepted == 1
+        now[0] += 0.1
+        fake_ollama.fault = None
+        assert second.version() == "0.12.3"
+        assert fake_ollama.accepted == 2
+    assert remembered.value.message == (
+        f"Ollama at {fake_ollama.url} timed out (GET /api/version); POST /api/show was not sent: "
+        "a server that did not answer is not asked again for 30 s")
+    assert remembered.value.status is None
+
+
+def test_memory_is_per_server():
+    """A failure remembered for one base URL says nothing about another."""
+    memory = UnreachableMemory(ttl_s=30.0)
+    error = OllamaUnavailableError("Ollama at http://10.0.0.1:11434 timed out (GET /api/version)")
+    memory.remember("http://10.0.0.1:11434", error)
+    assert memory.recall("http://10.0.0.2:11434") is None
+    assert memory.recall("http://10.0.0.1:11434")[0] is error
