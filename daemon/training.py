@@ -292,7 +292,7 @@ class _LogTail:
         return records
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     env = dict(os.environ)
     # The child must import this package even when it is not installed (a source checkout).
     root = str(Path(__file__).resolve().parent.parent)
@@ -302,7 +302,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _terminate(proc: subprocess.Popen, grace_s: float) -> None:
+def terminate_group(proc: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM to the child's process group, then SIGKILL after ``grace_s``; reaps the child."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
         if proc.poll() is not None:
@@ -319,7 +319,7 @@ def _terminate(proc: subprocess.Popen, grace_s: float) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _describe_exit(code: int) -> str:
+def describe_exit(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
             return f"killed by signal {signal.Signals(-code).name}"
@@ -361,7 +361,7 @@ def run_training(job_dir: str | os.PathLike, *, base: BaseWeights, training: Tra
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen([python, "-m", "daemon.trainer", str(spec_path)], cwd=job_dir,
                                 stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
-                                env=_child_env(), start_new_session=True)
+                                env=child_env(), start_new_session=True)
     log.info("training_started", pid=proc.pid, model=base.ollama_name, device=training.device,
              timeout_s=timeout_s)
     outcome = "running"
@@ -385,9 +385,9 @@ def run_training(job_dir: str | os.PathLike, *, base: BaseWeights, training: Tra
                 time.sleep(POLL_S)
     finally:
         if proc.poll() is None:
-            _terminate(proc, training.grace_s)
+            terminate_group(proc, training.grace_s)
         else:
-            _terminate(proc, 0)  # only sweeps the group
+            terminate_group(proc, 0)  # only sweeps the group
     duration_s = round(time.monotonic() - started, 3)
     code = proc.returncode
     if outcome != "running":
@@ -399,14 +399,14 @@ def run_training(job_dir: str | os.PathLike, *, base: BaseWeights, training: Tra
         log.error("training_timed_out", pid=proc.pid, duration_s=duration_s, timeout_s=timeout_s,
                   exit_code=code)
         raise TrainingFailedError(
-            f"training did not finish within {timeout_s:g} s and was stopped ({_describe_exit(code)})",
+            f"training did not finish within {timeout_s:g} s and was stopped ({describe_exit(code)})",
             exit_code=code, stderr_path=str(stderr_path), timed_out=True,
             hint="raise training.timeout_s, use a smaller base model or fewer epochs, or train on a GPU")
     if code != 0:
         shutil.rmtree(temp_dir_for(job_dir / ADAPTER_DIR), ignore_errors=True)
         log.error("training_failed", pid=proc.pid, duration_s=duration_s, exit_code=code,
                   stderr_path=str(stderr_path))
-        raise TrainingFailedError(f"the trainer failed ({_describe_exit(code)}); see {stderr_path}",
+        raise TrainingFailedError(f"the trainer failed ({describe_exit(code)}); see {stderr_path}",
                                   exit_code=code, stderr_path=str(stderr_path))
     return _collect(job_dir, log_path, stderr_path, code, duration_s)
 
