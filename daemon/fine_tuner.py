@@ -89,6 +89,7 @@ class JobPlan:
     stages: Any
     meta: dict
     validation_positions: frozenset[int] = frozenset()  # set once the fine-tune split is made
+    ollama_memory: Any = None  # the job's UnreachableMemory: its capability check and registration share it
 
     @property
     def approach(self) -> str:
@@ -181,22 +182,32 @@ class FineTuner:
 
     # --- capability ----------------------------------------------------------------------------
 
-    def _ollama_client(self, *, probe: bool = False):
+    def _ollama_client(self, *, probe: bool = False, memory=None):
         """The configured client; ``probe`` makes a single attempt per call (a capability check
-        must not spend the retry budget waiting on a server that is simply not running)."""
+        must not spend the retry budget waiting on a server that is simply not running).
+        ``memory``: the job's ``UnreachableMemory``, so that a server that did not answer one
+        step of the job is not waited for again by the next (``ollama.UNREACHABLE_TTL_S``)."""
         from .ollama import OllamaClient
 
         cfg = dataclasses.replace(self.config.ollama, retries=0) if probe else self.config.ollama
-        return OllamaClient(cfg)
+        return OllamaClient(cfg, memory=memory)
 
-    def capability_report(self, model_name: str) -> CapabilityReport:
+    @staticmethod
+    def _job_memory():
+        """A fresh memory of unreachable Ollama servers for one job (a later job asks again)."""
+        from .ollama import UnreachableMemory
+
+        return UnreachableMemory()
+
+    def capability_report(self, model_name: str, *, memory=None) -> CapabilityReport:
         """Every check, each with ok/detail; ``report.supported`` is the answer."""
-        report = build_report(model_name, self.config, self._ollama_client(probe=True))
+        with self._ollama_client(probe=True, memory=memory) as client:
+            report = build_report(model_name, self.config, client)
         log.info("capability_checked", model=model_name, supported=report.supported,
                  failed=[c.name for c in report.failed])
         return report
 
-    def _cached_capability_report(self, model_name: str) -> CapabilityReport:
+    def _cached_capability_report(self, model_name: str, memory=None) -> CapabilityReport:
         """The daemon runs many jobs for the same model: reuse a report for ``CAPABILITY_TTL_S``
         as long as the configuration object is the same (a SIGHUP reload makes a new one)."""
         key = (id(self.config), model_name)
@@ -204,7 +215,7 @@ class FineTuner:
             hit = _CAPABILITY_CACHE.get(key)
             if hit is not None and hit[0] is self.config and time.monotonic() - hit[1] < CAPABILITY_TTL_S:
                 return hit[2]
-        report = self.capability_report(model_name)
+        report = self.capability_report(model_name, memory=memory)
         with _CAPABILITY_LOCK:
             if len(_CAPABILITY_CACHE) >= 64:  # configs are held by the cache: keep it small
                 _CAPABILITY_CACHE.clear()
@@ -304,14 +315,15 @@ class FineTuner:
             "warnings": list(ds.warnings), "input_sha256": input_hashes,
             "package_versions": package_versions(),
         }
-        approach, reason, report = self._decide(ds, settings, meta, stages)
+        memory = self._job_memory()
+        approach, reason, report = self._decide(ds, settings, meta, stages, memory)
         meta.update(approach=approach, approach_reason=reason)
         if report is not None:
             meta["capability"] = report.to_dict()
         log.info("approach_selected", approach=approach, reason=reason, model=settings.model,
                  rows_used=ds.rows_used)
         return JobPlan(ds=ds, settings=settings, output_dir=Path(output_dir), stem=stem, staged=staged,
-                       input_hashes=input_hashes, job=job, stages=stages, meta=meta)
+                       input_hashes=input_hashes, job=job, stages=stages, meta=meta, ollama_memory=memory)
 
     def _process(self, ds, settings: JobSettings, output_dir: Path, *, stem: str, staged: bool,
                  input_hashes: dict) -> tuple[bool, dict]:
@@ -364,7 +376,7 @@ class FineTuner:
                  duration_s=meta["duration_s"], output_dir=str(final_dir))
         return True, meta
 
-    def _decide(self, ds, settings: JobSettings, meta: dict, stages: _Stages):
+    def _decide(self, ds, settings: JobSettings, meta: dict, stages: _Stages, memory=None):
         """Returns (approach, reason, capability report or None)."""
         min_rows = self.config.defaults.min_rows
         small = ds.rows_used < min_rows
@@ -381,7 +393,7 @@ class FineTuner:
         if small and settings.approach == "auto":
             return MODEL_SET, f"fewer than {min_rows} usable rows", None
         with stages("capability"):
-            report = self._cached_capability_report(settings.model)
+            report = self._cached_capability_report(settings.model, memory)
         if report.supported:
             return FINE_TUNE, ("fine_tune requested" if settings.approach == FINE_TUNE
                                else "every capability check passed"), report
@@ -431,22 +443,27 @@ class FineTuner:
         log.info("model_set_built", few_shot_examples=len(config["few_shot_examples"]),
                  model_name=config["ollama"]["model_name"])
         with stages("registration"):
-            meta["registration"] = self._register(lambda client: register.register_model_set(client, config))
+            meta["registration"] = self._register(lambda client: register.register_model_set(client, config),
+                                                  plan.ollama_memory)
 
-    def _register(self, action: Callable[[Any], dict]) -> dict:
+    def _register(self, action: Callable[[Any], dict], memory=None) -> dict:
+        """Register under ``ollama.register``; ``memory`` is the job's (see ``_ollama_client``): a
+        server the capability check found silent within its TTL fails here at once."""
         from .register import register_with_policy
 
         mode = self.config.ollama.register
         if mode == "off":
             return register_with_policy(mode, lambda: {})
-        client = self._ollama_client()
+        memory = memory if memory is not None else self._job_memory()
 
         def probe_then_register() -> dict:
             if mode == "auto":
                 # one attempt first: a server that is simply not running is recorded at once
                 # instead of spending the retry budget on every job
-                self._ollama_client(probe=True).version()
-            return action(client)
+                with self._ollama_client(probe=True, memory=memory) as probe:
+                    probe.version()
+            with self._ollama_client(memory=memory) as client:
+                return action(client)
 
         result = register_with_policy(mode, probe_then_register)
         if result.get("registered"):
@@ -502,7 +519,7 @@ class FineTuner:
         with stages("registration"):
             meta["registration"] = self._register(lambda client: register.register_adapter(
                 client, name=name, base=settings.model, adapter_dir=Path(result.adapter_dir),
-                system=system, parameters={"temperature": 0}, output_schema=schema))
+                system=system, parameters={"temperature": 0}, output_schema=schema), plan.ollama_memory)
 
     # --- output folders ------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import pytest
 
 from daemon.capability import CapabilityReport, build_report, ollama_checks
 from daemon.config import load_config
-from daemon.ollama import OllamaClient
+from daemon.ollama import OllamaClient, UnreachableMemory
 
 OLLAMA_CHECKS = ("ollama_reachable", "ollama_model", "adapter_architecture", "base_quantization")
 
@@ -100,3 +100,24 @@ def test_register_off_makes_a_known_unsupported_architecture_informational(clien
     report = _report("qwen2.5:0.5b", client, "off")
     assert _checks(report)["adapter_architecture"] == (False, False)
     assert "adapter_architecture" not in [c.name for c in report.failed]
+
+
+@pytest.mark.timeout(30)
+def test_silent_server_fails_reachable_once_for_the_shared_memory(fake_ollama):
+    """A server that accepts connections but never answers fails ollama_reachable as timed out; a
+    second report with the same memory opens no new connection."""
+    memory = UnreachableMemory()
+    cfg = fake_ollama.config(retries=0, connect_timeout_s=0.5, read_timeout_s=0.5)
+    fake_ollama.fault = "hang"
+    reports = []
+    for _ in range(2):
+        with OllamaClient(cfg, env={}, memory=memory) as c:
+            report = CapabilityReport(model="llama3.2:1b")
+            assert ollama_checks(report, c, "auto") is None
+            reports.append(report)
+    assert fake_ollama.accepted == 1
+    assert [_checks(r)["ollama_reachable"] for r in reports] == [(False, False), (False, False)]
+    assert _detail(reports[0], "ollama_reachable") == (
+        f"Ollama at {fake_ollama.url} is not reachable: Ollama at {fake_ollama.url} timed out (GET /api/version) "
+        "(Ollama did not answer completely within 1 s (ollama.connect_timeout_s + ollama.read_timeout_s): "
+        "check the server's load, or raise ollama.read_timeout_s / ollama.create_timeout_s)")

@@ -246,3 +246,31 @@ def test_fault_auto_records_and_required_raises(fake_ollama, tmp_path, fault, er
     assert info.value.status == status
     assert isinstance(info.value.__cause__, OllamaUnavailableError) is (error_type == "OllamaUnavailableError")
     assert MARKER not in repr(logs) + repr(result) + str(info.value)
+
+
+# --- one job pays for a silent server once ------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_one_job_waits_for_a_silent_server_once(fake_ollama, tmp_path):
+    """Within one job the registration reuses the capability check's finding that the server does
+    not answer (no new connection); the next job probes the server again."""
+    import pandas as pd
+
+    from daemon.fine_tuner import FineTuner
+    from daemon.synthetic import HEADER, MAPPING as LABELS, synthetic_rows
+
+    cfg = {"ollama": {"host": fake_ollama.url, "connect_timeout_s": 0.5, "read_timeout_s": 0.5,
+                      "retries": 2, "backoff_s": 0.01, "backoff_max_s": 0.02, "register": "auto"},
+           "paths": {"root": str(tmp_path)}}
+    tuner = FineTuner(config=cfg)
+    df = pd.DataFrame(list(synthetic_rows(60, 7)), columns=HEADER)
+    fake_ollama.fault = "hang"
+    _, first = tuner.process_dataset(df, "silent:1b", LABELS, "flu", output_dir=tmp_path / "first")
+    checks = {c["name"]: c["ok"] for c in first["capability"]["checks"]}
+    assert (first["approach"], checks["ollama_reachable"], first["registration"]["registered"]) == (
+        "model_set", False, False)
+    assert f"Ollama at {fake_ollama.url} timed out (GET /api/version)" in first["registration"]["reason"]
+    assert fake_ollama.accepted == 1
+    _, second = tuner.process_dataset(df, "silent:1b", LABELS, "flu", output_dir=tmp_path / "second")
+    assert second["registration"]["registered"] is False
+    assert fake_ollama.accepted == 2
