@@ -3,17 +3,31 @@
 Precedence: built-in defaults, then one YAML file (``--config FILE`` or ``FINE_TUNER_CONFIG``), then
 ``FINE_TUNER_<SECTION>__<KEY>`` environment variables (for example ``FINE_TUNER_OLLAMA__HOST``;
 ``FINE_TUNER_<KEY>`` alone addresses ``defaults``), then CLI overrides (later wins). Every problem
-is collected and raised once as a ``ConfigError`` naming each key. Unknown keys and wrong types are
-errors. This module neither logs nor creates folders.
+is collected and raised once as a ``ConfigError`` naming each key. Unknown keys, wrong types, values
+out of range (nan and inf included), malformed Ollama names and hosts are errors.
+
+It also owns the strict reading of small YAML/JSON files (the config, job files, and for
+``mapping`` the mapping files): ``read_small_file`` never follows a link, never blocks on a FIFO and
+refuses a file over ``MAX_COMPANION_BYTES``; ``parse_yaml`` is ``safe_load`` that also refuses a key
+given twice, nesting deeper than ``MAX_YAML_DEPTH`` and text that is not valid Unicode. Messages name
+a file by its escaped base name and never quote its content. This module neither logs nor creates
+folders.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import ipaddress
+import math
 import os
+import re
+import stat
 import types
 import typing
-from collections.abc import Mapping
+import unicodedata
+import urllib.parse
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +38,9 @@ from .errors import ConfigError
 
 APPROACHES = ("auto", "fine_tune", "model_set")
 REGISTER_MODES = ("auto", "required", "off")
+# Mapping and job files are a few lines; a bigger one is refused before anything parses it (a 28 MB
+# job file once took a YAML parser 326 s and 6.8 GB). The inbox refuses such drops by the same limit.
+MAX_COMPANION_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,159 @@ SECTIONS = {"defaults": Defaults, "ollama": OllamaConfig, "training": TrainingCo
             "paths": PathsConfig, "watch": WatchConfig}
 
 
+# --- safe text for messages --------------------------------------------------------------------
+
+_UNSAFE_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
+LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def printable(text: str, limit: int = 80) -> str:
+    """``text`` safe to put in a message: control, formatting and surrogate characters become
+    ``\\xNN``/``\\uNNNN`` escapes (nothing can rewrite a terminal or a log line); cut to ``limit``."""
+    out = "".join((f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                  if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in text)
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """A file's base name for messages: bytes that are not UTF-8 (lone surrogates from
+    ``os.listdir``) become ``\\xNN``, control characters are escaped. Never the folder: a job's
+    files sit in the daemon's work folder, which is nobody's business in an error."""
+    name = os.fsencode(Path(path).name).decode("utf-8", errors="backslashreplace")
+    return printable(name, limit=255)
+
+
+# --- reading small YAML/JSON files -------------------------------------------------------------
+
+MAX_YAML_DEPTH = 32  # a config, job or mapping file is two or three levels deep
+NOT_UTF8 = "the file is not UTF-8 text (save it as UTF-8)"
+
+
+class ParseProblem(Exception):
+    """A YAML or JSON text that must not be used. ``problem`` says why without quoting the text (a
+    key is named, escaped); ``line`` is 1-based, or None."""
+
+    def __init__(self, problem: str, line: int | None = None) -> None:
+        self.problem = problem
+        self.line = line
+        super().__init__(f"{problem} (line {line})" if line is not None else problem)
+
+
+class FileRefused(OSError):
+    """A companion file that is not read: a link, not a regular file, or over the size limit."""
+
+
+def _line(mark: Any) -> int | None:
+    return mark.line + 1 if mark is not None else None
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``safe_load`` that also refuses nesting deeper than ``MAX_YAML_DEPTH`` (PyYAML's composer
+    recurses per level: 5,000 ``[`` are a RecursionError), a key given twice in one mapping (PyYAML
+    keeps the last one silently) and text that is not valid Unicode (a ``\\ud800`` escape)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise ParseProblem(f"lists or mappings are nested more than {MAX_YAML_DEPTH} levels deep",
+                                   _line(self.peek_event().start_mark))
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_scalar(self, node: Any) -> Any:
+        value = super().construct_scalar(node)
+        if isinstance(value, str) and LONE_SURROGATE_RE.search(value):
+            raise ParseProblem(LONE_SURROGATE, _line(node.start_mark))
+        return value
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *x' may be overridden on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, Hashable):
+                    if key in seen:
+                        raise ParseProblem(duplicate_key(key), _line(key_node.start_mark))
+                    seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # over Python's 4,300-digit limit for int()
+            raise ParseProblem(TOO_MANY_DIGITS, _line(node.start_mark)) from None
+
+    def construct_yaml_timestamp(self, node: Any) -> Any:
+        try:
+            return super().construct_yaml_timestamp(node)
+        except (ValueError, OverflowError):
+            raise ParseProblem(NO_SUCH_DATE, _line(node.start_mark)) from None
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", StrictLoader.construct_yaml_timestamp)
+LONE_SURROGATE = "a text value holds a lone surrogate escape (\\uD800-\\uDFFF), which is not valid Unicode"
+TOO_MANY_DIGITS = "a number has too many digits"
+NO_SUCH_DATE = "a date or time that does not exist (such as month 13)"
+
+
+def duplicate_key(key: Any) -> str:
+    shown = f"'{printable(key)}'" if isinstance(key, str) else printable(str(key))
+    return f"the key {shown} appears more than once in the same mapping"
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` parsed by ``StrictLoader``: ``ParseProblem`` for what it refuses, ``yaml.YAMLError``
+    for invalid YAML."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
+def read_small_file(path: str | os.PathLike, limit: int = MAX_COMPANION_BYTES) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them. Opened with ``O_NOFOLLOW``
+    and ``O_NONBLOCK`` and checked on the descriptor, so a link is never followed and a FIFO swapped
+    in never blocks; the size is checked before anything is read. ``FileRefused`` says why not."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FileRefused(errno.ELOOP, "is a symbolic link; links are not followed "
+                                           "(put the file itself there)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(st.st_mode):
+            raise FileRefused(errno.EINVAL, "is not a regular file (a FIFO, socket or device)")
+        if st.st_size > limit:
+            raise FileRefused(errno.EFBIG, f"is {st.st_size} bytes, over the limit of {limit} bytes")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:  # it grew after fstat
+        raise FileRefused(errno.EFBIG, f"is over the limit of {limit} bytes")
+    return data
+
+
+def _decode(data: bytes) -> str:
+    """UTF-8 (a BOM is allowed) or ``ParseProblem``."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ParseProblem(NOT_UTF8) from None
+
+
 # --- type coercion -----------------------------------------------------------------------------
 
 def _coerce(value: Any, hint: Any, key: str, from_text: bool, problems: list[str]) -> Any:
@@ -166,36 +336,164 @@ def _build_section(cls: type, values: Mapping[str, Any], prefix: str, problems: 
     out: dict[str, Any] = {}
     for key, value in values.items():
         if key not in hints:
-            problems.append(f"{prefix}{key}: unknown key (known: {', '.join(sorted(hints))})")
+            problems.append(f"{prefix}{printable(str(key))}: unknown key (known: {', '.join(sorted(hints))})")
             continue
         out[key] = _coerce(value, hints[key], f"{prefix}{key}", from_text, problems)
     return out
 
 
+DAY_S = 86400.0
+
+
+def _at_least(low: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v >= low), ("must not be negative" if low == 0 else f"must be at least {low:g}")
+
+
+def _at_most(high: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v <= high), f"must be at most {high:g}"
+
+
+_POSITIVE = ((lambda v: v > 0), "must be greater than 0")
+_FRACTION = ((lambda v: 0 <= v < 1), "must be in [0, 1)")
+# Each numeric key's rules, in the order its problems are listed; the first broken rule is named.
+_RULES: dict[str, tuple[tuple[Callable[[float], bool], str], ...]] = {
+    "defaults.epochs": (_at_least(1),),
+    "defaults.learning_rate": (_POSITIVE,),
+    "defaults.batch_size": (_at_least(1),),
+    "defaults.few_shot_per_rating": (_at_least(1),),
+    "defaults.validation_fraction": (_FRACTION,),
+    "ollama.connect_timeout_s": (_POSITIVE,),
+    "ollama.read_timeout_s": (_POSITIVE,),
+    "ollama.create_timeout_s": (_POSITIVE,),
+    "ollama.retries": (_at_least(0), _at_most(20)),
+    "ollama.backoff_s": (_at_least(0),),
+    "ollama.backoff_max_s": (_at_least(0),),
+    "training.lora_r": (_at_least(1),),
+    "training.lora_dropout": (_FRACTION,),
+    "training.sequence_len": (_at_least(1),),
+    "training.gradient_accumulation_steps": (_at_least(1),),
+    "training.warmup_ratio": (_at_least(0), _at_most(1)),
+    "training.timeout_s": (_POSITIVE,),
+    "training.grace_s": (_at_least(0),),
+    "watch.pair_timeout_s": (_at_least(0), _at_most(DAY_S)),
+    "watch.settle_s": (_at_least(0), _at_most(DAY_S)),
+    "watch.job_wait_s": (_at_least(0), _at_most(DAY_S)),
+    "watch.rescan_s": (_POSITIVE, _at_most(DAY_S)),
+    "watch.max_input_bytes": (_at_least(1),),
+    "watch.workers": (_at_least(1), _at_most(64)),
+    "watch.stop_timeout_s": (_at_least(0),),
+    "watch.max_attempts": (_at_least(1),),
+}
+
+
+def _non_finite(cfg: Config, problems: list[str]) -> set[str]:
+    """Every float setting that is nan or ±inf (YAML ``.nan``/``.inf``, environment "nan"/"inf")."""
+    bad: set[str] = set()
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(cls):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad.add(f"{name}.{f.name}")
+                problems.append(f"{name}.{f.name}: must be a finite number")
+    return bad
+
+
 def _check_values(cfg: Config, problems: list[str]) -> None:
-    d, o, t, w = cfg.defaults, cfg.ollama, cfg.training, cfg.watch
+    d, o, t = cfg.defaults, cfg.ollama, cfg.training
+    bad = _non_finite(cfg, problems)
+    for key, rules in _RULES.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None or key in bad:
+            continue
+        broken = next((message for ok, message in rules if not ok(value)), None)
+        if broken:
+            problems.append(f"{key}: {broken}")
+    if not {"ollama.backoff_s", "ollama.backoff_max_s"} & bad and o.backoff_max_s < o.backoff_s:
+        problems.append(f"ollama.backoff_max_s: must be at least ollama.backoff_s ({o.backoff_s:g})")
     if d.approach not in APPROACHES:
         problems.append(f"defaults.approach: must be one of {', '.join(APPROACHES)}")
+    if d.model is not None and (why := model_name_problem(d.model)):
+        problems.append(f"defaults.model: {why}")
     if o.register not in REGISTER_MODES:
         problems.append(f"ollama.register: must be one of {', '.join(REGISTER_MODES)}")
-    for key, value in (("defaults.epochs", d.epochs), ("defaults.batch_size", d.batch_size),
-                       ("defaults.few_shot_per_rating", d.few_shot_per_rating),
-                       ("training.lora_r", t.lora_r), ("training.sequence_len", t.sequence_len),
-                       ("training.gradient_accumulation_steps", t.gradient_accumulation_steps),
-                       ("watch.workers", w.workers), ("watch.max_attempts", w.max_attempts),
-                       ("watch.max_input_bytes", w.max_input_bytes)):
-        if value is not None and value < 1:
-            problems.append(f"{key}: must be at least 1")
-    if d.learning_rate is not None and not d.learning_rate > 0:
-        problems.append("defaults.learning_rate: must be positive")
-    if d.validation_fraction is not None and not 0 <= d.validation_fraction < 1:
-        problems.append("defaults.validation_fraction: must be in [0, 1)")
+    if o.host is not None and (why := host_problem(o.host)):
+        problems.append(f"ollama.host: {why}; use http(s)://host[:port][/path] or host[:port]")
     if t.device not in ("auto", "cpu", "cuda", "mps"):
         problems.append("training.device: must be one of auto, cpu, cuda, mps")
-    for key in ("pair_timeout_s", "settle_s", "job_wait_s", "rescan_s", "stop_timeout_s"):
-        value = getattr(w, key)
-        if value is not None and value < 0:
-            problems.append(f"watch.{key}: must not be negative")
+
+
+# --- Ollama names and hosts --------------------------------------------------------------------
+
+MAX_MODEL_NAME_CHARS = 200
+_NAME_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+# [host[:port]/][namespace/]name[:tag], the shape of an Ollama model reference
+_MODEL_NAME = re.compile(rf"(?:{_NAME_PART}(?::[0-9]{{1,5}})?/)?(?:{_NAME_PART}/)?{_NAME_PART}(?::{_NAME_PART})?")
+MODEL_NAME_RULE = ("use [host[:port]/][namespace/]name[:tag] made of letters, digits, '_', '.' and '-', "
+                   "e.g. llama3.2:1b")
+
+
+def _has_unsafe(text: str) -> bool:
+    return any(c.isspace() or unicodedata.category(c) in _UNSAFE_CATEGORIES for c in text)
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` is not an Ollama model name (a problem text without the name), or None. A
+    model name must never be a filesystem path: it ends up in Modelfiles, URLs and folder names."""
+    if not name:
+        reason = "it is empty"
+    elif _has_unsafe(name):
+        reason = "it holds whitespace or control characters"
+    elif len(name) > MAX_MODEL_NAME_CHARS:
+        reason = f"it is longer than {MAX_MODEL_NAME_CHARS} characters"
+    elif name.startswith(("/", ".", "~")) or "\\" in name or ".." in name:
+        reason = "a filesystem path"
+    elif not _MODEL_NAME.fullmatch(name):
+        reason = "not of the form [host[:port]/][namespace/]name[:tag]"
+    else:
+        return None
+    return f"not a valid Ollama model name ({reason}); {MODEL_NAME_RULE}"
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?")
+
+
+def host_problem(value: str) -> str | None:
+    """Why ``value`` is not an Ollama host ``ollama.parse_host`` can use, or None: a http(s) URL or
+    host[:port] (an empty host before ':port' means 127.0.0.1, as in OLLAMA_HOST), a port from 1 to
+    65535, no credentials, query or fragment. The text of the value is never quoted."""
+    text = value.strip()
+    if not text:
+        return None  # unset: OLLAMA_HOST, else the default server
+    if _has_unsafe(text):
+        return "it holds whitespace or control characters"
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "http", text
+    elif scheme not in ("http", "https"):
+        return "the scheme must be http or https"
+    try:
+        split = urllib.parse.urlsplit(f"{scheme}://{rest}")
+    except ValueError:
+        return "not a well-formed URL"
+    try:
+        port = split.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "the port must be a number from 1 to 65535"
+    if split.username is not None or split.password is not None or split.query or split.fragment:
+        return "it must not hold a user name, password, query or fragment"
+    host = split.hostname
+    if not host:
+        return "it names no host" if sep else None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(host):
+            return "the host name has characters other than letters, digits, '.', '-' and '_'"
+    return None
 
 
 def _env_layer(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
@@ -223,23 +521,31 @@ def _merge(base: dict, top: Mapping) -> dict:
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
-    """Parse the YAML file (``safe_load`` only); errors name the file."""
+    """Parse the YAML config file (``StrictLoader``: ``safe_load`` without duplicate keys, deep
+    nesting or invalid Unicode); errors name the file."""
     p = Path(path)
+    source = printable(str(p), limit=4096)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
     except OSError as exc:
-        raise ConfigError([f"cannot read the file: {exc.strerror}"], source=str(p)) from None
+        raise ConfigError([f"cannot read the file: {exc.strerror or type(exc).__name__}"], source=source) from None
+    parsed = _parse_settings(data, source)
+    if not isinstance(parsed, dict):
+        raise ConfigError(["the top level must be a mapping of sections"], source=source)
+    return parsed
+
+
+def _parse_settings(data: bytes, source: str) -> Any:
+    """``data`` as parsed YAML ({} when empty), or one ConfigError that quotes nothing from it."""
     try:
-        data = yaml.safe_load(text)
+        parsed = parse_yaml(_decode(data))
+    except ParseProblem as exc:
+        raise ConfigError([str(exc)], source=source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"not valid YAML{where}"], source=str(p)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(["the top level must be a mapping of sections"], source=str(p))
-    return data
+        raise ConfigError([f"not valid YAML{where}"], source=source) from None
+    return {} if parsed is None else parsed
 
 
 def load_config(
@@ -255,7 +561,7 @@ def load_config(
     if path is None and env.get("FINE_TUNER_CONFIG"):
         path = env["FINE_TUNER_CONFIG"]
     file_layer = read_config_file(path) if path is not None else {}
-    source = str(path) if path is not None else None
+    source = printable(str(path), limit=4096) if path is not None else None
     problems: list[str] = []
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     base_models: dict[str, str] = {}
@@ -277,13 +583,15 @@ def load_config(
                     continue
                 for k, v in values.items():
                     if not isinstance(k, str) or not isinstance(v, str):
-                        problems.append(f"base_models.{k}: expected a string (local dir or HF repo id)")
+                        problems.append(f"base_models.{printable(str(k))}: expected a string (local dir or HF repo id)")
+                    elif why := model_name_problem(k):
+                        problems.append(f"base_models.{printable(k)}: {why}")
                     else:
                         base_models[k] = v
                 continue
             if name not in SECTIONS:
                 known = ", ".join(sorted([*SECTIONS, "base_models", "debug"]))
-                problems.append(f"{name}: unknown section (known: {known})")
+                problems.append(f"{printable(str(name))}: unknown section (known: {known})")
                 continue
             if values is None:
                 continue
@@ -352,7 +660,7 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
     merged: dict[str, Any] = {k: getattr(defaults, k) for k in hints if hasattr(defaults, k)}
     for key, value in values.items():
         if key not in hints:
-            problems.append(f"{key}: unknown key (known: {', '.join(JOB_KEYS)})")
+            problems.append(f"{printable(str(key))}: unknown key (known: {', '.join(JOB_KEYS)})")
             continue
         if key == "topics" and isinstance(value, list) and all(isinstance(t, str) for t in value):
             value = ", ".join(value)
@@ -362,16 +670,47 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
     for key in ("epochs", "batch_size"):
         if isinstance(merged.get(key), int) and merged[key] < 1:
             problems.append(f"{key}: must be at least 1")
-    if isinstance(merged.get("learning_rate"), float) and not merged["learning_rate"] > 0:
+    learning_rate = merged.get("learning_rate")
+    if isinstance(learning_rate, float) and not math.isfinite(learning_rate):
+        problems.append("learning_rate: must be a finite number")
+    elif isinstance(learning_rate, float) and not learning_rate > 0:
         problems.append("learning_rate: must be positive")
-    if not merged.get("model"):
+    model, output_model = merged.get("model"), merged.get("output_model")
+    if not model:
         problems.append("model: required (set it in the job file or in the config's defaults)")
+    elif isinstance(model, str) and (why := model_name_problem(model)):
+        problems.append(f"model: {why}")
+    if isinstance(output_model, str) and (why := model_name_problem(output_model)):
+        problems.append(f"output_model: {why}")
     if problems:
         raise ConfigError(problems, source=source)
     return JobSettings(**merged)
 
 
+JOB_FILE_HINT = "fix the job file and drop it again"
+
+
 def read_job_file(path: str | os.PathLike) -> dict:
-    """Parse a job file (YAML or JSON; ``safe_load`` reads both) into a mapping, or ConfigError."""
-    data = read_config_file(path)
-    return data
+    """Parse a job file (YAML or JSON; ``StrictLoader`` reads both) into a mapping, or ConfigError
+    naming the file by its base name. The file is read with ``read_small_file``: a link, a FIFO or a
+    file over ``MAX_COMPANION_BYTES`` is refused before anything parses it."""
+    try:
+        return _job_file_values(path, display_name(path))
+    except ConfigError as exc:
+        exc.hint = JOB_FILE_HINT  # ConfigError's own hint speaks of the daemon's configuration
+        raise
+
+
+def _job_file_values(path: str | os.PathLike, source: str) -> dict:
+    try:
+        data = read_small_file(path)
+    except FileRefused as exc:
+        raise ConfigError([f"the file {exc.strerror}"], source=source) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror or type(exc).__name__}"], source=source) from None
+    parsed = _parse_settings(data, source)
+    if not isinstance(parsed, dict):
+        kind = "a list" if isinstance(parsed, list) else "a single value"
+        raise ConfigError([f"the top level must be a mapping of job settings (key: value lines), not {kind}"],
+                          source=source)
+    return parsed

@@ -8,7 +8,9 @@ use. Every failure is a ``MappingError`` (or ``InvalidRatingError`` for a rating
 integer) naming the file, never a cell value.
 
 - ``sibling_mapping(csv_path) -> Path | None``: ``<stem>.mapping.json|yaml|yml`` next to the CSV.
-- ``load_mapping(path) -> RatingMapping``: JSON or YAML (``safe_load``), flat or schema-mapper shape.
+- ``load_mapping(path) -> RatingMapping``: JSON or YAML (``safe_load`` rules, read strictly by
+  ``config.read_small_file``/``parse_yaml``: no link, FIFO, file over 256 KiB, duplicate label, deep
+  nesting or invalid Unicode), flat or schema-mapper shape.
 - ``mapping_from_object(obj, source) -> RatingMapping``: the same from an in-memory dict.
 - ``infer_mapping(df, source) -> RatingMapping``: from ``Expert Rating`` + ``Standardized_Rating`` pairs.
 
@@ -26,6 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import (
+    LONE_SURROGATE,
+    LONE_SURROGATE_RE,
+    MAX_COMPANION_BYTES,
+    TOO_MANY_DIGITS,
+    FileRefused,
+    ParseProblem,
+    display_name,
+    duplicate_key,
+    parse_yaml,
+    printable,
+    read_small_file,
+)
 from .csvfile import EXPERT_RATING_COLUMN, RATING_COLUMN
 from .errors import InvalidRatingError, MappingError
 
@@ -33,7 +48,7 @@ if TYPE_CHECKING:  # pandas is imported lazily by the implementation where it is
     import numpy as np
     import pandas as pd
 
-MAX_MAPPING_BYTES = 1 << 20  # a rating mapping is a few labels; anything bigger is the wrong file
+MAX_MAPPING_BYTES = MAX_COMPANION_BYTES  # a rating mapping is a few labels; anything bigger is the wrong file
 MAPPING_SUFFIXES = (".json", ".yaml", ".yml")
 
 _INT_TEXT = re.compile(r"[+-]?\d+")
@@ -69,21 +84,21 @@ def sibling_mapping(csv_path: str | os.PathLike) -> Path | None:
 
 
 def load_mapping(path: str | os.PathLike) -> RatingMapping:
-    """Read a rating mapping file: JSON (``.json``) or YAML (``.yaml``/``.yml``, ``safe_load`` only)."""
+    """Read a rating mapping file: JSON (``.json``) or YAML (``.yaml``/``.yml``, ``safe_load`` rules
+    plus no duplicate keys, deep nesting or invalid Unicode). A link, a FIFO or a file over
+    ``MAX_MAPPING_BYTES`` is refused before anything reads it. Errors name the file's base name."""
     import yaml
 
     path = Path(path)
-    name = path.name
+    name = display_name(path)
     suffix = path.suffix.lower()
     if suffix not in MAPPING_SUFFIXES:
         raise MappingError(f"unsupported mapping file type {suffix or '(none)'!r}; use .json, .yaml or .yml",
                            file=name)
     try:
-        size = path.stat().st_size
-        if size > MAX_MAPPING_BYTES:
-            raise MappingError(f"the mapping file is {size} bytes, over the limit of {MAX_MAPPING_BYTES}",
-                               file=name)
-        raw = path.read_bytes()
+        raw = read_small_file(path, MAX_MAPPING_BYTES)
+    except FileRefused as exc:
+        raise MappingError(f"the mapping file {exc.strerror}", file=name) from None
     except FileNotFoundError:
         raise MappingError("the mapping file does not exist", file=name) from None
     except OSError as exc:
@@ -95,28 +110,61 @@ def load_mapping(path: str | os.PathLike) -> RatingMapping:
         raise MappingError("the mapping file is not UTF-8 text", file=name) from None
     if not text.strip():
         raise MappingError("the mapping file is empty", file=name)
-    if suffix == ".json":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MappingError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
-                               file=name) from None
-    else:
-        try:
-            obj = yaml.safe_load(text)
-        except yaml.constructor.ConstructorError as exc:
-            m = re.search(r"tag '([^']+)'", exc.problem or "")
-            tag = f" ({m.group(1).replace('tag:yaml.org,2002:', '!!')})" if m else ""
-            raise MappingError(f"the YAML uses a tag{tag}, which is not allowed in a mapping file",
-                               file=name, hint="write plain YAML: labels as keys, integer ratings as values, "
-                                               "no '!!' or '!' tags") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "syntax error"
-            raise MappingError(f"invalid YAML{where}: {problem}", file=name) from None
+    try:
+        obj = _parse_json(text) if suffix == ".json" else parse_yaml(text)
+    except ParseProblem as exc:
+        raise MappingError(str(exc), file=name) from None
+    except json.JSONDecodeError as exc:
+        raise MappingError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+                           file=name) from None
+    except yaml.constructor.ConstructorError as exc:
+        m = re.search(r"tag '([^']+)'", exc.problem or "")
+        tag = f" ({m.group(1).replace('tag:yaml.org,2002:', '!!')})" if m else ""
+        raise MappingError(f"the YAML uses a tag{tag}, which is not allowed in a mapping file",
+                           file=name, hint="write plain YAML: labels as keys, integer ratings as values, "
+                                           "no '!!' or '!' tags") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise MappingError(f"invalid YAML{where}: {printable(problem)}", file=name) from None
     mapping = mapping_from_object(obj, source=f"file:{name}")
     return RatingMapping(mapping.labels, mapping.source, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads`` that refuses, as ``ParseProblem``, what the YAML reader refuses too: a key
+    twice in one object, nesting past the parser's recursion limit, a lone surrogate escape, and a
+    number over Python's 4,300-digit conversion limit."""
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ParseProblem("lists or objects are nested too deeply") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # int() of a number over sys.get_int_max_str_digits()
+        raise ParseProblem(TOO_MANY_DIGITS) from None
+    stack = [obj]  # JSON shares no objects, so this visits each value once
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if LONE_SURROGATE_RE.search(item):
+                raise ParseProblem(LONE_SURROGATE)
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return obj
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ParseProblem(duplicate_key(key))
+        out[key] = value
+    return out
 
 
 def _rating_value(value: Any) -> int | None:
@@ -144,6 +192,8 @@ def mapping_from_object(obj: Any, source: str = "object") -> RatingMapping:
                            file=file)
     if not obj:
         raise MappingError("the mapping is empty", file=file)
+    if any(isinstance(key, str) and LONE_SURROGATE_RE.search(key) for key in obj):
+        raise MappingError("a label is not valid Unicode text (it holds a lone surrogate)", file=file)
     labels: dict[str, int] = {}
     problems: list[str] = []
     reversed_shape = all(_rating_value(k) is not None for k in obj) and all(isinstance(v, str) for v in obj.values())

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from daemon.config import SECTIONS, ConfigError, Defaults, job_settings, load_config
+from daemon.config import (
+    MAX_COMPANION_BYTES,
+    SECTIONS,
+    ConfigError,
+    Defaults,
+    job_settings,
+    load_config,
+    read_job_file,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,3 +99,296 @@ def test_job_settings_merge_and_validate():
         job_settings(Defaults(), {"epochs": 0, "approach": "magic", "colour": "red"}, source="x.job.yaml")
     assert len(info.value.problems) == 3
     assert "x.job.yaml" in str(info.value)
+
+
+# --- hostile config and job files -----------------------------------------------------------------
+
+def _job_error(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        read_job_file(path)
+    return info.value
+
+
+def test_job_file_not_utf8_is_a_config_error(tmp_path):
+    """A job file that is not UTF-8 is a ConfigError naming only its base name, quoting nothing."""
+    path = tmp_path / "latin.job.yaml"
+    path.write_bytes(b"topics: Erk\xe4ltung\n")
+    error = _job_error(path)
+    assert (error.source, error.problems) == ("latin.job.yaml", ["the file is not UTF-8 text (save it as UTF-8)"])
+    assert str(tmp_path) not in str(error)
+    assert "Erk" not in str(error)
+    assert error.hint == "fix the job file and drop it again"
+
+
+def test_deeply_nested_yaml_is_a_config_error(tmp_path):
+    """Lists nested 5,000 deep are a ConfigError, not a RecursionError, in a job file and a config."""
+    path = tmp_path / "deep.job.yaml"
+    path.write_bytes(b"force: " + b"[" * 5000 + b"]" * 5000 + b"\n")
+    error = _job_error(path)
+    assert (error.source, error.problems) == (
+        "deep.job.yaml", ["lists or mappings are nested more than 32 levels deep (line 1)"])
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"defaults:\n  topics: " + b"{a: " * 3000 + b"1" + b"}" * 3000 + b"\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(config, env={})
+    assert info.value.problems == ["lists or mappings are nested more than 32 levels deep (line 2)"]
+
+
+def test_lone_surrogate_is_a_config_error(tmp_path):
+    """A \\ud800 escape (not valid Unicode) in a job file is a ConfigError naming the file and line."""
+    path = tmp_path / "s.job.yaml"
+    path.write_bytes(b'model: llama3.2:1b\ntopics: "flu \\ud800"\n')
+    error = _job_error(path)
+    assert (error.source, error.problems) == (
+        "s.job.yaml", ["a text value holds a lone surrogate escape (\\uD800-\\uDFFF), which is not "
+                       "valid Unicode (line 2)"])
+
+
+def test_huge_number_or_impossible_date_is_a_config_error(tmp_path):
+    """An integer of 5,000 digits (over Python's conversion limit) or a date with month 13 is a
+    ConfigError, not a ValueError."""
+    path = tmp_path / "n.job.yaml"
+    path.write_text("topics: flu\nepochs: " + "9" * 5000 + "\n")
+    error = _job_error(path)
+    assert (error.source, error.problems) == ("n.job.yaml", ["a number has too many digits (line 2)"])
+    path.write_text("topics: 2024-13-45\n")
+    assert _job_error(path).problems == ["a date or time that does not exist (such as month 13) (line 1)"]
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    """A key given twice in one mapping is a ConfigError naming the key, in a job file and a config."""
+    path = tmp_path / "d.job.yaml"
+    path.write_text("model: llama3.2:1b\ntopics: flu\nmodel: mistral:7b\n")
+    assert _job_error(path).problems == ["the key 'model' appears more than once in the same mapping (line 3)"]
+    as_json = tmp_path / "d.job.json"
+    as_json.write_text('{"epochs": 1, "epochs": 2}')
+    assert _job_error(as_json).problems == [
+        "the key 'epochs' appears more than once in the same mapping (line 1)"]
+    config = tmp_path / "c.yaml"
+    config.write_text("defaults:\n  epochs: 1\nwatch:\n  workers: 2\ndefaults:\n  epochs: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(config, env={})
+    assert info.value.problems == ["the key 'defaults' appears more than once in the same mapping (line 5)"]
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    """A key that overrides one merged in with '<<' is not a duplicate."""
+    path = tmp_path / "m.job.yaml"
+    path.write_text("a: &x {epochs: 1, topics: flu}\nb:\n  <<: *x\n  epochs: 4\n")
+    assert read_job_file(path) == {"a": {"epochs": 1, "topics": "flu"}, "b": {"epochs": 4, "topics": "flu"}}
+
+
+def test_job_file_over_the_size_limit_is_refused_unparsed(tmp_path):
+    """A job file larger than MAX_COMPANION_BYTES is refused before it is parsed."""
+    path = tmp_path / "big.job.yaml"
+    path.write_bytes(b"topics: [" + b"a, " * (MAX_COMPANION_BYTES // 3) + b"]\n")
+    size = path.stat().st_size
+    error = _job_error(path)
+    assert (error.source, error.problems) == (
+        "big.job.yaml", [f"the file is {size} bytes, over the limit of 262144 bytes"])
+
+
+@pytest.mark.timeout(20)
+def test_job_file_fifo_symlink_or_folder_is_refused(tmp_path):
+    """A FIFO in place of a job file is refused without blocking; a symbolic link is not followed;
+    a folder cannot be read."""
+    folder = tmp_path / "f.job.yaml"
+    folder.mkdir()
+    assert _job_error(folder).problems == ["cannot read the file: Is a directory"]
+    fifo = tmp_path / "p.job.yaml"
+    os.mkfifo(fifo)
+    assert _job_error(fifo).problems == ["the file is not a regular file (a FIFO, socket or device)"]
+    target = tmp_path / "real.yaml"
+    target.write_text("topics: flu\n")
+    link = tmp_path / "l.job.yaml"
+    link.symlink_to(target)
+    assert _job_error(link).problems == [
+        "the file is a symbolic link; links are not followed (put the file itself there)"]
+
+
+def test_job_file_top_level_must_be_a_mapping(tmp_path):
+    """A job file holding a list or a single value is a ConfigError naming only its base name."""
+    path = tmp_path / "work" / ".claim-x" / "l.job.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text("- model\n- topics\n")
+    error = _job_error(path)
+    assert (error.source, error.problems) == (
+        "l.job.yaml", ["the top level must be a mapping of job settings (key: value lines), not a list"])
+    assert str(tmp_path) not in str(error)
+    path.write_text("just words\n")
+    assert _job_error(path).problems == [
+        "the top level must be a mapping of job settings (key: value lines), not a single value"]
+    missing = _job_error(tmp_path / "gone.job.yaml")
+    assert (missing.source, missing.problems) == ("gone.job.yaml", ["cannot read the file: No such file or directory"])
+
+
+def test_job_file_name_is_escaped_in_errors(tmp_path):
+    """A job file name with control characters or non-UTF-8 bytes is escaped in the error's source."""
+    name = os.fsdecode(b"M\xe4rz\x1b[2J.job.yaml")
+    path = tmp_path / name
+    path.write_text("- a\n")
+    assert _job_error(path).source == "M\\xe4rz\\x1b[2J.job.yaml"
+
+
+VALID_MODEL_NAMES = ["llama3.2:1b", "tiny-llama:latest", "library/llama3:8b", "registry.example.com:5000/team/model:v1",
+                     "hf.co/org/Model-GGUF:Q4_K_M", "Qwen/Qwen2.5-0.5B", "mistral", "_x"]
+INVALID_MODEL_NAMES = [
+    ("/etc/shadow", "a filesystem path"),
+    ("../../etc/shadow", "a filesystem path"),
+    ("./x", "a filesystem path"),
+    ("~/models/x", "a filesystem path"),
+    ("a/../b", "a filesystem path"),
+    ("C:\\models\\x", "a filesystem path"),
+    ("a b", "it holds whitespace or control characters"),
+    ("x\x1b[2Jy", "it holds whitespace or control characters"),
+    ("llama\n", "it holds whitespace or control characters"),
+    ("m" * 201, "it is longer than 200 characters"),
+    ("a:b:c", "not of the form [host[:port]/][namespace/]name[:tag]"),
+    ("a/b/c/d", "not of the form [host[:port]/][namespace/]name[:tag]"),
+    ("-x", "not of the form [host[:port]/][namespace/]name[:tag]"),
+    ("model:", "not of the form [host[:port]/][namespace/]name[:tag]"),
+    ("mödel", "not of the form [host[:port]/][namespace/]name[:tag]"),
+]
+NAME_RULE = ("; use [host[:port]/][namespace/]name[:tag] made of letters, digits, '_', '.' and '-', "
+             "e.g. llama3.2:1b")
+
+
+@pytest.mark.parametrize("name", VALID_MODEL_NAMES)
+def test_valid_ollama_model_names_are_accepted(name):
+    """Ollama names with a host, port, namespace and tag are accepted for model and output_model."""
+    s = job_settings(Defaults(), {"model": name, "output_model": name})
+    assert (s.model, s.output_model) == (name, name)
+
+
+@pytest.mark.parametrize(("name", "reason"), INVALID_MODEL_NAMES)
+def test_invalid_model_names_are_config_errors(name, reason):
+    """Paths, whitespace, control characters and malformed names are refused, naming the key only."""
+    with pytest.raises(ConfigError) as info:
+        job_settings(Defaults(), {"model": name, "output_model": name}, source="x.job.yaml")
+    assert info.value.problems == [f"model: not a valid Ollama model name ({reason}){NAME_RULE}",
+                                   f"output_model: not a valid Ollama model name ({reason}){NAME_RULE}"]
+    if reason.startswith("it holds"):
+        assert name not in str(info.value)
+
+
+def test_empty_model_name_is_refused():
+    """An empty model is 'required'; an empty output_model is not a valid name."""
+    with pytest.raises(ConfigError) as info:
+        job_settings(Defaults(), {"model": "", "output_model": ""})
+    assert info.value.problems == ["model: required (set it in the job file or in the config's defaults)",
+                                   f"output_model: not a valid Ollama model name (it is empty){NAME_RULE}"]
+
+
+def test_model_names_in_the_config_are_checked(tmp_path):
+    """defaults.model and the keys of base_models must be Ollama names; valid ones still map to weights."""
+    path = tmp_path / "c.yaml"
+    path.write_text("defaults:\n  model: ../weights\nbase_models:\n  /etc/shadow: /srv/x\n  "
+                    "\"a\\x1bb\": /srv/y\n  llama3.2:1b: /srv/llama\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.problems == [
+        f"base_models./etc/shadow: not a valid Ollama model name (a filesystem path){NAME_RULE}",
+        f"base_models.a\\x1bb: not a valid Ollama model name (it holds whitespace or control characters){NAME_RULE}",
+        f"defaults.model: not a valid Ollama model name (a filesystem path){NAME_RULE}",
+    ]
+    path.write_text("base_models:\n  llama3.2:1b: /srv/llama\n  hf.co/org/M-GGUF:Q4_K_M: org/M\n")
+    assert load_config(path, env={}).base_models == {"llama3.2:1b": "/srv/llama", "hf.co/org/M-GGUF:Q4_K_M": "org/M"}
+
+
+# --- value ranges ---------------------------------------------------------------------------------
+
+def test_non_finite_floats_are_refused(tmp_path):
+    """.nan, .inf and -.inf in the file, and "nan"/"inf" in the environment, name each key once."""
+    path = tmp_path / "c.yaml"
+    path.write_text("defaults:\n  learning_rate: .nan\n  validation_fraction: .inf\nollama:\n"
+                    "  connect_timeout_s: -.inf\nwatch:\n  settle_s: .NaN\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"FINE_TUNER_TRAINING__GRACE_S": "inf", "FINE_TUNER_WATCH__RESCAN_S": "nan"})
+    assert info.value.problems == [
+        "defaults.learning_rate: must be a finite number",
+        "defaults.validation_fraction: must be a finite number",
+        "ollama.connect_timeout_s: must be a finite number",
+        "training.grace_s: must be a finite number",
+        "watch.settle_s: must be a finite number",
+        "watch.rescan_s: must be a finite number",
+    ]
+
+
+def test_out_of_range_values_are_each_named(tmp_path):
+    """Negative, zero and too-large timeouts, workers, retries and backoff are named one by one."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "ollama:\n  connect_timeout_s: 0\n  read_timeout_s: -1\n  create_timeout_s: 0.0\n  retries: 21\n"
+        "  backoff_s: 2.0\n  backoff_max_s: 1.0\n"
+        "training:\n  timeout_s: 0\n  grace_s: -1\n  lora_dropout: 1.0\n  warmup_ratio: 1.5\n"
+        "watch:\n  pair_timeout_s: 86401\n  settle_s: -0.5\n  job_wait_s: -1\n  rescan_s: 0\n"
+        "  workers: 65\n  stop_timeout_s: -1\n  max_attempts: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.problems == [
+        "ollama.connect_timeout_s: must be greater than 0",
+        "ollama.read_timeout_s: must be greater than 0",
+        "ollama.create_timeout_s: must be greater than 0",
+        "ollama.retries: must be at most 20",
+        "training.lora_dropout: must be in [0, 1)",
+        "training.warmup_ratio: must be at most 1",
+        "training.timeout_s: must be greater than 0",
+        "training.grace_s: must not be negative",
+        "watch.pair_timeout_s: must be at most 86400",
+        "watch.settle_s: must not be negative",
+        "watch.job_wait_s: must not be negative",
+        "watch.rescan_s: must be greater than 0",
+        "watch.workers: must be at most 64",
+        "watch.stop_timeout_s: must not be negative",
+        "watch.max_attempts: must be at least 1",
+        "ollama.backoff_max_s: must be at least ollama.backoff_s (2)",
+    ]
+    assert load_config(None, env={"FINE_TUNER_WATCH__WORKERS": "64", "FINE_TUNER_OLLAMA__RETRIES": "0",
+                                  "FINE_TUNER_WATCH__RESCAN_S": "86400"}).watch.workers == 64
+
+
+def test_job_learning_rate_must_be_finite():
+    """A job's learning_rate of inf or nan is refused like a non-positive one."""
+    with pytest.raises(ConfigError) as info:
+        job_settings(Defaults(), {"learning_rate": float("inf")})
+    assert info.value.problems == ["learning_rate: must be a finite number"]
+    with pytest.raises(ConfigError) as info:
+        job_settings(Defaults(), {"learning_rate": float("nan")})
+    assert info.value.problems == ["learning_rate: must be a finite number"]
+
+
+VALID_HOSTS = ["127.0.0.1", "127.0.0.1:11434", "localhost:8080", "http://localhost", "https://ollama.example.com",
+               "http://ollama.example.com:8080/proxy/", "[::1]:11434", "http://[::1]:8080", "0.0.0.0",
+               ":11434", "example.com", ""]
+INVALID_HOSTS = [
+    ("http://[::1", "not a well-formed URL"),
+    ("ht!tp://x", "the scheme must be http or https"),
+    ("ftp://x", "the scheme must be http or https"),
+    ("http://host:99999", "the port must be a number from 1 to 65535"),
+    ("host:0", "the port must be a number from 1 to 65535"),
+    ("host:abc", "the port must be a number from 1 to 65535"),
+    ("http://", "it names no host"),
+    ("https://:8080", "it names no host"),
+    ("exa mple.com", "it holds whitespace or control characters"),
+    ("http://x\x1b", "it holds whitespace or control characters"),
+    ("http://ho!st:80", "the host name has characters other than letters, digits, '.', '-' and '_'"),
+    ("http://user:pw@host", "it must not hold a user name, password, query or fragment"),
+    ("http://host/?q=1", "it must not hold a user name, password, query or fragment"),
+]
+HOST_RULE = "; use http(s)://host[:port][/path] or host[:port]"
+
+
+@pytest.mark.parametrize("host", VALID_HOSTS)
+def test_valid_ollama_hosts_are_accepted(host):
+    """Every host form ollama.parse_host understands is accepted."""
+    assert load_config(None, env={"FINE_TUNER_OLLAMA__HOST": host}).ollama.host == (host or None)
+
+
+@pytest.mark.parametrize(("host", "reason"), INVALID_HOSTS)
+def test_invalid_ollama_hosts_are_refused(tmp_path, host, reason):
+    """A malformed ollama.host is a ConfigError naming the key and why, without echoing the value."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"ollama": {"host": host}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.problems == [f"ollama.host: {reason}{HOST_RULE}"]

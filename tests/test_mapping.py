@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pandas as pd
 import pytest
 
+from daemon.config import MAX_COMPANION_BYTES
 from daemon.dataset import load_dataset
 from daemon.errors import MappingError
 from daemon.mapping import infer_mapping, load_mapping, mapping_from_object, sibling_mapping
@@ -85,3 +87,111 @@ def test_sibling_mapping_is_found(tmp_path):
     assert sibling_mapping(csv_path) is None
     (tmp_path / "visits.mapping.yaml").write_text("Match: 1\n")
     assert sibling_mapping(csv_path) == tmp_path / "visits.mapping.yaml"
+
+
+# --- hostile mapping files ------------------------------------------------------------------------
+
+def _mapping_error(path) -> MappingError:
+    with pytest.raises(MappingError) as info:
+        load_mapping(path)
+    return info.value
+
+
+def test_deeply_nested_mapping_is_a_mapping_error(tmp_path):
+    """JSON or YAML nested 100,000 / 5,000 deep is a MappingError naming the file, not a RecursionError."""
+    as_json = tmp_path / "deep.mapping.json"
+    as_json.write_bytes(b'{"Match": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    error = _mapping_error(as_json)
+    assert (error.file, error.message) == ("deep.mapping.json",
+                                           "deep.mapping.json: lists or objects are nested too deeply")
+    as_yaml = tmp_path / "deep.mapping.yaml"
+    as_yaml.write_bytes(b"Match: " + b"[" * 5000 + b"]" * 5000 + b"\n")
+    error = _mapping_error(as_yaml)
+    assert (error.file, error.message) == (
+        "deep.mapping.yaml", "deep.mapping.yaml: lists or mappings are nested more than 32 levels deep (line 1)")
+
+
+def test_lone_surrogate_in_a_mapping_is_blamed_on_the_mapping(tmp_path, synthetic_csv):
+    """A \\ud800 escape in a JSON or YAML mapping is a MappingError naming the mapping file, not the CSV."""
+    as_json = tmp_path / "s.mapping.json"
+    as_json.write_text('{"Match": 1, "Does Not Match": 0, "Unknown": -1, "\\ud800": 1}')
+    with pytest.raises(MappingError) as info:
+        load_dataset(synthetic_csv(rows=60), as_json)
+    assert (info.value.file, info.value.message) == (
+        "s.mapping.json", "s.mapping.json: a text value holds a lone surrogate escape (\\uD800-\\uDFFF), "
+                          "which is not valid Unicode")
+    as_yaml = tmp_path / "s.mapping.yaml"
+    as_yaml.write_text('Match: 1\n"No \\udc80": 0\n')
+    assert _mapping_error(as_yaml).message == (
+        "s.mapping.yaml: a text value holds a lone surrogate escape (\\uD800-\\uDFFF), which is not "
+        "valid Unicode (line 2)")
+
+
+def test_invalid_utf8_mapping_is_blamed_on_the_mapping(tmp_path, synthetic_csv):
+    """A mapping file that is not UTF-8 fails as the mapping's error, before the CSV is read."""
+    path = tmp_path / "l.mapping.yaml"
+    path.write_bytes(b"Erk\xe4ltung: 1\n")
+    with pytest.raises(MappingError) as info:
+        load_dataset(synthetic_csv(rows=60), path)
+    assert (info.value.file, info.value.message) == ("l.mapping.yaml",
+                                                     "l.mapping.yaml: the mapping file is not UTF-8 text")
+
+
+def test_surrogate_label_in_an_object_is_refused():
+    """An in-memory mapping whose label is not valid Unicode is a MappingError."""
+    with pytest.raises(MappingError) as info:
+        mapping_from_object({"Match": 1, "\udce4": 0})
+    assert info.value.message == "a label is not valid Unicode text (it holds a lone surrogate)"
+
+
+def test_duplicate_labels_are_refused(tmp_path):
+    """A label given twice in a JSON or YAML mapping file is a MappingError naming the label."""
+    as_json = tmp_path / "d.mapping.json"
+    as_json.write_text('{"Match": 1, "Match": 0}')
+    assert _mapping_error(as_json).message == (
+        "d.mapping.json: the key 'Match' appears more than once in the same mapping")
+    as_yaml = tmp_path / "d.mapping.yml"
+    as_yaml.write_text("Match: 1\nNo: 0\nMatch: 0\n")
+    assert _mapping_error(as_yaml).message == (
+        "d.mapping.yml: the key 'Match' appears more than once in the same mapping (line 3)")
+
+
+def test_huge_number_in_a_mapping_is_a_mapping_error(tmp_path):
+    """A rating of 5,000 digits is a MappingError, not a ValueError, in JSON and YAML."""
+    as_json = tmp_path / "n.mapping.json"
+    as_json.write_text('{"Match": ' + "9" * 5000 + "}")
+    assert _mapping_error(as_json).message == "n.mapping.json: a number has too many digits"
+    as_yaml = tmp_path / "n.mapping.yaml"
+    as_yaml.write_text("Match: " + "9" * 5000 + "\n")
+    assert _mapping_error(as_yaml).message == "n.mapping.yaml: a number has too many digits (line 1)"
+
+
+def test_mapping_over_the_size_limit_is_refused(tmp_path):
+    """A mapping file larger than MAX_COMPANION_BYTES is refused before it is parsed."""
+    path = tmp_path / "big.mapping.json"
+    path.write_text('{"Match": 1, "pad": "' + "x" * MAX_COMPANION_BYTES + '"}')
+    size = path.stat().st_size
+    assert _mapping_error(path).message == (
+        f"big.mapping.json: the mapping file is {size} bytes, over the limit of 262144 bytes")
+
+
+@pytest.mark.timeout(20)
+def test_mapping_fifo_or_symlink_is_refused(tmp_path):
+    """A FIFO in place of a mapping file is refused without blocking; a symbolic link is not followed."""
+    fifo = tmp_path / "p.mapping.json"
+    os.mkfifo(fifo)
+    assert _mapping_error(fifo).message == (
+        "p.mapping.json: the mapping file is not a regular file (a FIFO, socket or device)")
+    target = tmp_path / "real.json"
+    target.write_text('{"Match": 1}')
+    link = tmp_path / "l.mapping.json"
+    link.symlink_to(target)
+    assert _mapping_error(link).message == (
+        "l.mapping.json: the mapping file is a symbolic link; links are not followed (put the file itself there)")
+
+
+def test_mapping_file_name_is_escaped(tmp_path):
+    """A mapping file name with control characters or non-UTF-8 bytes is escaped in the error."""
+    path = tmp_path / os.fsdecode(b"M\xe4rz\x1b[2J.mapping.json")
+    path.write_text("[1, 2]")
+    assert _mapping_error(path).file == "M\\xe4rz\\x1b[2J.mapping.json"
