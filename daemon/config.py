@@ -72,6 +72,7 @@ class OllamaConfig:
     backoff_s: float = 0.5
     backoff_max_s: float = 8.0
     register: str = "auto"
+    parallel: int = 2  # chat requests in flight at once when evaluating or rating through Ollama
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,18 @@ class WatchConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """Measuring every job's models against the experts on its held-out rows."""
+
+    enabled: str = "auto"  # auto: when a backend can run it (else record why not) | required | off
+    backend: str = "auto"  # auto | ollama | local
+    max_rows: int = 200  # held-out rows evaluated at most (a seeded sample beyond that)
+    batch_size: int = 8  # local backend: records generated together
+    max_new_tokens: int = 96  # local backend: the longest answer generated
+    timeout_s: float = 3600.0  # local backend: one model's answers
+
+
+@dataclass(frozen=True)
 class Config:
     defaults: Defaults = field(default_factory=Defaults)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
@@ -121,12 +134,15 @@ class Config:
     base_models: Mapping[str, str] = field(default_factory=dict)
     paths: PathsConfig = field(default_factory=PathsConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     debug: bool = False
     source: str | None = None  # the YAML file this came from, for messages
 
 
 SECTIONS = {"defaults": Defaults, "ollama": OllamaConfig, "training": TrainingConfig,
-            "paths": PathsConfig, "watch": WatchConfig}
+            "paths": PathsConfig, "watch": WatchConfig, "evaluation": EvaluationConfig}
+EVALUATION_MODES = ("auto", "required", "off")
+EVALUATION_BACKENDS = ("auto", "ollama", "local")
 
 
 # --- safe text for messages --------------------------------------------------------------------
@@ -383,6 +399,11 @@ _RULES: dict[str, tuple[tuple[Callable[[float], bool], str], ...]] = {
     "watch.workers": (_at_least(1), _at_most(64)),
     "watch.stop_timeout_s": (_at_least(0),),
     "watch.max_attempts": (_at_least(1),),
+    "ollama.parallel": (_at_least(1), _at_most(64)),
+    "evaluation.max_rows": (_at_least(1),),
+    "evaluation.batch_size": (_at_least(1), _at_most(256)),
+    "evaluation.max_new_tokens": (_at_least(8), _at_most(4096)),
+    "evaluation.timeout_s": (_POSITIVE,),
 }
 
 
@@ -420,6 +441,10 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append(f"ollama.register: must be one of {', '.join(REGISTER_MODES)}")
     if o.host is not None and (why := host_problem(o.host)):
         problems.append(f"ollama.host: {why}; use http(s)://host[:port][/path] or host[:port]")
+    if cfg.evaluation.enabled not in EVALUATION_MODES:
+        problems.append(f"evaluation.enabled: must be one of {', '.join(EVALUATION_MODES)}")
+    if cfg.evaluation.backend not in EVALUATION_BACKENDS:
+        problems.append(f"evaluation.backend: must be one of {', '.join(EVALUATION_BACKENDS)}")
     if t.device not in ("auto", "cpu", "cuda", "mps"):
         problems.append("training.device: must be one of auto, cpu, cuda, mps")
 

@@ -265,7 +265,7 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
     try:
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
-            raise DatasetError("the dataset is not a regular file (a FIFO, link or special file)",
+            raise DatasetError("the dataset is not a regular file (a folder, FIFO, link or special file)",
                                file=name, hint="drop a regular CSV file")
         size = st.st_size
         if size == 0:

@@ -177,6 +177,12 @@ class TrainingInterruptedError(FineTunerError):
     default_hint = "the job is retried when the service starts again"
 
 
+class EvaluationError(FineTunerError):
+    """The job's models could not be evaluated and ``evaluation.enabled`` is ``required``."""
+
+    default_hint = "make a backend available (Ollama, or the base weights on disk), or set evaluation.enabled: auto"
+
+
 class ModelSetConfigError(FineTunerError):
     """The model set configuration could not be created."""
 

@@ -35,6 +35,7 @@ from .errors import (
     DatasetEncodingError,
     DatasetError,
     DatasetTooSmallWarning,
+    EvaluationError,
     FineTuningNotSupportedError,
     ModelSetConfigError,
     TrainingFailedError,
@@ -351,6 +352,8 @@ class FineTuner:
                     approach = MODEL_SET
             if approach == MODEL_SET:
                 self._write_model_set(plan, build_dir)
+            with stages("evaluation"):
+                meta["evaluation"] = self._evaluate(plan, build_dir)
             meta["stage_durations_s"] = stages.durations
             meta["duration_s"] = round(sum(stages.durations.values()), 4)  # work time, not queueing
             meta["artifacts"] = sorted(p.name for p in build_dir.iterdir() if not p.name.startswith("."))
@@ -426,11 +429,35 @@ class FineTuner:
             raise ModelSetConfigError(f"could not build the model set: {type(exc).__name__}",
                                       hint="report this with fine_tuning_metadata.json attached") from exc
 
+    def _hold_out(self, plan: JobPlan, build_dir: Path, system: str):
+        """Split the rows once per job, the same way for both approaches (stratified, seeded; no
+        hold-out below ``min_rows``), and write the held-out rows to ``validation_data.jsonl``, which
+        only exists when there are some. Returns (train positions, validation positions)."""
+        from . import trainingdata
+
+        ds, d = plan.ds, self.config.defaults
+        train_pos, val_pos = trainingdata.split_holdout(ds, fraction=d.validation_fraction, seed=d.seed,
+                                                        min_rows=d.min_rows)
+        if len(val_pos):
+            fsutil.write_lines(build_dir / "validation_data.jsonl", trainingdata.jsonl_chunks(ds, val_pos, system))
+        plan.validation_positions = frozenset(int(p) for p in val_pos)
+        plan.meta["split"] = {
+            "train_rows": int(len(train_pos)), "validation_rows": int(len(val_pos)),
+            # 1-based data row numbers of the held-out rows, in validation_data.jsonl order
+            "validation_source_rows": [int(r) for r in ds.frame["source_row"].to_numpy()[val_pos]],
+        }
+        if not len(val_pos):
+            plan.meta["split"]["note"] = (f"no hold-out: fewer than {d.min_rows} usable rows (defaults.min_rows), "
+                                          "so every row is used and the model cannot be evaluated on unseen rows")
+        return train_pos, val_pos
+
     def _write_model_set(self, plan: JobPlan, build_dir: Path) -> None:
         from . import modelset, register
 
         ds, settings, stem, meta, stages = plan.ds, plan.settings, plan.stem, plan.meta, plan.stages
         with stages("model_set"):
+            if "split" not in meta:  # a fallback from a fine-tune keeps that job's split
+                self._hold_out(plan, build_dir, prompts.system_prompt(settings.topics, ds.mapping.labels))
             exclude = plan.validation_positions  # few-shot examples never come from the hold-out
             config = self._model_set(ds, settings, stem=stem, exclude=exclude, input_hashes=plan.input_hashes)
             fsutil.write_json(build_dir / "model_set_config.json", config)
@@ -445,6 +472,35 @@ class FineTuner:
         with stages("registration"):
             meta["registration"] = self._register(lambda client: register.register_model_set(client, config),
                                                   plan.ollama_memory)
+
+    def _evaluate(self, plan: JobPlan, build_dir: Path) -> dict:
+        """Measure the job's models on its held-out rows (``evaluation.enabled``): ``auto`` records
+        a skip and its reason when no backend can run it, ``required`` fails the job then, ``off``
+        does nothing. The report files are written into the job's folder."""
+        from . import evaluation
+        from .evaluator import EvaluationSkipped, evaluate_folder
+        from .rater import RaterError
+
+        mode = self.config.evaluation.enabled
+        if mode == "off":
+            return {"status": "off"}
+        job = plan.job
+        try:
+            report = evaluate_folder(build_dir, plan.meta, self.config, backend=self.config.evaluation.backend,
+                                     stop_event=job.stop_event if job else None, memory=plan.ollama_memory)
+        except (EvaluationSkipped, RaterError) as exc:
+            status = "skipped" if isinstance(exc, EvaluationSkipped) else "failed"
+            reason = exc.reason if isinstance(exc, EvaluationSkipped) else str(exc)
+            if mode == "required":
+                raise EvaluationError(f"the models could not be evaluated: {reason}",
+                                      hint="make a backend available (Ollama with the models, or the base "
+                                           "weights on disk with the training extra installed), or set "
+                                           "evaluation.enabled to auto") from None
+            log.warning("evaluation_skipped", status=status, reason=reason)
+            return {"status": status, "reason": reason}
+        files = evaluation.write_report(report, build_dir)
+        return {"status": "done", "backend": report["models"][0]["backend"], "rows": report["n"],
+                "models": evaluation.summary_line(report), "files": files}
 
     def _register(self, action: Callable[[Any], dict], memory=None) -> dict:
         """Register under ``ollama.register``; ``memory`` is the job's (see ``_ollama_client``): a
@@ -482,20 +538,20 @@ class FineTuner:
         d, t = self.config.defaults, self.config.training
         system = prompts.system_prompt(settings.topics, ds.mapping.labels)
         with stages("training_data"):
-            train_pos, val_pos = trainingdata.split_holdout(ds, fraction=d.validation_fraction, seed=d.seed,
-                                                            min_rows=d.min_rows)
+            train_pos, val_pos = self._hold_out(plan, build_dir, system)
             fsutil.write_lines(build_dir / "training_data.jsonl", trainingdata.jsonl_chunks(ds, train_pos, system))
-            fsutil.write_lines(build_dir / "validation_data.jsonl", trainingdata.jsonl_chunks(ds, val_pos, system))
             base = training.resolve_base_weights(settings.model, self.config.base_models,
                                                  allow_download=t.allow_download)
             cfg = trainingdata.training_config(
                 base_model=base.hf_id or settings.model, dataset_path="training_data.jsonl",
-                validation_path="validation_data.jsonl", output_dir="adapter", training=t,
+                validation_path="validation_data.jsonl" if len(val_pos) else None, output_dir="adapter", training=t,
                 epochs=settings.epochs, learning_rate=settings.learning_rate,
                 micro_batch_size=settings.batch_size, seed=d.seed)
             fsutil.write_text(build_dir / "training_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-        plan.validation_positions = frozenset(int(p) for p in val_pos)
-        meta["split"] = {"train_rows": int(len(train_pos)), "validation_rows": int(len(val_pos))}
+            # the model set built from the same training rows, measured beside the fine-tune
+            comparison = self._model_set(ds, settings, stem=stem, exclude=plan.validation_positions,
+                                         input_hashes=plan.input_hashes)
+            fsutil.write_json(build_dir / "comparison_model_set.json", comparison)
         log.info("training_data_written", train_rows=len(train_pos), validation_rows=len(val_pos))
 
         def relay(event: dict) -> None:

@@ -34,12 +34,12 @@ import queue
 import secrets
 import stat
 import time
-import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .config import MAX_COMPANION_BYTES, display_name
 from .fsutil import NotRegularFileError, fsync_dir, hash_regular_file, real_dir, reserve_dir, write_json
 
 DATASET_SUFFIXES = (".csv",)
@@ -52,28 +52,17 @@ CLAIM_PREFIX = ".claim-"
 DEFAULT_MAPPING_STEM = "default-mapping"  # the config's default mapping, copied into a claim folder
 
 DATASET, MAPPING, JOB, IGNORED, UNKNOWN = "dataset", "mapping", "job", "ignored", "unknown"
-# Mapping and job files are small; a bigger one is refused before anything parses it (a 28 MB job
-# file once took a YAML parser 326 s and 6.8 GB).
-MAX_COMPANION_BYTES = 256 * 1024
 # Job ids and the folders named after them must stay well below the 255-byte name limit:
 # ``.tmp-`` + stem + ``-<stamp>-<8 hex>`` + ``-N`` from reserve_dir.
 MAX_ID_STEM_BYTES = 120
 
 
 def escape_name(name: str) -> str:
-    """A file name as text that is safe everywhere: bytes that are not UTF-8 (``os.listdir`` hands
-    them over as lone surrogates) become ``\\xNN``; control and formatting characters (newlines,
-    escape sequences, right-to-left overrides) become ``\\xNN`` / ``\\uNNNN``. Used for job ids,
-    log lines, JSON, the journal and ``status`` output; the file itself keeps its real name."""
-    raw = os.fsencode(name).decode("utf-8", errors="backslashreplace")
-    out = []
-    for ch in raw:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+    """A file name as text that is safe everywhere (``config.display_name``): bytes that are not
+    UTF-8 (``os.listdir`` hands them over as lone surrogates) become ``\\xNN``; control and
+    formatting characters (newlines, escape sequences, right-to-left overrides) are escaped. Used for
+    job ids, log lines, JSON, the journal and ``status`` output; the file keeps its real name."""
+    return display_name(name)
 
 
 def bounded(text: str, max_bytes: int) -> str:

@@ -26,6 +26,7 @@ import select
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -240,6 +241,8 @@ class FakeOllama:
         self.trickle_s = 0.1
         self.accepted = 0  # TCP connections accepted, over restarts
         self.chat_content: str | None = None  # overrides the scripted chat answer when set
+        # a test's own answers: (model name, messages) -> content; overrides chat_content when set
+        self.chat_responder: Callable[[str, list], str] | None = None
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.port = 0
@@ -469,7 +472,9 @@ class FakeOllama:
             raise BadRequest(400, "json: cannot unmarshal messages into []api.Message")
         if not messages:
             return model, "", "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
-        if self.chat_content is not None:
+        if self.chat_responder is not None:
+            content = self.chat_responder(model.name, messages)
+        elif self.chat_content is not None:
             content = self.chat_content
         elif isinstance(fmt, dict):
             content = json.dumps(_schema_sample(fmt))

@@ -38,7 +38,8 @@ def test_process_model_set(tmp_path, dataset):
               "--topics", "respiratory infections", "--approach", "model_set", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     out = tmp_path / "outputs" / "visits"
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "fine_tuning_metadata.json", "model_set_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "fine_tuning_metadata.json", "model_set_config.json",
+                                                     "validation_data.jsonl"]
     assert "approach: model_set" in res.stdout
     log_text = (tmp_path / "fine_tuner.log").read_text()
     assert "approach_selected" in log_text and MARKER not in log_text

@@ -191,7 +191,7 @@ def test_directory_instead_of_file_is_a_dataset_error(tmp_path):
     """A directory given as the CSV or the mapping gives a DatasetError, not an OSError."""
     with pytest.raises(DatasetError) as info:
         load_dataset(tmp_path, mapping=MAPPING)
-    assert info.value.message.endswith("the file cannot be read (Is a directory)")
+    assert info.value.message.endswith("the dataset is not a regular file (a folder, FIFO, link or special file)")
     (tmp_path / "m.json").mkdir()
     with pytest.raises(MappingError) as info:
         load_mapping(tmp_path / "m.json")

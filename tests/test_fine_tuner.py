@@ -86,7 +86,11 @@ class TestFineTuner:
         assert ok is True
         assert meta["approach"] == "model_set"
         assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "fine_tuning_metadata.json",
-                                                        "model_set_config.json"]
+                                                        "model_set_config.json", "validation_data.jsonl"]
+        held_out = set(meta["split"]["validation_source_rows"])
+        assert (len(held_out), meta["split"]["train_rows"]) == (6, 54)
+        assert not held_out & set(meta["model_set"]["few_shot_source_rows"])  # examples never from the hold-out
+        assert meta["evaluation"]["status"] == "skipped"
         on_disk = json.loads((out / "fine_tuning_metadata.json").read_text())
         assert on_disk["rows"] == {"read": 60, "used": 60, "dropped": meta["rows"]["dropped"]}
         assert on_disk["registration"]["registered"] is False
@@ -187,7 +191,7 @@ class TestFineTuner:
 
     def test_auto_registration_does_not_retry_a_server_that_is_down(self, tmp_path):
         """register: auto with Ollama down records why at once: no retries, the job succeeds."""
-        cfg = offline_config(tmp_path, ollama={"retries": 3, "backoff_s": 30.0})
+        cfg = offline_config(tmp_path, ollama={"retries": 3, "backoff_s": 30.0, "backoff_max_s": 30.0})
         ok, meta = FineTuner(config=cfg).process_dataset(
             frame(60), "llama3.2:1b", MAPPING, "flu", approach="model_set", output_dir=tmp_path / "o")
         assert ok is True
