@@ -1,9 +1,11 @@
 """The ``fine-tuner`` command line: argv → config → logging → one call → exit code.
 
 Subcommands: ``process`` (one dataset, one-shot), ``validate`` (a data report), ``check`` (the
-capability report), ``watch`` (the inbox daemon) and ``status`` (the journal). Exit codes: 0 ok,
+capability report), ``evaluate`` (an output folder's models against the experts), ``watch`` (the
+inbox daemon) and ``status`` (the journal). Exit codes: 0 ok,
 1 the job failed (or the data is unusable / the model cannot be fine-tuned), 2 usage, 78 a
-configuration error for ``watch`` (systemd's EX_CONFIG, which the unit does not restart on).
+configuration error or a damaged journal for ``watch`` (systemd's EX_CONFIG, which the unit does
+not restart on).
 Errors are one line on stderr saying what to fix; logs are JSON lines (stdout for ``watch``, the
 ``fine_tuner.log`` file otherwise, and stderr too with ``--debug``).
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import APPROACHES, Config, ConfigError, load_config
-from .errors import DatasetTooSmallWarning, FineTunerError
+from .errors import DatasetTooSmallWarning, FineTunerError, JournalError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -59,10 +61,28 @@ def _parser() -> argparse.ArgumentParser:
     wat.add_argument("--root", metavar="DIR", help="folder holding inbox/ and outputs/ (default: .)")
     wat.add_argument("--once", action="store_true", help="process what is in the inbox, then exit")
 
+    ev = sub.add_parser("evaluate", parents=[common],
+                        help="measure an output folder's models against the experts on its held-out rows")
+    ev.add_argument("output_dir", metavar="OUTPUT_DIR", help="a job's output folder, e.g. outputs/<job_id>")
+    ev.add_argument("--backend", choices=("auto", "ollama", "local"),
+                    help="who answers (default: evaluation.backend, auto)")
+    ev.add_argument("--max-rows", type=_positive_int, metavar="N", help="held-out rows evaluated at most")
+    ev.add_argument("--json", action="store_true", help="print evaluation.json instead of the table")
+
     st = sub.add_parser("status", parents=[common], help="queued, running, recent jobs from the journal")
     st.add_argument("--root", metavar="DIR")
     st.add_argument("--json", action="store_true")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _fail(message: str, code: int) -> int:
@@ -97,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_USAGE)
     handler = {"process": _cmd_process, "validate": _cmd_validate, "check": _cmd_check,
-               "watch": _cmd_watch, "status": _cmd_status}[args.command]
+               "watch": _cmd_watch, "status": _cmd_status, "evaluate": _cmd_evaluate}[args.command]
     try:
         return handler(cfg, args)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_USAGE)
+    except JournalError as exc:
+        # a damaged or unwritable journal needs an operator: systemd must not restart-loop on it
+        return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_FAILED)
     except (FineTunerError, DatasetTooSmallWarning) as exc:
         return _fail(f"{exc} ({exc.hint})" if isinstance(exc, DatasetTooSmallWarning) else str(exc), EXIT_FAILED)
     except KeyboardInterrupt:
@@ -186,6 +209,35 @@ def _cmd_watch(cfg: Config, args: argparse.Namespace) -> int:
     cfg = _with_root(cfg, args.root)
     _configure_logging(cfg, args, stdout=True)
     return service.run(cfg, once=args.once, config_path=args.config or os.environ.get("FINE_TUNER_CONFIG"))
+
+
+def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from . import evaluation, fsutil
+    from .evaluator import EvaluationSkipped, evaluate_folder, read_json
+    from .rater import RaterError
+
+    _configure_logging(cfg, args, stdout=False)
+    folder = Path(args.output_dir)
+    meta_path = folder / "fine_tuning_metadata.json"
+    if not meta_path.is_file():
+        return _fail(f"{folder}: not an output folder (it has no fine_tuning_metadata.json); pass "
+                     "outputs/<job_id>", EXIT_USAGE)
+    meta = read_json(meta_path)
+    try:
+        report = evaluate_folder(folder, meta, cfg, backend=args.backend or cfg.evaluation.backend,
+                                 max_rows=args.max_rows)
+    except (EvaluationSkipped, RaterError) as exc:
+        return _fail(f"cannot evaluate {folder}: {getattr(exc, 'reason', exc)}", EXIT_FAILED)
+    files = evaluation.write_report(report, folder)
+    meta["evaluation"] = {"status": "done", "backend": report["models"][0]["backend"], "rows": report["n"],
+                          "models": evaluation.summary_line(report), "files": files}
+    fsutil.write_json(meta_path, meta)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=2))
+    else:
+        print(evaluation.table_text(report))
+        print(f"written: {', '.join(str(folder / f) for f in files)}")
+    return EXIT_OK
 
 
 def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:

@@ -177,6 +177,19 @@ class TrainingInterruptedError(FineTunerError):
     default_hint = "the job is retried when the service starts again"
 
 
+class JournalError(FineTunerError):
+    """The job journal (SQLite) cannot be opened, read or written. ``disk_full`` tells a full disk
+    (retry later) from a damaged or read-only file (an operator must act)."""
+
+    default_hint = "move the damaged journal file aside; the service then starts with a new, empty journal"
+
+    def __init__(self, message: str, *, path: str | None = None, disk_full: bool = False,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+        self.disk_full = disk_full
+
+
 class EvaluationError(FineTunerError):
     """The job's models could not be evaluated and ``evaluation.enabled`` is ``required``."""
 

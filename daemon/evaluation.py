@@ -232,6 +232,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_text(report: dict) -> str:
+    """The side-by-side table and how to read it (``evaluation.md`` without the matrices)."""
+    return markdown(report).split("\n## ", 1)[0].rstrip("\n")
+
+
 def predictions_csv(report: dict) -> str:
     """``predictions.csv``: row, expert rating, then each model's rating (empty when invalid) and
     validity. No prompt or rationale text."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from .errors import JournalError
 
 STATES = ("queued", "running", "succeeded", "failed", "duplicate")
 SCHEMA_VERSION = 1
@@ -121,19 +124,73 @@ class Journal:
     """The job journal in one SQLite file. Thread-safe; several processes may open the same file."""
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
+        """Open (or create) the journal. A file that is empty, damaged, truncated, not a database or
+        not writable raises ``JournalError`` naming the file: it is never silently replaced, since
+        it holds the job history and the duplicate detection."""
         self.path = Path(path)
         self._lock = threading.Lock()
-        # autocommit mode: transactions are opened explicitly by transaction()
-        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        self._retry_busy(lambda: self._db.execute("PRAGMA journal_mode = WAL"), busy_timeout_s)
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        with self.transaction() as db:
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if not self.path.exists():
+            self._create(busy_timeout_s)
+        if self.path.stat().st_size == 0:
+            raise JournalError(f"the journal {self.path} is an empty file (its history is lost)",
+                               path=str(self.path))
+        try:
+            # autocommit mode: transactions are opened explicitly by transaction()
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._error(exc, "opened") from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            self._retry_busy(lambda: self._db.execute("PRAGMA journal_mode = WAL"), busy_timeout_s)
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            if self._db.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            with self.transaction() as db:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except (sqlite3.Error, JournalError) as exc:
+            self._db.close()
+            if isinstance(exc, JournalError):
+                raise
+            raise self._error(exc, "opened") from None
+
+    def _create(self, busy_timeout_s: float) -> None:
+        """Make a new journal whole in a temporary file and link it into place, so that nobody ever
+        sees the journal as an empty file (an empty journal is refused as damaged). When another
+        process links its own first, that one is used."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            db = sqlite3.connect(tmp, timeout=busy_timeout_s, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+            finally:
+                db.close()
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, self.path)
+        except sqlite3.Error as exc:
+            raise self._error(exc, "created") from None
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+
+    def _error(self, exc: sqlite3.Error, doing: str) -> JournalError:
+        """A JournalError for an SQLite error: the file, what failed and SQLite's short reason (it
+        names the database's state, never a row's contents)."""
+        reason = str(exc).split("\n")[0][:120] or type(exc).__name__
+        full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in reason
+        if full:
+            return JournalError(f"the journal {self.path} could not be {doing}: {reason}", path=str(self.path),
+                                disk_full=True, hint="free space on its disk; the service retries by itself")
+        hint = None
+        if "readonly" in reason or "read-only" in reason or "unable to open" in reason:
+            hint = "make the state directory and the journal writable for the service, then start it again"
+        return JournalError(f"the journal {self.path} could not be {doing}: {reason}", path=str(self.path),
+                            hint=hint)
 
     @staticmethod
     def _retry_busy(action: Callable[[], object], timeout_s: float) -> None:
@@ -165,19 +222,36 @@ class Journal:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """The one way to change the journal: ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error)."""
+        """The one way to change the journal: ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error).
+        SQLite errors become ``JournalError`` (``disk_full`` set for a full disk); the journal stays
+        usable, so a write that failed for lack of space succeeds once there is space again."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._error(exc, "written") from None
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except sqlite3.IntegrityError:  # a broken rule of the schema: a bug, not the file
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise self._error(exc, "written") from None
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self._db.execute(sql, params).fetchall()
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc, "read") from None
 
     # --- writes ----------------------------------------------------------------------------------
 
@@ -266,7 +340,7 @@ class Journal:
     def success_for(self, content_key: str) -> JobRecord | None:
         """The job that owns this content (the latest success with the same inputs), if any."""
         rows = self._read("SELECT jobs.* FROM contents JOIN jobs ON jobs.id = contents.job_id"
-                          " WHERE contents.content_key = ?", (content_key,))
+                          " WHERE contents.content_key = ? AND jobs.state = 'succeeded'", (content_key,))
         return _record(rows[0]) if rows else None
 
     def counts(self) -> dict[str, int]:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
+import json
 import os
 import queue
 import shutil
@@ -43,8 +45,8 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .config import Config, ConfigError, job_settings, load_config, read_job_file
-from .errors import DatasetTooSmallWarning, FineTunerError, TrainingInterruptedError
+from .config import Config, ConfigError, job_settings, load_config, printable, read_job_file
+from .errors import DatasetTooSmallWarning, FineTunerError, JournalError, TrainingInterruptedError
 from .fsutil import make_private_dir, publish_dir
 from .inbox import (
     RESCAN,
@@ -56,6 +58,7 @@ from .inbox import (
     abandoned_claims,
     claim_drop,
     content_key,
+    escape_name,
     finish_claim,
     hash_claim,
     name_claim,
@@ -136,6 +139,8 @@ def _brief(job: JobRecord) -> dict:
                            "inputs": [f.name for f in job.inputs]}
     if job.output_path:
         out["output_path"] = job.output_path
+        if job.state == "succeeded":
+            out["evaluation"] = _evaluation_brief(Path(job.output_path))
     if job.approach:
         out["approach"] = job.approach
     if job.state == "queued" and job.approach == "fine_tune":
@@ -147,8 +152,41 @@ def _brief(job: JobRecord) -> dict:
     return out
 
 
+def _evaluation_brief(folder: Path) -> dict:
+    """Kappa and accuracy of each evaluated model (``evaluation.json``), or why there are none."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(folder / "evaluation.json", encoding="utf-8") as fh:
+            report = json.load(fh)
+        return {m["key"]: {"kappa": m.get("kappa"), "accuracy": m.get("accuracy"),
+                           "invalid_rate": m.get("invalid_rate")} for m in report.get("models", [])}
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(folder / "fine_tuning_metadata.json", encoding="utf-8") as fh:
+            evaluation = json.load(fh).get("evaluation") or {}
+        return {"status": evaluation.get("status"), "reason": evaluation.get("reason")}
+    return {}
+
+
+def _kappa_text(evaluation: dict | None) -> str:
+    if not evaluation:
+        return ""
+    if "new" in evaluation:
+        def k(key: str) -> str:
+            value = (evaluation.get(key) or {}).get("kappa")
+            return "n/a" if value is None else f"{value:.2f}"
+        return f"  kappa {k('new')} (base {k('base')})"
+    if evaluation.get("status") in ("skipped", "failed"):
+        return "  not evaluated"
+    return ""
+
+
 def format_status(report: dict) -> str:
-    """The status report as a few human-readable lines."""
+    """The status report as a few human-readable lines. Every name and message is escaped
+    (``config.printable``): a file name with a newline, an escape sequence or a right-to-left override
+    must not be able to forge a line of this report."""
+    return "\n".join(printable(line, limit=10_000) for line in _status_lines(report))
+
+
+def _status_lines(report: dict) -> list[str]:
     counts = report.get("counts") or {}
     lines = [f"inbox: {report['inbox']}",
              "jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none yet")]
@@ -165,7 +203,7 @@ def format_status(report: dict) -> str:
             elif job.get("waiting_for"):
                 line += f"  waiting for {job['waiting_for']}"
             elif job.get("output_path"):
-                line += f"  {job.get('approach')} -> {job['output_path']}"
+                line += f"  {job.get('approach')} -> {job['output_path']}{_kappa_text(job.get('evaluation'))}"
             elif job.get("approach"):
                 line += f"  {job['approach']}"
             if job.get("error"):
@@ -179,7 +217,7 @@ def format_status(report: dict) -> str:
     if report.get("orphans"):
         lines.append("waiting for their dataset:")
         lines.extend(f"  {o['name']} ({o['kind']}, {o['waiting_s']} s)" for o in report["orphans"])
-    return "\n".join(lines)
+    return lines
 
 
 # --- the daemon --------------------------------------------------------------------------------
@@ -230,7 +268,12 @@ class Service:
     def run(self) -> int:
         p = self.paths
         for d in (p.inbox, p.outputs, p.processed, p.failed, p.work, p.state_dir):
-            make_private_dir(d)
+            try:
+                make_private_dir(d)
+            except NotADirectoryError:
+                raise ConfigError([f"paths: {d} is a symbolic link or a file, not a folder; state "
+                                   "folders are never followed: replace it with a real folder"],
+                                  source=str(self.config_path) if self.config_path else None) from None
         self.journal = Journal(p.journal)
         self.tracker = InboxTracker(p.inbox, settle_s=self.cfg.watch.settle_s,
                                     max_input_bytes=self.cfg.watch.max_input_bytes,
@@ -245,11 +288,9 @@ class Service:
             # watch before the first scan, so that nothing dropped in between is missed
             watcher = InboxWatcher(p.inbox, self.hints, polling=self.cfg.watch.polling)
             watcher.start()
-        workers = [threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
-                   for i in range(self.cfg.watch.workers)]
-        trainer = threading.Thread(target=self._training_lane, name="training-lane", daemon=True)
-        for t in (*workers, trainer):
-            t.start()
+        self.threads = {f"job-worker-{i}": self._worker for i in range(self.cfg.watch.workers)}
+        self.threads["training-lane"] = self._training_lane
+        self.alive = {name: self._start_thread(name) for name in self.threads}
         try:
             self.recover()
             self.tracker.scan()
@@ -261,11 +302,26 @@ class Service:
         finally:
             if watcher is not None:
                 watcher.stop()
-        code = self._shutdown(workers, trainer)
+        code = self._shutdown([t for n, t in self.alive.items() if n != "training-lane"],
+                              self.alive["training-lane"])
         log.info("daemon_stopped", exit_code=code, reason="drained" if self.once else "signal")
         self.notifier.close()
         self.journal.close()
         return code
+
+    def _start_thread(self, name: str) -> threading.Thread:
+        thread = threading.Thread(target=self.threads[name], name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def _replace_dead_threads(self) -> None:
+        """A worker or the training lane only ends at shutdown; one that died anyway (a bug in a
+        failure path) is logged and replaced, so that the service never stalls with a fed watchdog."""
+        for name, thread in self.alive.items():
+            if not thread.is_alive():
+                log.error("thread_replaced", thread=name,
+                          hint="report this; the service log above has what the thread was doing")
+                self.alive[name] = self._start_thread(name)
 
     def _install_signals(self) -> None:
         def on_stop(signum: int, _frame: object) -> None:
@@ -325,48 +381,55 @@ class Service:
     def _loop(self) -> None:
         tracker = self.tracker
         assert tracker is not None
-        last_scan = last_watchdog = time.monotonic()
+        self._last_scan = self._last_watchdog = time.monotonic()
         while not self.stop_requested.is_set():
-            if self.reload_requested.is_set():
-                self.reload_requested.clear()
-                self._reload()
-            rescan_s = ONCE_RESCAN_S if self.once else self.cfg.watch.rescan_s
-            rescan = time.monotonic() - last_scan >= rescan_s
-            events_lost = False
-            timeout = self._sleep_s()
             try:
-                while True:
-                    event, name = self.hints.get(timeout=timeout)
-                    timeout = 0
-                    if event == RESCAN:
-                        rescan = events_lost = True
-                    elif event != "job_done":
-                        tracker.refresh(name, event=event)
-            except queue.Empty:
-                pass
-            if rescan:
-                if events_lost:
-                    log.warning("event_queue_overflow", action="rescan")
-                if not self.once:
-                    self.recover()
-                tracker.scan(events_lost=events_lost)
-                last_scan = time.monotonic()
-            self._note_new_entries()
-            try:
-                self._refuse_entries()
-                self._claim_ready()
-            except OSError as exc:
-                # a full disk or a permissions change must not kill the service; it retries
-                log.error("inbox_error", error_type=type(exc).__name__, errno=exc.errno,
-                          path=str(getattr(exc, "filename", "")))
-            self._dispatch()
-            now = time.monotonic()
-            if self.notifier.watchdog_interval_s and now - last_watchdog >= self.notifier.watchdog_interval_s:
-                self.notifier.watchdog()
-                last_watchdog = now
-            self._send_status()
-            if self.once and self._drained():
-                return
+                if self._tick():
+                    return
+            except Exception as exc:  # the service loop's one broad handler: log, keep serving
+                log.error("loop_error", error_type=type(exc).__name__, frames=_frames(exc))
+                self._ping_watchdog()
+                time.sleep(TICK_S)
+
+    def _tick(self) -> bool:
+        """One turn of the loop; True when ``--once`` has drained the inbox."""
+        tracker = self.tracker
+        assert tracker is not None
+        if self.reload_requested.is_set():
+            self.reload_requested.clear()
+            self._reload()
+        rescan_s = ONCE_RESCAN_S if self.once else self.cfg.watch.rescan_s
+        rescan = time.monotonic() - self._last_scan >= rescan_s
+        events_lost = False
+        timeout = self._sleep_s()
+        try:
+            while True:
+                event, name = self.hints.get(timeout=timeout)
+                timeout = 0
+                if event == RESCAN:
+                    rescan = events_lost = True
+                elif event != "job_done":
+                    tracker.refresh(name, event=event)
+        except queue.Empty:
+            pass
+        if rescan:
+            self._last_scan = time.monotonic()  # on schedule even when this scan fails
+            if events_lost:
+                log.warning("event_queue_overflow", action="rescan")
+            if not self.once:
+                self.recover()
+            tracker.scan(events_lost=events_lost)
+        self._note_new_entries()
+        self._refuse_entries()
+        self._claim_ready()
+        self._replace_dead_threads()
+        self._dispatch()
+        now = time.monotonic()
+        if self.notifier.watchdog_interval_s and now - self._last_watchdog >= self.notifier.watchdog_interval_s:
+            self.notifier.watchdog()
+            self._last_watchdog = now
+        self._send_status()
+        return self.once and self._drained()
 
     def _sleep_s(self) -> float:
         if self.once:
@@ -403,7 +466,7 @@ class Service:
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
-            log.error("config_reload_failed", problems=exc.problems, hint=exc.hint)
+            log.error("config_reload_failed", problems=exc.problems, source=exc.source, hint=exc.hint)
         else:
             if new.paths != dataclasses.replace(self.cfg.paths, root=new.paths.root):
                 log.warning("config_paths_unchanged", hint="restart the service to change paths")
@@ -424,23 +487,33 @@ class Service:
     def _note_new_entries(self) -> None:
         assert self.tracker is not None
         for entry in self.tracker.take_new():
-            log.info("file_detected", file=entry.name, kind=entry.kind, size_bytes=entry.sig[1])
+            log.info("file_detected", file=escape_name(entry.name), kind=entry.kind, size_bytes=entry.sig[1])
 
     def _refuse_entries(self) -> None:
-        assert self.tracker is not None and self.journal is not None
+        """Move refused entries to ``failed/``, each on its own: one that cannot be moved is logged
+        and tried again at the next rescan, and never holds up the others or the claims."""
+        assert self.tracker is not None
         for refusal in self.tracker.refusals():
-            message, hint = REFUSAL_MESSAGES[refusal.reason]
-            error = {"error_type": "RefusedInputError", "reason": refusal.reason,
-                     "message": f"{refusal.name}: {message}", "hint": hint, "attempts": 0,
-                     "failed_at": utc_now()}
-            target = refuse(self.paths.inbox, self.paths.failed, refusal, error)
-            self.tracker.forget(refusal.name)
-            if target is None:
-                continue
-            self.journal.record_refused(target.name, refusal.name, {**error, "job_id": target.name},
-                                        size_bytes=refusal.size_bytes)
-            log.warning("input_refused", file=refusal.name, reason=refusal.reason, job_id=target.name)
-            log.info("input_moved", file=refusal.name, to=str(target), job_id=target.name)
+            self.tracker.forget(refusal.name)  # a rescan finds it again if it is still there
+            try:
+                self._refuse(refusal)
+            except (OSError, JournalError) as exc:
+                log.error("refuse_error", file=escape_name(refusal.name), **_os_error_fields(exc),
+                          hint="it is tried again at the next rescan")
+
+    def _refuse(self, refusal) -> None:
+        assert self.journal is not None
+        name = escape_name(refusal.name)
+        message, hint = REFUSAL_MESSAGES[refusal.reason]
+        error = {"error_type": "RefusedInputError", "reason": refusal.reason,
+                 "message": f"{name}: {message}", "hint": hint, "attempts": 0, "failed_at": utc_now()}
+        target = refuse(self.paths.inbox, self.paths.failed, refusal, error)
+        if target is None:
+            return
+        self.journal.record_refused(target.name, name, {**error, "job_id": target.name},
+                                    size_bytes=refusal.size_bytes)
+        log.warning("input_refused", file=name, reason=refusal.reason, job_id=target.name)
+        log.info("input_moved", file=name, to=str(target), job_id=target.name)
 
     def _claim_ready(self) -> None:
         assert self.tracker is not None
@@ -451,7 +524,14 @@ class Service:
             for name in (drop.dataset, drop.mapping, drop.job):
                 if name:
                     self.tracker.forget(name)
-            claim = self._claim(drop)
+            try:
+                claim = self._claim(drop)
+            except (OSError, JournalError) as exc:
+                # a full disk or a permissions change: the drop stays in the inbox (or its claim
+                # folder in .work/, released for recovery) and is taken at a later turn
+                log.error("claim_error", file=escape_name(drop.dataset), **_os_error_fields(exc),
+                          hint="it is tried again at the next rescan")
+                continue
             if claim is not None:
                 self.ready.append(claim)
 
@@ -471,21 +551,26 @@ class Service:
             default = None
         claim = claim_drop(self.paths.inbox, self.paths.work, drop, default_mapping=default)
         if claim is None:
-            log.info("claim_lost", file=drop.dataset)
+            log.info("claim_lost", file=escape_name(drop.dataset))
             return None
-        return self._register(claim, drop.stem)
+        try:
+            return self._register(claim, drop.stem)
+        except BaseException:
+            claim.release()  # recovery takes the folder up at the next rescan
+            raise
 
     def _register(self, claim: Claim, stem: str) -> Claim:
-        """Hash a claim folder, give it its job id and record the job as queued."""
+        """Hash a claim folder, give it its job id and record the job as queued. Nothing here parses
+        an input: the job file's ``force`` is read by the worker."""
         assert self.journal is not None
         hashes = hash_claim(claim)
         key = content_key((role, digest) for role, (_, digest, _) in hashes.items())
         if claim.path.name.startswith(CLAIM_PREFIX):
             name_claim(claim, stem, key, taken=self._job_id_taken)
-        force = self._force(claim)
-        inputs = [InputFile(role, name, digest, size) for role, (name, digest, size) in hashes.items()]
-        self.journal.add_job(claim.job_id, stem, inputs, key, force=force)
-        log.info("job_claimed", job_id=claim.job_id, files=sorted(claim.files.values()),
+        inputs = [InputFile(role, escape_name(name), digest, size)
+                  for role, (name, digest, size) in hashes.items()]
+        self.journal.add_job(claim.job_id, escape_name(stem), inputs, key)
+        log.info("job_claimed", job_id=claim.job_id, files=_names(claim),
                  dataset_sha256=hashes["dataset"][1] if "dataset" in hashes else None)
         return claim
 
@@ -495,15 +580,6 @@ class Service:
         return (self.journal.get(job_id) is not None or (p.outputs / job_id).exists()
                 or (p.processed / job_id).exists() or (p.failed / job_id).exists())
 
-    @staticmethod
-    def _force(claim: Claim) -> bool:
-        name = claim.files.get("job")
-        if not name:
-            return False
-        try:
-            return read_job_file(claim.path / name).get("force") is True
-        except ConfigError:
-            return False  # the job fails with the job file's problems when it runs
 
     def _dispatch(self) -> None:
         while self.ready and self._running_count() < self.cfg.watch.workers:
@@ -520,10 +596,9 @@ class Service:
         for claim in abandoned_claims(self.paths.work):
             try:
                 self._recover_one(claim)
-            except OSError as exc:
+            except (OSError, JournalError) as exc:
                 claim.release()
-                log.error("recovery_error", job_id=claim.job_id, error_type=type(exc).__name__,
-                          errno=exc.errno)
+                log.error("recovery_error", job_id=claim.job_id, **_os_error_fields(exc))
 
     def _recover_one(self, claim: Claim) -> None:
         assert self.journal is not None
@@ -560,9 +635,18 @@ class Service:
                 "outputs": record.output_path, "recorded_at": utc_now(),
                 "hint": "this content was processed before; add force: true to a job file to redo it"}
 
-    def _move_inputs(self, claim: Claim, destination: Path, *, note: tuple[str, dict] | None = None) -> Path:
+    def _move_inputs(self, claim: Claim, destination: Path, *, note: tuple[str, dict] | None = None) -> Path | None:
+        """Move a finished job's inputs on. When that fails (a full disk, ``processed/`` replaced by
+        a file or a link) the job's recorded outcome stands: the claim is released and recovery
+        moves the inputs at a later rescan, so a success never turns into a failure."""
         job_id = claim.job_id
-        target = finish_claim(claim, destination, note=note)
+        try:
+            target = finish_claim(claim, destination, note=note)
+        except OSError as exc:
+            claim.release()
+            log.error("input_move_failed", job_id=job_id, to=str(destination), **_os_error_fields(exc),
+                      hint="the inputs stay in inbox/.work/ and are moved at the next rescan")
+            return None
         log.info("input_moved", job_id=job_id, to=str(target))
         return target
 
@@ -594,20 +678,44 @@ class Service:
                 log.info("job_finished", status=status, duration_s=round(time.monotonic() - started, 3))
 
     def _guarded(self, claim: Claim, phase: Callable[[], str | None]) -> str | None:
-        """Run one phase of a job under the one broad handler per job: a bug is recorded as a failure."""
+        """Run one phase of a job under the one broad handler per job. A full disk gives the job
+        back (recovery retries it at the next rescan, so it resumes by itself once space returns);
+        anything else is a bug, recorded as a failure. If even that cannot be recorded, the claim
+        is left to recovery."""
         try:
             return phase()
         except Exception as exc:
-            frames = [f"{Path(f.filename).name}:{f.lineno} in {f.name}"
-                      for f in traceback.extract_tb(exc.__traceback__)]
-            # the exception text may quote data, so only its type and the frames are logged
-            log.error("job_crashed", error_type=type(exc).__name__, frames=frames)
-            self._fail(claim, {"error_type": type(exc).__name__,
-                               "message": "an internal error stopped this job",
-                               "hint": "report this with the job id; the service log has the "
-                                       "traceback locations; drop the files again to retry"},
-                       build=self.paths.outputs / f".tmp-{claim.job_id}")
-            return "failed"
+            build = self.paths.outputs / f".tmp-{claim.job_id}"
+            try:
+                if _disk_full(exc):
+                    return self._retry_later(claim, build, exc)
+                # the exception text may quote data, so only its type and the frames are logged
+                log.error("job_crashed", error_type=type(exc).__name__, frames=_frames(exc))
+                self._fail(claim, {"error_type": type(exc).__name__,
+                                   "message": "an internal error stopped this job",
+                                   "hint": "report this with the job id; the service log has the "
+                                           "traceback locations; drop the files again to retry"},
+                           build=build)
+                return "failed"
+            except Exception as again:
+                if _disk_full(again):
+                    return self._retry_later(claim, build, again)
+                log.error("job_not_recorded", error_type=type(again).__name__, frames=_frames(again),
+                          hint="the job stays in inbox/.work/ and is taken up at the next rescan")
+                claim.release()
+                return "queued"
+
+    def _retry_later(self, claim: Claim, build: Path, exc: BaseException) -> str:
+        """The disk (or the journal's disk) is full: drop the partial build, give the attempt back
+        and leave the claim to recovery, which retries it at every rescan until there is space."""
+        assert self.journal is not None
+        shutil.rmtree(build, ignore_errors=True)
+        with contextlib.suppress(JournalError, OSError):
+            self.journal.requeue(claim.job_id, give_back_attempt=True)
+        claim.release()
+        log.error("job_requeued", reason="disk_full", **_os_error_fields(exc),
+                  hint="free space; the job is retried at the next rescan")
+        return "queued"
 
     def _plan_phase(self, claim: Claim, started: float) -> str | None:
         """Duplicate and poison checks, then load, validate and decide (pool worker)."""
@@ -617,7 +725,8 @@ class Service:
         job_id = claim.job_id
         record = self.journal.get(job_id)
         assert record is not None
-        if not record.force:
+        job_values, job_error = self._job_values(claim)
+        if job_values.get("force") is not True:
             earlier = self.journal.success_for(record.content_key)
             if earlier is not None and earlier.id != job_id:
                 self.journal.mark_duplicate(job_id, of=earlier)
@@ -643,9 +752,11 @@ class Service:
         make_private_dir(build)
         error: dict | None = None
         with job_log(build / "job.log", job_id):
-            log.info("job_started", attempt=attempt, files=sorted(claim.files.values()))
+            log.info("job_started", attempt=attempt, files=_names(claim))
             try:
-                plan = self._plan(claim, build)
+                if job_error is not None:
+                    raise job_error
+                plan = self._plan(claim, build, job_values)
             except (FineTunerError, DatasetTooSmallWarning) as exc:
                 error = _error_fields(exc)
         if error is not None:
@@ -657,17 +768,28 @@ class Service:
             return self._hand_to_training(_Planned(claim, plan, build, attempt, started))
         return self._execute_phase(claim, plan, build, attempt)
 
-    def _plan(self, claim: Claim, build: Path):
+    @staticmethod
+    def _job_values(claim: Claim) -> tuple[dict, ConfigError | None]:
+        """The job file's values (read once, on the worker), or the error that fails the job."""
+        job_file = claim.files.get("job")
+        if not job_file:
+            return {}, None
+        try:
+            return dict(read_job_file(claim.path / job_file)), None
+        except ConfigError as exc:
+            return {}, exc
+
+    def _plan(self, claim: Claim, build: Path, values: dict):
         from .fine_tuner import JobInputs
 
         job_file = claim.files.get("job")
-        values = read_job_file(claim.path / job_file) if job_file else None
-        values = {k: v for k, v in (values or {}).items()}
-        settings = job_settings(self.cfg.defaults, values, source=job_file or "the configuration's defaults")
+        settings = job_settings(self.cfg.defaults, values,
+                                source=escape_name(job_file) if job_file else "the configuration's defaults")
         mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
         inputs = JobInputs(csv_path=claim.path / claim.files["dataset"],
                            mapping_path=claim.path / mapping if mapping else None,
-                           settings=settings, output_dir=build, stem=Path(claim.files["dataset"]).stem,
+                           settings=settings, output_dir=build,
+                           stem=escape_name(Path(claim.files["dataset"]).stem),
                            job_id=claim.job_id, stop_event=self.job_stop)
         return self._fine_tuner_instance().plan_job(inputs)
 
@@ -812,6 +934,27 @@ def _warm_up() -> None:
 
     from . import dataset, fine_tuner, modelset  # noqa: F401
     log.info("warm_up_done", duration_s=round(time.monotonic() - started, 3))
+
+
+def _frames(exc: BaseException) -> list[str]:
+    """Where an exception came from, without its text (which may quote data)."""
+    return [f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
+
+
+def _os_error_fields(exc: BaseException) -> dict:
+    """Log fields for an OS or journal error: its type and errno, never its text."""
+    return {"error_type": type(exc).__name__, "errno": getattr(exc, "errno", None)}
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """A write failed for lack of space (the outputs' disk, or the journal's)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, JournalError) and bool(getattr(exc, "disk_full", False))
+
+
+def _names(claim: Claim) -> list[str]:
+    return sorted(escape_name(n) for n in claim.files.values())
 
 
 def _error_fields(exc: BaseException) -> dict:

@@ -181,3 +181,54 @@ def test_process_fine_tune_shows_progress_bar_on_a_terminal(tmp_path, dataset, t
     assert "approach: fine_tune" in stdout
     assert "training [" in screen and "100.0%" in screen
     assert MARKER not in screen
+
+
+@pytest.mark.parametrize("command, code", [("watch", 78), ("status", 1)])
+def test_damaged_journal_is_one_line_and_no_restart_loop(tmp_path, command, code):
+    """A journal that is not a database stops `watch` with exit 78 (systemd does not restart on
+    it) and `status` with exit 1, each with one line naming the file and what to do."""
+    state = tmp_path / ".fine-tuner"
+    state.mkdir()
+    (state / "journal.sqlite3").write_bytes(b"not a database, just some bytes" * 100)
+    res = run(command, "--root", str(tmp_path), *(["--once"] if command == "watch" else []), cwd=tmp_path)
+    assert res.returncode == code
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith(f"fine-tuner: error: the journal {state / 'journal.sqlite3'} could not be opened: ")
+    assert line.endswith("(move the damaged journal file aside; the service then starts with a new, empty journal)")
+
+
+def test_evaluate_an_output_folder_again(tmp_path, fake_ollama, synthetic_csv, mapping_dict):
+    """`evaluate OUTPUT_DIR --backend ollama --max-rows 4` re-measures a model set through Ollama,
+    prints the table and rewrites the report files; a folder that is not an output is exit 2."""
+    csv_path = synthetic_csv(80)
+    mapping = tmp_path / "visits.mapping.json"
+    mapping.write_text(json.dumps(mapping_dict))
+    env = {"FINE_TUNER_OLLAMA__HOST": fake_ollama.url, "FINE_TUNER_EVALUATION__ENABLED": "off"}
+    res = run("process", "--input", str(csv_path), "--mapping", str(mapping), "--model", "llama3.2:1b",
+              "--approach", "model_set", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "outputs" / "visits"
+    assert not (out / "evaluation.json").exists()
+    fake_ollama.chat_content = json.dumps({"rating": 1, "rationale": "x"})
+    res = run("evaluate", str(out), "--backend", "ollama", "--max-rows", "4", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "| accuracy (95% CI) |" in res.stdout and "| model set | base model (zero-shot) |" in res.stdout
+    report = json.loads((out / "evaluation.json").read_text())
+    assert [m["n"] for m in report["models"]] == [4, 4]
+    assert json.loads((out / "fine_tuning_metadata.json").read_text())["evaluation"]["status"] == "done"
+    res = run("evaluate", str(tmp_path), cwd=tmp_path, env=env)
+    assert res.returncode == 2
+    assert res.stderr.strip().endswith("not an output folder (it has no fine_tuning_metadata.json); pass outputs/<job_id>")
+
+
+@pytest.mark.parametrize("content", [b"defaults:\n  topics: Erk\xe4ltung\n",
+                                     b"defaults: " + b"[" * 5000 + b"]" * 5000 + b"\n"])
+def test_unreadable_config_is_one_line_and_exit_78(tmp_path, content):
+    """A config file that is not UTF-8 or is nested 5,000 deep stops `watch` with exit 78 and one
+    line naming the file, not a traceback (systemd would restart-loop on exit 1)."""
+    config = tmp_path / "config.yaml"
+    config.write_bytes(content)
+    res = run("watch", "--once", "--root", str(tmp_path), "--config", str(config), cwd=tmp_path)
+    assert res.returncode == 78
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith(f"fine-tuner: error: invalid configuration in {config}: ")

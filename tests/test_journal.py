@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from daemon.errors import JournalError
 from daemon.journal import InputFile, Journal
 
 INPUTS = [InputFile("dataset", "visits.csv", "a" * 64, 120), InputFile("mapping", "visits.mapping.json", "b" * 64, 40)]
@@ -154,3 +155,88 @@ def test_processes_opening_a_new_journal_at_once_all_succeed(tmp_path):
         assert results == [(0, [])] * 6, trial
         with contextlib.closing(sqlite3.connect(path)) as db:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _damaged(tmp_path, kind: str):
+    """A journal file damaged in one of the ways seen in the field: empty, random bytes, cut in half."""
+    path = tmp_path / "journal.sqlite3"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 64)
+    else:
+        with Journal(path) as j:
+            for i in range(300):
+                j.add_job(f"j{i}", "s", INPUTS, f"k{i}")
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "truncated"])
+def test_damaged_journal_is_refused_not_replaced(tmp_path, kind):
+    """An empty, garbage or truncated journal raises JournalError naming the file; the file is kept
+    as it was (its history is never silently replaced)."""
+    path = _damaged(tmp_path, kind)
+    before = path.read_bytes()
+    with pytest.raises(JournalError) as info:
+        Journal(path)
+    assert str(path) in info.value.message
+    assert info.value.disk_full is False
+    assert "move the damaged journal file aside" in info.value.hint
+    assert path.read_bytes() == before
+
+
+def _mount_tmpfs(path, size: str) -> None:
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+
+def test_read_only_journal_is_a_journal_error(tmp_path):
+    """A journal on a file system remounted read-only raises JournalError with a hint to make it
+    writable."""
+    disk = tmp_path / "ro"
+    _mount_tmpfs(disk, "4m")
+    try:
+        with Journal(disk / "journal.sqlite3") as j:
+            j.add_job("j1", "s", INPUTS, "k1")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(JournalError) as info:
+            Journal(disk / "journal.sqlite3")
+        assert "writable" in info.value.hint
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_full_disk_write_is_a_journal_error_and_the_journal_recovers(tmp_path):
+    """On a full disk a write raises JournalError with disk_full set; once space is freed the same
+    journal object writes again and nothing earlier is lost."""
+    disk = tmp_path / "full"
+    _mount_tmpfs(disk, "2m")
+    try:
+        with Journal(disk / "journal.sqlite3") as j:
+            j.add_job("before", "s", INPUTS, "k0")
+            filler = disk / "filler"
+            with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as fh:
+                while True:
+                    fh.write(b"\0" * 4096)
+            with pytest.raises(JournalError) as info:
+                for i in range(200):  # the WAL may still hold a page or two
+                    j.add_job(f"j{i}", "s" * 2000, INPUTS, f"k{i}")
+            assert info.value.disk_full is True
+            filler.unlink()
+            assert j.add_job("after", "s", INPUTS, "k1") is True
+            assert (j.get("before").state, j.get("after").state) == ("queued", "queued")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_content_of_a_job_that_no_longer_succeeded_is_not_a_duplicate(journal):
+    """success_for only returns a job that is still succeeded: content is never a duplicate of a
+    job recorded as failed afterwards."""
+    journal.add_job("j1", "s", INPUTS, "k")
+    journal.start("j1")
+    journal.succeed("j1", output_path="/o/j1", approach="model_set")
+    assert journal.success_for("k").id == "j1"
+    journal.fail("j1", {"error_type": "X"})
+    assert journal.success_for("k") is None

@@ -85,10 +85,11 @@ class Root:
 class Daemon:
     """A running ``python -m daemon watch`` subprocess."""
 
-    def __init__(self, root: Root, args: list[str], env: dict[str, str], log_name: str) -> None:
+    def __init__(self, root: Root, args: list[str], env: dict[str, str], log_name: str,
+                 log_dir: Path | None = None) -> None:
         self.root = root
-        self.log_path = root.path / log_name
-        self.err_path = root.path / (log_name.removesuffix(".log") + ".stderr")
+        self.log_path = (log_dir or root.path) / log_name
+        self.err_path = (log_dir or root.path) / (log_name.removesuffix(".log") + ".stderr")
         self._log = open(self.log_path, "ab")
         self._err = open(self.err_path, "ab")
         self.proc = subprocess.Popen(
@@ -132,11 +133,12 @@ def start_daemon(root) -> Iterator:
     """Factory: start a daemon on ``root``; every one started is killed (process group) at the end."""
     started: list[Daemon] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, log_name: str | None = None) -> Daemon:
+    def start(*args: str, env: dict[str, str] | None = None, log_name: str | None = None,
+              on: Root | None = None, log_dir: Path | None = None) -> Daemon:
         full_env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("FINE_TUNER_", "NOTIFY_SOCKET", "WATCHDOG_"))}
         full_env.update(env or {})
-        d = Daemon(root, list(args), full_env, log_name or f"daemon-{len(started)}.log")
+        d = Daemon(on or root, list(args), full_env, log_name or f"daemon-{len(started)}.log", log_dir)
         started.append(d)
         return d
 
