@@ -95,6 +95,16 @@ def test_model_set_is_evaluated_through_ollama_beside_the_base_model(fake_ollama
     assert {r["base_valid"] for r in rows} == {"false"} and {r["new_valid"] for r in rows} == {"true"}
     for name in ("evaluation.json", "evaluation.md", "predictions.csv"):
         assert MARKER not in (out / name).read_text()
+    log_text = (tmp_path / "fine_tuner.log").read_text()
+    events = [json.loads(line) for line in log_text.splitlines()]
+    [started] = [e for e in events if e["event"] == "evaluation_started"]
+    [finished] = [e for e in events if e["event"] == "evaluation_finished"]
+    assert (started["backend"], started["rows"], started["models"]) == ("ollama", n, ["new", "base"])
+    assert finished["models"] == [{"model": "new", "accuracy": 1.0, "kappa": 1.0, "invalid_rate": 0.0},
+                                  {"model": "base", "accuracy": 0.0, "kappa": 0.0, "invalid_rate": 1.0}]
+    progress = [e for e in events if e["event"] == "evaluation_progress"]
+    assert {(e["model"], e["done"], e["total"]) for e in progress} >= {("new", n, n), ("base", n, n)}
+    assert MARKER not in log_text
     assert sorted(meta["artifacts"]) == sorted([
         "Modelfile", "confusion_matrix.png", "evaluation.json", "evaluation.md", "fine_tuning_metadata.json",
         "model_set_config.json", "predictions.csv", "validation_data.jsonl"])

@@ -14,7 +14,8 @@ from collections import Counter
 from tests.conftest import leftovers, wait_for
 from tests.integration.conftest import MARKER, REPO, all_log_text
 
-MODEL_SET_OUTPUTS = ["Modelfile", "fine_tuning_metadata.json", "job.log", "model_set_config.json"]
+MODEL_SET_OUTPUTS = ["Modelfile", "fine_tuning_metadata.json", "job.log", "model_set_config.json",
+                     "validation_data.jsonl"]  # 600 rows: 10 % held out
 
 
 def _check_invariants(root, stems: list[str]) -> None:
