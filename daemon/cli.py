@@ -16,8 +16,12 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
+
+import structlog
 
 from . import __version__
 from .config import APPROACHES, Config, ConfigError, load_config
@@ -31,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", metavar="FILE", help="YAML configuration file (default: $FINE_TUNER_CONFIG)")
     common.add_argument("--debug", action="store_true", help="DEBUG logging, also on stderr")
 
-    p = argparse.ArgumentParser(prog="fine-tuner", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="fine-tuner",
+        description="Turn an expert-rated dataset of emergency-department visits into an Ollama model "
+                    "(a LoRA fine-tune or a model set), measure it against the experts, and run the "
+                    "inbox daemon.",
+        epilog="Run 'fine-tuner COMMAND --help' for a command's options.")
     p.add_argument("--version", action="version", version=f"fine-tuner {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -90,6 +99,24 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+_DROP_AGAIN = re.compile(r"\b(?:and )?drop (?:it|the files?) again(?: as a new job)?")
+
+
+def _for_command_line(text: str) -> str:
+    """Hints are written for the inbox ("drop the file again"); on the command line nothing was
+    dropped, so they say to run the command again."""
+    return _DROP_AGAIN.sub(lambda m: ("and " if m.group(0).startswith("and ") else "") + "run the command again", text)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """Our own warnings as one readable line; a library's warning text (which could quote data)
+    is not printed (it is in the log file with --debug)."""
+    ours = Path(filename).resolve().parent == Path(__file__).resolve().parent
+    if ours or issubclass(category, DatasetTooSmallWarning):
+        print(f"fine-tuner: warning: {message}", file=sys.stderr)
+
+
 def _log_dir(cfg: Config) -> Path:
     base = cfg.paths.log_dir or os.environ.get("LOGS_DIRECTORY")
     return Path(base) if base else Path(cfg.paths.root)
@@ -111,7 +138,20 @@ def _with_root(cfg: Config, root: str | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `fine-tuner status | head`: the reader left; say nothing more (a second error would
+        # come from flushing stdout at exit, so point it at /dev/null)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "watch":
+        warnings.showwarning = _show_warning
     try:
         cfg = load_config(args.config, os.environ)
     except ConfigError as exc:
@@ -126,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         # a damaged or unwritable journal needs an operator: systemd must not restart-loop on it
         return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_FAILED)
     except (FineTunerError, DatasetTooSmallWarning) as exc:
-        return _fail(f"{exc} ({exc.hint})" if isinstance(exc, DatasetTooSmallWarning) else str(exc), EXIT_FAILED)
+        text = f"{exc} ({exc.hint})" if isinstance(exc, DatasetTooSmallWarning) else str(exc)
+        return _fail(_for_command_line(text), EXIT_FAILED)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 
@@ -147,21 +188,56 @@ def _cmd_process(cfg: Config, args: argparse.Namespace) -> int:
         "approach": args.approach, "fallback": False if args.no_fallback else None,
         "output_model": args.output_model,
     }, source="command line")
-    out_dir = Path(args.output_dir) if args.output_dir else Path(cfg.paths.root) / cfg.paths.outputs / csv_path.stem
+    out_dir = Path(args.output_dir) if args.output_dir else _new_output_dir(
+        Path(cfg.paths.root) / cfg.paths.outputs, csv_path.stem)
     tuner = FineTuner(debug_mode=args.debug, fallback_mode=settings.fallback, config=cfg)
     progress = _progress_printer() if sys.stderr.isatty() else None
-    ok, meta = tuner.run_job(JobInputs(
-        csv_path=csv_path, mapping_path=Path(args.mapping) if args.mapping else None, settings=settings,
-        output_dir=out_dir, stem=csv_path.stem, job_id=None, staged=True, on_progress=progress))
+    with structlog.contextvars.bound_contextvars(job_id=out_dir.name):
+        ok, meta = tuner.run_job(JobInputs(
+            csv_path=csv_path, mapping_path=Path(args.mapping) if args.mapping else None, settings=settings,
+            output_dir=out_dir, stem=csv_path.stem, job_id=out_dir.name, staged=True, on_progress=progress))
     if progress is not None:
         print(file=sys.stderr)
     reg = meta.get("registration") or {}
     print(f"approach: {meta['approach']} ({meta.get('approach_reason', '')})")
     print(f"rows: {meta['rows']['used']} used of {meta['rows']['read']} read")
+    for warning in meta.get("warnings") or []:
+        print(f"warning: {warning}")
     print(f"outputs: {out_dir}")
     if reg:
         print(f"ollama: {'registered as ' + reg.get('name', '') if reg.get('registered') else 'not registered: ' + str(reg.get('reason', ''))}")
+    print(_evaluation_line(meta.get("evaluation") or {}, out_dir))
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _new_output_dir(outputs: Path, stem: str) -> Path:
+    """``outputs/<stem>`` on the first run; later runs get ``<stem>-<UTC time>`` (and ``-N``), so an
+    earlier result is never replaced."""
+    from datetime import UTC, datetime
+
+    first = outputs / stem
+    if not first.exists():
+        return first
+    from .fsutil import unique_path
+
+    return unique_path(outputs / f"{stem}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}")
+
+
+def _evaluation_line(evaluation: dict, out_dir: Path) -> str:
+    """One line on how the new model rates against the experts (or why it was not measured)."""
+    if evaluation.get("status") != "done":
+        return f"evaluation: {evaluation.get('status', 'not run')}" + (
+            f" ({evaluation['reason']})" if evaluation.get("reason") else "")
+    models = {m["model"]: m for m in evaluation.get("models") or []}
+
+    def k(key: str) -> str:
+        value = (models.get(key) or {}).get("kappa")
+        return "n/a" if value is None else f"{value:.2f}"
+    new = models.get("new") or {}
+    acc = new.get("accuracy")
+    return (f"evaluation: kappa {k('new')} (base model {k('base')}), accuracy "
+            f"{'n/a' if acc is None else f'{acc:.2f}'} on {evaluation.get('rows')} held-out rows; "
+            f"see {out_dir / 'evaluation.md'}")
 
 
 def _progress_printer():
@@ -184,7 +260,7 @@ def _cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
 
     _configure_logging(cfg, args, stdout=False)
     report = validation_report(Path(args.input), Path(args.mapping) if args.mapping else None, cfg)
-    print(json.dumps(report, indent=2, default=str) if args.json else format_validation_report(report))
+    print(json.dumps(report, indent=2, default=str) if args.json else _for_command_line(format_validation_report(report)))
     return EXIT_OK if report["usable"] else EXIT_FAILED
 
 

@@ -371,6 +371,8 @@ class FineTuner:
             if plan.staged:
                 kept = self._discard_staging(build_dir)
                 if kept is not None and isinstance(exc, TrainingFailedError):
+                    # the log moved with its folder: name it where the user will find it
+                    exc.message = exc.message.replace(str(build_dir), str(kept))
                     exc.stderr_path = str(kept / "trainer_stderr.log")
             raise
         if plan.staged:

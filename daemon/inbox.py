@@ -310,6 +310,10 @@ class InboxTracker:
                 break
         return out
 
+    def pending_refusals(self) -> int:
+        """Entries that will be refused once settled (``--once`` waits for them, as the daemon would)."""
+        return len(self._refused)
+
     def waiting_datasets(self) -> int:
         return len(self._datasets) - len(self._datasets & self._refused)
 

@@ -66,7 +66,8 @@ def configure(*, level: int | str = logging.INFO, stream: IO[str] | None = sys.s
         _add(root, logging.StreamHandler(stream))
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        _add(root, logging.FileHandler(log_file, encoding="utf-8"))
+        # delay: a command that logs nothing (validate on a good file) leaves no empty log behind
+        _add(root, logging.FileHandler(log_file, encoding="utf-8", delay=True))
 
 
 def _add(root: logging.Logger, handler: logging.Handler) -> logging.Handler:

@@ -77,6 +77,9 @@ TICK_S = 0.25  # the longest the loop sleeps: bounds signal, watchdog and settle
 ONCE_RESCAN_S = 0.5  # --once has no watcher: it lists the inbox this often (not every tick)
 EXIT_OK = 0
 EXIT_SECOND_SIGNAL = 1
+# Signals this close to the first are the same request: make forwards a terminal's SIGINT or
+# `timeout`'s SIGTERM to a process group, so the daemon often gets two at once.
+SAME_REQUEST_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ class Service:
         self.jobs_in: queue.Queue = queue.Queue()
         self.journal: Journal | None = None
         self.tracker: InboxTracker | None = None
-        self._signals = 0
+        self._first_signal_at: float | None = None
         self._last_status = ""
         self._fine_tuner = None
 
@@ -325,8 +328,10 @@ class Service:
 
     def _install_signals(self) -> None:
         def on_stop(signum: int, _frame: object) -> None:
-            self._signals += 1
-            if self._signals > 1:
+            now = time.monotonic()
+            if self._first_signal_at is None:
+                self._first_signal_at = now
+            elif now - self._first_signal_at >= SAME_REQUEST_S:
                 # the operator insists: leave now; claimed jobs are recovered on the next start
                 log.warning("daemon_stopped", exit_code=EXIT_SECOND_SIGNAL, reason="second_signal",
                             signal=signal.Signals(signum).name)
@@ -441,7 +446,8 @@ class Service:
     def _drained(self) -> bool:
         assert self.tracker is not None
         return (not self.ready and not self._running_count() and self._training_counts() == (0, 0)
-                and not self.tracker.waiting_datasets() and self.jobs_in.empty())
+                and not self.tracker.waiting_datasets() and not self.tracker.pending_refusals()
+                and self.jobs_in.empty())
 
     def _ping_watchdog(self) -> None:
         if self.notifier.watchdog_interval_s:
@@ -906,6 +912,9 @@ class Service:
                     os.rename(build / name, claim.path / name)
                     if name == "trainer_stderr.log":
                         error["stderr_path"] = name  # beside error.json in failed/<job_id>/
+                        # the message names the file where the user will find it, not the build
+                        error["message"] = str(error.get("message", "")).replace(
+                            str(build / name), str(self.paths.failed / job_id / name))
             shutil.rmtree(build, ignore_errors=True)
         self.journal.fail(job_id, error)
         kept_log = claim.path / "job.log"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,76 @@ def test_unreadable_config_is_one_line_and_exit_78(tmp_path, content):
     assert res.returncode == 78
     [line] = res.stderr.strip().splitlines()
     assert line.startswith(f"fine-tuner: error: invalid configuration in {config}: ")
+
+
+def test_process_twice_keeps_the_first_result_and_logs_the_job_id(tmp_path, dataset):
+    """A second `process` of the same file writes a new folder beside the first one; every
+    fine_tuner.log line of a run carries its job_id (the output folder's name)."""
+    csv_path, mapping = dataset
+    args = ("process", "--input", str(csv_path), "--mapping", str(mapping), "--model", "llama3.2:1b",
+            "--approach", "model_set")
+    first, second = run(*args, cwd=tmp_path), run(*args, cwd=tmp_path)
+    assert (first.returncode, second.returncode) == (0, 0), second.stderr
+    folders = sorted(p.name for p in (tmp_path / "outputs").iterdir())
+    assert folders[0] == "visits" and len(folders) == 2 and re.fullmatch(r"visits-\d{8}T\d{6}", folders[1])
+    assert f"outputs: {Path('outputs') / folders[1]}" in second.stdout
+    lines = [json.loads(x) for x in (tmp_path / "fine_tuner.log").read_text().splitlines()]
+    assert {x.get("job_id") for x in lines if x["event"] == "approach_selected"} == set(folders)
+
+
+def test_small_dataset_warning_is_one_line_and_hints_speak_of_the_command(tmp_path, synthetic_csv, mapping_dict):
+    """process on 20 rows prints the too-small warning as one readable line (no Python warning
+    location); a bad file's hint says to run the command again, not to drop a file."""
+    mapping = tmp_path / "m.json"
+    mapping.write_text(json.dumps(mapping_dict))
+    res = run("process", "--input", str(synthetic_csv(20)), "--mapping", str(mapping), "--model", "llama3.2:1b",
+              cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines() == ["fine-tuner: warning: dataset has 20 usable rows; at least 50 are "
+                                       "recommended for fine-tuning"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    res = run("process", "--input", str(bad), "--model", "llama3.2:1b", cwd=tmp_path)
+    assert res.returncode == 1
+    assert "drop" not in res.stderr and "run the command again" in res.stderr
+
+
+def test_validate_leaves_no_empty_log_and_help_speaks_to_users(tmp_path, dataset):
+    """validate on a good file creates no empty fine_tuner.log; the top-level help describes the
+    product, not the module."""
+    csv_path, mapping = dataset
+    res = run("validate", "--input", str(csv_path), "--mapping", str(mapping), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert not (tmp_path / "fine_tuner.log").exists() or (tmp_path / "fine_tuner.log").stat().st_size > 0
+    res = run("--help", cwd=tmp_path)
+    assert "Turn an expert-rated dataset" in res.stdout and "``" not in res.stdout
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path):
+    """`fine-tuner check MODEL --json | head -1` ends without a BrokenPipeError traceback."""
+    env = {**os.environ, "FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9", "FINE_TUNER_OLLAMA__RETRIES": "0",
+           "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(f"'{sys.executable}' -m daemon check llama3.2:1b --json | head -1", shell=True,
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert res.stdout == "{\n"
+    assert "Traceback" not in res.stderr and "BrokenPipeError" not in res.stderr
+
+
+def test_failed_training_names_the_log_where_it_is(tmp_path, dataset, tiny_model_dir):
+    """A trainer that fails names its stderr log in the failed-<name> folder the run was moved to,
+    and that file exists."""
+    import shutil
+
+    csv_path, mapping = dataset
+    broken = tmp_path / "broken-llama"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"base_models": {"tiny-llama:latest": str(broken)}, "ollama": {"register": "off"},
+                               "training": {"sequence_len": 512, "device": "cpu"}}))
+    res = run("process", "--input", str(csv_path), "--mapping", str(mapping), "--model", "tiny-llama",
+              "--approach", "fine_tune", "--config", str(cfg), cwd=tmp_path)
+    assert res.returncode == 1
+    [line] = res.stderr.strip().splitlines()
+    named = Path(re.search(r"see (\S+trainer_stderr\.log)", line).group(1))
+    assert named.is_file() and named.parent.name.startswith("failed-visits-")

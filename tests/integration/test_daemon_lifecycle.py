@@ -195,3 +195,29 @@ def test_a_killed_job_that_became_a_duplicate_leaves_no_partial_build(root, star
         x["job_id"] for x in again.events("job_finished") if x["status"] == "succeeded"]
     assert not (root.outputs / f".tmp-{duplicate.name}").exists()
     assert leftovers(root.path) == []
+
+
+def test_two_signals_at_once_are_one_request_to_stop(root, start_daemon):
+    """Two SIGTERMs arriving together (make or timeout forwarding to a process group) are one
+    request: the daemon drains and exits 0 instead of leaving at once with exit 1."""
+    root.write_config(watch={"workers": 1})
+    root.drop_dataset("both", rows=600)
+    d = start_daemon()
+    d.wait_event("job_started")
+    d.signal(signal.SIGTERM)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert d.events("daemon_stopped")[-1]["reason"] == "signal"
+
+
+def test_once_refuses_unknown_entries_like_the_daemon(root, start_daemon):
+    """`watch --once` leaves the inbox as the daemon would: unknown files and folders refused into
+    failed/, datasets processed."""
+    root.drop_bytes("x.txt", b"hello")
+    (root.inbox / "dir3").mkdir()
+    root.drop_dataset("drained")
+    once = start_daemon("--once")
+    assert once.wait_exit(timeout=60) == 0
+    assert sorted(n for n in os.listdir(root.inbox) if n not in ("processed", "failed", ".work")) == []
+    assert sorted(p.name.split("-")[0] for p in root.failed.iterdir()) == ["dir3", "x.txt"]
+    assert len(root.job_folders(root.processed, "drained")) == 1

@@ -125,6 +125,9 @@ def test_a_crashing_trainer_fails_the_job_and_keeps_its_stderr_log(root, start_d
     assert (error["error_type"], error["stderr_path"]) == ("TrainingFailedError", "trainer_stderr.log")
     assert error["exit_code"] != 0
     assert (folder / "trainer_stderr.log").stat().st_size > 0
+    assert error["message"].endswith(f"see {folder / 'trainer_stderr.log'}")  # where it is, not the build
+    [failed_line] = d.events("job_failed")
+    assert failed_line["message"] == error["message"]
     assert not root.job_folders(root.outputs, "crash")
     assert leftovers(root.path) == []
     assert MARKER not in all_log_text(root)
