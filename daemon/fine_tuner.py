@@ -317,6 +317,12 @@ class FineTuner:
             "package_versions": package_versions(),
         }
         memory = self._job_memory()
+        if not meta["target_topics"]:
+            meta["warnings"].append("no topic was given (topics: in the job file, --topics, or defaults.topics): "
+                                    "the system prompt asks about \"the target topic\" without naming it")
+        for warning in meta["warnings"]:
+            # our own texts: counts, column names and row numbers, never a cell value
+            log.warning("dataset_warning", warning=warning)
         approach, reason, report = self._decide(ds, settings, meta, stages, memory)
         meta.update(approach=approach, approach_reason=reason)
         if report is not None:

@@ -143,7 +143,9 @@ def _brief(job: JobRecord) -> dict:
     if job.output_path:
         out["output_path"] = job.output_path
         if job.state == "succeeded":
-            out["evaluation"] = _evaluation_brief(Path(job.output_path))
+            meta = _read_json(Path(job.output_path) / "fine_tuning_metadata.json")
+            out["evaluation"] = _evaluation_brief(Path(job.output_path), meta)
+            out["warnings"] = list(meta.get("warnings") or [])
     if job.approach:
         out["approach"] = job.approach
     if job.state == "queued" and job.approach == "fine_tune":
@@ -155,18 +157,23 @@ def _brief(job: JobRecord) -> dict:
     return out
 
 
-def _evaluation_brief(folder: Path) -> dict:
-    """Kappa and accuracy of each evaluated model (``evaluation.json``), or why there are none."""
+def _read_json(path: Path) -> dict:
+    """A JSON object from an output folder, or {} when it is missing or unreadable."""
     with contextlib.suppress(OSError, ValueError):
-        with open(folder / "evaluation.json", encoding="utf-8") as fh:
-            report = json.load(fh)
-        return {m["key"]: {"kappa": m.get("kappa"), "accuracy": m.get("accuracy"),
-                           "invalid_rate": m.get("invalid_rate")} for m in report.get("models", [])}
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        with open(folder / "fine_tuning_metadata.json", encoding="utf-8") as fh:
-            evaluation = json.load(fh).get("evaluation") or {}
-        return {"status": evaluation.get("status"), "reason": evaluation.get("reason")}
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return data if isinstance(data, dict) else {}
     return {}
+
+
+def _evaluation_brief(folder: Path, meta: dict) -> dict:
+    """Kappa and accuracy of each evaluated model (``evaluation.json``), or why there are none."""
+    report = _read_json(folder / "evaluation.json")
+    if report.get("models"):
+        return {m["key"]: {"kappa": m.get("kappa"), "accuracy": m.get("accuracy"),
+                           "invalid_rate": m.get("invalid_rate")} for m in report["models"]}
+    evaluation = meta.get("evaluation") or {}
+    return {"status": evaluation.get("status"), "reason": evaluation.get("reason")} if evaluation else {}
 
 
 def _kappa_text(evaluation: dict | None) -> str:
@@ -215,6 +222,7 @@ def _status_lines(report: dict) -> list[str]:
                 if err.get("hint"):
                     line += f" ({err['hint']})"
             lines.append(line)
+            lines.extend(f"    warning: {w}" for w in job.get("warnings") or [])
     if report.get("waiting_datasets"):
         lines.append("datasets in the inbox: " + ", ".join(report["waiting_datasets"]))
     if report.get("orphans"):

@@ -226,3 +226,33 @@ def test_same_content_twice_is_a_duplicate_unless_forced(root, start_daemon):
     statuses = sorted(x["status"] for x in d.events("job_finished"))
     assert statuses == ["duplicate", "succeeded", "succeeded"]
     assert len(root.job_folders(root.outputs, "twice")) == 2
+
+
+def test_dataset_warnings_and_a_missing_topic_are_logged_and_shown_in_status(root, start_daemon):
+    """A job without a topic whose rows repeat a prompt with different ratings: each warning is a
+    dataset_warning log line and is listed under the job in `fine-tuner status`."""
+    root.write_config(defaults={"topics": ""})
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    import csv
+    import io
+
+    from daemon.synthetic import HEADER, synthetic_rows
+
+    rows = [list(r) for r in synthetic_rows(20, seed=7)]
+    other = 0 if int(rows[0][3]) != 0 else 1
+    label = next(k for k, v in MAPPING.items() if v == other)
+    rows.append([rows[0][0] + "x", rows[0][1], label, str(other), rows[0][4]])  # same prompt, other rating
+    buf = io.StringIO()
+    csv.writer(buf).writerows([HEADER, *rows])
+    root.drop_bytes("warn.mapping.json", json.dumps(MAPPING).encode())
+    root.drop_bytes("warn.csv", buf.getvalue().encode())
+    wait_for(lambda: root.job_folders(root.processed, "warn"), timeout=30, message="processed")
+    _stop(d)
+    warnings = [x["warning"] for x in d.events("dataset_warning")]
+    assert any(w.startswith("no topic was given") for w in warnings)
+    assert len(warnings) >= 2
+    status = subprocess.run([sys.executable, "-m", "daemon", "status", "--config", str(root.config),
+                             "--root", str(root.path)], cwd=REPO, capture_output=True, text=True)
+    shown = [x.strip().removeprefix("warning: ") for x in status.stdout.splitlines() if x.startswith("    warning: ")]
+    assert shown == [*warnings, "dataset has 21 usable rows; at least 50 are recommended for fine-tuning"]
