@@ -27,6 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import queue
@@ -73,6 +74,7 @@ from .notify import Notifier
 log = get_logger("service")
 
 JOURNAL_NAME = "journal.sqlite3"
+TRAINING_LOCK = "training.lock"
 TICK_S = 0.25  # the longest the loop sleeps: bounds signal, watchdog and settle latency
 ONCE_RESCAN_S = 0.5  # --once has no watcher: it lists the inbox this often (not every tick)
 EXIT_OK = 0
@@ -886,9 +888,36 @@ class Service:
 
     def _training_phase(self, item: _Planned) -> str:
         assert self.journal is not None
-        self.journal.resume(item.claim.job_id)
-        return self._execute_phase(item.claim, item.plan, item.build, item.attempt,
-                                   waited_s=round(time.monotonic() - item.started, 3))
+        with self._machine_training_lock() as held:
+            if not held:  # stopped while another daemon was training
+                return self._give_back(item.claim, item.build)
+            self.journal.resume(item.claim.job_id)
+            return self._execute_phase(item.claim, item.plan, item.build, item.attempt,
+                                       waited_s=round(time.monotonic() - item.started, 3))
+
+    @contextlib.contextmanager
+    def _machine_training_lock(self):
+        """One fine-tune at a time across every daemon sharing this state directory (the default for
+        daemons on one root): an ``flock`` on ``<state_dir>/training.lock``, waited for while
+        listening for a stop request. Yields False when the service stopped first."""
+        fd = os.open(self.paths.state_dir / TRAINING_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            waiting = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waiting:
+                        waiting = True
+                        log.info("training_lock_wait", hint="another daemon sharing this state directory "
+                                                            "is training; one fine-tune runs at a time")
+                    if self.job_stop.wait(0.5):
+                        yield False
+                        return
+            yield True
+        finally:
+            os.close(fd)  # closing drops the lock
 
     def _close_training_lane(self) -> list[_Planned]:
         """Stop the lane taking jobs; returns the fine-tunes that were waiting (to give back)."""
