@@ -40,7 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .config import MAX_COMPANION_BYTES, display_name
-from .fsutil import NotRegularFileError, fsync_dir, hash_regular_file, real_dir, reserve_dir, write_json
+from .fsutil import (NotRegularFileError, fsync_dir, hash_regular_file, open_regular, real_dir, reserve_dir,
+                     write_json)
 
 DATASET_SUFFIXES = (".csv",)
 MAPPING_SUFFIXES = (".mapping.json", ".mapping.yaml", ".mapping.yml")
@@ -158,6 +159,22 @@ class Refusal:
     name: str
     reason: str
     size_bytes: int
+
+
+INCOMPLETE_WAIT = 10  # × settle_s: how long an in-place CSV whose last line has no newline waits
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """Whether a file's last byte is a newline (read without blocking or following a link)."""
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return True  # gone or not a file: the claim or the refusal deals with it
+    try:
+        size = os.fstat(fd).st_size
+        return size == 0 or os.pread(fd, 1, size - 1) in (b"\n", b"\r")
+    finally:
+        os.close(fd)
 
 
 class InboxTracker:
@@ -291,6 +308,11 @@ class InboxTracker:
         self._due = []
         for e in sorted((self.entries[n] for n in self._datasets), key=lambda x: x.changed_at):
             if e.refusal is not None or not e.settled(now, self.settle_s):
+                continue
+            if not e.renamed_in and now - e.changed_at < INCOMPLETE_WAIT * self.settle_s \
+                    and not _ends_with_newline(self.inbox / e.name):
+                # written in place and its last line is unfinished: most likely still being written
+                self._due.append(e.changed_at + INCOMPLETE_WAIT * self.settle_s)
                 continue
             mapping, mapping_pending = self._companion(e.stem, MAPPING, now)
             job, job_pending = self._companion(e.stem, JOB, now)

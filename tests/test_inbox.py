@@ -92,7 +92,7 @@ def test_renamed_in_file_is_ready_at_once_written_file_after_close_and_settle(di
     (inbox / "a.mapping.json").write_text("{}")
     (inbox / "a.csv").write_text("x")
     (inbox / "b.mapping.json").write_text("{}")
-    (inbox / "b.csv").write_text("x")
+    (inbox / "b.csv").write_text("x\n")
     tracker.refresh("a.mapping.json", event="moved_in")
     tracker.refresh("a.csv", event="moved_in")
     tracker.refresh("b.mapping.json", event="moved_in")
@@ -118,7 +118,7 @@ def test_scanned_file_settles_when_size_stops_changing(dirs):
     tracker.scan()
     clock.now += 0.3
     with open(inbox / "c.csv", "a") as fh:
-        fh.write("more")
+        fh.write("more\n")
     tracker.scan()
     clock.now += 0.3
     assert tracker.ready_drops(5.0) == []
@@ -334,3 +334,24 @@ def test_finish_claim_refuses_a_symlinked_destination(dirs, tmp_path):
     assert os.listdir(outside) == []
     assert os.listdir(claim.path) == ["s.csv"]
     claim.release()
+
+
+def test_in_place_dataset_with_an_unfinished_last_line_waits_longer(dirs):
+    """A dataset written in place whose last line has no newline is not complete after settle_s
+    (its writer may reopen it); after 10 x settle_s unchanged it is taken anyway. A renamed-in
+    file is trusted at once."""
+    inbox = dirs[0]
+    clock = Clock()
+    tracker = InboxTracker(inbox, settle_s=0.5, max_input_bytes=1 << 20, clock=clock)
+    for stem in ("h", "r"):
+        (inbox / f"{stem}.mapping.json").write_text("{}")
+        (inbox / f"{stem}.csv").write_text("a,b\n1,2")  # no final newline
+        tracker.refresh(f"{stem}.mapping.json", event="moved_in")
+    tracker.refresh("h.csv", event="created")
+    tracker.refresh("h.csv", event="closed")
+    tracker.refresh("r.csv", event="moved_in")
+    clock.now += 1.0
+    assert [d.stem for d in tracker.ready_drops(0.0)] == ["r"]
+    assert tracker.next_deadline() == 4.0
+    clock.now += 4.0
+    assert sorted(d.stem for d in tracker.ready_drops(0.0)) == ["h", "r"]

@@ -76,6 +76,31 @@ def test_slow_in_place_write_is_not_taken_half_written(root, start_daemon):
     assert [x["status"] for x in d.events("job_finished")] == ["succeeded"]
 
 
+def test_a_writer_that_closes_mid_line_and_reopens_makes_one_job(root, start_daemon):
+    """A dataset written in place, closed in the middle of a line and reopened after more than
+    settle_s, is not taken half written: its unfinished last line holds it back, so the whole file
+    becomes one job."""
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    data = root.dataset_bytes(rows=80)
+    cut = data.index(b"\n", len(data) // 2) - 5  # inside a line
+    root.drop_bytes("reopen.mapping.json", json.dumps(MAPPING).encode())
+    writer = textwrap.dedent(f"""
+        import time
+        with open({str(root.inbox / "reopen.csv")!r}, "wb") as fh:
+            fh.write({data[:cut]!r})
+        time.sleep(1.0)
+        with open({str(root.inbox / "reopen.csv")!r}, "ab") as fh:
+            fh.write({data[cut:]!r})
+    """)
+    subprocess.run([sys.executable, "-c", writer], check=True, timeout=30)
+    wait_for(lambda: root.job_folders(root.processed, "reopen"), timeout=20, message="processed")
+    _stop(d)
+    [done] = root.job_folders(root.processed, "reopen")
+    assert (done / "reopen.csv").read_bytes() == data
+    assert [x["status"] for x in d.events("job_finished")] == ["succeeded"]
+
+
 def test_mapping_after_dataset_and_dataset_after_mapping(root, start_daemon):
     """A mapping arriving within pair_timeout_s joins its dataset; an early mapping waits as an orphan."""
     root.write_config(watch={"pair_timeout_s": 30.0})
