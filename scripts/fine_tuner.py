@@ -1,8 +1,9 @@
 """Seed compatibility: ``from scripts.fine_tuner import FineTuner`` and the seed's command line.
 
 A thin wrapper over ``daemon``: ``python scripts/fine_tuner.py --input X.csv --model llama2
---topics "respiratory infections" --epochs 5 --learning-rate 0.001`` runs ``fine-tuner process``
-with the seed's default output folder (``outputs/``).
+--topics "respiratory infections" --epochs 5 --learning-rate 0.001`` runs ``fine-tuner process``:
+the outputs go to their own folder, ``outputs/<input stem>/`` (a new one per run), never loose
+into ``outputs/`` beside the daemon's job folders.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     from daemon.cli import main as cli_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in argv):
-        argv += ["--output-dir", "outputs"]
     return cli_main(["process", *argv])
 
 

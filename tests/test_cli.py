@@ -118,13 +118,15 @@ def test_check_reports_failed_checks(tmp_path):
 
 
 def test_seed_script_command_line(tmp_path, dataset):
-    """The seed's scripts/fine_tuner.py command line works and writes into outputs/."""
+    """The original scripts/fine_tuner.py command line works and writes into outputs/<stem>/, not
+    loose files into outputs/."""
     csv_path, _ = dataset
     res = run("--input", str(csv_path), "--model", "llama2", "--topics", "respiratory infections",
               "--epochs", "5", "--learning-rate", "0.001", cwd=tmp_path,
               script=[str(ROOT / "scripts" / "fine_tuner.py")])
     assert res.returncode == 0, res.stderr
-    meta = json.loads((tmp_path / "outputs" / "fine_tuning_metadata.json").read_text())
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["visits"]
+    meta = json.loads((tmp_path / "outputs" / "visits" / "fine_tuning_metadata.json").read_text())
     assert meta["parameters"]["epochs"] == 5 and meta["parameters"]["learning_rate"] == 0.001
     assert meta["mapping"]["inferred"] is True
     assert meta["approach"] == "model_set"
