@@ -4,7 +4,10 @@ This module owns the last step between a user's files and a clean table: validat
 resolution, integer ratings, drops, unmapped ratings, conflicting duplicates) and the one call that
 runs the whole chain. Reading the CSV lives in ``csvfile`` and the rating mapping in ``mapping``;
 ``load_dataset`` composes them. Every failure is one ``DatasetError`` subclass naming the file, the
-column and the row where they apply, never a cell value: these are patient records.
+column and the row where they apply, never a cell value: these are patient records. Row-level
+problems (rows dropped for an empty prompt or rating, prompts repeated with different ratings,
+ratings missing from the mapping) name their 1-based data rows, the numbering of ``source_row``:
+the first ``ROW_LIST`` of them, then "and N more"; ``Dataset.problem_rows`` keeps every one.
 
 - ``validate_frame(df, mapping, *, source, read_info=None) -> Dataset``: column resolution, rating
   parsing, drops, unmapped ratings, conflicting duplicates. ``mapping`` None → infer (or MappingError
@@ -52,6 +55,8 @@ if TYPE_CHECKING:  # pandas is imported lazily by the implementation where it is
     import numpy as np
     import pandas as pd
 
+ROW_LIST = 10  # how many row numbers a warning or error names before "and N more"
+
 
 @dataclass
 class Dataset:
@@ -72,6 +77,9 @@ class Dataset:
     warnings: list[str] = field(default_factory=list)
     conflicting_duplicates: int = 0  # distinct prompts that appear with more than one rating
     read_info: ReadInfo | None = None
+    # reason → every 1-based data row number concerned, ascending: "empty_prompt" and "empty_rating"
+    # (dropped rows), "conflicting_rating" (every row of a prompt that appears with several ratings)
+    problem_rows: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def rows_used(self) -> int:
@@ -157,17 +165,26 @@ def _resolve_columns(df: pd.DataFrame, source: str) -> dict[str, str]:
     return columns
 
 
-def _conflicting_duplicates(prompts: np.ndarray, ratings: np.ndarray) -> int:
-    """How many distinct prompts appear with more than one rating. pandas' hash table finds the
-    repeated prompts (C speed, about a third of the memory of a Python set of every prompt); only
-    those are grouped."""
+def rows_text(rows: list[int] | np.ndarray, limit: int = ROW_LIST) -> str:
+    """``row 3``, ``rows 3, 7, 12`` or ``rows 3, 7, 12 and 4 more`` (the first ``limit`` rows named)."""
+    shown, total = [int(r) for r in rows[:limit]], len(rows)
+    more = f" and {total - len(shown)} more" if total > len(shown) else ""
+    return f"row{'s' if total != 1 else ''} {', '.join(map(str, shown))}{more}"
+
+
+def _conflicting_duplicates(prompts: np.ndarray, ratings: np.ndarray) -> tuple[int, np.ndarray]:
+    """How many distinct prompts appear with more than one rating, and the positions of all their
+    rows (ascending). pandas' hash table finds the repeated prompts (C speed, about a third of the
+    memory of a Python set of every prompt); only those are grouped."""
+    import numpy as np
     import pandas as pd
 
-    repeated = pd.Series(prompts, dtype=object).duplicated(keep=False).to_numpy()
-    if not repeated.any():  # every prompt distinct: the common case
-        return 0
+    repeated = np.flatnonzero(pd.Series(prompts, dtype=object).duplicated(keep=False).to_numpy())
+    if not len(repeated):  # every prompt distinct: the common case
+        return 0, repeated
     pairs = pd.DataFrame({"prompt": prompts[repeated], "rating": ratings[repeated]})
-    return int((pairs.groupby("prompt", sort=False)["rating"].nunique() > 1).sum())
+    conflicting = pairs.groupby("prompt", sort=False)["rating"].transform("nunique").to_numpy() > 1
+    return int(pairs["prompt"][conflicting].nunique()), repeated[conflicting]
 
 
 def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, source: str = "<dataframe>",
@@ -198,13 +215,16 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
     elif not isinstance(mapping, RatingMapping):
         mapping = mapping_from_object(mapping, "object")
 
+    positions = np.flatnonzero(keep)
     kept_ratings = ratings[keep]
     known = np.isin(kept_ratings, np.array(mapping.values, dtype=np.int64))
     if not known.all():
         values, counts = np.unique(kept_ratings[~known], return_counts=True)
         shown = ", ".join(f"{int(v)} ({int(c)} row{'s' if c != 1 else ''})" for v, c in zip(values, counts))
+        unmapped_rows = positions[~known] + 1
         raise UnmappedRatingError(
-            f"ratings not in the rating mapping ({mapping.source}): {shown}", file=source, column=RATING_COLUMN,
+            f"ratings not in the rating mapping ({mapping.source}): {shown} in {rows_text(unmapped_rows)}",
+            file=source, column=RATING_COLUMN, row=int(unmapped_rows[0]),
             hint="add these ratings to the mapping file, or fix those rows, and drop the files again")
 
     dropped = {"empty_prompt": int(empty_prompt.sum()), "empty_rating": int(empty_rating.sum())}
@@ -214,7 +234,6 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
             f"{dropped['empty_rating']} with an empty rating", file=source,
             hint="fill in the prompt and rating of each row and drop the file again")
 
-    positions = np.flatnonzero(keep)
     data: dict[str, Any] = {
         "prompt": prompts[keep],
         "rating": kept_ratings.astype(np.int64),
@@ -226,17 +245,22 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
     data["source_row"] = positions + 1
     frame = pd.DataFrame(data)
 
+    conflicts, conflict_positions = _conflicting_duplicates(data["prompt"], data["rating"])
+    problem_rows = {
+        "empty_prompt": (np.flatnonzero(empty_prompt) + 1).tolist(),
+        "empty_rating": (np.flatnonzero(empty_rating) + 1).tolist(),
+        "conflicting_rating": data["source_row"][conflict_positions].tolist(),
+    }
     warnings = list(read_info.warnings) if read_info else []
-    if dropped["empty_prompt"]:
-        warnings.append(f"dropped {dropped['empty_prompt']} row(s) with an empty prompt")
-    if dropped["empty_rating"]:
-        warnings.append(f"dropped {dropped['empty_rating']} row(s) with an empty rating")
-    conflicts = _conflicting_duplicates(data["prompt"], data["rating"])
+    for reason, what in (("empty_prompt", "an empty prompt"), ("empty_rating", "an empty rating")):
+        if dropped[reason]:
+            warnings.append(f"dropped {dropped[reason]} row(s) with {what} ({rows_text(problem_rows[reason])})")
     if conflicts:
-        warnings.append(f"{conflicts} prompt(s) appear more than once with different ratings; "
-                        "check those rows before training")
+        warnings.append(f"{conflicts} prompt(s) appear more than once with different ratings "
+                        f"({rows_text(problem_rows['conflicting_rating'])}); check those rows before training")
     return Dataset(frame=frame, mapping=mapping, source=source, columns=columns, rows_read=rows_read,
-                   dropped=dropped, warnings=warnings, conflicting_duplicates=conflicts, read_info=read_info)
+                   dropped=dropped, warnings=warnings, conflicting_duplicates=conflicts, read_info=read_info,
+                   problem_rows=problem_rows)
 
 
 def load_dataset(csv_path: str | os.PathLike, mapping_path: str | os.PathLike | None = None, *,

@@ -152,17 +152,36 @@ def test_empty_prompts_and_ratings_are_dropped_and_counted(tmp_path):
     assert ds.dropped == {"empty_prompt": 2, "empty_rating": 2}
     assert ds.frame["prompt"].tolist() == ["a", "d"]
     assert ds.frame["source_row"].tolist() == [1, 6]
-    assert ds.warnings == ["dropped 2 row(s) with an empty prompt", "dropped 2 row(s) with an empty rating"]
+    assert ds.warnings == ["dropped 2 row(s) with an empty prompt (rows 2, 3)",
+                           "dropped 2 row(s) with an empty rating (rows 4, 5)"]
+    assert ds.problem_rows == {"empty_prompt": [2, 3], "empty_rating": [4, 5], "conflicting_rating": []}
     assert ds.has_rationale is False
     assert ds.frame["rationale"].tolist() == ["", ""]
 
 
-def test_conflicting_duplicates_are_counted(tmp_path):
-    """Prompts repeated with different ratings are counted once each; agreeing repeats are not."""
-    text = "formatted_prompt,Standardized_Rating\nx,1\nx,0\ny,1\ny,1\nz,-1\nz,0\nz,1\n"
+def test_conflicting_duplicates_are_counted_and_their_rows_named(tmp_path):
+    """Prompts repeated with different ratings are counted once each and their source rows named; agreeing
+    repeats are not; an earlier dropped row does not shift the numbers."""
+    text = "formatted_prompt,Standardized_Rating\nx,1\n,1\nx,0\ny,1\ny,1\nz,-1\nz,0\nz,1\n"
     ds = load_dataset(write(tmp_path / "dup.csv", text), mapping=MAPPING)
     assert ds.conflicting_duplicates == 2
-    assert ds.warnings == ["2 prompt(s) appear more than once with different ratings; check those rows before training"]
+    assert ds.warnings == ["dropped 1 row(s) with an empty prompt (row 2)",
+                           "2 prompt(s) appear more than once with different ratings (rows 1, 3, 6, 7, 8); "
+                           "check those rows before training"]
+    assert ds.problem_rows == {"empty_prompt": [2], "empty_rating": [], "conflicting_rating": [1, 3, 6, 7, 8]}
+
+
+def test_row_lists_stop_at_ten_and_hold_no_cell_value(tmp_path):
+    """A warning names the first 10 rows then "and N more"; problem_rows keeps them all; no cell text appears."""
+    rows = [f"{MARKER} a,1", f"{MARKER} a,0"] + [f" ,{MARKER}"] * 14 + [f"{MARKER} b,0"] * 3
+    ds = load_dataset(write(tmp_path / "many.csv", "formatted_prompt,Standardized_Rating\n" + "\n".join(rows) + "\n"),
+                      mapping=MAPPING)
+    assert ds.warnings == ["dropped 14 row(s) with an empty prompt (rows 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 and 4 more)",
+                           "1 prompt(s) appear more than once with different ratings (rows 1, 2); "
+                           "check those rows before training"]
+    assert ds.problem_rows == {"empty_prompt": list(range(3, 17)), "empty_rating": [],
+                               "conflicting_rating": [1, 2]}
+    assert MARKER not in json.dumps(ds.warnings)
 
 
 def test_summary_is_json_ready(synthetic_csv, tmp_path):
@@ -239,6 +258,7 @@ def test_validate_frame_unmapped_rating_from_dict_mapping():
     df = pd.DataFrame({"Prompt": ["a", "b", "c"], "Standardized_Rating": [1, 2, 2]})
     with pytest.raises(UnmappedRatingError) as info:
         validate_frame(df, {"Match": 1})
-    assert info.value.message == ("<dataframe>, column 'Standardized_Rating': ratings not in the rating "
-                                  "mapping (object): 2 (2 rows)")
+    assert info.value.message == ("<dataframe>, column 'Standardized_Rating', row 2: ratings not in the rating "
+                                  "mapping (object): 2 (2 rows) in rows 2, 3")
+    assert info.value.row == 2
 
