@@ -1,9 +1,14 @@
 """The text and schema shared by training data and model sets: the system prompt, the answer.
 
 The system turn states the task, the topic(s) and the rating scale with all of its labels, and asks
-for exactly one JSON object ``{"rating": <int>, "rationale": "<text>"}``; the same answer shape is
-the assistant turn of every training record and few-shot example, and ``output_schema`` describes
-it as a JSON Schema usable as Ollama's ``format``. Pure functions, no I/O.
+for exactly one JSON object ``{"rating": <integer>, "rationale": "<short reason, or empty>"}``; the
+same answer shape is the assistant turn of every training record and few-shot example, and
+``output_schema`` describes it as a JSON Schema usable as Ollama's ``format``. Pure functions, no I/O.
+
+The rationale rule: the rationale is the expert's own text, never invented. A row without one (no
+rationale column, or an empty cell) is answered with ``"rationale": ""``, so the system prompt says
+the rationale may be empty, and ``output_schema`` and ``parse_answer`` take any string, the empty
+one included. The instruction and the trained answers therefore always agree.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def system_prompt(topics: str | Sequence[str] | None, label_to_value: Mapping[st
         "Rating scale (rating: label):",
         *rating_scale_lines(label_to_value),
         "",
-        'Answer with exactly one JSON object and nothing else: {"rating": <integer>, "rationale": "<short reason>"}',
+        'Answer with exactly one JSON object and nothing else: {"rating": <integer>, "rationale": "<short reason, or empty>"}',
         f"The rating must be one of: {', '.join(str(v) for v in values)}.",
     ])
 
@@ -66,7 +71,7 @@ def answer_json(rating: int, rationale: str | None) -> str:
 
 
 def output_schema(values: Sequence[int]) -> dict:
-    """JSON Schema of the answer (usable as Ollama's ``format``)."""
+    """JSON Schema of the answer (usable as Ollama's ``format``); the rationale may be empty."""
     return {
         "type": "object",
         "properties": {

@@ -21,8 +21,25 @@ def test_system_prompt_names_topic_and_every_label():
     assert "- 1: Match / Yes" in text
     assert "- 0: No" in text
     assert "- -1: Unknown" in text
-    assert '{"rating": <integer>, "rationale": "<short reason>"}' in text
     assert "The rating must be one of: -1, 0, 1." in text
+
+
+def test_system_prompt_text_allows_the_empty_rationale_rows_train():
+    """The whole system prompt, which says the rationale may be empty, as rows without one are trained."""
+    text = prompts.system_prompt("flu", {"Match": 1, "No": 0})
+    assert text == (
+        "You are an expert public-health analyst reviewing emergency-department visit records.\n"
+        'Rate how well each record matches the topic "flu", the way the expert reviewers do.\n'
+        "\n"
+        "Rating scale (rating: label):\n"
+        "- 1: Match\n"
+        "- 0: No\n"
+        "\n"
+        'Answer with exactly one JSON object and nothing else: {"rating": <integer>, "rationale": "<short reason, or empty>"}\n'
+        "The rating must be one of: 0, 1.")
+    assert prompts.answer_json(0, None) == '{"rating": 0, "rationale": ""}'
+    assert prompts.parse_answer(prompts.answer_json(0, None), [0, 1]) == {"rating": 0, "rationale": ""}
+    assert prompts.output_schema([0, 1])["properties"]["rationale"] == {"type": "string"}
 
 
 def test_answer_json_and_schema_agree():
