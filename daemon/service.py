@@ -1,54 +1,38 @@
-"""The inbox daemon's main loop: start-up recovery, claiming, workers, the training lane, signals,
-sd_notify, status.
+"""The inbox daemon's main loop: start-up recovery, claiming, the worker pool, signals, sd_notify.
 
 ``run(cfg)`` owns the state: the watcher thread only posts hints and worker threads post "done"; the
 loop re-stats hinted files, scans the inbox at start-up / after an event overflow / every
-``rescan_s``, claims complete drops (see ``daemon.inbox``), hands them to ``watch.workers`` worker
-threads, and keeps systemd informed (``READY=1`` after recovery, ``STATUS=`` with queue counts,
-``WATCHDOG=1`` at half ``WATCHDOG_USEC``). One job: on a pool worker, duplicate and poison checks →
-``FineTuner.plan_job`` (load, validate, decide); a model-set plan is executed on the same worker, a
-fine-tune plan waits (journal: ``queued`` with approach ``fine_tune``) for the single training-lane
-thread, so that a long training never blocks the pool and only one trains at a time.
-``FineTuner.execute`` builds into ``outputs/.tmp-<job_id>`` (with ``job.log``, appended to by both
-phases and closed by the ``job_succeeded`` / ``job_failed`` line) → publish ``outputs/<job_id>`` →
-journal → the work folder is renamed into
-``processed/<job_id>`` or ``failed/<job_id>`` (with ``error.json``); one ``job_finished`` line closes
-each job, from whichever thread ends it. Recovery takes up claim folders whose owner died: finished
-ones are moved on, the rest retried until ``max_attempts``. Signals only set events: SIGTERM/SIGINT
-stop claiming, give the training job and the fine-tunes waiting for it back to the queue (attempt
-not counted, inputs stay claimed in ``.work/``), let running model-set jobs finish (up to
-``stop_timeout_s``), exit 0; a second one exits at once; SIGHUP reloads the configuration (paths
-stay as they are).
+``rescan_s``, refuses what cannot be a job, claims complete drops (see ``daemon.inbox``), hands them
+to ``watch.workers`` pool threads, and keeps systemd informed (``READY=1`` after recovery,
+``STATUS=`` with queue counts, ``WATCHDOG=1`` at half ``WATCHDOG_USEC``). What a job is and does is
+the job runner's business (``daemon.jobs``): the pool calls ``JobRunner.run(claim)``, the training
+lane (``daemon.lane``) ``JobRunner.run_planned(item)``; neither the loop nor the pool nor the lane
+knows what kind of job it runs. Recovery takes up claim folders whose owner died: finished ones are
+moved on, the rest retried until ``max_attempts``. Signals only set events: SIGTERM/SIGINT (two
+within a second are one request) stop claiming, give the training job and the fine-tunes waiting
+for it back to the queue (attempt not counted, inputs stay claimed in ``.work/``), let running pool
+jobs finish (up to ``stop_timeout_s``), exit 0; a later second one exits at once; SIGHUP reloads the
+configuration (paths stay as they are). The loop and each pool thread survive any error (the loop's
+one broad handler logs it; a dead thread is replaced).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import errno
-import fcntl
-import json
 import os
 import queue
-import shutil
 import signal
 import sys
 import threading
 import time
-import traceback
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import structlog
 
 from . import __version__
-from .config import Config, ConfigError, job_settings, load_config, printable, read_job_file
-from .errors import DatasetTooSmallWarning, FineTunerError, JournalError, TrainingInterruptedError
-from .fsutil import make_private_dir, publish_dir
+from .config import Config, ConfigError, load_config
+from .errors import JournalError
+from .fsutil import make_private_dir
 from .inbox import (
     RESCAN,
     REFUSAL_MESSAGES,
@@ -63,18 +47,19 @@ from .inbox import (
     finish_claim,
     hash_claim,
     name_claim,
-    orphans,
     refuse,
     CLAIM_PREFIX,
 )
-from .journal import InputFile, Journal, JobRecord, utc_now
-from .logconfig import get_logger, job_log
+from .jobs import JobContext, JobRunner, frames, names, os_error_fields
+from .journal import InputFile, Journal, utc_now
+from .lane import TrainingLane
+from .logconfig import get_logger
 from .notify import Notifier
+from .paths import resolve_paths
+from .status import format_status, status  # noqa: F401 - the `status` command's entry points
 
 log = get_logger("service")
 
-JOURNAL_NAME = "journal.sqlite3"
-TRAINING_LOCK = "training.lock"
 TICK_S = 0.25  # the longest the loop sleeps: bounds signal, watchdog and settle latency
 ONCE_RESCAN_S = 0.5  # --once has no watcher: it lists the inbox this often (not every tick)
 EXIT_OK = 0
@@ -82,155 +67,6 @@ EXIT_SECOND_SIGNAL = 1
 # Signals this close to the first are the same request: make forwards a terminal's SIGINT or
 # `timeout`'s SIGTERM to a process group, so the daemon often gets two at once.
 SAME_REQUEST_S = 1.0
-
-
-@dataclass(frozen=True)
-class Paths:
-    root: Path
-    inbox: Path
-    outputs: Path
-    processed: Path
-    failed: Path
-    work: Path
-    state_dir: Path
-
-    @property
-    def journal(self) -> Path:
-        return self.state_dir / JOURNAL_NAME
-
-
-def resolve_paths(cfg: Config, env: dict[str, str] | None = None) -> Paths:
-    """Where everything lives; relative paths are under ``paths.root``."""
-    env = dict(os.environ) if env is None else env
-    p = cfg.paths
-    root = Path(p.root).absolute()
-    inbox = root / p.inbox
-    state = p.state_dir or env.get("STATE_DIRECTORY", "").split(":")[0] or ".fine-tuner"
-    return Paths(root=root, inbox=inbox, outputs=root / p.outputs, processed=inbox / "processed",
-                 failed=inbox / "failed", work=inbox / ".work", state_dir=root / state)
-
-
-# --- status ------------------------------------------------------------------------------------
-
-def status(cfg: Config) -> dict:
-    """Queued, running, recent successes and failures with reasons, and orphans, from the journal."""
-    paths = resolve_paths(cfg)
-    report: dict[str, Any] = {"inbox": str(paths.inbox), "outputs": str(paths.outputs),
-                              "journal": str(paths.journal), "counts": {}, "queued": [],
-                              "running": [], "recent_succeeded": [], "recent_failed": [],
-                              "orphans": orphans(paths.inbox), "waiting_datasets": _waiting(paths)}
-    if not paths.journal.exists():
-        return report
-    recent = cfg.watch.recent
-    with Journal(paths.journal) as journal:
-        report["counts"] = journal.counts()
-        report["queued"] = [_brief(j) for j in journal.jobs(["queued"])]
-        report["running"] = [_brief(j) for j in journal.jobs(["running"])]
-        report["recent_succeeded"] = [_brief(j) for j in journal.jobs(["succeeded", "duplicate"], limit=recent)]
-        report["recent_failed"] = [_brief(j) for j in journal.jobs(["failed"], limit=recent)]
-    return report
-
-
-def _waiting(paths: Paths) -> list[str]:
-    from .inbox import DATASET, classify_name
-    with contextlib.suppress(FileNotFoundError):
-        return sorted(n for n in os.listdir(paths.inbox) if classify_name(n)[0] == DATASET)
-    return []
-
-
-def _brief(job: JobRecord) -> dict:
-    out: dict[str, Any] = {"job_id": job.id, "state": job.state, "attempts": job.attempts,
-                           "updated_at": job.updated_at,
-                           "inputs": [f.name for f in job.inputs]}
-    if job.output_path:
-        out["output_path"] = job.output_path
-        if job.state == "succeeded":
-            meta = _read_json(Path(job.output_path) / "fine_tuning_metadata.json")
-            out["evaluation"] = _evaluation_brief(Path(job.output_path), meta)
-            out["warnings"] = list(meta.get("warnings") or [])
-    if job.approach:
-        out["approach"] = job.approach
-    if job.state == "queued" and job.approach == "fine_tune":
-        out["waiting_for"] = "training"
-    if job.duplicate_of:
-        out["duplicate_of"] = job.duplicate_of
-    if job.error:
-        out["error"] = {k: job.error.get(k) for k in ("error_type", "message", "hint")}
-    return out
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON object from an output folder, or {} when it is missing or unreadable."""
-    with contextlib.suppress(OSError, ValueError):
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        return data if isinstance(data, dict) else {}
-    return {}
-
-
-def _evaluation_brief(folder: Path, meta: dict) -> dict:
-    """Kappa and accuracy of each evaluated model (``evaluation.json``), or why there are none."""
-    report = _read_json(folder / "evaluation.json")
-    if report.get("models"):
-        return {m["key"]: {"kappa": m.get("kappa"), "accuracy": m.get("accuracy"),
-                           "invalid_rate": m.get("invalid_rate")} for m in report["models"]}
-    evaluation = meta.get("evaluation") or {}
-    return {"status": evaluation.get("status"), "reason": evaluation.get("reason")} if evaluation else {}
-
-
-def _kappa_text(evaluation: dict | None) -> str:
-    if not evaluation:
-        return ""
-    if "new" in evaluation:
-        def k(key: str) -> str:
-            value = (evaluation.get(key) or {}).get("kappa")
-            return "n/a" if value is None else f"{value:.2f}"
-        return f"  kappa {k('new')} (base {k('base')})"
-    if evaluation.get("status") in ("skipped", "failed"):
-        return "  not evaluated"
-    return ""
-
-
-def format_status(report: dict) -> str:
-    """The status report as a few human-readable lines. Every name and message is escaped
-    (``config.printable``): a file name with a newline, an escape sequence or a right-to-left override
-    must not be able to forge a line of this report."""
-    return "\n".join(printable(line, limit=10_000) for line in _status_lines(report))
-
-
-def _status_lines(report: dict) -> list[str]:
-    counts = report.get("counts") or {}
-    lines = [f"inbox: {report['inbox']}",
-             "jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none yet")]
-    for title, key in (("queued", "queued"), ("running", "running"),
-                       ("recent successes", "recent_succeeded"), ("recent failures", "recent_failed")):
-        jobs = report.get(key) or []
-        if not jobs:
-            continue
-        lines.append(f"{title}:")
-        for job in jobs:
-            line = f"  {job['job_id']}"
-            if job.get("duplicate_of"):
-                line += f"  duplicate of {job['duplicate_of']}"
-            elif job.get("waiting_for"):
-                line += f"  waiting for {job['waiting_for']}"
-            elif job.get("output_path"):
-                line += f"  {job.get('approach')} -> {job['output_path']}{_kappa_text(job.get('evaluation'))}"
-            elif job.get("approach"):
-                line += f"  {job['approach']}"
-            if job.get("error"):
-                err = job["error"]
-                line += f"  {err.get('error_type')}: {err.get('message')}"
-                if err.get("hint"):
-                    line += f" ({err['hint']})"
-            lines.append(line)
-            lines.extend(f"    warning: {w}" for w in job.get("warnings") or [])
-    if report.get("waiting_datasets"):
-        lines.append("datasets in the inbox: " + ", ".join(report["waiting_datasets"]))
-    if report.get("orphans"):
-        lines.append("waiting for their dataset:")
-        lines.extend(f"  {o['name']} ({o['kind']}, {o['waiting_s']} s)" for o in report["orphans"])
-    return lines
 
 
 # --- the daemon --------------------------------------------------------------------------------
@@ -262,10 +98,8 @@ class Service:
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.job_stop = threading.Event()  # tells training to give its job back
-        self.training_cv = threading.Condition()  # guards the three training-lane fields below
-        self.training_queue: collections.deque[_Planned] = collections.deque()
-        self.training_current: _Planned | None = None
-        self.training_closed = False
+        self.lane: TrainingLane | None = None
+        self.runner: JobRunner | None = None
         self.ready: collections.deque[Claim] = collections.deque()
         self.running: dict[str, threading.Thread] = {}
         self.running_lock = threading.Lock()
@@ -274,7 +108,6 @@ class Service:
         self.tracker: InboxTracker | None = None
         self._first_signal_at: float | None = None
         self._last_status = ""
-        self._fine_tuner = None
 
     # --- start and stop ------------------------------------------------------------------------
 
@@ -288,6 +121,10 @@ class Service:
                                    "folders are never followed: replace it with a real folder"],
                                   source=str(self.config_path) if self.config_path else None) from None
         self.journal = Journal(p.journal)
+        self.runner = JobRunner(JobContext(paths=p, journal=self.journal, config=lambda: self.cfg,
+                                           job_stop=self.job_stop,
+                                           job_done=lambda job_id: self.hints.put(("job_done", job_id))))
+        self.lane = self.runner.ctx.lane = TrainingLane(self.runner.run_planned)
         self.tracker = InboxTracker(p.inbox, settle_s=self.cfg.watch.settle_s,
                                     max_input_bytes=self.cfg.watch.max_input_bytes,
                                     job_wait_s=self.cfg.watch.job_wait_s)
@@ -302,7 +139,7 @@ class Service:
             watcher = InboxWatcher(p.inbox, self.hints, polling=self.cfg.watch.polling)
             watcher.start()
         self.threads = {f"job-worker-{i}": self._worker for i in range(self.cfg.watch.workers)}
-        self.threads["training-lane"] = self._training_lane
+        self.threads["training-lane"] = self.lane.loop
         self.alive = {name: self._start_thread(name) for name in self.threads}
         try:
             self.recover()
@@ -358,7 +195,7 @@ class Service:
 
     def _shutdown(self, workers: list[threading.Thread], trainer: threading.Thread) -> int:
         self.notifier.stopping()
-        training, waiting = self._training_counts()
+        training, waiting = self.lane.counts()
         log.info("daemon_stopping", running=self._running_count(), queued=len(self.ready),
                  training=training, waiting_for_training=waiting)
         # claimed but not started: they stay in .work/ as queued and are taken up on the next start
@@ -366,10 +203,8 @@ class Service:
             self.ready.popleft().release()
         # training gives its job back at once; fine-tunes waiting for the lane go back unstarted
         self.job_stop.set()
-        for item in self._close_training_lane():
-            with structlog.contextvars.bound_contextvars(job_id=item.claim.job_id):
-                self._give_back(item.claim, item.build)
-                log.info("job_finished", status="queued", duration_s=round(time.monotonic() - item.started, 3))
+        for item in self.lane.close():
+            self.runner.give_back_planned(item)
         for _ in workers:
             self.jobs_in.put(None)
         # model-set jobs on the pool are finished, within stop_timeout_s
@@ -402,7 +237,7 @@ class Service:
                 if self._tick():
                     return
             except Exception as exc:  # the service loop's one broad handler: log, keep serving
-                log.error("loop_error", error_type=type(exc).__name__, frames=_frames(exc))
+                log.error("loop_error", error_type=type(exc).__name__, frames=frames(exc))
                 self._ping_watchdog()
                 time.sleep(TICK_S)
 
@@ -455,7 +290,7 @@ class Service:
 
     def _drained(self) -> bool:
         assert self.tracker is not None
-        return (not self.ready and not self._running_count() and self._training_counts() == (0, 0)
+        return (not self.ready and not self._running_count() and self.lane.counts() == (0, 0)
                 and not self.tracker.waiting_datasets() and not self.tracker.pending_refusals()
                 and self.jobs_in.empty())
 
@@ -466,7 +301,7 @@ class Service:
     def _status_line(self) -> str:
         waiting = self.tracker.waiting_datasets() if self.tracker else 0
         line = f"queued {len(self.ready)}, running {self._running_count()}, waiting {waiting}"
-        training, lane = self._training_counts()
+        training, lane = self.lane.counts()
         if training or lane:
             line += f", training {training}, waiting for training {lane}"
         return line
@@ -489,8 +324,7 @@ class Service:
             changed = [k for k in ("workers",) if getattr(new.watch, k) != getattr(self.cfg.watch, k)]
             if changed:
                 log.warning("config_restart_needed", keys=[f"watch.{k}" for k in changed])
-            self.cfg = dataclasses.replace(new, paths=self.cfg.paths)
-            self._fine_tuner = None
+            self.cfg = dataclasses.replace(new, paths=self.cfg.paths)  # jobs see it from their next step
             assert self.tracker is not None
             self.tracker.settle_s = self.cfg.watch.settle_s
             self.tracker.job_wait_s = self.cfg.watch.job_wait_s
@@ -514,7 +348,7 @@ class Service:
             try:
                 self._refuse(refusal)
             except (OSError, JournalError) as exc:
-                log.error("refuse_error", file=escape_name(refusal.name), **_os_error_fields(exc),
+                log.error("refuse_error", file=escape_name(refusal.name), **os_error_fields(exc),
                           hint="it is tried again at the next rescan")
 
     def _refuse(self, refusal) -> None:
@@ -545,7 +379,7 @@ class Service:
             except (OSError, JournalError) as exc:
                 # a full disk or a permissions change: the drop stays in the inbox (or its claim
                 # folder in .work/, released for recovery) and is taken at a later turn
-                log.error("claim_error", file=escape_name(drop.dataset), **_os_error_fields(exc),
+                log.error("claim_error", file=escape_name(drop.dataset), **os_error_fields(exc),
                           hint="it is tried again at the next rescan")
                 continue
             if claim is not None:
@@ -586,7 +420,7 @@ class Service:
         inputs = [InputFile(role, escape_name(name), digest, size)
                   for role, (name, digest, size) in hashes.items()]
         self.journal.add_job(claim.job_id, escape_name(stem), inputs, key)
-        log.info("job_claimed", job_id=claim.job_id, files=_names(claim),
+        log.info("job_claimed", job_id=claim.job_id, files=names(claim),
                  dataset_sha256=hashes["dataset"][1] if "dataset" in hashes else None)
         return claim
 
@@ -604,6 +438,19 @@ class Service:
                 self.running[claim.job_id] = threading.current_thread()
             self.jobs_in.put(claim)
 
+    def _worker(self) -> None:
+        """A pool thread: runs the claims the loop hands it until the ``None`` that ends it."""
+        while True:
+            claim = self.jobs_in.get()
+            if claim is None:
+                return
+            try:
+                self.runner.run(claim)
+            finally:
+                with self.running_lock:
+                    self.running.pop(claim.job_id, None)
+                self.hints.put(("job_done", claim.job_id))
+
     # --- recovery ------------------------------------------------------------------------------
 
     def recover(self) -> None:
@@ -614,7 +461,7 @@ class Service:
                 self._recover_one(claim)
             except (OSError, JournalError) as exc:
                 claim.release()
-                log.error("recovery_error", job_id=claim.job_id, **_os_error_fields(exc))
+                log.error("recovery_error", job_id=claim.job_id, **os_error_fields(exc))
 
     def _recover_one(self, claim: Claim) -> None:
         assert self.journal is not None
@@ -634,343 +481,17 @@ class Service:
             assert record is not None
         log.info("job_recovered", job_id=claim.job_id, state=record.state, attempts=record.attempts)
         if record.state in ("succeeded", "duplicate"):
-            note = ("duplicate.json", self._duplicate_note(record)) if record.state == "duplicate" else None
-            self._move_inputs(claim, self.paths.processed, note=note)
+            note = ("duplicate.json", self.runner.duplicate_note(record)) if record.state == "duplicate" else None
+            self.runner.move_inputs(claim, self.paths.processed, note=note)
         elif record.state == "failed":
-            self._move_inputs(claim, self.paths.failed, note=("error.json", record.error or {}))
+            self.runner.move_inputs(claim, self.paths.failed, note=("error.json", record.error or {}))
         elif (self.paths.outputs / claim.job_id).is_dir():
             # published before the crash, recorded after: the outputs are complete
             self.journal.succeed(claim.job_id, output_path=str(self.paths.outputs / claim.job_id),
                                  approach=None)
-            self._move_inputs(claim, self.paths.processed)
+            self.runner.move_inputs(claim, self.paths.processed)
         else:
             self.ready.append(claim)
-
-    def _duplicate_note(self, record: JobRecord) -> dict:
-        return {"job_id": record.id, "duplicate_of": record.duplicate_of,
-                "outputs": record.output_path, "recorded_at": utc_now(),
-                "hint": "this content was processed before; add force: true to a job file to redo it"}
-
-    def _move_inputs(self, claim: Claim, destination: Path, *, note: tuple[str, dict] | None = None) -> Path | None:
-        """Move a finished job's inputs on. When that fails (a full disk, ``processed/`` replaced by
-        a file or a link) the job's recorded outcome stands: the claim is released and recovery
-        moves the inputs at a later rescan, so a success never turns into a failure."""
-        job_id = claim.job_id
-        try:
-            target = finish_claim(claim, destination, note=note)
-        except OSError as exc:
-            claim.release()
-            log.error("input_move_failed", job_id=job_id, to=str(destination), **_os_error_fields(exc),
-                      hint="the inputs stay in inbox/.work/ and are moved at the next rescan")
-            return None
-        log.info("input_moved", job_id=job_id, to=str(target))
-        return target
-
-    # --- one job: plan on the pool, execute on the pool (model sets) or the training lane ----------
-
-    def _worker(self) -> None:
-        while True:
-            claim = self.jobs_in.get()
-            if claim is None:
-                return
-            try:
-                self._run_job(claim)
-            finally:
-                with self.running_lock:
-                    self.running.pop(claim.job_id, None)
-                self.hints.put(("job_done", claim.job_id))
-
-    def _fine_tuner_instance(self):
-        if self._fine_tuner is None:
-            from .fine_tuner import FineTuner
-            self._fine_tuner = FineTuner(config=self.cfg)
-        return self._fine_tuner
-
-    def _run_job(self, claim: Claim) -> None:
-        started = time.monotonic()
-        with structlog.contextvars.bound_contextvars(job_id=claim.job_id):
-            status = self._guarded(claim, lambda: self._plan_phase(claim, started))
-            if status is not None:  # None: handed to the training lane, which closes the job
-                log.info("job_finished", status=status, duration_s=round(time.monotonic() - started, 3))
-
-    def _guarded(self, claim: Claim, phase: Callable[[], str | None]) -> str | None:
-        """Run one phase of a job under the one broad handler per job. A full disk gives the job
-        back (recovery retries it at the next rescan, so it resumes by itself once space returns);
-        anything else is a bug, recorded as a failure. If even that cannot be recorded, the claim
-        is left to recovery."""
-        try:
-            return phase()
-        except Exception as exc:
-            build = self.paths.outputs / f".tmp-{claim.job_id}"
-            try:
-                if _disk_full(exc):
-                    return self._retry_later(claim, build, exc)
-                # the exception text may quote data, so only its type and the frames are logged
-                log.error("job_crashed", error_type=type(exc).__name__, frames=_frames(exc))
-                self._fail(claim, {"error_type": type(exc).__name__,
-                                   "message": "an internal error stopped this job",
-                                   "hint": "report this with the job id; the service log has the "
-                                           "traceback locations; drop the files again to retry"},
-                           build=build)
-                return "failed"
-            except Exception as again:
-                if _disk_full(again):
-                    return self._retry_later(claim, build, again)
-                log.error("job_not_recorded", error_type=type(again).__name__, frames=_frames(again),
-                          hint="the job stays in inbox/.work/ and is taken up at the next rescan")
-                claim.release()
-                return "queued"
-
-    def _retry_later(self, claim: Claim, build: Path, exc: BaseException) -> str:
-        """The disk (or the journal's disk) is full: drop the partial build, give the attempt back
-        and leave the claim to recovery, which retries it at every rescan until there is space."""
-        assert self.journal is not None
-        shutil.rmtree(build, ignore_errors=True)
-        with contextlib.suppress(JournalError, OSError):
-            self.journal.requeue(claim.job_id, give_back_attempt=True)
-        claim.release()
-        log.error("job_requeued", reason="disk_full", **_os_error_fields(exc),
-                  hint="free space; the job is retried at the next rescan")
-        return "queued"
-
-    def _plan_phase(self, claim: Claim, started: float) -> str | None:
-        """Duplicate and poison checks, then load, validate and decide (pool worker)."""
-        from .fine_tuner import FINE_TUNE
-
-        assert self.journal is not None
-        job_id = claim.job_id
-        record = self.journal.get(job_id)
-        assert record is not None
-        job_values, job_error = self._job_values(claim)
-        if job_values.get("force") is not True:
-            earlier = self.journal.success_for(record.content_key)
-            if earlier is not None and earlier.id != job_id:
-                self.journal.mark_duplicate(job_id, of=earlier)
-                record = self.journal.get(job_id) or record
-                log.info("job_duplicate", duplicate_of=earlier.id, outputs=earlier.output_path)
-                # an attempt killed while building leaves a partial build; a duplicate has no outputs
-                shutil.rmtree(self.paths.outputs / f".tmp-{job_id}", ignore_errors=True)
-                self._move_inputs(claim, self.paths.processed,
-                                  note=("duplicate.json", self._duplicate_note(record)))
-                return "duplicate"
-        if record.attempts >= self.cfg.watch.max_attempts:
-            self._fail(claim, {
-                "error_type": "PoisonJobError",
-                "message": f"the service stopped while processing this job {record.attempts} times",
-                "hint": "look in the service log for what killed it (memory, a crash) around these "
-                        "times; drop the files again to retry"}, attempts=record.attempts,
-                build=self.paths.outputs / f".tmp-{job_id}")  # the last killed attempt's partial build
-            return "failed"
-        attempt = self.journal.start(job_id)
-        build = self.paths.outputs / f".tmp-{job_id}"
-        if build.exists():  # a partial build from an attempt that crashed
-            shutil.rmtree(build)
-        make_private_dir(build)
-        error: dict | None = None
-        with job_log(build / "job.log", job_id):
-            log.info("job_started", attempt=attempt, files=_names(claim))
-            try:
-                if job_error is not None:
-                    raise job_error
-                plan = self._plan(claim, build, job_values)
-            except (FineTunerError, DatasetTooSmallWarning) as exc:
-                error = _error_fields(exc)
-        if error is not None:
-            self._fail(claim, error, attempts=attempt, build=build)
-            return "failed"
-        if plan.approach == FINE_TUNE:
-            self.journal.await_training(job_id)
-            plan.drop_dataset()  # a queued fine-tune may wait for hours; the lane reads the files again
-            return self._hand_to_training(_Planned(claim, plan, build, attempt, started))
-        return self._execute_phase(claim, plan, build, attempt)
-
-    @staticmethod
-    def _job_values(claim: Claim) -> tuple[dict, ConfigError | None]:
-        """The job file's values (read once, on the worker), or the error that fails the job."""
-        job_file = claim.files.get("job")
-        if not job_file:
-            return {}, None
-        try:
-            return dict(read_job_file(claim.path / job_file)), None
-        except ConfigError as exc:
-            return {}, exc
-
-    def _plan(self, claim: Claim, build: Path, values: dict):
-        from .fine_tuner import JobInputs
-
-        job_file = claim.files.get("job")
-        settings = job_settings(self.cfg.defaults, values,
-                                source=escape_name(job_file) if job_file else "the configuration's defaults")
-        mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
-        inputs = JobInputs(csv_path=claim.path / claim.files["dataset"],
-                           mapping_path=claim.path / mapping if mapping else None,
-                           settings=settings, output_dir=build,
-                           stem=escape_name(Path(claim.files["dataset"]).stem),
-                           job_id=claim.job_id, stop_event=self.job_stop)
-        return self._fine_tuner_instance().plan_job(inputs)
-
-    def _execute_phase(self, claim: Claim, plan: Any, build: Path, attempt: int,
-                       waited_s: float | None = None) -> str:
-        """Build the outputs, publish them, record the result and move the inputs."""
-        assert self.journal is not None
-        job_id = claim.job_id
-        error: dict | None = None
-        interrupted = False
-        ok, metadata = False, {}
-        with job_log(build / "job.log", job_id):
-            if waited_s is not None:
-                log.info("training_lane_started", waited_s=waited_s, attempt=attempt)
-            try:
-                ok, metadata = self._fine_tuner_instance().execute(plan)
-            except TrainingInterruptedError:
-                interrupted = True
-            except (FineTunerError, DatasetTooSmallWarning) as exc:
-                error = _error_fields(exc)
-        if interrupted:
-            return self._give_back(claim, build)
-        if error is not None:
-            self._fail(claim, error, attempts=attempt, build=build)
-            return "failed"
-        if not ok:
-            self._fail(claim, {"error_type": "JobFailedError", "message": "the job did not complete",
-                               "hint": "see job.log next to this file"}, attempts=attempt, build=build)
-            return "failed"
-        final = publish_dir(build, self.paths.outputs / job_id)
-        approach = metadata.get("approach")
-        self.journal.succeed(job_id, output_path=str(final), approach=approach)
-        with job_log(final / "job.log", job_id):  # the job's own log ends with its outcome too
-            log.info("job_succeeded", approach=approach, outputs=str(final))
-        self._move_inputs(claim, self.paths.processed)
-        return "succeeded"
-
-    def _give_back(self, claim: Claim, build: Path) -> str:
-        """Shutdown: the job goes back to the queue, its attempt not counted; inputs stay in .work/."""
-        assert self.journal is not None
-        shutil.rmtree(build, ignore_errors=True)
-        self.journal.requeue(claim.job_id, give_back_attempt=True)
-        claim.release()
-        log.info("job_requeued", reason="shutdown")
-        return "queued"
-
-    # --- the training lane: one thread, one fine-tune at a time ----------------------------------
-
-    def _hand_to_training(self, item: _Planned) -> str | None:
-        with self.training_cv:
-            accepted = not self.training_closed
-            if accepted:
-                self.training_queue.append(item)
-                ahead = len(self.training_queue) - 1 + (self.training_current is not None)
-                self.training_cv.notify()
-        if not accepted:  # planned while the service was stopping
-            return self._give_back(item.claim, item.build)
-        log.info("job_waiting_for_training", jobs_ahead=ahead)
-        return None
-
-    def _training_lane(self) -> None:
-        while True:
-            with self.training_cv:
-                while not self.training_queue and not self.training_closed:
-                    self.training_cv.wait()
-                if self.training_closed:  # the queue was handed back by _shutdown
-                    return
-                item = self.training_queue.popleft()
-                self.training_current = item
-            job_id = item.claim.job_id
-            try:
-                with structlog.contextvars.bound_contextvars(job_id=job_id):
-                    status = self._guarded(item.claim, lambda: self._training_phase(item))
-                    log.info("job_finished", status=status,
-                             duration_s=round(time.monotonic() - item.started, 3))
-            finally:
-                with self.training_cv:
-                    self.training_current = None
-                self.hints.put(("job_done", job_id))
-
-    def _training_phase(self, item: _Planned) -> str:
-        assert self.journal is not None
-        with self._machine_training_lock() as held:
-            if not held:  # stopped while another daemon was training
-                return self._give_back(item.claim, item.build)
-            self.journal.resume(item.claim.job_id)
-            return self._execute_phase(item.claim, item.plan, item.build, item.attempt,
-                                       waited_s=round(time.monotonic() - item.started, 3))
-
-    @contextlib.contextmanager
-    def _machine_training_lock(self):
-        """One fine-tune at a time across every daemon sharing this state directory (the default for
-        daemons on one root): an ``flock`` on ``<state_dir>/training.lock``, waited for while
-        listening for a stop request. Yields False when the service stopped first."""
-        fd = os.open(self.paths.state_dir / TRAINING_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            waiting = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if not waiting:
-                        waiting = True
-                        log.info("training_lock_wait", hint="another daemon sharing this state directory "
-                                                            "is training; one fine-tune runs at a time")
-                    if self.job_stop.wait(0.5):
-                        yield False
-                        return
-            yield True
-        finally:
-            os.close(fd)  # closing drops the lock
-
-    def _close_training_lane(self) -> list[_Planned]:
-        """Stop the lane taking jobs; returns the fine-tunes that were waiting (to give back)."""
-        with self.training_cv:
-            self.training_closed = True
-            waiting = list(self.training_queue)
-            self.training_queue.clear()
-            self.training_cv.notify_all()
-        return waiting
-
-    def _training_counts(self) -> tuple[int, int]:
-        """(training now, waiting for training)."""
-        with self.training_cv:
-            return int(self.training_current is not None), len(self.training_queue)
-
-    def _fail(self, claim: Claim, error: dict, *, attempts: int | None = None,
-              build: Path | None = None) -> None:
-        assert self.journal is not None
-        job_id = claim.job_id
-        record = self.journal.get(job_id)
-        error = {**error, "job_id": job_id,
-                 "attempts": attempts if attempts is not None else (record.attempts if record else 0),
-                 "failed_at": utc_now()}
-        if build is not None and build.exists():
-            # keep the job's log and the trainer's stderr with its inputs (error.json points at the
-            # latter); the rest of a failed build is not an output
-            for name in ("job.log", "trainer_stderr.log"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(build / name, claim.path / name)
-                    if name == "trainer_stderr.log":
-                        error["stderr_path"] = name  # beside error.json in failed/<job_id>/
-                        # the message names the file where the user will find it, not the build
-                        error["message"] = str(error.get("message", "")).replace(
-                            str(build / name), str(self.paths.failed / job_id / name))
-            shutil.rmtree(build, ignore_errors=True)
-        self.journal.fail(job_id, error)
-        kept_log = claim.path / "job.log"
-        with job_log(kept_log, job_id) if kept_log.exists() else contextlib.nullcontext():
-            log.warning("job_failed", error_type=error.get("error_type"), message=error.get("message"),
-                        hint=error.get("hint"), attempts=error["attempts"])
-        self._move_inputs(claim, self.paths.failed, note=("error.json", error))
-
-
-@dataclass
-class _Planned:
-    """A planned fine-tune handed from a pool worker to the training lane."""
-
-    claim: Claim
-    plan: Any  # fine_tuner.JobPlan
-    build: Path
-    attempt: int
-    started: float  # monotonic time the job started on the pool (job_finished's duration_s)
-
 
 def _warm_up() -> None:
     """Import what a job needs while the service waits, so that the first drop is not the one that
@@ -980,32 +501,3 @@ def _warm_up() -> None:
 
     from . import dataset, fine_tuner, modelset  # noqa: F401
     log.info("warm_up_done", duration_s=round(time.monotonic() - started, 3))
-
-
-def _frames(exc: BaseException) -> list[str]:
-    """Where an exception came from, without its text (which may quote data)."""
-    return [f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
-
-
-def _os_error_fields(exc: BaseException) -> dict:
-    """Log fields for an OS or journal error: its type and errno, never its text."""
-    return {"error_type": type(exc).__name__, "errno": getattr(exc, "errno", None)}
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """A write failed for lack of space (the outputs' disk, or the journal's)."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, JournalError) and bool(getattr(exc, "disk_full", False))
-
-
-def _names(claim: Claim) -> list[str]:
-    return sorted(escape_name(n) for n in claim.files.values())
-
-
-def _error_fields(exc: BaseException) -> dict:
-    """error.json fields for an expected job failure."""
-    if isinstance(exc, FineTunerError):
-        return exc.to_dict()
-    return {"error_type": type(exc).__name__, "message": str(exc),
-            "hint": "add rows, or enable fallback to build a model set"}

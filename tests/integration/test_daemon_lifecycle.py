@@ -14,8 +14,8 @@ from collections import Counter
 from tests.conftest import leftovers, wait_for
 from tests.integration.conftest import MARKER, REPO, all_log_text
 
-MODEL_SET_OUTPUTS = ["Modelfile", "fine_tuning_metadata.json", "job.log", "model_set_config.json",
-                     "validation_data.jsonl"]  # 600 rows: 10 % held out
+MODEL_SET_OUTPUTS = ["Modelfile", "fine_tuning_metadata.json", "job.log", "model_set_config.json"]
+HELD_OUT = "validation_data.jsonl"  # only datasets of 50 rows or more hold rows out
 
 
 def _check_invariants(root, stems: list[str]) -> None:
@@ -31,7 +31,8 @@ def _check_invariants(root, stems: list[str]) -> None:
     successes = {p.name for p in root.processed.iterdir() if not (p / "duplicate.json").exists()}
     assert {p.name for p in root.outputs.iterdir()} == successes
     for job_id in successes:
-        assert sorted(os.listdir(root.outputs / job_id)) == MODEL_SET_OUTPUTS
+        files = sorted(os.listdir(root.outputs / job_id))
+        assert files in (MODEL_SET_OUTPUTS, sorted([*MODEL_SET_OUTPUTS, HELD_OUT])), files
     assert leftovers(root.path) == []
     assert os.listdir(root.inbox / ".work") == []
 
