@@ -67,7 +67,7 @@ def package_checks(report: CapabilityReport) -> None:
 def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | None) -> None:
     """Base weights found, of an architecture Ollama takes adapters for (and the same as the Ollama
     model's when known), with a chat template. Reads files only (``training.resolve_base_weights``)."""
-    from .training import ADAPTER_MODEL_TYPES, resolve_base_weights, with_tag
+    from .training import ADAPTER_MODEL_TYPES, hf_cache_dir, hf_endpoint, resolve_base_weights, with_tag
 
     model = report.model
     base = resolve_base_weights(model, cfg.base_models, allow_download=cfg.training.allow_download)
@@ -75,8 +75,12 @@ def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | Non
     if base.local_dir is not None:
         report.add("base_weights", True, f"Hugging Face weights for {model} found in {base.local_dir}")
     elif base.ref is not None and base.problem is None:
-        report.add("base_weights", True, f"{base.hf_id} is not on disk yet; the trainer downloads it "
-                                         "(training.allow_download is on)")
+        # passes (the trainer may download them) but says so: the download is large and can fail
+        report.add("base_weights", True,
+                   f"the weights of {base.hf_id} are not on disk (not in the Hugging Face cache "
+                   f"{hf_cache_dir()}) and will have to be downloaded from {hf_endpoint()} when training "
+                   "starts (training.allow_download is on; a gated model needs a token in HF_TOKEN): "
+                   f"to have them on disk beforehand, run `hf download {base.hf_id}`")
     else:
         detail = base.problem or f"no Hugging Face weights found for {model}"
         if base.ref is None:

@@ -12,7 +12,12 @@ stderr: only counts and row numbers.
 
 Exit codes: 0 done; 2 the spec or the device is unusable; 3 the data cannot be trained on;
 4 the supervising parent died (checked every step, so a killed daemon leaves no orphan training);
-1 anything unexpected (traceback on stderr, which the parent keeps in the job folder).
+5 the base weights could not be downloaded from the Hugging Face Hub (only when they are not on
+disk and ``training.allow_download`` is on): the last stderr line is then ``trainer: the weights of
+<hf id> could not be downloaded: <cause>`` (the Hub unreachable, a gated or missing repository, an
+HTTP error), which the parent puts in its error; one HEAD request without retries is made before
+anything is loaded, so an unreachable Hub fails at once instead of after huggingface_hub's
+backoff; 1 anything unexpected (traceback on stderr, which the parent keeps in the job folder).
 
 Test hook: when the environment has ``FT_TRAINER_TEST_HOOK=hang`` the child sleeps for
 ``FT_TRAINER_TEST_HANG_S`` seconds (default 600) before training; ``hang-ignore-sigterm`` also
@@ -29,16 +34,22 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .fsutil import publish_dir, temp_dir_for, write_json
 
 EXIT_SPEC = 2
 EXIT_DATA = 3
 EXIT_ORPHANED = 4
+EXIT_DOWNLOAD = 5
+DOWNLOAD_FAILED = "could not be downloaded: "  # the parent finds the cause after this in stderr
 HOOK_ENV = "FT_TRAINER_TEST_HOOK"
 HANG_ENV = "FT_TRAINER_TEST_HANG_S"
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+T = TypeVar("T")
 
 
 class TrainerExit(Exception):
@@ -157,6 +168,89 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
     return input_ids, mask, labels
 
 
+# --- downloading the base weights --------------------------------------------------------------
+
+def hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _download_cause(exc: BaseException, endpoint: str) -> tuple[int, str] | None:
+    """(rank, cause) when ``exc`` alone says why the Hub could not deliver the files; a lower rank
+    is more specific. Checked by class name as well, so that no HTTP library must be importable."""
+    from huggingface_hub import errors as hub
+
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if isinstance(exc, hub.GatedRepoError):
+        return 0, ("the repository is gated: accept its conditions on its Hub page and give a token of "
+                   "that account in HF_TOKEN")
+    if isinstance(exc, hub.RepositoryNotFoundError):
+        return 1, "the repository does not exist, or it is private and HF_TOKEN holds no token with access"
+    if isinstance(exc, hub.RevisionNotFoundError):
+        return 1, "the repository has no such revision"
+    if isinstance(exc, hub.DisabledRepoError):
+        return 1, "the repository is disabled on the Hub"
+    if isinstance(exc, hub.RemoteEntryNotFoundError):
+        return 1, "the repository lacks a file transformers needs (config.json or the weights)"
+    if isinstance(exc, hub.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return 2, f"the Hugging Face Hub at {endpoint} answered HTTP {status or 'with an error'}"
+    if isinstance(exc, hub.OfflineModeIsEnabled):
+        return 3, "HF_HUB_OFFLINE is set in the trainer's environment"
+    if names & {"TransportError", "NetworkError", "TimeoutException", "ConnectionError", "Timeout",
+                "ConnectionRefusedError", "TimeoutError", "gaierror"}:
+        return 4, (f"the Hugging Face Hub at {endpoint} could not be reached "
+                   f"({type(exc).__name__}: {_one_line(exc)})")
+    if isinstance(exc, hub.LocalEntryNotFoundError):
+        return 5, f"the Hugging Face Hub at {endpoint} could not be reached and the files are not in the cache"
+    if isinstance(exc, OSError) and "couldn't connect" in str(exc):
+        return 6, f"the Hugging Face Hub at {endpoint} could not be reached"
+    return None
+
+
+def download_failure(exc: BaseException, endpoint: str | None = None) -> str | None:
+    """Why ``exc`` (or an exception it was raised from) means the weights could not be downloaded,
+    else None. transformers wraps the Hub's errors (an ``OSError`` "We couldn't connect ..." from a
+    ``LocalEntryNotFoundError`` from a connection error), so the whole chain is read and the most
+    specific cause wins."""
+    endpoint = endpoint or hub_endpoint()
+    best: tuple[int, str] | None = None
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found = _download_cause(current, endpoint)
+        if found is not None and (best is None or found[0] < best[0]):
+            best = found
+        current = current.__cause__ or current.__context__
+    return None if best is None else best[1]
+
+
+def check_hub(repo_id: str) -> None:
+    """One HEAD request for ``config.json``, without retries: an unreachable Hub, a gated or missing
+    repository fails here at once (from_pretrained would retry with backoff for about a minute)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    get_hf_file_metadata(hf_hub_url(repo_id, "config.json"))
+
+
+def from_hub(spec: dict, load: Callable[[], T]) -> T:
+    """``load()``, turning a failed download of weights that are not on disk into ``EXIT_DOWNLOAD``."""
+    if spec.get("base_dir") is not None:  # on disk: nothing is downloaded
+        return load()
+    try:
+        return load()
+    except Exception as exc:
+        cause = download_failure(exc)
+        if cause is None:
+            raise
+        raise TrainerExit(EXIT_DOWNLOAD, f"the weights of {spec['base_ref']} {DOWNLOAD_FAILED}{cause}") from None
+
+
 # --- device and model --------------------------------------------------------------------------
 
 def pick_device(requested: str) -> str:
@@ -262,7 +356,9 @@ def train(spec: dict, started: float) -> dict:
     dtype = pick_dtype(device)
     out_dir = Path(spec["output_dir"])
 
-    tokenizer = AutoTokenizer.from_pretrained(spec["base_ref"])
+    if spec.get("base_dir") is None:
+        from_hub(spec, lambda: check_hub(spec["base_ref"]))
+    tokenizer = from_hub(spec, lambda: AutoTokenizer.from_pretrained(spec["base_ref"]))
     if not getattr(tokenizer, "chat_template", None):
         raise TrainerExit(EXIT_SPEC, "the base tokenizer has no chat template; use instruct/chat weights")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -276,7 +372,7 @@ def train(spec: dict, started: float) -> dict:
         raise TrainerExit(EXIT_DATA, f"no training row fits in sequence_len={seq_len} tokens "
                                      f"({len(dropped)} dropped): raise training.sequence_len")
 
-    model = load_model(spec, device, dtype)
+    model = from_hub(spec, lambda: load_model(spec, device, dtype))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(spec["learning_rate"]), weight_decay=0.0)

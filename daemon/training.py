@@ -8,7 +8,9 @@ relays each ``training_log.jsonl`` line to ``on_progress``, and ends the child o
 ``stop_event`` is set (SIGTERM, then SIGKILL after ``grace_s``). This module never imports torch,
 transformers or peft, not even lazily: the daemon must stay light, and a crash in the ML stack must
 only ever take the child down. The child's stderr stays in the job folder, never in the daemon log,
-because it could quote training text.
+because it could quote training text; the one exception is the line the child writes itself when
+the base weights could not be downloaded (exit code ``trainer.EXIT_DOWNLOAD``), whose cause the
+error repeats, with what to do.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .config import TrainingConfig
 from .errors import TrainingFailedError, TrainingInterruptedError
 from .fsutil import temp_dir_for, write_json
 from .logconfig import get_logger
+from .trainer import DEFAULT_ENDPOINT, DOWNLOAD_FAILED, EXIT_DOWNLOAD
 
 log = get_logger("training")
 
@@ -124,6 +127,11 @@ def hf_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
     return base / "huggingface" / "hub"
 
 
+def hf_endpoint(env: Mapping[str, str] = os.environ) -> str:
+    """The Hub the weights are downloaded from (``HF_ENDPOINT``, else huggingface.co)."""
+    return (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
 def find_in_hf_cache(hf_id: str, env: Mapping[str, str] = os.environ) -> Path | None:
     """The snapshot folder of ``hf_id`` holding a config.json (``refs/main`` first, else the newest)."""
     repo = hf_cache_dir(env) / ("models--" + hf_id.replace("/", "--"))
@@ -199,7 +207,7 @@ def resolve_base_weights(model_name: str, base_models: Mapping[str, str], *,
     why = "HF_HUB_OFFLINE is set" if allow_download else "training.allow_download is off"
     return BaseWeights(model_name, ref, hf_id, None, None, False,
                        f"weights for {hf_id} are not in the local Hugging Face cache ({hf_cache_dir(env)}) "
-                       f"and {why}: run `huggingface-cli download {hf_id}`, or set base_models: "
+                       f"and {why}: run `hf download {hf_id}`, or set base_models: "
                        f"{with_tag(model_name)}: <local weights dir>")
 
 
@@ -404,11 +412,43 @@ def run_training(job_dir: str | os.PathLike, *, base: BaseWeights, training: Tra
             hint="raise training.timeout_s, use a smaller base model or fewer epochs, or train on a GPU")
     if code != 0:
         shutil.rmtree(temp_dir_for(job_dir / ADAPTER_DIR), ignore_errors=True)
+        if code == EXIT_DOWNLOAD:
+            log.error("training_failed", pid=proc.pid, duration_s=duration_s, exit_code=code,
+                      stderr_path=str(stderr_path), reason="weights_not_downloaded")
+            raise _download_failed(base, code, stderr_path)
         log.error("training_failed", pid=proc.pid, duration_s=duration_s, exit_code=code,
                   stderr_path=str(stderr_path))
         raise TrainingFailedError(f"the trainer failed ({describe_exit(code)}); see {stderr_path}",
                                   exit_code=code, stderr_path=str(stderr_path))
     return _collect(job_dir, log_path, stderr_path, code, duration_s)
+
+
+def _download_cause(stderr_path: Path) -> str:
+    """The cause the child wrote on its own last line (``trainer: the weights of X could not be
+    downloaded: <cause>``); only that line is read, never the rest of the log."""
+    try:
+        with open(stderr_path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4096))
+            tail = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return "the trainer gave no cause"
+    lines = [line for line in tail.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    if not last.startswith("trainer: the weights of ") or DOWNLOAD_FAILED not in last:
+        return "the trainer gave no cause"
+    cause = last.split(DOWNLOAD_FAILED, 1)[1]
+    return "".join(ch if ch.isprintable() else "?" for ch in cause)[:300]
+
+
+def _download_failed(base: BaseWeights, code: int, stderr_path: Path) -> TrainingFailedError:
+    hf_id = base.hf_id or base.ref or base.ollama_name
+    return TrainingFailedError(
+        f"the weights of {hf_id} could not be downloaded: {_download_cause(stderr_path)}; see {stderr_path}",
+        exit_code=code, stderr_path=str(stderr_path),
+        hint=f"check the network, HF_ENDPOINT and the Hugging Face token (HF_TOKEN), or download the weights "
+             f"first with `hf download {hf_id} --local-dir <folder>` and set base_models: "
+             f"{with_tag(base.ollama_name)}: <folder> in the config")
 
 
 def _collect(job_dir: Path, log_path: Path, stderr_path: Path, code: int,

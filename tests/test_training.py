@@ -316,6 +316,30 @@ def test_unusable_base_fails_before_spawning(tmp_path):
     assert not (job / "run_spec.json").exists()
 
 
+def test_unreachable_hub_fails_at_once_naming_the_weights_and_what_to_do(tmp_path, monkeypatch):
+    """With downloads allowed and the Hub unreachable, the child exits 5 with one line and the error says why."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    base = resolve_base_weights("x:1b", {"x:1b": "org/not-cached"}, allow_download=True)
+    assert (base.hf_id, base.local_dir, base.problem) == ("org/not-cached", None, None)
+    job = write_job(tmp_path / "job")
+    with structlog.testing.capture_logs() as logs, pytest.raises(TrainingFailedError) as info:
+        run_training(job, base=base, training=TrainingConfig())
+    err, stderr_path = info.value, job / "trainer_stderr.log"
+    cause = "the Hugging Face Hub at http://127.0.0.1:9 could not be reached (ConnectError: [Errno 111] Connection refused)"
+    assert err.exit_code == 5
+    assert stderr_path.read_text() == f"trainer: the weights of org/not-cached could not be downloaded: {cause}\n"
+    assert err.message == f"the weights of org/not-cached could not be downloaded: {cause}; see {stderr_path}"
+    assert err.hint == ("check the network, HF_ENDPOINT and the Hugging Face token (HF_TOKEN), or download the "
+                        "weights first with `hf download org/not-cached --local-dir <folder>` and set "
+                        "base_models: x:1b: <folder> in the config")
+    assert [(e["event"], e.get("reason")) for e in logs] == [("training_started", None),
+                                                             ("training_failed", "weights_not_downloaded")]
+    assert not (job / "adapter").exists()
+
+
 def test_parent_module_imports_no_ml_library():
     """Importing the parent side (training, capability) loads neither torch, transformers nor peft."""
     code = ("import sys, daemon.training, daemon.capability\n"
@@ -382,7 +406,7 @@ class TestResolveBaseWeights:
         assert base.local_dir is None
         assert base.problem == (
             f"weights for meta-llama/Llama-3.2-1B-Instruct are not in the local Hugging Face cache "
-            f"({tmp_path}) and training.allow_download is off: run `huggingface-cli download "
+            f"({tmp_path}) and training.allow_download is off: run `hf download "
             f"meta-llama/Llama-3.2-1B-Instruct`, or set base_models: llama3.2:1b: <local weights dir>")
 
     def test_download_allowed_unless_offline(self, tmp_path):
@@ -391,7 +415,10 @@ class TestResolveBaseWeights:
         online = resolve_base_weights("gemma2:2b", {}, allow_download=True, env=env)
         offline = resolve_base_weights("gemma2:2b", {}, allow_download=True, env={**env, "HF_HUB_OFFLINE": "1"})
         assert (online.hf_id, online.local_dir, online.problem) == ("google/gemma-2-2b-it", None, None)
-        assert "HF_HUB_OFFLINE is set" in offline.problem
+        assert offline.problem == (
+            f"weights for google/gemma-2-2b-it are not in the local Hugging Face cache ({tmp_path}) and "
+            "HF_HUB_OFFLINE is set: run `hf download google/gemma-2-2b-it`, or set base_models: "
+            "gemma2:2b: <local weights dir>")
 
     def test_unknown_name(self):
         """A name neither configured nor built in says which config entry to add."""
@@ -443,6 +470,23 @@ class TestWeightsChecks:
         assert check.ok is False
         assert check.detail == ("the weights are 'llama' (llama in Ollama) but the Ollama model "
                                 f"{TINY_NAME} is 'gemma2': configure the weights of the same base model")
+
+    def test_weights_to_download_are_said_to_be_missing(self, tmp_path, monkeypatch):
+        """With allow_download on and nothing on disk, base_weights passes but says the weights must be downloaded."""
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        cfg = load_config(env={}, overrides={"training": {"allow_download": True}})
+        report = CapabilityReport(model="llama3.2:1b")
+        weights_checks(report, cfg, None)
+        assert [(c.name, c.ok, c.required) for c in report.checks] == [
+            ("base_weights", True, True), ("weights_architecture", False, False), ("chat_template", False, False)]
+        assert report.checks[0].detail == (
+            f"the weights of meta-llama/Llama-3.2-1B-Instruct are not on disk (not in the Hugging Face cache "
+            f"{tmp_path}) and will have to be downloaded from http://127.0.0.1:9 when training starts "
+            "(training.allow_download is on; a gated model needs a token in HF_TOKEN): to have them on "
+            "disk beforehand, run `hf download meta-llama/Llama-3.2-1B-Instruct`")
+        assert report.supported is True
 
     def test_unknown_model_says_what_to_configure(self):
         """A model without known weights fails base_weights with the base_models entry to add."""
