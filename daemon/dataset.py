@@ -49,13 +49,13 @@ from .mapping import (
     infer_mapping,
     load_mapping,
     mapping_from_object,
+    rows_text,
 )
 
 if TYPE_CHECKING:  # pandas is imported lazily by the implementation where it is needed
     import numpy as np
     import pandas as pd
 
-ROW_LIST = 10  # how many row numbers a warning or error names before "and N more"
 
 
 @dataclass
@@ -163,13 +163,6 @@ def _resolve_columns(df: pd.DataFrame, source: str) -> dict[str, str]:
     if ident:
         columns["id"] = ident
     return columns
-
-
-def rows_text(rows: list[int] | np.ndarray, limit: int = ROW_LIST) -> str:
-    """``row 3``, ``rows 3, 7, 12`` or ``rows 3, 7, 12 and 4 more`` (the first ``limit`` rows named)."""
-    shown, total = [int(r) for r in rows[:limit]], len(rows)
-    more = f" and {total - len(shown)} more" if total > len(shown) else ""
-    return f"row{'s' if total != 1 else ''} {', '.join(map(str, shown))}{more}"
 
 
 def _conflicting_duplicates(prompts: np.ndarray, ratings: np.ndarray) -> tuple[int, np.ndarray]:

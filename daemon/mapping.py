@@ -52,7 +52,16 @@ MAX_MAPPING_BYTES = MAX_COMPANION_BYTES  # a rating mapping is a few labels; any
 MAPPING_SUFFIXES = (".json", ".yaml", ".yml")
 
 _INT_TEXT = re.compile(r"[+-]?\d+")
-_ROW_LIST = 5  # how many row numbers an error message names
+_ROW_LIST = 5  # how many labels or cell problems an error message names
+ROW_LIST = 10  # how many row numbers a warning or error names before "and N more"
+
+
+def rows_text(rows, limit: int = ROW_LIST) -> str:
+    """``row 3``, ``rows 3, 7, 12`` or ``rows 3, 7, 12 and 4 more`` (the first ``limit`` rows named).
+    Rows are 1-based data rows (the first row after the header is row 1); never a cell value."""
+    shown, total = [int(r) for r in rows[:limit]], len(rows)
+    more = f" and {total - len(shown)} more" if total > len(shown) else ""
+    return f"row{'s' if total != 1 else ''} {', '.join(map(str, shown))}{more}"
 
 
 @dataclass(frozen=True)
@@ -246,8 +255,10 @@ def infer_mapping(df: pd.DataFrame, source: str = "<dataframe>") -> RatingMappin
     conflicts = {label: sorted(values) for label, values in seen.items() if len(values) > 1}
     if conflicts:
         shown = ", ".join(f"{label!r} ({'/'.join(map(str, v))})" for label, v in list(conflicts.items())[:_ROW_LIST])
+        rows = np.flatnonzero(usable & np.isin(labels_text, list(conflicts))) + 1  # 1-based data rows
         raise MappingError(f"cannot infer the rating mapping: {len(conflicts)} label(s) appear with more than "
-                           f"one {RATING_COLUMN}: {shown}", file=source, column=EXPERT_RATING_COLUMN,
+                           f"one {RATING_COLUMN}: {shown} in {rows_text(rows)}", file=source,
+                           column=EXPERT_RATING_COLUMN, row=int(rows[0]),
                            hint="fix the rows whose label and rating disagree, or give a mapping file")
     return RatingMapping({label: next(iter(values)) for label, values in seen.items()},
                          f"inferred from {EXPERT_RATING_COLUMN!r}", inferred=True)

@@ -195,3 +195,16 @@ def test_mapping_file_name_is_escaped(tmp_path):
     path = tmp_path / os.fsdecode(b"M\xe4rz\x1b[2J.mapping.json")
     path.write_text("[1, 2]")
     assert _mapping_error(path).file == "M\\xe4rz\\x1b[2J.mapping.json"
+
+
+def test_inferred_mapping_conflict_names_the_rows():
+    """A label seen with two ratings names the 1-based data rows of that label, never a cell value."""
+    import pandas as pd
+
+    df = pd.DataFrame({"Expert Rating": ["Match", "Match", "No", "Match"],
+                       "Standardized_Rating": ["1", "0", "0", "1"]})
+    with pytest.raises(MappingError) as info:
+        infer_mapping(df, source="v.csv")
+    assert info.value.message.endswith("1 label(s) appear with more than one Standardized_Rating: "
+                                       "'Match' (0/1) in rows 1, 2, 4")
+    assert info.value.row == 1
