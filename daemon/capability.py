@@ -141,8 +141,8 @@ def ollama_checks(report: CapabilityReport, client: OllamaClient, register_mode:
     try:
         version = client.version()
     except OllamaError as exc:
-        report.add("ollama_reachable", False, f"Ollama at {client.base_url} is not reachable: {exc}",
-                   required=hard)
+        # the client's message already names the server and what happened
+        report.add("ollama_reachable", False, str(exc), required=hard)
         skipped = "not checked: Ollama is not reachable"
         report.add("ollama_model", False, skipped, required=hard)
         report.add("adapter_architecture", False, skipped, required=hard)

@@ -118,6 +118,6 @@ def test_silent_server_fails_reachable_once_for_the_shared_memory(fake_ollama):
     assert fake_ollama.accepted == 1
     assert [_checks(r)["ollama_reachable"] for r in reports] == [(False, False), (False, False)]
     assert _detail(reports[0], "ollama_reachable") == (
-        f"Ollama at {fake_ollama.url} is not reachable: Ollama at {fake_ollama.url} timed out (GET /api/version) "
+        f"Ollama at {fake_ollama.url} timed out (GET /api/version) "
         "(Ollama did not answer completely within 1 s (ollama.connect_timeout_s + ollama.read_timeout_s): "
         "check the server's load, or raise ollama.read_timeout_s / ollama.create_timeout_s)")
