@@ -21,6 +21,7 @@ exception message holds a cell value or an answer.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -31,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import evaluation, fsutil, prompts
 from .config import Config
@@ -86,7 +87,7 @@ class RatingModel:
     def fingerprint(self) -> str:
         """sha256 of everything that decides an answer (a resumed run must use the same model)."""
         data = {"base": self.base_model, "ollama_name": self.ollama_name, "system": self.system,
-                "few_shot": self.few_shot, "adapter": self.adapter_dir is not None,
+                "few_shot": self.few_shot, "adapter": str(self.adapter_dir) if self.adapter_dir else None,
                 "template": self.template.to_json() if self.template else None,
                 "labels": {str(k): int(v) for k, v in sorted(self.labels.items())}}
         return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
@@ -130,7 +131,6 @@ def model_from_folder(output_dir: str | os.PathLike) -> RatingModel:
     """The model an output folder holds: its fine-tune (base + adapter) or its model set, with the
     registered Ollama name when registration succeeded and the prompt template it was built with."""
     from .register import few_shot_messages
-    from .template import Template as _Template
 
     folder = Path(output_dir)
     meta = _read_json(folder / "fine_tuning_metadata.json")
@@ -139,7 +139,7 @@ def model_from_folder(output_dir: str | os.PathLike) -> RatingModel:
         raise RatingError(f"fine_tuning_metadata.json in {folder.name} records no rating labels")
     registration = meta.get("registration") or {}
     registered = registration.get("name") if registration.get("registered") else None
-    template = _Template.from_json(meta["prompt_template"]) if meta.get("prompt_template") else None
+    template = Template.from_json(meta["prompt_template"]) if meta.get("prompt_template") else None
     base = str(meta.get("model") or "")
     approach = meta.get("approach")
     if approach == "fine_tune":
@@ -234,40 +234,46 @@ class _Counts:
             self.by_rating[rating] = self.by_rating.get(rating, 0) + 1
 
 
-def _read_part(part: Path, header: list[str], names: Mapping[int, str]) -> tuple[int, _Counts] | None:
-    """(records in the part file, their counts) after cutting off a last line that was not finished;
-    None when not even the header was written whole (the part is then started afresh)."""
+def _read_part(fh: IO[bytes], name: str, header: list[str], names: Mapping[int, str]) -> tuple[int, _Counts]:
+    """(records in the part file, their counts), after cutting off a last line that was not finished
+    (its writer was killed mid-write); a part without even a whole header is started afresh."""
     counts = _Counts({v: 0 for v in names})
     records = 0
-    keep = 0  # bytes of the complete lines
-    with open(part, "rb") as fh:
-        first = fh.readline()
-        if not first.endswith(b"\n"):
-            return None
-        if next(csv.reader([first.decode("utf-8")])) != header:
-            raise RatingError(f"{part.name} was written with other columns than this run writes",
-                              hint=f"remove {part.name} (and {part.name}.json) to rate from the start")
+    fh.seek(0)
+    first = fh.readline()
+    if not first.endswith(b"\n"):
+        keep = 0
+    else:
+        if next(csv.reader([first.decode("utf-8", errors="replace")])) != header:
+            raise RatingError(f"{name} was written with other columns than this run writes",
+                              hint=f"remove {name} to rate from the start")
         keep = len(first)
         for line in fh:
             if not line.endswith(b"\n"):
                 break
+            try:
+                cells = next(csv.reader([line.decode("utf-8")]))
+                # an empty prompt was asked of nobody: its model cell is empty
+                counts.add(int(cells[1]) if cells[4] == "true" else None, empty=cells[5] == "")
+            except (ValueError, IndexError, StopIteration):
+                raise RatingError(f"{name} is damaged at line {records + 2}",
+                                  hint=f"remove {name} to rate from the start") from None
             keep += len(line)
             records += 1
-            cells = next(csv.reader([line.decode("utf-8")]))
-            # an empty prompt was asked of nobody: its model cell is empty
-            counts.add(int(cells[1]) if cells[4] == "true" else None, empty=cells[5] == "")
-    if part.stat().st_size != keep:
-        with open(part, "rb+") as fh:
-            fh.truncate(keep)
-            fh.flush()
-            os.fsync(fh.fileno())
+    if fh.seek(0, os.SEEK_END) != keep or keep == 0:
+        fh.truncate(keep)
+        if keep == 0:  # a new part file (or one cut off inside its header)
+            fh.write(_csv_lines([header]).encode("utf-8"))
+        fh.flush()
+        os.fsync(fh.fileno())
     return records, counts
 
 
-def _start_or_resume(part: Path, sidecar: Path, identity: dict, header: list[str],
-                     names: Mapping[int, str]) -> tuple[int, _Counts]:
-    """Records already rated (0 for a fresh start) and their counts; refuses a part file that is not
-    this input's or this model's."""
+def _open_part(part: Path, sidecar: Path, identity: dict, header: list[str],
+               names: Mapping[int, str]) -> tuple[IO[bytes], int, _Counts]:
+    """The part file, open for appending and locked (two runs never write one part file), with the
+    records it already holds (0 for a fresh start) and their counts. A part file of another input or
+    model, or one whose sidecar is missing, is refused and left as it is."""
     if part.exists():
         if not sidecar.is_file():
             raise RatingError(f"{part.name} exists but {sidecar.name}, which says which input it belongs to, "
@@ -278,17 +284,21 @@ def _start_or_resume(part: Path, sidecar: Path, identity: dict, header: list[str
                 raise RatingError(f"{part.name} holds ratings of another {what} (its {key} differs)",
                                   hint=f"rate the same {what} to resume, or remove {part.name} and "
                                        f"{sidecar.name} to rate from the start")
-        found = _read_part(part, header, names)
-        if found is not None:
-            return found
-        part.unlink()
-    fsutil.write_json(sidecar, identity)
-    with open(part, "x", encoding="utf-8", newline="") as fh:
-        fh.write(_csv_lines([header]))
-        fh.flush()
-        os.fsync(fh.fileno())
-    fsutil.fsync_dir(part.parent)
-    return 0, _Counts({v: 0 for v in names})
+    else:
+        fsutil.write_json(sidecar, identity)
+    fh = open(part, "a+b")  # noqa: SIM115 - held open, locked, for the whole run
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RatingError(f"another run is rating into {part.name}",
+                              hint="wait for it to finish, or stop it and run again to resume") from None
+        records, counts = _read_part(fh, part.name, header, names)
+        fsutil.fsync_dir(part.parent)
+    except BaseException:
+        fh.close()
+        raise
+    return fh, records, counts
 
 
 # --- progress ----------------------------------------------------------------------------------
@@ -387,11 +397,13 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
     sidecar = output.with_name(output.name + SIDECAR_SUFFIX)
     identity = {"input": info.file, "input_sha256": info.sha256, "rows": total,
                 "model_fingerprint": model.fingerprint(), "model_source": model.source, "created_at": started_at}
-    resumed, counts = _start_or_resume(part, sidecar, identity, header, names)
-
-    schema = prompts.output_schema(model.values)
-    answer, model_name = _rater(model, chosen, weights, config, schema, memory)
+    answer, model_name = _rater(model, chosen, weights, config, prompts.output_schema(model.values), memory)
     prefix = _prefix(_eval_model(model), model.system, chosen)  # one object shared by every request
+    out, resumed, counts = _open_part(part, sidecar, identity, header, names)
+    if resumed > total:
+        out.close()
+        raise RatingError(f"{part.name} holds more records ({resumed}) than the input has rows ({total})",
+                          hint=f"remove {part.name} to rate from the start")
     log.info("rating_started", backend=chosen, model=model_name, rows=total, resumed_from=resumed,
              chunk_rows=chunk_rows, input_sha256=info.sha256)
     rating_started = time.monotonic()
@@ -399,7 +411,7 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
     done = resumed
     status = "done"
     try:
-        with open(part, "a", encoding="utf-8", newline="") as out:
+        with out:
             while done < total:
                 if stop_event is not None and stop_event.is_set():
                     status = "stopped"
@@ -428,7 +440,7 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
                     else:
                         rows.append([_one_line(ident), str(rating), _one_line(names[rating]),
                                      _one_line(_rationale(reply.text)), "true", _one_line(model_name)])
-                out.write(_csv_lines(rows))
+                out.write(_csv_lines(rows).encode("utf-8"))
                 out.flush()
                 os.fsync(out.fileno())
                 del rows, answers, by_position
@@ -436,15 +448,15 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
                 progress(done)
                 if on_progress is not None:
                     on_progress(done, total)
+            if status == "done":  # renamed while still locked: no other run can append meanwhile
+                os.replace(part, output)
+                fsutil.fsync_dir(output.parent)
+                sidecar.unlink(missing_ok=True)
     except TrainingInterruptedError:
         status = "stopped"  # the unfinished chunk is asked again when the run resumes
     except RaterError as exc:
         raise RatingError(f"{exc}; the {done} records rated so far are kept in {part.name}",
                           hint="fix the backend and run the same command again: it resumes from there") from None
-    if status == "done":
-        os.replace(part, output)
-        fsutil.fsync_dir(output.parent)
-        sidecar.unlink(missing_ok=True)
     duration = time.monotonic() - started
     rating_s = time.monotonic() - rating_started
     this_run = done - resumed
@@ -477,5 +489,5 @@ def write_summary(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["BACKENDS", "RatingError", "RatingModel", "model_from_folder", "model_from_name", "rate_file",
-           "write_summary"]
+__all__ = ["BACKENDS", "SUMMARY_FILE", "RatingError", "RatingModel", "model_from_folder", "model_from_name",
+           "rate_file", "write_summary"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import threading
 from collections import Counter
@@ -215,8 +216,8 @@ def test_a_cut_off_last_line_is_dropped_and_that_record_rated_once(fake_ollama, 
 
 
 def test_resuming_onto_another_input_or_model_is_refused(fake_ollama, tmp_path):
-    """A part file records its input's sha256 and the model: another input, or another system
-    prompt, is refused with a RatingError and the part file is left as it was."""
+    """A part file records its input's sha256 and the model: another input, another system prompt,
+    or a part file another run holds locked is refused with a RatingError, the part left as it was."""
     model = model_from_name("llama3.2:1b", system="Rate the visit.", labels=MAPPING)
     src, out = tmp_path / "new.csv", tmp_path / "ratings.csv"
     fake_ollama.chat_responder = Scripted(_input_csv(src, 20))
@@ -235,6 +236,11 @@ def test_resuming_onto_another_input_or_model_is_refused(fake_ollama, tmp_path):
     with pytest.raises(RatingError) as info:
         rate_file(other, src, out, config, chunk_rows=10)
     assert info.value.message == "ratings.csv.part holds ratings of another model (its model_fingerprint differs)"
+    with open(part, "rb") as held:  # a run still writing holds the part file's lock
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(RatingError) as info:
+            rate_file(model, src, out, config, chunk_rows=10)
+    assert info.value.message == "another run is rating into ratings.csv.part"
     assert part.read_bytes() == kept and not out.exists()
     assert len(fake_ollama.requests_to("/api/chat")) == asked
 
