@@ -56,11 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     proc.add_argument("--batch-size", type=int)
     proc.add_argument("--approach", choices=APPROACHES)
     proc.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to a model set")
+    proc.add_argument("--prompt-template", metavar="TEMPLATE",
+                      help="how a record becomes its prompt when the file has no formatted_prompt/Prompt "
+                           "column: a format string with {Column} fields, or a JSON list of columns")
 
     val = sub.add_parser("validate", parents=[common], help="report on a dataset without processing it")
     val.add_argument("--input", required=True, metavar="CSV")
     val.add_argument("--mapping", metavar="FILE")
     val.add_argument("--json", action="store_true", help="print the report as JSON")
+    val.add_argument("--prompt-template", metavar="TEMPLATE", help="as for process")
 
     chk = sub.add_parser("check", parents=[common], help="can MODEL be fine-tuned here? (exit 0 yes, 1 no)")
     chk.add_argument("model", metavar="MODEL")
@@ -77,6 +81,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="who answers (default: evaluation.backend, auto)")
     ev.add_argument("--max-rows", type=_positive_int, metavar="N", help="held-out rows evaluated at most")
     ev.add_argument("--json", action="store_true", help="print evaluation.json instead of the table")
+
+    rate = sub.add_parser("rate", parents=[common], help="rate new records with a built model")
+    rate.add_argument("--model", required=True, metavar="NAME|OUTPUT_DIR",
+                      help="a job's output folder (outputs/<job_id>), or a bare Ollama model name")
+    rate.add_argument("--input", required=True, metavar="CSV", help="the records to rate")
+    rate.add_argument("--output", metavar="CSV", help="ratings file (default: <input stem>.ratings.csv beside the input)")
+    rate.add_argument("--backend", choices=("auto", "ollama", "local"), default="auto")
+    rate.add_argument("--mapping", metavar="FILE", help="rating mapping (only with a bare Ollama name)")
+    rate.add_argument("--topics", help="target topic(s) of the system prompt (only with a bare Ollama name)")
+    rate.add_argument("--prompt-template", metavar="TEMPLATE",
+                      help="how a record becomes the prompt (only with a bare Ollama name): a format "
+                           "string with {Column} fields, or a JSON list of columns")
 
     st = sub.add_parser("status", parents=[common], help="queued, running, recent jobs from the journal")
     st.add_argument("--root", metavar="DIR")
@@ -157,7 +173,8 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_USAGE)
     handler = {"process": _cmd_process, "validate": _cmd_validate, "check": _cmd_check,
-               "watch": _cmd_watch, "status": _cmd_status, "evaluate": _cmd_evaluate}[args.command]
+               "watch": _cmd_watch, "status": _cmd_status, "evaluate": _cmd_evaluate,
+               "rate": _cmd_rate}[args.command]
     try:
         return handler(cfg, args)
     except ConfigError as exc:
@@ -186,7 +203,7 @@ def _cmd_process(cfg: Config, args: argparse.Namespace) -> int:
         "model": args.model, "topics": args.topics, "epochs": args.epochs,
         "learning_rate": args.learning_rate, "batch_size": args.batch_size,
         "approach": args.approach, "fallback": False if args.no_fallback else None,
-        "output_model": args.output_model,
+        "output_model": args.output_model, "prompt_template": _template_arg(args.prompt_template),
     }, source="command line")
     out_dir = Path(args.output_dir) if args.output_dir else _new_output_dir(
         Path(cfg.paths.root) / cfg.paths.outputs, csv_path.stem)
@@ -240,18 +257,25 @@ def _evaluation_line(evaluation: dict, out_dir: Path) -> str:
             f"see {out_dir / 'evaluation.md'}")
 
 
+def _bar(title: str):
+    """A one-line progress bar on stderr: ``show(percent, detail)`` redraws it."""
+    def show(pct: float, detail: str = "") -> None:
+        filled = int(max(0.0, min(pct, 100.0)) / 100 * 30)
+        print(f"\r{title} [{'#' * filled}{'.' * (30 - filled)}] {pct:5.1f}% {detail}", end="",
+              file=sys.stderr, flush=True)
+    return show
+
+
 def _progress_printer():
     """A one-line progress bar on stderr for training (only when stderr is a terminal)."""
+    bar = _bar("training")
+
     def show(event: dict) -> None:
-        pct = float(event.get("percent") or 0.0)
-        filled = int(pct / 100 * 30)
         loss = event.get("loss")
         eta = event.get("eta_s")
-        line = (f"\rtraining [{'#' * filled}{'.' * (30 - filled)}] {pct:5.1f}% "
-                f"step {event.get('step')}/{event.get('total_steps')}"
-                + (f" loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
-                + (f" eta {eta:.0f}s" if isinstance(eta, (int, float)) else ""))
-        print(line, end="", file=sys.stderr, flush=True)
+        bar(float(event.get("percent") or 0.0), f"step {event.get('step')}/{event.get('total_steps')}"
+            + (f" loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+            + (f" eta {eta:.0f}s" if isinstance(eta, (int, float)) else ""))
     return show
 
 
@@ -259,7 +283,11 @@ def _cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
     from .report import validation_report, format_validation_report
 
     _configure_logging(cfg, args, stdout=False)
-    report = validation_report(Path(args.input), Path(args.mapping) if args.mapping else None, cfg)
+    from .template import parse_template
+
+    template = _template_arg(args.prompt_template)
+    report = validation_report(Path(args.input), Path(args.mapping) if args.mapping else None, cfg,
+                               template=parse_template(template) if template is not None else None)
     print(json.dumps(report, indent=2, default=str) if args.json else _for_command_line(format_validation_report(report)))
     return EXIT_OK if report["usable"] else EXIT_FAILED
 
@@ -314,6 +342,73 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
         print(evaluation.table_text(report))
         print(f"written: {', '.join(str(folder / f) for f in files)}")
     return EXIT_OK
+
+
+def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
+    from . import rating
+
+    _configure_logging(cfg, args, stdout=False)
+    csv_path = Path(args.input)
+    if not csv_path.is_file():
+        return _fail(f"{csv_path}: no such file; pass the records to rate with --input", EXIT_USAGE)
+    model = _rating_model(cfg, args)
+    output = Path(args.output) if args.output else csv_path.with_name(f"{csv_path.stem}.ratings.csv")
+    progress = _bar("rating") if sys.stderr.isatty() else None
+    with structlog.contextvars.bound_contextvars(job_id=output.stem):
+        summary = rating.rate_file(model, csv_path, output, cfg, backend=args.backend,
+                                   on_progress=(lambda done, total: progress(100.0 * done / max(total, 1),
+                                                                             f"{done}/{total}"))
+                                   if progress else None)
+    if progress is not None:
+        print(file=sys.stderr)
+    summary_path = rating.write_summary(summary, output.with_name(f"{output.stem}.summary.json"))
+    counts = ", ".join(f"{label} {n}" for label, n in summary["counts"].items())
+    print(f"rated: {summary['rated']} of {summary['rows']} records with {summary['model']} ({summary['backend']})")
+    print(f"ratings: {counts}; invalid answers {summary['invalid']}")
+    print(f"outputs: {output}, {summary_path}")
+    return EXIT_OK
+
+
+def _template_arg(text: str | None):
+    """``--prompt-template``: a JSON list of columns, or a format string."""
+    if text is None:
+        return None
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            return json.loads(stripped)
+        except ValueError:
+            raise ConfigError(["--prompt-template: a list of columns must be a JSON list, e.g. "
+                               '["ChiefComplaintOrig", "Age"]'], source="command line") from None
+    return text
+
+
+def _rating_model(cfg: Config, args: argparse.Namespace):
+    """The model to rate with: everything from an output folder, or a bare Ollama name with the
+    configuration's (or the flags') topic, mapping and template."""
+    from . import prompts, rating
+    from .mapping import load_mapping
+    from .template import parse_template
+
+    folder = Path(args.model)
+    if (folder / "fine_tuning_metadata.json").is_file():
+        if args.mapping or args.topics or args.prompt_template:
+            raise ConfigError(["--mapping, --topics and --prompt-template: an output folder already says "
+                               "how its model rates; leave them out"], source="command line")
+        return rating.model_from_folder(folder)
+    mapping_file = args.mapping or cfg.defaults.mapping
+    if not mapping_file:
+        raise ConfigError(["--mapping: required with a bare Ollama model name (or set defaults.mapping); "
+                           f"or pass an output folder: {folder} has no fine_tuning_metadata.json"],
+                          source="command line")
+    labels = dict(load_mapping(mapping_file).labels)
+    topics = args.topics if args.topics is not None else cfg.defaults.topics
+    raw = _template_arg(args.prompt_template)
+    if raw is None:
+        raw = cfg.defaults.prompt_template
+    template = parse_template(raw) if raw is not None else None
+    return rating.model_from_name(args.model, system=prompts.system_prompt(topics, labels), labels=labels,
+                                  template=template)
 
 
 def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:

@@ -60,6 +60,9 @@ class Defaults:
     validation_fraction: float = 0.1
     seed: int = 42
     mapping: str | None = None  # a default rating mapping file used when a drop has none
+    # how a record becomes its prompt when the file has no prompt column: a format string with
+    # {Column} fields, or a list of columns (see daemon/template.py); None: the file's prompt column
+    prompt_template: Any = None
 
 
 @dataclass(frozen=True)
@@ -302,6 +305,8 @@ def _decode(data: bytes) -> str:
 
 def _coerce(value: Any, hint: Any, key: str, from_text: bool, problems: list[str]) -> Any:
     """Check ``value`` against the annotation ``hint``; strings from the environment are parsed."""
+    if hint is Any:  # checked by its own parser (prompt_template)
+        return value
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -441,6 +446,13 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append(f"ollama.register: must be one of {', '.join(REGISTER_MODES)}")
     if o.host is not None and (why := host_problem(o.host)):
         problems.append(f"ollama.host: {why}; use http(s)://host[:port][/path] or host[:port]")
+    if d.prompt_template is not None:
+        from .template import parse_template
+
+        try:
+            parse_template(d.prompt_template)
+        except ConfigError as exc:
+            problems.extend(f"defaults.{p}" for p in exc.problems)
     if cfg.evaluation.enabled not in EVALUATION_MODES:
         problems.append(f"evaluation.enabled: must be one of {', '.join(EVALUATION_MODES)}")
     if cfg.evaluation.backend not in EVALUATION_BACKENDS:
@@ -656,8 +668,9 @@ def as_dict(cfg: Config) -> dict:
 
 # --- per-job settings (job files, CLI flags) ----------------------------------------------------
 
-JOB_KEYS = ("model", "topics", "epochs", "learning_rate", "batch_size", "approach", "fallback",
-            "output_model", "force")
+JOB_KEYS = ("task", "model", "topics", "epochs", "learning_rate", "batch_size", "approach", "fallback",
+            "output_model", "force", "prompt_template")
+TASKS = ("build", "rate")  # build a model (the default) | rate the dataset with a built one
 
 
 @dataclass(frozen=True)
@@ -673,6 +686,8 @@ class JobSettings:
     fallback: bool
     output_model: str | None = None
     force: bool = False
+    task: str = "build"
+    prompt_template: Any = None  # a template.Template, or None: the file's prompt column
 
 
 def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
@@ -683,6 +698,17 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
     problems: list[str] = []
     hints = typing.get_type_hints(JobSettings)
     merged: dict[str, Any] = {k: getattr(defaults, k) for k in hints if hasattr(defaults, k)}
+    template = values.pop("prompt_template", None)
+    if template is None:
+        template = defaults.prompt_template
+    merged["prompt_template"] = None
+    if template is not None:
+        from .template import parse_template
+
+        try:
+            merged["prompt_template"] = parse_template(template)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     for key, value in values.items():
         if key not in hints:
             problems.append(f"{printable(str(key))}: unknown key (known: {', '.join(JOB_KEYS)})")
@@ -692,6 +718,8 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
         merged[key] = _coerce(value, hints[key], key, False, problems)
     if merged.get("approach") not in APPROACHES:
         problems.append(f"approach: must be one of {', '.join(APPROACHES)}")
+    if merged.get("task", "build") not in TASKS:
+        problems.append(f"task: must be one of {', '.join(TASKS)}")
     for key in ("epochs", "batch_size"):
         if isinstance(merged.get(key), int) and merged[key] < 1:
             problems.append(f"{key}: must be at least 1")

@@ -56,6 +56,8 @@ if TYPE_CHECKING:  # pandas is imported lazily by the implementation where it is
     import numpy as np
     import pandas as pd
 
+    from .template import Template
+
 
 
 @dataclass
@@ -80,6 +82,10 @@ class Dataset:
     # reason → every 1-based data row number concerned, ascending: "empty_prompt" and "empty_rating"
     # (dropped rows), "conflicting_rating" (every row of a prompt that appears with several ratings)
     problem_rows: dict[str, list[int]] = field(default_factory=dict)
+    # where the prompts came from: {"kind": "column", "column": name} or {"kind": "template",
+    # "template": Template.to_json(), "builtin": bool}; and {"ratings_from": "labels"} when the
+    # standardized ratings were derived from the Expert Rating labels through the mapping
+    prompt_source: dict = field(default_factory=dict)
 
     @property
     def rows_used(self) -> int:
@@ -253,15 +259,66 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
                         f"({rows_text(problem_rows['conflicting_rating'])}); check those rows before training")
     return Dataset(frame=frame, mapping=mapping, source=source, columns=columns, rows_read=rows_read,
                    dropped=dropped, warnings=warnings, conflicting_duplicates=conflicts, read_info=read_info,
-                   problem_rows=problem_rows)
+                   problem_rows=problem_rows, prompt_source={"kind": "column", "column": columns["prompt"]})
 
 
 def load_dataset(csv_path: str | os.PathLike, mapping_path: str | os.PathLike | None = None, *,
-                 mapping: RatingMapping | dict | None = None) -> Dataset:
+                 mapping: RatingMapping | dict | None = None, template: Template | None = None) -> Dataset:
     """Read and validate a dataset file. The mapping comes from ``mapping_path``, else ``mapping``,
     else is inferred from the ``Expert Rating`` column. The mapping is read first so that a bad
-    mapping fails before a large CSV is parsed."""
+    mapping fails before a large CSV is parsed. A raw export (no prompt column) gets its prompts
+    from ``template`` or the built-in syndromic-surveillance template, and its ratings from its
+    labels through the mapping when it has no ``Standardized_Rating`` column (``derive_columns``)."""
     if mapping_path is not None:
         mapping = load_mapping(mapping_path)
     df, info = read_csv(csv_path)
-    return validate_frame(df, mapping, source=info.file, read_info=info)
+    df, source = derive_columns(df, mapping, template, file=info.file)
+    ds = validate_frame(df, mapping, source=info.file, read_info=info)
+    if source:
+        ds.prompt_source = {**ds.prompt_source, **source}
+        if "template" in source:
+            kind = "the built-in syndromic-surveillance template" if source.get("builtin") else "the prompt template"
+            ds.warnings.insert(0, f"the prompts were built from {kind} (the file has no formatted_prompt or "
+                                  "Prompt column)")
+    return ds
+
+
+def derive_columns(df: pd.DataFrame, mapping: RatingMapping | dict | None, template: Template | None, *,
+                   file: str) -> tuple[pd.DataFrame, dict]:
+    """The prompt and rating columns of a raw export, when the file lacks them: prompts rendered
+    from ``template`` (or the built-in one for syndromic-surveillance columns), ratings from the
+    ``Expert Rating`` labels through the mapping (an unmapped label is an error naming the label and
+    how many rows carry it). Returns the frame and what was derived ({} when nothing was)."""
+    import numpy as np
+
+    from .template import builtin_for, check_columns, render
+
+    names = [str(c).strip() for c in df.columns]
+    derived: dict = {}
+    if not any(c in names for c in PROMPT_COLUMNS):
+        chosen = template or builtin_for(names)
+        if chosen is not None:
+            df = df.rename(columns=lambda c: str(c).strip())
+            check_columns(chosen, names, file=file)
+            df = df.assign(**{PROMPT_COLUMNS[0]: render(chosen, df).to_numpy(dtype=object)})
+            derived = {"kind": "template", "template": chosen.to_json(), "builtin": template is None,
+                       "column": PROMPT_COLUMNS[0]}
+    if RATING_COLUMN not in names and EXPERT_RATING_COLUMN in names and mapping is not None:
+        if not isinstance(mapping, RatingMapping):
+            mapping = mapping_from_object(mapping, "object")
+        df = df.rename(columns=lambda c: str(c).strip())
+        labels = _stripped(_text_values(df[EXPERT_RATING_COLUMN]))
+        lookup = {str(k).strip(): str(int(v)) for k, v in mapping.labels.items()}
+        mapped = np.array([lookup.get(label, "") for label in labels], dtype=object)
+        unmapped = (labels != "") & (mapped == "")
+        if unmapped.any():
+            values, counts = np.unique(labels[unmapped], return_counts=True)
+            shown = ", ".join(f"{v!r} ({int(c)} row{'s' if c != 1 else ''})" for v, c in zip(values, counts))
+            rows = np.flatnonzero(unmapped) + 1
+            raise UnmappedRatingError(
+                f"{EXPERT_RATING_COLUMN} labels not in the rating mapping ({mapping.source}): {shown} in "
+                f"{rows_text(rows)}", file=file, column=EXPERT_RATING_COLUMN, row=int(rows[0]),
+                hint="add these labels to the mapping file, or fix those rows, and drop the files again")
+        df = df.assign(**{RATING_COLUMN: mapped})
+        derived = {**(derived or {"kind": "column"}), "ratings_from": "labels"}
+    return df, derived

@@ -275,7 +275,7 @@ class FineTuner:
 
         stages = _Stages()
         with stages("load"):
-            ds = load_dataset(job.csv_path, job.mapping_path)
+            ds = load_dataset(job.csv_path, job.mapping_path, template=job.settings.prompt_template)
         hashes = _file_hashes(ds)
         log.info("dataset_loaded", file=job.csv_path.name, rows_read=ds.rows_read, rows_used=ds.rows_used,
                  dropped=ds.dropped, mapping_source=ds.mapping.source, columns=list(ds.columns.values()),
@@ -290,7 +290,7 @@ class FineTuner:
         job = plan.job
         assert job is not None  # drop_dataset allows files only
         with plan.stages("reload"):
-            ds = load_dataset(job.csv_path, job.mapping_path)
+            ds = load_dataset(job.csv_path, job.mapping_path, template=job.settings.prompt_template)
         now = _file_hashes(ds)
         if now != plan.input_hashes:
             changed = [name for name in ("dataset", "mapping") if now[name] != plan.input_hashes.get(name)]
@@ -314,6 +314,9 @@ class FineTuner:
             "mapping": {"source": ds.mapping.source, "inferred": ds.mapping.inferred,
                         "labels": dict(ds.mapping.labels)},
             "warnings": list(ds.warnings), "input_sha256": input_hashes,
+            # how a record became its prompt: rating re-uses it, so a model is never fed records
+            # formatted differently from its training data
+            "prompt_source": dict(ds.prompt_source) or {"kind": "column"},
             "package_versions": package_versions(),
         }
         memory = self._job_memory()
@@ -323,6 +326,8 @@ class FineTuner:
         for warning in meta["warnings"]:
             # our own texts: counts, column names and row numbers, never a cell value
             log.warning("dataset_warning", warning=warning)
+        if (ds.prompt_source or {}).get("template"):
+            meta["prompt_template"] = ds.prompt_source["template"]
         approach, reason, report = self._decide(ds, settings, meta, stages, memory)
         meta.update(approach=approach, approach_reason=reason)
         if report is not None:
@@ -468,6 +473,9 @@ class FineTuner:
                 self._hold_out(plan, build_dir, prompts.system_prompt(settings.topics, ds.mapping.labels))
             exclude = plan.validation_positions  # few-shot examples never come from the hold-out
             config = self._model_set(ds, settings, stem=stem, exclude=exclude, input_hashes=plan.input_hashes)
+            config["prompt_source"] = meta["prompt_source"]
+            if meta.get("prompt_template"):
+                config["prompt_template"] = meta["prompt_template"]
             fsutil.write_json(build_dir / "model_set_config.json", config)
             fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
                 base=settings.model, system=config["system_prompt"],

@@ -118,9 +118,11 @@ class JobRunner:
             self.give_back(item.claim, item.build)
             log.info("job_finished", status="queued", duration_s=round(time.monotonic() - item.started, 3))
 
-    def give_back(self, claim: Claim, build: Path) -> str:
-        """Shutdown: the job goes back to the queue, its attempt not counted; inputs stay in .work/."""
-        shutil.rmtree(build, ignore_errors=True)
+    def give_back(self, claim: Claim, build: Path, *, keep_build: bool = False) -> str:
+        """Shutdown: the job goes back to the queue, its attempt not counted; inputs stay in .work/.
+        ``keep_build``: a rating's part file stays, so that the next start resumes from it."""
+        if not keep_build:
+            shutil.rmtree(build, ignore_errors=True)
         self.journal.requeue(claim.job_id, give_back_attempt=True)
         claim.release()
         log.info("job_requeued", reason="shutdown")
@@ -216,9 +218,12 @@ class JobRunner:
             return "failed"
         attempt = self.journal.start(job_id)
         build = self.paths.outputs / f".tmp-{job_id}"
-        if build.exists():  # a partial build from an attempt that crashed
-            shutil.rmtree(build)
+        rate = job_error is None and job_values.get("task") == "rate"
+        if build.exists() and not rate:  # a partial build from an attempt that crashed
+            shutil.rmtree(build)  # (a rating keeps its part file: it resumes from it)
         make_private_dir(build)
+        if rate:
+            return self._rate(claim, build, attempt, job_values)
         return self._build(claim, build, attempt, started, job_values, job_error)
 
     @staticmethod
@@ -312,6 +317,55 @@ class JobRunner:
                                "hint": "see job.log next to this file"}, attempts=attempt, build=build)
             return "failed"
         return self._succeed(claim, build, approach=metadata.get("approach"))
+
+    # --- rating jobs: rate the dataset with a built model -----------------------------------------
+
+    def _rate(self, claim: Claim, build: Path, attempt: int, values: dict) -> str:
+        """Rate the dropped records into ``ratings.csv`` + ``rating_summary.json``. A stopped or
+        killed run resumes from its part file in the build folder."""
+        from . import rating
+
+        summary: dict = {}
+        error: dict | None = None
+        with job_log(build / "job.log", claim.job_id):
+            log.info("job_started", attempt=attempt, files=names(claim), task="rate")
+            try:
+                model = self._rating_model(claim, values)
+                summary = rating.rate_file(model, claim.path / claim.files["dataset"], build / "ratings.csv",
+                                           self.cfg, backend=self.cfg.evaluation.backend,
+                                           stop_event=self.ctx.job_stop)
+            except (FineTunerError, DatasetTooSmallWarning) as exc:
+                error = error_fields(exc)
+        if error is not None:
+            self._fail(claim, error, attempts=attempt, build=build)
+            return "failed"
+        if summary.get("status") != "done":  # the service is stopping: resume on the next start
+            return self.give_back(claim, build, keep_build=True)
+        rating.write_summary({**summary, "output": "ratings.csv"}, build / rating.SUMMARY_FILE)
+        return self._succeed(claim, build, approach="rate")
+
+    def _rating_model(self, claim: Claim, values: dict):
+        """The job's ``model``: an output folder of this service (``outputs/<job_id>`` or the bare
+        job id: its prompt, few-shot turns, template, mapping and Ollama name come from it), else an
+        Ollama model name with the drop's (or the configuration's) mapping and the job's topic."""
+        from . import prompts, rating
+        from .mapping import load_mapping
+
+        job_file = claim.files.get("job")
+        settings = job_settings(self.cfg.defaults, values,
+                                source=escape_name(job_file) if job_file else "the configuration's defaults")
+        name = settings.model.removeprefix(f"{self.cfg.paths.outputs.rstrip('/')}/")
+        folder = self.paths.outputs / name
+        if "/" not in name and (folder / "fine_tuning_metadata.json").is_file():
+            return rating.model_from_folder(folder)
+        mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
+        if mapping is None:
+            raise ConfigError([f"model: {settings.model} is not an output folder of this service, and a bare "
+                               "Ollama model needs a rating mapping: drop NAME.mapping.json with the job "
+                               "or set defaults.mapping"], source=escape_name(job_file) if job_file else None)
+        labels = dict(load_mapping(claim.path / mapping).labels)
+        return rating.model_from_name(settings.model, system=prompts.system_prompt(settings.topics, labels),
+                                      labels=labels, template=settings.prompt_template)
 
     # --- every kind's end ------------------------------------------------------------------------
 

@@ -26,13 +26,17 @@ def _lengths(values) -> dict[str, Any]:
             "p95": int(np.percentile(arr, 95)), "max": int(arr.max())}
 
 
-def validation_report(csv_path: Path, mapping_path: Path | None, cfg: Config) -> dict[str, Any]:
-    """Validate ``csv_path`` (with ``mapping_path``, or an inferred mapping) and describe it."""
+def validation_report(csv_path: Path, mapping_path: Path | None, cfg: Config, template=None) -> dict[str, Any]:
+    """Validate ``csv_path`` (with ``mapping_path``, or an inferred mapping) and describe it;
+    ``template`` (else ``defaults.prompt_template``) builds the prompts of a file without a prompt column."""
     from .dataset import load_dataset
+    from .template import parse_template
 
+    if template is None and cfg.defaults.prompt_template is not None:
+        template = parse_template(cfg.defaults.prompt_template)
     report: dict[str, Any] = {"file": csv_path.name, "usable": False, "problems": [], "warnings": []}
     try:
-        ds = load_dataset(csv_path, mapping_path)
+        ds = load_dataset(csv_path, mapping_path, template=template)
     except DatasetError as exc:
         report["problems"].append(exc.to_dict())
         return report
@@ -44,6 +48,7 @@ def validation_report(csv_path: Path, mapping_path: Path | None, cfg: Config) ->
     report.update(
         usable=True,
         summary=ds.summary(),
+        prompt_source=dict(ds.prompt_source),
         rows={"read": ds.rows_read, "used": ds.rows_used, "dropped": dict(ds.dropped)},
         label_balance={str(k): {"count": v, "share": round(v / total, 4),
                                 "labels": ds.mapping.labels_for(k)} for k, v in dist.items()},
@@ -88,6 +93,12 @@ def format_validation_report(report: dict[str, Any]) -> str:
             lines.append(f"  prompt length (chars): min {pc['min']}, median {pc['p50']}, p95 {pc['p95']}, max {pc['max']}")
         lines.append(f"  rationale coverage: {report['rationale_coverage']:.0%}")
         lines.append(f"  mapping: {report['mapping']['source']}")
+        source = report.get("prompt_source") or {}
+        if source.get("kind") == "template":
+            which = "built-in syndromic-surveillance template" if source.get("builtin") else "prompt template"
+            lines.append(f"  prompts: built from the {which} ({', '.join(source['template']['value']) if isinstance(source['template']['value'], list) else source['template']['value']})")
+        if source.get("ratings_from") == "labels":
+            lines.append("  ratings: from the Expert Rating labels through the mapping")
         approach = report["recommended_approach"]
         lines.append(f"  recommended approach: {approach}" + (
             " (enough rows; whether this machine can train a model: fine-tuner check MODEL)"
