@@ -114,7 +114,7 @@ def models_of(folder: Path, meta: dict) -> list[EvalModel]:
     return [EvalModel("new", "model set", ollama_name=registered, few_shot=few_shot_messages(config)), base]
 
 
-def _prefix(model: EvalModel, system: str, backend: str) -> list[dict]:
+def prefix(model: EvalModel, system: str, backend: str) -> list[dict]:
     """The messages before the record, identical for every record of a run. A registered model set
     already holds its few-shot turns, so Ollama gets only the system prompt for it."""
     system_msg = {"role": "system", "content": system}
@@ -209,8 +209,8 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
     schema = prompts.output_schema(values)
     results = []
     for model in models:
-        prefix = _prefix(model, data.system, chosen)
-        conversations = [[*prefix, {"role": "user", "content": u}] for u in data.users]
+        shared = prefix(model, data.system, chosen)  # one object: every request starts byte-identical
+        conversations = [[*shared, {"role": "user", "content": u}] for u in data.users]
         started = time.monotonic()
         progress = _ProgressLog(model.key, started)
         if chosen == "ollama":

@@ -38,7 +38,7 @@ from . import evaluation, fsutil, prompts
 from .config import Config
 from .csvfile import ID_COLUMNS, PROMPT_COLUMNS, read_csv
 from .errors import FineTunerError, MissingColumnError, TrainingInterruptedError
-from .evaluator import EvalModel, EvaluationSkipped, _prefix, choose_backend
+from .evaluator import EvalModel, EvaluationSkipped, choose_backend, prefix
 from .logconfig import get_logger
 from .rater import LocalRater, OllamaRater, RaterError
 from .template import Template, check_columns, render
@@ -398,7 +398,7 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
     identity = {"input": info.file, "input_sha256": info.sha256, "rows": total,
                 "model_fingerprint": model.fingerprint(), "model_source": model.source, "created_at": started_at}
     answer, model_name = _rater(model, chosen, weights, config, prompts.output_schema(model.values), memory)
-    prefix = _prefix(_eval_model(model), model.system, chosen)  # one object shared by every request
+    shared = prefix(_eval_model(model), model.system, chosen)  # one object shared by every request
     out, resumed, counts = _open_part(part, sidecar, identity, header, names)
     if resumed > total:
         out.close()
@@ -420,7 +420,7 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
                 chunk = frame.iloc[done:end]
                 texts = source.build(chunk)
                 asked = [i for i, text in enumerate(texts) if text]
-                conversations = [[*prefix, {"role": "user", "content": texts[i]}] for i in asked]
+                conversations = [[*shared, {"role": "user", "content": texts[i]}] for i in asked]
                 del texts
                 base_done = done
                 answers = answer(conversations, on_progress=lambda d, _t: progress(base_done + d),

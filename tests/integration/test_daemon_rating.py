@@ -1,0 +1,128 @@
+"""Rating jobs through the daemon: a raw export trains a model set with the built-in template, a
+rating job in the inbox rates new records with it, and a rating killed with kill -9 resumes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+from daemon.synthetic import MAPPING, synthetic_rows
+from tests.conftest import leftovers, wait_for
+from tests.integration.conftest import MARKER, REPO, all_log_text
+
+RAW_HEADER = ["C_BioSense_ID", "ChiefComplaintOrig", "DischargeDiagnosis", "TriageNotes", "Age", "Sex",
+              "Expert Rating", "Rationale_of_Rating"]
+LABEL = {v: k for k, v in MAPPING.items()}
+
+
+def raw_export(rows: int, seed: int, *, ratings: bool = True, unknown_dx: tuple[int, ...] = ()) -> bytes:
+    """A syndromic-surveillance export: no prompt column, labels only (no Standardized_Rating).
+    Records numbered in ``unknown_dx`` carry a diagnosis the scripted model cannot rate."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(RAW_HEADER if ratings else RAW_HEADER[:6])
+    for i, (_row_id, prompt, _label, rating, rationale) in enumerate(synthetic_rows(rows, seed), start=1):
+        cells = [f"B{seed}-{i}", prompt[:60], "xx" if i in unknown_dx else f"dx {rating}", f"{MARKER} note {i}",
+                 str(20 + i % 60),
+                 "F" if i % 2 else "M"]
+        writer.writerow(cells + ([LABEL[int(rating)], rationale] if ratings else []))
+    return buf.getvalue().encode()
+
+
+class Scripted:
+    """The fake's answers: the rating the record's discharge diagnosis gives away (dx <rating>),
+    slowly, counting how often each record is asked."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.asked: Counter = Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, model: str, messages: list) -> str:
+        user = messages[-1]["content"]
+        with self.lock:
+            self.asked[user] += 1
+        time.sleep(self.delay_s)
+        for value in (-1, 0, 1):
+            if f"dx {value}" in user:
+                return json.dumps({"rating": value, "rationale": "scripted"})
+        return "no idea"
+
+
+def _model_set(root, start_daemon, fake_ollama) -> str:
+    """Train a model set from a raw export through the inbox; returns its job id."""
+    fake_ollama.chat_responder = Scripted()
+    root.drop_bytes("raw.mapping.json", json.dumps(MAPPING).encode())
+    root.drop_bytes("raw.csv", raw_export(80, seed=3))
+    [done] = wait_for(lambda: root.job_folders(root.processed, "raw"), timeout=60, message="model set built")
+    return done.name
+
+
+def test_raw_export_builds_a_model_set_and_a_rating_job_rates_with_it(root, start_daemon, fake_ollama):
+    """A raw export (built-in template, ratings from the labels) becomes a model set whose folder
+    records the template; a `task: rate` job naming that folder rates new raw records into
+    ratings.csv and rating_summary.json, with invalid answers marked; no cell value is logged."""
+    root.write_config(defaults={"model": "llama3.2:1b"}, ollama={"host": fake_ollama.url, "register": "auto",
+                                                                "retries": 0})
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    job_id = _model_set(root, start_daemon, fake_ollama)
+    meta = json.loads((root.outputs / job_id / "fine_tuning_metadata.json").read_text())
+    assert meta["prompt_source"]["builtin"] is True and meta["prompt_source"]["ratings_from"] == "labels"
+    config = json.loads((root.outputs / job_id / "model_set_config.json").read_text())
+    assert config["prompt_template"] == meta["prompt_template"]
+    root.drop_bytes("new.job.yaml", f"task: rate\nmodel: outputs/{job_id}\n".encode())
+    root.drop_bytes("new.csv", raw_export(30, seed=9, ratings=False, unknown_dx=(5,)))  # 5: a prose answer
+    [rated] = wait_for(lambda: root.job_folders(root.processed, "new"), timeout=60, message="rated")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    out = root.outputs / rated.name
+    rows = list(csv.DictReader((out / "ratings.csv").open()))
+    assert [r["C_BioSense_ID"] for r in rows] == [f"B9-{i}" for i in range(1, 31)]
+    assert rows[4]["valid"] == "false" and rows[4]["rating"] == ""
+    assert all(r["valid"] == "true" for i, r in enumerate(rows) if i != 4)
+    summary = json.loads((out / "rating_summary.json").read_text())
+    assert (summary["rows"], summary["invalid"], summary["backend"]) == (30, 1, "ollama")
+    assert sum(summary["counts"].values()) == 29
+    assert MARKER not in all_log_text(root)
+    assert leftovers(root.path) == []
+
+
+def test_a_rating_killed_with_kill_9_resumes_without_rating_a_record_twice(root, start_daemon, fake_ollama):
+    """kill -9 in the middle of a 1,500-record rating job: after a restart the job resumes from its
+    part file, every record is in ratings.csv exactly once, and records of the chunks finished
+    before the kill are never asked again (only the chunk in flight is)."""
+    root.write_config(defaults={"model": "llama3.2:1b"}, ollama={"host": fake_ollama.url, "register": "auto",
+                                                                "retries": 0})
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    job_id = _model_set(root, start_daemon, fake_ollama)
+    scripted = Scripted(delay_s=0.004)
+    fake_ollama.chat_responder = scripted
+    root.drop_bytes("big.job.yaml", f"task: rate\nmodel: {job_id}\n".encode())
+    root.drop_bytes("big.csv", raw_export(1500, seed=11, ratings=False))
+    [claimed] = d.wait_event("job_claimed", count=2)[1:]
+    part = root.outputs / f".tmp-{claimed['job_id']}" / "ratings.csv.part"
+    wait_for(lambda: part.exists() and part.read_bytes().count(b"\n") >= 501, timeout=60, message="a chunk rated")
+    d.kill()  # SIGKILL to the process group
+    before = part.read_bytes().count(b"\n") - 1  # minus the header
+    d2 = start_daemon(log_name="daemon-after.log")
+    [done] = wait_for(lambda: root.job_folders(root.processed, "big"), timeout=120, message="rating finished")
+    d2.signal(signal.SIGTERM)
+    assert d2.wait_exit() == 0
+    out = root.outputs / done.name
+    ids = [r["C_BioSense_ID"] for r in csv.DictReader((out / "ratings.csv").open())]
+    assert sorted(ids) == sorted(f"B11-{i}" for i in range(1, 1501)) and len(ids) == len(set(ids)) == 1500
+    summary = json.loads((out / "rating_summary.json").read_text())
+    assert summary["resumed_from"] == before and before >= 500 and before % 500 == 0
+    repeated = sum(n - 1 for n in scripted.asked.values())
+    assert len(scripted.asked) == 1500 and repeated <= 500
+    assert MARKER not in all_log_text(root)
