@@ -1,6 +1,6 @@
 """Pytest plugin: the tiny Llama the training tests run on (built by ``daemon.tinymodel``).
 
-``tiny_model_dir`` is the session fixture (built once per test session, a few seconds),
+``tiny_model_dir`` is the session fixture (built once per test session, about ten seconds of one core),
 ``tiny_base_models`` the matching ``base_models`` config slice.
 """
 
