@@ -308,3 +308,44 @@ def test_failed_training_names_the_log_where_it_is(tmp_path, dataset, tiny_model
     [line] = res.stderr.strip().splitlines()
     named = Path(re.search(r"see (\S+trainer_stderr\.log)", line).group(1))
     assert named.is_file() and named.parent.name.startswith("failed-visits-")
+
+
+def test_custom_template_trains_and_rate_reuses_it(tmp_path, fake_ollama):
+    """process with --prompt-template builds a model set from a raw export; `rate --model
+    OUTPUT_DIR` formats new records with the same template (the fake sees the same prompt shape);
+    a template naming a missing column is one line naming it and the closest column."""
+    import csv as _csv
+
+    header = ["C_BioSense_ID", "ChiefComplaintOrig", "DischargeDiagnosis", "Expert Rating"]
+    rows = [[f"id{i}", f"complaint {i}", f"dx {i % 3 - 1}", ["Unknown", "Does Not Match", "Match"][i % 3]]
+            for i in range(60)]
+    raw = tmp_path / "raw.csv"
+    with raw.open("w", newline="") as fh:
+        _csv.writer(fh).writerows([header, *rows])
+    mapping = tmp_path / "m.json"
+    mapping.write_text(json.dumps({"Match": 1, "Does Not Match": 0, "Unknown": -1}))
+    env = {"FINE_TUNER_OLLAMA__HOST": fake_ollama.url}
+    template = "Complaint: {ChiefComplaintOrig} / Diagnosis: {DischargeDiagnosis}"
+    res = run("process", "--input", str(raw), "--mapping", str(mapping), "--model", "llama3.2:1b",
+              "--approach", "model_set", "--prompt-template", template, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "outputs" / "raw"
+    meta = json.loads((out / "fine_tuning_metadata.json").read_text())
+    assert meta["prompt_template"] == {"kind": "format", "value": template}
+    seen = []
+    fake_ollama.chat_responder = lambda model, messages: (seen.append(messages[-1]["content"])
+                                                          or json.dumps({"rating": 1, "rationale": "x"}))
+    new = tmp_path / "new.csv"
+    new.write_text("C_BioSense_ID,ChiefComplaintOrig,DischargeDiagnosis\nn1,cough,J06\nn2,sprain,S93\n")
+    res = run("rate", "--model", str(out), "--input", str(new), cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert seen[-2:] == ["Complaint: cough / Diagnosis: J06", "Complaint: sprain / Diagnosis: S93"]
+    rated = list(_csv.DictReader((tmp_path / "new.ratings.csv").open()))
+    assert [(r["C_BioSense_ID"], r["rating"], r["label"], r["valid"]) for r in rated] == [
+        ("n1", "1", "Match", "true"), ("n2", "1", "Match", "true")]
+    res = run("process", "--input", str(raw), "--mapping", str(mapping), "--model", "llama3.2:1b",
+              "--approach", "model_set", "--prompt-template", "{ChiefComplaint} {DischargeDiagnosis}",
+              cwd=tmp_path, env=env)
+    assert res.returncode == 1
+    [line] = res.stderr.strip().splitlines()
+    assert "'ChiefComplaint'" in line and "'ChiefComplaintOrig'" in line
