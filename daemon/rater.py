@@ -135,7 +135,8 @@ class LocalRater:
             spec = {"base_ref": self.base_dir, "adapter_dir": self.adapter_dir,
                     "input": str(work / "input.jsonl"), "output": str(work / "output.jsonl"),
                     "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
-                    "threads": max(1, (os.cpu_count() or 1))}
+                    "threads": max(1, (os.cpu_count() or 1)),
+                    "parent_pid": os.getpid()}  # the child stops when this process is gone
             write_json(work / "spec.json", spec, durable=False)
             with open(work / "stderr.log", "wb") as err:
                 proc = subprocess.Popen([self.python, "-m", "daemon.generate", str(work / "spec.json")],
