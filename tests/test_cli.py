@@ -142,12 +142,15 @@ def test_daemon_import_is_light():
 
 
 def test_demo_runs_offline(tmp_path):
-    """demo_fine_tuner.py builds a model set and a real fine-tune on a generated dataset."""
+    """demo_fine_tuner.py builds a model set and a real fine-tune on a generated dataset and prints
+    the fine-tune's evaluation table."""
     res = run(cwd=tmp_path, script=[str(ROOT / "demo_fine_tuner.py")], env={"FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "model set: ok=True" in res.stdout
     assert "fine-tune: ok=True" in res.stdout
     assert (tmp_path / "demo_outputs" / "fine_tune" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "| | fine-tune | model set | base model (zero-shot) |" in res.stdout  # it ends with the evaluation
+    assert (tmp_path / "demo_outputs" / "fine_tune" / "evaluation.json").is_file()
 
 
 def test_process_fine_tune_shows_progress_bar_on_a_terminal(tmp_path, dataset, tiny_model_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -153,14 +154,22 @@ class TestFineTuner:
         assert tuner.check_fine_tuning_capability("tiny-llama") is True
         out = tmp_path / "ft"
         ok, meta = tuner.process_dataset(frame(60), "tiny-llama", MAPPING, "respiratory infections",
-                                         epochs=2, learning_rate=2e-3, batch_size=4, output_dir=out,
+                                         epochs=2, learning_rate=1e-2, batch_size=4, output_dir=out,
                                          source_name="visits")
         assert (ok, meta["approach"]) == (True, "fine_tune")
         for name in ("training_data.jsonl", "validation_data.jsonl", "training_config.yaml", "Modelfile",
                      "training_log.jsonl", "fine_tuning_metadata.json", "adapter/adapter_model.safetensors",
                      "adapter/adapter_config.json"):
             assert (out / name).is_file(), name
-        assert meta["training"]["final_loss"] < meta["training"]["first_loss"]
+        # it learns: the second epoch's mean loss is below the first's (one step's loss is too noisy
+        # to compare; tests/test_learning.py measures what the model learned on held-out rows)
+        steps = [json.loads(x) for x in (out / "training_log.jsonl").read_text().splitlines()]
+        by_epoch = {}
+        for step in steps:
+            if step.get("loss") is not None:
+                by_epoch.setdefault(int(math.ceil(step["epoch"])), []).append(step["loss"])
+        means = [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
+        assert len(means) == 2 and means[1] < means[0], means
         adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert not Path(adapter_cfg["base_model_name_or_path"]).is_absolute()
         parsed = modelset.parse_modelfile((out / "Modelfile").read_text())
