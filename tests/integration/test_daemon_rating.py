@@ -84,6 +84,10 @@ def test_raw_export_builds_a_model_set_and_a_rating_job_rates_with_it(root, star
     [rated] = wait_for(lambda: root.job_folders(root.processed, "new"), timeout=60, message="rated")
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
+    status = subprocess.run([sys.executable, "-m", "daemon", "status", "--config", str(root.config),
+                             "--root", str(root.path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    [line] = [x for x in status.stdout.splitlines() if x.startswith(f"  {job_id}")]
+    assert line.endswith("kappa 1.00 (base 1.00)")  # the scripted model reads the diagnosis: perfect
     out = root.outputs / rated.name
     rows = list(csv.DictReader((out / "ratings.csv").open()))
     assert [r["C_BioSense_ID"] for r in rows] == [f"B9-{i}" for i in range(1, 31)]
