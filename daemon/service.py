@@ -67,6 +67,9 @@ EXIT_SECOND_SIGNAL = 1
 # Signals this close to the first are the same request: make forwards a terminal's SIGINT or
 # `timeout`'s SIGTERM to a process group, so the daemon often gets two at once.
 SAME_REQUEST_S = 1.0
+# A dataset name seen again this soon after its claim is reported (dataset_reappeared).
+REAPPEAR_WINDOW_S = 600.0
+RECENT_CLAIMS_KEPT = 1000
 
 
 # --- the daemon --------------------------------------------------------------------------------
@@ -108,6 +111,7 @@ class Service:
         self.tracker: InboxTracker | None = None
         self._first_signal_at: float | None = None
         self._last_status = ""
+        self.recent_claims: dict[str, tuple[str, float]] = {}  # dataset name -> (job id, claimed at)
 
     # --- start and stop ------------------------------------------------------------------------
 
@@ -336,8 +340,17 @@ class Service:
 
     def _note_new_entries(self) -> None:
         assert self.tracker is not None
+        now = time.monotonic()
         for entry in self.tracker.take_new():
             log.info("file_detected", file=escape_name(entry.name), kind=entry.kind, size_bytes=entry.sig[1])
+            earlier = self.recent_claims.get(entry.name)
+            if earlier is not None and now - earlier[1] < REAPPEAR_WINDOW_S:
+                # most likely its writer closed the file, we took it, and it reopened it to go on
+                # writing: the earlier job may hold a truncated dataset
+                log.warning("dataset_reappeared", file=escape_name(entry.name), earlier_job_id=earlier[0],
+                            seconds_after_claim=round(now - earlier[1], 1),
+                            hint="if the earlier job's dataset was still being written, it is truncated: "
+                                 "write under a temporary name (NAME.csv.part) and rename it in when complete")
 
     def _refuse_entries(self) -> None:
         """Move refused entries to ``failed/``, each on its own: one that cannot be moved is logged
@@ -384,6 +397,9 @@ class Service:
                 continue
             if claim is not None:
                 self.ready.append(claim)
+                self.recent_claims[drop.dataset] = (claim.job_id, time.monotonic())
+                if len(self.recent_claims) > RECENT_CLAIMS_KEPT:  # the oldest first
+                    del self.recent_claims[next(iter(self.recent_claims))]
 
     def _default_mapping(self) -> Path | None:
         value = self.cfg.defaults.mapping

@@ -281,3 +281,22 @@ def test_dataset_warnings_and_a_missing_topic_are_logged_and_shown_in_status(roo
                              "--root", str(root.path)], cwd=REPO, capture_output=True, text=True)
     shown = [x.strip().removeprefix("warning: ") for x in status.stdout.splitlines() if x.startswith("    warning: ")]
     assert shown == [*warnings, "dataset has 21 usable rows; at least 50 are recommended for fine-tuning"]
+
+
+def test_a_dataset_reopened_after_its_claim_is_reported(root, start_daemon):
+    """A writer that closes a dataset at a line end and reopens the same name after it was claimed
+    makes a second file: dataset_reappeared names the earlier job, so a truncated first job does not
+    go unnoticed."""
+    root.write_config(watch={"settle_s": 0.3, "pair_timeout_s": 0.3})
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    data = root.dataset_bytes(rows=80)
+    cut = data.index(b"\n", len(data) // 2) + 1  # a whole-line prefix: it looks complete
+    root.drop_bytes("again.mapping.json", json.dumps(MAPPING).encode())
+    (root.inbox / "again.csv").write_bytes(data[:cut])
+    [claimed] = d.wait_event("job_claimed")
+    (root.inbox / "again.csv").write_bytes(data[cut:])
+    [warned] = d.wait_event("dataset_reappeared")
+    _stop(d)
+    assert (warned["file"], warned["earlier_job_id"]) == ("again.csv", claimed["job_id"])
+    assert warned["level"] == "warning"
