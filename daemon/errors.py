@@ -178,16 +178,28 @@ class TrainingInterruptedError(FineTunerError):
 
 
 class JournalError(FineTunerError):
-    """The job journal (SQLite) cannot be opened, read or written. ``disk_full`` tells a full disk
-    (retry later) from a damaged or read-only file (an operator must act)."""
+    """The job journal (SQLite) cannot be opened, read or written.
 
-    default_hint = "move the damaged journal file aside; the service then starts with a new, empty journal"
+    ``path`` is the journal file, ``reason`` the short cause (SQLite's message such as "database or
+    disk is full" or "database disk image is malformed", or the OS error's text): it describes the
+    file, never a row. ``disk_full`` tells a full disk (retry later) from a damaged, locked or
+    read-only file (an operator must act; ``hint`` says how).
+    """
 
-    def __init__(self, message: str, *, path: str | None = None, disk_full: bool = False,
-                 hint: str | None = None) -> None:
+    default_hint = ("move the damaged journal file aside, with its -wal and -shm files if any; the service "
+                    "then starts with a new, empty journal")
+
+    def __init__(self, message: str, *, path: str | None = None, reason: str | None = None,
+                 disk_full: bool = False, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.path = path
+        self.reason = reason
         self.disk_full = disk_full
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.update(path=self.path, reason=self.reason, disk_full=self.disk_full)
+        return out
 
 
 class EvaluationError(FineTunerError):

@@ -25,9 +25,11 @@ only: it never moves files and holds no business rules beyond the state transiti
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -65,6 +67,11 @@ CREATE TABLE IF NOT EXISTS contents (
     job_id      TEXT NOT NULL REFERENCES jobs (id)
 );
 """
+
+_HINT_FULL = "free space on its disk; the service retries by itself"
+_HINT_WRITABLE = "make the state directory and the journal writable for the service, then start it again"
+_HINT_LOCKED = ("another process holds the journal locked: stop a second fine-tuner using this state "
+                "directory, or try again")
 
 
 def utc_now() -> str:
@@ -124,16 +131,14 @@ class Journal:
     """The job journal in one SQLite file. Thread-safe; several processes may open the same file."""
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
-        """Open (or create) the journal. A file that is empty, damaged, truncated, not a database or
-        not writable raises ``JournalError`` naming the file: it is never silently replaced, since
-        it holds the job history and the duplicate detection."""
+        """Open (or create) the journal. A file that is empty, damaged, truncated, not a database,
+        not a regular file, not writable or of a newer schema raises ``JournalError`` naming the
+        file: it is never silently replaced or changed, since it holds the job history and the
+        duplicate detection. Opening writes nothing to a journal whose schema is current, so a
+        journal on a full disk opens as long as SQLite can map its shared-memory file."""
         self.path = Path(path)
         self._lock = threading.Lock()
-        if not self.path.exists():
-            self._create(busy_timeout_s)
-        if self.path.stat().st_size == 0:
-            raise JournalError(f"the journal {self.path} is an empty file (its history is lost)",
-                               path=str(self.path))
+        self._check_file(busy_timeout_s)
         try:
             # autocommit mode: transactions are opened explicitly by transaction()
             self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
@@ -147,15 +152,63 @@ class Journal:
             self._db.execute("PRAGMA synchronous = NORMAL")
             if self._db.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("database disk image is malformed")
-            with self.transaction() as db:
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(f"the journal {self.path} has schema version {version}; this "
+                                   f"fine-tuner knows version {SCHEMA_VERSION}", path=str(self.path),
+                                   reason="newer schema",
+                                   hint="run the fine-tuner version that wrote it, or move it aside to "
+                                        "start a new journal")
+            if version < SCHEMA_VERSION:
+                with self.transaction() as db:
+                    for statement in filter(str.strip, _SCHEMA.split(";")):
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except (sqlite3.Error, JournalError) as exc:
             self._db.close()
             if isinstance(exc, JournalError):
                 raise
             raise self._error(exc, "opened") from None
+
+    def _check_file(self, busy_timeout_s: float) -> None:
+        """Create the journal when it is missing; refuse what SQLite must not be given: a dangling
+        link, a folder or FIFO (SQLite would block on a FIFO), an empty file, a write-ahead log
+        left without its journal (a new journal would take in its pages) and a read-only file
+        (refused now rather than at the first job's write)."""
+        try:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                if os.path.islink(self.path):
+                    raise JournalError(f"the journal {self.path} is a symbolic link to a missing file",
+                                       path=str(self.path), reason="dangling symbolic link",
+                                       hint="point the link at the journal, or remove it to start with a "
+                                            "new, empty journal") from None
+                # the -wal is looked at first: a journal is always linked in before its -wal exists,
+                # so a -wal seen while the journal is still missing afterwards was left behind
+                wal = self.path.with_name(self.path.name + "-wal")
+                if os.path.lexists(wal) and not os.path.lexists(self.path):
+                    raise JournalError(
+                        f"the journal {self.path} is missing but its write-ahead log {wal} is still there",
+                        path=str(self.path), reason="write-ahead log without its journal",
+                        hint=f"put the journal back beside it, or move {wal.name} and {self.path.name}-shm "
+                             "aside too to start with a new, empty journal") from None
+                self._create(busy_timeout_s)
+                st = os.stat(self.path)
+            if not stat.S_ISREG(st.st_mode):
+                raise JournalError(f"the journal {self.path} is not a regular file", path=str(self.path),
+                                   reason="not a regular file",
+                                   hint="move it aside; the service then starts with a new, empty journal")
+            if st.st_size == 0:
+                raise JournalError(f"the journal {self.path} is an empty file (its history is lost)",
+                                   path=str(self.path), reason="empty file")
+            os.close(os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise JournalError(f"the journal {self.path} is not writable: {reason}", path=str(self.path),
+                               reason=reason, disk_full=full,
+                               hint=_HINT_FULL if full else _HINT_WRITABLE) from None
 
     def _create(self, busy_timeout_s: float) -> None:
         """Make a new journal whole in a temporary file and link it into place, so that nobody ever
@@ -180,17 +233,30 @@ class Journal:
 
     def _error(self, exc: sqlite3.Error, doing: str) -> JournalError:
         """A JournalError for an SQLite error: the file, what failed and SQLite's short reason (it
-        names the database's state, never a row's contents)."""
+        names the database's state, never a row's contents), with the hint for its cause."""
         reason = str(exc).split("\n")[0][:120] or type(exc).__name__
-        full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in reason
-        if full:
-            return JournalError(f"the journal {self.path} could not be {doing}: {reason}", path=str(self.path),
-                                disk_full=True, hint="free space on its disk; the service retries by itself")
-        hint = None
-        if "readonly" in reason or "read-only" in reason or "unable to open" in reason:
-            hint = "make the state directory and the journal writable for the service, then start it again"
-        return JournalError(f"the journal {self.path} could not be {doing}: {reason}", path=str(self.path),
-                            hint=hint)
+        message = f"the journal {self.path} could not be {doing}: {reason}"
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary == sqlite3.SQLITE_FULL or "full" in reason:
+            return JournalError(message, path=str(self.path), reason=reason, disk_full=True, hint=_HINT_FULL)
+        if primary == sqlite3.SQLITE_IOERR and self._disk_nearly_full():
+            # SQLite reports a failed write of its shared-memory file as an I/O error, not as FULL
+            return JournalError(f"{message} (its disk is full)", path=str(self.path), reason=reason,
+                                disk_full=True, hint=_HINT_FULL)
+        if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in reason:
+            return JournalError(message, path=str(self.path), reason=reason, hint=_HINT_LOCKED)
+        if (primary in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM)
+                or "readonly" in reason or "read-only" in reason or "unable to open" in reason):
+            return JournalError(message, path=str(self.path), reason=reason, hint=_HINT_WRITABLE)
+        return JournalError(message, path=str(self.path), reason=reason)
+
+    def _disk_nearly_full(self) -> bool:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 1024 * 1024
 
     @staticmethod
     def _retry_busy(action: Callable[[], object], timeout_s: float) -> None:
@@ -333,15 +399,24 @@ class Journal:
 
     # --- reads -----------------------------------------------------------------------------------
 
+    def _record(self, row: sqlite3.Row) -> JobRecord:
+        """A row as a JobRecord; a row the journal did not write that way is a damaged journal (the
+        message names the exception class only, never the row)."""
+        try:
+            return _record(row)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise JournalError(f"the journal {self.path} has a damaged row in its jobs table "
+                               f"({type(exc).__name__})", path=str(self.path), reason="damaged row") from None
+
     def get(self, job_id: str) -> JobRecord | None:
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return _record(rows[0]) if rows else None
+        return self._record(rows[0]) if rows else None
 
     def success_for(self, content_key: str) -> JobRecord | None:
         """The job that owns this content (the latest success with the same inputs), if any."""
         rows = self._read("SELECT jobs.* FROM contents JOIN jobs ON jobs.id = contents.job_id"
                           " WHERE contents.content_key = ? AND jobs.state = 'succeeded'", (content_key,))
-        return _record(rows[0]) if rows else None
+        return self._record(rows[0]) if rows else None
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
@@ -357,4 +432,4 @@ class Journal:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return [_record(r) for r in self._read(sql, params)]
+        return [self._record(r) for r in self._read(sql, params)]
