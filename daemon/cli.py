@@ -3,9 +3,10 @@
 Subcommands: ``process`` (one dataset, one-shot), ``validate`` (a data report), ``check`` (the
 capability report), ``evaluate`` (an output folder's models against the experts), ``watch`` (the
 inbox daemon) and ``status`` (the journal). Exit codes: 0 ok,
-1 the job failed (or the data is unusable / the model cannot be fine-tuned), 2 usage, 78 a
-configuration error or a damaged journal for ``watch`` (systemd's EX_CONFIG, which the unit does
-not restart on).
+1 the job failed (or the data is unusable / the model cannot be fine-tuned, or a file could not be
+read or written), 2 usage, 78 a configuration error, a damaged, locked or read-only journal or
+state folder for ``watch`` (systemd's EX_CONFIG, which the unit does not restart on), 75 a full
+disk when ``watch`` starts (EX_TEMPFAIL: the unit starts it again and it runs once there is space).
 Errors are one line on stderr saying what to fix; logs are JSON lines (stdout for ``watch``, the
 ``fine_tuner.log`` file otherwise, and stderr too with ``--debug``).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -27,7 +29,10 @@ from . import __version__
 from .config import APPROACHES, Config, ConfigError, load_config
 from .errors import DatasetTooSmallWarning, FineTunerError, JournalError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TEMPFAIL, EXIT_CONFIG = 0, 1, 2, 75, 78
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -180,13 +185,45 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_USAGE)
     except JournalError as exc:
-        # a damaged or unwritable journal needs an operator: systemd must not restart-loop on it
-        return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_FAILED)
+        # a damaged, locked or unwritable journal needs an operator: systemd must not restart-loop
+        # on it; a full disk passes by itself, so systemd may start the daemon again
+        return _fail(str(exc), _watch_code(args, full=exc.disk_full))
     except (FineTunerError, DatasetTooSmallWarning) as exc:
         text = f"{exc} ({exc.hint})" if isinstance(exc, DatasetTooSmallWarning) else str(exc)
         return _fail(_for_command_line(text), EXIT_FAILED)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except BrokenPipeError:
+        raise  # main() ends quietly on it
+    except OSError as exc:
+        # a state folder that cannot be written (a read-only mount, permissions) or a full disk:
+        # one line naming the file rather than a traceback
+        return _fail(_os_error_line(exc), _watch_code(args, full=exc.errno in _NO_SPACE,
+                                                      operator=exc.errno in _NOT_WRITABLE))
+
+
+def _watch_code(args: argparse.Namespace, *, full: bool, operator: bool = True) -> int:
+    """The exit status for a journal or file-system error: for ``watch`` (systemd) 75 when it passes
+    by itself (a full disk: the unit starts the daemon again), 78 when an operator must act (the
+    unit does not restart-loop), else 1; other commands 1."""
+    if args.command != "watch":
+        return EXIT_FAILED
+    if full:
+        return EXIT_TEMPFAIL
+    return EXIT_CONFIG if operator else EXIT_FAILED
+
+
+def _os_error_line(exc: OSError) -> str:
+    """An OS error as one line: the file, the system's reason and what to do (never data: an OS
+    error's text is its errno's description and the path)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    text = f"{where}{exc.strerror or type(exc).__name__}"
+    if exc.errno in _NO_SPACE:
+        return f"{text} (free space on its disk; the service retries by itself)"
+    if exc.errno in _NOT_WRITABLE:
+        return (f"{text} (make the folders under --root and the state directory writable for the "
+                "service, then start it again)")
+    return text
 
 
 def _cmd_process(cfg: Config, args: argparse.Namespace) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MARKER = "ZZCLIMARKER"
 
 
-def run(*args: str, cwd: Path, env: dict | None = None, script: list[str] | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path, env: dict | None = None, script: list[str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9", "FINE_TUNER_OLLAMA__RETRIES": "0",
                 "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, *(script or ["-m", "daemon"]), *args]
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -144,7 +147,9 @@ def test_daemon_import_is_light():
 def test_demo_runs_offline(tmp_path):
     """demo_fine_tuner.py builds a model set and a real fine-tune on a generated dataset and prints
     the fine-tune's evaluation table."""
-    res = run(cwd=tmp_path, script=[str(ROOT / "demo_fine_tuner.py")], env={"FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9"})
+    # a real fine-tune: about two minutes on two busy cores, so the safety net is wider than run()'s
+    res = run(cwd=tmp_path, script=[str(ROOT / "demo_fine_tuner.py")], env={"FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9"},
+              timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "model set: ok=True" in res.stdout
     assert "fine-tune: ok=True" in res.stdout
@@ -189,18 +194,114 @@ def test_process_fine_tune_shows_progress_bar_on_a_terminal(tmp_path, dataset, t
     assert MARKER not in screen
 
 
-@pytest.mark.parametrize("command, code", [("watch", 78), ("status", 1)])
-def test_damaged_journal_is_one_line_and_no_restart_loop(tmp_path, command, code):
-    """A journal that is not a database stops `watch` with exit 78 (systemd does not restart on
-    it) and `status` with exit 1, each with one line naming the file and what to do."""
+DAMAGED = ("move the damaged journal file aside, with its -wal and -shm files if any; the service then "
+           "starts with a new, empty journal")
+WRITABLE = "make the state directory and the journal writable for the service, then start it again"
+
+
+def _mounts() -> set[str]:
+    with open("/proc/self/mounts") as fh:
+        return {line.split()[1] for line in fh}
+
+
+@contextlib.contextmanager
+def _mounted(target: Path, *options: str):
+    """``mount OPTIONS TARGET`` for the block; unmounted afterwards, and checked to be gone."""
+    subprocess.run(["mount", *options, str(target)], check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True)
+        assert str(target) not in _mounts()
+
+
+def _journal_with_jobs(path: Path, jobs: int = 300) -> None:
+    from daemon.journal import InputFile, Journal
+
+    with Journal(path) as j:
+        for i in range(jobs):
+            j.add_job(f"j{i}", "s", [InputFile("dataset", "v.csv", "a" * 64, 1)], f"k{i}")
+
+
+def _run_on(tmp_path: Path, command: str) -> subprocess.CompletedProcess:
+    return run(command, "--root", str(tmp_path), *(["--once"] if command == "watch" else []), cwd=tmp_path)
+
+
+@pytest.mark.parametrize("command, code, kind", [
+    *[(command, code, kind) for command, code in (("watch", 78), ("status", 1))
+      for kind in ("garbage", "empty", "truncated", "read-only", "newer schema")],
+    ("watch", 78, "dangling link")])
+def test_damaged_journal_is_one_line_and_no_restart_loop(tmp_path, command, code, kind):
+    """A journal that is not a database, empty, cut in half, read-only, a dangling link or of a newer
+    schema stops `watch` with exit 78 (systemd does not restart on it) and `status` with exit 1,
+    each with one line naming the file and what to do."""
     state = tmp_path / ".fine-tuner"
     state.mkdir()
-    (state / "journal.sqlite3").write_bytes(b"not a database, just some bytes" * 100)
-    res = run(command, "--root", str(tmp_path), *(["--once"] if command == "watch" else []), cwd=tmp_path)
+    path = state / "journal.sqlite3"
+    expected = {"garbage": (f"the journal {path} could not be opened: file is not a database", DAMAGED),
+                "empty": (f"the journal {path} is an empty file (its history is lost)", DAMAGED),
+                "truncated": (f"the journal {path} could not be opened: database disk image is malformed", DAMAGED),
+                "read-only": (f"the journal {path} is not writable: Read-only file system", WRITABLE),
+                "dangling link": (f"the journal {path} is a symbolic link to a missing file",
+                                  "point the link at the journal, or remove it to start with a new, empty journal"),
+                "newer schema": (f"the journal {path} has schema version 7; this fine-tuner knows version 1",
+                                 "run the fine-tuner version that wrote it, or move it aside to start a new journal"),
+                }[kind]
+    if kind == "garbage":
+        path.write_bytes(b"not a database, just some bytes" * 100)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "dangling link":
+        path.symlink_to(tmp_path / "elsewhere" / "journal.sqlite3")
+    else:
+        _journal_with_jobs(path)
+    if kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "newer schema":
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA user_version = 7")
+    with _mounted(path, "--bind", str(path)) if kind == "read-only" else contextlib.nullcontext():
+        if kind == "read-only":
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+        res = _run_on(tmp_path, command)
+    assert res.returncode == code
+    assert res.stderr.strip().splitlines() == [f"fine-tuner: error: {expected[0]} ({expected[1]})"]
+
+
+@pytest.mark.parametrize("command, code", [("watch", 78), ("status", 1)])
+def test_read_only_state_directory_is_one_line_and_no_restart_loop(tmp_path, command, code):
+    """A state directory on a file system remounted read-only stops `watch` with exit 78 and
+    `status` with exit 1, each with one line and no traceback."""
+    state = tmp_path / ".fine-tuner"
+    state.mkdir()
+    with _mounted(state, "-t", "tmpfs", "-o", "size=4m", "tmpfs"):
+        _journal_with_jobs(state / "journal.sqlite3")
+        subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+        res = _run_on(tmp_path, command)
     assert res.returncode == code
     [line] = res.stderr.strip().splitlines()
-    assert line.startswith(f"fine-tuner: error: the journal {state / 'journal.sqlite3'} could not be opened: ")
-    assert line.endswith("(move the damaged journal file aside; the service then starts with a new, empty journal)")
+    assert line.startswith("fine-tuner: error: ")
+    assert "Read-only file system" in line and "writable" in line
+
+
+@pytest.mark.parametrize("command, code", [("watch", 75), ("status", 1)])
+def test_journal_on_a_full_disk_at_start_is_one_line_and_retried(tmp_path, command, code):
+    """A journal whose disk is full when `watch` starts exits 75 (EX_TEMPFAIL: systemd starts it
+    again, and it runs once space is free) with one line; `status` says the same with exit 1."""
+    state = tmp_path / ".fine-tuner"
+    state.mkdir()
+    path = state / "journal.sqlite3"
+    with _mounted(state, "-t", "tmpfs", "-o", "size=2m", "tmpfs"):
+        _journal_with_jobs(path, jobs=20)
+        with contextlib.suppress(OSError), open(state / "filler", "wb", buffering=0) as fh:
+            while True:
+                fh.write(b"\0" * 4096)
+        res = _run_on(tmp_path, command)
+    assert res.returncode == code
+    assert res.stderr.strip().splitlines() == [
+        f"fine-tuner: error: the journal {path} could not be opened: disk I/O error (its disk is full) "
+        "(free space on its disk; the service retries by itself)"]
 
 
 def test_evaluate_an_output_folder_again(tmp_path, fake_ollama, synthetic_csv, mapping_dict):
