@@ -237,7 +237,10 @@ def make_private_dir(path: str | os.PathLike) -> Path:
                                      str(path)) from None
         raise
     try:
-        os.fchmod(fd, 0o700)
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:  # nothing to change on a read-only mount
+            os.fchmod(fd, 0o700)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         os.close(fd)
     return path

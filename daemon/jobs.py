@@ -412,7 +412,10 @@ def frames(exc: BaseException) -> list[str]:
 
 
 def os_error_fields(exc: BaseException) -> dict:
-    """Log fields for an OS or journal error: its type and errno, never its text."""
+    """Log fields for an OS or journal error: its type and errno (a journal error's short reason,
+    which describes the file, never a row), never an OS error's text."""
+    if isinstance(exc, JournalError):
+        return {"error_type": type(exc).__name__, "reason": exc.reason, "disk_full": exc.disk_full}
     return {"error_type": type(exc).__name__, "errno": getattr(exc, "errno", None)}
 
 

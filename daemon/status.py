@@ -24,7 +24,7 @@ def status(cfg: Config) -> dict:
                               "journal": str(paths.journal), "counts": {}, "queued": [],
                               "running": [], "recent_succeeded": [], "recent_failed": [],
                               "orphans": orphans(paths.inbox), "waiting_datasets": _waiting(paths)}
-    if not paths.journal.exists():
+    if not os.path.lexists(paths.journal):  # a dangling link is the journal's problem, not "no jobs"
         return report
     recent = cfg.watch.recent
     with Journal(paths.journal) as journal:

@@ -453,3 +453,15 @@ def test_custom_template_trains_and_rate_reuses_it(tmp_path, fake_ollama):
     assert res.returncode == 1
     [line] = res.stderr.strip().splitlines()
     assert "'ChiefComplaint'" in line and "'ChiefComplaintOrig'" in line
+
+
+def test_status_on_a_dangling_journal_link_is_an_error_not_no_jobs(tmp_path):
+    """A journal that is a link to a missing file makes `status` exit 1 with one line, instead of
+    reporting "no jobs yet"."""
+    state = tmp_path / ".fine-tuner"
+    state.mkdir()
+    os.symlink(tmp_path / "gone.sqlite3", state / "journal.sqlite3")
+    res = run("status", "--root", str(tmp_path), cwd=tmp_path)
+    assert res.returncode == 1
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith(f"fine-tuner: error: the journal {state / 'journal.sqlite3'}")
