@@ -443,7 +443,7 @@ def test_custom_template_trains_and_rate_reuses_it(tmp_path, fake_ollama):
     new.write_text("C_BioSense_ID,ChiefComplaintOrig,DischargeDiagnosis\nn1,cough,J06\nn2,sprain,S93\n")
     res = run("rate", "--model", str(out), "--input", str(new), cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr
-    assert seen[-2:] == ["Complaint: cough / Diagnosis: J06", "Complaint: sprain / Diagnosis: S93"]
+    assert sorted(seen[-2:]) == ["Complaint: cough / Diagnosis: J06", "Complaint: sprain / Diagnosis: S93"]
     rated = list(_csv.DictReader((tmp_path / "new.ratings.csv").open()))
     assert [(r["C_BioSense_ID"], r["rating"], r["label"], r["valid"]) for r in rated] == [
         ("n1", "1", "Match", "true"), ("n2", "1", "Match", "true")]
