@@ -346,7 +346,7 @@ class FineTuner:
         """Build the outputs of a planned job (training, when planned, holds the job's training lock)."""
         if plan.ds is None:
             plan.ds = self._reload(plan)
-        ds, settings, meta, stages, job = plan.ds, plan.settings, plan.meta, plan.stages, plan.job
+        ds, settings, meta, stages = plan.ds, plan.settings, plan.meta, plan.stages
         build_dir, final_dir = self._build_dir(plan.output_dir, plan.staged)
         try:
             approach = plan.approach

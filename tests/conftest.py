@@ -5,7 +5,9 @@ Fixture modules of their own (the fake Ollama server, the tiny model) are plugge
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -75,3 +77,21 @@ def synthetic_csv(tmp_path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+def mounts() -> set[str]:
+    """Every mount point of this process (to check that a test left none behind)."""
+    with open("/proc/self/mounts") as fh:
+        return {line.split()[1] for line in fh}
+
+
+@contextlib.contextmanager
+def mounted(target: Path, *options: str):
+    """``mount OPTIONS TARGET`` for the block (a real tmpfs or bind mount: these tests run as root,
+    as CI does); unmounted afterwards, and checked to be gone."""
+    subprocess.run(["mount", *options, str(target)], check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True)
+        assert str(target) not in mounts()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import mounted
+
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "ZZCLIMARKER"
 
@@ -199,22 +201,6 @@ DAMAGED = ("move the damaged journal file aside, with its -wal and -shm files if
 WRITABLE = "make the state directory and the journal writable for the service, then start it again"
 
 
-def _mounts() -> set[str]:
-    with open("/proc/self/mounts") as fh:
-        return {line.split()[1] for line in fh}
-
-
-@contextlib.contextmanager
-def _mounted(target: Path, *options: str):
-    """``mount OPTIONS TARGET`` for the block; unmounted afterwards, and checked to be gone."""
-    subprocess.run(["mount", *options, str(target)], check=True)
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=True)
-        assert str(target) not in _mounts()
-
-
 def _journal_with_jobs(path: Path, jobs: int = 300) -> None:
     from daemon.journal import InputFile, Journal
 
@@ -261,7 +247,7 @@ def test_damaged_journal_is_one_line_and_no_restart_loop(tmp_path, command, code
     elif kind == "newer schema":
         with contextlib.closing(sqlite3.connect(path)) as db:
             db.execute("PRAGMA user_version = 7")
-    with _mounted(path, "--bind", str(path)) if kind == "read-only" else contextlib.nullcontext():
+    with mounted(path, "--bind", str(path)) if kind == "read-only" else contextlib.nullcontext():
         if kind == "read-only":
             subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
         res = _run_on(tmp_path, command)
@@ -275,7 +261,7 @@ def test_read_only_state_directory_is_one_line_and_no_restart_loop(tmp_path, com
     `status` with exit 1, each with one line and no traceback."""
     state = tmp_path / ".fine-tuner"
     state.mkdir()
-    with _mounted(state, "-t", "tmpfs", "-o", "size=4m", "tmpfs"):
+    with mounted(state, "-t", "tmpfs", "-o", "size=4m", "tmpfs"):
         _journal_with_jobs(state / "journal.sqlite3")
         subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
         res = _run_on(tmp_path, command)
@@ -292,7 +278,7 @@ def test_journal_on_a_full_disk_at_start_is_one_line_and_retried(tmp_path, comma
     state = tmp_path / ".fine-tuner"
     state.mkdir()
     path = state / "journal.sqlite3"
-    with _mounted(state, "-t", "tmpfs", "-o", "size=2m", "tmpfs"):
+    with mounted(state, "-t", "tmpfs", "-o", "size=2m", "tmpfs"):
         _journal_with_jobs(path, jobs=20)
         with contextlib.suppress(OSError), open(state / "filler", "wb", buffering=0) as fh:
             while True:

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from tests.conftest import mounted
+
 from daemon.errors import JournalError
 from daemon.journal import InputFile, Journal
 
@@ -190,26 +192,9 @@ def test_damaged_journal_is_refused_not_replaced(tmp_path, kind):
     assert path.read_bytes() == before
 
 
-def _mounts() -> set[str]:
-    """Every mount point of this process (to check that a test left none behind)."""
-    with open("/proc/self/mounts") as fh:
-        return {line.split()[1] for line in fh}
-
-
-@contextlib.contextmanager
-def _mounted(target, *options: str):
-    """``mount OPTIONS TARGET`` for the block; unmounted afterwards, and checked to be gone."""
-    subprocess.run(["mount", *options, str(target)], check=True)
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=True)
-        assert str(target) not in _mounts()
-
-
 def _tmpfs(path, size: str):
     path.mkdir()
-    return _mounted(path, "-t", "tmpfs", "-o", f"size={size}", "tmpfs")
+    return mounted(path, "-t", "tmpfs", "-o", f"size={size}", "tmpfs")
 
 
 def _fill(disk) -> None:
@@ -232,7 +217,7 @@ def test_read_only_journal_is_a_journal_error(tmp_path, how):
         with Journal(path) as j:
             j.add_job("j1", "s", INPUTS, "k1")
         target = disk if how == "remounted" else path
-        with _mounted(target, "--bind", str(target)) if how == "bind" else contextlib.nullcontext():
+        with mounted(target, "--bind", str(target)) if how == "bind" else contextlib.nullcontext():
             subprocess.run(["mount", "-o", "remount,bind,ro" if how == "bind" else "remount,ro",
                             str(target)], check=True)
             with pytest.raises(JournalError) as info:
