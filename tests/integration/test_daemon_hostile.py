@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from daemon.synthetic import MAPPING
-from tests.conftest import leftovers, wait_for
+from tests.conftest import leftovers, mounted, wait_for
 from tests.integration.conftest import MARKER, REPO, all_log_text
 
 NON_UTF8_STEM = os.fsdecode(b"Grippe_M\xe4rz")  # what os.listdir hands over for that byte name
@@ -251,12 +251,9 @@ def test_full_disk_gives_jobs_back_and_resumes_when_space_returns(root, start_da
     workers stay up, and once space is freed every job finishes by itself; SIGTERM then stops it."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)], check=True)
-    try:
+    with mounted(mount, "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs"):
         # the daemon's log (journald's part in production) stays off the full disk
         _full_disk_scenario(root, start_daemon, mount, journal_on_full_disk)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _full_disk_scenario(root, start_daemon, mount, journal_on_full_disk: bool) -> None:
