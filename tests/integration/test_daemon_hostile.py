@@ -4,7 +4,6 @@ in place of state folders, a full disk. One bad file only ever fails itself; the
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import signal
@@ -294,21 +293,13 @@ def _full_disk_scenario(root, start_daemon, mount, journal_on_full_disk: bool) -
 
 
 def _fill(path) -> None:
-    """Write zeros into ``path`` until the file system is full."""
-    with open(path, "wb") as fh:
-        block = b"\0" * 65536
-        with contextlib.suppress(OSError):
+    """Write zeros into ``path`` until the file system is full (unbuffered: a failed write is
+    raised where it happens, not later at close)."""
+    for block in (65536, 512):  # big blocks, then the last partial one
+        with contextlib.suppress(OSError), open(path, "ab", buffering=0) as fh:
             while True:
-                fh.write(block)
-                fh.flush()
-        with contextlib.suppress(OSError):
-            fh.flush()
-    with contextlib.suppress(OSError):
-        with open(path, "ab") as fh:  # the last partial block
-            while True:
-                fh.write(b"\0" * 512)
-                fh.flush()
-    assert _free_bytes(path) < 65536, errno.ENOSPC
+                fh.write(b"\0" * block)
+    assert _free_bytes(path) < 65536
 
 
 def _free_bytes(path) -> int:
