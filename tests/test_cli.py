@@ -451,3 +451,35 @@ def test_status_on_a_dangling_journal_link_is_an_error_not_no_jobs(tmp_path):
     assert res.returncode == 1
     [line] = res.stderr.strip().splitlines()
     assert line.startswith(f"fine-tuner: error: the journal {state / 'journal.sqlite3'}")
+
+
+def test_rate_shows_a_progress_bar_on_a_terminal(tmp_path, fake_ollama, dataset):
+    """With stderr on a terminal, rate draws a progress bar that reaches 100 % and ends with the
+    counts; without a terminal it draws none."""
+    import pty
+
+    csv_path, mapping = dataset
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FINE_TUNER_OLLAMA__HOST": fake_ollama.url}
+    fake_ollama.chat_content = json.dumps({"rating": 0, "rationale": "x"})
+    args = [sys.executable, "-m", "daemon", "rate", "--model", "llama3.2:1b", "--mapping", str(mapping),
+            "--input", str(csv_path), "--output", str(tmp_path / "r.csv")]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    stdout, _ = proc.communicate(timeout=120)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, screen[-2000:]
+    assert "rating [" in screen and "100.0% 60/60" in screen
+    assert "rated: 60 of 60 records with llama3.2:1b (ollama)" in stdout
+    plain = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and plain.stderr == ""
