@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,11 @@ INVALID_RULE = ("an answer is valid only when it is a JSON object whose \"rating
                 "repaired or guessed)")
 BOOTSTRAP_SAMPLES = 1000
 REPORT_FILES = ("evaluation.json", "evaluation.md", "confusion_matrix.png", "predictions.csv")
+# The daemon's workers may evaluate two jobs at once: the first import of scikit-learn or
+# matplotlib (C extensions with circular imports) from two threads together can fail with a
+# "partially initialized module" error, so they are imported one thread at a time. pyplot is
+# not thread-safe either: figures are drawn under the same lock.
+IMPORT_LOCK = threading.RLock()
 
 
 def parse_answer(text: str | None, values: Sequence[int]) -> int | None:
@@ -88,13 +94,15 @@ def score(result: ModelResult, expert: Sequence[int], labels: Mapping[str, int],
           samples: int = BOOTSTRAP_SAMPLES) -> dict:
     """Every metric of one model against the expert ratings (same rows, same order)."""
     import numpy as np
-    from sklearn.metrics import (
-        accuracy_score,
-        cohen_kappa_score,
-        confusion_matrix,
-        f1_score,
-        precision_recall_fscore_support,
-    )
+
+    with IMPORT_LOCK:  # see IMPORT_LOCK
+        from sklearn.metrics import (
+            accuracy_score,
+            cohen_kappa_score,
+            confusion_matrix,
+            f1_score,
+            precision_recall_fscore_support,
+        )
 
     if len(result.ratings) != len(expert):
         raise ValueError("one answer per evaluated row is needed")
@@ -256,32 +264,34 @@ def predictions_csv(report: dict) -> str:
 
 def confusion_png(report: dict, path: Path) -> None:
     """``confusion_matrix.png``: one panel per model, counts written in the cells (headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    models = [m for m in report["models"] if m.get("confusion_matrix")]
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.2 * max(1, len(models)), 3.9), squeeze=False)
-    for ax, m in zip(axes[0], models):
-        cm = m["confusion_matrix"]
-        counts = np.array(cm["counts"], dtype=float)
-        ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1.0, counts.max()))
-        ax.set_xticks(range(len(cm["columns"])), cm["columns"], rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(len(cm["rows"])), cm["rows"], fontsize=8)
-        ax.set_xlabel("model")
-        ax.set_ylabel("expert")
-        kappa = m.get("kappa")
-        ax.set_title(f"{m['title']}\naccuracy {_fmt(m.get('accuracy'))}, kappa {_fmt(kappa)}", fontsize=9)
-        top = counts.max() if counts.size else 0
-        for (r, c), value in np.ndenumerate(counts):
-            ax.text(c, r, str(int(value)), ha="center", va="center", fontsize=9,
-                    color="white" if top and value > top / 2 else "black")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    with IMPORT_LOCK:  # see IMPORT_LOCK: pyplot's current figure is process-wide state
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+
+        models = [m for m in report["models"] if m.get("confusion_matrix")]
+        fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.2 * max(1, len(models)), 3.9), squeeze=False)
+        for ax, m in zip(axes[0], models):
+            cm = m["confusion_matrix"]
+            counts = np.array(cm["counts"], dtype=float)
+            ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1.0, counts.max()))
+            ax.set_xticks(range(len(cm["columns"])), cm["columns"], rotation=30, ha="right", fontsize=8)
+            ax.set_yticks(range(len(cm["rows"])), cm["rows"], fontsize=8)
+            ax.set_xlabel("model")
+            ax.set_ylabel("expert")
+            kappa = m.get("kappa")
+            ax.set_title(f"{m['title']}\naccuracy {_fmt(m.get('accuracy'))}, kappa {_fmt(kappa)}", fontsize=9)
+            top = counts.max() if counts.size else 0
+            for (r, c), value in np.ndenumerate(counts):
+                ax.text(c, r, str(int(value)), ha="center", va="center", fontsize=9,
+                        color="white" if top and value > top / 2 else "black")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
     with fsutil.atomic_open(path, "wb") as fh:
         fh.write(buf.getvalue())
 

@@ -67,6 +67,7 @@ EXIT_SECOND_SIGNAL = 1
 # Signals this close to the first are the same request: make forwards a terminal's SIGINT or
 # `timeout`'s SIGTERM to a process group, so the daemon often gets two at once.
 SAME_REQUEST_S = 1.0
+WARM_UP_WAIT_S = 60.0  # the longest a job waits for the warm-up imports
 # A dataset name seen again this soon after its claim is reported (dataset_reappeared).
 REAPPEAR_WINDOW_S = 600.0
 RECENT_CLAIMS_KEPT = 1000
@@ -101,6 +102,9 @@ class Service:
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.job_stop = threading.Event()  # tells training to give its job back
+        # set once the warm-up thread imported pandas & co.: jobs wait for it, because importing a C
+        # extension package from several threads at once can fail ("partially initialized module")
+        self.warmed_up = threading.Event()
         self.lane: TrainingLane | None = None
         self.runner: JobRunner | None = None
         self.ready: collections.deque[Claim] = collections.deque()
@@ -151,7 +155,7 @@ class Service:
             self._note_new_entries()
             self.notifier.ready(self._status_line())
             log.info("daemon_ready", queued=len(self.ready))
-            threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
+            threading.Thread(target=_warm_up, args=(self.warmed_up,), name="warm-up", daemon=True).start()
             self._loop()
         finally:
             if watcher is not None:
@@ -460,6 +464,7 @@ class Service:
             claim = self.jobs_in.get()
             if claim is None:
                 return
+            self.warmed_up.wait(WARM_UP_WAIT_S)
             try:
                 self.runner.run(claim)
             finally:
@@ -509,11 +514,14 @@ class Service:
         else:
             self.ready.append(claim)
 
-def _warm_up() -> None:
+def _warm_up(done: threading.Event) -> None:
     """Import what a job needs while the service waits, so that the first drop is not the one that
-    pays for loading pandas (about half a second)."""
+    pays for loading pandas (about half a second); ``done`` is set however it ends."""
     started = time.monotonic()
-    import pandas  # noqa: F401 - the dataset loader's library, imported lazily there
+    try:
+        import pandas  # noqa: F401 - the dataset loader's library, imported lazily there
 
-    from . import dataset, fine_tuner, modelset  # noqa: F401
-    log.info("warm_up_done", duration_s=round(time.monotonic() - started, 3))
+        from . import dataset, fine_tuner, modelset  # noqa: F401
+        log.info("warm_up_done", duration_s=round(time.monotonic() - started, 3))
+    finally:
+        done.set()
