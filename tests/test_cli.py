@@ -160,23 +160,12 @@ def test_demo_runs_offline(tmp_path):
     assert (tmp_path / "demo_outputs" / "fine_tune" / "evaluation.json").is_file()
 
 
-def test_process_fine_tune_shows_progress_bar_on_a_terminal(tmp_path, dataset, tiny_model_dir):
-    """With stderr on a terminal, process draws a training progress bar that reaches 100 %."""
+def _on_a_terminal(args: list[str], *, cwd: Path, env: dict) -> tuple[int, str, str]:
+    """Run a command with stderr on a pseudo-terminal: (exit code, stdout, what the terminal showed)."""
     import pty
 
-    csv_path, mapping = dataset
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"base_models": {"tiny-llama:latest": str(tiny_model_dir)},
-                               "ollama": {"register": "off"},
-                               "training": {"sequence_len": 512, "device": "cpu"}}))
     master, slave = pty.openpty()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9",
-           "FINE_TUNER_OLLAMA__RETRIES": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "process", "--config", str(cfg), "--input", str(csv_path),
-         "--mapping", str(mapping), "--model", "tiny-llama", "--topics", "respiratory infections",
-         "--approach", "fine_tune", "--epochs", "1"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=slave, text=True)
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=slave, text=True)
     os.close(slave)
     chunks = []
     while True:
@@ -189,8 +178,23 @@ def test_process_fine_tune_shows_progress_bar_on_a_terminal(tmp_path, dataset, t
         chunks.append(data)
     os.close(master)
     stdout, _ = proc.communicate(timeout=120)
-    screen = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0, screen[-2000:]
+    return proc.returncode, stdout, b"".join(chunks).decode(errors="replace")
+
+
+def test_process_fine_tune_shows_progress_bar_on_a_terminal(tmp_path, dataset, tiny_model_dir):
+    """With stderr on a terminal, process draws a training progress bar that reaches 100 %."""
+    csv_path, mapping = dataset
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"base_models": {"tiny-llama:latest": str(tiny_model_dir)},
+                               "ollama": {"register": "off"},
+                               "training": {"sequence_len": 512, "device": "cpu"}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9",
+           "FINE_TUNER_OLLAMA__RETRIES": "0"}
+    code, stdout, screen = _on_a_terminal(
+        [sys.executable, "-m", "daemon", "process", "--config", str(cfg), "--input", str(csv_path),
+         "--mapping", str(mapping), "--model", "tiny-llama", "--topics", "respiratory infections",
+         "--approach", "fine_tune", "--epochs", "1"], cwd=tmp_path, env=env)
+    assert code == 0, screen[-2000:]
     assert "approach: fine_tune" in stdout
     assert "training [" in screen and "100.0%" in screen
     assert MARKER not in screen
@@ -456,29 +460,13 @@ def test_status_on_a_dangling_journal_link_is_an_error_not_no_jobs(tmp_path):
 def test_rate_shows_a_progress_bar_on_a_terminal(tmp_path, fake_ollama, dataset):
     """With stderr on a terminal, rate draws a progress bar that reaches 100 % and ends with the
     counts; without a terminal it draws none."""
-    import pty
-
     csv_path, mapping = dataset
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FINE_TUNER_OLLAMA__HOST": fake_ollama.url}
     fake_ollama.chat_content = json.dumps({"rating": 0, "rationale": "x"})
     args = [sys.executable, "-m", "daemon", "rate", "--model", "llama3.2:1b", "--mapping", str(mapping),
             "--input", str(csv_path), "--output", str(tmp_path / "r.csv")]
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=slave, text=True)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    stdout, _ = proc.communicate(timeout=120)
-    screen = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0, screen[-2000:]
+    code, stdout, screen = _on_a_terminal(args, cwd=tmp_path, env=env)
+    assert code == 0, screen[-2000:]
     assert "rating [" in screen and "100.0% 60/60" in screen
     assert "rated: 60 of 60 records with llama3.2:1b (ollama)" in stdout
     plain = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
