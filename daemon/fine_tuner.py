@@ -45,6 +45,8 @@ from .logconfig import get_logger
 log = get_logger("fine_tuner")
 
 FINE_TUNE, MODEL_SET = "fine_tune", "model_set"
+# where training_config.yaml sends another trainer's output: never the adapter/ folder published here
+OTHER_TRAINER_OUTPUT = "trainer-output"
 MODEL_SET_FILES = ("model_set_config.json", "Modelfile", "fine_tuning_metadata.json")
 FINE_TUNE_FILES = ("training_data.jsonl", "validation_data.jsonl", "training_config.yaml",
                    "fine_tuning_metadata.json")
@@ -558,12 +560,19 @@ class FineTuner:
             fsutil.write_lines(build_dir / "training_data.jsonl", trainingdata.jsonl_chunks(ds, train_pos, system))
             base = training.resolve_base_weights(settings.model, self.config.base_models,
                                                  allow_download=t.allow_download)
+            validation = "validation_data.jsonl" if len(val_pos) else None
             cfg = trainingdata.training_config(
-                base_model=base.hf_id or settings.model, dataset_path="training_data.jsonl",
-                validation_path="validation_data.jsonl" if len(val_pos) else None, output_dir="adapter", training=t,
+                base_model=base.hf_id or training.BASE_MODEL_PLACEHOLDER, dataset_path="training_data.jsonl",
+                validation_path=validation, output_dir=OTHER_TRAINER_OUTPUT, training=t,
                 epochs=settings.epochs, learning_rate=settings.learning_rate,
                 micro_batch_size=settings.batch_size, seed=d.seed)
-            fsutil.write_text(build_dir / "training_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+            header = "" if base.hf_id else (
+                f"# base_model: no Hugging Face id is known for the weights of {settings.model}. Before\n"
+                "# running this file elsewhere, put their Hugging Face id (e.g. meta-llama/Llama-3.2-1B-Instruct)\n"
+                "# or the path of a copy of the weights folder there.\n")
+            fsutil.write_text(build_dir / "training_config.yaml", header + yaml.safe_dump(cfg, sort_keys=False))
+            fsutil.write_json(build_dir / "dataset_info.json",
+                              trainingdata.dataset_info("training_data.jsonl", validation))
             # the model set built from the same training rows, measured beside the fine-tune
             comparison = self._model_set(ds, settings, stem=stem, exclude=plan.validation_positions,
                                          input_hashes=plan.input_hashes)
@@ -586,7 +595,8 @@ class FineTuner:
         fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
             base=settings.model, system=system, messages=[], parameters={"temperature": 0},
             adapter="./adapter"))
-        meta["fine_tune"] = {"model_name": name, "adapter_dir": "adapter", "base_weights": base.hf_id or base.ref}
+        meta["fine_tune"] = {"model_name": name, "adapter_dir": "adapter",
+                             "base_weights": base.hf_id or "a local weights folder (base_models)"}
         schema = prompts.output_schema(ds.mapping.values)
         with stages("registration"):
             meta["registration"] = self._register(lambda client: register.register_adapter(

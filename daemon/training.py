@@ -98,6 +98,12 @@ class TrainingResult:
 
 # --- base weights ------------------------------------------------------------------------------
 
+# What adapter_config.json and training_config.yaml name as the base model when no Hugging Face id
+# is known for local weights: clearly not loadable, so a trainer elsewhere fails with this name in
+# its message instead of loading something else (training_config.yaml says what to put there).
+BASE_MODEL_PLACEHOLDER = "REPLACE-ME/base-model-hf-id-or-weights-folder"
+
+
 def with_tag(name: str) -> str:
     """``llama3.2`` → ``llama3.2:latest``; a name that has a tag is returned as is."""
     tail = name.rsplit("/", 1)[-1]
@@ -187,9 +193,10 @@ def resolve_base_weights(model_name: str, base_models: Mapping[str, str], *,
                            f"base_models: in the config ({with_tag(model_name)}: <weights dir or HF repo id>)")
     expanded = os.path.expanduser(ref)
     if configured is not None and not _is_hf_id(ref):
-        # A local folder has no HF id; record the builtin id when there is one, else the Ollama name,
-        # so that adapter_config.json never carries a path of this machine.
-        hf_id = builtin or with_tag(model_name)
+        # A local folder has no HF id: the builtin id when there is one, else None (files handed to
+        # another trainer then name BASE_MODEL_PLACEHOLDER, never a path of this machine or an
+        # Ollama name that no Hugging Face loader accepts)
+        hf_id = builtin
         if not os.path.isdir(expanded):
             return BaseWeights(model_name, ref, hf_id, None, None, False,
                                f"the weights directory configured for {model_name!r} does not exist: "
@@ -249,7 +256,7 @@ def build_run_spec(job_dir: Path, base: BaseWeights, training: TrainingConfig) -
     return {
         "base_dir": base.local_dir,
         "base_ref": base.hf_id if base.local_dir is None else base.local_dir,
-        "base_name": base.hf_id or with_tag(base.ollama_name),
+        "base_name": base.hf_id or BASE_MODEL_PLACEHOLDER,
         "train_path": path_of("datasets") or str(job_dir / "training_data.jsonl"),
         "validation_path": path_of("test_datasets"),
         "output_dir": str(job_dir),

@@ -173,8 +173,33 @@ def training_config(*, base_model: str, dataset_path: str, validation_path: str 
         "num_epochs": int(epochs),
         "learning_rate": float(learning_rate),
         "warmup_ratio": float(training.warmup_ratio),
+        # the project's own recipe, spelled out so that another trainer does not use its defaults
+        # (axolotl's are a cosine schedule and fused AdamW): linear warm-up then decay, AdamW,
+        # no weight decay
+        "lr_scheduler": "linear",
+        "optimizer": "adamw_torch",
+        "weight_decay": 0.0,
         "logging_steps": int(training.logging_steps),
         "seed": int(seed),
+        # axolotl would switch these kernels on by itself for some models: they are not the recipe
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
         "output_dir": output_dir,
     })
+    if validation_path:
+        config["eval_strategy"] = "epoch"  # like the project's trainer: the hold-out after each epoch
     return config
+
+
+def dataset_info(train_file: str, validation_file: str | None) -> dict[str, Any]:
+    """LLaMA-Factory's ``dataset_info.json`` for the JSONL files: OpenAI-style chat records
+    (``formatting: sharegpt`` with role/content tags), so both load with the loss on the answer."""
+    def entry(file: str) -> dict[str, Any]:
+        return {"file_name": file, "formatting": "sharegpt", "columns": {"messages": "messages"},
+                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                         "assistant_tag": "assistant", "system_tag": "system"}}
+    out = {"fine_tuner_train": entry(train_file)}
+    if validation_file:
+        out["fine_tuner_validation"] = entry(validation_file)
+    return out

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from daemon import fsutil, modelset, prompts
 from daemon.synthetic import MAPPING, synthetic_rows, HEADER
@@ -172,6 +173,14 @@ class TestFineTuner:
         assert len(means) == 2 and means[1] < means[0], means
         adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert not Path(adapter_cfg["base_model_name_or_path"]).is_absolute()
+        # handed to another trainer: a marked placeholder, what to put there, never adapter/ as output
+        config_text = (out / "training_config.yaml").read_text()
+        assert config_text.startswith("# base_model: no Hugging Face id is known for the weights of tiny-llama.")
+        config = yaml.safe_load(config_text)
+        assert (config["base_model"], config["output_dir"]) == (
+            "REPLACE-ME/base-model-hf-id-or-weights-folder", "trainer-output")
+        assert json.loads((out / "dataset_info.json").read_text())["fine_tuner_train"]["file_name"] == \
+            "training_data.jsonl"
         parsed = modelset.parse_modelfile((out / "Modelfile").read_text())
         assert ("FROM", "tiny-llama") in parsed and ("ADAPTER", "./adapter") in parsed
         reg = meta["registration"]

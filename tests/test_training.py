@@ -27,6 +27,7 @@ from daemon.errors import TrainingFailedError, TrainingInterruptedError
 from daemon.prompts import answer_json, system_prompt
 from daemon.synthetic import MAPPING, synthetic_rows
 from daemon.training import (
+    BASE_MODEL_PLACEHOLDER,
     BUILTIN_BASE_MODELS,
     BaseWeights,
     resolve_base_weights,
@@ -141,13 +142,14 @@ class TestRealRun:
                f"sequence_len={SEQUENCE_LEN} tokens and were dropped (training rows [1, 2])" in stderr
 
     def test_adapter_folder_holds_the_two_files_ollama_reads(self, trained):
-        """The adapter folder is complete, records the Ollama name as base, and no temp folder is left."""
+        """The adapter folder is complete, names the marked placeholder as base (local weights have no
+        Hugging Face id; an Ollama name would not load elsewhere), and no temp folder is left."""
         job, result, _progress, _logs = trained
         adapter = Path(result.adapter_dir)
         assert adapter == job / "adapter"
         assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
         config = json.loads((adapter / "adapter_config.json").read_text())
-        assert config["base_model_name_or_path"] == TINY_NAME
+        assert config["base_model_name_or_path"] == BASE_MODEL_PLACEHOLDER
         assert config["r"] == 8
         assert config["lora_alpha"] == 16
         assert str(job.parent) not in (adapter / "adapter_config.json").read_text()
@@ -373,9 +375,10 @@ def _hf_cache(root: Path, hf_id: str, revision: str = "0123abcd") -> Path:
 
 class TestResolveBaseWeights:
     def test_configured_directory(self, tiny_model_dir):
-        """A configured local folder is used as is; the adapter records the Ollama name, not the path."""
+        """A configured local folder is used as is; with no built-in Hugging Face id for it, hf_id is
+        None (the files handed on name the placeholder, never the path or the Ollama name)."""
         base = resolve_base_weights("tiny-llama", {TINY_NAME: str(tiny_model_dir)}, env={})
-        assert base == BaseWeights("tiny-llama", str(tiny_model_dir), TINY_NAME, str(tiny_model_dir.resolve()),
+        assert base == BaseWeights("tiny-llama", str(tiny_model_dir), None, str(tiny_model_dir.resolve()),
                                    "llama", True, None)
 
     def test_builtin_name_found_in_hf_cache(self, tmp_path):
@@ -458,7 +461,7 @@ class TestWeightsChecks:
         assert [(c.name, c.ok) for c in report.checks] == [
             ("base_weights", True), ("weights_architecture", True), ("chat_template", True)]
         assert report.facts == {"weights_dir": str(tiny_model_dir.resolve()), "model_type": "llama",
-                                "hf_id": TINY_NAME}
+                                "hf_id": None}
         assert report.supported is True
 
     def test_architecture_must_match_ollama(self, tiny_base_models):

@@ -143,7 +143,9 @@ def test_training_config_uses_axolotl_keys():
         "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
         "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "sequence_len": 2048,
         "micro_batch_size": 4, "gradient_accumulation_steps": 1, "num_epochs": 5, "learning_rate": 0.001,
-        "warmup_ratio": 0.03, "logging_steps": 1, "seed": 42, "output_dir": "adapter",
+        "warmup_ratio": 0.03, "lr_scheduler": "linear", "optimizer": "adamw_torch", "weight_decay": 0.0,
+        "logging_steps": 1, "seed": 42, "lora_mlp_kernel": False, "lora_qkv_kernel": False,
+        "lora_o_kernel": False, "output_dir": "adapter", "eval_strategy": "epoch",
     }
     assert yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)) == cfg
 
@@ -153,5 +155,21 @@ def test_training_config_without_validation_has_no_test_datasets():
     cfg = training_config(base_model="m", dataset_path="t.jsonl", validation_path=None, output_dir="o",
                           training=TrainingConfig(lora_r=8), epochs=1, learning_rate=1e-4, micro_batch_size=2,
                           seed=3)
-    assert "test_datasets" not in cfg
+    assert "test_datasets" not in cfg and "eval_strategy" not in cfg  # nothing to evaluate on
     assert (cfg["lora_r"], cfg["num_epochs"], cfg["micro_batch_size"], cfg["seed"]) == (8, 1, 2, 3)
+
+
+def test_dataset_info_describes_both_files_for_llama_factory():
+    """dataset_info.json gives LLaMA-Factory an OpenAI-style (sharegpt) entry per file, with its
+    documented role/content tags; without a hold-out only the training file is listed."""
+    from daemon.trainingdata import dataset_info
+
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+            "system_tag": "system"}
+    info = dataset_info("training_data.jsonl", "validation_data.jsonl")
+    assert info == {
+        "fine_tuner_train": {"file_name": "training_data.jsonl", "formatting": "sharegpt",
+                             "columns": {"messages": "messages"}, "tags": tags},
+        "fine_tuner_validation": {"file_name": "validation_data.jsonl", "formatting": "sharegpt",
+                                  "columns": {"messages": "messages"}, "tags": tags}}
+    assert list(dataset_info("training_data.jsonl", None)) == ["fine_tuner_train"]
