@@ -370,8 +370,7 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     except (EvaluationSkipped, RaterError) as exc:
         return _fail(f"cannot evaluate {folder}: {getattr(exc, 'reason', exc)}", EXIT_FAILED)
     files = evaluation.write_report(report, folder)
-    meta["evaluation"] = {"status": "done", "backend": report["models"][0]["backend"], "rows": report["n"],
-                          "models": evaluation.summary_line(report), "files": files}
+    meta["evaluation"] = evaluation.metadata_summary(report, files)
     fsutil.write_json(meta_path, meta)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=2))

@@ -307,6 +307,12 @@ def write_report(report: dict, dest: Path) -> list[str]:
     return list(REPORT_FILES)
 
 
+def metadata_summary(report: dict, files: list[str]) -> dict:
+    """What ``fine_tuning_metadata.json`` records under ``evaluation`` once the report is written."""
+    return {"status": "done", "backend": report["models"][0]["backend"], "rows": report["n"],
+            "models": summary_line(report), "files": files}
+
+
 def summary_line(report: dict) -> list[dict]:
     """Per model: the numbers the ``evaluation_finished`` event and ``status`` show."""
     return [{"model": m["key"], "accuracy": m.get("accuracy"), "kappa": m.get("kappa"),

@@ -516,9 +516,7 @@ class FineTuner:
                                            "evaluation.enabled to auto") from None
             log.warning("evaluation_skipped", status=status, reason=reason)
             return {"status": status, "reason": reason}
-        files = evaluation.write_report(report, build_dir)
-        return {"status": "done", "backend": report["models"][0]["backend"], "rows": report["n"],
-                "models": evaluation.summary_line(report), "files": files}
+        return evaluation.metadata_summary(report, evaluation.write_report(report, build_dir))
 
     def _register(self, action: Callable[[Any], dict], memory=None) -> dict:
         """Register under ``ollama.register``; ``memory`` is the job's (see ``_ollama_client``): a

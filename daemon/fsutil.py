@@ -136,15 +136,30 @@ def open_regular(path: str | os.PathLike) -> int:
     return fd
 
 
-def hash_regular_file(path: str | os.PathLike) -> tuple[str, int]:
-    """``(hex sha256, size)`` of a regular file (``open_regular``), streamed in 1 MiB chunks."""
+def _digest(fh: IO[bytes]) -> tuple[str, int]:
+    """``(hex sha256, size)`` of what ``fh`` holds, streamed in 1 MiB chunks (never read whole)."""
     h = hashlib.sha256()
     size = 0
-    with os.fdopen(open_regular(path), "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
+    while chunk := fh.read(HASH_CHUNK):
+        h.update(chunk)
+        size += len(chunk)
     return h.hexdigest(), size
+
+
+def hash_regular_file(path: str | os.PathLike) -> tuple[str, int]:
+    """``(hex sha256, size)`` of a regular file (``open_regular``: never a FIFO or a link)."""
+    with os.fdopen(open_regular(path), "rb") as fh:
+        return _digest(fh)
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON object from a file, or {} when it is missing, unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def real_dir(path: str | os.PathLike) -> Path:
@@ -158,11 +173,8 @@ def real_dir(path: str | os.PathLike) -> Path:
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, streamed in 1 MiB chunks (never read whole into memory)."""
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return _digest(fh)[0]
 
 
 def temp_dir_for(final: str | os.PathLike) -> Path:

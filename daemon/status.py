@@ -6,12 +6,12 @@ that no file name can forge a line.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from .config import Config, printable
+from .fsutil import read_json_object
 from .inbox import DATASET, classify_name, orphans
 from .journal import Journal, JobRecord
 from .paths import Paths, resolve_paths
@@ -49,7 +49,7 @@ def _brief(job: JobRecord) -> dict:
     if job.output_path:
         out["output_path"] = job.output_path
         if job.state == "succeeded":
-            meta = _read_json(Path(job.output_path) / "fine_tuning_metadata.json")
+            meta = read_json_object(Path(job.output_path) / "fine_tuning_metadata.json")
             out["evaluation"] = _evaluation_brief(Path(job.output_path), meta)
             out["warnings"] = list(meta.get("warnings") or [])
     if job.approach:
@@ -63,18 +63,9 @@ def _brief(job: JobRecord) -> dict:
     return out
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object from an output folder, or {} when it is missing or unreadable."""
-    with contextlib.suppress(OSError, ValueError):
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        return data if isinstance(data, dict) else {}
-    return {}
-
-
 def _evaluation_brief(folder: Path, meta: dict) -> dict:
     """Kappa and accuracy of each evaluated model (``evaluation.json``), or why there are none."""
-    report = _read_json(folder / "evaluation.json")
+    report = read_json_object(folder / "evaluation.json")
     if report.get("models"):
         return {m["key"]: {"kappa": m.get("kappa"), "accuracy": m.get("accuracy"),
                            "invalid_rate": m.get("invalid_rate")} for m in report["models"]}

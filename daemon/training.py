@@ -35,7 +35,7 @@ import yaml
 
 from .config import TrainingConfig
 from .errors import TrainingFailedError, TrainingInterruptedError
-from .fsutil import temp_dir_for, write_json
+from .fsutil import read_json_object, temp_dir_for, write_json
 from .logconfig import get_logger
 from .trainer import DEFAULT_ENDPOINT, DOWNLOAD_FAILED, EXIT_DOWNLOAD
 
@@ -153,20 +153,12 @@ def find_in_hf_cache(hf_id: str, env: Mapping[str, str] = os.environ) -> Path | 
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def has_chat_template(weights_dir: str | Path) -> bool:
     """The tokenizer carries a chat template (in tokenizer_config.json or chat_template.jinja)."""
     d = Path(weights_dir)
     if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
         return True
-    return bool(_read_json(d / "tokenizer_config.json").get("chat_template"))
+    return bool(read_json_object(d / "tokenizer_config.json").get("chat_template"))
 
 
 def _weights_problem(model_type: str | None, chat_template: bool, where: str) -> str | None:
@@ -219,7 +211,7 @@ def resolve_base_weights(model_name: str, base_models: Mapping[str, str], *,
 
 
 def _from_dir(model_name: str, ref: str, hf_id: str, local: Path) -> BaseWeights:
-    config = _read_json(local / "config.json")
+    config = read_json_object(local / "config.json")
     model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
     chat = has_chat_template(local)
     return BaseWeights(model_name, ref, hf_id, str(local), model_type, chat,
@@ -462,7 +454,7 @@ def _collect(job_dir: Path, log_path: Path, stderr_path: Path, code: int,
              duration_s: float) -> TrainingResult:
     adapter = job_dir / ADAPTER_DIR
     missing = [name for name in ADAPTER_FILES if not (adapter / name).is_file()]
-    metrics = _read_json(job_dir / RESULT_FILE)
+    metrics = read_json_object(job_dir / RESULT_FILE)
     if missing or not metrics:
         absent = [*missing, *([RESULT_FILE] if not metrics else [])]
         log.error("training_outputs_missing", missing=absent, stderr_path=str(stderr_path))
