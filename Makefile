@@ -6,6 +6,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
+# The hand-off tests run axolotl (the axolotl extra, ~4 GB with TRL) and LLaMA-Factory's own
+# dataset parser. LLaMA-Factory's pins (transformers<=5.6, peft<=0.18) clash with axolotl's, so
+# only its code is installed, without dependencies, into a folder of its own.
+HANDOFF       := $(VENV)/.installed-handoff
+LLAMAFACTORY  := llamafactory==0.9.5
+LF_DIR        := $(VENV)/llamafactory
 
 .PHONY: run test
 
@@ -16,8 +22,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[train,test]"
 	touch $(STAMP)
 
+$(HANDOFF): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[train,test,axolotl]"
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(LF_DIR) "$(LLAMAFACTORY)"
+	touch $(HANDOFF)
+
 run: $(STAMP)
 	$(VENV)/bin/fine-tuner watch --root .
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest
+test: $(STAMP) $(HANDOFF)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 \
+		LLAMAFACTORY_PATH=$(LF_DIR) $(PY) -m pytest

@@ -64,6 +64,25 @@ def package_checks(report: CapabilityReport) -> None:
                else f"missing {', '.join(missing)}: install the extra with pip install 'fine-tuner[train]'")
 
 
+def backend_check(report: CapabilityReport, backend: str) -> None:
+    """axolotl and accelerate installed, for ``training.backend: axolotl`` (required then; shown
+    as optional otherwise, so that ``fine-tuner check`` says whether switching would work). Found
+    with ``find_spec``, never imported: axolotl itself runs in the trainer's processes."""
+    import importlib.metadata
+
+    from .axolotl_trainer import axolotl_missing
+
+    why = axolotl_missing()
+    if why is None:
+        version = importlib.metadata.version("axolotl")
+        report.facts["axolotl_version"] = version
+        detail = (f"axolotl {version} and accelerate are installed: training.backend axolotl runs "
+                  "accelerate launch -m axolotl.cli.train on the job's training_config.yaml")
+    else:
+        detail = why + ("" if backend == "axolotl" else " (only needed for training.backend: axolotl)")
+    report.add("axolotl_backend", why is None, detail, required=backend == "axolotl")
+
+
 def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | None) -> None:
     """Base weights found, of an architecture Ollama takes adapters for (and the same as the Ollama
     model's when known), with a chat template. Reads files only (``training.resolve_base_weights``)."""
@@ -195,6 +214,7 @@ def build_report(model_name: str, cfg: Config, client: OllamaClient | None = Non
     """Run every check for ``model_name``; ``client`` None skips the Ollama checks."""
     report = CapabilityReport(model=model_name)
     package_checks(report)
+    backend_check(report, cfg.training.backend)
     arch = ollama_checks(report, client, cfg.ollama.register) if client is not None else None
     weights_checks(report, cfg, arch)
     return report

@@ -92,6 +92,10 @@ class TrainingConfig:
     grace_s: float = 10.0
     allow_download: bool = False
     device: str = "auto"  # auto | cpu | cuda | mps
+    backend: str = "local"  # local (the built-in trainer) | axolotl (accelerate launch -m axolotl.cli.train)
+    # extra axolotl keys written into training_config.yaml as is (deepspeed, fsdp, bf16, ...); keys
+    # fine-tuner writes itself are refused there (set them through their own settings)
+    axolotl: Any = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,14 @@ SECTIONS = {"defaults": Defaults, "ollama": OllamaConfig, "training": TrainingCo
             "paths": PathsConfig, "watch": WatchConfig, "evaluation": EvaluationConfig}
 EVALUATION_MODES = ("auto", "required", "off")
 EVALUATION_BACKENDS = ("auto", "ollama", "local")
+TRAINING_BACKENDS = ("local", "axolotl")
+# training_config.yaml keys that fine-tuner writes itself: training.axolotl may not set them
+AXOLOTL_OWN_KEYS = frozenset((
+    "base_model", "datasets", "test_datasets", "adapter", "lora_r", "lora_alpha", "lora_dropout",
+    "lora_target_modules", "sequence_len", "micro_batch_size", "gradient_accumulation_steps",
+    "num_epochs", "learning_rate", "warmup_ratio", "lr_scheduler", "optimizer", "weight_decay",
+    "logging_steps", "seed", "output_dir", "eval_strategy", "dataset_prepared_path",
+    "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"))
 
 
 # --- safe text for messages --------------------------------------------------------------------
@@ -459,6 +471,26 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append(f"evaluation.backend: must be one of {', '.join(EVALUATION_BACKENDS)}")
     if t.device not in ("auto", "cpu", "cuda", "mps"):
         problems.append("training.device: must be one of auto, cpu, cuda, mps")
+    if t.backend not in TRAINING_BACKENDS:
+        problems.append(f"training.backend: must be one of {', '.join(TRAINING_BACKENDS)}")
+    problems.extend(f"training.axolotl: {why}" for why in axolotl_settings_problems(t.axolotl))
+
+
+def axolotl_settings_problems(value: Any) -> list[str]:
+    """Why ``training.axolotl`` cannot go into training_config.yaml: it must be a mapping of
+    axolotl keys (text) to YAML values, and leave fine-tuner's own keys alone."""
+    if value is None:
+        return []
+    if not isinstance(value, Mapping):
+        return [f"expected a mapping of axolotl settings (e.g. deepspeed: ...), got {type(value).__name__}"]
+    problems = []
+    for key in value:
+        if not isinstance(key, str) or not key:
+            problems.append(f"keys must be axolotl setting names, got {printable(str(key))!r}")
+        elif key in AXOLOTL_OWN_KEYS:
+            problems.append(f"{printable(key)} is written by fine-tuner itself: set it through its own "
+                            "setting (training.*, defaults.*) or in a job file")
+    return problems
 
 
 # --- Ollama names and hosts --------------------------------------------------------------------

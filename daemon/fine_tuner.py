@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from . import fsutil, prompts
+from . import fsutil, portable, prompts
 from .capability import CapabilityReport, build_report
 from .config import Config, JobSettings, job_settings, load_config
 from .errors import (
@@ -47,6 +47,20 @@ log = get_logger("fine_tuner")
 FINE_TUNE, MODEL_SET = "fine_tune", "model_set"
 # where training_config.yaml sends another trainer's output: never the adapter/ folder published here
 OTHER_TRAINER_OUTPUT = "trainer-output"
+# runs axolotl on training_config.yaml from the folder it lies in, whatever the working directory
+AXOLOTL_LAUNCHER = "run_axolotl.sh"
+AXOLOTL_LAUNCHER_TEXT = """#!/bin/sh
+# Runs axolotl on this folder's training_config.yaml from any working directory: axolotl reads the
+# dataset paths in it relative to the working directory, so this changes to the folder first.
+#   sh run_axolotl.sh train        train the adapter (into trainer-output/), on every GPU here
+#   sh run_axolotl.sh preprocess   check and tokenize the data only
+# Further arguments go to axolotl (e.g. --num-processes 2).
+set -e
+cd "$(dirname "$0")"
+command="${1:-train}"
+[ $# -gt 0 ] && shift
+exec axolotl "$command" training_config.yaml "$@"
+"""
 MODEL_SET_FILES = ("model_set_config.json", "Modelfile", "fine_tuning_metadata.json")
 FINE_TUNE_FILES = ("training_data.jsonl", "validation_data.jsonl", "training_config.yaml",
                    "fine_tuning_metadata.json")
@@ -372,7 +386,9 @@ class FineTuner:
             meta["artifacts"] = sorted(p.name for p in build_dir.iterdir() if not p.name.startswith("."))
             if "fine_tuning_metadata.json" not in meta["artifacts"]:
                 meta["artifacts"].append("fine_tuning_metadata.json")
-            fsutil.write_json(build_dir / "fine_tuning_metadata.json", meta)
+            # the library caller gets the paths of this machine; the folder, which is handed on, does not
+            fsutil.write_json(build_dir / "fine_tuning_metadata.json",
+                              portable.scrub_value(meta, _machine_roots(meta, build_dir, final_dir)))
         except UnicodeEncodeError:
             # only an in-memory DataFrame can hold text that is not valid Unicode (lone surrogates)
             if plan.staged:
@@ -564,11 +580,10 @@ class FineTuner:
                 validation_path=validation, output_dir=OTHER_TRAINER_OUTPUT, training=t,
                 epochs=settings.epochs, learning_rate=settings.learning_rate,
                 micro_batch_size=settings.batch_size, seed=d.seed)
-            header = "" if base.hf_id else (
-                f"# base_model: no Hugging Face id is known for the weights of {settings.model}. Before\n"
-                "# running this file elsewhere, put their Hugging Face id (e.g. meta-llama/Llama-3.2-1B-Instruct)\n"
-                "# or the path of a copy of the weights folder there.\n")
-            fsutil.write_text(build_dir / "training_config.yaml", header + yaml.safe_dump(cfg, sort_keys=False))
+            fsutil.write_text(build_dir / "training_config.yaml",
+                              _config_header(settings.model, base.hf_id) + yaml.safe_dump(cfg, sort_keys=False))
+            fsutil.write_text(build_dir / AXOLOTL_LAUNCHER, AXOLOTL_LAUNCHER_TEXT)
+            os.chmod(build_dir / AXOLOTL_LAUNCHER, 0o700)
             fsutil.write_json(build_dir / "dataset_info.json",
                               trainingdata.dataset_info("training_data.jsonl", validation))
             # the model set built from the same training rows, measured beside the fine-tune
@@ -639,6 +654,32 @@ class FineTuner:
             return keep
         shutil.rmtree(build_dir, ignore_errors=True)
         return None
+
+
+def _machine_roots(meta: dict, build_dir: Path, final_dir: Path) -> dict[str, str]:
+    """The folders of this machine a job's metadata can name, and what the published copy says
+    instead: the job folder is ``.``, its siblings (a kept ``failed-*`` folder) are under ``..``."""
+    from .training import hf_cache_dir
+
+    facts = (meta.get("capability") or {}).get("facts") or {}
+    return portable.machine_roots([build_dir, final_dir], {
+        "..": final_dir.parent, "<base weights>": facts.get("weights_dir"), "<hf cache>": hf_cache_dir()})
+
+
+def _config_header(model: str, hf_id: str | None) -> str:
+    """The comment on top of training_config.yaml: how to run it elsewhere, and what to put in
+    base_model when no Hugging Face id is known for the weights."""
+    header = (
+        "# This fine-tune's recipe under axolotl's key names, to run the same training on a bigger machine:\n"
+        "# copy this whole folder there and, from inside it, run  axolotl train training_config.yaml\n"
+        "# (axolotl finds the dataset files relative to the working directory; from anywhere else run\n"
+        f"# sh <this folder>/{AXOLOTL_LAUNCHER} train). The adapter goes to {OTHER_TRAINER_OUTPUT}/.\n")
+    if hf_id is None:
+        header += (
+            f"# base_model: no Hugging Face id is known for the weights of {model}. Before running this\n"
+            "# file elsewhere, put their Hugging Face id (e.g. meta-llama/Llama-3.2-1B-Instruct) or the\n"
+            "# path of a copy of the weights folder there.\n")
+    return header
 
 
 def _topics_text(topics) -> str:

@@ -245,7 +245,7 @@ class JobRunner:
         from .fine_tuner import FINE_TUNE
 
         error: dict | None = None
-        with job_log(build / "job.log", claim.job_id):
+        with job_log(build / "job.log", claim.job_id, self._log_roots(build, claim.job_id)):
             log.info("job_started", attempt=attempt, files=names(claim))
             try:
                 if job_error is not None:
@@ -298,7 +298,7 @@ class JobRunner:
         error: dict | None = None
         interrupted = False
         ok, metadata = False, {}
-        with job_log(build / "job.log", job_id):
+        with job_log(build / "job.log", job_id, self._log_roots(build, job_id)):
             if waited_s is not None:
                 log.info("training_lane_started", waited_s=waited_s, attempt=attempt)
             try:
@@ -327,7 +327,7 @@ class JobRunner:
 
         summary: dict = {}
         error: dict | None = None
-        with job_log(build / "job.log", claim.job_id):
+        with job_log(build / "job.log", claim.job_id, self._log_roots(build, claim.job_id)):
             log.info("job_started", attempt=attempt, files=names(claim), task="rate")
             try:
                 model = self._rating_model(claim, values)
@@ -369,11 +369,20 @@ class JobRunner:
 
     # --- every kind's end ------------------------------------------------------------------------
 
+    def _log_roots(self, build: Path, job_id: str) -> dict[str, str]:
+        """What job.log, which is published with the outputs, says instead of this machine's
+        folders: ``.`` for the job's folder, ``<root>`` for the daemon's root (the inbox, the
+        outputs and the state folder are under it in a default setup)."""
+        from .portable import machine_roots
+
+        return machine_roots([build, self.paths.outputs / job_id], {"<root>": self.paths.root})
+
     def _succeed(self, claim: Claim, build: Path, *, approach: str | None) -> str:
         job_id = claim.job_id
         final = publish_dir(build, self.paths.outputs / job_id)
         self.journal.succeed(job_id, output_path=str(final), approach=approach)
-        with job_log(final / "job.log", job_id):  # the job's own log ends with its outcome too
+        # the job's own log ends with its outcome too
+        with job_log(final / "job.log", job_id, self._log_roots(build, job_id)):
             log.info("job_succeeded", approach=approach, outputs=str(final))
         self.move_inputs(claim, self.paths.processed)
         return "succeeded"

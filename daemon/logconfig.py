@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -27,10 +27,18 @@ _SHARED = [
 ]
 
 
-def _formatter() -> logging.Formatter:
+def _formatter(roots: Mapping[str, str] | None = None) -> logging.Formatter:
+    """JSON lines; with ``roots`` (folder → label, see ``portable``) every value naming one of
+    those folders is written with the label instead (the copy of a job's lines in its folder)."""
+    rewrite = []
+    if roots:
+        from .portable import scrub_value
+
+        rewrite = [lambda _logger, _name, event: scrub_value(event, roots)]
     return structlog.stdlib.ProcessorFormatter(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *rewrite,
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(sort_keys=False, default=str),
         ],
@@ -93,13 +101,13 @@ class _JobFilter(logging.Filter):
 
 
 @contextlib.contextmanager
-def job_log(path: str | Path, job_id: str) -> Iterator[None]:
+def job_log(path: str | Path, job_id: str, roots: Mapping[str, str] | None = None) -> Iterator[None]:
     """Copy every log line bound to ``job_id`` into ``path`` while the block runs (appending to an
-    existing file)."""
+    existing file); ``roots`` keeps the folders of this machine out of it (``portable.scrub``)."""
     _end_partial_line(Path(path))
     root = logging.getLogger(_ROOT)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(_formatter())
+    handler.setFormatter(_formatter(roots))
     handler.addFilter(_JobFilter(job_id))
     root.addHandler(handler)
     try:

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -48,6 +49,7 @@ DOWNLOAD_FAILED = "could not be downloaded: "  # the parent finds the cause afte
 HOOK_ENV = "FT_TRAINER_TEST_HOOK"
 HANG_ENV = "FT_TRAINER_TEST_HANG_S"
 DEFAULT_ENDPOINT = "https://huggingface.co"
+ADAPTER = "adapter"
 
 T = TypeVar("T")
 
@@ -466,20 +468,25 @@ def train(spec: dict, started: float) -> dict:
 
 def save_adapter(model: Any, out_dir: Path, base_name: str) -> Path:
     """Write the adapter under ``.tmp-adapter`` and rename it to ``adapter`` when complete."""
-    import shutil
-
-    final = out_dir / "adapter"
-    tmp = temp_dir_for(final)
+    tmp = temp_dir_for(out_dir / ADAPTER)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    # peft records the folder it loaded from (a path of this machine) and writes a model card
-    # that repeats it; Ollama needs only these two files and the base's name.
-    (tmp / "README.md").unlink(missing_ok=True)
+    return publish_adapter(tmp, out_dir, base_name)
+
+
+def publish_adapter(tmp: Path, out_dir: Path, base_name: str) -> Path:
+    """Make the adapter saved in ``tmp`` the job's ``adapter/``: only the two files Ollama and PEFT
+    need (peft's model card repeats the folder the base was loaded from, a path of this machine),
+    ``base_model_name_or_path`` set to ``base_name``, then renamed into place whole."""
+    keep = {"adapter_model.safetensors", "adapter_config.json"}
+    for item in tmp.iterdir():
+        if item.name not in keep:
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
     config_path = tmp / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = base_name
     write_json(config_path, config)
-    return publish_dir(tmp, final)
+    return publish_dir(tmp, out_dir / ADAPTER)
 
 
 def load_spec(path: str) -> dict:

@@ -37,6 +37,7 @@ from .config import TrainingConfig
 from .errors import TrainingFailedError, TrainingInterruptedError
 from .fsutil import read_json_object, temp_dir_for, write_json
 from .logconfig import get_logger
+from .portable import machine_roots, scrub_file
 from .trainer import DEFAULT_ENDPOINT, DOWNLOAD_FAILED, EXIT_DOWNLOAD
 
 log = get_logger("training")
@@ -67,8 +68,11 @@ BUILTIN_BASE_MODELS: dict[str, str] = {
 ADAPTER_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "llama", "gemma2": "gemma2"}
 
 TRAINER_MODULES = ("torch", "transformers", "peft", "accelerate", "safetensors")
+# the child each training.backend runs (python -m ...): same spec, same exit codes, same outputs
+BACKEND_MODULES = {"local": "daemon.trainer", "axolotl": "daemon.axolotl_trainer"}
 
-SPEC_FILE = "run_spec.json"
+SPEC_FILE = "run_spec.json"  # exists only while the child runs: it holds this machine's paths
+WORK_DIR = ".trainer-work"  # the axolotl backend's own files (its output, prepared data), removed after
 LOG_FILE = "training_log.jsonl"
 RESULT_FILE = "training_result.json"
 STDERR_FILE = "trainer_stderr.log"
@@ -267,6 +271,10 @@ def build_run_spec(job_dir: Path, base: BaseWeights, training: TrainingConfig) -
         "logging_steps": int(training.logging_steps),
         "device": training.device,
         "parent_pid": os.getpid(),
+        "backend": training.backend,
+        "config_path": str(cfg_path),
+        "work_dir": str(job_dir / WORK_DIR),
+        "grace_s": float(training.grace_s),
     }
 
 
@@ -339,8 +347,16 @@ def _prepare_job_dir(job_dir: Path) -> None:
     for name in (LOG_FILE, RESULT_FILE):
         with contextlib.suppress(FileNotFoundError):
             (job_dir / name).unlink()
-    for d in (job_dir / ADAPTER_DIR, temp_dir_for(job_dir / ADAPTER_DIR)):
+    for d in (job_dir / ADAPTER_DIR, temp_dir_for(job_dir / ADAPTER_DIR), job_dir / WORK_DIR):
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _clean_up_run(job_dir: Path) -> None:
+    """What only the running child needed: the spec (this machine's paths) and the backend's work
+    folder. Whatever the outcome, the job folder then holds only what is meant to be handed on."""
+    with contextlib.suppress(FileNotFoundError):
+        (job_dir / SPEC_FILE).unlink()
+    shutil.rmtree(job_dir / WORK_DIR, ignore_errors=True)
 
 
 def run_training(job_dir: str | os.PathLike, *, base: BaseWeights, training: TrainingConfig,
@@ -366,11 +382,11 @@ def run_training(job_dir: str | os.PathLike, *, base: BaseWeights, training: Tra
 
     started = time.monotonic()
     with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen([python, "-m", "daemon.trainer", str(spec_path)], cwd=job_dir,
+        proc = subprocess.Popen([python, "-m", BACKEND_MODULES[training.backend], str(spec_path)], cwd=job_dir,
                                 stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
                                 env=child_env(), start_new_session=True)
     log.info("training_started", pid=proc.pid, model=base.ollama_name, device=training.device,
-             timeout_s=timeout_s)
+             backend=training.backend, timeout_s=timeout_s)
     outcome = "running"
     try:
         while True:
@@ -395,6 +411,7 @@ def run_training(job_dir: str | os.PathLike, *, base: BaseWeights, training: Tra
             terminate_group(proc, training.grace_s)
         else:
             terminate_group(proc, 0)  # only sweeps the group
+        _clean_up_run(job_dir)
     duration_s = round(time.monotonic() - started, 3)
     code = proc.returncode
     if outcome != "running":
@@ -419,7 +436,11 @@ def run_training(job_dir: str | os.PathLike, *, base: BaseWeights, training: Tra
                   stderr_path=str(stderr_path))
         raise TrainingFailedError(f"the trainer failed ({describe_exit(code)}); see {stderr_path}",
                                   exit_code=code, stderr_path=str(stderr_path))
-    return _collect(job_dir, log_path, stderr_path, code, duration_s)
+    result = _collect(job_dir, log_path, stderr_path, code, duration_s)
+    # the log of a good run stays in the folder that is handed on: without this machine's paths
+    scrub_file(stderr_path, machine_roots([job_dir], {"<base weights>": base.local_dir,
+                                                      "<hf cache>": hf_cache_dir()}))
+    return result
 
 
 def _download_cause(stderr_path: Path) -> str:

@@ -141,7 +141,8 @@ def training_config(*, base_model: str, dataset_path: str, validation_path: str 
                     training: TrainingConfig, epochs: int, learning_rate: float, micro_batch_size: int,
                     seed: int) -> dict[str, Any]:
     """The run's settings under axolotl's key names, so the same file can be handed to axolotl on a
-    bigger machine. ``validation_path`` None (no hold-out) leaves ``test_datasets`` out."""
+    bigger machine. ``validation_path`` None (no hold-out) leaves ``test_datasets`` out; the extra
+    axolotl keys of ``training.axolotl`` (DeepSpeed, FSDP, precision, ...) come last, as given."""
 
     def dataset_entry(path: str, split: str | None = None) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -181,6 +182,11 @@ def training_config(*, base_model: str, dataset_path: str, validation_path: str 
         "weight_decay": 0.0,
         "logging_steps": int(training.logging_steps),
         "seed": int(seed),
+        # the project's precision: bf16 where the GPU has it, else float32 (axolotl would pick fp16
+        # by itself, even on a CPU), and no TF32 matmuls
+        "bf16": "auto",
+        "fp16": False,
+        "tf32": False,
         # axolotl would switch these kernels on by itself for some models: they are not the recipe
         "lora_mlp_kernel": False,
         "lora_qkv_kernel": False,
@@ -189,6 +195,7 @@ def training_config(*, base_model: str, dataset_path: str, validation_path: str 
     })
     if validation_path:
         config["eval_strategy"] = "epoch"  # like the project's trainer: the hold-out after each epoch
+    config.update(dict(training.axolotl or {}))  # config.py refuses keys this function writes
     return config
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import threading
 import time
@@ -95,3 +96,29 @@ def mounted(target: Path, *options: str):
     finally:
         subprocess.run(["umount", "-l", str(target)], check=True)
         assert str(target) not in mounts()
+
+
+# an absolute path under one of this machine's top-level folders (/tmp/..., /usr/..., /home/...):
+# a URL's path (/api/version) is not one
+_ABSOLUTE_PATH = re.compile(r"(?:^|[\s\"'=(,\[])(/(?:%s)(?:/[\w.+-]+)*)(?![\w.+-])" % "|".join(
+    re.escape(name) for name in sorted(os.listdir("/"), key=len, reverse=True)), re.MULTILINE)
+BINARY_SUFFIXES = (".safetensors", ".png", ".bin", ".pt")
+
+
+def machine_paths_in(folder: Path, *roots: str | Path) -> list[str]:
+    """Where the files under ``folder`` name a folder of this machine: any of ``roots``, the
+    Python environment, the home folder, the working directory, or any absolute path under a
+    top-level folder of this machine (binary files are searched for the roots only). ``file: path``
+    per hit."""
+    import sys
+
+    known = {str(r) for r in (*roots, sys.prefix, sys.base_prefix, Path.home(), Path.cwd()) if str(r) != "/"}
+    known |= {str(Path(r).resolve()) for r in known}
+    hits = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        name = path.relative_to(folder)
+        hits += [f"{name}: {root}" for root in sorted(known) if root in text]
+        if not path.name.endswith(BINARY_SUFFIXES):
+            hits += [f"{name}: {m}" for m in _ABSOLUTE_PATH.findall(text)]
+    return hits

@@ -175,7 +175,8 @@ class TestFineTuner:
         assert not Path(adapter_cfg["base_model_name_or_path"]).is_absolute()
         # handed to another trainer: a marked placeholder, what to put there, never adapter/ as output
         config_text = (out / "training_config.yaml").read_text()
-        assert config_text.startswith("# base_model: no Hugging Face id is known for the weights of tiny-llama.")
+        assert config_text.startswith("# This fine-tune's recipe under axolotl's key names")
+        assert "# base_model: no Hugging Face id is known for the weights of tiny-llama." in config_text
         config = yaml.safe_load(config_text)
         assert (config["base_model"], config["output_dir"]) == (
             "REPLACE-ME/base-model-hf-id-or-weights-folder", "trainer-output")

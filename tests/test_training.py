@@ -191,8 +191,18 @@ class TestRealRun:
         job, result, _progress, logs = trained
         assert [e["event"] for e in logs] == ["training_started", "training_finished"]
         assert MARKER not in json.dumps(logs, default=str)
-        for name in ("trainer_stderr.log", "training_log.jsonl", "training_result.json", "run_spec.json"):
+        for name in ("trainer_stderr.log", "training_log.jsonl", "training_result.json"):
             assert MARKER not in (job / name).read_text(), name
+
+    def test_the_run_spec_is_gone_and_the_stderr_log_names_no_machine_path(self, trained, tiny_model_dir):
+        """The spec (this machine's paths) lived only as long as the child; the stderr log of the
+        good run is scrubbed of the job folder, the weights folder and the Python environment."""
+        job, _result, _progress, _logs = trained
+        assert not (job / "run_spec.json").exists()
+        stderr = (job / "trainer_stderr.log").read_text()
+        assert "trainer: done" in stderr
+        for folder in (job, tiny_model_dir, sys.prefix):
+            assert str(folder) not in stderr
 
     def test_adapter_reloads_with_peft_and_generates(self, trained, tiny_model_dir):
         """The saved adapter loads onto the base with peft, has trained weights and generates tokens."""

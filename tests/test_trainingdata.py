@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from daemon import fsutil, prompts
-from daemon.config import TrainingConfig
+from daemon.config import TrainingConfig, load_config
+from daemon.errors import ConfigError
 from daemon.dataset import load_dataset, validate_frame
 from daemon.trainingdata import (
     CHUNK_ROWS,
@@ -144,10 +145,28 @@ def test_training_config_uses_axolotl_keys():
         "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "sequence_len": 2048,
         "micro_batch_size": 4, "gradient_accumulation_steps": 1, "num_epochs": 5, "learning_rate": 0.001,
         "warmup_ratio": 0.03, "lr_scheduler": "linear", "optimizer": "adamw_torch", "weight_decay": 0.0,
-        "logging_steps": 1, "seed": 42, "lora_mlp_kernel": False, "lora_qkv_kernel": False,
+        "logging_steps": 1, "seed": 42, "bf16": "auto", "fp16": False, "tf32": False, "lora_mlp_kernel": False, "lora_qkv_kernel": False,
         "lora_o_kernel": False, "output_dir": "adapter", "eval_strategy": "epoch",
     }
     assert yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)) == cfg
+
+
+def test_extra_axolotl_keys_come_last_and_own_keys_are_refused():
+    """training.axolotl's keys (DeepSpeed, FSDP, ...) are written as given, after the recipe; a key
+    fine-tuner writes itself is a configuration error naming it."""
+    extra = {"deepspeed": "zero2.json", "gradient_checkpointing": True, "fsdp_config": {"fsdp_version": 2}}
+    cfg = training_config(base_model="m", dataset_path="t.jsonl", validation_path=None, output_dir="o",
+                          training=TrainingConfig(axolotl=extra), epochs=1, learning_rate=1e-4,
+                          micro_batch_size=2, seed=3)
+    assert list(cfg)[-3:] == list(extra) and {k: cfg[k] for k in extra} == extra
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"training": {"axolotl": {"learning_rate": 1.0, "deepspeed": "z.json"}}}, env={})
+    assert info.value.problems == ["training.axolotl: learning_rate is written by fine-tuner itself: set it "
+                                   "through its own setting (training.*, defaults.*) or in a job file"]
+    with pytest.raises(ConfigError, match="training.axolotl: expected a mapping"):
+        load_config(overrides={"training": {"axolotl": ["deepspeed"]}}, env={})
+    with pytest.raises(ConfigError, match="training.backend: must be one of local, axolotl"):
+        load_config(overrides={"training": {"backend": "torchtune"}}, env={})
 
 
 def test_training_config_without_validation_has_no_test_datasets():

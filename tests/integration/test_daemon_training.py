@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from daemon.journal import Journal
-from tests.conftest import leftovers, wait_for
+from tests.conftest import leftovers, machine_paths_in, wait_for
 from tests.integration.conftest import MARKER, REPO, all_log_text
 
 FT_JOB = b"approach: fine_tune\nmodel: tiny-llama\nepochs: 1\nlearning_rate: 0.002\nbatch_size: 4\n"
@@ -97,6 +97,8 @@ def test_fine_tunes_run_in_their_lane_are_given_back_on_sigterm_and_finish_after
         assert names.index("training_lane_started") < names.index("dataset_reloaded") < names.index("training_progress")
         assert names[-1] == "job_succeeded"
         assert (root.processed / job_id).is_dir()
+        # the folder is meant to be handed on: no file in it names a folder of this machine
+        assert machine_paths_in(out, root.path, tiny_model_dir) == []
     with Journal(root.path / ".fine-tuner" / "journal.sqlite3") as journal:
         assert [(journal.get(j).state, journal.get(j).attempts) for j in job_ids] == [("succeeded", 1)] * 2
     assert os.listdir(root.inbox / ".work") == []
