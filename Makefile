@@ -30,6 +30,8 @@ $(HANDOFF): $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/fine-tuner watch --root .
 
+# Three workers on two cores: most of the suite waits on real processes, files and sockets; the
+# modules that build a trained model once keep to one worker each (xdist_group).
 test: $(STAMP) $(HANDOFF)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 \
-		LLAMAFACTORY_PATH=$(LF_DIR) $(PY) -m pytest
+		LLAMAFACTORY_PATH=$(abspath $(LF_DIR)) $(PY) -m pytest -n 3 --dist loadgroup

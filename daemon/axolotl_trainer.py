@@ -36,8 +36,8 @@ from pathlib import Path
 
 import yaml
 
-from .fsutil import read_json_object, temp_dir_for, write_json
-from .trainer import EXIT_ORPHANED, EXIT_SPEC, TrainerExit, load_spec, publish_adapter
+from .fsutil import read_json_object, temp_dir_for
+from .trainer import EXIT_ORPHANED, EXIT_SPEC, TrainerExit, publish_adapter, run_child
 
 POLL_S = 0.2
 PLUGIN = "daemon.axolotl_plugin.ProgressPlugin"
@@ -172,35 +172,27 @@ def collect(spec: dict, job_dir: Path, work: Path, started: float) -> dict:
     return summary
 
 
+def train(spec: dict, started: float) -> dict:
+    """Run axolotl on the job under supervision; the figures of training_result.json."""
+    why = axolotl_missing()
+    if why:
+        raise TrainerExit(EXIT_SPEC, why)
+    check_device(spec.get("device", "auto"))
+    job_dir = Path(spec["output_dir"])
+    work = Path(spec.get("work_dir") or job_dir / ".trainer-work")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    proc = subprocess.Popen(command(spec, work), cwd=job_dir, stdin=subprocess.DEVNULL,
+                            env=child_env(spec, job_dir, work))
+    code = _Supervisor(proc, spec.get("parent_pid"), float(spec.get("grace_s", 10.0))).wait()
+    if code != 0:
+        raise TrainerExit(code if 0 < code < 256 else 1, f"axolotl ended with exit code {code}")
+    return collect(spec, job_dir, work, started)
+
+
 def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        _say("usage: python -m daemon.axolotl_trainer <run spec json>")
-        return EXIT_SPEC
-    try:
-        spec = load_spec(args[0])
-        why = axolotl_missing()
-        if why:
-            raise TrainerExit(EXIT_SPEC, why)
-        check_device(spec.get("device", "auto"))
-        job_dir = Path(spec["output_dir"])
-        work = Path(spec.get("work_dir") or job_dir / ".trainer-work")
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        proc = subprocess.Popen(command(spec, work), cwd=job_dir, stdin=subprocess.DEVNULL,
-                                env=child_env(spec, job_dir, work))
-        code = _Supervisor(proc, spec.get("parent_pid"), float(spec.get("grace_s", 10.0))).wait()
-        if code != 0:
-            _say(f"axolotl ended with exit code {code}")
-            return code if 0 < code < 256 else 1
-        metrics = collect(spec, job_dir, work, started)
-        write_json(job_dir / "training_result.json", metrics)
-    except TrainerExit as exc:
-        _say(str(exc))
-        return exc.code
-    _say(f"done with axolotl: {metrics['steps']} steps, train loss {metrics.get('train_loss')}")
-    return 0
+    return run_child(argv, "daemon.axolotl_trainer", train,
+                     lambda m: f"done with axolotl: {m['steps']} steps, train loss {m.get('train_loss')}")
 
 
 if __name__ == "__main__":

@@ -503,22 +503,34 @@ def load_spec(path: str) -> dict:
     return spec
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_child(argv: list[str] | None, module: str, train_fn: Callable[[dict, float], dict],
+              done: Callable[[dict], str]) -> int:
+    """The main of a trainer child (this one, ``daemon.axolotl_trainer``): read the spec, train,
+    write training_result.json; a ``TrainerExit`` is its one stderr line and exit code."""
     started = time.monotonic()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        _say("usage: python -m daemon.trainer <run spec json>")
+        _say(f"usage: python -m {module} <run spec json>")
         return EXIT_SPEC
     try:
         spec = load_spec(args[0])
-        _run_test_hook()
-        metrics = train(spec, started)
+        metrics = train_fn(spec, started)
         write_json(Path(spec["output_dir"]) / "training_result.json", metrics)
     except TrainerExit as exc:
         _say(str(exc))
         return exc.code
-    _say(f"done: {metrics['steps']} steps, loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}")
+    _say(done(metrics))
     return 0
+
+
+def _hooked_train(spec: dict, started: float) -> dict:
+    _run_test_hook()
+    return train(spec, started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_child(argv, "daemon.trainer", _hooked_train, lambda m: (
+        f"done: {m['steps']} steps, loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}"))
 
 
 if __name__ == "__main__":

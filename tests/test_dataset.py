@@ -26,6 +26,10 @@ from daemon.synthetic import MAPPING, synthetic_rows
 from tests.conftest import write
 from tests.corpus import MARKER, write_bad_inputs
 
+# one xdist worker runs the whole module (make test runs the suite on several), so that its
+# module-scoped fixture is built once
+pytestmark = pytest.mark.xdist_group("dataset")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CORPUS_NAMES = [

@@ -16,6 +16,10 @@ from daemon.prompts import answer_json, system_prompt
 from daemon.synthetic import MAPPING, synthetic_rows
 from daemon.training import child_env
 
+# one xdist worker runs the whole module (make test runs the suite on several), so that its
+# module-scoped fixture is built once
+pytestmark = pytest.mark.xdist_group("generate")
+
 ROWS = 10
 BATCH = 4
 MAX_NEW_TOKENS = 32

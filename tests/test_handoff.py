@@ -7,7 +7,8 @@ hand-off tests work on a copy of a job folder in another place, as a user does a
 another machine: axolotl's own config validation, ``axolotl preprocess`` started from another
 working directory, TRL's SFTTrainer on both JSONL files, and LLaMA-Factory's own dataset parser and
 converter on ``dataset_info.json``. Third-party code runs in child processes: each is slow to
-import and starts threads of its own. ``make test`` installs axolotl (the ``axolotl`` extra, which
+import and starts threads of its own. The supervision of an axolotl run (stop, parent death) is
+tested in ``tests/test_axolotl_trainer.py``. ``make test`` installs axolotl (the ``axolotl`` extra, which
 brings TRL) and LLaMA-Factory's code (``LLAMAFACTORY_PATH``, see the Makefile).
 """
 
@@ -33,6 +34,10 @@ from daemon.training import BASE_MODEL_PLACEHOLDER
 from tests.conftest import leftovers, machine_paths_in
 from tests.fake_ollama import FakeOllama
 from tests.tiny_model import TINY_NAME
+
+# one xdist worker runs the whole module (make test runs the suite on several), so that its
+# module-scoped fixture is built once
+pytestmark = pytest.mark.xdist_group("handoff")
 
 ROWS = 120  # 108 trained, 12 held out
 EPOCHS = 2
@@ -256,7 +261,7 @@ def test_llamafactory_parses_dataset_info_and_converts_both_files(axolotl_job, t
     """LLaMA-Factory's own parser reads dataset_info.json (only fields it documents), and its
     sharegpt converter turns every record into system, user prompt and the answer as response."""
     job, _meta, _log = axolotl_job
-    lf_path = os.environ.get("LLAMAFACTORY_PATH") or str(Path(sys.prefix) / "llamafactory")
+    lf_path = str(Path(os.environ.get("LLAMAFACTORY_PATH") or Path(sys.prefix) / "llamafactory").resolve())
     assert Path(lf_path, "llamafactory").is_dir(), "run the suite with make test (it installs LLaMA-Factory's code)"
     result = run_python(f"""
         import dataclasses, json, sys, types, pathlib
@@ -288,3 +293,4 @@ def test_llamafactory_parses_dataset_info_and_converts_both_files(axolotl_job, t
     assert result["unknown"] == []
     assert len(result["training_data.jsonl"]) == 108 and all(result["training_data.jsonl"])
     assert len(result["validation_data.jsonl"]) == 12 and all(result["validation_data.jsonl"])
+

@@ -20,6 +20,10 @@ from daemon.fine_tuner import FineTuner
 from daemon.synthetic import HEADER, MAPPING, synthetic_rows
 from tests.tiny_model import TINY_NAME
 
+# one xdist worker runs the whole module (make test runs the suite on several), so that its
+# module-scoped fixture is built once
+pytestmark = pytest.mark.xdist_group("learning")
+
 ROWS, DATA_SEED = 600, 5  # 540 training rows, 60 held out (defaults.validation_fraction 0.1)
 EPOCHS = 2
 # The product's default (1e-4) is sized for billion-parameter models; a 2-layer, 64-wide model

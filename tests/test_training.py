@@ -37,6 +37,10 @@ from daemon.training import (
 from tests.conftest import leftovers, wait_for
 from tests.tiny_model import TINY_NAME
 
+# one xdist worker runs the whole module (make test runs the suite on several), so that its
+# module-scoped fixture is built once
+pytestmark = pytest.mark.xdist_group("training")
+
 MARKER = "ZQXPATIENTMARKER42"
 SEQUENCE_LEN = 320
 TRAIN_ROWS, OVERLONG_ROWS, VALIDATION_ROWS = 54, 2, 6
