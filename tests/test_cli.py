@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import re
@@ -120,6 +121,22 @@ def test_check_reports_failed_checks(tmp_path):
     report = json.loads(res.stdout)
     assert report["supported"] is False
     assert {"trainer_packages", "base_weights"} <= {c["name"] for c in report["checks"]}
+
+
+def test_check_says_whether_axolotl_can_train(tmp_path):
+    """check reports axolotl's usability: required with training.backend axolotl, shown as
+    optional with the built-in trainer; its version is a fact."""
+    checks = {}
+    for backend in ("axolotl", "local"):
+        res = run("check", "no-such-model:7b", "--json", cwd=tmp_path, env={"FINE_TUNER_TRAINING__BACKEND": backend})
+        report = json.loads(res.stdout)
+        checks[backend] = next(c for c in report["checks"] if c["name"] == "axolotl_backend")
+        assert report["facts"]["axolotl_version"] == importlib.metadata.version("axolotl")
+    assert (checks["axolotl"]["ok"], checks["axolotl"]["required"]) == (True, True)
+    assert (checks["local"]["ok"], checks["local"]["required"]) == (True, False)
+    assert "accelerate launch -m axolotl.cli.train" in checks["axolotl"]["detail"]
+    res = run("check", "no-such-model:7b", cwd=tmp_path, env={"FINE_TUNER_TRAINING__BACKEND": "axolotl"})
+    assert any(line.startswith("  [ok ] axolotl_backend: axolotl ") for line in res.stdout.splitlines())
 
 
 def test_seed_script_command_line(tmp_path, dataset):
