@@ -203,7 +203,7 @@ def test_process_fine_tune_shows_progress_bar_on_a_terminal(tmp_path, dataset, t
     csv_path, mapping = dataset
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"base_models": {"tiny-llama:latest": str(tiny_model_dir)},
-                               "ollama": {"register": "off"},
+                               "ollama": {"register": "off"}, "evaluation": {"enabled": "off"},
                                "training": {"sequence_len": 512, "device": "cpu"}}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9",
            "FINE_TUNER_OLLAMA__RETRIES": "0"}

@@ -229,7 +229,7 @@ class TestFineTuner:
         shutil.copytree(tiny_model_dir, broken)
         (broken / "model.safetensors").write_bytes(b"not safetensors")
         cfg = offline_config(tmp_path, training={"sequence_len": 512, "device": "cpu"},
-                             ollama={"register": "off"})
+                             ollama={"register": "off"}, evaluation={"enabled": "off"})
         cfg["base_models"] = {"tiny-llama:latest": str(broken)}
         out = tmp_path / "out"
         with pytest.warns(UserWarning, match="fine-tuning failed"):
