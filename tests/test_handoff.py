@@ -72,7 +72,7 @@ def handed_on(job: Path, to: Path, weights: Path) -> Path:
 @pytest.fixture(scope="module")
 def axolotl_job(tmp_path_factory, tiny_model_dir) -> tuple[Path, dict, Path]:
     """A fine-tune job with training.backend axolotl, registered in a fake Ollama and evaluated
-    locally: (its folder, its metadata, the fine_tuner.log)."""
+    through it: (its folder, its metadata, the fine_tuner.log)."""
     root = tmp_path_factory.mktemp("axolotl-job")
     fake = FakeOllama()
     fake.add_model(TINY_NAME, architecture="llama")
@@ -81,7 +81,7 @@ def axolotl_job(tmp_path_factory, tiny_model_dir) -> tuple[Path, dict, Path]:
         cfg = {"base_models": {TINY_NAME: str(tiny_model_dir)},
                "ollama": {"host": fake.url, "register": "required", "retries": 0},
                "training": {"sequence_len": 512, "device": "cpu", "backend": "axolotl"},
-               "evaluation": {"enabled": "required", "backend": "local"}, "paths": {"root": str(root)}}
+               "evaluation": {"enabled": "required", "backend": "ollama"}, "paths": {"root": str(root)}}
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("OMP_NUM_THREADS", "1")
             ok, meta = FineTuner(config=cfg).process_dataset(

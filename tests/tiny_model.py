@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,8 +20,21 @@ __all__ = ["TINY_NAME", "build_tiny_model", "tiny_base_models", "tiny_model_dir"
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A directory holding the tiny Llama (config.json, model.safetensors, tokenizer files)."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    """A directory holding the tiny Llama (config.json, model.safetensors, tokenizer files).
+
+    Under pytest-xdist the workers of one run share it: the first builds it (about ten seconds of
+    a core) while the others wait on a lock, so the model is trained once per run, not per worker.
+    Tests only read it (a test that damages weights works on a copy)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    target = shared / "tiny-llama-shared"
+    with open(shared / "tiny-llama.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            building = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=shared))
+            build_tiny_model(building)
+            os.rename(building, target)
+    return target
 
 
 @pytest.fixture(scope="session")
