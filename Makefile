@@ -6,32 +6,39 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
+EXTRAS := train,test
 # The hand-off tests run axolotl (the axolotl extra, ~4 GB with TRL) and LLaMA-Factory's own
 # dataset parser. LLaMA-Factory's pins (transformers<=5.6, peft<=0.18) clash with axolotl's, so
 # only its code is installed, without dependencies, into a folder of its own.
 HANDOFF       := $(VENV)/.installed-handoff
 LLAMAFACTORY  := llamafactory==0.9.5
 LF_DIR        := $(VENV)/llamafactory
+TEST_EXTRAS   := $(EXTRAS),axolotl
 
 .PHONY: run test
 
-$(STAMP): pyproject.toml
+# venv, pip, the torch pin, then the project with the given extras (one resolution for all of them)
+define install
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[train,test]"
+	$(PY) -m pip install --quiet --no-compile -e ".[$(1)]"
+endef
+
+$(STAMP): pyproject.toml
+	$(call install,$(EXTRAS))
 	touch $(STAMP)
 
-$(HANDOFF): $(STAMP)
-	$(PY) -m pip install --quiet -e ".[train,test,axolotl]"
+$(HANDOFF): pyproject.toml
+	$(call install,$(TEST_EXTRAS))
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(LF_DIR) "$(LLAMAFACTORY)"
-	touch $(HANDOFF)
+	touch $(STAMP) $(HANDOFF)
 
 run: $(STAMP)
 	$(VENV)/bin/fine-tuner watch --root .
 
 # Three workers on two cores: most of the suite waits on real processes, files and sockets; the
 # modules that build a trained model once keep to one worker each (xdist_group).
-test: $(STAMP) $(HANDOFF)
+test: $(HANDOFF)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 \
 		LLAMAFACTORY_PATH=$(abspath $(LF_DIR)) $(PY) -m pytest -n 3 --dist loadgroup
