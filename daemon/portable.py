@@ -33,7 +33,8 @@ def machine_roots(job_dirs: Iterable[str | os.PathLike] = (),
     for label, folder in [*((".", d) for d in job_dirs), *(labelled or {}).items()]:
         if folder:
             roots[str(Path(folder).resolve())] = label
-            roots[str(folder)] = label
+            if os.path.isabs(folder):  # a relative name ('.', 'outputs') would match ordinary text
+                roots[str(folder)] = label
     for folder in {sys.prefix, sys.base_prefix}:
         roots.setdefault(folder, "<python>")
     home = os.path.expanduser("~")
