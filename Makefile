@@ -22,7 +22,7 @@ define install
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet --no-compile -e ".[$(1)]"
+	$(PY) -m pip install --quiet -e ".[$(1)]"
 endef
 
 $(STAMP): pyproject.toml

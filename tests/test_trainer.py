@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import httpx2
 from huggingface_hub import errors as hub
+from huggingface_hub.utils import _http as hub_http
 
 from daemon.trainer import download_failure
 
 ENDPOINT = "http://127.0.0.1:9"
+# the HTTP client the installed huggingface_hub raises from (httpx; later releases import httpx2)
+httpx = getattr(hub_http, "httpx", None) or hub_http.httpx2
 
 
 def _raised(exc: BaseException, *causes: BaseException) -> BaseException:
@@ -18,15 +20,15 @@ def _raised(exc: BaseException, *causes: BaseException) -> BaseException:
     return exc
 
 
-def _response(status: int) -> httpx2.Response:
-    return httpx2.Response(status, request=httpx2.Request("HEAD", f"{ENDPOINT}/org/x/resolve/main/config.json"))
+def _response(status: int) -> httpx.Response:
+    return httpx.Response(status, request=httpx.Request("HEAD", f"{ENDPOINT}/org/x/resolve/main/config.json"))
 
 
 def test_connection_error_under_transformers_wrapping_names_the_hub():
     """transformers' "We couldn't connect" OSError over a refused connection gives the connection cause."""
     exc = _raised(OSError(f"We couldn't connect to '{ENDPOINT}' to load the files"),
                   hub.LocalEntryNotFoundError("not in cache"),
-                  httpx2.ConnectError("[Errno 111] Connection refused"))
+                  httpx.ConnectError("[Errno 111] Connection refused"))
     assert download_failure(exc, ENDPOINT) == (
         f"the Hugging Face Hub at {ENDPOINT} could not be reached (ConnectError: [Errno 111] Connection refused)")
 
