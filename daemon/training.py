@@ -3,9 +3,12 @@
 ``resolve_base_weights`` maps an Ollama model name to Hugging Face weights on disk (the config's
 ``base_models`` first, then ``BUILTIN_BASE_MODELS``; HF ids are looked up in the local HF cache
 layout by reading files, never by importing ``huggingface_hub``). ``run_training`` writes a run
-spec into the job folder, starts ``python -m daemon.trainer <spec>`` in its own process group,
-relays each ``training_log.jsonl`` line to ``on_progress``, and ends the child on timeout or when
-``stop_event`` is set (SIGTERM, then SIGKILL after ``grace_s``). This module never imports torch,
+spec into the job folder, starts the child of ``training.backend`` (``python -m daemon.trainer
+<spec>``, or ``daemon.axolotl_trainer``) in its own process group, relays each
+``training_log.jsonl`` line to ``on_progress``, and ends the child on timeout or when
+``stop_event`` is set (SIGTERM, then SIGKILL after ``grace_s``). The spec holds this machine's
+paths, so it is removed when the child has ended, and the stderr log of a good run is scrubbed of
+them (``portable``): the job folder is meant to be handed on. This module never imports torch,
 transformers or peft, not even lazily: the daemon must stay light, and a crash in the ML stack must
 only ever take the child down. The child's stderr stays in the job folder, never in the daemon log,
 because it could quote training text; the one exception is the line the child writes itself when
