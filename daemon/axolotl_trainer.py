@@ -37,13 +37,12 @@ from pathlib import Path
 import yaml
 
 from .fsutil import read_json_object, temp_dir_for
-from .trainer import EXIT_ORPHANED, EXIT_SPEC, TrainerExit, publish_adapter, run_child
+from .trainer import ADAPTER, ADAPTER_FILES, EXIT_ORPHANED, EXIT_SPEC, TrainerExit, publish_adapter, run_child
 
 POLL_S = 0.2
 PLUGIN = "daemon.axolotl_plugin.ProgressPlugin"
 PROGRESS_ENV = "FT_AXOLOTL_PROGRESS"  # where the plugin appends training_log.jsonl records
 SUMMARY_ENV = "FT_AXOLOTL_SUMMARY"  # where it writes the end-of-run figures
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # axolotl sends usage telemetry unless told not to (AXOLOTL_DO_NOT_TRACK); the Hub's too
 NO_TELEMETRY = {"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
@@ -85,7 +84,7 @@ def command(spec: dict, work: Path) -> list[str]:
             f"--plugins={json.dumps(_plugins(config))}"]
 
 
-def child_env(spec: dict, job_dir: Path, work: Path) -> dict[str, str]:
+def axolotl_env(spec: dict, job_dir: Path, work: Path) -> dict[str, str]:
     env = {**os.environ, **NO_TELEMETRY,
            PROGRESS_ENV: str(job_dir / "training_log.jsonl"), SUMMARY_ENV: str(work / "summary.json")}
     if spec.get("device") == "cpu":
@@ -153,7 +152,7 @@ def collect(spec: dict, job_dir: Path, work: Path, started: float) -> dict:
     missing = [name for name in ADAPTER_FILES if not (saved / name).is_file()]
     if missing:
         raise TrainerExit(1, f"axolotl finished but saved no {', '.join(missing)}")
-    tmp = temp_dir_for(job_dir / "adapter")
+    tmp = temp_dir_for(job_dir / ADAPTER)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name in ADAPTER_FILES:
@@ -183,7 +182,7 @@ def train(spec: dict, started: float) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     proc = subprocess.Popen(command(spec, work), cwd=job_dir, stdin=subprocess.DEVNULL,
-                            env=child_env(spec, job_dir, work))
+                            env=axolotl_env(spec, job_dir, work))
     code = _Supervisor(proc, spec.get("parent_pid"), float(spec.get("grace_s", 10.0))).wait()
     if code != 0:
         raise TrainerExit(code if 0 < code < 256 else 1, f"axolotl ended with exit code {code}")

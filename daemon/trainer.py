@@ -50,6 +50,7 @@ HOOK_ENV = "FT_TRAINER_TEST_HOOK"
 HANG_ENV = "FT_TRAINER_TEST_HANG_S"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 ADAPTER = "adapter"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # what Ollama and PEFT need
 
 T = TypeVar("T")
 
@@ -478,9 +479,8 @@ def publish_adapter(tmp: Path, out_dir: Path, base_name: str) -> Path:
     """Make the adapter saved in ``tmp`` the job's ``adapter/``: only the two files Ollama and PEFT
     need (peft's model card repeats the folder the base was loaded from, a path of this machine),
     ``base_model_name_or_path`` set to ``base_name``, then renamed into place whole."""
-    keep = {"adapter_model.safetensors", "adapter_config.json"}
     for item in tmp.iterdir():
-        if item.name not in keep:
+        if item.name not in ADAPTER_FILES:
             shutil.rmtree(item) if item.is_dir() else item.unlink()
     config_path = tmp / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -41,7 +41,7 @@ from .errors import TrainingFailedError, TrainingInterruptedError
 from .fsutil import read_json_object, temp_dir_for, write_json
 from .logconfig import get_logger
 from .portable import machine_roots, scrub_file
-from .trainer import DEFAULT_ENDPOINT, DOWNLOAD_FAILED, EXIT_DOWNLOAD
+from .trainer import ADAPTER as ADAPTER_DIR, ADAPTER_FILES, DEFAULT_ENDPOINT, DOWNLOAD_FAILED, EXIT_DOWNLOAD
 
 log = get_logger("training")
 
@@ -79,8 +79,6 @@ WORK_DIR = ".trainer-work"  # the axolotl backend's own files (its output, prepa
 LOG_FILE = "training_log.jsonl"
 RESULT_FILE = "training_result.json"
 STDERR_FILE = "trainer_stderr.log"
-ADAPTER_DIR = "adapter"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 POLL_S = 0.1
 
 

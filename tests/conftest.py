@@ -22,6 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# for child processes running third-party trainers (axolotl, TRL): offline, no telemetry, one
+# thread each (the model is tiny; on a busy machine more threads only wait for each other)
+THIRD_PARTY_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+                   "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
              message: str = "condition") -> object:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""

@@ -27,14 +27,12 @@ from daemon.prompts import system_prompt
 from daemon.synthetic import MAPPING, synthetic_rows
 from daemon.training import BASE_MODEL_PLACEHOLDER, resolve_base_weights, run_training
 from daemon.trainingdata import chat_record, training_config
-from tests.conftest import wait_for
+from tests.conftest import THIRD_PARTY_ENV, wait_for
 from tests.tiny_model import TINY_NAME
 
 # its own xdist worker: the hand-off tests (tests/test_handoff.py) run axolotl on another
 pytestmark = pytest.mark.xdist_group("axolotl-supervision")
 
-QUIET = {"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-         "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 TRAINING = TrainingConfig(backend="axolotl", device="cpu", sequence_len=512, grace_s=5.0)
 
 
@@ -119,7 +117,7 @@ def test_an_axolotl_run_whose_parent_dies_stops_by_itself(tiny_model_dir, tmp_pa
         base = resolve_base_weights({TINY_NAME!r}, {{{TINY_NAME!r}: {str(tiny_model_dir)!r}}})
         run_training({str(job)!r}, base=base, training=TrainingConfig(backend="axolotl", device="cpu",
                                                                       sequence_len=512, grace_s=5.0))
-        """)], cwd=Path.cwd(), env={**os.environ, **QUIET}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        """)], cwd=Path.cwd(), env={**os.environ, **THIRD_PARTY_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         log_file = job / "training_log.jsonl"
         wait_for(lambda: log_file.exists() and log_file.read_text(), timeout=180,

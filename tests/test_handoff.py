@@ -31,7 +31,7 @@ from daemon import fsutil
 from daemon.fine_tuner import FineTuner
 from daemon.synthetic import HEADER, MAPPING, synthetic_rows
 from daemon.training import BASE_MODEL_PLACEHOLDER
-from tests.conftest import leftovers, machine_paths_in
+from tests.conftest import THIRD_PARTY_ENV, leftovers, machine_paths_in
 from tests.fake_ollama import FakeOllama
 from tests.tiny_model import TINY_NAME
 
@@ -43,8 +43,6 @@ ROWS = 120  # 108 trained, 12 held out
 EPOCHS = 2
 PROGRESS_KEYS = {"step", "total_steps", "epoch", "loss", "eval_loss", "learning_rate", "tokens_per_s",
                  "elapsed_s", "eta_s", "percent"}
-QUIET = {"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-         "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def frame(rows: int) -> pd.DataFrame:
@@ -54,7 +52,7 @@ def frame(rows: int) -> pd.DataFrame:
 def run_python(script: str, *, cwd: Path, timeout: float = 240, env: dict | None = None) -> dict:
     """Run ``script`` in a child Python of this environment; its last stdout line is JSON."""
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **QUIET, **(env or {})})
+                          text=True, timeout=timeout, env={**os.environ, **THIRD_PARTY_ENV, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -223,7 +221,7 @@ def test_axolotl_preprocess_runs_from_another_working_directory(axolotl_job, tin
     # axolotl on the PATH, as in an activated environment
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     proc = subprocess.run(["sh", str(copy / "run_axolotl.sh"), "preprocess"], cwd=elsewhere, capture_output=True,
-                          text=True, timeout=240, env={**os.environ, **QUIET, "PATH": path})
+                          text=True, timeout=240, env={**os.environ, **THIRD_PARTY_ENV, "PATH": path})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "Success! Preprocessed data path" in proc.stdout + proc.stderr
     assert (copy / "trainer-output").is_dir() and (copy / "last_run_prepared").is_dir()
