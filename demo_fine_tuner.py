@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
 
 from daemon import FineTuner  # noqa: E402
-from daemon.evaluation import table_text  # noqa: E402
-from daemon.synthetic import MAPPING, write_csv  # noqa: E402
+from daemon.quality.evaluation import table_text  # noqa: E402
+from daemon.data.synthetic import MAPPING, write_csv  # noqa: E402
 
 OUT = Path("demo_outputs")
 
@@ -39,7 +39,7 @@ def main() -> int:
           f"Ollama name {meta['model_set']['model_name']}, outputs in {OUT / 'model_set'}")
 
     if all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft", "tokenizers")):
-        from daemon.tinymodel import build_tiny_model
+        from daemon.training.tinymodel import build_tiny_model
 
         base = build_tiny_model(OUT / "tiny-llama")
         tuner = FineTuner(config={"base_models": {"tiny-llama:latest": str(base)},

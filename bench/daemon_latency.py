@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from daemon.synthetic import MAPPING, write_csv  # noqa: E402
+from daemon.data.synthetic import MAPPING, write_csv  # noqa: E402
 
 CONFIG = """\
 defaults: {model: "no-such-model:1b", topics: "respiratory infections", approach: model_set}

@@ -1,6 +1,6 @@
 """Benchmark: rating throughput of the two rater backends, each against its own baseline, same run.
 
-(a) Local backend (``daemon.generate`` child on the tiny Llama of the test suite): batched greedy
+(a) Local backend (``daemon.quality.generate`` child on the tiny Llama of the test suite): batched greedy
     generation (batch 8) vs one record at a time; records/s of the generation itself (the child's
     start-up, identical for both, is reported separately). Target: >= 3x.
 (b) Ollama backend against a loopback server that answers every ``/api/chat`` after a fixed delay:
@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon.config import OllamaConfig  # noqa: E402
-from daemon.prompts import system_prompt  # noqa: E402
-from daemon.rater import LocalRater, OllamaRater  # noqa: E402
-from daemon.synthetic import MAPPING, synthetic_rows  # noqa: E402
+from daemon.data.prompts import system_prompt  # noqa: E402
+from daemon.quality.rater import LocalRater, OllamaRater  # noqa: E402
+from daemon.data.synthetic import MAPPING, synthetic_rows  # noqa: E402
 
 TARGET = 3.0
 
@@ -38,7 +38,7 @@ def conversations(rows: int) -> list[list[dict]]:
 
 
 def local(rows: int) -> tuple[float, float]:
-    from daemon.tinymodel import build_tiny_model
+    from daemon.training.tinymodel import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_model(Path(tmp) / "tiny")

@@ -2,7 +2,7 @@
 
 Usage: ``python bench/prep_throughput.py ROWS [--workdir DIR] [--json]``
 
-Generates a formatted CSV of ROWS synthetic rows (``daemon.synthetic.write_csv``) and its rating
+Generates a formatted CSV of ROWS synthetic rows (``daemon.data.synthetic.write_csv``) and its rating
 mapping, then runs, each in its own child process so that each peak RSS is its own:
 
 (a) project: ``load_dataset`` + ``split_holdout`` + ``training_data.jsonl`` and
@@ -41,8 +41,9 @@ def _status_kib(key: str) -> int:
 
 
 def run_project(csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
-    from daemon import fsutil, prompts, trainingdata
-    from daemon.dataset import load_dataset
+    from daemon import fsutil
+    from daemon.data import prompts, trainingdata
+    from daemon.data.dataset import load_dataset
 
     start = time.perf_counter()
     ds = load_dataset(csv_path, mapping_path)
@@ -60,7 +61,7 @@ def run_project(csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
 def run_baseline(csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
     import pandas as pd
 
-    from daemon import prompts
+    from daemon.data import prompts
 
     start = time.perf_counter()
     mapping = json.loads(mapping_path.read_text())
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return child(kind, Path(csv_path), Path(mapping_path), Path(out_dir))
 
     sys.path.insert(0, str(ROOT))
-    from daemon.synthetic import MAPPING, write_csv
+    from daemon.data.synthetic import MAPPING, write_csv
 
     with tempfile.TemporaryDirectory(prefix="prep-bench-") as tmp:
         work = args.workdir or Path(tmp)

@@ -1,4 +1,4 @@
-"""Benchmark: rating a file (``daemon.rating.rate_file``) through Ollama, each number against its
+"""Benchmark: rating a file (``daemon.quality.rating.rate_file``) through Ollama, each number against its
 own baseline in the same run.
 
 A loopback server stands in for Ollama and answers every ``/api/chat`` after a fixed delay (the
@@ -66,8 +66,8 @@ class _Slow(BaseHTTPRequestHandler):
 def child(spec_path: str) -> int:
     """One run in its own process: rate the file, print records/s and this process's peak RSS."""
     from daemon.config import load_config
-    from daemon.rating import model_from_name, rate_file
-    from daemon.synthetic import MAPPING
+    from daemon.quality.rating import model_from_name, rate_file
+    from daemon.data.synthetic import MAPPING
 
     spec = json.loads(Path(spec_path).read_text())
     config = load_config(None, {}, overrides={"ollama": {"host": spec["host"], "parallel": spec["parallel"],
@@ -102,7 +102,7 @@ def main() -> int:
     if args.child:
         return child(args.child)
 
-    from daemon.synthetic import write_csv
+    from daemon.data.synthetic import write_csv
 
     _Slow.delay_s = args.delay_ms / 1000
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Slow)

@@ -2,7 +2,7 @@
 
 Builds the tiny Llama of the test suite, writes one job folder of synthetic rows, then measures
 (1) tokens/s of a plain ``Trainer`` LoRA loop written here (same tokenizer, same encoded rows, same
-LoRA, batch, epochs, learning rate and warm-up), and (2) ``daemon.training.run_training`` on the
+LoRA, batch, epochs, learning rate and warm-up), and (2) ``daemon.training.supervisor.run_training`` on the
 same job: tokens/s as the child reports it (runs alternate, best of ``--repeat`` each), and start-up (spawn to first progress line, as the
 parent sees it). Prints the ratio against the targets: >= 0.9x the plain loop's tokens/s, start-up
 <= 10 s on CPU. Usage: ``python bench/train_throughput.py [--rows 200] [--epochs 2] [--repeat 2]``.
@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon.config import TrainingConfig  # noqa: E402
-from daemon.prompts import answer_json, system_prompt  # noqa: E402
-from daemon.synthetic import MAPPING, synthetic_rows  # noqa: E402
-from daemon.training import resolve_base_weights, run_training  # noqa: E402
+from daemon.data.prompts import answer_json, system_prompt  # noqa: E402
+from daemon.data.synthetic import MAPPING, synthetic_rows  # noqa: E402
+from daemon.training.supervisor import resolve_base_weights, run_training  # noqa: E402
 
 TARGET_RATIO, TARGET_STARTUP_S = 0.9, 10.0
 LORA = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
@@ -60,7 +60,7 @@ def plain_trainer(model_dir: Path, job: Path, epochs: int, micro_batch: int, out
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from daemon.trainer import collate, encode_rows, read_records, set_threads
+    from daemon.training.trainer import collate, encode_rows, read_records, set_threads
 
     set_threads()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -111,7 +111,7 @@ def main() -> int:
                         help="alternate the two runs this many times and keep each one's best")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from daemon.tinymodel import build_tiny_model
+    from daemon.training.tinymodel import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         tmp_path = Path(tmp)

@@ -2,6 +2,19 @@
 
 ``FineTuner`` (the seed's API) and the error family are importable from here. Importing ``daemon``
 is light: ``FineTuner`` (and pandas behind it) is loaded on first use; torch never is.
+
+The package is grouped into rooms, in the order a job passes through them; a room imports only the
+rooms before it (each room's ``__init__`` states its rule, ``tests/test_layout.py`` checks it):
+
+* top-level base modules, imported by every room: ``errors`` (imports nothing of ours), ``fsutil``,
+  ``portable``, ``logconfig``, ``config`` (which borrows ``data.template``'s parser to check the
+  ``prompt_template`` setting: the one exception to the order);
+* ``data``: CSV and mapping to validated rows, prompts, training records, model-set text;
+* ``training``: the trainer children and the parent that supervises them;
+* ``serving``: the Ollama client, registration and the capability report;
+* ``quality``: raters, evaluation against the experts, rating new records;
+* ``fine_tuner``: the ``FineTuner`` facade, one dataset end to end;
+* ``inbox``: the daemon around it; ``cli`` (and ``__main__``) on top.
 """
 
 from __future__ import annotations
@@ -45,6 +58,6 @@ def __getattr__(name: str) -> Any:
         from .fine_tuner import FineTuner
         return FineTuner
     if name == "CapabilityReport":
-        from .capability import CapabilityReport
+        from .serving.capability import CapabilityReport
         return CapabilityReport
     raise AttributeError(f"module 'daemon' has no attribute {name!r}")

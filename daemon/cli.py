@@ -317,10 +317,10 @@ def _progress_printer():
 
 
 def _cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
-    from .report import validation_report, format_validation_report
+    from .data.report import validation_report, format_validation_report
 
     _configure_logging(cfg, args, stdout=False)
-    from .template import parse_template
+    from .data.template import parse_template
 
     template = _template_arg(args.prompt_template)
     report = validation_report(Path(args.input), Path(args.mapping) if args.mapping else None, cfg,
@@ -345,7 +345,7 @@ def _cmd_check(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_watch(cfg: Config, args: argparse.Namespace) -> int:
-    from . import service
+    from .inbox import service
 
     cfg = _with_root(cfg, args.root)
     _configure_logging(cfg, args, stdout=True)
@@ -353,9 +353,10 @@ def _cmd_watch(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
-    from . import evaluation, fsutil
-    from .evaluator import EvaluationSkipped, evaluate_folder, read_json
-    from .rater import RaterError
+    from .quality import evaluation
+    from . import fsutil
+    from .quality.evaluator import EvaluationSkipped, evaluate_folder, read_json
+    from .quality.rater import RaterError
 
     _configure_logging(cfg, args, stdout=False)
     folder = Path(args.output_dir)
@@ -381,7 +382,7 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
-    from . import rating
+    from .quality import rating
 
     _configure_logging(cfg, args, stdout=False)
     csv_path = Path(args.input)
@@ -422,9 +423,10 @@ def _template_arg(text: str | None):
 def _rating_model(cfg: Config, args: argparse.Namespace):
     """The model to rate with: everything from an output folder, or a bare Ollama name with the
     configuration's (or the flags') topic, mapping and template."""
-    from . import prompts, rating
-    from .mapping import load_mapping
-    from .template import parse_template
+    from .data import prompts
+    from .quality import rating
+    from .data.mapping import load_mapping
+    from .data.template import parse_template
 
     folder = Path(args.model)
     if (folder / "fine_tuning_metadata.json").is_file():
@@ -448,7 +450,7 @@ def _rating_model(cfg: Config, args: argparse.Namespace):
 
 
 def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    from . import service
+    from .inbox import service
 
     cfg = _with_root(cfg, args.root)
     report = service.status(cfg)

@@ -61,7 +61,7 @@ class Defaults:
     seed: int = 42
     mapping: str | None = None  # a default rating mapping file used when a drop has none
     # how a record becomes its prompt when the file has no prompt column: a format string with
-    # {Column} fields, or a list of columns (see daemon/template.py); None: the file's prompt column
+    # {Column} fields, or a list of columns (see daemon/data/template.py); None: the file's prompt column
     prompt_template: Any = None
 
 
@@ -459,7 +459,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     if o.host is not None and (why := host_problem(o.host)):
         problems.append(f"ollama.host: {why}; use http(s)://host[:port][/path] or host[:port]")
     if d.prompt_template is not None:
-        from .template import parse_template
+        from .data.template import parse_template
 
         try:
             parse_template(d.prompt_template)
@@ -735,7 +735,7 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
         template = defaults.prompt_template
     merged["prompt_template"] = None
     if template is not None:
-        from .template import parse_template
+        from .data.template import parse_template
 
         try:
             merged["prompt_template"] = parse_template(template)

@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
-from . import fsutil, portable, prompts
-from .capability import CapabilityReport, build_report
+from . import fsutil, portable
+from .data import prompts
+from .serving.capability import CapabilityReport, build_report
 from .config import Config, JobSettings, job_settings, load_config
 from .errors import (
     DatasetEncodingError,
@@ -204,7 +205,7 @@ class FineTuner:
         must not spend the retry budget waiting on a server that is simply not running).
         ``memory``: the job's ``UnreachableMemory``, so that a server that did not answer one
         step of the job is not waited for again by the next (``ollama.UNREACHABLE_TTL_S``)."""
-        from .ollama import OllamaClient
+        from .serving.ollama import OllamaClient
 
         cfg = dataclasses.replace(self.config.ollama, retries=0) if probe else self.config.ollama
         return OllamaClient(cfg, memory=memory)
@@ -212,7 +213,7 @@ class FineTuner:
     @staticmethod
     def _job_memory():
         """A fresh memory of unreachable Ollama servers for one job (a later job asks again)."""
-        from .ollama import UnreachableMemory
+        from .serving.ollama import UnreachableMemory
 
         return UnreachableMemory()
 
@@ -246,13 +247,13 @@ class FineTuner:
     # --- the seed's builders -------------------------------------------------------------------
 
     def _dataset(self, df, rating_mapping, source: str = "<dataframe>"):
-        from .dataset import validate_frame
+        from .data.dataset import validate_frame
 
         return validate_frame(df, rating_mapping, source=source)
 
     def prepare_training_data(self, df, rating_mapping, target_topics: str | None = None) -> list[dict]:
         """One ``{"messages": [system, user, assistant]}`` chat record per usable row."""
-        from .trainingdata import chat_records
+        from .data.trainingdata import chat_records
 
         ds = self._dataset(df, rating_mapping)
         topics = target_topics if target_topics is not None else self.config.defaults.topics
@@ -287,7 +288,7 @@ class FineTuner:
     def plan_job(self, job: JobInputs) -> JobPlan:
         """Load and validate the files and decide the approach; nothing is written yet. The daemon
         uses the plan to run fine-tunes in their own lane, one at a time."""
-        from .dataset import load_dataset
+        from .data.dataset import load_dataset
 
         stages = _Stages()
         with stages("load"):
@@ -301,7 +302,7 @@ class FineTuner:
 
     def _reload(self, plan: JobPlan):
         """The dataset of a plan that dropped it, read again; the files must be the ones planned."""
-        from .dataset import load_dataset
+        from .data.dataset import load_dataset
 
         job = plan.job
         assert job is not None  # drop_dataset allows files only
@@ -441,7 +442,7 @@ class FineTuner:
     # --- model set -----------------------------------------------------------------------------
 
     def _model_set(self, ds, settings: JobSettings, *, stem: str, exclude, input_hashes: dict) -> dict:
-        from . import modelset
+        from .data import modelset
 
         d = self.config.defaults
         try:
@@ -464,7 +465,7 @@ class FineTuner:
         """Split the rows once per job, the same way for both approaches (stratified, seeded; no
         hold-out below ``min_rows``), and write the held-out rows to ``validation_data.jsonl``, which
         only exists when there are some. Returns (train positions, validation positions)."""
-        from . import trainingdata
+        from .data import trainingdata
 
         ds, d = plan.ds, self.config.defaults
         train_pos, val_pos = trainingdata.split_holdout(ds, fraction=d.validation_fraction, seed=d.seed,
@@ -483,7 +484,8 @@ class FineTuner:
         return train_pos, val_pos
 
     def _write_model_set(self, plan: JobPlan, build_dir: Path) -> None:
-        from . import modelset, register
+        from .data import modelset
+        from .serving import register
 
         ds, settings, stem, meta, stages = plan.ds, plan.settings, plan.stem, plan.meta, plan.stages
         with stages("model_set"):
@@ -511,9 +513,9 @@ class FineTuner:
         """Measure the job's models on its held-out rows (``evaluation.enabled``): ``auto`` records
         a skip and its reason when no backend can run it, ``required`` fails the job then, ``off``
         does nothing. The report files are written into the job's folder."""
-        from . import evaluation
-        from .evaluator import EvaluationSkipped, evaluate_folder
-        from .rater import RaterError
+        from .quality import evaluation
+        from .quality.evaluator import EvaluationSkipped, evaluate_folder
+        from .quality.rater import RaterError
 
         mode = self.config.evaluation.enabled
         if mode == "off":
@@ -537,7 +539,7 @@ class FineTuner:
     def _register(self, action: Callable[[Any], dict], memory=None) -> dict:
         """Register under ``ollama.register``; ``memory`` is the job's (see ``_ollama_client``): a
         server the capability check found silent within its TTL fails here at once."""
-        from .register import register_with_policy
+        from .serving.register import register_with_policy
 
         mode = self.config.ollama.register
         if mode == "off":
@@ -564,7 +566,9 @@ class FineTuner:
     # --- fine-tune -----------------------------------------------------------------------------
 
     def _fine_tune(self, plan: JobPlan, build_dir: Path) -> None:
-        from . import modelset, register, training, trainingdata
+        from .data import modelset, trainingdata
+        from .serving import register
+        from .training import supervisor
 
         ds, settings, stem, meta, stages, job = plan.ds, plan.settings, plan.stem, plan.meta, plan.stages, plan.job
         d, t = self.config.defaults, self.config.training
@@ -572,11 +576,11 @@ class FineTuner:
         with stages("training_data"):
             train_pos, val_pos = self._hold_out(plan, build_dir, system)
             fsutil.write_lines(build_dir / "training_data.jsonl", trainingdata.jsonl_chunks(ds, train_pos, system))
-            base = training.resolve_base_weights(settings.model, self.config.base_models,
+            base = supervisor.resolve_base_weights(settings.model, self.config.base_models,
                                                  allow_download=t.allow_download)
             validation = "validation_data.jsonl" if len(val_pos) else None
             cfg = trainingdata.training_config(
-                base_model=base.hf_id or training.BASE_MODEL_PLACEHOLDER, dataset_path="training_data.jsonl",
+                base_model=base.hf_id or supervisor.BASE_MODEL_PLACEHOLDER, dataset_path="training_data.jsonl",
                 validation_path=validation, output_dir=OTHER_TRAINER_OUTPUT, training=t,
                 epochs=settings.epochs, learning_rate=settings.learning_rate,
                 micro_batch_size=settings.batch_size, seed=d.seed)
@@ -601,7 +605,7 @@ class FineTuner:
 
         lock = job.training_lock if job and job.training_lock is not None else contextlib.nullcontext()
         with stages("training"), lock:
-            result = training.run_training(build_dir, base=base, training=t, timeout_s=t.timeout_s,
+            result = supervisor.run_training(build_dir, base=base, training=t, timeout_s=t.timeout_s,
                                            on_progress=relay, stop_event=job.stop_event if job else None)
         meta["training"] = dict(result.metrics)
         name = settings.output_model or modelset.ollama_model_name(settings.model, stem, suffix="-ft")
@@ -659,7 +663,7 @@ class FineTuner:
 def _machine_roots(meta: dict, build_dir: Path, final_dir: Path) -> dict[str, str]:
     """The folders of this machine a job's metadata can name, and what the published copy says
     instead: the job folder is ``.``, its siblings (a kept ``failed-*`` folder) are under ``..``."""
-    from .training import hf_cache_dir
+    from .training.supervisor import hf_cache_dir
 
     facts = (meta.get("capability") or {}).get("facts") or {}
     return portable.machine_roots([build_dir, final_dir], {

@@ -69,14 +69,14 @@ def no_leaked_threads():
 
 @pytest.fixture
 def mapping_dict() -> dict:
-    from daemon.synthetic import MAPPING
+    from daemon.data.synthetic import MAPPING
     return dict(MAPPING)
 
 
 @pytest.fixture
 def synthetic_csv(tmp_path) -> Callable[..., Path]:
     """Factory: write a synthetic formatted dataset CSV of ``rows`` rows into tmp_path."""
-    from daemon.synthetic import write_csv
+    from daemon.data.synthetic import write_csv
 
     def make(rows: int = 60, name: str = "visits.csv", seed: int = 7, **kw) -> Path:
         path = tmp_path / name

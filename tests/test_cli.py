@@ -156,7 +156,7 @@ def test_seed_script_command_line(tmp_path, dataset):
 
 def test_daemon_import_is_light():
     """Importing the package, the CLI, the facade and the service pulls in no ML library."""
-    code = ("import sys, daemon, daemon.cli, daemon.fine_tuner, daemon.capability, daemon.training, daemon.service;"
+    code = ("import sys, daemon, daemon.cli, daemon.fine_tuner, daemon.serving.capability, daemon.training.supervisor, daemon.inbox.service;"
             "bad=[m for m in ('torch','transformers','peft','accelerate') if m in sys.modules];"
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -223,7 +223,7 @@ WRITABLE = "make the state directory and the journal writable for the service, t
 
 
 def _journal_with_jobs(path: Path, jobs: int = 300) -> None:
-    from daemon.journal import InputFile, Journal
+    from daemon.inbox.journal import InputFile, Journal
 
     with Journal(path) as j:
         for i in range(jobs):

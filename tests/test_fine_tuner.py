@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from daemon import fsutil, modelset, prompts
-from daemon.synthetic import MAPPING, synthetic_rows, HEADER
+from daemon import fsutil
+from daemon.data import modelset, prompts
+from daemon.data.synthetic import MAPPING, synthetic_rows, HEADER
 from scripts.fine_tuner import (
     DatasetTooSmallWarning,
     FineTuner,
@@ -163,7 +164,7 @@ class TestFineTuner:
                      "adapter/adapter_config.json"):
             assert (out / name).is_file(), name
         # it learns: the second epoch's mean loss is below the first's (one step's loss is too noisy
-        # to compare; tests/test_learning.py measures what the model learned on held-out rows)
+        # to compare; tests/quality/test_learning.py measures what the model learned on held-out rows)
         steps = [json.loads(x) for x in (out / "training_log.jsonl").read_text().splitlines()]
         by_epoch = {}
         for step in steps:
@@ -251,7 +252,7 @@ class TestPlannedJobs:
     def _plan(self, tmp_path: Path, name: str):
         from daemon.config import job_settings
         from daemon.fine_tuner import JobInputs
-        from daemon.synthetic import write_csv
+        from daemon.data.synthetic import write_csv
 
         csv_path = tmp_path / "visits.csv"
         if not csv_path.exists():

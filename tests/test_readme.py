@@ -12,7 +12,7 @@ EVENT_CALL = re.compile(r"\blog\.(?:debug|info|warning|error|exception)\(\s*\"([
 def logged_events() -> set[str]:
     """Every event name a ``log.<level>("name", ...)`` call in the package logs."""
     names: set[str] = set()
-    for path in (ROOT / "daemon").glob("*.py"):
+    for path in (ROOT / "daemon").rglob("*.py"):
         names |= set(EVENT_CALL.findall(path.read_text(encoding="utf-8")))
     return names
 

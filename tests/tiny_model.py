@@ -1,4 +1,4 @@
-"""Pytest plugin: the tiny Llama the training tests run on (built by ``daemon.tinymodel``).
+"""Pytest plugin: the tiny Llama the training tests run on (built by ``daemon.training.tinymodel``).
 
 ``tiny_model_dir`` is the session fixture (built once per test session, about ten seconds of one core),
 ``tiny_base_models`` the matching ``base_models`` config slice.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.tinymodel import TINY_NAME, build_tiny_model
+from daemon.training.tinymodel import TINY_NAME, build_tiny_model
 
 __all__ = ["TINY_NAME", "build_tiny_model", "tiny_base_models", "tiny_model_dir"]
 

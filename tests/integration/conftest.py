@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.synthetic import MAPPING, write_csv
+from daemon.data.synthetic import MAPPING, write_csv
 from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from daemon.synthetic import MAPPING
+from daemon.data.synthetic import MAPPING
 from tests.conftest import leftovers, mounted, wait_for
 from tests.integration.conftest import MARKER, REPO, all_log_text
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from daemon.synthetic import MAPPING
+from daemon.data.synthetic import MAPPING
 from tests import corpus
 from tests.conftest import leftovers, wait_for
 from tests.integration.conftest import MARKER, REPO, all_log_text
@@ -262,7 +262,7 @@ def test_dataset_warnings_and_a_missing_topic_are_logged_and_shown_in_status(roo
     import csv
     import io
 
-    from daemon.synthetic import HEADER, synthetic_rows
+    from daemon.data.synthetic import HEADER, synthetic_rows
 
     rows = [list(r) for r in synthetic_rows(20, seed=7)]
     other = 0 if int(rows[0][3]) != 0 else 1

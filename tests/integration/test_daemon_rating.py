@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 
-from daemon.synthetic import MAPPING, synthetic_rows
+from daemon.data.synthetic import MAPPING, synthetic_rows
 from tests.conftest import leftovers, wait_for
 from tests.integration.conftest import MARKER, REPO, all_log_text
 

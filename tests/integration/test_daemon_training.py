@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-from daemon.journal import Journal
+from daemon.inbox.journal import Journal
 from tests.conftest import leftovers, machine_paths_in, wait_for
 from tests.integration.conftest import MARKER, REPO, all_log_text
 

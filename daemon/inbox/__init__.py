@@ -1,0 +1,9 @@
+"""The inbox daemon: drops in, jobs run, inputs moved out, and the journal that remembers them.
+
+Owns what a drop is and claiming it (``drops``), the main loop with its watcher, worker pool,
+signals and start-up recovery (``service``), running one claimed job of any kind (``jobs``), the
+one-at-a-time training lane (``lane``), the SQLite job journal (``journal``), systemd's notify
+protocol (``notify``), ``fine-tuner status`` (``status``) and where the daemon keeps things
+(``paths``). The outermost room: it may import every other room and ``daemon.fine_tuner``, but
+never ``daemon.cli``; nothing outside ``cli`` imports it.
+"""

@@ -1,0 +1,448 @@
+"""Running one claimed job, whatever its kind: the job runner the pool and the training lane call.
+
+``JobRunner.run(claim)`` (a pool worker) reads the job file once, picks the job's kind and runs it:
+
+* a **build** job (the default) checks for a duplicate and a poison job, then plans (load,
+  validate, decide the approach); a model set is built on the same worker, a fine-tune is handed
+  to the training lane (``run_planned``), which executes it under the machine-wide training lock;
+* a **rating** job (``task: rate`` in the job file) rates the dataset with an existing model.
+
+Every kind ends the same way: outputs built in ``outputs/.tmp-<job_id>`` and published, the
+journal updated, the inputs moved to ``processed/`` or ``failed/`` (with ``error.json``) and one
+``job_finished`` line. ``_guarded`` is the one broad handler per job: a full disk gives the job back
+for the next rescan, anything else unexpected fails it as a crash, and if even that cannot be
+recorded the claim is left to recovery. The pool, the lane and the service loop know nothing of
+kinds; this module knows nothing of the inbox beyond its claim folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ..config import Config, ConfigError, job_settings, read_job_file
+from ..errors import DatasetTooSmallWarning, FineTunerError, JournalError, TrainingInterruptedError
+from ..fsutil import make_private_dir, publish_dir
+from .drops import Claim, escape_name, finish_claim
+from .journal import Journal, JobRecord, utc_now
+from .lane import TrainingLane, machine_lock
+from ..logconfig import get_logger, job_log
+from .paths import TRAINING_LOCK, Paths
+
+log = get_logger("jobs")
+
+
+@dataclass
+class JobContext:
+    """What a job needs from the service: where things are, the journal, the current
+    configuration (it changes on SIGHUP), the stop event and the training lane."""
+
+    paths: Paths
+    journal: Journal
+    config: Callable[[], Config]
+    job_stop: threading.Event  # set at shutdown: a long job gives its claim back
+    job_done: Callable[[str], None]  # tells the loop a job left the lane
+    lane: TrainingLane | None = None
+
+
+@dataclass
+class Planned:
+    """A planned fine-tune handed from a pool worker to the training lane."""
+
+    claim: Claim
+    plan: Any  # fine_tuner.JobPlan
+    build: Path
+    attempt: int
+    started: float  # monotonic time the job started on the pool (job_finished's duration_s)
+
+
+class JobRunner:
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self._fine_tuner = None
+        self._fine_tuner_cfg: Config | None = None
+
+    @property
+    def cfg(self) -> Config:
+        return self.ctx.config()
+
+    @property
+    def journal(self) -> Journal:
+        return self.ctx.journal
+
+    @property
+    def paths(self) -> Paths:
+        return self.ctx.paths
+
+    def _fine_tuner_instance(self):
+        cfg = self.cfg
+        if self._fine_tuner is None or self._fine_tuner_cfg is not cfg:  # a reload makes a new one
+            from ..fine_tuner import FineTuner
+            self._fine_tuner, self._fine_tuner_cfg = FineTuner(config=cfg), cfg
+        return self._fine_tuner
+
+    # --- entry points ----------------------------------------------------------------------------
+
+    def run(self, claim: Claim) -> None:
+        """A pool worker's job: run it to its end, or hand it to the training lane."""
+        started = time.monotonic()
+        with structlog.contextvars.bound_contextvars(job_id=claim.job_id):
+            status = self._guarded(claim, lambda: self._start(claim, started))
+            if status is not None:  # None: handed to the training lane, which closes the job
+                log.info("job_finished", status=status, duration_s=round(time.monotonic() - started, 3))
+
+    def run_planned(self, item: Planned) -> None:
+        """The training lane's job: execute a planned fine-tune under the machine-wide lock."""
+        job_id = item.claim.job_id
+        try:
+            with structlog.contextvars.bound_contextvars(job_id=job_id):
+                status = self._guarded(item.claim, lambda: self._training_phase(item))
+                log.info("job_finished", status=status, duration_s=round(time.monotonic() - item.started, 3))
+        finally:
+            self.ctx.job_done(job_id)
+
+    def give_back_planned(self, item: Planned) -> None:
+        """Shutdown: a fine-tune still waiting for the lane goes back unstarted."""
+        with structlog.contextvars.bound_contextvars(job_id=item.claim.job_id):
+            self.give_back(item.claim, item.build)
+            log.info("job_finished", status="queued", duration_s=round(time.monotonic() - item.started, 3))
+
+    def give_back(self, claim: Claim, build: Path, *, keep_build: bool = False) -> str:
+        """Shutdown: the job goes back to the queue, its attempt not counted; inputs stay in .work/.
+        ``keep_build``: a rating's part file stays, so that the next start resumes from it."""
+        if not keep_build:
+            shutil.rmtree(build, ignore_errors=True)
+        self.journal.requeue(claim.job_id, give_back_attempt=True)
+        claim.release()
+        log.info("job_requeued", reason="shutdown")
+        return "queued"
+
+    def move_inputs(self, claim: Claim, destination: Path, *, note: tuple[str, dict] | None = None) -> Path | None:
+        """Move a finished job's inputs on. When that fails (a full disk, ``processed/`` replaced by
+        a file or a link) the job's recorded outcome stands: the claim is released and recovery
+        moves the inputs at a later rescan, so a success never turns into a failure."""
+        job_id = claim.job_id
+        try:
+            target = finish_claim(claim, destination, note=note)
+        except OSError as exc:
+            claim.release()
+            log.error("input_move_failed", job_id=job_id, to=str(destination), **os_error_fields(exc),
+                      hint="the inputs stay in inbox/.work/ and are moved at the next rescan")
+            return None
+        log.info("input_moved", job_id=job_id, to=str(target))
+        return target
+
+    @staticmethod
+    def duplicate_note(record: JobRecord) -> dict:
+        return {"job_id": record.id, "duplicate_of": record.duplicate_of,
+                "outputs": record.output_path, "recorded_at": utc_now(),
+                "hint": "this content was processed before; add force: true to a job file to redo it"}
+
+    # --- the one broad handler per job -----------------------------------------------------------
+
+    def _guarded(self, claim: Claim, phase: Callable[[], str | None]) -> str | None:
+        """Run one phase of a job under the one broad handler per job. A full disk gives the job
+        back (recovery retries it at the next rescan, so it resumes by itself once space returns);
+        anything else is a bug, recorded as a failure. If even that cannot be recorded, the claim
+        is left to recovery."""
+        try:
+            return phase()
+        except Exception as exc:
+            build = self.paths.outputs / f".tmp-{claim.job_id}"
+            try:
+                if disk_full(exc):
+                    return self._retry_later(claim, build, exc)
+                # the exception text may quote data, so only its type and the frames are logged
+                log.error("job_crashed", error_type=type(exc).__name__, frames=frames(exc))
+                self._fail(claim, {"error_type": type(exc).__name__,
+                                   "message": "an internal error stopped this job",
+                                   "hint": "report this with the job id; the service log has the "
+                                           "traceback locations; drop the files again to retry"},
+                           build=build)
+                return "failed"
+            except Exception as again:
+                if disk_full(again):
+                    return self._retry_later(claim, build, again)
+                log.error("job_not_recorded", error_type=type(again).__name__, frames=frames(again),
+                          hint="the job stays in inbox/.work/ and is taken up at the next rescan")
+                claim.release()
+                return "queued"
+
+    def _retry_later(self, claim: Claim, build: Path, exc: BaseException) -> str:
+        """The disk (or the journal's disk) is full: drop the partial build, give the attempt back
+        and leave the claim to recovery, which retries it at every rescan until there is space."""
+        shutil.rmtree(build, ignore_errors=True)
+        with contextlib.suppress(JournalError, OSError):
+            self.journal.requeue(claim.job_id, give_back_attempt=True)
+        claim.release()
+        log.error("job_requeued", reason="disk_full", **os_error_fields(exc),
+                  hint="free space; the job is retried at the next rescan")
+        return "queued"
+
+    # --- every kind: duplicate and poison checks, a build folder, the kind's work ----------------
+
+    def _start(self, claim: Claim, started: float) -> str | None:
+        """Duplicate and poison checks, then the job's kind runs (pool worker)."""
+        job_id = claim.job_id
+        record = self.journal.get(job_id)
+        assert record is not None
+        job_values, job_error = self._job_values(claim)
+        if job_values.get("force") is not True:
+            earlier = self.journal.success_for(record.content_key)
+            if earlier is not None and earlier.id != job_id:
+                self.journal.mark_duplicate(job_id, of=earlier)
+                record = self.journal.get(job_id) or record
+                log.info("job_duplicate", duplicate_of=earlier.id, outputs=earlier.output_path)
+                # an attempt killed while building leaves a partial build; a duplicate has no outputs
+                shutil.rmtree(self.paths.outputs / f".tmp-{job_id}", ignore_errors=True)
+                self.move_inputs(claim, self.paths.processed, note=("duplicate.json", self.duplicate_note(record)))
+                return "duplicate"
+        if record.attempts >= self.cfg.watch.max_attempts:
+            self._fail(claim, {
+                "error_type": "PoisonJobError",
+                "message": f"the service stopped while processing this job {record.attempts} times",
+                "hint": "look in the service log for what killed it (memory, a crash) around these "
+                        "times; drop the files again to retry"}, attempts=record.attempts,
+                build=self.paths.outputs / f".tmp-{job_id}")  # the last killed attempt's partial build
+            return "failed"
+        attempt = self.journal.start(job_id)
+        build = self.paths.outputs / f".tmp-{job_id}"
+        rate = job_error is None and job_values.get("task") == "rate"
+        if build.exists() and not rate:  # a partial build from an attempt that crashed
+            shutil.rmtree(build)  # (a rating keeps its part file: it resumes from it)
+        make_private_dir(build)
+        if rate:
+            return self._rate(claim, build, attempt, job_values)
+        return self._build(claim, build, attempt, started, job_values, job_error)
+
+    @staticmethod
+    def _job_values(claim: Claim) -> tuple[dict, ConfigError | None]:
+        """The job file's values (read once, on the worker), or the error that fails the job."""
+        job_file = claim.files.get("job")
+        if not job_file:
+            return {}, None
+        try:
+            return dict(read_job_file(claim.path / job_file)), None
+        except ConfigError as exc:
+            return {}, exc
+
+    # --- build jobs: a model set or a fine-tune ----------------------------------------------------
+
+    def _build(self, claim: Claim, build: Path, attempt: int, started: float, job_values: dict,
+               job_error: ConfigError | None) -> str | None:
+        """Load, validate and decide; a model set is built here, a fine-tune goes to the lane."""
+        from ..fine_tuner import FINE_TUNE
+
+        error: dict | None = None
+        with job_log(build / "job.log", claim.job_id, self._log_roots(build, claim.job_id)):
+            log.info("job_started", attempt=attempt, files=names(claim))
+            try:
+                if job_error is not None:
+                    raise job_error
+                plan = self._plan(claim, build, job_values)
+            except (FineTunerError, DatasetTooSmallWarning) as exc:
+                error = error_fields(exc)
+        if error is not None:
+            self._fail(claim, error, attempts=attempt, build=build)
+            return "failed"
+        if plan.approach == FINE_TUNE:
+            self.journal.await_training(claim.job_id)
+            plan.drop_dataset()  # a queued fine-tune may wait for hours; the lane reads the files again
+            return self._hand_to_training(Planned(claim, plan, build, attempt, started))
+        return self._execute(claim, plan, build, attempt)
+
+    def _plan(self, claim: Claim, build: Path, values: dict):
+        from ..fine_tuner import JobInputs
+
+        job_file = claim.files.get("job")
+        settings = job_settings(self.cfg.defaults, values,
+                                source=escape_name(job_file) if job_file else "the configuration's defaults")
+        mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
+        inputs = JobInputs(csv_path=claim.path / claim.files["dataset"],
+                           mapping_path=claim.path / mapping if mapping else None,
+                           settings=settings, output_dir=build,
+                           stem=escape_name(Path(claim.files["dataset"]).stem),
+                           job_id=claim.job_id, stop_event=self.ctx.job_stop)
+        return self._fine_tuner_instance().plan_job(inputs)
+
+    def _hand_to_training(self, item: Planned) -> str | None:
+        assert self.ctx.lane is not None
+        ahead = self.ctx.lane.submit(item)
+        if ahead is None:  # planned while the service was stopping
+            return self.give_back(item.claim, item.build)
+        log.info("job_waiting_for_training", jobs_ahead=ahead)
+        return None
+
+    def _training_phase(self, item: Planned) -> str:
+        with machine_lock(self.paths.state_dir / TRAINING_LOCK, self.ctx.job_stop) as held:
+            if not held:  # stopped while another daemon was training
+                return self.give_back(item.claim, item.build)
+            self.journal.resume(item.claim.job_id)
+            return self._execute(item.claim, item.plan, item.build, item.attempt,
+                                 waited_s=round(time.monotonic() - item.started, 3))
+
+    def _execute(self, claim: Claim, plan: Any, build: Path, attempt: int, waited_s: float | None = None) -> str:
+        """Build the outputs, publish them, record the result and move the inputs."""
+        job_id = claim.job_id
+        error: dict | None = None
+        interrupted = False
+        ok, metadata = False, {}
+        with job_log(build / "job.log", job_id, self._log_roots(build, job_id)):
+            if waited_s is not None:
+                log.info("training_lane_started", waited_s=waited_s, attempt=attempt)
+            try:
+                ok, metadata = self._fine_tuner_instance().execute(plan)
+            except TrainingInterruptedError:
+                interrupted = True
+            except (FineTunerError, DatasetTooSmallWarning) as exc:
+                error = error_fields(exc)
+        if interrupted:
+            return self.give_back(claim, build)
+        if error is not None:
+            self._fail(claim, error, attempts=attempt, build=build)
+            return "failed"
+        if not ok:
+            self._fail(claim, {"error_type": "JobFailedError", "message": "the job did not complete",
+                               "hint": "see job.log next to this file"}, attempts=attempt, build=build)
+            return "failed"
+        return self._succeed(claim, build, approach=metadata.get("approach"))
+
+    # --- rating jobs: rate the dataset with a built model -----------------------------------------
+
+    def _rate(self, claim: Claim, build: Path, attempt: int, values: dict) -> str:
+        """Rate the dropped records into ``ratings.csv`` + ``rating_summary.json``. A stopped or
+        killed run resumes from its part file in the build folder."""
+        from ..quality import rating
+
+        summary: dict = {}
+        error: dict | None = None
+        with job_log(build / "job.log", claim.job_id, self._log_roots(build, claim.job_id)):
+            log.info("job_started", attempt=attempt, files=names(claim), task="rate")
+            try:
+                model = self._rating_model(claim, values)
+                summary = rating.rate_file(model, claim.path / claim.files["dataset"], build / "ratings.csv",
+                                           self.cfg, backend=self.cfg.evaluation.backend,
+                                           stop_event=self.ctx.job_stop)
+            except (FineTunerError, DatasetTooSmallWarning) as exc:
+                error = error_fields(exc)
+        if error is not None:
+            self._fail(claim, error, attempts=attempt, build=build)
+            return "failed"
+        if summary.get("status") != "done":  # the service is stopping: resume on the next start
+            return self.give_back(claim, build, keep_build=True)
+        rating.write_summary({**summary, "output": "ratings.csv"}, build / rating.SUMMARY_FILE)
+        return self._succeed(claim, build, approach="rate")
+
+    def _rating_model(self, claim: Claim, values: dict):
+        """The job's ``model``: an output folder of this service (``outputs/<job_id>`` or the bare
+        job id: its prompt, few-shot turns, template, mapping and Ollama name come from it), else an
+        Ollama model name with the drop's (or the configuration's) mapping and the job's topic."""
+        from ..data import prompts
+        from ..quality import rating
+        from ..data.mapping import load_mapping
+
+        job_file = claim.files.get("job")
+        settings = job_settings(self.cfg.defaults, values,
+                                source=escape_name(job_file) if job_file else "the configuration's defaults")
+        name = settings.model.removeprefix(f"{self.cfg.paths.outputs.rstrip('/')}/")
+        folder = self.paths.outputs / name
+        if "/" not in name and (folder / "fine_tuning_metadata.json").is_file():
+            return rating.model_from_folder(folder)
+        mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
+        if mapping is None:
+            raise ConfigError([f"model: {settings.model} is not an output folder of this service, and a bare "
+                               "Ollama model needs a rating mapping: drop NAME.mapping.json with the job "
+                               "or set defaults.mapping"], source=escape_name(job_file) if job_file else None)
+        labels = dict(load_mapping(claim.path / mapping).labels)
+        return rating.model_from_name(settings.model, system=prompts.system_prompt(settings.topics, labels),
+                                      labels=labels, template=settings.prompt_template)
+
+    # --- every kind's end ------------------------------------------------------------------------
+
+    def _log_roots(self, build: Path, job_id: str) -> dict[str, str]:
+        """What job.log, which is published with the outputs, says instead of this machine's
+        folders: ``.`` for the job's folder, ``<root>`` for the daemon's root (the inbox, the
+        outputs and the state folder are under it in a default setup)."""
+        from ..portable import machine_roots
+
+        return machine_roots([build, self.paths.outputs / job_id], {"<root>": self.paths.root})
+
+    def _succeed(self, claim: Claim, build: Path, *, approach: str | None) -> str:
+        job_id = claim.job_id
+        final = publish_dir(build, self.paths.outputs / job_id)
+        self.journal.succeed(job_id, output_path=str(final), approach=approach)
+        # the job's own log ends with its outcome too
+        with job_log(final / "job.log", job_id, self._log_roots(build, job_id)):
+            log.info("job_succeeded", approach=approach, outputs=str(final))
+        self.move_inputs(claim, self.paths.processed)
+        return "succeeded"
+
+    def _fail(self, claim: Claim, error: dict, *, attempts: int | None = None, build: Path | None = None) -> None:
+        job_id = claim.job_id
+        record = self.journal.get(job_id)
+        error = {**error, "job_id": job_id,
+                 "attempts": attempts if attempts is not None else (record.attempts if record else 0),
+                 "failed_at": utc_now()}
+        if build is not None and build.exists():
+            # keep the job's log and the trainer's stderr with its inputs (error.json points at the
+            # latter); the rest of a failed build is not an output
+            for name in ("job.log", "trainer_stderr.log"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(build / name, claim.path / name)
+                    if name == "trainer_stderr.log":
+                        error["stderr_path"] = name  # beside error.json in failed/<job_id>/
+                        # the message names the file where the user will find it, not the build
+                        error["message"] = str(error.get("message", "")).replace(
+                            str(build / name), str(self.paths.failed / job_id / name))
+            shutil.rmtree(build, ignore_errors=True)
+        self.journal.fail(job_id, error)
+        kept_log = claim.path / "job.log"
+        with job_log(kept_log, job_id) if kept_log.exists() else contextlib.nullcontext():
+            log.warning("job_failed", error_type=error.get("error_type"), message=error.get("message"),
+                        hint=error.get("hint"), attempts=error["attempts"])
+        self.move_inputs(claim, self.paths.failed, note=("error.json", error))
+
+
+# --- log and error fields (never an exception's text: it may quote data) -----------------------
+
+def frames(exc: BaseException) -> list[str]:
+    """Where an exception came from, without its text (which may quote data)."""
+    return [f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
+
+
+def os_error_fields(exc: BaseException) -> dict:
+    """Log fields for an OS or journal error: its type and errno (a journal error's short reason,
+    which describes the file, never a row), never an OS error's text."""
+    if isinstance(exc, JournalError):
+        return {"error_type": type(exc).__name__, "reason": exc.reason, "disk_full": exc.disk_full}
+    return {"error_type": type(exc).__name__, "errno": getattr(exc, "errno", None)}
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write failed for lack of space (the outputs' disk, or the journal's)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, JournalError) and bool(getattr(exc, "disk_full", False))
+
+
+def names(claim: Claim) -> list[str]:
+    return sorted(escape_name(n) for n in claim.files.values())
+
+
+def error_fields(exc: BaseException) -> dict:
+    """error.json fields for an expected job failure."""
+    if isinstance(exc, FineTunerError):
+        return exc.to_dict()
+    return {"error_type": type(exc).__name__, "message": str(exc),
+            "hint": "add rows, or enable fallback to build a model set"}

@@ -1,0 +1,435 @@
+"""The job journal: one SQLite row per job, its state and history, and duplicate detection.
+
+Schema (``PRAGMA user_version`` = 1):
+
+- ``jobs``: ``id`` (the job id ``<stem>-<UTC yyyymmddThhmmss>-<8 hex>``, or the folder name of a
+  refused file), ``stem``, ``inputs`` (JSON list of ``{"role", "name", "sha256", "size_bytes"}``;
+  role is ``dataset``, ``mapping``, ``default_mapping``, ``job`` or ``refused``), ``content_key``
+  (sha256 over the roles and hashes of the inputs), ``state`` (``queued``, ``running``, ``succeeded``,
+  ``failed``, ``duplicate``), ``attempts`` (processing starts; an interrupted start is given back),
+  ``created_at`` / ``updated_at`` / ``started_at`` / ``finished_at`` (ISO-8601 UTC), ``output_path``,
+  ``approach``, ``error`` (the error.json fields as JSON: never cell contents), ``duplicate_of``,
+  ``force``. A ``queued`` job whose approach is already ``fine_tune`` has been planned and waits
+  for the training lane (``await_training``; ``resume`` starts it without counting a new attempt).
+- ``contents``: ``content_key`` PRIMARY KEY → ``job_id`` of the latest success with that content.
+  The UNIQUE key is what makes "the same content dropped again" a duplicate: a later drop whose key is
+  here is recorded as ``duplicate`` pointing at that job's outputs, unless its job file says
+  ``force: true`` (then it is processed and becomes the key's new owner).
+
+The database runs in WAL mode with a busy timeout, so the daemon's worker threads, ``fine-tuner
+status`` and a second daemon sharing the state directory can use it at once. Every change goes
+through ``transaction()`` (``BEGIN IMMEDIATE`` under a process-local lock). This module keeps states
+only: it never moves files and holds no business rules beyond the state transitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import JournalError
+
+STATES = ("queued", "running", "succeeded", "failed", "duplicate")
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id           TEXT PRIMARY KEY,
+    stem         TEXT NOT NULL,
+    inputs       TEXT NOT NULL,
+    content_key  TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('queued','running','succeeded','failed','duplicate')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    created_at   TEXT NOT NULL,
+    updated_at   TEXT NOT NULL,
+    started_at   TEXT,
+    finished_at  TEXT,
+    output_path  TEXT,
+    approach     TEXT,
+    error        TEXT,
+    duplicate_of TEXT,
+    force        INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated_at);
+CREATE TABLE IF NOT EXISTS contents (
+    content_key TEXT PRIMARY KEY,
+    job_id      TEXT NOT NULL REFERENCES jobs (id)
+);
+"""
+
+_HINT_FULL = "free space on its disk; the service retries by itself"
+_HINT_WRITABLE = "make the state directory and the journal writable for the service, then start it again"
+_HINT_LOCKED = ("another process holds the journal locked: stop a second fine-tuner using this state "
+                "directory, or try again")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input of a job as the journal records it (a name and a hash, never contents)."""
+
+    role: str
+    name: str
+    sha256: str
+    size_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "name": self.name, "sha256": self.sha256, "size_bytes": self.size_bytes}
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    stem: str
+    inputs: tuple[InputFile, ...]
+    content_key: str
+    state: str
+    attempts: int
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+    output_path: str | None
+    approach: str | None
+    error: dict | None
+    duplicate_of: str | None
+    force: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["inputs"] = [f.as_dict() for f in self.inputs]
+        return out
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"], stem=row["stem"],
+        inputs=tuple(InputFile(**f) for f in json.loads(row["inputs"])),
+        content_key=row["content_key"], state=row["state"], attempts=row["attempts"],
+        created_at=row["created_at"], updated_at=row["updated_at"], started_at=row["started_at"],
+        finished_at=row["finished_at"], output_path=row["output_path"], approach=row["approach"],
+        error=json.loads(row["error"]) if row["error"] else None, duplicate_of=row["duplicate_of"],
+        force=bool(row["force"]),
+    )
+
+
+class Journal:
+    """The job journal in one SQLite file. Thread-safe; several processes may open the same file."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
+        """Open (or create) the journal. A file that is empty, damaged, truncated, not a database,
+        not a regular file, not writable or of a newer schema raises ``JournalError`` naming the
+        file: it is never silently replaced or changed, since it holds the job history and the
+        duplicate detection. Opening writes nothing to a journal whose schema is current, so a
+        journal on a full disk opens as long as SQLite can map its shared-memory file."""
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._check_file(busy_timeout_s)
+        try:
+            # autocommit mode: transactions are opened explicitly by transaction()
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._error(exc, "opened") from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            self._retry_busy(lambda: self._db.execute("PRAGMA journal_mode = WAL"), busy_timeout_s)
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            if self._db.execute("PRAGMA quick_check(1)").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(f"the journal {self.path} has schema version {version}; this "
+                                   f"fine-tuner knows version {SCHEMA_VERSION}", path=str(self.path),
+                                   reason="newer schema",
+                                   hint="run the fine-tuner version that wrote it, or move it aside to "
+                                        "start a new journal")
+            if version < SCHEMA_VERSION:
+                with self.transaction() as db:
+                    for statement in filter(str.strip, _SCHEMA.split(";")):
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except (sqlite3.Error, JournalError) as exc:
+            self._db.close()
+            if isinstance(exc, JournalError):
+                raise
+            raise self._error(exc, "opened") from None
+
+    def _check_file(self, busy_timeout_s: float) -> None:
+        """Create the journal when it is missing; refuse what SQLite must not be given: a dangling
+        link, a folder or FIFO (SQLite would block on a FIFO), an empty file, a write-ahead log
+        left without its journal (a new journal would take in its pages) and a read-only file
+        (refused now rather than at the first job's write)."""
+        try:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                if os.path.islink(self.path):
+                    raise JournalError(f"the journal {self.path} is a symbolic link to a missing file",
+                                       path=str(self.path), reason="dangling symbolic link",
+                                       hint="point the link at the journal, or remove it to start with a "
+                                            "new, empty journal") from None
+                # the -wal is looked at first: a journal is always linked in before its -wal exists,
+                # so a -wal seen while the journal is still missing afterwards was left behind
+                wal = self.path.with_name(self.path.name + "-wal")
+                if os.path.lexists(wal) and not os.path.lexists(self.path):
+                    raise JournalError(
+                        f"the journal {self.path} is missing but its write-ahead log {wal} is still there",
+                        path=str(self.path), reason="write-ahead log without its journal",
+                        hint=f"put the journal back beside it, or move {wal.name} and {self.path.name}-shm "
+                             "aside too to start with a new, empty journal") from None
+                self._create(busy_timeout_s)
+                st = os.stat(self.path)
+            if not stat.S_ISREG(st.st_mode):
+                raise JournalError(f"the journal {self.path} is not a regular file", path=str(self.path),
+                                   reason="not a regular file",
+                                   hint="move it aside; the service then starts with a new, empty journal")
+            if st.st_size == 0:
+                raise JournalError(f"the journal {self.path} is an empty file (its history is lost)",
+                                   path=str(self.path), reason="empty file")
+            os.close(os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise JournalError(f"the journal {self.path} is not writable: {reason}", path=str(self.path),
+                               reason=reason, disk_full=full,
+                               hint=_HINT_FULL if full else _HINT_WRITABLE) from None
+
+    def _create(self, busy_timeout_s: float) -> None:
+        """Make a new journal whole in a temporary file and link it into place, so that nobody ever
+        sees the journal as an empty file (an empty journal is refused as damaged). When another
+        process links its own first, that one is used."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            db = sqlite3.connect(tmp, timeout=busy_timeout_s, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+            finally:
+                db.close()
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, self.path)
+        except sqlite3.Error as exc:
+            raise self._error(exc, "created") from None
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+
+    def _error(self, exc: sqlite3.Error, doing: str) -> JournalError:
+        """A JournalError for an SQLite error: the file, what failed and SQLite's short reason (it
+        names the database's state, never a row's contents), with the hint for its cause."""
+        reason = str(exc).split("\n")[0][:120] or type(exc).__name__
+        message = f"the journal {self.path} could not be {doing}: {reason}"
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary == sqlite3.SQLITE_FULL or "full" in reason:
+            return JournalError(message, path=str(self.path), reason=reason, disk_full=True, hint=_HINT_FULL)
+        if primary == sqlite3.SQLITE_IOERR and self._disk_nearly_full():
+            # SQLite reports a failed write of its shared-memory file as an I/O error, not as FULL
+            return JournalError(f"{message} (its disk is full)", path=str(self.path), reason=reason,
+                                disk_full=True, hint=_HINT_FULL)
+        if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in reason:
+            return JournalError(message, path=str(self.path), reason=reason, hint=_HINT_LOCKED)
+        if (primary in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM)
+                or "readonly" in reason or "read-only" in reason or "unable to open" in reason):
+            return JournalError(message, path=str(self.path), reason=reason, hint=_HINT_WRITABLE)
+        return JournalError(message, path=str(self.path), reason=reason)
+
+    def _disk_nearly_full(self) -> bool:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 1024 * 1024
+
+    @staticmethod
+    def _retry_busy(action: Callable[[], object], timeout_s: float) -> None:
+        """Run ``action`` until SQLite stops answering "database is locked", up to ``timeout_s``.
+        Switching to WAL while another process opens the same file can fail at once, without the
+        busy handler (SQLite reports the lock clash as a deadlock), so daemons started together
+        would crash at start-up."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            try:
+                action()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The one way to change the journal: ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rollback on error).
+        SQLite errors become ``JournalError`` (``disk_full`` set for a full disk); the journal stays
+        usable, so a write that failed for lack of space succeeds once there is space again."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._error(exc, "written") from None
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except sqlite3.IntegrityError:  # a broken rule of the schema: a bug, not the file
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise self._error(exc, "written") from None
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc, "read") from None
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def add_job(self, job_id: str, stem: str, inputs: Sequence[InputFile], content_key: str, *,
+                force: bool = False) -> bool:
+        """Record a newly claimed job as ``queued``. False when a row with this id already exists."""
+        now = utc_now()
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO jobs (id, stem, inputs, content_key, state, created_at,"
+                " updated_at, force) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                (job_id, stem, json.dumps([f.as_dict() for f in inputs]), content_key, now, now,
+                 int(force)))
+            return cur.rowcount == 1
+
+    def start(self, job_id: str) -> int:
+        """Mark the job ``running`` and count the attempt; returns the attempt number."""
+        now = utc_now()
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?,"
+                       " updated_at = ? WHERE id = ?", (now, now, job_id))
+            row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return int(row["attempts"])
+
+    def await_training(self, job_id: str) -> None:
+        """A planned fine-tune waits for the training lane: ``queued`` with approach ``fine_tune``
+        (its attempt stays counted: planning it was part of the attempt)."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'queued', approach = 'fine_tune', updated_at = ?"
+                       " WHERE id = ?", (utc_now(), job_id))
+
+    def resume(self, job_id: str) -> None:
+        """The training lane takes up a job that waited for it: ``running`` again, same attempt."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'running', updated_at = ? WHERE id = ?", (utc_now(), job_id))
+
+    def requeue(self, job_id: str, *, give_back_attempt: bool) -> None:
+        """Put a job back to ``queued`` (shutdown interrupted it: the attempt is not counted)."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'queued', approach = NULL, updated_at = ?,"
+                       " attempts = MAX(attempts - ?, 0) WHERE id = ?",
+                       (utc_now(), int(give_back_attempt), job_id))
+
+    def succeed(self, job_id: str, *, output_path: str, approach: str | None) -> None:
+        """Mark the job ``succeeded`` and make it the owner of its content key."""
+        now = utc_now()
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'succeeded', output_path = ?, approach = ?,"
+                       " finished_at = ?, updated_at = ?, error = NULL WHERE id = ?",
+                       (output_path, approach, now, now, job_id))
+            db.execute("INSERT INTO contents (content_key, job_id) SELECT content_key, id FROM jobs"
+                       " WHERE id = ? ON CONFLICT (content_key) DO UPDATE SET job_id = excluded.job_id",
+                       (job_id,))
+
+    def fail(self, job_id: str, error: dict) -> None:
+        now = utc_now()
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ?"
+                       " WHERE id = ?", (json.dumps(error, default=str), now, now, job_id))
+
+    def mark_duplicate(self, job_id: str, *, of: JobRecord) -> None:
+        now = utc_now()
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = 'duplicate', duplicate_of = ?, output_path = ?,"
+                       " approach = ?, finished_at = ?, updated_at = ? WHERE id = ?",
+                       (of.id, of.output_path, of.approach, now, now, job_id))
+
+    def record_refused(self, refused_id: str, name: str, error: dict, *, size_bytes: int = 0) -> None:
+        """A file refused at the door (symlink, FIFO, directory, unknown extension, too large)."""
+        now = utc_now()
+        inputs = json.dumps([InputFile("refused", name, "", size_bytes).as_dict()])
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO jobs (id, stem, inputs, content_key, state, created_at,"
+                " updated_at, finished_at, error) VALUES (?, ?, ?, '', 'failed', ?, ?, ?, ?)",
+                (refused_id, name, inputs, now, now, now, json.dumps(error, default=str)))
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    def _record(self, row: sqlite3.Row) -> JobRecord:
+        """A row as a JobRecord; a row the journal did not write that way is a damaged journal (the
+        message names the exception class only, never the row)."""
+        try:
+            return _record(row)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise JournalError(f"the journal {self.path} has a damaged row in its jobs table "
+                               f"({type(exc).__name__})", path=str(self.path), reason="damaged row") from None
+
+    def get(self, job_id: str) -> JobRecord | None:
+        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return self._record(rows[0]) if rows else None
+
+    def success_for(self, content_key: str) -> JobRecord | None:
+        """The job that owns this content (the latest success with the same inputs), if any."""
+        rows = self._read("SELECT jobs.* FROM contents JOIN jobs ON jobs.id = contents.job_id"
+                          " WHERE contents.content_key = ? AND jobs.state = 'succeeded'", (content_key,))
+        return self._record(rows[0]) if rows else None
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        for row in self._read("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            out[row["state"]] = row["n"]
+        return out
+
+    def jobs(self, states: Sequence[str], *, limit: int | None = None) -> list[JobRecord]:
+        """Jobs in ``states``, most recently updated first."""
+        marks = ",".join("?" * len(states))
+        sql = f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY updated_at DESC, rowid DESC"
+        params: list[Any] = list(states)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [self._record(r) for r in self._read(sql, params)]

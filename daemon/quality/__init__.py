@@ -1,0 +1,10 @@
+"""Answer quality: asking a model for ratings and measuring them against the experts.
+
+Owns the raters that turn conversations into answers (``rater``: through Ollama, or the local child
+``generate``, run as ``python -m daemon.quality.generate SPEC``), the one strict answer parser and
+the agreement metrics and report files (``evaluation``), evaluating an output folder's models on
+held-out rows (``evaluator``), and rating new records with a built model (``rating``). May import:
+the top-level base modules (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``),
+``daemon.data``, ``daemon.training``, ``daemon.serving`` and this package; never ``inbox``,
+``fine_tuner`` or ``cli``.
+"""

@@ -1,0 +1,319 @@
+"""Answer quality: strict answer parsing, agreement metrics against the experts, and the report files.
+
+``parse_answer`` is the one parser of model answers (evaluation and rating use it): an answer is
+valid only when it is a JSON object whose ``rating`` is one of the mapping's values; anything else is
+invalid and counts as wrong. It is never guessed or repaired. ``score`` computes, for one model on
+the held-out rows, what an analyst needs to judge it (accuracy, Cohen's kappa, macro-F1, per-label
+precision / recall / F1, the confusion matrix with invalid answers as their own column, seeded
+bootstrap 95 % intervals, latency) with scikit-learn. ``write_report`` writes ``evaluation.json``,
+``evaluation.md``, ``confusion_matrix.png`` and ``predictions.csv`` atomically. No prompt, rationale
+or other cell text is ever part of a metric, a report or a log line. numpy, scikit-learn and
+matplotlib are imported inside the functions (the daemon's import stays light).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import fsutil
+
+INVALID = "invalid"
+INVALID_RULE = ("an answer is valid only when it is a JSON object whose \"rating\" is one of the "
+                "mapping's values; any other answer is invalid and counts as wrong (it is never "
+                "repaired or guessed)")
+BOOTSTRAP_SAMPLES = 1000
+REPORT_FILES = ("evaluation.json", "evaluation.md", "confusion_matrix.png", "predictions.csv")
+# The daemon's workers may evaluate two jobs at once: the first import of scikit-learn or
+# matplotlib (C extensions with circular imports) from two threads together can fail with a
+# "partially initialized module" error, so they are imported one thread at a time. pyplot is
+# not thread-safe either: figures are drawn under the same lock.
+IMPORT_LOCK = threading.RLock()
+
+
+def parse_answer(text: str | None, values: Sequence[int]) -> int | None:
+    """The rating of a model's answer, or None when the answer is invalid (see ``INVALID_RULE``)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    rating = data.get("rating")
+    # bool is an int in Python, and 1.0 == 1: neither is an integer rating in the answer's schema
+    if type(rating) is not int or rating not in set(int(v) for v in values):
+        return None
+    return rating
+
+
+@dataclass
+class ModelResult:
+    """One model's answers on the evaluated rows, in row order."""
+
+    key: str  # "new", "base", "model_set"
+    title: str  # what the report calls it: "fine-tune", "model set", "base model (zero-shot)"
+    model: str  # the Ollama name, or the base weights (+ adapter) used by the local backend
+    ratings: list[int | None]
+    latencies_s: list[float]
+    duration_s: float
+    backend: str
+    extra: dict = field(default_factory=dict)
+
+
+def _ci(values: list[float]) -> list[float] | None:
+    import numpy as np
+
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return None
+    lo, hi = np.percentile(finite, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def _round(value: float | None) -> float | None:
+    if value is None or math.isnan(value):
+        return None
+    return round(float(value), 4)
+
+
+def _encode(ratings: Sequence[int | None]) -> list[str]:
+    """Ratings as class names for scikit-learn: the rating's text, or ``invalid``."""
+    return [INVALID if r is None else str(int(r)) for r in ratings]
+
+
+def score(result: ModelResult, expert: Sequence[int], labels: Mapping[str, int], *, seed: int = 42,
+          samples: int = BOOTSTRAP_SAMPLES) -> dict:
+    """Every metric of one model against the expert ratings (same rows, same order)."""
+    import numpy as np
+
+    with IMPORT_LOCK:  # see IMPORT_LOCK
+        from sklearn.metrics import (
+            accuracy_score,
+            cohen_kappa_score,
+            confusion_matrix,
+            f1_score,
+            precision_recall_fscore_support,
+        )
+
+    if len(result.ratings) != len(expert):
+        raise ValueError("one answer per evaluated row is needed")
+    n = len(expert)
+    names = {int(v): str(k) for k, v in labels.items()}
+    values = sorted(names)
+    classes = [str(v) for v in values]
+    y_true = _encode(expert)
+    y_pred = _encode(result.ratings)
+    invalid = sum(r is None for r in result.ratings)
+    out: dict[str, Any] = {"key": result.key, "title": result.title, "model": result.model,
+                           "backend": result.backend, "n": n, **result.extra}
+    if n == 0:
+        return {**out, "accuracy": None, "kappa": None, "macro_f1": None, "invalid": 0, "invalid_rate": None}
+    everything = classes + [INVALID]
+    kappa = cohen_kappa_score(y_true, y_pred, labels=everything) if len(set(y_true + y_pred)) > 1 else float("nan")
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, zero_division=0)
+    matrix = confusion_matrix(y_true, y_pred, labels=everything)[: len(classes)]
+    rng = np.random.default_rng(seed)
+    true_arr, pred_arr = np.array(y_true), np.array(y_pred)
+    boot_acc, boot_kappa = [], []
+    for _ in range(samples):
+        idx = rng.integers(0, n, n)
+        t, p = true_arr[idx], pred_arr[idx]
+        boot_acc.append(float(np.mean(t == p)))
+        boot_kappa.append(cohen_kappa_score(t, p, labels=everything) if len(set(t) | set(p)) > 1
+                          else float("nan"))
+    latencies = np.array(result.latencies_s, dtype=float) if result.latencies_s else np.zeros(0)
+    out.update({
+        "accuracy": _round(accuracy_score(y_true, y_pred)),
+        "accuracy_ci95": _ci(boot_acc),
+        "kappa": _round(kappa),
+        "kappa_ci95": _ci(boot_kappa),
+        "macro_f1": _round(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
+        "invalid": int(invalid),
+        "invalid_rate": _round(invalid / n),
+        "per_label": [{"label": names[v], "rating": v, "precision": _round(precision[i]),
+                       "recall": _round(recall[i]), "f1": _round(f1[i]), "support": int(support[i])}
+                      for i, v in enumerate(values)],
+        "confusion_matrix": {"rows": [names[v] for v in values],
+                             "columns": [names[v] for v in values] + [INVALID],
+                             "counts": matrix.astype(int).tolist()},
+        "latency_s": {"p50": _round(float(np.percentile(latencies, 50))) if latencies.size else None,
+                      "p95": _round(float(np.percentile(latencies, 95))) if latencies.size else None},
+        "duration_s": _round(result.duration_s),
+        "records_per_s": _round(n / result.duration_s) if result.duration_s > 0 else None,
+    })
+    return out
+
+
+def majority(expert: Sequence[int], labels: Mapping[str, int]) -> dict:
+    """The accuracy of always answering the most common expert rating (ties: the higher rating)."""
+    from collections import Counter
+
+    if not expert:
+        return {"label": None, "rating": None, "accuracy": None}
+    counts = Counter(int(r) for r in expert)
+    rating = max(counts, key=lambda v: (counts[v], v))
+    names = {int(v): str(k) for k, v in labels.items()}
+    return {"label": names.get(rating, str(rating)), "rating": rating,
+            "accuracy": _round(counts[rating] / len(expert))}
+
+
+def evaluation_report(results: Sequence[ModelResult], expert: Sequence[int], rows: Sequence[int | str],
+                      labels: Mapping[str, int], *, seed: int, source: str, created_at: str) -> dict:
+    """The machine-readable evaluation (``evaluation.json``)."""
+    return {
+        "created_at": created_at, "source": source, "n": len(expert), "seed": seed,
+        "bootstrap_samples": BOOTSTRAP_SAMPLES, "invalid_answer_rule": INVALID_RULE,
+        "labels": {str(k): int(v) for k, v in labels.items()},
+        "majority_class": majority(expert, labels),
+        "models": [score(r, expert, labels, seed=seed) for r in results],
+        "_predictions": {"rows": list(rows), "expert": [int(e) for e in expert],
+                         "models": {r.key: r.ratings for r in results}},
+    }
+
+
+# --- report files ------------------------------------------------------------------------------
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _with_ci(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "n/a"
+    return _fmt(value) + (f" ({_fmt(ci[0])}–{_fmt(ci[1])})" if ci else "")
+
+
+def markdown(report: dict) -> str:
+    """``evaluation.md``: the side-by-side table and each model's confusion matrix, with label names."""
+    models = report["models"]
+    head = "| | " + " | ".join(m["title"] for m in models) + " |"
+    rule = "|---|" + "---|" * len(models)
+
+    def row(name: str, cell) -> str:
+        return f"| {name} | " + " | ".join(cell(m) for m in models) + " |"
+
+    maj = report["majority_class"]
+    lines = [
+        "# Evaluation against the expert ratings", "",
+        f"{report['n']} held-out rows the models never saw in training ({report['source']}). "
+        f"Always answering the most common expert rating (\"{maj['label']}\") would score "
+        f"accuracy {_fmt(maj['accuracy'])}.", "",
+        head, rule,
+        row("accuracy (95% CI)", lambda m: _with_ci(m.get("accuracy"), m.get("accuracy_ci95"))),
+        row("Cohen's kappa (95% CI)", lambda m: _with_ci(m.get("kappa"), m.get("kappa_ci95"))),
+        row("macro-F1", lambda m: _fmt(m.get("macro_f1"))),
+        row("invalid answers", lambda m: f"{m.get('invalid', 0)} ({_fmt((m.get('invalid_rate') or 0) * 100, 0)}%)"),
+        row("latency p50 / p95 (s)", lambda m: f"{_fmt((m.get('latency_s') or {}).get('p50'), 3)} / "
+                                               f"{_fmt((m.get('latency_s') or {}).get('p95'), 3)}"),
+        row("records/s", lambda m: _fmt(m.get("records_per_s"), 1)),
+        row("backend", lambda m: m.get("backend", "")),
+        "",
+        f"Invalid answers: {report['invalid_answer_rule']}.",
+        "",
+        "Kappa is agreement beyond chance: 1 is perfect agreement with the experts, 0 is what "
+        "guessing with the same label frequencies gives. As a rough guide: below 0.4 poor, 0.4–0.6 "
+        "moderate, 0.6–0.8 substantial, above 0.8 almost perfect. Intervals are seeded bootstrap "
+        f"95% intervals over {report['bootstrap_samples']} resamples: with few held-out rows they are wide.",
+    ]
+    for m in models:
+        cm = m.get("confusion_matrix")
+        if not cm:
+            continue
+        lines += ["", f"## {m['title']}: confusion matrix (rows: expert, columns: model)", "",
+                  "| expert \\ model | " + " | ".join(cm["columns"]) + " |",
+                  "|---|" + "---|" * len(cm["columns"])]
+        lines += [f"| {name} | " + " | ".join(str(c) for c in counts) + " |"
+                  for name, counts in zip(cm["rows"], cm["counts"])]
+        lines += ["", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += [f"| {p['label']} | {_fmt(p['precision'])} | {_fmt(p['recall'])} | {_fmt(p['f1'])} | "
+                  f"{p['support']} |" for p in m["per_label"]]
+    return "\n".join(lines) + "\n"
+
+
+def table_text(report: dict) -> str:
+    """The side-by-side table and how to read it (``evaluation.md`` without the matrices)."""
+    return markdown(report).split("\n## ", 1)[0].rstrip("\n")
+
+
+def predictions_csv(report: dict) -> str:
+    """``predictions.csv``: row, expert rating, then each model's rating (empty when invalid) and
+    validity. No prompt or rationale text."""
+    pred = report["_predictions"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    keys = list(pred["models"])
+    writer.writerow(["row", "expert_rating"] + [c for k in keys for c in (f"{k}_rating", f"{k}_valid")])
+    for i, row in enumerate(pred["rows"]):
+        cells: list[Any] = [row, pred["expert"][i]]
+        for k in keys:
+            rating = pred["models"][k][i]
+            cells += ["" if rating is None else rating, "true" if rating is not None else "false"]
+        writer.writerow(cells)
+    return buf.getvalue()
+
+
+def confusion_png(report: dict, path: Path) -> None:
+    """``confusion_matrix.png``: one panel per model, counts written in the cells (headless)."""
+    import numpy as np
+
+    with IMPORT_LOCK:  # see IMPORT_LOCK: pyplot's current figure is process-wide state
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+
+        models = [m for m in report["models"] if m.get("confusion_matrix")]
+        fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.2 * max(1, len(models)), 3.9), squeeze=False)
+        for ax, m in zip(axes[0], models):
+            cm = m["confusion_matrix"]
+            counts = np.array(cm["counts"], dtype=float)
+            ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1.0, counts.max()))
+            ax.set_xticks(range(len(cm["columns"])), cm["columns"], rotation=30, ha="right", fontsize=8)
+            ax.set_yticks(range(len(cm["rows"])), cm["rows"], fontsize=8)
+            ax.set_xlabel("model")
+            ax.set_ylabel("expert")
+            kappa = m.get("kappa")
+            ax.set_title(f"{m['title']}\naccuracy {_fmt(m.get('accuracy'))}, kappa {_fmt(kappa)}", fontsize=9)
+            top = counts.max() if counts.size else 0
+            for (r, c), value in np.ndenumerate(counts):
+                ax.text(c, r, str(int(value)), ha="center", va="center", fontsize=9,
+                        color="white" if top and value > top / 2 else "black")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+    with fsutil.atomic_open(path, "wb") as fh:
+        fh.write(buf.getvalue())
+
+
+def write_report(report: dict, dest: Path) -> list[str]:
+    """Write the four report files into ``dest`` (each atomically); returns their names."""
+    dest = Path(dest)
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    fsutil.write_json(dest / "evaluation.json", public)
+    fsutil.write_text(dest / "evaluation.md", markdown(report))
+    fsutil.write_text(dest / "predictions.csv", predictions_csv(report))
+    confusion_png(report, dest / "confusion_matrix.png")
+    return list(REPORT_FILES)
+
+
+def metadata_summary(report: dict, files: list[str]) -> dict:
+    """What ``fine_tuning_metadata.json`` records under ``evaluation`` once the report is written."""
+    return {"status": "done", "backend": report["models"][0]["backend"], "rows": report["n"],
+            "models": summary_line(report), "files": files}
+
+
+def summary_line(report: dict) -> list[dict]:
+    """Per model: the numbers the ``evaluation_finished`` event and ``status`` show."""
+    return [{"model": m["key"], "accuracy": m.get("accuracy"), "kappa": m.get("kappa"),
+             "invalid_rate": m.get("invalid_rate")} for m in report["models"]]

@@ -1,0 +1,241 @@
+"""Evaluating an output folder: which models, which rows, which backend; the report.
+
+Every model of a job is measured on the same held-out rows (``validation_data.jsonl``, rows the
+model never saw: the fine-tune did not train on them and no few-shot example comes from them):
+
+1. the new model: the fine-tune (base + adapter) or the model set (base + system prompt + few-shot);
+2. the base model zero-shot (the same system prompt, no examples, no adapter);
+3. for a fine-tune, also the model set built from the same training rows
+   (``comparison_model_set.json``), so the user sees whether fine-tuning was worth its cost.
+
+Backend ``auto`` uses Ollama when it is reachable and can serve every model (a fine-tune only once
+its adapter is registered), else the local backend when the base weights are on disk and the
+training packages are installed, else the evaluation is skipped with the reason. The same code runs
+inside a job (before the folder is published) and from ``fine-tuner evaluate OUTPUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import evaluation
+from ..data import prompts
+from ..config import Config
+from ..logconfig import get_logger
+from .rater import LocalRater, OllamaRater, RaterError
+
+log = get_logger("evaluator")
+
+BACKENDS = ("auto", "ollama", "local")
+PROGRESS_EVERY_S = 1.0
+
+
+class EvaluationSkipped(Exception):
+    """No backend can run the evaluation, or there is nothing to evaluate; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class EvalModel:
+    key: str
+    title: str
+    ollama_name: str | None = None  # a registered model that already holds its few-shot turns
+    adapter_dir: Path | None = None
+    few_shot: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class HeldOut:
+    rows: list[int | str]
+    expert: list[int]
+    system: str
+    users: list[str]
+    source: str
+
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def held_out(folder: Path, meta: dict, *, max_rows: int | None, seed: int) -> HeldOut:
+    """The held-out rows of an output folder (at most ``max_rows``, a seeded sample in row order)."""
+    path = folder / "validation_data.jsonl"
+    if not path.is_file():
+        raise EvaluationSkipped("there are no held-out rows (a dataset below defaults.min_rows usable "
+                                "rows keeps every row for building the model)")
+    values = sorted(int(v) for v in (meta.get("mapping") or {}).get("labels", {}).values())
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                records.append(json.loads(line)["messages"])
+    if not records:
+        raise EvaluationSkipped("there are no held-out rows (validation_data.jsonl is empty)")
+    rows = list((meta.get("split") or {}).get("validation_source_rows") or range(1, len(records) + 1))
+    if len(rows) != len(records):
+        rows = list(range(1, len(records) + 1))
+    keep = list(range(len(records)))
+    if max_rows is not None and len(keep) > max_rows:
+        keep = sorted(random.Random(seed).sample(keep, max_rows))
+    expert, users = [], []
+    for i in keep:
+        messages = records[i]
+        rating = evaluation.parse_answer(messages[-1]["content"], values)
+        if rating is None:
+            raise EvaluationSkipped("validation_data.jsonl holds an expert answer that is not a valid rating")
+        expert.append(rating)
+        users.append(messages[-2]["content"])
+    return HeldOut([rows[i] for i in keep], expert, records[0][0]["content"], users, path.name)
+
+
+def models_of(folder: Path, meta: dict) -> list[EvalModel]:
+    """The models to compare for this output folder, the new one first."""
+    from ..serving.register import few_shot_messages
+
+    registration = meta.get("registration") or {}
+    registered = registration.get("name") if registration.get("registered") else None
+    base = EvalModel("base", "base model (zero-shot)")
+    if meta.get("approach") == "fine_tune":
+        out = [EvalModel("new", "fine-tune", ollama_name=registered, adapter_dir=folder / "adapter")]
+        comparison = folder / "comparison_model_set.json"
+        if comparison.is_file():
+            out.append(EvalModel("model_set", "model set", few_shot=few_shot_messages(read_json(comparison))))
+        return out + [base]
+    config = read_json(folder / "model_set_config.json")
+    return [EvalModel("new", "model set", ollama_name=registered, few_shot=few_shot_messages(config)), base]
+
+
+def prefix(model: EvalModel, system: str, backend: str) -> list[dict]:
+    """The messages before the record, identical for every record of a run. A registered model set
+    already holds its few-shot turns, so Ollama gets only the system prompt for it."""
+    system_msg = {"role": "system", "content": system}
+    if backend == "ollama" and model.ollama_name is not None:
+        return [system_msg]
+    return [system_msg, *model.few_shot]
+
+
+def _ollama_problem(models: list[EvalModel], base: str, config: Config, memory=None) -> str | None:
+    """Why Ollama cannot serve these models (None when it can): one quick probe, then the names."""
+    from ..serving.ollama import OllamaClient, OllamaError
+
+    if any(m.adapter_dir is not None and m.ollama_name is None for m in models):
+        return "the fine-tune is not registered in Ollama"
+    try:
+        with OllamaClient(config.ollama, memory=memory) as client:
+            client.version()
+            for name in {m.ollama_name or base for m in models}:
+                client.show(name)
+    except OllamaError as exc:
+        return f"Ollama cannot serve the models: {exc.message}"
+    return None
+
+
+def _local_problem(models: list[EvalModel], base: str, config: Config) -> tuple[str | None, str | None]:
+    """(base weights folder, why the local backend cannot run)."""
+    from ..training.supervisor import resolve_base_weights, trainer_packages_available
+
+    if not trainer_packages_available():
+        return None, "torch, transformers and peft are not installed (pip install 'fine-tuner[train]')"
+    weights = resolve_base_weights(base, config.base_models, allow_download=False)
+    if weights.local_dir is None:
+        return None, weights.problem or f"the weights of {base} are not on disk"
+    for m in models:
+        if m.adapter_dir is not None and not (m.adapter_dir / "adapter_config.json").is_file():
+            return None, "the adapter folder is incomplete"
+    return weights.local_dir, None
+
+
+def choose_backend(requested: str, models: list[EvalModel], base: str, config: Config,
+                   memory=None) -> tuple[str, str | None]:
+    """(backend, base weights folder for the local one). EvaluationSkipped names every reason.
+    ``memory``: the job's memory of unreachable Ollama servers (one wait per job)."""
+    reasons = []
+    if requested in ("auto", "ollama"):
+        problem = _ollama_problem(models, base, config, memory)
+        if problem is None:
+            return "ollama", None
+        reasons.append(f"ollama: {problem}")
+    if requested in ("auto", "local"):
+        weights, problem = _local_problem(models, base, config)
+        if problem is None:
+            return "local", weights
+        reasons.append(f"local: {problem}")
+    raise EvaluationSkipped("no backend can run the evaluation (" + "; ".join(reasons) + ")")
+
+
+class _ProgressLog:
+    """``evaluation_progress`` lines, at most one a second per model and always the last one."""
+
+    def __init__(self, key: str, started: float) -> None:
+        self.key = key
+        self.started = started
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        elapsed = now - self.started
+        eta = elapsed / done * (total - done) if done else None
+        log.info("evaluation_progress", model=self.key, done=done, total=total,
+                 eta_s=round(eta, 1) if eta is not None else None)
+
+
+def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: str = "auto",
+                    max_rows: int | None = None, stop_event: threading.Event | None = None,
+                    memory=None) -> dict:
+    """Evaluate every model of an output folder on its held-out rows; returns the report
+    (``evaluation.evaluation_report``). EvaluationSkipped when it cannot run, RaterError when a
+    backend fails part-way."""
+    folder = Path(folder)
+    ev = config.evaluation
+    seed = config.defaults.seed
+    data = held_out(folder, meta, max_rows=ev.max_rows if max_rows is None else max_rows, seed=seed)
+    models = models_of(folder, meta)
+    base = str(meta.get("model"))
+    chosen, weights = choose_backend(backend, models, base, config, memory)
+    log.info("evaluation_started", backend=chosen, rows=len(data.expert), models=[m.key for m in models])
+    values = sorted(int(v) for v in meta["mapping"]["labels"].values())
+    schema = prompts.output_schema(values)
+    results = []
+    for model in models:
+        shared = prefix(model, data.system, chosen)  # one object: every request starts byte-identical
+        conversations = [[*shared, {"role": "user", "content": u}] for u in data.users]
+        started = time.monotonic()
+        progress = _ProgressLog(model.key, started)
+        if chosen == "ollama":
+            name = model.ollama_name or base
+            answers = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=seed,
+                                  schema=schema, memory=memory).answer(name, conversations, on_progress=progress,
+                                                        stop_event=stop_event)
+        else:
+            name = base + (" + adapter" if model.adapter_dir is not None else "")
+            answers = LocalRater(weights, model.adapter_dir, batch_size=ev.batch_size,
+                                 max_new_tokens=ev.max_new_tokens, timeout_s=ev.timeout_s,
+                                 grace_s=config.training.grace_s).answer(
+                conversations, on_progress=progress, stop_event=stop_event)
+        duration = time.monotonic() - started
+        results.append(evaluation.ModelResult(
+            model.key, model.title, name, [evaluation.parse_answer(a.text, values) for a in answers],
+            [a.latency_s for a in answers], duration, chosen,
+            extra={"few_shot_turns": len(model.few_shot) // 2}))
+    report = evaluation.evaluation_report(
+        results, data.expert, data.rows, meta["mapping"]["labels"], seed=seed, source=data.source,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"))
+    log.info("evaluation_finished", backend=chosen, rows=len(data.expert),
+             models=evaluation.summary_line(report))
+    return report
+
+
+__all__ = ["BACKENDS", "EvaluationSkipped", "RaterError", "evaluate_folder", "held_out", "models_of"]

@@ -1,0 +1,263 @@
+"""The local rater's child: ``python -m daemon.quality.generate <spec>`` answers conversations and exits.
+
+Child-side code like ``trainer``: torch, transformers and peft are imported inside the functions,
+so the spec and the input are checked before the slow imports and nothing happens at import time.
+``generate`` loads the base weights (and the LoRA adapter of a fine-tune), renders each
+conversation with the tokenizer's chat template exactly as the trainer renders a training prompt
+(``trainer.render``: the same template call, the same system-merge fallback, no extra special
+tokens), and decodes greedily in batches with left padding until the template's end-of-turn token.
+
+The spec (JSON): ``base_ref`` (weights folder or hub id), ``adapter_dir`` (or null), ``input`` (JSONL,
+one ``{"messages": [...]}`` per line, each ending with the user turn), ``output`` (JSONL, one
+``{"index", "text", "latency_s"}`` per line, appended and flushed per batch), and optionally
+``batch_size`` (8), ``max_new_tokens`` (96), ``threads``, ``device`` ("auto") and ``parent_pid``.
+Progress goes to stdout as ``{"event": "generate_progress", "done": n, "total": N}`` lines.
+Nothing from the records ever reaches stdout or stderr: only counts and line numbers.
+
+Exit codes: 0 done; 2 the spec or the weights are unusable; 3 the input cannot be read;
+4 the supervising parent (``parent_pid``) died; 1 anything unexpected (traceback on stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..training.trainer import TrainerExit, pick_device, pick_dtype, render
+
+EXIT_SPEC = 2
+EXIT_DATA = 3
+EXIT_ORPHANED = 4
+# End-of-turn tokens of common chat templates, used as stop tokens when the vocabulary has them
+# (a model's generation_config does not always list the turn end, e.g. a base tokenizer's eos).
+TURN_END_TOKENS = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+# trainer.render drops the last message of a prompt-only render (the answer it masks); a
+# conversation to answer has no answer yet, so this stands in for it.
+_ANSWER_SLOT = {"role": "assistant", "content": ""}
+
+
+class GenerateExit(Exception):
+    """A known reason to stop: ``code`` is the exit status, the message (no record text) goes to stderr."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+def render_prompt(tokenizer: Any, conversation: list[dict]) -> str:
+    """The prompt text the model answers: the chat template with the generation prompt, rendered
+    by the trainer's own function so that it is byte for byte the prompt it trained on."""
+    return render(tokenizer, [*conversation, _ANSWER_SLOT], prompt_only=True)
+
+
+def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """eos of the tokenizer and of the generation config, plus any known end-of-turn token."""
+    ids: list[int] = []
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    candidates = [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]
+    unk = tokenizer.unk_token_id
+    for token in TURN_END_TOKENS:
+        if token in tokenizer.get_vocab():
+            candidates.append(tokenizer.convert_tokens_to_ids(token))
+    for token_id in candidates:
+        if isinstance(token_id, int) and token_id != unk and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+# --- loading and generating ---------------------------------------------------------------------
+
+def load(base_ref: str, adapter_dir: str | None, device: str = "auto") -> tuple[Any, Any, str]:
+    """(tokenizer, model in eval mode, device). The adapter is merged into the weights: the same
+    function, one matrix product per layer fewer at each generated token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(base_ref)
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerateExit(EXIT_SPEC, "the base tokenizer has no chat template; use instruct/chat weights")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_ref, dtype=pick_dtype(device))
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    model.to(device)
+    model.eval()
+    model.config.use_cache = True
+    return tokenizer, model, device
+
+
+def _greedy_config(model: Any, tokenizer: Any, max_new_tokens: int):
+    """A generation config for plain greedy decoding: the model's own sampling settings (Llama's
+    temperature 0.6, top_p 0.9) are cleared, so the answer does not depend on them."""
+    from transformers import GenerationConfig
+
+    stops = stop_token_ids(tokenizer, model)
+    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                            eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id), set(stops)
+
+
+def answer_batch(tokenizer: Any, model: Any, device: str, prompts: list[str], config: Any,
+                 stops: set[int]) -> list[str]:
+    """The decoded answers of one batch of rendered prompts (left-padded, greedy)."""
+    import torch
+
+    enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+    with torch.inference_mode():
+        out = model.generate(**enc, generation_config=config)
+    texts = []
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    return texts
+
+
+def iter_answers(tokenizer: Any, model: Any, device: str, conversations: list[list[dict]], *,
+                 batch_size: int, max_new_tokens: int):
+    """Yield ``(start, answers)`` per batch, in input order; each answer is
+    ``{"text", "latency_s"}`` with the batch's wall time shared equally among its records."""
+    config, stops = _greedy_config(model, tokenizer, max_new_tokens)
+    for start in range(0, len(conversations), batch_size):
+        batch = conversations[start:start + batch_size]
+        began = time.monotonic()
+        texts = answer_batch(tokenizer, model, device, [render_prompt(tokenizer, c) for c in batch],
+                             config, stops)
+        latency = (time.monotonic() - began) / len(batch)
+        yield start, [{"text": text, "latency_s": latency} for text in texts]
+
+
+def generate(base_ref: str, adapter_dir: str | None, conversations: list[list[dict]], *,
+             batch_size: int = 8, max_new_tokens: int = 96) -> list[dict]:
+    """One ``{"text", "latency_s"}`` per conversation, in order: the greedy answer after the chat
+    template's generation prompt, without special tokens or surrounding whitespace."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be at least 1")
+    tokenizer, model, device = load(base_ref, adapter_dir)
+    out: list[dict] = []
+    for _start, answers in iter_answers(tokenizer, model, device, conversations, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens):
+        out.extend(answers)
+    return out
+
+
+# --- the child process --------------------------------------------------------------------------
+
+def _positive_int(spec: dict, key: str, default: int | None) -> int | None:
+    value = spec.get(key, default)
+    if value is None:
+        return None
+    if type(value) is not int or value < 1:
+        raise GenerateExit(EXIT_SPEC, f"the spec's {key} must be an integer of at least 1")
+    return value
+
+
+def load_spec(path: str) -> dict:
+    """The spec, checked: required keys present, numbers positive, the input and adapter folders there."""
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GenerateExit(EXIT_SPEC, f"cannot read the spec {path} ({type(exc).__name__})") from None
+    if not isinstance(spec, dict):
+        raise GenerateExit(EXIT_SPEC, "the spec is not a JSON object")
+    missing = [key for key in ("base_ref", "input", "output") if not isinstance(spec.get(key), str)]
+    if missing:
+        raise GenerateExit(EXIT_SPEC, f"the spec lacks {', '.join(missing)} (a string each)")
+    adapter = spec.get("adapter_dir")
+    if adapter is not None and not (isinstance(adapter, str) and (Path(adapter) / "adapter_config.json").is_file()):
+        raise GenerateExit(EXIT_SPEC, "the spec's adapter_dir holds no adapter_config.json")
+    spec["batch_size"] = _positive_int(spec, "batch_size", 8)
+    spec["max_new_tokens"] = _positive_int(spec, "max_new_tokens", 96)
+    spec["threads"] = _positive_int(spec, "threads", None)
+    return spec
+
+
+def read_conversations(path: str) -> list[list[dict]]:
+    """The ``messages`` of each line: role/content string pairs, the last one the user's turn."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GenerateExit(EXIT_DATA, f"cannot read the input {path} ({type(exc).__name__})") from None
+    out: list[list[dict]] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+        except (ValueError, KeyError, TypeError):
+            messages = None
+        if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                           and isinstance(m.get("content"), str) for m in messages)
+                or messages[-1]["role"] != "user"):
+            raise GenerateExit(EXIT_DATA, f"input line {lineno} is not a {{\"messages\": [...]}} record "
+                                          "ending with the user turn")
+        out.append(messages)
+    return out
+
+
+def run(spec: dict) -> int:
+    """Answer the spec's input into its output file; returns the number of answers written."""
+    conversations = read_conversations(spec["input"])
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    # as in the trainer, an operator's OMP_NUM_THREADS wins: the spec's count is the parent's guess
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+    elif spec["threads"] is not None:
+        torch.set_num_threads(spec["threads"])
+    total = len(conversations)
+    parent_pid = spec.get("parent_pid")
+    done = 0
+    with open(spec["output"], "w", encoding="utf-8") as out:
+        _progress(0, total)
+        if not total:
+            return 0
+        try:
+            tokenizer, model, device = load(spec["base_ref"], spec.get("adapter_dir"), spec.get("device", "auto"))
+        except (OSError, ValueError) as exc:
+            # from_pretrained's ways of saying a folder holds no usable weights (ValueError: a path
+            # that is not a folder read as an invalid hub id)
+            raise GenerateExit(EXIT_SPEC, "cannot load the weights from the spec's base_ref or adapter_dir "
+                                          f"({type(exc).__name__})") from None
+        for start, answers in iter_answers(tokenizer, model, device, conversations,
+                                           batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"]):
+            for offset, answer in enumerate(answers):
+                out.write(json.dumps({"index": start + offset, **answer}, ensure_ascii=False) + "\n")
+            out.flush()
+            done += len(answers)
+            _progress(done, total)
+            if parent_pid and os.getppid() != parent_pid:
+                raise GenerateExit(EXIT_ORPHANED, "the supervising process is gone; stopping")
+    return done
+
+
+def _progress(done: int, total: int) -> None:
+    print(json.dumps({"event": "generate_progress", "done": done, "total": total}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        if len(args) != 1:
+            raise GenerateExit(EXIT_SPEC, "usage is python -m daemon.quality.generate SPEC.json")
+        run(load_spec(args[0]))
+    except (GenerateExit, TrainerExit) as exc:  # TrainerExit: the device the spec asks for is absent
+        # one line, no colon before the reason: the parent keeps only the text before the first colon
+        print(f"generate failed - {exc}", file=sys.stderr, flush=True)
+        return exc.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

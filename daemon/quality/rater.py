@@ -1,0 +1,219 @@
+"""Who answers: the two rater backends, each turning conversations into raw answer texts.
+
+A conversation is the list of chat messages a model sees for one record (the system prompt, any
+few-shot turns, the record as the user turn); every conversation of one run shares the same prefix
+object, byte for byte, so a server can reuse its prompt cache. Answers come back in input order as
+``Answer(text, latency_s)``; judging them is ``evaluation.parse_answer``'s job, never this module's.
+
+* ``OllamaRater``: ``POST /api/chat`` with the answer's JSON Schema as ``format``, ``temperature`` 0
+  and a fixed seed, ``stream: false``, at most ``ollama.parallel`` requests at a time (one client per
+  thread; the client's own timeouts, deadline and retries apply to each request).
+* ``LocalRater``: a child process (``python -m daemon.quality.generate``; this process never imports torch)
+  that loads the base weights, and the adapter for a fine-tune, and generates greedily in batches.
+  Its progress lines are relayed; a stop request terminates it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import OllamaConfig
+from ..errors import TrainingInterruptedError
+from ..logconfig import get_logger
+
+log = get_logger("rater")
+
+Progress = Callable[[int, int], None]  # (done, total)
+DEFAULT_SEED = 42
+STDERR_TAIL_BYTES = 2000
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str | None
+    latency_s: float
+
+
+class RaterError(RuntimeError):
+    """A backend could not answer (the server failed, the child died). The message names no data."""
+
+
+class OllamaRater:
+    backend = "ollama"
+
+    def __init__(self, cfg: OllamaConfig, *, parallel: int = 2, seed: int = DEFAULT_SEED,
+                 schema: Mapping | None = None, env: Mapping[str, str] = os.environ, memory=None) -> None:
+        self.cfg = cfg
+        self.memory = memory
+        self.parallel = max(1, int(parallel))
+        self.seed = seed
+        self.schema = dict(schema) if schema is not None else None
+        self.env = env
+
+    def answer(self, model: str, conversations: Sequence[list[dict]], *, on_progress: Progress | None = None,
+               stop_event: threading.Event | None = None) -> list[Answer]:
+        from ..serving.ollama import OllamaClient, OllamaError
+
+        local = threading.local()
+        clients: list = []
+        clients_lock = threading.Lock()
+        options = {"temperature": 0, "seed": self.seed}
+
+        def one(conversation: list[dict]) -> Answer:
+            if stop_event is not None and stop_event.is_set():
+                raise TrainingInterruptedError("rating was stopped because the service is shutting down")
+            client = getattr(local, "client", None)
+            if client is None:
+                client = local.client = OllamaClient(self.cfg, env=self.env, memory=self.memory)
+                with clients_lock:
+                    clients.append(client)
+            started = time.monotonic()
+            reply = client.chat(model, conversation, format=self.schema, options=options)
+            content = (reply.get("message") or {}).get("content")
+            return Answer(content if isinstance(content, str) else None, time.monotonic() - started)
+
+        total = len(conversations)
+        answers: list[Answer | None] = [None] * total
+        done = 0
+        try:
+            with concurrent.futures.ThreadPoolExecutor(self.parallel, thread_name_prefix="rate") as pool:
+                futures = {pool.submit(one, conv): i for i, conv in enumerate(conversations)}
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        answers[futures[future]] = future.result()
+                        done += 1
+                        if on_progress is not None:
+                            on_progress(done, total)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+        except OllamaError as exc:
+            raise RaterError(f"Ollama could not answer for {model}: {exc.message}") from None
+        finally:
+            for client in clients:
+                client.close()
+        return [a for a in answers if a is not None]
+
+
+class LocalRater:
+    backend = "local"
+
+    def __init__(self, base_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, *,
+                 batch_size: int = 8, max_new_tokens: int = 96, timeout_s: float | None = None,
+                 grace_s: float = 10.0, python: str = sys.executable) -> None:
+        self.base_dir = str(base_dir)
+        self.adapter_dir = str(adapter_dir) if adapter_dir is not None else None
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.timeout_s = timeout_s
+        self.grace_s = grace_s
+        self.python = python
+
+    def answer(self, conversations: Sequence[list[dict]], *, on_progress: Progress | None = None,
+               stop_event: threading.Event | None = None) -> list[Answer]:
+        from ..fsutil import write_json, write_lines
+        from ..training.supervisor import child_env, describe_exit
+
+        # the conversations hold record text: a private folder, removed whatever happens
+        work = Path(tempfile.mkdtemp(prefix="fine-tuner-rate-"))
+        try:
+            write_lines(work / "input.jsonl", (json.dumps({"messages": c}, ensure_ascii=False) + "\n"
+                                               for c in conversations), durable=False)
+            spec = {"base_ref": self.base_dir, "adapter_dir": self.adapter_dir,
+                    "input": str(work / "input.jsonl"), "output": str(work / "output.jsonl"),
+                    "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
+                    "threads": max(1, (os.cpu_count() or 1)),
+                    "parent_pid": os.getpid()}  # the child stops when this process is gone
+            write_json(work / "spec.json", spec, durable=False)
+            with open(work / "stderr.log", "wb") as err:
+                proc = subprocess.Popen([self.python, "-m", "daemon.quality.generate", str(work / "spec.json")],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                        env=child_env(), start_new_session=True)
+            outcome = self._follow(proc, on_progress, stop_event)
+            if outcome == "interrupted":
+                raise TrainingInterruptedError("rating was stopped because the service is shutting down")
+            if outcome == "timed_out":
+                raise RaterError(f"the local rater did not finish within {self.timeout_s:g} s")
+            if proc.returncode != 0:
+                raise RaterError(f"the local rater failed ({describe_exit(proc.returncode)}): "
+                                 f"{_last_line(work / 'stderr.log')}")
+            return _read_answers(work / "output.jsonl", len(conversations))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _follow(self, proc: subprocess.Popen, on_progress: Progress | None,
+                stop_event: threading.Event | None) -> str:
+        """Relay the child's progress lines until it exits, is stopped or times out."""
+        from ..training.supervisor import terminate_group
+
+        started = time.monotonic()
+        outcome = "done"
+        reader = threading.Thread(target=_relay, args=(proc.stdout, on_progress), name="rate-progress",
+                                  daemon=True)
+        reader.start()
+        try:
+            while proc.poll() is None:
+                if stop_event is not None and stop_event.is_set():
+                    outcome = "interrupted"
+                    break
+                if self.timeout_s is not None and time.monotonic() - started > self.timeout_s:
+                    outcome = "timed_out"
+                    break
+                time.sleep(0.05)
+        finally:
+            terminate_group(proc, self.grace_s if proc.poll() is None else 0)
+            reader.join(timeout=5)
+            with contextlib.suppress(OSError):
+                proc.stdout.close()
+        return outcome
+
+
+def _relay(stream, on_progress: Progress | None) -> None:
+    """Read the child's stdout: JSON progress lines go to ``on_progress``; nothing is kept."""
+    for raw in iter(stream.readline, b""):
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if on_progress is not None and isinstance(event, dict) and event.get("event") == "generate_progress":
+            with contextlib.suppress(TypeError, ValueError):
+                on_progress(int(event["done"]), int(event["total"]))
+
+
+def _last_line(path: Path) -> str:
+    """What went wrong in the child, from the last line of its stderr: only the part before the
+    first colon (an exception type or our own error prefix), since a library's message could quote
+    record text."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - STDERR_TAIL_BYTES))
+            lines = fh.read().decode("utf-8", errors="replace").strip().splitlines()
+            if lines:
+                return lines[-1].split(":", 1)[0][:120]
+    return "no error output"
+
+
+def _read_answers(path: Path, total: int) -> list[Answer]:
+    answers: list[Answer | None] = [None] * total
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            record = json.loads(line)
+            answers[int(record["index"])] = Answer(record.get("text"), float(record.get("latency_s") or 0.0))
+    missing = sum(a is None for a in answers)
+    if missing:
+        raise RaterError(f"the local rater returned no answer for {missing} of {total} records")
+    return [a for a in answers if a is not None]

@@ -1,0 +1,495 @@
+"""Rating new records with a built model: an input CSV in, ``ratings.csv`` and a summary out.
+
+``RatingModel`` says what rates (the base model, its registered Ollama name, the system prompt,
+few-shot turns, the fine-tune's adapter, the prompt template and the rating labels);
+``model_from_folder`` reads it from a job's output folder and ``model_from_name`` makes one for a
+bare Ollama model. ``rate_file`` builds each record's prompt the way training did (the model's
+template, else the file's prompt column), asks the backend the evaluator would choose (Ollama when
+it can serve the model, else the local child on the base weights) in chunks of ``chunk_rows``
+records, every request sharing one system + few-shot prefix, and parses every answer strictly with
+``evaluation.parse_answer``: an invalid answer is written as invalid, never guessed.
+
+Each finished chunk is appended to ``<output>.part`` and fsynced; a sidecar ``<output>.part.json``
+records the input's sha256 and the model's fingerprint. A run that was stopped or killed resumes
+from the part file's complete lines (a cut-off last line is dropped and asked again), so no record
+is rated twice and none is skipped; a part file of another input or another model is refused. When
+every record is rated the part file is renamed to the output. Memory stays flat: only the columns
+that make the prompt are kept, and one chunk's conversations and answers at a time. No log line or
+exception message holds a cell value or an answer.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from . import evaluation
+from .. import fsutil
+from ..data import prompts
+from ..config import Config
+from ..data.csvfile import ID_COLUMNS, PROMPT_COLUMNS, read_csv
+from ..errors import FineTunerError, MissingColumnError, TrainingInterruptedError
+from .evaluator import EvalModel, EvaluationSkipped, choose_backend, prefix
+from ..logconfig import get_logger
+from .rater import LocalRater, OllamaRater, RaterError
+from ..data.template import Template, check_columns, render
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = get_logger("rating")
+
+BACKENDS = ("auto", "ollama", "local")
+DEFAULT_CHUNK_ROWS = 500
+PROGRESS_EVERY_S = 1.0
+ROW_COLUMN = "row"  # the output's id column when the input has none: the 1-based data row number
+OUTPUT_COLUMNS = ("rating", "label", "rationale", "valid", "model")
+PART_SUFFIX = ".part"
+SIDECAR_SUFFIX = ".part.json"
+SUMMARY_FILE = "rating_summary.json"
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+class RatingError(FineTunerError):
+    """Records could not be rated: no backend can serve the model, the backend failed part-way, or a
+    part file belongs to another input or model. The message names files and counts, never data."""
+
+    default_hint = "fix the cause and run the same command again: the records already rated are kept"
+
+
+@dataclass
+class RatingModel:
+    """What rates the records, and where it came from (``source``: an output folder or ``ollama:<name>``)."""
+
+    base_model: str
+    ollama_name: str | None  # the registered model (it already holds its few-shot turns), or None
+    system: str
+    labels: dict[str, int]  # label -> rating
+    few_shot: list[dict] = field(default_factory=list)  # alternating user / assistant messages
+    adapter_dir: Path | None = None  # a fine-tune's LoRA adapter
+    template: Template | None = None  # None: the file's prompt column (formatted_prompt or Prompt)
+    source: str = ""
+    approach: str | None = None  # "fine_tune", "model_set", or None for a bare Ollama model
+
+    @property
+    def values(self) -> list[int]:
+        return sorted({int(v) for v in self.labels.values()})
+
+    def fingerprint(self) -> str:
+        """sha256 of everything that decides an answer (a resumed run must use the same model)."""
+        data = {"base": self.base_model, "ollama_name": self.ollama_name, "system": self.system,
+                "few_shot": self.few_shot, "adapter": str(self.adapter_dir) if self.adapter_dir else None,
+                "template": self.template.to_json() if self.template else None,
+                "labels": {str(k): int(v) for k, v in sorted(self.labels.items())}}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise RatingError(f"{path.name} is missing from the output folder {path.parent.name}",
+                          hint="rate with a complete output folder of fine-tuner process or the daemon") from None
+    except (OSError, ValueError) as exc:
+        raise RatingError(f"{path.name} in {path.parent.name} cannot be read ({type(exc).__name__})",
+                          hint="rate with a complete output folder of fine-tuner process or the daemon") from None
+    if not isinstance(data, dict):
+        raise RatingError(f"{path.name} in {path.parent.name} is not a JSON object")
+    return data
+
+
+def _first_system_prompt(folder: Path) -> str | None:
+    """The system turn of the fine-tune's first training record (exactly what it was trained with)."""
+    for name in ("validation_data.jsonl", "training_data.jsonl"):
+        try:
+            with open(folder / name, encoding="utf-8") as fh:
+                line = fh.readline()
+        except OSError:
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+            return str(messages[0].get("content") or "")
+    return None
+
+
+def model_from_folder(output_dir: str | os.PathLike) -> RatingModel:
+    """The model an output folder holds: its fine-tune (base + adapter) or its model set, with the
+    registered Ollama name when registration succeeded and the prompt template it was built with."""
+    from ..serving.register import few_shot_messages
+
+    folder = Path(output_dir)
+    meta = _read_json(folder / "fine_tuning_metadata.json")
+    labels = {str(k): int(v) for k, v in ((meta.get("mapping") or {}).get("labels") or {}).items()}
+    if not labels:
+        raise RatingError(f"fine_tuning_metadata.json in {folder.name} records no rating labels")
+    registration = meta.get("registration") or {}
+    registered = registration.get("name") if registration.get("registered") else None
+    template = Template.from_json(meta["prompt_template"]) if meta.get("prompt_template") else None
+    base = str(meta.get("model") or "")
+    approach = meta.get("approach")
+    if approach == "fine_tune":
+        system = _first_system_prompt(folder)
+        if system is None:  # the training files were removed: the prompt is rebuilt the same way
+            system = prompts.system_prompt(meta.get("target_topics"), labels)
+        adapter = folder / str((meta.get("fine_tune") or {}).get("adapter_dir") or "adapter")
+        return RatingModel(base, registered, system, labels, [], adapter, template, str(folder), approach)
+    config = _read_json(folder / "model_set_config.json")
+    return RatingModel(str(config.get("base_model") or base), registered, str(config["system_prompt"]), labels,
+                       few_shot_messages(config), None, template, str(folder), "model_set")
+
+
+def model_from_name(name: str, *, system: str, labels: Mapping[str, int],
+                    template: Template | None = None) -> RatingModel:
+    """A bare Ollama model (no few-shot turns, no adapter) asked with ``system`` as its system turn."""
+    return RatingModel(name, None, system, {str(k): int(v) for k, v in labels.items()}, [], None, template,
+                       f"ollama:{name}", None)
+
+
+def _eval_model(model: RatingModel) -> EvalModel:
+    return EvalModel("rate", "rating model", ollama_name=model.ollama_name, adapter_dir=model.adapter_dir,
+                     few_shot=list(model.few_shot))
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+@dataclass
+class _Prompts:
+    """How a record's prompt is built: the model's template, or the file's prompt column."""
+
+    template: Template | None
+    column: str | None
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.template.columns) if self.template is not None else [str(self.column)]
+
+    def describe(self) -> dict:
+        if self.template is not None:
+            return self.template.to_json()
+        return {"kind": "column", "value": self.column}
+
+    def build(self, chunk: pd.DataFrame) -> list[str]:
+        """The chunk's prompts, stripped like the dataset strips them for training."""
+        if self.template is not None:
+            texts = render(self.template, chunk)
+        else:
+            texts = chunk[self.column]
+        return [t.strip() if isinstance(t, str) else "" for t in texts.tolist()]
+
+
+def _prompt_source(model: RatingModel, columns: list[str], file: str) -> _Prompts:
+    if model.template is not None:
+        check_columns(model.template, columns, file=file)
+        return _Prompts(model.template, None)
+    column = next((c for c in PROMPT_COLUMNS if c in columns), None)
+    if column is None:
+        raise MissingColumnError(
+            f"missing the prompt column {' or '.join(repr(c) for c in PROMPT_COLUMNS)}, and the model records "
+            f"no prompt template; the file has {len(columns)} column(s)", file=file, column=PROMPT_COLUMNS[0],
+            hint="add the prompt column the model was built with, or rate with a prompt template "
+                 "(prompt_template) that names the file's columns")
+    return _Prompts(None, column)
+
+
+# --- the part file -----------------------------------------------------------------------------
+
+def _one_line(value: Any) -> str:
+    """A cell as the output writes it: one physical line, so that a record is a line of the part file."""
+    return str(value).translate(_NEWLINES)
+
+
+def _csv_lines(rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+@dataclass
+class _Counts:
+    by_rating: dict[int, int]
+    invalid: int = 0
+    empty_prompt: int = 0
+
+    def add(self, rating: int | None, empty: bool = False) -> None:
+        if empty:
+            self.empty_prompt += 1
+        elif rating is None:
+            self.invalid += 1
+        else:
+            self.by_rating[rating] = self.by_rating.get(rating, 0) + 1
+
+
+def _read_part(fh: IO[bytes], name: str, header: list[str], names: Mapping[int, str]) -> tuple[int, _Counts]:
+    """(records in the part file, their counts), after cutting off a last line that was not finished
+    (its writer was killed mid-write); a part without even a whole header is started afresh."""
+    counts = _Counts({v: 0 for v in names})
+    records = 0
+    fh.seek(0)
+    first = fh.readline()
+    if not first.endswith(b"\n"):
+        keep = 0
+    else:
+        if next(csv.reader([first.decode("utf-8", errors="replace")])) != header:
+            raise RatingError(f"{name} was written with other columns than this run writes",
+                              hint=f"remove {name} to rate from the start")
+        keep = len(first)
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                cells = next(csv.reader([line.decode("utf-8")]))
+                # an empty prompt was asked of nobody: its model cell is empty
+                counts.add(int(cells[1]) if cells[4] == "true" else None, empty=cells[5] == "")
+            except (ValueError, IndexError, StopIteration):
+                raise RatingError(f"{name} is damaged at line {records + 2}",
+                                  hint=f"remove {name} to rate from the start") from None
+            keep += len(line)
+            records += 1
+    if fh.seek(0, os.SEEK_END) != keep or keep == 0:
+        fh.truncate(keep)
+        if keep == 0:  # a new part file (or one cut off inside its header)
+            fh.write(_csv_lines([header]).encode("utf-8"))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return records, counts
+
+
+def _open_part(part: Path, sidecar: Path, identity: dict, header: list[str],
+               names: Mapping[int, str]) -> tuple[IO[bytes], int, _Counts]:
+    """The part file, open for appending and locked (two runs never write one part file), with the
+    records it already holds (0 for a fresh start) and their counts. A part file of another input or
+    model, or one whose sidecar is missing, is refused and left as it is."""
+    if part.exists():
+        if not sidecar.is_file():
+            raise RatingError(f"{part.name} exists but {sidecar.name}, which says which input it belongs to, "
+                              f"does not", hint=f"remove {part.name} to rate from the start")
+        recorded = _read_json(sidecar)
+        for key, what in (("input_sha256", "input file"), ("model_fingerprint", "model")):
+            if recorded.get(key) != identity[key]:
+                raise RatingError(f"{part.name} holds ratings of another {what} (its {key} differs)",
+                                  hint=f"rate the same {what} to resume, or remove {part.name} and "
+                                       f"{sidecar.name} to rate from the start")
+    else:
+        fsutil.write_json(sidecar, identity)
+    fh = open(part, "a+b")  # noqa: SIM115 - held open, locked, for the whole run
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RatingError(f"another run is rating into {part.name}",
+                              hint="wait for it to finish, or stop it and run again to resume") from None
+        records, counts = _read_part(fh, part.name, header, names)
+        fsutil.fsync_dir(part.parent)
+    except BaseException:
+        fh.close()
+        raise
+    return fh, records, counts
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+class _Progress:
+    """``rating_progress`` lines, at most one a second and always the last one."""
+
+    def __init__(self, total: int, resumed: int, started: float) -> None:
+        self.total, self.resumed, self.started = total, resumed, started
+        self.last = 0.0
+        self.logged = -1  # the last ``done`` logged: the backend and the chunk end both report it
+        self.lock = threading.Lock()
+
+    def __call__(self, done: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if done == self.logged or (done < self.total and now - self.last < PROGRESS_EVERY_S):
+                return
+            self.last, self.logged = now, done
+        elapsed = now - self.started
+        rate = (done - self.resumed) / elapsed if elapsed > 0 and done > self.resumed else None
+        eta = (self.total - done) / rate if rate else None
+        log.info("rating_progress", done=done, total=self.total,
+                 records_per_s=round(rate, 2) if rate else None, eta_s=round(eta, 1) if eta is not None else None)
+
+
+# --- rating ------------------------------------------------------------------------------------
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _label_names(labels: Mapping[str, int]) -> dict[int, str]:
+    """Rating -> its label text (labels sharing a rating joined with " / "), high ratings first."""
+    return {v: " / ".join(names) for v, names in prompts.labels_by_value(labels).items()}
+
+
+def _rationale(text: str | None) -> str:
+    """The rationale of an answer ``parse_answer`` found valid (a JSON object)."""
+    value = json.loads(text).get("rationale") if isinstance(text, str) else None
+    return value if isinstance(value, str) else ""
+
+
+def _rater(model: RatingModel, backend: str, weights, config: Config, schema: dict, memory):
+    """(the rater's answer function, the model name written in each output row)."""
+    if backend == "ollama":
+        name = model.ollama_name or model.base_model
+        rater = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=config.defaults.seed,
+                            schema=schema, memory=memory)
+        return (lambda convs, **kw: rater.answer(name, convs, **kw)), name
+    ev = config.evaluation
+    local = LocalRater(weights, model.adapter_dir, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                       timeout_s=ev.timeout_s, grace_s=config.training.grace_s)
+    return local.answer, model.base_model + (" + adapter" if model.adapter_dir is not None else "")
+
+
+def _choose(model: RatingModel, backend: str, config: Config, memory) -> tuple[str, Any]:
+    if backend not in BACKENDS:
+        raise RatingError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+    try:
+        return choose_backend(backend, [_eval_model(model)], model.base_model, config, memory)
+    except EvaluationSkipped as exc:
+        reasons = exc.reason.removeprefix("no backend can run the evaluation (").removesuffix(")")
+        raise RatingError(f"no backend can rate with {model.ollama_name or model.base_model} ({reasons})",
+                          hint="start Ollama with the model, or put the base weights on disk with the "
+                               "training extra installed, then run the same command again") from None
+
+
+def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str | os.PathLike, config: Config, *,
+              backend: str = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS,
+              on_progress: Callable[[int, int], None] | None = None,
+              stop_event: threading.Event | None = None, memory=None) -> dict:
+    """Rate every record of ``input_csv`` into ``output_csv`` (see the module docstring); returns the
+    summary (``write_summary``). ``status`` is "done", or "stopped" when ``stop_event`` was set: the
+    part file then keeps the records rated so far and the same call resumes from them."""
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be at least 1")
+    started = time.monotonic()
+    started_at = _utc_now()
+    input_csv, output = Path(input_csv), Path(output_csv)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    df, info = read_csv(input_csv)
+    columns = [str(c) for c in df.columns]
+    source = _prompt_source(model, columns, info.file)
+    id_column = next((c for c in ID_COLUMNS if c in columns), None)
+    # keep only what makes the prompt and the id: the other columns can be most of a large file
+    frame = df[list(dict.fromkeys(source.columns + ([id_column] if id_column else [])))]
+    del df
+    total = len(frame)
+    read_s = time.monotonic() - started
+
+    chosen, weights = _choose(model, backend, config, memory)
+    names = _label_names(model.labels)
+    header = [id_column or ROW_COLUMN, *OUTPUT_COLUMNS]
+    part = output.with_name(output.name + PART_SUFFIX)
+    sidecar = output.with_name(output.name + SIDECAR_SUFFIX)
+    identity = {"input": info.file, "input_sha256": info.sha256, "rows": total,
+                "model_fingerprint": model.fingerprint(), "model_source": model.source, "created_at": started_at}
+    answer, model_name = _rater(model, chosen, weights, config, prompts.output_schema(model.values), memory)
+    shared = prefix(_eval_model(model), model.system, chosen)  # one object shared by every request
+    out, resumed, counts = _open_part(part, sidecar, identity, header, names)
+    if resumed > total:
+        out.close()
+        raise RatingError(f"{part.name} holds more records ({resumed}) than the input has rows ({total})",
+                          hint=f"remove {part.name} to rate from the start")
+    log.info("rating_started", backend=chosen, model=model_name, rows=total, resumed_from=resumed,
+             chunk_rows=chunk_rows, input_sha256=info.sha256)
+    rating_started = time.monotonic()
+    progress = _Progress(total, resumed, rating_started)
+    done = resumed
+    status = "done"
+    try:
+        with out:
+            while done < total:
+                if stop_event is not None and stop_event.is_set():
+                    status = "stopped"
+                    break
+                end = min(total, done + chunk_rows)
+                chunk = frame.iloc[done:end]
+                texts = source.build(chunk)
+                asked = [i for i, text in enumerate(texts) if text]
+                conversations = [[*shared, {"role": "user", "content": texts[i]}] for i in asked]
+                del texts
+                base_done = done
+                answers = answer(conversations, on_progress=lambda d, _t: progress(base_done + d),
+                                 stop_event=stop_event) if conversations else []
+                del conversations
+                ids = (chunk[id_column].tolist() if id_column else range(done + 1, end + 1))
+                by_position = dict(zip(asked, answers))
+                rows = []
+                for i, ident in enumerate(ids):
+                    reply = by_position.get(i)
+                    rating = evaluation.parse_answer(reply.text, model.values) if reply is not None else None
+                    counts.add(rating, empty=reply is None)
+                    if reply is None:  # an empty prompt: nothing to rate, no model asked
+                        rows.append([_one_line(ident), "", "", "", "false", ""])
+                    elif rating is None:
+                        rows.append([_one_line(ident), "", "", "", "false", _one_line(model_name)])
+                    else:
+                        rows.append([_one_line(ident), str(rating), _one_line(names[rating]),
+                                     _one_line(_rationale(reply.text)), "true", _one_line(model_name)])
+                out.write(_csv_lines(rows).encode("utf-8"))
+                out.flush()
+                os.fsync(out.fileno())
+                del rows, answers, by_position
+                done = end
+                progress(done)
+                if on_progress is not None:
+                    on_progress(done, total)
+            if status == "done":  # renamed while still locked: no other run can append meanwhile
+                os.replace(part, output)
+                fsutil.fsync_dir(output.parent)
+                sidecar.unlink(missing_ok=True)
+    except TrainingInterruptedError:
+        status = "stopped"  # the unfinished chunk is asked again when the run resumes
+    except RaterError as exc:
+        raise RatingError(f"{exc}; the {done} records rated so far are kept in {part.name}",
+                          hint="fix the backend and run the same command again: it resumes from there") from None
+    duration = time.monotonic() - started
+    rating_s = time.monotonic() - rating_started
+    this_run = done - resumed
+    summary = {
+        "status": status,
+        "input": info.file, "input_sha256": info.sha256,
+        "output": str(output if status == "done" else part),
+        "rows": total, "rated": done, "rated_this_run": this_run, "resumed_from": resumed,
+        "counts": {names[v]: counts.by_rating.get(v, 0) for v in names},
+        "counts_by_rating": {str(v): counts.by_rating.get(v, 0) for v in names},
+        "invalid": counts.invalid, "empty_prompt": counts.empty_prompt,
+        "invalid_answer_rule": evaluation.INVALID_RULE,
+        "backend": chosen, "model": model_name, "base_model": model.base_model, "approach": model.approach,
+        "model_source": model.source, "few_shot_turns": len(model.few_shot) // 2,
+        "prompt": source.describe(),
+        "started_at": started_at, "finished_at": _utc_now(),
+        "durations_s": {"read": round(read_s, 3), "rating": round(rating_s, 3), "total": round(duration, 3)},
+        "records_per_s": round(this_run / rating_s, 2) if rating_s > 0 and this_run else None,
+    }
+    log.info("rating_finished", status=status, backend=chosen, model=model_name, rows=total, rated=done,
+             resumed_from=resumed, invalid=counts.invalid, counts=summary["counts_by_rating"],
+             duration_s=summary["durations_s"]["total"], records_per_s=summary["records_per_s"])
+    return summary
+
+
+def write_summary(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write the summary as JSON atomically (``rating_summary.json`` beside the output)."""
+    path = Path(path)
+    fsutil.write_json(path, dict(summary))
+    return path
+
+
+__all__ = ["BACKENDS", "SUMMARY_FILE", "RatingError", "RatingModel", "model_from_folder", "model_from_name",
+           "rate_file", "write_summary"]

@@ -1,0 +1,145 @@
+"""Evaluating a job's models on its held-out rows through the Ollama backend (a loopback fake)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from daemon.data import prompts
+from daemon.config import load_config
+from daemon.errors import EvaluationError
+from daemon.quality.evaluator import EvaluationSkipped, evaluate_folder
+from daemon.fine_tuner import FineTuner
+from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
+
+ROWS = 120
+MARKER = "ZZPATIENTMARKER"
+
+
+def _frame() -> pd.DataFrame:
+    df = pd.DataFrame(list(synthetic_rows(ROWS, 7)), columns=HEADER)
+    df["formatted_prompt"] = df["formatted_prompt"] + f" {MARKER}"
+    return df
+
+
+def _config(tmp_path, fake_ollama, **evaluation) -> dict:
+    return {"ollama": {"host": fake_ollama.url, "connect_timeout_s": 2.0, "read_timeout_s": 5.0, "retries": 0,
+                       "register": "auto", "parallel": 3},
+            "evaluation": evaluation, "paths": {"root": str(tmp_path)}}
+
+
+class ScriptedModels:
+    """The fake's answers: the registered model set answers like the experts, the base model
+    answers prose (invalid), and it records how many chats run at once."""
+
+    def __init__(self, df: pd.DataFrame, good_model: str) -> None:
+        self.truth = dict(zip(df["formatted_prompt"], df["Standardized_Rating"].astype(int)))
+        self.good_model = good_model
+        self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
+
+    def __call__(self, model: str, messages: list) -> str:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(0.01)
+            if messages[-1]["role"] != "user" or len(messages) < 2:
+                return "no"
+            if model == self.good_model:
+                return json.dumps({"rating": self.truth.get(messages[-1]["content"], 0), "rationale": "x"})
+            return f"It looks like a match to me {MARKER}"
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_model_set_is_evaluated_through_ollama_beside_the_base_model(fake_ollama, tmp_path):
+    """A registered model set is rated on its held-out rows through /api/chat (schema as format,
+    temperature 0, fixed seed, a shared prefix, bounded concurrency); the report files hold its
+    metrics beside the base model's, whose prose answers all count as invalid."""
+    df = _frame()
+    scripted = ScriptedModels(df, good_model="llama3.2-1b-dataset:latest")
+    fake_ollama.chat_responder = scripted
+    out = tmp_path / "out"
+    ok, meta = FineTuner(config=_config(tmp_path, fake_ollama)).process_dataset(
+        df, "llama3.2:1b", MAPPING, "respiratory infections", approach="model_set", output_dir=out)
+    assert ok is True and meta["registration"]["registered"] is True
+    assert meta["evaluation"]["status"] == "done"
+    report = json.loads((out / "evaluation.json").read_text())
+    new, base = report["models"]
+    n = meta["split"]["validation_rows"]
+    assert (report["n"], new["key"], base["key"]) == (n, "new", "base")
+    assert (new["accuracy"], new["kappa"], new["invalid"]) == (1.0, 1.0, 0)
+    assert (base["accuracy"], base["invalid"], base["invalid_rate"]) == (0.0, n, 1.0)
+    assert (new["backend"], new["model"], base["model"]) == ("ollama", "llama3.2-1b-dataset:latest", "llama3.2:1b")
+    chats = [r.body for r in fake_ollama.requests_to("/api/chat")][1:]  # the first: registration's check
+    assert len(chats) == 2 * n
+    schema = prompts.output_schema(sorted(MAPPING.values()))
+    assert all((c["format"], c["options"], c["stream"]) == (schema, {"temperature": 0, "seed": 42}, False)
+               for c in chats)
+    by_model = {}
+    for c in chats:
+        by_model.setdefault(c["model"], []).append(c["messages"])
+    # the registered model set holds its few-shot turns: it gets the system prompt and the record
+    assert {len(m) for m in by_model["llama3.2-1b-dataset:latest"]} == {2}
+    assert len({json.dumps(m[:-1]) for m in by_model["llama3.2:1b"]}) == 1  # one identical prefix
+    assert 1 < scripted.most_in_flight <= 3
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [int(r["row"]) for r in rows] == meta["split"]["validation_source_rows"]
+    assert {r["base_valid"] for r in rows} == {"false"} and {r["new_valid"] for r in rows} == {"true"}
+    for name in ("evaluation.json", "evaluation.md", "predictions.csv"):
+        assert MARKER not in (out / name).read_text()
+    log_text = (tmp_path / "fine_tuner.log").read_text()
+    events = [json.loads(line) for line in log_text.splitlines()]
+    [started] = [e for e in events if e["event"] == "evaluation_started"]
+    [finished] = [e for e in events if e["event"] == "evaluation_finished"]
+    assert (started["backend"], started["rows"], started["models"]) == ("ollama", n, ["new", "base"])
+    assert finished["models"] == [{"model": "new", "accuracy": 1.0, "kappa": 1.0, "invalid_rate": 0.0},
+                                  {"model": "base", "accuracy": 0.0, "kappa": 0.0, "invalid_rate": 1.0}]
+    progress = [e for e in events if e["event"] == "evaluation_progress"]
+    assert {(e["model"], e["done"], e["total"]) for e in progress} >= {("new", n, n), ("base", n, n)}
+    assert MARKER not in log_text
+    assert sorted(meta["artifacts"]) == sorted([
+        "Modelfile", "confusion_matrix.png", "evaluation.json", "evaluation.md", "fine_tuning_metadata.json",
+        "model_set_config.json", "predictions.csv", "validation_data.jsonl"])
+
+
+def test_evaluate_again_later_and_cap_rows(fake_ollama, tmp_path):
+    """evaluate_folder re-runs on a finished folder (here with max_rows), and the explicit local
+    backend without weights is a skip naming the reason."""
+    df = _frame()
+    fake_ollama.chat_responder = ScriptedModels(df, good_model="llama3.2-1b-dataset:latest")
+    out = tmp_path / "out"
+    cfg = _config(tmp_path, fake_ollama)
+    FineTuner(config=cfg).process_dataset(df, "llama3.2:1b", MAPPING, "flu", approach="model_set", output_dir=out)
+    meta = json.loads((out / "fine_tuning_metadata.json").read_text())
+    report = evaluate_folder(out, meta, load_config(None, {}, overrides=cfg), max_rows=5)
+    assert [m["n"] for m in report["models"]] == [5, 5]
+    assert report["_predictions"]["rows"] == sorted(report["_predictions"]["rows"])
+    with pytest.raises(EvaluationSkipped) as info:
+        evaluate_folder(out, meta, load_config(None, {}, overrides=cfg), backend="local")
+    assert info.value.reason.startswith("no backend can run the evaluation (local: ")
+
+
+def test_required_evaluation_fails_the_job_when_no_backend_can_run(tmp_path):
+    """evaluation.enabled: required with Ollama down and no weights on disk fails the job with an
+    EvaluationError and leaves no output folder; auto records the skip and succeeds."""
+    cfg = {"ollama": {"host": "http://127.0.0.1:9", "retries": 0, "connect_timeout_s": 0.5},
+           "evaluation": {"enabled": "required"}, "paths": {"root": str(tmp_path)}}
+    with pytest.raises(EvaluationError) as info:
+        FineTuner(config=cfg).process_dataset(_frame(), "llama3.2:1b", MAPPING, "flu", approach="model_set",
+                                              output_dir=tmp_path / "req")
+    assert "no backend can run the evaluation" in str(info.value)
+    assert MARKER not in str(info.value)
+    assert not (tmp_path / "req").exists()
+    cfg["evaluation"]["enabled"] = "auto"
+    ok, meta = FineTuner(config=cfg).process_dataset(_frame(), "llama3.2:1b", MAPPING, "flu",
+                                                     approach="model_set", output_dir=tmp_path / "auto")
+    assert ok is True and meta["evaluation"]["status"] == "skipped"
+    assert not (tmp_path / "auto" / "evaluation.json").exists()

@@ -1,0 +1,356 @@
+"""Rating new records with a built model through the fake Ollama: outputs, prefix, resume, refusals."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import threading
+from collections import Counter
+
+import pandas as pd
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.data import prompts
+from daemon.config import load_config
+from daemon.errors import MissingColumnError
+from daemon.fine_tuner import FineTuner
+from daemon.quality.rating import RatingError, model_from_folder, model_from_name, rate_file, write_summary
+from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
+from daemon.data.template import BUILTIN_SYNDROMIC
+from tests.conftest import leftovers
+
+MARKER = "ZZPATIENTMARKER"
+INVALID = "ZZINVALID"
+SCHEMA = prompts.output_schema(sorted(MAPPING.values()))
+LABEL = {v: k for k, v in MAPPING.items()}
+
+
+def _overrides(tmp_path, fake_ollama, *, register: str = "off") -> dict:
+    return {"ollama": {"host": fake_ollama.url, "connect_timeout_s": 2.0, "read_timeout_s": 5.0, "retries": 0,
+                       "register": register, "parallel": 3},
+            "evaluation": {"enabled": "off"}, "paths": {"root": str(tmp_path)}}
+
+
+def _model_set_folder(tmp_path, fake_ollama, *, register: str = "off"):
+    """A model set built by FineTuner from 60 synthetic rows (its output folder)."""
+    df = pd.DataFrame(list(synthetic_rows(60, 7)), columns=HEADER)
+    out = tmp_path / f"model-{register}"
+    ok, _ = FineTuner(config=_overrides(tmp_path, fake_ollama, register=register)).process_dataset(
+        df, "llama3.2:1b", MAPPING, "respiratory infections", approach="model_set", output_dir=out)
+    assert ok is True
+    return out
+
+
+def _input_csv(path, rows: int, *, seed: int = 11, invalid: tuple[int, ...] = (), empty: tuple[int, ...] = ()):
+    """New records to rate (formatted_prompt, Row_ID, ...); returns {prompt: expected rating}."""
+    truth = {}
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HEADER)
+        for i, row in enumerate(synthetic_rows(rows, seed)):
+            row[1] = row[1] + f" {MARKER} {INVALID}" if i in invalid else row[1] + f" {MARKER} #{i}"
+            if i in empty:
+                row[1] = "  "
+            else:
+                truth[row[1]] = int(row[3])
+            writer.writerow(row)
+    return truth
+
+
+class Scripted:
+    """The fake's answers: the expert rating for a known prompt (a two-line rationale), prose for a
+    prompt marked invalid; it records every user turn it was asked."""
+
+    def __init__(self, truth: dict[str, int]) -> None:
+        self.truth = truth
+        self.lock = threading.Lock()
+        self.users: list[str] = []
+
+    def __call__(self, model: str, messages: list) -> str:
+        user = messages[-1]["content"]
+        with self.lock:
+            self.users.append(user)
+        if INVALID in user:
+            return f"It looks like a match to me {MARKER}"
+        return json.dumps({"rating": self.truth.get(user, 0), "rationale": "first line\nsecond line"})
+
+
+def _rows(path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_a_model_set_rates_a_file_through_ollama_with_invalid_answers_marked(fake_ollama, tmp_path):
+    """An unregistered model set rates every record through /api/chat on the base model: one
+    identical system + few-shot prefix, the schema as format; prose answers are invalid with an
+    empty rating, an empty prompt is asked of nobody; the summary counts them; logs hold no cell."""
+    folder = _model_set_folder(tmp_path, fake_ollama)
+    config = json.loads((folder / "model_set_config.json").read_text())
+    model = model_from_folder(folder)
+    assert (model.approach, model.base_model, model.ollama_name, model.template) == (
+        "model_set", "llama3.2:1b", None, None)
+    assert (model.system, model.labels, model.source) == (config["system_prompt"], MAPPING, str(folder))
+    assert len(model.few_shot) == 2 * len(config["few_shot_examples"]) > 0
+
+    src = tmp_path / "new.csv"
+    truth = _input_csv(src, 30, invalid=(3, 17), empty=(9,))
+    fake_ollama.chat_responder = scripted = Scripted(truth)
+    progress = []
+    with capture_logs() as logs:
+        summary = rate_file(model, src, tmp_path / "out" / "ratings.csv",
+                            load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)),
+                            chunk_rows=7, on_progress=lambda d, t: progress.append((d, t)))
+    assert progress == [(7, 30), (14, 30), (21, 30), (28, 30), (30, 30)]
+
+    header, rows = _rows(tmp_path / "out" / "ratings.csv")
+    assert header == ["Row_ID", "rating", "label", "rationale", "valid", "model"]
+    source = list(synthetic_rows(30, 11))
+    expected = []
+    for i, row in enumerate(source):
+        if i == 9:
+            expected.append({"Row_ID": row[0], "rating": "", "label": "", "rationale": "", "valid": "false",
+                             "model": ""})
+        elif i in (3, 17):
+            expected.append({"Row_ID": row[0], "rating": "", "label": "", "rationale": "", "valid": "false",
+                             "model": "llama3.2:1b"})
+        else:
+            expected.append({"Row_ID": row[0], "rating": row[3], "label": LABEL[int(row[3])],
+                             "rationale": "first line second line", "valid": "true", "model": "llama3.2:1b"})
+    assert rows == expected
+
+    chats = [r.body for r in fake_ollama.requests_to("/api/chat")]
+    assert len(chats) == 29 and Counter(scripted.users) == Counter(list(truth))  # every non-empty prompt, once
+    assert {c["model"] for c in chats} == {"llama3.2:1b"}
+    assert all((c["format"], c["options"], c["stream"]) == (SCHEMA, {"temperature": 0, "seed": 42}, False)
+               for c in chats)
+    prefixes = {json.dumps(c["messages"][:-1]) for c in chats}
+    assert prefixes == {json.dumps([{"role": "system", "content": model.system}, *model.few_shot])}
+
+    ratings = Counter(int(r[3]) for i, r in enumerate(source) if i not in (3, 9, 17))
+    assert {k: summary[k] for k in ("status", "rows", "rated", "rated_this_run", "resumed_from", "invalid",
+                                    "empty_prompt", "backend", "model", "approach", "few_shot_turns")} == {
+        "status": "done", "rows": 30, "rated": 30, "rated_this_run": 30, "resumed_from": 0, "invalid": 2,
+        "empty_prompt": 1, "backend": "ollama", "model": "llama3.2:1b", "approach": "model_set",
+        "few_shot_turns": len(config["few_shot_examples"])}
+    assert summary["counts"] == {"Match": ratings[1], "Does Not Match": ratings[0], "Unknown": ratings[-1]}
+    assert summary["prompt"] == {"kind": "column", "value": "formatted_prompt"}
+    assert summary["output"] == str(tmp_path / "out" / "ratings.csv")
+    write_summary(summary, tmp_path / "out" / "rating_summary.json")
+    assert json.loads((tmp_path / "out" / "rating_summary.json").read_text()) == summary
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rating_summary.json", "ratings.csv"]
+    assert leftovers(tmp_path) == []
+
+    events = [e["event"] for e in logs]
+    assert (events[0], events[-1]) == ("rating_started", "rating_finished")
+    last = [e for e in logs if e["event"] == "rating_progress"][-1]
+    assert (last["done"], last["total"]) == (30, 30) and last["eta_s"] == 0.0
+    assert MARKER not in repr(logs) and "first line" not in repr(logs)
+
+
+def test_a_registered_model_set_gets_only_the_system_prompt(fake_ollama, tmp_path):
+    """A model set registered in Ollama already holds its few-shot turns: each chat names the
+    registered model and sends the system prompt and the record only."""
+    folder = _model_set_folder(tmp_path, fake_ollama, register="auto")
+    model = model_from_folder(folder)
+    assert model.ollama_name == "llama3.2-1b-dataset:latest"
+    src = tmp_path / "new.csv"
+    fake_ollama.chat_responder = Scripted(_input_csv(src, 5))
+    before = len(fake_ollama.requests_to("/api/chat"))  # the registration's check
+    summary = rate_file(model, src, tmp_path / "ratings.csv",
+                        load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)))
+    chats = [r.body for r in fake_ollama.requests_to("/api/chat")][before:]
+    assert [(c["model"], len(c["messages"])) for c in chats] == [("llama3.2-1b-dataset:latest", 2)] * 5
+    assert {json.dumps(c["messages"][0]) for c in chats} == {json.dumps({"role": "system", "content": model.system})}
+    assert (summary["model"], summary["invalid"], summary["rated"]) == ("llama3.2-1b-dataset:latest", 0, 5)
+
+
+def test_a_stopped_run_resumes_and_rates_every_record_exactly_once(fake_ollama, tmp_path):
+    """A run stopped after its first chunk keeps that chunk in ratings.csv.part (and no output); the
+    second run resumes after it: across both runs the fake was asked each record exactly once."""
+    model = model_from_name("llama3.2:1b", system="Rate the visit.", labels=MAPPING)
+    src, out = tmp_path / "new.csv", tmp_path / "ratings.csv"
+    truth = _input_csv(src, 35)
+    fake_ollama.chat_responder = scripted = Scripted(truth)
+    config = load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama))
+    stop = threading.Event()
+    first = rate_file(model, src, out, config, chunk_rows=10, stop_event=stop,
+                      on_progress=lambda done, total: stop.set())
+    part = tmp_path / "ratings.csv.part"
+    assert (first["status"], first["rated"], first["output"]) == ("stopped", 10, str(part))
+    assert not out.exists() and len(part.read_text().splitlines()) == 11
+    assert json.loads((tmp_path / "ratings.csv.part.json").read_text())["rows"] == 35
+
+    second = rate_file(model, src, out, config, chunk_rows=10)
+    assert {k: second[k] for k in ("status", "rows", "rated", "rated_this_run", "resumed_from")} == {
+        "status": "done", "rows": 35, "rated": 35, "rated_this_run": 25, "resumed_from": 10}
+    assert sum(second["counts"].values()) == 35
+    asked = Counter(c.body["messages"][-1]["content"] for c in fake_ollama.requests_to("/api/chat"))
+    assert asked == Counter(list(truth)) and len(scripted.users) == 35
+    _, rows = _rows(out)
+    assert [(r["Row_ID"], r["rating"]) for r in rows] == [(r[0], r[3]) for r in synthetic_rows(35, 11)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ratings")) == ["ratings.csv"]
+
+
+def test_a_cut_off_last_line_is_dropped_and_that_record_rated_once(fake_ollama, tmp_path):
+    """A part file whose writer was killed mid-line keeps its complete lines; the cut-off record is
+    asked in the resumed run, once."""
+    model = model_from_name("llama3.2:1b", system="Rate the visit.", labels=MAPPING)
+    src, out = tmp_path / "new.csv", tmp_path / "ratings.csv"
+    truth = _input_csv(src, 25)
+    fake_ollama.chat_responder = Scripted(truth)
+    config = load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama))
+    stop = threading.Event()
+    rate_file(model, src, out, config, chunk_rows=10, stop_event=stop, on_progress=lambda d, t: stop.set())
+    with open(tmp_path / "ratings.csv.part", "ab") as fh:
+        fh.write(b'R0000011,1,Match,"cut off')
+    second = rate_file(model, src, out, config, chunk_rows=10)
+    assert (second["resumed_from"], second["rated_this_run"]) == (10, 15)
+    asked = Counter(c.body["messages"][-1]["content"] for c in fake_ollama.requests_to("/api/chat"))
+    assert asked == Counter(list(truth))
+    _, rows = _rows(out)
+    assert [(r["Row_ID"], r["rating"], r["valid"]) for r in rows] == [
+        (r[0], r[3], "true") for r in synthetic_rows(25, 11)]
+
+
+def test_resuming_onto_another_input_or_model_is_refused(fake_ollama, tmp_path):
+    """A part file records its input's sha256 and the model: another input, another system prompt,
+    or a part file another run holds locked is refused with a RatingError, the part left as it was."""
+    model = model_from_name("llama3.2:1b", system="Rate the visit.", labels=MAPPING)
+    src, out = tmp_path / "new.csv", tmp_path / "ratings.csv"
+    fake_ollama.chat_responder = Scripted(_input_csv(src, 20))
+    config = load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama))
+    stop = threading.Event()
+    rate_file(model, src, out, config, chunk_rows=10, stop_event=stop, on_progress=lambda d, t: stop.set())
+    part = tmp_path / "ratings.csv.part"
+    kept = part.read_bytes()
+    asked = len(fake_ollama.requests_to("/api/chat"))
+    _input_csv(src, 20, seed=12)
+    with pytest.raises(RatingError) as info:
+        rate_file(model, src, out, config, chunk_rows=10)
+    assert info.value.message == "ratings.csv.part holds ratings of another input file (its input_sha256 differs)"
+    _input_csv(src, 20)  # the original input again, but another model
+    other = model_from_name("llama3.2:1b", system="Rate it differently.", labels=MAPPING)
+    with pytest.raises(RatingError) as info:
+        rate_file(other, src, out, config, chunk_rows=10)
+    assert info.value.message == "ratings.csv.part holds ratings of another model (its model_fingerprint differs)"
+    with open(part, "rb") as held:  # a run still writing holds the part file's lock
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(RatingError) as info:
+            rate_file(model, src, out, config, chunk_rows=10)
+    assert info.value.message == "another run is rating into ratings.csv.part"
+    assert part.read_bytes() == kept and not out.exists()
+    assert len(fake_ollama.requests_to("/api/chat")) == asked
+
+
+def test_a_fine_tune_folder_with_a_template_rates_a_syndromic_export(fake_ollama, tmp_path):
+    """A registered fine-tune whose metadata records the built-in template rates a syndromic export:
+    the system prompt is the training records' own, each prompt is the template's rendering, and the
+    output is keyed by C_BioSense_ID."""
+    folder = tmp_path / "ft"
+    (folder / "adapter").mkdir(parents=True)
+    meta = {"approach": "fine_tune", "model": "llama3.2:1b", "mapping": {"labels": MAPPING},
+            "registration": {"registered": True, "name": "resp-ft:latest"}, "fine_tune": {"adapter_dir": "adapter"},
+            "target_topics": ["flu"], "prompt_template": BUILTIN_SYNDROMIC.to_json()}
+    (folder / "fine_tuning_metadata.json").write_text(json.dumps(meta))
+    (folder / "validation_data.jsonl").write_text(json.dumps({"messages": [
+        {"role": "system", "content": "SYSTEM AS TRAINED"}, {"role": "user", "content": "x"},
+        {"role": "assistant", "content": '{"rating": 1, "rationale": ""}'}]}) + "\n")
+    fake_ollama.add_model("resp-ft:latest")
+    model = model_from_folder(folder)
+    assert (model.approach, model.ollama_name, model.system, model.template, model.adapter_dir) == (
+        "fine_tune", "resp-ft:latest", "SYSTEM AS TRAINED", BUILTIN_SYNDROMIC, folder / "adapter")
+
+    src = tmp_path / "export.csv"
+    src.write_text("C_BioSense_ID,Age,Sex,ChiefComplaintOrig,TriageNotes,DischargeDiagnosis\n"
+                   f"B1,34,F,cough {MARKER},,J06.9\nB2,71,M,fall,,S93.4\n", encoding="utf-8")
+    fake_ollama.chat_responder = lambda name, messages: json.dumps(
+        {"rating": 1 if "cough" in messages[-1]["content"] else 0, "rationale": "r"})
+    summary = rate_file(model, src, tmp_path / "ratings.csv",
+                        load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)))
+    chats = [r.body for r in fake_ollama.requests_to("/api/chat")]  # answered in parallel: any order
+    assert sorted((c["messages"] for c in chats), key=lambda m: m[-1]["content"]) == [
+        [{"role": "system", "content": "SYSTEM AS TRAINED"},
+         {"role": "user", "content": f"Age: 34\nSex: F\nChief complaint: cough {MARKER}\nDischarge diagnosis: J06.9"}],
+        [{"role": "system", "content": "SYSTEM AS TRAINED"},
+         {"role": "user", "content": "Age: 71\nSex: M\nChief complaint: fall\nDischarge diagnosis: S93.4"}]]
+    assert _rows(tmp_path / "ratings.csv") == (
+        ["C_BioSense_ID", "rating", "label", "rationale", "valid", "model"],
+        [{"C_BioSense_ID": "B1", "rating": "1", "label": "Match", "rationale": "r", "valid": "true",
+          "model": "resp-ft:latest"},
+         {"C_BioSense_ID": "B2", "rating": "0", "label": "Does Not Match", "rationale": "r", "valid": "true",
+          "model": "resp-ft:latest"}])
+    assert (summary["prompt"], summary["approach"]) == (BUILTIN_SYNDROMIC.to_json(), "fine_tune")
+
+
+def test_without_an_id_column_rows_are_numbered(fake_ollama, tmp_path):
+    """An input without Row_ID or C_BioSense_ID gets a `row` column: the 1-based data row number."""
+    src = tmp_path / "plain.csv"
+    src.write_text("Prompt\nfirst visit\nsecond visit\nthird visit\n", encoding="utf-8")
+    fake_ollama.chat_responder = lambda name, messages: '{"rating": -1, "rationale": ""}'
+    rate_file(model_from_name("llama3.2:1b", system="S", labels=MAPPING), src, tmp_path / "ratings.csv",
+              load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)), chunk_rows=2)
+    header, rows = _rows(tmp_path / "ratings.csv")
+    assert header[0] == "row"
+    assert [(r["row"], r["label"]) for r in rows] == [("1", "Unknown"), ("2", "Unknown"), ("3", "Unknown")]
+
+
+def test_no_prompt_column_and_no_template_is_a_dataset_error(fake_ollama, tmp_path):
+    """A file without formatted_prompt/Prompt rated by a model without a template fails before any
+    chat, naming the missing column, with no part file left behind."""
+    src = tmp_path / "export.csv"
+    src.write_text(f"C_BioSense_ID,ChiefComplaintOrig,DischargeDiagnosis\nB1,cough {MARKER},J06.9\n",
+                   encoding="utf-8")
+    with pytest.raises(MissingColumnError) as info:
+        rate_file(model_from_name("llama3.2:1b", system="S", labels=MAPPING), src, tmp_path / "ratings.csv",
+                  load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)))
+    assert info.value.message == (
+        "export.csv, column 'formatted_prompt': missing the prompt column 'formatted_prompt' or 'Prompt', and "
+        "the model records no prompt template; the file has 3 column(s)")
+    assert MARKER not in str(info.value)
+    assert fake_ollama.requests_to("/api/chat") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.csv"]
+
+
+def test_a_backend_failing_part_way_keeps_the_rated_chunks_for_the_next_run(fake_ollama, tmp_path):
+    """Ollama failing after the first chunk is a RatingError that keeps that chunk; the next run
+    resumes after it, and the model answered each record exactly once over both runs."""
+    model = model_from_name("llama3.2:1b", system="Rate the visit.", labels=MAPPING)
+    src, out = tmp_path / "new.csv", tmp_path / "ratings.csv"
+    truth = _input_csv(src, 24)
+    fake_ollama.chat_responder = scripted = Scripted(truth)
+    config = load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama))
+
+    def fail_from_now(done: int, total: int) -> None:
+        fake_ollama.fault = "error500"
+
+    with pytest.raises(RatingError) as info:
+        rate_file(model, src, out, config, chunk_rows=8, on_progress=fail_from_now)
+    assert info.value.message.startswith("Ollama could not answer for llama3.2:1b: ")
+    assert info.value.message.endswith("; the 8 records rated so far are kept in ratings.csv.part")
+    assert MARKER not in str(info.value)
+    fake_ollama.fault = None
+    summary = rate_file(model, src, out, config, chunk_rows=8)
+    assert (summary["status"], summary["resumed_from"], summary["rated_this_run"]) == ("done", 8, 16)
+    assert Counter(scripted.users) == Counter(list(truth))
+
+
+def test_the_local_backend_rates_when_ollama_is_down(tmp_path, tiny_model_dir, tiny_base_models):
+    """With Ollama unreachable and the base weights on disk, rating runs on the local child backend
+    in chunks; the tiny random model's answers are all invalid and written as such."""
+    src = tmp_path / "new.csv"
+    _input_csv(src, 4)
+    config = load_config(None, {}, overrides={
+        "ollama": {"host": "http://127.0.0.1:9", "connect_timeout_s": 0.5, "retries": 0},
+        "base_models": tiny_base_models, "evaluation": {"max_new_tokens": 8, "batch_size": 2},
+        "paths": {"root": str(tmp_path)}})
+    name = next(iter(tiny_base_models))
+    summary = rate_file(model_from_name(name, system="Rate the visit.", labels=MAPPING), src,
+                        tmp_path / "ratings.csv", config, chunk_rows=2)
+    assert {k: summary[k] for k in ("status", "backend", "model", "rated", "invalid")} == {
+        "status": "done", "backend": "local", "model": name, "rated": 4, "invalid": 4}
+    _, rows = _rows(tmp_path / "ratings.csv")
+    assert [(r["Row_ID"], r["valid"], r["rating"], r["model"]) for r in rows] == [
+        (r[0], "false", "", name) for r in synthetic_rows(4, 11)]

@@ -1,0 +1,99 @@
+"""The package's rooms and their import rule, read from the source with ``ast``.
+
+A room imports only the rooms before it in the order a job passes through them (base modules, data,
+training, serving, quality, fine_tuner, inbox, cli); each room's ``__init__`` states the same rule.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "daemon"
+BASE = ("errors", "fsutil", "portable", "logconfig", "config")
+ORDER = ["base", "data", "training", "serving", "quality", "fine_tuner", "inbox", "cli"]
+# config checks the prompt_template setting with data.template's parser (which imports only errors)
+EXCEPTIONS = {("daemon.config", "daemon.data.template")}
+
+
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def room_of(module: str) -> str:
+    """The room of a ``daemon.*`` module: its subpackage, ``base`` or its own name at the top level."""
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] == "__main__":
+        return "cli"  # daemon/__init__.py is the facade: it may reach FineTuner and the capability report
+    return "base" if parts[1] in BASE else parts[1]
+
+
+def imports_of(path: Path, package: Path = PACKAGE) -> set[str]:
+    """Every ``daemon`` module (or package) the file imports, anywhere in it (lazy imports included)."""
+    module = module_name(path, package)
+    here = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "daemon"}
+        elif isinstance(node, ast.ImportFrom):
+            parts = here.split(".")
+            target = (".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                      if node.level else node.module or "")
+            if target.split(".")[0] != "daemon":
+                continue
+            for alias in node.names:  # "from .data import prompts" imports the module daemon.data.prompts
+                candidate = package.parent.joinpath(*target.split("."), alias.name)
+                found.add(f"{target}.{alias.name}" if candidate.with_suffix(".py").exists() or candidate.is_dir()
+                          else target)
+    return found
+
+
+def broken_rules(package: Path = PACKAGE) -> list[str]:
+    """One line per import that reaches a later room than its module's own."""
+    broken = []
+    for path in sorted(package.rglob("*.py")):
+        module = module_name(path, package)
+        room = room_of(module)
+        for target in sorted(imports_of(path, package) - {"daemon"}):
+            other = room_of(target)
+            if (module, target) in EXCEPTIONS:
+                continue
+            if module == "daemon.errors" or ORDER.index(other) > ORDER.index(room):
+                broken.append(f"{module} ({room}) imports {target} ({other})")
+    return broken
+
+
+def test_every_import_follows_the_room_order():
+    """No module imports a room after its own (no upward import), apart from the one named exception."""
+    assert broken_rules() == []
+
+
+def test_the_rule_check_can_fail(tmp_path):
+    """A data module importing the Ollama client is reported: the check reads real imports."""
+    copy = tmp_path / "daemon"
+    for path in PACKAGE.rglob("*.py"):
+        dest = copy / path.relative_to(PACKAGE)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    prompts = copy / "data" / "prompts.py"
+    prompts.write_text(prompts.read_text(encoding="utf-8") + "\n\ndef _f():\n    from ..serving import ollama\n",
+                       encoding="utf-8")
+    assert broken_rules(copy) == ["daemon.data.prompts (data) imports daemon.serving.ollama (serving)"]
+
+
+@pytest.mark.parametrize("room", ["data", "training", "serving", "quality", "inbox"])
+def test_each_room_says_what_it_owns_and_may_import(room):
+    """Each subpackage's docstring names its modules and its import rule."""
+    doc = ast.get_docstring(ast.parse((PACKAGE / room / "__init__.py").read_text(encoding="utf-8"))) or ""
+    modules = sorted(p.stem for p in (PACKAGE / room).glob("*.py") if p.stem != "__init__")
+    assert [m for m in modules if f"``{m}``" not in doc] == []
+    assert "may import" in doc.lower()
+
+
+def test_errors_imports_nothing_of_ours():
+    """The exception family stands alone, so every room can import it."""
+    assert imports_of(PACKAGE / "errors.py") == set()
