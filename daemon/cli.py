@@ -28,6 +28,7 @@ import structlog
 from . import __version__
 from .config import APPROACHES, Config, ConfigError, load_config
 from .errors import DatasetTooSmallWarning, FineTunerError, JournalError
+from .logconfig import from_this_package
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TEMPFAIL, EXIT_CONFIG = 0, 1, 2, 75, 78
 
@@ -133,7 +134,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
                   file: object = None, line: str | None = None) -> None:
     """Our own warnings as one readable line; a library's warning text (which could quote data)
     is not printed (it is in the log file with --debug)."""
-    ours = Path(filename).resolve().parent == Path(__file__).resolve().parent
+    ours = from_this_package(filename)
     if ours or issubclass(category, DatasetTooSmallWarning):
         print(f"fine-tuner: warning: {message}", file=sys.stderr)
 

@@ -85,6 +85,15 @@ def _add(root: logging.Logger, handler: logging.Handler) -> logging.Handler:
     return handler
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def from_this_package(filename: str) -> bool:
+    """True for a source file of fine-tuner's own package (any room): only our own warning texts
+    may be shown or logged, a library's could quote data."""
+    return Path(filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
 def get_logger(name: str = "") -> structlog.stdlib.BoundLogger:
     """A logger under the ``fine_tuner`` hierarchy (``name`` is the module, e.g. ``service``)."""
     return structlog.get_logger(f"{_ROOT}.{name}" if name else _ROOT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import structlog
 
@@ -48,3 +49,11 @@ def test_job_log_appends_on_a_line_of_its_own_after_a_cut_off_line(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[:2] == ['{"event": "job_started", "job_id": "job-1"}', '{"event": "cut off']
     assert [json.loads(line)["event"] for line in lines[2:]] == ["job_failed"]
+
+
+def test_files_of_every_room_count_as_this_package():
+    """A warning raised in any room (data/, inbox/, the top level) is ours; a library's is not."""
+    package = Path(logconfig.__file__).resolve().parent
+    assert [logconfig.from_this_package(str(p)) for p in (
+        package / "data" / "dataset.py", package / "inbox" / "service.py", package / "cli.py",
+        Path(structlog.__file__))] == [True, True, True, False]

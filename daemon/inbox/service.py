@@ -53,7 +53,7 @@ from .drops import (
 from .jobs import JobContext, JobRunner, frames, names, os_error_fields
 from .journal import InputFile, Journal, utc_now
 from .lane import TrainingLane
-from ..logconfig import get_logger
+from ..logconfig import from_this_package, get_logger
 from .notify import Notifier
 from .paths import resolve_paths
 from .status import format_status, status  # noqa: F401 - the `status` command's entry points
@@ -86,7 +86,7 @@ def _log_warning(message: Warning | str, category: type[Warning], filename: str,
                  file: object = None, line: str | None = None) -> None:
     """Python warnings as JSON log lines (stdout stays parseable). Only our own package's warning
     texts are logged: a library's warning text could quote data."""
-    ours = Path(filename).resolve().parent == Path(__file__).resolve().parent
+    ours = from_this_package(filename)
     log.warning("python_warning", category=category.__name__, location=f"{Path(filename).name}:{lineno}",
                 **({"message": str(message)} if ours else {}))
 

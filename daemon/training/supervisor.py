@@ -311,7 +311,7 @@ class _LogTail:
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     # The child must import this package even when it is not installed (a source checkout).
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"

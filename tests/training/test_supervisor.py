@@ -553,3 +553,11 @@ def test_template_without_system_role_gets_it_merged(tiny_model_dir):
                                      "<|start_header_id|>assistant<|end_header_id|>\n\n"
                                      f"{answer}<|eot_id|>")
     assert tokenizer.decode([t for t in labels if t != -100]) == answer + "<|eot_id|>"
+
+
+def test_child_env_puts_the_folder_holding_the_package_first():
+    """The trainer child imports ``daemon`` from this checkout even when the package is not installed."""
+    from daemon.training.supervisor import child_env
+
+    first = child_env()["PYTHONPATH"].split(os.pathsep)[0]
+    assert (Path(first) / "daemon" / "__init__.py").is_file()
