@@ -7,7 +7,8 @@ The package is grouped into rooms, in the order a job passes through them; a roo
 rooms before it (each room's ``__init__`` states its rule, ``tests/test_layout.py`` checks it):
 
 * top-level base modules, imported by every room: ``errors`` (imports nothing of ours), ``fsutil``,
-  ``portable``, ``logconfig``, ``config`` (which borrows ``data.template``'s parser to check the
+  ``portable``, ``logconfig``, ``llamacpp`` (where the pinned llama.cpp and fine-tuner's machine-wide
+  cache live), ``config`` (which borrows ``data.template``'s parser to check the
   ``prompt_template`` setting: the one exception to the order);
 * ``data``: CSV and mapping to validated rows, prompts, training records, model-set text;
 * ``training``: the trainer children and the parent that supervises them;

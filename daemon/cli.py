@@ -227,14 +227,22 @@ def _os_error_line(exc: OSError) -> str:
     return text
 
 
+def _private_outputs() -> None:
+    """What a command writes from patient records is the caller's alone, as the daemon's outputs
+    are (0600 files, 0700 folders, the log file too), whatever the caller's umask."""
+    os.umask(0o077)
+
+
 def _cmd_process(cfg: Config, args: argparse.Namespace) -> int:
     from .config import job_settings
     from .fine_tuner import FineTuner, JobInputs
+    from .fsutil import not_a_file
 
+    _private_outputs()
     _configure_logging(cfg, args, stdout=False)
     csv_path = Path(args.input)
-    if not csv_path.is_file():
-        return _fail(f"{csv_path}: no such file; pass the formatted dataset CSV with --input", EXIT_USAGE)
+    if (problem := not_a_file(csv_path)) is not None:
+        return _fail(f"{csv_path}: {problem}; pass the formatted dataset CSV with --input", EXIT_USAGE)
     if args.mapping and not Path(args.mapping).is_file():
         return _fail(f"{args.mapping}: no such file; pass the rating mapping with --mapping", EXIT_USAGE)
     settings = job_settings(cfg.defaults, {
@@ -331,8 +339,12 @@ def _cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_check(cfg: Config, args: argparse.Namespace) -> int:
+    from .config import model_name_problem, printable
     from .fine_tuner import FineTuner
 
+    # the job files' rule, before anything is asked of Ollama or suggested for the config
+    if (why := model_name_problem(args.model)) is not None:
+        return _fail(f"MODEL '{printable(args.model)}': {why}", EXIT_USAGE)
     _configure_logging(cfg, args, stdout=False)
     report = FineTuner(debug_mode=args.debug, config=cfg).capability_report(args.model)
     if args.json:
@@ -359,6 +371,7 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from .quality.evaluator import EvaluationSkipped, evaluate_folder, read_json
     from .quality.rater import RaterError
 
+    _private_outputs()
     _configure_logging(cfg, args, stdout=False)
     folder = Path(args.output_dir)
     meta_path = folder / "fine_tuning_metadata.json"
@@ -383,14 +396,19 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
+    from .fsutil import not_a_file
     from .quality import rating
 
+    _private_outputs()
     _configure_logging(cfg, args, stdout=False)
     csv_path = Path(args.input)
-    if not csv_path.is_file():
-        return _fail(f"{csv_path}: no such file; pass the records to rate with --input", EXIT_USAGE)
-    model = _rating_model(cfg, args)
+    if (problem := not_a_file(csv_path)) is not None:
+        return _fail(f"{csv_path}: {problem}; pass the records to rate (a CSV file) with --input", EXIT_USAGE)
     output = Path(args.output) if args.output else csv_path.with_name(f"{csv_path.stem}.ratings.csv")
+    summary_path = output.with_name(f"{output.stem}.summary.json")
+    if (problem := rating.output_problem(csv_path, output, also=(summary_path,))) is not None:
+        return _fail(f"{problem}; pass another --output", EXIT_USAGE)
+    model = _rating_model(cfg, args)
     progress = _bar("rating") if sys.stderr.isatty() else None
     with structlog.contextvars.bound_contextvars(job_id=output.stem):
         summary = rating.rate_file(model, csv_path, output, cfg, backend=args.backend,
@@ -399,10 +417,13 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
                                    if progress else None)
     if progress is not None:
         print(file=sys.stderr)
-    summary_path = rating.write_summary(summary, output.with_name(f"{output.stem}.summary.json"))
+    rating.write_summary(summary, summary_path)
     counts = ", ".join(f"{label} {n}" for label, n in summary["counts"].items())
+    ids = summary.get("id_column")
     print(f"rated: {summary['rated']} of {summary['rows']} records with {summary['model']} ({summary['backend']})")
     print(f"ratings: {counts}; invalid answers {summary['invalid']}")
+    print("ids: " + (f"the input column {ids!r}" if ids else
+                     "data row numbers (the input has no Row_ID or C_BioSense_ID column)"))
     print(f"outputs: {output}, {summary_path}")
     return EXIT_OK
 

@@ -9,7 +9,10 @@ out of range (nan and inf included), malformed Ollama names and hosts are errors
 It also owns the strict reading of small YAML/JSON files (the config, job files, and for
 ``mapping`` the mapping files): ``read_small_file`` never follows a link, never blocks on a FIFO and
 refuses a file over ``MAX_COMPANION_BYTES``; ``parse_yaml`` is ``safe_load`` that also refuses a key
-given twice, nesting deeper than ``MAX_YAML_DEPTH`` and text that is not valid Unicode. Messages name
+given twice, nesting deeper than ``MAX_YAML_DEPTH``, text that is not valid Unicode and, unless the
+caller allows them (the config file), YAML aliases: a 50 KB job file of aliases expands to 100 MB.
+A job's free-text settings are capped too (``topics``: ``MAX_TOPICS`` topics, ``MAX_TOPICS_CHARS``
+characters; a column-list ``prompt_template``: ``MAX_TEMPLATE_LIST_CHARS``). Messages name
 a file by its escaped base name and never quote its content. This module neither logs nor creates
 folders.
 """
@@ -76,6 +79,10 @@ class OllamaConfig:
     backoff_max_s: float = 8.0
     register: str = "auto"
     parallel: int = 2  # chat requests in flight at once when evaluating or rating through Ollama
+    # the largest answer (or create status line) read from the server: Ollama's answers are a few KB
+    # (a chat answer, /api/show, /api/tags of a large install stay under ~1 MB); 8 MiB leaves room
+    # while keeping what a hostile server can make the daemon hold to a few tens of MB per request
+    max_response_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,8 @@ class PathsConfig:
     outputs: str = "outputs"
     state_dir: str | None = None  # None: $STATE_DIRECTORY, else <root>/.fine-tuner
     log_dir: str | None = None  # None: $LOGS_DIRECTORY, else the state directory
+    # share inbox/ and outputs/ with this group (folders 2770, files 0660, umask 007); None: private
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -259,6 +268,22 @@ class StrictLoader(yaml.SafeLoader):
 
 StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
 StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", StrictLoader.construct_yaml_timestamp)
+
+
+class NoAliasLoader(StrictLoader):
+    """``StrictLoader`` that also refuses YAML aliases (``*name``, and so ``<<: *name`` merges): an
+    alias repeats a value without repeating its bytes, so a few kilobytes can stand for gigabytes
+    once the value is written out (into a system prompt, the metadata, an error). Job and mapping
+    files never need one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise ParseProblem(ALIAS_REFUSED, _line(self.peek_event().start_mark))
+        return super().compose_node(parent, index)
+
+
+ALIAS_REFUSED = ("the file uses a YAML alias (*name), which job and mapping files may not use: write each "
+                 "value out in full")
 LONE_SURROGATE = "a text value holds a lone surrogate escape (\\uD800-\\uDFFF), which is not valid Unicode"
 TOO_MANY_DIGITS = "a number has too many digits"
 NO_SUCH_DATE = "a date or time that does not exist (such as month 13)"
@@ -269,10 +294,11 @@ def duplicate_key(key: Any) -> str:
     return f"the key {shown} appears more than once in the same mapping"
 
 
-def parse_yaml(text: str) -> Any:
-    """``text`` parsed by ``StrictLoader``: ``ParseProblem`` for what it refuses, ``yaml.YAMLError``
-    for invalid YAML."""
-    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+def parse_yaml(text: str, *, aliases: bool = False) -> Any:
+    """``text`` parsed by ``NoAliasLoader`` (``StrictLoader`` when ``aliases``: only the operator's
+    config file): ``ParseProblem`` for what it refuses, ``yaml.YAMLError`` for invalid YAML."""
+    loader = StrictLoader if aliases else NoAliasLoader
+    return yaml.load(text, Loader=loader)  # noqa: S506 - both loaders are SafeLoaders
 
 
 def read_small_file(path: str | os.PathLike, limit: int = MAX_COMPANION_BYTES) -> bytes:
@@ -417,6 +443,7 @@ _RULES: dict[str, tuple[tuple[Callable[[float], bool], str], ...]] = {
     "watch.stop_timeout_s": (_at_least(0),),
     "watch.max_attempts": (_at_least(1),),
     "ollama.parallel": (_at_least(1), _at_most(64)),
+    "ollama.max_response_bytes": (_POSITIVE,),
     "evaluation.max_rows": (_at_least(1),),
     "evaluation.batch_size": (_at_least(1), _at_most(256)),
     "evaluation.max_new_tokens": (_at_least(8), _at_most(4096)),
@@ -454,8 +481,12 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append(f"defaults.approach: must be one of {', '.join(APPROACHES)}")
     if d.model is not None and (why := model_name_problem(d.model)):
         problems.append(f"defaults.model: {why}")
+    if isinstance(d.topics, str) and (why := topics_problem(d.topics)):
+        problems.append(f"defaults.topics: {why}")
     if o.register not in REGISTER_MODES:
         problems.append(f"ollama.register: must be one of {', '.join(REGISTER_MODES)}")
+    if cfg.paths.group is not None and (why := group_problem(cfg.paths.group)):
+        problems.append(f"paths.group: {why}")
     if o.host is not None and (why := host_problem(o.host)):
         problems.append(f"ollama.host: {why}; use http(s)://host[:port][/path] or host[:port]")
     if d.prompt_template is not None:
@@ -525,6 +556,18 @@ def model_name_problem(name: str) -> str | None:
     return f"not a valid Ollama model name ({reason}); {MODEL_NAME_RULE}"
 
 
+def group_problem(name: str) -> str | None:
+    """Why ``name`` is not a group of this machine that ``paths.group`` can share folders with, or None."""
+    import grp
+
+    try:
+        grp.getgrnam(name)
+    except (KeyError, ValueError):  # ValueError: a NUL in the name
+        return (f"there is no group {printable(name)!r} on this machine: create it (groupadd) and add "
+                "the service user and the analysts to it, or remove the setting")
+    return None
+
+
 _HOST_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?")
 
 
@@ -591,23 +634,24 @@ def _merge(base: dict, top: Mapping) -> dict:
 
 def read_config_file(path: str | os.PathLike) -> dict:
     """Parse the YAML config file (``StrictLoader``: ``safe_load`` without duplicate keys, deep
-    nesting or invalid Unicode); errors name the file."""
+    nesting or invalid Unicode; the operator's own file may use aliases); errors name the file."""
     p = Path(path)
     source = printable(str(p), limit=4096)
     try:
         data = p.read_bytes()
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc.strerror or type(exc).__name__}"], source=source) from None
-    parsed = _parse_settings(data, source)
+    parsed = _parse_settings(data, source, aliases=True)
     if not isinstance(parsed, dict):
         raise ConfigError(["the top level must be a mapping of sections"], source=source)
     return parsed
 
 
-def _parse_settings(data: bytes, source: str) -> Any:
-    """``data`` as parsed YAML ({} when empty), or one ConfigError that quotes nothing from it."""
+def _parse_settings(data: bytes, source: str, *, aliases: bool = False) -> Any:
+    """``data`` as parsed YAML ({} when empty), or one ConfigError that quotes nothing from it.
+    ``aliases``: YAML aliases are allowed (the config file; never a job file)."""
     try:
-        parsed = parse_yaml(_decode(data))
+        parsed = parse_yaml(_decode(data), aliases=aliases)
     except ParseProblem as exc:
         raise ConfigError([str(exc)], source=source) from None
     except yaml.YAMLError as exc:
@@ -703,6 +747,13 @@ def as_dict(cfg: Config) -> dict:
 JOB_KEYS = ("task", "model", "topics", "epochs", "learning_rate", "batch_size", "approach", "fallback",
             "output_model", "force", "prompt_template")
 TASKS = ("build", "rate")  # build a model (the default) | rate the dataset with a built one
+# The free text a job carries goes into every training record's system prompt, the metadata, the
+# Modelfile and errors: a few lines each. A bigger value is refused naming its key and the limit
+# (model names: MAX_MODEL_NAME_CHARS; a format-string prompt_template: template.MAX_TEMPLATE_CHARS).
+MAX_TOPICS = 50
+MAX_TOPICS_CHARS = 2000
+MAX_TEMPLATE_LIST_CHARS = 16 * 1024  # the column names of a list prompt_template, together
+MAX_KEYS_NAMED = 10  # unknown keys named in one error, then "and N more"
 
 
 @dataclass(frozen=True)
@@ -734,19 +785,32 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
     if template is None:
         template = defaults.prompt_template
     merged["prompt_template"] = None
-    if template is not None:
+    if isinstance(template, (list, tuple)) and _text_chars(template) > MAX_TEMPLATE_LIST_CHARS:
+        problems.append(f"prompt_template: the list of columns holds {_text_chars(template)} characters, "
+                        f"over the limit of {MAX_TEMPLATE_LIST_CHARS}")
+    elif template is not None:
         from .data.template import parse_template
 
         try:
             merged["prompt_template"] = parse_template(template)
         except ConfigError as exc:
             problems.extend(exc.problems)
+    unknown = [key for key in values if key not in hints]
+    problems.extend(f"{printable(str(key))}: unknown key (known: {', '.join(JOB_KEYS)})"
+                    for key in unknown[:MAX_KEYS_NAMED])
+    if len(unknown) > MAX_KEYS_NAMED:
+        problems.append(f"and {len(unknown) - MAX_KEYS_NAMED} more unknown keys")
     for key, value in values.items():
         if key not in hints:
-            problems.append(f"{printable(str(key))}: unknown key (known: {', '.join(JOB_KEYS)})")
             continue
         if key == "topics" and isinstance(value, list) and all(isinstance(t, str) for t in value):
+            if len(value) > MAX_TOPICS:
+                problems.append(f"topics: {len(value)} topics, over the limit of {MAX_TOPICS}")
+                continue
             value = ", ".join(value)
+        if key == "topics" and isinstance(value, str) and (why := topics_problem(value)):
+            problems.append(f"topics: {why}")
+            continue
         merged[key] = _coerce(value, hints[key], key, False, problems)
     if merged.get("approach") not in APPROACHES:
         problems.append(f"approach: must be one of {', '.join(APPROACHES)}")
@@ -770,6 +834,21 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
     if problems:
         raise ConfigError(problems, source=source)
     return JobSettings(**merged)
+
+
+def topics_problem(text: str) -> str | None:
+    """Why ``text`` (topics, comma-separated) is too big for a system prompt, or None."""
+    count = sum(1 for part in text.split(",") if part.strip())
+    if count > MAX_TOPICS:
+        return f"{count} topics, over the limit of {MAX_TOPICS}"
+    if len(text) > MAX_TOPICS_CHARS:
+        return f"{len(text)} characters, over the limit of {MAX_TOPICS_CHARS}"
+    return None
+
+
+def _text_chars(items: Any) -> int:
+    """The characters of the strings in ``items`` together (other items count as none)."""
+    return sum(len(item) for item in items if isinstance(item, str))
 
 
 JOB_FILE_HINT = "fix the job file and drop it again"

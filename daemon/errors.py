@@ -47,11 +47,12 @@ class ConfigError(FineTunerError):
 
     default_hint = "fix the configuration file or the FINE_TUNER_* variables and start again"
 
-    def __init__(self, problems: list[str], *, source: str | None = None) -> None:
+    def __init__(self, problems: list[str], *, source: str | None = None, hint: str | None = None) -> None:
         self.problems = list(problems)
         self.source = source
         where = f" in {source}" if source else ""
-        super().__init__(f"invalid configuration{where}: " + "; ".join(self.problems))
+        # ``hint``: what to do when the problem is not the daemon's configuration (a job file's)
+        super().__init__(f"invalid configuration{where}: " + "; ".join(self.problems), hint=hint)
 
 
 # --- datasets and mappings ---------------------------------------------------------------------
@@ -108,6 +109,14 @@ class InvalidRatingError(DatasetError):
 
 class UnmappedRatingError(DatasetError):
     """Ratings appear that the rating mapping does not contain (each value and its count are named)."""
+
+
+class LabelRatingMismatchError(DatasetError):
+    """Rows whose ``Expert Rating`` label has another rating in the given mapping than their own
+    ``Standardized_Rating``: the training target of those rows is unknown (their numbers are named)."""
+
+    default_hint = ("fix the Standardized_Rating or the Expert Rating of those rows (or the mapping, if it "
+                    "is the wrong one) and drop the files again")
 
 
 class MappingError(DatasetError):

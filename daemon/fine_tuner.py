@@ -587,7 +587,7 @@ class FineTuner:
             fsutil.write_text(build_dir / "training_config.yaml",
                               _config_header(settings.model, base.hf_id) + yaml.safe_dump(cfg, sort_keys=False))
             fsutil.write_text(build_dir / AXOLOTL_LAUNCHER, AXOLOTL_LAUNCHER_TEXT)
-            os.chmod(build_dir / AXOLOTL_LAUNCHER, 0o700)
+            fsutil.make_executable(build_dir / AXOLOTL_LAUNCHER)
             fsutil.write_json(build_dir / "dataset_info.json",
                               trainingdata.dataset_info("training_data.jsonl", validation))
             # the model set built from the same training rows, measured beside the fine-tune

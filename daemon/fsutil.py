@@ -46,6 +46,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str | Non
     try:
         with os.fdopen(fd, mode, encoding=None if binary else encoding,
                        newline=None if binary else "") as fh:
+            if is_shared_dir(target.parent):  # mkstemp makes 0600; the folder's group reads it too
+                os.fchmod(fh.fileno(), SHARED_FILE_MODE)
             yield fh
             fh.flush()
             if durable:
@@ -119,12 +121,36 @@ class NotRegularFileError(OSError):
     """An input path is a FIFO, socket, device, folder or symbolic link where a file was expected."""
 
 
-def open_regular(path: str | os.PathLike) -> int:
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def kind_of(mode: int) -> str:
+    """What a file of ``st_mode`` is, in words ("a folder", "a character device", ...)."""
+    return next((name for test, name in _KINDS if test(mode)), "a regular file" if stat.S_ISREG(mode)
+                else "not a regular file")
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` (links followed) is not a regular file to read, in words: "no such file", "a
+    character device, not a file", ...; None when it is one."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such file" if not os.path.islink(path) else "a symbolic link to a missing file"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None if stat.S_ISREG(st.st_mode) else f"{kind_of(st.st_mode)}, not a file"
+
+
+def open_regular(path: str | os.PathLike, *, dir_fd: int | None = None) -> int:
     """Open a regular file for reading without ever blocking or following a link: ``O_NONBLOCK``
     (a FIFO swapped in would otherwise block ``open`` until a writer comes), ``O_NOFOLLOW``, and
-    the type checked on the opened descriptor, not on a name that can change in between."""
+    the type checked on the opened descriptor, not on a name that can change in between.
+    ``dir_fd``: ``path`` is relative to that open folder (see ``open_real_dir``)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NotRegularFileError(errno.ELOOP, "a symbolic link, not a file", os.fspath(path)) from None
@@ -153,11 +179,12 @@ def hash_regular_file(path: str | os.PathLike) -> tuple[str, int]:
 
 
 def read_json_object(path: str | os.PathLike) -> dict:
-    """A JSON object from a file, or {} when it is missing, unreadable or not an object."""
+    """A JSON object from a file, or {} when it is missing, unreadable, nested too deeply for the
+    parser (a RecursionError) or not an object."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -169,6 +196,19 @@ def real_dir(path: str | os.PathLike) -> Path:
     if not stat.S_ISDIR(os.lstat(path).st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "not a folder (a symbolic link or a file)", str(path))
     return path
+
+
+def open_real_dir(path: str | os.PathLike, *, dir_fd: int | None = None) -> int:
+    """A descriptor of the real folder ``path`` (``O_NOFOLLOW``: a symbolic link in its place is
+    never followed; NotADirectoryError for a link or a file). Open files inside it with
+    ``open_regular(name, dir_fd=...)`` so that nothing can swap the folder in between."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder (a symbolic link or a file)",
+                                     os.fspath(path)) from None
+        raise
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -223,24 +263,79 @@ def unique_path(path: str | os.PathLike) -> Path:
 
 
 def reserve_dir(path: str | os.PathLike) -> Path:
-    """Create a new, empty 0700 folder at ``path`` or, when taken, at the first free ``-N`` variant
-    (race-free: the mkdir itself decides)."""
+    """Create a new, empty 0700 folder (2770 in a shared folder, see ``new_dir``) at ``path`` or,
+    when taken, at the first free ``-N`` variant (race-free: the mkdir itself decides)."""
     target = Path(path)
     while True:
         target = unique_path(target)
         try:
-            target.mkdir(mode=0o700)
-            return target
+            return new_dir(target)
         except FileExistsError:
             continue
+
+
+# A folder shared with a group (the daemon's ``paths.group``): setgid, so that everything created
+# inside keeps the folder's group, and read/write/enter for that group; nothing for others.
+SHARED_DIR_MODE = 0o2770
+SHARED_FILE_MODE = 0o660
+_SHARED_BITS = stat.S_ISGID | stat.S_IRWXG
+
+
+def is_shared_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder shared with its group as ``make_shared_dir`` makes it (setgid,
+    group rwx): what is created inside is made group-accessible too (files 0660, folders 2770)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISDIR(mode) and mode & _SHARED_BITS == _SHARED_BITS
+
+
+def new_dir(path: str | os.PathLike) -> Path:
+    """Create a new, empty folder at ``path`` (FileExistsError when taken): 0700, or 2770 inside a
+    shared folder (its group comes from the folder's setgid bit)."""
+    path = Path(path)
+    path.mkdir(mode=0o700)
+    if is_shared_dir(path.parent):
+        _ensure_dir(path, SHARED_DIR_MODE)
+    return path
+
+
+def make_executable(path: str | os.PathLike) -> None:
+    """Let whoever may read ``path`` run it too: 0600 becomes 0700, 0660 (in a shared folder) 0770."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    os.chmod(path, mode | (mode & 0o444) >> 2)
+
+
+def make_dir_like_parent(path: str | os.PathLike) -> Path:
+    """``make_shared_dir`` with the parent's group when the parent is a shared folder, else
+    ``make_private_dir``: a job's build folder follows ``outputs/``."""
+    parent = Path(path).parent
+    if is_shared_dir(parent):
+        # its name is predictable and the group may write there: never take a member's folder
+        return _ensure_dir(Path(path), SHARED_DIR_MODE, os.stat(parent).st_gid, ours=True)
+    return make_private_dir(path)
+
+
+def make_shared_dir(path: str | os.PathLike, gid: int) -> Path:
+    """Create ``path`` (and parents) and make sure it belongs to group ``gid`` with mode 2770: the
+    group may enter, list, add and read, others nothing, and what is created inside keeps the group.
+    PermissionError when this process may not give the folder to the group (it must own the folder
+    and be a member of the group); a link or a file in its place: NotADirectoryError."""
+    return _ensure_dir(Path(path), SHARED_DIR_MODE, gid)
 
 
 def make_private_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` (and parents) and make sure it is mode 0700. A symbolic link or a file in its
     place raises NotADirectoryError: the link is never followed, its target never chmodded."""
-    path = Path(path)
+    return _ensure_dir(Path(path), 0o700)
+
+
+def _ensure_dir(path: Path, mode: int, gid: int | None = None, *, ours: bool = False) -> Path:
+    """Create ``path`` (and parents) and set its mode (and group), on the folder opened without
+    following a link. ``ours``: PermissionError when another user owns it."""
     with contextlib.suppress(FileExistsError):  # a file in its place: reported just below
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.mkdir(parents=True, exist_ok=True, mode=mode & 0o777)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -249,8 +344,19 @@ def make_private_dir(path: str | os.PathLike) -> Path:
                                      str(path)) from None
         raise
     try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:  # nothing to change on a read-only mount
-            os.fchmod(fd, 0o700)
+        st = os.fstat(fd)
+        if ours and st.st_uid != os.geteuid():
+            raise PermissionError(errno.EPERM, "the folder belongs to another user")
+        if gid is not None and os.geteuid() != 0 and gid not in (os.getegid(), *os.getgroups()):
+            # the folder may be the group's already, but the files its members drop would not be ours to read
+            raise PermissionError(errno.EPERM, "this process is not a member of the group")
+        if gid is not None and st.st_gid != gid:
+            os.fchown(fd, -1, gid)
+        if stat.S_IMODE(st.st_mode) != mode:  # nothing to change on a read-only mount
+            os.fchmod(fd, mode)
+            # the kernel silently drops setgid for a group this process is not a member of
+            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+                raise PermissionError(errno.EPERM, "this process is not a member of the folder's group")
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:

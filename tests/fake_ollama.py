@@ -11,6 +11,13 @@ in the middle of a create or chat response), ``"garbage"`` (200 with a body that
 ``"trickle"`` (the normal answer, status line included, one byte every ``trickle_s`` seconds, so that
 no single socket read ever waits long). ``accepted`` counts the TCP connections the server accepted
 and ``open_connections()`` those still open.
+``hostile`` maps a path to a hostile answer for that path only (the others answer normally):
+``"endless"`` (200 without Content-Length, then spaces without end, ``endless_chunk_bytes`` at a
+time, ``endless_pause_s`` apart, 0 for no pause),
+``"huge"`` / ``"huge_unannounced"`` (the normal answer after ``huge_bytes`` spaces, with or without
+a Content-Length), ``"redirect"`` (307 to ``redirect_to``; with ``redirect_endless``, a body of
+spaces without end) and ``"body"`` (the bytes in
+``hostile_bodies[path]``, with the status in ``hostile_status[path]``, 200 if none). ``hostile_sent`` counts the bytes each hostile answer got out, by path.
 The ``fake_ollama`` fixture yields a started server seeded with ``llama3.2:1b`` (llama),
 ``gemma2:2b`` (gemma2) and ``qwen2.5:0.5b`` (qwen2) and stops it, and its threads, afterwards.
 """
@@ -35,6 +42,7 @@ from typing import Any
 import pytest
 
 FAULTS = (None, "down", "slow", "error500", "reset", "garbage", "hang", "trickle")
+HOSTILE = ("endless", "huge", "huge_unannounced", "redirect", "body")
 ADAPTER_ARCHITECTURES = ("llama", "gemma2")  # reference §5: convert.ConvertAdapter
 BLOB_DIR = "/usr/share/ollama/.ollama/models/blobs"
 DIGEST_RE = re.compile(r"^sha256[:-][0-9a-fA-F]{64}$")
@@ -243,6 +251,15 @@ class FakeOllama:
         self.chat_content: str | None = None  # overrides the scripted chat answer when set
         # a test's own answers: (model name, messages) -> content; overrides chat_content when set
         self.chat_responder: Callable[[str, list], str] | None = None
+        self.hostile: dict[str, str] = {}  # path -> one of HOSTILE
+        self.hostile_bodies: dict[str, bytes] = {}  # path -> the body of a "body" answer
+        self.hostile_status: dict[str, int] = {}  # path -> the status of a "body" answer (default 200)
+        self.hostile_sent: dict[str, int] = {}  # path -> bytes of hostile answers sent so far
+        self.endless_chunk_bytes = 64 * 1024
+        self.endless_pause_s = 0.0
+        self.huge_bytes = 1 << 30
+        self.redirect_to = ""
+        self.redirect_endless = False
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.port = 0
@@ -635,6 +652,10 @@ class _Handler(BaseHTTPRequestHandler):
                 body = None
         if not is_blob_post:
             self.fake.record(RecordedRequest(self.command, path, body, len(raw), dict(self.headers)))
+        hostile = self.fake.hostile.get(path)
+        if hostile is not None:
+            self._hostile(hostile, path, raw, is_blob_post)
+            return
         fault = self.fake.fault
         if fault == "slow" and self.fake.stopping.wait(self.fake.slow_s):
             return
@@ -650,6 +671,65 @@ class _Handler(BaseHTTPRequestHandler):
             self._trickle(answer)
             return
         self._answer(path, raw, is_blob_post)
+
+    def _hostile(self, mode: str, path: str, raw: bytes, is_blob_post: bool) -> None:
+        """One of the ``HOSTILE`` answers (see the module docstring); the connection is closed after it."""
+        if mode not in HOSTILE:
+            raise ValueError(f"unknown hostile mode {mode!r}; one of {HOSTILE}")
+        self.close_connection = True
+        if mode == "redirect":
+            self.send_response(307)
+            self.send_header("Location", self.fake.redirect_to)
+            if not self.fake.redirect_endless:
+                self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.wfile.flush()
+            if self.fake.redirect_endless:
+                self._endless(path)
+            return
+        if mode == "body":
+            self._send(self.fake.hostile_status.get(path, 200), self.fake.hostile_bodies[path], close=True)
+            return
+        real, self.wfile = self.wfile, io.BytesIO()
+        try:
+            self._answer(path, raw, is_blob_post)  # the normal answer, to come after the padding
+        finally:
+            normal, self.wfile = self.wfile.getvalue(), real
+        body = normal.partition(b"\r\n\r\n")[2]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson" if path == "/api/create" else "application/json")
+        if mode == "huge":
+            self.send_header("Content-Length", str(self.fake.huge_bytes + len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.flush()
+        if mode == "endless":
+            self._endless(path)
+            return
+        left = self.fake.huge_bytes
+        while left > 0 and not self.fake.stopping.is_set():
+            piece = min(left, 1 << 16)
+            if not self._send_hostile(path, b" " * piece):
+                return
+            left -= piece
+        self._send_hostile(path, body)
+
+    def _endless(self, path: str) -> None:
+        """Spaces, ``endless_chunk_bytes`` at a time ``endless_pause_s`` apart, until the client goes."""
+        chunk = b" " * self.fake.endless_chunk_bytes
+        while not self.fake.stopping.is_set() and self._send_hostile(path, chunk):
+            if self.fake.endless_pause_s:
+                self.fake.stopping.wait(self.fake.endless_pause_s)
+
+    def _send_hostile(self, path: str, data: bytes) -> bool:
+        """Send ``data``; False once the client has gone."""
+        try:
+            self.connection.sendall(data)
+        except OSError:
+            return False
+        with self.fake.lock:
+            self.fake.hostile_sent[path] = self.fake.hostile_sent.get(path, 0) + len(data)
+        return True
 
     def _answer(self, path: str, raw: bytes, is_blob_post: bool) -> None:
         fault = self.fake.fault

@@ -123,6 +123,23 @@ def test_check_reports_failed_checks(tmp_path):
     assert {"trainer_packages", "base_weights"} <= {c["name"] for c in report["checks"]}
 
 
+@pytest.mark.parametrize("model, why", [
+    ("/etc/shadow", "a filesystem path"),
+    ("bad name!!", "it holds whitespace or control characters"),
+    ("x\x1b[2Jy", "it holds whitespace or control characters"),
+])
+def test_check_refuses_a_name_that_is_not_an_ollama_model_name(tmp_path, fake_ollama, model, why):
+    """check of a path or a malformed name is a usage error (exit 2, one line, the job files' rule)
+    and asks Ollama nothing."""
+    res = run("check", model, cwd=tmp_path, env={"FINE_TUNER_OLLAMA__HOST": fake_ollama.url})
+    assert (res.returncode, res.stdout) == (2, "")
+    shown = model.replace("\x1b", "\\x1b")
+    assert res.stderr.splitlines() == [
+        f"fine-tuner: error: MODEL '{shown}': not a valid Ollama model name ({why}); use "
+        "[host[:port]/][namespace/]name[:tag] made of letters, digits, '_', '.' and '-', e.g. llama3.2:1b"]
+    assert fake_ollama.accepted == 0
+
+
 def test_check_says_whether_axolotl_can_train(tmp_path):
     """check reports axolotl's usability: required with training.backend axolotl, shown as
     optional with the built-in trainer; its version is a fact."""
@@ -163,6 +180,7 @@ def test_daemon_import_is_light():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.timeout(660)
 def test_demo_runs_offline(tmp_path):
     """demo_fine_tuner.py builds a model set and a real fine-tune on a generated dataset and prints
     the fine-tune's evaluation table."""
@@ -251,7 +269,7 @@ def test_damaged_journal_is_one_line_and_no_restart_loop(tmp_path, command, code
                 "read-only": (f"the journal {path} is not writable: Read-only file system", WRITABLE),
                 "dangling link": (f"the journal {path} is a symbolic link to a missing file",
                                   "point the link at the journal, or remove it to start with a new, empty journal"),
-                "newer schema": (f"the journal {path} has schema version 7; this fine-tuner knows version 1",
+                "newer schema": (f"the journal {path} has schema version 7; this fine-tuner knows version 2",
                                  "run the fine-tuner version that wrote it, or move it aside to start a new journal"),
                 }[kind]
     if kind == "garbage":
@@ -423,7 +441,8 @@ def test_failed_training_names_the_log_where_it_is(tmp_path, dataset, tiny_model
 
 def test_custom_template_trains_and_rate_reuses_it(tmp_path, fake_ollama):
     """process with --prompt-template builds a model set from a raw export; `rate --model
-    OUTPUT_DIR` formats new records with the same template (the fake sees the same prompt shape);
+    OUTPUT_DIR` formats new records with the same template (the fake sees the same prompt shape)
+    and says which id column it took;
     a template naming a missing column is one line naming it and the closest column."""
     import csv as _csv
 
@@ -454,12 +473,32 @@ def test_custom_template_trains_and_rate_reuses_it(tmp_path, fake_ollama):
     rated = list(_csv.DictReader((tmp_path / "new.ratings.csv").open()))
     assert [(r["C_BioSense_ID"], r["rating"], r["label"], r["valid"]) for r in rated] == [
         ("n1", "1", "Match", "true"), ("n2", "1", "Match", "true")]
+    assert "ids: the input column 'C_BioSense_ID'\n" in res.stdout
     res = run("process", "--input", str(raw), "--mapping", str(mapping), "--model", "llama3.2:1b",
               "--approach", "model_set", "--prompt-template", "{ChiefComplaint} {DischargeDiagnosis}",
               cwd=tmp_path, env=env)
     assert res.returncode == 1
     [line] = res.stderr.strip().splitlines()
     assert "'ChiefComplaint'" in line and "'ChiefComplaintOrig'" in line
+
+
+def test_status_without_a_journal_says_where_it_looked(tmp_path):
+    """status where no journal exists exits 1 with one line naming the path it looked at and how to
+    point at the daemon's, and creates nothing; a journal without jobs says "jobs: none yet"."""
+    state = tmp_path / ".fine-tuner"
+    for flags in ([], ["--json"]):
+        res = run("status", "--root", str(tmp_path), *flags, cwd=tmp_path)
+        assert (res.returncode, res.stdout) == (1, "")
+        assert res.stderr.splitlines() == [
+            f"fine-tuner: error: there is no job journal at {state / 'journal.sqlite3'}: no daemon has run with "
+            "this state directory (point at the daemon's folders: --root DIR (the folder holding its inbox/), "
+            "--config FILE (its configuration), or paths.state_dir in the config / FINE_TUNER_PATHS__STATE_DIR "
+            "(its state directory, /var/lib/fine-tuner under systemd))"]
+    assert not state.exists()
+    state.mkdir()
+    _journal_with_jobs(state / "journal.sqlite3", jobs=0)
+    res = run("status", "--root", str(tmp_path), cwd=tmp_path)
+    assert (res.returncode, res.stdout.splitlines()[1]) == (0, "jobs: none yet")
 
 
 def test_status_on_a_dangling_journal_link_is_an_error_not_no_jobs(tmp_path):
@@ -488,3 +527,100 @@ def test_rate_shows_a_progress_bar_on_a_terminal(tmp_path, fake_ollama, dataset)
     assert "rated: 60 of 60 records with llama3.2:1b (ollama)" in stdout
     plain = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 0 and plain.stderr == ""
+
+
+def _run_with_umask_022(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "FINE_TUNER_OLLAMA__RETRIES": "0", "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: os.umask(0o022))
+
+
+def test_process_evaluate_and_rate_write_private_files_whatever_the_umask(tmp_path, fake_ollama, dataset):
+    """Run with umask 022, process, evaluate and rate still write every file 0600 and every folder
+    0700 (outputs of patient records, the log file too), as the daemon does."""
+    csv_path, mapping = dataset
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"FINE_TUNER_OLLAMA__HOST": fake_ollama.url, "FINE_TUNER_EVALUATION__ENABLED": "off"}
+    fake_ollama.chat_content = json.dumps({"rating": 1, "rationale": "x"})
+    for args in [("process", "--input", str(csv_path), "--mapping", str(mapping), "--model", "llama3.2:1b",
+                  "--approach", "model_set"),
+                 ("evaluate", "outputs/visits", "--backend", "ollama", "--max-rows", "4"),
+                 ("rate", "--model", "outputs/visits", "--input", str(csv_path), "--output", "rated/deep/r.csv")]:
+        res = _run_with_umask_022(*args, cwd=work, env=env)
+        assert res.returncode == 0, res.stderr
+    modes = {str(p.relative_to(work)): oct(p.lstat().st_mode & 0o777) for p in work.rglob("*")}
+    folders = ["outputs", "outputs/visits", "rated", "rated/deep"]
+    files = ["fine_tuner.log", "rated/deep/r.csv", "rated/deep/r.summary.json"] + [
+        f"outputs/visits/{name}" for name in ("Modelfile", "confusion_matrix.png", "evaluation.json", "evaluation.md",
+                                              "fine_tuning_metadata.json", "model_set_config.json",
+                                              "predictions.csv", "validation_data.jsonl")]
+    assert modes == {**{f: "0o700" for f in folders}, **{f: "0o600" for f in files}}
+
+
+def _rate(csv_path: Path, mapping: Path, output: str, cwd: Path, fake_ollama) -> subprocess.CompletedProcess:
+    return run("rate", "--model", "llama3.2:1b", "--mapping", str(mapping), "--input", str(csv_path),
+               "--output", output, cwd=cwd, env={"FINE_TUNER_OLLAMA__HOST": fake_ollama.url})
+
+
+@pytest.mark.parametrize("how", ["same path", "through ..", "symbolic link", "hard link"])
+def test_rate_refuses_to_write_over_its_input(tmp_path, fake_ollama, dataset, how):
+    """--output naming the input itself (the same path, a path through .., a symbolic or a hard
+    link) is a one-line usage error before anything is rated; the dataset is unchanged."""
+    csv_path, mapping = dataset
+    kept = csv_path.read_bytes()
+    (tmp_path / "sub").mkdir()
+    output = {"same path": csv_path, "through ..": tmp_path / "sub" / ".." / csv_path.name,
+              "symbolic link": tmp_path / "link.csv", "hard link": tmp_path / "hard.csv"}[how]
+    if how == "symbolic link":
+        output.symlink_to(csv_path)
+    elif how == "hard link":
+        os.link(csv_path, output)
+    fake_ollama.chat_content = json.dumps({"rating": 1, "rationale": "x"})
+    res = _rate(csv_path, mapping, str(output), tmp_path, fake_ollama)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        f"fine-tuner: error: {output} is the input file {csv_path} itself: rating would overwrite the records; "
+        "pass another --output"]
+    assert csv_path.read_bytes() == kept
+    assert fake_ollama.requests_to("/api/chat") == []
+    assert [p.name for p in tmp_path.rglob("*.part*")] == []
+
+
+@pytest.mark.parametrize("kind", ["folder", "FIFO", "link to /dev/null", "link to /dev/full"])
+def test_rate_refuses_an_output_that_is_not_a_regular_file(tmp_path, fake_ollama, dataset, kind):
+    """--output naming a folder, a FIFO or a character device is a one-line usage error before
+    anything is rated, and leaves no part file."""
+    csv_path, mapping = dataset
+    output = tmp_path / "out"
+    if kind == "folder":
+        output.mkdir()
+    elif kind == "FIFO":
+        os.mkfifo(output)
+    else:
+        output.symlink_to(kind.removeprefix("link to "))
+    what = {"folder": "a folder", "FIFO": "a FIFO (named pipe)"}.get(kind, "a character device")
+    fake_ollama.chat_content = json.dumps({"rating": 1, "rationale": "x"})
+    res = _rate(csv_path, mapping, str(output), tmp_path, fake_ollama)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        f"fine-tuner: error: {output} is {what}, not a regular file; pass another --output"]
+    assert fake_ollama.requests_to("/api/chat") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "visits.csv", "visits.mapping.json"]
+
+
+@pytest.mark.parametrize("kind", ["character device", "folder", "FIFO"])
+def test_rate_says_what_an_input_that_is_not_a_file_is(tmp_path, fake_ollama, dataset, kind):
+    """--input /dev/zero, a folder or a FIFO is a one-line usage error saying what it is, not
+    "no such file"."""
+    _, mapping = dataset
+    source = {"character device": Path("/dev/zero"), "folder": tmp_path / "in", "FIFO": tmp_path / "fifo"}[kind]
+    if kind == "folder":
+        source.mkdir()
+    elif kind == "FIFO":
+        os.mkfifo(source)
+    what = {"character device": "a character device", "folder": "a folder", "FIFO": "a FIFO (named pipe)"}[kind]
+    res = _rate(source, mapping, str(tmp_path / "r.csv"), tmp_path, fake_ollama)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        f"fine-tuner: error: {source}: {what}, not a file; pass the records to rate (a CSV file) with --input"]

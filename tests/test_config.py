@@ -11,12 +11,16 @@ import pytest
 import yaml
 
 from daemon.config import (
+    JOB_KEYS,
     MAX_COMPANION_BYTES,
+    MAX_TOPICS,
+    MAX_TOPICS_CHARS,
     SECTIONS,
     ConfigError,
     Defaults,
     job_settings,
     load_config,
+    read_config_file,
     read_job_file,
 )
 
@@ -172,10 +176,67 @@ def test_duplicate_keys_are_refused(tmp_path):
 
 
 def test_yaml_merge_keys_are_not_duplicates(tmp_path):
-    """A key that overrides one merged in with '<<' is not a duplicate."""
-    path = tmp_path / "m.job.yaml"
+    """A key that overrides one merged in with '<<' is not a duplicate (the config file, the only
+    file that may use aliases)."""
+    path = tmp_path / "c.yaml"
     path.write_text("a: &x {epochs: 1, topics: flu}\nb:\n  <<: *x\n  epochs: 4\n")
-    assert read_job_file(path) == {"a": {"epochs": 1, "topics": "flu"}, "b": {"epochs": 4, "topics": "flu"}}
+    assert read_config_file(path) == {"a": {"epochs": 1, "topics": "flu"}, "b": {"epochs": 4, "topics": "flu"}}
+
+
+def test_yaml_aliases_in_a_job_file_are_refused(tmp_path):
+    """A job file whose topics repeat one anchored 10,000-character string 10,000 times (50 KB
+    that would expand to 100 MB) is refused before it expands, naming the line; so is a merge."""
+    path = tmp_path / "bomb.job.yaml"
+    path.write_text("model: llama3.2:1b\ntopics: [&t " + "x" * 10_000 + ", *t" * 9_999 + "]\n")
+    assert path.stat().st_size < 51_000
+    error = _job_error(path)
+    assert (error.source, error.problems) == (
+        "bomb.job.yaml", ["the file uses a YAML alias (*name), which job and mapping files may not use: "
+                          "write each value out in full (line 2)"])
+    assert "xxxx" not in str(error)
+    merge = tmp_path / "merge.job.yaml"
+    merge.write_text("a: &x {epochs: 1}\nb:\n  <<: *x\n")
+    assert _job_error(merge).problems == [
+        "the file uses a YAML alias (*name), which job and mapping files may not use: "
+        "write each value out in full (line 3)"]
+
+
+def test_topics_over_their_limits_are_refused_naming_the_limit():
+    """topics over 50 entries or 2,000 characters (a list, or comma-separated text) is a ConfigError
+    naming the key, the size and the limit; at the limits they are accepted."""
+    at_limit = job_settings(Defaults(), {"topics": ["t"] * MAX_TOPICS})
+    assert at_limit.topics == ", ".join(["t"] * 50)
+    assert job_settings(Defaults(), {"topics": "y" * MAX_TOPICS_CHARS}).topics == "y" * 2000
+    cases = [(["t"] * 51, "topics: 51 topics, over the limit of 50"),
+             (["t"] * 10_000, "topics: 10000 topics, over the limit of 50"),
+             (", ".join(["t"] * 51), "topics: 51 topics, over the limit of 50"),
+             ("y" * 2001, "topics: 2001 characters, over the limit of 2000"),
+             (["y" * 1000, "z" * 1000], "topics: 2002 characters, over the limit of 2000")]
+    for topics, problem in cases:
+        with pytest.raises(ConfigError) as info:
+            job_settings(Defaults(), {"topics": topics}, source="t.job.yaml")
+        assert (info.value.source, info.value.problems) == ("t.job.yaml", [problem])
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"FINE_TUNER_TOPICS": "y" * 2001})
+    assert info.value.problems == ["defaults.topics: 2001 characters, over the limit of 2000"]
+
+
+def test_prompt_template_and_unknown_keys_are_bounded():
+    """A column-list prompt_template over 16,384 characters, a format string over 65,536 and more
+    than ten unknown keys are refused with the key and the limit; only ten unknown keys are named."""
+    columns = [f"{i:05d}" + "c" * 995 for i in range(17)]  # 17,000 characters
+    with pytest.raises(ConfigError) as info:
+        job_settings(Defaults(), {"prompt_template": columns})
+    assert info.value.problems == ["prompt_template: the list of columns holds 17000 characters, over the "
+                                   "limit of 16384"]
+    with pytest.raises(ConfigError) as info:
+        job_settings(Defaults(), {"prompt_template": "{a}" + "b" * 65_536})
+    assert info.value.problems == ["prompt_template: the format string is longer than 65536 characters"]
+    with pytest.raises(ConfigError) as info:
+        job_settings(Defaults(), {f"k{i}": 1 for i in range(5000)})
+    known = ", ".join(JOB_KEYS)
+    assert info.value.problems == [f"k{i}: unknown key (known: {known})" for i in range(10)] + [
+        "and 4990 more unknown keys"]
 
 
 def test_job_file_over_the_size_limit_is_refused_unparsed(tmp_path):
@@ -347,6 +408,24 @@ def test_out_of_range_values_are_each_named(tmp_path):
                                   "FINE_TUNER_WATCH__RESCAN_S": "86400"}).watch.workers == 64
 
 
+def test_ollama_max_response_bytes_is_a_positive_integer(tmp_path):
+    """ollama.max_response_bytes defaults to 8 MiB, is set from the file or FINE_TUNER_OLLAMA__MAX_RESPONSE_BYTES,
+    and zero, a negative number or a fraction are refused naming the key."""
+    path = tmp_path / "c.yaml"
+    path.write_text("ollama:\n  max_response_bytes: 65536\n")
+    from_env = load_config(None, env={"FINE_TUNER_OLLAMA__MAX_RESPONSE_BYTES": "1024"})
+    assert (load_config(None, env={}).ollama.max_response_bytes, load_config(path, env={}).ollama.max_response_bytes,
+            from_env.ollama.max_response_bytes) == (8 * 1024 * 1024, 65536, 1024)
+    problems = []
+    for value in ("0", "-5", "1.5"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, env={"FINE_TUNER_OLLAMA__MAX_RESPONSE_BYTES": value})
+        problems += info.value.problems
+    assert problems == ["ollama.max_response_bytes: must be greater than 0",
+                        "ollama.max_response_bytes: must be greater than 0",
+                        "ollama.max_response_bytes: expected int, got str"]
+
+
 def test_job_learning_rate_must_be_finite():
     """A job's learning_rate of inf or nan is refused like a non-positive one."""
     with pytest.raises(ConfigError) as info:
@@ -392,3 +471,21 @@ def test_invalid_ollama_hosts_are_refused(tmp_path, host, reason):
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
     assert info.value.problems == [f"ollama.host: {reason}{HOST_RULE}"]
+
+
+def test_paths_group_names_an_existing_group(tmp_path):
+    """paths.group takes a group of this machine (from the file or FINE_TUNER_PATHS__GROUP); unset is None."""
+    path = tmp_path / "c.yaml"
+    path.write_text("paths:\n  group: root\n")
+    from_env = load_config(None, env={"FINE_TUNER_PATHS__GROUP": "root"})
+    assert (load_config(path, env={}).paths.group, from_env.paths.group,
+            load_config(None, env={}).paths.group) == ("root", "root", None)
+
+
+def test_paths_group_that_does_not_exist_is_refused_with_what_to_do(tmp_path):
+    """A paths.group that is no group of this machine is a ConfigError naming it and saying what to do."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"FINE_TUNER_PATHS__GROUP": "no-such-group-4242"})
+    assert info.value.problems == [
+        "paths.group: there is no group 'no-such-group-4242' on this machine: create it (groupadd) and add the "
+        "service user and the analysts to it, or remove the setting"]

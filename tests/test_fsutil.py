@@ -126,6 +126,33 @@ def test_open_regular_refuses_fifo_and_symlink_without_blocking(tmp_path):
     assert fsutil.hash_regular_file(tmp_path / "real") == (hashlib.sha256(b"abc").hexdigest(), 3)
 
 
+def test_files_in_a_real_folder_open_relative_to_it_without_following_links(tmp_path):
+    """open_real_dir refuses a link or a file in place of a folder; open_regular with its dir_fd
+    opens a file inside and refuses a link there."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "real").write_text("abc")
+    os.symlink(tmp_path / "d" / "real", tmp_path / "d" / "link")
+    os.symlink(tmp_path / "d", tmp_path / "dlink")
+    for name in ("dlink", "d/real"):
+        with pytest.raises(NotADirectoryError):
+            fsutil.open_real_dir(tmp_path / name)
+    fd = fsutil.open_real_dir(tmp_path / "d")
+    try:
+        with os.fdopen(fsutil.open_regular("real", dir_fd=fd), "rb") as fh:
+            assert fh.read() == b"abc"
+        with pytest.raises(fsutil.NotRegularFileError):
+            fsutil.open_regular("link", dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def test_read_json_object_of_absurdly_nested_json_is_empty(tmp_path):
+    """JSON nested 100,000 levels deep (a RecursionError in the parser) reads as {}, like any
+    other file that is not a JSON object."""
+    (tmp_path / "deep.json").write_bytes(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert fsutil.read_json_object(tmp_path / "deep.json") == {}
+
+
 def test_write_json_escapes_lone_surrogates(tmp_path):
     """A value holding a lone surrogate (a non-UTF-8 file name) is written escaped, not a crash."""
     fsutil.write_json(tmp_path / "e.json", {"file": os.fsdecode(b"note\xff.txt")})
@@ -141,3 +168,70 @@ def test_make_private_dir_never_follows_a_symlink(tmp_path):
     with pytest.raises(NotADirectoryError):
         fsutil.make_private_dir(tmp_path / "state")
     assert oct(os.stat(target).st_mode & 0o777) == "0o755"
+
+
+def _mode(path) -> str:
+    return oct(os.stat(path).st_mode & 0o7777)
+
+
+def test_make_shared_dir_gives_the_folder_to_the_group_with_setgid(tmp_path):
+    """make_shared_dir creates the folder (and parents) owned by the group, mode 2770, and repairs an
+    existing one that is private or open to others."""
+    gid = os.getgid()
+    shared = fsutil.make_shared_dir(tmp_path / "a" / "inbox", gid)
+    existing = tmp_path / "outputs"
+    existing.mkdir(mode=0o755)
+    os.chmod(existing, 0o755)
+    fsutil.make_shared_dir(existing, gid)
+    assert [(_mode(p), os.stat(p).st_gid) for p in (shared, existing)] == [("0o2770", gid), ("0o2770", gid)]
+
+
+def test_make_shared_dir_never_follows_a_symlink(tmp_path):
+    """A link in place of a shared folder raises NotADirectoryError and its target keeps its mode."""
+    target = tmp_path / "target"
+    target.mkdir()
+    os.chmod(target, 0o755)
+    os.symlink(target, tmp_path / "inbox")
+    with pytest.raises(NotADirectoryError):
+        fsutil.make_shared_dir(tmp_path / "inbox", os.getgid())
+    assert _mode(target) == "0o755"
+
+
+def test_what_is_made_in_a_shared_folder_is_for_the_group(tmp_path):
+    """In a shared folder atomic files are 0660 and new folders (reserve_dir, new_dir,
+    make_dir_like_parent) 2770 with the folder's group."""
+    shared = fsutil.make_shared_dir(tmp_path / "outputs", os.getgid())
+    fsutil.write_json(shared / "error.json", {})
+    made = [fsutil.reserve_dir(shared / "job"), fsutil.new_dir(shared / ".claim-1"),
+            fsutil.make_dir_like_parent(shared / ".tmp-job")]
+    assert [_mode(p) for p in (shared / "error.json", *made)] == ["0o660", "0o2770", "0o2770", "0o2770"]
+    assert {os.stat(p).st_gid for p in made} == {os.getgid()}
+
+
+def test_what_is_made_in_a_private_folder_stays_private(tmp_path):
+    """Outside a shared folder nothing changes: atomic files 0600, new folders 0700."""
+    private = fsutil.make_private_dir(tmp_path / "outputs")
+    fsutil.write_json(private / "error.json", {})
+    made = [fsutil.reserve_dir(private / "job"), fsutil.new_dir(private / ".claim-1"),
+            fsutil.make_dir_like_parent(private / ".tmp-job")]
+    assert [_mode(p) for p in (private / "error.json", *made)] == ["0o600", "0o700", "0o700", "0o700"]
+
+
+def test_make_dir_like_parent_refuses_a_group_members_folder(tmp_path):
+    """In a shared folder a build folder another user made first (its name is predictable) is refused."""
+    shared = fsutil.make_shared_dir(tmp_path / "outputs", os.getgid())
+    planted = shared / ".tmp-job"
+    planted.mkdir()
+    os.chown(planted, os.geteuid() + 4242, -1)  # the tests run as root
+    with pytest.raises(PermissionError):
+        fsutil.make_dir_like_parent(planted)
+
+
+def test_make_executable_adds_execute_where_read_is(tmp_path):
+    """make_executable: 0600 becomes 0700, 0660 (a file in a shared folder) 0770."""
+    private, shared = tmp_path / "p.sh", tmp_path / "s.sh"
+    for path, mode in ((private, 0o600), (shared, 0o660)):
+        path.write_text("exit 0\n")
+        os.chmod(path, mode)
+        fsutil.make_executable(path)
+    assert [_mode(private), _mode(shared)] == ["0o700", "0o770"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "daemon"
-BASE = ("errors", "fsutil", "portable", "logconfig", "config")
+BASE = ("errors", "fsutil", "portable", "logconfig", "config", "llamacpp")
 ORDER = ["base", "data", "training", "serving", "quality", "fine_tuner", "inbox", "cli"]
 # config checks the prompt_template setting with data.template's parser (which imports only errors)
 EXCEPTIONS = {("daemon.config", "daemon.data.template")}
@@ -50,6 +50,56 @@ def imports_of(path: Path, package: Path = PACKAGE) -> set[str]:
                 found.add(f"{target}.{alias.name}" if candidate.with_suffix(".py").exists() or candidate.is_dir()
                           else target)
     return found
+
+
+def defined_names(module_file: Path) -> set[str]:
+    """Top-level names a module defines (functions, classes, assignments, imports)."""
+    names: set[str] = set()
+    for node in ast.parse(module_file.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                elements = target.elts if isinstance(target, ast.Tuple) else [target]
+                names |= {e.id for e in elements if isinstance(e, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def missing_imports(package: Path = PACKAGE) -> list[str]:
+    """``from <our module> import name`` where ``name`` is neither a submodule nor defined there
+    (a lazy import left pointing at a module's old room fails only when it runs)."""
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        module = module_name(path, package)
+        here = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            parts = here.split(".")
+            target = (".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                      if node.level else node.module or "")
+            if target.split(".")[0] != "daemon":
+                continue
+            base = package.parent.joinpath(*target.split("."))
+            source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+            if not source.is_file():
+                missing.append(f"{module} imports from {target}, which does not exist")
+                continue
+            defined = defined_names(source)
+            for alias in node.names:
+                sub = base / alias.name
+                if not (sub.with_suffix(".py").is_file() or sub.is_dir() or alias.name in defined
+                        or "__getattr__" in defined or alias.name == "*"):
+                    missing.append(f"{module} imports {alias.name} from {target}, which has none")
+    return missing
+
+
+def test_every_import_of_ours_names_something_that_exists():
+    """Lazy imports inside functions are checked too: each names a real module or a defined name."""
+    assert missing_imports() == []
 
 
 def broken_rules(package: Path = PACKAGE) -> list[str]:

@@ -30,3 +30,18 @@ def test_readme_speaks_about_the_product_only():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for pattern in (r"[Ii]ssue #?\d", r"\bsession\b", r"issues were silent", r"the seed's", r"\.\./shared"):
         assert re.search(pattern, readme) is None, pattern
+
+
+def test_readme_names_debian_packages_and_what_make_run_installs():
+    """The quick start names the Debian 12 packages to install first, and the README says which
+    extras `make run` installs: exactly the Makefile's EXTRAS, which its run target installs."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert ("run: $(STAMP)" in makefile, "$(call install,$(EXTRAS))" in makefile) == (True, True)
+    extras = re.search(r"^EXTRAS\s*:=\s*(\S+)$", makefile, re.M).group(1).split(",")
+    [run_line] = [line for line in readme.splitlines() if line.startswith("make run ")]
+    assert re.search(r"installs the package with its (.+) extras", run_line).group(1) == " and ".join(extras)
+    named = " and ".join(f"`{e}`" for e in extras)
+    assert f"`make run` installs\n  the package with its {named} extras" in readme
+    assert ("`sudo apt install python3-venv git make`" in readme, "`sudo apt install g++ cmake`" in readme) == (
+        True, True)

@@ -2,9 +2,11 @@
 
 Owns reading the CSV (``csvfile``), the rating mapping (``mapping``), prompt templates
 (``template``), the validated ``Dataset`` (``dataset``), the ``fine-tuner validate`` data report
-(``report``), the shared system prompt and answer schema (``prompts``), the training records and
+(``report``), the shared system prompt and answer schema (``prompts``), the turn formats of base
+models without a chat template (``turns``), the training records and
 their split (``trainingdata``), the model set's few-shot choice and Modelfile text (``modelset``),
-and the synthetic records of the demo and tests (``synthetic``). Nothing here logs, talks to a
+the synthetic records of the demo and tests (``synthetic``), and the rated respiratory-infection
+visits of the answer-quality benchmark (``visits``). Nothing here logs, talks to a
 server or starts a process. May import: ``daemon.errors``, ``daemon.config``, ``daemon.fsutil`` and
 this package; never ``training``, ``serving``, ``quality``, ``inbox``, ``fine_tuner`` or ``cli``.
 """

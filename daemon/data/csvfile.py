@@ -11,6 +11,10 @@ file, the column and the row where they apply, never a cell value: these are pat
 
 - ``read_csv(path, *, max_cell_bytes, max_columns) -> tuple[pd.DataFrame, ReadInfo]``: all columns as
   strings, the file's encoding/delimiter sniffed; raises the ``DatasetError`` family.
+- ``scan_csv(path) -> CsvTable`` and ``read_chunks(table, chunk_rows, columns)``: the same checks
+  and the same strings for a file too large to hold (rating), read again chunk by chunk.
+- ``find_column(names, candidates)``: a known column as the file spells it (case-insensitive).
+- ``safe_cell`` / ``csv_text``: how the product writes every CSV cell (no spreadsheet formulas).
 
 Never log, never call Ollama; messages never contain cell values.
 """
@@ -20,12 +24,14 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import io
 import os
 import re
 import stat
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DatasetEncodingError, DatasetError, DatasetFormatError, EmptyDatasetError
 
@@ -37,6 +43,8 @@ RATING_COLUMN = "Standardized_Rating"
 RATIONALE_COLUMNS = ("Rationale of Rating", "Rationale_of_Rating")
 ID_COLUMNS = ("Row_ID", "C_BioSense_ID")
 EXPERT_RATING_COLUMN = "Expert Rating"
+# every column the product knows by name; a file may spell them in any case (``find_column``)
+KNOWN_COLUMNS = PROMPT_COLUMNS + (RATING_COLUMN,) + RATIONALE_COLUMNS + ID_COLUMNS + (EXPERT_RATING_COLUMN,)
 
 MAX_CELL_BYTES = 1 << 20  # 1 MiB: a larger cell is an error, not a prompt
 MAX_COLUMNS = 1000
@@ -47,11 +55,14 @@ FOREIGN_DELIMITERS = (":", "^", "~", "#", "/")
 
 _SCAN_CHUNK = 1 << 20
 _PARSE_CHUNK_ROWS = 25_000
+_SCAN_CHUNK_ROWS = 5_000  # scan_csv keeps no rows: a smaller chunk keeps its peak lower
 _SAMPLE_BYTES = 64 * 1024
 _SNIFF_CHARS = 16 * 1024
 _HEADER_LIMIT = 8 << 20  # bounded read of the header line, whatever the file holds
 _CP1252_UNDEFINED = re.compile(rb"[\x81\x8d\x8f\x90\x9d]")
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0e-\x1f]")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list for CSV injection
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
 def _delimiter_name(delimiter: str) -> str:
@@ -251,16 +262,11 @@ def _parser_line(message: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
-             max_columns: int = MAX_COLUMNS) -> tuple[pd.DataFrame, ReadInfo]:
-    """Read a dataset CSV: every column as ``str`` (missing fields as ""), header names stripped.
-
-    Checks run before pandas parses the body, in this order: empty file, binary content, encoding
-    (UTF-8 with or without BOM, else cp1252 with a warning), delimiter, header width, oversized
-    cells; so a hostile file fails fast with bounded memory."""
-    import pandas as pd
-
-    path = Path(path)
+def _check_file(path: Path, max_cell_bytes: int, max_columns: int) -> ReadInfo:
+    """Every check that runs before pandas parses the body, in this order: a regular file, empty
+    file, binary content, encoding (UTF-8 with or without BOM, else cp1252 with a warning),
+    delimiter, header width, oversized cells on one line; so a hostile file fails fast with
+    bounded memory. Returns how the body is to be read."""
     name = path.name
     try:
         st = os.lstat(path)
@@ -308,16 +314,25 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
                 f"a cell is larger than the limit of {max_cell_bytes} bytes{where}", file=name,
                 row=record if record else None, column=column,
                 hint="shorten that cell (prompts are short records, not documents) and drop the file again")
+    return ReadInfo(file=name, sha256=scan.sha256, size_bytes=size, encoding=encoding,
+                    delimiter=delimiter, warnings=tuple(warnings))
 
+
+def _parse_chunks(path: Path, info: ReadInfo, chunk_rows: int,
+                  usecols: list[int] | None = None) -> Iterator[pd.DataFrame]:
+    """The body in chunks of ``chunk_rows`` rows (header names stripped), every parser failure a
+    ``DatasetError``. In chunks of rows: the C parser's buffers then hold one chunk, not the whole
+    file (peak memory about a third lower on a large file), and it is no slower."""
+    import pandas as pd
+
+    name = info.file
     try:
-        # In chunks of rows: the C parser's buffers then hold one chunk, not the whole file (peak
-        # memory about a third lower on a large file), and it is no slower.
-        with pd.read_csv(path, sep=delimiter, dtype=object, na_filter=False, keep_default_na=False,
-                         encoding=encoding, engine="c", quotechar='"', doublequote=True,
-                         skip_blank_lines=True, chunksize=_PARSE_CHUNK_ROWS) as reader:
-            chunks = list(reader)
-        df = chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
-        del chunks
+        with pd.read_csv(path, sep=info.delimiter, dtype=object, na_filter=False, keep_default_na=False,
+                         encoding=info.encoding, engine="c", quotechar='"', doublequote=True,
+                         skip_blank_lines=True, chunksize=chunk_rows, usecols=usecols) as reader:
+            for chunk in reader:
+                chunk.columns = [str(c).strip().lstrip("\ufeff") for c in chunk.columns]
+                yield chunk
     except pd.errors.EmptyDataError:
         raise EmptyDatasetError("the file has no header row", file=name,
                                 hint="export the dataset again with a header row and data rows") from None
@@ -328,36 +343,149 @@ def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
             f"the CSV could not be parsed{where}: a row has more fields than the header or a quote is not closed",
             file=name, hint="check the quoting of that row (or export the file again) and drop it again") from None
     except UnicodeDecodeError:
-        raise DatasetEncodingError(f"the file could not be decoded as {encoding}", file=name) from None
+        raise DatasetEncodingError(f"the file could not be decoded as {info.encoding}", file=name) from None
     except (ValueError, csv.Error):
         raise DatasetFormatError("the CSV could not be parsed", file=name,
                                  hint="export the dataset again as CSV and drop it again") from None
 
-    df.columns = [str(c).strip().lstrip("\ufeff") for c in df.columns]
+
+def _no_rows(name: str) -> EmptyDatasetError:
+    return EmptyDatasetError("the file has a header but no data rows", file=name,
+                             hint="add the rated rows and drop the file again")
+
+
+def read_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
+             max_columns: int = MAX_COLUMNS) -> tuple[pd.DataFrame, ReadInfo]:
+    """Read a dataset CSV: every column as ``str`` (missing fields as ""), header names stripped.
+
+    Checks run before pandas parses the body, in this order: empty file, binary content, encoding
+    (UTF-8 with or without BOM, else cp1252 with a warning), delimiter, header width, oversized
+    cells; so a hostile file fails fast with bounded memory."""
+    import pandas as pd
+
+    path = Path(path)
+    info = _check_file(path, max_cell_bytes, max_columns)
+    chunks = list(_parse_chunks(path, info, _PARSE_CHUNK_ROWS))
+    df = chunks[0] if len(chunks) == 1 else pd.concat(chunks, ignore_index=True)
+    del chunks
     if df.empty:
-        raise EmptyDatasetError("the file has a header but no data rows", file=name,
-                                hint="add the rated rows and drop the file again")
-    if size > max_cell_bytes:
-        _check_cell_lengths(df, max_cell_bytes, name)
-    info = ReadInfo(file=name, sha256=scan.sha256, size_bytes=size, encoding=encoding,
-                    delimiter=delimiter, warnings=tuple(warnings))
+        raise _no_rows(info.file)
+    if info.size_bytes > max_cell_bytes:
+        _check_cell_lengths(df, max_cell_bytes, info.file)
     return df, info
+
+
+@dataclass(frozen=True)
+class CsvTable:
+    """A dataset CSV that passed every check of ``read_csv`` and whose rows are read again in
+    chunks (``read_chunks``): a file of millions of rows is never held whole."""
+
+    path: Path
+    info: ReadInfo
+    columns: tuple[str, ...]  # the header's names, stripped
+    rows: int  # data rows
+
+
+def scan_csv(path: str | os.PathLike, *, max_cell_bytes: int = MAX_CELL_BYTES,
+             max_columns: int = MAX_COLUMNS, chunk_rows: int = _SCAN_CHUNK_ROWS) -> CsvTable:
+    """The checks of ``read_csv`` without holding the rows: the same pre-scan, then one parse of
+    the body in chunks of ``chunk_rows`` (the parser's errors and the cell limit checked per chunk,
+    rows numbered across chunks) that counts the rows and keeps none of them."""
+    path = Path(path)
+    info = _check_file(path, max_cell_bytes, max_columns)
+    columns: tuple[str, ...] = ()
+    rows = 0
+    for chunk in _parse_chunks(path, info, chunk_rows):
+        columns = columns or tuple(chunk.columns)
+        if info.size_bytes > max_cell_bytes:
+            _check_cell_lengths(chunk, max_cell_bytes, info.file, first_row=rows + 1)
+        rows += len(chunk)
+    if rows == 0:
+        raise _no_rows(info.file)
+    return CsvTable(path, info, columns, rows)
+
+
+def read_chunks(table: CsvTable, chunk_rows: int, columns: Sequence[str] | None = None, *,
+                start: int = 0) -> Iterator[tuple[int, pd.DataFrame]]:
+    """``(index of the chunk's first row, 0-based; the chunk)`` for the rows of ``table`` from
+    ``start`` on, at most ``chunk_rows`` at a time, holding only ``columns`` (default: all). Rows
+    before ``start`` are parsed and dropped (a resumed run skips what it already did)."""
+    positions = sorted({table.columns.index(c) for c in columns}) if columns is not None else None
+    first = 0
+    for chunk in _parse_chunks(table.path, table.info, chunk_rows, usecols=positions):
+        end = first + len(chunk)
+        if end > start:
+            if positions is not None:  # by position: a name repeated in the header stays unambiguous
+                chunk.columns = [table.columns[i] for i in positions]
+            skip = max(0, start - first)
+            yield first + skip, (chunk.iloc[skip:] if skip else chunk)
+        first = end
+
+
+def find_column(names: Iterable[str], candidates: Sequence[str]) -> str | None:
+    """The file's name for a known column: the first of ``candidates`` spelled exactly as in the
+    file, else the first the file has in another case (EpiTuner's exports write ``C_Biosense_ID``
+    for ``C_BioSense_ID``); None when the file has none of them."""
+    present = [str(n) for n in names]
+    exact = next((c for c in candidates if c in present), None)
+    if exact is not None:
+        return exact
+    by_case: dict[str, str] = {}
+    for name in present:
+        by_case.setdefault(name.casefold(), name)
+    return next((by_case[c.casefold()] for c in candidates if c.casefold() in by_case), None)
+
+
+def canonical_columns(names: Iterable[str]) -> list[str]:
+    """The header with each known column (``KNOWN_COLUMNS``) that the file spells in another case
+    only renamed to the product's spelling (``c_biosense_id`` -> ``C_BioSense_ID``), so that every
+    step after reading finds it by name; other names, and a name the file already has exactly,
+    stay as they are."""
+    out = [str(n) for n in names]
+    for known in KNOWN_COLUMNS:
+        if known in out:
+            continue
+        found = find_column(out, (known,))
+        if found is not None:
+            out[out.index(found)] = known
+    return out
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+def safe_cell(value: Any) -> str:
+    """A cell as the product writes it into a CSV file. Text a spreadsheet would run as a formula
+    (it starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) gets a leading single
+    quote, as OWASP recommends against CSV injection; plain numbers (``-3``, ``+1.5``) stay as
+    they are, so ratings still read as numbers."""
+    text = "" if value is None else value if isinstance(value, str) else str(value)
+    if text.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """Rows as CSV text with ``\n`` line ends, every cell through ``safe_cell``: the one way the
+    product writes a CSV file (``ratings.csv``, ``predictions.csv``)."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([safe_cell(c) for c in row] for row in rows)
+    return buf.getvalue()
 
 
 def _column_label(name: str | None, index: int) -> str:
     """How a message names a column: by its name when it is one we know, else by position, since
     the 'header' of a file exported without one is a row of patient data."""
-    known = PROMPT_COLUMNS + (RATING_COLUMN,) + RATIONALE_COLUMNS + ID_COLUMNS + (EXPERT_RATING_COLUMN,)
-    return name if name in known else f"#{index + 1}"
+    return name if name is not None and find_column([name], KNOWN_COLUMNS) else f"#{index + 1}"
 
 
-def _check_cell_lengths(df: pd.DataFrame, limit: int, name: str) -> None:
+def _check_cell_lengths(df: pd.DataFrame, limit: int, name: str, *, first_row: int = 1) -> None:
     """Cells that span several lines escape the line-length pre-scan; ``max(map(len, ...))`` is a
-    few milliseconds per column, so every column is checked."""
+    few milliseconds per column, so every column is checked. ``first_row``: the data row number of
+    the frame's first row (a chunk of a larger file)."""
     for index, column in enumerate(df.columns):
         values = df[column].to_numpy(dtype=object)
         if len(values) and max(map(len, values)) > limit:
-            row = next(i for i, v in enumerate(values) if len(v) > limit) + 1
+            row = next(i for i, v in enumerate(values) if len(v) > limit) + first_row
             raise DatasetFormatError(
                 f"a cell is larger than the limit of {limit} bytes", file=name, row=row,
                 column=_column_label(str(column), index),

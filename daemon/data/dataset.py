@@ -31,21 +31,26 @@ from .csvfile import (
     RATING_COLUMN,
     RATIONALE_COLUMNS,
     ReadInfo,
+    canonical_columns,
     read_csv,
 )
 from ..errors import (
     DatasetError,
     DatasetFormatError,
     EmptyDatasetError,
+    LabelRatingMismatchError,
+    MappingError,
     MissingColumnError,
     UnmappedRatingError,
 )
 from .mapping import (
+    ROW_LIST,
     RatingMapping,
     _parse_ratings,
     _raise_invalid,
     _stripped,
     _text_values,
+    disagreeing_label_rows,
     infer_mapping,
     load_mapping,
     mapping_from_object,
@@ -131,8 +136,19 @@ class Dataset:
 
 # --- validating rows ---------------------------------------------------------------------------
 
-def _resolve_columns(df: pd.DataFrame, source: str) -> dict[str, str]:
+def _resolve_columns(df: pd.DataFrame, source: str, *, file_columns: int | None = None,
+                     has_mapping: bool = False) -> dict[str, str]:
+    """Role → column name. ``file_columns`` is how many columns the file itself has (the frame may
+    hold a prompt column rendered from a template); ``has_mapping`` whether a mapping was given."""
     names = [str(c) for c in df.columns]
+    if RATING_COLUMN not in names and EXPERT_RATING_COLUMN in names and not has_mapping:
+        stem = os.path.splitext(source)[0] if source and not source.startswith("<") else "NAME"
+        raise MappingError(
+            f"missing required column {RATING_COLUMN!r}: the file has {EXPERT_RATING_COLUMN!r} labels, and a "
+            "rating mapping is needed to turn them into ratings", file=source, column=RATING_COLUMN,
+            hint=f"give the mapping (labels as keys, integer ratings as values, e.g. "
+                 f'{{"Match": 1, "Does Not Match": 0, "Unknown": -1}}): in the inbox as {stem}.mapping.json '
+                 f"beside {stem}.csv, on the command line with --mapping FILE")
     known = PROMPT_COLUMNS + (RATING_COLUMN,) + RATIONALE_COLUMNS + ID_COLUMNS + (EXPERT_RATING_COLUMN,)
     repeated = sorted({n for n in names if n in known and names.count(n) > 1})
     if repeated:
@@ -158,7 +174,8 @@ def _resolve_columns(df: pd.DataFrame, source: str) -> dict[str, str]:
         suggestion = f" (closest column: {close[0]!r})" if close else ""
         label = " or ".join(repr(w) for w in wanted)
         raise MissingColumnError(
-            f"missing required column {label}{suggestion}; the file has {len(names)} column(s)",
+            f"missing required column {label}{suggestion}; the file has "
+            f"{len(names) if file_columns is None else file_columns} column(s)",
             file=source, column=wanted[0],
             hint=f"a dataset needs a prompt column ({' or '.join(PROMPT_COLUMNS)}) and {RATING_COLUMN}; "
                  f"rename the column and drop the file again")
@@ -186,17 +203,43 @@ def _conflicting_duplicates(prompts: np.ndarray, ratings: np.ndarray) -> tuple[i
     return int(pairs["prompt"][conflicting].nunique()), repeated[conflicting]
 
 
+def _counted(values: list[str], counts: np.ndarray) -> str:
+    """``2 (3 rows), 7 (1 row)``: the first ``ROW_LIST`` values with their row counts, then "and N
+    more values", so that a column of thousands of distinct values still gives a one-line error."""
+    shown = ", ".join(f"{v} ({int(c)} row{'s' if c != 1 else ''})" for v, c in zip(values[:ROW_LIST], counts))
+    more = len(values) - ROW_LIST
+    return shown + (f" and {more} more value{'s' if more != 1 else ''}" if more > 0 else "")
+
+
+def _refuse_disagreeing_labels(df: pd.DataFrame, mapping: RatingMapping, ratings: np.ndarray,
+                               keep: np.ndarray, source: str) -> None:
+    """Refuse the dataset when a usable row's ``Expert Rating`` label has another rating in the
+    given mapping than the row's ``Standardized_Rating``: which of the two the experts meant is
+    unknown, and training on either would teach the model a rating nobody checked. Names the rows
+    and their count, never a label or a cell."""
+    rows = disagreeing_label_rows(_stripped(_text_values(df[EXPERT_RATING_COLUMN])), ratings, keep, mapping)
+    if len(rows):
+        raise LabelRatingMismatchError(
+            f"{len(rows)} row(s) have an {EXPERT_RATING_COLUMN!r} label whose rating in the mapping "
+            f"({mapping.source}) is not their {RATING_COLUMN}: {rows_text(rows)}; the dataset is refused "
+            "rather than trained on ratings that contradict their labels",
+            file=source, column=RATING_COLUMN, row=int(rows[0]))
+
+
 def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, source: str = "<dataframe>",
-                   read_info: ReadInfo | None = None) -> Dataset:
+                   read_info: ReadInfo | None = None, file_columns: int | None = None) -> Dataset:
     """Turn a raw table into a ``Dataset``: resolve columns, drop rows with an empty prompt or rating,
-    parse ratings, check them against the mapping (inferred when None), count conflicting duplicates."""
+    parse ratings, check them against the mapping (inferred when None) and, with a given mapping,
+    each row's ``Expert Rating`` label against its rating, count conflicting duplicates.
+    ``file_columns``: how many columns the file has, when ``df`` also holds derived ones."""
     import numpy as np
     import pandas as pd
 
     if not isinstance(df, pd.DataFrame):
         raise DatasetError(f"expected a pandas DataFrame, got {type(df).__name__}", file=source)
     df = df.rename(columns=lambda c: str(c).strip())
-    columns = _resolve_columns(df, source)
+    df.columns = canonical_columns(df.columns)  # C_Biosense_ID is C_BioSense_ID
+    columns = _resolve_columns(df, source, file_columns=file_columns, has_mapping=mapping is not None)
     rows_read = len(df)
     if rows_read == 0:
         raise EmptyDatasetError("the dataset has no data rows", file=source,
@@ -219,12 +262,14 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
     known = np.isin(kept_ratings, np.array(mapping.values, dtype=np.int64))
     if not known.all():
         values, counts = np.unique(kept_ratings[~known], return_counts=True)
-        shown = ", ".join(f"{int(v)} ({int(c)} row{'s' if c != 1 else ''})" for v, c in zip(values, counts))
+        shown = _counted([str(int(v)) for v in values], counts)
         unmapped_rows = positions[~known] + 1
         raise UnmappedRatingError(
             f"ratings not in the rating mapping ({mapping.source}): {shown} in {rows_text(unmapped_rows)}",
             file=source, column=RATING_COLUMN, row=int(unmapped_rows[0]),
             hint="add these ratings to the mapping file, or fix those rows, and drop the files again")
+    if not mapping.inferred and EXPERT_RATING_COLUMN in df.columns:
+        _refuse_disagreeing_labels(df, mapping, ratings, keep, source)
 
     dropped = {"empty_prompt": int(empty_prompt.sum()), "empty_rating": int(empty_rating.sum())}
     if not keep.any():
@@ -272,8 +317,10 @@ def load_dataset(csv_path: str | os.PathLike, mapping_path: str | os.PathLike | 
     if mapping_path is not None:
         mapping = load_mapping(mapping_path)
     df, info = read_csv(csv_path)
+    df.columns = canonical_columns(df.columns)  # known columns in any case (C_Biosense_ID)
+    file_columns = len(df.columns)
     df, source = derive_columns(df, mapping, template, file=info.file)
-    ds = validate_frame(df, mapping, source=info.file, read_info=info)
+    ds = validate_frame(df, mapping, source=info.file, read_info=info, file_columns=file_columns)
     if source:
         ds.prompt_source = {**ds.prompt_source, **source}
         if "template" in source:
@@ -313,7 +360,7 @@ def derive_columns(df: pd.DataFrame, mapping: RatingMapping | dict | None, templ
         unmapped = (labels != "") & (mapped == "")
         if unmapped.any():
             values, counts = np.unique(labels[unmapped], return_counts=True)
-            shown = ", ".join(f"{v!r} ({int(c)} row{'s' if c != 1 else ''})" for v, c in zip(values, counts))
+            shown = _counted([repr(v) for v in values], counts)
             rows = np.flatnonzero(unmapped) + 1
             raise UnmappedRatingError(
                 f"{EXPERT_RATING_COLUMN} labels not in the rating mapping ({mapping.source}): {shown} in "

@@ -10,7 +10,7 @@ integer) naming the file, never a cell value.
 - ``sibling_mapping(csv_path) -> Path | None``: ``<stem>.mapping.json|yaml|yml`` next to the CSV.
 - ``load_mapping(path) -> RatingMapping``: JSON or YAML (``safe_load`` rules, read strictly by
   ``config.read_small_file``/``parse_yaml``: no link, FIFO, file over 256 KiB, duplicate label, deep
-  nesting or invalid Unicode), flat or schema-mapper shape.
+  nesting, YAML alias or invalid Unicode), flat or schema-mapper shape.
 - ``mapping_from_object(obj, source) -> RatingMapping``: the same from an in-memory dict.
 - ``infer_mapping(df, source) -> RatingMapping``: from ``Expert Rating`` + ``Standardized_Rating`` pairs.
 
@@ -50,6 +50,10 @@ if TYPE_CHECKING:  # pandas is imported lazily by the implementation where it is
 
 MAX_MAPPING_BYTES = MAX_COMPANION_BYTES  # a rating mapping is a few labels; anything bigger is the wrong file
 MAPPING_SUFFIXES = (".json", ".yaml", ".yml")
+# A rating scale has a handful of values: every label is written into the system prompt of every
+# training record, and the evaluation's matrices grow with the square of the scale, so a mapping
+# (given or inferred) with more labels than this is the wrong file or the wrong column.
+MAX_MAPPING_LABELS = 50
 
 _INT_TEXT = re.compile(r"[+-]?\d+")
 _ROW_LIST = 5  # how many labels or cell problems an error message names
@@ -94,7 +98,7 @@ def sibling_mapping(csv_path: str | os.PathLike) -> Path | None:
 
 def load_mapping(path: str | os.PathLike) -> RatingMapping:
     """Read a rating mapping file: JSON (``.json``) or YAML (``.yaml``/``.yml``, ``safe_load`` rules
-    plus no duplicate keys, deep nesting or invalid Unicode). A link, a FIFO or a file over
+    plus no duplicate keys, deep nesting, aliases or invalid Unicode). A link, a FIFO or a file over
     ``MAX_MAPPING_BYTES`` is refused before anything reads it. Errors name the file's base name."""
     import yaml
 
@@ -120,7 +124,7 @@ def load_mapping(path: str | os.PathLike) -> RatingMapping:
     if not text.strip():
         raise MappingError("the mapping file is empty", file=name)
     try:
-        obj = _parse_json(text) if suffix == ".json" else parse_yaml(text)
+        obj = _parse_json(text) if suffix == ".json" else parse_yaml(text, aliases=False)
     except ParseProblem as exc:
         raise MappingError(str(exc), file=name) from None
     except json.JSONDecodeError as exc:
@@ -201,6 +205,11 @@ def mapping_from_object(obj: Any, source: str = "object") -> RatingMapping:
                            file=file)
     if not obj:
         raise MappingError("the mapping is empty", file=file)
+    if len(obj) > MAX_MAPPING_LABELS:
+        raise MappingError(f"the mapping has {len(obj)} labels, more than the {MAX_MAPPING_LABELS} a mapping may "
+                           "hold (a rating scale has a handful of values)", file=file,
+                           hint=f"give the rating scale's labels only (at most {MAX_MAPPING_LABELS}), e.g. "
+                                '{"Match": 1, "Does Not Match": 0, "Unknown": -1}, and drop it again')
     if any(isinstance(key, str) and LONE_SURROGATE_RE.search(key) for key in obj):
         raise MappingError("a label is not valid Unicode text (it holds a lone surrogate)", file=file)
     labels: dict[str, int] = {}
@@ -252,16 +261,56 @@ def infer_mapping(df: pd.DataFrame, source: str = "<dataframe>") -> RatingMappin
     seen: dict[str, set[int]] = {}
     for label, rating in zip(labels_text[usable], ratings[usable]):
         seen.setdefault(label, set()).add(int(rating))
+    if len(seen) > MAX_MAPPING_LABELS:
+        raise MappingError(f"cannot infer the rating mapping: the {EXPERT_RATING_COLUMN!r} column has {len(seen)} "
+                           f"distinct labels, more than the {MAX_MAPPING_LABELS} a mapping may hold (a rating "
+                           "scale has a handful of values)", file=source, column=EXPERT_RATING_COLUMN,
+                           hint=f"check that {EXPERT_RATING_COLUMN!r} holds the experts' labels, or add "
+                                f"{stem}.mapping.json next to the CSV with the rating scale's labels")
     conflicts = {label: sorted(values) for label, values in seen.items() if len(values) > 1}
     if conflicts:
         shown = ", ".join(f"{label!r} ({'/'.join(map(str, v))})" for label, v in list(conflicts.items())[:_ROW_LIST])
-        rows = np.flatnonzero(usable & np.isin(labels_text, list(conflicts))) + 1  # 1-based data rows
+        rows = _disagreeing_rows(labels_text, ratings, usable, conflicts)
         raise MappingError(f"cannot infer the rating mapping: {len(conflicts)} label(s) appear with more than "
-                           f"one {RATING_COLUMN}: {shown} in {rows_text(rows)}", file=source,
+                           f"one {RATING_COLUMN}: {shown}; {len(rows)} row(s) disagree with the most common "
+                           f"rating of their label: {rows_text(rows)}", file=source,
                            column=EXPERT_RATING_COLUMN, row=int(rows[0]),
                            hint="fix the rows whose label and rating disagree, or give a mapping file")
     return RatingMapping({label: next(iter(values)) for label, values in seen.items()},
                          f"inferred from {EXPERT_RATING_COLUMN!r}", inferred=True)
+
+
+def _disagreeing_rows(labels: np.ndarray, ratings: np.ndarray, usable: np.ndarray,
+                      conflicts: dict[str, list[int]]) -> np.ndarray:
+    """The 1-based data rows of the conflicting labels whose rating is not their label's most common
+    one (on a tie, the rating that comes first in the file): the rows to look at, not every row of
+    the label."""
+    import numpy as np
+
+    disagree = np.zeros(len(labels), dtype=bool)
+    for label in conflicts:
+        rows = usable & (labels == label)
+        values, first, counts = np.unique(ratings[rows], return_index=True, return_counts=True)
+        usual = values[max(range(len(values)), key=lambda i: (counts[i], -first[i]))]
+        disagree |= rows & (ratings != usual)
+    return np.flatnonzero(disagree) + 1
+
+
+def disagreeing_label_rows(labels: np.ndarray, ratings: np.ndarray, candidates: np.ndarray,
+                           mapping: RatingMapping) -> np.ndarray:
+    """The 1-based data rows among ``candidates`` whose ``Expert Rating`` label is in ``mapping`` with
+    another rating than the row's ``Standardized_Rating``. A label the mapping lacks is not compared."""
+    import numpy as np
+    import pandas as pd
+
+    codes, uniques = pd.factorize(labels)
+    lookup = {label: int(value) for label, value in mapping.labels.items()}
+    known = np.array([label in lookup for label in uniques], dtype=bool)
+    expected = np.array([lookup.get(label, 0) for label in uniques], dtype=np.int64)
+    if codes.size == 0 or not known.any():
+        return np.zeros(0, dtype=np.int64)
+    disagree = candidates & (codes >= 0) & known[codes] & (expected[codes] != ratings)
+    return np.flatnonzero(disagree) + 1
 
 
 # --- parsing rating cells ----------------------------------------------------------------------

@@ -9,8 +9,10 @@ never followed), FIFOs and other non-regular files, directories, unknown extensi
 further change for ``settle_s``; a file found by a scan (start-up, rescan, event overflow, polling)
 after its size and mtime stayed the same for ``settle_s``. The order of a drop's files does not
 matter: a dataset without a mapping waits ``pair_timeout_s`` for it (then the default or inferred
-mapping is used); a complete dataset and mapping without a job file wait ``job_wait_s`` for one
-(a job file dropped in that window still joins the drop); a drop with all three complete is
+mapping is used), unless its complete job file needs no mapping (a rating job whose model folder
+brings its own: the service's ``mapping_needed`` reads the job file once per content); a complete
+dataset and mapping without a job file wait ``job_wait_s`` for one (a job file dropped in that
+window still joins the drop); a drop with all three complete is
 claimed at once, so include a job file (it may be empty) to skip the wait. A companion that is
 still being written holds its dataset back. Mappings and job files without a dataset wait (they
 are "orphans").
@@ -40,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..config import MAX_COMPANION_BYTES, display_name
-from ..fsutil import (NotRegularFileError, fsync_dir, hash_regular_file, open_regular, real_dir, reserve_dir,
+from ..fsutil import (NotRegularFileError, fsync_dir, hash_regular_file, new_dir, open_regular, real_dir, reserve_dir,
                      write_json)
 
 DATASET_SUFFIXES = (".csv",)
@@ -137,6 +139,7 @@ class Entry:
     writing: bool = False  # opened/modified and not yet closed
     renamed_in: bool = False  # arrived complete by rename
     refusal: str | None = None
+    needs_mapping: bool | None = None  # a job file: whether its drop waits for a mapping (None: not asked yet)
 
     def settled(self, now: float, settle_s: float) -> bool:
         if self.writing:
@@ -187,12 +190,15 @@ class InboxTracker:
     """
 
     def __init__(self, inbox: Path, *, settle_s: float, max_input_bytes: int, job_wait_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 mapping_needed: Callable[[Path], bool] = lambda job_file: True) -> None:
         self.inbox = Path(inbox)
         self.settle_s = settle_s
         self.max_input_bytes = max_input_bytes
         self.job_wait_s = job_wait_s
         self.clock = clock
+        # whether a drop with this (complete) job file waits for a mapping: asked once per content
+        self.mapping_needed = mapping_needed
         self.entries: dict[str, Entry] = {}
         self._new: list[Entry] = []  # first seen since the last take_new()
         self._datasets: set[str] = set()
@@ -222,6 +228,7 @@ class InboxTracker:
             self._unsettled.add(name)
         elif entry.sig != sig:
             entry.sig, entry.changed_at, entry.renamed_in = sig, now, False
+            entry.needs_mapping = None
             self._unsettled.add(name)
         if event == "moved_in":
             entry.renamed_in, entry.writing, entry.changed_at = True, False, now
@@ -301,8 +308,9 @@ class InboxTracker:
 
     def ready_drops(self, pair_timeout_s: float, limit: int | None = None) -> list[Drop]:
         """Datasets that can be claimed now (at most ``limit``), oldest first, with their complete
-        companions. A dataset without a mapping is due ``pair_timeout_s`` after it is complete; a
-        dataset and mapping without a job file ``job_wait_s`` after both are; with all three at once."""
+        companions. A dataset without a mapping is due ``pair_timeout_s`` after it is complete (at
+        once when its complete job file needs none: ``mapping_needed``); a dataset and mapping
+        without a job file ``job_wait_s`` after both are; with all three at once."""
         now = self.clock()
         out: list[Drop] = []
         self._due = []
@@ -318,7 +326,9 @@ class InboxTracker:
             job, job_pending = self._companion(e.stem, JOB, now)
             if mapping_pending or job_pending:
                 continue
-            if mapping is None:
+            if mapping is None and job is not None and not self._needs_mapping(job):
+                due = now  # a rating job with a model folder: the folder brings its mapping
+            elif mapping is None:
                 due = self._ready_time(e) + max(pair_timeout_s, self.job_wait_s)
             elif job is None:
                 due = max(self._ready_time(e), self._ready_time(mapping)) + self.job_wait_s
@@ -331,6 +341,13 @@ class InboxTracker:
             if limit is not None and len(out) >= limit:
                 break
         return out
+
+    def _needs_mapping(self, job: Entry) -> bool:
+        """Whether the drop of this complete job file waits for a mapping (``mapping_needed``, asked
+        again only when the file changes)."""
+        if job.needs_mapping is None:
+            job.needs_mapping = bool(self.mapping_needed(self.inbox / job.name))
+        return job.needs_mapping
 
     def pending_refusals(self) -> int:
         """Entries that will be refused once settled (``--once`` waits for them, as the daemon would)."""
@@ -422,8 +439,7 @@ def claim_drop(inbox: Path, work: Path, drop: Drop, *, default_mapping: Path | N
 
     The folder is still named ``.claim-*``: call ``name_claim`` to give it its job id.
     """
-    tmp = work / f"{CLAIM_PREFIX}{secrets.token_hex(6)}"
-    tmp.mkdir(mode=0o700)
+    tmp = new_dir(work / f"{CLAIM_PREFIX}{secrets.token_hex(6)}")  # it becomes processed/<job_id>/
     fd = _lock_dir(tmp)
     if fd is None:  # a recovery scan took the empty folder between mkdir and lock
         return None

@@ -31,9 +31,9 @@ from typing import Any
 
 import structlog
 
-from ..config import Config, ConfigError, job_settings, read_job_file
+from ..config import JOB_FILE_HINT, Config, ConfigError, job_settings, read_job_file
 from ..errors import DatasetTooSmallWarning, FineTunerError, JournalError, TrainingInterruptedError
-from ..fsutil import make_private_dir, publish_dir
+from ..fsutil import make_dir_like_parent, publish_dir
 from .drops import Claim, escape_name, finish_claim
 from .journal import Journal, JobRecord, utc_now
 from .lane import TrainingLane, machine_lock
@@ -221,7 +221,7 @@ class JobRunner:
         rate = job_error is None and job_values.get("task") == "rate"
         if build.exists() and not rate:  # a partial build from an attempt that crashed
             shutil.rmtree(build)  # (a rating keeps its part file: it resumes from it)
-        make_private_dir(build)
+        make_dir_like_parent(build)  # private, or shared like outputs/ (paths.group)
         if rate:
             return self._rate(claim, build, attempt, job_values)
         return self._build(claim, build, attempt, started, job_values, job_error)
@@ -265,9 +265,7 @@ class JobRunner:
     def _plan(self, claim: Claim, build: Path, values: dict):
         from ..fine_tuner import JobInputs
 
-        job_file = claim.files.get("job")
-        settings = job_settings(self.cfg.defaults, values,
-                                source=escape_name(job_file) if job_file else "the configuration's defaults")
+        settings = self._settings(claim, values)
         mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
         inputs = JobInputs(csv_path=claim.path / claim.files["dataset"],
                            mapping_path=claim.path / mapping if mapping else None,
@@ -275,6 +273,18 @@ class JobRunner:
                            stem=escape_name(Path(claim.files["dataset"]).stem),
                            job_id=claim.job_id, stop_event=self.ctx.job_stop)
         return self._fine_tuner_instance().plan_job(inputs)
+
+    def _settings(self, claim: Claim, values: dict):
+        """The job's settings: its job file's values over the configuration's defaults. An error
+        in them is the job file's to fix (the hint says so), not the configuration's."""
+        job_file = claim.files.get("job")
+        try:
+            return job_settings(self.cfg.defaults, values,
+                                source=escape_name(job_file) if job_file else "the configuration's defaults")
+        except ConfigError as exc:
+            if job_file:
+                exc.hint = JOB_FILE_HINT
+            raise
 
     def _hand_to_training(self, item: Planned) -> str | None:
         assert self.ctx.lane is not None
@@ -353,17 +363,16 @@ class JobRunner:
         from ..data.mapping import load_mapping
 
         job_file = claim.files.get("job")
-        settings = job_settings(self.cfg.defaults, values,
-                                source=escape_name(job_file) if job_file else "the configuration's defaults")
-        name = settings.model.removeprefix(f"{self.cfg.paths.outputs.rstrip('/')}/")
-        folder = self.paths.outputs / name
-        if "/" not in name and (folder / "fine_tuning_metadata.json").is_file():
-            return rating.model_from_folder(folder)
+        settings = self._settings(claim, values)
+        folder = model_folder(settings.model, self.cfg, self.paths)
+        if folder is not None:
+            return rating.model_from_folder(folder, within=self.paths.outputs)
         mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
         if mapping is None:
             raise ConfigError([f"model: {settings.model} is not an output folder of this service, and a bare "
                                "Ollama model needs a rating mapping: drop NAME.mapping.json with the job "
-                               "or set defaults.mapping"], source=escape_name(job_file) if job_file else None)
+                               "or set defaults.mapping"], source=escape_name(job_file) if job_file else None,
+                              hint=JOB_FILE_HINT)
         labels = dict(load_mapping(claim.path / mapping).labels)
         return rating.model_from_name(settings.model, system=prompts.system_prompt(settings.topics, labels),
                                       labels=labels, template=settings.prompt_template)
@@ -412,6 +421,20 @@ class JobRunner:
             log.warning("job_failed", error_type=error.get("error_type"), message=error.get("message"),
                         hint=error.get("hint"), attempts=error["attempts"])
         self.move_inputs(claim, self.paths.failed, note=("error.json", error))
+
+
+def model_folder(model: str, cfg: Config, paths: Paths) -> Path | None:
+    """The output folder of this service that a rating job's ``model`` names (``outputs/<job_id>``
+    or the bare job id), else None: an Ollama model name, which needs a rating mapping. A link in
+    place of the folder or its metadata counts as a folder: ``model_from_folder`` refuses it, never
+    follows it (a model folder elsewhere would bring its own system prompt and files)."""
+    from ..quality.rating import METADATA_FILE
+
+    name = model.removeprefix(f"{cfg.paths.outputs.rstrip('/')}/")
+    folder = paths.outputs / name
+    if "/" not in name and (os.path.islink(folder) or os.path.lexists(folder / METADATA_FILE)):
+        return folder
+    return None
 
 
 # --- log and error fields (never an exception's text: it may quote data) -----------------------

@@ -1,6 +1,6 @@
 """The job journal: one SQLite row per job, its state and history, and duplicate detection.
 
-Schema (``PRAGMA user_version`` = 1):
+Schema (``PRAGMA user_version`` = 2; a version-1 journal gains ``journal_info`` when it is opened):
 
 - ``jobs``: ``id`` (the job id ``<stem>-<UTC yyyymmddThhmmss>-<8 hex>``, or the folder name of a
   refused file), ``stem``, ``inputs`` (JSON list of ``{"role", "name", "sha256", "size_bytes"}``;
@@ -15,9 +15,13 @@ Schema (``PRAGMA user_version`` = 1):
   The UNIQUE key is what makes "the same content dropped again" a duplicate: a later drop whose key is
   here is recorded as ``duplicate`` pointing at that job's outputs, unless its job file says
   ``force: true`` (then it is processed and becomes the key's new owner).
+- ``journal_info``: ``key`` PRIMARY KEY → ``value``; ``root`` is the daemon root (real path) whose
+  jobs the journal holds (``record_root``). Its duplicates point at that root's outputs, so a daemon
+  on another root must not use it; a journal from before version 2 has no root until the first
+  daemon records its own.
 
 The database runs in WAL mode with a busy timeout, so the daemon's worker threads, ``fine-tuner
-status`` and a second daemon sharing the state directory can use it at once. Every change goes
+status`` and a second daemon on the same root can use it at once. Every change goes
 through ``transaction()`` (``BEGIN IMMEDIATE`` under a process-local lock). This module keeps states
 only: it never moves files and holds no business rules beyond the state transitions.
 """
@@ -41,7 +45,8 @@ from typing import Any
 from ..errors import JournalError
 
 STATES = ("queued", "running", "succeeded", "failed", "duplicate")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+ROOT_KEY = "root"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -65,6 +70,10 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated_at);
 CREATE TABLE IF NOT EXISTS contents (
     content_key TEXT PRIMARY KEY,
     job_id      TEXT NOT NULL REFERENCES jobs (id)
+);
+CREATE TABLE IF NOT EXISTS journal_info (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 """
 
@@ -397,14 +406,31 @@ class Journal:
                 " updated_at, finished_at, error) VALUES (?, ?, ?, '', 'failed', ?, ?, ?, ?)",
                 (refused_id, name, inputs, now, now, now, json.dumps(error, default=str)))
 
+    def record_root(self, root: str, *, replacing: str | None = None) -> str:
+        """Record ``root`` as the root whose jobs this journal holds when none is recorded yet (or
+        when ``replacing`` is the one recorded: the root was moved). Returns the root recorded
+        afterwards, which is another one when a daemon on another root recorded its own first."""
+        with self.transaction() as db:
+            if replacing is not None:
+                db.execute("UPDATE journal_info SET value = ? WHERE key = ? AND value = ?",
+                           (root, ROOT_KEY, replacing))
+            db.execute("INSERT OR IGNORE INTO journal_info (key, value) VALUES (?, ?)", (ROOT_KEY, root))
+            return db.execute("SELECT value FROM journal_info WHERE key = ?", (ROOT_KEY,)).fetchone()["value"]
+
     # --- reads -----------------------------------------------------------------------------------
+
+    def root(self) -> str | None:
+        """The root whose jobs this journal holds, None when none is recorded yet (a new journal,
+        or one written before roots were recorded). Reading it writes nothing."""
+        rows = self._read("SELECT value FROM journal_info WHERE key = ?", (ROOT_KEY,))
+        return rows[0]["value"] if rows else None
 
     def _record(self, row: sqlite3.Row) -> JobRecord:
         """A row as a JobRecord; a row the journal did not write that way is a damaged journal (the
         message names the exception class only, never the row)."""
         try:
             return _record(row)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
             raise JournalError(f"the journal {self.path} has a damaged row in its jobs table "
                                f"({type(exc).__name__})", path=str(self.path), reason="damaged row") from None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import grp
 import os
 import queue
 import signal
@@ -30,9 +31,9 @@ import warnings
 from pathlib import Path
 
 from .. import __version__
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config, printable, read_job_file
 from ..errors import JournalError
-from ..fsutil import make_private_dir
+from ..fsutil import make_private_dir, make_shared_dir
 from .drops import (
     RESCAN,
     REFUSAL_MESSAGES,
@@ -50,7 +51,7 @@ from .drops import (
     refuse,
     CLAIM_PREFIX,
 )
-from .jobs import JobContext, JobRunner, frames, names, os_error_fields
+from .jobs import JobContext, JobRunner, frames, model_folder, names, os_error_fields
 from .journal import InputFile, Journal, utc_now
 from .lane import TrainingLane
 from ..logconfig import from_this_package, get_logger
@@ -77,7 +78,8 @@ RECENT_CLAIMS_KEPT = 1000
 
 def run(cfg: Config, *, once: bool = False, config_path: str | os.PathLike | None = None) -> int:
     """Run the inbox daemon until SIGTERM/SIGINT (or, with ``once``, until the inbox is drained)."""
-    os.umask(0o077)
+    # paths.group: what the daemon and its children write under inbox/ and outputs/ is for the group
+    os.umask(0o007 if cfg.paths.group else 0o077)
     warnings.showwarning = _log_warning
     return Service(cfg, once=once, config_path=config_path).run()
 
@@ -121,21 +123,38 @@ class Service:
 
     def run(self) -> int:
         p = self.paths
+        group = self.cfg.paths.group
         for d in (p.inbox, p.outputs, p.processed, p.failed, p.work, p.state_dir):
             try:
-                make_private_dir(d)
+                if group is not None and d != p.state_dir:  # the journal stays private
+                    make_shared_dir(d, grp.getgrnam(group).gr_gid)
+                else:
+                    make_private_dir(d)
             except NotADirectoryError:
                 raise ConfigError([f"paths: {d} is a symbolic link or a file, not a folder; state "
                                    "folders are never followed: replace it with a real folder"],
                                   source=str(self.config_path) if self.config_path else None) from None
+            except PermissionError as exc:
+                if group is None:
+                    raise
+                raise ConfigError([f"paths.group: cannot share {d} with the group {group!r} "
+                                   f"({exc.strerror}): the service user must own the folder and be a "
+                                   f"member of the group (usermod -aG {group} <service user>)"],
+                                  source=str(self.config_path) if self.config_path else None) from None
         self.journal = Journal(p.journal)
+        try:
+            self._check_journal_root()
+        except BaseException:
+            self.journal.close()
+            raise
         self.runner = JobRunner(JobContext(paths=p, journal=self.journal, config=lambda: self.cfg,
                                            job_stop=self.job_stop,
                                            job_done=lambda job_id: self.hints.put(("job_done", job_id))))
         self.lane = self.runner.ctx.lane = TrainingLane(self.runner.run_planned)
         self.tracker = InboxTracker(p.inbox, settle_s=self.cfg.watch.settle_s,
                                     max_input_bytes=self.cfg.watch.max_input_bytes,
-                                    job_wait_s=self.cfg.watch.job_wait_s)
+                                    job_wait_s=self.cfg.watch.job_wait_s,
+                                    mapping_needed=self._mapping_needed)
         self._install_signals()
         log.info("daemon_started", version=__version__, pid=os.getpid(), inbox=str(p.inbox),
                  outputs=str(p.outputs), journal=str(p.journal), workers=self.cfg.watch.workers,
@@ -166,6 +185,29 @@ class Service:
         self.notifier.close()
         self.journal.close()
         return code
+
+    def _check_journal_root(self) -> None:
+        """The journal must be this root's: its duplicates point at the outputs of the root that
+        recorded them, so a daemon on another root sharing the state directory would answer new
+        drops with another root's models. A journal without a root (new, or older than roots)
+        gets this one; a recorded root that no longer exists was moved here (logged)."""
+        assert self.journal is not None
+        root = os.path.realpath(self.paths.root)
+        recorded = self.journal.root()
+        if recorded is None:
+            recorded = self.journal.record_root(root)
+        elif recorded != root and not os.path.lexists(recorded):
+            previous, recorded = recorded, self.journal.record_root(root, replacing=recorded)
+            if recorded == root:
+                log.warning("journal_root_moved", journal=str(self.paths.journal), previous_root=previous,
+                            root=root)
+        if recorded != root:
+            raise JournalError(
+                f"the journal {printable(str(self.paths.journal), 4096)} holds the jobs of the root "
+                f"{printable(recorded, 4096)}, not of {printable(root, 4096)}", path=str(self.paths.journal),
+                reason="journal of another root",
+                hint="give each root its own state directory (paths.state_dir, or STATE_DIRECTORY under "
+                     "systemd), or start this daemon with that --root")
 
     def _start_thread(self, name: str) -> threading.Thread:
         thread = threading.Thread(target=self.threads[name], name=name, daemon=True)
@@ -405,6 +447,19 @@ class Service:
                 if len(self.recent_claims) > RECENT_CLAIMS_KEPT:  # the oldest first
                     del self.recent_claims[next(iter(self.recent_claims))]
 
+    def _mapping_needed(self, job_file: Path) -> bool:
+        """Whether a dataset dropped with this job file waits ``pair_timeout_s`` for its mapping:
+        not when the job rates with an output folder of this service, which brings its own. The
+        job file is read as the worker reads it (small, never a link or a FIFO); one that cannot be
+        read waits as before, and its job fails on it with any mapping that came."""
+        try:
+            values = read_job_file(job_file)
+        except ConfigError:
+            return True
+        model = self.cfg.defaults.model if values.get("model") is None else values["model"]
+        return not (values.get("task") == "rate" and isinstance(model, str)
+                    and model_folder(model, self.cfg, self.paths) is not None)
+
     def _default_mapping(self) -> Path | None:
         value = self.cfg.defaults.mapping
         if not value:
@@ -521,7 +576,8 @@ def _warm_up(done: threading.Event) -> None:
     try:
         import pandas  # noqa: F401 - the dataset loader's library, imported lazily there
 
-        from . import dataset, fine_tuner, modelset  # noqa: F401
+        from .. import fine_tuner  # noqa: F401
+        from ..data import dataset, modelset  # noqa: F401
         log.info("warm_up_done", duration_s=round(time.monotonic() - started, 3))
     finally:
         done.set()

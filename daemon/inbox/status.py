@@ -11,21 +11,30 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, printable
+from ..errors import JournalError
 from ..fsutil import read_json_object
 from .drops import DATASET, classify_name, orphans
 from .journal import Journal, JobRecord
 from .paths import Paths, resolve_paths
 
 
+NO_JOURNAL_HINT = ("point at the daemon's folders: --root DIR (the folder holding its inbox/), --config FILE "
+                   "(its configuration), or paths.state_dir in the config / FINE_TUNER_PATHS__STATE_DIR (its "
+                   "state directory, /var/lib/fine-tuner under systemd)")
+
+
 def status(cfg: Config) -> dict:
-    """Queued, running, recent successes and failures with reasons, and orphans, from the journal."""
+    """Queued, running, recent successes and failures with reasons, and orphans, from the journal.
+    A journal that does not exist is a ``JournalError`` saying where status looked and how to point
+    it elsewhere (it is never created here: status only reads)."""
     paths = resolve_paths(cfg)
+    if not os.path.lexists(paths.journal):  # a dangling link is the journal's problem, reported by Journal
+        raise JournalError(f"there is no job journal at {paths.journal}: no daemon has run with this state "
+                           "directory", path=str(paths.journal), reason="no such file", hint=NO_JOURNAL_HINT)
     report: dict[str, Any] = {"inbox": str(paths.inbox), "outputs": str(paths.outputs),
                               "journal": str(paths.journal), "counts": {}, "queued": [],
                               "running": [], "recent_succeeded": [], "recent_failed": [],
                               "orphans": orphans(paths.inbox), "waiting_datasets": _waiting(paths)}
-    if not os.path.lexists(paths.journal):  # a dangling link is the journal's problem, not "no jobs"
-        return report
     recent = cfg.watch.recent
     with Journal(paths.journal) as journal:
         report["counts"] = journal.counts()
@@ -96,7 +105,7 @@ def format_status(report: dict) -> str:
 def _status_lines(report: dict) -> list[str]:
     counts = report.get("counts") or {}
     lines = [f"inbox: {report['inbox']}",
-             "jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none yet")]
+             "jobs: " + (", ".join(f"{k} {v}" for k, v in counts.items()) if any(counts.values()) else "none yet")]
     for title, key in (("queued", "queued"), ("running", "running"),
                        ("recent successes", "recent_succeeded"), ("recent failures", "recent_failed")):
         jobs = report.get(key) or []

@@ -6,17 +6,20 @@ invalid and counts as wrong. It is never guessed or repaired. ``score`` computes
 the held-out rows, what an analyst needs to judge it (accuracy, Cohen's kappa, macro-F1, per-label
 precision / recall / F1, the confusion matrix with invalid answers as their own column, seeded
 bootstrap 95 % intervals, latency) with scikit-learn. ``write_report`` writes ``evaluation.json``,
-``evaluation.md``, ``confusion_matrix.png`` and ``predictions.csv`` atomically. No prompt, rationale
+``evaluation.md``, ``confusion_matrix.png`` and ``predictions.csv`` atomically; labels and other
+text from the user are escaped for Markdown (``md_text``), never read as mathtext in the figure, and
+CSV cells never start a spreadsheet formula. No prompt, rationale
 or other cell text is ever part of a metric, a report or a log line. numpy, scikit-learn and
 matplotlib are imported inside the functions (the daemon's import stays light).
 """
 
 from __future__ import annotations
 
-import csv
+import html
 import io
 import json
 import math
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import fsutil
+from ..data.csvfile import csv_text
 
 INVALID = "invalid"
 INVALID_RULE = ("an answer is valid only when it is a JSON object whose \"rating\" is one of the "
@@ -90,6 +94,39 @@ def _encode(ratings: Sequence[int | None]) -> list[str]:
     return [INVALID if r is None else str(int(r)) for r in ratings]
 
 
+def bootstrap(y_true: Sequence[Any], y_pred: Sequence[Any], *, seed: int,
+              samples: int = BOOTSTRAP_SAMPLES) -> tuple[list[float], list[float]]:
+    """Accuracy and Cohen's kappa of ``samples`` seeded resamples of the rows (NaN for a kappa
+    whose resample holds one class only). Each round counts over the classes present in the rows
+    (at most two per row), never over the mapping's whole scale, so its cost is O(rows) whatever
+    the number of labels. The kappa is scikit-learn's unweighted one, from the same counts:
+    1 - (rows - hits) / (rows - sum(true count x predicted count per class) / rows)."""
+    import numpy as np
+
+    n = len(y_true)
+    if n == 0:
+        return [], []
+    _, codes = np.unique(np.array([str(v) for v in (*y_true, *y_pred)]), return_inverse=True)
+    codes = codes.reshape(-1)  # one class index per answer: the expert's n, then the model's n
+    true_idx, pred_idx = codes[:n], codes[n:]
+    classes = int(codes.max()) + 1
+    correct = true_idx == pred_idx
+    rng = np.random.default_rng(seed)
+    accuracy, kappa = [], []
+    for _ in range(samples):
+        idx = rng.integers(0, n, n)  # one draw per round, as before: the same seed gives the same rows
+        hits = int(np.count_nonzero(correct[idx]))
+        true_counts = np.bincount(true_idx[idx], minlength=classes)
+        pred_counts = np.bincount(pred_idx[idx], minlength=classes)
+        accuracy.append(hits / n)
+        if np.count_nonzero(true_counts + pred_counts) < 2:
+            kappa.append(float("nan"))
+            continue
+        chance = float(np.dot(true_counts, pred_counts)) / n
+        kappa.append(1.0 - (n - hits) / (n - chance))
+    return accuracy, kappa
+
+
 def score(result: ModelResult, expert: Sequence[int], labels: Mapping[str, int], *, seed: int = 42,
           samples: int = BOOTSTRAP_SAMPLES) -> dict:
     """Every metric of one model against the expert ratings (same rows, same order)."""
@@ -122,15 +159,7 @@ def score(result: ModelResult, expert: Sequence[int], labels: Mapping[str, int],
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=classes, zero_division=0)
     matrix = confusion_matrix(y_true, y_pred, labels=everything)[: len(classes)]
-    rng = np.random.default_rng(seed)
-    true_arr, pred_arr = np.array(y_true), np.array(y_pred)
-    boot_acc, boot_kappa = [], []
-    for _ in range(samples):
-        idx = rng.integers(0, n, n)
-        t, p = true_arr[idx], pred_arr[idx]
-        boot_acc.append(float(np.mean(t == p)))
-        boot_kappa.append(cohen_kappa_score(t, p, labels=everything) if len(set(t) | set(p)) > 1
-                          else float("nan"))
+    boot_acc, boot_kappa = bootstrap(y_true, y_pred, seed=seed, samples=samples)
     latencies = np.array(result.latencies_s, dtype=float) if result.latencies_s else np.zeros(0)
     out.update({
         "accuracy": _round(accuracy_score(y_true, y_pred)),
@@ -193,10 +222,25 @@ def _with_ci(value: float | None, ci: list[float] | None) -> str:
     return _fmt(value) + (f" ({_fmt(ci[0])}–{_fmt(ci[1])})" if ci else "")
 
 
+_MD_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
+_MD_ESCAPES = str.maketrans({c: "\\" + c for c in "\\`*_[]|~$"})
+
+
+def md_text(value: Any) -> str:
+    """Text from the user (a label of the mapping, a model's title, a file name) as it goes into
+    Markdown: one line (control characters and line breaks become a space), ``<``, ``>`` and ``&``
+    as HTML entities, and the characters that make emphasis, code, links, images, math or a table
+    cell (``\\ ` * _ [ ] | ~ $``) backslash-escaped, so that it shows as written and never becomes
+    markup or breaks a table."""
+    text = _MD_BREAKS.sub(" ", str(value))
+    return html.escape(text, quote=False).translate(_MD_ESCAPES)
+
+
 def markdown(report: dict) -> str:
-    """``evaluation.md``: the side-by-side table and each model's confusion matrix, with label names."""
+    """``evaluation.md``: the side-by-side table and each model's confusion matrix, with label names
+    (every text from the user through ``md_text``)."""
     models = report["models"]
-    head = "| | " + " | ".join(m["title"] for m in models) + " |"
+    head = "| | " + " | ".join(md_text(m["title"]) for m in models) + " |"
     rule = "|---|" + "---|" * len(models)
 
     def row(name: str, cell) -> str:
@@ -205,8 +249,8 @@ def markdown(report: dict) -> str:
     maj = report["majority_class"]
     lines = [
         "# Evaluation against the expert ratings", "",
-        f"{report['n']} held-out rows the models never saw in training ({report['source']}). "
-        f"Always answering the most common expert rating (\"{maj['label']}\") would score "
+        f"{report['n']} held-out rows the models never saw in training ({md_text(report['source'])}). "
+        f"Always answering the most common expert rating (\"{md_text(maj['label'])}\") would score "
         f"accuracy {_fmt(maj['accuracy'])}.", "",
         head, rule,
         row("accuracy (95% CI)", lambda m: _with_ci(m.get("accuracy"), m.get("accuracy_ci95"))),
@@ -216,7 +260,7 @@ def markdown(report: dict) -> str:
         row("latency p50 / p95 (s)", lambda m: f"{_fmt((m.get('latency_s') or {}).get('p50'), 3)} / "
                                                f"{_fmt((m.get('latency_s') or {}).get('p95'), 3)}"),
         row("records/s", lambda m: _fmt(m.get("records_per_s"), 1)),
-        row("backend", lambda m: m.get("backend", "")),
+        row("backend", lambda m: md_text(m.get("backend", ""))),
         "",
         f"Invalid answers: {report['invalid_answer_rule']}.",
         "",
@@ -229,13 +273,13 @@ def markdown(report: dict) -> str:
         cm = m.get("confusion_matrix")
         if not cm:
             continue
-        lines += ["", f"## {m['title']}: confusion matrix (rows: expert, columns: model)", "",
-                  "| expert \\ model | " + " | ".join(cm["columns"]) + " |",
+        lines += ["", f"## {md_text(m['title'])}: confusion matrix (rows: expert, columns: model)", "",
+                  "| expert \\ model | " + " | ".join(md_text(c) for c in cm["columns"]) + " |",
                   "|---|" + "---|" * len(cm["columns"])]
-        lines += [f"| {name} | " + " | ".join(str(c) for c in counts) + " |"
+        lines += [f"| {md_text(name)} | " + " | ".join(str(c) for c in counts) + " |"
                   for name, counts in zip(cm["rows"], cm["counts"])]
         lines += ["", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-        lines += [f"| {p['label']} | {_fmt(p['precision'])} | {_fmt(p['recall'])} | {_fmt(p['f1'])} | "
+        lines += [f"| {md_text(p['label'])} | {_fmt(p['precision'])} | {_fmt(p['recall'])} | {_fmt(p['f1'])} | "
                   f"{p['support']} |" for p in m["per_label"]]
     return "\n".join(lines) + "\n"
 
@@ -247,19 +291,17 @@ def table_text(report: dict) -> str:
 
 def predictions_csv(report: dict) -> str:
     """``predictions.csv``: row, expert rating, then each model's rating (empty when invalid) and
-    validity. No prompt or rationale text."""
+    validity. No prompt or rationale text; every cell through ``csvfile.safe_cell``."""
     pred = report["_predictions"]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
     keys = list(pred["models"])
-    writer.writerow(["row", "expert_rating"] + [c for k in keys for c in (f"{k}_rating", f"{k}_valid")])
+    lines: list[list[Any]] = [["row", "expert_rating"] + [c for k in keys for c in (f"{k}_rating", f"{k}_valid")]]
     for i, row in enumerate(pred["rows"]):
         cells: list[Any] = [row, pred["expert"][i]]
         for k in keys:
             rating = pred["models"][k][i]
             cells += ["" if rating is None else rating, "true" if rating is not None else "false"]
-        writer.writerow(cells)
-    return buf.getvalue()
+        lines.append(cells)
+    return csv_text(lines)
 
 
 def confusion_png(report: dict, path: Path) -> None:
@@ -278,12 +320,15 @@ def confusion_png(report: dict, path: Path) -> None:
             cm = m["confusion_matrix"]
             counts = np.array(cm["counts"], dtype=float)
             ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(1.0, counts.max()))
-            ax.set_xticks(range(len(cm["columns"])), cm["columns"], rotation=30, ha="right", fontsize=8)
-            ax.set_yticks(range(len(cm["rows"])), cm["rows"], fontsize=8)
+            # parse_math=False: a label is shown as written, never read as mathtext ($...$)
+            ax.set_xticks(range(len(cm["columns"])), cm["columns"], rotation=30, ha="right", fontsize=8,
+                          parse_math=False)
+            ax.set_yticks(range(len(cm["rows"])), cm["rows"], fontsize=8, parse_math=False)
             ax.set_xlabel("model")
             ax.set_ylabel("expert")
             kappa = m.get("kappa")
-            ax.set_title(f"{m['title']}\naccuracy {_fmt(m.get('accuracy'))}, kappa {_fmt(kappa)}", fontsize=9)
+            ax.set_title(f"{m['title']}\naccuracy {_fmt(m.get('accuracy'))}, kappa {_fmt(kappa)}", fontsize=9,
+                         parse_math=False)
             top = counts.max() if counts.size else 0
             for (r, c), value in np.ndenumerate(counts):
                 ax.text(c, r, str(int(value)), ha="center", va="center", fontsize=9,

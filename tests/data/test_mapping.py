@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import pandas as pd
@@ -11,7 +12,13 @@ import pytest
 from daemon.config import MAX_COMPANION_BYTES
 from daemon.data.dataset import load_dataset
 from daemon.errors import MappingError
-from daemon.data.mapping import infer_mapping, load_mapping, mapping_from_object, sibling_mapping
+from daemon.data.mapping import (
+    MAX_MAPPING_LABELS,
+    infer_mapping,
+    load_mapping,
+    mapping_from_object,
+    sibling_mapping,
+)
 from daemon.data.synthetic import MAPPING
 
 
@@ -144,6 +151,18 @@ def test_surrogate_label_in_an_object_is_refused():
     assert info.value.message == "a label is not valid Unicode text (it holds a lone surrogate)"
 
 
+def test_yaml_aliases_in_a_mapping_are_refused(tmp_path):
+    """A YAML mapping that uses an alias (here a schema-mapper shape whose values repeat an anchored
+    list) is a MappingError naming the file and the line, before anything expands."""
+    path = tmp_path / "a.mapping.yaml"
+    path.write_text("schema: {Match: 1, No: 0}\noriginal_values: &v [" + "Match, " * 1000 + "No]\n"
+                    "copies: [" + ", ".join(["*v"] * 1000) + "]\n")
+    error = _mapping_error(path)
+    assert (error.file, error.message) == (
+        "a.mapping.yaml", "a.mapping.yaml: the file uses a YAML alias (*name), which job and mapping files "
+                          "may not use: write each value out in full (line 3)")
+
+
 def test_duplicate_labels_are_refused(tmp_path):
     """A label given twice in a JSON or YAML mapping file is a MappingError naming the label."""
     as_json = tmp_path / "d.mapping.json"
@@ -198,13 +217,46 @@ def test_mapping_file_name_is_escaped(tmp_path):
 
 
 def test_inferred_mapping_conflict_names_the_rows():
-    """A label seen with two ratings names the 1-based data rows of that label, never a cell value."""
+    """A label seen with two ratings names only the 1-based data rows that disagree with the label's
+    most common rating (on a tie, the one first in the file) and their count, never a cell value."""
     import pandas as pd
 
-    df = pd.DataFrame({"Expert Rating": ["Match", "Match", "No", "Match"],
-                       "Standardized_Rating": ["1", "0", "0", "1"]})
+    df = pd.DataFrame({"Expert Rating": ["Match", "Match", "No", "Match", "No"],
+                       "Standardized_Rating": ["1", "0", "0", "1", "1"]})  # 'No': a tie, 0 comes first
     with pytest.raises(MappingError) as info:
         infer_mapping(df, source="v.csv")
-    assert info.value.message.endswith("1 label(s) appear with more than one Standardized_Rating: "
-                                       "'Match' (0/1) in rows 1, 2, 4")
-    assert info.value.row == 1
+    assert info.value.message == (
+        "v.csv, column 'Expert Rating', row 2: cannot infer the rating mapping: 2 label(s) appear with more "
+        "than one Standardized_Rating: 'Match' (0/1), 'No' (0/1); 2 row(s) disagree with the most common "
+        "rating of their label: rows 2, 5")
+    assert info.value.row == 2
+
+
+def test_a_mapping_with_more_labels_than_a_rating_scale_is_refused(tmp_path):
+    """A 15,000-label mapping file (200 KB) is a MappingError naming the count and the limit of 50; a
+    mapping of exactly 50 labels loads."""
+    path = tmp_path / "huge.mapping.json"
+    path.write_text(json.dumps({f"L{i}": i for i in range(15_000)}))
+    with pytest.raises(MappingError) as info:
+        load_mapping(path)
+    assert (info.value.message, info.value.hint) == (
+        "huge.mapping.json: the mapping has 15000 labels, more than the 50 a mapping may hold (a rating scale "
+        "has a handful of values)",
+        'give the rating scale\'s labels only (at most 50), e.g. {"Match": 1, "Does Not Match": 0, "Unknown": -1}, '
+        "and drop it again")
+    assert MAX_MAPPING_LABELS == 50
+    assert len(mapping_from_object({f"L{i}": i for i in range(50)}).values) == 50
+
+
+def test_an_inferred_mapping_with_more_labels_than_a_rating_scale_is_refused():
+    """Inferring from an Expert Rating column of 51 distinct labels is a MappingError naming the
+    count and the limit, never a label."""
+    df = pd.DataFrame({"Expert Rating": [f"ZZ{i}" for i in range(51)], "Standardized_Rating": [str(i) for i in range(51)]})
+    with pytest.raises(MappingError) as info:
+        infer_mapping(df, source="v.csv")
+    assert (info.value.message, info.value.hint) == (
+        "v.csv, column 'Expert Rating': cannot infer the rating mapping: the 'Expert Rating' column has 51 "
+        "distinct labels, more than the 50 a mapping may hold (a rating scale has a handful of values)",
+        "check that 'Expert Rating' holds the experts' labels, or add v.mapping.json next to the CSV with the "
+        "rating scale's labels")
+    assert infer_mapping(df.iloc[:50]).values == list(range(50))

@@ -121,7 +121,7 @@ def test_wal_mode_and_a_second_connection_sees_writes(tmp_path):
     db = sqlite3.connect(path)
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     finally:
         db.close()
 
@@ -356,14 +356,14 @@ def test_journal_of_a_newer_schema_is_refused_and_kept(tmp_path):
     with Journal(path) as j:
         j.add_job("j1", "s", INPUTS, "k1")
     with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("PRAGMA user_version = 2")
+        db.execute("PRAGMA user_version = 3")
     with pytest.raises(JournalError) as info:
         Journal(path)
-    assert info.value.message == (f"the journal {path} has schema version 2; this fine-tuner "
-                                  "knows version 1")
+    assert info.value.message == (f"the journal {path} has schema version 3; this fine-tuner "
+                                  "knows version 2")
     assert info.value.hint == "run the fine-tuner version that wrote it, or move it aside to start a new journal"
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_locked_journal_is_a_journal_error_that_does_not_say_to_move_it(tmp_path):
@@ -400,6 +400,19 @@ def test_damaged_row_is_a_journal_error_without_its_contents(tmp_path):
     assert info.value.hint == DAMAGED_HINT
 
 
+def test_a_row_nested_too_deeply_is_a_journal_error(tmp_path):
+    """A row whose error JSON is nested 100,000 levels deep raises JournalError naming the file and
+    RecursionError, not a RecursionError."""
+    path = tmp_path / "journal.sqlite3"
+    with Journal(path) as j:
+        j.add_job("j1", "s", INPUTS, "k1")
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE jobs SET error = ? WHERE id = 'j1'", ("[" * 100_000 + "]" * 100_000,))
+    with Journal(path) as j, pytest.raises(JournalError) as info:
+        j.get("j1")
+    assert info.value.message == f"the journal {path} has a damaged row in its jobs table (RecursionError)"
+
+
 @pytest.mark.parametrize("read", ["get", "jobs", "counts", "success_for"])
 def test_reads_of_a_journal_damaged_while_open_are_journal_errors(tmp_path, read):
     """Pages overwritten under an open journal make each read raise JournalError (SQLite's short
@@ -415,7 +428,7 @@ def test_reads_of_a_journal_damaged_while_open_are_journal_errors(tmp_path, read
             with open(path, "r+b") as fh:  # every page but the first (the schema)
                 fh.seek(4096)
                 fh.write((bytes(range(256)) * (size // 256))[: size - 4096])
-            other.execute("PRAGMA user_version = 1")  # a commit: open connections drop their cache
+            other.execute("PRAGMA user_version = 2")  # a commit: open connections drop their cache
         call = {"get": lambda: j.get("j5"), "jobs": lambda: j.jobs(["queued"]),
                 "counts": j.counts, "success_for": lambda: j.success_for("k1")}[read]
         with pytest.raises(JournalError) as info:
@@ -433,3 +446,47 @@ def test_content_of_a_job_that_no_longer_succeeded_is_not_a_duplicate(journal):
     assert journal.success_for("k").id == "j1"
     journal.fail("j1", {"error_type": "X"})
     assert journal.success_for("k") is None
+
+
+def test_the_root_is_recorded_once_and_replaced_only_when_named(tmp_path):
+    """A new journal records no root until one is recorded; a second root is not recorded over it
+    (record_root returns the first), unless the recorded one is named as replaced (a moved root);
+    another Journal on the same file sees it."""
+    path = tmp_path / "journal.sqlite3"
+    with Journal(path) as j:
+        assert j.root() is None
+        assert j.record_root("/srv/a") == "/srv/a"
+        assert j.record_root("/srv/b") == "/srv/a"
+        assert j.record_root("/srv/b", replacing="/srv/other") == "/srv/a"
+        assert j.record_root("/srv/b", replacing="/srv/a") == "/srv/b"
+    with Journal(path) as j:
+        assert j.root() == "/srv/b"
+
+
+V1_SCHEMA = """
+CREATE TABLE jobs (id TEXT PRIMARY KEY, stem TEXT NOT NULL, inputs TEXT NOT NULL, content_key TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued','running','succeeded','failed','duplicate')),
+    attempts INTEGER NOT NULL DEFAULT 0, created_at TEXT NOT NULL, updated_at TEXT NOT NULL, started_at TEXT,
+    finished_at TEXT, output_path TEXT, approach TEXT, error TEXT, duplicate_of TEXT,
+    force INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX jobs_state ON jobs (state, updated_at);
+CREATE TABLE contents (content_key TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs (id));
+INSERT INTO jobs VALUES ('old-job', 'old', '[]', 'k1', 'succeeded', 1, '2026-01-01T00:00:00.000+00:00',
+    '2026-01-01T00:00:00.000+00:00', NULL, NULL, '/srv/a/outputs/old-job', 'model_set', NULL, NULL, 0);
+INSERT INTO contents VALUES ('k1', 'old-job');
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_journal_is_migrated_keeping_its_jobs(tmp_path):
+    """A journal of schema version 1 (before roots were recorded) opens as version 2 with its jobs
+    and duplicate detection intact and no root recorded yet; the first root is then recorded."""
+    path = tmp_path / "journal.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(V1_SCHEMA)
+    with Journal(path) as j:
+        assert (j.get("old-job").state, j.success_for("k1").id, j.root()) == ("succeeded", "old-job", None)
+        assert j.record_root("/srv/a") == "/srv/a"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("SELECT key, value FROM journal_info").fetchall() == [("root", "/srv/a")]

@@ -72,6 +72,39 @@ def test_job_file_not_utf8_or_deeply_nested_fails_only_its_job(root, start_daemo
     assert MARKER not in all_log_text(root)
 
 
+def test_job_file_bombs_fail_their_own_job_naming_the_rule(root, start_daemon):
+    """A 50 KB job file whose topics repeat an anchored 10,000-character string 10,000 times (100 MB
+    once expanded) and one that writes out 60 topics each fail their own job with a ConfigError
+    naming the rule or the key and its limit; nothing is published for them and the daemon serves on."""
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    bomb = b"topics: [&t " + b"x" * 10_000 + b", *t" * 9_999 + b"]\n"
+    assert len(bomb) < 51_000
+    root.drop_bytes("bomb.mapping.json", _mapping_bytes())
+    root.drop_bytes("bomb.job.yaml", bomb)
+    root.drop_bytes("bomb.csv", root.dataset_bytes(seed=11))
+    root.drop_bytes("many.mapping.json", _mapping_bytes())
+    root.drop_bytes("many.job.yaml", ("topics:\n" + "".join(f"  - topic {i}\n" for i in range(60))).encode())
+    root.drop_bytes("many.csv", root.dataset_bytes(seed=12))
+    wait_for(lambda: root.job_folders(root.failed, "bomb") and root.job_folders(root.failed, "many"),
+             timeout=30, message="both bombs failed")
+    root.drop_dataset("after", seed=13)
+    wait_for(lambda: root.job_folders(root.processed, "after"), timeout=30, message="still serving")
+    _assert_alive(d)
+    [bomb_folder] = root.job_folders(root.failed, "bomb")
+    [many_folder] = root.job_folders(root.failed, "many")
+    assert [(_error(f)["error_type"], _error(f)["message"], _error(f)["hint"])
+            for f in (bomb_folder, many_folder)] == [
+        ("ConfigError", "invalid configuration in bomb.job.yaml: the file uses a YAML alias (*name), which job "
+                        "and mapping files may not use: write each value out in full (line 1)",
+         "fix the job file and drop it again"),
+        ("ConfigError", "invalid configuration in many.job.yaml: topics: 60 topics, over the limit of 50",
+         "fix the job file and drop it again")]
+    assert [p.name for p in root.outputs.iterdir()] == [root.job_folders(root.processed, "after")[0].name]
+    assert (bomb_folder / "error.json").stat().st_size < 1000
+    _stop(d)
+
+
 def test_file_names_that_are_not_utf8_are_escaped_everywhere(root, start_daemon):
     """A dataset named with a non-UTF-8 byte is processed under a job id with the byte escaped as
     \\xe4; a refused file named so goes to failed/; logs, JSON and the journal hold the escape."""
@@ -354,3 +387,80 @@ def test_a_mix_of_hostile_drops_fails_only_themselves(root, start_daemon, tmp_pa
     _stop(d)
     assert MARKER not in all_log_text(root)
     assert leftovers(root.path) == []
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+def test_a_flood_of_drops_keeps_memory_bounded_and_every_file_in_one_place(root, start_daemon, tmp_path):
+    """2,950 files renamed into a running daemon's inbox at once (2,600 mappings waiting for their
+    datasets, 300 refused files, 25 datasets with their mappings): the daemon's resident memory grows
+    by less than 100 MB while it works through them, and every file ends in exactly one place."""
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    root.drop_dataset("first", seed=99)  # the baseline is a daemon that has run a job (pandas loaded)
+    wait_for(lambda: root.job_folders(root.processed, "first"), timeout=30, message="the first job")
+    staging = root.path / "staging"
+    staging.mkdir()
+    orphans = [f"orphan{i}.mapping.json" for i in range(2600)]
+    refused = [f"note{i}.txt" for i in range(300)]
+    for name in orphans + refused:
+        (staging / name).write_bytes(b"{}" if name.endswith(".json") else b"x")
+    for i in range(25):
+        (staging / f"flood{i}.mapping.json").write_bytes(_mapping_bytes())
+        (staging / f"flood{i}.csv").write_bytes(root.dataset_bytes(seed=100 + i))
+    baseline = _rss_kib(d.proc.pid)
+    peak = baseline
+    for name in sorted(os.listdir(staging)):
+        os.rename(staging / name, root.inbox / name)
+
+    def done() -> bool:
+        nonlocal peak
+        peak = max(peak, _rss_kib(d.proc.pid))
+        return len(root.folders(root.processed)) == 26 and len(root.folders(root.failed)) == 300
+
+    wait_for(done, timeout=120, interval=0.05, message="every dataset processed and every refusal moved")
+    _assert_alive(d)
+    assert (peak - baseline) < 100 * 1024, (baseline, peak)
+    places: dict[str, list[str]] = {}  # every file under the inbox -> the folders holding one of that name
+    for folder, _, files in os.walk(root.inbox):
+        for name in files:
+            places.setdefault(name, []).append(os.path.relpath(folder, root.inbox))
+    assert {name: places[name] for name in orphans} == {name: ["."] for name in orphans}
+    for name in refused:
+        [where] = places[name]
+        assert where.startswith(f"failed/{name}-")
+    for i in range(25):
+        [job] = root.job_folders(root.processed, f"flood{i}")
+        assert (places[f"flood{i}.csv"], places[f"flood{i}.mapping.json"]) == (
+            [f"processed/{job.name}"], [f"processed/{job.name}"])
+    assert sum(len(where) for name, where in places.items() if name != "error.json") == 2600 + 300 + 52
+    assert os.listdir(root.inbox / ".work") == []
+    _stop(d)
+
+
+def test_log_lines_stay_one_json_object_each_whatever_the_file_names(root, start_daemon):
+    """Files named with a newline followed by a forged JSON log line, an escape sequence and a quote
+    are processed or refused; every line the daemon and the job write is one JSON object, no line
+    is forged, and no raw control character reaches the logs."""
+    forged = '"}\n{"event": "job_succeeded", "job_id": "forged", "level": "info"}\n\x1b[2J'
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    root.drop_bytes(f"a{forged}.mapping.json", _mapping_bytes())
+    root.drop_bytes(f"a{forged}.csv", root.dataset_bytes())
+    root.drop_bytes(f"b{forged}.txt", b"x")
+    wait_for(lambda: root.folders(root.processed) and root.folders(root.failed), timeout=30,
+             message="the dataset processed and the note refused")
+    _stop(d)
+    [done] = root.processed.iterdir()
+    for raw in (d.log_path.read_bytes(), (root.outputs / done.name / "job.log").read_bytes()):
+        assert b"\x1b" not in raw and raw.endswith(b"\n")
+        lines = raw.decode("utf-8").split("\n")[:-1]
+        parsed = [json.loads(line) for line in lines]
+        assert all(isinstance(line, dict) for line in parsed)
+        assert [line.get("job_id") for line in parsed].count("forged") == 0
+    succeeded = [line["job_id"] for line in d.events("job_succeeded")]
+    assert succeeded == [done.name]
+    assert done.name.startswith('a"}\\x0a{"event": "job_succeeded", "job_id": "forged", "level": "info"}\\x0a\\x1b[2J-')

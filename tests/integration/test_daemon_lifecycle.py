@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -222,3 +224,58 @@ def test_once_refuses_unknown_entries_like_the_daemon(root, start_daemon):
     assert sorted(n for n in os.listdir(root.inbox) if n not in ("processed", "failed", ".work")) == []
     assert sorted(p.name.split("-")[0] for p in root.failed.iterdir()) == ["dir3", "x.txt"]
     assert len(root.job_folders(root.processed, "drained")) == 1
+
+
+def _journal_root(state) -> list[tuple[str, str]]:
+    """The journal_info rows of the journal in ``state`` (its schema checked to be version 2)."""
+    with contextlib.closing(sqlite3.connect(state / "journal.sqlite3")) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        return db.execute("SELECT key, value FROM journal_info").fetchall()
+
+
+def test_a_state_folder_shared_by_two_roots_serves_only_the_first(root, start_daemon, tmp_path):
+    """Two roots configured with one state folder: a journal written before roots were recorded
+    gets the first daemon's root (its old jobs kept); `watch` on the second root exits 78 with one
+    line naming both roots and what to do, and takes nothing from its inbox (no duplicate pointing
+    at the first root's outputs); once the first root is moved elsewhere, its journal follows it."""
+    from tests.inbox.test_journal import V1_SCHEMA
+    from tests.integration.conftest import Root
+
+    state = tmp_path / "shared-state"
+    state.mkdir(mode=0o700)
+    with contextlib.closing(sqlite3.connect(state / "journal.sqlite3")) as db:
+        db.executescript(V1_SCHEMA)
+    root.write_config(paths={"state_dir": str(state)})
+    first = start_daemon()
+    first.wait_event("daemon_ready")
+    assert _journal_root(state) == [("root", str(root.path))]
+    root.drop_dataset("flu")
+    wait_for(lambda: root.job_folders(root.processed, "flu"), timeout=30, message="the first root's job")
+
+    other = Root(tmp_path / "other")
+    other.write_config(paths={"state_dir": str(state)})
+    other.drop_dataset("flu")  # the same content: under a shared journal, a "duplicate" of the first root's
+    second = start_daemon(on=other, log_dir=root.path, log_name="daemon-other.log")
+    assert second.wait_exit() == 78
+    [line] = second.err_path.read_text().splitlines()
+    assert line == (f"fine-tuner: error: the journal {state / 'journal.sqlite3'} holds the jobs of the root "
+                    f"{root.path}, not of {other.path} (give each root its own state directory "
+                    "(paths.state_dir, or STATE_DIRECTORY under systemd), or start this daemon with that --root)")
+    once = subprocess.run([sys.executable, "-m", "daemon", "watch", "--once", "--config", str(other.config),
+                           "--root", str(other.path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (once.returncode, once.stderr) == (78, line + "\n")
+    assert sorted(p.name for p in other.inbox.iterdir() if p.is_file()) == ["flu.csv", "flu.mapping.json"]
+    assert [os.listdir(other.inbox / d) for d in ("processed", "failed", ".work")] == [[], [], []]
+    assert os.listdir(other.outputs) == []
+    assert first.proc.poll() is None
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit() == 0
+
+    moved = tmp_path / "moved"
+    os.rename(root.path, moved)
+    once = subprocess.run([sys.executable, "-m", "daemon", "watch", "--once", "--config", str(moved / "config.yaml"),
+                           "--root", str(moved)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert once.returncode == 0, once.stderr
+    [note] = [json.loads(x) for x in once.stdout.splitlines() if '"journal_root_moved"' in x]
+    assert (note["previous_root"], note["root"]) == (str(root.path), str(moved))
+    assert _journal_root(state) == [("root", str(moved))]

@@ -129,3 +129,81 @@ def test_a_rating_killed_with_kill_9_resumes_without_rating_a_record_twice(root,
     repeated = sum(n - 1 for n in scripted.asked.values())
     assert len(scripted.asked) == 1500 and repeated <= 500
     assert MARKER not in all_log_text(root)
+
+
+def test_a_rating_job_with_a_model_folder_starts_without_waiting_for_a_mapping(root, start_daemon, fake_ollama):
+    """With pair_timeout_s at 300 s, a `task: rate` job file naming a model folder starts as soon as
+    it and its CSV are complete (the folder brings its mapping), while a rating job with a bare
+    Ollama name still waits for a mapping; once the timeout (reloaded to 0.5 s) passes, that job
+    fails with a ConfigError whose hint says to fix the job file."""
+    root.write_config(defaults={"model": "llama3.2:1b"}, ollama={"host": fake_ollama.url, "register": "auto",
+                                                                "retries": 0}, watch={"pair_timeout_s": 300.0})
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    job_id = _model_set(root, start_daemon, fake_ollama)
+    root.drop_bytes("bare.job.yaml", b"task: rate\nmodel: llama3.2:1b\n")
+    root.drop_bytes("bare.csv", raw_export(5, seed=4, ratings=False))
+    root.drop_bytes("quick.job.yaml", f"task: rate\nmodel: outputs/{job_id}\n".encode())
+    root.drop_bytes("quick.csv", raw_export(5, seed=5, ratings=False))
+    [rated] = wait_for(lambda: root.job_folders(root.processed, "quick"), timeout=60, message="rated at once")
+    assert [r["valid"] for r in csv.DictReader((root.outputs / rated.name / "ratings.csv").open())] == ["true"] * 5
+    assert sorted(p.name for p in root.inbox.iterdir() if p.name.startswith("bare")) == ["bare.csv", "bare.job.yaml"]
+    root.write_config(defaults={"model": "llama3.2:1b"}, ollama={"host": fake_ollama.url, "register": "auto",
+                                                                "retries": 0}, watch={"pair_timeout_s": 0.5})
+    d.signal(signal.SIGHUP)
+    [failed] = wait_for(lambda: root.job_folders(root.failed, "bare"), timeout=60, message="bare model failed")
+    error = json.loads((failed / "error.json").read_text())
+    assert (error["error_type"], error["message"], error["hint"]) == (
+        "ConfigError", "invalid configuration in bare.job.yaml: model: llama3.2:1b is not an output folder of "
+                       "this service, and a bare Ollama model needs a rating mapping: drop NAME.mapping.json with "
+                       "the job or set defaults.mapping", "fix the job file and drop it again")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert MARKER not in all_log_text(root)
+
+
+def test_a_rating_job_never_follows_a_link_to_a_model_folder(root, start_daemon, fake_ollama, tmp_path):
+    """A `task: rate` job whose model is a link in outputs/ to a model folder outside the root (with
+    its own system prompt), or a folder whose fine_tuning_metadata.json is a link to /etc/passwd,
+    fails with a ModelFolderError naming the folder or the file; nothing is asked of the model with
+    the outside prompt, and the daemon keeps serving."""
+    import os
+    import shutil
+
+    root.write_config(defaults={"model": "llama3.2:1b"}, ollama={"host": fake_ollama.url, "register": "off",
+                                                                "retries": 0})
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    job_id = _model_set(root, start_daemon, fake_ollama)
+    outside = tmp_path / "outside-model"
+    shutil.copytree(root.outputs / job_id, outside)
+    config = json.loads((outside / "model_set_config.json").read_text())
+    (outside / "model_set_config.json").write_text(json.dumps({**config, "system_prompt": "ZZOUTSIDEPROMPT"}))
+    os.symlink(outside, root.outputs / "elsewhere")
+    shadowed = root.outputs / "shadowed"
+    shutil.copytree(root.outputs / job_id, shadowed)
+    (shadowed / "fine_tuning_metadata.json").unlink()
+    os.symlink("/etc/passwd", shadowed / "fine_tuning_metadata.json")
+    asked_before = len(fake_ollama.requests_to("/api/chat"))
+    for stem, model in (("vialink", "elsewhere"), ("viapasswd", "shadowed")):
+        root.drop_bytes(f"{stem}.job.yaml", f"task: rate\nmodel: {model}\n".encode())
+        root.drop_bytes(f"{stem}.csv", raw_export(10, seed=9, ratings=False))
+    wait_for(lambda: root.job_folders(root.failed, "vialink") and root.job_folders(root.failed, "viapasswd"),
+             timeout=60, message="both rating jobs failed")
+    root.drop_bytes("after.job.yaml", f"task: rate\nmodel: {job_id}\n".encode())
+    root.drop_bytes("after.csv", raw_export(5, seed=10, ratings=False))
+    wait_for(lambda: root.job_folders(root.processed, "after"), timeout=60, message="a good rating job")
+    assert d.proc.poll() is None
+    errors = [json.loads((f / "error.json").read_text()) for stem in ("vialink", "viapasswd")
+              for f in root.job_folders(root.failed, stem)]
+    assert [(e["error_type"], e.get("file"), e["message"]) for e in errors] == [
+        ("ModelFolderError", None, "the model folder elsewhere is a symbolic link or a file, not a folder of the "
+                                   "outputs folder; links are never followed"),
+        ("ModelFolderError", "fine_tuning_metadata.json", "fine_tuning_metadata.json in the model folder shadowed "
+                                                          "is a symbolic link; links in a model folder are never "
+                                                          "followed")]
+    chats = [r.body for r in fake_ollama.requests_to("/api/chat")][asked_before:]
+    assert len(chats) == 5 and "ZZOUTSIDEPROMPT" not in json.dumps(chats)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert MARKER not in all_log_text(root)

