@@ -15,7 +15,12 @@ LLAMAFACTORY  := llamafactory==0.9.5
 LF_DIR        := $(VENV)/llamafactory
 TEST_EXTRAS   := $(EXTRAS),axolotl
 
-.PHONY: run test
+# llama.cpp, pinned (daemon/llamacpp.py): its source (the adapter converter every fine-tune runs) is
+# fetched once into ~/.cache/fine-tuner (or $FINE_TUNER_CACHE_DIR), outside the clone, and reused;
+# `python -m daemon.llamacpp source` does nothing when it is already there
+LLAMA_SRC = $(PY) -m daemon.llamacpp source >/dev/null
+
+.PHONY: run test llama-cpp
 
 # venv, pip, the torch pin, then the project with the given extras (one resolution for all of them)
 define install
@@ -34,11 +39,17 @@ $(HANDOFF): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(LF_DIR) "$(LLAMAFACTORY)"
 	touch $(STAMP) $(HANDOFF)
 
+# llama.cpp's server (llama-server), built once into the same cache (about 15 min on two cores)
+llama-cpp: $(STAMP)
+	$(PY) -m daemon.llamacpp build
+
 run: $(STAMP)
+	$(LLAMA_SRC)
 	$(VENV)/bin/fine-tuner watch --root .
 
 # Three workers on two cores: most of the suite waits on real processes, files and sockets; the
 # modules that build a trained model once keep to one worker each (xdist_group).
 test: $(HANDOFF)
+	$(LLAMA_SRC)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 \
 		LLAMAFACTORY_PATH=$(abspath $(LF_DIR)) $(PY) -m pytest -n 3 --dist loadgroup

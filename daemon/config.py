@@ -83,6 +83,9 @@ class OllamaConfig:
     # (a chat answer, /api/show, /api/tags of a large install stay under ~1 MB); 8 MiB leaves room
     # while keeping what a hostile server can make the daemon hold to a few tens of MB per request
     max_response_bytes: int = 8 * 1024 * 1024
+    # where Ollama keeps its models (manifests/, blobs/), to fine-tune the very GGUF it serves; None:
+    # $OLLAMA_MODELS, ~/.ollama/models, then the Linux service's /usr/share/ollama/.ollama/models
+    models_dir: str | None = None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from . import fsutil, portable
-from .data import prompts
+from .data import prompts, turns
 from .serving.capability import CapabilityReport, build_report
 from .config import Config, JobSettings, job_settings, load_config
 from .errors import (
@@ -577,7 +577,8 @@ class FineTuner:
             train_pos, val_pos = self._hold_out(plan, build_dir, system)
             fsutil.write_lines(build_dir / "training_data.jsonl", trainingdata.jsonl_chunks(ds, train_pos, system))
             base = supervisor.resolve_base_weights(settings.model, self.config.base_models,
-                                                 allow_download=t.allow_download)
+                                                 allow_download=t.allow_download,
+                                                 ollama_models_dir=self.config.ollama.models_dir)
             validation = "validation_data.jsonl" if len(val_pos) else None
             cfg = trainingdata.training_config(
                 base_model=base.hf_id or supervisor.BASE_MODEL_PLACEHOLDER, dataset_path="training_data.jsonl",
@@ -585,7 +586,8 @@ class FineTuner:
                 epochs=settings.epochs, learning_rate=settings.learning_rate,
                 micro_batch_size=settings.batch_size, seed=d.seed)
             fsutil.write_text(build_dir / "training_config.yaml",
-                              _config_header(settings.model, base.hf_id) + yaml.safe_dump(cfg, sort_keys=False))
+                              _config_header(settings.model, base.hf_id, base.gguf_path is not None)
+                              + yaml.safe_dump(cfg, sort_keys=False))
             fsutil.write_text(build_dir / AXOLOTL_LAUNCHER, AXOLOTL_LAUNCHER_TEXT)
             fsutil.make_executable(build_dir / AXOLOTL_LAUNCHER)
             fsutil.write_json(build_dir / "dataset_info.json",
@@ -609,16 +611,22 @@ class FineTuner:
                                            on_progress=relay, stop_event=job.stop_event if job else None)
         meta["training"] = dict(result.metrics)
         name = settings.output_model or modelset.ollama_model_name(settings.model, stem, suffix="-ft")
+        fmt = turns.turn_format(base.model_type) if base.chat_template else None
+        adapter_format = supervisor.adapter_format(base.model_type)
+        parameters: dict[str, Any] = {"temperature": 0, **({"stop": list(fmt.stop)} if fmt else {})}
         fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
-            base=settings.model, system=system, messages=[], parameters={"temperature": 0},
-            adapter="./adapter"))
-        meta["fine_tune"] = {"model_name": name, "adapter_dir": "adapter",
-                             "base_weights": base.hf_id or "a local weights folder (base_models)"}
+            base=settings.model, system=system, messages=[], parameters=parameters,
+            adapter="./adapter/adapter.gguf" if adapter_format == "gguf" else "./adapter",
+            template=fmt.ollama if fmt else None))
+        meta["fine_tune"] = {"model_name": name, "adapter_dir": "adapter", "adapter_format": adapter_format,
+                             "base_weights": _base_weights_record(base),
+                             "template": base.template}
         schema = prompts.output_schema(ds.mapping.values)
         with stages("registration"):
             meta["registration"] = self._register(lambda client: register.register_adapter(
                 client, name=name, base=settings.model, adapter_dir=Path(result.adapter_dir),
-                system=system, parameters={"temperature": 0}, output_schema=schema), plan.ollama_memory)
+                system=system, parameters=parameters, output_schema=schema, adapter_format=adapter_format,
+                template=fmt.ollama if fmt else None), plan.ollama_memory)
 
     # --- output folders ------------------------------------------------------------------------
 
@@ -670,9 +678,20 @@ def _machine_roots(meta: dict, build_dir: Path, final_dir: Path) -> dict[str, st
         "..": final_dir.parent, "<base weights>": facts.get("weights_dir"), "<hf cache>": hf_cache_dir()})
 
 
-def _config_header(model: str, hf_id: str | None) -> str:
-    """The comment on top of training_config.yaml: how to run it elsewhere, and what to put in
-    base_model when no Hugging Face id is known for the weights."""
+def _base_weights_record(base: Any) -> Any:
+    """What the metadata says of the base weights: for a GGUF, which file (by name and sha256), its
+    quantization and architecture, and that the adapter was trained on exactly those weights."""
+    if base.gguf_path is None:
+        return base.hf_id or "a local weights folder (base_models)"
+    return {"source": base.source, "gguf_file": Path(base.gguf_path).name, "gguf_sha256": base.gguf_sha256,
+            "quantization": base.quantization, "architecture": base.model_type, "found_by": base.found_by,
+            "trained_against": "the dequantized weights of this GGUF file: exactly the weights Ollama "
+                               "serves, so the adapter matches the base it is attached to"}
+
+
+def _config_header(model: str, hf_id: str | None, gguf: bool = False) -> str:
+    """The comment on top of training_config.yaml: how to run it elsewhere, what to put in
+    base_model when no Hugging Face id is known for the weights, and how to get one merged GGUF."""
     header = (
         "# This fine-tune's recipe under axolotl's key names, to run the same training on a bigger machine:\n"
         "# copy this whole folder there and, from inside it, run  axolotl train training_config.yaml\n"
@@ -683,6 +702,11 @@ def _config_header(model: str, hf_id: str | None) -> str:
             f"# base_model: no Hugging Face id is known for the weights of {model}. Before running this\n"
             "# file elsewhere, put their Hugging Face id (e.g. meta-llama/Llama-3.2-1B-Instruct) or the\n"
             "# path of a copy of the weights folder there.\n")
+    header += (
+        "# One merged GGUF instead of base + adapter: llama.cpp's export-lora applies adapter/adapter.gguf\n"
+        "# to the base GGUF,  llama-export-lora -m <base>.gguf --lora adapter/adapter.gguf -o merged.gguf\n"
+        + ("#   (the base GGUF is the file Ollama serves: fine_tuning_metadata.json names it and its sha256)\n"
+           if gguf else "#   (convert the base weights first: python convert_hf_to_gguf.py <weights folder>)\n"))
     return header
 
 

@@ -362,13 +362,17 @@ def _message_pair(message: Any) -> tuple[str, str]:
 
 
 def modelfile_text(*, base: str, system: str | None, messages: Sequence[Any],
-                   parameters: Mapping[str, Any] | None, adapter: str | None = None) -> str:
-    """The Modelfile: FROM, ADAPTER (when given), SYSTEM, PARAMETER lines, then MESSAGE lines
-    (``messages`` as ``{"role", "content"}`` dicts or ``(role, content)`` pairs)."""
+                   parameters: Mapping[str, Any] | None, adapter: str | None = None,
+                   template: str | None = None) -> str:
+    """The Modelfile: FROM, ADAPTER (when given), TEMPLATE (the turn format of a base without its
+    own), SYSTEM, PARAMETER lines, then MESSAGE lines (``messages`` as ``{"role", "content"}`` dicts
+    or ``(role, content)`` pairs)."""
     lines = ["# Written by fine-tuner. Create the model with: ollama create NAME -f Modelfile",
              f"FROM {_word_value(base, 'FROM')}"]
     if adapter:
         lines.append(f"ADAPTER {_word_value(adapter, 'ADAPTER')}")
+    if template is not None:
+        lines.append(f"TEMPLATE {_quoted(template)}")
     if system is not None:
         lines.append(f"SYSTEM {_quoted(system)}")
     for name, value in (parameters or {}).items():

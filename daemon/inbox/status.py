@@ -76,8 +76,12 @@ def _evaluation_brief(folder: Path, meta: dict) -> dict:
     """Kappa and accuracy of each evaluated model (``evaluation.json``), or why there are none."""
     report = read_json_object(folder / "evaluation.json")
     if report.get("models"):
-        return {m["key"]: {"kappa": m.get("kappa"), "accuracy": m.get("accuracy"),
-                           "invalid_rate": m.get("invalid_rate")} for m in report["models"]}
+        brief: dict = {m["key"]: {"kappa": m.get("kappa"), "accuracy": m.get("accuracy"),
+                                  "invalid_rate": m.get("invalid_rate")} for m in report["models"]}
+        effect = report.get("adapter_effect")
+        if isinstance(effect, dict) and effect.get("ignored"):
+            brief["adapter_ignored"] = True
+        return brief
     evaluation = meta.get("evaluation") or {}
     return {"status": evaluation.get("status"), "reason": evaluation.get("reason")} if evaluation else {}
 
@@ -89,7 +93,8 @@ def _kappa_text(evaluation: dict | None) -> str:
         def k(key: str) -> str:
             value = (evaluation.get(key) or {}).get("kappa")
             return "n/a" if value is None else f"{value:.2f}"
-        return f"  kappa {k('new')} (base {k('base')})"
+        ignored = "  ADAPTER HAD NO EFFECT (answers identical to the base model)" if evaluation.get("adapter_ignored") else ""
+        return f"  kappa {k('new')} (base {k('base')}){ignored}"
     if evaluation.get("status") in ("skipped", "failed"):
         return "  not evaluated"
     return ""

@@ -196,10 +196,27 @@ def majority(expert: Sequence[int], labels: Mapping[str, int]) -> dict:
             "accuracy": _round(counts[rating] / len(expert))}
 
 
+def adapter_effect(new_answers: Sequence[str], base_answers: Sequence[str]) -> dict:
+    """Did the adapter change the model? The fine-tune's raw answers against the base model's on
+    the same rows: identical on every row means the adapter was silently ignored (a known failure
+    with quantized bases), whatever the scores say."""
+    pairs = list(zip(new_answers, base_answers))
+    same = sum(a == b for a, b in pairs)
+    ignored = bool(pairs) and same == len(pairs)
+    return {"compared_rows": len(pairs), "identical_answers": same, "ignored": ignored,
+            "message": (f"the fine-tune answered exactly like the base model on all {len(pairs)} held-out rows: "
+                        "its adapter had no effect (not loaded, or trained to nothing); do not use this model"
+                        if ignored else f"the fine-tune answered differently from the base model on "
+                                        f"{len(pairs) - same} of {len(pairs)} held-out rows")}
+
+
 def evaluation_report(results: Sequence[ModelResult], expert: Sequence[int], rows: Sequence[int | str],
-                      labels: Mapping[str, int], *, seed: int, source: str, created_at: str) -> dict:
-    """The machine-readable evaluation (``evaluation.json``)."""
+                      labels: Mapping[str, int], *, seed: int, source: str, created_at: str,
+                      adapter_check: dict | None = None) -> dict:
+    """The machine-readable evaluation (``evaluation.json``); ``adapter_check``: ``adapter_effect``
+    of a fine-tune."""
     return {
+        **({"adapter_effect": adapter_check} if adapter_check is not None else {}),
         "created_at": created_at, "source": source, "n": len(expert), "seed": seed,
         "bootstrap_samples": BOOTSTRAP_SAMPLES, "invalid_answer_rule": INVALID_RULE,
         "labels": {str(k): int(v) for k, v in labels.items()},
@@ -247,8 +264,10 @@ def markdown(report: dict) -> str:
         return f"| {name} | " + " | ".join(cell(m) for m in models) + " |"
 
     maj = report["majority_class"]
+    effect = report.get("adapter_effect") or {}
     lines = [
         "# Evaluation against the expert ratings", "",
+        *([f"**Warning: {effect['message']}.**", ""] if effect.get("ignored") else []),
         f"{report['n']} held-out rows the models never saw in training ({md_text(report['source'])}). "
         f"Always answering the most common expert rating (\"{md_text(maj['label'])}\") would score "
         f"accuracy {_fmt(maj['accuracy'])}.", "",
@@ -354,8 +373,10 @@ def write_report(report: dict, dest: Path) -> list[str]:
 
 def metadata_summary(report: dict, files: list[str]) -> dict:
     """What ``fine_tuning_metadata.json`` records under ``evaluation`` once the report is written."""
+    effect = report.get("adapter_effect")
     return {"status": "done", "backend": report["models"][0]["backend"], "rows": report["n"],
-            "models": summary_line(report), "files": files}
+            "models": summary_line(report), "files": files,
+            **({"adapter_ignored": effect["ignored"]} if effect is not None else {})}
 
 
 def summary_line(report: dict) -> list[dict]:

@@ -141,18 +141,19 @@ def _ollama_problem(models: list[EvalModel], base: str, config: Config, memory=N
 
 
 def _local_problem(models: list[EvalModel], base: str, config: Config) -> tuple[str | None, str | None]:
-    """(base weights folder, why the local backend cannot run)."""
+    """(the resolved base weights, why the local backend cannot run)."""
     from ..training.supervisor import resolve_base_weights, trainer_packages_available
 
     if not trainer_packages_available():
         return None, "torch, transformers and peft are not installed (pip install 'fine-tuner[train]')"
-    weights = resolve_base_weights(base, config.base_models, allow_download=False)
-    if weights.local_dir is None:
+    weights = resolve_base_weights(base, config.base_models, allow_download=False,
+                                   ollama_models_dir=config.ollama.models_dir)
+    if weights.local_dir is None or weights.problem is not None:
         return None, weights.problem or f"the weights of {base} are not on disk"
     for m in models:
         if m.adapter_dir is not None and not (m.adapter_dir / "adapter_config.json").is_file():
             return None, "the adapter folder is incomplete"
-    return weights.local_dir, None
+    return weights, None
 
 
 def choose_backend(requested: str, models: list[EvalModel], base: str, config: Config,
@@ -208,7 +209,7 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
     log.info("evaluation_started", backend=chosen, rows=len(data.expert), models=[m.key for m in models])
     values = sorted(int(v) for v in meta["mapping"]["labels"].values())
     schema = prompts.output_schema(values)
-    results = []
+    results, texts = [], {}
     for model in models:
         shared = prefix(model, data.system, chosen)  # one object: every request starts byte-identical
         conversations = [[*shared, {"role": "user", "content": u}] for u in data.users]
@@ -221,18 +222,25 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
                                                         stop_event=stop_event)
         else:
             name = base + (" + adapter" if model.adapter_dir is not None else "")
-            answers = LocalRater(weights, model.adapter_dir, batch_size=ev.batch_size,
+            answers = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size,
                                  max_new_tokens=ev.max_new_tokens, timeout_s=ev.timeout_s,
                                  grace_s=config.training.grace_s).answer(
                 conversations, on_progress=progress, stop_event=stop_event)
         duration = time.monotonic() - started
+        texts[model.key] = [a.text for a in answers]
         results.append(evaluation.ModelResult(
             model.key, model.title, name, [evaluation.parse_answer(a.text, values) for a in answers],
             [a.latency_s for a in answers], duration, chosen,
             extra={"few_shot_turns": len(model.few_shot) // 2}))
+    adapter_check = None
+    if any(m.adapter_dir is not None for m in models) and "new" in texts and "base" in texts:
+        adapter_check = evaluation.adapter_effect(texts["new"], texts["base"])
+        if adapter_check["ignored"]:
+            log.warning("adapter_without_effect", rows=adapter_check["compared_rows"])
     report = evaluation.evaluation_report(
         results, data.expert, data.rows, meta["mapping"]["labels"], seed=seed, source=data.source,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"))
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        adapter_check=adapter_check)
     log.info("evaluation_finished", backend=chosen, rows=len(data.expert),
              models=evaluation.summary_line(report))
     return report

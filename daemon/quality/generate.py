@@ -73,13 +73,17 @@ def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
 
 # --- loading and generating ---------------------------------------------------------------------
 
-def load(base_ref: str, adapter_dir: str | None, device: str = "auto") -> tuple[Any, Any, str]:
+def load(base_ref: str, adapter_dir: str | None, device: str = "auto",
+         chat_template: str | None = None) -> tuple[Any, Any, str]:
     """(tokenizer, model in eval mode, device). The adapter is merged into the weights: the same
-    function, one matrix product per layer fewer at each generated token."""
+    function, one matrix product per layer fewer at each generated token. ``chat_template``: the
+    turn format the trainer used for a base whose tokenizer has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(base_ref)
+    if not getattr(tokenizer, "chat_template", None) and chat_template:
+        tokenizer.chat_template = chat_template
     if not getattr(tokenizer, "chat_template", None):
         raise GenerateExit(EXIT_SPEC, "the base tokenizer has no chat template; use instruct/chat weights")
     tokenizer.padding_side = "left"
@@ -224,7 +228,12 @@ def run(spec: dict) -> int:
         if not total:
             return 0
         try:
-            tokenizer, model, device = load(spec["base_ref"], spec.get("adapter_dir"), spec.get("device", "auto"))
+            if spec.get("gguf_path"):
+                from ..training.ggufmodel import prepare
+
+                prepare(spec["gguf_path"], spec["base_ref"], spec.get("chat_template"))
+            tokenizer, model, device = load(spec["base_ref"], spec.get("adapter_dir"), spec.get("device", "auto"),
+                                            spec.get("chat_template"))
         except (OSError, ValueError) as exc:
             # from_pretrained's ways of saying a folder holds no usable weights (ValueError: a path
             # that is not a folder read as an invalid hub id)

@@ -111,9 +111,19 @@ class OllamaRater:
 class LocalRater:
     backend = "local"
 
+    @classmethod
+    def for_weights(cls, weights, adapter_dir: str | os.PathLike | None = None, **kwargs) -> "LocalRater":
+        """A local rater on resolved base weights (``training.supervisor.BaseWeights``)."""
+        return cls(weights.local_dir, adapter_dir, gguf_path=weights.gguf_path,
+                   chat_template=weights.chat_template, **kwargs)
+
     def __init__(self, base_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, *,
                  batch_size: int = 8, max_new_tokens: int = 96, timeout_s: float | None = None,
-                 grace_s: float = 10.0, python: str = sys.executable) -> None:
+                 grace_s: float = 10.0, python: str = sys.executable, gguf_path: str | None = None,
+                 chat_template: str | None = None) -> None:
+        # gguf_path: a GGUF base, dequantized into base_dir by the child when not done yet;
+        # chat_template: the turn format of a base whose tokenizer has none
+        self.gguf_path, self.chat_template = gguf_path, chat_template
         self.base_dir = str(base_dir)
         self.adapter_dir = str(adapter_dir) if adapter_dir is not None else None
         self.batch_size = batch_size
@@ -133,6 +143,7 @@ class LocalRater:
             write_lines(work / "input.jsonl", (json.dumps({"messages": c}, ensure_ascii=False) + "\n"
                                                for c in conversations), durable=False)
             spec = {"base_ref": self.base_dir, "adapter_dir": self.adapter_dir,
+                    "gguf_path": self.gguf_path, "chat_template": self.chat_template,
                     "input": str(work / "input.jsonl"), "output": str(work / "output.jsonl"),
                     "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
                     "threads": max(1, (os.cpu_count() or 1)),

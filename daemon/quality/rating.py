@@ -612,7 +612,7 @@ def _rater(model: RatingModel, backend: str, weights, config: Config, schema: di
                             schema=schema, memory=memory)
         return (lambda convs, **kw: rater.answer(name, convs, **kw)), name
     ev = config.evaluation
-    local = LocalRater(weights, model.adapter_dir, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+    local = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
                        timeout_s=ev.timeout_s, grace_s=config.training.grace_s)
     return local.answer, model.base_model + (" + adapter" if model.adapter_dir is not None else "")
 

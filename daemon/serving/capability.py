@@ -12,6 +12,7 @@ import importlib.util
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -144,12 +145,24 @@ def backend_check(report: CapabilityReport, backend: str) -> None:
 def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | None) -> None:
     """Base weights found, of an architecture Ollama takes adapters for (and the same as the Ollama
     model's when known), with a chat template. Reads files only (``training.resolve_base_weights``)."""
-    from ..training.supervisor import ADAPTER_MODEL_TYPES, hf_cache_dir, hf_endpoint, resolve_base_weights, with_tag
+    from ..training.supervisor import (ADAPTER_MODEL_TYPES, adapter_format, gguf_converter, hf_cache_dir,
+                                       hf_endpoint, resolve_base_weights, with_tag)
 
     model = report.model
-    base = resolve_base_weights(model, cfg.base_models, allow_download=cfg.training.allow_download)
-    report.facts.update(weights_dir=base.local_dir, model_type=base.model_type, hf_id=base.hf_id)
-    if base.local_dir is not None:
+    base = resolve_base_weights(model, cfg.base_models, allow_download=cfg.training.allow_download,
+                                ollama_models_dir=cfg.ollama.models_dir,
+                                show_modelfile=report.facts.pop("ollama_modelfile", None))
+    report.facts.update(weights_dir=base.local_dir, model_type=base.model_type, hf_id=base.hf_id,
+                        weights_source=base.source, weights_quantization=base.quantization,
+                        weights_architecture=base.model_type, template=base.template,
+                        gguf_file=Path(base.gguf_path).name if base.gguf_path else None,
+                        gguf_sha256=base.gguf_sha256, weights_found_by=base.found_by,
+                        adapter_format=adapter_format(base.model_type) if base.model_type else None)
+    if base.gguf_path is not None and base.problem is None:
+        report.add("base_weights", True,
+                   f"the {base.quantization or 'unquantized'} GGUF {Path(base.gguf_path).name} ({base.source}; "
+                   f"{base.found_by}): trained on its dequantized weights, exactly the weights Ollama serves")
+    elif base.local_dir is not None and base.gguf_path is None:
         report.add("base_weights", True, f"Hugging Face weights for {model} found in {base.local_dir}")
     elif base.ref is not None and base.problem is None:
         # passes (the trainer may download them) but says so: the download is large and can fail
@@ -172,11 +185,22 @@ def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | Non
                    "unknown until the base weights are on disk (config.json model_type)",
                    required=not pending)
     else:
-        arch = ADAPTER_MODEL_TYPES.get(base.model_type)
-        if arch is None:
+        arch = ADAPTER_MODEL_TYPES.get(base.model_type) or (base.model_type if base.gguf_path else None)
+        if arch is None and gguf_converter() is not None:
+            report.add("weights_architecture", True,
+                       f"model_type {base.model_type!r}: registered with the GGUF adapter llama.cpp's "
+                       f"converter writes (Ollama converts safetensors adapters only for "
+                       f"{', '.join(sorted(ADAPTER_MODEL_TYPES))} models)")
+        elif arch is None:
             report.add("weights_architecture", False,
-                       f"config.json model_type is {base.model_type!r}; Ollama takes LoRA adapters only "
-                       f"for {', '.join(sorted(ADAPTER_MODEL_TYPES))} models")
+                       f"config.json model_type is {base.model_type!r}; Ollama converts LoRA adapters only "
+                       f"for {', '.join(sorted(ADAPTER_MODEL_TYPES))} models, and llama.cpp's converter for "
+                       "a GGUF adapter is not on this machine: run `make llama-cpp`")
+        elif base.gguf_path is not None and arch not in ADAPTER_MODEL_TYPES.values() and gguf_converter() is None:
+            report.add("weights_architecture", False,
+                       f"the GGUF is a {arch!r} model; Ollama converts safetensors adapters only for "
+                       f"{', '.join(sorted(set(ADAPTER_MODEL_TYPES.values())))}, and llama.cpp's converter "
+                       "for a GGUF adapter is not on this machine: run `make llama-cpp`")
         elif ollama_arch is not None and arch != ollama_arch:
             report.add("weights_architecture", False,
                        f"the weights are {base.model_type!r} ({arch} in Ollama) but the Ollama model "
@@ -191,9 +215,9 @@ def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | Non
                    required=not pending)
     else:
         report.add("chat_template", base.has_chat_template,
-                   "the tokenizer has a chat template" if base.has_chat_template else
-                   f"no chat template in {base.local_dir} (tokenizer_config.json or chat_template.jinja): "
-                   "use the instruct/chat variant of the weights")
+                   base.template if base.has_chat_template else
+                   base.problem or f"no chat template in {base.local_dir} (tokenizer_config.json or "
+                   "chat_template.jinja) and no known turn format: use the instruct/chat variant of the weights")
 
 
 def ollama_checks(report: CapabilityReport, client: OllamaClient, register_mode: str) -> str | None:
@@ -211,6 +235,7 @@ def ollama_checks(report: CapabilityReport, client: OllamaClient, register_mode:
     a fine-tune that Ollama refuses to serve is not what the user asked for.
     """
     from ..errors import OllamaError
+    from ..training.supervisor import gguf_converter
 
     model = report.model
     hard = register_mode == "required"
@@ -248,13 +273,19 @@ def ollama_checks(report: CapabilityReport, client: OllamaClient, register_mode:
                f"{details.get('format') or 'format unknown'})", required=known)
 
     supported = ", ".join(ADAPTER_ARCHITECTURES)
+    report.facts["ollama_modelfile"] = str(info.get("modelfile") or "")
     if arch in ADAPTER_ARCHITECTURES:
         report.add("adapter_architecture", True,
                    f"architecture {arch!r} takes a safetensors LoRA adapter in Ollama", required=known)
+    elif gguf_converter() is not None:
+        report.add("adapter_architecture", True,
+                   f"architecture {arch!r} takes the GGUF LoRA adapter that llama.cpp's converter writes "
+                   f"(Ollama converts safetensors adapters only for {supported})", required=known)
     else:
         report.add("adapter_architecture", False,
                    f"architecture {arch!r} cannot take a safetensors LoRA adapter in Ollama (only {supported}; "
-                   f"Mistral reports llama): use approach model_set or a llama/gemma2 base", required=known)
+                   f"Mistral reports llama) and llama.cpp's adapter converter is not on this machine: run "
+                   f"`make llama-cpp`, or use approach model_set", required=known)
 
     level = details.get("quantization_level")
     if level and str(level).upper() not in ("F16", "BF16", "F32"):

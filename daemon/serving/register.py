@@ -23,6 +23,7 @@ from ..data.prompts import parse_answer
 _log = get_logger("register")
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+GGUF_ADAPTER = "adapter.gguf"
 NEUTRAL_PROBE = ("Emergency department visit. Chief complaint: routine follow-up, no acute complaint. "
                  "Rate this record.")
 CHECK_OPTIONS = {"temperature": 0, "seed": 42, "num_predict": 256}
@@ -123,20 +124,27 @@ def _has_adapter_line(modelfile: str) -> bool:
 
 def register_adapter(client, *, name: str, base: str, adapter_dir: str | os.PathLike, system: str,
                      parameters: Mapping[str, Any], output_schema: Mapping[str, Any],
-                     probe: str | None = None) -> dict:
-    """Upload the PEFT adapter files as blobs, create ``name`` from ``base`` with them as
-    ``adapters``, check with ``show`` that an ADAPTER is attached, then check one answer.
+                     probe: str | None = None, adapter_format: str = "safetensors",
+                     template: str | None = None) -> dict:
+    """Upload the adapter as blobs, create ``name`` from ``base`` with it as ``adapters``, check
+    with ``show`` that an ADAPTER is attached, then check one answer. ``adapter_format``:
+    ``safetensors`` (the PEFT files, which Ollama converts for llama and gemma2) or ``gguf`` (the
+    ``adapter.gguf`` llama.cpp's converter wrote, for every other architecture); ``template``: the
+    turn format of a base that has none of its own.
     Returns {"registered": True, "name", "digest", "adapters", "check"}; a missing adapter file or
     a model without ADAPTER line raises RegistrationError, server failures OllamaError."""
     adapter_dir = Path(adapter_dir)
-    missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
+    files = (GGUF_ADAPTER,) if adapter_format == "gguf" else ADAPTER_FILES
+    missing = [f for f in files if not (adapter_dir / f).is_file()]
     if missing:
-        raise RegistrationError(f"the adapter folder {adapter_dir} lacks {', '.join(missing)}",
-                                hint="the training run did not finish; train again")
+        hint = ("llama.cpp's converter did not write it (see fine_tuning_metadata.json, training.gguf_adapter); "
+                "run `make llama-cpp` and train again" if adapter_format == "gguf" else
+                "the training run did not finish; train again")
+        raise RegistrationError(f"the adapter folder {adapter_dir} lacks {', '.join(missing)}", hint=hint)
     started = time.monotonic()
-    adapters = {f: client.upload_blob(adapter_dir / f) for f in ADAPTER_FILES}
+    adapters = {f: client.upload_blob(adapter_dir / f) for f in files}
     client.create(name, from_=base, adapters=adapters, system=system, parameters=dict(parameters),
-                  on_status=_log_status(name))
+                  template=template, on_status=_log_status(name))
     info = client.show(name)
     if not _has_adapter_line(str(info.get("modelfile") or "")):
         raise RegistrationError(f"Ollama created {name!r} but shows no ADAPTER in its Modelfile",

@@ -157,7 +157,7 @@ def collect(spec: dict, job_dir: Path, work: Path, started: float) -> dict:
     tmp.mkdir()
     for name in ADAPTER_FILES:
         os.replace(saved / name, tmp / name)
-    publish_adapter(tmp, job_dir, spec["base_name"])
+    publish_adapter(tmp, job_dir, spec["base_name"], spec)
     summary = read_json_object(work / "summary.json")
     if not summary:
         raise TrainerExit(1, "axolotl finished but the progress plugin wrote no summary")

@@ -39,8 +39,11 @@ import yaml
 from ..config import TrainingConfig
 from ..errors import TrainingFailedError, TrainingInterruptedError
 from ..fsutil import read_json_object, temp_dir_for, write_json
+from .. import llamacpp
 from ..logconfig import get_logger
 from ..portable import machine_roots, scrub_file
+from ..data import turns
+from . import ggufmodel
 from .trainer import ADAPTER as ADAPTER_DIR, ADAPTER_FILES, DEFAULT_ENDPOINT, DOWNLOAD_FAILED, EXIT_DOWNLOAD
 
 log = get_logger("training")
@@ -67,7 +70,8 @@ BUILTIN_BASE_MODELS: dict[str, str] = {
     "gemma2:latest": "google/gemma-2-9b-it",
 }
 
-# config.json model_type → the GGUF architecture Ollama converts adapters for (reference §5).
+# config.json model_type → the GGUF architecture Ollama converts safetensors adapters for (reference
+# §5); every other architecture is registered with the GGUF adapter llama.cpp's converter writes
 ADAPTER_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "llama", "gemma2": "gemma2"}
 
 TRAINER_MODULES = ("torch", "transformers", "peft", "accelerate", "safetensors")
@@ -85,12 +89,19 @@ POLL_S = 0.1
 @dataclass(frozen=True)
 class BaseWeights:
     ollama_name: str
-    ref: str | None  # configured local dir or HF repo id, None if unknown
+    ref: str | None  # configured local dir, GGUF file or HF repo id, None if unknown
     hf_id: str | None  # what adapter_config.json records as base_model_name_or_path
-    local_dir: str | None  # resolved directory with config.json, None if not on disk
-    model_type: str | None  # from config.json
-    has_chat_template: bool
+    local_dir: str | None  # resolved directory with config.json (for a GGUF: its dequantized form)
+    model_type: str | None  # config.json model_type, or a GGUF's general.architecture
+    has_chat_template: bool  # the weights' own template, or a known turn format applies
     problem: str | None  # why it cannot be used, None when usable
+    source: str = "huggingface folder"  # or "huggingface id", "gguf file", "ollama blob"
+    gguf_path: str | None = None  # the GGUF trained on (dequantized into local_dir once)
+    gguf_sha256: str | None = None
+    quantization: str | None = None  # of the GGUF, e.g. Q4_K_M
+    chat_template: str | None = None  # the turn format's Jinja template, when the weights carry none
+    template: str | None = None  # which template is used and why, in words
+    found_by: str | None = None  # how an Ollama blob was found
 
 
 @dataclass
@@ -169,25 +180,48 @@ def has_chat_template(weights_dir: str | Path) -> bool:
 def _weights_problem(model_type: str | None, chat_template: bool, where: str) -> str | None:
     if model_type is None:
         return f"{where} has no readable config.json: put complete Hugging Face weights there"
-    if model_type not in ADAPTER_MODEL_TYPES:
-        return (f"{where} holds a {model_type!r} model; Ollama takes LoRA adapters only for "
-                f"{', '.join(sorted(ADAPTER_MODEL_TYPES))} models")
     if not chat_template:
-        return f"{where} has no chat template in its tokenizer files: use the instruct/chat weights"
+        return (f"{where} has no chat template in its tokenizer files and no known turn format for "
+                f"{model_type!r} models ({', '.join(turns.known_architectures())}): use the instruct/chat "
+                "variant of the weights")
     return None
 
 
 def resolve_base_weights(model_name: str, base_models: Mapping[str, str], *,
                          allow_download: bool = False,
-                         env: Mapping[str, str] = os.environ) -> BaseWeights:
-    """Find the Hugging Face weights for the Ollama model ``model_name`` (never downloads here)."""
+                         env: Mapping[str, str] = os.environ,
+                         ollama_models_dir: str | None = None,
+                         show_modelfile: str | None = None) -> BaseWeights:
+    """Find the weights to fine-tune for the Ollama model ``model_name`` (never downloads here):
+    the config's ``base_models`` entry (a Hugging Face folder, a ``.gguf`` file or an HF id), else
+    the GGUF Ollama itself serves (its models folder, or the ``FROM`` of ``show_modelfile``), else the
+    built-in Hugging Face id."""
     configured = _lookup(model_name, base_models)
+    if configured is not None and os.path.isfile(os.path.expanduser(configured)):
+        path = Path(os.path.expanduser(configured)).resolve()
+        if not ggufmodel.is_gguf(path):
+            return BaseWeights(model_name, configured, None, None, None, False,
+                               f"the file configured for {model_name!r} is not a GGUF file: name a .gguf "
+                               "file or a Hugging Face weights folder under base_models:")
+        return _from_gguf(model_name, configured, path, "gguf file", f"base_models: {path.name}",
+                          _lookup(model_name, BUILTIN_BASE_MODELS))
+    if configured is None:
+        blob, found_by = ggufmodel.find_ollama_blob(
+            model_name, ggufmodel.ollama_models_dirs(ollama_models_dir, env))
+        if blob is None and show_modelfile:
+            blob = ggufmodel.blob_from_modelfile(show_modelfile)
+            found_by = "the FROM line of Ollama's /api/show Modelfile"
+        if blob is not None:
+            return _from_gguf(model_name, None, blob, "ollama blob", found_by,
+                              _lookup(model_name, BUILTIN_BASE_MODELS))
     builtin = _lookup(model_name, BUILTIN_BASE_MODELS)
     ref = configured or builtin
     if ref is None:
         return BaseWeights(model_name, None, None, None, None, False,
-                           f"no Hugging Face weights are known for {model_name!r}: add it under "
-                           f"base_models: in the config ({with_tag(model_name)}: <weights dir or HF repo id>)")
+                           f"no weights are known for {model_name!r}: Ollama's GGUF was not found in its "
+                           f"models folder (set ollama.models_dir or OLLAMA_MODELS where it is readable), "
+                           f"and no base_models: entry names it ({with_tag(model_name)}: <.gguf file, "
+                           "weights dir or HF repo id>)")
     expanded = os.path.expanduser(ref)
     if configured is not None and not _is_hf_id(ref):
         # A local folder has no HF id: the builtin id when there is one, else None (files handed to
@@ -203,24 +237,73 @@ def resolve_base_weights(model_name: str, base_models: Mapping[str, str], *,
     hf_id = ref
     snapshot = find_in_hf_cache(hf_id, env)
     if snapshot is not None:
-        return _from_dir(model_name, ref, hf_id, snapshot)
+        return _from_dir(model_name, ref, hf_id, snapshot, source="huggingface id")
     offline = str(env.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes", "on")
     if allow_download and not offline:
         # The child downloads it with from_pretrained; nothing to inspect before that.
-        return BaseWeights(model_name, ref, hf_id, None, None, False, None)
+        return BaseWeights(model_name, ref, hf_id, None, None, False, None, source="huggingface id")
     why = "HF_HUB_OFFLINE is set" if allow_download else "training.allow_download is off"
     return BaseWeights(model_name, ref, hf_id, None, None, False,
                        f"weights for {hf_id} are not in the local Hugging Face cache ({hf_cache_dir(env)}) "
                        f"and {why}: run `hf download {hf_id}`, or set base_models: "
-                       f"{with_tag(model_name)}: <local weights dir>")
+                       f"{with_tag(model_name)}: <local weights dir or .gguf file>", source="huggingface id")
 
 
-def _from_dir(model_name: str, ref: str, hf_id: str, local: Path) -> BaseWeights:
+def _tokenizer_vocabulary(local: Path) -> set[str]:
+    """The added/special tokens a tokenizer.json declares (enough to tell a turn format apart)."""
+    data = read_json_object(local / "tokenizer.json")
+    added = data.get("added_tokens") if isinstance(data.get("added_tokens"), list) else []
+    return {t.get("content") for t in added if isinstance(t, dict) and isinstance(t.get("content"), str)}
+
+
+def _from_dir(model_name: str, ref: str, hf_id: str | None, local: Path,
+              source: str = "huggingface folder") -> BaseWeights:
     config = read_json_object(local / "config.json")
     model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
-    chat = has_chat_template(local)
-    return BaseWeights(model_name, ref, hf_id, str(local), model_type, chat,
-                       _weights_problem(model_type, chat, str(local)))
+    if has_chat_template(local):
+        return BaseWeights(model_name, ref, hf_id, str(local), model_type, True,
+                           _weights_problem(model_type, True, str(local)), source=source,
+                           template="the weights' own chat template (tokenizer files)")
+    fmt = turns.turn_format(model_type, _tokenizer_vocabulary(local))
+    return BaseWeights(model_name, ref, hf_id, str(local), model_type, fmt is not None,
+                       _weights_problem(model_type, fmt is not None, str(local)), source=source,
+                       chat_template=fmt.jinja if fmt else None,
+                       template=f"{fmt.source}: the tokenizer has no chat template" if fmt else None)
+
+
+def _from_gguf(model_name: str, ref: str | None, path: Path, source: str, found_by: str,
+               hf_id: str | None) -> BaseWeights:
+    """A GGUF base: trained on its dequantized weights, with its own chat template or the
+    architecture's turn format."""
+    info = ggufmodel.summary(path)
+    arch = info.get("architecture")
+    where = f"the GGUF {path.name}"
+    common = dict(source=source, gguf_path=str(path), gguf_sha256=info.get("sha256"),
+                  quantization=info.get("quantization"), found_by=found_by)
+    local = str(ggufmodel.prepared_dir(str(info.get("sha256"))))
+    if info.get("has_chat_template"):
+        return BaseWeights(model_name, ref, hf_id, local, arch, True, None,
+                           template="the GGUF's own chat template (tokenizer.chat_template)", **common)
+    fmt = turns.turn_format(arch, set(info.get("special_tokens") or []))
+    if fmt is None:
+        return BaseWeights(model_name, ref, hf_id, local, arch, False,
+                           f"{where} carries no chat template and no known turn format fits its "
+                           f"{arch!r} architecture (known: {', '.join(turns.known_architectures())}): "
+                           "use an instruct model whose GGUF has a template", **common)
+    return BaseWeights(model_name, ref, hf_id, local, arch, True, None, chat_template=fmt.jinja,
+                       template=f"{fmt.source}: {where} is a base model with no chat template", **common)
+
+
+def gguf_converter() -> str | None:
+    """llama.cpp's ``convert_lora_to_gguf.py`` of the pinned source, when it is on this machine."""
+    build = llamacpp.pinned()
+    return str(build.converter) if build.has_source() else None
+
+
+def adapter_format(model_type: str | None) -> str:
+    """How Ollama takes an adapter for this architecture: ``safetensors`` (Ollama converts it:
+    llama and gemma2 only), else ``gguf`` (llama.cpp's converter made adapter.gguf)."""
+    return "safetensors" if ADAPTER_MODEL_TYPES.get(model_type or "") else "gguf"
 
 
 def trainer_packages_available() -> bool:
@@ -253,6 +336,9 @@ def build_run_spec(job_dir: Path, base: BaseWeights, training: TrainingConfig) -
     return {
         "base_dir": base.local_dir,
         "base_ref": base.hf_id if base.local_dir is None else base.local_dir,
+        "gguf_path": base.gguf_path,
+        "chat_template": base.chat_template,
+        "gguf_converter": gguf_converter(),
         "base_name": base.hf_id or BASE_MODEL_PLACEHOLDER,
         "train_path": path_of("datasets") or str(job_dir / "training_data.jsonl"),
         "validation_path": path_of("test_datasets"),

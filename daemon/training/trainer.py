@@ -51,6 +51,7 @@ HANG_ENV = "FT_TRAINER_TEST_HANG_S"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 ADAPTER = "adapter"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # what Ollama and PEFT need
+GGUF_ADAPTER = "adapter.gguf"  # the same adapter converted by llama.cpp (Ollama's ADAPTER for other architectures)
 
 T = TypeVar("T")
 
@@ -256,6 +257,30 @@ def from_hub(spec: dict, load: Callable[[], T]) -> T:
 
 # --- device and model --------------------------------------------------------------------------
 
+def prepare_gguf(spec: dict) -> None:
+    """A GGUF base is trained on its dequantized form, made once per GGUF (about a minute)."""
+    from .ggufmodel import prepare
+
+    try:
+        prepare(spec["gguf_path"], spec["base_ref"], spec.get("chat_template"))
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainerExit(EXIT_SPEC, f"the GGUF base {Path(spec['gguf_path']).name} could not be read "
+                                     f"as a model: {type(exc).__name__}") from None
+
+
+def load_tokenizer(spec: dict) -> Any:
+    """The base tokenizer, with the turn format the parent chose when the weights carry no template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = from_hub(spec, lambda: AutoTokenizer.from_pretrained(spec["base_ref"]))
+    if not getattr(tokenizer, "chat_template", None) and spec.get("chat_template"):
+        tokenizer.chat_template = spec["chat_template"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainerExit(EXIT_SPEC, "the base tokenizer has no chat template and no known turn format "
+                                     "applies; use instruct/chat weights")
+    return tokenizer
+
+
 def pick_device(requested: str) -> str:
     import torch
 
@@ -323,6 +348,23 @@ def linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
+def answer_loss(model: Any, input_ids: Any, mask: Any, labels: Any, n_items: int) -> Any:
+    """The summed next-token loss on the answer tokens, divided by ``n_items`` (the answer tokens of
+    the accumulation group, as Trainer normalises). Logits are computed only at the positions that
+    predict an answer token (``logits_to_keep``): with a large vocabulary (Gemma 3: 262,144 entries)
+    the output head over every position costs most of a step, and the prompt's logits are never used."""
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:]
+    positions = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+    if positions.numel() == 0:
+        return None
+    logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=positions).logits
+    picked = targets[:, positions]
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), picked.reshape(-1),
+                           ignore_index=-100, reduction="sum") / max(1, n_items)
+
+
 def evaluate(model: Any, examples: list, batch_size: int, pad_id: int, device: str) -> float | None:
     """Mean per-token loss over the answer tokens of the validation rows."""
     import torch
@@ -337,8 +379,7 @@ def evaluate(model: Any, examples: list, batch_size: int, pad_id: int, device: s
             n = int((labels[:, 1:] != -100).sum())
             if n == 0:
                 continue
-            out = model(input_ids=input_ids, attention_mask=mask, labels=labels, num_items_in_batch=n)
-            total += out.loss.item() * n
+            total += answer_loss(model, input_ids, mask, labels, n).item() * n
             count += n
     model.train()
     return total / count if count else None
@@ -349,7 +390,6 @@ def train(spec: dict, started: float) -> dict:
     train_rows = read_records(spec["train_path"])
     val_rows = read_records(spec.get("validation_path"))
     import torch
-    from transformers import AutoTokenizer
 
     threads = set_threads()
     seed = int(spec["seed"])
@@ -359,11 +399,11 @@ def train(spec: dict, started: float) -> dict:
     dtype = pick_dtype(device)
     out_dir = Path(spec["output_dir"])
 
-    if spec.get("base_dir") is None:
+    if spec.get("gguf_path"):
+        prepare_gguf(spec)
+    elif spec.get("base_dir") is None:
         from_hub(spec, lambda: check_hub(spec["base_ref"]))
-    tokenizer = from_hub(spec, lambda: AutoTokenizer.from_pretrained(spec["base_ref"]))
-    if not getattr(tokenizer, "chat_template", None):
-        raise TrainerExit(EXIT_SPEC, "the base tokenizer has no chat template; use instruct/chat weights")
+    tokenizer = load_tokenizer(spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     seq_len = int(spec["sequence_len"])
     train_ex, dropped = encode_rows(tokenizer, train_rows, seq_len)
@@ -411,11 +451,12 @@ def train(spec: dict, started: float) -> dict:
                 step_loss = 0.0
                 for input_ids, mask, labels in tensors:
                     input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
-                    out = model(input_ids=input_ids, attention_mask=mask, labels=labels,
-                                num_items_in_batch=max(1, n_items))
-                    out.loss.backward()
-                    step_loss += out.loss.detach().item()
+                    loss = answer_loss(model, input_ids, mask, labels, n_items)
                     tokens += int(mask.sum())
+                    if loss is None:
+                        continue
+                    loss.backward()
+                    step_loss += loss.detach().item()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
@@ -451,8 +492,9 @@ def train(spec: dict, started: float) -> dict:
         progress.close()
     train_s = time.monotonic() - train_start
 
-    save_adapter(model, out_dir, spec["base_name"])
+    gguf_adapter = save_adapter(model, out_dir, spec["base_name"], spec)
     return {
+        "gguf_adapter": gguf_adapter,
         "first_loss": first_loss,
         "final_loss": sum(epoch_losses) / len(epoch_losses) if epoch_losses else None,
         "train_loss": loss_sum / step if step else None, "eval_loss": eval_loss,
@@ -467,26 +509,68 @@ def train(spec: dict, started: float) -> dict:
     }
 
 
-def save_adapter(model: Any, out_dir: Path, base_name: str) -> Path:
-    """Write the adapter under ``.tmp-adapter`` and rename it to ``adapter`` when complete."""
+def save_adapter(model: Any, out_dir: Path, base_name: str, spec: dict | None = None) -> dict:
+    """Write the adapter under ``.tmp-adapter`` (with its GGUF form when the spec names llama.cpp's
+    converter) and rename it to ``adapter`` when complete. Returns what became of the GGUF form."""
     tmp = temp_dir_for(out_dir / ADAPTER)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    return publish_adapter(tmp, out_dir, base_name)
+    return publish_adapter(tmp, out_dir, base_name, spec)
 
 
-def publish_adapter(tmp: Path, out_dir: Path, base_name: str) -> Path:
+def convert_to_gguf(adapter_dir: Path, spec: dict) -> dict:
+    """``adapter.gguf`` beside the PEFT files, written by llama.cpp's own ``convert_lora_to_gguf.py``
+    (the pinned source; run in this process, whose torch and transformers it needs anyway). Its
+    ``--base`` is the folder whose config.json describes the base (for a GGUF base, its dequantized
+    form). A failure is reported, never fatal: the safetensors adapter stands on its own."""
+    import contextlib
+    import io
+    import runpy
+
+    converter, base_dir = spec.get("gguf_converter"), spec.get("base_ref")
+    if not converter or not Path(converter).is_file():
+        return {"written": False, "reason": "llama.cpp's converter is not on this machine (make llama-cpp)"}
+    if not base_dir or not (Path(base_dir) / "config.json").is_file():
+        return {"written": False, "reason": "the base weights have no local config.json to convert against"}
+    out = adapter_dir / GGUF_ADAPTER
+    argv, path = list(sys.argv), list(sys.path)
+    sys.argv = [converter, "--base", str(base_dir), "--outfile", str(out), "--outtype", "f32", str(adapter_dir)]
+    sys.path.insert(0, str(Path(converter).parent))
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            runpy.run_path(converter, run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # the converter's own failure on an architecture it does not know
+        code, reason = 1, f"{type(exc).__name__}"
+        _say(f"warning: llama.cpp's converter failed ({reason}); adapter.gguf not written")
+    finally:
+        sys.argv, sys.path = argv, path
+    if code or not out.is_file():
+        out.unlink(missing_ok=True)
+        return {"written": False, "reason": f"llama.cpp's convert_lora_to_gguf.py failed (exit {code or 1}); "
+                                            "its messages are in trainer_stderr.log"}
+    return {"written": True, "file": f"{ADAPTER}/{GGUF_ADAPTER}", "bytes": out.stat().st_size,
+            "converter": "llama.cpp convert_lora_to_gguf.py"}
+
+
+def publish_adapter(tmp: Path, out_dir: Path, base_name: str, spec: dict | None = None) -> dict:
     """Make the adapter saved in ``tmp`` the job's ``adapter/``: only the two files Ollama and PEFT
-    need (peft's model card repeats the folder the base was loaded from, a path of this machine),
-    ``base_model_name_or_path`` set to ``base_name``, then renamed into place whole."""
+    need (peft's model card repeats the folder the base was loaded from, a path of this machine)
+    plus ``adapter.gguf``, ``base_model_name_or_path`` set to ``base_name``, then renamed into
+    place whole. Returns what became of the GGUF form."""
     for item in tmp.iterdir():
         if item.name not in ADAPTER_FILES:
             shutil.rmtree(item) if item.is_dir() else item.unlink()
+    gguf = convert_to_gguf(tmp, spec) if spec is not None else {"written": False, "reason": "not asked"}
     config_path = tmp / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = base_name
     write_json(config_path, config)
-    return publish_dir(tmp, out_dir / ADAPTER)
+    publish_dir(tmp, out_dir / ADAPTER)
+    return gguf
 
 
 def load_spec(path: str) -> dict:

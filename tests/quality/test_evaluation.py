@@ -8,9 +8,11 @@ import json
 import pytest
 
 from daemon.quality.evaluation import (
+    adapter_effect,
     ModelResult,
     bootstrap,
     evaluation_report,
+    markdown,
     parse_answer,
     score,
     table_text,
@@ -187,3 +189,20 @@ def test_predictions_csv_writes_formula_like_row_ids_as_text(tmp_path):
             ["'=cmd|' /C calc'!A0", "1", "1", "true"], ["-3", "1", "1", "true"], ["+1.5", "1", "0", "true"],
             ["'@SUM(A1)", "0", "0", "true"], ["5", "0", "0", "true"], ["6", "0", "", "false"],
             ["7", "-1", "-1", "true"], ["'\t=1", "-1", "1", "true"]]
+
+
+def test_an_adapter_that_changed_nothing_is_flagged_in_the_report():
+    """A fine-tune whose answers equal the base model's on every row is flagged, in evaluation.json
+    and at the top of evaluation.md; one differing row clears it."""
+    same = adapter_effect(['{"rating": 1}', '{"rating": 0}'], ['{"rating": 1}', '{"rating": 0}'])
+    differs = adapter_effect(['{"rating": 1}', '{"rating": 1}'], ['{"rating": 1}', '{"rating": 0}'])
+    assert (same["ignored"], same["identical_answers"], differs["ignored"], differs["identical_answers"]) == (
+        True, 2, False, 1)
+    labels = {"No": 0, "Yes": 1}
+    result = ModelResult("new", "fine-tune", "m", [1, 0], [0.1, 0.1], 0.2, "local")
+    report = evaluation_report([result], [1, 0], [1, 2], labels, seed=1, source="v.jsonl", created_at="t",
+                               adapter_check=same)
+    assert report["adapter_effect"] == same
+    assert markdown(report).splitlines()[2] == (
+        "**Warning: the fine-tune answered exactly like the base model on all 2 held-out rows: its adapter "
+        "had no effect (not loaded, or trained to nothing); do not use this model.**")

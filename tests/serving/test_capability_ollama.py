@@ -19,6 +19,26 @@ def client(fake_ollama):
         yield c
 
 
+@pytest.fixture(autouse=True)
+def without_llama_cpp(tmp_path, monkeypatch):
+    """These checks are about what Ollama itself takes: no llama.cpp adapter converter in the cache."""
+    monkeypatch.setenv("FINE_TUNER_CACHE_DIR", str(tmp_path / "empty-cache"))
+
+
+def test_with_llama_cpps_converter_a_qwen2_model_takes_a_gguf_adapter(client, monkeypatch):
+    """With the pinned llama.cpp source in the cache (make test fetches it), qwen2 passes: its adapter
+    is registered as adapter.gguf."""
+    monkeypatch.delenv("FINE_TUNER_CACHE_DIR")
+    from daemon import llamacpp
+
+    assert llamacpp.pinned().has_source()
+    report = _report("qwen2.5:0.5b", client)
+    assert _checks(report)["adapter_architecture"] == (True, True)
+    assert _detail(report, "adapter_architecture") == (
+        "architecture 'qwen2' takes the GGUF LoRA adapter that llama.cpp's converter writes "
+        "(Ollama converts safetensors adapters only for llama, gemma2)")
+
+
 def _report(model: str, client, register: str = "auto") -> CapabilityReport:
     cfg = load_config(env={})
     cfg = dataclasses.replace(cfg, ollama=dataclasses.replace(cfg.ollama, register=register))
@@ -63,14 +83,16 @@ def test_mistral_reports_llama_and_is_supported(client, fake_ollama):
 
 
 def test_unsupported_architecture(client):
-    """A qwen2 model fails the required adapter_architecture check and the report is unsupported."""
+    """Without llama.cpp's converter, a qwen2 model fails the required adapter_architecture check and
+    the report is unsupported."""
     report = _report("qwen2.5:0.5b", client)
     assert _checks(report)["adapter_architecture"] == (False, True)
     assert report.supported is False
     assert "adapter_architecture" in [c.name for c in report.failed]
     assert _detail(report, "adapter_architecture") == (
         "architecture 'qwen2' cannot take a safetensors LoRA adapter in Ollama (only llama, gemma2; "
-        "Mistral reports llama): use approach model_set or a llama/gemma2 base")
+        "Mistral reports llama) and llama.cpp's adapter converter is not on this machine: run "
+        "`make llama-cpp`, or use approach model_set")
     assert report.facts["architecture"] == "qwen2"
 
 

@@ -135,11 +135,12 @@ def test_axolotl_backend_trains_and_reports_like_the_built_in_trainer(axolotl_jo
 
 
 def test_axolotl_adapter_is_published_registered_and_evaluated(axolotl_job):
-    """adapter/ holds the two files, named after the placeholder base; Ollama got both; the
-    evaluation measured the fine-tune on the held-out rows; nothing of axolotl's own is left."""
+    """adapter/ holds the two PEFT files, named after the placeholder base, and llama.cpp's GGUF form;
+    Ollama got both PEFT files; the evaluation measured the fine-tune on the held-out rows; nothing of
+    axolotl's own is left."""
     job, meta, _log = axolotl_job
     assert sorted(p.name for p in (job / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter.gguf", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((job / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == BASE_MODEL_PLACEHOLDER
     assert meta["registration"]["registered"] is True

@@ -26,6 +26,7 @@ from daemon.config import TrainingConfig, load_config
 from daemon.errors import TrainingFailedError, TrainingInterruptedError
 from daemon.data.prompts import answer_json, system_prompt
 from daemon.data.synthetic import MAPPING, synthetic_rows
+from daemon.data import turns
 from daemon.training.supervisor import (
     BASE_MODEL_PLACEHOLDER,
     BUILTIN_BASE_MODELS,
@@ -151,7 +152,10 @@ class TestRealRun:
         job, result, _progress, _logs = trained
         adapter = Path(result.adapter_dir)
         assert adapter == job / "adapter"
-        assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(p.name for p in adapter.iterdir()) == ["adapter.gguf", "adapter_config.json",
+                                                             "adapter_model.safetensors"]
+        assert (adapter / "adapter.gguf").read_bytes()[:4] == b"GGUF"  # llama.cpp's converter wrote it
+        assert result.metrics["gguf_adapter"]["written"] is True
         config = json.loads((adapter / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == BASE_MODEL_PLACEHOLDER
         assert config["r"] == 8
@@ -328,7 +332,7 @@ def test_unusable_base_fails_before_spawning(tmp_path):
     with pytest.raises(TrainingFailedError) as info:
         run_training(job, base=base, training=TrainingConfig())
     assert info.value.exit_code is None
-    assert "no Hugging Face weights are known for 'no-such-model:7b'" in str(info.value)
+    assert "no weights are known for 'no-such-model:7b'" in str(info.value)
     assert not (job / "run_spec.json").exists()
 
 
@@ -393,14 +397,15 @@ class TestResolveBaseWeights:
         None (the files handed on name the placeholder, never the path or the Ollama name)."""
         base = resolve_base_weights("tiny-llama", {TINY_NAME: str(tiny_model_dir)}, env={})
         assert base == BaseWeights("tiny-llama", str(tiny_model_dir), None, str(tiny_model_dir.resolve()),
-                                   "llama", True, None)
+                                   "llama", True, None, template="the weights' own chat template (tokenizer files)")
 
     def test_builtin_name_found_in_hf_cache(self, tmp_path):
         """A built-in name resolves to its HF id and the snapshot refs/main points at."""
         snapshot = _hf_cache(tmp_path / "hub", "meta-llama/Llama-3.2-1B-Instruct")
         base = resolve_base_weights("llama3.2:1b", {}, env={"HF_HUB_CACHE": str(tmp_path / "hub")})
         assert base == BaseWeights("llama3.2:1b", "meta-llama/Llama-3.2-1B-Instruct",
-                                   "meta-llama/Llama-3.2-1B-Instruct", str(snapshot), "llama", True, None)
+                                   "meta-llama/Llama-3.2-1B-Instruct", str(snapshot), "llama", True, None,
+                                   source="huggingface id", template="the weights' own chat template (tokenizer files)")
 
     def test_hf_home_and_untagged_name(self, tmp_path):
         """HF_HOME/hub is searched, and a name without a tag means :latest."""
@@ -424,7 +429,7 @@ class TestResolveBaseWeights:
         assert base.problem == (
             f"weights for meta-llama/Llama-3.2-1B-Instruct are not in the local Hugging Face cache "
             f"({tmp_path}) and training.allow_download is off: run `hf download "
-            f"meta-llama/Llama-3.2-1B-Instruct`, or set base_models: llama3.2:1b: <local weights dir>")
+            f"meta-llama/Llama-3.2-1B-Instruct`, or set base_models: llama3.2:1b: <local weights dir or .gguf file>")
 
     def test_download_allowed_unless_offline(self, tmp_path):
         """allow_download leaves the download to the child, except when HF_HUB_OFFLINE is set."""
@@ -435,26 +440,40 @@ class TestResolveBaseWeights:
         assert offline.problem == (
             f"weights for google/gemma-2-2b-it are not in the local Hugging Face cache ({tmp_path}) and "
             "HF_HUB_OFFLINE is set: run `hf download google/gemma-2-2b-it`, or set base_models: "
-            "gemma2:2b: <local weights dir>")
+            "gemma2:2b: <local weights dir or .gguf file>")
 
-    def test_unknown_name(self):
-        """A name neither configured nor built in says which config entry to add."""
-        base = resolve_base_weights("phi3", {}, env={})
-        assert base == BaseWeights("phi3", None, None, None, None, False,
-                                   "no Hugging Face weights are known for 'phi3': add it under base_models: "
-                                   "in the config (phi3:latest: <weights dir or HF repo id>)")
+    def test_unknown_name(self, tmp_path):
+        """A name neither configured, nor in Ollama's models folder, nor built in says what to set."""
+        base = resolve_base_weights("phi3", {}, env={}, ollama_models_dir=str(tmp_path))
+        assert base.problem == (
+            "no weights are known for 'phi3': Ollama's GGUF was not found in its models folder (set "
+            "ollama.models_dir or OLLAMA_MODELS where it is readable), and no base_models: entry names it "
+            "(phi3:latest: <.gguf file, weights dir or HF repo id>)")
 
-    def test_missing_directory_and_wrong_architecture(self, tmp_path):
-        """A configured folder that is absent, or holds an unsupported model type, is a problem."""
+    def test_missing_directory_and_unknown_turn_format(self, tmp_path):
+        """A configured folder that is absent is a problem; a qwen2 folder is usable (its adapter is
+        registered as GGUF); a llama base without a template whose vocabulary has no Llama 3 header
+        tokens (Llama 2, Mistral) is refused rather than trained on a guessed format."""
         absent = resolve_base_weights("x:1b", {"x:1b": str(tmp_path / "nope")}, env={})
         qwen = resolve_base_weights("x:1b", {"x:1b": str(_fake_weights(tmp_path / "qwen", "qwen2"))}, env={})
         plain = resolve_base_weights("x:1b", {"x:1b": str(_fake_weights(tmp_path / "base", template=False))},
                                      env={})
         assert absent.problem == f"the weights directory configured for 'x:1b' does not exist: {tmp_path / 'nope'}"
-        assert qwen.problem == (f"{tmp_path / 'qwen'} holds a 'qwen2' model; Ollama takes LoRA adapters "
-                                "only for gemma2, llama, mistral models")
-        assert plain.problem == (f"{tmp_path / 'base'} has no chat template in its tokenizer files: "
-                                 "use the instruct/chat weights")
+        assert (qwen.problem, qwen.model_type) == (None, "qwen2")
+        known = ", ".join(turns.known_architectures())
+        assert plain.problem == (f"{tmp_path / 'base'} has no chat template in its tokenizer files and no "
+                                 f"known turn format for 'llama' models ({known}): use the instruct/chat "
+                                 "variant of the weights")
+
+    def test_llama3_base_without_a_template_gets_llama3s_turn_format(self, tmp_path):
+        """A Llama 3 base folder (header tokens in its vocabulary, no template) is trained with Llama 3's
+        own turn format, and says so."""
+        folder = _fake_weights(tmp_path / "l3", template=False)
+        (folder / "tokenizer.json").write_text(json.dumps({"added_tokens": [
+            {"content": t} for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")]}))
+        base = resolve_base_weights("x:1b", {"x:1b": str(folder)}, env={})
+        assert (base.problem, base.chat_template, base.template) == (
+            None, turns.LLAMA3.jinja, f"{turns.LLAMA3.source}: the tokenizer has no chat template")
 
     def test_builtin_table_names(self):
         """The built-in table maps the common Ollama library names to instruct HF repos."""
@@ -475,7 +494,11 @@ class TestWeightsChecks:
         assert [(c.name, c.ok) for c in report.checks] == [
             ("base_weights", True), ("weights_architecture", True), ("chat_template", True)]
         assert report.facts == {"weights_dir": str(tiny_model_dir.resolve()), "model_type": "llama",
-                                "hf_id": None}
+                                "hf_id": None, "weights_source": "huggingface folder",
+                                "weights_quantization": None, "weights_architecture": "llama",
+                                "template": "the weights' own chat template (tokenizer files)",
+                                "gguf_file": None, "gguf_sha256": None, "weights_found_by": None,
+                                "adapter_format": "safetensors"}
         assert report.supported is True
 
     def test_architecture_must_match_ollama(self, tiny_base_models):
