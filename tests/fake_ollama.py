@@ -449,6 +449,9 @@ class FakeOllama:
 
     def _check_adapters(self, adapters: dict, base: Model, lines: list[dict]) -> BadRequest | None:
         if any(k.endswith(".gguf") for k in adapters):
+            # a .gguf key takes the GGUF path, which checks the magic bytes (reference 3.4)
+            if any(k.endswith(".gguf") and self.blobs[d][:4] != b"GGUF" for k, d in adapters.items()):
+                return BadRequest(400, "supplied file was not in GGUF format")
             return None
         weights = [k for k in adapters if k.endswith(".safetensors")]
         if not weights:

@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 from daemon.errors import ConfigError, OllamaError, OllamaUnavailableError, RegistrationError
 from daemon.serving.ollama import OllamaClient
 from daemon.data.prompts import answer_json, output_schema, system_prompt
+from daemon.data import turns
 from daemon.serving.register import NEUTRAL_PROBE, register_adapter, register_model_set, register_with_policy
 
 MARKER = "ZZPATIENT-7731-QX"  # planted in every cell-derived text; must never reach logs or errors
@@ -183,6 +184,22 @@ def test_register_adapter_on_unsupported_base(client, fake_ollama, tmp_path):
     with pytest.raises(RegistrationError) as required:
         register_with_policy("required", lambda: register_adapter(client, **_adapter_kwargs(tmp_path, base="qwen2.5:0.5b")))
     assert (required.value.status, required.value.server_error) == (200, "unsupported architecture")
+
+
+def test_register_gguf_adapter_on_a_base_ollama_does_not_convert(client, fake_ollama, tmp_path):
+    """A qwen2 fine-tune is registered with adapter.gguf alone (no conversion) and the turn format as
+    TEMPLATE; a .gguf that is not GGUF is refused by the server."""
+    write_adapter(tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter.gguf").write_bytes(b"GGUF" + bytes(60))
+    result = register_adapter(client, **_adapter_kwargs(tmp_path, base="qwen2.5:0.5b"), adapter_format="gguf",
+                              template=turns.CHATML.ollama)
+    assert (result["registered"], sorted(result["adapters"])) == (True, ["adapter.gguf"])
+    (create,) = fake_ollama.requests_to("/api/create")
+    assert (sorted(create.body["adapters"]), create.body["template"]) == (["adapter.gguf"], turns.CHATML.ollama)
+    (tmp_path / "adapter" / "adapter.gguf").write_bytes(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(OllamaError) as info:
+        register_adapter(client, **_adapter_kwargs(tmp_path, base="qwen2.5:0.5b"), adapter_format="gguf")
+    assert (info.value.status, info.value.server_error) == (400, "supplied file was not in GGUF format")
 
 
 def test_register_adapter_missing_file(client, fake_ollama, tmp_path):
