@@ -350,17 +350,31 @@ def linear_schedule(total_steps: int, warmup_steps: int):
 
 def answer_loss(model: Any, input_ids: Any, mask: Any, labels: Any, n_items: int) -> Any:
     """The summed next-token loss on the answer tokens, divided by ``n_items`` (the answer tokens of
-    the accumulation group, as Trainer normalises). Logits are computed only at the positions that
-    predict an answer token (``logits_to_keep``): with a large vocabulary (Gemma 3: 262,144 entries)
-    the output head over every position costs most of a step, and the prompt's logits are never used."""
+    the accumulation group, as Trainer normalises). The output head is applied only to the hidden
+    states that predict an answer token: with a large vocabulary (Gemma 3: 262,144 entries) the head
+    over every position costs most of a step, and the prompt's logits are never used. Models without
+    the usual ``model`` body (decoder) + output embeddings split get the head at the union of the
+    batch's answer positions (``logits_to_keep``)."""
+    import torch
     import torch.nn.functional as F
 
     targets = labels[:, 1:]
-    positions = (targets != -100).any(dim=0).nonzero().squeeze(-1)
-    if positions.numel() == 0:
+    where = targets != -100
+    if not bool(where.any()):
         return None
-    logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=positions).logits
-    picked = targets[:, positions]
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, head = getattr(causal, "model", None), causal.get_output_embeddings()
+    if body is not None and head is not None:
+        hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1][where]
+        logits = head(hidden)
+        cap = getattr(causal.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        picked = targets[where]
+    else:
+        positions = where.any(dim=0).nonzero().squeeze(-1)
+        logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=positions).logits
+        picked = targets[:, positions]
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), picked.reshape(-1),
                            ignore_index=-100, reduction="sum") / max(1, n_items)
 

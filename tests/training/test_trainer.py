@@ -1,7 +1,9 @@
-"""Tests for daemon/training/trainer.py that need no training: how a failed download of the base weights is told."""
+"""Tests for daemon/training/trainer.py that need no training: how a failed download of the base weights is
+told, and the answer-only loss."""
 
 from __future__ import annotations
 
+import pytest
 from huggingface_hub import errors as hub
 from huggingface_hub.utils import _http as hub_http
 
@@ -49,3 +51,24 @@ def test_other_errors_are_not_download_failures():
     assert download_failure(_raised(RuntimeError("Error while deserializing header"), ValueError("bad")),
                             ENDPOINT) is None
     assert download_failure(_raised(OSError("no file named model.safetensors")), ENDPOINT) is None
+
+
+def test_answer_loss_equals_the_models_own_loss(tiny_model_dir):
+    """The head applied to the answer positions only gives the loss transformers computes over every
+    position (same masking, same normalisation)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from daemon.training.trainer import answer_loss
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(5, 200, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    labels = ids.clone()
+    labels[:, :12] = -100
+    labels[1, 15:] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n).loss
+    assert float(answer_loss(model, ids, mask, labels, n)) == pytest.approx(float(expected), rel=1e-6)
