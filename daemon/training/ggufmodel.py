@@ -197,15 +197,13 @@ def prepared_dir(sha256: str, env: Mapping[str, str] = os.environ) -> Path:
 
 # --- the trainable form (child processes only: torch, transformers) ------------------------------
 
-def spm_tokenizer(path: Path) -> Any:
-    """A ``tokenizers.Tokenizer`` for a SentencePiece GGUF vocabulary, merging as llama.cpp does:
-    the pair whose merged piece has the higher score first; control and user-defined tokens are
-    matched whole, before the text is normalised."""
-    import gguf
+def spm_tokenizer(fields: Any) -> Any:
+    """A ``tokenizers.Tokenizer`` for a SentencePiece GGUF vocabulary (the reader's ``fields``),
+    merging as llama.cpp does: the pair whose merged piece has the higher score first; control and
+    user-defined tokens are matched whole, before the text is normalised."""
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
 
-    fields = gguf.GGUFReader(str(path)).fields
     tok_f, score_f, type_f = (fields[k] for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores",
                                                   "tokenizer.ggml.token_type"))
     tokens = [bytes(tok_f.parts[i]).decode("utf-8", "replace") for i in tok_f.data]
@@ -252,7 +250,8 @@ def build_tokenizer(path: Path, chat_template: str | None) -> Any:
         named = {role: _special_token(fields, f"tokenizer.ggml.{key}_token_id", toks)
                  for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
                                    ("pad_token", "padding"))}
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=spm_tokenizer(path),
+        # the reader's fields are parsed once (a 262,144-token vocabulary takes most of a minute)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=spm_tokenizer(fields),
                                             **{k: v for k, v in named.items() if v is not None})
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
