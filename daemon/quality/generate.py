@@ -5,7 +5,8 @@ so the spec and the input are checked before the slow imports and nothing happen
 ``generate`` loads the base weights (and the LoRA adapter of a fine-tune), renders each
 conversation with the tokenizer's chat template exactly as the trainer renders a training prompt
 (``trainer.render``: the same template call, the same system-merge fallback, no extra special
-tokens), and decodes greedily in batches with left padding until the template's end-of-turn token.
+tokens), and decodes greedily in batches with left padding until the template's end-of-turn token or the
+close of the answer's JSON object (as a server's JSON-Schema grammar ends it).
 
 The spec (JSON): ``base_ref`` (weights folder or hub id), ``adapter_dir`` (or null), ``input`` (JSONL,
 one ``{"messages": [...]}`` per line, each ending with the user turn), ``output`` (JSONL, one
@@ -111,18 +112,59 @@ def _greedy_config(model: Any, tokenizer: Any, max_new_tokens: int):
                             bos_token_id=tokenizer.bos_token_id), set(stops)
 
 
+_DECODER = json.JSONDecoder()
+
+
+def first_object(text: str) -> str | None:
+    """The answer's first complete JSON object, or None while there is none. Ollama and the
+    OpenAI-compatible servers are asked for the answer's JSON Schema, and their grammar ends the
+    answer where the object closes; the local backend ends it at the same place, so a model that
+    writes its object and then goes on (a short fine-tune that has not learned the end-of-turn
+    token yet) is judged on the same answer by every backend."""
+    stripped = text.lstrip()
+    if not stripped.startswith("{"):
+        return None
+    try:
+        _, end = _DECODER.raw_decode(stripped)
+    except (ValueError, RecursionError):
+        return None
+    return stripped[:end]
+
+
+class _ObjectClosed:
+    """A transformers stopping criterion: a row is done once its answer holds a complete JSON
+    object, or once it starts with something that is not one (it can only be invalid)."""
+
+    def __init__(self, tokenizer: Any, prompt_width: int):
+        self.tokenizer, self.width = tokenizer, prompt_width
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        done = []
+        for row in input_ids[:, self.width:].tolist():
+            text = self.tokenizer.decode(row, skip_special_tokens=True).lstrip()
+            done.append(bool(text) and (not text.startswith("{") or first_object(text) is not None))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def answer_batch(tokenizer: Any, model: Any, device: str, prompts: list[str], config: Any,
                  stops: set[int]) -> list[str]:
-    """The decoded answers of one batch of rendered prompts (left-padded, greedy)."""
+    """The decoded answers of one batch of rendered prompts (left-padded, greedy), each ending at
+    the end-of-turn token or where its JSON object closes (``first_object``)."""
     import torch
+    from transformers import StoppingCriteriaList
 
     enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+    width = enc["input_ids"].shape[1]
     with torch.inference_mode():
-        out = model.generate(**enc, generation_config=config)
+        out = model.generate(**enc, generation_config=config,
+                             stopping_criteria=StoppingCriteriaList([_ObjectClosed(tokenizer, width)]))
     texts = []
-    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+    for row in out[:, width:].tolist():
         end = next((i for i, t in enumerate(row) if t in stops), len(row))
-        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+        text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+        texts.append(first_object(text) or text)
     return texts
 
 

@@ -181,3 +181,34 @@ def test_unreadable_spec_and_bad_input_line(tmp_path, tiny_model_dir):
     assert proc.stderr.splitlines() == ['generate failed - input line 2 is not a {"messages": [...]} record '
                                         "ending with the user turn"]
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"rating": 1, "rationale": "a } in text"}{"rating": 0', '{"rating": 1, "rationale": "a } in text"}'),
+    ('  {"rating": -1}\n<start_of_turn>model', '{"rating": -1}'),
+    ('{"rating": 1, "rationale": "cut', None),
+    ('Sure! {"rating": 1}', None),
+    ('', None),
+])
+def test_first_object_is_the_answer_a_json_grammar_would_end(text, expected):
+    """The answer ends where its first JSON object closes (braces inside strings do not count);
+    text before the object or an object never closed leaves no answer to cut."""
+    from daemon.quality.generate import first_object
+
+    assert first_object(text) == expected
+
+
+def test_generation_stops_once_every_row_has_closed_its_object_or_cannot(tiny_model_dir):
+    """The stopping criterion on real token ids: a row is done once its JSON object closes or once it
+    starts with anything but '{'; a row still inside its object goes on."""
+    import torch
+    from daemon.quality.generate import _ObjectClosed, load
+
+    tokenizer, _model, _device = load(str(tiny_model_dir), None, "cpu")
+    prompt = tokenizer("Rate this.", add_special_tokens=False)["input_ids"]
+    rows = ['{"rating": 1, "rationale": "ok"} and more', '{"rating": 1, "rationale": "still', "No."]
+    encoded = [prompt + tokenizer(r, add_special_tokens=False)["input_ids"] for r in rows]
+    width = max(len(e) for e in encoded)
+    ids = torch.tensor([e + [tokenizer.pad_token_id] * (width - len(e)) for e in encoded])
+    done = _ObjectClosed(tokenizer, len(prompt))(ids, None)
+    assert done.tolist() == [True, False, True]
