@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     proc.add_argument("--prompt-template", metavar="TEMPLATE",
                       help="how a record becomes its prompt when the file has no formatted_prompt/Prompt "
                            "column: a format string with {Column} fields, or a JSON list of columns")
+    proc.add_argument("--topic-definition", metavar="TEXT",
+                      help="the experts' written criteria for the topic, added to the system prompt")
+    proc.add_argument("--group-by", metavar="COLUMN",
+                      help="the column whose values are held out whole to measure agreement on new kinds of "
+                           "records (default: a diagnosis column with ICD-10 codes; none: random split only)")
 
     val = sub.add_parser("validate", parents=[common], help="report on a dataset without processing it")
     val.add_argument("--input", required=True, metavar="CSV")
@@ -250,6 +255,7 @@ def _cmd_process(cfg: Config, args: argparse.Namespace) -> int:
         "learning_rate": args.learning_rate, "batch_size": args.batch_size,
         "approach": args.approach, "fallback": False if args.no_fallback else None,
         "output_model": args.output_model, "prompt_template": _template_arg(args.prompt_template),
+        "topic_definition": args.topic_definition, "group_by": args.group_by,
     }, source="command line")
     out_dir = Path(args.output_dir) if args.output_dir else _new_output_dir(
         Path(cfg.paths.root) / cfg.paths.outputs, csv_path.stem)

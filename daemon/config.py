@@ -66,6 +66,9 @@ class Defaults:
     # how a record becomes its prompt when the file has no prompt column: a format string with
     # {Column} fields, or a list of columns (see daemon/data/template.py); None: the file's prompt column
     prompt_template: Any = None
+    # the experts' written criteria for the topic, put into every system prompt (model sets and
+    # fine-tunes alike) under the rating scale; None: none
+    topic_definition: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,9 @@ class EvaluationConfig:
     batch_size: int = 8  # local backend: records generated together
     max_new_tokens: int = 96  # local backend: the longest answer generated
     timeout_s: float = 3600.0  # local backend: one model's answers
+    # the column whose values group rows for the new-kinds held-out set (data/holdout.py); None: a
+    # known diagnosis column with ICD-10-style codes; "none": a random split only
+    group_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -486,6 +492,11 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append(f"defaults.model: {why}")
     if isinstance(d.topics, str) and (why := topics_problem(d.topics)):
         problems.append(f"defaults.topics: {why}")
+    if isinstance(d.topic_definition, str) and (why := _text_problem(d.topic_definition, MAX_DEFINITION_CHARS)):
+        problems.append(f"defaults.topic_definition: {why}")
+    group_by = cfg.evaluation.group_by
+    if isinstance(group_by, str) and (why := _text_problem(group_by, MAX_COLUMN_NAME_CHARS)):
+        problems.append(f"evaluation.group_by: {why}")
     if o.register not in REGISTER_MODES:
         problems.append(f"ollama.register: must be one of {', '.join(REGISTER_MODES)}")
     if cfg.paths.group is not None and (why := group_problem(cfg.paths.group)):
@@ -748,13 +759,15 @@ def as_dict(cfg: Config) -> dict:
 # --- per-job settings (job files, CLI flags) ----------------------------------------------------
 
 JOB_KEYS = ("task", "model", "topics", "epochs", "learning_rate", "batch_size", "approach", "fallback",
-            "output_model", "force", "prompt_template")
+            "output_model", "force", "prompt_template", "topic_definition", "group_by")
 TASKS = ("build", "rate")  # build a model (the default) | rate the dataset with a built one
 # The free text a job carries goes into every training record's system prompt, the metadata, the
 # Modelfile and errors: a few lines each. A bigger value is refused naming its key and the limit
 # (model names: MAX_MODEL_NAME_CHARS; a format-string prompt_template: template.MAX_TEMPLATE_CHARS).
 MAX_TOPICS = 50
 MAX_TOPICS_CHARS = 2000
+MAX_DEFINITION_CHARS = 8000  # topic_definition: a page of criteria
+MAX_COLUMN_NAME_CHARS = 200  # group_by
 MAX_TEMPLATE_LIST_CHARS = 16 * 1024  # the column names of a list prompt_template, together
 MAX_KEYS_NAMED = 10  # unknown keys named in one error, then "and N more"
 
@@ -774,6 +787,8 @@ class JobSettings:
     force: bool = False
     task: str = "build"
     prompt_template: Any = None  # a template.Template, or None: the file's prompt column
+    topic_definition: str | None = None  # the experts' criteria, in the system prompt
+    group_by: str | None = None  # None: the config's evaluation.group_by
 
 
 def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
@@ -814,6 +829,9 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
         if key == "topics" and isinstance(value, str) and (why := topics_problem(value)):
             problems.append(f"topics: {why}")
             continue
+        if key in _TEXT_LIMITS and isinstance(value, str) and (why := _text_problem(value, _TEXT_LIMITS[key])):
+            problems.append(f"{key}: {why}")
+            continue
         merged[key] = _coerce(value, hints[key], key, False, problems)
     if merged.get("approach") not in APPROACHES:
         problems.append(f"approach: must be one of {', '.join(APPROACHES)}")
@@ -837,6 +855,18 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
     if problems:
         raise ConfigError(problems, source=source)
     return JobSettings(**merged)
+
+
+_TEXT_LIMITS = {"topic_definition": MAX_DEFINITION_CHARS, "group_by": MAX_COLUMN_NAME_CHARS}
+
+
+def _text_problem(text: str, limit: int) -> str | None:
+    """Why a free-text setting cannot be used: over ``limit`` characters, or blank."""
+    if len(text) > limit:
+        return f"{len(text)} characters, over the limit of {limit}"
+    if not text.strip():
+        return "must not be blank (leave the key out instead)"
+    return None
 
 
 def topics_problem(text: str) -> str | None:

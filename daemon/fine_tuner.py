@@ -292,13 +292,18 @@ class FineTuner:
 
         stages = _Stages()
         with stages("load"):
-            ds = load_dataset(job.csv_path, job.mapping_path, template=job.settings.prompt_template)
+            ds = load_dataset(job.csv_path, job.mapping_path, template=job.settings.prompt_template,
+                              group_by=self._group_by(job.settings))
         hashes = _file_hashes(ds)
         log.info("dataset_loaded", file=job.csv_path.name, rows_read=ds.rows_read, rows_used=ds.rows_used,
                  dropped=ds.dropped, mapping_source=ds.mapping.source, columns=list(ds.columns.values()),
                  duration_s=stages.durations["load"])
         return self._plan(ds, job.settings, job.output_dir, stem=job.stem, staged=job.staged,
                           input_hashes=hashes, job=job, stages=stages)
+
+    def _group_by(self, settings: JobSettings) -> str | None:
+        """The held-out split's group column: the job's, else ``evaluation.group_by``."""
+        return settings.group_by if settings.group_by is not None else self.config.evaluation.group_by
 
     def _reload(self, plan: JobPlan):
         """The dataset of a plan that dropped it, read again; the files must be the ones planned."""
@@ -307,7 +312,8 @@ class FineTuner:
         job = plan.job
         assert job is not None  # drop_dataset allows files only
         with plan.stages("reload"):
-            ds = load_dataset(job.csv_path, job.mapping_path, template=job.settings.prompt_template)
+            ds = load_dataset(job.csv_path, job.mapping_path, template=job.settings.prompt_template,
+                              group_by=self._group_by(job.settings))
         now = _file_hashes(ds)
         if now != plan.input_hashes:
             changed = [name for name in ("dataset", "mapping") if now[name] != plan.input_hashes.get(name)]
@@ -446,7 +452,7 @@ class FineTuner:
 
         d = self.config.defaults
         try:
-            system = prompts.system_prompt(settings.topics, ds.mapping.labels)
+            system = prompts.system_prompt(settings.topics, ds.mapping.labels, settings.topic_definition)
             few_shot = modelset.select_few_shot(ds, per_rating=d.few_shot_per_rating,
                                                 max_chars=d.few_shot_max_chars, exclude=exclude)
             name = settings.output_model or modelset.ollama_model_name(settings.model, stem)
@@ -462,25 +468,38 @@ class FineTuner:
                                       hint="report this with fine_tuning_metadata.json attached") from exc
 
     def _hold_out(self, plan: JobPlan, build_dir: Path, system: str):
-        """Split the rows once per job, the same way for both approaches (stratified, seeded; no
-        hold-out below ``min_rows``), and write the held-out rows to ``validation_data.jsonl``, which
-        only exists when there are some. Returns (train positions, validation positions)."""
-        from .data import trainingdata
+        """Split the rows once per job, the same way for both approaches (``data.holdout``: a set of
+        familiar records and, where the rows have groups, a set of new kinds of records; duplicates
+        never straddle; no hold-out below ``min_rows``), and write the held-out rows to
+        ``validation_data.jsonl`` (familiar first), which only exists when there are some. Returns
+        (train positions, validation positions)."""
+        from .data import holdout, trainingdata
 
         ds, d = plan.ds, self.config.defaults
-        train_pos, val_pos = trainingdata.split_holdout(ds, fraction=d.validation_fraction, seed=d.seed,
-                                                        min_rows=d.min_rows)
+        frame = ds.frame
+        groups = frame["group"].to_numpy(dtype=object) if "group" in frame.columns else None
+        chosen = holdout.split(frame["prompt"].to_numpy(dtype=object), frame["rating"].to_numpy(), groups,
+                               fraction=d.validation_fraction, seed=d.seed, min_rows=d.min_rows)
+        train_pos, val_pos = chosen.train, chosen.held_out
         if len(val_pos):
             fsutil.write_lines(build_dir / "validation_data.jsonl", trainingdata.jsonl_chunks(ds, val_pos, system))
-        plan.validation_positions = frozenset(int(p) for p in val_pos)
+        plan.validation_positions = frozenset(int(p) for p in val_pos) | frozenset(int(p) for p in chosen.set_aside)
+        source_rows = frame["source_row"].to_numpy()
         plan.meta["split"] = {
-            "train_rows": int(len(train_pos)), "validation_rows": int(len(val_pos)),
+            "kind": chosen.kind, "train_rows": int(len(train_pos)), "validation_rows": int(len(val_pos)),
+            "familiar_rows": int(len(chosen.familiar)), "new_kinds_rows": int(len(chosen.new_kinds)),
+            "grouping": dict(ds.grouping), **chosen.info,
             # 1-based data row numbers of the held-out rows, in validation_data.jsonl order
-            "validation_source_rows": [int(r) for r in ds.frame["source_row"].to_numpy()[val_pos]],
+            "validation_source_rows": [int(r) for r in source_rows[val_pos]],
         }
-        if not len(val_pos):
+        if chosen.kind == "none":
             plan.meta["split"]["note"] = (f"no hold-out: fewer than {d.min_rows} usable rows (defaults.min_rows), "
                                           "so every row is used and the model cannot be evaluated on unseen rows")
+        log.info("split_made", kind=chosen.kind, train_rows=int(len(train_pos)),
+                 familiar_rows=int(len(chosen.familiar)), new_kinds_rows=int(len(chosen.new_kinds)),
+                 group_column=ds.grouping.get("column"), groups=chosen.info.get("groups"),
+                 duplicate_rows=chosen.info.get("duplicate_rows"),
+                 duplicates_set_aside=chosen.info.get("duplicates_set_aside"))
         return train_pos, val_pos
 
     def _write_model_set(self, plan: JobPlan, build_dir: Path) -> None:
@@ -490,7 +509,8 @@ class FineTuner:
         ds, settings, stem, meta, stages = plan.ds, plan.settings, plan.stem, plan.meta, plan.stages
         with stages("model_set"):
             if "split" not in meta:  # a fallback from a fine-tune keeps that job's split
-                self._hold_out(plan, build_dir, prompts.system_prompt(settings.topics, ds.mapping.labels))
+                self._hold_out(plan, build_dir, prompts.system_prompt(settings.topics, ds.mapping.labels,
+                                                                     settings.topic_definition))
             exclude = plan.validation_positions  # few-shot examples never come from the hold-out
             config = self._model_set(ds, settings, stem=stem, exclude=exclude, input_hashes=plan.input_hashes)
             config["prompt_source"] = meta["prompt_source"]
@@ -572,7 +592,7 @@ class FineTuner:
 
         ds, settings, stem, meta, stages, job = plan.ds, plan.settings, plan.stem, plan.meta, plan.stages, plan.job
         d, t = self.config.defaults, self.config.training
-        system = prompts.system_prompt(settings.topics, ds.mapping.labels)
+        system = prompts.system_prompt(settings.topics, ds.mapping.labels, settings.topic_definition)
         with stages("training_data"):
             train_pos, val_pos = self._hold_out(plan, build_dir, system)
             fsutil.write_lines(build_dir / "training_data.jsonl", trainingdata.jsonl_chunks(ds, train_pos, system))

@@ -489,3 +489,20 @@ def test_paths_group_that_does_not_exist_is_refused_with_what_to_do(tmp_path):
     assert info.value.problems == [
         "paths.group: there is no group 'no-such-group-4242' on this machine: create it (groupadd) and add the "
         "service user and the analysts to it, or remove the setting"]
+
+
+def test_topic_definition_and_group_by_in_jobs_and_config():
+    """Both are job keys and settings; a blank or oversized value is refused naming the key."""
+    from daemon.config import MAX_DEFINITION_CHARS, Defaults, job_settings
+
+    settings = job_settings(Defaults(model="m"), {"topic_definition": "Match: a respiratory infection.",
+                                                  "group_by": "Site"})
+    assert (settings.topic_definition, settings.group_by) == ("Match: a respiratory infection.", "Site")
+    with pytest.raises(ConfigError) as err:
+        job_settings(Defaults(model="m"), {"topic_definition": "x" * (MAX_DEFINITION_CHARS + 1), "group_by": " "})
+    assert err.value.problems == [f"topic_definition: {MAX_DEFINITION_CHARS + 1} characters, over the limit of "
+                                  f"{MAX_DEFINITION_CHARS}", "group_by: must not be blank (leave the key out instead)"]
+    cfg = load_config(env={"FINE_TUNER_EVALUATION__GROUP_BY": "Site"}, overrides={"defaults": {"topic_definition": "c"}})
+    assert (cfg.evaluation.group_by, cfg.defaults.topic_definition) == ("Site", "c")
+    with pytest.raises(ConfigError, match="evaluation.group_by: must not be blank"):
+        load_config(env={}, overrides={"evaluation": {"group_by": ""}})

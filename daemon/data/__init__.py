@@ -3,8 +3,8 @@
 Owns reading the CSV (``csvfile``), the rating mapping (``mapping``), prompt templates
 (``template``), the validated ``Dataset`` (``dataset``), the ``fine-tuner validate`` data report
 (``report``), the shared system prompt and answer schema (``prompts``), the turn formats of base
-models without a chat template (``turns``), the training records and
-their split (``trainingdata``), the model set's few-shot choice and Modelfile text (``modelset``),
+models without a chat template (``turns``), the training records (``trainingdata``), the
+held-out rows: familiar records and new kinds of records, duplicates kept together (``holdout``), the model set's few-shot choice and Modelfile text (``modelset``),
 the synthetic records of the demo and tests (``synthetic``), and the rated respiratory-infection
 visits of the answer-quality benchmark (``visits``). Nothing here logs, talks to a
 server or starts a process. May import: ``daemon.errors``, ``daemon.config``, ``daemon.fsutil`` and

@@ -71,8 +71,9 @@ class Dataset:
 
     ``frame`` holds only usable rows with canonical columns: ``prompt`` (str), ``rating`` (int64),
     ``rationale`` (str, "" when absent), ``row_id`` (str, present only when the source had an id
-    column) and ``source_row`` (int: the 1-based data row number in the source, for traceability).
-    Its index is a clean RangeIndex 0..n-1.
+    column), ``source_row`` (int: the 1-based data row number in the source, for traceability) and
+    ``group`` (str, present only when ``grouping`` names a column: the row's group for the held-out
+    split, "" for a row with none). Its index is a clean RangeIndex 0..n-1.
     """
 
     frame: pd.DataFrame
@@ -91,6 +92,9 @@ class Dataset:
     # "template": Template.to_json(), "builtin": bool}; and {"ratings_from": "labels"} when the
     # standardized ratings were derived from the Expert Rating labels through the mapping
     prompt_source: dict = field(default_factory=dict)
+    # how rows are grouped for the held-out split (``holdout.Grouping.to_json``); the frame has a
+    # ``group`` column when ``grouping["column"]`` is set
+    grouping: dict = field(default_factory=dict)
 
     @property
     def rows_used(self) -> int:
@@ -121,6 +125,7 @@ class Dataset:
             "conflicting_duplicates": self.conflicting_duplicates,
             "warnings": list(self.warnings),
             "columns": dict(self.columns),
+            "grouping": dict(self.grouping),
             "encoding": info.encoding if info else None,
             "delimiter": info.delimiter if info else None,
             "size_bytes": info.size_bytes if info else None,
@@ -227,11 +232,14 @@ def _refuse_disagreeing_labels(df: pd.DataFrame, mapping: RatingMapping, ratings
 
 
 def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, source: str = "<dataframe>",
-                   read_info: ReadInfo | None = None, file_columns: int | None = None) -> Dataset:
+                   read_info: ReadInfo | None = None, file_columns: int | None = None,
+                   group_by: str | None = None) -> Dataset:
     """Turn a raw table into a ``Dataset``: resolve columns, drop rows with an empty prompt or rating,
     parse ratings, check them against the mapping (inferred when None) and, with a given mapping,
     each row's ``Expert Rating`` label against its rating, count conflicting duplicates.
-    ``file_columns``: how many columns the file has, when ``df`` also holds derived ones."""
+    ``file_columns``: how many columns the file has, when ``df`` also holds derived ones.
+    ``group_by``: the column whose values group rows for the held-out split (``holdout.groups_of``;
+    None: a known diagnosis column with ICD-10-style codes, if any)."""
     import numpy as np
     import pandas as pd
 
@@ -287,6 +295,9 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
     if "id" in columns:
         data["row_id"] = _text_values(df[columns["id"]])[keep]
     data["source_row"] = positions + 1
+    groups, grouping = _groups(df, group_by, source)
+    if groups is not None:
+        data["group"] = groups.to_numpy(dtype=object)[keep]
     frame = pd.DataFrame(data)
 
     conflicts, conflict_positions = _conflicting_duplicates(data["prompt"], data["rating"])
@@ -304,23 +315,43 @@ def validate_frame(df: pd.DataFrame, mapping: RatingMapping | dict | None, *, so
                         f"({rows_text(problem_rows['conflicting_rating'])}); check those rows before training")
     return Dataset(frame=frame, mapping=mapping, source=source, columns=columns, rows_read=rows_read,
                    dropped=dropped, warnings=warnings, conflicting_duplicates=conflicts, read_info=read_info,
-                   problem_rows=problem_rows, prompt_source={"kind": "column", "column": columns["prompt"]})
+                   problem_rows=problem_rows, prompt_source={"kind": "column", "column": columns["prompt"]},
+                   grouping=grouping.to_json())
+
+
+def _groups(df: pd.DataFrame, group_by: str | None, source: str):
+    """``holdout.groups_of``, with a named column that is missing as a ``MissingColumnError``."""
+    from .holdout import groups_of
+
+    try:
+        return groups_of(df, group_by)
+    except KeyError:
+        lowered = {str(c).lower(): str(c) for c in df.columns}
+        close = difflib.get_close_matches(str(group_by).lower(), list(lowered), n=1, cutoff=0.6)
+        suggestion = f" (closest column: {lowered[close[0]]!r})" if close else ""
+        raise MissingColumnError(
+            f"the group_by column {str(group_by)!r} is not in the file{suggestion}", file=source,
+            column=str(group_by), hint="name a column of the file in group_by (evaluation.group_by, the job's "
+                                       "group_by or --group-by), or none for a random split") from None
 
 
 def load_dataset(csv_path: str | os.PathLike, mapping_path: str | os.PathLike | None = None, *,
-                 mapping: RatingMapping | dict | None = None, template: Template | None = None) -> Dataset:
+                 mapping: RatingMapping | dict | None = None, template: Template | None = None,
+                 group_by: str | None = None) -> Dataset:
     """Read and validate a dataset file. The mapping comes from ``mapping_path``, else ``mapping``,
     else is inferred from the ``Expert Rating`` column. The mapping is read first so that a bad
     mapping fails before a large CSV is parsed. A raw export (no prompt column) gets its prompts
     from ``template`` or the built-in syndromic-surveillance template, and its ratings from its
-    labels through the mapping when it has no ``Standardized_Rating`` column (``derive_columns``)."""
+    labels through the mapping when it has no ``Standardized_Rating`` column (``derive_columns``).
+    ``group_by``: see ``validate_frame``."""
     if mapping_path is not None:
         mapping = load_mapping(mapping_path)
     df, info = read_csv(csv_path)
     df.columns = canonical_columns(df.columns)  # known columns in any case (C_Biosense_ID)
     file_columns = len(df.columns)
     df, source = derive_columns(df, mapping, template, file=info.file)
-    ds = validate_frame(df, mapping, source=info.file, read_info=info, file_columns=file_columns)
+    ds = validate_frame(df, mapping, source=info.file, read_info=info, file_columns=file_columns,
+                        group_by=group_by)
     if source:
         ds.prompt_source = {**ds.prompt_source, **source}
         if "template" in source:

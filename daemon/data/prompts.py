@@ -43,8 +43,10 @@ def rating_scale_lines(label_to_value: Mapping[str, int]) -> list[str]:
     return [f"- {value}: {' / '.join(labels)}" for value, labels in labels_by_value(label_to_value).items()]
 
 
-def system_prompt(topics: str | Sequence[str] | None, label_to_value: Mapping[str, int]) -> str:
-    """The system turn used for training records and for the model set."""
+def system_prompt(topics: str | Sequence[str] | None, label_to_value: Mapping[str, int],
+                  definition: str | None = None) -> str:
+    """The system turn used for training records and for the model set. ``definition``: the
+    experts' written criteria for the topic (``topic_definition``), placed under the rating scale."""
     topic_list = normalize_topics(topics)
     if not topic_list:
         topic_text = "the target topic"
@@ -60,6 +62,7 @@ def system_prompt(topics: str | Sequence[str] | None, label_to_value: Mapping[st
         "Rating scale (rating: label):",
         *rating_scale_lines(label_to_value),
         "",
+        *(["How the experts decide:", definition.strip(), ""] if definition and definition.strip() else []),
         'Answer with exactly one JSON object and nothing else: {"rating": <integer>, "rationale": "<short reason, or empty>"}',
         f"The rating must be one of: {', '.join(str(v) for v in values)}.",
     ])

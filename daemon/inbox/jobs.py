@@ -374,8 +374,9 @@ class JobRunner:
                                "or set defaults.mapping"], source=escape_name(job_file) if job_file else None,
                               hint=JOB_FILE_HINT)
         labels = dict(load_mapping(claim.path / mapping).labels)
-        return rating.model_from_name(settings.model, system=prompts.system_prompt(settings.topics, labels),
-                                      labels=labels, template=settings.prompt_template)
+        system = prompts.system_prompt(settings.topics, labels, settings.topic_definition)
+        return rating.model_from_name(settings.model, system=system, labels=labels,
+                                      template=settings.prompt_template)
 
     # --- every kind's end ------------------------------------------------------------------------
 

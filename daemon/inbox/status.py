@@ -78,6 +78,19 @@ def _evaluation_brief(folder: Path, meta: dict) -> dict:
     if report.get("models"):
         brief: dict = {m["key"]: {"kappa": m.get("kappa"), "accuracy": m.get("accuracy"),
                                   "invalid_rate": m.get("invalid_rate")} for m in report["models"]}
+        figures = report.get("figures")
+        if isinstance(figures, dict):
+            for name in ("familiar", "new_kinds"):
+                for m in (figures.get(name) or {}).get("models") or []:
+                    if isinstance(brief.get(m.get("key")), dict):
+                        brief[m["key"]][f"kappa_{name}"] = m.get("kappa")
+        split = report.get("split")
+        if isinstance(split, dict):
+            brief["split"] = {k: split.get(k) for k in ("kind", "duplicate_rows", "duplicates_set_aside")}
+        learned = [g.get("key") for g in report.get("generalisation") or []
+                   if isinstance(g, dict) and g.get("learned_examples_more_than_rule")]
+        if learned:
+            brief["learned_examples_more_than_rule"] = learned
         effect = report.get("adapter_effect")
         if isinstance(effect, dict) and effect.get("ignored"):
             brief["adapter_ignored"] = True
@@ -94,7 +107,17 @@ def _kappa_text(evaluation: dict | None) -> str:
             value = (evaluation.get(key) or {}).get("kappa")
             return "n/a" if value is None else f"{value:.2f}"
         ignored = "  ADAPTER HAD NO EFFECT (answers identical to the base model)" if evaluation.get("adapter_ignored") else ""
-        return f"  kappa {k('new')} (base {k('base')}){ignored}"
+        new = evaluation.get("new") or {}
+        if "kappa_new_kinds" in new:
+            def v(value) -> str:
+                return "n/a" if value is None else f"{value:.2f}"
+            text = f"  kappa {v(new.get('kappa_familiar'))} familiar / {v(new.get('kappa_new_kinds'))} new kinds"
+            if "new" in (evaluation.get("learned_examples_more_than_rule") or []):
+                text += " (learned the examples more than the rule)"
+            return text + f" (base {k('base')}){ignored}"
+        split = evaluation.get("split") or {}
+        kind = f", {split['kind']} split" if split.get("kind") else ""
+        return f"  kappa {k('new')} (base {k('base')}{kind}){ignored}"
     if evaluation.get("status") in ("skipped", "failed"):
         return "  not evaluated"
     return ""

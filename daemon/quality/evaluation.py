@@ -210,13 +210,63 @@ def adapter_effect(new_answers: Sequence[str], base_answers: Sequence[str]) -> d
                                         f"{len(pairs) - same} of {len(pairs)} held-out rows")}
 
 
+SETS = {"familiar": "familiar records", "new_kinds": "new kinds of records"}
+
+
+def figures(results: Sequence[ModelResult], expert: Sequence[int], labels: Mapping[str, int],
+            sets: Sequence[str], *, seed: int) -> dict:
+    """Each model scored separately on the familiar and the new-kinds held-out rows."""
+    out = {}
+    for name in SETS:
+        idx = [i for i, s in enumerate(sets) if s == name]
+        part = [ModelResult(r.key, r.title, r.model, [r.ratings[i] for i in idx],
+                            [r.latencies_s[i] for i in idx] if r.latencies_s else [], r.duration_s, r.backend)
+                for r in results]
+        scored = [score(r, [expert[i] for i in idx], labels, seed=seed) for r in part]
+        keep = ("key", "title", "n", "accuracy", "accuracy_ci95", "kappa", "kappa_ci95", "macro_f1",
+                "invalid", "invalid_rate")
+        out[name] = {"n": len(idx), "models": [{k: m.get(k) for k in keep} for m in scored]}
+    return out
+
+
+def generalisation(fig: dict) -> list[dict]:
+    """Per model: does it agree with the experts less on new kinds of records than on familiar
+    ones, by more than the two intervals allow? Then it has learned the examples more than the rule."""
+    out = []
+    for familiar, new in zip(fig["familiar"]["models"], fig["new_kinds"]["models"]):
+        fk, nk = familiar.get("kappa"), new.get("kappa")
+        fci, nci = familiar.get("kappa_ci95"), new.get("kappa_ci95")
+        apart = bool(fk is not None and nk is not None and fci and nci and fci[0] > nci[1])
+        if fk is None or nk is None:
+            message = f"{familiar['title']}: kappa cannot be compared (too few rows of one kind)"
+        elif apart:
+            message = (f"{familiar['title']}: kappa {fk:.2f} on familiar records but {nk:.2f} on new kinds of "
+                       "records, further apart than their intervals: it has learned the examples more than the "
+                       "rule, so expect records unlike the training rows to score like the new kinds")
+        else:
+            message = (f"{familiar['title']}: kappa {fk:.2f} on familiar records and {nk:.2f} on new kinds of "
+                       "records, within their intervals of each other")
+        out.append({"key": familiar["key"], "familiar_kappa": fk, "new_kinds_kappa": nk,
+                    "learned_examples_more_than_rule": apart, "message": message})
+    return out
+
+
 def evaluation_report(results: Sequence[ModelResult], expert: Sequence[int], rows: Sequence[int | str],
                       labels: Mapping[str, int], *, seed: int, source: str, created_at: str,
-                      adapter_check: dict | None = None) -> dict:
+                      adapter_check: dict | None = None, sets: Sequence[str] | None = None,
+                      split: dict | None = None) -> dict:
     """The machine-readable evaluation (``evaluation.json``); ``adapter_check``: ``adapter_effect``
-    of a fine-tune."""
+    of a fine-tune; ``sets``: per row "familiar" or "new_kinds" (a grouped split), for the two
+    figures side by side; ``split``: how the held-out rows were chosen."""
+    extra: dict[str, Any] = {}
+    if split is not None:
+        extra["split"] = split
+    if sets is not None and len(set(sets)) == 2:
+        fig = figures(results, expert, labels, sets, seed=seed)
+        extra.update(figures=fig, generalisation=generalisation(fig))
     return {
         **({"adapter_effect": adapter_check} if adapter_check is not None else {}),
+        **extra,
         "created_at": created_at, "source": source, "n": len(expert), "seed": seed,
         "bootstrap_samples": BOOTSTRAP_SAMPLES, "invalid_answer_rule": INVALID_RULE,
         "labels": {str(k): int(v) for k, v in labels.items()},
@@ -287,6 +337,7 @@ def markdown(report: dict) -> str:
         "guessing with the same label frequencies gives. As a rough guide: below 0.4 poor, 0.4–0.6 "
         "moderate, 0.6–0.8 substantial, above 0.8 almost perfect. Intervals are seeded bootstrap "
         f"95% intervals over {report['bootstrap_samples']} resamples: with few held-out rows they are wide.",
+        *_split_lines(report),
     ]
     for m in models:
         cm = m.get("confusion_matrix")
@@ -303,9 +354,54 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_text(split: dict) -> str:
+    """How the held-out rows were chosen, in one sentence for the analyst (counts and names only)."""
+    grouping = split.get("grouping") or {}
+    if split.get("kind") == "grouped":
+        text = (f"Held-out rows: {split.get('familiar_rows', 0)} familiar records (a random sample of the rows "
+                f"beside the training rows) and {split.get('new_kinds_rows', 0)} new kinds of records "
+                f"({split.get('held_out_groups', 0)} of {split.get('groups', 0)} groups of the column "
+                f"\"{md_text(grouping.get('column'))}\", grouped by {md_text(grouping.get('rule'))}, chosen by "
+                f"{md_text(grouping.get('chosen_by'))}, held out whole)")
+    elif split.get("kind") == "random":
+        why = split.get("reason") or grouping.get("reason") or "no grouping"
+        text = f"Held-out rows: a random split only ({md_text(why)})"
+    else:
+        return "Held-out rows: none"
+    return (text + f". {split.get('duplicate_rows', 0)} rows repeat another row's text (case, spacing and "
+            f"punctuation aside): each text is all in training or all held out, and "
+            f"{split.get('duplicates_set_aside', 0)} held-out copies were set aside.")
+
+
+def _split_lines(report: dict) -> list[str]:
+    """The two figures side by side and what they say, when the split was grouped."""
+    lines: list[str] = []
+    if report.get("split"):
+        lines += ["", split_text(report["split"])]
+    fig = report.get("figures")
+    if not fig:
+        return lines
+    models = fig["familiar"]["models"]
+    lines += ["", "## Familiar records and new kinds of records", "",
+              "Agreement on familiar records is what to expect from records like the training rows; agreement "
+              "on new kinds of records (diagnoses held out whole) is what to expect when next month brings "
+              "new codes and new wording.", "",
+              "| | " + " | ".join(md_text(m["title"]) for m in models) + " |", "|---|" + "---|" * len(models)]
+    for name, title in SETS.items():
+        part = fig[name]["models"]
+        lines.append(f"| {title} ({fig[name]['n']} rows): kappa (95% CI) | "
+                     + " | ".join(_with_ci(m.get("kappa"), m.get("kappa_ci95")) for m in part) + " |")
+        lines.append(f"| {title}: invalid answers | "
+                     + " | ".join(f"{_fmt((m.get('invalid_rate') or 0) * 100, 0)}%" for m in part) + " |")
+    lines.append("")
+    lines += [f"- {md_text(g['message'])}." for g in report.get("generalisation", [])]
+    return lines
+
+
 def table_text(report: dict) -> str:
-    """The side-by-side table and how to read it (``evaluation.md`` without the matrices)."""
-    return markdown(report).split("\n## ", 1)[0].rstrip("\n")
+    """The side-by-side tables and how to read them (``evaluation.md`` without the matrices)."""
+    head, *sections = markdown(report).split("\n## ")
+    return "\n## ".join([head, *(s for s in sections if s.startswith("Familiar records"))]).rstrip("\n")
 
 
 def predictions_csv(report: dict) -> str:
@@ -374,12 +470,21 @@ def write_report(report: dict, dest: Path) -> list[str]:
 def metadata_summary(report: dict, files: list[str]) -> dict:
     """What ``fine_tuning_metadata.json`` records under ``evaluation`` once the report is written."""
     effect = report.get("adapter_effect")
+    split = report.get("split") or {}
+    learned = [g["key"] for g in report.get("generalisation", []) if g["learned_examples_more_than_rule"]]
     return {"status": "done", "backend": report["models"][0]["backend"], "rows": report["n"],
             "models": summary_line(report), "files": files,
+            **({"split": split.get("kind"), "duplicates_set_aside": split.get("duplicates_set_aside")}
+               if split else {}),
+            **({"learned_examples_more_than_rule": learned} if "generalisation" in report else {}),
             **({"adapter_ignored": effect["ignored"]} if effect is not None else {})}
 
 
 def summary_line(report: dict) -> list[dict]:
     """Per model: the numbers the ``evaluation_finished`` event and ``status`` show."""
+    fig = report.get("figures") or {}
+    by_set = {name: {m["key"]: m.get("kappa") for m in fig[name]["models"]} for name in fig}
     return [{"model": m["key"], "accuracy": m.get("accuracy"), "kappa": m.get("kappa"),
-             "invalid_rate": m.get("invalid_rate")} for m in report["models"]]
+             "invalid_rate": m.get("invalid_rate"),
+             **{f"kappa_{name}": kappas.get(m["key"]) for name, kappas in by_set.items()}}
+            for m in report["models"]]

@@ -60,6 +60,7 @@ class HeldOut:
     system: str
     users: list[str]
     source: str
+    sets: list[str] | None = None  # per row "familiar" | "new_kinds" (a grouped split), else None
 
 
 def read_json(path: Path) -> dict:
@@ -81,9 +82,15 @@ def held_out(folder: Path, meta: dict, *, max_rows: int | None, seed: int) -> He
                 records.append(json.loads(line)["messages"])
     if not records:
         raise EvaluationSkipped("there are no held-out rows (validation_data.jsonl is empty)")
-    rows = list((meta.get("split") or {}).get("validation_source_rows") or range(1, len(records) + 1))
+    split = meta.get("split") or {}
+    rows = list(split.get("validation_source_rows") or range(1, len(records) + 1))
     if len(rows) != len(records):
         rows = list(range(1, len(records) + 1))
+    familiar = split.get("familiar_rows")
+    sets = None
+    if split.get("kind") == "grouped" and isinstance(familiar, int) and 0 < familiar < len(records) \
+            and split.get("validation_rows") == len(records):
+        sets = ["familiar" if i < familiar else "new_kinds" for i in range(len(records))]
     keep = list(range(len(records)))
     if max_rows is not None and len(keep) > max_rows:
         keep = sorted(random.Random(seed).sample(keep, max_rows))
@@ -95,7 +102,8 @@ def held_out(folder: Path, meta: dict, *, max_rows: int | None, seed: int) -> He
             raise EvaluationSkipped("validation_data.jsonl holds an expert answer that is not a valid rating")
         expert.append(rating)
         users.append(messages[-2]["content"])
-    return HeldOut([rows[i] for i in keep], expert, records[0][0]["content"], users, path.name)
+    return HeldOut([rows[i] for i in keep], expert, records[0][0]["content"], users, path.name,
+                   [sets[i] for i in keep] if sets is not None else None)
 
 
 def models_of(folder: Path, meta: dict) -> list[EvalModel]:
@@ -240,10 +248,20 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
     report = evaluation.evaluation_report(
         results, data.expert, data.rows, meta["mapping"]["labels"], seed=seed, source=data.source,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        adapter_check=adapter_check)
+        adapter_check=adapter_check, sets=data.sets, split=_split_summary(meta))
     log.info("evaluation_finished", backend=chosen, rows=len(data.expert),
              models=evaluation.summary_line(report))
     return report
+
+
+def _split_summary(meta: dict) -> dict | None:
+    """What the report says about how the held-out rows were chosen (counts and names only)."""
+    split = meta.get("split")
+    if not isinstance(split, dict) or "kind" not in split:
+        return None
+    keys = ("kind", "train_rows", "familiar_rows", "new_kinds_rows", "grouping", "groups", "held_out_groups",
+            "duplicate_rows", "duplicates_set_aside", "reason")
+    return {k: split[k] for k in keys if k in split}
 
 
 __all__ = ["BACKENDS", "EvaluationSkipped", "RaterError", "evaluate_folder", "held_out", "models_of"]

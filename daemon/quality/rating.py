@@ -398,7 +398,9 @@ def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLik
             base = _model_name(files, METADATA_FILE, "model", meta.get("model"))
             system = _first_system_prompt(files)
             if system is None:  # the training files were removed: the prompt is rebuilt the same way
-                system = prompts.system_prompt(_topics(files, meta), labels)
+                definition = (meta.get("parameters") or {}).get("topic_definition")
+                system = prompts.system_prompt(_topics(files, meta), labels,
+                                               definition if isinstance(definition, str) else None)
             adapter = _adapter(files, meta)
             return RatingModel(base, registered, system, labels, [], adapter, template, str(folder), approach)
         config = files.json_object(MODEL_SET_FILE)

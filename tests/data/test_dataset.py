@@ -204,6 +204,7 @@ def test_summary_is_json_ready(synthetic_csv, tmp_path):
         "conflicting_duplicates": ds.conflicting_duplicates, "warnings": [],
         "columns": {"prompt": "formatted_prompt", "rating": "Standardized_Rating",
                     "rationale": "Rationale of Rating", "id": "Row_ID"},
+        "grouping": {"column": None, "reason": "no known diagnosis column (name a column with evaluation.group_by)"},
         "encoding": "utf-8", "delimiter": ",", "size_bytes": path.stat().st_size,
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "mapping": {"source": "file:visits.mapping.json", "inferred": False,

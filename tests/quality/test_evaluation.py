@@ -13,8 +13,10 @@ from daemon.quality.evaluation import (
     bootstrap,
     evaluation_report,
     markdown,
+    metadata_summary,
     parse_answer,
     score,
+    summary_line,
     table_text,
     write_report,
 )
@@ -206,3 +208,56 @@ def test_an_adapter_that_changed_nothing_is_flagged_in_the_report():
     assert markdown(report).splitlines()[2] == (
         "**Warning: the fine-tune answered exactly like the base model on all 2 held-out rows: its adapter "
         "had no effect (not loaded, or trained to nothing); do not use this model.**")
+
+
+def _two_kinds_report():
+    """60 familiar rows the fine-tune gets right and 60 new kinds it mostly gets wrong; the base
+    model is as poor on both."""
+    expert = [1, 0, -1] * 40
+    sets = ["familiar"] * 60 + ["new_kinds"] * 60
+    shift = {1: 0, 0: -1, -1: 1}  # a wrong rating for three rows in four
+    fine = expert[:60] + [shift[e] if i % 4 else e for i, e in enumerate(expert[60:])]
+    base = [0] * 120
+    results = [ModelResult("new", "fine-tune", "m", fine, [0.1] * 120, 1.0, "local"),
+               ModelResult("base", "base model (zero-shot)", "m", base, [0.1] * 120, 1.0, "local")]
+    split = {"kind": "grouped", "familiar_rows": 60, "new_kinds_rows": 60, "groups": 24, "held_out_groups": 3,
+             "grouping": {"column": "DischargeDiagnosis", "rule": "ICD-10 category", "chosen_by": "a known diagnosis column"},
+             "duplicate_rows": 5, "duplicates_set_aside": 2}
+    return evaluation_report(results, expert, list(range(1, 121)), MAPPING, seed=42, source="validation_data.jsonl",
+                             created_at="2026-01-01T00:00:00Z", sets=sets, split=split)
+
+
+def test_familiar_and_new_kinds_are_scored_apart_and_a_gap_is_said_in_plain_words(tmp_path):
+    """Each model gets a kappa on each set, equal to scoring that set alone; a fine-tune perfect on
+    familiar rows and poor on new kinds is flagged as having learned the examples more than the rule."""
+    report = _two_kinds_report()
+    fig = report["figures"]
+    assert (fig["familiar"]["n"], fig["new_kinds"]["n"]) == (60, 60)
+    alone = score(ModelResult("new", "fine-tune", "m", report["_predictions"]["models"]["new"][60:], [], 1.0, "local"),
+                  report["_predictions"]["expert"][60:], MAPPING, seed=42)
+    assert fig["new_kinds"]["models"][0]["kappa"] == alone["kappa"]
+    assert fig["familiar"]["models"][0]["kappa"] == 1.0
+    gap = {g["key"]: g for g in report["generalisation"]}
+    assert gap["new"]["learned_examples_more_than_rule"] is True
+    assert "learned the examples more than the rule" in gap["new"]["message"]
+    assert gap["base"]["learned_examples_more_than_rule"] is False
+    write_report(report, tmp_path)
+    md = (tmp_path / "evaluation.md").read_text()
+    assert "## Familiar records and new kinds of records" in md
+    assert "60 new kinds of records (3 of 24 groups of the column \"DischargeDiagnosis\"" in md
+    assert "2 held-out copies were set aside" in md
+    assert "## Familiar records" in table_text(report) and "confusion matrix" not in table_text(report)
+    line = {m["model"]: m for m in summary_line(report)}
+    assert line["new"]["kappa_familiar"] == 1.0 and line["new"]["kappa_new_kinds"] == alone["kappa"]
+    assert json.loads((tmp_path / "evaluation.json").read_text())["split"]["kind"] == "grouped"
+    summary = metadata_summary(report, [])
+    assert (summary["split"], summary["learned_examples_more_than_rule"]) == ("grouped", ["new"])
+
+
+def test_a_random_split_has_one_figure_and_says_why():
+    result = ModelResult("new", "model set", "m", PREDICTED, [0.1] * 8, 2.0, "local")
+    report = evaluation_report([result], EXPERT, list(range(1, 9)), MAPPING, seed=42, source="v", created_at="t",
+                               split={"kind": "random", "grouping": {"column": None, "reason": "no known diagnosis column"},
+                                      "duplicate_rows": 0, "duplicates_set_aside": 0})
+    assert "figures" not in report and "generalisation" not in report
+    assert "Held-out rows: a random split only (no known diagnosis column)" in markdown(report)

@@ -143,3 +143,62 @@ def test_required_evaluation_fails_the_job_when_no_backend_can_run(tmp_path):
                                                      approach="model_set", output_dir=tmp_path / "auto")
     assert ok is True and meta["evaluation"]["status"] == "skipped"
     assert not (tmp_path / "auto" / "evaluation.json").exists()
+
+
+def _visits_job(tmp_path, fake_ollama, **values):
+    """A model-set job on 300 generated ED visits (raw export columns, ICD-10 diagnoses), planned
+    from files as the daemon plans it, with the fake answering like the experts."""
+    from daemon.config import job_settings
+    from daemon.data.dataset import load_dataset
+    from daemon.data.visits import MAPPING as VISIT_MAPPING, generate_visits, write_csv
+    from daemon.fine_tuner import JobInputs
+
+    csv_path = write_csv(tmp_path / "visits.csv", generate_visits(300, seed=3))
+    (tmp_path / "visits.mapping.json").write_text(json.dumps(VISIT_MAPPING))
+    frame = load_dataset(csv_path, mapping=VISIT_MAPPING).frame
+    fake_ollama.chat_responder = lambda model, messages: json.dumps(
+        {"rating": int(dict(zip(frame["prompt"], frame["rating"])).get(messages[-1]["content"], 0)), "rationale": ""})
+    tuner = FineTuner(config=_config(tmp_path, fake_ollama, enabled="required"))
+    settings = job_settings(tuner.config.defaults, {"model": "llama3.2:1b", "topics": "respiratory infections",
+                                                    "approach": "model_set", **values}, source="test")
+    plan = tuner.plan_job(JobInputs(csv_path=tmp_path / "visits.csv", mapping_path=tmp_path / "visits.mapping.json",
+                                    settings=settings, output_dir=tmp_path / "out", stem="visits", staged=True))
+    ok, meta = tuner.execute(plan)
+    assert ok
+    return frame, meta, tmp_path / "out"
+
+
+def test_a_job_holds_out_whole_diagnosis_groups_and_reports_both_figures(fake_ollama, tmp_path):
+    """By default the rows are grouped by the diagnosis' ICD-10 category: no held-out new-kinds row
+    shares a category with a training row, and the report, the metadata and the status brief give
+    the familiar and the new-kinds figures side by side."""
+    from daemon.inbox.status import _evaluation_brief
+
+    frame, meta, out = _visits_job(tmp_path, fake_ollama, topic_definition="Match: the diagnosis is a "
+                                                                            "respiratory infection.")
+    split = meta["split"]
+    assert split["kind"] == "grouped" and split["grouping"]["column"] == "DischargeDiagnosis"
+    group_of = dict(zip(frame["source_row"], frame["group"]))
+    held = split["validation_source_rows"]
+    familiar, new_kinds = held[:split["familiar_rows"]], held[split["familiar_rows"]:]
+    assert len(new_kinds) == split["new_kinds_rows"] > 0
+    trained = set(frame["source_row"]) - set(held)
+    assert len(trained) == split["train_rows"]
+    assert not {group_of[r] for r in new_kinds} & {group_of[r] for r in trained}
+    report = json.loads((out / "evaluation.json").read_text())
+    assert {name: report["figures"][name]["n"] for name in ("familiar", "new_kinds")} == {
+        "familiar": len(familiar), "new_kinds": len(new_kinds)}
+    assert [g["learned_examples_more_than_rule"] for g in report["generalisation"]] == [False, False]
+    assert "## Familiar records and new kinds of records" in (out / "evaluation.md").read_text()
+    brief = _evaluation_brief(out, meta)
+    assert brief["new"]["kappa_new_kinds"] == 1.0 and brief["split"]["kind"] == "grouped"
+    system = json.loads((out / "model_set_config.json").read_text())["system_prompt"]
+    assert "How the experts decide:\nMatch: the diagnosis is a respiratory infection." in system
+
+
+def test_group_by_none_in_a_job_keeps_the_random_split(fake_ollama, tmp_path):
+    _frame_, meta, out = _visits_job(tmp_path, fake_ollama, group_by="none")
+    assert (meta["split"]["kind"], meta["split"]["new_kinds_rows"]) == ("random", 0)
+    assert meta["split"]["grouping"] == {"column": None, "reason": "turned off (group_by: none)"}
+    report = json.loads((out / "evaluation.json").read_text())
+    assert "figures" not in report and report["split"]["kind"] == "random"
