@@ -100,6 +100,10 @@ class TrainingConfig:
     sequence_len: int = 2048
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.03
+    # the built-in trainer stops when the held-out loss (on the new kinds of records where the
+    # split has them) has not improved for this many epochs, and keeps the best epoch's adapter;
+    # 0: train every epoch (axolotl's own early stopping needs step-based saving: set it there)
+    early_stopping_patience: int = 1
     logging_steps: int = 1
     timeout_s: float = 6 * 3600.0
     grace_s: float = 10.0
@@ -441,6 +445,7 @@ _RULES: dict[str, tuple[tuple[Callable[[float], bool], str], ...]] = {
     "training.sequence_len": (_at_least(1),),
     "training.gradient_accumulation_steps": (_at_least(1),),
     "training.warmup_ratio": (_at_least(0), _at_most(1)),
+    "training.early_stopping_patience": (_at_least(0), _at_most(100)),
     "training.timeout_s": (_POSITIVE,),
     "training.grace_s": (_at_least(0),),
     "watch.pair_timeout_s": (_at_least(0), _at_most(DAY_S)),

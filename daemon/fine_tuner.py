@@ -626,9 +626,12 @@ class FineTuner:
                 job.on_progress(event)
 
         lock = job.training_lock if job and job.training_lock is not None else contextlib.nullcontext()
+        # early stopping watches the new kinds of records, which follow the familiar ones
+        watch_from = meta["split"].get("familiar_rows", 0) if meta["split"].get("kind") == "grouped" else 0
         with stages("training"), lock:
             result = supervisor.run_training(build_dir, base=base, training=t, timeout_s=t.timeout_s,
-                                           on_progress=relay, stop_event=job.stop_event if job else None)
+                                             on_progress=relay, stop_event=job.stop_event if job else None,
+                                             stopping_rows_from=watch_from)
         meta["training"] = dict(result.metrics)
         name = settings.output_model or modelset.ollama_model_name(settings.model, stem, suffix="-ft")
         fmt = turns.turn_format(base.model_type) if base.chat_template else None

@@ -172,6 +172,12 @@ class TestFineTuner:
                 by_epoch.setdefault(int(math.ceil(step["epoch"])), []).append(step["loss"])
         means = [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
         assert len(means) == 2 and means[1] < means[0], means
+        # early stopping watched the held-out loss after each epoch (no groups here: all held-out rows)
+        stopping = meta["training"]["early_stopping"]
+        assert (stopping["patience"], stopping["watched"], stopping["epochs_run"]) == (1, "all held-out rows", 2)
+        losses = stopping["loss_by_epoch"]
+        assert stopping["best_epoch"] == losses.index(min(losses)) + 1
+        assert meta["split"]["kind"] == "random" and meta["split"]["grouping"]["column"] is None
         adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert not Path(adapter_cfg["base_model_name_or_path"]).is_absolute()
         # handed to another trainer: a marked placeholder, what to put there, never adapter/ as output
