@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon.config import load_config  # noqa: E402
-from daemon.data import prompts, trainingdata  # noqa: E402
+from daemon.data import trainingdata  # noqa: E402
 from daemon.data.dataset import load_dataset  # noqa: E402
-from daemon.data.visits import MAPPING, generate_visits, write_csv  # noqa: E402
+from daemon.data.visits import MAPPING, TOPIC_DEFINITION, generate_visits, write_csv  # noqa: E402
 from daemon.llamacpp import cache_dir  # noqa: E402
 from daemon.quality import evaluation  # noqa: E402
 from daemon.quality.evaluator import evaluate_folder  # noqa: E402
@@ -67,7 +67,8 @@ def new_kinds_folder(out: Path, work: Path, rows: int, seed: int) -> Path:
     csv_path = work / "new-kinds.csv"
     write_csv(csv_path, generate_visits(rows, seed=seed + 1, vocabulary="b"))
     ds = load_dataset(csv_path, mapping=MAPPING)
-    system = prompts.system_prompt(TOPIC, ds.mapping.labels)
+    with open(out / "validation_data.jsonl", encoding="utf-8") as fh:  # the job's own system prompt
+        system = json.loads(fh.readline())["messages"][0]["content"]
     import numpy as np
 
     text = "".join(trainingdata.jsonl_chunks(ds, np.arange(ds.rows_used), system))
@@ -83,6 +84,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--new-kinds", type=int, default=100, help="rows of the unseen vocabulary (0: skip)")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--topic-definition", action="store_true",
+                        help="give the experts' criteria (daemon.data.visits.TOPIC_DEFINITION) as topic_definition")
     parser.add_argument("--keep", help="keep the output folder here")
     args = parser.parse_args()
 
@@ -104,7 +107,8 @@ def main() -> int:
             [sys.executable, "-m", "daemon", "process", "--config", str(work / "config.json"),
              "--input", str(csv_path), "--mapping", str(work / "visits.mapping.json"), "--model", NAME,
              "--approach", "fine_tune", "--no-fallback", "--epochs", str(args.epochs), "--learning-rate",
-             str(args.lr), "--batch-size", str(args.batch_size), "--topics", TOPIC, "--output-dir", str(out)],
+             str(args.lr), "--batch-size", str(args.batch_size), "--topics", TOPIC, "--output-dir", str(out),
+             *(["--topic-definition", TOPIC_DEFINITION] if args.topic_definition else [])],
             cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
             capture_output=True, text=True)
         wall = time.monotonic() - started
@@ -118,8 +122,19 @@ def main() -> int:
               f"batch {args.batch_size}; job wall time {wall / 60:.1f} min")
         print(f"training: {t['train_s'] / 60:.1f} min, {t['tokens_per_s']} tokens/s, {t['steps']} steps, "
               f"loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, eval_loss {t.get('eval_loss')}")
-        print(f"\nfamiliar records: {report['n']} held-out rows drawn like the training rows")
+        stopping = t.get("early_stopping") or {}
+        print(f"early stopping: loss by epoch {stopping.get('loss_by_epoch')} on {stopping.get('watched')}, "
+              f"best epoch {stopping.get('best_epoch')} kept")
+        print(f"\n{evaluation.split_text(report['split'])}" if report.get("split") else "")
+        print(f"\nall held-out rows: {report['n']}")
         print(table(report))
+        for name, title in evaluation.SETS.items():
+            part = (report.get("figures") or {}).get(name)
+            if part:
+                print(f"\n{title}: {part['n']} held-out rows")
+                print(table(part))
+        for verdict in report.get("generalisation", []):
+            print(f"- {verdict['message']}")
         effect = report.get("adapter_effect") or {}
         print(f"adapter effect: {effect.get('message')}")
         by_key = {m["key"]: m for m in report["models"]}
@@ -132,7 +147,7 @@ def main() -> int:
             started = time.monotonic()
             fresh = evaluate_folder(folder, meta, cfg, backend="local", max_rows=args.new_kinds)
             evaluation.write_report(fresh, folder)
-            print(f"\nnew kinds of records: {fresh['n']} visits of another vocabulary "
+            print(f"\nanother vocabulary: {fresh['n']} visits written by another site "
                   f"({(time.monotonic() - started) / 60:.1f} min)")
             print(table(fresh))
         if args.keep:

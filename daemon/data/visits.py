@@ -35,6 +35,16 @@ from ..fsutil import write_text
 from .csvfile import csv_text
 
 MAPPING = {"Match": 1, "Does Not Match": 0, "Unknown": -1}
+# The rule above in the words an expert group would write it down (a job's topic_definition).
+TOPIC_DEFINITION = (
+    "Match: the discharge diagnosis names a respiratory infection (influenza, pneumonia, bronchitis, "
+    "sinusitis, pharyngitis, an upper respiratory infection, COVID-19, RSV, ...), whatever else the record "
+    "says or denies; or it codes a cough together with a documented fever.\n"
+    "Does Not Match: the diagnosis is an unrelated condition and the record shows no respiratory symptom "
+    "(none mentioned, or denied).\n"
+    "Unknown: respiratory symptoms with a missing, pending or nonspecific diagnosis that a respiratory "
+    "infection could explain but does not confirm (chest pain with cough, fever alone, rule-out pneumonia, "
+    "an asthma flare, left without being seen), or an injury diagnosis beside a documented cough and fever.")
 MATCH, NO_MATCH, UNKNOWN = 1, 0, -1
 ID_COLUMN = "C_BioSense_ID"
 DIAGNOSIS_COLUMN = "DischargeDiagnosis"
