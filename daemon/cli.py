@@ -105,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
                       help="how a record becomes the prompt (only with a bare Ollama name): a format "
                            "string with {Column} fields, or a JSON list of columns")
 
+    srv = sub.add_parser("serve", parents=[common],
+                         help="serve an output folder (base GGUF + its adapter) or a GGUF with llama-server")
+    srv.add_argument("target", metavar="OUTPUT_DIR|GGUF")
+    srv.add_argument("--port", type=int, default=0, help="the port to listen on (default: a free one)")
+    srv.add_argument("--parallel", type=_positive_int, default=4, help="requests answered at once (slots)")
+    srv.add_argument("--base-only", action="store_true", help="serve a fine-tune's base without its adapter")
+    srv.add_argument("--log", metavar="FILE", help="the server's own output (default: in the state directory)")
+
     st = sub.add_parser("status", parents=[common], help="queued, running, recent jobs from the journal")
     st.add_argument("--root", metavar="DIR")
     st.add_argument("--json", action="store_true")
@@ -185,7 +193,7 @@ def _main(argv: list[str] | None) -> int:
         return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_USAGE)
     handler = {"process": _cmd_process, "validate": _cmd_validate, "check": _cmd_check,
                "watch": _cmd_watch, "status": _cmd_status, "evaluate": _cmd_evaluate,
-               "rate": _cmd_rate}[args.command]
+               "rate": _cmd_rate, "serve": _cmd_serve}[args.command]
     try:
         return handler(cfg, args)
     except ConfigError as exc:
@@ -369,6 +377,42 @@ def _cmd_watch(cfg: Config, args: argparse.Namespace) -> int:
     cfg = _with_root(cfg, args.root)
     _configure_logging(cfg, args, stdout=True)
     return service.run(cfg, once=args.once, config_path=args.config or os.environ.get("FINE_TUNER_CONFIG"))
+
+
+def _cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    """Start llama-server for an output folder or a GGUF, print the base_url, and keep it running
+    until SIGTERM or Ctrl-C, then stop it cleanly."""
+    import signal
+    import threading
+
+    from .inbox.paths import resolve_paths
+    from .serving.llamaserver import LlamaServer, ServerError, serve_target
+
+    target = Path(args.target)
+    if not target.exists():
+        return _fail(f"{target}: no such file or folder; name a job's output folder or a .gguf file", EXIT_USAGE)
+    try:
+        spec = serve_target(target, base_models=cfg.base_models, ollama_models_dir=cfg.ollama.models_dir,
+                            parallel=args.parallel, port=args.port, with_adapter=not args.base_only)
+        log_path = Path(args.log) if args.log else resolve_paths(cfg).state_dir / "llama-server.log"
+        server = LlamaServer(spec, log_path=log_path)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        server.start()
+    except ServerError as exc:
+        return _fail(f"{exc.message}; {exc.hint}" if exc.hint else exc.message, EXIT_USAGE)
+    try:
+        print(f"serving {spec.alias} ({len(spec.adapters)} adapter(s), {spec.parallel} slots)", flush=True)
+        print(f"base_url: {server.base_url}", flush=True)
+        print(f"use it with: --backend openai, openai.base_url: {server.base_url}, openai.model: {spec.alias}",
+              flush=True)
+        while not stop.wait(0.5):
+            if server.proc is None or server.proc.poll() is not None:
+                return _fail(f"llama-server stopped by itself; read {log_path}", 1)
+    finally:
+        server.stop()
+    return 0
 
 
 def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ Owns what every model server client needs against a broken or hostile server (``
 deadline, bounded answer reading, no redirects, JSON shape checks), the Ollama HTTP client
 (``ollama``: typed errors, bounded retries), registering a model set or an adapter and checking it
 answers (``register``), and the capability report that says whether a model can be fine-tuned and
-served here (``capability``). May import: the top-level base
+served here (``capability``), and a managed llama.cpp server for a GGUF base and its adapter
+(``llamaserver``). May import: the top-level base
 modules (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``), ``daemon.data``,
 ``daemon.training`` (where the base weights are and which adapter files exist) and this package;
 never ``quality``, ``inbox``, ``fine_tuner`` or ``cli``.
