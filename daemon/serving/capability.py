@@ -142,6 +142,14 @@ def backend_check(report: CapabilityReport, backend: str) -> None:
     report.add("axolotl_backend", why is None, detail, required=backend == "axolotl")
 
 
+def _llama_server() -> str:
+    """Where the llama-server ``fine-tuner serve`` runs is, or that it is not built."""
+    from ..llamacpp import server_binary
+
+    found = server_binary()
+    return str(found) if found is not None else "not built (make llama-cpp)"
+
+
 def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | None) -> None:
     """Base weights found, of an architecture Ollama takes adapters for (and the same as the Ollama
     model's when known), with a chat template. Reads files only (``training.resolve_base_weights``)."""
@@ -157,7 +165,8 @@ def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | Non
                         weights_architecture=base.model_type, template=base.template,
                         gguf_file=Path(base.gguf_path).name if base.gguf_path else None,
                         gguf_sha256=base.gguf_sha256, weights_found_by=base.found_by,
-                        adapter_format=adapter_format(base.model_type) if base.model_type else None)
+                        adapter_format=adapter_format(base.model_type) if base.model_type else None,
+                        llama_server=_llama_server())
     if base.gguf_path is not None and base.problem is None:
         report.add("base_weights", True,
                    f"the {base.quantization or 'unquantized'} GGUF {Path(base.gguf_path).name} ({base.source}; "

@@ -485,9 +485,15 @@ class TestResolveBaseWeights:
 
 # --- capability checks -------------------------------------------------------------------------
 
+
 class TestWeightsChecks:
-    def test_tiny_model_passes(self, tiny_base_models, tiny_model_dir):
-        """Local llama weights with a chat template pass all three checks and fill the facts."""
+    def test_tiny_model_passes(self, tiny_base_models, tiny_model_dir, tmp_path, monkeypatch):
+        """Local llama weights with a chat template pass all three checks and fill the facts (with
+        the llama-server that `serve` would run)."""
+        server = tmp_path / "llama-server"
+        server.write_text("#!/bin/sh\n")
+        server.chmod(0o755)
+        monkeypatch.setenv("FINE_TUNER_LLAMA_SERVER", str(server))
         cfg = load_config(env={}, overrides={"base_models": tiny_base_models})
         report = CapabilityReport(model=TINY_NAME)
         weights_checks(report, cfg, "llama")
@@ -498,7 +504,7 @@ class TestWeightsChecks:
                                 "weights_quantization": None, "weights_architecture": "llama",
                                 "template": "the weights' own chat template (tokenizer files)",
                                 "gguf_file": None, "gguf_sha256": None, "weights_found_by": None,
-                                "adapter_format": "safetensors"}
+                                "adapter_format": "safetensors", "llama_server": str(server)}
         assert report.supported is True
 
     def test_architecture_must_match_ollama(self, tiny_base_models):
