@@ -17,9 +17,17 @@ production. Each run is a child process, so that its peak RSS (``VmHWM``) is its
     answer for every conversation; everything else (the checks, the row count, the chunked reads,
     building the conversations, parsing the answers, writing and fsyncing the part file) runs as
     in production.
+(d) ``--client-overhead [RECORDS]`` (default 2,000): the openai backend (``OpenAIRater``: the
+    client's deadline, bounded reading, JSON shape checks and retry bookkeeping) against a loopback
+    OpenAI-compatible server that answers at once, versus a minimal plain ``requests`` loop sending
+    the same POSTs (same bodies, one kept-alive session) and taking ``choices[0].message.content``,
+    both one request at a time (``--parallel`` for more) in a child process, alternating for five
+    rounds, the best round of each counted (other load on the machine only ever slows a round
+    down). Target: the backend's records/s >= 0.9x the plain loop's.
 
-Usage: ``python bench/rate_throughput.py [--records 10000] [--small 1000] [--delay-ms 10]`` or
-``python bench/rate_throughput.py --memory [10000 1000000]``.
+Usage: ``python bench/rate_throughput.py [--records 10000] [--small 1000] [--delay-ms 10]``,
+``python bench/rate_throughput.py --memory [10000 1000000]`` or
+``python bench/rate_throughput.py --client-overhead [2000] [--parallel 1]``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 THROUGHPUT_TARGET = 3.0
 RSS_TARGET = 1.5
+OVERHEAD_TARGET = 0.9
+OVERHEAD_ROUNDS = 5
 ANSWER = json.dumps({"rating": 1, "rationale": "scripted"})
 
 
@@ -71,6 +81,127 @@ class _Slow(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+class _OpenAINow(BaseHTTPRequestHandler):
+    """Section (d): an OpenAI-compatible server that answers every chat at once."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def _send(self, data: dict) -> None:
+        body = json.dumps(data).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self._send({"object": "list", "data": [{"id": "served-model", "object": "model"}]})
+
+    def do_POST(self) -> None:  # noqa: N802
+        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        self._send({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": request.get("model"),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def overhead_child(spec_path: str) -> int:
+    """Section (d) in its own process: the openai backend and the plain loop, alternating rounds."""
+    import concurrent.futures
+
+    import requests
+
+    from daemon.config import load_config
+    from daemon.data import prompts
+    from daemon.data.synthetic import MAPPING, synthetic_rows
+    from daemon.quality.rater import OpenAIRater
+
+    spec = json.loads(Path(spec_path).read_text())
+    config = load_config(None, {}, overrides={"openai": {"base_url": spec["base_url"], "parallel": spec["parallel"],
+                                                         "retries": 0}})
+    schema = prompts.output_schema(sorted(MAPPING.values()))
+    rows = list(synthetic_rows(spec["records"], 3))
+    shared = [{"role": "system", "content": prompts.system_prompt("respiratory infections", MAPPING)},
+              *[m for row in rows[:6] for m in ({"role": "user", "content": row[1]},
+                                                {"role": "assistant", "content": ANSWER})]]
+    conversations = [[*shared, {"role": "user", "content": row[1]}] for row in rows]
+    url = spec["base_url"] + "/chat/completions"
+
+    def backend() -> list:
+        return [a.text for a in OpenAIRater(config.openai, schema=schema).answer("served-model", conversations)]
+
+    def plain() -> list:
+        local = threading.local()
+        sessions = []
+
+        def post(conversation: list) -> str:
+            session = getattr(local, "session", None)
+            if session is None:
+                session = local.session = requests.Session()
+                sessions.append(session)
+            body = {"model": "served-model", "messages": conversation, "temperature": 0, "seed": 42,
+                    "response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "rating", "strict": True, "schema": schema}}}
+            resp = session.post(url, json=body, timeout=(3.0, 120.0))
+            resp.raise_for_status()
+            return resp.json()["choices"][0]["message"]["content"]
+
+        try:
+            if spec["parallel"] == 1:
+                return [post(c) for c in conversations]
+            with concurrent.futures.ThreadPoolExecutor(spec["parallel"]) as pool:
+                return list(pool.map(post, conversations))
+        finally:
+            for session in sessions:
+                session.close()
+
+    best = {"backend": 0.0, "plain": 0.0, "backend_cpu_us": float("inf"), "plain_cpu_us": float("inf")}
+    for _ in range(spec["rounds"]):
+        for name, run_once in (("plain", plain), ("backend", backend)):
+            started, cpu = time.perf_counter(), time.process_time()
+            texts = run_once()
+            rate = len(conversations) / (time.perf_counter() - started)
+            cpu_us = (time.process_time() - cpu) / len(conversations) * 1e6
+            if texts != [ANSWER] * len(conversations):
+                raise SystemExit(f"the {name} run did not get every answer")
+            best[name] = max(best[name], rate)
+            best[f"{name}_cpu_us"] = min(best[f"{name}_cpu_us"], cpu_us)
+    print(json.dumps(best))
+    return 0
+
+
+def client_overhead(records: int, parallel: int) -> int:
+    """Section (d): the zero-latency server here, both clients in one child process."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OpenAINow)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = Path(tmp) / "overhead.json"
+            spec.write_text(json.dumps({"base_url": f"http://127.0.0.1:{server.server_address[1]}/v1",
+                                        "records": records, "parallel": parallel, "rounds": OVERHEAD_ROUNDS}))
+            proc = subprocess.run([sys.executable, __file__, "--overhead-child", str(spec)], capture_output=True,
+                                  text=True, check=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    if proc.returncode != 0:
+        raise SystemExit(f"the client-overhead run failed:\n{proc.stderr[-2000:]}")
+    best = json.loads(proc.stdout.strip().splitlines()[-1])
+    ratio = best["backend"] / best["plain"]
+    print(f"(d) {records} records, parallel {parallel}, zero-latency loopback server, best of {OVERHEAD_ROUNDS} "
+          f"rounds: openai backend {best['backend']:.1f} records/s, plain requests loop {best['plain']:.1f} "
+          f"records/s -> {ratio:.2f}x (target >= {OVERHEAD_TARGET}x); the client's CPU per record: "
+          f"{best['backend_cpu_us']:.0f} vs {best['plain_cpu_us']:.0f} us")
+    print("target met" if ratio >= OVERHEAD_TARGET else "target NOT met")
+    return 0 if ratio >= OVERHEAD_TARGET else 1
 
 
 def _answer_in_process() -> None:
@@ -126,10 +257,18 @@ def main() -> int:
     ap.add_argument("--delay-ms", type=float, default=10.0)
     ap.add_argument("--memory", nargs="*", type=int, metavar="ROWS",
                     help="only section (c): peak RSS of rating each number of rows (default 10000 1000000)")
+    ap.add_argument("--client-overhead", nargs="?", type=int, const=2_000, metavar="RECORDS",
+                    help="only section (d): the openai backend vs a plain requests loop (default 2000 records)")
+    ap.add_argument("--parallel", type=int, default=1, help="section (d): requests in flight, both clients")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--overhead-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child)
+    if args.overhead_child:
+        return overhead_child(args.overhead_child)
+    if args.client_overhead is not None:
+        return client_overhead(args.client_overhead, args.parallel)
     if args.memory is not None:
         return memory(sorted(args.memory or [10_000, 1_000_000]))
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 
 from . import __version__
-from .config import APPROACHES, Config, ConfigError, load_config
+from .config import APPROACHES, EVALUATION_BACKENDS, Config, ConfigError, load_config
 from .errors import DatasetTooSmallWarning, FineTunerError, JournalError
 from .logconfig import from_this_package
 
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", parents=[common],
                         help="measure an output folder's models against the experts on its held-out rows")
     ev.add_argument("output_dir", metavar="OUTPUT_DIR", help="a job's output folder, e.g. outputs/<job_id>")
-    ev.add_argument("--backend", choices=("auto", "ollama", "local"),
+    ev.add_argument("--backend", choices=EVALUATION_BACKENDS,
                     help="who answers (default: evaluation.backend, auto)")
     ev.add_argument("--max-rows", type=_positive_int, metavar="N", help="held-out rows evaluated at most")
     ev.add_argument("--json", action="store_true", help="print evaluation.json instead of the table")
@@ -98,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="a job's output folder (outputs/<job_id>), or a bare Ollama model name")
     rate.add_argument("--input", required=True, metavar="CSV", help="the records to rate")
     rate.add_argument("--output", metavar="CSV", help="ratings file (default: <input stem>.ratings.csv beside the input)")
-    rate.add_argument("--backend", choices=("auto", "ollama", "local"), default="auto")
+    rate.add_argument("--backend", choices=EVALUATION_BACKENDS, default="auto",
+                      help="who answers: auto (Ollama, then an OpenAI-compatible server at openai.base_url, "
+                           "then the local child), ollama, openai or local")
     rate.add_argument("--mapping", metavar="FILE", help="rating mapping (only with a bare Ollama name)")
     rate.add_argument("--topics", help="target topic(s) of the system prompt (only with a bare Ollama name)")
     rate.add_argument("--prompt-template", metavar="TEMPLATE",

@@ -4,7 +4,8 @@ Precedence: built-in defaults, then one YAML file (``--config FILE`` or ``FINE_T
 ``FINE_TUNER_<SECTION>__<KEY>`` environment variables (for example ``FINE_TUNER_OLLAMA__HOST``;
 ``FINE_TUNER_<KEY>`` alone addresses ``defaults``), then CLI overrides (later wins). Every problem
 is collected and raised once as a ``ConfigError`` naming each key. Unknown keys, wrong types, values
-out of range (nan and inf included), malformed Ollama names and hosts are errors.
+out of range (nan and inf included), malformed Ollama names and hosts, and an ``openai.base_url`` that is
+not a plain http(s) URL (credentials in it included) are errors.
 
 It also owns the strict reading of small YAML/JSON files (the config, job files, and for
 ``mapping`` the mapping files): ``read_small_file`` never follows a link, never blocks on a FIFO and
@@ -92,6 +93,26 @@ class OllamaConfig:
 
 
 @dataclass(frozen=True)
+class OpenAIConfig:
+    """An OpenAI-compatible chat server (llama.cpp's llama-server, vLLM, a hosted API) that answers
+    the evaluation and rating requests (``POST {base_url}/chat/completions``)."""
+
+    base_url: str | None = None  # e.g. http://127.0.0.1:8080/v1; None: the backend is not used
+    model: str | None = None  # the name the server serves the model under; None: the job's base model name
+    # the NAME of an environment variable that holds the API key (sent as "Authorization: Bearer
+    # ..."), never the key itself: a config file is readable by more people than the service's
+    # environment file; None: no key is sent
+    api_key_env: str | None = None
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 120.0  # one request's answer, retries and waits included (with connect_timeout_s)
+    retries: int = 3  # 429, 5xx, refused or dropped connections are asked again this many times at most
+    backoff_s: float = 0.5
+    backoff_max_s: float = 30.0  # also the longest wait a 429's Retry-After gets
+    parallel: int = 4  # requests in flight at once
+    max_response_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     lora_r: int = 16
     lora_alpha: int = 32
@@ -145,7 +166,7 @@ class EvaluationConfig:
     """Measuring every job's models against the experts on its held-out rows."""
 
     enabled: str = "auto"  # auto: when a backend can run it (else record why not) | required | off
-    backend: str = "auto"  # auto | ollama | local
+    backend: str = "auto"  # auto | ollama | openai | local
     max_rows: int = 200  # held-out rows evaluated at most (a seeded sample beyond that)
     batch_size: int = 8  # local backend: records generated together
     max_new_tokens: int = 96  # local backend: the longest answer generated
@@ -159,6 +180,7 @@ class EvaluationConfig:
 class Config:
     defaults: Defaults = field(default_factory=Defaults)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     base_models: Mapping[str, str] = field(default_factory=dict)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -168,10 +190,10 @@ class Config:
     source: str | None = None  # the YAML file this came from, for messages
 
 
-SECTIONS = {"defaults": Defaults, "ollama": OllamaConfig, "training": TrainingConfig,
+SECTIONS = {"defaults": Defaults, "ollama": OllamaConfig, "openai": OpenAIConfig, "training": TrainingConfig,
             "paths": PathsConfig, "watch": WatchConfig, "evaluation": EvaluationConfig}
 EVALUATION_MODES = ("auto", "required", "off")
-EVALUATION_BACKENDS = ("auto", "ollama", "local")
+EVALUATION_BACKENDS = ("auto", "ollama", "openai", "local")
 TRAINING_BACKENDS = ("local", "axolotl")
 # training_config.yaml keys that fine-tuner writes itself: training.axolotl may not set them
 AXOLOTL_OWN_KEYS = frozenset((
@@ -458,6 +480,13 @@ _RULES: dict[str, tuple[tuple[Callable[[float], bool], str], ...]] = {
     "watch.max_attempts": (_at_least(1),),
     "ollama.parallel": (_at_least(1), _at_most(64)),
     "ollama.max_response_bytes": (_POSITIVE,),
+    "openai.connect_timeout_s": (_POSITIVE,),
+    "openai.read_timeout_s": (_POSITIVE,),
+    "openai.retries": (_at_least(0), _at_most(20)),
+    "openai.backoff_s": (_at_least(0),),
+    "openai.backoff_max_s": (_at_least(0),),
+    "openai.parallel": (_at_least(1), _at_most(64)),
+    "openai.max_response_bytes": (_POSITIVE,),
     "evaluation.max_rows": (_at_least(1),),
     "evaluation.batch_size": (_at_least(1), _at_most(256)),
     "evaluation.max_new_tokens": (_at_least(8), _at_most(4096)),
@@ -491,6 +520,7 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
             problems.append(f"{key}: {broken}")
     if not {"ollama.backoff_s", "ollama.backoff_max_s"} & bad and o.backoff_max_s < o.backoff_s:
         problems.append(f"ollama.backoff_max_s: must be at least ollama.backoff_s ({o.backoff_s:g})")
+    _check_openai(cfg.openai, bad, problems)
     if d.approach not in APPROACHES:
         problems.append(f"defaults.approach: must be one of {', '.join(APPROACHES)}")
     if d.model is not None and (why := model_name_problem(d.model)):
@@ -625,6 +655,59 @@ def host_problem(value: str) -> str | None:
         if not _HOST_NAME.fullmatch(host):
             return "the host name has characters other than letters, digits, '.', '-' and '_'"
     return None
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def base_url_problem(value: str) -> str | None:
+    """Why ``value`` is not an ``openai.base_url``, or None: an http:// or https:// URL naming a
+    host, with a port from 1 to 65535 and a path (usually ``/v1``), and no user name, password,
+    query or fragment (a key goes into the environment variable ``openai.api_key_env`` names). An
+    empty value means unset. The text of the value is never quoted."""
+    text = value.strip()
+    if not text:
+        return None
+    if _has_unsafe(text):
+        return "it holds whitespace or control characters"
+    scheme, sep, _ = text.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        return "it must start with http:// or https://"
+    try:
+        split = urllib.parse.urlsplit(text)
+        port = split.port
+    except ValueError:
+        return "not a well-formed URL with a port from 1 to 65535"
+    if port == 0:
+        return "the port must be a number from 1 to 65535"
+    if split.username is not None or split.password is not None:
+        return ("it must not hold a user name or password: put the API key in an environment variable and "
+                "name that variable in openai.api_key_env")
+    if split.query or split.fragment:
+        return "it must not hold a query or fragment"
+    host = split.hostname
+    if not host:
+        return "it names no host"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(host):
+            return "the host name has characters other than letters, digits, '.', '-' and '_'"
+    return None
+
+
+def _check_openai(o: OpenAIConfig, bad: set[str], problems: list[str]) -> None:
+    """The ``openai`` section's rules beyond the numeric ones (no value is quoted)."""
+    if not {"openai.backoff_s", "openai.backoff_max_s"} & bad and o.backoff_max_s < o.backoff_s:
+        problems.append(f"openai.backoff_max_s: must be at least openai.backoff_s ({o.backoff_s:g})")
+    if o.base_url is not None and (why := base_url_problem(o.base_url)):
+        problems.append(f"openai.base_url: {why}; use http(s)://host[:port][/path], e.g. http://127.0.0.1:8080/v1")
+    if o.model is not None and (not o.model or _has_unsafe(o.model) or len(o.model) > MAX_MODEL_NAME_CHARS):
+        problems.append(f"openai.model: must be the served model's name: 1 to {MAX_MODEL_NAME_CHARS} characters "
+                        "without whitespace or control characters")
+    if o.api_key_env is not None and not _ENV_NAME.fullmatch(o.api_key_env):
+        problems.append("openai.api_key_env: must be the name of an environment variable (letters, digits and '_', "
+                        "not starting with a digit, at most 128 characters) that holds the key, never the key itself")
 
 
 def _env_layer(env: Mapping[str, str]) -> dict[str, dict[str, str]]:

@@ -253,3 +253,22 @@ class OllamaUnavailableError(OllamaError):
 
 class RegistrationError(OllamaError):
     """A model was built but could not be registered in Ollama (or failed its check afterwards)."""
+
+
+# --- OpenAI-compatible servers -----------------------------------------------------------------
+
+class OpenAIError(FineTunerError):
+    """A call to the OpenAI-compatible server at ``openai.base_url`` failed. ``status`` is the HTTP
+    status (None when no answer came back). The message never holds the server's error text (a
+    server may repeat the request, records included) nor the API key."""
+
+    default_hint = "check that the server at openai.base_url is running and serves the model"
+
+    def __init__(self, message: str, *, status: int | None = None, hint: str | None = None) -> None:
+        self.status = status
+        super().__init__(message, hint=hint)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["status"] = self.status
+        return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fake_ollama", "tests.tiny_model", "tests.real_model"]
+pytest_plugins = ["tests.fake_ollama", "tests.fake_openai", "tests.tiny_model", "tests.real_model"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -506,3 +506,44 @@ def test_topic_definition_and_group_by_in_jobs_and_config():
     assert (cfg.evaluation.group_by, cfg.defaults.topic_definition) == ("Site", "c")
     with pytest.raises(ConfigError, match="evaluation.group_by: must not be blank"):
         load_config(env={}, overrides={"evaluation": {"group_by": ""}})
+
+
+def test_the_openai_section_from_the_environment():
+    """FINE_TUNER_OPENAI__* set the openai section like any other; evaluation.backend takes openai."""
+    cfg = load_config(None, env={"FINE_TUNER_OPENAI__BASE_URL": "http://127.0.0.1:8080/v1",
+                                 "FINE_TUNER_OPENAI__MODEL": "gemma-3-270m", "FINE_TUNER_OPENAI__API_KEY_ENV": "LLM_KEY",
+                                 "FINE_TUNER_OPENAI__PARALLEL": "8", "FINE_TUNER_EVALUATION__BACKEND": "openai"})
+    o = cfg.openai
+    assert (o.base_url, o.model, o.api_key_env, o.parallel, o.retries, o.read_timeout_s, cfg.evaluation.backend) == (
+        "http://127.0.0.1:8080/v1", "gemma-3-270m", "LLM_KEY", 8, 3, 120.0, "openai")
+    assert load_config(None, env={}).openai.base_url is None
+
+
+def test_openai_settings_that_cannot_work_are_named_without_their_values():
+    """A base_url that is not a plain http(s) URL (credentials in it included), a key where the
+    variable's name belongs, and numbers out of range are refused naming the key, never the value."""
+    url_rule = "; use http(s)://host[:port][/path], e.g. http://127.0.0.1:8080/v1"
+    cases = [
+        ({"base_url": "127.0.0.1:8080/v1"}, [f"openai.base_url: it must start with http:// or https://{url_rule}"]),
+        ({"base_url": "ftp://host/v1"}, [f"openai.base_url: it must start with http:// or https://{url_rule}"]),
+        ({"base_url": "http://user:ZZSECRET@host/v1"}, [
+            "openai.base_url: it must not hold a user name or password: put the API key in an environment variable "
+            f"and name that variable in openai.api_key_env{url_rule}"]),
+        ({"base_url": "https://host/v1?key=ZZSECRET"}, [f"openai.base_url: it must not hold a query or fragment{url_rule}"]),
+        ({"base_url": "http://host:0/v1"}, [f"openai.base_url: the port must be a number from 1 to 65535{url_rule}"]),
+        ({"base_url": "http:///v1"}, [f"openai.base_url: it names no host{url_rule}"]),
+        ({"api_key_env": "sk-ZZSECRET"}, [
+            "openai.api_key_env: must be the name of an environment variable (letters, digits and '_', not starting "
+            "with a digit, at most 128 characters) that holds the key, never the key itself"]),
+        ({"model": "my model"}, ["openai.model: must be the served model's name: 1 to 200 characters without "
+                                 "whitespace or control characters"]),
+        ({"parallel": 0, "retries": 21, "read_timeout_s": 0.0}, [
+            "openai.read_timeout_s: must be greater than 0", "openai.retries: must be at most 20",
+            "openai.parallel: must be at least 1"]),
+        ({"backoff_s": 2.0, "backoff_max_s": 1.0}, ["openai.backoff_max_s: must be at least openai.backoff_s (2)"]),
+    ]
+    for values, problems in cases:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, env={}, overrides={"openai": values})
+        assert info.value.problems == problems, values
+        assert "ZZSECRET" not in str(info.value)

@@ -1,7 +1,8 @@
 """Answer quality: asking a model for ratings and measuring them against the experts.
 
-Owns the raters that turn conversations into answers (``rater``: through Ollama, or the local child
-``generate``, run as ``python -m daemon.quality.generate SPEC``), the one strict answer parser and
+Owns the raters that turn conversations into answers (``rater``: through Ollama, an
+OpenAI-compatible server, or the local child ``generate``, run as
+``python -m daemon.quality.generate SPEC``), the one strict answer parser and
 the agreement metrics and report files (``evaluation``), evaluating an output folder's models on
 held-out rows (``evaluator``), and rating new records with a built model (``rating``). May import:
 the top-level base modules (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``),

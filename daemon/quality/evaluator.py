@@ -9,8 +9,11 @@ model never saw: the fine-tune did not train on them and no few-shot example com
    (``comparison_model_set.json``), so the user sees whether fine-tuning was worth its cost.
 
 Backend ``auto`` uses Ollama when it is reachable and can serve every model (a fine-tune only once
-its adapter is registered), else the local backend when the base weights are on disk and the
-training packages are installed, else the evaluation is skipped with the reason. The same code runs
+its adapter is registered), else the OpenAI-compatible server at ``openai.base_url`` when its
+``GET /models`` lists the served name (``openai.model``, else the base model's; a model set's
+few-shot turns go as messages; a fine-tune's adapter cannot be served there yet), else the local
+backend when the base weights are on disk and the training packages are installed, else the
+evaluation is skipped with the reason. The same code runs
 inside a job (before the folder is published) and from ``fine-tuner evaluate OUTPUT_DIR``.
 """
 
@@ -28,11 +31,14 @@ from . import evaluation
 from ..data import prompts
 from ..config import Config
 from ..logconfig import get_logger
-from .rater import LocalRater, OllamaRater, RaterError
+from .rater import LocalRater, OllamaRater, OpenAIRater, RaterError
 
 log = get_logger("evaluator")
 
-BACKENDS = ("auto", "ollama", "local")
+BACKENDS = ("auto", "ollama", "openai", "local")
+# the later step that serves a fine-tune's adapter through the server (llama.cpp's per-request
+# "lora") replaces this reason
+OPENAI_ADAPTER_REASON = "serving the fine-tune's adapter through the server is not set up"
 PROGRESS_EVERY_S = 1.0
 
 
@@ -148,6 +154,29 @@ def _ollama_problem(models: list[EvalModel], base: str, config: Config, memory=N
     return None
 
 
+def openai_model_name(config: Config, base: str) -> str:
+    """The name every model of a job is asked for on the OpenAI-compatible server: ``openai.model``,
+    else the base model's name (a model set is the base model with its few-shot turns as messages)."""
+    return config.openai.model or base
+
+
+def _openai_problem(models: list[EvalModel], base: str, config: Config) -> str | None:
+    """Why the OpenAI-compatible server cannot serve these models (None when it can): it is not
+    a model needs an adapter, it is not configured, or ``GET /models`` does not list the served name."""
+    from ..errors import OpenAIError
+    from ..serving.openai import OpenAIClient
+
+    if any(m.adapter_dir is not None for m in models):
+        return OPENAI_ADAPTER_REASON
+    if not (config.openai.base_url or "").strip():
+        return "openai.base_url is not set"
+    try:
+        with OpenAIClient(config.openai) as client:
+            return client.serving_problem(openai_model_name(config, base))
+    except OpenAIError as exc:
+        return str(exc)
+
+
 def _local_problem(models: list[EvalModel], base: str, config: Config) -> tuple[str | None, str | None]:
     """(the resolved base weights, why the local backend cannot run)."""
     from ..training.supervisor import resolve_base_weights, trainer_packages_available
@@ -174,6 +203,11 @@ def choose_backend(requested: str, models: list[EvalModel], base: str, config: C
         if problem is None:
             return "ollama", None
         reasons.append(f"ollama: {problem}")
+    if requested in ("auto", "openai"):
+        problem = _openai_problem(models, base, config)
+        if problem is None:
+            return "openai", None
+        reasons.append(f"openai: {problem}")
     if requested in ("auto", "local"):
         weights, problem = _local_problem(models, base, config)
         if problem is None:
@@ -228,6 +262,10 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
             answers = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=seed,
                                   schema=schema, memory=memory).answer(name, conversations, on_progress=progress,
                                                         stop_event=stop_event)
+        elif chosen == "openai":
+            name = openai_model_name(config, base)
+            answers = OpenAIRater(config.openai, seed=seed, schema=schema).answer(
+                name, conversations, on_progress=progress, stop_event=stop_event)
         else:
             name = base + (" + adapter" if model.adapter_dir is not None else "")
             answers = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size,

@@ -1,4 +1,4 @@
-"""Who answers: the two rater backends, each turning conversations into raw answer texts.
+"""Who answers: the rater backends, each turning conversations into raw answer texts.
 
 A conversation is the list of chat messages a model sees for one record (the system prompt, any
 few-shot turns, the record as the user turn); every conversation of one run shares the same prefix
@@ -8,6 +8,9 @@ object, byte for byte, so a server can reuse its prompt cache. Answers come back
 * ``OllamaRater``: ``POST /api/chat`` with the answer's JSON Schema as ``format``, ``temperature`` 0
   and a fixed seed, ``stream: false``, at most ``ollama.parallel`` requests at a time (one client per
   thread; the client's own timeouts, deadline and retries apply to each request).
+* ``OpenAIRater``: ``POST /chat/completions`` of an OpenAI-compatible server (``openai.base_url``) with
+  the schema as a strict ``json_schema`` response format, temperature 0 and a fixed seed, at most
+  ``openai.parallel`` requests at a time, one client per thread, as above.
 * ``LocalRater``: a child process (``python -m daemon.quality.generate``; this process never imports torch)
   that loads the base weights, and the adapter for a fine-tune, and generates greedily in batches.
   Its progress lines are relayed; a stop request terminates it.
@@ -28,8 +31,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..config import OllamaConfig
+from ..config import OllamaConfig, OpenAIConfig
 from ..errors import TrainingInterruptedError
 from ..logconfig import get_logger
 
@@ -50,6 +54,64 @@ class RaterError(RuntimeError):
     """A backend could not answer (the server failed, the child died). The message names no data."""
 
 
+class _PerThread:
+    """One server client per worker thread (a client's connection pool is not shared between
+    threads), made on first use by ``make`` and all closed by ``close``."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make = make
+        self.local = threading.local()
+        self.clients: list = []
+        self.lock = threading.Lock()
+
+    def get(self) -> Any:
+        client = getattr(self.local, "client", None)
+        if client is None:
+            client = self.local.client = self.make()
+            with self.lock:
+                self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+def _in_parallel(one: Callable[[list[dict]], Answer], conversations: Sequence[list[dict]], parallel: int,
+                 on_progress: Progress | None) -> list[Answer]:
+    """``one`` for every conversation, ``parallel`` at a time; the answers in input order. The first
+    failure cancels what has not started and is raised. One at a time runs in the calling thread
+    (a pool of one would only add a thread switch per request)."""
+    total = len(conversations)
+    if parallel == 1:
+        out = []
+        for conversation in conversations:
+            out.append(one(conversation))
+            if on_progress is not None:
+                on_progress(len(out), total)
+        return out
+    answers: list[Answer | None] = [None] * total
+    done = 0
+    with concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="rate") as pool:
+        futures = {pool.submit(one, conv): i for i, conv in enumerate(conversations)}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                answers[futures[future]] = future.result()
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return [a for a in answers if a is not None]
+
+
+def _stopped(stop_event: threading.Event | None) -> None:
+    if stop_event is not None and stop_event.is_set():
+        raise TrainingInterruptedError("rating was stopped because the service is shutting down")
+
+
 class OllamaRater:
     backend = "ollama"
 
@@ -66,46 +128,61 @@ class OllamaRater:
                stop_event: threading.Event | None = None) -> list[Answer]:
         from ..serving.ollama import OllamaClient, OllamaError
 
-        local = threading.local()
-        clients: list = []
-        clients_lock = threading.Lock()
+        clients = _PerThread(lambda: OllamaClient(self.cfg, env=self.env, memory=self.memory))
         options = {"temperature": 0, "seed": self.seed}
 
         def one(conversation: list[dict]) -> Answer:
-            if stop_event is not None and stop_event.is_set():
-                raise TrainingInterruptedError("rating was stopped because the service is shutting down")
-            client = getattr(local, "client", None)
-            if client is None:
-                client = local.client = OllamaClient(self.cfg, env=self.env, memory=self.memory)
-                with clients_lock:
-                    clients.append(client)
+            _stopped(stop_event)
             started = time.monotonic()
-            reply = client.chat(model, conversation, format=self.schema, options=options)
+            reply = clients.get().chat(model, conversation, format=self.schema, options=options)
             content = (reply.get("message") or {}).get("content")
             return Answer(content if isinstance(content, str) else None, time.monotonic() - started)
 
-        total = len(conversations)
-        answers: list[Answer | None] = [None] * total
-        done = 0
         try:
-            with concurrent.futures.ThreadPoolExecutor(self.parallel, thread_name_prefix="rate") as pool:
-                futures = {pool.submit(one, conv): i for i, conv in enumerate(conversations)}
-                try:
-                    for future in concurrent.futures.as_completed(futures):
-                        answers[futures[future]] = future.result()
-                        done += 1
-                        if on_progress is not None:
-                            on_progress(done, total)
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+            return _in_parallel(one, conversations, self.parallel, on_progress)
         except OllamaError as exc:
             raise RaterError(f"Ollama could not answer for {model}: {exc.message}") from None
         finally:
-            for client in clients:
-                client.close()
-        return [a for a in answers if a is not None]
+            clients.close()
+
+
+class OpenAIRater:
+    """``POST {openai.base_url}/chat/completions`` with the answer's JSON Schema as a strict
+    ``response_format``, temperature 0 and a fixed seed, ``parallel`` requests in flight (one client,
+    so one connection, per thread). ``extra``: more keys for every request body (llama.cpp's
+    per-request ``"lora"`` list, for instance)."""
+
+    backend = "openai"
+
+    def __init__(self, cfg: OpenAIConfig, *, parallel: int | None = None, seed: int = DEFAULT_SEED,
+                 schema: Mapping | None = None, env: Mapping[str, str] = os.environ,
+                 extra: Mapping[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.parallel = max(1, int(parallel if parallel is not None else cfg.parallel))
+        self.seed = seed
+        self.schema = dict(schema) if schema is not None else None
+        self.env = env
+        self.extra = dict(extra) if extra else None
+
+    def answer(self, model: str, conversations: Sequence[list[dict]], *, on_progress: Progress | None = None,
+               stop_event: threading.Event | None = None) -> list[Answer]:
+        from ..errors import OpenAIError
+        from ..serving.openai import OpenAIClient
+
+        clients = _PerThread(lambda: OpenAIClient(self.cfg, env=self.env))
+
+        def one(conversation: list[dict]) -> Answer:
+            _stopped(stop_event)
+            started = time.monotonic()
+            text = clients.get().chat(model, conversation, schema=self.schema, seed=self.seed, extra=self.extra)
+            return Answer(text, time.monotonic() - started)
+
+        try:
+            return _in_parallel(one, conversations, self.parallel, on_progress)
+        except OpenAIError as exc:
+            raise RaterError(f"the OpenAI-compatible server could not answer for {model}: {exc}") from None
+        finally:
+            clients.close()
 
 
 class LocalRater:

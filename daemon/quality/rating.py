@@ -5,7 +5,8 @@ few-shot turns, the fine-tune's adapter, the prompt template and the rating labe
 ``model_from_folder`` reads it from a job's output folder and ``model_from_name`` makes one for a
 bare Ollama model. ``rate_file`` builds each record's prompt the way training did (the model's
 template, else the file's prompt column), asks the backend the evaluator would choose (Ollama when
-it can serve the model, else the local child on the base weights) in chunks of ``chunk_rows``
+it can serve the model, else an OpenAI-compatible server that lists it, else the local child on the
+base weights) in chunks of ``chunk_rows``
 records, every request sharing one system + few-shot prefix, and parses every answer strictly with
 ``evaluation.parse_answer``: an invalid answer is written as invalid, never guessed.
 
@@ -47,9 +48,9 @@ from ..data import prompts
 from ..config import Config, display_name, model_name_problem
 from ..data.csvfile import ID_COLUMNS, PROMPT_COLUMNS, csv_text, find_column, read_chunks, safe_cell, scan_csv
 from ..errors import ConfigError, FineTunerError, MissingColumnError, TrainingInterruptedError
-from .evaluator import EvalModel, EvaluationSkipped, choose_backend, prefix
+from .evaluator import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, openai_model_name, prefix
 from ..logconfig import get_logger
-from .rater import LocalRater, OllamaRater, RaterError
+from .rater import LocalRater, OllamaRater, OpenAIRater, RaterError
 from ..data.template import Template, check_columns, render
 
 if TYPE_CHECKING:
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 
 log = get_logger("rating")
 
-BACKENDS = ("auto", "ollama", "local")
 DEFAULT_CHUNK_ROWS = 500
 PROGRESS_EVERY_S = 1.0
 ROW_COLUMN = "row"  # the output's id column when the input has none: the 1-based data row number
@@ -613,6 +613,10 @@ def _rater(model: RatingModel, backend: str, weights, config: Config, schema: di
         rater = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=config.defaults.seed,
                             schema=schema, memory=memory)
         return (lambda convs, **kw: rater.answer(name, convs, **kw)), name
+    if backend == "openai":
+        name = openai_model_name(config, model.base_model)
+        served = OpenAIRater(config.openai, seed=config.defaults.seed, schema=schema)
+        return (lambda convs, **kw: served.answer(name, convs, **kw)), name
     ev = config.evaluation
     local = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
                        timeout_s=ev.timeout_s, grace_s=config.training.grace_s)
@@ -627,8 +631,9 @@ def _choose(model: RatingModel, backend: str, config: Config, memory) -> tuple[s
     except EvaluationSkipped as exc:
         reasons = exc.reason.removeprefix("no backend can run the evaluation (").removesuffix(")")
         raise RatingError(f"no backend can rate with {model.ollama_name or model.base_model} ({reasons})",
-                          hint="start Ollama with the model, or put the base weights on disk with the "
-                               "training extra installed, then run the same command again") from None
+                          hint="start Ollama with the model, or an OpenAI-compatible server that serves it "
+                               "(openai.base_url), or put the base weights on disk with the training extra "
+                               "installed, then run the same command again") from None
 
 
 def part_files(output_csv: str | os.PathLike) -> tuple[Path, Path]:

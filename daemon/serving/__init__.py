@@ -2,7 +2,9 @@
 
 Owns what every model server client needs against a broken or hostile server (``http``: the total
 deadline, bounded answer reading, no redirects, JSON shape checks), the Ollama HTTP client
-(``ollama``: typed errors, bounded retries), registering a model set or an adapter and checking it
+(``ollama``: typed errors, bounded retries), the client of an OpenAI-compatible chat server such as
+llama.cpp's (``openai``: chat completions and the served models, retries that honour Retry-After,
+errors that never repeat a server's text), registering a model set or an adapter and checking it
 answers (``register``), and the capability report that says whether a model can be fine-tuned and
 served here (``capability``), and a managed llama.cpp server for a GGUF base and its adapter
 (``llamaserver``). May import: the top-level base

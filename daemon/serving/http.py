@@ -3,10 +3,11 @@ deadline per call, answers read in bounded pieces under a size cap, no redirects
 shape is checked before it is used.
 
 * ``Deadline`` and ``DeadlineAdapter``: the end of one call. Every connection the call borrows from
-  the pool (inside ``under(deadline)``) is watched, and shut down once the deadline passes, which
-  wakes a read blocked on a silent or trickling server. A server that keeps sending without pause is
-  not stopped that way (on Linux a read goes on returning what still arrives after ``shutdown()``),
-  so every answer is also read in ``CHUNK_BYTES`` pieces with the deadline checked between them.
+  the pool (inside ``under(deadline)``) is watched (by one watchdog thread for all calls), and shut
+  down once the deadline passes, which wakes a read blocked on a silent or trickling server. A
+  server that keeps sending without pause is not stopped that way (on Linux a read goes on
+  returning what still arrives after ``shutdown()``), so every answer is also read in
+  ``CHUNK_BYTES`` pieces with the deadline checked between them.
 * ``read_body``, ``read_prefix``, ``iter_lines``: an answer read with ``stream=True``; an announced
   ``Content-Length`` above the cap is refused before reading, and reading stops once the cap is
   passed (for a line stream: once one line passes it). ``AnswerTooLarge`` and ``AnswerTimedOut`` say
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import heapq
+import itertools
 import json
 import socket
 import threading
@@ -51,18 +54,18 @@ DEADLINE_POLL_S = 0.05  # after the deadline, how often a connection still conne
 class Deadline:
     """The end of one call. Every connection the call borrows from the pool is watched; once the
     deadline passes they are shut down (again every ``DEADLINE_POLL_S`` while the call still runs,
-    for a connection that was still connecting), which wakes a blocked send or read at once."""
+    for a connection that was still connecting), which wakes a blocked send or read at once. One
+    watchdog thread serves every open deadline (``_Watchdog``)."""
 
     def __init__(self, connect_s: float, read_s: float) -> None:
         self.connect_s, self.read_s = connect_s, read_s
         self.total_s = connect_s + read_s
         self.at = time.monotonic() + self.total_s
         self.expired = threading.Event()
-        self._done = threading.Event()
+        self._closed = False
         self._lock = threading.Lock()
         self._conns: list[Any] = []
-        self._watchdog = threading.Thread(target=self._watch, name="http-deadline", daemon=True)
-        self._watchdog.start()
+        _WATCHDOG.add(self)
 
     def left_s(self) -> float:
         return self.at - time.monotonic()
@@ -81,17 +84,15 @@ class Deadline:
             if self.expired.is_set():
                 self._cut_locked()
 
-    def _watch(self) -> None:
-        if self._done.wait(self.total_s):
-            return
-        self.expired.set()
-        while True:
-            with self._lock:
-                if self._done.is_set():
-                    return
-                self._cut_locked()
-            if self._done.wait(DEADLINE_POLL_S):
-                return
+    def _expire(self) -> bool:
+        """Called by the watchdog once the deadline has passed (and again every poll): cut the
+        call's connections; False once the call has closed (nothing more to watch)."""
+        with self._lock:
+            if self._closed:
+                return False
+            self.expired.set()
+            self._cut_locked()
+            return True
 
     def _cut_locked(self) -> None:
         for conn in self._conns:
@@ -106,8 +107,67 @@ class Deadline:
 
     def close(self) -> None:
         with self._lock:
-            self._done.set()
-        self._watchdog.join()
+            if self._closed:
+                return
+            self._closed = True
+            self._conns.clear()
+        _WATCHDOG.closed()
+
+
+class _Watchdog:
+    """The one daemon thread that watches every open ``Deadline``: it sleeps until the earliest
+    one passes, cuts that call's connections, and looks at it again every ``DEADLINE_POLL_S``
+    until the call closes. (A thread per call cost two thread switches per request: a quarter of
+    a request's time against a server on the same machine.) Closed deadlines leave the queue when
+    their time comes, or all at once when they are most of it."""
+
+    COMPACT_AT = 64  # closed entries before the queue is rebuilt without them (when they are most of it)
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[tuple[float, int, Deadline]] = []
+        self._seq = itertools.count()
+        self._closed = 0  # about how many queued deadlines have closed
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: Deadline) -> None:
+        with self._cond:
+            heapq.heappush(self._queue, (deadline.at, next(self._seq), deadline))
+            if self._thread is None or not self._thread.is_alive():  # the first call, or after a fork
+                self._thread = threading.Thread(target=self._run, name="http-deadline", daemon=True)
+                self._thread.start()
+            elif self._queue[0][2] is deadline:
+                self._cond.notify()
+
+    def closed(self) -> None:
+        with self._cond:
+            self._closed += 1
+            if self._closed > self.COMPACT_AT and 2 * self._closed > len(self._queue):
+                self._queue = [entry for entry in self._queue if not entry[2]._closed]
+                heapq.heapify(self._queue)
+                self._closed = 0
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                at, _, deadline = self._queue[0]
+                if deadline._closed:
+                    heapq.heappop(self._queue)
+                    self._closed = max(0, self._closed - 1)
+                    continue
+                wait = at - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._queue)
+                if deadline._expire():
+                    heapq.heappush(self._queue, (time.monotonic() + DEADLINE_POLL_S, next(self._seq), deadline))
+
+
+_WATCHDOG = _Watchdog()
 
 
 _CURRENT_DEADLINE: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("http_deadline",
@@ -117,7 +177,7 @@ _CURRENT_DEADLINE: contextvars.ContextVar[Deadline | None] = contextvars.Context
 @contextlib.contextmanager
 def under(deadline: Deadline) -> Iterator[Deadline]:
     """Run a block under ``deadline``: connections borrowed in it (in this thread) are watched, and
-    the watchdog ends with the block."""
+    the deadline is closed (no longer watched) with the block."""
     token = _CURRENT_DEADLINE.set(deadline)
     try:
         yield deadline
