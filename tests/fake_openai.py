@@ -10,7 +10,15 @@ no ``model``, ``messages`` that are not a non-empty list of ``{"role", "content"
 known role, a ``temperature`` or ``seed`` of the wrong type, a ``response_format`` that is not
 ``text`` / ``json_object`` / a named ``json_schema`` with a ``schema`` object (400; like some real
 servers, its 400 messages repeat what they refuse), an unknown model (404, ``model_not_found``) and
-an unknown path (404). Other keys (llama.cpp's ``"lora"``) are accepted.
+an unknown path (404). Other keys are accepted.
+
+LoRA adapters, as the two servers that serve them expose them: ``lora_adapters`` (a list of
+``{"id", "path", "scale"}``) makes it a llama.cpp server started with ``--lora``: ``GET /lora-adapters``
+at its root lists them and a chat's ``"lora"`` must be a list of ``{"id", "scale"}`` naming loaded ids
+(400 otherwise); without it ``/lora-adapters`` is a 404, as on vLLM. ``lora_modules`` (name ->
+``(folder, parent)``) are vLLM's ``--lora-modules``: more ``GET /models`` entries with ``root`` and
+``parent``, served by name; ``runtime_lora`` allows ``POST /v1/load_lora_adapter`` (vLLM's answer is
+plain text), else that path is a 404.
 
 A chat's answer is ``responder(model, messages, body)`` when set, else JSON made from the request's
 JSON Schema (the first enum value, fixed text), else a fixed text. ``script(path, Reply(...), ...)``
@@ -82,6 +90,9 @@ class FakeOpenAI:
     def __init__(self, models: tuple[str, ...] = ("served-model",), api_key: str | None = None) -> None:
         self.models = list(models)
         self.api_key = api_key
+        self.lora_adapters: list[dict] | None = None
+        self.lora_modules: dict[str, tuple[str, str]] = {}
+        self.runtime_lora = False
         self.requests: list[Request] = []
         self.responder: Callable[[str, list, dict], str | None] | None = None
         self.delay_s = 0.0
@@ -187,7 +198,8 @@ class FakeOpenAI:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ApiError(400, "'seed' must be an integer", code="invalid_type")
         schema = self._response_schema(body.get("response_format"))
-        if model not in self.models:
+        self._check_lora(body.get("lora"))
+        if model not in self.models and model not in self.lora_modules:
             raise ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
                            code="model_not_found")
         if self.responder is not None:
@@ -195,6 +207,22 @@ class FakeOpenAI:
         if schema is not None:
             return model, json.dumps(_schema_sample(schema))
         return model, DEFAULT_CONTENT
+
+    def _check_lora(self, lora: Any) -> None:
+        """llama.cpp's per-request adapter scales: only on a server with adapters, naming loaded ids."""
+        if lora is None:
+            return
+        known = {a["id"] for a in self.lora_adapters or []}
+        if not (isinstance(lora, list) and all(isinstance(e, dict) and type(e.get("id")) is int
+                                               and isinstance(e.get("scale"), (int, float)) for e in lora)):
+            raise ApiError(400, "'lora' must be a list of {id, scale} objects", code="invalid_type")
+        if any(e["id"] not in known for e in lora):
+            raise ApiError(400, "invalid adapter id", code="invalid_value")
+
+    def model_entries(self) -> list[dict]:
+        entries = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"} for m in self.models]
+        return entries + [{"id": name, "object": "model", "created": 1700000000, "owned_by": "fake", "root": root,
+                           "parent": parent} for name, (root, parent) in self.lora_modules.items()]
 
     @staticmethod
     def _response_schema(fmt: Any) -> dict | None:
@@ -269,13 +297,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._scripted(reply)
             return
         try:
+            if (self.command, full) == ("GET", "/lora-adapters") and self.fake.lora_adapters is not None:
+                self.fake.check_key(headers)
+                self._send(200, self.fake.lora_adapters)
+                return
+            if (self.command, full) == ("POST", "/v1/load_lora_adapter") and self.fake.runtime_lora:
+                self.fake.check_key(headers)
+                if not (isinstance(body, dict) and isinstance(body.get("lora_name"), str)
+                        and isinstance(body.get("lora_path"), str)):
+                    raise ApiError(400, "lora_name and lora_path are required")
+                self.fake.lora_modules[body["lora_name"]] = (body["lora_path"], self.fake.models[0])
+                data = f"Success: LoRA adapter '{body['lora_name']}' added successfully.".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             if not full.startswith("/v1/") or (self.command, path) not in (("GET", "/models"),
                                                                             ("POST", "/chat/completions")):
                 raise ApiError(404, f"Invalid URL ({self.command} {full})")
             self.fake.check_key(headers)
             if path == "/models":
-                self._send(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 1700000000,
-                                                             "owned_by": "fake"} for m in self.fake.models]})
+                self._send(200, {"object": "list", "data": self.fake.model_entries()})
                 return
             if raw and body is None:
                 raise ApiError(400, "We could not parse the JSON body of your request.")

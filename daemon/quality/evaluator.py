@@ -38,7 +38,6 @@ log = get_logger("evaluator")
 BACKENDS = ("auto", "ollama", "openai", "local")
 # the later step that serves a fine-tune's adapter through the server (llama.cpp's per-request
 # "lora") replaces this reason
-OPENAI_ADAPTER_REASON = "serving the fine-tune's adapter through the server is not set up"
 PROGRESS_EVERY_S = 1.0
 
 
@@ -154,27 +153,52 @@ def _ollama_problem(models: list[EvalModel], base: str, config: Config, memory=N
     return None
 
 
-def openai_model_name(config: Config, base: str) -> str:
-    """The name every model of a job is asked for on the OpenAI-compatible server: ``openai.model``,
-    else the base model's name (a model set is the base model with its few-shot turns as messages)."""
-    return config.openai.model or base
+@dataclass(frozen=True)
+class OpenAIPlan:
+    """What to ask the OpenAI-compatible server for: the served name, and for a fine-tune how its
+    adapter is served (``serving.openai.ServedAdapter``)."""
+
+    name: str
+    adapter: object | None = None
+
+    def target(self, model: EvalModel) -> tuple[str, dict | None]:
+        """(the model name, extra request keys) for one model of the job."""
+        if self.adapter is None:
+            return self.name, None
+        if model.adapter_dir is not None:
+            return self.adapter.model, self.adapter.extra
+        return self.adapter.base_model, self.adapter.base_extra
 
 
-def _openai_problem(models: list[EvalModel], base: str, config: Config) -> str | None:
-    """Why the OpenAI-compatible server cannot serve these models (None when it can): it is not
-    a model needs an adapter, it is not configured, or ``GET /models`` does not list the served name."""
+def _openai_problem(models: list[EvalModel], base: str, config: Config) -> tuple[OpenAIPlan | None, str | None]:
+    """(the plan, why the OpenAI-compatible server cannot serve these models): it is not
+    configured, ``GET /models`` does not list the served name, or a fine-tune's adapter is neither
+    loaded nor loadable there."""
     from ..errors import OpenAIError
     from ..serving.openai import OpenAIClient
 
-    if any(m.adapter_dir is not None for m in models):
-        return OPENAI_ADAPTER_REASON
     if not (config.openai.base_url or "").strip():
-        return "openai.base_url is not set"
+        return None, "openai.base_url is not set"
     try:
         with OpenAIClient(config.openai) as client:
-            return client.serving_problem(openai_model_name(config, base))
+            name, problem = client.served_name(config.openai.model, base)
+            if name is None:
+                return None, problem
+            adapter_dir = next((m.adapter_dir for m in models if m.adapter_dir is not None), None)
+            if adapter_dir is None:
+                return OpenAIPlan(name), None
+            found = client.served_adapter(Path(adapter_dir), name, _adapter_name(Path(adapter_dir)))
     except OpenAIError as exc:
-        return str(exc)
+        return None, str(exc)
+    if isinstance(found, str):
+        return None, found
+    log.info("openai_adapter_found", how=found.how)
+    return OpenAIPlan(name, found), None
+
+
+def _adapter_name(adapter_dir: Path) -> str:
+    """The name a server loads the fine-tune's adapter under: its output folder's name."""
+    return "ft-" + adapter_dir.resolve().parent.name
 
 
 def _local_problem(models: list[EvalModel], base: str, config: Config) -> tuple[str | None, str | None]:
@@ -204,9 +228,9 @@ def choose_backend(requested: str, models: list[EvalModel], base: str, config: C
             return "ollama", None
         reasons.append(f"ollama: {problem}")
     if requested in ("auto", "openai"):
-        problem = _openai_problem(models, base, config)
+        plan, problem = _openai_problem(models, base, config)
         if problem is None:
-            return "openai", None
+            return "openai", plan
         reasons.append(f"openai: {problem}")
     if requested in ("auto", "local"):
         weights, problem = _local_problem(models, base, config)
@@ -263,8 +287,8 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
                                   schema=schema, memory=memory).answer(name, conversations, on_progress=progress,
                                                         stop_event=stop_event)
         elif chosen == "openai":
-            name = openai_model_name(config, base)
-            answers = OpenAIRater(config.openai, seed=seed, schema=schema).answer(
+            name, extra = weights.target(model)  # for this backend, choose_backend's plan
+            answers = OpenAIRater(config.openai, seed=seed, schema=schema, extra=extra).answer(
                 name, conversations, on_progress=progress, stop_event=stop_event)
         else:
             name = base + (" + adapter" if model.adapter_dir is not None else "")

@@ -48,7 +48,7 @@ from ..data import prompts
 from ..config import Config, display_name, model_name_problem
 from ..data.csvfile import ID_COLUMNS, PROMPT_COLUMNS, csv_text, find_column, read_chunks, safe_cell, scan_csv
 from ..errors import ConfigError, FineTunerError, MissingColumnError, TrainingInterruptedError
-from .evaluator import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, openai_model_name, prefix
+from .evaluator import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, prefix
 from ..logconfig import get_logger
 from .rater import LocalRater, OllamaRater, OpenAIRater, RaterError
 from ..data.template import Template, check_columns, render
@@ -614,8 +614,8 @@ def _rater(model: RatingModel, backend: str, weights, config: Config, schema: di
                             schema=schema, memory=memory)
         return (lambda convs, **kw: rater.answer(name, convs, **kw)), name
     if backend == "openai":
-        name = openai_model_name(config, model.base_model)
-        served = OpenAIRater(config.openai, seed=config.defaults.seed, schema=schema)
+        name, extra = weights.target(_eval_model(model))  # for this backend, choose_backend's plan
+        served = OpenAIRater(config.openai, seed=config.defaults.seed, schema=schema, extra=extra)
         return (lambda convs, **kw: served.answer(name, convs, **kw)), name
     ev = config.evaluation
     local = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,

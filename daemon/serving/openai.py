@@ -23,6 +23,13 @@ key refused, or none sent), 404 (the model is not served), any other 4xx (the st
 server's error text may repeat the request, records included, so it is never shown), an answer
 over the cap, a redirect, a body that is not JSON or of the wrong shape. Request and answer bodies
 are never logged. A client holds one connection pool; use one client per thread.
+
+Fine-tunes (``served_adapter``): a llama.cpp server started with the job's ``adapter.gguf``
+(``GET /lora-adapters`` at the server's root names it) serves both the fine-tune and its base, each
+request setting the adapter's scale (1 or 0) in its ``lora`` list; vLLM serves an adapter as a model
+of its own (a ``GET /models`` entry whose ``root`` is the adapter's folder), or loads it on request
+(``POST /load_lora_adapter``) when started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``. A server
+that has not loaded the adapter and cannot load it is a reason, never a silent rating with the base.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -59,6 +68,10 @@ log = get_logger("openai")
 
 CHAT_PATH = "/chat/completions"
 MODELS_PATH = "/models"
+LORA_ADAPTERS_PATH = "/lora-adapters"  # llama.cpp's, at the server's root (not under /v1)
+LOAD_LORA_PATH = "/load_lora_adapter"  # vLLM's, with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+ROOT_PATHS = (LORA_ADAPTERS_PATH,)
+API_PREFIX = "/v1"
 USER_AGENT = "fine-tuner (requests)"
 SCHEMA_NAME = "rating"  # response_format.json_schema.name
 MODELS_NAMED = 5  # served models named in a message, at most
@@ -117,6 +130,39 @@ class _Retry(Exception):
     def __init__(self, what: str, status: int | None, hint: str, reason: str, wait_s: float | None = None) -> None:
         super().__init__(reason)
         self.what, self.status, self.hint, self.reason, self.wait_s = what, status, hint, reason, wait_s
+
+
+LORA_FIELDS = {"id": int, "path": str}
+GGUF_ADAPTER = "adapter.gguf"
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """How to ask a server for a fine-tune and for its base: the model names and the extra request
+    keys (llama.cpp's per-request ``lora`` scales), and how it was found, in words."""
+
+    how: str
+    model: str
+    extra: dict | None
+    base_model: str
+    base_extra: dict | None
+
+
+def _same_file(path: str, ours: Path) -> bool:
+    """``path`` (as the server names it) is ``ours``: the same file or folder on this machine, or a
+    file with the same bytes (a server that copied the adapter)."""
+    import hashlib
+
+    theirs = Path(path)
+    try:
+        if theirs.exists() and os.path.samefile(theirs, ours):
+            return True
+        if theirs.is_file() and ours.is_file() and theirs.stat().st_size == ours.stat().st_size:
+            digest = [hashlib.sha256(p.read_bytes()).digest() for p in (theirs, ours)]
+            return digest[0] == digest[1]
+    except OSError:
+        return False
+    return False
 
 
 class OpenAIClient:
@@ -186,6 +232,11 @@ class OpenAIClient:
 
     def list_models(self) -> list[str]:
         """The ids of the models the server serves (``GET /models``)."""
+        return [item["id"] for item in self.model_entries()]
+
+    def model_entries(self) -> list[dict]:
+        """``GET /models``'s entries (each has an ``id``; vLLM's LoRA modules also a ``root``, the
+        adapter's folder, and a ``parent``, the base model's id)."""
         data, status = self._call("GET", MODELS_PATH)
         problem = shape_problem(data, MODELS_FIELDS, required=("data",))
         if problem is None:
@@ -195,7 +246,73 @@ class OpenAIClient:
         if problem is not None:
             raise self._error("GET", MODELS_PATH, f"answered with unexpected JSON ({problem})", status, NOT_THE_API,
                               "wrong_shape")
-        return [item["id"] for item in data["data"]]
+        return list(data["data"])
+
+    def served_name(self, wanted: str | None, base: str) -> tuple[str | None, str | None]:
+        """(the name to ask for, why there is none): ``wanted`` (``openai.model``) or ``base`` when the
+        server lists it, else the one model a server like ``fine-tuner serve`` lists."""
+        try:
+            served = self.list_models()
+        except OpenAIError as exc:
+            return None, str(exc)
+        for name in (wanted, None if wanted else base):
+            if name and name in served:
+                return name, None
+        if not wanted and len(served) == 1:
+            return served[0], None
+        listed = ", ".join(repr(printable(name, 80)) for name in served[:MODELS_NAMED])
+        more = f" and {len(served) - MODELS_NAMED} more" if len(served) > MODELS_NAMED else ""
+        return None, (f"the server at {self.base_url} does not list the model {wanted or base!r} (it lists "
+                      f"{listed + more if served else 'none'}); set openai.model to the name it serves the model under")
+
+    def served_adapter(self, adapter_dir: Path, served: str, load_as: str) -> ServedAdapter | str:
+        """How to ask this server for a fine-tune whose PEFT adapter is ``adapter_dir`` (with
+        ``adapter.gguf`` inside) and for its base, or why it cannot serve it. llama.cpp: the server
+        was started with the adapter (``--lora``, as ``fine-tuner serve`` does) and each request
+        sets its scale (1 for the fine-tune, 0 for the base). vLLM: a LoRA module whose folder is
+        ``adapter_dir`` (``--lora-modules NAME=DIR``), else loaded now as ``load_as`` through
+        ``/load_lora_adapter`` when the server allows it."""
+        gguf = adapter_dir / GGUF_ADAPTER
+        try:
+            data, status = self._call("GET", LORA_ADAPTERS_PATH)
+        except OpenAIError as exc:
+            if exc.status != 404:
+                return str(exc)
+        else:
+            problem = (items_problem(data, LORA_FIELDS, "the adapter list") if isinstance(data, list)
+                       else "it is not a list")
+            if problem is not None:
+                raise self._error("GET", LORA_ADAPTERS_PATH, f"answered with unexpected JSON ({problem})", status,
+                                  NOT_THE_API, "wrong_shape")
+            ids = [item["id"] for item in data]
+            for item in data:
+                if _same_file(item["path"], gguf):
+                    return ServedAdapter(
+                        f"llama.cpp LoRA adapter {item['id']}", served,
+                        {"lora": [{"id": i, "scale": 1.0 if i == item["id"] else 0.0} for i in ids]},
+                        served, {"lora": [{"id": i, "scale": 0.0} for i in ids]})
+            return (f"the llama.cpp server at {self.base_url} was not started with this fine-tune's adapter "
+                    f"({len(data)} adapter(s) loaded, none of them {GGUF_ADAPTER} of this folder); start it "
+                    f"with `fine-tuner serve OUTPUT_DIR`, or llama-server --lora OUTPUT_DIR/adapter/{GGUF_ADAPTER}")
+        try:
+            entries = self.model_entries()
+        except OpenAIError as exc:
+            return str(exc)
+        for item in entries:
+            if isinstance(item.get("root"), str) and isinstance(item.get("parent"), str) \
+                    and _same_file(item["root"], adapter_dir):
+                return ServedAdapter(f"vLLM LoRA module {item['id']}", item["id"], None, item["parent"], None)
+        try:
+            # vLLM answers in plain text ("Success: LoRA adapter ... added successfully.")
+            self._call("POST", LOAD_LORA_PATH, {"lora_name": load_as, "lora_path": str(adapter_dir.resolve())},
+                       json_answer=False)
+        except OpenAIError as exc:
+            if exc.status not in (400, 404, 405):
+                return str(exc)
+            return (f"the server at {self.base_url} does not serve this fine-tune's adapter and cannot load it "
+                    f"({exc.status}); start vLLM with --enable-lora --lora-modules NAME=OUTPUT_DIR/adapter (or "
+                    f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), or llama.cpp with `fine-tuner serve OUTPUT_DIR`")
+        return ServedAdapter(f"vLLM LoRA module {load_as} (loaded now)", load_as, None, served, None)
 
     def serving_problem(self, model: str) -> str | None:
         """Why the server cannot answer for ``model`` (it does not answer, or does not list it), or None."""
@@ -212,27 +329,36 @@ class OpenAIClient:
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, body: Any = None, model: str | None = None) -> tuple[Any, int]:
+    def _call(self, method: str, path: str, body: Any = None, model: str | None = None, *,
+              json_answer: bool = True) -> tuple[Any, int]:
         """(the answer as JSON, its status) after at most ``1 + retries`` attempts within the call's
-        deadline (see the module docstring)."""
+        deadline (see the module docstring); ``json_answer=False``: the answer's text is not read
+        as JSON (None is returned for it)."""
         deadline = Deadline(self.cfg.connect_timeout_s, self.cfg.read_timeout_s)
         attempts = 1 + max(0, self.cfg.retries)
         with under(deadline):
             for attempt in range(attempts):
                 try:
-                    return self._attempt(method, path, body, model, deadline)
+                    return self._attempt(method, path, body, model, deadline, json_answer)
                 except _Retry as retry:
                     if attempt == attempts - 1 or not self._wait(retry, attempt, deadline, method, path):
                         raise self._error(method, path, retry.what, retry.status, retry.hint, retry.reason,
                                           attempts=attempt + 1) from None
         raise AssertionError("unreachable")  # the last attempt always returns or raises
 
+    def _url(self, path: str) -> str:
+        """The address of ``path``: under ``base_url``, or at the server's root for llama.cpp's own
+        endpoints (``base_url`` without its ``/v1``)."""
+        if path in ROOT_PATHS and self.base_url.endswith(API_PREFIX):
+            return self.base_url[:-len(API_PREFIX)] + path
+        return self.base_url + path
+
     def _attempt(self, method: str, path: str, body: Any, model: str | None,
-                 deadline: Deadline) -> tuple[Any, int]:
+                 deadline: Deadline, json_answer: bool = True) -> tuple[Any, int]:
         if deadline.left_s() <= 0:
             raise self._timed_out(method, path, deadline)
         try:
-            resp = self.session.request(method, self.base_url + path, json=body, timeout=deadline.timeouts(),
+            resp = self.session.request(method, self._url(path), json=body, timeout=deadline.timeouts(),
                                         stream=True, allow_redirects=False)
         except requests.RequestException as exc:
             raise self._no_answer(method, path, exc, deadline) from None
@@ -255,6 +381,8 @@ class OpenAIClient:
             raise self._no_answer(method, path, exc, deadline) from None
         finally:
             resp.close()
+        if not json_answer:
+            return None, status
         try:
             return parse_json(raw), status
         except NotJSON as exc:
@@ -279,7 +407,7 @@ class OpenAIClient:
         it did and the request, never a body."""
         log.warning("openai_error", method=method, path=path, status=status, reason=reason, attempts=attempts)
         tried = f" ({attempts} attempts)" if attempts > 1 else ""
-        return OpenAIError(f"{method} {self.base_url}{path}{tried}: the OpenAI-compatible server {what}",
+        return OpenAIError(f"{method} {self._url(path)}{tried}: the OpenAI-compatible server {what}",
                            status=status, hint=hint)
 
     def _timed_out(self, method: str, path: str, deadline: Deadline) -> OpenAIError:

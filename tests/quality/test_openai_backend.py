@@ -17,7 +17,7 @@ from daemon.config import load_config
 from daemon.data import prompts
 from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
 from daemon.fine_tuner import FineTuner
-from daemon.quality.evaluator import EvalModel, EvaluationSkipped, choose_backend
+from daemon.quality.evaluator import EvalModel, EvaluationSkipped, OpenAIPlan, choose_backend
 from tests.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -160,7 +160,7 @@ def _openai_reason(reason: str) -> str:
 
 def test_auto_takes_the_openai_server_when_ollama_is_down_and_it_lists_the_model(fake_openai):
     """auto: Ollama does not answer, the OpenAI-compatible server lists the base model's name: openai."""
-    assert choose_backend("auto", MODELS, "llama3.2:1b", _config(fake_openai)) == ("openai", None)
+    assert choose_backend("auto", MODELS, "llama3.2:1b", _config(fake_openai)) == ("openai", OpenAIPlan("llama3.2:1b"))
     assert [(r.method, r.path) for r in fake_openai.requests] == [("GET", "/models")]
 
 
@@ -183,17 +183,75 @@ def test_auto_passes_over_a_server_that_does_not_list_the_model(fake_openai):
 def test_openai_model_names_the_served_model(fake_openai):
     """openai.model is the name asked for, whatever the base model is called."""
     assert choose_backend("openai", MODELS, "nosuch:1b", _config(fake_openai, model="served-model")) == (
-        "openai", None)
+        "openai", OpenAIPlan("served-model"))
 
 
-def test_a_fine_tune_falls_through_with_the_adapter_reason(fake_openai, tmp_path):
-    """A fine-tune's adapter cannot be served through the server yet: auto names that reason for
-    openai, asks the server nothing, and goes on to local."""
-    models = [EvalModel("new", "fine-tune", adapter_dir=tmp_path / "adapter"), MODELS[1]]
+def _fine_tune_models(tmp_path: Path) -> tuple[list[EvalModel], Path]:
+    adapter = tmp_path / "visits-20261203" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter.gguf").write_bytes(b"GGUF adapter bytes")
+    models = [EvalModel("new", "fine-tune", adapter_dir=adapter), EvalModel("model_set", "model set"), MODELS[1]]
+    return models, adapter
+
+
+def test_a_llama_cpp_server_started_with_the_adapter_serves_the_fine_tune_and_its_base(fake_openai, tmp_path):
+    """llama.cpp lists the job's adapter.gguf under /lora-adapters (at its root, not under /v1): the
+    fine-tune is asked for with its scale 1, the base and the model set with every scale 0."""
+    models, adapter = _fine_tune_models(tmp_path)
+    fake_openai.models = ["visits-ft"]
+    fake_openai.lora_adapters = [{"id": 0, "path": "/elsewhere/other.gguf", "scale": 1.0},
+                                 {"id": 1, "path": str(adapter / "adapter.gguf"), "scale": 1.0}]
+    chosen, plan = choose_backend("openai", models, "gemma3:270m", _config(fake_openai))
+    assert chosen == "openai" and plan.adapter.how == "llama.cpp LoRA adapter 1"
+    assert plan.target(models[0]) == ("visits-ft", {"lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 1.0}]})
+    assert plan.target(models[1]) == plan.target(models[2]) == (
+        "visits-ft", {"lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}]})
+    assert [(r.method, r.path) for r in fake_openai.requests] == [("GET", "/models"), ("GET", "/lora-adapters")]
+    from daemon.quality.rater import OpenAIRater
+
+    name, extra = plan.target(models[0])
+    OpenAIRater(_config(fake_openai).openai, extra=extra).answer(name, [[{"role": "user", "content": "r"}]])
+    assert fake_openai.requests[-1].body["lora"] == extra["lora"]
+
+
+def test_a_llama_cpp_server_without_the_adapter_is_a_reason_not_the_base(fake_openai, tmp_path):
+    """A llama.cpp server started without this fine-tune's adapter: openai is passed over with
+    what to run instead, never a rating of the base model under the fine-tune's name."""
+    models, _adapter = _fine_tune_models(tmp_path)
+    fake_openai.lora_adapters = [{"id": 0, "path": "/elsewhere/other.gguf", "scale": 1.0}]
     with pytest.raises(EvaluationSkipped) as info:
-        choose_backend("auto", models, "nosuch:1b", _config(fake_openai))
-    assert _openai_reason(info.value.reason) == "serving the fine-tune's adapter through the server is not set up"
-    assert fake_openai.requests == []
+        choose_backend("auto", models, "llama3.2:1b", _config(fake_openai))
+    assert _openai_reason(info.value.reason) == (
+        f"the llama.cpp server at {fake_openai.url} was not started with this fine-tune's adapter (1 adapter(s) "
+        "loaded, none of them adapter.gguf of this folder); start it with `fine-tuner serve OUTPUT_DIR`, or "
+        "llama-server --lora OUTPUT_DIR/adapter/adapter.gguf")
+
+
+def test_a_vllm_lora_module_or_a_runtime_load_serves_the_fine_tune(fake_openai, tmp_path):
+    """vLLM: a --lora-modules entry whose root is the adapter folder is the fine-tune, its parent the
+    base; without one, a server that allows runtime loading gets the folder loaded under the job's name."""
+    models, adapter = _fine_tune_models(tmp_path)
+    fake_openai.lora_modules = {"resp-ft": (str(adapter), "llama3.2:1b")}
+    _chosen, plan = choose_backend("openai", models, "llama3.2:1b", _config(fake_openai))
+    assert (plan.target(models[0]), plan.target(models[2])) == (("resp-ft", None), ("llama3.2:1b", None))
+    fake_openai.lora_modules = {}
+    fake_openai.runtime_lora = True
+    _chosen, plan = choose_backend("openai", models, "llama3.2:1b", _config(fake_openai))
+    assert plan.target(models[0]) == ("ft-visits-20261203", None)
+    assert fake_openai.requests[-1].body == {"lora_name": "ft-visits-20261203", "lora_path": str(adapter.resolve())}
+    assert "ft-visits-20261203" in fake_openai.lora_modules
+
+
+def test_a_server_that_cannot_serve_the_adapter_says_how_to_start_one(fake_openai, tmp_path):
+    """No /lora-adapters, no LoRA module, no runtime loading: the reason says what to start."""
+    models, _adapter = _fine_tune_models(tmp_path)
+    with pytest.raises(EvaluationSkipped) as info:
+        choose_backend("openai", models, "llama3.2:1b", _config(fake_openai))
+    assert info.value.reason == (
+        f"no backend can run the evaluation (openai: the server at {fake_openai.url} does not serve this "
+        "fine-tune's adapter and cannot load it (404); start vLLM with --enable-lora --lora-modules "
+        "NAME=OUTPUT_DIR/adapter (or VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), or llama.cpp with `fine-tuner "
+        "serve OUTPUT_DIR`)")
 
 
 def test_the_openai_backend_without_a_base_url_says_so():

@@ -53,6 +53,7 @@ def test_chat_sends_the_schema_as_response_format_at_temperature_0_with_the_seed
 
 def test_extra_keys_are_merged_into_the_body(client, fake_openai):
     """extra (llama.cpp's per-request LoRA list, for instance) goes into the body beside the usual keys."""
+    fake_openai.lora_adapters = [{"id": 0, "path": "/models/adapter.gguf", "scale": 1.0}]  # a llama.cpp server
     client.chat("served-model", MESSAGES, extra={"lora": [{"id": 0, "scale": 1.0}]})
     (req,) = fake_openai.requests_to(CHAT)
     assert req.body == {"model": "served-model", "messages": MESSAGES, "temperature": 0, "seed": 42,
