@@ -151,6 +151,46 @@ def build_server(build: LlamaCpp, jobs: int) -> None:
                    check=True)
 
 
+# Runs llama.cpp's convert_hf_to_gguf.py in a child. A byte-level BPE tokenizer of our own (the tiny
+# test model's) has a pre-tokenizer hash llama.cpp does not list, and the converter refuses it; with
+# ``gpt2_pre`` such a tokenizer is declared GPT-2's pre-tokenizer, which is what HF's ByteLevel
+# pre-tokenizer with its default regex is. Known tokenizers are converted exactly as llama.cpp does.
+_CONVERT_STUB = """
+import runpy, sys
+source, gpt2_pre, script = sys.argv[1], sys.argv[2] == "1", sys.argv[1] + "/convert_hf_to_gguf.py"
+sys.argv = [script, *sys.argv[3:]]
+sys.path[:0] = [source, source + "/gguf-py"]
+if gpt2_pre:
+    import conversion.base as base
+    known = base.TextModel.get_vocab_base_pre
+    def pre(self, tokenizer):
+        try:
+            return known(self, tokenizer)
+        except NotImplementedError:
+            return "gpt-2"
+    base.TextModel.get_vocab_base_pre = pre
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def convert_hf_to_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f32",
+                       gpt2_pre: bool = False, build: LlamaCpp | None = None,
+                       timeout_s: float = 1800) -> Path:
+    """A Hugging Face model folder as one GGUF file, written by llama.cpp's own converter from the
+    pinned source (in a child process: its code is never imported here). ``gpt2_pre``: see above."""
+    build = build or pinned()
+    if not build.hf_converter.is_file():
+        raise FileNotFoundError(f"llama.cpp's {HF_CONVERTER} is not in {build.source}: run `make llama-cpp`")
+    out = Path(out)
+    proc = subprocess.run([sys.executable, "-c", _CONVERT_STUB, str(build.source), "1" if gpt2_pre else "0",
+                           str(model_dir), "--outfile", str(out), "--outtype", outtype],
+                          capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0 or not out.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"{HF_CONVERTER} failed (exit {proc.returncode}): {tail[0]}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     build = pinned()
