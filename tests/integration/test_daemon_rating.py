@@ -86,7 +86,7 @@ def test_raw_export_builds_a_model_set_and_a_rating_job_rates_with_it(root, star
     status = subprocess.run([sys.executable, "-m", "daemon", "status", "--config", str(root.config),
                              "--root", str(root.path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     [line] = [x for x in status.stdout.splitlines() if x.startswith(f"  {job_id}")]
-    assert line.endswith("kappa 1.00 (base 1.00)")  # the scripted model reads the diagnosis: perfect
+    assert line.endswith("kappa 1.00 (base 1.00, random split)")  # the scripted model reads the diagnosis: perfect
     out = root.outputs / rated.name
     rows = list(csv.DictReader((out / "ratings.csv").open()))
     assert [r["C_BioSense_ID"] for r in rows] == [f"B9-{i}" for i in range(1, 31)]
