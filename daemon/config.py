@@ -649,6 +649,11 @@ def host_problem(value: str) -> str | None:
     host = split.hostname
     if not host:
         return "it names no host" if sep else None
+    return _host_problem(host)
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` (of a URL) is neither an IP address nor a plain host name, or None."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -688,12 +693,7 @@ def base_url_problem(value: str) -> str | None:
     host = split.hostname
     if not host:
         return "it names no host"
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOST_NAME.fullmatch(host):
-            return "the host name has characters other than letters, digits, '.', '-' and '_'"
-    return None
+    return _host_problem(host)
 
 
 def _check_openai(o: OpenAIConfig, bad: set[str], problems: list[str]) -> None:

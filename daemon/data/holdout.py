@@ -119,7 +119,7 @@ class Split:
         return np.concatenate([self.familiar, self.new_kinds]).astype(np.int64)
 
 
-def _stratified(units: np.ndarray, ratings: np.ndarray, fraction: float, rng) -> np.ndarray:
+def stratified(units: np.ndarray, ratings: np.ndarray, fraction: float, rng) -> np.ndarray:
     """A seeded sample of ``units`` (one rating each): per rating ``round(fraction * n)``, at least
     one where the rating has two or more units, never all of them."""
     import numpy as np
@@ -197,7 +197,7 @@ def split(prompts: np.ndarray, ratings: np.ndarray, groups: np.ndarray | None, *
         else:
             info["reason"] = f"{len(group_names)} groups, fewer than {MIN_GROUPS}"
     rest = np.setdiff1d(np.arange(len(uniques)), new_kinds_units)
-    familiar_units = _stratified(rest, ratings[first][rest], fraction, rng)
+    familiar_units = stratified(rest, ratings[first][rest], fraction, rng)
     held_units = np.concatenate([familiar_units, new_kinds_units])
     held_mask = np.isin(cluster, held_units)
     representatives = np.zeros(n, dtype=bool)

@@ -80,16 +80,10 @@ def split_holdout(ds: Dataset, *, fraction: float = 0.1, seed: int = 42,
     everything = np.arange(n, dtype=np.int64)
     if n < min_rows or fraction <= 0:
         return everything, np.empty(0, dtype=np.int64)
-    ratings = ds.frame["rating"].to_numpy()
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for value in np.unique(ratings):
-        members = np.flatnonzero(ratings == value)
-        if len(members) < 2:
-            continue
-        take = min(max(1, int(round(fraction * len(members)))), len(members) - 1)
-        chosen.append(rng.permutation(members)[:take])
-    validation = np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
+    from .holdout import stratified
+
+    validation = np.sort(stratified(everything, ds.frame["rating"].to_numpy(), fraction,
+                                    np.random.default_rng(seed)))
     mask = np.ones(n, dtype=bool)
     mask[validation] = False
     return everything[mask], validation.astype(np.int64)

@@ -316,16 +316,7 @@ class OpenAIClient:
 
     def serving_problem(self, model: str) -> str | None:
         """Why the server cannot answer for ``model`` (it does not answer, or does not list it), or None."""
-        try:
-            served = self.list_models()
-        except OpenAIError as exc:
-            return str(exc)
-        if model in served:
-            return None
-        listed = ", ".join(repr(printable(name, 80)) for name in served[:MODELS_NAMED])
-        more = f" and {len(served) - MODELS_NAMED} more" if len(served) > MODELS_NAMED else ""
-        return (f"the server at {self.base_url} does not list the model {model!r} (it lists "
-                f"{listed + more if served else 'none'}); set openai.model to the name it serves the model under")
+        return self.served_name(model, model)[1]
 
     # --- plumbing ------------------------------------------------------------------------------
 
