@@ -86,6 +86,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--topic-definition", action="store_true",
                         help="give the experts' criteria (daemon.data.visits.TOPIC_DEFINITION) as topic_definition")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="training.early_stopping_patience (default: the product's; 0: train every epoch)")
     parser.add_argument("--keep", help="keep the output folder here")
     args = parser.parse_args()
 
@@ -97,7 +99,8 @@ def main() -> int:
         (work / "visits.mapping.json").write_text(json.dumps(MAPPING))
         config = {"ollama": {"host": "http://127.0.0.1:9", "retries": 0, "connect_timeout_s": 0.5},
                   "base_models": {NAME: str(gguf)}, "paths": {"root": str(work)},
-                  "training": {"device": "cpu", "sequence_len": 1024, "timeout_s": 4 * 3600},
+                  "training": {"device": "cpu", "sequence_len": 1024, "timeout_s": 4 * 3600,
+                               **({} if args.patience is None else {"early_stopping_patience": args.patience})},
                   "evaluation": {"enabled": "required", "backend": "local", "timeout_s": 3 * 3600,
                                  "max_new_tokens": 96}}
         (work / "config.json").write_text(json.dumps(config))

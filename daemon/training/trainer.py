@@ -348,6 +348,45 @@ def linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
+# A batch's rows begin with the same system turn (the task and the whole rating scale: most of a
+# short record's tokens). Its keys and values are computed once and shared by every row instead of
+# once per row; below this many shared tokens the extra forward call is not worth it.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix(input_ids: Any, mask: Any, labels: Any) -> int:
+    """How many leading tokens every row of the batch has in common, stopping before the first
+    position whose hidden state predicts an answer token (0 for a single row)."""
+    import torch
+
+    rows, width = input_ids.shape
+    if rows < 2:
+        return 0
+    same = ((input_ids == input_ids[:1]) & (mask == 1)).all(dim=0)
+    differ = (~same).nonzero()
+    common = int(differ[0]) if len(differ) else width
+    answer = labels != -100
+    if not bool(answer.any(dim=1).all()):
+        return 0
+    first_answer = int(torch.argmax(answer.to(torch.int8), dim=1).min())
+    return max(0, min(common, first_answer - 1))
+
+
+def _hidden_after_prefix(body: Any, input_ids: Any, mask: Any, prefix: int) -> Any:
+    """The body's last hidden states at positions ``prefix`` onwards, with the shared prefix run
+    once (batch 1) and its key/value cache repeated across the batch. Gradients flow through the
+    cache into the prefix's computation, so the loss and its gradients equal the full forward's."""
+    import torch
+
+    rows, width = input_ids.shape
+    first = body(input_ids=input_ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True)
+    cache = first.past_key_values
+    cache.batch_repeat_interleave(rows)
+    positions = torch.arange(prefix, width, device=input_ids.device).unsqueeze(0).expand(rows, -1)
+    return body(input_ids=input_ids[:, prefix:], attention_mask=mask, past_key_values=cache,
+                position_ids=positions, use_cache=True).last_hidden_state
+
+
 def answer_loss(model: Any, input_ids: Any, mask: Any, labels: Any, n_items: int) -> Any:
     """The summed next-token loss on the answer tokens, divided by ``n_items`` (the answer tokens of
     the accumulation group, as Trainer normalises). The output head is applied only to the hidden
@@ -365,7 +404,11 @@ def answer_loss(model: Any, input_ids: Any, mask: Any, labels: Any, n_items: int
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     body, head = getattr(causal, "model", None), causal.get_output_embeddings()
     if body is not None and head is not None:
-        hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1][where]
+        prefix = shared_prefix(input_ids, mask, labels)
+        if prefix >= MIN_SHARED_PREFIX:
+            hidden = _hidden_after_prefix(body, input_ids, mask, prefix)[:, :-1][where[:, prefix:]]
+        else:
+            hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1][where]
         logits = head(hidden)
         cap = getattr(causal.config, "final_logit_softcapping", None)
         if cap:

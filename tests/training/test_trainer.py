@@ -74,6 +74,58 @@ def test_answer_loss_equals_the_models_own_loss(tiny_model_dir):
     assert float(answer_loss(model, ids, mask, labels, n)) == pytest.approx(float(expected), rel=1e-6)
 
 
+def test_a_shared_prefix_is_computed_once_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """Rows that begin alike (the system turn) share one forward pass of that prefix; the loss and
+    every LoRA gradient equal the full forward's, with right padding and answers of unequal length."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from daemon.training import trainer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()  # no dropout: both paths must see the same network
+    system = torch.randint(5, 200, (24,))
+    rows = [torch.cat([system, torch.randint(5, 200, (n,))]) for n in (12, 16, 9)]
+    examples = [(r.tolist(), [-100] * (len(r) - 5) + r[-5:].tolist()) for r in rows]
+    ids, mask, labels = trainer.collate(examples, 0)
+    n = int((labels[:, 1:] != -100).sum())
+    assert trainer.shared_prefix(ids, mask, labels) == 24
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = trainer.answer_loss(model, ids, mask, labels, n)
+        loss.backward()
+        return float(loss), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    shared_loss, shared_grads = loss_and_grads()
+    monkeypatch.setattr(trainer, "MIN_SHARED_PREFIX", 10**9)
+    full_loss, full_grads = loss_and_grads()
+    assert shared_loss == pytest.approx(full_loss, rel=1e-5)
+    assert shared_grads.keys() == full_grads.keys() and len(full_grads) == 8
+    for key, grad in full_grads.items():
+        assert torch.allclose(shared_grads[key], grad, rtol=1e-4, atol=1e-6), key
+
+
+def test_shared_prefix_stops_before_the_first_answer_and_needs_two_rows():
+    import torch
+
+    from daemon.training.trainer import shared_prefix
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8]])
+    mask = torch.ones_like(ids)
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:] = ids[:, 4:]
+    assert shared_prefix(ids, mask, labels) == 3  # position 3 predicts the first answer token
+    labels[0, 2:] = ids[0, 2:]
+    assert shared_prefix(ids, mask, labels) == 1
+    assert shared_prefix(ids[:1], mask[:1], labels[:1]) == 0
+    labels[1] = -100  # a row without an answer: no sharing
+    assert shared_prefix(ids, mask, labels) == 0
+
+
 def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
     """Losses 3, 2, 2.5 with patience 1: training stops after the third epoch and the weights are
     put back to the second epoch's; the frozen weights are never copied or touched."""
