@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 
 CANDIDATES_PER_RATING = 128  # a deterministic sample per rating: plenty to spread 2-5 examples, and cheap
 _WORD = re.compile(r"\w+")
-# json.dumps({"rating": r, "rationale": ""}) without the digits of r: a lower bound of an answer
-_ANSWER_OVERHEAD = len('{"rating": , "rationale": ""}')
+# json.dumps({"rationale": "", "rating": r}) without the digits of r: a lower bound of an answer
+_ANSWER_OVERHEAD = len('{"rationale": "", "rating": }')
 
 
 def _word_set(text: str) -> frozenset[str]:

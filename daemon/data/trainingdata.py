@@ -120,7 +120,7 @@ def jsonl_chunks(ds: Dataset, positions: Sequence[int] | np.ndarray, system: str
 
 def _encoded_answer(rating: int, rationale: str) -> str:
     """``prompts.answer_json(rating, rationale)`` as a JSON string literal."""
-    return _encode(f'{{"rating": {rating}, "rationale": {_encode(rationale)}}}')
+    return _encode(f'{{"rationale": {_encode(rationale)}, "rating": {rating}}}')
 
 
 def _answer_table(ratings: np.ndarray, rationales: np.ndarray) -> dict[tuple[int, str], str] | None:

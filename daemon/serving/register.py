@@ -2,7 +2,7 @@
 LoRA adapter (blobs + ``adapters``), each followed by a check, and the ``ollama.register`` policy.
 
 Registration is ``create`` → ``show`` → one chat with the answer schema as ``format``; the check
-records whether the answer parses as ``{"rating": int, "rationale": str}``. ``register_with_policy``
+records whether the answer parses as ``{"rationale": str, "rating": int}``. ``register_with_policy``
 turns failures into a result (``auto``) or a ``RegistrationError`` (``required``). Neither the
 few-shot texts nor a chat answer ever reach a log line or an error message: they are patient text.
 The server's own error text is kept (truncated by the client).
@@ -73,9 +73,9 @@ def check_answer(client, name: str, output_schema: Mapping[str, Any], probe: str
         size = len(content) if isinstance(content, str) else 0
         return {"ok": False, "duration_s": duration,
                 "detail": f"the answer ({size} characters) is not a JSON object "
-                          f'{{"rating": <one of the scale>, "rationale": <text>}}'}
+                          f'{{"rationale": <text>, "rating": <one of the scale>}}'}
     return {"ok": True, "duration_s": duration,
-            "detail": 'the answer parses as {"rating": int, "rationale": str} with a rating on the scale'}
+            "detail": 'the answer parses as {"rationale": str, "rating": int} with a rating on the scale'}
 
 
 def _log_status(name: str) -> Callable[[dict], None]:

@@ -260,9 +260,9 @@ def test_model_set_config_has_the_documented_content():
         "rating_labels": {"1": ["Match", "Yes"], "0": ["Does Not Match"], "-1": ["Unknown"]},
         "system_prompt": "SYSTEM TEXT",
         "few_shot_examples": [
-            {"input": "cough and fever", "output": '{"rating": 1, "rationale": "resp"}', "rating": 1,
+            {"input": "cough and fever", "output": '{"rationale": "resp", "rating": 1}', "rating": 1,
              "source_row": 1, "row_id": "A1"},
-            {"input": "ankle sprain", "output": '{"rating": 0, "rationale": "said \\"no\\""}', "rating": 0,
+            {"input": "ankle sprain", "output": '{"rationale": "said \\"no\\"", "rating": 0}', "rating": 0,
              "source_row": 2, "row_id": "A2"},
         ],
         "output_schema": output_schema([-1, 0, 1]),

@@ -35,9 +35,9 @@ def test_system_prompt_text_allows_the_empty_rationale_rows_train():
         "- 1: Match\n"
         "- 0: No\n"
         "\n"
-        'Answer with exactly one JSON object and nothing else: {"rating": <integer>, "rationale": "<short reason, or empty>"}\n'
+        'Answer with exactly one JSON object and nothing else: {"rationale": "<short reason, or empty>", "rating": <integer>}\n'
         "The rating must be one of: 0, 1.")
-    assert prompts.answer_json(0, None) == '{"rating": 0, "rationale": ""}'
+    assert prompts.answer_json(0, None) == '{"rationale": "", "rating": 0}'
     assert prompts.parse_answer(prompts.answer_json(0, None), [0, 1]) == {"rating": 0, "rationale": ""}
     assert prompts.output_schema([0, 1])["properties"]["rationale"] == {"type": "string"}
 
@@ -48,7 +48,9 @@ def test_answer_json_and_schema_agree():
     schema = prompts.output_schema([1, 0, -1, 1])
     assert json.loads(answer) == {"rating": 1, "rationale": 'cough "and" fever'}
     assert schema["properties"]["rating"]["enum"] == [-1, 0, 1]
-    assert schema["required"] == ["rating", "rationale"]
+    assert schema["required"] == ["rationale", "rating"]
+    # the reason is written before the rating, in the answer and in the grammar's property order
+    assert list(json.loads(answer)) == list(schema["properties"]) == ["rationale", "rating"]
     assert prompts.parse_answer(answer, [-1, 0, 1]) == {"rating": 1, "rationale": 'cough "and" fever'}
 
 

@@ -43,9 +43,9 @@ def test_chat_record_shape():
     assert chat_record("SYS", "a visit", 1, "cough") == {"messages": [
         {"role": "system", "content": "SYS"},
         {"role": "user", "content": "a visit"},
-        {"role": "assistant", "content": '{"rating": 1, "rationale": "cough"}'},
+        {"role": "assistant", "content": '{"rationale": "cough", "rating": 1}'},
     ]}
-    assert chat_record("SYS", "v", -1, None)["messages"][2]["content"] == '{"rating": -1, "rationale": ""}'
+    assert chat_record("SYS", "v", -1, None)["messages"][2]["content"] == '{"rationale": "", "rating": -1}'
 
 
 def test_chat_records_one_per_row_in_order():
