@@ -121,8 +121,8 @@ class TrainingConfig:
     sequence_len: int = 2048
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.03
-    # the built-in trainer stops when the held-out loss (on the new kinds of records where the
-    # split has them) has not improved for this many epochs, and keeps the best epoch's adapter;
+    # the built-in trainer stops when the loss on all held-out rows has not improved for this
+    # many epochs, and keeps the best epoch's adapter;
     # 0: train every epoch (axolotl's own early stopping needs step-based saving: set it there)
     early_stopping_patience: int = 1
     logging_steps: int = 1

@@ -626,8 +626,11 @@ class FineTuner:
                 job.on_progress(event)
 
         lock = job.training_lock if job and job.training_lock is not None else contextlib.nullcontext()
-        # early stopping watches the new kinds of records, which follow the familiar ones
-        watch_from = meta["split"].get("familiar_rows", 0) if meta["split"].get("kind") == "grouped" else 0
+        # Early stopping watches the loss on all held-out rows. Watching the new kinds of records
+        # alone was measured on Gemma 3 270M: their loss (mostly rationale tokens naming diagnoses
+        # never seen) rose in epoch 2 while agreement rose with it, on familiar records from kappa
+        # 0.45 to 0.80 and on new kinds from -0.22 to 0.57; it kept the worse epoch.
+        watch_from = 0
         with stages("training"), lock:
             result = supervisor.run_training(build_dir, base=base, training=t, timeout_s=t.timeout_s,
                                              on_progress=relay, stop_event=job.stop_event if job else None,
