@@ -95,8 +95,8 @@ def output_schema(values: Sequence[int]) -> dict:
 
 
 def parse_answer(text: str, values: Sequence[int] | None = None) -> dict | None:
-    """Parse a model's answer; the dict when it is ``{"rationale": str, "rating": int}`` (in either order) (with the
-    rating among ``values`` when given), else None."""
+    """Parse a model's answer; the dict when it is ``{"rationale": str, "rating": int}``, keys in
+    either order, with the rating among ``values`` when given; else None."""
     try:
         data = json.loads(text)
     except (TypeError, ValueError):
