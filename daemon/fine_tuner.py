@@ -108,6 +108,9 @@ class JobPlan:
     meta: dict
     validation_positions: frozenset[int] = frozenset()  # set once the fine-tune split is made
     ollama_memory: Any = None  # the job's UnreachableMemory: its capability check and registration share it
+    # /api/show's Modelfile from the capability check: its FROM finds the GGUF to train on when
+    # Ollama's manifest cannot be read (the same lookup ``check`` made)
+    ollama_modelfile: str | None = None
 
     @property
     def approach(self) -> str:
@@ -358,7 +361,8 @@ class FineTuner:
         log.info("approach_selected", approach=approach, reason=reason, model=settings.model,
                  rows_used=ds.rows_used)
         return JobPlan(ds=ds, settings=settings, output_dir=Path(output_dir), stem=stem, staged=staged,
-                       input_hashes=input_hashes, job=job, stages=stages, meta=meta, ollama_memory=memory)
+                       input_hashes=input_hashes, job=job, stages=stages, meta=meta, ollama_memory=memory,
+                       ollama_modelfile=report.ollama_modelfile if report is not None else None)
 
     def _process(self, ds, settings: JobSettings, output_dir: Path, *, stem: str, staged: bool,
                  input_hashes: dict) -> tuple[bool, dict]:
@@ -543,7 +547,8 @@ class FineTuner:
         job = plan.job
         try:
             report = evaluate_folder(build_dir, plan.meta, self.config, backend=self.config.evaluation.backend,
-                                     stop_event=job.stop_event if job else None, memory=plan.ollama_memory)
+                                     stop_event=job.stop_event if job else None, memory=plan.ollama_memory,
+                                     show_modelfile=plan.ollama_modelfile)
         except (EvaluationSkipped, RaterError) as exc:
             status = "skipped" if isinstance(exc, EvaluationSkipped) else "failed"
             reason = exc.reason if isinstance(exc, EvaluationSkipped) else str(exc)
@@ -598,7 +603,8 @@ class FineTuner:
             fsutil.write_lines(build_dir / "training_data.jsonl", trainingdata.jsonl_chunks(ds, train_pos, system))
             base = supervisor.resolve_base_weights(settings.model, self.config.base_models,
                                                  allow_download=t.allow_download,
-                                                 ollama_models_dir=self.config.ollama.models_dir)
+                                                 ollama_models_dir=self.config.ollama.models_dir,
+                                                 show_modelfile=plan.ollama_modelfile)
             validation = "validation_data.jsonl" if len(val_pos) else None
             cfg = trainingdata.training_config(
                 base_model=base.hf_id or supervisor.BASE_MODEL_PLACEHOLDER, dataset_path="training_data.jsonl",

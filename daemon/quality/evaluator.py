@@ -201,14 +201,16 @@ def _adapter_name(adapter_dir: Path) -> str:
     return "ft-" + adapter_dir.resolve().parent.name
 
 
-def _local_problem(models: list[EvalModel], base: str, config: Config) -> tuple[str | None, str | None]:
-    """(the resolved base weights, why the local backend cannot run)."""
+def _local_problem(models: list[EvalModel], base: str, config: Config,
+                   show_modelfile: str | None = None) -> tuple[str | None, str | None]:
+    """(the resolved base weights, why the local backend cannot run); ``show_modelfile``: Ollama's
+    /api/show Modelfile, whose FROM names its GGUF when the manifest cannot be read."""
     from ..training.supervisor import resolve_base_weights, trainer_packages_available
 
     if not trainer_packages_available():
         return None, "torch, transformers and peft are not installed (pip install 'fine-tuner[train]')"
     weights = resolve_base_weights(base, config.base_models, allow_download=False,
-                                   ollama_models_dir=config.ollama.models_dir)
+                                   ollama_models_dir=config.ollama.models_dir, show_modelfile=show_modelfile)
     if weights.local_dir is None or weights.problem is not None:
         return None, weights.problem or f"the weights of {base} are not on disk"
     for m in models:
@@ -218,9 +220,10 @@ def _local_problem(models: list[EvalModel], base: str, config: Config) -> tuple[
 
 
 def choose_backend(requested: str, models: list[EvalModel], base: str, config: Config,
-                   memory=None) -> tuple[str, str | None]:
+                   memory=None, *, show_modelfile: str | None = None) -> tuple[str, str | None]:
     """(backend, base weights folder for the local one). EvaluationSkipped names every reason.
-    ``memory``: the job's memory of unreachable Ollama servers (one wait per job)."""
+    ``memory``: the job's memory of unreachable Ollama servers (one wait per job);
+    ``show_modelfile``: see ``_local_problem``."""
     reasons = []
     if requested in ("auto", "ollama"):
         problem = _ollama_problem(models, base, config, memory)
@@ -233,7 +236,7 @@ def choose_backend(requested: str, models: list[EvalModel], base: str, config: C
             return "openai", plan
         reasons.append(f"openai: {problem}")
     if requested in ("auto", "local"):
-        weights, problem = _local_problem(models, base, config)
+        weights, problem = _local_problem(models, base, config, show_modelfile)
         if problem is None:
             return "local", weights
         reasons.append(f"local: {problem}")
@@ -261,17 +264,17 @@ class _ProgressLog:
 
 def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: str = "auto",
                     max_rows: int | None = None, stop_event: threading.Event | None = None,
-                    memory=None) -> dict:
+                    memory=None, show_modelfile: str | None = None) -> dict:
     """Evaluate every model of an output folder on its held-out rows; returns the report
     (``evaluation.evaluation_report``). EvaluationSkipped when it cannot run, RaterError when a
-    backend fails part-way."""
+    backend fails part-way. ``show_modelfile``: the job's /api/show Modelfile (``choose_backend``)."""
     folder = Path(folder)
     ev = config.evaluation
     seed = config.defaults.seed
     data = held_out(folder, meta, max_rows=ev.max_rows if max_rows is None else max_rows, seed=seed)
     models = models_of(folder, meta)
     base = str(meta.get("model"))
-    chosen, weights = choose_backend(backend, models, base, config, memory)
+    chosen, weights = choose_backend(backend, models, base, config, memory, show_modelfile=show_modelfile)
     log.info("evaluation_started", backend=chosen, rows=len(data.expert), models=[m.key for m in models])
     values = sorted(int(v) for v in meta["mapping"]["labels"].values())
     schema = prompts.output_schema(values)

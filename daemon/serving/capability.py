@@ -39,6 +39,9 @@ class CapabilityReport:
     model: str
     checks: list[Check] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)  # e.g. architecture, quantization, weights dir
+    # the Modelfile Ollama's /api/show wrote (its FROM names the GGUF Ollama serves): kept for the
+    # fine-tune's own weight lookup, never written out (a path of the server's machine)
+    ollama_modelfile: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def supported(self) -> bool:
@@ -159,7 +162,7 @@ def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | Non
     model = report.model
     base = resolve_base_weights(model, cfg.base_models, allow_download=cfg.training.allow_download,
                                 ollama_models_dir=cfg.ollama.models_dir,
-                                show_modelfile=report.facts.pop("ollama_modelfile", None))
+                                show_modelfile=report.ollama_modelfile)
     report.facts.update(weights_dir=base.local_dir, model_type=base.model_type, hf_id=base.hf_id,
                         weights_source=base.source, weights_quantization=base.quantization,
                         weights_architecture=base.model_type, template=base.template,
@@ -282,7 +285,7 @@ def ollama_checks(report: CapabilityReport, client: OllamaClient, register_mode:
                f"{details.get('format') or 'format unknown'})", required=known)
 
     supported = ", ".join(ADAPTER_ARCHITECTURES)
-    report.facts["ollama_modelfile"] = str(info.get("modelfile") or "")
+    report.ollama_modelfile = str(info.get("modelfile") or "")
     if arch in ADAPTER_ARCHITECTURES:
         report.add("adapter_architecture", True,
                    f"architecture {arch!r} takes a safetensors LoRA adapter in Ollama", required=known)

@@ -35,8 +35,10 @@ def _expected_sha256() -> str:
     return EXPECTED_SHA256
 
 
-def _config(tmp_path: Path, gguf: Path, **sections) -> Path:
-    cfg = {"ollama": OFFLINE_OLLAMA, "base_models": {NAME: str(gguf)}, "paths": {"root": str(tmp_path)},
+def _config(tmp_path: Path, gguf: Path | None, **sections) -> Path:
+    """``gguf`` None: no base_models entry (the weights are found where Ollama keeps them)."""
+    cfg = {"ollama": dict(OFFLINE_OLLAMA), "base_models": {NAME: str(gguf)} if gguf else {},
+           "paths": {"root": str(tmp_path)},
            "training": {"device": "cpu", "sequence_len": 1024}, "evaluation": {"enabled": "off"}}
     for key, value in sections.items():
         cfg.setdefault(key, {}).update(value)
@@ -84,10 +86,12 @@ def test_the_gguf_ollama_serves_is_found_through_its_manifest(tmp_path, gemma_gg
 
 
 @pytest.mark.timeout(900)
-def test_a_short_lora_run_on_the_real_model_writes_both_adapters(tmp_path, gemma_gguf):
-    """Eight visits, two steps: the PEFT adapter and llama.cpp's adapter.gguf (same tensors, same
-    shapes), a Modelfile naming the GGUF adapter with Gemma's turn format, and metadata saying which
-    GGUF the adapter was trained against."""
+def test_a_short_lora_run_on_the_model_ollama_serves_writes_both_adapters(tmp_path, gemma_gguf, fake_ollama):
+    """The user names only the Ollama model: no base_models entry and no readable manifest, so the
+    GGUF is the one /api/show's Modelfile names in FROM (what Ollama serves, on this machine).
+    Eight visits, two steps: the PEFT adapter and llama.cpp's adapter.gguf (same tensors, same
+    shapes), a Modelfile naming the GGUF adapter with Gemma's turn format, metadata saying which
+    GGUF the adapter was trained against and how it was found, and the fine-tune registered."""
     import gguf
     from safetensors import safe_open
 
@@ -95,7 +99,12 @@ def test_a_short_lora_run_on_the_real_model_writes_both_adapters(tmp_path, gemma
     write_csv(csv_path, generate_visits(8, seed=5))
     (tmp_path / "visits.mapping.json").write_text(json.dumps(MAPPING))
     out = tmp_path / "out"
-    res = _cli("process", "--config", str(_config(tmp_path, gemma_gguf)), "--input", str(csv_path),
+    fake_ollama.add_model(NAME, architecture="gemma3", quantization="Q4_K_M", parameter_size="268.10M",
+                          parameters={"stop": ["<end_of_turn>"]}, weights_file=str(gemma_gguf))
+    (tmp_path / "no-models").mkdir()
+    config = _config(tmp_path, None, ollama={"host": fake_ollama.url, "retries": 1,
+                                             "models_dir": str(tmp_path / "no-models")})
+    res = _cli("process", "--config", str(config), "--input", str(csv_path),
                "--mapping", str(tmp_path / "visits.mapping.json"), "--model", NAME, "--approach", "fine_tune",
                "--epochs", "1", "--batch-size", "4", "--learning-rate", "1e-3", "--topics", "respiratory infections",
                "--output-dir", str(out))
@@ -121,10 +130,14 @@ def test_a_short_lora_run_on_the_real_model_writes_both_adapters(tmp_path, gemma
     meta = json.loads((out / "fine_tuning_metadata.json").read_text())
     assert meta["fine_tune"]["adapter_format"] == "gguf"
     assert meta["fine_tune"]["base_weights"] == {
-        "source": "gguf file", "gguf_file": "gemma-3-270m-q4_k_m.gguf", "gguf_sha256": _expected_sha256(),
-        "quantization": "Q4_K_M", "architecture": "gemma3", "found_by": "base_models: gemma-3-270m-q4_k_m.gguf",
+        "source": "ollama blob", "gguf_file": "gemma-3-270m-q4_k_m.gguf", "gguf_sha256": _expected_sha256(),
+        "quantization": "Q4_K_M", "architecture": "gemma3",
+        "found_by": "the FROM line of Ollama's /api/show Modelfile",
         "trained_against": "the dequantized weights of this GGUF file: exactly the weights Ollama serves, so the "
                            "adapter matches the base it is attached to"}
     assert meta["training"]["gguf_adapter"]["written"] is True
     assert meta["training"]["steps"] == 2
+    assert meta["registration"]["registered"] is True
+    registered = fake_ollama.get_model(meta["registration"]["name"])
+    assert registered is not None and registered.adapters  # base + the GGUF adapter
     assert leftovers(out) == [] and machine_paths_in(out) == []
