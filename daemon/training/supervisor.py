@@ -313,11 +313,9 @@ def trainer_packages_available() -> bool:
 
 # --- the run spec ------------------------------------------------------------------------------
 
-def build_run_spec(job_dir: Path, base: BaseWeights, training: TrainingConfig,
-                   stopping_rows_from: int = 0) -> dict[str, Any]:
+def build_run_spec(job_dir: Path, base: BaseWeights, training: TrainingConfig) -> dict[str, Any]:
     """The JSON the child reads: the job's training_config.yaml resolved to absolute paths, plus
-    what the parent knows (base weights, device, logging). ``stopping_rows_from``: the first
-    validation row early stopping watches (the new kinds of records follow the familiar ones)."""
+    what the parent knows (base weights, device, logging)."""
     cfg_path = job_dir / "training_config.yaml"
     try:
         cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
@@ -357,7 +355,6 @@ def build_run_spec(job_dir: Path, base: BaseWeights, training: TrainingConfig,
         "learning_rate": float(get("learning_rate", 1e-4)),
         "warmup_ratio": float(get("warmup_ratio", training.warmup_ratio)),
         "early_stopping_patience": int(training.early_stopping_patience),
-        "early_stopping_rows_from": int(stopping_rows_from),
         "seed": int(get("seed", 42)),
         "logging_steps": int(training.logging_steps),
         "device": training.device,
@@ -454,7 +451,7 @@ def run_training(job_dir: str | os.PathLike, *, base: BaseWeights, training: Tra
                  timeout_s: float | None = None,
                  on_progress: Callable[[dict], None] | None = None,
                  stop_event: threading.Event | None = None,
-                 python: str = sys.executable, stopping_rows_from: int = 0) -> TrainingResult:
+                 python: str = sys.executable) -> TrainingResult:
     """Train a LoRA adapter for ``base`` on the job folder's data in a child process.
 
     Returns when ``job_dir/adapter`` is complete. Raises ``TrainingFailedError`` (non-zero exit,
@@ -467,7 +464,7 @@ def run_training(job_dir: str | os.PathLike, *, base: BaseWeights, training: Tra
     timeout_s = training.timeout_s if timeout_s is None else timeout_s
     _prepare_job_dir(job_dir)
     spec_path = job_dir / SPEC_FILE
-    write_json(spec_path, build_run_spec(job_dir, base, training, stopping_rows_from))
+    write_json(spec_path, build_run_spec(job_dir, base, training))
     log_path, stderr_path = job_dir / LOG_FILE, job_dir / STDERR_FILE
     tail = _LogTail(log_path)
 

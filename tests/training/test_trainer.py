@@ -136,17 +136,16 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     model[0].weight.requires_grad_(False)
     frozen = model[0].weight.detach().clone()
-    stopping = EarlyStopping(model, 1, rows=["row"])
-    seen = []
+    stopping = EarlyStopping(model, 1)
     for epoch, loss in enumerate([3.0, 2.0, 2.5], 1):
         with torch.no_grad():
             model[1].weight.fill_(float(epoch))
-        stopping.epoch_ended(9.9, lambda rows, loss=loss: seen.append(rows) or loss)
-    assert stopping.stopped and seen == [["row"]] * 3
+        stopping.epoch_ended(loss)
+    assert stopping.stopped
     assert set(stopping.best_state) == {"0.bias", "1.weight", "1.bias"}
     stopping.restore_best()
     assert model[1].weight.tolist() == [[2.0, 2.0]] and torch.equal(model[0].weight, frozen)
-    assert stopping.summary() == {"patience": 1, "watched": "new kinds of records", "loss_by_epoch": [3.0, 2.0, 2.5],
+    assert stopping.summary() == {"patience": 1, "watched": "all held-out rows", "loss_by_epoch": [3.0, 2.0, 2.5],
                                   "best_epoch": 2, "epochs_run": 3, "stopped_early": True}
 
 
@@ -156,22 +155,13 @@ def test_early_stopping_off_or_improving_changes_nothing():
     from daemon.training.trainer import EarlyStopping
 
     model = torch.nn.Linear(2, 1)
-    off = EarlyStopping(model, 0, rows=None)
-    off.epoch_ended(1.0, lambda rows: 1.0)
+    off = EarlyStopping(model, 0)
+    off.epoch_ended(1.0)
     assert (off.stopped, off.summary()["epochs_run"]) == (False, 0)
-    on = EarlyStopping(model, 1, rows=None)  # no new-kinds rows: the whole validation loss is watched
-    for loss in (3.0, 2.0, 1.0):
-        on.epoch_ended(loss, lambda rows: pytest.fail("only the rows given are scored apart"))
+    on = EarlyStopping(model, 1)
+    for loss in (3.0, 2.0, 1.0, None):  # None: no validation rows, nothing is watched
+        on.epoch_ended(loss)
     with torch.no_grad():
         model.weight.fill_(7.0)
     on.restore_best()  # the last epoch was the best: the weights stay as they are
     assert (on.stopped, on.best_epoch, model.weight.tolist()) == (False, 3, [[7.0, 7.0]])
-
-
-def test_the_rows_early_stopping_watches_skip_the_familiar_ones_and_rows_too_long():
-    from daemon.training.trainer import stopping_examples
-
-    examples = ["r1", "r2", "r4", "r5"]  # row 3 was too long and dropped
-    assert stopping_examples(examples, [3], 2) == ["r4", "r5"]
-    assert stopping_examples(examples, [3], 0) is None
-    assert stopping_examples(examples, [3], 5) is None
