@@ -39,17 +39,18 @@ $(HANDOFF): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(LF_DIR) "$(LLAMAFACTORY)"
 	touch $(STAMP) $(HANDOFF)
 
-# llama.cpp's server (llama-server), built once into the same cache (about 15 min on two cores)
+# llama.cpp's server (llama-server), built once into the same cache (about 15 min on two cores);
+# later runs and clones find it there and do nothing
 llama-cpp: $(STAMP)
-	$(PY) -m daemon.llamacpp build
+	$(PY) -m daemon.llamacpp build >/dev/null
 
 run: $(STAMP)
 	$(LLAMA_SRC)
 	$(VENV)/bin/fine-tuner watch --root .
 
 # Three workers on two cores: most of the suite waits on real processes, files and sockets; the
-# modules that build a trained model once keep to one worker each (xdist_group).
-test: $(HANDOFF)
-	$(LLAMA_SRC)
+# modules that build a trained model once keep to one worker each (xdist_group). The suite serves
+# real models with llama-server, so it is built first (once per machine).
+test: $(HANDOFF) llama-cpp
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 \
 		LLAMAFACTORY_PATH=$(abspath $(LF_DIR)) $(PY) -m pytest -n 3 --dist loadgroup

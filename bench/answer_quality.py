@@ -88,6 +88,13 @@ def main() -> int:
                         help="give the experts' criteria (daemon.data.visits.TOPIC_DEFINITION) as topic_definition")
     parser.add_argument("--patience", type=int, default=None,
                         help="training.early_stopping_patience (default: the product's; 0: train every epoch)")
+    parser.add_argument("--lora-rank", type=int, default=None, help="training.lora_r (default: the product's)")
+    parser.add_argument("--lora-targets", default=None,
+                        help="comma-separated training.lora_target_modules, e.g. "
+                             "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (default: the product's)")
+    parser.add_argument("--fine-tune-only", action="store_true",
+                        help="evaluate the fine-tune and the base only, not the model set (saves ~12 min "
+                             "when only the training recipe changes)")
     parser.add_argument("--keep", help="keep the output folder here")
     args = parser.parse_args()
 
@@ -100,8 +107,13 @@ def main() -> int:
         config = {"ollama": {"host": "http://127.0.0.1:9", "retries": 0, "connect_timeout_s": 0.5},
                   "base_models": {NAME: str(gguf)}, "paths": {"root": str(work)},
                   "training": {"device": "cpu", "sequence_len": 1024, "timeout_s": 4 * 3600,
-                               **({} if args.patience is None else {"early_stopping_patience": args.patience})},
-                  "evaluation": {"enabled": "required", "backend": "local", "timeout_s": 3 * 3600,
+                               **({} if args.patience is None else {"early_stopping_patience": args.patience}),
+                               **({} if args.lora_rank is None else {"lora_r": args.lora_rank,
+                                                                     "lora_alpha": 2 * args.lora_rank}),
+                               **({} if args.lora_targets is None else {
+                                   "lora_target_modules": [m.strip() for m in args.lora_targets.split(",")]})},
+                  "evaluation": {"enabled": "off" if args.fine_tune_only else "required", "backend": "local",
+                                 "timeout_s": 3 * 3600,
                                  "max_new_tokens": 96}}
         (work / "config.json").write_text(json.dumps(config))
         out = work / "out"
@@ -119,10 +131,17 @@ def main() -> int:
             print(proc.stderr[-4000:], file=sys.stderr)
             return 1
         meta = json.loads((out / "fine_tuning_metadata.json").read_text())
+        if args.fine_tune_only:
+            (out / "comparison_model_set.json").rename(work / "comparison_model_set.json")
+            report = evaluate_folder(out, meta, load_config(env={}, overrides=config), backend="local")
+            evaluation.write_report(report, out)
         report = json.loads((out / "evaluation.json").read_text())
         t = meta["training"]
         print(f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {args.rows} visits, {args.epochs} epochs, lr {args.lr}, "
               f"batch {args.batch_size}; job wall time {wall / 60:.1f} min")
+        lora = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        print(f"LoRA r {lora.get('r')}, alpha {lora.get('lora_alpha')}, on {sorted(lora.get('target_modules') or [])}; "
+              f"topic definition in the system prompt: {'yes' if args.topic_definition else 'no'}")
         print(f"training: {t['train_s'] / 60:.1f} min, {t['tokens_per_s']} tokens/s, {t['steps']} steps, "
               f"loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, eval_loss {t.get('eval_loss')}")
         stopping = t.get("early_stopping") or {}

@@ -195,8 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     build = pinned()
     if argv[:1] == ["build"]:
-        fetch_source(build)
-        build_server(build, int(os.environ.get("LLAMA_CPP_BUILD_JOBS", "2")))
+        import fcntl
+
+        build.root.mkdir(parents=True, exist_ok=True)
+        # one build per machine: a second clone's make waits for the first and then finds the binary
+        with open(build.root / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            fetch_source(build)
+            build_server(build, int(os.environ.get("LLAMA_CPP_BUILD_JOBS", "2")))
         print(build.server)
         return 0
     if argv[:1] == ["source"]:

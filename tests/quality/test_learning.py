@@ -11,11 +11,14 @@ numbers come from the job's ``evaluation.json``: answers parsed strictly by
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 
 import pandas as pd
 import pytest
 
+from daemon.config import load_config
 from daemon.fine_tuner import FineTuner
 from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
 from tests.tiny_model import TINY_NAME
@@ -52,6 +55,7 @@ def evaluation(tmp_path_factory, tiny_base_models) -> dict:
     assert ok is True and meta["evaluation"]["status"] == "done"
     report = json.loads((out / "job" / "evaluation.json").read_text())
     report["by_key"] = {m["key"]: m for m in report["models"]}
+    report["folder"] = out / "job"
     report["summary"] = json.dumps({m["key"]: [m["accuracy"], m["invalid_rate"], m["kappa"]]
                                     for m in report["models"]} | {"majority": report["majority_class"]})
     return report
@@ -89,3 +93,38 @@ def test_base_model_cannot_already_rate(evaluation):
     plus 0.1: what the fine-tune knows it learned from the training rows."""
     base = evaluation["by_key"]["base"]["accuracy"]
     assert base <= evaluation["majority_class"]["accuracy"] + 0.1, evaluation["summary"]
+
+
+# The same fine-tune served by llama.cpp: its converter's GGUF of the tiny base, the job's own
+# adapter.gguf loaded at start, asked through the openai backend. Greedy decoding of f32 weights on
+# both sides; the server also holds the answer to the JSON Schema, the local child does not.
+MIN_SAME_AS_LOCAL = 0.95
+
+
+def test_llama_server_with_the_gguf_adapter_rates_as_the_local_backend(evaluation, tmp_path, tiny_model_dir):
+    """llama-server (built by make) with the tiny base as GGUF and the fine-tune's adapter.gguf gives
+    the local backend's rating on at least 95% of the held-out rows, through `evaluate`'s openai
+    backend, which finds the adapter among the server's /lora-adapters."""
+    from daemon.llamacpp import convert_hf_to_gguf, server_binary
+    from daemon.quality import evaluator
+    from daemon.serving.llamaserver import LlamaServer, ServerSpec
+
+    binary = server_binary()
+    assert binary is not None, "llama-server is not built: `make llama-cpp` (make test builds it)"
+    folder = tmp_path / "job"
+    shutil.copytree(evaluation["folder"], folder)
+    base_gguf = convert_hf_to_gguf(tiny_model_dir, tmp_path / "tiny.gguf", gpt2_pre=True)
+    spec = ServerSpec(model=base_gguf, adapters=(folder / "adapter" / "adapter.gguf",), alias=TINY_NAME,
+                      parallel=2, ctx_per_slot=512)
+    meta = json.loads((folder / "fine_tuning_metadata.json").read_text())
+    with LlamaServer(spec, binary=binary, log_path=tmp_path / "llama-server.log") as server:
+        cfg = load_config(env={}, overrides={"openai": {"base_url": server.base_url},
+                                             "paths": {"root": str(tmp_path)}})
+        served = evaluator.evaluate_folder(folder, meta, cfg, backend="openai")
+    with open(evaluation["folder"] / "predictions.csv", newline="", encoding="utf-8") as fh:
+        local = [int(r["new_rating"]) if r["new_valid"] == "true" else None for r in csv.DictReader(fh)]
+    remote = served["_predictions"]["models"]["new"]
+    assert [m["backend"] for m in served["models"]] == ["openai"] * 3
+    assert len(remote) == len(local) == 60
+    same = sum(a == b for a, b in zip(local, remote)) / len(local)
+    assert same >= MIN_SAME_AS_LOCAL, (same, local, remote)
