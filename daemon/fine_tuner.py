@@ -39,6 +39,7 @@ from .errors import (
     EvaluationError,
     FineTuningNotSupportedError,
     ModelSetConfigError,
+    OllamaError,
     TrainingFailedError,
 )
 from .logconfig import get_logger
@@ -392,6 +393,7 @@ class FineTuner:
                 self._write_model_set(plan, build_dir)
             with stages("evaluation"):
                 meta["evaluation"] = self._evaluate(plan, build_dir)
+                self._quality_gate(plan)
             meta["stage_durations_s"] = stages.durations
             meta["duration_s"] = round(sum(stages.durations.values()), 4)  # work time, not queueing
             meta["artifacts"] = sorted(p.name for p in build_dir.iterdir() if not p.name.startswith("."))
@@ -532,6 +534,45 @@ class FineTuner:
         with stages("registration"):
             meta["registration"] = self._register(lambda client: register.register_model_set(client, config),
                                                   plan.ollama_memory)
+
+    def _quality_gate(self, plan: JobPlan) -> None:
+        """``evaluation.min_kappa`` / ``max_invalid_rate``: a model below the floor does not stay
+        registered under its final Ollama name (it is deleted there again), and the job succeeds
+        with ``quality_gate: failed``; with ``evaluation.enabled: required`` the job fails."""
+        meta = plan.meta
+        gate = (meta.get("evaluation") or {}).get("quality_gate")
+        if not gate or gate.get("status") == "off":
+            if self.config.evaluation.min_kappa is not None or self.config.evaluation.max_invalid_rate is not None:
+                meta["quality_gate"] = {"status": "not_checked",
+                                        "reason": "the models were not evaluated, so the floor could not be checked"}
+                log.warning("quality_gate_not_checked", reason=meta["quality_gate"]["reason"])
+            return
+        meta["quality_gate"] = dict(gate)
+        if gate["status"] == "passed":
+            log.info("quality_gate_passed", reason=gate["reason"])
+            return
+        log.warning("quality_gate_failed", reason=gate["reason"])
+        registration = meta.get("registration") or {}
+        if registration.get("registered") and registration.get("name"):
+            name = registration["name"]
+            try:
+                with self._ollama_client(memory=plan.ollama_memory) as client:
+                    client.delete(name)
+            except OllamaError as exc:
+                # the model stays under its name: say so everywhere the analyst looks
+                meta["quality_gate"]["withdrawn"] = False
+                meta["warnings"].append(f"the model did not pass the quality gate but could not be removed from "
+                                        f"Ollama ({exc.message}): delete {name} by hand")
+                log.warning("model_not_withdrawn", name=name, reason=exc.message)
+            else:
+                meta["registration"] = {**registration, "registered": False, "withdrawn": True,
+                                        "reason": f"quality gate failed: {gate['reason']}"}
+                meta["quality_gate"]["withdrawn"] = True
+                log.warning("model_withdrawn", name=name, reason="quality_gate_failed")
+        if self.config.evaluation.enabled == "required":
+            raise EvaluationError(f"the model did not pass the quality gate: {gate['reason']}",
+                                  hint="see evaluation.md; add training rows or change the recipe, or lower "
+                                       "evaluation.min_kappa / raise evaluation.max_invalid_rate")
 
     def _evaluate(self, plan: JobPlan, build_dir: Path) -> dict:
         """Measure the job's models on its held-out rows (``evaluation.enabled``): ``auto`` records

@@ -94,6 +94,13 @@ def _evaluation_brief(folder: Path, meta: dict) -> dict:
         effect = report.get("adapter_effect")
         if isinstance(effect, dict) and effect.get("ignored"):
             brief["adapter_ignored"] = True
+        verdict = report.get("verdict")
+        if isinstance(verdict, dict) and verdict.get("headline"):
+            brief["recommended"] = verdict.get("recommended")
+            brief["verdict"] = verdict["headline"]
+        gate = report.get("quality_gate")
+        if isinstance(gate, dict) and gate.get("status") in ("passed", "failed"):
+            brief["quality_gate"] = {"status": gate["status"], "reason": gate.get("reason")}
         return brief
     evaluation = meta.get("evaluation") or {}
     return {"status": evaluation.get("status"), "reason": evaluation.get("reason")} if evaluation else {}
@@ -156,6 +163,11 @@ def _status_lines(report: dict) -> list[str]:
                 if err.get("hint"):
                     line += f" ({err['hint']})"
             lines.append(line)
+            evaluation = job.get("evaluation") or {}
+            if (evaluation.get("quality_gate") or {}).get("status") == "failed":
+                lines.append(f"    quality gate failed: {evaluation['quality_gate'].get('reason')}")
+            if evaluation.get("verdict"):
+                lines.append(f"    {evaluation['verdict']}")
             lines.extend(f"    warning: {w}" for w in job.get("warnings") or [])
     if report.get("waiting_datasets"):
         lines.append("datasets in the inbox: " + ", ".join(report["waiting_datasets"]))

@@ -315,8 +315,13 @@ def markdown(report: dict) -> str:
 
     maj = report["majority_class"]
     effect = report.get("adapter_effect") or {}
+    verdict = report.get("verdict") or {}
+    gate = report.get("quality_gate") or {}
     lines = [
         "# Evaluation against the expert ratings", "",
+        *([f"**{md_text(verdict['headline'])}**", ""] if verdict.get("headline") else []),
+        *([f"**Quality gate failed: {md_text(gate['reason'])}.** fine-tuner does not keep a model below the "
+           "floor registered in Ollama under its name.", ""] if gate.get("status") == "failed" else []),
         *([f"**Warning: {effect['message']}.**", ""] if effect.get("ignored") else []),
         f"{report['n']} held-out rows the models never saw in training ({md_text(report['source'])}). "
         f"Always answering the most common expert rating (\"{md_text(maj['label'])}\") would score "
@@ -472,8 +477,11 @@ def metadata_summary(report: dict, files: list[str]) -> dict:
     effect = report.get("adapter_effect")
     split = report.get("split") or {}
     learned = [g["key"] for g in report.get("generalisation", []) if g["learned_examples_more_than_rule"]]
+    verdict = report.get("verdict") or {}
     return {"status": "done", "backend": report["models"][0]["backend"], "rows": report["n"],
             "models": summary_line(report), "files": files,
+            **({"recommended": verdict.get("recommended"), "verdict": verdict.get("headline")} if verdict else {}),
+            **({"quality_gate": report["quality_gate"]} if "quality_gate" in report else {}),
             **({"split": split.get("kind"), "duplicates_set_aside": split.get("duplicates_set_aside")}
                if split else {}),
             **({"learned_examples_more_than_rule": learned} if "generalisation" in report else {}),

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import evaluation
+from . import evaluation, trust
 from ..data import prompts
 from ..config import Config
 from ..logconfig import get_logger
@@ -314,8 +314,13 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
         results, data.expert, data.rows, meta["mapping"]["labels"], seed=seed, source=data.source,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         adapter_check=adapter_check, sets=data.sets, split=_split_summary(meta))
+    report["verdict"] = trust.verdict(report, trust.Thresholds(
+        min_kappa=ev.recommend_min_kappa, max_invalid_rate=ev.recommend_max_invalid_rate,
+        min_rows=ev.verdict_min_rows))
+    report["quality_gate"] = trust.quality_gate(report, ev.min_kappa, ev.max_invalid_rate)
     log.info("evaluation_finished", backend=chosen, rows=len(data.expert),
-             models=evaluation.summary_line(report))
+             models=evaluation.summary_line(report), recommended=report["verdict"]["recommended"],
+             quality_gate=report["quality_gate"]["status"])
     return report
 
 
