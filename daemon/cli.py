@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                            "then the local child), ollama, openai or local")
     rate.add_argument("--mapping", metavar="FILE", help="rating mapping (only with a bare Ollama name)")
     rate.add_argument("--topics", help="target topic(s) of the system prompt (only with a bare Ollama name)")
+    rate.add_argument("--review-below", type=_confidence_arg, metavar="P",
+                      help="write the records whose answer is invalid or whose confidence is under P to "
+                           "needs_review.csv for the experts (default: rating.review_below)")
     rate.add_argument("--prompt-template", metavar="TEMPLATE",
                       help="how a record becomes the prompt (only with a bare Ollama name): a format "
                            "string with {Column} fields, or a JSON list of columns")
@@ -128,6 +131,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _confidence_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a confidence such as 0.8, got {text!r}") from None
+    if not (0 < value <= 1):
+        raise argparse.ArgumentTypeError("must be a confidence in (0, 1]")
     return value
 
 
@@ -473,6 +486,8 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
                                    if progress else None)
     if progress is not None:
         print(file=sys.stderr)
+    below = args.review_below if args.review_below is not None else cfg.rating.review_below
+    summary = rating.route_for_review(summary, csv_path, output, below)
     rating.write_summary(summary, summary_path)
     counts = ", ".join(f"{label} {n}" for label, n in summary["counts"].items())
     ids = summary.get("id_column")
@@ -480,6 +495,12 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
     print(f"ratings: {counts}; invalid answers {summary['invalid']}")
     print("ids: " + (f"the input column {ids!r}" if ids else
                      "data row numbers (the input has no Row_ID or C_BioSense_ID column)"))
+    review = summary.get("needs_review")
+    if review:
+        print(f"to review: {review['records']} records (invalid, or confidence under {review['threshold']:g}) in "
+              f"{output.with_name(review['file'])}")
+    elif not (summary.get("confidence") or {}).get("source"):
+        print(f"confidence: {(summary.get('confidence') or {}).get('note') or 'none'}")
     print(f"outputs: {output}, {summary_path}")
     return EXIT_OK
 

@@ -110,6 +110,9 @@ class OpenAIConfig:
     backoff_max_s: float = 30.0  # also the longest wait a 429's Retry-After gets
     parallel: int = 4  # requests in flight at once
     max_response_bytes: int = 8 * 1024 * 1024
+    # ask for the answer tokens' log-probabilities (each rating's confidence); turn off for a
+    # server that refuses the logprobs field
+    logprobs: bool = True
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,15 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class RatingConfig:
+    """Rating new records with a built model (``fine-tuner rate``, ``task: rate`` jobs)."""
+
+    # records whose answer is invalid, has no confidence, or a confidence under this go to
+    # needs_review.csv for the experts; None: no review file
+    review_below: float | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     defaults: Defaults = field(default_factory=Defaults)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
@@ -194,12 +206,13 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    rating: RatingConfig = field(default_factory=RatingConfig)
     debug: bool = False
     source: str | None = None  # the YAML file this came from, for messages
 
 
 SECTIONS = {"defaults": Defaults, "ollama": OllamaConfig, "openai": OpenAIConfig, "training": TrainingConfig,
-            "paths": PathsConfig, "watch": WatchConfig, "evaluation": EvaluationConfig}
+            "paths": PathsConfig, "watch": WatchConfig, "evaluation": EvaluationConfig, "rating": RatingConfig}
 EVALUATION_MODES = ("auto", "required", "off")
 EVALUATION_BACKENDS = ("auto", "ollama", "openai", "local")
 TRAINING_BACKENDS = ("local", "axolotl")
@@ -457,6 +470,7 @@ def _at_most(high: float) -> tuple[Callable[[float], bool], str]:
 
 _POSITIVE = ((lambda v: v > 0), "must be greater than 0")
 _FRACTION = ((lambda v: 0 <= v < 1), "must be in [0, 1)")
+_REVIEW_THRESHOLD = ((lambda v: 0 < v <= 1), "must be a confidence in (0, 1]")
 # Each numeric key's rules, in the order its problems are listed; the first broken rule is named.
 _RULES: dict[str, tuple[tuple[Callable[[float], bool], str], ...]] = {
     "defaults.epochs": (_at_least(1),),
@@ -504,6 +518,7 @@ _RULES: dict[str, tuple[tuple[Callable[[float], bool], str], ...]] = {
     "evaluation.verdict_min_rows": (_at_least(1),),
     "evaluation.min_kappa": (_at_least(-1), _at_most(1)),
     "evaluation.max_invalid_rate": (_at_least(0), _at_most(1)),
+    "rating.review_below": (_REVIEW_THRESHOLD,),
 }
 
 
@@ -860,7 +875,7 @@ def as_dict(cfg: Config) -> dict:
 # --- per-job settings (job files, CLI flags) ----------------------------------------------------
 
 JOB_KEYS = ("task", "model", "topics", "epochs", "learning_rate", "batch_size", "approach", "fallback",
-            "output_model", "force", "prompt_template", "topic_definition", "group_by")
+            "output_model", "force", "prompt_template", "topic_definition", "group_by", "review_below")
 TASKS = ("build", "rate")  # build a model (the default) | rate the dataset with a built one
 # The free text a job carries goes into every training record's system prompt, the metadata, the
 # Modelfile and errors: a few lines each. A bigger value is refused naming its key and the limit
@@ -890,6 +905,7 @@ class JobSettings:
     prompt_template: Any = None  # a template.Template, or None: the file's prompt column
     topic_definition: str | None = None  # the experts' criteria, in the system prompt
     group_by: str | None = None  # None: the config's evaluation.group_by
+    review_below: float | None = None  # a rate job's needs_review.csv; None: the config's rating.review_below
 
 
 def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
@@ -941,6 +957,9 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
     for key in ("epochs", "batch_size"):
         if isinstance(merged.get(key), int) and merged[key] < 1:
             problems.append(f"{key}: must be at least 1")
+    review = merged.get("review_below")
+    if isinstance(review, float) and not (math.isfinite(review) and 0 < review <= 1):
+        problems.append("review_below: must be a confidence in (0, 1]")
     learning_rate = merged.get("learning_rate")
     if isinstance(learning_rate, float) and not math.isfinite(learning_rate):
         problems.append("learning_rate: must be a finite number")

@@ -41,6 +41,8 @@ from typing import Any
 
 import pytest
 
+from tests.fake_logprobs import token_logprobs
+
 FAULTS = (None, "down", "slow", "error500", "reset", "garbage", "hang", "trickle")
 HOSTILE = ("endless", "huge", "huge_unannounced", "redirect", "body")
 ADAPTER_ARCHITECTURES = ("llama", "gemma2")  # reference §5: convert.ConvertAdapter
@@ -252,6 +254,8 @@ class FakeOllama:
         self.chat_content: str | None = None  # overrides the scripted chat answer when set
         # a test's own answers: (model name, messages) -> content; overrides chat_content when set
         self.chat_responder: Callable[[str, list], str] | None = None
+        # each allowed rating's probability for a chat that asks for logprobs (None: all certain)
+        self.probs_responder: Callable[[str, list], dict | None] | None = None
         self.hostile: dict[str, str] = {}  # path -> one of HOSTILE
         self.hostile_bodies: dict[str, bytes] = {}  # path -> the body of a "body" answer
         self.hostile_status: dict[str, int] = {}  # path -> the status of a "body" answer (default 200)
@@ -491,6 +495,13 @@ class FakeOllama:
         messages = body.get("messages") or []
         if not isinstance(messages, list):
             raise BadRequest(400, "json: cannot unmarshal messages into []api.Message")
+        if "logprobs" in body and not isinstance(body["logprobs"], bool):
+            raise BadRequest(400, "json: cannot unmarshal into Go struct field ChatRequest.logprobs of type bool")
+        top = body.get("top_logprobs", 0)
+        if type(top) is not int:
+            raise BadRequest(400, "json: cannot unmarshal into Go struct field ChatRequest.top_logprobs of type int")
+        if not 0 <= top <= 20:
+            raise BadRequest(400, "top_logprobs must be between 0 and 20")
         if not messages:
             return model, "", "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
         if self.chat_responder is not None:
@@ -920,6 +931,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data[: len(data) // 2])
                 self._reset()
             return
+        if body.get("logprobs") is True and reason == "stop":
+            probs = self.fake.probs_responder(model.name, body["messages"]) if self.fake.probs_responder else None
+            final["logprobs"] = token_logprobs(content, probs, int(body.get("top_logprobs", 0)))
         if not stream:
             self._json(200, final)
             return

@@ -45,6 +45,8 @@ from typing import Any
 
 import pytest
 
+from tests.fake_logprobs import token_logprobs
+
 from tests.fake_ollama import _schema_sample, _Server
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -95,6 +97,8 @@ class FakeOpenAI:
         self.runtime_lora = False
         self.requests: list[Request] = []
         self.responder: Callable[[str, list, dict], str | None] | None = None
+        # each allowed rating's probability for a chat that asks for logprobs (None: all certain)
+        self.probs_responder: Callable[[str, list], dict | None] | None = None
         self.delay_s = 0.0
         # a chat is answered only once this many chats were in flight at once (or after gate_timeout_s)
         self.gate: int | None = None
@@ -197,6 +201,13 @@ class FakeOpenAI:
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ApiError(400, "'seed' must be an integer", code="invalid_type")
+        if "logprobs" in body and not isinstance(body["logprobs"], bool):
+            raise ApiError(400, "'logprobs' must be a boolean", code="invalid_type")
+        top = body.get("top_logprobs")
+        if top is not None and (type(top) is not int or not 0 <= top <= 20):
+            raise ApiError(400, "'top_logprobs' must be an integer from 0 to 20", code="invalid_value")
+        if top is not None and body.get("logprobs") is not True:
+            raise ApiError(400, "'top_logprobs' requires 'logprobs' to be true", code="invalid_value")
         schema = self._response_schema(body.get("response_format"))
         self._check_lora(body.get("lora"))
         if model not in self.models and model not in self.lora_modules:
@@ -343,10 +354,14 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with fake.changed:
                 fake.in_flight -= 1
+        scores = None
+        if body.get("logprobs") is True and isinstance(content, str):
+            probs = fake.probs_responder(model, body["messages"]) if fake.probs_responder else None
+            scores = {"content": token_logprobs(content, probs, int(body.get("top_logprobs") or 0)), "refusal": None}
         self._send(200, {"id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion",
                          "created": int(time.time()), "model": model, "system_fingerprint": "fp_fake",
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                      "logprobs": None, "finish_reason": "stop"}],
+                                      "logprobs": scores, "finish_reason": "stop"}],
                          "usage": {"prompt_tokens": 42, "completion_tokens": 17, "total_tokens": 59}})
 
     do_GET = do_POST = do_PUT = do_DELETE = _handle

@@ -344,6 +344,10 @@ class JobRunner:
                 summary = rating.rate_file(model, claim.path / claim.files["dataset"], build / "ratings.csv",
                                            self.cfg, backend=self.cfg.evaluation.backend,
                                            stop_event=self.ctx.job_stop)
+                settings = self._settings(claim, values)
+                below = settings.review_below if settings.review_below is not None else self.cfg.rating.review_below
+                summary = rating.route_for_review(summary, claim.path / claim.files["dataset"],
+                                                  build / "ratings.csv", below)
             except (FineTunerError, DatasetTooSmallWarning) as exc:
                 error = error_fields(exc)
         if error is not None:

@@ -35,6 +35,7 @@ INVALID_RULE = ("an answer is valid only when it is a JSON object whose \"rating
                 "repaired or guessed)")
 BOOTSTRAP_SAMPLES = 1000
 REPORT_FILES = ("evaluation.json", "evaluation.md", "confusion_matrix.png", "predictions.csv")
+CALIBRATION_FILE = "calibration.json"  # the new model's temperature, applied when it rates
 # The daemon's workers may evaluate two jobs at once: the first import of scikit-learn or
 # matplotlib (C extensions with circular imports) from two threads together can fail with a
 # "partially initialized module" error, so they are imported one thread at a time. pyplot is
@@ -71,6 +72,9 @@ class ModelResult:
     duration_s: float
     backend: str
     extra: dict = field(default_factory=dict)
+    # per row, each allowed rating's probability at the answer's rating position (None: the
+    # backend gave none for that row); None: no probabilities at all
+    probs: list[dict[int, float] | None] | None = None
 
 
 def _ci(values: list[float]) -> list[float] | None:
@@ -264,6 +268,11 @@ def evaluation_report(results: Sequence[ModelResult], expert: Sequence[int], row
     if sets is not None and len(set(sets)) == 2:
         fig = figures(results, expert, labels, sets, seed=seed)
         extra.update(figures=fig, generalisation=generalisation(fig))
+    scored, confidences = [], {}
+    for r in results:
+        m = score(r, expert, labels, seed=seed)
+        m["confidence"], confidences[r.key] = confidence_report(r, expert, seed=seed)
+        scored.append(m)
     return {
         **({"adapter_effect": adapter_check} if adapter_check is not None else {}),
         **extra,
@@ -271,10 +280,43 @@ def evaluation_report(results: Sequence[ModelResult], expert: Sequence[int], row
         "bootstrap_samples": BOOTSTRAP_SAMPLES, "invalid_answer_rule": INVALID_RULE,
         "labels": {str(k): int(v) for k, v in labels.items()},
         "majority_class": majority(expert, labels),
-        "models": [score(r, expert, labels, seed=seed) for r in results],
+        "models": scored,
         "_predictions": {"rows": list(rows), "expert": [int(e) for e in expert],
-                         "models": {r.key: r.ratings for r in results}},
+                         "models": {r.key: r.ratings for r in results}, "confidence": confidences},
     }
+
+
+CONFIDENCE_SOURCES = {"ollama": "Ollama's token log-probabilities (/api/chat logprobs)",
+                      "openai": "the server's token log-probabilities (logprobs)",
+                      "local": "teacher forcing of each allowed rating at the rating position"}
+
+
+def confidence_report(result: ModelResult, expert: Sequence[int], *, seed: int) -> tuple[dict, list]:
+    """(what the report says of one model's confidences, the calibrated confidence per row):
+    where they come from, how many rows have one, the temperature fitted on these rows with the
+    expected calibration error before and after, the reliability points, and the coverage table."""
+    from . import confidence as conf
+
+    n = len(expert)
+    probs = result.probs if result.probs is not None else [None] * n
+    available = sum(p is not None and r is not None for p, r in zip(probs, result.ratings))
+    if not available:
+        return {"available": 0, "source": None,
+                "note": f"the {result.backend} backend gave no probabilities for these answers: no confidence "
+                        "is reported (it is never guessed)"}, [None] * n
+    correct = [r is not None and r == e for r, e in zip(result.ratings, expert)]
+    raw = [conf.confidence(p, r) for p, r in zip(probs, result.ratings)]
+    temperature = conf.fit_temperature(probs, expert)
+    calibrated = raw if temperature is None else [
+        conf.confidence(conf.with_temperature(p, temperature), r) for p, r in zip(probs, result.ratings)]
+    return {"available": available, "source": CONFIDENCE_SOURCES.get(result.backend, result.backend),
+            "calibration": {"temperature": temperature, "ece_before": conf.ece(raw, correct),
+                            "ece_after": conf.ece(calibrated, correct) if temperature is not None else None,
+                            "reliability_before": conf.reliability(raw, correct),
+                            "reliability_after": conf.reliability(calibrated, correct),
+                            "fitted_on": "these held-out rows"},
+            "coverage": conf.coverage(calibrated, result.ratings, expert, seed=seed)}, [
+        None if c is None else round(c, 4) for c in calibrated]
 
 
 # --- report files ------------------------------------------------------------------------------
@@ -343,6 +385,7 @@ def markdown(report: dict) -> str:
         "moderate, 0.6–0.8 substantial, above 0.8 almost perfect. Intervals are seeded bootstrap "
         f"95% intervals over {report['bootstrap_samples']} resamples: with few held-out rows they are wide.",
         *_split_lines(report),
+        *_confidence_lines(report),
     ]
     for m in models:
         cm = m.get("confusion_matrix")
@@ -403,23 +446,62 @@ def _split_lines(report: dict) -> list[str]:
     return lines
 
 
+def _confidence_lines(report: dict) -> list[str]:
+    """The new model's confidences: where they come from, calibration, and the coverage table
+    (what share of the records to accept at each threshold, and how well those agree)."""
+    models = report.get("models") or []
+    new = next((m for m in models if m.get("key") == "new"), None)
+    if new is None or "confidence" not in new:
+        return []
+    info = new["confidence"]
+    lines = ["", "## Confidence: which ratings to accept, which records to send to the experts", ""]
+    if not info.get("available"):
+        return lines + [f"{md_text(new['title'])}: {md_text(info.get('note', 'no confidence'))}."]
+    cal = info["calibration"]
+    t = cal.get("temperature")
+    lines.append(f"Confidence is the probability the {md_text(new['title'])} gives its rating, from "
+                 f"{md_text(info['source'])}, over the allowed ratings ({info['available']} of {new['n']} rows have one)"
+                 + (f", calibrated with temperature {t:.2f} fitted on these rows: expected calibration error "
+                    f"{_fmt(cal.get('ece_before'))} before, {_fmt(cal.get('ece_after'))} after." if t is not None
+                    else f"; too few rows to calibrate (expected calibration error {_fmt(cal.get('ece_before'))})."))
+    lines += ["", "| accept when confidence ≥ | records accepted | kappa on them (95% CI) | accuracy on them (95% CI) "
+              "| to the experts |", "|---|---|---|---|---|"]
+    for row in info.get("coverage") or []:
+        share = row.get("share") or 0
+        lines.append(f"| {row['threshold']:.2f} | {row['accepted']} ({share * 100:.0f}%) | "
+                     f"{_with_ci(row.get('kappa'), row.get('kappa_ci95'))} | "
+                     f"{_with_ci(row.get('accuracy'), row.get('accuracy_ci95'))} | {(1 - share) * 100:.0f}% |")
+    pick = next((r for r in info.get("coverage") or [] if r.get("threshold") == 0.9 and r.get("accepted")), None)
+    if pick is not None:
+        lines += ["", f"For example: accept ≥ 0.9: {pick['share'] * 100:.0f} % of records at kappa "
+                      f"{_fmt(pick.get('kappa'))}; the other {(1 - pick['share']) * 100:.0f} % to review "
+                      "(`rating.review_below` writes them to `needs_review.csv`)."]
+    return lines
+
+
 def table_text(report: dict) -> str:
     """The side-by-side tables and how to read them (``evaluation.md`` without the matrices)."""
     head, *sections = markdown(report).split("\n## ")
-    return "\n## ".join([head, *(s for s in sections if s.startswith("Familiar records"))]).rstrip("\n")
+    keep = ("Familiar records", "Confidence")
+    return "\n## ".join([head, *(s for s in sections if s.startswith(keep))]).rstrip("\n")
 
 
 def predictions_csv(report: dict) -> str:
-    """``predictions.csv``: row, expert rating, then each model's rating (empty when invalid) and
-    validity. No prompt or rationale text; every cell through ``csvfile.safe_cell``."""
+    """``predictions.csv``: row, expert rating, then each model's rating (empty when invalid),
+    validity and calibrated confidence (empty when the backend gave none). No prompt or rationale
+    text; every cell through ``csvfile.safe_cell``."""
     pred = report["_predictions"]
     keys = list(pred["models"])
-    lines: list[list[Any]] = [["row", "expert_rating"] + [c for k in keys for c in (f"{k}_rating", f"{k}_valid")]]
+    confidences = pred.get("confidence") or {}
+    lines: list[list[Any]] = [["row", "expert_rating"] + [c for k in keys for c in (
+        f"{k}_rating", f"{k}_valid", f"{k}_confidence")]]
     for i, row in enumerate(pred["rows"]):
         cells: list[Any] = [row, pred["expert"][i]]
         for k in keys:
             rating = pred["models"][k][i]
-            cells += ["" if rating is None else rating, "true" if rating is not None else "false"]
+            value = (confidences.get(k) or [None] * len(pred["rows"]))[i]
+            cells += ["" if rating is None else rating, "true" if rating is not None else "false",
+                      "" if value is None else value]
         lines.append(cells)
     return csv_text(lines)
 
@@ -469,7 +551,17 @@ def write_report(report: dict, dest: Path) -> list[str]:
     fsutil.write_text(dest / "evaluation.md", markdown(report))
     fsutil.write_text(dest / "predictions.csv", predictions_csv(report))
     confusion_png(report, dest / "confusion_matrix.png")
-    return list(REPORT_FILES)
+    files = list(REPORT_FILES)
+    new = next((m for m in report.get("models", []) if m.get("key") == "new"), None)
+    calibration = ((new or {}).get("confidence") or {}).get("calibration") or {}
+    if calibration.get("temperature") is not None:
+        # stored with the model: rating applies it to every confidence it writes
+        fsutil.write_json(dest / CALIBRATION_FILE, {
+            "temperature": calibration["temperature"], "ece_before": calibration["ece_before"],
+            "ece_after": calibration["ece_after"], "rows": new["confidence"]["available"],
+            "backend": new.get("backend"), "fitted_at": report.get("created_at")})
+        files.append(CALIBRATION_FILE)
+    return files
 
 
 def metadata_summary(report: dict, files: list[str]) -> dict:

@@ -287,23 +287,23 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
         if chosen == "ollama":
             name = model.ollama_name or base
             answers = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=seed,
-                                  schema=schema, memory=memory).answer(name, conversations, on_progress=progress,
-                                                        stop_event=stop_event)
+                                  schema=schema, memory=memory, values=values).answer(
+                name, conversations, on_progress=progress, stop_event=stop_event)
         elif chosen == "openai":
             name, extra = weights.target(model)  # for this backend, choose_backend's plan
-            answers = OpenAIRater(config.openai, seed=seed, schema=schema, extra=extra).answer(
+            answers = OpenAIRater(config.openai, seed=seed, schema=schema, extra=extra, values=values).answer(
                 name, conversations, on_progress=progress, stop_event=stop_event)
         else:
             name = base + (" + adapter" if model.adapter_dir is not None else "")
             answers = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size,
                                  max_new_tokens=ev.max_new_tokens, timeout_s=ev.timeout_s,
-                                 grace_s=config.training.grace_s).answer(
+                                 grace_s=config.training.grace_s, values=values).answer(
                 conversations, on_progress=progress, stop_event=stop_event)
         duration = time.monotonic() - started
         texts[model.key] = [a.text for a in answers]
         results.append(evaluation.ModelResult(
             model.key, model.title, name, [evaluation.parse_answer(a.text, values) for a in answers],
-            [a.latency_s for a in answers], duration, chosen,
+            [a.latency_s for a in answers], duration, chosen, probs=[a.probs for a in answers],
             extra={"few_shot_turns": len(model.few_shot) // 2}))
     adapter_check = None
     if any(m.adapter_dir is not None for m in models) and "new" in texts and "base" in texts:

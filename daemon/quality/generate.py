@@ -11,7 +11,9 @@ close of the answer's JSON object (as a server's JSON-Schema grammar ends it).
 The spec (JSON): ``base_ref`` (weights folder or hub id), ``adapter_dir`` (or null), ``input`` (JSONL,
 one ``{"messages": [...]}`` per line, each ending with the user turn), ``output`` (JSONL, one
 ``{"index", "text", "latency_s"}`` per line, appended and flushed per batch), and optionally
-``batch_size`` (8), ``max_new_tokens`` (96), ``threads``, ``device`` ("auto") and ``parent_pid``.
+``batch_size`` (8), ``max_new_tokens`` (96), ``threads``, ``device`` ("auto"), ``parent_pid`` and
+``values`` (the allowed ratings: each answer then also gets ``probs``, each value's probability at
+its rating position by teacher forcing, ``score_values``).
 Progress goes to stdout as ``{"event": "generate_progress", "done": n, "total": N}`` lines.
 Nothing from the records ever reaches stdout or stderr: only counts and line numbers.
 
@@ -22,6 +24,7 @@ Exit codes: 0 done; 2 the spec or the weights are unusable; 3 the input cannot b
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -168,18 +171,78 @@ def answer_batch(tokenizer: Any, model: Any, device: str, prompts: list[str], co
     return texts
 
 
+def score_values(tokenizer: Any, model: Any, device: str, prompts: list[str], texts: list[str],
+                 values: list[int]) -> list[dict[str, float] | None]:
+    """Each allowed rating's probability at each answer's rating position, by teacher forcing: the
+    answer up to its rating, then each value (and the character that followed it) is scored as a
+    continuation of the prompt; the values' likelihoods, normalised, sum to 1. None for an answer
+    without a rating in it. One forward pass per batch of (answer, value) sequences, left-padded,
+    with logits only for the positions scored."""
+    import torch
+
+    from .confidence import rating_span
+
+    jobs: list[tuple[int, int, list[int]]] = []  # (answer, value, token ids)
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        span = rating_span(text)
+        if span is None:
+            continue
+        start, end = span
+        for v in values:
+            ids = tokenizer(prompt + text[:start] + str(v) + text[end:end + 1], add_special_tokens=False)["input_ids"]
+            jobs.append((i, v, ids))
+    out: list[dict[str, float] | None] = [None] * len(prompts)
+    if not jobs:
+        return out
+    sequences: dict[int, list[list[int]]] = {}
+    for i, _, ids in jobs:
+        sequences.setdefault(i, []).append(ids)
+    common: dict[int, int] = {}  # per answer: the leading tokens all its value sequences share
+    for i, seqs in sequences.items():
+        shortest, k = min(len(x) for x in seqs), 0
+        while k < shortest and all(x[k] == seqs[0][k] for x in seqs):
+            k += 1
+        common[i] = k
+    width = max(len(ids) for _, _, ids in jobs)
+    keep = max(len(ids) - common[i] + 1 for i, _, ids in jobs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, _, ids in jobs], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, _, ids in jobs], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                       logits_to_keep=keep).logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    scores: dict[int, dict[int, float]] = {}
+    for row, (i, v, ids) in enumerate(jobs):
+        total = 0.0
+        for k in range(max(common[i], 1), len(ids)):  # token k, predicted at position k - 1
+            q = (width - len(ids) + k - 1) - (width - keep)
+            total += float(logp[row, q, ids[k]])
+        scores.setdefault(i, {})[v] = total
+    for i, by_value in scores.items():
+        top = max(by_value.values())
+        weights = {v: math.exp(x - top) for v, x in by_value.items()}
+        norm = sum(weights.values())
+        out[i] = {str(v): w / norm for v, w in weights.items()}
+    return out
+
+
 def iter_answers(tokenizer: Any, model: Any, device: str, conversations: list[list[dict]], *,
-                 batch_size: int, max_new_tokens: int):
+                 batch_size: int, max_new_tokens: int, values: list[int] | None = None):
     """Yield ``(start, answers)`` per batch, in input order; each answer is
-    ``{"text", "latency_s"}`` with the batch's wall time shared equally among its records."""
+    ``{"text", "latency_s"}`` with the batch's wall time shared equally among its records, and
+    with ``values`` its ``probs`` (``score_values``)."""
     config, stops = _greedy_config(model, tokenizer, max_new_tokens)
     for start in range(0, len(conversations), batch_size):
         batch = conversations[start:start + batch_size]
         began = time.monotonic()
-        texts = answer_batch(tokenizer, model, device, [render_prompt(tokenizer, c) for c in batch],
-                             config, stops)
+        prompts = [render_prompt(tokenizer, c) for c in batch]
+        texts = answer_batch(tokenizer, model, device, prompts, config, stops)
+        probs = score_values(tokenizer, model, device, prompts, texts, values) if values else [None] * len(texts)
         latency = (time.monotonic() - began) / len(batch)
-        yield start, [{"text": text, "latency_s": latency} for text in texts]
+        yield start, [{"text": text, "latency_s": latency, **({"probs": p} if p is not None else {})}
+                      for text, p in zip(texts, probs)]
 
 
 def generate(base_ref: str, adapter_dir: str | None, conversations: list[list[dict]], *,
@@ -224,6 +287,10 @@ def load_spec(path: str) -> dict:
     spec["batch_size"] = _positive_int(spec, "batch_size", 8)
     spec["max_new_tokens"] = _positive_int(spec, "max_new_tokens", 96)
     spec["threads"] = _positive_int(spec, "threads", None)
+    values = spec.get("values")
+    if values is not None and not (isinstance(values, list) and values
+                                   and all(type(v) is int for v in values)):
+        raise GenerateExit(EXIT_SPEC, "the spec's values must be a list of integers (the allowed ratings)")
     return spec
 
 
@@ -282,7 +349,8 @@ def run(spec: dict) -> int:
             raise GenerateExit(EXIT_SPEC, "cannot load the weights from the spec's base_ref or adapter_dir "
                                           f"({type(exc).__name__})") from None
         for start, answers in iter_answers(tokenizer, model, device, conversations,
-                                           batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"]):
+                                           batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
+                                           values=spec.get("values")):
             for offset, answer in enumerate(answers):
                 out.write(json.dumps({"index": start + offset, **answer}, ensure_ascii=False) + "\n")
             out.flush()

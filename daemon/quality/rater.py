@@ -14,6 +14,11 @@ object, byte for byte, so a server can reuse its prompt cache. Answers come back
 * ``LocalRater``: a child process (``python -m daemon.quality.generate``; this process never imports torch)
   that loads the base weights, and the adapter for a fine-tune, and generates greedily in batches.
   Its progress lines are relayed; a stop request terminates it.
+
+Given the mapping's ``values``, each rater also returns every allowed rating's probability at the
+answer's rating position (``Answer.probs``, see ``confidence``): Ollama and the OpenAI-compatible
+servers are asked for the answer tokens' log-probabilities (``logprobs``, ``top_logprobs``), the
+local child scores each value by teacher forcing. A backend that sends none leaves it None.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 from ..config import OllamaConfig, OpenAIConfig
 from ..errors import TrainingInterruptedError
 from ..logconfig import get_logger
+from .confidence import TOP_LOGPROBS, probabilities_from_tokens, token_entries
 
 log = get_logger("rater")
 
@@ -48,6 +54,9 @@ STDERR_TAIL_BYTES = 2000
 class Answer:
     text: str | None
     latency_s: float
+    # each allowed rating's probability at the answer's rating position (``confidence``), or None
+    # when the backend gave none
+    probs: dict[int, float] | None = None
 
 
 class RaterError(RuntimeError):
@@ -107,6 +116,13 @@ def _in_parallel(one: Callable[[list[dict]], Answer], conversations: Sequence[li
     return [a for a in answers if a is not None]
 
 
+def _probs(tokens: Any, values: list[int] | None) -> dict[int, float] | None:
+    """The allowed ratings' probabilities from a server's answer-token log-probabilities."""
+    if values is None:
+        return None
+    return probabilities_from_tokens(token_entries(tokens), values)
+
+
 def _stopped(stop_event: threading.Event | None) -> None:
     if stop_event is not None and stop_event.is_set():
         raise TrainingInterruptedError("rating was stopped because the service is shutting down")
@@ -116,8 +132,10 @@ class OllamaRater:
     backend = "ollama"
 
     def __init__(self, cfg: OllamaConfig, *, parallel: int = 2, seed: int = DEFAULT_SEED,
-                 schema: Mapping | None = None, env: Mapping[str, str] = os.environ, memory=None) -> None:
+                 schema: Mapping | None = None, env: Mapping[str, str] = os.environ, memory=None,
+                 values: Sequence[int] | None = None) -> None:
         self.cfg = cfg
+        self.values = list(values) if values is not None else None
         self.memory = memory
         self.parallel = max(1, int(parallel))
         self.seed = seed
@@ -134,9 +152,11 @@ class OllamaRater:
         def one(conversation: list[dict]) -> Answer:
             _stopped(stop_event)
             started = time.monotonic()
-            reply = clients.get().chat(model, conversation, format=self.schema, options=options)
+            reply = clients.get().chat(model, conversation, format=self.schema, options=options,
+                                       logprobs=TOP_LOGPROBS if self.values is not None else None)
             content = (reply.get("message") or {}).get("content")
-            return Answer(content if isinstance(content, str) else None, time.monotonic() - started)
+            return Answer(content if isinstance(content, str) else None, time.monotonic() - started,
+                          _probs(reply.get("logprobs"), self.values))
 
         try:
             return _in_parallel(one, conversations, self.parallel, on_progress)
@@ -156,8 +176,9 @@ class OpenAIRater:
 
     def __init__(self, cfg: OpenAIConfig, *, parallel: int | None = None, seed: int = DEFAULT_SEED,
                  schema: Mapping | None = None, env: Mapping[str, str] = os.environ,
-                 extra: Mapping[str, Any] | None = None) -> None:
+                 extra: Mapping[str, Any] | None = None, values: Sequence[int] | None = None) -> None:
         self.cfg = cfg
+        self.values = list(values) if values is not None and cfg.logprobs else None
         self.parallel = max(1, int(parallel if parallel is not None else cfg.parallel))
         self.seed = seed
         self.schema = dict(schema) if schema is not None else None
@@ -174,8 +195,10 @@ class OpenAIRater:
         def one(conversation: list[dict]) -> Answer:
             _stopped(stop_event)
             started = time.monotonic()
-            text = clients.get().chat(model, conversation, schema=self.schema, seed=self.seed, extra=self.extra)
-            return Answer(text, time.monotonic() - started)
+            text, scores = clients.get().chat_scored(
+                model, conversation, schema=self.schema, seed=self.seed, extra=self.extra,
+                logprobs=TOP_LOGPROBS if self.values is not None else None)
+            return Answer(text, time.monotonic() - started, _probs(scores, self.values))
 
         try:
             return _in_parallel(one, conversations, self.parallel, on_progress)
@@ -197,7 +220,8 @@ class LocalRater:
     def __init__(self, base_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, *,
                  batch_size: int = 8, max_new_tokens: int = 96, timeout_s: float | None = None,
                  grace_s: float = 10.0, python: str = sys.executable, gguf_path: str | None = None,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, values: Sequence[int] | None = None) -> None:
+        self.values = list(values) if values is not None else None
         # gguf_path: a GGUF base, dequantized into base_dir by the child when not done yet;
         # chat_template: the turn format of a base whose tokenizer has none
         self.gguf_path, self.chat_template = gguf_path, chat_template
@@ -223,7 +247,7 @@ class LocalRater:
                     "gguf_path": self.gguf_path, "chat_template": self.chat_template,
                     "input": str(work / "input.jsonl"), "output": str(work / "output.jsonl"),
                     "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
-                    "threads": max(1, (os.cpu_count() or 1)),
+                    "threads": max(1, (os.cpu_count() or 1)), "values": self.values,
                     "parent_pid": os.getpid()}  # the child stops when this process is gone
             write_json(work / "spec.json", spec, durable=False)
             with open(work / "stderr.log", "wb") as err:
@@ -300,7 +324,10 @@ def _read_answers(path: Path, total: int) -> list[Answer]:
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             record = json.loads(line)
-            answers[int(record["index"])] = Answer(record.get("text"), float(record.get("latency_s") or 0.0))
+            probs = record.get("probs")
+            answers[int(record["index"])] = Answer(
+                record.get("text"), float(record.get("latency_s") or 0.0),
+                {int(k): float(v) for k, v in probs.items()} if isinstance(probs, dict) else None)
     missing = sum(a is None for a in answers)
     if missing:
         raise RaterError(f"the local rater returned no answer for {missing} of {total} records")

@@ -32,6 +32,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import stat
 import threading
@@ -42,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from . import evaluation
+from . import confidence, evaluation
 from .. import fsutil
 from ..data import prompts
 from ..config import Config, display_name, model_name_problem
@@ -61,7 +62,10 @@ log = get_logger("rating")
 DEFAULT_CHUNK_ROWS = 500
 PROGRESS_EVERY_S = 1.0
 ROW_COLUMN = "row"  # the output's id column when the input has none: the 1-based data row number
-OUTPUT_COLUMNS = ("rating", "label", "rationale", "valid", "model")
+OUTPUT_COLUMNS = ("rating", "label", "rationale", "valid", "model", "confidence")
+REVIEW_FILE_SUFFIX = ".needs_review.csv"
+# what needs_review.csv adds to the input's own columns (the experts fill in EXPERT_RATING_COLUMN)
+REVIEW_COLUMNS = ("Model Rating", "Model Label", "Model Confidence")
 PART_SUFFIX = ".part"
 SIDECAR_SUFFIX = ".part.json"
 SUMMARY_FILE = "rating_summary.json"
@@ -88,6 +92,8 @@ class RatingModel:
     template: Template | None = None  # None: the file's prompt column (formatted_prompt or Prompt)
     source: str = ""
     approach: str | None = None  # "fine_tune", "model_set", or None for a bare Ollama model
+    # the temperature the evaluation fitted (``calibration.json``), applied to every confidence
+    temperature: float | None = None
 
     @property
     def values(self) -> list[int]:
@@ -216,6 +222,14 @@ class _ModelFolder:
         if not isinstance(value, dict):
             raise self.error(name, None, f"is not a JSON object (it holds {_kind(value)})")
         return value
+
+    def optional_object(self, name: str) -> dict | None:
+        """``json_object`` of a file the folder may lack (None then)."""
+        fh = self._open(name, required=False)
+        if fh is None:
+            return None
+        fh.close()
+        return self.json_object(name)
 
     def first_line(self, name: str) -> Any:
         """The JSON value of the first line of ``name``; None when the file is missing or empty."""
@@ -391,6 +405,7 @@ def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLik
         registered = _registered_name(files, meta)
         template = _template(files, meta)
         approach = meta.get("approach")
+        temperature = _temperature(files)
         if approach not in ("fine_tune", "model_set"):
             raise files.error(METADATA_FILE, "approach", f"must be fine_tune or model_set, not {_kind(approach)}"
                               if not isinstance(approach, str) else "must be fine_tune or model_set")
@@ -402,7 +417,8 @@ def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLik
                 system = prompts.system_prompt(_topics(files, meta), labels,
                                                definition if isinstance(definition, str) else None)
             adapter = _adapter(files, meta)
-            return RatingModel(base, registered, system, labels, [], adapter, template, str(folder), approach)
+            return RatingModel(base, registered, system, labels, [], adapter, template, str(folder), approach,
+                               temperature)
         config = files.json_object(MODEL_SET_FILE)
         if config.get("base_model") is not None:
             base = _model_name(files, MODEL_SET_FILE, "base_model", config["base_model"])
@@ -414,9 +430,20 @@ def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLik
                               else "is empty" if isinstance(system, str)
                               else f"must be a text, not {_kind(system)}")
         return RatingModel(base, registered, system, labels, _few_shot(files, config), None, template,
-                           str(folder), "model_set")
+                           str(folder), "model_set", temperature)
     finally:
         files.close()
+
+
+def _temperature(files: "_ModelFolder") -> float | None:
+    """The calibration temperature of ``calibration.json`` (None when the folder has none)."""
+    data = files.optional_object(evaluation.CALIBRATION_FILE)
+    if data is None:
+        return None
+    value = data.get("temperature")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1000:
+        raise files.error(evaluation.CALIBRATION_FILE, "temperature", "must be a number above 0")
+    return float(value)
 
 
 def model_from_name(name: str, *, system: str, labels: Mapping[str, int],
@@ -608,18 +635,19 @@ def _rationale(text: str | None) -> str:
 
 def _rater(model: RatingModel, backend: str, weights, config: Config, schema: dict, memory):
     """(the rater's answer function, the model name written in each output row)."""
+    values = model.values
     if backend == "ollama":
         name = model.ollama_name or model.base_model
         rater = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=config.defaults.seed,
-                            schema=schema, memory=memory)
+                            schema=schema, memory=memory, values=values)
         return (lambda convs, **kw: rater.answer(name, convs, **kw)), name
     if backend == "openai":
         name, extra = weights.target(_eval_model(model))  # for this backend, choose_backend's plan
-        served = OpenAIRater(config.openai, seed=config.defaults.seed, schema=schema, extra=extra)
+        served = OpenAIRater(config.openai, seed=config.defaults.seed, schema=schema, extra=extra, values=values)
         return (lambda convs, **kw: served.answer(name, convs, **kw)), name
     ev = config.evaluation
     local = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                       timeout_s=ev.timeout_s, grace_s=config.training.grace_s)
+                       timeout_s=ev.timeout_s, grace_s=config.training.grace_s, values=values)
     return local.answer, model.base_model + (" + adapter" if model.adapter_dir is not None else "")
 
 
@@ -722,6 +750,8 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
              chunk_rows=chunk_rows, input_sha256=info.sha256, id_column=id_column)
     rating_started = time.monotonic()
     progress = _Progress(total, resumed, rating_started)
+    temperature = model.temperature or 1.0
+    confident = 0
     done = resumed
     status = "done"
     try:
@@ -749,12 +779,15 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
                     rating = evaluation.parse_answer(reply.text, model.values) if reply is not None else None
                     counts.add(rating, empty=reply is None)
                     if reply is None:  # an empty prompt: nothing to rate, no model asked
-                        rows.append([_one_line(ident), "", "", "", "false", ""])
+                        rows.append([_one_line(ident), "", "", "", "false", "", ""])
                     elif rating is None:
-                        rows.append([_one_line(ident), "", "", "", "false", _one_line(model_name)])
+                        rows.append([_one_line(ident), "", "", "", "false", _one_line(model_name), ""])
                     else:
+                        sure = confidence.confidence(confidence.with_temperature(reply.probs, temperature), rating)
+                        confident += sure is not None
                         rows.append([_one_line(ident), str(rating), _one_line(names[rating]),
-                                     _one_line(_rationale(reply.text)), "true", _one_line(model_name)])
+                                     _one_line(_rationale(reply.text)), "true", _one_line(model_name),
+                                     "" if sure is None else f"{sure:.4f}"])
                 out.write(_csv_lines(rows).encode("utf-8"))
                 out.flush()
                 os.fsync(out.fileno())
@@ -793,11 +826,89 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
         "started_at": started_at, "finished_at": _utc_now(),
         "durations_s": {"read": round(read_s, 3), "rating": round(rating_s, 3), "total": round(duration, 3)},
         "records_per_s": round(this_run / rating_s, 2) if rating_s > 0 and this_run else None,
+        "confidence": {
+            "rated_with_confidence_this_run": confident,
+            "source": evaluation.CONFIDENCE_SOURCES.get(chosen, chosen) if confident else None,
+            "temperature": model.temperature,
+            **({} if confident or not this_run else {
+                "note": f"the {chosen} backend gave no probabilities: the confidence column is empty"})},
     }
     log.info("rating_finished", status=status, backend=chosen, model=model_name, rows=total, rated=done,
              resumed_from=resumed, invalid=counts.invalid, counts=summary["counts_by_rating"], id_column=id_column,
              duration_s=summary["durations_s"]["total"], records_per_s=summary["records_per_s"])
     return summary
+
+
+def write_needs_review(input_csv: str | os.PathLike, ratings_csv: str | os.PathLike, dest: str | os.PathLike,
+                       below: float, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict:
+    """``needs_review.csv``: the records to send to the experts, those whose answer was invalid, had
+    no confidence or a confidence under ``below``. Each is the input's own row (its
+    ``Standardized_Rating`` left out and an empty ``Expert Rating`` for the experts to fill in, so
+    the file goes back into the inbox as training data with the mapping) plus the model's rating,
+    label and confidence. The input and ``ratings_csv`` are read again side by side, a chunk at a
+    time; the file is written atomically. Returns ``{"threshold", "records", "without_confidence"}``."""
+    from ..data.csvfile import EXPERT_RATING_COLUMN, RATING_COLUMN
+
+    table = scan_csv(input_csv)
+    columns = [c for c in table.columns if c != RATING_COLUMN]
+    header = [*columns, *([] if EXPERT_RATING_COLUMN in columns else [EXPERT_RATING_COLUMN]), *REVIEW_COLUMNS]
+    counts = {"threshold": below, "records": 0, "without_confidence": 0}
+
+    def lines():
+        yield _csv_lines([header])
+        with open(ratings_csv, newline="", encoding="utf-8") as fh, \
+                contextlib.closing(read_chunks(table, chunk_rows)) as chunks:
+            rated = csv.DictReader(fh)
+            for _first, chunk in chunks:
+                rows = []
+                for record in chunk.itertuples(index=False, name=None):
+                    verdict = next(rated)
+                    if not verdict.get("model"):  # an empty prompt: nobody was asked
+                        continue
+                    sure = verdict.get("confidence") or ""
+                    if verdict.get("valid") == "true" and sure and float(sure) >= below:
+                        continue
+                    counts["records"] += 1
+                    counts["without_confidence"] += not sure
+                    cells = dict(zip(table.columns, record))
+                    row = ["" if c == EXPERT_RATING_COLUMN else _cell(cells.get(c)) for c in columns]
+                    if EXPERT_RATING_COLUMN not in columns:
+                        row.append("")
+                    rows.append([*row, verdict.get("rating", ""), verdict.get("label", ""), sure])
+                if rows:
+                    yield _csv_lines(rows)
+
+    fsutil.write_lines(Path(dest), lines())
+    return counts
+
+
+def review_path(output_csv: str | os.PathLike) -> Path:
+    """Where the records to review go beside the ratings: ``ratings.csv`` -> ``needs_review.csv``,
+    ``new.ratings.csv`` -> ``new.needs_review.csv``, ``x.csv`` -> ``x.needs_review.csv``."""
+    output = Path(output_csv)
+    if output.name.endswith("ratings.csv"):
+        return output.with_name(output.name[: -len("ratings.csv")] + "needs_review.csv")
+    return output.with_name(output.stem + REVIEW_FILE_SUFFIX)
+
+
+def route_for_review(summary: dict, input_csv: str | os.PathLike, output_csv: str | os.PathLike,
+                     below: float | None) -> dict:
+    """After a finished run: with ``below`` set, write ``needs_review.csv`` (``write_needs_review``)
+    and count it in the summary; the summary, updated, is returned."""
+    if below is None or summary.get("status") != "done":
+        return summary
+    dest = review_path(output_csv)
+    counts = write_needs_review(input_csv, output_csv, dest, below)
+    log.info("review_routed", threshold=below, records=counts["records"],
+             without_confidence=counts["without_confidence"])
+    return {**summary, "needs_review": {**counts, "file": dest.name}}
+
+
+def _cell(value: Any) -> str:
+    """An input cell as text again (pandas' missing value is an empty cell)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
 
 
 def write_summary(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -808,4 +919,5 @@ def write_summary(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 __all__ = ["BACKENDS", "SUMMARY_FILE", "ModelFolderError", "RatingError", "RatingModel", "model_from_folder",
+           "route_for_review", "write_needs_review",
            "model_from_name", "output_problem", "part_files", "rate_file", "write_summary"]

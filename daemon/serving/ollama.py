@@ -559,14 +559,19 @@ class OllamaClient:
         return final
 
     def chat(self, model: str, messages: list[dict], *, format: str | dict | None = None,
-             options: Mapping[str, Any] | None = None) -> dict:
+             options: Mapping[str, Any] | None = None, logprobs: int | None = None) -> dict:
         """One non-streaming chat; the response object (answer in ``["message"]["content"]``).
-        Retried like the read-only calls: a chat has no side effect on the server."""
+        Retried like the read-only calls: a chat has no side effect on the server. ``logprobs``:
+        ask for each answer token's log-probability and this many alternatives (0-20), returned
+        in ``["logprobs"]`` by servers that have them."""
         body: dict[str, Any] = {"model": model, "messages": list(messages), "stream": False}
         if format is not None:
             body["format"] = format
         if options is not None:
             body["options"] = dict(options)
+        if logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = int(logprobs)
         with self._call("POST", "/api/chat") as call:
             resp = self._request(call, json_body=body, what=f"model {model!r}")
             data = self._answer(call, resp, CHAT_FIELDS, required=("message",))

@@ -210,7 +210,15 @@ class OpenAIClient:
         (``choices[0].message.content``, None when the server sent none). ``schema``: the answer's
         JSON Schema, sent as a strict ``json_schema`` response format; ``extra``: more keys for the
         request body (they win over the ones above)."""
+        return self.chat_scored(model, messages, schema=schema, seed=seed, extra=extra)[0]
+
+    def chat_scored(self, model: str, messages: list[dict], *, schema: Mapping | None = None, seed: int = 42,
+                    extra: Mapping[str, Any] | None = None, logprobs: int | None = None) -> tuple[str | None, Any]:
+        """``chat``, and with ``logprobs`` (the alternatives per token, 0-20) the answer tokens'
+        log-probabilities as the server sent them (``choices[0].logprobs.content``, None if absent)."""
         body: dict[str, Any] = {"model": model, "messages": messages, "temperature": 0, "seed": seed}
+        if logprobs is not None:
+            body.update(logprobs=True, top_logprobs=int(logprobs))
         if schema is not None:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": schema}}
@@ -228,7 +236,8 @@ class OpenAIClient:
         if problem is not None:
             raise self._error("POST", CHAT_PATH, f"answered with unexpected JSON ({problem})", status, NOT_THE_API,
                               "wrong_shape")
-        return choices[0]["message"].get("content")
+        scores = choices[0].get("logprobs")
+        return choices[0]["message"].get("content"), scores.get("content") if isinstance(scores, dict) else None
 
     def list_models(self) -> list[str]:
         """The ids of the models the server serves (``GET /models``)."""

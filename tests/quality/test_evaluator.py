@@ -106,8 +106,8 @@ def test_model_set_is_evaluated_through_ollama_beside_the_base_model(fake_ollama
     assert {(e["model"], e["done"], e["total"]) for e in progress} >= {("new", n, n), ("base", n, n)}
     assert MARKER not in log_text
     assert sorted(meta["artifacts"]) == sorted([
-        "Modelfile", "confusion_matrix.png", "evaluation.json", "evaluation.md", "fine_tuning_metadata.json",
-        "model_set_config.json", "predictions.csv", "validation_data.jsonl"])
+        "Modelfile", "calibration.json", "confusion_matrix.png", "evaluation.json", "evaluation.md",
+        "fine_tuning_metadata.json", "model_set_config.json", "predictions.csv", "validation_data.jsonl"])
 
 
 def test_evaluate_again_later_and_cap_rows(fake_ollama, tmp_path):

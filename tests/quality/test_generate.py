@@ -213,3 +213,39 @@ def test_generation_stops_once_every_row_has_closed_its_object_or_cannot(tiny_mo
     ids = torch.tensor([e + [tokenizer.pad_token_id] * (width - len(e)) for e in encoded])
     done = _ObjectClosed(tokenizer, len(prompt))(ids, None)
     assert done.tolist() == [True, False, True]
+
+
+def test_teacher_forced_confidences_sum_to_one_and_match_one_sequence_at_a_time(tiny_model_dir):
+    """score_values (left-padded batch, logits only at the scored positions) gives each allowed
+    rating the probability its tokens get after the answer's text up to the rating, normalised over
+    the ratings: the same as scoring each whole sequence alone, unpadded; an answer without a
+    rating gets None."""
+    import math
+
+    import torch
+
+    from daemon.quality.generate import load, render_prompt, score_values
+
+    tokenizer, model, device = load(str(tiny_model_dir), None, "cpu")
+    convs = conversations(3)
+    prompts = [render_prompt(tokenizer, c) for c in convs]
+    texts = [answer_json(1, "fever and cough"), answer_json(-1, "unclear"), "It looks like a match"]
+    values = sorted(MAPPING.values())
+    probs = score_values(tokenizer, model, device, prompts, texts, values)
+    assert probs[2] is None
+    for prompt, text, got in zip(prompts[:2], texts[:2], probs[:2]):
+        assert sorted(got) == sorted(str(v) for v in values)
+        assert sum(got.values()) == pytest.approx(1.0, abs=1e-9)
+        start = text.rindex('"rating": ') + len('"rating": ')
+        end = start + len(text[start:].split("}")[0])
+        seqs = {v: tokenizer(prompt + text[:start] + str(v) + text[end:end + 1], add_special_tokens=False)["input_ids"]
+                for v in values}
+        shared = min(len(s) for s in seqs.values())
+        shared = next((k for k in range(shared) if len({s[k] for s in seqs.values()}) > 1), shared)
+        alone = {}
+        with torch.inference_mode():
+            for v, ids in seqs.items():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits.float()[0], dim=-1)
+                alone[v] = sum(float(logp[k - 1, ids[k]]) for k in range(shared, len(ids)))
+        norm = sum(math.exp(x) for x in alone.values())
+        assert {str(v): math.exp(x) / norm for v, x in alone.items()} == pytest.approx(got, rel=1e-4)

@@ -108,19 +108,20 @@ def test_a_model_set_rates_a_file_through_ollama_with_invalid_answers_marked(fak
     assert progress == [(7, 30), (14, 30), (21, 30), (28, 30), (30, 30)]
 
     header, rows = _rows(tmp_path / "out" / "ratings.csv")
-    assert header == ["Row_ID", "rating", "label", "rationale", "valid", "model"]
+    assert header == ["Row_ID", "rating", "label", "rationale", "valid", "model", "confidence"]
     source = list(synthetic_rows(30, 11))
     expected = []
     for i, row in enumerate(source):
         if i == 9:
             expected.append({"Row_ID": row[0], "rating": "", "label": "", "rationale": "", "valid": "false",
-                             "model": ""})
+                             "model": "", "confidence": ""})
         elif i in (3, 17):
             expected.append({"Row_ID": row[0], "rating": "", "label": "", "rationale": "", "valid": "false",
-                             "model": "llama3.2:1b"})
-        else:
+                             "model": "llama3.2:1b", "confidence": ""})
+        else:  # the fake's tokens are all certain when no probabilities are scripted
             expected.append({"Row_ID": row[0], "rating": row[3], "label": LABEL[int(row[3])],
-                             "rationale": "first line second line", "valid": "true", "model": "llama3.2:1b"})
+                             "rationale": "first line second line", "valid": "true", "model": "llama3.2:1b",
+                             "confidence": "1.0000"})
     assert rows == expected
 
     chats = [r.body for r in fake_ollama.requests_to("/api/chat")]
@@ -279,11 +280,11 @@ def test_a_fine_tune_folder_with_a_template_rates_a_syndromic_export(fake_ollama
         [{"role": "system", "content": "SYSTEM AS TRAINED"},
          {"role": "user", "content": "Age: 71\nSex: M\nChief complaint: fall\nDischarge diagnosis: S93.4"}]]
     assert _rows(tmp_path / "ratings.csv") == (
-        ["C_BioSense_ID", "rating", "label", "rationale", "valid", "model"],
+        ["C_BioSense_ID", "rating", "label", "rationale", "valid", "model", "confidence"],
         [{"C_BioSense_ID": "B1", "rating": "1", "label": "Match", "rationale": "r", "valid": "true",
-          "model": "resp-ft:latest"},
+          "model": "resp-ft:latest", "confidence": "1.0000"},
          {"C_BioSense_ID": "B2", "rating": "0", "label": "Does Not Match", "rationale": "r", "valid": "true",
-          "model": "resp-ft:latest"}])
+          "model": "resp-ft:latest", "confidence": "1.0000"}])
     assert (summary["prompt"], summary["approach"]) == (BUILTIN_SYNDROMIC.to_json(), "fine_tune")
 
 
@@ -561,11 +562,11 @@ def test_formulas_in_ids_labels_and_rationales_are_written_as_text(fake_ollama, 
                         load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)), chunk_rows=3)
     with open(tmp_path / "ratings.csv", newline="", encoding="utf-8") as fh:
         assert list(csv.reader(fh)) == [
-            ["Row_ID", "rating", "label", "rationale", "valid", "model"],
-            ["'=cmd|' /C calc'!A0", "1", "'=1+1", "'" + hyperlink, "true", "llama3.2:1b"],
-            ["-3", "0", "'+no", "'" + hyperlink, "true", "llama3.2:1b"],
-            ["+1.5", "-1", "'@unknown", "'" + hyperlink, "true", "llama3.2:1b"],
-            ["'@SUM(A1)", "1", "'=1+1", "'" + hyperlink, "true", "llama3.2:1b"]]
+            ["Row_ID", "rating", "label", "rationale", "valid", "model", "confidence"],
+            ["'=cmd|' /C calc'!A0", "1", "'=1+1", "'" + hyperlink, "true", "llama3.2:1b", "1.0000"],
+            ["-3", "0", "'+no", "'" + hyperlink, "true", "llama3.2:1b", "1.0000"],
+            ["+1.5", "-1", "'@unknown", "'" + hyperlink, "true", "llama3.2:1b", "1.0000"],
+            ["'@SUM(A1)", "1", "'=1+1", "'" + hyperlink, "true", "llama3.2:1b", "1.0000"]]
     assert summary["counts"] == {"=1+1": 2, "+no": 1, "@unknown": 1}
 
 

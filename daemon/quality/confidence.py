@@ -1,0 +1,231 @@
+"""How sure a model is of each rating, from its own probabilities, and how far to trust that.
+
+A rating's confidence is the probability the model gives it at the rating's position in the answer
+(``"rating": <value>``), over the mapping's allowed values only, so that the values' probabilities
+sum to 1. It comes from the backend and is never made up: ``probabilities_from_tokens`` reads the
+token log-probabilities a server returns (Ollama's ``/api/chat`` ``logprobs``, an OpenAI-compatible
+server's ``choices[0].logprobs.content``; both are lists of ``{token, logprob, top_logprobs}``), and
+the local child scores each allowed value by teacher forcing (``daemon.quality.generate``). A value
+whose first token is shared with another's (1 and 10) is resolved only along the path the model
+took; what a backend does not reveal is left out, never guessed. When a backend gives no
+probabilities the confidence is None and every report says so.
+
+``fit_temperature`` calibrates on the held-out rows (one temperature T for the model: each row's
+probabilities become ``p ** (1 / T)``, renormalised), ``ece`` is the expected calibration error of
+the answered ratings' confidences (10 equal-width bins), and ``coverage`` says, for confidence
+thresholds, what share of the records would be accepted and how well those agree with the experts.
+Pure Python and numpy; no record text is ever read here beyond the answer's rating.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+TOP_LOGPROBS = 20  # alternatives asked for at each answer token (Ollama and OpenAI allow 0-20)
+# an unescaped "rating" key and its integer value (inside a JSON string every quote is escaped)
+_RATING = re.compile(r'(?<!\\)"rating"\s*:\s*(-?\d+)')
+_NUMBER_HEAD = re.compile(r"-?\d*")
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+ECE_BINS = 10
+T_BOUNDS = (0.05, 20.0)
+FLOOR = 1e-6  # a probability of 0 for the expert's rating would make the likelihood infinite
+
+Probabilities = dict[int, float]
+
+
+def rating_span(text: str | None) -> tuple[int, int] | None:
+    """Where the rating's value is in a JSON answer (start, end), or None. The last unescaped
+    ``"rating"`` key wins (answers are written reason first, the rating last)."""
+    if not isinstance(text, str):
+        return None
+    matches = list(_RATING.finditer(text))
+    return matches[-1].span(1) if matches else None
+
+
+def token_entries(value: Any) -> list[tuple[str, float, list[tuple[str, float]]]] | None:
+    """``[{token, logprob, top_logprobs: [{token, logprob}]}]`` as (token, logprob, alternatives),
+    or None when the server sent something else (then there is no confidence, and no error: the
+    rating itself stands)."""
+    if not isinstance(value, list) or not value:
+        return None
+    out = []
+    for entry in value:
+        if not isinstance(entry, dict):
+            return None
+        token, logprob = entry.get("token"), entry.get("logprob")
+        if not isinstance(token, str) or not _finite_number(logprob):
+            return None
+        alternatives = []
+        for alt in entry.get("top_logprobs") or []:
+            if not isinstance(alt, dict) or not isinstance(alt.get("token"), str) or not _finite_number(alt.get("logprob")):
+                return None
+            alternatives.append((alt["token"], float(alt["logprob"])))
+        out.append((token, float(logprob), alternatives))
+    return out
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def probabilities_from_tokens(entries: Sequence[tuple[str, float, Sequence[tuple[str, float]]]] | None,
+                              values: Sequence[int]) -> Probabilities | None:
+    """Each allowed value's probability at the rating's position (summing to 1 over the values
+    revealed), or None when the answer has no rating the tokens show, or its value got no mass."""
+    if not entries:
+        return None
+    text = "".join(token for token, _, _ in entries)
+    span = rating_span(text)
+    if span is None:
+        return None
+    start, end = span
+    chosen = int(text[start:end])
+    offset, k = 0, 0
+    for k, (token, _, _) in enumerate(entries):
+        if offset + len(token) > start:
+            break
+        offset += len(token)
+    head = entries[k][0][: start - offset]  # what the token holds before the number (" " in " 1")
+    names = {int(v): str(int(v)) for v in values}
+    mass: dict[int, float] = {}
+    token, logprob, alternatives = entries[k]
+    candidates = dict(alternatives)
+    candidates[token] = max(candidates.get(token, -math.inf), logprob)
+    for alt, alt_logprob in candidates.items():
+        if not alt.startswith(head):
+            continue
+        rest = alt[len(head):]
+        digits = _NUMBER_HEAD.match(rest).group(0)
+        if not digits:
+            continue
+        complete = len(digits) < len(rest)
+        matches = [v for v, n in names.items() if (n == digits if complete else n.startswith(digits))]
+        if len(matches) == 1:
+            mass[matches[0]] = mass.get(matches[0], 0.0) + math.exp(alt_logprob)
+        elif alt == token and chosen in matches:
+            # shared first token on the path taken: the rest of the number's tokens as generated
+            p = math.exp(alt_logprob)
+            covered = offset + len(token)
+            for next_token, next_logprob, _ in entries[k + 1:]:
+                if covered >= end:
+                    break
+                p *= math.exp(next_logprob)
+                covered += len(next_token)
+            mass[chosen] = mass.get(chosen, 0.0) + p
+    total = sum(mass.values())
+    if mass.get(chosen, 0.0) <= 0 or total <= 0:
+        return None
+    return {v: mass.get(v, 0.0) / total for v in sorted(names)}
+
+
+def confidence(probs: Mapping[int, float] | None, rating: int | None) -> float | None:
+    """The probability of the answered rating (None without probabilities or a valid rating)."""
+    if probs is None or rating is None:
+        return None
+    value = probs.get(int(rating))
+    return None if value is None else float(value)
+
+
+# --- calibration -------------------------------------------------------------------------------
+
+def with_temperature(probs: Mapping[int, float] | None, temperature: float) -> Probabilities | None:
+    """``p ** (1 / T)`` renormalised: T > 1 softens over-confident probabilities, T < 1 sharpens."""
+    if probs is None:
+        return None
+    if temperature == 1.0:
+        return dict(probs)
+    logs = {v: math.log(max(p, FLOOR)) / temperature for v, p in probs.items() if p > 0}
+    top = max(logs.values())
+    weights = {v: math.exp(x - top) for v, x in logs.items()}
+    total = sum(weights.values())
+    return {v: weights.get(v, 0.0) / total for v in probs}
+
+
+def _nll(rows: Sequence[tuple[Mapping[int, float], int]], temperature: float) -> float:
+    total = 0.0
+    for probs, expert in rows:
+        scaled = with_temperature(probs, temperature)
+        total -= math.log(max(scaled.get(expert, 0.0), FLOOR))
+    return total / len(rows)
+
+
+def fit_temperature(probs: Sequence[Mapping[int, float] | None], expert: Sequence[int]) -> float | None:
+    """The temperature that minimises the held-out rows' negative log-likelihood of the expert
+    rating (bounded scalar search), or None with fewer than 10 rows that have probabilities."""
+    from scipy.optimize import minimize_scalar
+
+    rows = [(p, int(e)) for p, e in zip(probs, expert) if p is not None]
+    if len(rows) < 10:
+        return None
+    lo, hi = (math.log(b) for b in T_BOUNDS)
+    best = minimize_scalar(lambda x: _nll(rows, math.exp(x)), bounds=(lo, hi), method="bounded",
+                           options={"xatol": 1e-4})
+    return round(math.exp(float(best.x)), 4)
+
+
+def ece(confidences: Sequence[float | None], correct: Sequence[bool], bins: int = ECE_BINS) -> float | None:
+    """Expected calibration error: the rows' share-weighted gap between confidence and accuracy
+    in equal-width confidence bins (rows without a confidence are left out)."""
+    pairs = [(c, bool(ok)) for c, ok in zip(confidences, correct) if c is not None]
+    if not pairs:
+        return None
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = [(c, ok) for c, ok in pairs if (lo < c <= hi) or (b == 0 and c == 0.0)]
+        if inside:
+            gap = abs(sum(c for c, _ in inside) / len(inside) - sum(ok for _, ok in inside) / len(inside))
+            total += len(inside) / len(pairs) * gap
+    return round(total, 4)
+
+
+def reliability(confidences: Sequence[float | None], correct: Sequence[bool],
+                bins: int = ECE_BINS) -> list[dict]:
+    """The reliability diagram's points: per non-empty bin, mean confidence, accuracy and rows."""
+    pairs = [(c, bool(ok)) for c, ok in zip(confidences, correct) if c is not None]
+    out = []
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        inside = [(c, ok) for c, ok in pairs if (lo < c <= hi) or (b == 0 and c == 0.0)]
+        if inside:
+            out.append({"bin": [lo, hi], "confidence": round(sum(c for c, _ in inside) / len(inside), 4),
+                        "accuracy": round(sum(ok for _, ok in inside) / len(inside), 4), "rows": len(inside)})
+    return out
+
+
+# --- coverage against agreement ----------------------------------------------------------------
+
+def coverage(confidences: Sequence[float | None], ratings: Sequence[int | None], expert: Sequence[int],
+             *, seed: int, thresholds: Sequence[float] = THRESHOLDS) -> list[dict]:
+    """For each threshold: the records whose answer is valid with a confidence at or above it are
+    accepted; their share of all records, and their accuracy and kappa against the experts (with
+    bootstrap intervals). The rest would go to the experts."""
+    from .evaluation import _ci, _encode, _round, bootstrap
+
+    n = len(expert)
+    out = []
+    for t in thresholds:
+        idx = [i for i in range(n) if ratings[i] is not None and confidences[i] is not None and confidences[i] >= t]
+        row: dict[str, Any] = {"threshold": t, "accepted": len(idx), "share": _round(len(idx) / n) if n else None}
+        if idx:
+            y_true = _encode([expert[i] for i in idx])
+            y_pred = _encode([ratings[i] for i in idx])
+            acc, kap = bootstrap(y_true, y_pred, seed=seed)
+            hits = sum(a == b for a, b in zip(y_true, y_pred))
+            row.update(accuracy=_round(hits / len(idx)), accuracy_ci95=_ci(acc), kappa=_kappa(y_true, y_pred),
+                       kappa_ci95=_ci(kap))
+        out.append(row)
+    return out
+
+
+def _kappa(y_true: list[str], y_pred: list[str]) -> float | None:
+    from .evaluation import IMPORT_LOCK, _round
+
+    with IMPORT_LOCK:
+        from sklearn.metrics import cohen_kappa_score
+    if len(set(y_true + y_pred)) < 2:
+        return None
+    return _round(cohen_kappa_score(y_true, y_pred))

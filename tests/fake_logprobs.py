@@ -1,0 +1,37 @@
+"""Token log-probabilities as the loopback fakes return them (Ollama's /api/chat ``logprobs``, an
+OpenAI-compatible server's ``choices[0].logprobs.content``): the answer split into word, number,
+space and punctuation tokens, each with its ``bytes``; every token certain (log-probability 0)
+except the rating's value, which gets the scripted probabilities of the allowed ratings as its
+alternatives. Written from the two APIs' documented shapes, not from the product's parser."""
+
+from __future__ import annotations
+
+import math
+import re
+
+TOKENS = re.compile(r"-?\d+|\w+|\s+|[^\w\s]")
+RATING_VALUE = re.compile(r'"rating"\s*:\s*(-?\d+)')
+
+
+def _entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def token_logprobs(content: str, probs: dict[int, float] | None, top: int) -> list[dict]:
+    """``[{token, logprob, bytes, top_logprobs: [...]}]`` for ``content``; ``probs``: each rating's
+    probability at the rating's value (None: the value is certain too); ``top``: alternatives kept."""
+    match = RATING_VALUE.search(content)
+    at = match.start(1) if match else -1
+    out, offset = [], 0
+    for token in TOKENS.findall(content):
+        if offset == at and probs:
+            ranked = sorted(probs.items(), key=lambda kv: -kv[1])[:top]
+            chosen = probs.get(int(token), 0.0)
+            entry = _entry(token, math.log(chosen) if chosen > 0 else -9999.0)
+            entry["top_logprobs"] = [_entry(str(v), math.log(p)) for v, p in ranked if p > 0]
+        else:
+            entry = _entry(token, 0.0)
+            entry["top_logprobs"] = [_entry(token, 0.0)][:top]
+        out.append(entry)
+        offset += len(token)
+    return out
