@@ -4,7 +4,8 @@ Owns the raters that turn conversations into answers (``rater``: through Ollama,
 OpenAI-compatible server, or the local child ``generate``, run as
 ``python -m daemon.quality.generate SPEC``), the one strict answer parser and
 the agreement metrics and report files (``evaluation``), evaluating an output folder's models on
-held-out rows (``evaluator``), the verdict on a model and the quality gate (``trust``), and rating
+held-out rows (``evaluator``), each answer's confidence, its calibration and the coverage table
+(``confidence``), the verdict on a model and the quality gate (``trust``), and rating
 new records with a built model (``rating``). May import:
 the top-level base modules (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``),
 ``daemon.data``, ``daemon.training``, ``daemon.serving`` and this package; never ``inbox``,

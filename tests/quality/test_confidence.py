@@ -1,0 +1,177 @@
+"""Confidence per record: from a server's token log-probabilities (controlled through the loopback
+fakes), calibrated by a temperature on the held-out rows, the coverage table, and the records
+routed to the experts in needs_review.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+
+import pytest
+
+from daemon.config import load_config
+from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
+from daemon.fine_tuner import FineTuner
+from daemon.quality import confidence as conf
+from daemon.quality.evaluation import ModelResult, confidence_report
+from daemon.quality.rating import model_from_folder, rate_file, route_for_review
+from tests.fake_logprobs import token_logprobs
+from tests.quality.test_evaluator import ScriptedModels, _config, _frame
+
+VALUES = sorted(MAPPING.values())
+
+
+def _entries(content: str, probs: dict[int, float] | None, top: int = 20):
+    return conf.token_entries(token_logprobs(content, probs, top))
+
+
+def test_the_rating_tokens_alternatives_give_each_allowed_ratings_probability():
+    answer = json.dumps({"rationale": 'says "rating": 0 in prose', "rating": 1})
+    probs = conf.probabilities_from_tokens(_entries(answer, {1: 0.6, 0: 0.3, -1: 0.05}), VALUES)
+    assert probs == pytest.approx({-1: 0.05 / 0.95, 0: 0.3 / 0.95, 1: 0.6 / 0.95})
+    # an alternative outside the allowed ratings is not a rating; one the server did not list is 0
+    assert conf.probabilities_from_tokens(_entries(answer, {1: 0.5, 7: 0.5}), VALUES) == {-1: 0.0, 0: 0.0, 1: 1.0}
+    assert conf.probabilities_from_tokens(_entries("It looks like a match", None), VALUES) is None
+    assert conf.token_entries([{"token": "x", "logprob": "high"}]) is None  # a malformed reply: no confidence
+
+
+def test_a_negative_rating_split_over_two_tokens_is_read_along_its_path():
+    entries = [('{"rating": ', 0.0, []), ("-", math.log(0.5), [("1", math.log(0.3)), ("0", math.log(0.1))]),
+               ("1", math.log(0.9), []), ("}", 0.0, [])]
+    assert conf.probabilities_from_tokens(entries, [-1, 0, 1]) == pytest.approx(
+        {-1: 0.5 / 0.9, 0: 0.1 / 0.9, 1: 0.3 / 0.9})
+    # with -1 and -2 both allowed, "-" alone does not say which: -1 is known along the path taken
+    assert conf.probabilities_from_tokens(entries, [-2, -1, 0, 1]) == pytest.approx(
+        {-2: 0.0, -1: 0.45 / 0.85, 0: 0.1 / 0.85, 1: 0.3 / 0.85})
+
+
+def test_temperature_scaling_lowers_the_ece_of_an_over_confident_model():
+    """A model that is right 70 % of the time but always 99 % sure: the fitted temperature softens
+    it (T > 1) and the expected calibration error falls from about 0.29 to under 0.05."""
+    rng = random.Random(3)
+    probs, expert, ratings = [], [], []
+    for _ in range(200):
+        truth = rng.choice(VALUES)
+        answer = truth if rng.random() < 0.7 else rng.choice([v for v in VALUES if v != truth])
+        probs.append({v: (0.99 if v == answer else 0.005) for v in VALUES})
+        expert.append(truth)
+        ratings.append(answer)
+    correct = [a == e for a, e in zip(ratings, expert)]
+    before = conf.ece([p[a] for p, a in zip(probs, ratings)], correct)
+    t = conf.fit_temperature(probs, expert)
+    after = conf.ece([conf.with_temperature(p, t)[a] for p, a in zip(probs, ratings)], correct)
+    assert t > 1 and before == pytest.approx(0.29, abs=0.04) and after < 0.05
+    assert conf.fit_temperature(probs[:9], expert[:9]) is None  # too few rows to fit
+
+
+def test_the_coverage_table_counts_what_each_threshold_accepts():
+    expert = [1, 1, 0, 0, -1, 1, 0, -1, 1, 0]
+    ratings = [1, 1, 0, 1, -1, None, 0, 0, 1, 0]
+    confidences = [0.99, 0.95, 0.92, 0.55, 0.85, None, 0.75, 0.6, 0.97, 0.91]
+    table = {r["threshold"]: r for r in conf.coverage(confidences, ratings, expert, seed=1)}
+    assert [(t, table[t]["accepted"], table[t]["share"]) for t in (0.5, 0.8, 0.9, 0.95)] == [
+        (0.5, 9, 0.9), (0.8, 6, 0.6), (0.9, 5, 0.5), (0.95, 3, 0.3)]
+    assert (table[0.9]["accuracy"], table[0.9]["kappa"]) == (1.0, 1.0)
+    assert table[0.5]["accuracy"] == pytest.approx(7 / 9, abs=1e-4)
+
+
+def test_a_backend_without_probabilities_says_so_and_invents_nothing():
+    result = ModelResult("new", "model set", "m", [1, 0], [0.1, 0.1], 1.0, "ollama", probs=None)
+    info, per_row = confidence_report(result, [1, 1], seed=1)
+    assert info == {"available": 0, "source": None,
+                    "note": "the ollama backend gave no probabilities for these answers: no confidence is "
+                            "reported (it is never guessed)"}
+    assert per_row == [None, None]
+
+
+def _probs_for(truth: dict[str, int], sure: float):
+    """The fake's probabilities: ``sure`` on the expert's rating, the rest spread evenly."""
+    def probs(model, messages):
+        right = truth.get(messages[-1]["content"])
+        return None if right is None else {v: sure if v == right else (1 - sure) / (len(VALUES) - 1) for v in VALUES}
+    return probs
+
+
+def test_the_evaluation_through_ollama_reports_known_confidences_and_coverage(fake_ollama, tmp_path):
+    """Scripted log-probabilities: the registered model set is right on every held-out row and 80 %
+    sure of it; the report, predictions.csv and calibration.json carry exactly that."""
+    df = _frame()
+    truth = dict(zip(df["formatted_prompt"], df["Standardized_Rating"].astype(int)))
+    fake_ollama.chat_responder = ScriptedModels(df, good_model="llama3.2-1b-dataset:latest")
+    fake_ollama.probs_responder = _probs_for(truth, 0.8)
+    out = tmp_path / "out"
+    ok, meta = FineTuner(config=_config(tmp_path, fake_ollama)).process_dataset(
+        df, "llama3.2:1b", MAPPING, "respiratory infections", approach="model_set", output_dir=out)
+    assert ok
+    chats = [r.body for r in fake_ollama.requests_to("/api/chat")][1:]
+    assert {(c["logprobs"], c["top_logprobs"]) for c in chats} == {(True, 20)}
+    report = json.loads((out / "evaluation.json").read_text())
+    new, base = report["models"]
+    n = report["n"]
+    assert (new["confidence"]["available"], new["confidence"]["source"]) == (
+        n, "Ollama's token log-probabilities (/api/chat logprobs)")
+    assert new["confidence"]["calibration"]["ece_before"] == pytest.approx(0.2)  # 80 % sure, always right
+    t = new["confidence"]["calibration"]["temperature"]
+    assert t < 1 and new["confidence"]["calibration"]["ece_after"] < 0.2  # right every time: sharpened
+    assert base["confidence"]["available"] == 0  # prose answers: no rating, no confidence
+    coverage = {r["threshold"]: r for r in new["confidence"]["coverage"]}
+    assert (coverage[0.5]["accepted"], coverage[0.5]["share"], coverage[0.5]["kappa"]) == (n, 1.0, 1.0)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    calibrated = conf.with_temperature({1: 0.8, 0: 0.1, -1: 0.1}, t)[1]
+    assert {r["new_confidence"] for r in rows} == {str(round(calibrated, 4))}
+    assert {r["base_confidence"] for r in rows} == {""}
+    assert json.loads((out / "calibration.json").read_text())["temperature"] == t
+    md = (out / "evaluation.md").read_text()
+    assert "| accept when confidence ≥ |" in md and f"| 0.50 | {n} (100%) | 1.00" in md
+
+
+def test_rating_applies_the_calibration_and_sends_unsure_records_to_review(fake_openai, tmp_path):
+    """A model set folder with calibration.json rated through the openai backend with scripted
+    log-probabilities: the confidence column is each record's calibrated probability, and
+    --review-below's needs_review.csv holds exactly the invalid and the unsure records, with the
+    input's own columns, the model's rating and an empty Expert Rating for the experts."""
+    df = _frame().head(40)
+    folder = tmp_path / "model"
+    ok, _ = FineTuner(config={"ollama": {"host": "http://127.0.0.1:9", "retries": 0, "connect_timeout_s": 0.5,
+                                         "register": "off"}, "evaluation": {"enabled": "off"},
+                              "paths": {"root": str(tmp_path)}}).process_dataset(
+        df, "llama3.2:1b", MAPPING, "respiratory infections", approach="model_set", output_dir=folder)
+    assert ok
+    (folder / "calibration.json").write_text(json.dumps({"temperature": 2.0}))
+    rows = list(synthetic_rows(12, 23))
+    source = tmp_path / "new.csv"
+    with open(source, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([HEADER, *rows])
+    sure = {row[1]: (0.97 if i % 3 else 0.6) for i, row in enumerate(rows)}
+    fake_openai.models = ["llama3.2:1b"]
+    fake_openai.responder = lambda model, messages, body: (
+        "no idea" if messages[-1]["content"] == rows[4][1]
+        else json.dumps({"rationale": "r", "rating": int(rows[[r[1] for r in rows].index(messages[-1]["content"])][3])}))
+    fake_openai.probs_responder = lambda model, messages: {
+        v: (sure[messages[-1]["content"]] if v == int(next(r for r in rows if r[1] == messages[-1]["content"])[3])
+            else (1 - sure[messages[-1]["content"]]) / 2) for v in VALUES}
+    cfg = load_config(None, {}, overrides={"openai": {"base_url": fake_openai.url},
+                                           "ollama": {"host": "http://127.0.0.1:9", "retries": 0},
+                                           "paths": {"root": str(tmp_path)}})
+    model = model_from_folder(folder)
+    assert model.temperature == 2.0
+    output = tmp_path / "new.ratings.csv"
+    summary = route_for_review(rate_file(model, source, output, cfg, backend="openai"), source, output, 0.8)
+    rated = list(csv.DictReader(output.open()))
+
+    def calibrated(p):
+        return conf.with_temperature({1: p, 0: (1 - p) / 2, -1: (1 - p) / 2}, 2.0)[1]
+    expected = ["" if i == 4 else f"{calibrated(sure[row[1]]):.4f}" for i, row in enumerate(rows)]
+    assert [r["confidence"] for r in rated] == expected
+    review = list(csv.DictReader((tmp_path / "new.needs_review.csv").open()))
+    unsure = [i for i, c in enumerate(expected) if c == "" or float(c) < 0.8]
+    assert [r["Row_ID"] for r in review] == [rows[i][0] for i in unsure]
+    assert list(review[0]) == ["Row_ID", "formatted_prompt", "Expert Rating", "Rationale of Rating",
+                               "Model Rating", "Model Label", "Model Confidence"]
+    assert {r["Expert Rating"] for r in review} == {""}
+    assert [r["formatted_prompt"] for r in review] == [rows[i][1] for i in unsure]
+    assert summary["needs_review"] == {"threshold": 0.8, "records": len(unsure), "without_confidence": 1,
+                                       "file": "new.needs_review.csv"}
+    assert summary["confidence"]["source"] == "the server's token log-probabilities (logprobs)"
