@@ -517,7 +517,12 @@ def confusion_png(report: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
 
         models = [m for m in report["models"] if m.get("confusion_matrix")]
-        fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.2 * max(1, len(models)), 3.9), squeeze=False)
+        new = next((m for m in report["models"] if m.get("key") == "new"), {})
+        calibration = (new.get("confidence") or {}).get("calibration")
+        panels = max(1, len(models)) + (1 if calibration else 0)
+        fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.9), squeeze=False)
+        if calibration:
+            _reliability_panel(axes[0][-1], new, calibration)
         for ax, m in zip(axes[0], models):
             cm = m["confusion_matrix"]
             counts = np.array(cm["counts"], dtype=float)
@@ -541,6 +546,24 @@ def confusion_png(report: dict, path: Path) -> None:
         plt.close(fig)
     with fsutil.atomic_open(path, "wb") as fh:
         fh.write(buf.getvalue())
+
+
+def _reliability_panel(ax: Any, model: dict, calibration: dict) -> None:
+    """The reliability diagram of the new model: each confidence bin's accuracy against its mean
+    confidence, before and after the temperature (the diagonal is perfect calibration)."""
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    for key, label, style in (("reliability_before", f"raw (ECE {_fmt(calibration.get('ece_before'))})", "o--"),
+                              ("reliability_after", f"T = {_fmt(calibration.get('temperature'))} "
+                                                    f"(ECE {_fmt(calibration.get('ece_after'))})", "s-")):
+        points = calibration.get(key) or []
+        if points:
+            ax.plot([p["confidence"] for p in points], [p["accuracy"] for p in points], style, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{model.get('title', 'new model')}: reliability", fontsize=9, parse_math=False)
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def write_report(report: dict, dest: Path) -> list[str]:

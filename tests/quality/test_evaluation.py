@@ -126,16 +126,18 @@ def test_bootstrap_cost_does_not_grow_with_the_number_of_labels():
 
 
 def test_report_files_hold_no_text_and_read_back(tmp_path):
-    """The four report files are written; predictions.csv has ratings and validity only."""
+    """The four report files are written; predictions.csv has ratings, validity and confidence only
+    (empty: these results carry no probabilities)."""
     names = write_report(_report(), tmp_path)
     assert sorted(names) == sorted(p.name for p in tmp_path.iterdir())
     data = json.loads((tmp_path / "evaluation.json").read_text())
     assert [m["title"] for m in data["models"]] == ["model set", "base model (zero-shot)"]
     assert "_predictions" not in data
     rows = list(csv.reader((tmp_path / "predictions.csv").open()))
-    assert rows[0] == ["row", "expert_rating", "new_rating", "new_valid", "base_rating", "base_valid"]
-    assert rows[6] == ["6", "0", "", "false", "", "false"]
-    assert rows[1] == ["1", "1", "1", "true", "", "false"]
+    assert rows[0] == ["row", "expert_rating", "new_rating", "new_valid", "new_confidence", "base_rating",
+                       "base_valid", "base_confidence"]
+    assert rows[6] == ["6", "0", "", "false", "", "", "false", ""]
+    assert rows[1] == ["1", "1", "1", "true", "", "", "false", ""]
     md = (tmp_path / "evaluation.md").read_text()
     assert "| accuracy (95% CI) | 0.62 (" in md and "| Cohen's kappa (95% CI) | 0.45 (" in md
     assert "| Unknown | 1 | 0 | 1 | 0 |" in md
@@ -187,10 +189,10 @@ def test_predictions_csv_writes_formula_like_row_ids_as_text(tmp_path):
     write_report(report, tmp_path)
     with open(tmp_path / "predictions.csv", newline="") as fh:
         assert list(csv.reader(fh)) == [
-            ["row", "expert_rating", "new_rating", "new_valid"],
-            ["'=cmd|' /C calc'!A0", "1", "1", "true"], ["-3", "1", "1", "true"], ["+1.5", "1", "0", "true"],
-            ["'@SUM(A1)", "0", "0", "true"], ["5", "0", "0", "true"], ["6", "0", "", "false"],
-            ["7", "-1", "-1", "true"], ["'\t=1", "-1", "1", "true"]]
+            ["row", "expert_rating", "new_rating", "new_valid", "new_confidence"],
+            ["'=cmd|' /C calc'!A0", "1", "1", "true", ""], ["-3", "1", "1", "true", ""],
+            ["+1.5", "1", "0", "true", ""], ["'@SUM(A1)", "0", "0", "true", ""], ["5", "0", "0", "true", ""],
+            ["6", "0", "", "false", ""], ["7", "-1", "-1", "true", ""], ["'\t=1", "-1", "1", "true", ""]]
 
 
 def test_an_adapter_that_changed_nothing_is_flagged_in_the_report():
