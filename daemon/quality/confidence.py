@@ -163,6 +163,8 @@ def fit_temperature(probs: Sequence[Mapping[int, float] | None], expert: Sequenc
     lo, hi = (math.log(b) for b in T_BOUNDS)
     best = minimize_scalar(lambda x: _nll(rows, math.exp(x)), bounds=(lo, hi), method="bounded",
                            options={"xatol": 1e-4})
+    if not _nll(rows, 1.0) - float(best.fun) > 1e-6:
+        return 1.0  # no temperature fits these rows better (every one certain): leave them as they are
     return round(math.exp(float(best.x)), 4)
 
 

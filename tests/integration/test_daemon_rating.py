@@ -78,7 +78,11 @@ def test_raw_export_builds_a_model_set_and_a_rating_job_rates_with_it(root, star
     assert meta["prompt_source"]["builtin"] is True and meta["prompt_source"]["ratings_from"] == "labels"
     config = json.loads((root.outputs / job_id / "model_set_config.json").read_text())
     assert config["prompt_template"] == meta["prompt_template"]
-    root.drop_bytes("new.job.yaml", f"task: rate\nmodel: outputs/{job_id}\n".encode())
+    # the model is 70 % sure of its "Does Not Match" ratings, 99 % of the others
+    fake_ollama.probs_responder = lambda model, messages: (
+        {0: 0.7, 1: 0.15, -1: 0.15} if "dx 0" in messages[-1]["content"]
+        else {v: (0.99 if f"dx {v}" in messages[-1]["content"] else 0.005) for v in (-1, 0, 1)})
+    root.drop_bytes("new.job.yaml", f"task: rate\nmodel: outputs/{job_id}\nreview_below: 0.9\n".encode())
     root.drop_bytes("new.csv", raw_export(30, seed=9, ratings=False, unknown_dx=(5,)))  # 5: a prose answer
     [rated] = wait_for(lambda: root.job_folders(root.processed, "new"), timeout=60, message="rated")
     d.signal(signal.SIGTERM)
@@ -95,6 +99,13 @@ def test_raw_export_builds_a_model_set_and_a_rating_job_rates_with_it(root, star
     summary = json.loads((out / "rating_summary.json").read_text())
     assert (summary["rows"], summary["invalid"], summary["backend"]) == (30, 1, "ollama")
     assert sum(summary["counts"].values()) == 29
+    unsure = [r["C_BioSense_ID"] for r in rows if r["valid"] == "false" or r["rating"] == "0"]
+    assert {r["confidence"] for r in rows if r["rating"] == "0"} == {"0.7000"}
+    review = list(csv.DictReader((out / "needs_review.csv").open()))
+    assert [r["C_BioSense_ID"] for r in review] == unsure
+    assert {r["Expert Rating"] for r in review} == {""} and "Rationale_of_Rating" not in review[0]
+    assert summary["needs_review"] == {"threshold": 0.9, "records": len(unsure), "without_confidence": 1,
+                                       "file": "needs_review.csv"}
     assert MARKER not in all_log_text(root)
     assert leftovers(root.path) == []
 
