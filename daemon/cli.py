@@ -344,6 +344,33 @@ def _bar(title: str):
     return show
 
 
+class _RateBar:
+    """``rate``'s progress on a terminal: tqdm's bar, advanced per answer, with records/s and the
+    ETA (a resumed run starts at the records already rated)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            # the terminal's size, 80 x 24 where it reports none (a fresh pseudo-terminal reports
+            # 0 x 0, and tqdm hides a bar below the last of 0 rows)
+            try:
+                size = os.get_terminal_size(sys.stderr.fileno())
+                cols, rows = size.columns or 80, size.lines or 24
+            except OSError:
+                cols, rows = 80, 24
+            self.bar = tqdm(total=total, initial=done, unit="record", desc="rating", file=sys.stderr,
+                            ncols=cols, nrows=rows, smoothing=0.1)
+        self.bar.update(max(0, done - self.bar.n))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _progress_printer():
     """A one-line progress bar on stderr for training (only when stderr is a terminal)."""
     bar = _bar("training")
@@ -478,14 +505,13 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
     if (problem := rating.output_problem(csv_path, output, also=(summary_path,))) is not None:
         return _fail(f"{problem}; pass another --output", EXIT_USAGE)
     model = _rating_model(cfg, args)
-    progress = _bar("rating") if sys.stderr.isatty() else None
-    with structlog.contextvars.bound_contextvars(job_id=output.stem):
-        summary = rating.rate_file(model, csv_path, output, cfg, backend=args.backend,
-                                   on_progress=(lambda done, total: progress(100.0 * done / max(total, 1),
-                                                                             f"{done}/{total}"))
-                                   if progress else None)
-    if progress is not None:
-        print(file=sys.stderr)
+    bar = _RateBar() if sys.stderr.isatty() else None
+    try:
+        with structlog.contextvars.bound_contextvars(job_id=output.stem):
+            summary = rating.rate_file(model, csv_path, output, cfg, backend=args.backend, on_progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     below = args.review_below if args.review_below is not None else cfg.rating.review_below
     summary = rating.route_for_review(summary, csv_path, output, below)
     rating.write_summary(summary, summary_path)

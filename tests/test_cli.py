@@ -514,8 +514,9 @@ def test_status_on_a_dangling_journal_link_is_an_error_not_no_jobs(tmp_path):
 
 
 def test_rate_shows_a_progress_bar_on_a_terminal(tmp_path, fake_ollama, dataset):
-    """With stderr on a terminal, rate draws a progress bar that reaches 100 % and ends with the
-    counts; without a terminal it draws none."""
+    """With stderr on a terminal, rate draws tqdm's progress bar, advanced per answer (12 records,
+    one chunk: it moves before the chunk ends), with records/s, reaching 12/12; without a terminal
+    it draws none."""
     csv_path, mapping = dataset
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FINE_TUNER_OLLAMA__HOST": fake_ollama.url}
     fake_ollama.chat_content = json.dumps({"rating": 0, "rationale": "x"})
@@ -523,7 +524,7 @@ def test_rate_shows_a_progress_bar_on_a_terminal(tmp_path, fake_ollama, dataset)
             "--input", str(csv_path), "--output", str(tmp_path / "r.csv")]
     code, stdout, screen = _on_a_terminal(args, cwd=tmp_path, env=env)
     assert code == 0, screen[-2000:]
-    assert "rating [" in screen and "100.0% 60/60" in screen
+    assert "rating: 100%" in screen and "60/60" in screen and "record/s" in screen
     assert "rated: 60 of 60 records with llama3.2:1b (ollama)" in stdout
     plain = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 0 and plain.stderr == ""

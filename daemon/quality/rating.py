@@ -768,8 +768,12 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
                 conversations = [[*shared, {"role": "user", "content": texts[i]}] for i in asked]
                 del texts
                 base_done = done
-                answers = answer(conversations, on_progress=lambda d, _t: progress(base_done + d),
-                                 stop_event=stop_event) if conversations else []
+                def answered(d: int, _t: int, base_done: int = base_done) -> None:
+                    progress(base_done + d)
+                    if on_progress is not None:  # per answer: a progress bar moves for small files too
+                        on_progress(base_done + d, total)
+
+                answers = answer(conversations, on_progress=answered, stop_event=stop_event) if conversations else []
                 del conversations
                 ids = (chunk[id_column].tolist() if id_column else range(done + 1, end + 1))
                 by_position = dict(zip(asked, answers))
