@@ -25,7 +25,7 @@ production. Each run is a child process, so that its peak RSS (``VmHWM``) is its
     rounds, the best round of each counted (other load on the machine only ever slows a round
     down). Target: the backend's records/s >= 0.9x the plain loop's.
 
-(e) ``--llama-server [RECORDS]`` (default 40): the openai backend against a real server, llama.cpp's
+(e) ``--llama-server [RECORDS]`` (default 24): the openai backend against a real server, llama.cpp's
     ``llama-server`` (built by ``make llama-cpp``) serving the real Gemma 3 270M GGUF with 4 slots:
     records/s at ``openai.parallel`` 4 versus 1 on the same records (synthetic visits, the product's
     system prompt, the answer's JSON Schema as the response format), each in a child process. No
@@ -34,7 +34,7 @@ production. Each run is a child process, so that its peak RSS (``VmHWM``) is its
 Usage: ``python bench/rate_throughput.py [--records 10000] [--small 1000] [--delay-ms 10]``,
 ``python bench/rate_throughput.py --memory [10000 1000000]``,
 ``python bench/rate_throughput.py --client-overhead [2000] [--parallel 1]`` or
-``python bench/rate_throughput.py --llama-server [40]``.
+``python bench/rate_throughput.py --llama-server [24]``.
 """
 
 from __future__ import annotations
@@ -276,9 +276,9 @@ def main() -> int:
     ap.add_argument("--client-overhead", nargs="?", type=int, const=2_000, metavar="RECORDS",
                     help="only section (d): the openai backend vs a plain requests loop (default 2000 records)")
     ap.add_argument("--parallel", type=int, default=1, help="section (d): requests in flight, both clients")
-    ap.add_argument("--llama-server", nargs="?", type=int, const=40, metavar="RECORDS",
+    ap.add_argument("--llama-server", nargs="?", type=int, const=24, metavar="RECORDS",
                     help="only section (e): the openai backend against llama-server on Gemma 3 270M, "
-                         "parallel 4 vs 1 (default 40 records)")
+                         "parallel 4 vs 1 (default 24 records)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--overhead-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
