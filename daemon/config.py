@@ -172,7 +172,7 @@ class EvaluationConfig:
     backend: str = "auto"  # auto | ollama | openai | local
     max_rows: int = 200  # held-out rows evaluated at most (a seeded sample beyond that)
     batch_size: int = 8  # local backend: records generated together
-    max_new_tokens: int = 96  # local backend: the longest answer generated
+    max_new_tokens: int = 96  # the longest answer, every backend (Ollama num_predict, OpenAI max_tokens)
     timeout_s: float = 3600.0  # local backend: one model's answers
     # the column whose values group rows for the new-kinds held-out set (data/holdout.py); None: a
     # known diagnosis column with ICD-10-style codes; "none": a random split only

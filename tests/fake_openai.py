@@ -198,6 +198,9 @@ class FakeOpenAI:
         temperature = body.get("temperature", 1)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise ApiError(400, "'temperature' must be a number from 0 to 2", code="invalid_value")
+        limit = body.get("max_tokens")
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise ApiError(400, "'max_tokens' must be a positive integer", code="invalid_value")
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ApiError(400, "'seed' must be an integer", code="invalid_type")

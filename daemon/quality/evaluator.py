@@ -287,11 +287,13 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
         if chosen == "ollama":
             name = model.ollama_name or base
             answers = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=seed,
-                                  schema=schema, memory=memory, values=values).answer(
+                                  schema=schema, memory=memory, values=values,
+                                  max_tokens=ev.max_new_tokens).answer(
                 name, conversations, on_progress=progress, stop_event=stop_event)
         elif chosen == "openai":
             name, extra = weights.target(model)  # for this backend, choose_backend's plan
-            answers = OpenAIRater(config.openai, seed=seed, schema=schema, extra=extra, values=values).answer(
+            answers = OpenAIRater(config.openai, seed=seed, schema=schema, extra=extra, values=values,
+                                  max_tokens=ev.max_new_tokens).answer(
                 name, conversations, on_progress=progress, stop_event=stop_event)
         else:
             name = base + (" + adapter" if model.adapter_dir is not None else "")

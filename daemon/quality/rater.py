@@ -133,9 +133,10 @@ class OllamaRater:
 
     def __init__(self, cfg: OllamaConfig, *, parallel: int = 2, seed: int = DEFAULT_SEED,
                  schema: Mapping | None = None, env: Mapping[str, str] = os.environ, memory=None,
-                 values: Sequence[int] | None = None) -> None:
+                 values: Sequence[int] | None = None, max_tokens: int | None = None) -> None:
         self.cfg = cfg
         self.values = list(values) if values is not None else None
+        self.max_tokens = max_tokens
         self.memory = memory
         self.parallel = max(1, int(parallel))
         self.seed = seed
@@ -148,6 +149,8 @@ class OllamaRater:
 
         clients = _PerThread(lambda: OllamaClient(self.cfg, env=self.env, memory=self.memory))
         options = {"temperature": 0, "seed": self.seed}
+        if self.max_tokens is not None:  # a model that never closes its answer stops here (invalid)
+            options["num_predict"] = int(self.max_tokens)
 
         def one(conversation: list[dict]) -> Answer:
             _stopped(stop_event)
@@ -176,9 +179,11 @@ class OpenAIRater:
 
     def __init__(self, cfg: OpenAIConfig, *, parallel: int | None = None, seed: int = DEFAULT_SEED,
                  schema: Mapping | None = None, env: Mapping[str, str] = os.environ,
-                 extra: Mapping[str, Any] | None = None, values: Sequence[int] | None = None) -> None:
+                 extra: Mapping[str, Any] | None = None, values: Sequence[int] | None = None,
+                 max_tokens: int | None = None) -> None:
         self.cfg = cfg
         self.values = list(values) if values is not None and cfg.logprobs else None
+        self.max_tokens = max_tokens
         self.parallel = max(1, int(parallel if parallel is not None else cfg.parallel))
         self.seed = seed
         self.schema = dict(schema) if schema is not None else None
@@ -197,7 +202,7 @@ class OpenAIRater:
             started = time.monotonic()
             text, scores = clients.get().chat_scored(
                 model, conversation, schema=self.schema, seed=self.seed, extra=self.extra,
-                logprobs=TOP_LOGPROBS if self.values is not None else None)
+                logprobs=TOP_LOGPROBS if self.values is not None else None, max_tokens=self.max_tokens)
             return Answer(text, time.monotonic() - started, _probs(scores, self.values))
 
         try:

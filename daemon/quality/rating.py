@@ -639,11 +639,13 @@ def _rater(model: RatingModel, backend: str, weights, config: Config, schema: di
     if backend == "ollama":
         name = model.ollama_name or model.base_model
         rater = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=config.defaults.seed,
-                            schema=schema, memory=memory, values=values)
+                            schema=schema, memory=memory, values=values,
+                            max_tokens=config.evaluation.max_new_tokens)
         return (lambda convs, **kw: rater.answer(name, convs, **kw)), name
     if backend == "openai":
         name, extra = weights.target(_eval_model(model))  # for this backend, choose_backend's plan
-        served = OpenAIRater(config.openai, seed=config.defaults.seed, schema=schema, extra=extra, values=values)
+        served = OpenAIRater(config.openai, seed=config.defaults.seed, schema=schema, extra=extra, values=values,
+                             max_tokens=config.evaluation.max_new_tokens)
         return (lambda convs, **kw: served.answer(name, convs, **kw)), name
     ev = config.evaluation
     local = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,

@@ -213,10 +213,14 @@ class OpenAIClient:
         return self.chat_scored(model, messages, schema=schema, seed=seed, extra=extra)[0]
 
     def chat_scored(self, model: str, messages: list[dict], *, schema: Mapping | None = None, seed: int = 42,
-                    extra: Mapping[str, Any] | None = None, logprobs: int | None = None) -> tuple[str | None, Any]:
+                    extra: Mapping[str, Any] | None = None, logprobs: int | None = None,
+                    max_tokens: int | None = None) -> tuple[str | None, Any]:
         """``chat``, and with ``logprobs`` (the alternatives per token, 0-20) the answer tokens'
-        log-probabilities as the server sent them (``choices[0].logprobs.content``, None if absent)."""
+        log-probabilities as the server sent them (``choices[0].logprobs.content``, None if absent).
+        ``max_tokens``: the longest answer (one that never closes is cut there, and is invalid)."""
         body: dict[str, Any] = {"model": model, "messages": messages, "temperature": 0, "seed": seed}
+        if max_tokens is not None:
+            body["max_tokens"] = int(max_tokens)
         if logprobs is not None:
             body.update(logprobs=True, top_logprobs=int(logprobs))
         if schema is not None:

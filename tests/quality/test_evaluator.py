@@ -81,7 +81,8 @@ def test_model_set_is_evaluated_through_ollama_beside_the_base_model(fake_ollama
     chats = [r.body for r in fake_ollama.requests_to("/api/chat")][1:]  # the first: registration's check
     assert len(chats) == 2 * n
     schema = prompts.output_schema(sorted(MAPPING.values()))
-    assert all((c["format"], c["options"], c["stream"]) == (schema, {"temperature": 0, "seed": 42}, False)
+    options = {"temperature": 0, "seed": 42, "num_predict": 96}  # num_predict: evaluation.max_new_tokens
+    assert all((c["format"], c["options"], c["stream"]) == (schema, options, False)
                for c in chats)
     by_model = {}
     for c in chats:

@@ -87,9 +87,10 @@ def test_rate_through_the_cli_with_the_openai_backend_rates_every_row(tmp_path):
     chats = fake.requests_to(CHAT)
     assert len(chats) == 25 and [r.method for r in fake.requests_to("/models")] == ["GET"]
     assert {r.headers["Authorization"] for r in fake.requests} == {f"Bearer {KEY}"}
-    assert all((c.body["model"], c.body["temperature"], c.body["seed"], c.body["response_format"]) == (
-        "served-model", 0, 42, {"type": "json_schema", "json_schema": {"name": "rating", "strict": True,
-                                                                        "schema": SCHEMA}}) for c in chats)
+    assert all((c.body["model"], c.body["temperature"], c.body["seed"], c.body["max_tokens"],
+                c.body["response_format"]) == (
+        "served-model", 0, 42, 96, {"type": "json_schema", "json_schema": {"name": "rating", "strict": True,
+                                                                            "schema": SCHEMA}}) for c in chats)
     assert len(_prefixes([c.raw for c in chats])) == 1
     assert [m["role"] for m in chats[0].body["messages"]] == ["system", "user"]
     logged = (tmp_path / "fine_tuner.log").read_text()

@@ -129,7 +129,8 @@ def test_a_model_set_rates_a_file_through_ollama_with_invalid_answers_marked(fak
     chats = [r.body for r in fake_ollama.requests_to("/api/chat")]
     assert len(chats) == 29 and Counter(scripted.users) == Counter(list(truth))  # every non-empty prompt, once
     assert {c["model"] for c in chats} == {"llama3.2:1b"}
-    assert all((c["format"], c["options"], c["stream"]) == (SCHEMA, {"temperature": 0, "seed": 42}, False)
+    options = {"temperature": 0, "seed": 42, "num_predict": 96}  # num_predict: evaluation.max_new_tokens
+    assert all((c["format"], c["options"], c["stream"]) == (SCHEMA, options, False)
                for c in chats)
     prefixes = {json.dumps(c["messages"][:-1]) for c in chats}
     assert prefixes == {json.dumps([{"role": "system", "content": model.system}, *model.few_shot])}

@@ -34,8 +34,9 @@ def _cli(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedPr
 def test_serve_runs_llama_server_on_gemma_and_rate_through_it_answers_in_the_schema(tmp_path, gemma_gguf):
     """A Gemma 3 270M model set (no training) served by `fine-tuner serve` (llama-server, Gemma's turn
     format, two slots) rates 10 new visits through `rate --backend openai`: every answer a JSON
-    object of the schema with a rating of the mapping (the server holds the answer to the schema).
-    SIGTERM ends `serve` with status 0 and the server with it."""
+    object of the schema with a rating of the mapping (the server holds the answer to the schema)
+    and a confidence from the server's log-probabilities. SIGTERM ends `serve` with status 0 and
+    the server with it."""
     assert server_binary() is not None, "llama-server is not built: `make llama-cpp` (make test builds it)"
     visits = generate_visits(70, seed=3)
     write_csv(tmp_path / "train.csv", visits[:60])
@@ -65,7 +66,10 @@ def test_serve_runs_llama_server_on_gemma_and_rate_through_it_answers_in_the_sch
         assert requests.get(f"{base_url}/models", timeout=10).json()["data"][0]["id"] == NAME
         rated = _cli("rate", "--config", str(config), "--model", str(model), "--input", str(tmp_path / "new.csv"),
                      "--backend", "openai", "--output", str(tmp_path / "ratings.csv"),
-                     FINE_TUNER_OPENAI__BASE_URL=base_url)
+                     FINE_TUNER_OPENAI__BASE_URL=base_url,
+                     # room for a whole answer: the base model's reasons run longer than a fine-tune's;
+                     # a machine busy with the rest of the suite answers slowly
+                     FINE_TUNER_EVALUATION__MAX_NEW_TOKENS="256", FINE_TUNER_OPENAI__READ_TIMEOUT_S="600")
         assert rated.returncode == 0, rated.stderr[-3000:]
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
@@ -81,3 +85,6 @@ def test_serve_runs_llama_server_on_gemma_and_rate_through_it_answers_in_the_sch
     assert all(r["valid"] == "true" and int(r["rating"]) in MAPPING.values() for r in ratings), ratings
     summary = json.loads((tmp_path / "ratings.summary.json").read_text())
     assert (summary["backend"], summary["rated"], summary["invalid"]) == ("openai", 10, 0)
+    # llama.cpp returns the answer tokens' log-probabilities: every rating has its confidence
+    assert all(0 < float(r["confidence"]) <= 1 for r in ratings), ratings
+    assert summary["confidence"]["source"] == "the server's token log-probabilities (logprobs)"
