@@ -11,7 +11,8 @@ took; what a backend does not reveal is left out, never guessed. When a backend 
 probabilities the confidence is None and every report says so.
 
 ``fit_temperature`` calibrates on the held-out rows (one temperature T for the model: each row's
-probabilities become ``p ** (1 / T)``, renormalised), ``ece`` is the expected calibration error of
+probabilities become ``p ** (1 / T)``, renormalised; T is chosen so that the answered rating's
+confidence best forecasts whether the experts agree with it), ``ece`` is the expected calibration error of
 the answered ratings' confidences (10 equal-width bins), and ``coverage`` says, for confidence
 thresholds, what share of the records would be accepted and how well those agree with the experts.
 Pure Python and numpy; no record text is ever read here beyond the answer's rating.
@@ -144,27 +145,34 @@ def with_temperature(probs: Mapping[int, float] | None, temperature: float) -> P
     return {v: weights.get(v, 0.0) / total for v in probs}
 
 
-def _nll(rows: Sequence[tuple[Mapping[int, float], int]], temperature: float) -> float:
+def _nll(rows: Sequence[tuple[Mapping[int, float], int, bool]], temperature: float) -> float:
+    """The mean log-loss of the answered ratings' confidences as forecasts of being right."""
     total = 0.0
-    for probs, expert in rows:
-        scaled = with_temperature(probs, temperature)
-        total -= math.log(max(scaled.get(expert, 0.0), FLOOR))
+    for probs, answered, right in rows:
+        sure = with_temperature(probs, temperature).get(answered, 0.0)
+        sure = min(max(sure, FLOOR), 1 - FLOOR)
+        total -= math.log(sure if right else 1 - sure)
     return total / len(rows)
 
 
-def fit_temperature(probs: Sequence[Mapping[int, float] | None], expert: Sequence[int]) -> float | None:
-    """The temperature that minimises the held-out rows' negative log-likelihood of the expert
-    rating (bounded scalar search), or None with fewer than 10 rows that have probabilities."""
+def fit_temperature(probs: Sequence[Mapping[int, float] | None], expert: Sequence[int],
+                    ratings: Sequence[int | None]) -> float | None:
+    """The temperature under which the answered ratings' confidences best forecast whether they
+    are right (the log-loss of confidence against agreement with the expert, on the held-out rows;
+    bounded scalar search): what a confidence is used for, accepting a rating or sending it to the
+    experts. None with fewer than 10 answered rows that have probabilities; 1 when no temperature
+    does better (every answer certain)."""
     from scipy.optimize import minimize_scalar
 
-    rows = [(p, int(e)) for p, e in zip(probs, expert) if p is not None]
+    rows = [(p, int(r), int(r) == int(e)) for p, r, e in zip(probs, ratings, expert)
+            if p is not None and r is not None]
     if len(rows) < 10:
         return None
     lo, hi = (math.log(b) for b in T_BOUNDS)
     best = minimize_scalar(lambda x: _nll(rows, math.exp(x)), bounds=(lo, hi), method="bounded",
                            options={"xatol": 1e-4})
     if not _nll(rows, 1.0) - float(best.fun) > 1e-6:
-        return 1.0  # no temperature fits these rows better (every one certain): leave them as they are
+        return 1.0
     return round(math.exp(float(best.x)), 4)
 
 

@@ -306,7 +306,7 @@ def confidence_report(result: ModelResult, expert: Sequence[int], *, seed: int) 
                         "is reported (it is never guessed)"}, [None] * n
     correct = [r is not None and r == e for r, e in zip(result.ratings, expert)]
     raw = [conf.confidence(p, r) for p, r in zip(probs, result.ratings)]
-    temperature = conf.fit_temperature(probs, expert)
+    temperature = conf.fit_temperature(probs, expert, result.ratings)
     calibrated = raw if temperature is None else [
         conf.confidence(conf.with_temperature(p, temperature), r) for p, r in zip(probs, result.ratings)]
     return {"available": available, "source": CONFIDENCE_SOURCES.get(result.backend, result.backend),

@@ -60,10 +60,10 @@ def test_temperature_scaling_lowers_the_ece_of_an_over_confident_model():
         ratings.append(answer)
     correct = [a == e for a, e in zip(ratings, expert)]
     before = conf.ece([p[a] for p, a in zip(probs, ratings)], correct)
-    t = conf.fit_temperature(probs, expert)
+    t = conf.fit_temperature(probs, expert, ratings)
     after = conf.ece([conf.with_temperature(p, t)[a] for p, a in zip(probs, ratings)], correct)
     assert t > 1 and before == pytest.approx(0.29, abs=0.04) and after < 0.05
-    assert conf.fit_temperature(probs[:9], expert[:9]) is None  # too few rows to fit
+    assert conf.fit_temperature(probs[:9], expert[:9], ratings[:9]) is None  # too few rows to fit
 
 
 def test_the_coverage_table_counts_what_each_threshold_accepts():
