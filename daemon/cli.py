@@ -508,7 +508,8 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
     bar = _RateBar() if sys.stderr.isatty() else None
     try:
         with structlog.contextvars.bound_contextvars(job_id=output.stem):
-            summary = rating.rate_file(model, csv_path, output, cfg, backend=args.backend, on_progress=bar)
+            summary = rating.rate_file(model, csv_path, output, cfg, backend=args.backend, on_progress=bar,
+                                       on_answer=bar)
     finally:
         if bar is not None:
             bar.close()

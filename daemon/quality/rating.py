@@ -711,10 +711,13 @@ def _input_changed(file: str, total: int, part: Path, sidecar: Path) -> RatingEr
 def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str | os.PathLike, config: Config, *,
               backend: str = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS,
               on_progress: Callable[[int, int], None] | None = None,
-              stop_event: threading.Event | None = None, memory=None) -> dict:
+              stop_event: threading.Event | None = None, memory=None,
+              on_answer: Callable[[int, int], None] | None = None) -> dict:
     """Rate every record of ``input_csv`` into ``output_csv`` (see the module docstring); returns the
     summary (``write_summary``). ``status`` is "done", or "stopped" when ``stop_event`` was set: the
-    part file then keeps the records rated so far and the same call resumes from them."""
+    part file then keeps the records rated so far and the same call resumes from them.
+    ``on_progress(done, total)``: after each chunk is written; ``on_answer(done, total)``: after each
+    answer (a progress bar)."""
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be at least 1")
     started = time.monotonic()
@@ -772,8 +775,8 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
                 base_done = done
                 def answered(d: int, _t: int, base_done: int = base_done) -> None:
                     progress(base_done + d)
-                    if on_progress is not None:  # per answer: a progress bar moves for small files too
-                        on_progress(base_done + d, total)
+                    if on_answer is not None:  # per answer: a progress bar moves for small files too
+                        on_answer(base_done + d, total)
 
                 answers = answer(conversations, on_progress=answered, stop_event=stop_event) if conversations else []
                 del conversations

@@ -100,14 +100,16 @@ def test_a_model_set_rates_a_file_through_ollama_with_invalid_answers_marked(fak
     src = tmp_path / "new.csv"
     truth = _input_csv(src, 30, invalid=(3, 17), empty=(9,))
     fake_ollama.chat_responder = scripted = Scripted(truth)
-    progress = []
+    progress, answered = [], []
     with capture_logs() as logs:
         summary = rate_file(model, src, tmp_path / "out" / "ratings.csv",
                             load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)),
-                            chunk_rows=7, on_progress=lambda d, t: progress.append((d, t)))
-    # per answer (a bar moves for small files too) and at each chunk's end, never backwards
-    done = [d for d, _ in progress]
-    assert done == sorted(done) and set(done) == set(range(1, 31)) and {t for _, t in progress} == {30}
+                            chunk_rows=7, on_progress=lambda d, t: progress.append((d, t)),
+                            on_answer=lambda d, t: answered.append((d, t)))
+    assert progress == [(7, 30), (14, 30), (21, 30), (28, 30), (30, 30)]  # each chunk written
+    # per answer (a bar moves for small files too), never backwards: every record but the empty prompt
+    done = [d for d, _ in answered]
+    assert done == sorted(done) and set(done) == set(range(1, 31)) - {14} and {t for _, t in answered} == {30}
 
     header, rows = _rows(tmp_path / "out" / "ratings.csv")
     assert header == ["Row_ID", "rating", "label", "rationale", "valid", "model", "confidence"]

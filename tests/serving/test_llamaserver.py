@@ -41,7 +41,7 @@ def test_a_fine_tune_is_served_as_its_base_gguf_with_its_adapter_and_turn_format
     assert base_only.adapters == () and "--lora" not in base_only.argv(Path("x"), 1)
 
 
-def test_what_cannot_be_served_is_a_clear_error(tmp_path, gemma_gguf):
+def test_what_cannot_be_served_is_a_clear_error(tmp_path, gemma_gguf, monkeypatch):
     """A fine-tune without adapter.gguf, a folder that is not an output folder, a base whose GGUF is
     not here, and a missing llama-server: each one line saying what to do."""
     with pytest.raises(ServerError, match="has no adapter/adapter.gguf"):
@@ -55,11 +55,10 @@ def test_what_cannot_be_served_is_a_clear_error(tmp_path, gemma_gguf):
     not_a_binary = tmp_path / "llama-server"
     not_a_binary.write_text("")
     os.chmod(not_a_binary, stat.S_IRUSR)
+    # the variable names a file that cannot run: no binary, whatever the cache holds
+    monkeypatch.setenv("FINE_TUNER_LLAMA_SERVER", str(not_a_binary))
     with pytest.raises(ServerError, match="llama-server is not built on this machine") as err:
-        env = {"FINE_TUNER_LLAMA_SERVER": str(not_a_binary)}
-        from daemon.llamacpp import server_binary
-
-        LlamaServer(ServerSpec(model=gemma_gguf), binary=server_binary(env=env), log_path=tmp_path / "s.log")
+        LlamaServer(ServerSpec(model=gemma_gguf), log_path=tmp_path / "s.log")
     assert "make llama-cpp" in err.value.hint
 
 
