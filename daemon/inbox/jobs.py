@@ -340,11 +340,11 @@ class JobRunner:
         with job_log(build / "job.log", claim.job_id, self._log_roots(build, claim.job_id)):
             log.info("job_started", attempt=attempt, files=names(claim), task="rate")
             try:
-                model = self._rating_model(claim, values)
+                settings = self._settings(claim, values)
+                model = self._rating_model(claim, settings)
                 summary = rating.rate_file(model, claim.path / claim.files["dataset"], build / "ratings.csv",
                                            self.cfg, backend=self.cfg.evaluation.backend,
                                            stop_event=self.ctx.job_stop)
-                settings = self._settings(claim, values)
                 below = settings.review_below if settings.review_below is not None else self.cfg.rating.review_below
                 summary = rating.route_for_review(summary, claim.path / claim.files["dataset"],
                                                   build / "ratings.csv", below)
@@ -358,7 +358,7 @@ class JobRunner:
         rating.write_summary({**summary, "output": "ratings.csv"}, build / rating.SUMMARY_FILE)
         return self._succeed(claim, build, approach="rate")
 
-    def _rating_model(self, claim: Claim, values: dict):
+    def _rating_model(self, claim: Claim, settings):
         """The job's ``model``: an output folder of this service (``outputs/<job_id>`` or the bare
         job id: its prompt, few-shot turns, template, mapping and Ollama name come from it), else an
         Ollama model name with the drop's (or the configuration's) mapping and the job's topic."""
@@ -367,7 +367,6 @@ class JobRunner:
         from ..data.mapping import load_mapping
 
         job_file = claim.files.get("job")
-        settings = self._settings(claim, values)
         folder = model_folder(settings.model, self.cfg, self.paths)
         if folder is not None:
             return rating.model_from_folder(folder, within=self.paths.outputs)

@@ -176,34 +176,38 @@ def fit_temperature(probs: Sequence[Mapping[int, float] | None], expert: Sequenc
     return round(math.exp(float(best.x)), 4)
 
 
-def ece(confidences: Sequence[float | None], correct: Sequence[bool], bins: int = ECE_BINS) -> float | None:
-    """Expected calibration error: the rows' share-weighted gap between confidence and accuracy
-    in equal-width confidence bins (rows without a confidence are left out)."""
-    pairs = [(c, bool(ok)) for c, ok in zip(confidences, correct) if c is not None]
-    if not pairs:
-        return None
-    total = 0.0
-    for b in range(bins):
-        lo, hi = b / bins, (b + 1) / bins
-        inside = [(c, ok) for c, ok in pairs if (lo < c <= hi) or (b == 0 and c == 0.0)]
-        if inside:
-            gap = abs(sum(c for c, _ in inside) / len(inside) - sum(ok for _, ok in inside) / len(inside))
-            total += len(inside) / len(pairs) * gap
-    return round(total, 4)
-
-
-def reliability(confidences: Sequence[float | None], correct: Sequence[bool],
-                bins: int = ECE_BINS) -> list[dict]:
-    """The reliability diagram's points: per non-empty bin, mean confidence, accuracy and rows."""
+def _binned(confidences: Sequence[float | None], correct: Sequence[bool],
+            bins: int) -> tuple[int, list[tuple[float, float, list[tuple[float, bool]]]]]:
+    """(rows with a confidence, the non-empty equal-width bins as (low, high, their rows))."""
     pairs = [(c, bool(ok)) for c, ok in zip(confidences, correct) if c is not None]
     out = []
     for b in range(bins):
         lo, hi = b / bins, (b + 1) / bins
         inside = [(c, ok) for c, ok in pairs if (lo < c <= hi) or (b == 0 and c == 0.0)]
         if inside:
-            out.append({"bin": [lo, hi], "confidence": round(sum(c for c, _ in inside) / len(inside), 4),
-                        "accuracy": round(sum(ok for _, ok in inside) / len(inside), 4), "rows": len(inside)})
-    return out
+            out.append((lo, hi, inside))
+    return len(pairs), out
+
+
+def ece(confidences: Sequence[float | None], correct: Sequence[bool], bins: int = ECE_BINS) -> float | None:
+    """Expected calibration error: the rows' share-weighted gap between confidence and accuracy
+    in equal-width confidence bins (rows without a confidence are left out)."""
+    rows, binned = _binned(confidences, correct, bins)
+    if not rows:
+        return None
+    total = 0.0
+    for _lo, _hi, inside in binned:
+        gap = abs(sum(c for c, _ in inside) / len(inside) - sum(ok for _, ok in inside) / len(inside))
+        total += len(inside) / rows * gap
+    return round(total, 4)
+
+
+def reliability(confidences: Sequence[float | None], correct: Sequence[bool],
+                bins: int = ECE_BINS) -> list[dict]:
+    """The reliability diagram's points: per non-empty bin, mean confidence, accuracy and rows."""
+    return [{"bin": [lo, hi], "confidence": round(sum(c for c, _ in inside) / len(inside), 4),
+             "accuracy": round(sum(ok for _, ok in inside) / len(inside), 4), "rows": len(inside)}
+            for lo, hi, inside in _binned(confidences, correct, bins)[1]]
 
 
 # --- coverage against agreement ----------------------------------------------------------------

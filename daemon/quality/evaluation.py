@@ -446,11 +446,15 @@ def _split_lines(report: dict) -> list[str]:
     return lines
 
 
+def new_model(report: dict) -> dict | None:
+    """The report's entry for the job's new model (the fine-tune, or the model set), if evaluated."""
+    return next((m for m in report.get("models") or [] if m.get("key") == "new"), None)
+
+
 def _confidence_lines(report: dict) -> list[str]:
     """The new model's confidences: where they come from, calibration, and the coverage table
     (what share of the records to accept at each threshold, and how well those agree)."""
-    models = report.get("models") or []
-    new = next((m for m in models if m.get("key") == "new"), None)
+    new = new_model(report)
     if new is None or "confidence" not in new:
         return []
     info = new["confidence"]
@@ -517,7 +521,7 @@ def confusion_png(report: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
 
         models = [m for m in report["models"] if m.get("confusion_matrix")]
-        new = next((m for m in report["models"] if m.get("key") == "new"), {})
+        new = new_model(report) or {}
         calibration = (new.get("confidence") or {}).get("calibration")
         panels = max(1, len(models)) + (1 if calibration else 0)
         fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.9), squeeze=False)
@@ -575,7 +579,7 @@ def write_report(report: dict, dest: Path) -> list[str]:
     fsutil.write_text(dest / "predictions.csv", predictions_csv(report))
     confusion_png(report, dest / "confusion_matrix.png")
     files = list(REPORT_FILES)
-    new = next((m for m in report.get("models", []) if m.get("key") == "new"), None)
+    new = new_model(report)
     calibration = ((new or {}).get("confidence") or {}).get("calibration") or {}
     if calibration.get("temperature") is not None:
         # stored with the model: rating applies it to every confidence it writes

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .evaluation import new_model
+
 # Landis and Koch's bands, the ones evaluation.md explains
 BANDS = ((0.8, "almost perfect agreement"), (0.6, "substantial agreement"), (0.4, "moderate agreement"),
          (0.2, "fair agreement"), (0.0, "slight agreement"))
@@ -63,8 +65,7 @@ def _basis(report: dict) -> tuple[str, dict | None, dict | None]:
 def verdict(report: dict, thresholds: Thresholds = Thresholds()) -> dict:
     """``{"recommended": bool | None, "headline": one sentence, "reasons": [...], ...}`` for the
     job's new model; ``recommended`` is None when there were too few held-out rows to tell."""
-    everything = {m["key"]: m for m in report.get("models", [])}
-    new_all = everything.get("new")
+    new_all = new_model(report)
     if new_all is None:
         return {"recommended": None, "headline": "No verdict: the new model was not evaluated.", "reasons": []}
     title = new_all.get("title", "the new model")
@@ -127,8 +128,7 @@ def quality_gate(report: dict, min_kappa: float | None, max_invalid_rate: float 
     model's kappa (on the verdict's basis) and invalid rate."""
     if min_kappa is None and max_invalid_rate is None:
         return {"status": "off"}
-    everything = {m["key"]: m for m in report.get("models", [])}
-    new_all = everything.get("new") or {}
+    new_all = new_model(report) or {}
     basis, new, _ = _basis(report)
     kappa = (new or new_all).get("kappa")
     invalid = new_all.get("invalid_rate")
