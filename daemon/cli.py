@@ -1,8 +1,11 @@
 """The ``fine-tuner`` command line: argv → config → logging → one call → exit code.
 
 Subcommands: ``process`` (one dataset, one-shot), ``validate`` (a data report), ``check`` (the
-capability report), ``evaluate`` (an output folder's models against the experts), ``watch`` (the
-inbox daemon) and ``status`` (the journal). Exit codes: 0 ok,
+capability report), ``evaluate`` (an output folder's models against the experts), ``rate`` (new
+records with a built model), ``serve`` (a model through llama-server), ``watch`` (the inbox daemon),
+``status`` (the journal, or one job in full), ``report`` (every job's
+evaluation side by side over time), and job control: ``cancel``, ``retry``, ``promote``
+(the daemon acts on them while it runs). Exit codes: 0 ok,
 1 the job failed (or the data is unusable / the model cannot be fine-tuned, or a file could not be
 read or written), 2 usage, 78 a configuration error, a damaged, locked or read-only journal or
 state folder for ``watch`` (systemd's EX_CONFIG, which the unit does not restart on), 75 a full
@@ -94,8 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print evaluation.json instead of the table")
 
     rate = sub.add_parser("rate", parents=[common], help="rate new records with a built model")
-    rate.add_argument("--model", required=True, metavar="NAME|OUTPUT_DIR",
+    rate.add_argument("--model", metavar="NAME|OUTPUT_DIR",
                       help="a job's output folder (outputs/<job_id>), or a bare Ollama model name")
+    rate.add_argument("--topic", metavar="T", help="rate with this topic's current model (fine-tuner promote); "
+                                                   "instead of --model")
+    rate.add_argument("--root", metavar="DIR", help="the daemon's folder, for --topic")
     rate.add_argument("--input", required=True, metavar="CSV", help="the records to rate")
     rate.add_argument("--output", metavar="CSV", help="ratings file (default: <input stem>.ratings.csv beside the input)")
     rate.add_argument("--backend", choices=EVALUATION_BACKENDS, default="auto",
@@ -118,9 +124,46 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--base-only", action="store_true", help="serve a fine-tune's base without its adapter")
     srv.add_argument("--log", metavar="FILE", help="the server's own output (default: in the state directory)")
 
-    st = sub.add_parser("status", parents=[common], help="queued, running, recent jobs from the journal")
+    st = sub.add_parser("status", parents=[common],
+                        help="queued and running jobs with their progress, recent jobs, current models; or one job")
+    st.add_argument("job_id", nargs="?", metavar="JOB_ID", help="show this job in full: events, warnings, files")
     st.add_argument("--root", metavar="DIR")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--topic", metavar="T", help="finished jobs of this topic only")
+    st.add_argument("--since", type=_since_arg, metavar="DATE", help="finished jobs since this ISO date or time")
+    st.add_argument("--failed", action="store_true", help="failures only")
+    st.add_argument("--limit", type=_positive_int, metavar="N",
+                    help="finished jobs listed at most (default: watch.recent)")
+
+    rep = sub.add_parser("report", parents=[common],
+                         help="every finished job's evaluation side by side over time (text, CSV, JSON or HTML)")
+    rep.add_argument("--root", metavar="DIR")
+    rep.add_argument("--topic", metavar="T", help="jobs of this topic only (case aside)")
+    rep.add_argument("--since", type=_since_arg, metavar="DATE", help="jobs finished since this ISO date or time")
+    rep.add_argument("--format", choices=("text", "csv", "json", "html"), default="text",
+                     help="text (a table, the default), csv, json (a list of rows) or html (one self-contained page)")
+    rep.add_argument("--output", metavar="FILE", help="write the report to FILE (default: stdout)")
+
+    can = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
+    can.add_argument("job_id", metavar="JOB_ID")
+    can.add_argument("--root", metavar="DIR")
+    can.add_argument("--wait", type=float, default=30.0, metavar="S",
+                     help="seconds to wait for the daemon to act (default 30; 0: just ask)")
+
+    ret = sub.add_parser("retry", parents=[common], help="run a failed job again through the inbox")
+    ret.add_argument("job_id", metavar="JOB_ID")
+    ret.add_argument("--root", metavar="DIR")
+    ret.add_argument("--epochs", type=_positive_int)
+    ret.add_argument("--learning-rate", type=float)
+    ret.add_argument("--batch-size", type=_positive_int)
+    ret.add_argument("--approach", choices=APPROACHES)
+    ret.add_argument("--model", help="another Ollama base model")
+
+    pro = sub.add_parser("promote", parents=[common], help="make a job's model the current one for its topic")
+    pro.add_argument("job_id", metavar="JOB_ID")
+    pro.add_argument("--root", metavar="DIR")
+    pro.add_argument("--topic", metavar="T", help="the topic (default: the job's own)")
+    pro.add_argument("--force", action="store_true", help="promote a model whose verdict is not recommended")
     return p
 
 
@@ -132,6 +175,19 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _since_arg(text: str) -> str:
+    """An ISO date or time, as the journal's UTC timestamps compare (a date: from its midnight UTC)."""
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO date such as 2026-12-01, got {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
 def _confidence_arg(text: str) -> float:
@@ -208,7 +264,8 @@ def _main(argv: list[str] | None) -> int:
         return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_USAGE)
     handler = {"process": _cmd_process, "validate": _cmd_validate, "check": _cmd_check,
                "watch": _cmd_watch, "status": _cmd_status, "evaluate": _cmd_evaluate,
-               "rate": _cmd_rate, "serve": _cmd_serve}[args.command]
+               "rate": _cmd_rate, "serve": _cmd_serve, "cancel": _cmd_cancel, "retry": _cmd_retry,
+               "promote": _cmd_promote, "report": _cmd_report}[args.command]
     try:
         return handler(cfg, args)
     except ConfigError as exc:
@@ -504,6 +561,13 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
     summary_path = output.with_name(f"{output.stem}.summary.json")
     if (problem := rating.output_problem(csv_path, output, also=(summary_path,))) is not None:
         return _fail(f"{problem}; pass another --output", EXIT_USAGE)
+    if bool(args.model) == bool(args.topic):
+        return _fail("name the model with --model NAME|OUTPUT_DIR, or --topic T for the topic's current model "
+                     "(one of them)", EXIT_USAGE)
+    if args.topic:
+        from .inbox import control
+
+        args.model = str(control.current_model_folder(_with_root(cfg, args.root), args.topic))
     model = _rating_model(cfg, args)
     bar = _RateBar() if sys.stderr.isatty() else None
     try:
@@ -576,9 +640,80 @@ def _rating_model(cfg: Config, args: argparse.Namespace):
 
 
 def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    from .inbox import service
+    from .inbox import status
 
     cfg = _with_root(cfg, args.root)
-    report = service.status(cfg)
-    print(json.dumps(report, indent=2, default=str) if args.json else service.format_status(report))
+    if args.job_id:
+        detail = status.job_detail(cfg, args.job_id)
+        print(json.dumps(detail, indent=2, default=str) if args.json else status.format_job(detail))
+        return EXIT_OK
+    report = status.status(cfg, topic=args.topic, since=args.since, failed_only=args.failed, limit=args.limit)
+    print(json.dumps(report, indent=2, default=str) if args.json else status.format_status(report))
+    return EXIT_OK
+
+
+def _cmd_report(cfg: Config, args: argparse.Namespace) -> int:
+    from .fsutil import write_text
+    from .inbox import history
+
+    cfg = _with_root(cfg, args.root)
+    text = history.render(history.report_rows(cfg, topic=args.topic, since=args.since), args.format)
+    if args.output:
+        write_text(args.output, text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
+    from .config import printable
+    from .inbox import control
+
+    cfg = _with_root(cfg, args.root)
+    _configure_logging(cfg, args, stdout=False)
+    state = control.request_cancel(cfg, args.job_id)
+    job = printable(args.job_id)
+    print(f"cancel requested for {job} ({state})")
+    if args.wait <= 0:
+        return EXIT_OK
+    after = control.wait_for_cancel(cfg, args.job_id, args.wait)
+    if after is None:
+        print(f"the daemon has not acted on it within {args.wait:g} s (is it running?); it will when it next runs")
+        return EXIT_FAILED
+    if after == "failed":
+        print(f"cancelled: {job}'s inputs are in failed/{job}/; 'fine-tuner retry {job}' runs it again")
+        return EXIT_OK
+    print(f"{job} finished ({after}) before it could be cancelled")
+    return EXIT_FAILED
+
+
+def _cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
+    from .config import printable
+    from .inbox import control
+
+    cfg = _with_root(cfg, args.root)
+    _configure_logging(cfg, args, stdout=False)
+    overrides = {k: v for k, v in {"epochs": args.epochs, "learning_rate": args.learning_rate,
+                                   "batch_size": args.batch_size, "approach": args.approach,
+                                   "model": args.model}.items() if v is not None}
+    dropped = control.retry(cfg, args.job_id, overrides)
+    print(f"{printable(args.job_id)} dropped into the inbox again: {', '.join(map(printable, dropped))}")
+    print("'fine-tuner status' shows the new job")
+    return EXIT_OK
+
+
+def _cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
+    from .config import printable
+    from .inbox import control
+
+    cfg = _with_root(cfg, args.root)
+    _configure_logging(cfg, args, stdout=False)
+    done = control.promote(cfg, args.job_id, topic=args.topic, force=args.force)
+    print(f"current model for {printable(done['topic'])!r}: job {printable(args.job_id)}"
+          + (f", {done['model']}" if done["model"] else ""))
+    if done["alias"]:
+        print(f"ollama: {done['alias']} now points at it")
+    elif done["alias_note"]:
+        print(f"ollama: no alias ({done['alias_note']})")
+    print(f"rate with it: fine-tuner rate --topic {json.dumps(done['topic'])} --input CSV")
     return EXIT_OK

@@ -197,6 +197,19 @@ class RatingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics for the people who run the daemon (``daemon/inbox/metrics.py``); off
+    unless ``port`` or ``textfile`` is set."""
+
+    port: int | None = None  # serve GET /metrics on host:port; None: no server
+    host: str = "127.0.0.1"  # the address the server listens on: loopback unless you mean otherwise
+    # node exporter's textfile collector: this .prom file is rewritten (atomically) after every
+    # finished job and every textfile_every_s; a relative path is under paths.root; None: no file
+    textfile: str | None = None
+    textfile_every_s: float = 15.0
+
+
+@dataclass(frozen=True)
 class Config:
     defaults: Defaults = field(default_factory=Defaults)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
@@ -207,12 +220,14 @@ class Config:
     watch: WatchConfig = field(default_factory=WatchConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     rating: RatingConfig = field(default_factory=RatingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     debug: bool = False
     source: str | None = None  # the YAML file this came from, for messages
 
 
 SECTIONS = {"defaults": Defaults, "ollama": OllamaConfig, "openai": OpenAIConfig, "training": TrainingConfig,
-            "paths": PathsConfig, "watch": WatchConfig, "evaluation": EvaluationConfig, "rating": RatingConfig}
+            "paths": PathsConfig, "watch": WatchConfig, "evaluation": EvaluationConfig, "rating": RatingConfig,
+            "metrics": MetricsConfig}
 EVALUATION_MODES = ("auto", "required", "off")
 EVALUATION_BACKENDS = ("auto", "ollama", "openai", "local")
 TRAINING_BACKENDS = ("local", "axolotl")
@@ -519,6 +534,8 @@ _RULES: dict[str, tuple[tuple[Callable[[float], bool], str], ...]] = {
     "evaluation.min_kappa": (_at_least(-1), _at_most(1)),
     "evaluation.max_invalid_rate": (_at_least(0), _at_most(1)),
     "rating.review_below": (_REVIEW_THRESHOLD,),
+    "metrics.port": (_at_least(1), _at_most(65535)),
+    "metrics.textfile_every_s": (_POSITIVE, _at_most(DAY_S)),
 }
 
 
@@ -582,6 +599,19 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     if t.backend not in TRAINING_BACKENDS:
         problems.append(f"training.backend: must be one of {', '.join(TRAINING_BACKENDS)}")
     problems.extend(f"training.axolotl: {why}" for why in axolotl_settings_problems(t.axolotl))
+    problems.extend(metrics_problems(cfg.metrics))
+
+
+def metrics_problems(m: MetricsConfig) -> list[str]:
+    """The ``metrics`` section's rules beyond the numeric ones (no value is quoted)."""
+    problems = []
+    if not m.host or _has_unsafe(m.host) or _host_problem(m.host):
+        problems.append("metrics.host: must be an IP address or a host name of this machine, "
+                        "e.g. 127.0.0.1 (loopback: only this machine's Prometheus can scrape it)")
+    if m.textfile is not None and (not m.textfile.endswith(".prom") or m.textfile != printable(m.textfile, 4096)):
+        problems.append("metrics.textfile: must be a path ending in .prom (the only files node exporter's "
+                        "textfile collector reads), without control characters")
+    return problems
 
 
 def axolotl_settings_problems(value: Any) -> list[str]:
@@ -875,7 +905,7 @@ def as_dict(cfg: Config) -> dict:
 # --- per-job settings (job files, CLI flags) ----------------------------------------------------
 
 JOB_KEYS = ("task", "model", "topics", "epochs", "learning_rate", "batch_size", "approach", "fallback",
-            "output_model", "force", "prompt_template", "topic_definition", "group_by", "review_below")
+            "output_model", "force", "prompt_template", "topic_definition", "group_by", "review_below", "topic")
 TASKS = ("build", "rate")  # build a model (the default) | rate the dataset with a built one
 # The free text a job carries goes into every training record's system prompt, the metadata, the
 # Modelfile and errors: a few lines each. A bigger value is refused naming its key and the limit
@@ -906,6 +936,7 @@ class JobSettings:
     topic_definition: str | None = None  # the experts' criteria, in the system prompt
     group_by: str | None = None  # None: the config's evaluation.group_by
     review_below: float | None = None  # a rate job's needs_review.csv; None: the config's rating.review_below
+    topic: str | None = None  # a rate job: rate with this topic's current model (fine-tuner promote)
 
 
 def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
@@ -957,6 +988,14 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
     for key in ("epochs", "batch_size"):
         if isinstance(merged.get(key), int) and merged[key] < 1:
             problems.append(f"{key}: must be at least 1")
+    if values.get("topic") is not None:
+        if merged.get("task", "build") != "rate":
+            problems.append("topic: only for task: rate (it picks the topic's current model); a build job "
+                            "names its topics with topics")
+        elif "model" in values:
+            problems.append("topic: give model or topic, not both (topic rates with the topic's current model)")
+        elif not isinstance(values["topic"], str) or not values["topic"].strip():
+            problems.append("topic: must be the name of a topic, as promoted")
     review = merged.get("review_below")
     if isinstance(review, float) and not (math.isfinite(review) and 0 < review <= 1):
         problems.append("review_below: must be a confidence in (0, 1]")
@@ -977,7 +1016,8 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
     return JobSettings(**merged)
 
 
-_TEXT_LIMITS = {"topic_definition": MAX_DEFINITION_CHARS, "group_by": MAX_COLUMN_NAME_CHARS}
+_TEXT_LIMITS = {"topic_definition": MAX_DEFINITION_CHARS, "group_by": MAX_COLUMN_NAME_CHARS,
+                "topic": MAX_TOPICS_CHARS}
 
 
 def _text_problem(text: str, limit: int) -> str | None:

@@ -211,6 +211,15 @@ class JournalError(FineTunerError):
         return out
 
 
+class JobControlError(FineTunerError):
+    """A command on a job (``status JOB_ID``, ``cancel``, ``retry``, ``promote``) cannot be done: no
+    such job, or the job is not in a state that allows it. ``job_id`` names it."""
+
+    def __init__(self, message: str, *, job_id: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.job_id = job_id
+
+
 class EvaluationError(FineTunerError):
     """The job's models could not be evaluated and ``evaluation.enabled`` is ``required``."""
 

@@ -158,6 +158,7 @@ class _Stages:
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        log.info("stage_started", stage=name)  # what status shows while the job runs
         start = time.perf_counter()
         try:
             yield

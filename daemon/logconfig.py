@@ -19,6 +19,7 @@ from typing import IO
 import structlog
 
 _ROOT = "fine_tuner"
+ROOT_LOGGER = _ROOT  # the logger every line of ours goes through: handlers that observe events attach here
 
 _SHARED = [
     structlog.contextvars.merge_contextvars,

@@ -519,6 +519,37 @@ def test_the_openai_section_from_the_environment():
     assert load_config(None, env={}).openai.base_url is None
 
 
+def test_the_metrics_section_from_the_environment():
+    """FINE_TUNER_METRICS__* set the metrics section; by default it is off (no port, no textfile)."""
+    cfg = load_config(None, env={"FINE_TUNER_METRICS__PORT": "9464", "FINE_TUNER_METRICS__TEXTFILE": "m/fine_tuner.prom",
+                                 "FINE_TUNER_METRICS__TEXTFILE_EVERY_S": "5"})
+    m = cfg.metrics
+    assert (m.port, m.host, m.textfile, m.textfile_every_s) == (9464, "127.0.0.1", "m/fine_tuner.prom", 5.0)
+    d = load_config(None, env={}).metrics
+    assert (d.port, d.host, d.textfile, d.textfile_every_s) == (None, "127.0.0.1", None, 15.0)
+
+
+def test_metrics_settings_that_cannot_work_are_named():
+    """Port 0 or over 65535, a host that is no address, a textfile not ending in .prom are refused."""
+    host_rule = ("metrics.host: must be an IP address or a host name of this machine, e.g. 127.0.0.1 "
+                 "(loopback: only this machine's Prometheus can scrape it)")
+    prom_rule = ("metrics.textfile: must be a path ending in .prom (the only files node exporter's textfile "
+                 "collector reads), without control characters")
+    cases = [
+        ({"port": 0}, ["metrics.port: must be at least 1"]),
+        ({"port": 65536, "textfile_every_s": 0.0}, ["metrics.port: must be at most 65535",
+                                                    "metrics.textfile_every_s: must be greater than 0"]),
+        ({"host": "my host"}, [host_rule]),
+        ({"host": ""}, [host_rule]),
+        ({"textfile": "metrics.txt"}, [prom_rule]),
+        ({"textfile": "a\nb.prom"}, [prom_rule]),
+    ]
+    for values, problems in cases:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, env={}, overrides={"metrics": values})
+        assert info.value.problems == problems, values
+
+
 def test_openai_settings_that_cannot_work_are_named_without_their_values():
     """A base_url that is not a plain http(s) URL (credentials in it included), a key where the
     variable's name belongs, and numbers out of range are refused naming the key, never the value."""

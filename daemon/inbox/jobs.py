@@ -9,7 +9,10 @@
 
 Every kind ends the same way: outputs built in ``outputs/.tmp-<job_id>`` and published, the
 journal updated, the inputs moved to ``processed/`` or ``failed/`` (with ``error.json``) and one
-``job_finished`` line. ``_guarded`` is the one broad handler per job: a full disk gives the job back
+``job_finished`` line. While it runs, its progress events go to the journal for ``status``
+(``progress``). Each job has its own ``JobStop``: the service stopping gives the job back to the
+queue, ``fine-tuner cancel`` (``cancel``) fails it as cancelled: its partial outputs are removed,
+its inputs kept in ``failed/``. ``_guarded`` is the one broad handler per job: a full disk gives the job back
 for the next rescan, anything else unexpected fails it as a crash, and if even that cannot be
 recorded the claim is left to recovery. The pool, the lane and the service loop know nothing of
 kinds; this module knows nothing of the inbox beyond its claim folders.
@@ -35,6 +38,7 @@ from ..config import JOB_FILE_HINT, Config, ConfigError, job_settings, read_job_
 from ..errors import DatasetTooSmallWarning, FineTunerError, JournalError, TrainingInterruptedError
 from ..fsutil import make_dir_like_parent, publish_dir
 from .drops import Claim, escape_name, finish_claim
+from . import progress
 from .journal import Journal, JobRecord, utc_now
 from .lane import TrainingLane, machine_lock
 from ..logconfig import get_logger, job_log
@@ -67,11 +71,40 @@ class Planned:
     started: float  # monotonic time the job started on the pool (job_finished's duration_s)
 
 
+class JobStop:
+    """What stops one job: the service stopping (``shutdown``: the job goes back to the queue) or a
+    cancel (``cancelled``: the job fails as cancelled). It answers ``is_set`` and ``wait`` like the
+    ``threading.Event`` that training, evaluation and rating listen to."""
+
+    POLL_S = 0.1
+
+    def __init__(self, shutdown: threading.Event) -> None:
+        self.shutdown = shutdown
+        self.cancelled = threading.Event()
+
+    def is_set(self) -> bool:
+        return self.shutdown.is_set() or self.cancelled.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = self.POLL_S if deadline is None else min(self.POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                break
+            self.cancelled.wait(left)
+        return self.is_set()
+
+
+CANCELLED_HINT = "its inputs are kept here; run 'fine-tuner retry JOB_ID' to run it again"
+
+
 class JobRunner:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
         self._fine_tuner = None
         self._fine_tuner_cfg: Config | None = None
+        self._stops: dict[str, JobStop] = {}  # the jobs this runner holds, from start to end
+        self._stops_lock = threading.Lock()
 
     @property
     def cfg(self) -> Config:
@@ -97,10 +130,16 @@ class JobRunner:
     def run(self, claim: Claim) -> None:
         """A pool worker's job: run it to its end, or hand it to the training lane."""
         started = time.monotonic()
-        with structlog.contextvars.bound_contextvars(job_id=claim.job_id):
-            status = self._guarded(claim, lambda: self._start(claim, started))
-            if status is not None:  # None: handed to the training lane, which closes the job
-                log.info("job_finished", status=status, duration_s=round(time.monotonic() - started, 3))
+        self._hold(claim.job_id)
+        status = None
+        try:
+            with structlog.contextvars.bound_contextvars(job_id=claim.job_id):
+                status = self._guarded(claim, lambda: self._start(claim, started))
+                if status is not None:  # None: handed to the training lane, which closes the job
+                    log.info("job_finished", status=status, duration_s=round(time.monotonic() - started, 3))
+        finally:
+            if status is not None:
+                self._release(claim.job_id)
 
     def run_planned(self, item: Planned) -> None:
         """The training lane's job: execute a planned fine-tune under the machine-wide lock."""
@@ -110,6 +149,7 @@ class JobRunner:
                 status = self._guarded(item.claim, lambda: self._training_phase(item))
                 log.info("job_finished", status=status, duration_s=round(time.monotonic() - item.started, 3))
         finally:
+            self._release(job_id)
             self.ctx.job_done(job_id)
 
     def give_back_planned(self, item: Planned) -> None:
@@ -117,6 +157,56 @@ class JobRunner:
         with structlog.contextvars.bound_contextvars(job_id=item.claim.job_id):
             self.give_back(item.claim, item.build)
             log.info("job_finished", status="queued", duration_s=round(time.monotonic() - item.started, 3))
+        self._release(item.claim.job_id)
+
+    # --- cancelling ------------------------------------------------------------------------------
+
+    def _hold(self, job_id: str) -> JobStop:
+        with self._stops_lock:
+            return self._stops.setdefault(job_id, JobStop(self.ctx.job_stop))
+
+    def _release(self, job_id: str) -> None:
+        with self._stops_lock:
+            self._stops.pop(job_id, None)
+
+    def stop_of(self, job_id: str) -> JobStop:
+        with self._stops_lock:
+            return self._stops.get(job_id) or JobStop(self.ctx.job_stop)
+
+    def cancel(self, job_id: str) -> bool:
+        """Tell a job this runner holds to stop as cancelled (it ends itself: training stops its
+        child, rating and evaluation stop asking). False when this runner does not hold it."""
+        with self._stops_lock:
+            stop = self._stops.get(job_id)
+        if stop is None:
+            return False
+        stop.cancelled.set()
+        return True
+
+    def cancel_claim(self, claim: Claim) -> None:
+        """A claimed job that has not started is dropped to ``failed/`` as cancelled."""
+        with structlog.contextvars.bound_contextvars(job_id=claim.job_id):
+            self._cancelled(claim, None)
+            log.info("job_finished", status="failed", duration_s=0.0)
+
+    def cancel_planned(self, item: Planned) -> None:
+        """A fine-tune waiting for the training lane is dropped to ``failed/`` as cancelled."""
+        with structlog.contextvars.bound_contextvars(job_id=item.claim.job_id):
+            self._cancelled(item.claim, item.build)
+            log.info("job_finished", status="failed", duration_s=round(time.monotonic() - item.started, 3))
+        self._release(item.claim.job_id)
+        self.ctx.job_done(item.claim.job_id)
+
+    def _cancelled(self, claim: Claim, build: Path | None) -> str:
+        """Fail the job as cancelled: partial outputs removed (its log kept with the inputs)."""
+        log.info("job_cancelled")
+        record = self.journal.get(claim.job_id)
+        self._fail(claim, {"error_type": "JobCancelled", "reason": "cancelled",
+                           "message": "the job was cancelled with fine-tuner cancel",
+                           "hint": CANCELLED_HINT.replace("JOB_ID", claim.job_id)},
+                   attempts=record.attempts if record else 0, build=build)
+        self.journal.add_event(claim.job_id, "cancelled")
+        return "failed"
 
     def give_back(self, claim: Claim, build: Path, *, keep_build: bool = False) -> str:
         """Shutdown: the job goes back to the queue, its attempt not counted; inputs stay in .work/.
@@ -208,6 +298,8 @@ class JobRunner:
                 shutil.rmtree(self.paths.outputs / f".tmp-{job_id}", ignore_errors=True)
                 self.move_inputs(claim, self.paths.processed, note=("duplicate.json", self.duplicate_note(record)))
                 return "duplicate"
+        if self.journal.requests().get(job_id) == "cancel":  # asked while it waited, or before a restart
+            return self._cancelled(claim, self.paths.outputs / f".tmp-{job_id}")
         if record.attempts >= self.cfg.watch.max_attempts:
             self._fail(claim, {
                 "error_type": "PoisonJobError",
@@ -245,7 +337,7 @@ class JobRunner:
         from ..fine_tuner import FINE_TUNE
 
         error: dict | None = None
-        with job_log(build / "job.log", claim.job_id, self._log_roots(build, claim.job_id)):
+        with self._observed(build, claim.job_id):
             log.info("job_started", attempt=attempt, files=names(claim))
             try:
                 if job_error is not None:
@@ -271,7 +363,7 @@ class JobRunner:
                            mapping_path=claim.path / mapping if mapping else None,
                            settings=settings, output_dir=build,
                            stem=escape_name(Path(claim.files["dataset"]).stem),
-                           job_id=claim.job_id, stop_event=self.ctx.job_stop)
+                           job_id=claim.job_id, stop_event=self.stop_of(claim.job_id))
         return self._fine_tuner_instance().plan_job(inputs)
 
     def _settings(self, claim: Claim, values: dict):
@@ -292,10 +384,15 @@ class JobRunner:
         if ahead is None:  # planned while the service was stopping
             return self.give_back(item.claim, item.build)
         log.info("job_waiting_for_training", jobs_ahead=ahead)
+        with contextlib.suppress(JournalError):
+            self.journal.set_progress(item.claim.job_id, f"waiting for training ({ahead} ahead)")
         return None
 
     def _training_phase(self, item: Planned) -> str:
-        with machine_lock(self.paths.state_dir / TRAINING_LOCK, self.ctx.job_stop) as held:
+        stop = self.stop_of(item.claim.job_id)
+        with machine_lock(self.paths.state_dir / TRAINING_LOCK, stop) as held:
+            if stop.cancelled.is_set():
+                return self._cancelled(item.claim, item.build)
             if not held:  # stopped while another daemon was training
                 return self.give_back(item.claim, item.build)
             self.journal.resume(item.claim.job_id)
@@ -308,7 +405,7 @@ class JobRunner:
         error: dict | None = None
         interrupted = False
         ok, metadata = False, {}
-        with job_log(build / "job.log", job_id, self._log_roots(build, job_id)):
+        with self._observed(build, job_id):
             if waited_s is not None:
                 log.info("training_lane_started", waited_s=waited_s, attempt=attempt)
             try:
@@ -318,6 +415,8 @@ class JobRunner:
             except (FineTunerError, DatasetTooSmallWarning) as exc:
                 error = error_fields(exc)
         if interrupted:
+            if self.stop_of(job_id).cancelled.is_set():
+                return self._cancelled(claim, build)
             return self.give_back(claim, build)
         if error is not None:
             self._fail(claim, error, attempts=attempt, build=build)
@@ -337,14 +436,14 @@ class JobRunner:
 
         summary: dict = {}
         error: dict | None = None
-        with job_log(build / "job.log", claim.job_id, self._log_roots(build, claim.job_id)):
+        with self._observed(build, claim.job_id):
             log.info("job_started", attempt=attempt, files=names(claim), task="rate")
             try:
                 settings = self._settings(claim, values)
                 model = self._rating_model(claim, settings)
                 summary = rating.rate_file(model, claim.path / claim.files["dataset"], build / "ratings.csv",
                                            self.cfg, backend=self.cfg.evaluation.backend,
-                                           stop_event=self.ctx.job_stop)
+                                           stop_event=self.stop_of(claim.job_id))
                 below = settings.review_below if settings.review_below is not None else self.cfg.rating.review_below
                 summary = rating.route_for_review(summary, claim.path / claim.files["dataset"],
                                                   build / "ratings.csv", below)
@@ -353,8 +452,10 @@ class JobRunner:
         if error is not None:
             self._fail(claim, error, attempts=attempt, build=build)
             return "failed"
-        if summary.get("status") != "done":  # the service is stopping: resume on the next start
-            return self.give_back(claim, build, keep_build=True)
+        if summary.get("status") != "done":
+            if self.stop_of(claim.job_id).cancelled.is_set():
+                return self._cancelled(claim, build)
+            return self.give_back(claim, build, keep_build=True)  # the service is stopping: resume later
         rating.write_summary({**summary, "output": "ratings.csv"}, build / rating.SUMMARY_FILE)
         return self._succeed(claim, build, approach="rate")
 
@@ -367,6 +468,10 @@ class JobRunner:
         from ..data.mapping import load_mapping
 
         job_file = claim.files.get("job")
+        if settings.topic is not None:  # the topic's current model (fine-tuner promote)
+            from .control import current_model_folder
+
+            return rating.model_from_folder(current_model_folder(self.cfg, settings.topic), within=self.paths.outputs)
         folder = model_folder(settings.model, self.cfg, self.paths)
         if folder is not None:
             return rating.model_from_folder(folder, within=self.paths.outputs)
@@ -382,6 +487,12 @@ class JobRunner:
                                       template=settings.prompt_template)
 
     # --- every kind's end ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _observed(self, build: Path, job_id: str):
+        """The job's lines copied into its ``job.log``, its progress into the journal."""
+        with job_log(build / "job.log", job_id, self._log_roots(build, job_id)), progress.recording(self.journal, job_id):
+            yield
 
     def _log_roots(self, build: Path, job_id: str) -> dict[str, str]:
         """What job.log, which is published with the outputs, says instead of this machine's

@@ -1,6 +1,6 @@
 """The job journal: one SQLite row per job, its state and history, and duplicate detection.
 
-Schema (``PRAGMA user_version`` = 2; a version-1 journal gains ``journal_info`` when it is opened):
+Schema (``PRAGMA user_version`` = 3; an older journal gains the tables it lacks when it is opened):
 
 - ``jobs``: ``id`` (the job id ``<stem>-<UTC yyyymmddThhmmss>-<8 hex>``, or the folder name of a
   refused file), ``stem``, ``inputs`` (JSON list of ``{"role", "name", "sha256", "size_bytes"}``;
@@ -19,6 +19,15 @@ Schema (``PRAGMA user_version`` = 2; a version-1 journal gains ``journal_info`` 
   jobs the journal holds (``record_root``). Its duplicates point at that root's outputs, so a daemon
   on another root must not use it; a journal from before version 2 has no root until the first
   daemon records its own.
+- ``progress``: ``job_id`` PRIMARY KEY → what a queued or running job is doing now (``stage``,
+  ``percent``, ``done`` / ``total``, ``rate`` in ``rate_unit`` per second, ``eta_s``), written by
+  the daemon at most once a second and removed when the job ends; ``status`` reads it.
+- ``events``: the operator's actions on a job (``cancel_requested``, ``cancelled``, ``retried``,
+  ``promoted``), with their time and fields (names and numbers, never cell contents).
+- ``requests``: ``job_id`` PRIMARY KEY → ``action`` (``cancel``) a command asked of the daemon,
+  which acts on it at its next tick (or at its next start) and removes it.
+- ``current_models``: ``topic`` PRIMARY KEY → the job whose model is the topic's current one
+  (``fine-tuner promote``), its Ollama name and alias.
 
 The database runs in WAL mode with a busy timeout, so the daemon's worker threads, ``fine-tuner
 status`` and a second daemon on the same root can use it at once. Every change goes
@@ -45,7 +54,7 @@ from typing import Any
 from ..errors import JournalError
 
 STATES = ("queued", "running", "succeeded", "failed", "duplicate")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ROOT_KEY = "root"
 
 _SCHEMA = """
@@ -74,6 +83,38 @@ CREATE TABLE IF NOT EXISTS contents (
 CREATE TABLE IF NOT EXISTS journal_info (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS progress (
+    job_id     TEXT PRIMARY KEY,
+    stage      TEXT NOT NULL,
+    percent    REAL,
+    done       INTEGER,
+    total      INTEGER,
+    rate       REAL,
+    rate_unit  TEXT,
+    eta_s      REAL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    at     TEXT NOT NULL,
+    event  TEXT NOT NULL,
+    fields TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+CREATE TABLE IF NOT EXISTS requests (
+    job_id       TEXT PRIMARY KEY,
+    action       TEXT NOT NULL CHECK (action IN ('cancel')),
+    requested_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS current_models (
+    topic       TEXT PRIMARY KEY,
+    job_id      TEXT NOT NULL,
+    model       TEXT,
+    alias       TEXT,
+    promoted_at TEXT NOT NULL,
+    forced      INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -371,6 +412,7 @@ class Journal:
             db.execute("UPDATE jobs SET state = 'queued', approach = NULL, updated_at = ?,"
                        " attempts = MAX(attempts - ?, 0) WHERE id = ?",
                        (utc_now(), int(give_back_attempt), job_id))
+            db.execute("DELETE FROM progress WHERE job_id = ?", (job_id,))
 
     def succeed(self, job_id: str, *, output_path: str, approach: str | None) -> None:
         """Mark the job ``succeeded`` and make it the owner of its content key."""
@@ -382,12 +424,14 @@ class Journal:
             db.execute("INSERT INTO contents (content_key, job_id) SELECT content_key, id FROM jobs"
                        " WHERE id = ? ON CONFLICT (content_key) DO UPDATE SET job_id = excluded.job_id",
                        (job_id,))
+            _ended(db, job_id)
 
     def fail(self, job_id: str, error: dict) -> None:
         now = utc_now()
         with self.transaction() as db:
             db.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, updated_at = ?"
                        " WHERE id = ?", (json.dumps(error, default=str), now, now, job_id))
+            _ended(db, job_id)
 
     def mark_duplicate(self, job_id: str, *, of: JobRecord) -> None:
         now = utc_now()
@@ -395,6 +439,7 @@ class Journal:
             db.execute("UPDATE jobs SET state = 'duplicate', duplicate_of = ?, output_path = ?,"
                        " approach = ?, finished_at = ?, updated_at = ? WHERE id = ?",
                        (of.id, of.output_path, of.approach, now, now, job_id))
+            _ended(db, job_id)
 
     def record_refused(self, refused_id: str, name: str, error: dict, *, size_bytes: int = 0) -> None:
         """A file refused at the door (symlink, FIFO, directory, unknown extension, too large)."""
@@ -416,6 +461,45 @@ class Journal:
                            (root, ROOT_KEY, replacing))
             db.execute("INSERT OR IGNORE INTO journal_info (key, value) VALUES (?, ?)", (ROOT_KEY, root))
             return db.execute("SELECT value FROM journal_info WHERE key = ?", (ROOT_KEY,)).fetchone()["value"]
+
+    def set_progress(self, job_id: str, stage: str, *, percent: float | None = None, done: int | None = None,
+                     total: int | None = None, rate: float | None = None, rate_unit: str | None = None,
+                     eta_s: float | None = None) -> None:
+        """What the job is doing now (replaces what was there)."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO progress (job_id, stage, percent, done, total, rate, rate_unit,"
+                       " eta_s, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (job_id, stage, percent, done, total, rate, rate_unit, eta_s, utc_now()))
+
+    def add_event(self, job_id: str, event: str, **fields: Any) -> None:
+        """Record an operator's action on a job (names and numbers only)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO events (job_id, at, event, fields) VALUES (?, ?, ?, ?)",
+                       (job_id, utc_now(), event, json.dumps(fields, default=str)))
+
+    def request(self, job_id: str, action: str) -> bool:
+        """Ask the daemon to ``action`` (``cancel``) a queued or running job, recorded as an event.
+        False when the job is not queued or running (nothing is recorded then)."""
+        now = utc_now()
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] not in ("queued", "running"):
+                return False
+            db.execute("INSERT OR REPLACE INTO requests (job_id, action, requested_at) VALUES (?, ?, ?)",
+                       (job_id, action, now))
+            db.execute("INSERT INTO events (job_id, at, event, fields) VALUES (?, ?, ?, '{}')",
+                       (job_id, now, f"{action}_requested"))
+            return True
+
+    def promote(self, topic: str, job_id: str, *, model: str | None, alias: str | None, forced: bool) -> None:
+        """Make ``job_id``'s model the current one for ``topic`` (recorded as the job's event)."""
+        now = utc_now()
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO current_models (topic, job_id, model, alias, promoted_at, forced)"
+                       " VALUES (?, ?, ?, ?, ?, ?)", (topic, job_id, model, alias, now, int(forced)))
+            db.execute("INSERT INTO events (job_id, at, event, fields) VALUES (?, ?, 'promoted', ?)",
+                       (job_id, now, json.dumps({"topic": topic, "model": model, "alias": alias,
+                                                 "forced": forced})))
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -450,12 +534,45 @@ class Journal:
             out[row["state"]] = row["n"]
         return out
 
-    def jobs(self, states: Sequence[str], *, limit: int | None = None) -> list[JobRecord]:
-        """Jobs in ``states``, most recently updated first."""
+    def jobs(self, states: Sequence[str], *, limit: int | None = None, since: str | None = None) -> list[JobRecord]:
+        """Jobs in ``states`` (updated at or after ``since``, an ISO time), most recently updated first."""
         marks = ",".join("?" * len(states))
-        sql = f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY updated_at DESC, rowid DESC"
         params: list[Any] = list(states)
+        where = ""
+        if since is not None:
+            where, params = " AND updated_at >= ?", [*params, since]
+        sql = f"SELECT * FROM jobs WHERE state IN ({marks}){where} ORDER BY updated_at DESC, rowid DESC"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
         return [self._record(r) for r in self._read(sql, params)]
+
+    def progress(self, job_id: str) -> dict | None:
+        rows = self._read("SELECT * FROM progress WHERE job_id = ?", (job_id,))
+        return {k: rows[0][k] for k in rows[0].keys() if k != "job_id"} if rows else None
+
+    def events(self, job_id: str) -> list[dict]:
+        """The operator's actions on a job, oldest first."""
+        return [{"at": r["at"], "event": r["event"], **json.loads(r["fields"])}
+                for r in self._read("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))]
+
+    def requests(self) -> dict[str, str]:
+        """Pending requests: job id → action."""
+        return {r["job_id"]: r["action"] for r in self._read("SELECT job_id, action FROM requests")}
+
+    def current_models(self) -> dict[str, dict]:
+        """Topic → the promoted job, its model, alias and when."""
+        return {r["topic"]: {k: r[k] for k in ("job_id", "model", "alias", "promoted_at")} | {"forced": bool(r["forced"])}
+                for r in self._read("SELECT * FROM current_models ORDER BY topic")}
+
+    def current_model(self, topic: str) -> dict | None:
+        """The current model of ``topic`` (compared without case and surrounding spaces)."""
+        wanted = " ".join(topic.split()).casefold()
+        return next((v | {"topic": t} for t, v in self.current_models().items()
+                     if " ".join(t.split()).casefold() == wanted), None)
+
+
+def _ended(db: sqlite3.Connection, job_id: str) -> None:
+    """A job that ended has no progress and no pending request."""
+    db.execute("DELETE FROM progress WHERE job_id = ?", (job_id,))
+    db.execute("DELETE FROM requests WHERE job_id = ?", (job_id,))

@@ -5,7 +5,8 @@ lane's thread (``loop``, started and watched by the service) takes the items one
 each through the callback it was given (the job runner, which knows what the item is; the lane does
 not). Across processes, one fine-tune at a time holds too: ``machine_lock`` is an ``flock`` on a
 file in the state directory shared by every daemon on the same root. ``close`` stops the lane taking
-items and returns the ones still waiting, for the service to give back at shutdown.
+items and returns the ones still waiting, for the service to give back at shutdown; ``remove`` takes
+waiting items out (a cancelled job).
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ class TrainingLane:
             finally:
                 with self._cv:
                     self._current = None
+
+    def remove(self, which: Callable[[Any], bool]) -> list:
+        """Take the waiting items ``which`` picks out of the queue (a cancelled job); the running
+        one is not among them."""
+        with self._cv:
+            taken = [item for item in self._queue if which(item)]
+            for item in taken:
+                self._queue.remove(item)
+        return taken
 
     def close(self) -> list:
         """Stop taking items; returns those that were waiting."""

@@ -12,8 +12,10 @@ moved on, the rest retried until ``max_attempts``. Signals only set events: SIGT
 within a second are one request) stop claiming, give the training job and the fine-tunes waiting
 for it back to the queue (attempt not counted, inputs stay claimed in ``.work/``), let running pool
 jobs finish (up to ``stop_timeout_s``), exit 0; a later second one exits at once; SIGHUP reloads the
-configuration (paths stay as they are). The loop and each pool thread survive any error (the loop's
-one broad handler logs it; a dead thread is replaced).
+configuration (paths stay as they are). About once a second the loop reads the journal's requests
+(``fine-tuner cancel``): a claim not started yet and a fine-tune waiting for the lane fail as
+cancelled at once, a running job is told to stop through its ``JobStop``. The loop and each pool
+thread survive any error (the loop's one broad handler logs it; a dead thread is replaced).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from .drops import (
 from .jobs import JobContext, JobRunner, frames, model_folder, names, os_error_fields
 from .journal import InputFile, Journal, utc_now
 from .lane import TrainingLane
+from .metrics import Metrics, metrics_for
 from ..logconfig import from_this_package, get_logger
 from .notify import Notifier
 from .paths import resolve_paths
@@ -72,6 +75,8 @@ WARM_UP_WAIT_S = 60.0  # the longest a job waits for the warm-up imports
 # A dataset name seen again this soon after its claim is reported (dataset_reappeared).
 REAPPEAR_WINDOW_S = 600.0
 RECENT_CLAIMS_KEPT = 1000
+METRICS_EVERY_S = 1.0  # how often the metrics' job counts are read from the journal
+REQUESTS_EVERY_S = 1.0  # how often the journal is asked for cancel requests
 
 
 # --- the daemon --------------------------------------------------------------------------------
@@ -114,10 +119,14 @@ class Service:
         self.running_lock = threading.Lock()
         self.jobs_in: queue.Queue = queue.Queue()
         self.journal: Journal | None = None
+        self.metrics: Metrics | None = None  # metrics.port / metrics.textfile
+        self._metrics_at = 0.0  # when the metrics last had the journal's counts
         self.tracker: InboxTracker | None = None
         self._first_signal_at: float | None = None
         self._last_status = ""
         self.recent_claims: dict[str, tuple[str, float]] = {}  # dataset name -> (job id, claimed at)
+        self._requests_read_at = 0.0
+        self._cancelling: set[str] = set()  # running jobs told to stop as cancelled
 
     # --- start and stop ------------------------------------------------------------------------
 
@@ -144,6 +153,7 @@ class Service:
         self.journal = Journal(p.journal)
         try:
             self._check_journal_root()
+            self._start_metrics()
         except BaseException:
             self.journal.close()
             raise
@@ -176,6 +186,9 @@ class Service:
             log.info("daemon_ready", queued=len(self.ready))
             threading.Thread(target=_warm_up, args=(self.warmed_up,), name="warm-up", daemon=True).start()
             self._loop()
+        except BaseException:
+            self._stop_metrics()  # the server and the log handler never outlive the service
+            raise
         finally:
             if watcher is not None:
                 watcher.stop()
@@ -183,6 +196,7 @@ class Service:
                               self.alive["training-lane"])
         log.info("daemon_stopped", exit_code=code, reason="drained" if self.once else "signal")
         self.notifier.close()
+        self._stop_metrics()
         self.journal.close()
         return code
 
@@ -208,6 +222,48 @@ class Service:
                 reason="journal of another root",
                 hint="give each root its own state directory (paths.state_dir, or STATE_DIRECTORY under "
                      "systemd), or start this daemon with that --root")
+
+    # --- metrics (daemon.inbox.metrics) -------------------------------------------------------
+
+    def _start_metrics(self) -> None:
+        """Serve / write the metrics when ``metrics.port`` or ``metrics.textfile`` is set
+        (ConfigError when the port is taken or the file cannot be written: exit 78)."""
+        metrics = metrics_for(self.cfg.metrics, self.paths.root)
+        if metrics is not None:
+            metrics.update_queue(self.journal.counts(), 0)
+            metrics.start()
+        self.metrics = metrics
+
+    def _update_metrics(self) -> None:
+        """The journal's counts and the queue, at most once a second (or when a job finished), and
+        the textfile when it is due."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        due = metrics.textfile_due()
+        now = time.monotonic()
+        if due or now - self._metrics_at >= METRICS_EVERY_S:
+            self._metrics_at = now
+            metrics.update_queue(self.journal.counts(), self._queued())
+        if due:
+            metrics.write_textfile()
+
+    def _queued(self) -> int:
+        """Claimed jobs waiting to run: for a worker, or for the training lane."""
+        return len(self.ready) + (self.lane.counts()[1] if self.lane is not None else 0)
+
+    def _stop_metrics(self) -> None:
+        """The last counts, then the server and the log handler stop and the last textfile is
+        written. Runs once, on the way out of ``run`` whichever way it leaves."""
+        metrics, self.metrics = self.metrics, None
+        if metrics is None:
+            return
+        try:
+            metrics.update_queue(self.journal.counts(), self._queued())
+        except JournalError:
+            pass  # the service is leaving on this journal's error: the last counts stay as they were
+        finally:
+            metrics.stop()
 
     def _start_thread(self, name: str) -> threading.Thread:
         thread = threading.Thread(target=self.threads[name], name=name, daemon=True)
@@ -328,8 +384,36 @@ class Service:
         if self.notifier.watchdog_interval_s and now - self._last_watchdog >= self.notifier.watchdog_interval_s:
             self.notifier.watchdog()
             self._last_watchdog = now
+        self._act_on_requests()
         self._send_status()
+        self._update_metrics()
         return self.once and self._drained()
+
+    def _act_on_requests(self) -> None:
+        """``fine-tuner cancel``: a claimed job not started yet and a fine-tune waiting for the lane
+        are dropped to ``failed/`` at once; a running one is told to stop (it ends itself). A
+        request for a job this daemon does not hold waits for the daemon that does (or for the
+        job's next start). Looked at about once a second."""
+        now = time.monotonic()
+        if now - self._requests_read_at < REQUESTS_EVERY_S:
+            return
+        self._requests_read_at = now
+        assert self.journal is not None and self.runner is not None and self.lane is not None
+        requests = self.journal.requests()
+        self._cancelling &= set(requests)
+        for job_id, action in requests.items():
+            if action != "cancel" or job_id in self._cancelling:
+                continue
+            claim = next((c for c in self.ready if c.job_id == job_id), None)
+            if claim is not None:
+                self.ready.remove(claim)
+                self.runner.cancel_claim(claim)
+                continue
+            waiting = self.lane.remove(lambda item, job_id=job_id: item.claim.job_id == job_id)
+            for item in waiting:
+                self.runner.cancel_planned(item)
+            if not waiting and self.runner.cancel(job_id):
+                self._cancelling.add(job_id)
 
     def _sleep_s(self) -> float:
         if self.once:
@@ -374,6 +458,8 @@ class Service:
             changed = [k for k in ("workers",) if getattr(new.watch, k) != getattr(self.cfg.watch, k)]
             if changed:
                 log.warning("config_restart_needed", keys=[f"watch.{k}" for k in changed])
+            if new.metrics != self.cfg.metrics:  # the server and the textfile keep their start-up settings
+                log.warning("config_restart_needed", keys=["metrics"])
             self.cfg = dataclasses.replace(new, paths=self.cfg.paths)  # jobs see it from their next step
             assert self.tracker is not None
             self.tracker.settle_s = self.cfg.watch.settle_s
@@ -456,6 +542,8 @@ class Service:
             values = read_job_file(job_file)
         except ConfigError:
             return True
+        if values.get("task") == "rate" and values.get("topic") is not None:
+            return False  # the topic's current model is an output folder of this service
         model = self.cfg.defaults.model if values.get("model") is None else values["model"]
         return not (values.get("task") == "rate" and isinstance(model, str)
                     and model_folder(model, self.cfg, self.paths) is not None)

@@ -1,17 +1,24 @@
-"""``fine-tuner status``: queued, running, recent successes (with their evaluation and warnings) and
-failures from the journal, orphans and datasets waiting in the inbox; and its text form, escaped so
-that no file name can forge a line.
+"""``fine-tuner status``: queued and running jobs with what they are doing now (stage, percent, ETA,
+rate), recent successes (topic, base model, approach, rows, duration, Ollama name, kappa beside the
+base model's, the verdict, warnings) and failures from the journal, each topic's current model,
+orphans and datasets waiting in the inbox; one job in full (``status JOB_ID``: its record, progress,
+the operator's actions, its log's events, warnings and files); and the text form, escaped so that no
+file name can forge a line. It only reads: SQLite's write-ahead log lets it read while the daemon
+writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..config import Config, printable
-from ..errors import JournalError
+from ..errors import JobControlError, JournalError
 from ..fsutil import read_json_object
 from .drops import DATASET, classify_name, orphans
 from .journal import Journal, JobRecord
@@ -23,26 +30,111 @@ NO_JOURNAL_HINT = ("point at the daemon's folders: --root DIR (the folder holdin
                    "state directory, /var/lib/fine-tuner under systemd)")
 
 
-def status(cfg: Config) -> dict:
-    """Queued, running, recent successes and failures with reasons, and orphans, from the journal.
-    A journal that does not exist is a ``JournalError`` saying where status looked and how to point
-    it elsewhere (it is never created here: status only reads)."""
+def existing_journal(cfg: Config) -> Path:
+    """The journal's path; one that does not exist is a ``JournalError`` saying where we looked and
+    how to point elsewhere (it is never created by a command that only reads or asks)."""
     paths = resolve_paths(cfg)
     if not os.path.lexists(paths.journal):  # a dangling link is the journal's problem, reported by Journal
         raise JournalError(f"there is no job journal at {paths.journal}: no daemon has run with this state "
                            "directory", path=str(paths.journal), reason="no such file", hint=NO_JOURNAL_HINT)
+    return paths.journal
+
+
+def status(cfg: Config, *, topic: str | None = None, since: str | None = None, failed_only: bool = False,
+           limit: int | None = None) -> dict:
+    """Queued and running jobs with their progress, recent successes and failures with reasons,
+    each topic's current model, and orphans, from the journal. ``topic`` keeps the finished jobs
+    of that topic (case aside), ``since`` those updated since an ISO date or time, ``failed_only``
+    the failures, ``limit`` caps each finished list (default ``watch.recent``)."""
+    paths = resolve_paths(cfg)
+    journal_path = existing_journal(cfg)
     report: dict[str, Any] = {"inbox": str(paths.inbox), "outputs": str(paths.outputs),
-                              "journal": str(paths.journal), "counts": {}, "queued": [],
+                              "journal": str(journal_path), "counts": {}, "queued": [],
                               "running": [], "recent_succeeded": [], "recent_failed": [],
-                              "orphans": orphans(paths.inbox), "waiting_datasets": _waiting(paths)}
-    recent = cfg.watch.recent
-    with Journal(paths.journal) as journal:
+                              "current_models": {}, "orphans": orphans(paths.inbox),
+                              "waiting_datasets": _waiting(paths)}
+    limit = limit if limit is not None else cfg.watch.recent
+    with Journal(journal_path) as journal:
         report["counts"] = journal.counts()
-        report["queued"] = [_brief(j) for j in journal.jobs(["queued"])]
-        report["running"] = [_brief(j) for j in journal.jobs(["running"])]
-        report["recent_succeeded"] = [_brief(j) for j in journal.jobs(["succeeded", "duplicate"], limit=recent)]
-        report["recent_failed"] = [_brief(j) for j in journal.jobs(["failed"], limit=recent)]
+        report["current_models"] = journal.current_models()
+        for key, states in (("queued", ["queued"]), ("running", ["running"])):
+            report[key] = [_brief(j, journal) for j in journal.jobs(states)]
+        finished = [("recent_failed", ["failed"])] if failed_only else [
+            ("recent_succeeded", ["succeeded", "duplicate"]), ("recent_failed", ["failed"])]
+        for key, states in finished:
+            jobs = (_brief(j, journal) for j in journal.jobs(states, since=since))
+            if topic is not None:
+                jobs = (j for j in jobs if _same_topic(topic, j.get("topics")))
+            report[key] = list(itertools.islice(jobs, limit))
     return report
+
+
+def _same_topic(wanted: str, topics: list[str] | None) -> bool:
+    return normal_topic(wanted) in {normal_topic(t) for t in topics or []}
+
+
+def normal_topic(topic: str) -> str:
+    """A topic as compared: case and runs of spaces aside."""
+    return " ".join(str(topic).split()).casefold()
+
+
+def job_detail(cfg: Config, job_id: str) -> dict:
+    """One job in full: its journal record (inputs named and hashed), progress, the operator's
+    actions, the events of its log, its warnings, evaluation and the files it left."""
+    paths = resolve_paths(cfg)
+    with Journal(existing_journal(cfg)) as journal:
+        record = journal.get(job_id)
+        if record is None:
+            raise job_not_found(job_id)
+        out = _brief(record, journal)
+        out["record"] = {k: v for k, v in record.as_dict().items() if k not in ("content_key", "error")}
+        out["actions"] = journal.events(job_id)
+    folder = _job_folder(record, paths)
+    out["folder"] = str(folder) if folder else None
+    out["files"] = _files(folder)
+    out["events"] = _log_events(folder / "job.log") if folder else []
+    return out
+
+
+def job_not_found(job_id: str) -> JobControlError:
+    return JobControlError(f"there is no job {printable(job_id)} in the journal", job_id=job_id,
+                           hint="run 'fine-tuner status' for the job ids")
+
+
+def _job_folder(record: JobRecord, paths: Paths) -> Path | None:
+    """Where the job's files are now: its outputs, its inputs in failed/ or processed/, or its
+    build folder while it runs."""
+    candidates = [Path(record.output_path)] if record.output_path else []
+    candidates += [paths.failed / record.id, paths.processed / record.id, paths.outputs / f".tmp-{record.id}"]
+    return next((c for c in candidates if c.is_dir() and not c.is_symlink()), None)
+
+
+def _files(folder: Path | None) -> list[dict]:
+    if folder is None:
+        return []
+    out = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            out.append({"name": entry.name, "size_bytes": st.st_size, "folder": entry.is_dir(follow_symlinks=False)})
+    return out
+
+
+LOG_FIELDS_SHOWN = 8  # the first fields of an event after its name, in the text form
+
+
+def _log_events(path: Path, limit: int = 500) -> list[dict]:
+    """The job's own log lines (JSON), the last ``limit`` of them; lines that are not JSON objects
+    are skipped (a line cut off when its process was killed)."""
+    events = []
+    with contextlib.suppress(OSError):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                with contextlib.suppress(ValueError):
+                    item = json.loads(line)
+                    if isinstance(item, dict) and "event" in item:
+                        events.append({k: v for k, v in item.items() if k not in ("job_id", "logger")})
+    return events[-limit:]
 
 
 def _waiting(paths: Paths) -> list[str]:
@@ -51,14 +143,21 @@ def _waiting(paths: Paths) -> list[str]:
     return []
 
 
-def _brief(job: JobRecord) -> dict:
+def _brief(job: JobRecord, journal: Journal) -> dict:
     out: dict[str, Any] = {"job_id": job.id, "state": job.state, "attempts": job.attempts,
                            "updated_at": job.updated_at,
                            "inputs": [f.name for f in job.inputs]}
+    if job.state in ("queued", "running"):
+        progress = journal.progress(job.id)
+        if progress:
+            out["progress"] = progress
+        if job.id in journal.requests():
+            out["cancel_requested"] = True
     if job.output_path:
         out["output_path"] = job.output_path
         if job.state == "succeeded":
             meta = read_json_object(Path(job.output_path) / "fine_tuning_metadata.json")
+            out.update(_finished_brief(job, meta))
             out["evaluation"] = _evaluation_brief(Path(job.output_path), meta)
             out["warnings"] = list(meta.get("warnings") or [])
     if job.approach:
@@ -69,6 +168,30 @@ def _brief(job: JobRecord) -> dict:
         out["duplicate_of"] = job.duplicate_of
     if job.error:
         out["error"] = {k: job.error.get(k) for k in ("error_type", "message", "hint")}
+    return out
+
+
+def _finished_brief(job: JobRecord, meta: dict) -> dict:
+    """What the analyst needs of a finished job: its topic, base model, rows, duration and the
+    name to use in Ollama (from its metadata; a rating job: the model it rated with)."""
+    out: dict[str, Any] = {}
+    topics = meta.get("target_topics")
+    if isinstance(topics, list):
+        out["topics"] = [str(t) for t in topics]
+    if isinstance(meta.get("model"), str):
+        out["base_model"] = meta["model"]
+    rows = meta.get("rows")
+    if isinstance(rows, dict) and isinstance(rows.get("used"), int):
+        out["rows"] = rows["used"]
+    if isinstance(meta.get("duration_s"), (int, float)):
+        out["duration_s"] = meta["duration_s"]
+    elif job.started_at and job.finished_at:
+        with contextlib.suppress(ValueError):
+            out["duration_s"] = round((datetime.fromisoformat(job.finished_at)
+                                       - datetime.fromisoformat(job.started_at)).total_seconds(), 1)
+    reg = meta.get("registration")
+    if isinstance(reg, dict) and reg.get("registered") and isinstance(reg.get("name"), str):
+        out["ollama_name"] = reg["name"]
     return out
 
 
@@ -163,15 +286,98 @@ def _status_lines(report: dict) -> list[str]:
                 if err.get("hint"):
                     line += f" ({err['hint']})"
             lines.append(line)
+            if job.get("progress"):
+                lines.append(f"    {progress_text(job['progress'])}")
+            if job.get("cancel_requested"):
+                lines.append("    cancel requested")
+            if (finished := _finished_text(job)):
+                lines.append(f"    {finished}")
             evaluation = job.get("evaluation") or {}
             if (evaluation.get("quality_gate") or {}).get("status") == "failed":
                 lines.append(f"    quality gate failed: {evaluation['quality_gate'].get('reason')}")
             if evaluation.get("verdict"):
                 lines.append(f"    {evaluation['verdict']}")
             lines.extend(f"    warning: {w}" for w in job.get("warnings") or [])
+    if report.get("current_models"):
+        lines.append("current models:")
+        lines.extend(f"  {topic}: {_current_text(c)}" for topic, c in report["current_models"].items())
     if report.get("waiting_datasets"):
         lines.append("datasets in the inbox: " + ", ".join(report["waiting_datasets"]))
     if report.get("orphans"):
         lines.append("waiting for their dataset:")
         lines.extend(f"  {o['name']} ({o['kind']}, {o['waiting_s']} s)" for o in report["orphans"])
     return lines
+
+
+def progress_text(p: dict) -> str:
+    """``training 42 % (step 21 of 50), 310 tokens/s, about 3 min left``."""
+    text = str(p.get("stage"))
+    if isinstance(p.get("percent"), (int, float)):
+        text += f" {p['percent']:.0f} %"
+    if p.get("done") is not None and p.get("total"):
+        unit = "step" if p.get("rate_unit") == "tokens" else "record"
+        text += f" ({unit} {p['done']} of {p['total']})"
+    if isinstance(p.get("rate"), (int, float)):
+        text += f", {p['rate']:.1f} {p.get('rate_unit') or 'items'}/s"
+    if isinstance(p.get("eta_s"), (int, float)):
+        text += f", about {duration_text(p['eta_s'])} left"
+    return text
+
+
+def duration_text(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _finished_text(job: dict) -> str:
+    parts = []
+    if job.get("topics"):
+        parts.append("topic " + ", ".join(job["topics"]))
+    if job.get("base_model"):
+        parts.append(f"base {job['base_model']}")
+    if isinstance(job.get("rows"), int):
+        parts.append(f"{job['rows']} rows")
+    if isinstance(job.get("duration_s"), (int, float)):
+        parts.append(f"took {duration_text(job['duration_s'])}")
+    if job.get("ollama_name"):
+        parts.append(f"in Ollama as {job['ollama_name']}")
+    return "; ".join(parts)
+
+
+def _current_text(current: dict) -> str:
+    text = f"job {current.get('job_id')}"
+    if current.get("model"):
+        text += f", {current['model']}"
+    if current.get("alias"):
+        text += f" (alias {current['alias']})"
+    return text + (" [promoted with --force]" if current.get("forced") else "")
+
+
+def format_job(detail: dict) -> str:
+    """``status JOB_ID`` as text: the summary lines, then the files, the operator's actions and the
+    log's events (escaped like the rest of status)."""
+    lines = _status_lines({"inbox": "", "counts": {}, detail["state"] if detail["state"] in ("queued", "running")
+                           else ("recent_failed" if detail["state"] == "failed" else "recent_succeeded"): [detail]})[2:]
+    record = detail.get("record") or {}
+    lines.append(f"  state {detail['state']}, attempts {detail['attempts']}, created {record.get('created_at')}, "
+                 f"started {record.get('started_at') or '-'}, finished {record.get('finished_at') or '-'}")
+    lines.append("  inputs: " + ", ".join(f"{f['name']} ({f['role']}, sha256 {f['sha256'][:12]})"
+                                          for f in record.get("inputs") or []))
+    if detail.get("folder"):
+        lines.append(f"files in {detail['folder']}:")
+        lines.extend(f"  {f['name']}{'/' if f['folder'] else ''}  {f['size_bytes']} bytes" for f in detail["files"])
+    if detail.get("actions"):
+        lines.append("actions:")
+        lines.extend(f"  {a['at']}  {a['event']}" + "".join(f" {k}={v}" for k, v in a.items() if k not in ("at", "event"))
+                     for a in detail["actions"])
+    if detail.get("events"):
+        lines.append("events:")
+        for e in detail["events"]:
+            fields = [(k, v) for k, v in e.items() if k not in ("timestamp", "event", "level")][:LOG_FIELDS_SHOWN]
+            lines.append(f"  {e.get('timestamp', '')}  {e.get('level', '')}  {e['event']}"
+                         + "".join(f" {k}={json.dumps(v, default=str)}" for k, v in fields))
+    return "\n".join(printable(line, limit=10_000) for line in lines)

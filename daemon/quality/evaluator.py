@@ -277,7 +277,7 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
     chosen, weights = choose_backend(backend, models, base, config, memory, show_modelfile=show_modelfile)
     log.info("evaluation_started", backend=chosen, rows=len(data.expert), models=[m.key for m in models])
     values = sorted(int(v) for v in meta["mapping"]["labels"].values())
-    schema = prompts.output_schema(values)
+    schema = prompts.output_schema(values, rationale_chars=prompts.rationale_limit(ev.max_new_tokens))
     results, texts = [], {}
     for model in models:
         shared = prefix(model, data.system, chosen)  # one object: every request starts byte-identical
@@ -320,10 +320,16 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
         min_kappa=ev.recommend_min_kappa, max_invalid_rate=ev.recommend_max_invalid_rate,
         min_rows=ev.verdict_min_rows))
     report["quality_gate"] = trust.quality_gate(report, ev.min_kappa, ev.max_invalid_rate)
-    log.info("evaluation_finished", backend=chosen, rows=len(data.expert),
+    log.info("evaluation_finished", backend=chosen, rows=len(data.expert), topic=_topic(meta),
              models=evaluation.summary_line(report), recommended=report["verdict"]["recommended"],
              quality_gate=report["quality_gate"]["status"])
     return report
+
+
+def _topic(meta: dict) -> str:
+    """The folder's topics as one text (the metrics label them by it); "" when it has none."""
+    topics = meta.get("target_topics")
+    return ", ".join(prompts.normalize_topics(topics)) if isinstance(topics, (str, list)) else ""
 
 
 def _split_summary(meta: dict) -> dict | None:

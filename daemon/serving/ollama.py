@@ -585,3 +585,10 @@ class OllamaClient:
         """Delete ``model``; unknown raises ``OllamaError`` with ``status == 404``."""
         with self._call("DELETE", "/api/delete") as call:
             self._read(call, self._request(call, json_body={"model": model}, what=f"model {model!r}"))
+
+    def copy(self, source: str, destination: str) -> None:
+        """Copy ``source`` to the name ``destination`` (an alias; replaces what had that name); an
+        unknown source raises ``OllamaError`` with ``status == 404``."""
+        with self._call("POST", "/api/copy") as call:
+            self._read(call, self._request(call, json_body={"source": source, "destination": destination},
+                                           what=f"model {source!r}"))

@@ -121,7 +121,7 @@ def test_wal_mode_and_a_second_connection_sees_writes(tmp_path):
     db = sqlite3.connect(path)
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     finally:
         db.close()
 
@@ -356,14 +356,14 @@ def test_journal_of_a_newer_schema_is_refused_and_kept(tmp_path):
     with Journal(path) as j:
         j.add_job("j1", "s", INPUTS, "k1")
     with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("PRAGMA user_version = 3")
+        db.execute("PRAGMA user_version = 4")
     with pytest.raises(JournalError) as info:
         Journal(path)
-    assert info.value.message == (f"the journal {path} has schema version 3; this fine-tuner "
-                                  "knows version 2")
+    assert info.value.message == (f"the journal {path} has schema version 4; this fine-tuner "
+                                  "knows version 3")
     assert info.value.hint == "run the fine-tuner version that wrote it, or move it aside to start a new journal"
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 def test_locked_journal_is_a_journal_error_that_does_not_say_to_move_it(tmp_path):
@@ -479,14 +479,17 @@ PRAGMA user_version = 1;
 
 
 def test_a_version_1_journal_is_migrated_keeping_its_jobs(tmp_path):
-    """A journal of schema version 1 (before roots were recorded) opens as version 2 with its jobs
-    and duplicate detection intact and no root recorded yet; the first root is then recorded."""
+    """A journal of schema version 1 (before roots were recorded) opens as version 3 with its jobs
+    and duplicate detection intact and no root recorded yet; the first root is then recorded, and
+    the tables of version 3 (progress, events, requests, current models) work."""
     path = tmp_path / "journal.sqlite3"
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.executescript(V1_SCHEMA)
     with Journal(path) as j:
         assert (j.get("old-job").state, j.success_for("k1").id, j.root()) == ("succeeded", "old-job", None)
         assert j.record_root("/srv/a") == "/srv/a"
+        j.add_event("old-job", "promoted", topic="t")
+        assert [e["event"] for e in j.events("old-job")] == ["promoted"]
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         assert db.execute("SELECT key, value FROM journal_info").fetchall() == [("root", "/srv/a")]

@@ -229,7 +229,7 @@ def test_once_refuses_unknown_entries_like_the_daemon(root, start_daemon):
 def _journal_root(state) -> list[tuple[str, str]]:
     """The journal_info rows of the journal in ``state`` (its schema checked to be version 2)."""
     with contextlib.closing(sqlite3.connect(state / "journal.sqlite3")) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         return db.execute("SELECT key, value FROM journal_info").fetchall()
 
 

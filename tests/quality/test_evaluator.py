@@ -103,6 +103,7 @@ def test_model_set_is_evaluated_through_ollama_beside_the_base_model(fake_ollama
     assert (started["backend"], started["rows"], started["models"]) == ("ollama", n, ["new", "base"])
     assert finished["models"] == [{"model": "new", "accuracy": 1.0, "kappa": 1.0, "invalid_rate": 0.0},
                                   {"model": "base", "accuracy": 0.0, "kappa": 0.0, "invalid_rate": 1.0}]
+    assert finished["topic"] == "respiratory infections"  # the metrics' kappa label
     progress = [e for e in events if e["event"] == "evaluation_progress"]
     assert {(e["model"], e["done"], e["total"]) for e in progress} >= {("new", n, n), ("base", n, n)}
     assert MARKER not in log_text

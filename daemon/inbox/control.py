@@ -1,0 +1,218 @@
+"""Job control from the command line, safe while the daemon runs: ``cancel``, ``retry``, ``promote``
+and the current model of a topic.
+
+Nothing here touches a job the daemon holds: ``cancel`` records a request in the journal, which the
+daemon acts on within a second (``service``) and ``wait_for_cancel`` watches; ``retry`` copies a failed
+job's inputs back into the inbox (companions first, the dataset last and renamed into place, so the
+daemon never sees half a drop), with a job file carrying the overrides; ``promote`` records the
+topic's current model in the journal and gives it an Ollama alias (``<topic-slug>:current``,
+through ``/api/copy``) when Ollama is reachable. Every action is recorded as the job's event in the
+journal and logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config, ConfigError, model_name_problem, printable, read_job_file
+from ..errors import JobControlError
+from ..fsutil import read_json_object, write_text
+from ..logconfig import get_logger
+from .drops import DATASET, JOB, MAPPING, classify_name
+from .journal import Journal
+from .paths import resolve_paths
+from .status import existing_journal, job_not_found
+
+log = get_logger("control")
+
+CANCEL_POLL_S = 0.2
+RETRY_KEYS = ("epochs", "learning_rate", "batch_size", "approach", "model", "force")
+
+
+# --- cancel --------------------------------------------------------------------------------------
+
+def request_cancel(cfg: Config, job_id: str) -> str:
+    """Ask the daemon to cancel a queued or running job; returns its state when asked."""
+    with Journal(existing_journal(cfg)) as journal:
+        record = journal.get(job_id)
+        if record is None:
+            raise job_not_found(job_id)
+        if not journal.request(job_id, "cancel"):
+            raise JobControlError(f"job {printable(job_id)} is {record.state}: only a queued or running job "
+                                  "can be cancelled", job_id=job_id,
+                                  hint="'fine-tuner retry JOB_ID' runs a failed job again")
+    log.info("job_cancel_requested", job_id=job_id, state=record.state)
+    return record.state
+
+
+def wait_for_cancel(cfg: Config, job_id: str, timeout_s: float) -> str | None:
+    """The job's state once the daemon acted on the request (``failed`` when it was cancelled; a
+    job that finished first keeps its state), None when nothing happened within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    with Journal(existing_journal(cfg)) as journal:
+        while True:
+            record = journal.get(job_id)
+            if record is not None and record.state not in ("queued", "running"):
+                return record.state
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(CANCEL_POLL_S)
+
+
+# --- retry ---------------------------------------------------------------------------------------
+
+def retry(cfg: Config, job_id: str, overrides: dict[str, Any]) -> list[str]:
+    """Drop a failed job's inputs into the inbox again, with ``overrides`` (``RETRY_KEYS``) written
+    into its job file; returns the names dropped. The failed job's folder is left as it is."""
+    paths = resolve_paths(cfg)
+    with Journal(existing_journal(cfg)) as journal:
+        record = journal.get(job_id)
+        if record is None:
+            raise job_not_found(job_id)
+        if record.state != "failed":
+            raise JobControlError(f"job {printable(job_id)} is {record.state}: only a failed job can be retried",
+                                  job_id=job_id, hint="drop its files again (with force: true in a job file "
+                                                      "to redo a success)")
+        folder = paths.failed / job_id
+        inputs = _inputs_in(folder)
+        if DATASET not in inputs:
+            raise JobControlError(f"job {printable(job_id)} has no dataset in {folder}", job_id=job_id,
+                                  hint="it was refused at the door; drop a corrected file instead")
+        dropped = _drop(paths.inbox, inputs, _job_text(inputs.get(JOB), overrides, job_id))
+        journal.add_event(job_id, "retried", dropped=dropped, overrides=overrides)
+    log.info("job_retried", job_id=job_id, dropped=dropped, overrides=sorted(overrides))
+    return dropped
+
+
+def _inputs_in(folder: Path) -> dict[str, Path]:
+    """The dataset, mapping and job file in a failed job's folder, by kind (not its notes)."""
+    if not folder.is_dir() or folder.is_symlink():
+        raise JobControlError(f"the failed job's folder {folder} is missing", job_id=folder.name,
+                              hint="its inputs were moved away; drop them again")
+    found: dict[str, Path] = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        kind, _ = classify_name(entry.name)
+        if kind in (DATASET, MAPPING, JOB) and entry.is_file(follow_symlinks=False):
+            found[kind] = Path(entry.path)
+    return found
+
+
+def _job_text(job_file: Path | None, overrides: dict[str, Any], job_id: str) -> str | None:
+    """The job file to drop: the old one's values with the overrides on top (None: no job file)."""
+    if job_file is None and not overrides:
+        return None
+    values: dict[str, Any] = {}
+    if job_file is not None:
+        try:
+            values = dict(read_job_file(job_file))
+        except ConfigError as exc:
+            if not overrides:
+                return job_file.read_text(encoding="utf-8")  # dropped as it was: the daemon says what is wrong
+            raise JobControlError(f"job {printable(job_id)}'s job file cannot be read, so the overrides cannot "
+                                  f"be added to it: {'; '.join(exc.problems)}", job_id=job_id,
+                                  hint="fix the job file in its failed/ folder, then retry") from None
+    values.update(overrides)
+    return f"# retry of {job_id}\n" + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+
+
+def _drop(inbox: Path, inputs: dict[str, Path], job_text: str | None) -> list[str]:
+    """Companions first, the dataset last, each written as ``NAME.part`` and renamed; a name the
+    inbox already holds is refused before anything is written."""
+    dataset = inputs[DATASET]
+    stem = classify_name(dataset.name)[1]
+    plan: list[tuple[str, Path | str]] = []
+    if job_text is not None:
+        plan.append((f"{stem}.job.yaml", job_text))
+    if MAPPING in inputs:
+        plan.append((inputs[MAPPING].name, inputs[MAPPING]))
+    plan.append((dataset.name, dataset))
+    taken = [name for name, _ in plan if os.path.lexists(inbox / name)]
+    if taken:
+        raise JobControlError(f"the inbox already holds {', '.join(map(printable, taken))}", job_id=None,
+                              hint="wait until it has been processed, then retry")
+    for name, source in plan:
+        part = inbox / f".{name}.part"
+        if isinstance(source, str):
+            write_text(part, source)
+        else:
+            shutil.copyfile(source, part)
+        os.rename(part, inbox / name)
+    return [name for name, _ in plan]
+
+
+# --- promote and the current model ------------------------------------------------------------
+
+def promote(cfg: Config, job_id: str, *, topic: str | None = None, force: bool = False) -> dict:
+    """Make a succeeded job's model the current one for its topic (``topic`` overrides the job's
+    own): recorded in the journal, and as ``<topic-slug>:current`` in Ollama when the model is
+    registered there and Ollama answers. A model whose verdict is "not recommended" needs ``force``."""
+    with Journal(existing_journal(cfg)) as journal:
+        record = journal.get(job_id)
+        if record is None:
+            raise job_not_found(job_id)
+        if record.state != "succeeded" or not record.output_path or record.approach == "rate":
+            raise JobControlError(f"job {printable(job_id)} is {record.state}"
+                                  f"{' (a rating job)' if record.approach == 'rate' else ''}: only a job that "
+                                  "built a model can be promoted", job_id=job_id,
+                                  hint="run 'fine-tuner status' for the jobs that built models")
+        folder = Path(record.output_path)
+        meta = read_json_object(folder / "fine_tuning_metadata.json")
+        topic = topic or ", ".join(str(t) for t in meta.get("target_topics") or [])
+        if not topic.strip():
+            raise JobControlError(f"job {printable(job_id)} has no topic", job_id=job_id,
+                                  hint="name it with --topic")
+        verdict = read_json_object(folder / "evaluation.json").get("verdict") or {}
+        if verdict.get("recommended") is False and not force:
+            raise JobControlError(f"job {printable(job_id)}'s model is not recommended: "
+                                  f"{printable(str(verdict.get('headline')), limit=300)}", job_id=job_id,
+                                  hint="promote it anyway with --force, or promote a better job")
+        reg = meta.get("registration") or {}
+        model = reg.get("name") if reg.get("registered") else None
+        alias, note = _alias(cfg, model, topic)
+        journal.promote(topic, job_id, model=model, alias=alias, forced=force)
+    log.info("model_promoted", job_id=job_id, model=model, alias=alias, forced=force)
+    return {"topic": topic, "job_id": job_id, "model": model, "alias": alias, "alias_note": note,
+            "recommended": verdict.get("recommended")}
+
+
+def topic_slug(topic: str) -> str:
+    """``Respiratory infections`` → ``respiratory-infections`` (an Ollama model name's part)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", topic.casefold()).strip("-")[:60].strip("-")
+    return slug or "topic"
+
+
+def _alias(cfg: Config, model: str | None, topic: str) -> tuple[str | None, str | None]:
+    """Copy ``model`` to ``<slug>:current`` in Ollama; (alias, None) or (None, why not)."""
+    if model is None:
+        return None, "the model is not registered in Ollama"
+    from ..serving.ollama import OllamaClient, OllamaError
+
+    alias = f"{topic_slug(topic)}:current"
+    if model_name_problem(alias) is not None:
+        return None, "the topic makes no valid Ollama name"
+    try:
+        with OllamaClient(cfg.ollama) as client:
+            client.copy(model, alias)
+    except OllamaError as exc:
+        log.warning("model_alias_not_made", model=model, alias=alias, reason=exc.message)
+        return None, f"Ollama: {exc.message}"
+    return alias, None
+
+
+def current_model_folder(cfg: Config, topic: str) -> Path:
+    """The output folder of ``topic``'s current model (``rate --topic``, ``task: rate`` with ``topic``)."""
+    with Journal(existing_journal(cfg)) as journal:
+        current = journal.current_model(topic)
+        record = journal.get(current["job_id"]) if current else None
+    if current is None or record is None or not record.output_path:
+        raise JobControlError(f"there is no current model for the topic {printable(topic)!r} (topics are "
+                              "compared without case)", hint="promote a job's model with 'fine-tuner promote "
+                                                             "JOB_ID'; 'fine-tuner status' lists the current models")
+    return Path(record.output_path)
