@@ -20,7 +20,7 @@ TEST_EXTRAS   := $(EXTRAS),axolotl
 # `python -m daemon.llamacpp source` does nothing when it is already there
 LLAMA_SRC = $(PY) -m daemon.llamacpp source >/dev/null
 
-.PHONY: run test llama-cpp
+.PHONY: run test llama-cpp chromium
 
 # venv, pip, the torch pin, then the project with the given extras (one resolution for all of them)
 define install
@@ -44,13 +44,19 @@ $(HANDOFF): pyproject.toml
 llama-cpp: $(STAMP)
 	$(PY) -m daemon.llamacpp build >/dev/null
 
+# Debian's Chromium, for the test that renders `fine-tuner report`'s HTML page in a real browser;
+# installed once (as root), skipped when it is already there
+chromium:
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 run: $(STAMP)
 	$(LLAMA_SRC)
 	$(VENV)/bin/fine-tuner watch --root .
 
 # Three workers on two cores: most of the suite waits on real processes, files and sockets; the
 # modules that build a trained model once keep to one worker each (xdist_group). The suite serves
-# real models with llama-server, so it is built first (once per machine).
-test: $(HANDOFF) llama-cpp
+# real models with llama-server, so it is built first (once per machine), and renders one page in
+# Chromium (installed when missing).
+test: $(HANDOFF) llama-cpp chromium
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 \
 		LLAMAFACTORY_PATH=$(abspath $(LF_DIR)) $(PY) -m pytest -n 3 --dist loadgroup --durations=15

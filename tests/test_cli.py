@@ -269,7 +269,7 @@ def test_damaged_journal_is_one_line_and_no_restart_loop(tmp_path, command, code
                 "read-only": (f"the journal {path} is not writable: Read-only file system", WRITABLE),
                 "dangling link": (f"the journal {path} is a symbolic link to a missing file",
                                   "point the link at the journal, or remove it to start with a new, empty journal"),
-                "newer schema": (f"the journal {path} has schema version 7; this fine-tuner knows version 2",
+                "newer schema": (f"the journal {path} has schema version 7; this fine-tuner knows version 3",
                                  "run the fine-tuner version that wrote it, or move it aside to start a new journal"),
                 }[kind]
     if kind == "garbage":
