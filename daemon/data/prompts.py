@@ -80,33 +80,13 @@ def answer_json(rating: int, rationale: str | None) -> str:
     return json.dumps({"rationale": rationale or "", "rating": int(rating)}, ensure_ascii=False)
 
 
-# An answer's tokens beside its rationale's text: the braces, both keys, the quotes and the rating.
-ANSWER_OVERHEAD_TOKENS = 24
-# Characters a rationale token carries at the least we plan for: clinical text with codes and
-# abbreviations splits into shorter tokens than prose (about 4 characters a token).
-CHARS_PER_TOKEN = 3
-MIN_RATIONALE_CHARS = 40
-
-
-def rationale_limit(max_new_tokens: int) -> int:
-    """The longest rationale, in characters, that leaves room for the rating within an answer of
-    ``max_new_tokens`` tokens: the rationale comes first, so a rationale the token cap cut off
-    would leave the answer without its rating (invalid)."""
-    return max(MIN_RATIONALE_CHARS, (max_new_tokens - ANSWER_OVERHEAD_TOKENS) * CHARS_PER_TOKEN)
-
-
-def output_schema(values: Sequence[int], *, rationale_chars: int | None = None) -> dict:
-    """JSON Schema of the answer (usable as Ollama's ``format``); the rationale may be empty, and at
-    most ``rationale_chars`` long when given (a grammar-constrained server then closes the
-    rationale in time to write the rating: ``rationale_limit``). The properties are in answer
-    order: grammar-constrained servers write them in this order."""
-    rationale: dict = {"type": "string"}
-    if rationale_chars is not None:
-        rationale["maxLength"] = int(rationale_chars)
+def output_schema(values: Sequence[int]) -> dict:
+    """JSON Schema of the answer (usable as Ollama's ``format``); the rationale may be empty. The
+    properties are in answer order: grammar-constrained servers write them in this order."""
     return {
         "type": "object",
         "properties": {
-            "rationale": rationale,
+            "rationale": {"type": "string"},
             "rating": {"type": "integer", "enum": sorted({int(v) for v in values})},
         },
         "required": ["rationale", "rating"],

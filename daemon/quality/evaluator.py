@@ -277,7 +277,7 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
     chosen, weights = choose_backend(backend, models, base, config, memory, show_modelfile=show_modelfile)
     log.info("evaluation_started", backend=chosen, rows=len(data.expert), models=[m.key for m in models])
     values = sorted(int(v) for v in meta["mapping"]["labels"].values())
-    schema = prompts.output_schema(values, rationale_chars=prompts.rationale_limit(ev.max_new_tokens))
+    schema = prompts.output_schema(values)
     results, texts = [], {}
     for model in models:
         shared = prefix(model, data.system, chosen)  # one object: every request starts byte-identical

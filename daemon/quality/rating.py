@@ -744,9 +744,7 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
     part, sidecar = part_files(output)
     identity = {"input": info.file, "input_sha256": info.sha256, "rows": total,
                 "model_fingerprint": model.fingerprint(), "model_source": model.source, "created_at": started_at}
-    schema = prompts.output_schema(model.values,
-                                   rationale_chars=prompts.rationale_limit(config.evaluation.max_new_tokens))
-    answer, model_name = _rater(model, chosen, weights, config, schema, memory)
+    answer, model_name = _rater(model, chosen, weights, config, prompts.output_schema(model.values), memory)
     shared = prefix(_eval_model(model), model.system, chosen)  # one object shared by every request
     out, resumed, counts = _open_part(part, sidecar, identity, header, names)
     if resumed > total:

@@ -42,14 +42,6 @@ def test_system_prompt_text_allows_the_empty_rationale_rows_train():
     assert prompts.output_schema([0, 1])["properties"]["rationale"] == {"type": "string"}
 
 
-def test_the_rationale_limit_leaves_the_rating_room_within_the_answer_cap():
-    """A capped schema bounds the rationale so that, at 3 characters a token, it and the answer's
-    other 24 tokens fit the cap; a tiny cap still allows a short reason."""
-    assert [prompts.rationale_limit(n) for n in (96, 256, 10)] == [216, 696, 40]
-    assert prompts.output_schema([0, 1], rationale_chars=216)["properties"]["rationale"] == {
-        "type": "string", "maxLength": 216}
-
-
 def test_answer_json_and_schema_agree():
     """The assistant answer parses back and its rating is in the schema's enum."""
     answer = prompts.answer_json(1, 'cough "and" fever')
