@@ -237,7 +237,11 @@ def child(spec_path: str) -> int:
     if backend == "openai":
         from daemon.data import prompts
 
-        config = load_config(None, {}, overrides={"openai": {"base_url": spec["host"], "parallel": spec["parallel"]}})
+        # the base model's answers run to ~190 tokens on 2 CPU cores: room for a whole answer, and a
+        # deadline that a slow machine does not turn into a failed run
+        config = load_config(None, {}, overrides={"openai": {"base_url": spec["host"], "parallel": spec["parallel"],
+                                                             "read_timeout_s": 600.0},
+                                                  "evaluation": {"max_new_tokens": 256}})
         model = model_from_name(LLAMA_ALIAS, labels=MAPPING,
                                 system=prompts.system_prompt(["respiratory infections"], MAPPING))
     else:
