@@ -65,18 +65,21 @@ def test_a_running_job_shows_the_progress_its_log_events_report(tmp_path):
     """Rating progress logged with the job id bound becomes the job's progress row (percent from
     done/total, records/s, ETA); another job's lines do not."""
     cfg, path = _root(tmp_path)
-    logconfig.configure(stream=None)
+    logconfig.configure(stream=None)  # as the daemon does, without a console
     log = logconfig.get_logger("test")
-    with Journal(path) as journal:
-        journal.add_job("r1", "r1", [], "k")
-        journal.start("r1")
-        with recording(journal, "r1"):
-            with structlog.contextvars.bound_contextvars(job_id="other"):
-                log.info("rating_progress", done=1, total=2, records_per_s=9.0, eta_s=1.0)
-            with structlog.contextvars.bound_contextvars(job_id="r1"):
-                log.info("rating_progress", done=50, total=200, records_per_s=2.5, eta_s=60.0)
-        assert journal.progress("other") is None
-        row = journal.progress("r1")
+    try:
+        with Journal(path) as journal:
+            journal.add_job("r1", "r1", [], "k")
+            journal.start("r1")
+            with recording(journal, "r1"):
+                with structlog.contextvars.bound_contextvars(job_id="other"):
+                    log.info("rating_progress", done=1, total=2, records_per_s=9.0, eta_s=1.0)
+                with structlog.contextvars.bound_contextvars(job_id="r1"):
+                    log.info("rating_progress", done=50, total=200, records_per_s=2.5, eta_s=60.0)
+            assert journal.progress("other") is None
+            row = journal.progress("r1")
+    finally:  # later tests in this process configure logging as a library would
+        logconfig.configure(stream=None, owner=None)
     assert {k: row[k] for k in ("stage", "percent", "done", "total", "rate", "rate_unit", "eta_s")} == {
         "stage": "rating", "percent": 25.0, "done": 50, "total": 200, "rate": 2.5, "rate_unit": "records",
         "eta_s": 60.0}
