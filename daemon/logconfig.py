@@ -115,10 +115,17 @@ def job_log(path: str | Path, job_id: str, roots: Mapping[str, str] | None = Non
     """Copy every log line bound to ``job_id`` into ``path`` while the block runs (appending to an
     existing file); ``roots`` keeps the folders of this machine out of it (``portable.scrub``)."""
     _end_partial_line(Path(path))
-    root = logging.getLogger(_ROOT)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(_formatter(roots))
     handler.addFilter(_JobFilter(job_id))
+    with attached(handler):
+        yield
+
+
+@contextlib.contextmanager
+def attached(handler: logging.Handler) -> Iterator[None]:
+    """``handler`` receives every line of ours while the block runs; closed afterwards."""
+    root = logging.getLogger(_ROOT)
     root.addHandler(handler)
     try:
         yield

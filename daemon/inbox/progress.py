@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import JournalError
-from ..logconfig import ROOT_LOGGER
+from ..logconfig import attached
 from .journal import Journal
 
 STAGE_NAMES = {"load": "loading", "capability": "checking the model", "training_data": "writing training data",
@@ -79,11 +79,5 @@ class ProgressRecorder(logging.Handler):
 @contextlib.contextmanager
 def recording(journal: Journal, job_id: str) -> Iterator[None]:
     """Record the job's progress while the block runs."""
-    handler = ProgressRecorder(journal, job_id)
-    root = logging.getLogger(ROOT_LOGGER)
-    root.addHandler(handler)
-    try:
+    with attached(ProgressRecorder(journal, job_id)):
         yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()

@@ -10,23 +10,11 @@ import sys
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import __version__
 from tests.conftest import leftovers, wait_for
+from tests.inbox.test_metrics import free_port, samples
 from tests.integration.conftest import MARKER, REPO
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """The exposition ``text`` as {(sample name, sorted labels): value}."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
