@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     rate.add_argument("--output", metavar="CSV", help="ratings file (default: <input stem>.ratings.csv beside the input)")
     rate.add_argument("--backend", choices=EVALUATION_BACKENDS, default="auto",
                       help="who answers: auto (Ollama, then an OpenAI-compatible server at openai.base_url, "
-                           "then the local child), ollama, openai or local")
+                           "then llama-server started for the run when evaluation.start_llama_server is on, "
+                           "then the local child), ollama, openai, llama-server or local")
     rate.add_argument("--mapping", metavar="FILE", help="rating mapping (only with a bare Ollama name)")
     rate.add_argument("--topics", help="target topic(s) of the system prompt (only with a bare Ollama name)")
     rate.add_argument("--review-below", type=_confidence_arg, metavar="P",

@@ -169,7 +169,10 @@ class EvaluationConfig:
     """Measuring every job's models against the experts on its held-out rows."""
 
     enabled: str = "auto"  # auto: when a backend can run it (else record why not) | required | off
-    backend: str = "auto"  # auto | ollama | openai | local
+    backend: str = "auto"  # auto | ollama | openai | llama-server | local
+    # backend auto: when neither Ollama nor openai.base_url can serve the models, start the managed
+    # llama-server (the base GGUF + the fine-tune's adapter.gguf) for the evaluation, before local
+    start_llama_server: bool = False
     max_rows: int = 200  # held-out rows evaluated at most (a seeded sample beyond that)
     batch_size: int = 8  # local backend: records generated together
     max_new_tokens: int = 96  # the longest answer, every backend (Ollama num_predict, OpenAI max_tokens)
@@ -229,7 +232,7 @@ SECTIONS = {"defaults": Defaults, "ollama": OllamaConfig, "openai": OpenAIConfig
             "paths": PathsConfig, "watch": WatchConfig, "evaluation": EvaluationConfig, "rating": RatingConfig,
             "metrics": MetricsConfig}
 EVALUATION_MODES = ("auto", "required", "off")
-EVALUATION_BACKENDS = ("auto", "ollama", "openai", "local")
+EVALUATION_BACKENDS = ("auto", "ollama", "openai", "llama-server", "local")
 TRAINING_BACKENDS = ("local", "axolotl")
 # training_config.yaml keys that fine-tuner writes itself: training.axolotl may not set them
 AXOLOTL_OWN_KEYS = frozenset((

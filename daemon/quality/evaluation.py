@@ -288,6 +288,7 @@ def evaluation_report(results: Sequence[ModelResult], expert: Sequence[int], row
 
 CONFIDENCE_SOURCES = {"ollama": "Ollama's token log-probabilities (/api/chat logprobs)",
                       "openai": "the server's token log-probabilities (logprobs)",
+                      "llama-server": "llama-server's token log-probabilities (logprobs)",
                       "local": "teacher forcing of each allowed rating at the rating position"}
 
 

@@ -11,16 +11,21 @@ model never saw: the fine-tune did not train on them and no few-shot example com
 Backend ``auto`` uses Ollama when it is reachable and can serve every model (a fine-tune only once
 its adapter is registered), else the OpenAI-compatible server at ``openai.base_url`` when its
 ``GET /models`` lists the served name (``openai.model``, else the base model's; a model set's
-few-shot turns go as messages; a fine-tune's adapter cannot be served there yet), else the local
-backend when the base weights are on disk and the training packages are installed, else the
-evaluation is skipped with the reason. The same code runs
+few-shot turns go as messages; a fine-tune's adapter is asked for by name or by its ``lora`` scale),
+else, with ``evaluation.start_llama_server``, a managed llama.cpp ``llama-server`` started for the run
+with the base GGUF and the fine-tune's ``adapter.gguf`` (``served``), else the local backend when the
+base weights are on disk and the training packages are installed, else the evaluation is skipped
+with the reason. The same code runs
 inside a job (before the folder is published) and from ``fine-tuner evaluate OUTPUT_DIR``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import random
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,9 +40,8 @@ from .rater import LocalRater, OllamaRater, OpenAIRater, RaterError
 
 log = get_logger("evaluator")
 
-BACKENDS = ("auto", "ollama", "openai", "local")
-# the later step that serves a fine-tune's adapter through the server (llama.cpp's per-request
-# "lora") replaces this reason
+BACKENDS = ("auto", "ollama", "openai", "llama-server", "local")
+LLAMA_SERVER = "llama-server"
 PROGRESS_EVERY_S = 1.0
 
 
@@ -219,9 +223,64 @@ def _local_problem(models: list[EvalModel], base: str, config: Config,
     return weights, None
 
 
+def _llama_server_problem(models: list[EvalModel], base: str, config: Config,
+                          show_modelfile: str | None = None):
+    """(the managed server's ``ServerSpec``, why it cannot run): llama-server is not built, the base
+    GGUF is not on this machine, or a fine-tune has no ``adapter.gguf``."""
+    from ..llamacpp import server_binary
+    from ..serving.llamaserver import ServerError, model_spec
+
+    if server_binary() is None:
+        return None, "llama-server is not built on this machine (make llama-cpp)"
+    adapters = tuple(Path(m.adapter_dir) for m in models if m.adapter_dir is not None)
+    try:
+        spec = model_spec(base, adapters, alias=base, base_models=config.base_models,
+                          ollama_models_dir=config.ollama.models_dir, show_modelfile=show_modelfile,
+                          parallel=config.openai.parallel)
+    except ServerError as exc:
+        return None, str(exc)  # with its hint
+    return spec, None
+
+
+@contextlib.contextmanager
+def served(chosen: str, plan, models: list[EvalModel], base: str, config: Config):
+    """``with served(*choose_backend(...), models, base, config) as (backend, plan, config)``: what
+    the raters speak to. For ``llama-server``, the server is started here (on the loopback
+    interface, its own output in a temporary folder only we can read) and asked through the
+    openai backend, then stopped (``llama_server_started`` / ``llama_server_stopped``); every
+    other backend is handed through as it is."""
+    if chosen != LLAMA_SERVER:
+        yield chosen, plan, config
+        return
+    from ..serving.llamaserver import LlamaServer, ServerError
+
+    # the server's own output may echo prompts: a folder only we can read, removed afterwards
+    with tempfile.TemporaryDirectory(prefix="fine-tuner-llama-server-") as tmp:
+        server = LlamaServer(plan, log_path=Path(tmp) / "llama-server.log")
+        started = time.monotonic()
+        try:
+            server.start()
+        except ServerError as exc:
+            raise RaterError(f"the llama-server started for {base} did not come up: {exc}") from None
+        try:
+            log.info("llama_server_started", model=base, gguf=plan.model.name, adapters=len(plan.adapters),
+                     slots=plan.parallel, port=server.port, load_s=round(time.monotonic() - started, 1))
+            local = dataclasses.replace(config, openai=dataclasses.replace(
+                config.openai, base_url=server.base_url, model=plan.alias, api_key_env=None))
+            openai_plan, problem = _openai_problem(models, base, local)
+            if problem is not None:
+                raise RaterError(f"the llama-server started for {base} cannot serve the models: {problem}")
+            yield "openai", openai_plan, local
+        finally:
+            code = server.stop()
+            log.info("llama_server_stopped", model=base, exit_code=code)
+
+
 def choose_backend(requested: str, models: list[EvalModel], base: str, config: Config,
                    memory=None, *, show_modelfile: str | None = None) -> tuple[str, str | None]:
-    """(backend, base weights folder for the local one). EvaluationSkipped names every reason.
+    """(backend, what it needs: the plan of the openai one, the server of llama-server, the base
+    weights of the local one); ``served`` turns it into what the raters use. EvaluationSkipped names
+    every reason.
     ``memory``: the job's memory of unreachable Ollama servers (one wait per job);
     ``show_modelfile``: see ``_local_problem``."""
     reasons = []
@@ -235,6 +294,11 @@ def choose_backend(requested: str, models: list[EvalModel], base: str, config: C
         if problem is None:
             return "openai", plan
         reasons.append(f"openai: {problem}")
+    if requested == LLAMA_SERVER or (requested == "auto" and config.evaluation.start_llama_server):
+        spec, problem = _llama_server_problem(models, base, config, show_modelfile)
+        if problem is None:
+            return LLAMA_SERVER, spec
+        reasons.append(f"llama-server: {problem}")
     if requested in ("auto", "local"):
         weights, problem = _local_problem(models, base, config, show_modelfile)
         if problem is None:
@@ -262,22 +326,12 @@ class _ProgressLog:
                  eta_s=round(eta, 1) if eta is not None else None)
 
 
-def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: str = "auto",
-                    max_rows: int | None = None, stop_event: threading.Event | None = None,
-                    memory=None, show_modelfile: str | None = None) -> dict:
-    """Evaluate every model of an output folder on its held-out rows; returns the report
-    (``evaluation.evaluation_report``). EvaluationSkipped when it cannot run, RaterError when a
-    backend fails part-way. ``show_modelfile``: the job's /api/show Modelfile (``choose_backend``)."""
-    folder = Path(folder)
+def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, config: Config, schema: dict,
+                values: list[int], memory, stop_event, label: str) -> tuple[list, dict[str, list]]:
+    """Every model's answers on the held-out rows through one backend (``served``'s): (results,
+    answer texts); ``label``: the backend the report names (llama-server is spoken to as openai)."""
     ev = config.evaluation
     seed = config.defaults.seed
-    data = held_out(folder, meta, max_rows=ev.max_rows if max_rows is None else max_rows, seed=seed)
-    models = models_of(folder, meta)
-    base = str(meta.get("model"))
-    chosen, weights = choose_backend(backend, models, base, config, memory, show_modelfile=show_modelfile)
-    log.info("evaluation_started", backend=chosen, rows=len(data.expert), models=[m.key for m in models])
-    values = sorted(int(v) for v in meta["mapping"]["labels"].values())
-    schema = prompts.output_schema(values)
     results, texts = [], {}
     for model in models:
         shared = prefix(model, data.system, chosen)  # one object: every request starts byte-identical
@@ -305,8 +359,30 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
         texts[model.key] = [a.text for a in answers]
         results.append(evaluation.ModelResult(
             model.key, model.title, name, [evaluation.parse_answer(a.text, values) for a in answers],
-            [a.latency_s for a in answers], duration, chosen, probs=[a.probs for a in answers],
+            [a.latency_s for a in answers], duration, label, probs=[a.probs for a in answers],
             extra={"few_shot_turns": len(model.few_shot) // 2}))
+    return results, texts
+
+
+def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: str = "auto",
+                    max_rows: int | None = None, stop_event: threading.Event | None = None,
+                    memory=None, show_modelfile: str | None = None) -> dict:
+    """Evaluate every model of an output folder on its held-out rows; returns the report
+    (``evaluation.evaluation_report``). EvaluationSkipped when it cannot run, RaterError when a
+    backend fails part-way. ``show_modelfile``: the job's /api/show Modelfile (``choose_backend``)."""
+    folder = Path(folder)
+    ev = config.evaluation
+    seed = config.defaults.seed
+    data = held_out(folder, meta, max_rows=ev.max_rows if max_rows is None else max_rows, seed=seed)
+    models = models_of(folder, meta)
+    base = str(meta.get("model"))
+    chosen, plan = choose_backend(backend, models, base, config, memory, show_modelfile=show_modelfile)
+    log.info("evaluation_started", backend=chosen, rows=len(data.expert), models=[m.key for m in models])
+    values = sorted(int(v) for v in meta["mapping"]["labels"].values())
+    schema = prompts.output_schema(values)
+    with served(chosen, plan, models, base, config) as (speak, weights, cfg):
+        results, texts = _answer_all(models, data, base, speak, weights, cfg, schema, values, memory, stop_event,
+                                     label=chosen)
     adapter_check = None
     if any(m.adapter_dir is not None for m in models) and "new" in texts and "base" in texts:
         adapter_check = evaluation.adapter_effect(texts["new"], texts["base"])

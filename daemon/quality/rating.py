@@ -49,7 +49,7 @@ from ..data import prompts
 from ..config import Config, display_name, model_name_problem
 from ..data.csvfile import ID_COLUMNS, PROMPT_COLUMNS, csv_text, find_column, read_chunks, safe_cell, scan_csv
 from ..errors import ConfigError, FineTunerError, MissingColumnError, TrainingInterruptedError
-from .evaluator import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, prefix
+from .evaluator import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, prefix, served
 from ..logconfig import get_logger
 from .rater import LocalRater, OllamaRater, OpenAIRater, RaterError
 from ..data.template import Template, check_columns, render
@@ -738,114 +738,121 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
     total = table.rows
     read_s = time.monotonic() - started
 
-    chosen, weights = _choose(model, backend, config, memory)
-    names = _label_names(model.labels)
-    header = [id_column or ROW_COLUMN, *OUTPUT_COLUMNS]
-    part, sidecar = part_files(output)
-    identity = {"input": info.file, "input_sha256": info.sha256, "rows": total,
-                "model_fingerprint": model.fingerprint(), "model_source": model.source, "created_at": started_at}
-    answer, model_name = _rater(model, chosen, weights, config, prompts.output_schema(model.values), memory)
-    shared = prefix(_eval_model(model), model.system, chosen)  # one object shared by every request
-    out, resumed, counts = _open_part(part, sidecar, identity, header, names)
-    if resumed > total:
-        out.close()
-        raise RatingError(f"{part.name} holds more records ({resumed}) than the input has rows ({total})",
-                          hint=f"remove {part.name} to rate from the start")
-    log.info("rating_started", backend=chosen, model=model_name, rows=total, resumed_from=resumed,
-             chunk_rows=chunk_rows, input_sha256=info.sha256, id_column=id_column)
-    rating_started = time.monotonic()
-    progress = _Progress(total, resumed, rating_started)
-    temperature = model.temperature or 1.0
-    confident = 0
-    done = resumed
-    status = "done"
-    try:
-        with out, contextlib.closing(read_chunks(table, chunk_rows, wanted, start=resumed)) as chunks:
-            for first, chunk in chunks:
-                if stop_event is not None and stop_event.is_set():
-                    status = "stopped"
-                    break
-                end = first + len(chunk)
-                if end > total:
-                    raise _input_changed(info.file, total, part, sidecar)
-                texts = source.build(chunk)
-                asked = [i for i, text in enumerate(texts) if text]
-                conversations = [[*shared, {"role": "user", "content": texts[i]}] for i in asked]
-                del texts
-                base_done = done
-                def answered(d: int, _t: int, base_done: int = base_done) -> None:
-                    progress(base_done + d)
-                    if on_answer is not None:  # per answer: a progress bar moves for small files too
-                        on_answer(base_done + d, total)
+    chosen, plan = _choose(model, backend, config, memory)
+    with contextlib.ExitStack() as serving:
+        try:  # a llama-server started for this run (evaluator.served) lives until the run ends
+            speak, weights, config = serving.enter_context(
+                served(chosen, plan, [_eval_model(model)], model.base_model, config))
+        except RaterError as exc:
+            raise RatingError(str(exc), hint="read the server's message; `fine-tuner serve` starts the same "
+                                             "server in the foreground") from None
+        names = _label_names(model.labels)
+        header = [id_column or ROW_COLUMN, *OUTPUT_COLUMNS]
+        part, sidecar = part_files(output)
+        identity = {"input": info.file, "input_sha256": info.sha256, "rows": total,
+                    "model_fingerprint": model.fingerprint(), "model_source": model.source, "created_at": started_at}
+        answer, model_name = _rater(model, speak, weights, config, prompts.output_schema(model.values), memory)
+        shared = prefix(_eval_model(model), model.system, speak)  # one object shared by every request
+        out, resumed, counts = _open_part(part, sidecar, identity, header, names)
+        if resumed > total:
+            out.close()
+            raise RatingError(f"{part.name} holds more records ({resumed}) than the input has rows ({total})",
+                              hint=f"remove {part.name} to rate from the start")
+        log.info("rating_started", backend=chosen, model=model_name, rows=total, resumed_from=resumed,
+                 chunk_rows=chunk_rows, input_sha256=info.sha256, id_column=id_column)
+        rating_started = time.monotonic()
+        progress = _Progress(total, resumed, rating_started)
+        temperature = model.temperature or 1.0
+        confident = 0
+        done = resumed
+        status = "done"
+        try:
+            with out, contextlib.closing(read_chunks(table, chunk_rows, wanted, start=resumed)) as chunks:
+                for first, chunk in chunks:
+                    if stop_event is not None and stop_event.is_set():
+                        status = "stopped"
+                        break
+                    end = first + len(chunk)
+                    if end > total:
+                        raise _input_changed(info.file, total, part, sidecar)
+                    texts = source.build(chunk)
+                    asked = [i for i, text in enumerate(texts) if text]
+                    conversations = [[*shared, {"role": "user", "content": texts[i]}] for i in asked]
+                    del texts
+                    base_done = done
+                    def answered(d: int, _t: int, base_done: int = base_done) -> None:
+                        progress(base_done + d)
+                        if on_answer is not None:  # per answer: a progress bar moves for small files too
+                            on_answer(base_done + d, total)
 
-                answers = answer(conversations, on_progress=answered, stop_event=stop_event) if conversations else []
-                del conversations
-                ids = (chunk[id_column].tolist() if id_column else range(done + 1, end + 1))
-                by_position = dict(zip(asked, answers))
-                rows = []
-                for i, ident in enumerate(ids):
-                    reply = by_position.get(i)
-                    rating = evaluation.parse_answer(reply.text, model.values) if reply is not None else None
-                    counts.add(rating, empty=reply is None)
-                    if reply is None:  # an empty prompt: nothing to rate, no model asked
-                        rows.append([_one_line(ident), "", "", "", "false", "", ""])
-                    elif rating is None:
-                        rows.append([_one_line(ident), "", "", "", "false", _one_line(model_name), ""])
-                    else:
-                        sure = confidence.confidence(confidence.with_temperature(reply.probs, temperature), rating)
-                        confident += sure is not None
-                        rows.append([_one_line(ident), str(rating), _one_line(names[rating]),
-                                     _one_line(_rationale(reply.text)), "true", _one_line(model_name),
-                                     "" if sure is None else f"{sure:.4f}"])
-                out.write(_csv_lines(rows).encode("utf-8"))
-                out.flush()
-                os.fsync(out.fileno())
-                del rows, answers, by_position, chunk
-                done = end
-                progress(done)
-                if on_progress is not None:
-                    on_progress(done, total)
-            if status == "done" and done != total:
-                raise _input_changed(info.file, total, part, sidecar)
-            if status == "done":  # renamed while still locked: no other run can append meanwhile
-                os.replace(part, output)
-                fsutil.fsync_dir(output.parent)
-                sidecar.unlink(missing_ok=True)
-    except TrainingInterruptedError:
-        status = "stopped"  # the unfinished chunk is asked again when the run resumes
-    except RaterError as exc:
-        raise RatingError(f"{exc}; the {done} records rated so far are kept in {part.name}",
-                          hint="fix the backend and run the same command again: it resumes from there") from None
-    duration = time.monotonic() - started
-    rating_s = time.monotonic() - rating_started
-    this_run = done - resumed
-    summary = {
-        "status": status,
-        "input": info.file, "input_sha256": info.sha256,
-        "output": str(output if status == "done" else part),
-        "rows": total, "rated": done, "rated_this_run": this_run, "resumed_from": resumed,
-        "counts": {names[v]: counts.by_rating.get(v, 0) for v in names},
-        "counts_by_rating": {str(v): counts.by_rating.get(v, 0) for v in names},
-        "invalid": counts.invalid, "empty_prompt": counts.empty_prompt,
-        "invalid_answer_rule": evaluation.INVALID_RULE,
-        "backend": chosen, "model": model_name, "base_model": model.base_model, "approach": model.approach,
-        "model_source": model.source, "few_shot_turns": len(model.few_shot) // 2,
-        "prompt": source.describe(),
-        "id_column": id_column,
-        "started_at": started_at, "finished_at": _utc_now(),
-        "durations_s": {"read": round(read_s, 3), "rating": round(rating_s, 3), "total": round(duration, 3)},
-        "records_per_s": round(this_run / rating_s, 2) if rating_s > 0 and this_run else None,
-        "confidence": {
-            "rated_with_confidence_this_run": confident,
-            "source": evaluation.CONFIDENCE_SOURCES.get(chosen, chosen) if confident else None,
-            "temperature": model.temperature,
-            **({} if confident or not this_run else {
-                "note": f"the {chosen} backend gave no probabilities: the confidence column is empty"})},
-    }
-    log.info("rating_finished", status=status, backend=chosen, model=model_name, rows=total, rated=done,
-             resumed_from=resumed, invalid=counts.invalid, counts=summary["counts_by_rating"], id_column=id_column,
-             duration_s=summary["durations_s"]["total"], records_per_s=summary["records_per_s"])
-    return summary
+                    answers = answer(conversations, on_progress=answered, stop_event=stop_event) if conversations else []
+                    del conversations
+                    ids = (chunk[id_column].tolist() if id_column else range(done + 1, end + 1))
+                    by_position = dict(zip(asked, answers))
+                    rows = []
+                    for i, ident in enumerate(ids):
+                        reply = by_position.get(i)
+                        rating = evaluation.parse_answer(reply.text, model.values) if reply is not None else None
+                        counts.add(rating, empty=reply is None)
+                        if reply is None:  # an empty prompt: nothing to rate, no model asked
+                            rows.append([_one_line(ident), "", "", "", "false", "", ""])
+                        elif rating is None:
+                            rows.append([_one_line(ident), "", "", "", "false", _one_line(model_name), ""])
+                        else:
+                            sure = confidence.confidence(confidence.with_temperature(reply.probs, temperature), rating)
+                            confident += sure is not None
+                            rows.append([_one_line(ident), str(rating), _one_line(names[rating]),
+                                         _one_line(_rationale(reply.text)), "true", _one_line(model_name),
+                                         "" if sure is None else f"{sure:.4f}"])
+                    out.write(_csv_lines(rows).encode("utf-8"))
+                    out.flush()
+                    os.fsync(out.fileno())
+                    del rows, answers, by_position, chunk
+                    done = end
+                    progress(done)
+                    if on_progress is not None:
+                        on_progress(done, total)
+                if status == "done" and done != total:
+                    raise _input_changed(info.file, total, part, sidecar)
+                if status == "done":  # renamed while still locked: no other run can append meanwhile
+                    os.replace(part, output)
+                    fsutil.fsync_dir(output.parent)
+                    sidecar.unlink(missing_ok=True)
+        except TrainingInterruptedError:
+            status = "stopped"  # the unfinished chunk is asked again when the run resumes
+        except RaterError as exc:
+            raise RatingError(f"{exc}; the {done} records rated so far are kept in {part.name}",
+                              hint="fix the backend and run the same command again: it resumes from there") from None
+        duration = time.monotonic() - started
+        rating_s = time.monotonic() - rating_started
+        this_run = done - resumed
+        summary = {
+            "status": status,
+            "input": info.file, "input_sha256": info.sha256,
+            "output": str(output if status == "done" else part),
+            "rows": total, "rated": done, "rated_this_run": this_run, "resumed_from": resumed,
+            "counts": {names[v]: counts.by_rating.get(v, 0) for v in names},
+            "counts_by_rating": {str(v): counts.by_rating.get(v, 0) for v in names},
+            "invalid": counts.invalid, "empty_prompt": counts.empty_prompt,
+            "invalid_answer_rule": evaluation.INVALID_RULE,
+            "backend": chosen, "model": model_name, "base_model": model.base_model, "approach": model.approach,
+            "model_source": model.source, "few_shot_turns": len(model.few_shot) // 2,
+            "prompt": source.describe(),
+            "id_column": id_column,
+            "started_at": started_at, "finished_at": _utc_now(),
+            "durations_s": {"read": round(read_s, 3), "rating": round(rating_s, 3), "total": round(duration, 3)},
+            "records_per_s": round(this_run / rating_s, 2) if rating_s > 0 and this_run else None,
+            "confidence": {
+                "rated_with_confidence_this_run": confident,
+                "source": evaluation.CONFIDENCE_SOURCES.get(chosen, chosen) if confident else None,
+                "temperature": model.temperature,
+                **({} if confident or not this_run else {
+                    "note": f"the {chosen} backend gave no probabilities: the confidence column is empty"})},
+        }
+        log.info("rating_finished", status=status, backend=chosen, model=model_name, rows=total, rated=done,
+                 resumed_from=resumed, invalid=counts.invalid, counts=summary["counts_by_rating"], id_column=id_column,
+                 duration_s=summary["durations_s"]["total"], records_per_s=summary["records_per_s"])
+        return summary
 
 
 def write_needs_review(input_csv: str | os.PathLike, ratings_csv: str | os.PathLike, dest: str | os.PathLike,

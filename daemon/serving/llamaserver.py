@@ -8,7 +8,8 @@ model's GGUF) is served with llama.cpp's built-in template of the same turn form
 used (``data.turns``: gemma, llama3, chatml, phi3 are llama.cpp's names too). The server's own
 output goes to a log file the caller names, never to our logs: it may echo prompts.
 
-``serve_target`` turns what a user names (an output folder or a GGUF file) into a ``ServerSpec``.
+``serve_target`` turns what a user names (an output folder or a GGUF file) into a ``ServerSpec``;
+``model_spec`` does it for an Ollama model name and adapter folders (the evaluation's managed server).
 """
 
 from __future__ import annotations
@@ -169,9 +170,6 @@ def serve_target(target: Path, *, base_models, ollama_models_dir: str | None = N
     """The server for an output folder (its base GGUF, and its ``adapter/adapter.gguf`` for a
     fine-tune) or a GGUF file (served alone). The served name is the folder's registered model
     name, or the file's stem."""
-    from ..data import turns
-    from ..training.supervisor import resolve_base_weights
-
     target = Path(target)
     if target.is_file():
         return ServerSpec(model=target, alias=target.stem, parallel=parallel, port=port)
@@ -181,23 +179,37 @@ def serve_target(target: Path, *, base_models, ollama_models_dir: str | None = N
                           hint="name a job's output folder or a .gguf file")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     base_name = str(meta.get("model"))
-    weights = resolve_base_weights(base_name, base_models, allow_download=False, ollama_models_dir=ollama_models_dir)
+    adapters: tuple[Path, ...] = ()
+    if with_adapter and meta.get("approach") == "fine_tune":
+        adapters = (target / "adapter",)
+    alias = ((meta.get("registration") or {}).get("name") or (meta.get("fine_tune") or {}).get("model_name")
+             or base_name)
+    return model_spec(base_name, adapters, alias=str(alias), base_models=base_models,
+                      ollama_models_dir=ollama_models_dir, parallel=parallel, port=port)
+
+
+def model_spec(base_name: str, adapter_dirs: tuple[Path, ...] = (), *, alias: str, base_models,
+               ollama_models_dir: str | None = None, show_modelfile: str | None = None, parallel: int = 4,
+               port: int = 0) -> ServerSpec:
+    """The server for the Ollama model ``base_name``: its GGUF (found as training finds it) with the
+    ``adapter.gguf`` of each fine-tune adapter folder, in the turn format training used."""
+    from ..data import turns
+    from ..training.supervisor import resolve_base_weights
+
+    adapters = tuple(Path(d) / "adapter.gguf" for d in adapter_dirs)
+    for adapter in adapters:
+        if not adapter.is_file():
+            raise ServerError(f"{adapter.parent.parent.name} has no adapter/adapter.gguf",
+                              hint="the fine-tune's GGUF adapter was not written; see training_result.json")
+    weights = resolve_base_weights(base_name, base_models, allow_download=False, ollama_models_dir=ollama_models_dir,
+                                   show_modelfile=show_modelfile)
     if weights.gguf_path is None:
         raise ServerError(f"the GGUF of {base_name} is not on this machine",
                           hint="name it in base_models (a .gguf file) or keep Ollama's models folder readable "
                                "(ollama.models_dir)")
-    adapters: tuple[Path, ...] = ()
-    if with_adapter and meta.get("approach") == "fine_tune":
-        adapter = target / "adapter" / "adapter.gguf"
-        if not adapter.is_file():
-            raise ServerError(f"{target.name} has no adapter/adapter.gguf",
-                              hint="the fine-tune's GGUF adapter was not written; see training_result.json")
-        adapters = (adapter,)
     fmt = turns.turn_format(weights.model_type) if weights.chat_template else None
-    alias = ((meta.get("registration") or {}).get("name") or (meta.get("fine_tune") or {}).get("model_name")
-             or base_name)
-    return ServerSpec(model=Path(weights.gguf_path), adapters=adapters, alias=str(alias),
+    return ServerSpec(model=Path(weights.gguf_path), adapters=adapters, alias=alias,
                       chat_template=fmt.name if fmt else None, parallel=parallel, port=port)
 
 
-__all__ = ["LlamaServer", "ServerError", "ServerSpec", "free_port", "serve_target"]
+__all__ = ["LlamaServer", "ServerError", "ServerSpec", "free_port", "model_spec", "serve_target"]

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -22,6 +27,8 @@ from daemon.config import load_config
 from daemon.fine_tuner import FineTuner
 from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
 from tests.tiny_model import TINY_NAME
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 # one xdist worker runs the whole module (make test runs the suite on several), so that its
 # module-scoped fixture is built once
@@ -114,11 +121,25 @@ def test_base_model_cannot_already_rate(evaluation):
 MIN_SAME_AS_LOCAL = 0.95
 
 
-def test_llama_server_with_the_gguf_adapter_rates_as_the_local_backend(evaluation, tmp_path, tiny_model_dir):
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_model_dir):
+    """The tiny base as a GGUF file (llama.cpp's converter, f32)."""
+    from daemon.llamacpp import convert_hf_to_gguf
+
+    return convert_hf_to_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf", gpt2_pre=True)
+
+
+def _local_ratings(evaluation) -> list[int | None]:
+    """The fine-tune's ratings of the held-out rows by the job's own (local) evaluation."""
+    with open(evaluation["folder"] / "predictions.csv", newline="", encoding="utf-8") as fh:
+        return [int(r["new_rating"]) if r["new_valid"] == "true" else None for r in csv.DictReader(fh)]
+
+
+def test_llama_server_with_the_gguf_adapter_rates_as_the_local_backend(evaluation, tmp_path, tiny_gguf):
     """llama-server (built by make) with the tiny base as GGUF and the fine-tune's adapter.gguf gives
     the local backend's rating on at least 95% of the held-out rows, through `evaluate`'s openai
     backend, which finds the adapter among the server's /lora-adapters."""
-    from daemon.llamacpp import convert_hf_to_gguf, server_binary
+    from daemon.llamacpp import server_binary
     from daemon.quality import evaluator
     from daemon.serving.llamaserver import LlamaServer, ServerSpec
 
@@ -126,18 +147,76 @@ def test_llama_server_with_the_gguf_adapter_rates_as_the_local_backend(evaluatio
     assert binary is not None, "llama-server is not built: `make llama-cpp` (make test builds it)"
     folder = tmp_path / "job"
     shutil.copytree(evaluation["folder"], folder)
-    base_gguf = convert_hf_to_gguf(tiny_model_dir, tmp_path / "tiny.gguf", gpt2_pre=True)
-    spec = ServerSpec(model=base_gguf, adapters=(folder / "adapter" / "adapter.gguf",), alias=TINY_NAME,
+    spec = ServerSpec(model=tiny_gguf, adapters=(folder / "adapter" / "adapter.gguf",), alias=TINY_NAME,
                       parallel=2, ctx_per_slot=1024)  # the model's whole context: the model set's prompt is long
     meta = json.loads((folder / "fine_tuning_metadata.json").read_text())
     with LlamaServer(spec, binary=binary, log_path=tmp_path / "llama-server.log") as server:
         cfg = load_config(env={}, overrides={"openai": {"base_url": server.base_url},
                                              "paths": {"root": str(tmp_path)}})
         served = evaluator.evaluate_folder(folder, meta, cfg, backend="openai")
-    with open(evaluation["folder"] / "predictions.csv", newline="", encoding="utf-8") as fh:
-        local = [int(r["new_rating"]) if r["new_valid"] == "true" else None for r in csv.DictReader(fh)]
+    local = _local_ratings(evaluation)
     remote = served["_predictions"]["models"]["new"]
     assert [m["backend"] for m in served["models"]] == ["openai"] * 3
     assert len(remote) == len(local) == 60
     same = sum(a == b for a, b in zip(local, remote)) / len(local)
     assert same >= MIN_SAME_AS_LOCAL, (same, local, remote)
+
+
+def _server_children() -> list[str]:
+    """The command lines of this process's llama-server children."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and cmdline.endswith("llama-server"):
+            found.append(cmdline)
+    return found
+
+
+def test_auto_starts_llama_server_for_the_evaluation_and_rate_when_asked(evaluation, tmp_path, tiny_gguf):
+    """With Ollama down, no openai.base_url and evaluation.start_llama_server on, auto starts
+    llama-server itself (the base GGUF that base_models names, the job's adapter.gguf, and
+    openai.parallel slots), measures all three models through it, and stops it: every model is
+    reported under backend llama-server, the fine-tune rates as the local backend did on at least
+    95% of the held-out rows, and neither a server nor its temporary folder is left behind.
+    `rate --backend llama-server` (the command line) rates new records through its own server."""
+    from structlog.testing import capture_logs
+
+    from daemon.data.synthetic import write_csv
+    from daemon.quality import evaluator
+
+    folder = tmp_path / "job"
+    shutil.copytree(evaluation["folder"], folder)
+    meta = json.loads((folder / "fine_tuning_metadata.json").read_text())
+    settings = {"base_models": {TINY_NAME: str(tiny_gguf)},
+                "ollama": {"host": "http://127.0.0.1:9", "retries": 0, "connect_timeout_s": 0.5},
+                "openai": {"parallel": 2}, "evaluation": {"start_llama_server": True},
+                "paths": {"root": str(tmp_path / "root")}}
+    cfg = load_config(env={}, overrides=settings)
+    (tmp_path / "tmp").mkdir()
+    with capture_logs() as logs, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the server's output goes
+        report = evaluator.evaluate_folder(folder, meta, cfg, backend="auto")
+    assert [m["backend"] for m in report["models"]] == ["llama-server"] * 3
+    [started] = [e for e in logs if e["event"] == "llama_server_started"]
+    assert (started["gguf"], started["adapters"], started["slots"]) == ("tiny.gguf", 1, 2)
+    assert [e["exit_code"] for e in logs if e["event"] == "llama_server_stopped"] == [0]
+    local, remote = _local_ratings(evaluation), report["_predictions"]["models"]["new"]
+    same = sum(a == b for a, b in zip(local, remote)) / len(local)
+    assert same >= MIN_SAME_AS_LOCAL, (same, local, remote)
+    assert _server_children() == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+    write_csv(tmp_path / "new.csv", 12, seed=21)
+    (tmp_path / "config.json").write_text(json.dumps(settings))
+    res = subprocess.run([sys.executable, "-m", "daemon", "rate", "--config", str(tmp_path / "config.json"),
+                          "--model", str(folder), "--input", str(tmp_path / "new.csv"),
+                          "--backend", "llama-server", "--output", str(tmp_path / "ratings.csv")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "ratings.summary.json").read_text())
+    assert (summary["backend"], summary["rated"]) == ("llama-server", 12)
+    assert summary["invalid"] <= 1, summary

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -260,3 +261,82 @@ def test_the_openai_backend_without_a_base_url_says_so():
     with pytest.raises(EvaluationSkipped) as info:
         choose_backend("openai", MODELS, "llama3.2:1b", _config())
     assert info.value.reason == "no backend can run the evaluation (openai: openai.base_url is not set)"
+
+
+# --- the llama-server started for a run ---------------------------------------------------------
+
+def _llama_reason(reason: str) -> str:
+    """The llama-server part of a skip reason."""
+    return reason.split("llama-server: ", 1)[1].rsplit("; local: ", 1)[0]
+
+
+def test_auto_starts_no_llama_server_unless_asked_to(monkeypatch):
+    """Without evaluation.start_llama_server, auto never considers the managed server: the skip
+    names Ollama, openai and local only."""
+    monkeypatch.setenv("FINE_TUNER_LLAMA_SERVER", "/bin/true")
+    with pytest.raises(EvaluationSkipped) as info:
+        choose_backend("auto", MODELS, "nosuch:1b", _config())
+    assert "llama-server" not in info.value.reason
+    assert info.value.reason.startswith("no backend can run the evaluation (ollama: ")
+
+
+def test_llama_server_that_is_not_built_is_a_reason(monkeypatch, tmp_path):
+    """--backend llama-server where the server is not built says how to build it."""
+    monkeypatch.setenv("FINE_TUNER_LLAMA_SERVER", str(tmp_path / "no-such-binary"))
+    with pytest.raises(EvaluationSkipped) as info:
+        choose_backend("llama-server", MODELS, "llama3.2:1b", _config())
+    assert info.value.reason == ("no backend can run the evaluation (llama-server: llama-server is not built on "
+                                 "this machine (make llama-cpp))")
+
+
+def test_auto_with_start_llama_server_names_the_missing_gguf_and_adapter(monkeypatch, tmp_path):
+    """With evaluation.start_llama_server, auto tries the managed server after openai and before
+    local; a base whose GGUF is not on the machine, or a fine-tune without adapter.gguf, is a
+    reason naming what to do, never the base served in the fine-tune's place."""
+    monkeypatch.setenv("FINE_TUNER_LLAMA_SERVER", "/bin/true")
+    (tmp_path / "models").mkdir()
+    config = load_config(None, {}, overrides={
+        "ollama": {**OLLAMA_DOWN, "models_dir": str(tmp_path / "models")},
+        "evaluation": {"start_llama_server": True}})
+    with pytest.raises(EvaluationSkipped) as info:
+        choose_backend("auto", MODELS, "nosuch:1b", config)
+    assert "; openai: openai.base_url is not set; llama-server: " in info.value.reason
+    assert _llama_reason(info.value.reason) == (
+        "the GGUF of nosuch:1b is not on this machine (name it in base_models (a .gguf file) or keep "
+        "Ollama's models folder readable (ollama.models_dir))")
+
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"GGUF")  # the adapter is checked first: the base is not read
+    (tmp_path / "job" / "adapter").mkdir(parents=True)
+    fine_tune = [EvalModel("new", "fine-tune", adapter_dir=tmp_path / "job" / "adapter"), MODELS[1]]
+    config = load_config(None, {}, overrides={
+        "ollama": OLLAMA_DOWN, "base_models": {"nosuch:1b": str(gguf)},
+        "evaluation": {"start_llama_server": True}})
+    with pytest.raises(EvaluationSkipped) as info:
+        choose_backend("llama-server", fine_tune, "nosuch:1b", config)
+    assert info.value.reason == (
+        "no backend can run the evaluation (llama-server: job has no adapter/adapter.gguf (the fine-tune's "
+        "GGUF adapter was not written; see training_result.json))")
+
+
+def test_a_llama_server_that_does_not_come_up_is_a_rater_error_with_its_last_line(monkeypatch, tmp_path):
+    """A managed server that exits while loading ends the run with one line saying so (its own last
+    line of output), and nothing is left running or written in the state directory."""
+    from daemon.quality.evaluator import RaterError, served
+    from daemon.serving.llamaserver import ServerSpec
+
+    script = tmp_path / "llama-server"
+    script.write_text("#!/bin/sh\necho 'error: unknown model architecture' >&2\nexit 3\n")
+    script.chmod(0o700)
+    monkeypatch.setenv("FINE_TUNER_LLAMA_SERVER", str(script))
+    (tmp_path / "base.gguf").write_bytes(b"GGUF")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the server's output goes
+    config = load_config(None, {}, overrides={})
+    spec = ServerSpec(model=tmp_path / "base.gguf", alias="nosuch:1b")
+    with pytest.raises(RaterError) as info:
+        with served("llama-server", spec, MODELS, "nosuch:1b", config):
+            raise AssertionError("the body runs only once the server is up")
+    assert str(info.value).startswith("the llama-server started for nosuch:1b did not come up: llama-server exited "
+                                      "with code 3 while loading the model: error: unknown model architecture")
+    assert list((tmp_path / "tmp").iterdir()) == []
