@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("target", metavar="OUTPUT_DIR|GGUF")
     srv.add_argument("--port", type=int, default=0, help="the port to listen on (default: a free one)")
     srv.add_argument("--parallel", type=_positive_int, default=4, help="requests answered at once (slots)")
+    srv.add_argument("--threads", type=_positive_int, metavar="N",
+                     help="CPU threads that generate (default: llama.cpp's choice); fewer leave cores to other work")
     srv.add_argument("--base-only", action="store_true", help="serve a fine-tune's base without its adapter")
     srv.add_argument("--log", metavar="FILE", help="the server's own output (default: in the state directory)")
 
@@ -497,6 +499,7 @@ def _cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     try:
         spec = serve_target(target, base_models=cfg.base_models, ollama_models_dir=cfg.ollama.models_dir,
                             parallel=args.parallel, port=args.port, with_adapter=not args.base_only)
+        spec = dataclasses.replace(spec, threads=args.threads)
         log_path = Path(args.log) if args.log else resolve_paths(cfg).state_dir / "llama-server.log"
         server = LlamaServer(spec, log_path=log_path)
         stop = threading.Event()

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from . import evaluation, trust
 from ..data import prompts
@@ -277,7 +278,7 @@ def served(chosen: str, plan, models: list[EvalModel], base: str, config: Config
 
 
 def choose_backend(requested: str, models: list[EvalModel], base: str, config: Config,
-                   memory=None, *, show_modelfile: str | None = None) -> tuple[str, str | None]:
+                   memory=None, *, show_modelfile: str | None = None) -> tuple[str, Any]:
     """(backend, what it needs: the plan of the openai one, the server of llama-server, the base
     weights of the local one); ``served`` turns it into what the raters use. EvaluationSkipped names
     every reason.

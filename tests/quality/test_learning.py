@@ -135,33 +135,6 @@ def _local_ratings(evaluation) -> list[int | None]:
         return [int(r["new_rating"]) if r["new_valid"] == "true" else None for r in csv.DictReader(fh)]
 
 
-def test_llama_server_with_the_gguf_adapter_rates_as_the_local_backend(evaluation, tmp_path, tiny_gguf):
-    """llama-server (built by make) with the tiny base as GGUF and the fine-tune's adapter.gguf gives
-    the local backend's rating on at least 95% of the held-out rows, through `evaluate`'s openai
-    backend, which finds the adapter among the server's /lora-adapters."""
-    from daemon.llamacpp import server_binary
-    from daemon.quality import evaluator
-    from daemon.serving.llamaserver import LlamaServer, ServerSpec
-
-    binary = server_binary()
-    assert binary is not None, "llama-server is not built: `make llama-cpp` (make test builds it)"
-    folder = tmp_path / "job"
-    shutil.copytree(evaluation["folder"], folder)
-    spec = ServerSpec(model=tiny_gguf, adapters=(folder / "adapter" / "adapter.gguf",), alias=TINY_NAME,
-                      parallel=2, ctx_per_slot=1024)  # the model's whole context: the model set's prompt is long
-    meta = json.loads((folder / "fine_tuning_metadata.json").read_text())
-    with LlamaServer(spec, binary=binary, log_path=tmp_path / "llama-server.log") as server:
-        cfg = load_config(env={}, overrides={"openai": {"base_url": server.base_url},
-                                             "paths": {"root": str(tmp_path)}})
-        served = evaluator.evaluate_folder(folder, meta, cfg, backend="openai")
-    local = _local_ratings(evaluation)
-    remote = served["_predictions"]["models"]["new"]
-    assert [m["backend"] for m in served["models"]] == ["openai"] * 3
-    assert len(remote) == len(local) == 60
-    same = sum(a == b for a, b in zip(local, remote)) / len(local)
-    assert same >= MIN_SAME_AS_LOCAL, (same, local, remote)
-
-
 def _server_children() -> list[str]:
     """The command lines of this process's llama-server children."""
     found = []
@@ -178,15 +151,20 @@ def _server_children() -> list[str]:
 
 def test_auto_starts_llama_server_for_the_evaluation_and_rate_when_asked(evaluation, tmp_path, tiny_gguf):
     """With Ollama down, no openai.base_url and evaluation.start_llama_server on, auto starts
-    llama-server itself (the base GGUF that base_models names, the job's adapter.gguf, and
-    openai.parallel slots), measures all three models through it, and stops it: every model is
-    reported under backend llama-server, the fine-tune rates as the local backend did on at least
-    95% of the held-out rows, and neither a server nor its temporary folder is left behind.
+    llama-server itself (the tiny base as GGUF, which base_models names, the job's adapter.gguf, and
+    openai.parallel slots), measures all three models through it, and stops it. The server is asked
+    through the openai backend, which finds the adapter among its /lora-adapters and sets its scale
+    per request, as with a server the user started (`fine-tuner serve`). Every model is reported
+    under backend llama-server, the fine-tune gives the local backend's rating on at least 95% of
+    the held-out rows, and neither a server nor its temporary folder is left behind.
     `rate --backend llama-server` (the command line) rates new records through its own server."""
     from structlog.testing import capture_logs
 
     from daemon.data.synthetic import write_csv
+    from daemon.llamacpp import server_binary
     from daemon.quality import evaluator
+
+    assert server_binary() is not None, "llama-server is not built: `make llama-cpp` (make test builds it)"
 
     folder = tmp_path / "job"
     shutil.copytree(evaluation["folder"], folder)

@@ -33,7 +33,7 @@ def _cli(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedPr
 @pytest.mark.timeout(900)
 def test_serve_runs_llama_server_on_gemma_and_rate_through_it_answers_in_the_schema(tmp_path, gemma_gguf):
     """A Gemma 3 270M model set (no training) served by `fine-tuner serve` (llama-server, Gemma's turn
-    format, two slots) rates 10 new visits through `rate --backend openai`: every answer a JSON
+    format, two slots, one thread) rates 10 new visits through `rate --backend openai`: every answer a JSON
     object of the schema with a rating of the mapping (the server holds the answer to the schema)
     and a confidence from the server's log-probabilities. SIGTERM ends `serve` with status 0 and
     the server with it."""
@@ -54,7 +54,7 @@ def test_serve_runs_llama_server_on_gemma_and_rate_through_it_answers_in_the_sch
     assert res.returncode == 0, res.stderr[-3000:]
 
     serve = subprocess.Popen([sys.executable, "-m", "daemon", "serve", str(model), "--config", str(config),
-                              "--parallel", "2", "--log", str(tmp_path / "llama-server.log")],
+                              "--parallel", "2", "--threads", "1", "--log", str(tmp_path / "llama-server.log")],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -79,6 +79,9 @@ def test_serve_runs_llama_server_on_gemma_and_rate_through_it_answers_in_the_sch
             serve.wait()
     with pytest.raises(requests.ConnectionError):  # llama-server went with it
         requests.get(f"{base_url}/models", timeout=5)
+    # one generating thread: two threads spin-waiting for each other on cores that the rest of the
+    # suite keeps busy made this test take up to 9 minutes
+    assert "threadpool init, n_threads = 1\n" in (tmp_path / "llama-server.log").read_text(errors="replace")
     with open(tmp_path / "ratings.csv", newline="", encoding="utf-8") as fh:
         ratings = list(csv.DictReader(fh))
     assert [r["C_BioSense_ID"] for r in ratings] == [v["C_BioSense_ID"] for v in visits[60:]]
