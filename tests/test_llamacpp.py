@@ -31,3 +31,31 @@ def test_the_tiny_model_converts_to_a_gguf_llama_cpp_reads(tiny_model_dir, tmp_p
     with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as weights:
         shapes = sorted(tuple(weights.get_slice(k).get_shape()) for k in weights.keys())
     assert sorted(tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors) == shapes
+
+
+def test_the_adapter_converts_with_llama_cpps_gguf_py_when_the_registrys_gguf_is_imported(tiny_model_dir, tmp_path):
+    """A GGUF base is read with the registry's ``gguf`` in the trainer child before the adapter is
+    converted; llama.cpp's converter still gets its own gguf-py (the registry's lacks names it uses),
+    and the process gets the registry's back afterwards."""
+    import sys
+
+    import gguf
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from daemon.llamacpp import pinned
+    from daemon.training.trainer import convert_to_gguf
+
+    registry_gguf = sys.modules["gguf"]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter, safe_serialization=True)
+
+    result = convert_to_gguf(adapter, {"gguf_converter": str(pinned().converter), "base_ref": str(tiny_model_dir)})
+
+    assert result["written"] is True, result
+    reader = gguf.GGUFReader(str(adapter / "adapter.gguf"))
+    assert bytes(reader.fields["general.type"].parts[-1]).decode() == "adapter"
+    assert len(reader.tensors) == 2 * 2 * model.config.num_hidden_layers  # q and v, A and B
+    assert sys.modules["gguf"] is registry_gguf

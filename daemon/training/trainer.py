@@ -639,6 +639,10 @@ def convert_to_gguf(adapter_dir: Path, spec: dict) -> dict:
     argv, path = list(sys.argv), list(sys.path)
     sys.argv = [converter, "--base", str(base_dir), "--outfile", str(out), "--outtype", "f32", str(adapter_dir)]
     sys.path.insert(0, str(Path(converter).parent))
+    # the converter puts its own gguf-py on sys.path, but an imported ``gguf`` (the registry's, which
+    # reads a GGUF base in this process) would win, and it lacks names the converter uses
+    shadowed = {name: sys.modules.pop(name) for name in list(sys.modules)
+                if name == "gguf" or name.startswith("gguf.")}
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
@@ -651,6 +655,9 @@ def convert_to_gguf(adapter_dir: Path, spec: dict) -> dict:
         _say(f"warning: llama.cpp's converter failed ({reason}); adapter.gguf not written")
     finally:
         sys.argv, sys.path = argv, path
+        for name in [n for n in sys.modules if n == "gguf" or n.startswith("gguf.")]:
+            del sys.modules[name]
+        sys.modules.update(shadowed)
     if code or not out.is_file():
         out.unlink(missing_ok=True)
         return {"written": False, "reason": f"llama.cpp's convert_lora_to_gguf.py failed (exit {code or 1}); "
