@@ -54,9 +54,10 @@ run: $(STAMP)
 	$(VENV)/bin/fine-tuner watch --root .
 
 # Three workers on two cores: most of the suite waits on real processes, files and sockets; the
-# modules that build a trained model once keep to one worker each (xdist_group). The suite serves
-# real models with llama-server, so it is built first (once per machine), and renders one page in
-# Chromium (installed when missing).
+# modules that build a trained model once keep to one worker each (xdist_group). One OpenMP thread
+# per process: with three workers on two cores, more threads only spin-wait for each other. The
+# suite serves real models with llama-server, so it is built first (once per machine), and renders
+# one page in Chromium (installed when missing).
 test: $(HANDOFF) llama-cpp chromium
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 \
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 OMP_NUM_THREADS=1 \
 		LLAMAFACTORY_PATH=$(abspath $(LF_DIR)) $(PY) -m pytest -n 3 --dist loadgroup --durations=15
