@@ -84,6 +84,7 @@ LOG_FILE = "training_log.jsonl"
 RESULT_FILE = "training_result.json"
 STDERR_FILE = "trainer_stderr.log"
 POLL_S = 0.1
+GROUP_EXIT_S = 10.0  # how long a stopped group's processes may take to tear down
 
 
 @dataclass(frozen=True)
@@ -417,9 +418,32 @@ def terminate_group(proc: subprocess.Popen, grace_s: float) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
-    # The group may hold grandchildren (data loader workers) after the leader exits.
+    # The group may hold grandchildren (data loader workers, accelerate's worker) after the leader
+    # exits; SIGKILL is delivered at once but a process takes a moment to tear down its memory, so
+    # wait (bounded) until none is left running: the next job gets the memory back.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + GROUP_EXIT_S
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` still running (zombies, already ended, excluded), from
+    Linux's /proc; empty where there is none."""
+    members = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except OSError:  # it ended meanwhile
+                continue
+            if fields[0] not in (b"Z", b"X") and int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
 
 
 def describe_exit(code: int) -> str:

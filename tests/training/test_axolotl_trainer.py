@@ -27,7 +27,7 @@ from daemon.data.prompts import system_prompt
 from daemon.data.synthetic import MAPPING, synthetic_rows
 from daemon.training.supervisor import BASE_MODEL_PLACEHOLDER, resolve_base_weights, run_training
 from daemon.data.trainingdata import chat_record, training_config
-from tests.conftest import THIRD_PARTY_ENV, wait_for
+from tests.conftest import THIRD_PARTY_ENV, live_group, wait_for
 from tests.tiny_model import TINY_NAME
 
 # its own xdist worker: the hand-off tests (tests/training/test_handoff.py) run axolotl on another
@@ -48,22 +48,6 @@ def write_job(job: Path) -> Path:
                              training=TRAINING, epochs=2, learning_rate=1e-2, micro_batch_size=8, seed=42)
     (job / "training_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return job
-
-
-def _group(pgid: int) -> list[int]:
-    """The live processes of process group ``pgid`` (zombies excluded)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # it ended meanwhile
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
 
 
 def _running(spec: Path) -> list[int]:
@@ -97,11 +81,11 @@ def test_stopping_an_axolotl_run_ends_every_process_and_leaves_nothing(tiny_mode
         thread.start()
         wait_for(lambda: progress, timeout=180, message="axolotl's first progress record")
         pgid = next(e["pid"] for e in logs if e["event"] == "training_started")
-        assert len(_group(pgid)) >= 3  # this child, accelerate launch, the axolotl worker
+        assert len(live_group(pgid)) >= 3  # this child, accelerate launch, the axolotl worker
         stop.set()
         thread.join(timeout=60)
     assert not thread.is_alive() and isinstance(outcome.get("error"), TrainingInterruptedError)
-    assert _group(pgid) == []
+    assert live_group(pgid) == []
     assert [e["event"] for e in logs] == ["training_started", "training_interrupted"]
     for name in ("adapter", ".tmp-adapter", ".trainer-work", "run_spec.json"):
         assert not (job / name).exists(), name
@@ -123,9 +107,9 @@ def test_an_axolotl_run_whose_parent_dies_stops_by_itself(tiny_model_dir, tmp_pa
         wait_for(lambda: log_file.exists() and log_file.read_text(), timeout=180,
                  message="axolotl's first progress record")
         [child] = _running(job / "run_spec.json")
-        assert len(_group(child)) >= 3
+        assert len(live_group(child)) >= 3
     finally:
         parent.kill()
         parent.wait()
-    wait_for(lambda: _group(child) == [], timeout=60, message="the orphaned axolotl run to stop")
+    wait_for(lambda: live_group(child) == [], timeout=60, message="the orphaned axolotl run to stop")
     assert not (job / "adapter").exists()

@@ -6,6 +6,7 @@ One training run is shared by the tests that only inspect its outputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,11 +32,13 @@ from daemon.training.supervisor import (
     BASE_MODEL_PLACEHOLDER,
     BUILTIN_BASE_MODELS,
     BaseWeights,
+    group_members,
     resolve_base_weights,
     run_training,
+    terminate_group,
     trainer_packages_available,
 )
-from tests.conftest import leftovers, wait_for
+from tests.conftest import leftovers, live_group, wait_for
 from tests.tiny_model import TINY_NAME
 
 # one xdist worker runs the whole module (make test runs the suite on several), so that its
@@ -590,3 +593,23 @@ def test_child_env_puts_the_folder_holding_the_package_first():
 
     first = child_env()["PYTHONPATH"].split(os.pathsep)[0]
     assert (Path(first) / "daemon" / "__init__.py").is_file()
+
+
+def test_a_stopped_group_is_gone_when_terminate_group_returns(tmp_path):
+    """A worker left behind by the trainer child (accelerate's, a data loader's) with a gigabyte of
+    memory takes a moment to tear down after SIGKILL; terminate_group returns only once it has, so
+    the next job gets the memory and no process of the group outlives the job."""
+    ready = tmp_path / "ready"
+    worker = "import sys, time; b = b'x' * (1 << 30); open(sys.argv[1], 'w').close(); time.sleep(300)"
+    leader = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]]); "
+              "time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", leader, worker, str(ready)], start_new_session=True)
+    try:
+        wait_for(ready.exists, timeout=60, message="the worker to hold its memory")
+        assert len(live_group(proc.pid)) == 2
+        terminate_group(proc, grace_s=5)
+        assert live_group(proc.pid) == []
+        assert group_members(proc.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
