@@ -655,8 +655,13 @@ def convert_to_gguf(adapter_dir: Path, spec: dict) -> dict:
         _say(f"warning: llama.cpp's converter failed ({reason}); adapter.gguf not written")
     finally:
         sys.argv, sys.path = argv, path
-        for name in [n for n in sys.modules if n == "gguf" or n.startswith("gguf.")]:
-            del sys.modules[name]
+        # forget what the converter imported from llama.cpp's source (its gguf-py, its conversion
+        # modules), so that the process is as before and a later conversion starts afresh
+        source = Path(converter).resolve().parent
+        for name, module in list(sys.modules.items()):
+            file = getattr(module, "__file__", None)
+            if name == "gguf" or name.startswith("gguf.") or (file and Path(file).resolve().is_relative_to(source)):
+                del sys.modules[name]
         sys.modules.update(shadowed)
     if code or not out.is_file():
         out.unlink(missing_ok=True)
