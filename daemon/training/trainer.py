@@ -621,6 +621,10 @@ def save_adapter(model: Any, out_dir: Path, base_name: str, spec: dict | None = 
     return publish_adapter(tmp, out_dir, base_name, spec)
 
 
+def _is_gguf(module_name: str) -> bool:
+    return module_name == "gguf" or module_name.startswith("gguf.")
+
+
 def convert_to_gguf(adapter_dir: Path, spec: dict) -> dict:
     """``adapter.gguf`` beside the PEFT files, written by llama.cpp's own ``convert_lora_to_gguf.py``
     (the pinned source; run in this process, whose torch and transformers it needs anyway). Its
@@ -641,8 +645,7 @@ def convert_to_gguf(adapter_dir: Path, spec: dict) -> dict:
     sys.path.insert(0, str(Path(converter).parent))
     # the converter puts its own gguf-py on sys.path, but an imported ``gguf`` (the registry's, which
     # reads a GGUF base in this process) would win, and it lacks names the converter uses
-    shadowed = {name: sys.modules.pop(name) for name in list(sys.modules)
-                if name == "gguf" or name.startswith("gguf.")}
+    shadowed = {name: sys.modules.pop(name) for name in list(sys.modules) if _is_gguf(name)}
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
@@ -657,10 +660,10 @@ def convert_to_gguf(adapter_dir: Path, spec: dict) -> dict:
         sys.argv, sys.path = argv, path
         # forget what the converter imported from llama.cpp's source (its gguf-py, its conversion
         # modules), so that the process is as before and a later conversion starts afresh
-        source = Path(converter).resolve().parent
+        source = os.path.abspath(Path(converter).parent) + os.sep  # where its own modules came from
         for name, module in list(sys.modules.items()):
             file = getattr(module, "__file__", None)
-            if name == "gguf" or name.startswith("gguf.") or (file and Path(file).resolve().is_relative_to(source)):
+            if _is_gguf(name) or (file and os.path.abspath(file).startswith(source)):
                 del sys.modules[name]
         sys.modules.update(shadowed)
     if code or not out.is_file():

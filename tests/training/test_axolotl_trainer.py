@@ -25,9 +25,9 @@ from daemon.config import TrainingConfig
 from daemon.errors import TrainingInterruptedError
 from daemon.data.prompts import system_prompt
 from daemon.data.synthetic import MAPPING, synthetic_rows
-from daemon.training.supervisor import BASE_MODEL_PLACEHOLDER, resolve_base_weights, run_training
+from daemon.training.supervisor import BASE_MODEL_PLACEHOLDER, group_members, resolve_base_weights, run_training
 from daemon.data.trainingdata import chat_record, training_config
-from tests.conftest import THIRD_PARTY_ENV, live_group, wait_for
+from tests.conftest import THIRD_PARTY_ENV, wait_for
 from tests.tiny_model import TINY_NAME
 
 # its own xdist worker: the hand-off tests (tests/training/test_handoff.py) run axolotl on another
@@ -81,11 +81,11 @@ def test_stopping_an_axolotl_run_ends_every_process_and_leaves_nothing(tiny_mode
         thread.start()
         wait_for(lambda: progress, timeout=180, message="axolotl's first progress record")
         pgid = next(e["pid"] for e in logs if e["event"] == "training_started")
-        assert len(live_group(pgid)) >= 3  # this child, accelerate launch, the axolotl worker
+        assert len(group_members(pgid)) >= 3  # this child, accelerate launch, the axolotl worker
         stop.set()
         thread.join(timeout=60)
     assert not thread.is_alive() and isinstance(outcome.get("error"), TrainingInterruptedError)
-    assert live_group(pgid) == []
+    assert group_members(pgid) == []
     assert [e["event"] for e in logs] == ["training_started", "training_interrupted"]
     for name in ("adapter", ".tmp-adapter", ".trainer-work", "run_spec.json"):
         assert not (job / name).exists(), name
@@ -107,9 +107,9 @@ def test_an_axolotl_run_whose_parent_dies_stops_by_itself(tiny_model_dir, tmp_pa
         wait_for(lambda: log_file.exists() and log_file.read_text(), timeout=180,
                  message="axolotl's first progress record")
         [child] = _running(job / "run_spec.json")
-        assert len(live_group(child)) >= 3
+        assert len(group_members(child)) >= 3
     finally:
         parent.kill()
         parent.wait()
-    wait_for(lambda: live_group(child) == [], timeout=60, message="the orphaned axolotl run to stop")
+    wait_for(lambda: group_members(child) == [], timeout=60, message="the orphaned axolotl run to stop")
     assert not (job / "adapter").exists()
