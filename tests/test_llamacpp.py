@@ -1,12 +1,55 @@
-"""The pinned llama.cpp: its Hugging Face to GGUF converter run on the tiny model."""
+"""The pinned llama.cpp: its build for this CPU, and its Hugging Face to GGUF converter run on the tiny model."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from daemon import llamacpp
 from daemon.llamacpp import convert_hf_to_gguf
+
+
+def _compiler_macros(*flags: str) -> set[str]:
+    out = subprocess.run([shutil.which("cc") or "gcc", *flags, "-dM", "-E", "-x", "c", "/dev/null"],
+                         capture_output=True, text=True, check=True).stdout
+    return {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
+
+
+def test_the_build_flags_leave_amx_out_of_the_code_made_for_an_amx_cpu():
+    """On a CPU with AMX (what -march=native means on Sapphire Rapids), the build's flags leave the
+    AMX kernels' guard macro undefined and keep AVX-512 VNNI."""
+    amx_cpu = _compiler_macros("-march=sapphirerapids")
+    assert {"__AMX_INT8__", "__AMX_TILE__", "__AVX512VNNI__"} <= amx_cpu
+    ours = _compiler_macros(*llamacpp.compile_flags("x86_64"), "-march=sapphirerapids")
+    assert {m for m in ours if m.startswith("__AMX")} == set()
+    assert "__AVX512VNNI__" in ours and "__AVX512F__" in ours
+
+
+def test_the_pinned_build_was_configured_native_without_amx():
+    """The cached build of this machine is native (-march=native) with the AMX-off flags."""
+    build = llamacpp.pinned()
+    cache = (build.build_dir / "CMakeCache.txt").read_text()
+    flags = " ".join(llamacpp.compile_flags())
+    assert "GGML_NATIVE:BOOL=ON" in cache
+    assert f"CMAKE_C_FLAGS:STRING={flags}" in cache
+    assert f"CMAKE_CXX_FLAGS:STRING={flags}" in cache
+    assert build.has_server() and build.has_merge_tools()
+
+
+def test_builds_for_different_cpus_live_in_different_folders(tmp_path):
+    """A cache shared by two kinds of CPU keeps one build per kind; the same CPU finds its own."""
+    zen = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
+    spr = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_tile amx_int8\n"
+    assert llamacpp.cpu_key(zen, "x86_64") == llamacpp.cpu_key(zen, "x86_64")
+    assert llamacpp.cpu_key(zen, "x86_64") != llamacpp.cpu_key(spr, "x86_64")
+    assert llamacpp.cpu_key(zen, "x86_64").startswith("x86_64-")
+    first = llamacpp.LlamaCpp(tmp_path, llamacpp.cpu_key(zen, "x86_64"))
+    second = llamacpp.LlamaCpp(tmp_path, llamacpp.cpu_key(spr, "x86_64"))
+    assert first.server.parent.parent != second.server.parent.parent
+    assert first.source == second.source
 
 
 def test_the_tiny_model_converts_to_a_gguf_llama_cpp_reads(tiny_model_dir, tmp_path):
