@@ -5,7 +5,8 @@ OpenAI-compatible server, or the local child ``generate``, run as
 ``python -m daemon.quality.generate SPEC``), the one strict answer parser and
 the agreement metrics and report files (``evaluation``), evaluating an output folder's models on
 held-out rows (``evaluator``), each answer's confidence, its calibration and the coverage table
-(``confidence``), the verdict on a model and the quality gate (``trust``), and rating
+(``confidence``), the bag-of-words classifier measured beside every model
+(``baseline``), the verdict on a model and the quality gate (``trust``), and rating
 new records with a built model (``rating``). May import:
 the top-level base modules (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``),
 ``daemon.data``, ``daemon.training``, ``daemon.serving`` and this package; never ``inbox``,
