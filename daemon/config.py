@@ -2,7 +2,8 @@
 
 Precedence: built-in defaults, then one YAML file (``--config FILE`` or ``FINE_TUNER_CONFIG``), then
 ``FINE_TUNER_<SECTION>__<KEY>`` environment variables (for example ``FINE_TUNER_OLLAMA__HOST``;
-``FINE_TUNER_<KEY>`` alone addresses ``defaults``), then CLI overrides (later wins). Every problem
+``FINE_TUNER_<KEY>`` alone addresses ``defaults``; ``PROCESS_VARIABLES`` such as
+``FINE_TUNER_CACHE_DIR`` are not settings), then CLI overrides (later wins). Every problem
 is collected and raised once as a ``ConfigError`` naming each key. Unknown keys, wrong types, values
 out of range (nan and inf included), malformed Ollama names and hosts, and an ``openai.base_url`` that is
 not a plain http(s) URL (credentials in it included) are errors.
@@ -42,6 +43,8 @@ from .errors import ConfigError
 
 APPROACHES = ("auto", "fine_tune", "model_set")
 REGISTER_MODES = ("auto", "required", "off")
+# ollama.merge_adapter: register a fine-tune as base + adapter, or merged into one GGUF
+MERGE_ADAPTER_MODES = ("auto", "always", "never")
 # Mapping and job files are a few lines; a bigger one is refused before anything parses it (a 28 MB
 # job file once took a YAML parser 326 s and 6.8 GB). The inbox refuses such drops by the same limit.
 MAX_COMPANION_BYTES = 256 * 1024
@@ -90,6 +93,9 @@ class OllamaConfig:
     # where Ollama keeps its models (manifests/, blobs/), to fine-tune the very GGUF it serves; None:
     # $OLLAMA_MODELS, ~/.ollama/models, then the Linux service's /usr/share/ollama/.ollama/models
     models_dir: str | None = None
+    # a fine-tune as base + ADAPTER (which Ollama 0.34.1 and later refuse to create) or merged into
+    # its base GGUF by llama.cpp's tools: auto (merged when the server refuses the adapter) | always | never
+    merge_adapter: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -542,6 +548,14 @@ _RULES: dict[str, tuple[tuple[Callable[[float], bool], str], ...]] = {
 }
 
 
+def number_problem(key: str, value: float) -> str | None:
+    """Why ``value`` cannot be the numeric setting ``key`` (e.g. ``defaults.learning_rate``): not a
+    finite number, or the first of its range rules it breaks; None when it can (for CLI flags)."""
+    if not math.isfinite(value):
+        return "must be a finite number"
+    return next((message for ok, message in _RULES.get(key, ()) if not ok(value)), None)
+
+
 def _non_finite(cfg: Config, problems: list[str]) -> set[str]:
     """Every float setting that is nan or ±inf (YAML ``.nan``/``.inf``, environment "nan"/"inf")."""
     bad: set[str] = set()
@@ -582,6 +596,8 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append(f"evaluation.group_by: {why}")
     if o.register not in REGISTER_MODES:
         problems.append(f"ollama.register: must be one of {', '.join(REGISTER_MODES)}")
+    if o.merge_adapter not in MERGE_ADAPTER_MODES:
+        problems.append(f"ollama.merge_adapter: must be one of {', '.join(MERGE_ADAPTER_MODES)}")
     if cfg.paths.group is not None and (why := group_problem(cfg.paths.group)):
         problems.append(f"paths.group: {why}")
     if o.host is not None and (why := host_problem(o.host)):
@@ -631,7 +647,20 @@ def axolotl_settings_problems(value: Any) -> list[str]:
         elif key in AXOLOTL_OWN_KEYS:
             problems.append(f"{printable(key)} is written by fine-tuner itself: set it through its own "
                             "setting (training.*, defaults.*) or in a job file")
+        elif _holds_non_finite(value[key]):
+            problems.append(f"{printable(key)}: must be a finite number (not nan or inf)")
     return problems
+
+
+def _holds_non_finite(value: Any) -> bool:
+    """Whether ``value`` is, or holds at any depth, a float that is nan or ±inf."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, Mapping):
+        return any(_holds_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_non_finite(v) for v in value)
+    return False
 
 
 # --- Ollama names and hosts --------------------------------------------------------------------
@@ -771,11 +800,17 @@ def _check_openai(o: OpenAIConfig, bad: set[str], problems: list[str]) -> None:
                         "not starting with a digit, at most 128 characters) that holds the key, never the key itself")
 
 
+# FINE_TUNER_* variables that are not settings: read as they are by the code that needs them
+# (the config file's path; daemon.llamacpp's cache folder and llama-server binary)
+PROCESS_VARIABLES = frozenset({"FINE_TUNER_CONFIG", "FINE_TUNER_CACHE_DIR", "FINE_TUNER_LLAMA_SERVER"})
+
+
 def _env_layer(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """``FINE_TUNER_OLLAMA__HOST`` → {"ollama": {"host": ...}}; ``FINE_TUNER_EPOCHS`` → defaults."""
+    """``FINE_TUNER_OLLAMA__HOST`` → {"ollama": {"host": ...}}; ``FINE_TUNER_EPOCHS`` → defaults.
+    ``PROCESS_VARIABLES`` are left out; any other ``FINE_TUNER_*`` name is a setting (unknown: an error)."""
     layer: dict[str, dict[str, str]] = {}
     for name, value in env.items():
-        if not name.startswith("FINE_TUNER_") or name == "FINE_TUNER_CONFIG":
+        if not name.startswith("FINE_TUNER_") or name in PROCESS_VARIABLES:
             continue
         rest = name[len("FINE_TUNER_"):].lower()
         section, _, key = rest.partition("__")

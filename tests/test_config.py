@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from daemon.config import (
     MAX_COMPANION_BYTES,
     MAX_TOPICS,
     MAX_TOPICS_CHARS,
+    PROCESS_VARIABLES,
     SECTIONS,
     ConfigError,
     Defaults,
@@ -62,6 +64,25 @@ def test_config_path_from_environment(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("defaults:\n  topics: cardiac\n")
     assert load_config(None, env={"FINE_TUNER_CONFIG": str(path)}).defaults.topics == "cardiac"
+
+
+def test_process_variables_are_not_settings_but_other_names_still_are():
+    """FINE_TUNER_CACHE_DIR and FINE_TUNER_LLAMA_SERVER leave the configuration as it is; a misspelt
+    FINE_TUNER_* name is still an unknown key."""
+    env = {"FINE_TUNER_CACHE_DIR": "/srv/cache", "FINE_TUNER_LLAMA_SERVER": "/opt/llama-server"}
+    assert load_config(None, env=env) == load_config(None, env={})
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={**env, "FINE_TUNER_CACHE_DIRS": "/srv/cache"})
+    assert [p.split(" (known:")[0] for p in info.value.problems] == ["defaults.cache_dirs: unknown key"]
+
+
+def test_every_fine_tuner_variable_read_directly_is_a_process_variable():
+    """The FINE_TUNER_* names the code reads straight from the environment are exactly
+    PROCESS_VARIABLES, so that none of them is refused as an unknown setting."""
+    read = re.compile(r"""(?:env|environ)(?:\.get\(|\[)\s*["'](FINE_TUNER_[A-Z0-9_]+)["']""")
+    sources = [*(ROOT / "daemon").rglob("*.py"), *(ROOT / "scripts").rglob("*.py")]
+    found = {name for path in sources for name in read.findall(path.read_text(encoding="utf-8"))}
+    assert found == PROCESS_VARIABLES == {"FINE_TUNER_CONFIG", "FINE_TUNER_CACHE_DIR", "FINE_TUNER_LLAMA_SERVER"}
 
 
 def test_unknown_keys_and_wrong_types_are_all_named(tmp_path):
@@ -424,6 +445,20 @@ def test_ollama_max_response_bytes_is_a_positive_integer(tmp_path):
     assert problems == ["ollama.max_response_bytes: must be greater than 0",
                         "ollama.max_response_bytes: must be greater than 0",
                         "ollama.max_response_bytes: expected int, got str"]
+
+
+def test_non_finite_floats_inside_training_axolotl_are_refused(tmp_path):
+    """A nan or inf anywhere in training.axolotl's extra settings (nested too) names its key; finite
+    numbers pass."""
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  axolotl:\n    max_grad_norm: .nan\n    adam_beta2: 0.95\n"
+                    "    fsdp_config:\n      limits: [1.0, -.inf]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.problems == ["training.axolotl: max_grad_norm: must be a finite number (not nan or inf)",
+                                   "training.axolotl: fsdp_config: must be a finite number (not nan or inf)"]
+    assert load_config(overrides={"training": {"axolotl": {"adam_beta2": 0.95}}}, env={}).training.axolotl == {
+        "adam_beta2": 0.95}
 
 
 def test_job_learning_rate_must_be_finite():

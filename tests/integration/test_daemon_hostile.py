@@ -105,6 +105,34 @@ def test_job_file_bombs_fail_their_own_job_naming_the_rule(root, start_daemon):
     _stop(d)
 
 
+def test_job_file_numbers_that_are_nan_or_inf_fail_their_own_job(root, start_daemon):
+    """A job file whose learning_rate is .nan or -.inf, or whose review_below is .inf, fails its own
+    job at the door (error.json: a ConfigError naming the key); the daemon serves on."""
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    jobs = {"nanrate": b"learning_rate: .nan\n", "infrate": b"learning_rate: -.inf\n",
+            "infreview": b"task: rate\nreview_below: .inf\n"}
+    for i, (stem, job) in enumerate(jobs.items()):
+        root.drop_bytes(f"{stem}.mapping.json", _mapping_bytes())
+        root.drop_bytes(f"{stem}.job.yaml", job)
+        root.drop_bytes(f"{stem}.csv", root.dataset_bytes(seed=20 + i))
+    wait_for(lambda: all(root.job_folders(root.failed, stem) for stem in jobs), timeout=30,
+             message="the three jobs failed")
+    root.drop_dataset("after", seed=23)
+    wait_for(lambda: root.job_folders(root.processed, "after"), timeout=30, message="still serving")
+    _assert_alive(d)
+    errors = [_error(root.job_folders(root.failed, stem)[0]) for stem in jobs]
+    assert [(e["error_type"], e["message"], e["hint"]) for e in errors] == [
+        ("ConfigError", "invalid configuration in nanrate.job.yaml: learning_rate: must be a finite number",
+         "fix the job file and drop it again"),
+        ("ConfigError", "invalid configuration in infrate.job.yaml: learning_rate: must be a finite number",
+         "fix the job file and drop it again"),
+        ("ConfigError", "invalid configuration in infreview.job.yaml: review_below: must be a confidence in (0, 1]",
+         "fix the job file and drop it again")]
+    assert [p.name for p in root.outputs.iterdir()] == [root.job_folders(root.processed, "after")[0].name]
+    _stop(d)
+
+
 def test_file_names_that_are_not_utf8_are_escaped_everywhere(root, start_daemon):
     """A dataset named with a non-UTF-8 byte is processed under a job id with the byte escaped as
     \\xe4; a refused file named so goes to failed/; logs, JSON and the journal hold the escape."""
