@@ -7,7 +7,9 @@ convention; a rename is taken at once). Refused into ``failed/``: symlinks (the 
 never followed), FIFOs and other non-regular files, directories, unknown extensions and files over
 ``max_input_bytes``. A file written in place is complete after its close-after-write event and no
 further change for ``settle_s``; a file found by a scan (start-up, rescan, event overflow, polling)
-after its size and mtime stayed the same for ``settle_s``. The order of a drop's files does not
+after its size and mtime stayed the same for ``settle_s``. Reading a file is no change: an open
+holds it back only while it lasts (it may be a writer's), and a close without a write (the daemon's
+own checks, a viewer) leaves its settle clock where it was. The order of a drop's files does not
 matter: a dataset without a mapping waits ``pair_timeout_s`` for it (then the default or inferred
 mapping is used), unless its complete job file needs no mapping (a rating job whose model folder
 brings its own: the service's ``mapping_needed`` reads the job file once per content); a complete
@@ -136,13 +138,20 @@ class Entry:
     stem: str
     sig: tuple[int, int, int]  # (mode, size, mtime_ns) from lstat
     changed_at: float  # monotonic time of the last observed change
-    writing: bool = False  # opened/modified and not yet closed
+    writing: bool = False  # written to (IN_MODIFY) and not yet closed
+    opens: int = 0  # opens not yet closed: a writer's or a reader's, inotify does not say which
     renamed_in: bool = False  # arrived complete by rename
     refusal: str | None = None
     needs_mapping: bool | None = None  # a job file: whether its drop waits for a mapping (None: not asked yet)
+    newline: tuple[tuple[int, int, int], bool] | None = None  # (sig, whether the file ended with a newline)
+
+    @property
+    def busy(self) -> bool:
+        """Being written, or open in some process (which may be a writer that has not written yet)."""
+        return self.writing or self.opens > 0
 
     def settled(self, now: float, settle_s: float) -> bool:
-        if self.writing:
+        if self.busy:
             return False
         return self.renamed_in or now - self.changed_at >= settle_s
 
@@ -232,14 +241,21 @@ class InboxTracker:
             self._unsettled.add(name)
         if event == "moved_in":
             entry.renamed_in, entry.writing, entry.changed_at = True, False, now
-        elif event in ("opened", "modified", "created"):
-            entry.writing = event != "created"
+        elif event in ("modified", "created"):
+            entry.writing = event == "modified"
             entry.renamed_in = False
             entry.changed_at = now
             self._unsettled.add(name)
-        elif event == "closed":
+        elif event == "opened":
+            # no change yet: a reader's open (ours included) must not restart the settle clock
+            entry.opens += 1
+            self._unsettled.add(name)
+        elif event == "closed":  # closed after writing
+            entry.opens = max(0, entry.opens - 1)
             entry.writing, entry.changed_at = False, now
             self._unsettled.add(name)
+        elif event == "closed_no_write":  # a reader is done: the file is as it was
+            entry.opens = max(0, entry.opens - 1)
         entry.refusal = refusal_reason(kind, st, self.max_input_bytes)
         if entry.refusal is None:
             self._refused.discard(name)
@@ -250,12 +266,12 @@ class InboxTracker:
     def scan(self, *, events_lost: bool = False) -> None:
         """List the inbox: pick up entries no event told us about and drop vanished ones.
 
-        ``events_lost`` (after an event-queue overflow) forgets "being written" marks whose close
-        event may have been lost; such files then complete by the settle rule."""
+        ``events_lost`` (after an event-queue overflow) forgets "being written" and "open" marks
+        whose close event may have been lost; such files then complete by the settle rule."""
         if events_lost:
             for entry in self.entries.values():
-                if entry.writing:
-                    entry.writing = False
+                if entry.busy:
+                    entry.writing, entry.opens = False, 0
                     self._unsettled.add(entry.name)
         try:
             names = set(os.listdir(self.inbox))
@@ -318,7 +334,7 @@ class InboxTracker:
             if e.refusal is not None or not e.settled(now, self.settle_s):
                 continue
             if not e.renamed_in and now - e.changed_at < INCOMPLETE_WAIT * self.settle_s \
-                    and not _ends_with_newline(self.inbox / e.name):
+                    and not self._ends_with_newline(e):
                 # written in place and its last line is unfinished: most likely still being written
                 self._due.append(e.changed_at + INCOMPLETE_WAIT * self.settle_s)
                 continue
@@ -341,6 +357,13 @@ class InboxTracker:
             if limit is not None and len(out) >= limit:
                 break
         return out
+
+    def _ends_with_newline(self, e: Entry) -> bool:
+        """Whether the dataset's last byte is a newline, read once per content: each read is an open
+        and a close that the watcher reports, which would wake the loop to read it again."""
+        if e.newline is None or e.newline[0] != e.sig:
+            e.newline = (e.sig, _ends_with_newline(self.inbox / e.name))
+        return e.newline[1]
 
     def _needs_mapping(self, job: Entry) -> bool:
         """Whether the drop of this complete job file waits for a mapping (``mapping_needed``, asked
@@ -366,7 +389,7 @@ class InboxTracker:
             e = self.entries.get(name)
             if e is None or e.settled(now, self.settle_s):
                 self._unsettled.discard(name)
-            elif not e.writing:
+            elif not e.busy:
                 waits.append(self.settle_s - (now - e.changed_at))
         return max(0.0, min(waits)) if waits else None
 
@@ -638,8 +661,8 @@ class InboxWatcher:
         path = os.fsdecode(event.src_path)
         if os.path.dirname(path) != str(self.inbox):
             return
-        mapped = {"created": "created", "modified": "modified", "opened": "opened",
-                  "closed": "closed", "closed_no_write": "closed", "deleted": "deleted"}.get(kind)
+        mapped = {"created": "created", "modified": "modified", "opened": "opened", "closed": "closed",
+                  "closed_no_write": "closed_no_write", "deleted": "deleted"}.get(kind)
         if mapped is None or (event.is_directory and mapped not in ("created", "deleted")):
             return
         self.hints.put((mapped, os.path.basename(path)))

@@ -5,7 +5,9 @@ dicts (``job_finished``, ``training_progress``, ``rating_progress``, ``evaluatio
 ``ollama_error`` / ``ollama_unavailable``, ``openai_error``) and updates a private
 ``CollectorRegistry`` (never the global one, so several daemons or tests in one process do not
 collide); the service adds the journal's job counts and its queue (``update_queue``). The metrics
-are served on ``metrics.host:metrics.port`` (``GET /metrics``) and written atomically to
+are served on ``metrics.host:metrics.port`` (``GET /metrics``; a thread per connection, at most
+``MAX_CONNECTIONS`` of them, each closed after ``CONNECTION_TIMEOUT_S`` without a byte, so idle
+connections cannot use up the daemon's threads and descriptors) and written atomically to
 ``metrics.textfile`` for node exporter's textfile collector. A label holds a job state or status,
 an event name, a model key or a job's topics (job-file or config text, escaped and cut to
 ``MAX_LABEL_CHARS``), never a dataset's cell.
@@ -13,17 +15,22 @@ an event name, a model key or a job's topics (job-file or config text, escaped a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
 import math
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
 
 from .. import __version__
 from ..config import ConfigError, MetricsConfig, printable
@@ -38,6 +45,12 @@ DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 3
 FINISHED_STATUSES = ("succeeded", "failed", "duplicate")  # shown as 0 before the first of each
 OLLAMA_ERROR_EVENTS = ("ollama_error", "ollama_unavailable")
 SERVER_STOP_S = 5.0
+# A scrape sends its request at once and is answered in milliseconds; a connection that sends
+# nothing for this long (per read or write) is closed.
+CONNECTION_TIMEOUT_S = 5.0
+# Connections held at once (a thread and a descriptor each). A new one beyond this replaces the
+# oldest that has not sent its request yet, so a scrape gets through any number of idle ones.
+MAX_CONNECTIONS = 16
 
 
 def metrics_for(cfg: MetricsConfig, root: str | Path) -> Metrics | None:
@@ -54,8 +67,11 @@ class Metrics:
     """The daemon's metrics: ``start`` attaches the log handler and starts the server, ``stop``
     undoes both and writes the last textfile."""
 
-    def __init__(self, cfg: MetricsConfig) -> None:
+    def __init__(self, cfg: MetricsConfig, *, connection_timeout_s: float = CONNECTION_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.cfg = cfg
+        self.connection_timeout_s = connection_timeout_s
+        self.max_connections = max_connections
         self.registry = CollectorRegistry()
         self._define(self.registry)
         self.handler = _EventHandler(self.observe)
@@ -105,7 +121,8 @@ class Metrics:
                                    "writable for the service"]) from None
             self._next_write = time.monotonic() + self.cfg.textfile_every_s
         if self.cfg.port is not None:
-            self._server, self._thread = _serve(self.cfg, self.registry)
+            self._server, self._thread = _serve(self.cfg, self.registry, timeout_s=self.connection_timeout_s,
+                                                max_connections=self.max_connections)
         logging.getLogger(ROOT_LOGGER).addHandler(self.handler)
         log.info("metrics_started", host=self.cfg.host if self.cfg.port is not None else None,
                  port=self.cfg.port, textfile=self.cfg.textfile)
@@ -209,12 +226,107 @@ class _EventHandler(logging.Handler):
             self.handleError(record)
 
 
-def _serve(cfg: MetricsConfig, registry: CollectorRegistry) -> tuple[Any, threading.Thread]:
-    """prometheus_client's server on ``cfg.host:cfg.port`` (its own thread), or ConfigError."""
+class _Handler(WSGIRequestHandler):
+    """prometheus_client's request handler (no access log), with the server's timeout on every read
+    and write, and marked busy once its request line has come (it is never the one replaced)."""
+
+    server: _BoundedServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.timeout_s
+        super().setup()
+
+    def parse_request(self) -> bool:
+        if self.raw_requestline:
+            self.server.mark_busy(self.request)
+        return super().parse_request()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's thread-per-connection WSGI server, holding at most ``max_connections``:
+    a new connection beyond them replaces the oldest idle one (no request line yet), or is closed
+    at once when every one is being answered. ``server_close`` hangs up those still open, so a
+    stop never waits for an idle client."""
+
+    request_queue_size = 64  # the listen backlog: a scrape is not refused behind a burst of connects
+
+    def __init__(self, family: int, address: tuple[str, int], *, timeout_s: float,
+                 max_connections: int) -> None:
+        self.address_family = family
+        self.timeout_s = timeout_s
+        self.max_connections = max_connections
+        self._lock = threading.Lock()  # guards _open, and closing its sockets
+        self._open: dict[socket.socket, bool] = {}  # connection -> request line came; oldest first
+        self._workers: list[threading.Thread] = []  # the connections' threads (loop thread only)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            if len(self._open) >= self.max_connections:
+                idle = next((conn for conn, busy in self._open.items() if not busy), None)
+                if idle is not None:
+                    del self._open[idle]
+                    _hang_up(idle)  # its thread sees the end of the stream and closes it
+            full = len(self._open) >= self.max_connections
+            if not full:
+                self._open[request] = False
+        if full:
+            WSGIServer.shutdown_request(self, request)
+            return
+        # a daemon thread (never holds the process up), joined by server_close
+        worker = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name="metrics-connection", daemon=True)
+        self._workers = [t for t in self._workers if t.is_alive()] + [worker]
+        worker.start()
+
+    def mark_busy(self, request: socket.socket) -> None:
+        with self._lock:
+            if request in self._open:
+                self._open[request] = True
+
+    def shutdown_request(self, request: Any) -> None:
+        # under the lock: a socket is never closed while process_request may be hanging it up
+        with self._lock:
+            self._open.pop(request, None)
+            super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # the client went quiet (timeout) or away: nothing to report
+            return
+        log.warning("metrics_request_failed", error_type=type(exc).__name__)
+
+    def server_close(self) -> None:
+        """Close the listening socket and hang up every connection (after ``shutdown``)."""
+        super().server_close()
+        with self._lock:
+            for conn in self._open:
+                _hang_up(conn)
+        deadline = time.monotonic() + SERVER_STOP_S
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+
+
+def _hang_up(conn: socket.socket) -> None:
+    """End both directions of a connection; the thread reading it gets end-of-stream and closes it."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
+
+
+def _serve(cfg: MetricsConfig, registry: CollectorRegistry, *, timeout_s: float,
+           max_connections: int) -> tuple[_BoundedServer, threading.Thread]:
+    """The metrics server on ``cfg.host:cfg.port`` (its own thread), or ConfigError."""
     assert cfg.port is not None
     host = printable(cfg.host)
     try:
-        return start_http_server(cfg.port, addr=cfg.host, registry=registry)
+        # the address family that cfg.host needs (an IPv6 address needs AF_INET6)
+        family, _, _, _, sockaddr = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)[0]
+        server = _BoundedServer(family, (sockaddr[0], cfg.port), timeout_s=timeout_s,
+                                max_connections=max_connections)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             why = (f"port {cfg.port} is in use on {host} (another program, or another fine-tuner, "
@@ -223,6 +335,10 @@ def _serve(cfg: MetricsConfig, registry: CollectorRegistry) -> tuple[Any, thread
             why = (f"cannot listen on {host} port {cfg.port} ({exc.strerror or type(exc).__name__}): "
                    "metrics.host must be an address of this machine, and ports under 1024 need privileges")
         raise ConfigError([f"metrics.port: {why}"]) from None
+    server.set_app(make_wsgi_app(registry))
+    thread = threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True)
+    thread.start()
+    return server, thread
 
 
 def _number(value: Any) -> float | None:

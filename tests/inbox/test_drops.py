@@ -179,6 +179,33 @@ def test_job_file_being_written_holds_its_dataset_back(dirs):
     assert tracker.ready_drops(5.0) == [Drop("g", "g.csv", "g.mapping.json", "g.job.yaml")]
 
 
+def test_a_readers_open_and_close_leave_the_settle_clock_and_an_open_file_waits(dirs):
+    """A read (an open and a close without a write: the daemon's own checks, a viewer) does not
+    restart a file's settle clock, so a dataset without a mapping is due pair_timeout_s after its
+    close however often it is read; a file still open (a writer that has not written yet) waits
+    for its close, with no deadline that would wake the loop."""
+    inbox = dirs[0]
+    clock = Clock()
+    tracker = InboxTracker(inbox, settle_s=0.5, max_input_bytes=1 << 20, clock=clock)
+    (inbox / "r.csv").write_text("a,b\n1,2\n")
+    for event in ("created", "opened", "modified", "closed"):
+        tracker.refresh("r.csv", event=event)
+    (inbox / "w.csv").write_text("")
+    for event in ("created", "opened"):  # `query > inbox/w.csv`, the query still running
+        tracker.refresh("w.csv", event=event)
+    ready = []
+    for _ in range(8):
+        clock.now += 0.25
+        for event in ("opened", "closed_no_write"):
+            tracker.refresh("r.csv", event=event)
+        ready.append([d.stem for d in tracker.ready_drops(1.0)])
+    assert ready == [[], [], [], [], [], ["r"], ["r"], ["r"]]
+    assert tracker.next_deadline() is None
+    tracker.refresh("w.csv", event="closed")
+    clock.now += 1.5
+    assert [d.stem for d in tracker.ready_drops(1.0)] == ["r", "w"]
+
+
 def test_ready_drops_stop_at_the_limit_and_drops_waiting_for_capacity_set_no_deadline(dirs):
     """ready_drops returns at most ``limit`` drops, oldest first; complete drops left over (waiting
     for a worker, announced by a finished job) do not make the loop wake up early."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 
 import pytest
 import requests
@@ -13,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon import __version__, logconfig
 from daemon.config import ConfigError, MetricsConfig
 from daemon.inbox.metrics import Metrics, metrics_for
-from tests.conftest import leftovers
+from tests.conftest import leftovers, wait_for
 
 log = logconfig.get_logger("test")
 
@@ -200,3 +202,81 @@ def test_a_port_in_use_is_a_config_error(metrics):
     assert info.value.problems == [
         f"metrics.port: port {port} is in use on 127.0.0.1 (another program, or another fine-tuner, listens "
         "there): choose another port or stop that program"]
+
+
+def idle_connection(port: int) -> socket.socket:
+    """A connection to the metrics port that never sends anything (blocking, for ``closed_by_server``)."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+    conn.settimeout(None)
+    return conn
+
+
+def closed_by_server(conn: socket.socket) -> bool:
+    """Whether the server closed this client connection (end of stream or reset), without waiting."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def _socket_fds() -> set[int]:
+    """The inodes of this process's open sockets (``/proc/self/fd``)."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                out.add(int(target[len("socket:["):-1]))
+    return out
+
+
+def _connection_threads() -> int:
+    return sum(t.name == "metrics-connection" for t in threading.enumerate())
+
+
+def test_idle_connections_are_bounded_replaced_and_timed_out_while_scrapes_answer():
+    """200 idle connections hold at most max_connections threads and sockets (each new one past
+    the bound replaces the oldest idle one at once), a scrape still answers among them, and the
+    idle ones are closed after the connection timeout."""
+    logconfig.configure(level="INFO", stream=None, log_file=None)
+    port = free_port()
+    m = Metrics(MetricsConfig(port=port), connection_timeout_s=2.0, max_connections=8)
+    m.start()
+    conns: list[socket.socket] = []
+    try:
+        sockets_before = _socket_fds()
+        conns += [idle_connection(port) for _ in range(200)]
+        clients = {os.fstat(c.fileno()).st_ino for c in conns}
+        wait_for(lambda: [closed_by_server(c) for c in conns] == [True] * 192 + [False] * 8,
+                 message="all but the newest 8 idle connections closed")
+        assert (len(_socket_fds() - sockets_before - clients), _connection_threads()) == (8, 8)
+        resp = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert (resp.status_code, samples(resp.text)[("fine_tuner_info", (("version", __version__),))]) == (200, 1.0)
+        wait_for(lambda: [closed_by_server(c) for c in conns] == [True] * 193 + [False] * 7,
+                 message="the scrape replaced the oldest idle connection")
+        wait_for(lambda: all(closed_by_server(c) for c in conns), timeout=15,
+                 message="the idle connections closed after the timeout")
+        wait_for(lambda: _connection_threads() == 0, message="no connection threads left")
+        assert _socket_fds() - sockets_before - clients == set()
+    finally:
+        for c in conns:
+            c.close()
+        m.stop()
+        logconfig.configure(level="INFO", stream=None, log_file=None, owner=None)
+
+
+def test_stop_hangs_up_idle_connections_at_once():
+    """Stopping the metrics server closes its idle connections instead of waiting for them."""
+    port = free_port()
+    m = Metrics(MetricsConfig(port=port), connection_timeout_s=60.0)
+    m.start()
+    conns = [idle_connection(port) for _ in range(3)]
+    try:
+        wait_for(lambda: _connection_threads() == 3, message="three connection threads")
+        m.stop()
+        assert ([closed_by_server(c) for c in conns], _connection_threads()) == ([True] * 3, 0)
+    finally:
+        for c in conns:
+            c.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,3 +301,41 @@ def test_a_dataset_reopened_after_its_claim_is_reported(root, start_daemon):
     _stop(d)
     assert (warned["file"], warned["earlier_job_id"]) == ("again.csv", claimed["job_id"])
     assert warned["level"] == "warning"
+
+
+def _copied_in_place(root, name: str, data: bytes) -> None:
+    """``cp x.csv inbox/`` the way users do it: the file is written under its final name (no rename)."""
+    src = root.path / f"source-{name}"
+    src.write_bytes(data)
+    shutil.copyfile(src, root.inbox / name)
+    src.unlink()
+
+
+def _one_inferred_job(root, daemon, stem: str) -> None:
+    """The dataset copied in place without a mapping ended as one job, in processed/ only, with the
+    mapping inferred from its Expert Rating column."""
+    [done] = wait_for(lambda: root.job_folders(root.processed, stem), timeout=30,
+                      message=f"{stem} processed")
+    _stop(daemon)
+    assert os.listdir(done) == [f"{stem}.csv"]
+    assert root.inputs_everywhere() == [f"{stem}.csv"]
+    assert [(x["job_id"], x["status"]) for x in daemon.events("job_finished")] == [(done.name, "succeeded")]
+    [loaded] = daemon.events("dataset_loaded")
+    assert loaded["mapping_source"] == "inferred from 'Expert Rating'"
+
+
+def test_a_dataset_copied_in_place_without_a_mapping_is_claimed(root, start_daemon):
+    """A dataset copied into the inbox in place (no rename) and no mapping is claimed after
+    pair_timeout_s: the daemon's own reads of the file do not restart its settle clock."""
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    _copied_in_place(root, "visits.csv", root.dataset_bytes())
+    _one_inferred_job(root, d, "visits")
+
+
+def test_a_dataset_copied_in_place_before_a_start_is_claimed(root, start_daemon):
+    """A dataset copied in place while the daemon was down is found by the start-up scan and
+    claimed without a mapping, although the daemon reads it while it waits."""
+    _copied_in_place(root, "visits.csv", root.dataset_bytes())
+    d = start_daemon()
+    _one_inferred_job(root, d, "visits")

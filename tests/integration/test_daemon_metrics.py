@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import requests
 
 from daemon import __version__
 from tests.conftest import leftovers, wait_for
-from tests.inbox.test_metrics import free_port, samples
+from tests.inbox.test_metrics import closed_by_server, idle_connection, free_port, samples
 from tests.integration.conftest import MARKER, REPO
 
 
@@ -86,3 +87,45 @@ def test_a_taken_port_stops_the_start_with_exit_78(root):
         f"fine-tuner: error: invalid configuration: metrics.port: port {port} is in use on "
         "127.0.0.1 (another program, or another fine-tuner, listens there): choose another port or stop that "
         "program (fix the configuration file or the FINE_TUNER_* variables and start again)"])
+
+
+def _sockets_of(pid: int) -> int:
+    """How many sockets the process holds open (``/proc/<pid>/fd``)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
+
+
+def _threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_idle_connections_to_the_metrics_port_do_not_starve_the_daemon(root, start_daemon):
+    """200 idle connections to the metrics port hold at most MAX_CONNECTIONS threads and sockets
+    of the daemon, /metrics answers and a drop is processed meanwhile, and the idle connections
+    are closed after CONNECTION_TIMEOUT_S."""
+    port = free_port()
+    root.write_config(metrics={"port": port})
+    d = start_daemon()
+    d.wait_event("warm_up_done")
+    sockets, threads = _sockets_of(d.proc.pid), _threads_of(d.proc.pid)
+    conns = [idle_connection(port) for _ in range(200)]
+    try:
+        wait_for(lambda: [closed_by_server(c) for c in conns] == [True] * 184 + [False] * 16,
+                 message="all but the newest 16 idle connections closed")
+        assert _sockets_of(d.proc.pid) - sockets == 16
+        assert _threads_of(d.proc.pid) - threads <= 16  # (<: the warm-up thread may have been ending)
+        assert after_one_success(scrape(port))[-1] == 1.0  # the scrape replaced the oldest idle one
+        root.drop_dataset("visits")
+        [finished] = d.wait_event("job_finished", timeout=30)
+        assert finished["status"] == "succeeded"
+        wait_for(lambda: all(closed_by_server(c) for c in conns), timeout=30,
+                 message="the idle connections closed after the timeout")
+        wait_for(lambda: _sockets_of(d.proc.pid) == sockets, message="the daemon's sockets back to before")
+    finally:
+        for c in conns:
+            c.close()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
