@@ -6,12 +6,14 @@ daemon acts on within a second (``service``) and ``wait_for_cancel`` watches; ``
 job's inputs back into the inbox (companions first, the dataset last and renamed into place, so the
 daemon never sees half a drop), with a job file carrying the overrides; ``promote`` records the
 topic's current model in the journal and gives it an Ollama alias (``<topic-slug>:current``,
-through ``/api/copy``) when Ollama is reachable. Every action is recorded as the job's event in the
+through ``/api/copy``) when Ollama is reachable; it refuses a model that the quality gate withdrew
+and a job whose output folder is gone. Every action is recorded as the job's event in the
 journal and logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -23,12 +25,12 @@ import yaml
 
 from ..config import Config, ConfigError, model_name_problem, printable, read_job_file
 from ..errors import JobControlError
-from ..fsutil import read_json_object, write_text
+from ..fsutil import write_text
 from ..logconfig import get_logger
 from .drops import DATASET, JOB, MAPPING, classify_name
-from .journal import Journal
+from .journal import Journal, normal_topic
 from .paths import resolve_paths
-from .status import existing_journal, job_not_found
+from .status import METADATA_FILE, evaluation_file, existing_journal, job_not_found, output_json
 
 log = get_logger("control")
 
@@ -152,7 +154,9 @@ def _drop(inbox: Path, inputs: dict[str, Path], job_text: str | None) -> list[st
 def promote(cfg: Config, job_id: str, *, topic: str | None = None, force: bool = False) -> dict:
     """Make a succeeded job's model the current one for its topic (``topic`` overrides the job's
     own): recorded in the journal, and as ``<topic-slug>:current`` in Ollama when the model is
-    registered there and Ollama answers. A model whose verdict is "not recommended" needs ``force``."""
+    registered there and Ollama answers. A model whose verdict is "not recommended" needs ``force``;
+    a model below the quality gate's floor and a job whose output folder is gone are refused."""
+    paths = resolve_paths(cfg)
     with Journal(existing_journal(cfg)) as journal:
         record = journal.get(job_id)
         if record is None:
@@ -162,18 +166,30 @@ def promote(cfg: Config, job_id: str, *, topic: str | None = None, force: bool =
                                   f"{' (a rating job)' if record.approach == 'rate' else ''}: only a job that "
                                   "built a model can be promoted", job_id=job_id,
                                   hint="run 'fine-tuner status' for the jobs that built models")
-        folder = Path(record.output_path)
-        meta = read_json_object(folder / "fine_tuning_metadata.json")
-        topic = topic or ", ".join(str(t) for t in meta.get("target_topics") or [])
-        if not topic.strip():
+        folder = _existing_output(paths.output_folder(record.output_path), job_id)
+        meta, problem = output_json(folder, METADATA_FILE)
+        report, eval_problem = evaluation_file(folder)
+        if problem or (eval_problem and not force):  # a FIFO or a link there never blocks nor is followed
+            raise JobControlError(f"job {printable(job_id)}'s {problem or eval_problem}", job_id=job_id,
+                                  hint="put the job's own file back" if problem else
+                                  "put the job's own file back, or promote it anyway with --force")
+        gate = meta.get("quality_gate") if isinstance(meta.get("quality_gate"), dict) else {}
+        if gate.get("status") == "failed":
+            removed = " and was removed from Ollama" if gate.get("withdrawn") else ""
+            raise JobControlError(f"job {printable(job_id)}'s model did not pass the quality gate{removed}: "
+                                  f"{printable(str(gate.get('reason')), limit=300)}", job_id=job_id,
+                                  hint="promote a job whose model passed it")
+        topics = meta.get("target_topics") if isinstance(meta.get("target_topics"), list) else []
+        topic = normal_topic(topic or ", ".join(str(t) for t in topics))
+        if not topic:
             raise JobControlError(f"job {printable(job_id)} has no topic", job_id=job_id,
                                   hint="name it with --topic")
-        verdict = read_json_object(folder / "evaluation.json").get("verdict") or {}
+        verdict = report.get("verdict") or {}
         if verdict.get("recommended") is False and not force:
             raise JobControlError(f"job {printable(job_id)}'s model is not recommended: "
                                   f"{printable(str(verdict.get('headline')), limit=300)}", job_id=job_id,
                                   hint="promote it anyway with --force, or promote a better job")
-        reg = meta.get("registration") or {}
+        reg = meta.get("registration") if isinstance(meta.get("registration"), dict) else {}
         model = reg.get("name") if reg.get("registered") else None
         alias, note = _alias(cfg, model, topic)
         journal.promote(topic, job_id, model=model, alias=alias, forced=force)
@@ -206,13 +222,24 @@ def _alias(cfg: Config, model: str | None, topic: str) -> tuple[str | None, str 
     return alias, None
 
 
-def current_model_folder(cfg: Config, topic: str) -> Path:
-    """The output folder of ``topic``'s current model (``rate --topic``, ``task: rate`` with ``topic``)."""
-    with Journal(existing_journal(cfg)) as journal:
+def current_model_folder(cfg: Config, topic: str, *, journal: Journal | None = None) -> Path:
+    """The output folder of ``topic``'s current model (``rate --topic``, ``task: rate`` with ``topic``).
+    The daemon passes its own ``journal``: a process must not open a second one on the same file."""
+    with contextlib.ExitStack() as stack:
+        if journal is None:
+            journal = stack.enter_context(Journal(existing_journal(cfg)))
         current = journal.current_model(topic)
         record = journal.get(current["job_id"]) if current else None
     if current is None or record is None or not record.output_path:
         raise JobControlError(f"there is no current model for the topic {printable(topic)!r} (topics are "
                               "compared without case)", hint="promote a job's model with 'fine-tuner promote "
                                                              "JOB_ID'; 'fine-tuner status' lists the current models")
-    return Path(record.output_path)
+    return _existing_output(resolve_paths(cfg).output_folder(record.output_path), record.id)
+
+
+def _existing_output(folder: Path | None, job_id: str) -> Path:
+    """``folder`` when it is a real folder (a link in its place is refused, never followed)."""
+    if folder is None or not folder.is_dir() or folder.is_symlink():
+        raise JobControlError(f"job {printable(job_id)}'s output folder {printable(str(folder), limit=4096)} is gone",
+                              job_id=job_id, hint="put the folder back, or promote another job")
+    return folder

@@ -13,9 +13,7 @@ per topic as an SVG chart). It only reads: nothing is created where the journal 
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 import json
 import math
 import os
@@ -25,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, printable
-from ..fsutil import open_regular, read_json_object
-from .journal import Journal, JobRecord
-from .status import existing_journal, normal_topic
+from ..data import csvfile
+from ..fsutil import open_regular
+from .journal import Journal, JobRecord, normal_topic
+from .paths import Paths, resolve_paths
+from .status import METADATA_FILE, evaluation_file, existing_journal, output_json
 
 FORMATS = ("text", "csv", "json", "html")
 COLUMNS = ("job_id", "finished_at", "topic", "approach", "base_model", "rows", "train_rows", "held_out",
@@ -47,6 +47,7 @@ def report_rows(cfg: Config, *, topic: str | None = None, since: str | None = No
     evaluated), by finish time; ``topic`` keeps the jobs of that topic (case and spacing aside),
     ``since`` (an ISO date or time, UTC when it names no zone) those finished at or after it. A
     missing journal is a ``JournalError``."""
+    paths = resolve_paths(cfg)
     with Journal(existing_journal(cfg)) as journal:
         jobs = finished_jobs(journal)
     bound = _aware(since) if since is not None else None
@@ -54,7 +55,7 @@ def report_rows(cfg: Config, *, topic: str | None = None, since: str | None = No
     for job in jobs:
         if bound is not None and _finished(job) < bound:
             continue
-        job_rows = rows_of_job(job)
+        job_rows = rows_of_job(job, paths)
         if topic is not None and not _same_topic(topic, job_rows[0]["topic_list"]):
             continue
         rows.extend(job_rows)
@@ -83,15 +84,17 @@ def _same_topic(wanted: str, topics: Sequence[str]) -> bool:
     return normal_topic(wanted) in {normal_topic(t) for t in topics}
 
 
-def rows_of_job(job: JobRecord) -> list[dict]:
-    """The job's rows: one per model in its ``evaluation.json``, else one saying why there is none."""
-    folder = Path(job.output_path or "")
-    meta = read_json_object(folder / "fine_tuning_metadata.json")
-    report = read_json_object(folder / "evaluation.json") if meta else {}
-    common = _job_fields(job, meta, report)
+def rows_of_job(job: JobRecord, paths: Paths) -> list[dict]:
+    """The job's rows: one per model in its ``evaluation.json``, else one saying why there is none.
+    Its folder is the one under ``paths``' root (a moved or copied root reads its own)."""
+    folder = paths.output_folder(job.output_path) or paths.outputs / job.id
+    meta, problem = output_json(folder, METADATA_FILE)
+    report, eval_problem = evaluation_file(folder) if meta else ({}, None)
+    problem = problem or eval_problem
+    common = _job_fields(job, meta, report, folder)
     models = [m for m in report.get("models") or [] if isinstance(m, dict)]
     if not models:
-        return [_row(common, {"note": _not_evaluated(meta, folder)})]
+        return [_row(common, {"note": f"{problem} (in {folder})" if problem else _not_evaluated(meta, folder)})]
     new_kinds = _new_kinds_kappas(report)
     verdict = report.get("verdict") if isinstance(report.get("verdict"), dict) else {}
     judged = {"recommended": _flag(verdict.get("recommended")), "verdict": _text(verdict.get("headline"))}
@@ -107,15 +110,16 @@ def _row(common: dict, fields: dict) -> dict:
     return {**{c: merged.get(c) for c in COLUMNS}, "topic_list": common["topic_list"]}
 
 
-def _job_fields(job: JobRecord, meta: dict, report: dict) -> dict:
+def _job_fields(job: JobRecord, meta: dict, report: dict, folder: Path) -> dict:
     """The job's own columns (the same on each of its rows)."""
-    topics = [str(t) for t in meta.get("target_topics") or [] if isinstance(t, str)]
+    listed = meta.get("target_topics")
+    topics = [t for t in listed if isinstance(t, str)] if isinstance(listed, list) else []
     rows = meta.get("rows") if isinstance(meta.get("rows"), dict) else {}
     split = meta.get("split") if isinstance(meta.get("split"), dict) else {}
     return {"job_id": job.id, "finished_at": job.finished_at or job.updated_at, "topic": ", ".join(topics),
             "approach": _text(meta.get("approach")) or job.approach, "base_model": _text(meta.get("model")),
             "rows": _count(rows.get("used")), "train_rows": _count(split.get("train_rows")),
-            "held_out": _count(report.get("n")), "topic_list": topics, "output_path": job.output_path}
+            "held_out": _count(report.get("n")), "topic_list": topics, "output_path": str(folder)}
 
 
 def _model_fields(model: dict, new_kinds: dict) -> dict:
@@ -252,17 +256,12 @@ def display(row: dict, key: str) -> str:
     return str(value)
 
 
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
 def csv_text(rows: list[dict]) -> str:
     """The rows as CSV (header ``COLUMNS``; numbers as measured, booleans as true/false, none as an
-    empty cell). A text cell that a spreadsheet would run as a formula gets a leading ``'``."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    writer.writerows([_csv_cell(row.get(c)) for c in COLUMNS] for row in rows)
-    return out.getvalue()
+    empty cell). Text is escaped (``config.printable``: no terminal escape or control character
+    from a topic or a job id reaches whoever shows the file) and written by ``csvfile.csv_text``
+    (a cell a spreadsheet would run as a formula gets a leading ``'``)."""
+    return csvfile.csv_text([COLUMNS, *([_csv_cell(row.get(c)) for c in COLUMNS] for row in rows)])
 
 
 def _csv_cell(value: Any) -> Any:
@@ -270,8 +269,8 @@ def _csv_cell(value: Any) -> Any:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str) and value.startswith(FORMULA_START):
-        return "'" + value
+    if isinstance(value, str):
+        return printable(value, limit=1 << 20)
     return value
 
 

@@ -233,10 +233,10 @@ class JobRunner:
         log.info("input_moved", job_id=job_id, to=str(target))
         return target
 
-    @staticmethod
-    def duplicate_note(record: JobRecord) -> dict:
+    def duplicate_note(self, record: JobRecord) -> dict:
+        outputs = self.paths.output_folder(record.output_path)
         return {"job_id": record.id, "duplicate_of": record.duplicate_of,
-                "outputs": record.output_path, "recorded_at": utc_now(),
+                "outputs": str(outputs) if outputs else None, "recorded_at": utc_now(),
                 "hint": "this content was processed before; add force: true to a job file to redo it"}
 
     # --- the one broad handler per job -----------------------------------------------------------
@@ -293,7 +293,8 @@ class JobRunner:
             if earlier is not None and earlier.id != job_id:
                 self.journal.mark_duplicate(job_id, of=earlier)
                 record = self.journal.get(job_id) or record
-                log.info("job_duplicate", duplicate_of=earlier.id, outputs=earlier.output_path)
+                log.info("job_duplicate", duplicate_of=earlier.id,
+                         outputs=str(self.paths.output_folder(earlier.output_path)))
                 # an attempt killed while building leaves a partial build; a duplicate has no outputs
                 shutil.rmtree(self.paths.outputs / f".tmp-{job_id}", ignore_errors=True)
                 self.move_inputs(claim, self.paths.processed, note=("duplicate.json", self.duplicate_note(record)))
@@ -471,7 +472,10 @@ class JobRunner:
         if settings.topic is not None:  # the topic's current model (fine-tuner promote)
             from .control import current_model_folder
 
-            return rating.model_from_folder(current_model_folder(self.cfg, settings.topic), within=self.paths.outputs)
+            # the service's own journal: a second one on the same file in this process could cost
+            # the service its locks on it (see Journal._check_file)
+            folder = current_model_folder(self.cfg, settings.topic, journal=self.journal)
+            return rating.model_from_folder(folder, within=self.paths.outputs)
         folder = model_folder(settings.model, self.cfg, self.paths)
         if folder is not None:
             return rating.model_from_folder(folder, within=self.paths.outputs)
@@ -505,7 +509,7 @@ class JobRunner:
     def _succeed(self, claim: Claim, build: Path, *, approach: str | None) -> str:
         job_id = claim.job_id
         final = publish_dir(build, self.paths.outputs / job_id)
-        self.journal.succeed(job_id, output_path=str(final), approach=approach)
+        self.journal.succeed(job_id, output_path=self.paths.recorded_output(final), approach=approach)
         # the job's own log ends with its outcome too
         with job_log(final / "job.log", job_id, self._log_roots(build, job_id)):
             log.info("job_succeeded", approach=approach, outputs=str(final))

@@ -1,16 +1,18 @@
 """The job journal: one SQLite row per job, its state and history, and duplicate detection.
 
-Schema (``PRAGMA user_version`` = 3; an older journal gains the tables it lacks when it is opened):
+Schema (``PRAGMA user_version`` = 4; an older journal gains the tables it lacks when it is opened):
 
 - ``jobs``: ``id`` (the job id ``<stem>-<UTC yyyymmddThhmmss>-<8 hex>``, or the folder name of a
   refused file), ``stem``, ``inputs`` (JSON list of ``{"role", "name", "sha256", "size_bytes"}``;
   role is ``dataset``, ``mapping``, ``default_mapping``, ``job`` or ``refused``), ``content_key``
   (sha256 over the roles and hashes of the inputs), ``state`` (``queued``, ``running``, ``succeeded``,
   ``failed``, ``duplicate``), ``attempts`` (processing starts; an interrupted start is given back),
-  ``created_at`` / ``updated_at`` / ``started_at`` / ``finished_at`` (ISO-8601 UTC), ``output_path``,
-  ``approach``, ``error`` (the error.json fields as JSON: never cell contents), ``duplicate_of``,
-  ``force``. A ``queued`` job whose approach is already ``fine_tune`` has been planned and waits
-  for the training lane (``await_training``; ``resume`` starts it without counting a new attempt).
+  ``created_at`` / ``updated_at`` / ``started_at`` / ``finished_at`` (ISO-8601 UTC), ``output_path``
+  (from version 4 relative to the daemon root, ``outputs/<job_id>``, so that a moved or copied root
+  keeps its jobs; older rows are absolute: ``Paths.output_folder`` reads both), ``approach``,
+  ``error`` (the error.json fields as JSON: never cell contents), ``duplicate_of``, ``force``. A
+  ``queued`` job whose approach is already ``fine_tune`` has been planned and waits for the
+  training lane (``await_training``; ``resume`` starts it without counting a new attempt).
 - ``contents``: ``content_key`` PRIMARY KEY → ``job_id`` of the latest success with that content.
   The UNIQUE key is what makes "the same content dropped again" a duplicate: a later drop whose key is
   here is recorded as ``duplicate`` pointing at that job's outputs, unless its job file says
@@ -27,7 +29,9 @@ Schema (``PRAGMA user_version`` = 3; an older journal gains the tables it lacks 
 - ``requests``: ``job_id`` PRIMARY KEY → ``action`` (``cancel``) a command asked of the daemon,
   which acts on it at its next tick (or at its next start) and removes it.
 - ``current_models``: ``topic`` PRIMARY KEY → the job whose model is the topic's current one
-  (``fine-tuner promote``), its Ollama name and alias.
+  (``fine-tuner promote``), its Ollama name and alias. The topic is stored as ``normal_topic``
+  makes it (case and runs of spaces aside), so that two spellings name one topic; opening a
+  version 3 journal merges its spellings, keeping the latest promotion.
 
 The database runs in WAL mode with a busy timeout, so the daemon's worker threads, ``fine-tuner
 status`` and a second daemon on the same root can use it at once. Every change goes
@@ -54,7 +58,7 @@ from typing import Any
 from ..errors import JournalError
 
 STATES = ("queued", "running", "succeeded", "failed", "duplicate")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 ROOT_KEY = "root"
 
 _SCHEMA = """
@@ -122,6 +126,12 @@ _HINT_FULL = "free space on its disk; the service retries by itself"
 _HINT_WRITABLE = "make the state directory and the journal writable for the service, then start it again"
 _HINT_LOCKED = ("another process holds the journal locked: stop a second fine-tuner using this state "
                 "directory, or try again")
+
+
+def normal_topic(topic: str) -> str:
+    """A topic as stored and compared: case and runs of spaces aside (``Respiratory  Infections``
+    and ``respiratory infections`` are one topic)."""
+    return " ".join(str(topic).split()).casefold()
 
 
 def utc_now() -> str:
@@ -213,6 +223,8 @@ class Journal:
                 with self.transaction() as db:
                     for statement in filter(str.strip, _SCHEMA.split(";")):
                         db.execute(statement)
+                    if version < 4:
+                        _merge_topic_spellings(db)
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except (sqlite3.Error, JournalError) as exc:
             self._db.close()
@@ -224,7 +236,9 @@ class Journal:
         """Create the journal when it is missing; refuse what SQLite must not be given: a dangling
         link, a folder or FIFO (SQLite would block on a FIFO), an empty file, a write-ahead log
         left without its journal (a new journal would take in its pages) and a read-only file
-        (refused now rather than at the first job's write)."""
+        (refused now rather than at the first job's write). It never opens the file itself: closing
+        any descriptor of a file drops every POSIX lock this process holds on it, those of its SQLite
+        connections included, and another process would then delete the write-ahead log they use."""
         try:
             try:
                 st = os.stat(self.path)
@@ -252,7 +266,7 @@ class Journal:
             if st.st_size == 0:
                 raise JournalError(f"the journal {self.path} is an empty file (its history is lost)",
                                    path=str(self.path), reason="empty file")
-            os.close(os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
+            _check_writable(self.path)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -492,8 +506,10 @@ class Journal:
             return True
 
     def promote(self, topic: str, job_id: str, *, model: str | None, alias: str | None, forced: bool) -> None:
-        """Make ``job_id``'s model the current one for ``topic`` (recorded as the job's event)."""
+        """Make ``job_id``'s model the current one for ``topic`` (recorded as the job's event); the
+        topic is stored as ``normal_topic`` makes it."""
         now = utc_now()
+        topic = normal_topic(topic)
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO current_models (topic, job_id, model, alias, promoted_at, forced)"
                        " VALUES (?, ?, ?, ?, ?, ?)", (topic, job_id, model, alias, now, int(forced)))
@@ -566,10 +582,31 @@ class Journal:
                 for r in self._read("SELECT * FROM current_models ORDER BY topic")}
 
     def current_model(self, topic: str) -> dict | None:
-        """The current model of ``topic`` (compared without case and surrounding spaces)."""
-        wanted = " ".join(topic.split()).casefold()
-        return next((v | {"topic": t} for t, v in self.current_models().items()
-                     if " ".join(t.split()).casefold() == wanted), None)
+        """The current model of ``topic`` (compared as ``normal_topic`` makes it)."""
+        wanted = normal_topic(topic)
+        return next((v | {"topic": t} for t, v in self.current_models().items() if t == wanted), None)
+
+
+def _merge_topic_spellings(db: sqlite3.Connection) -> None:
+    """Version 3 → 4: each current model's topic as ``normal_topic`` makes it; where two spellings
+    of one topic each had a current model, the latest promotion stays."""
+    rows = db.execute("SELECT * FROM current_models ORDER BY promoted_at, rowid").fetchall()
+    latest = {normal_topic(r["topic"]): r for r in rows}
+    db.execute("DELETE FROM current_models")
+    db.executemany("INSERT INTO current_models (topic, job_id, model, alias, promoted_at, forced)"
+                   " VALUES (?, ?, ?, ?, ?, ?)",
+                   [(topic, r["job_id"], r["model"], r["alias"], r["promoted_at"], r["forced"])
+                    for topic, r in latest.items()])
+
+
+def _check_writable(path: Path) -> None:
+    """An ``OSError`` when this process may not write ``path`` (a read-only file system, or the
+    file's permissions), found without opening it (see ``Journal._check_file``)."""
+    if os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        return
+    read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    code = errno.EROFS if read_only else errno.EACCES
+    raise OSError(code, os.strerror(code), str(path))
 
 
 def _ended(db: sqlite3.Connection, job_id: str) -> None:

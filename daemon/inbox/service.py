@@ -651,8 +651,8 @@ class Service:
             self.runner.move_inputs(claim, self.paths.failed, note=("error.json", record.error or {}))
         elif (self.paths.outputs / claim.job_id).is_dir():
             # published before the crash, recorded after: the outputs are complete
-            self.journal.succeed(claim.job_id, output_path=str(self.paths.outputs / claim.job_id),
-                                 approach=None)
+            self.journal.succeed(claim.job_id, approach=None,
+                                 output_path=self.paths.recorded_output(self.paths.outputs / claim.job_id))
             self.runner.move_inputs(claim, self.paths.processed)
         else:
             self.ready.append(claim)

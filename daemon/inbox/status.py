@@ -19,9 +19,9 @@ from typing import Any
 
 from ..config import Config, printable
 from ..errors import JobControlError, JournalError
-from ..fsutil import read_json_object
+from ..fsutil import read_json, read_problem, read_regular
 from .drops import DATASET, classify_name, orphans
-from .journal import Journal, JobRecord
+from .journal import Journal, JobRecord, normal_topic
 from .paths import Paths, resolve_paths
 
 
@@ -58,11 +58,11 @@ def status(cfg: Config, *, topic: str | None = None, since: str | None = None, f
         report["counts"] = journal.counts()
         report["current_models"] = journal.current_models()
         for key, states in (("queued", ["queued"]), ("running", ["running"])):
-            report[key] = [_brief(j, journal) for j in journal.jobs(states)]
+            report[key] = [_brief(j, journal, paths) for j in journal.jobs(states)]
         finished = [("recent_failed", ["failed"])] if failed_only else [
             ("recent_succeeded", ["succeeded", "duplicate"]), ("recent_failed", ["failed"])]
         for key, states in finished:
-            jobs = (_brief(j, journal) for j in journal.jobs(states, since=since))
+            jobs = (_brief(j, journal, paths) for j in journal.jobs(states, since=since))
             if topic is not None:
                 jobs = (j for j in jobs if _same_topic(topic, j.get("topics")))
             report[key] = list(itertools.islice(jobs, limit))
@@ -73,11 +73,6 @@ def _same_topic(wanted: str, topics: list[str] | None) -> bool:
     return normal_topic(wanted) in {normal_topic(t) for t in topics or []}
 
 
-def normal_topic(topic: str) -> str:
-    """A topic as compared: case and runs of spaces aside."""
-    return " ".join(str(topic).split()).casefold()
-
-
 def job_detail(cfg: Config, job_id: str) -> dict:
     """One job in full: its journal record (inputs named and hashed), progress, the operator's
     actions, the events of its log, its warnings, evaluation and the files it left."""
@@ -86,13 +81,15 @@ def job_detail(cfg: Config, job_id: str) -> dict:
         record = journal.get(job_id)
         if record is None:
             raise job_not_found(job_id)
-        out = _brief(record, journal)
+        out = _brief(record, journal, paths)
         out["record"] = {k: v for k, v in record.as_dict().items() if k not in ("content_key", "error")}
         out["actions"] = journal.events(job_id)
     folder = _job_folder(record, paths)
     out["folder"] = str(folder) if folder else None
     out["files"] = _files(folder)
-    out["events"] = _log_events(folder / "job.log") if folder else []
+    out["events"], problem = _log_events(folder / "job.log") if folder else ([], None)
+    if problem:
+        out.setdefault("unreadable", []).append(problem)
     return out
 
 
@@ -104,7 +101,8 @@ def job_not_found(job_id: str) -> JobControlError:
 def _job_folder(record: JobRecord, paths: Paths) -> Path | None:
     """Where the job's files are now: its outputs, its inputs in failed/ or processed/, or its
     build folder while it runs."""
-    candidates = [Path(record.output_path)] if record.output_path else []
+    output = paths.output_folder(record.output_path)
+    candidates = [output] if output else []
     candidates += [paths.failed / record.id, paths.processed / record.id, paths.outputs / f".tmp-{record.id}"]
     return next((c for c in candidates if c.is_dir() and not c.is_symlink()), None)
 
@@ -123,18 +121,27 @@ def _files(folder: Path | None) -> list[dict]:
 LOG_FIELDS_SHOWN = 8  # the first fields of an event after its name, in the text form
 
 
-def _log_events(path: Path, limit: int = 500) -> list[dict]:
-    """The job's own log lines (JSON), the last ``limit`` of them; lines that are not JSON objects
-    are skipped (a line cut off when its process was killed)."""
+LOG_TAIL_BYTES = 16 * 1024 * 1024  # the end of a job's log that is read; its last events are there
+
+
+def _log_events(path: Path, limit: int = 500) -> tuple[list[dict], str | None]:
+    """The job's own log lines (JSON), the last ``limit`` of them, and why the log cannot be read
+    (None when it can, or when there is none). Only its last ``LOG_TAIL_BYTES`` are read, never
+    through a link nor from a FIFO or a device (``fsutil.read_regular``); lines that are not JSON
+    objects are skipped (a line cut off when its process was killed)."""
+    try:
+        data = read_regular(path, limit=LOG_TAIL_BYTES, tail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return [], None
+    except OSError as exc:
+        return [], f"{path.name} cannot be read: {read_problem(exc)}"
     events = []
-    with contextlib.suppress(OSError):
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                with contextlib.suppress(ValueError):
-                    item = json.loads(line)
-                    if isinstance(item, dict) and "event" in item:
-                        events.append({k: v for k, v in item.items() if k not in ("job_id", "logger")})
-    return events[-limit:]
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        with contextlib.suppress(ValueError, RecursionError):
+            item = json.loads(line)
+            if isinstance(item, dict) and "event" in item:
+                events.append({k: v for k, v in item.items() if k not in ("job_id", "logger")})
+    return events[-limit:], None
 
 
 def _waiting(paths: Paths) -> list[str]:
@@ -143,7 +150,7 @@ def _waiting(paths: Paths) -> list[str]:
     return []
 
 
-def _brief(job: JobRecord, journal: Journal) -> dict:
+def _brief(job: JobRecord, journal: Journal, paths: Paths) -> dict:
     out: dict[str, Any] = {"job_id": job.id, "state": job.state, "attempts": job.attempts,
                            "updated_at": job.updated_at,
                            "inputs": [f.name for f in job.inputs]}
@@ -153,13 +160,17 @@ def _brief(job: JobRecord, journal: Journal) -> dict:
             out["progress"] = progress
         if job.id in journal.requests():
             out["cancel_requested"] = True
-    if job.output_path:
-        out["output_path"] = job.output_path
+    output = paths.output_folder(job.output_path)  # under this root, wherever the job ran
+    if output is not None:
+        out["output_path"] = str(output)
         if job.state == "succeeded":
-            meta = read_json_object(Path(job.output_path) / "fine_tuning_metadata.json")
+            meta, problem = output_json(output, METADATA_FILE)
+            if problem:
+                out["unreadable"] = [problem]
             out.update(_finished_brief(job, meta))
-            out["evaluation"] = _evaluation_brief(Path(job.output_path), meta)
-            out["warnings"] = list(meta.get("warnings") or [])
+            out["evaluation"] = _evaluation_brief(output, meta)
+            warnings = meta.get("warnings")
+            out["warnings"] = [str(w) for w in warnings] if isinstance(warnings, list) else []
     if job.approach:
         out["approach"] = job.approach
     if job.state == "queued" and job.approach == "fine_tune":
@@ -195,12 +206,82 @@ def _finished_brief(job: JobRecord, meta: dict) -> dict:
     return out
 
 
+METADATA_FILE = "fine_tuning_metadata.json"
+EVALUATION_FILE = "evaluation.json"
+
+
+def output_json(folder: Path, name: str) -> tuple[dict, str | None]:
+    """The JSON object ``name`` of a job's output folder and why it cannot be read: ``({}, None)``
+    when the folder lacks it, ``({}, "<name> cannot be read: <why>")`` when it is a link, a FIFO, a
+    device, over ``fsutil.MAX_READ_BYTES``, not JSON or not an object (``fsutil.read_json``: never
+    followed, never blocks, never read whole)."""
+    try:
+        data = read_json(folder / name)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}, None
+    except (OSError, ValueError) as exc:
+        return {}, f"{name} cannot be read: {read_problem(exc)}"
+    if not isinstance(data, dict):
+        return {}, f"{name} cannot be read: it holds {_kind(data)}, not an object"
+    return data, None
+
+
+def evaluation_file(folder: Path) -> tuple[dict, str | None]:
+    """``output_json`` of ``evaluation.json`` with every value status and report read checked for
+    its type: one of the wrong type (a kappa that is a text, a model that is not an object) makes
+    the file unreadable, the key named, so that it never breaks the listing of other jobs."""
+    report, problem = output_json(folder, EVALUATION_FILE)
+    if problem is None and (wrong := _shape_problem(report, _EVALUATION_SHAPE, "")):
+        return {}, f"{EVALUATION_FILE} cannot be read: {wrong}"
+    return report, problem
+
+
+_NUMBER, _COUNT, _TEXT, _FLAG = "a number", "a whole number", "a text", "true or false"
+_MODEL_SHAPE = {"key": _TEXT, "model": _TEXT, "kappa": _NUMBER, "kappa_ci95": [_NUMBER], "accuracy": _NUMBER,
+                "macro_f1": _NUMBER, "invalid_rate": _NUMBER}
+_EVALUATION_SHAPE = {
+    "n": _COUNT, "models": [_MODEL_SHAPE],
+    "figures": {"familiar": {"models": [_MODEL_SHAPE]}, "new_kinds": {"models": [_MODEL_SHAPE]}},
+    "split": {"kind": _TEXT, "duplicate_rows": _COUNT, "duplicates_set_aside": _COUNT},
+    "generalisation": [{"key": _TEXT, "learned_examples_more_than_rule": _FLAG}],
+    "adapter_effect": {"ignored": _FLAG}, "verdict": {"headline": _TEXT, "recommended": _FLAG},
+    "quality_gate": {"status": _TEXT, "reason": _TEXT}}
+
+
+def _shape_problem(value: Any, shape: Any, where: str) -> str | None:
+    """Where ``value`` departs from ``shape`` (an object's keys, ``[item shape]``, or a kind), in
+    words naming the key, never the value; None (a missing key or null) always fits."""
+    if value is None:
+        return None
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'the file'} must be an object, not {_kind(value)}"
+        return next((p for key, inner in shape.items()
+                     if (p := _shape_problem(value.get(key), inner, f"{where}.{key}" if where else key))), None)
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} must be a list, not {_kind(value)}"
+        return next((p for i, item in enumerate(value) if (p := _shape_problem(item, shape[0], f"{where}[{i}]"))),
+                    None)
+    fits = (isinstance(value, bool) if shape == _FLAG else isinstance(value, str) if shape == _TEXT
+            else not isinstance(value, bool) and isinstance(value, int if shape == _COUNT else (int, float)))
+    return None if fits else f"{where} must be {shape}, not {_kind(value)}"
+
+
+def _kind(value: Any) -> str:
+    """How a message describes a JSON value it must not quote."""
+    return {dict: "an object", list: "a list", str: "a text", bool: "true or false", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def _evaluation_brief(folder: Path, meta: dict) -> dict:
     """Kappa and accuracy of each evaluated model (``evaluation.json``), or why there are none."""
-    report = read_json_object(folder / "evaluation.json")
+    report, problem = evaluation_file(folder)
+    if problem:
+        return {"status": "unreadable", "reason": problem}
     if report.get("models"):
-        brief: dict = {m["key"]: {"kappa": m.get("kappa"), "accuracy": m.get("accuracy"),
-                                  "invalid_rate": m.get("invalid_rate")} for m in report["models"]}
+        brief: dict = {m.get("key"): {"kappa": m.get("kappa"), "accuracy": m.get("accuracy"),
+                                      "invalid_rate": m.get("invalid_rate")} for m in report["models"]}
         figures = report.get("figures")
         if isinstance(figures, dict):
             for name in ("familiar", "new_kinds"):
@@ -225,7 +306,7 @@ def _evaluation_brief(folder: Path, meta: dict) -> dict:
         if isinstance(gate, dict) and gate.get("status") in ("passed", "failed"):
             brief["quality_gate"] = {"status": gate["status"], "reason": gate.get("reason")}
         return brief
-    evaluation = meta.get("evaluation") or {}
+    evaluation = meta.get("evaluation") if isinstance(meta.get("evaluation"), dict) else {}
     return {"status": evaluation.get("status"), "reason": evaluation.get("reason")} if evaluation else {}
 
 
@@ -250,6 +331,8 @@ def _kappa_text(evaluation: dict | None) -> str:
         return f"  kappa {k('new')} (base {k('base')}{kind}){ignored}"
     if evaluation.get("status") in ("skipped", "failed"):
         return "  not evaluated"
+    if evaluation.get("status") == "unreadable":
+        return "  evaluation unreadable"
     return ""
 
 
@@ -292,7 +375,10 @@ def _status_lines(report: dict) -> list[str]:
                 lines.append("    cancel requested")
             if (finished := _finished_text(job)):
                 lines.append(f"    {finished}")
+            lines.extend(f"    {problem}" for problem in job.get("unreadable") or [])
             evaluation = job.get("evaluation") or {}
+            if evaluation.get("status") == "unreadable":
+                lines.append(f"    {evaluation.get('reason')}")
             if (evaluation.get("quality_gate") or {}).get("status") == "failed":
                 lines.append(f"    quality gate failed: {evaluation['quality_gate'].get('reason')}")
             if evaluation.get("verdict"):

@@ -121,9 +121,36 @@ def test_wal_mode_and_a_second_connection_sees_writes(tmp_path):
     db = sqlite3.connect(path)
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     finally:
         db.close()
+
+
+_OPEN_AND_CLOSE = """
+import sys
+from daemon.inbox.journal import Journal
+with Journal(sys.argv[1]) as j:
+    j.counts()
+"""
+
+
+def test_a_second_journal_in_a_process_leaves_the_first_ones_locks(tmp_path):
+    """A second Journal opened and closed on the file in a process that holds one leaves the first
+    one's locks: another process closing its own Journal then keeps the write-ahead log, which the
+    first one goes on writing to."""
+    path = tmp_path / "journal.sqlite3"
+    wal = tmp_path / "journal.sqlite3-wal"
+    with Journal(path) as first:
+        first.add_job("j1", "s", INPUTS, "k1")
+        Journal(path).close()
+        subprocess.run([sys.executable, "-c", _OPEN_AND_CLOSE, str(path)], check=True, timeout=60)
+        assert wal.exists()
+        first.add_job("j2", "s", INPUTS, "k2")
+        probe = subprocess.run([sys.executable, "-c", "import sqlite3, sys\n"
+                                "db = sqlite3.connect(sys.argv[1])\n"
+                                "print(db.execute('SELECT COUNT(*) FROM jobs').fetchone()[0])\ndb.close()",
+                                str(path)], check=True, timeout=60, capture_output=True, text=True)
+        assert (probe.stdout, wal.exists()) == ("2\n", True)
 
 
 def test_invalid_state_is_rejected(journal):
@@ -356,14 +383,14 @@ def test_journal_of_a_newer_schema_is_refused_and_kept(tmp_path):
     with Journal(path) as j:
         j.add_job("j1", "s", INPUTS, "k1")
     with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("PRAGMA user_version = 4")
+        db.execute("PRAGMA user_version = 5")
     with pytest.raises(JournalError) as info:
         Journal(path)
-    assert info.value.message == (f"the journal {path} has schema version 4; this fine-tuner "
-                                  "knows version 3")
+    assert info.value.message == (f"the journal {path} has schema version 5; this fine-tuner "
+                                  "knows version 4")
     assert info.value.hint == "run the fine-tuner version that wrote it, or move it aside to start a new journal"
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
 
 
 def test_locked_journal_is_a_journal_error_that_does_not_say_to_move_it(tmp_path):
@@ -479,7 +506,7 @@ PRAGMA user_version = 1;
 
 
 def test_a_version_1_journal_is_migrated_keeping_its_jobs(tmp_path):
-    """A journal of schema version 1 (before roots were recorded) opens as version 3 with its jobs
+    """A journal of schema version 1 (before roots were recorded) opens as version 4 with its jobs
     and duplicate detection intact and no root recorded yet; the first root is then recorded, and
     the tables of version 3 (progress, events, requests, current models) work."""
     path = tmp_path / "journal.sqlite3"
@@ -491,5 +518,34 @@ def test_a_version_1_journal_is_migrated_keeping_its_jobs(tmp_path):
         j.add_event("old-job", "promoted", topic="t")
         assert [e["event"] for e in j.events("old-job")] == ["promoted"]
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
         assert db.execute("SELECT key, value FROM journal_info").fetchall() == [("root", "/srv/a")]
+
+
+def test_two_spellings_of_a_topic_name_one_current_model(journal):
+    """A promotion under another spelling of a topic (case, runs of spaces) replaces the topic's
+    current model instead of adding a second one; the topic is stored as compared."""
+    journal.promote("Respiratory Infections", "a", model="m-a:latest", alias=None, forced=False)
+    journal.promote(" respiratory  infections", "b", model="m-b:latest", alias=None, forced=False)
+    assert [(t, c["job_id"]) for t, c in journal.current_models().items()] == [("respiratory infections", "b")]
+    assert journal.current_model("RESPIRATORY INFECTIONS")["job_id"] == "b"
+
+
+def test_a_version_3_journal_merges_the_spellings_of_its_topics_keeping_the_latest(tmp_path):
+    """A version 3 journal whose topics were stored as typed opens as version 4 with one current
+    model per topic (the latest promotion of its spellings), stored as compared."""
+    path = tmp_path / "journal.sqlite3"
+    with Journal(path):
+        pass
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executemany("INSERT INTO current_models (topic, job_id, model, alias, promoted_at, forced)"
+                       " VALUES (?, ?, ?, ?, ?, ?)",
+                       [("respiratory  infections", "b", "m-b:latest", None, "2026-02-01T00:00:00.000+00:00", 1),
+                        ("Respiratory Infections", "a", "m-a:latest", "r:current", "2026-01-01T00:00:00.000+00:00", 0),
+                        ("Injuries", "c", None, None, "2026-01-05T00:00:00.000+00:00", 0)])
+        db.execute("PRAGMA user_version = 3")
+    with Journal(path) as j:
+        assert {t: (c["job_id"], c["model"], c["forced"]) for t, c in j.current_models().items()} == {
+            "injuries": ("c", None, False), "respiratory infections": ("b", "m-b:latest", True)}
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4

@@ -6,11 +6,14 @@ in progress while the commands run as separate processes, the way an operator ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -147,3 +150,70 @@ def test_a_cancel_asked_while_no_daemon_runs_is_done_when_the_daemon_starts(root
     assert error["reason"] == "cancelled"
     assert root.folders(root.processed) == []
     assert Path(root.failed / "late-20261203T000000-0000abcd" / "late.csv").is_file()
+
+
+def _deleted_journal_files(pid: int) -> list[str]:
+    """The journal files the process still has open although they were deleted (a split journal)."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return sorted(link for link in links if "journal.sqlite3" in link and link.endswith(" (deleted)"))
+
+
+def test_rating_by_topic_status_promote_and_cancel_keep_one_journal(root, start_daemon, fake_ollama):
+    """While the daemon runs a rating job by topic, then status, promote and cancel run as other
+    processes: the journal's write-ahead log stays on disk (the daemon never writes to a deleted
+    one), every later job is visible to status, and cancel finds and stops a running rating job."""
+    topic = "respiratory infections"
+    fake_ollama.add_model("llama3.2:1b")
+    slow = threading.Event()
+
+    def answer(model, messages):
+        if slow.is_set():  # a slow model: the second rating job takes 15 s, the daemon cancels in 1 s
+            time.sleep(0.3)
+        return json.dumps({"rationale": "x", "rating": 0})
+
+    fake_ollama.chat_responder = answer
+    root.write_config(defaults={"model": "llama3.2:1b", "topics": topic, "approach": "model_set"},
+                      ollama={"host": fake_ollama.url, "register": "auto", "retries": 0},
+                      evaluation={"enabled": "off"})
+    wal = root.path / ".fine-tuner" / "journal.sqlite3-wal"
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    root.drop_dataset("good", rows=40, seed=11)
+    d.wait_event("job_finished")
+    [good] = [p.name for p in root.job_folders(root.outputs, "good")]
+    assert _cli(root, "promote", good).splitlines()[0] == (
+        f"current model for '{topic}': job {good}, llama3.2-1b-good:latest")
+
+    root.drop_bytes("first.job.yaml", f"task: rate\ntopic: {topic}\n".encode())
+    root.drop_bytes("first.csv", root.dataset_bytes(20, 12))
+    d.wait_event("job_finished", count=2)
+    [first] = [p.name for p in root.job_folders(root.outputs, "first")]
+    report = json.loads(_cli(root, "status", "--json"))
+    assert (report["counts"]["succeeded"], report["running"]) == (2, [])
+    assert (wal.exists(), _deleted_journal_files(d.proc.pid)) == (True, [])
+
+    slow.set()
+    root.drop_bytes("second.job.yaml", f"task: rate\ntopic: {topic}\n".encode())
+    root.drop_bytes("second.csv", root.dataset_bytes(100, 13))
+    [second] = wait_for(lambda: json.loads(_cli(root, "status", "--json"))["running"], timeout=60,
+                        interval=0.5, message="the second rating job running in status")
+    assert _cli(root, "promote", good).splitlines()[0] == (
+        f"current model for '{topic}': job {good}, llama3.2-1b-good:latest")
+    assert _cli(root, "cancel", second["job_id"]).splitlines() == [
+        f"cancel requested for {second['job_id']} (running)",
+        f"cancelled: {second['job_id']}'s inputs are in failed/{second['job_id']}/; "
+        f"'fine-tuner retry {second['job_id']}' runs it again"]
+    detail = json.loads(_cli(root, "status", second["job_id"], "--json"))
+    assert (detail["state"], detail["error"]["error_type"]) == ("failed", "JobCancelled")
+    assert (wal.exists(), _deleted_journal_files(d.proc.pid)) == (True, [])
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(timeout=30) == 0
+    with Journal(root.path / ".fine-tuner" / "journal.sqlite3") as journal:
+        assert [(j.id, j.state) for j in journal.jobs(["succeeded", "failed"])] == [
+            (second["job_id"], "failed"), (first, "succeeded"), (good, "succeeded")]
+        assert [e["event"] for e in journal.events(good)] == ["promoted", "promoted"]
+    assert leftovers(root.path) == []
+    assert MARKER not in all_log_text(root)
