@@ -74,9 +74,18 @@ def configure(*, level: int | str = logging.INFO, stream: IO[str] | None = sys.s
     if stream is not None:
         _add(root, logging.StreamHandler(stream))
     if log_file is not None:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_file).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # delay: a command that logs nothing (validate on a good file) leaves no empty log behind
-        _add(root, logging.FileHandler(log_file, encoding="utf-8", delay=True))
+        _add(root, _PrivateFileHandler(log_file, encoding="utf-8", delay=True))
+
+
+class _PrivateFileHandler(logging.FileHandler):
+    """A log file created 0600 whatever the umask: a library caller's process keeps its own
+    umask, and the lines name the caller's files and models."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=lambda path, flags: os.open(path, flags, 0o600))
 
 
 def _add(root: logging.Logger, handler: logging.Handler) -> logging.Handler:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import structlog
@@ -57,3 +60,33 @@ def test_files_of_every_room_count_as_this_package():
     assert [logconfig.from_this_package(str(p)) for p in (
         package / "data" / "dataset.py", package / "inbox" / "service.py", package / "cli.py",
         Path(structlog.__file__))] == [True, True, True, False]
+
+
+def _umask_022() -> None:
+    os.umask(0o022)
+
+
+_LIBRARY_USE = """
+from daemon import FineTuner
+from daemon.logconfig import get_logger
+FineTuner(config={"paths": {"root": "."}})
+get_logger("test").info("library_line")
+"""
+
+
+def test_fine_tuner_log_is_its_users_only_from_the_command_line_and_the_library(tmp_path):
+    """Run with umask 022 in the working folder, `fine-tuner check` (the command line) and a
+    library FineTuner each write fine_tuner.log 0600 there (it names the caller's files and
+    models)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9", "FINE_TUNER_OLLAMA__RETRIES": "0"}
+    modes = {}
+    for name, argv in [("cli", ["-m", "daemon", "check", "llama3.2:1b"]), ("library", ["-c", _LIBRARY_USE])]:
+        (tmp_path / name).mkdir()
+        res = subprocess.run([sys.executable, *argv], cwd=tmp_path / name, env=env, capture_output=True, text=True,
+                             timeout=120, preexec_fn=_umask_022)
+        assert res.returncode == (1 if name == "cli" else 0), res.stderr
+        log = tmp_path / name / "fine_tuner.log"
+        modes[name] = oct(log.stat().st_mode & 0o777)
+        assert log.read_text().count("\n") >= 1
+    assert modes == {"cli": "0o600", "library": "0o600"}

@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -241,6 +242,7 @@ class LocalRater:
     def answer(self, conversations: Sequence[list[dict]], *, on_progress: Progress | None = None,
                stop_event: threading.Event | None = None) -> list[Answer]:
         from ..fsutil import write_json, write_lines
+        from ..training.parentdeath import tied_to_this_process
         from ..training.supervisor import child_env, describe_exit
 
         # the conversations hold record text: a private folder, removed whatever happens
@@ -256,7 +258,9 @@ class LocalRater:
                     "parent_pid": os.getpid()}  # the child stops when this process is gone
             write_json(work / "spec.json", spec, durable=False)
             with open(work / "stderr.log", "wb") as err:
-                proc = subprocess.Popen([self.python, "-m", "daemon.quality.generate", str(work / "spec.json")],
+                # ended by the kernel (SIGTERM) when this process ends without stopping it
+                proc = subprocess.Popen(tied_to_this_process([self.python, "-m", "daemon.quality.generate",
+                                                              str(work / "spec.json")], signal.SIGTERM),
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                         env=child_env(), start_new_session=True)
             outcome = self._follow(proc, on_progress, stop_event)

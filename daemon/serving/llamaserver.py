@@ -2,11 +2,14 @@
 
 ``LlamaServer`` runs the pinned build (``daemon.llamacpp.server_binary``) as a child process on the
 loopback interface, waits until ``GET /health`` says it has loaded the model, and stops it with
-SIGTERM (then SIGKILL after a grace period). The server speaks the OpenAI chat API under
-``/v1``; ``base_url`` is what ``openai.base_url`` should be. A base without a chat template (a base
-model's GGUF) is served with llama.cpp's built-in template of the same turn format that training
-used (``data.turns``: gemma, llama3, chatml, phi3 are llama.cpp's names too). The server's own
-output goes to a log file the caller names, never to our logs: it may echo prompts.
+SIGTERM (then SIGKILL after a grace period); when this process ends without stopping it (SIGKILL, a
+crash), the kernel kills it (``training.parentdeath``). It is started only on a port no other
+program holds, and is ready only when the process answering there is the server itself. It speaks
+the OpenAI chat API under ``/v1``; ``base_url`` is what ``openai.base_url`` should be. A base
+without a chat template (a base model's GGUF) is served with llama.cpp's built-in template of the
+same turn format that training used (``data.turns``: gemma, llama3, chatml, phi3 are llama.cpp's
+names too). The server's own output goes to a log file the caller names (0600), never to our logs:
+it may echo prompts.
 
 ``serve_target`` turns what a user names (an output folder or a GGUF file) into a ``ServerSpec``;
 ``model_spec`` does it for an Ollama model name and adapter folders (the evaluation's managed server).
@@ -14,17 +17,20 @@ output goes to a log file the caller names, never to our logs: it may echo promp
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import signal
 import socket
+import stat
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
+from .. import fsutil
 from ..errors import FineTunerError
 
 HEALTH_TIMEOUT_S = 300.0  # loading a large GGUF from a slow disk takes minutes
@@ -36,6 +42,10 @@ LOG_TAIL_BYTES = 1500
 
 class ServerError(FineTunerError):
     """The server could not be started or did not become ready; the message says what to do."""
+
+
+class ServerInterrupted(ServerError):
+    """The caller's stop event was set while the model loaded; the server has been stopped."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +74,82 @@ class ServerSpec:
         return args + list(self.extra_args)
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether another program holds ``port`` on ``host`` (listening there, or on every address);
+    a port an earlier server left in TIME_WAIT is free, as it is for llama-server."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                              hint="choose another port (serve --port), or leave it out for a free one") from None
+    return False
+
+
+def _listening_sockets(port: int) -> set[str] | None:
+    """The inodes of the TCP sockets listening on ``port`` (any address), from Linux's
+    /proc/net; None where there is no such table (another system: cannot tell)."""
+    inodes, readable = set(), False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for row in rows:
+            fields = row.split()
+            # local address "ADDR:PORT" in hex, state 0A = LISTEN, inode in the tenth column
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes if readable else None
+
+
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a socket listening on ``port``; None where this system
+    cannot tell."""
+    inodes = _listening_sockets(port)
+    if inodes is None:
+        return None
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:[") and link[len("socket:["):-1] in inodes:
+            return True
+    return False
+
+
+def _open_private_log(path: Path) -> int:
+    """The server's log, appended to: 0600 in a 0700 folder when created here (it may echo
+    prompts); an existing log readable by others is made private too."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+        try:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o700)
+        except OSError:  # another user's file: leave it as it is
+            pass
+    return fd
 
 
 def _tail(path: Path) -> str:
@@ -107,36 +189,62 @@ class LlamaServer:
         """What ``openai.base_url`` should be."""
         return self.url + "/v1"
 
-    def start(self, timeout_s: float = HEALTH_TIMEOUT_S) -> "LlamaServer":
+    def start(self, timeout_s: float = HEALTH_TIMEOUT_S,
+              stop_event: threading.Event | None = None) -> "LlamaServer":
+        """Start the server and wait until it has loaded the model. Raises ``ServerError`` (the
+        port is another program's, the server exited or did not load in ``timeout_s``) or
+        ``ServerInterrupted`` (``stop_event`` was set meanwhile); the server is stopped then."""
+        from ..training.parentdeath import tied_to_this_process
+
         for path in (self.spec.model, *self.spec.adapters):
             if not Path(path).is_file():
                 raise ServerError(f"{Path(path).name}: no such file", hint="name an existing GGUF file")
+        if self.spec.port and port_taken(self.spec.host, self.spec.port):
+            raise self._port_error()
         self.port = self.spec.port or free_port(self.spec.host)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
+        log = _open_private_log(self.log_path)
         try:
-            self.proc = subprocess.Popen(self.spec.argv(self.binary, self.port), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
+            # the kernel kills the server when this process ends without stopping it
+            self.proc = subprocess.Popen(tied_to_this_process(self.spec.argv(self.binary, self.port)),
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, start_new_session=True)
         finally:
-            log.close()
+            os.close(log)
         deadline = time.monotonic() + timeout_s
         while True:
             code = self.proc.poll()
             if code is not None:
                 raise ServerError(f"llama-server exited with code {code} while loading the model: "
                                   f"{_tail(self.log_path)}", hint=f"read {self.log_path}")
-            try:
-                resp = requests.get(self.url + "/health", timeout=2.0)
-                if resp.status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
+            if stop_event is not None and stop_event.is_set():
+                self.stop()
+                raise ServerInterrupted("stopped while llama-server was loading the model")
+            if self._healthy():
+                # a program that took the port meanwhile answers too: the server is ready only
+                # when the process listening there is ours (where this system can tell)
+                if listens_on(self.proc.pid, self.port) is False:
+                    self.stop()
+                    raise self._port_error()
+                return self
             if time.monotonic() > deadline:
                 self.stop()
                 raise ServerError(f"llama-server did not load the model within {timeout_s:.0f} s",
                                   hint=f"read {self.log_path}")
-            time.sleep(POLL_S)
+            if stop_event is not None:
+                stop_event.wait(POLL_S)
+            else:
+                time.sleep(POLL_S)
+
+    def _healthy(self) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=2.0).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _port_error(self) -> ServerError:
+        port = self.spec.port or self.port
+        return ServerError(f"port {port} on {self.spec.host} is taken by another program",
+                           hint="choose another port (serve --port), or leave it out for a free one")
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> int | None:
         """SIGTERM, then SIGKILL after ``grace_s``; returns the exit code."""
@@ -173,19 +281,44 @@ def serve_target(target: Path, *, base_models, ollama_models_dir: str | None = N
     target = Path(target)
     if target.is_file():
         return ServerSpec(model=target, alias=target.stem, parallel=parallel, port=port)
-    meta_path = target / "fine_tuning_metadata.json"
-    if not meta_path.is_file():
+    if not os.path.lexists(target / METADATA_FILE):
         raise ServerError(f"{target.name}: neither a GGUF file nor an output folder (no fine_tuning_metadata.json)",
                           hint="name a job's output folder or a .gguf file")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    base_name = str(meta.get("model"))
+    meta = _metadata(target)
+    base_name = meta["model"]
     adapters: tuple[Path, ...] = ()
     if with_adapter and meta.get("approach") == "fine_tune":
         adapters = (target / "adapter",)
     alias = ((meta.get("registration") or {}).get("name") or (meta.get("fine_tune") or {}).get("model_name")
              or base_name)
-    return model_spec(base_name, adapters, alias=str(alias), base_models=base_models,
+    return model_spec(base_name, adapters, alias=alias, base_models=base_models,
                       ollama_models_dir=ollama_models_dir, parallel=parallel, port=port)
+
+
+METADATA_FILE = "fine_tuning_metadata.json"
+
+
+def _metadata(folder: Path) -> dict:
+    """The output folder's metadata (``fsutil.read_json``: never through a link, never a FIFO or a
+    device), with each key ``serve_target`` reads checked; ServerError naming the file and the
+    key otherwise (never a value)."""
+    where = f"{folder.name}/{METADATA_FILE}"
+    hint = "name an output folder that fine-tuner built, or a .gguf file"
+    try:
+        meta = fsutil.read_json(folder / METADATA_FILE)
+    except (OSError, ValueError) as exc:
+        raise ServerError(f"{where} cannot be read: {fsutil.read_problem(exc)}", hint=hint) from None
+    if not isinstance(meta, dict):
+        raise ServerError(f"{where} is not a JSON object", hint=hint)
+    if not isinstance(meta.get("model"), str) or not meta["model"]:
+        raise ServerError(f"{where}: model must be the base model's name", hint=hint)
+    for key, inner in (("registration", "name"), ("fine_tune", "model_name")):
+        part = meta.get(key)
+        if part is not None and not isinstance(part, dict):
+            raise ServerError(f"{where}: {key} must be an object", hint=hint)
+        if part and part.get(inner) is not None and not isinstance(part.get(inner), str):
+            raise ServerError(f"{where}: {key}.{inner} must be a model name", hint=hint)
+    return meta
 
 
 def model_spec(base_name: str, adapter_dirs: tuple[Path, ...] = (), *, alias: str, base_models,
@@ -212,4 +345,5 @@ def model_spec(base_name: str, adapter_dirs: tuple[Path, ...] = (), *, alias: st
                       chat_template=fmt.name if fmt else None, parallel=parallel, port=port)
 
 
-__all__ = ["LlamaServer", "ServerError", "ServerSpec", "free_port", "model_spec", "serve_target"]
+__all__ = ["LlamaServer", "ServerError", "ServerInterrupted", "ServerSpec", "free_port", "listens_on", "model_spec",
+           "port_taken", "serve_target"]

@@ -1,10 +1,13 @@
 """Training: the parent that supervises a trainer child, and the children that train an adapter.
 
 Owns finding the base weights and spawning, watching and stopping the trainer child
-(``supervisor``); the children themselves (``trainer``, the built-in transformers + peft loop, and
+(``supervisor``), and ending every long-lived child we start (a trainer, the local rater,
+llama-server) when its parent ends without stopping it (``parentdeath``); the children themselves
+(``trainer``, the built-in transformers + peft loop, and
 ``axolotl_trainer`` with its progress ``axolotl_plugin``), which are the only modules that import
 torch, transformers and peft, always inside functions; the GGUF base weights a user's Ollama serves, found, read and
-dequantized once into a trainable folder (``ggufmodel``), and the tiny locally built model of the
+dequantized once into a trainable folder (``ggufmodel``; its header read with bounded memory by
+``ggufheader``), and the tiny locally built model of the
 demo and tests (``tinymodel``). Child entry points: ``python -m daemon.training.trainer SPEC`` and
 ``python -m daemon.training.axolotl_trainer SPEC``. May import: the top-level base modules
 (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``), ``daemon.data`` and this package;

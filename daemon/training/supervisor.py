@@ -37,13 +37,14 @@ from typing import Any
 import yaml
 
 from ..config import TrainingConfig
-from ..errors import TrainingFailedError, TrainingInterruptedError
+from ..errors import GGUFFormatError, TrainingFailedError, TrainingInterruptedError
 from ..fsutil import read_json_object, temp_dir_for, write_json
 from .. import llamacpp
 from ..logconfig import get_logger
 from ..portable import machine_roots, scrub_file
 from ..data import turns
 from . import ggufmodel
+from .parentdeath import tied_to_this_process
 from .trainer import ADAPTER as ADAPTER_DIR, ADAPTER_FILES, DEFAULT_ENDPOINT, DOWNLOAD_FAILED, EXIT_DOWNLOAD
 
 log = get_logger("training")
@@ -275,10 +276,18 @@ def _from_dir(model_name: str, ref: str, hf_id: str | None, local: Path,
 def _from_gguf(model_name: str, ref: str | None, path: Path, source: str, found_by: str,
                hf_id: str | None) -> BaseWeights:
     """A GGUF base: trained on its dequantized weights, with its own chat template or the
-    architecture's turn format."""
-    info = ggufmodel.summary(path)
-    arch = info.get("architecture")
+    architecture's turn format; one that cannot be read is a problem (the job builds a model set)."""
     where = f"the GGUF {path.name}"
+    try:
+        info = ggufmodel.summary(path)
+    except GGUFFormatError as exc:
+        return BaseWeights(model_name, ref, hf_id, None, None, False, f"{exc.message}: {exc.hint}",
+                           source=source, gguf_path=str(path), found_by=found_by)
+    except OSError as exc:
+        return BaseWeights(model_name, ref, hf_id, None, None, False,
+                           f"{where} cannot be read ({exc.strerror or type(exc).__name__}): make it readable "
+                           "by the service's user", source=source, gguf_path=str(path), found_by=found_by)
+    arch = info.get("architecture")
     common = dict(source=source, gguf_path=str(path), gguf_sha256=info.get("sha256"),
                   quantization=info.get("quantization"), found_by=found_by)
     local = str(ggufmodel.prepared_dir(str(info.get("sha256"))))
@@ -494,8 +503,11 @@ def run_training(job_dir: str | os.PathLike, *, base: BaseWeights, training: Tra
 
     started = time.monotonic()
     with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen([python, "-m", BACKEND_MODULES[training.backend], str(spec_path)], cwd=job_dir,
-                                stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
+        # SIGTERM when this process ends without stopping it: the child ends as on a stop (an
+        # axolotl child then stops its own group)
+        proc = subprocess.Popen(tied_to_this_process([python, "-m", BACKEND_MODULES[training.backend], str(spec_path)],
+                                                     signal.SIGTERM),
+                                cwd=job_dir, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
                                 env=child_env(), start_new_session=True)
     log.info("training_started", pid=proc.pid, model=base.ollama_name, device=training.device,
              backend=training.backend, timeout_s=timeout_s)
