@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,6 +38,11 @@ def test_the_pinned_build_was_configured_native_without_amx():
     assert f"CMAKE_C_FLAGS:STRING={flags}" in cache
     assert f"CMAKE_CXX_FLAGS:STRING={flags}" in cache
     assert build.has_server() and build.has_merge_tools()
+    # and the binaries hold no AMX instruction (tile loads, tile dot products)
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(build.server)], capture_output=True,
+                          text=True, check=True).stdout
+    assert "vpdpbusd" in code or "vpmaddubsw" in code  # the native SIMD kernels are there
+    assert re.findall(r"\s(tdpb\w*|ldtilecfg|tileloadd\w*|tilezero)\s", code) == []
 
 
 def test_builds_for_different_cpus_live_in_different_folders(tmp_path):

@@ -81,10 +81,7 @@ def test_serve_runs_llama_server_on_gemma_and_rate_through_it_answers_in_the_sch
         requests.get(f"{base_url}/models", timeout=5)
     # one generating thread: two threads spin-waiting for each other on cores that the rest of the
     # suite keeps busy made this test take up to 9 minutes
-    server_log = (tmp_path / "llama-server.log").read_text(errors="replace")
-    assert "threadpool init, n_threads = 1\n" in server_log
-    # the build leaves out llama.cpp's AMX kernels, which crash loading this model on AMX CPUs
-    assert "| CPU : " in server_log and "AMX_INT8 = 1" not in server_log
+    assert "threadpool init, n_threads = 1\n" in (tmp_path / "llama-server.log").read_text(errors="replace")
     with open(tmp_path / "ratings.csv", newline="", encoding="utf-8") as fh:
         ratings = list(csv.DictReader(fh))
     assert [r["C_BioSense_ID"] for r in ratings] == [v["C_BioSense_ID"] for v in visits[60:]]
