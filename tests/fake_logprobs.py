@@ -35,3 +35,19 @@ def token_logprobs(content: str, probs: dict[int, float] | None, top: int) -> li
         out.append(entry)
         offset += len(token)
     return out
+
+
+def with_rating_logprob(tokens: list[dict], logprob: float) -> list[dict]:
+    """``tokens`` with the rating value's token, and its own alternative, at ``logprob``: what a
+    misbehaving server might send (above 0, huge, NaN)."""
+    text = "".join(t["token"] for t in tokens)
+    match = RATING_VALUE.search(text)
+    offset = 0
+    for entry in tokens:
+        if match and offset == match.start(1):
+            entry["logprob"] = logprob
+            for alt in entry["top_logprobs"]:
+                if alt["token"] == entry["token"]:
+                    alt["logprob"] = logprob
+        offset += len(entry["token"])
+    return tokens

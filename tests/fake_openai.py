@@ -99,6 +99,8 @@ class FakeOpenAI:
         self.responder: Callable[[str, list, dict], str | None] | None = None
         # each allowed rating's probability for a chat that asks for logprobs (None: all certain)
         self.probs_responder: Callable[[str, list], dict | None] | None = None
+        # rewrites the answer-token log-probabilities before they are sent (a misbehaving server)
+        self.logprobs_edit: Callable[[list], list] | None = None
         self.delay_s = 0.0
         # a chat is answered only once this many chats were in flight at once (or after gate_timeout_s)
         self.gate: int | None = None
@@ -360,7 +362,8 @@ class _Handler(BaseHTTPRequestHandler):
         scores = None
         if body.get("logprobs") is True and isinstance(content, str):
             probs = fake.probs_responder(model, body["messages"]) if fake.probs_responder else None
-            scores = {"content": token_logprobs(content, probs, int(body.get("top_logprobs") or 0)), "refusal": None}
+            tokens = token_logprobs(content, probs, int(body.get("top_logprobs") or 0))
+            scores = {"content": fake.logprobs_edit(tokens) if fake.logprobs_edit else tokens, "refusal": None}
         self._send(200, {"id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion",
                          "created": int(time.time()), "model": model, "system_fingerprint": "fp_fake",
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": content},

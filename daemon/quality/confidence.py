@@ -31,7 +31,10 @@ _RATING = re.compile(r'(?<!\\)"rating"\s*:\s*(-?\d+)')
 _NUMBER_HEAD = re.compile(r"-?\d*")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 ECE_BINS = 10
-T_BOUNDS = (0.05, 20.0)
+T_BOUNDS = (0.05, 20.0)  # where the fit searches
+T_VALID = (1e-3, 1e3)  # what a stored temperature may be: beyond, every confidence is 0, 1 or NaN
+# a log-probability is at most 0; servers round, but one above this is not a log-probability at all
+MAX_LOGPROB = 1e-3
 FLOOR = 1e-6  # a probability of 0 for the expert's rating would make the likelihood infinite
 
 Probabilities = dict[int, float]
@@ -48,8 +51,8 @@ def rating_span(text: str | None) -> tuple[int, int] | None:
 
 def token_entries(value: Any) -> list[tuple[str, float, list[tuple[str, float]]]] | None:
     """``[{token, logprob, top_logprobs: [{token, logprob}]}]`` as (token, logprob, alternatives),
-    or None when the server sent something else (then there is no confidence, and no error: the
-    rating itself stands)."""
+    or None when the server sent something else, a log-probability that is not a finite number at
+    most 0 included (then there is no confidence, and no error: the rating itself stands)."""
     if not isinstance(value, list) or not value:
         return None
     out = []
@@ -57,19 +60,21 @@ def token_entries(value: Any) -> list[tuple[str, float, list[tuple[str, float]]]
         if not isinstance(entry, dict):
             return None
         token, logprob = entry.get("token"), entry.get("logprob")
-        if not isinstance(token, str) or not _finite_number(logprob):
+        if not isinstance(token, str) or not _log_probability(logprob):
             return None
         alternatives = []
         for alt in entry.get("top_logprobs") or []:
-            if not isinstance(alt, dict) or not isinstance(alt.get("token"), str) or not _finite_number(alt.get("logprob")):
+            if (not isinstance(alt, dict) or not isinstance(alt.get("token"), str)
+                    or not _log_probability(alt.get("logprob"))):
                 return None
             alternatives.append((alt["token"], float(alt["logprob"])))
         out.append((token, float(logprob), alternatives))
     return out
 
 
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _log_probability(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value <= MAX_LOGPROB)
 
 
 def probabilities_from_tokens(entries: Sequence[tuple[str, float, Sequence[tuple[str, float]]]] | None,
@@ -91,7 +96,7 @@ def probabilities_from_tokens(entries: Sequence[tuple[str, float, Sequence[tuple
         offset += len(token)
     head = entries[k][0][: start - offset]  # what the token holds before the number (" " in " 1")
     names = {int(v): str(int(v)) for v in values}
-    mass: dict[int, float] = {}
+    logs: dict[int, list[float]] = {}  # each value's log-probabilities, summed once scaled by the largest
     token, logprob, alternatives = entries[k]
     candidates = dict(alternatives)
     candidates[token] = max(candidates.get(token, -math.inf), logprob)
@@ -105,21 +110,34 @@ def probabilities_from_tokens(entries: Sequence[tuple[str, float, Sequence[tuple
         complete = len(digits) < len(rest)
         matches = [v for v, n in names.items() if (n == digits if complete else n.startswith(digits))]
         if len(matches) == 1:
-            mass[matches[0]] = mass.get(matches[0], 0.0) + math.exp(alt_logprob)
+            logs.setdefault(matches[0], []).append(alt_logprob)
         elif alt == token and chosen in matches:
             # shared first token on the path taken: the rest of the number's tokens as generated
-            p = math.exp(alt_logprob)
+            path = alt_logprob
             covered = offset + len(token)
             for next_token, next_logprob, _ in entries[k + 1:]:
                 if covered >= end:
                     break
-                p *= math.exp(next_logprob)
+                path += next_logprob
                 covered += len(next_token)
-            mass[chosen] = mass.get(chosen, 0.0) + p
-    total = sum(mass.values())
-    if mass.get(chosen, 0.0) <= 0 or total <= 0:
+            logs.setdefault(chosen, []).append(path)
+    if chosen not in logs:
+        return None
+    # a softmax over the values' masses: scaled by the largest, no exp overflows or all underflows
+    top = max(x for xs in logs.values() for x in xs)
+    if not math.isfinite(top):
+        return None
+    mass = {v: math.fsum(math.exp(x - top) for x in xs) for v, xs in logs.items()}
+    total = math.fsum(mass.values())
+    if mass[chosen] <= 0:
         return None
     return {v: mass.get(v, 0.0) / total for v in sorted(names)}
+
+
+def valid_temperature(value: Any) -> bool:
+    """A calibration temperature that can be applied: a number from 0.001 to 1000."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and T_VALID[0] <= value <= T_VALID[1])
 
 
 def confidence(probs: Mapping[int, float] | None, rating: int | None) -> float | None:
@@ -133,9 +151,12 @@ def confidence(probs: Mapping[int, float] | None, rating: int | None) -> float |
 # --- calibration -------------------------------------------------------------------------------
 
 def with_temperature(probs: Mapping[int, float] | None, temperature: float) -> Probabilities | None:
-    """``p ** (1 / T)`` renormalised: T > 1 softens over-confident probabilities, T < 1 sharpens."""
+    """``p ** (1 / T)`` renormalised: T > 1 softens over-confident probabilities, T < 1 sharpens
+    (T outside ``T_VALID`` is a ValueError: stored ones are checked where they are read)."""
     if probs is None:
         return None
+    if not valid_temperature(temperature):
+        raise ValueError(f"a calibration temperature must be a number from {T_VALID[0]:g} to {T_VALID[1]:g}")
     if temperature == 1.0:
         return dict(probs)
     logs = {v: math.log(max(p, FLOOR)) / temperature for v, p in probs.items() if p > 0}

@@ -64,13 +64,17 @@ def _basis(report: dict) -> tuple[str, dict | None, dict | None]:
 
 def verdict(report: dict, thresholds: Thresholds = Thresholds()) -> dict:
     """``{"recommended": bool | None, "headline": one sentence, "reasons": [...], ...}`` for the
-    job's new model; ``recommended`` is None when there were too few held-out rows to tell."""
+    job's new model; ``recommended`` is None when there were too few held-out rows to tell (unless
+    even the top of the kappa's interval is below the bar: then it is False)."""
     new_all = new_model(report)
     if new_all is None:
         return {"recommended": None, "headline": "No verdict: the new model was not evaluated.", "reasons": []}
     title = new_all.get("title", "the new model")
     n = int(report.get("n") or 0)
     if n < thresholds.min_rows:
+        below = _whole_interval_below(report, new_all, thresholds, n)
+        if below is not None:
+            return below
         return {"recommended": None, "basis": f"all held-out rows ({n})", "kappa": new_all.get("kappa"),
                 "band": band(new_all.get("kappa")),
                 "headline": f"Cannot tell yet: only {n} held-out rows were rated (at least {thresholds.min_rows} are "
@@ -119,6 +123,23 @@ def verdict(report: dict, thresholds: Thresholds = Thresholds()) -> dict:
         headline = f"Not recommended: the {title}: " + "; ".join(problems) + "."
     return {"recommended": recommended, "basis": basis, "kappa": kappa, "kappa_ci95": ci, "band": what,
             "headline": headline, "reasons": reasons, "problems": problems,
+            "thresholds": {"min_kappa": thresholds.min_kappa, "max_invalid_rate": thresholds.max_invalid_rate,
+                           "min_rows": thresholds.min_rows}}
+
+
+def _whole_interval_below(report: dict, new_all: dict, thresholds: Thresholds, n: int) -> dict | None:
+    """With too few rows for a verdict either way, a kappa whose whole interval lies below the bar
+    still says enough: not recommended (None when the interval reaches the bar, or there is none)."""
+    basis, new, _ = _basis(report)
+    new = new or new_all
+    kappa, ci = new.get("kappa"), new.get("kappa_ci95")
+    if kappa is None or not ci or ci[1] >= thresholds.min_kappa:
+        return None
+    problem = (f"{band(kappa)} with the experts on {basis}: {_kappa_text(kappa, ci)}, the whole interval below "
+               f"the {thresholds.min_kappa:.2f} a recommended model needs, even with only {n} held-out rows")
+    return {"recommended": False, "basis": basis, "kappa": kappa, "kappa_ci95": ci, "band": band(kappa),
+            "headline": f"Not recommended: the {new_all.get('title', 'the new model')}: {problem}.",
+            "reasons": [], "problems": [problem],
             "thresholds": {"min_kappa": thresholds.min_kappa, "max_invalid_rate": thresholds.max_invalid_rate,
                            "min_rows": thresholds.min_rows}}
 

@@ -185,7 +185,7 @@ def weights_checks(report: CapabilityReport, cfg: Config, ollama_arch: str | Non
                    f"to have them on disk beforehand, run `hf download {base.hf_id}`")
     else:
         detail = base.problem or f"no Hugging Face weights found for {model}"
-        if base.ref is None:
+        if base.ref is None and base.gguf_path is None:  # an Ollama blob found has its own problem
             detail = (f"no Hugging Face weights are known for {model}: add `{with_tag(model)}: "
                       f"<weights dir or HF repo id>` under base_models: in the config")
         report.add("base_weights", False, detail)

@@ -8,9 +8,10 @@ exactly those weights, with no download:
   blob ``blobs/sha256-<hex>``), reading files only; ``blob_from_modelfile`` takes the ``FROM`` path
   out of ``/api/show``'s generated Modelfile, for when the folder is elsewhere but readable.
 * ``summary(path)`` reads what the parent needs to decide (architecture, quantization, whether the
-  file carries a chat template, which turn-format tokens its vocabulary has, its sha256) with the
-  ``gguf`` package, once per file version: the answer is cached beside the dequantized weights,
-  because parsing a 262,144-token vocabulary takes most of a minute on a busy 2-core machine.
+  file carries a chat template, which turn-format tokens its vocabulary has, its sha256) with
+  ``ggufheader``'s bounded reader (the daemon's memory does not grow with the vocabulary; a damaged
+  file is a ``GGUFFormatError``), once per file version: the answer is cached, because hashing a
+  model of gigabytes takes a while.
 * ``prepared_dir(summary)`` is where the trainable form lives: the GGUF dequantized by transformers
   (``from_pretrained(folder, gguf_file=...)``) and saved once as ``model.safetensors`` with its
   ``config.json`` and a tokenizer (``tokenizer.json``) carrying the chat template to use, so that the
@@ -42,6 +43,7 @@ from typing import Any
 
 from ..fsutil import read_json_object, write_json
 from ..llamacpp import cache_dir
+from .ggufheader import read_header
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
 DEFAULT_HOST = "registry.ollama.ai"
@@ -134,43 +136,25 @@ def _summary_cache(path: Path, env: Mapping[str, str]) -> Path:
 def _read_summary(path: Path) -> dict[str, Any]:
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    fields = reader.fields
-
-    def scalar(key: str) -> Any:
-        f = fields.get(key)
-        if f is None or not f.data:
-            return None
-        value = f.parts[f.data[0]]
-        if f.types and f.types[0] == gguf.GGUFValueType.STRING:
-            return bytes(value).decode("utf-8", "replace")
-        return value.tolist()[0] if hasattr(value, "tolist") else value
-
-    def strings(key: str) -> list[str]:
-        f = fields.get(key)
-        return [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data] if f is not None else []
-
-    file_type = scalar("general.file_type")
+    header = read_header(path, keys={"general.architecture", "general.name", "general.file_type",
+                                     "tokenizer.ggml.model"}, present={"tokenizer.chat_template"})
+    values = header.values
+    file_type = values.get("general.file_type")
     try:
         quantization = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except (ValueError, TypeError):
         quantization = None if file_type is None else f"file type {file_type}"
-    tokens = strings("tokenizer.ggml.tokens")
-    types = fields.get("tokenizer.ggml.token_type")
-    type_list = [int(types.parts[i][0]) for i in types.data] if types is not None else []
-    special = sorted({t for t, ty in zip(tokens, type_list) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
-                      and t.startswith("<") and t.endswith(">")})
     return {
         "version": SUMMARY_VERSION,
-        "architecture": scalar("general.architecture"),
-        "name": scalar("general.name"),
+        "architecture": values.get("general.architecture"),
+        "name": values.get("general.name"),
         "quantization": quantization,
         "file_type": file_type,
-        "tokenizer_model": scalar("tokenizer.ggml.model"),
-        "has_chat_template": bool(scalar("tokenizer.chat_template")),
-        "special_tokens": special,
-        "vocab_size": len(tokens),
-        "tensors": len(reader.tensors),
+        "tokenizer_model": values.get("tokenizer.ggml.model"),
+        "has_chat_template": bool(values.get("tokenizer.chat_template")),
+        "special_tokens": header.special_tokens,
+        "vocab_size": header.vocab_size,
+        "tensors": header.tensors,
         "sha256": _sha256(path),
         "size": path.stat().st_size,
     }

@@ -7,7 +7,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,10 +21,12 @@ from daemon.fine_tuner import FineTuner
 from daemon.quality import confidence as conf
 from daemon.quality.evaluation import ModelResult, confidence_report
 from daemon.quality.rating import model_from_folder, rate_file, route_for_review
-from tests.fake_logprobs import token_logprobs
+from tests.fake_logprobs import token_logprobs, with_rating_logprob
 from tests.quality.test_evaluator import ScriptedModels, _config, _frame
+from tests.quality.test_rating import FOLDER_HINT
 
 VALUES = sorted(MAPPING.values())
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _entries(content: str, probs: dict[int, float] | None, top: int = 20):
@@ -127,6 +133,23 @@ def test_the_evaluation_through_ollama_reports_known_confidences_and_coverage(fa
     assert "| accept when confidence ≥ |" in md and f"| 0.50 | {n} (100%) | 1.00" in md
 
 
+def test_a_build_whose_evaluation_gets_a_log_probability_of_710_publishes_its_model_set(fake_ollama, tmp_path):
+    """Ollama answering the held-out rows with a log-probability of 710 at the rating (which raised
+    OverflowError and stopped the job): the model set is built and evaluated, with no confidence."""
+    df = _frame()
+    truth = dict(zip(df["formatted_prompt"], df["Standardized_Rating"].astype(int)))
+    fake_ollama.chat_responder = ScriptedModels(df, good_model="llama3.2-1b-dataset:latest")
+    fake_ollama.probs_responder = _probs_for(truth, 0.8)
+    fake_ollama.logprobs_edit = lambda tokens: with_rating_logprob(tokens, 710.0)
+    out = tmp_path / "out"
+    ok, meta = FineTuner(config=_config(tmp_path, fake_ollama)).process_dataset(
+        df, "llama3.2:1b", MAPPING, "respiratory infections", approach="model_set", output_dir=out)
+    assert (ok, meta["approach"], meta["evaluation"]["status"]) == (True, "model_set", "done")
+    new = json.loads((out / "evaluation.json").read_text())["models"][0]
+    assert (new["confidence"]["available"], new["kappa"]) == (0, 1.0)
+    assert not (out / "calibration.json").exists()
+
+
 def test_rating_applies_the_calibration_and_sends_unsure_records_to_review(fake_openai, tmp_path):
     """A model set folder with calibration.json rated through the openai backend with scripted
     log-probabilities: the confidence column is each record's calibrated probability, and
@@ -175,3 +198,90 @@ def test_rating_applies_the_calibration_and_sends_unsure_records_to_review(fake_
     assert summary["needs_review"] == {"threshold": 0.8, "records": len(unsure), "without_confidence": 1,
                                        "file": "new.needs_review.csv"}
     assert summary["confidence"]["source"] == "the server's token log-probabilities (logprobs)"
+
+
+def test_an_impossible_log_probability_gives_no_confidence_and_a_huge_one_no_overflow():
+    """A server's log-probability above 0, huge, infinite or NaN makes the answer's tokens unusable
+    (no confidence; the rating stands); the softmax itself is scaled by the largest term, so
+    log-probabilities of 710 or of -800 give the values' probabilities rather than an
+    OverflowError or nothing."""
+    answer = json.dumps({"rationale": "r", "rating": 1})
+    for bad in (710.0, 1e308, math.inf, math.nan, 0.5):
+        assert conf.token_entries(with_rating_logprob(token_logprobs(answer, {1: 0.6, 0: 0.4}, 20), bad)) is None
+    assert conf.token_entries(token_logprobs(answer, {1: 0.6, 0: 0.4}, 20)) is not None
+    big = [('{"rating": ', 0.0, []), ("1", 710.0, [("0", 709.0), ("-1", 0.0)]), ("}", 0.0, [])]
+    z = 1 + math.exp(-1) + math.exp(-710)
+    assert conf.probabilities_from_tokens(big, VALUES) == pytest.approx(
+        {-1: math.exp(-710) / z, 0: math.exp(-1) / z, 1: 1 / z}, rel=1e-12)
+    tiny = [('{"rating": ', 0.0, []), ("0", -800.0, [("1", -801.0)]), ("}", 0.0, [])]
+    assert conf.probabilities_from_tokens(tiny, VALUES) == pytest.approx(
+        {-1: 0.0, 0: 1 / (1 + math.exp(-1)), 1: math.exp(-1) / (1 + math.exp(-1))}, rel=1e-12)
+
+
+def _rate_cli(tmp_path, backend: str, url: str, model: str = "llama3.2:1b") -> subprocess.CompletedProcess:
+    """`rate` through the named backend's fake, as a user runs it: a bare model (with the mapping
+    and topic) or an output folder."""
+    source = tmp_path / "new.csv"
+    with open(source, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([HEADER, *synthetic_rows(6, 5)])
+    (tmp_path / "m.json").write_text(json.dumps(MAPPING))
+    bare = ["--mapping", str(tmp_path / "m.json"), "--topics", "respiratory infections"] if ":" in model else []
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FINE_TUNER_OLLAMA__RETRIES": "0",
+           "FINE_TUNER_OLLAMA__HOST": url if backend == "ollama" else "http://127.0.0.1:9",
+           **({"FINE_TUNER_OPENAI__BASE_URL": url} if backend == "openai" else {})}
+    return subprocess.run([sys.executable, "-m", "daemon", "rate", "--model", model, *bare, "--input", str(source),
+                           "--backend", backend], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("logprob", [710.0, 1e308, math.nan], ids=["710", "1e308", "nan"])
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+def test_rate_through_a_server_sending_impossible_log_probabilities_rates_every_record(
+        tmp_path, fake_ollama, fake_openai, backend, logprob):
+    """Ollama or an OpenAI-compatible server answering with a log-probability of 710, 1e308 or NaN
+    at the rating: `rate` exits 0 with every record rated, an empty confidence column and the plain
+    note, and no traceback."""
+    rows = list(synthetic_rows(6, 5))
+    truth = {row[1]: int(row[3]) for row in rows}
+    fake_openai.models = ["llama3.2:1b"]
+    fake_openai.responder = lambda model, messages, body: json.dumps(
+        {"rationale": "r", "rating": truth[messages[-1]["content"]]})
+    fake_ollama.chat_responder = lambda model, messages: json.dumps(
+        {"rationale": "r", "rating": truth[messages[-1]["content"]]})
+    for fake in (fake_ollama, fake_openai):
+        fake.probs_responder = lambda model, messages: {v: 0.9 if v == truth[messages[-1]["content"]] else 0.05
+                                                        for v in VALUES}
+        fake.logprobs_edit = lambda tokens: with_rating_logprob(tokens, logprob)
+    res = _rate_cli(tmp_path, backend, fake_ollama.url if backend == "ollama" else fake_openai.url)
+    assert (res.returncode, "Traceback" in res.stderr) == (0, False), res.stderr
+    assert res.stdout.splitlines()[0] == f"rated: 6 of 6 records with llama3.2:1b ({backend})"
+    assert f"confidence: the {backend} backend gave no probabilities: the confidence column is empty" in res.stdout
+    with open(tmp_path / "new.ratings.csv", newline="", encoding="utf-8") as fh:
+        rated = [(r["rating"], r["confidence"]) for r in csv.DictReader(fh)]
+    assert rated == [(str(int(row[3])), "") for row in rows]
+
+
+def test_a_calibration_temperature_outside_0001_to_1000_is_refused_by_name(tmp_path, fake_ollama):
+    """calibration.json with a temperature of 1e-320 (which made every confidence NaN) or 1e6:
+    the model folder is refused with the file, the key and the range, before anything is rated."""
+    from daemon.quality.rating import ModelFolderError
+
+    folder = tmp_path / "model"
+    ok, _ = FineTuner(config={"ollama": {"host": fake_ollama.url, "retries": 0, "register": "off"},
+                              "evaluation": {"enabled": "off"}, "paths": {"root": str(tmp_path)}}).process_dataset(
+        _frame().head(40), "llama3.2:1b", MAPPING, "respiratory infections", approach="model_set", output_dir=folder)
+    assert ok
+    for bad in (1e-320, 1e6):
+        (folder / "calibration.json").write_text(json.dumps({"temperature": bad}))
+        with pytest.raises(ModelFolderError) as info:
+            model_from_folder(folder)
+        assert (info.value.file, info.value.key, info.value.message) == (
+            "calibration.json", "temperature",
+            "calibration.json in the model folder model: temperature: must be a number from 0.001 to 1000")
+    (folder / "calibration.json").write_text(json.dumps({"temperature": 1e-320}))
+    res = _rate_cli(tmp_path, "ollama", fake_ollama.url, model=str(folder))
+    assert (res.returncode, res.stdout, res.stderr) == (1, "", (
+        "fine-tuner: error: calibration.json in the model folder model: temperature: must be a number from 0.001 "
+        f"to 1000 ({FOLDER_HINT})\n"))
+    assert fake_ollama.requests_to("/api/chat") == []
+    with pytest.raises(ValueError, match="a calibration temperature must be a number from 0.001 to 1000"):
+        conf.with_temperature({1: 0.9, 0: 0.1}, 1e-320)

@@ -147,3 +147,16 @@ def test_status_shows_the_verdict_and_a_failed_gate():
         "  j1  model_set -> outputs/j1  kappa -0.03 (base 0.02)",
         "    quality gate failed: kappa -0.03 is below evaluation.min_kappa 0.60",
         "    Not recommended: the model set: 29 % of its answers were invalid."]
+
+
+def test_too_few_rows_with_the_whole_interval_below_the_bar_is_not_recommended():
+    """12 held-out rows are too few to recommend a model, but a kappa interval wholly below the bar
+    says enough: not recommended, naming the interval and the bar; one reaching it stays undecided."""
+    weak = _model("new", "fine-tune", 0.1, [-0.15, 0.4], 0.5, [0.3, 0.7])
+    v = verdict(_report(weak, BASE, n=12))
+    problem = ("slight agreement with the experts on all held-out rows (12): kappa 0.10 (-0.15–0.40), the whole "
+               "interval below the 0.60 a recommended model needs, even with only 12 held-out rows")
+    assert (v["recommended"], v["problems"], v["headline"]) == (
+        False, [problem], f"Not recommended: the fine-tune: {problem}.")
+    reaching = _model("new", "fine-tune", 0.3, [0.0, 0.6], 0.6, [0.4, 0.8])
+    assert verdict(_report(reaching, BASE, n=12))["recommended"] is None
