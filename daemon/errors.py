@@ -155,6 +155,19 @@ class FineTuningNotSupportedError(FineTunerError):
         super().__init__(message, hint=hint)
 
 
+class GGUFFormatError(FineTunerError, ValueError):
+    """A GGUF file that cannot be read: not a GGUF, cut short, or past the reader's limits. ``file``
+    names it and ``offset`` is where reading stopped."""
+
+    default_hint = ("the GGUF file is damaged or incomplete: pull the model again (ollama pull), or name "
+                    "another .gguf file under base_models:")
+
+    def __init__(self, message: str, *, file: str, offset: int | None = None, hint: str | None = None) -> None:
+        self.file = file
+        self.offset = offset
+        super().__init__(message, hint=hint)
+
+
 class TrainingFailedError(FineTunerError):
     """The trainer child failed: non-zero exit, signal or timeout. Its stderr log stays in the job folder."""
 
@@ -262,6 +275,11 @@ class OllamaUnavailableError(OllamaError):
 
 class RegistrationError(OllamaError):
     """A model was built but could not be registered in Ollama (or failed its check afterwards)."""
+
+
+class AdapterRefusedError(RegistrationError):
+    """Ollama would not create a model from base + adapter: the create was refused (400, or an
+    error line such as ``unsupported architecture``), or the created model shows no ADAPTER."""
 
 
 # --- OpenAI-compatible servers -----------------------------------------------------------------

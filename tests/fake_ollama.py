@@ -18,6 +18,13 @@ time, ``endless_pause_s`` apart, 0 for no pause),
 a Content-Length), ``"redirect"`` (307 to ``redirect_to``; with ``redirect_endless``, a body of
 spaces without end) and ``"body"`` (the bytes in
 ``hostile_bodies[path]``, with the status in ``hostile_status[path]``, 200 if none). ``hostile_sent`` counts the bytes each hostile answer got out, by path.
+``refuse_adapters`` makes it a server that creates no model from base + adapter, as Ollama 0.34.1 and
+later (its pull request 14969, "create: add server-side MLX imports and drop GGUF conversion"):
+safetensors adapters are refused before any status line with 400 ``supplied file was not in GGUF
+format`` (that pull request's ``server/create.go`` at ca0b86d3: the adapter files are detected as
+safetensors and ``errOnlyGGUFSupported`` is answered); GGUF adapters with 400 ``ADAPTER_REFUSED``
+(the public report says the new Ollama refuses ``ADAPTER`` altogether, its exact text is
+unconfirmed). A model created from ``files`` holding one ``.gguf`` shows that blob as its ``FROM``.
 The ``fake_ollama`` fixture yields a started server seeded with ``llama3.2:1b`` (llama),
 ``gemma2:2b`` (gemma2) and ``qwen2.5:0.5b`` (qwen2) and stops it, and its threads, afterwards.
 """
@@ -51,6 +58,8 @@ DIGEST_RE = re.compile(r"^sha256[:-][0-9a-fA-F]{64}$")
 PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
 HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}$")
 FULL_PRECISION = ("F16", "BF16", "F32")
+NOT_GGUF = "supplied file was not in GGUF format"
+ADAPTER_REFUSED = "adapters are not supported"  # unconfirmed wording (see the module docstring)
 
 
 @dataclass
@@ -147,6 +156,12 @@ def _safetensors_ok(data: bytes) -> bool:
     except ValueError:
         return False
     return isinstance(header, dict)
+
+
+def _gguf_blob(files: dict | None) -> str | None:
+    """The blob path a model created from one ``.gguf`` in ``files`` shows as its ``FROM``."""
+    ggufs = [d for k, d in (files or {}).items() if k.endswith(".gguf")]
+    return f"{BLOB_DIR}/{ggufs[0].replace(':', '-')}" if len(ggufs) == 1 else None
 
 
 def _parameters_text(parameters: dict) -> str:
@@ -256,6 +271,8 @@ class FakeOllama:
         self.chat_responder: Callable[[str, list], str] | None = None
         # each allowed rating's probability for a chat that asks for logprobs (None: all certain)
         self.probs_responder: Callable[[str, list], dict | None] | None = None
+        # rewrites the answer-token log-probabilities before they are sent (a misbehaving server)
+        self.logprobs_edit: Callable[[list], list] | None = None
         self.hostile: dict[str, str] = {}  # path -> one of HOSTILE
         self.hostile_bodies: dict[str, bytes] = {}  # path -> the body of a "body" answer
         self.hostile_status: dict[str, int] = {}  # path -> the status of a "body" answer (default 200)
@@ -265,6 +282,7 @@ class FakeOllama:
         self.huge_bytes = 1 << 30
         self.redirect_to = ""
         self.redirect_endless = False
+        self.refuse_adapters = False  # a server that creates no model from base + adapter (0.34.1 and later)
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.port = 0
@@ -444,7 +462,7 @@ class FakeOllama:
                       parameters={**base.parameters, **(parameters or {})},
                       messages=list(messages) if messages is not None else list(base.messages),
                       adapters=dict(adapters or base.adapters), files=dict(files or {}),
-                      license=body.get("license", base.license))
+                      license=body.get("license", base.license), weights_file=_gguf_blob(files))
         for digest in sorted(set((adapters or {}).values())):
             lines.append({"status": f"creating new layer {digest}"})
         lines.append({"status": f"using existing layer sha256:{base.weights_digest}"})
@@ -453,6 +471,10 @@ class FakeOllama:
         return lines, None, model
 
     def _check_adapters(self, adapters: dict, base: Model, lines: list[dict]) -> BadRequest | None:
+        if self.refuse_adapters:
+            gguf = any(k.endswith(".gguf") or (not k.endswith(".safetensors") and self.blobs[d][:4] == b"GGUF")
+                       for k, d in adapters.items())
+            return BadRequest(400, ADAPTER_REFUSED if gguf else NOT_GGUF)
         if any(k.endswith(".gguf") for k in adapters):
             # a .gguf key takes the GGUF path, which checks the magic bytes (reference 3.4)
             if any(k.endswith(".gguf") and self.blobs[d][:4] != b"GGUF" for k, d in adapters.items()):
@@ -934,6 +956,8 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("logprobs") is True and reason == "stop":
             probs = self.fake.probs_responder(model.name, body["messages"]) if self.fake.probs_responder else None
             final["logprobs"] = token_logprobs(content, probs, int(body.get("top_logprobs", 0)))
+            if self.fake.logprobs_edit is not None:
+                final["logprobs"] = self.fake.logprobs_edit(final["logprobs"])
         if not stream:
             self._json(200, final)
             return

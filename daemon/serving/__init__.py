@@ -5,10 +5,11 @@ deadline, bounded answer reading, no redirects, JSON shape checks), the Ollama H
 (``ollama``: typed errors, bounded retries), the client of an OpenAI-compatible chat server such as
 llama.cpp's (``openai``: chat completions and the served models, retries that honour Retry-After,
 errors that never repeat a server's text), registering a model set or an adapter and checking it
-answers (``register``), and the capability report that says whether a model can be fine-tuned and
+answers (``register``), the adapter merged into its base GGUF by llama.cpp's tools for an Ollama
+that will not take it (``merge``), and the capability report that says whether a model can be fine-tuned and
 served here (``capability``), and a managed llama.cpp server for a GGUF base and its adapter
 (``llamaserver``). May import: the top-level base
-modules (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``), ``daemon.data``,
+modules (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``, ``llamacpp``), ``daemon.data``,
 ``daemon.training`` (where the base weights are and which adapter files exist) and this package;
 never ``quality``, ``inbox``, ``fine_tuner`` or ``cli``.
 """
