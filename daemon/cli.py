@@ -24,12 +24,13 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
 from . import __version__
-from .config import APPROACHES, EVALUATION_BACKENDS, Config, ConfigError, load_config
+from .config import APPROACHES, DAY_S, EVALUATION_BACKENDS, Config, ConfigError, load_config, number_problem
 from .errors import DatasetTooSmallWarning, FineTunerError, JournalError
 from .logconfig import from_this_package
 
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     proc.add_argument("--output-dir", metavar="DIR", help="where the outputs go (default: outputs/<input stem>)")
     proc.add_argument("--output-model", metavar="NAME", help="Ollama name to register (default derived)")
     proc.add_argument("--epochs", type=int)
-    proc.add_argument("--learning-rate", type=float)
+    proc.add_argument("--learning-rate", type=_number_arg("defaults.learning_rate"))
     proc.add_argument("--batch-size", type=int)
     proc.add_argument("--approach", choices=APPROACHES)
     proc.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to a model set")
@@ -110,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
                            "then the local child), ollama, openai, llama-server or local")
     rate.add_argument("--mapping", metavar="FILE", help="rating mapping (only with a bare Ollama name)")
     rate.add_argument("--topics", help="target topic(s) of the system prompt (only with a bare Ollama name)")
-    rate.add_argument("--review-below", type=_confidence_arg, metavar="P",
+    rate.add_argument("--review-below", type=_number_arg("rating.review_below"), metavar="P",
                       help="write the records whose answer is invalid or whose confidence is under P to "
                            "needs_review.csv for the experts (default: rating.review_below)")
     rate.add_argument("--prompt-template", metavar="TEMPLATE",
@@ -150,14 +151,14 @@ def _parser() -> argparse.ArgumentParser:
     can = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
     can.add_argument("job_id", metavar="JOB_ID")
     can.add_argument("--root", metavar="DIR")
-    can.add_argument("--wait", type=float, default=30.0, metavar="S",
+    can.add_argument("--wait", type=_number_arg(at_most=DAY_S), default=30.0, metavar="S",
                      help="seconds to wait for the daemon to act (default 30; 0: just ask)")
 
     ret = sub.add_parser("retry", parents=[common], help="run a failed job again through the inbox")
     ret.add_argument("job_id", metavar="JOB_ID")
     ret.add_argument("--root", metavar="DIR")
     ret.add_argument("--epochs", type=_positive_int)
-    ret.add_argument("--learning-rate", type=float)
+    ret.add_argument("--learning-rate", type=_number_arg("defaults.learning_rate"))
     ret.add_argument("--batch-size", type=_positive_int)
     ret.add_argument("--approach", choices=APPROACHES)
     ret.add_argument("--model", help="another Ollama base model")
@@ -193,14 +194,25 @@ def _since_arg(text: str) -> str:
     return when.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
-def _confidence_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a confidence such as 0.8, got {text!r}") from None
-    if not (0 < value <= 1):
-        raise argparse.ArgumentTypeError("must be a confidence in (0, 1]")
-    return value
+def _number_arg(setting: str | None = None, *, at_most: float | None = None) -> Callable[[str], float]:
+    """The argparse type of every number flag: a finite number (never nan or inf) in the range of the
+    config setting ``setting``, or else from 0 to ``at_most``; anything else is a usage error (exit 2)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        problem = number_problem(setting or "", value)
+        if problem is None and setting is None and value < 0:
+            problem = "must not be negative"
+        elif problem is None and at_most is not None and value > at_most:
+            problem = f"must be at most {at_most:g}"
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def _fail(message: str, code: int) -> int:
@@ -265,6 +277,10 @@ def _main(argv: list[str] | None) -> int:
         cfg = load_config(args.config, os.environ)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_USAGE)
+    if args.command != "watch":  # watch sets its own
+        # what any command writes (its fine_tuner.log, serve's state folder) is the caller's alone,
+        # or also the group's where the daemon shares its folders with one (paths.group)
+        os.umask(0o007 if cfg.paths.group else 0o077)
     handler = {"process": _cmd_process, "validate": _cmd_validate, "check": _cmd_check,
                "watch": _cmd_watch, "status": _cmd_status, "evaluate": _cmd_evaluate,
                "rate": _cmd_rate, "serve": _cmd_serve, "cancel": _cmd_cancel, "retry": _cmd_retry,
@@ -486,26 +502,36 @@ def _cmd_watch(cfg: Config, args: argparse.Namespace) -> int:
 
 def _cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     """Start llama-server for an output folder or a GGUF, print the base_url, and keep it running
-    until SIGTERM or Ctrl-C, then stop it cleanly."""
+    until SIGTERM, SIGHUP or Ctrl-C, then stop it cleanly. A signal while the model loads stops the
+    server and exits 128 + the signal's number, as a command killed by it would."""
     import signal
     import threading
 
     from .inbox.paths import resolve_paths
-    from .serving.llamaserver import LlamaServer, ServerError, serve_target
+    from .serving.llamaserver import LlamaServer, ServerError, ServerInterrupted, serve_target
 
     target = Path(args.target)
     if not target.exists():
         return _fail(f"{target}: no such file or folder; name a job's output folder or a .gguf file", EXIT_USAGE)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
     try:
         spec = serve_target(target, base_models=cfg.base_models, ollama_models_dir=cfg.ollama.models_dir,
                             parallel=args.parallel, port=args.port, with_adapter=not args.base_only)
         spec = dataclasses.replace(spec, threads=args.threads)
         log_path = Path(args.log) if args.log else resolve_paths(cfg).state_dir / "llama-server.log"
         server = LlamaServer(spec, log_path=log_path)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        server.start()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        server.start(stop_event=stop)
+    except ServerInterrupted:
+        return _fail(f"interrupted ({signal.Signals(received[0]).name}) while llama-server was loading the model; "
+                     "the server is stopped", 128 + received[0])
     except ServerError as exc:
         return _fail(f"{exc.message}; {exc.hint}" if exc.hint else exc.message, EXIT_USAGE)
     try:
@@ -526,18 +552,25 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from . import fsutil
     from .quality.evaluator import EvaluationSkipped, evaluate_folder, read_json
     from .quality.rater import RaterError
+    from .quality.rating import ModelFolderError, model_from_folder
 
     _private_outputs()
     _configure_logging(cfg, args, stdout=False)
     folder = Path(args.output_dir)
     meta_path = folder / "fine_tuning_metadata.json"
-    if not meta_path.is_file():
+    if folder.is_symlink():
+        return _fail(f"{folder} is a symbolic link; links are never followed: pass the output folder itself",
+                     EXIT_USAGE)
+    if not os.path.lexists(meta_path):
         return _fail(f"{folder}: not an output folder (it has no fine_tuning_metadata.json); pass "
                      "outputs/<job_id>", EXIT_USAGE)
-    meta = read_json(meta_path)
     try:
+        model_from_folder(folder)  # every file opened without following a link, every key it reads checked
+        meta = read_json(meta_path)
         report = evaluate_folder(folder, meta, cfg, backend=args.backend or cfg.evaluation.backend,
                                  max_rows=args.max_rows)
+    except ModelFolderError as exc:
+        return _fail(f"cannot evaluate {folder}: {exc.message}", EXIT_FAILED)
     except (EvaluationSkipped, RaterError) as exc:
         return _fail(f"cannot evaluate {folder}: {getattr(exc, 'reason', exc)}", EXIT_FAILED)
     files = evaluation.write_report(report, folder)
@@ -657,10 +690,15 @@ def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_report(cfg: Config, args: argparse.Namespace) -> int:
-    from .fsutil import write_text
+    from .fsutil import write_problem, write_text
     from .inbox import history
+    from .inbox.paths import resolve_paths
 
     cfg = _with_root(cfg, args.root)
+    journal = resolve_paths(cfg).journal
+    if args.output and (problem := write_problem(args.output, inputs=(
+            journal, f"{journal}-wal", f"{journal}-shm"))) is not None:  # as rate --output
+        return _fail(f"{args.output} {problem}; pass another --output", EXIT_USAGE)
     text = history.render(history.report_rows(cfg, topic=args.topic, since=args.since), args.format)
     if args.output:
         write_text(args.output, text)

@@ -144,22 +144,99 @@ def not_a_file(path: str | os.PathLike) -> str | None:
     return None if stat.S_ISREG(st.st_mode) else f"{kind_of(st.st_mode)}, not a file"
 
 
-def open_regular(path: str | os.PathLike, *, dir_fd: int | None = None) -> int:
+def open_regular(path: str | os.PathLike, *, dir_fd: int | None = None, follow_links: bool = False) -> int:
     """Open a regular file for reading without ever blocking or following a link: ``O_NONBLOCK``
     (a FIFO swapped in would otherwise block ``open`` until a writer comes), ``O_NOFOLLOW``, and
     the type checked on the opened descriptor, not on a name that can change in between.
-    ``dir_fd``: ``path`` is relative to that open folder (see ``open_real_dir``)."""
+    ``dir_fd``: ``path`` is relative to that open folder (see ``open_real_dir``). ``follow_links``:
+    a link is followed (a Hugging Face cache is made of them), its target still checked."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(path, flags, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NotRegularFileError(errno.ELOOP, "a symbolic link, not a file", os.fspath(path)) from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise NotRegularFileError(errno.EINVAL, "not a regular file", os.fspath(path))
+        raise NotRegularFileError(errno.EINVAL, f"{kind_of(mode)}, not a regular file", os.fspath(path))
     os.set_blocking(fd, True)
     return fd
+
+
+MAX_READ_BYTES = 64 * 1024 * 1024  # the JSON files of an output folder and a job's log are far smaller
+
+
+class FileTooLargeError(OSError):
+    """A file holds more than its reader takes (nothing beyond the limit was read)."""
+
+
+def read_regular(path: str | os.PathLike, *, limit: int = MAX_READ_BYTES, tail: bool = False,
+                 dir_fd: int | None = None, follow_links: bool = False) -> bytes:
+    """The bytes of the regular file ``path`` opened with ``open_regular`` (never a FIFO, device,
+    folder or, unless ``follow_links``, a link), at most ``limit`` of them: ``FileTooLargeError``
+    when it holds more, or with ``tail`` its last ``limit`` bytes (the end of a long log)."""
+    fd = open_regular(path, dir_fd=dir_fd, follow_links=follow_links)
+    with os.fdopen(fd, "rb") as fh:
+        if tail:
+            fh.seek(max(0, os.fstat(fd).st_size - limit))
+            return fh.read(limit)
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLargeError(errno.EFBIG, f"over the limit of {limit} bytes", os.fspath(path))
+    return data
+
+
+def read_json(path: str | os.PathLike, *, limit: int = MAX_READ_BYTES, dir_fd: int | None = None,
+              follow_links: bool = False) -> Any:
+    """The JSON value of a file read with ``read_regular``. OSError when it cannot be read (missing,
+    a link, not a regular file, over ``limit``); ValueError, whose message never quotes the file,
+    when it is not JSON in UTF-8 or is nested too deeply to parse."""
+    data = read_regular(path, limit=limit, dir_fd=dir_fd, follow_links=follow_links)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply to be read") from None
+    except ValueError:  # not UTF-8, not JSON, or a number over Python's digit limit
+        raise ValueError("not valid JSON in UTF-8") from None
+
+
+def read_problem(exc: BaseException) -> str:
+    """Why ``read_regular`` or ``read_json`` failed, in words that never quote the file: "missing",
+    "a FIFO (named pipe), not a regular file", "not valid JSON in UTF-8", ..."""
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        return "missing"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """``a`` and ``b`` are one file (the same name, another path to it, a symbolic or hard link:
+    compared by device and inode); False when either cannot be examined."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def write_problem(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> str | None:
+    """Why a command must not write its output at ``path``, in words to put after the path (None
+    when it may): it is one of ``inputs`` ("is the input file X itself"), or it exists and is not a
+    regular file ("is a FIFO (named pipe), not a regular file"): replacing it would put a file in
+    place of a folder, a device or a pipe, and writing into it could block or never end."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror or type(exc).__name__})"
+    for given in inputs:
+        if same_file(path, given):
+            return f"is the input file {given} itself"
+    return None if stat.S_ISREG(st.st_mode) else f"is {kind_of(st.st_mode)}, not a regular file"
 
 
 def _digest(fh: IO[bytes]) -> tuple[str, int]:
@@ -178,13 +255,13 @@ def hash_regular_file(path: str | os.PathLike) -> tuple[str, int]:
         return _digest(fh)
 
 
-def read_json_object(path: str | os.PathLike) -> dict:
-    """A JSON object from a file, or {} when it is missing, unreadable, nested too deeply for the
-    parser (a RecursionError) or not an object."""
+def read_json_object(path: str | os.PathLike, *, follow_links: bool = True) -> dict:
+    """A JSON object from a file (``read_json``: never blocks on a FIFO, never reads a device or
+    more than ``MAX_READ_BYTES``), or {} when it is missing, unreadable, not JSON or not an object.
+    A link is followed unless ``follow_links`` is false."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError, RecursionError):
+        data = read_json(path, follow_links=follow_links)
+    except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 

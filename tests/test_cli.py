@@ -513,6 +513,94 @@ def test_status_on_a_dangling_journal_link_is_an_error_not_no_jobs(tmp_path):
     assert line.startswith(f"fine-tuner: error: the journal {state / 'journal.sqlite3'}")
 
 
+def _stand_in_server(path: Path, says: str) -> Path:
+    """A llama-server stand-in that prints ``says`` and exits 3, as a server that cannot load does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho '{says}' >&2\nexit 3\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_cache_dir_and_llama_server_variables_are_used_not_refused_as_settings(tmp_path):
+    """With FINE_TUNER_CACHE_DIR and FINE_TUNER_LLAMA_SERVER set, watch --once and status start and
+    exit 0; serve runs the llama-server built in $FINE_TUNER_CACHE_DIR, or the one
+    $FINE_TUNER_LLAMA_SERVER names."""
+    from daemon.llamacpp import pinned
+
+    cache = tmp_path / "cache"
+    _stand_in_server(pinned({"FINE_TUNER_CACHE_DIR": str(cache)}).server, "stand-in built in the cache")
+    named = _stand_in_server(tmp_path / "bin" / "llama-server", "stand-in named by the variable")
+    gguf, log = tmp_path / "m.gguf", tmp_path / "server.log"
+    gguf.write_bytes(b"GGUF")
+    for env, says in (({"FINE_TUNER_CACHE_DIR": str(cache), "FINE_TUNER_LLAMA_SERVER": ""}, "stand-in built in the cache"),
+                      ({"FINE_TUNER_CACHE_DIR": str(cache), "FINE_TUNER_LLAMA_SERVER": str(named)},
+                       "stand-in named by the variable")):
+        res = run("serve", str(gguf), "--log", str(log), cwd=tmp_path, env=env)
+        assert (res.returncode, res.stdout, res.stderr) == (
+            2, "", f"fine-tuner: error: llama-server exited with code 3 while loading the model: {says}; read {log}\n")
+    res = run("watch", "--root", str(tmp_path), "--once", cwd=tmp_path, env=env)
+    assert (res.returncode, res.stderr) == (0, "")
+    res = run("status", "--root", str(tmp_path), cwd=tmp_path, env=env)
+    assert (res.returncode, res.stdout.splitlines()[1], res.stderr) == (0, "jobs: none yet", "")
+
+
+def test_cancel_wait_nan_or_inf_is_refused_before_anything_is_asked(tmp_path):
+    """cancel --wait nan (or ±inf) is a usage error (exit 2, one line naming the flag) instead of
+    waiting forever, and no cancel is requested."""
+    from daemon.inbox.journal import Journal
+
+    state = tmp_path / ".fine-tuner"
+    state.mkdir()
+    _journal_with_jobs(state / "journal.sqlite3", jobs=1)
+    for value in ("nan", "inf", "-inf"):
+        res = run("cancel", "j0", "--root", str(tmp_path), f"--wait={value}", cwd=tmp_path, timeout=60)
+        assert (res.returncode, res.stdout, res.stderr.splitlines()[-1]) == (
+            2, "", "fine-tuner cancel: error: argument --wait: must be a finite number")
+    with Journal(state / "journal.sqlite3") as journal:
+        assert (journal.get("j0").state, journal.requests()) == ("queued", {})
+
+
+def test_retry_learning_rate_nan_is_refused_and_nothing_is_dropped(tmp_path):
+    """retry --learning-rate nan is a usage error and the inbox stays empty (it used to drop a job
+    file that the daemon then failed); a finite rate is dropped in the job file."""
+    from daemon.inbox.journal import Journal
+
+    state = tmp_path / ".fine-tuner"
+    state.mkdir()
+    _journal_with_jobs(state / "journal.sqlite3", jobs=1)
+    with Journal(state / "journal.sqlite3") as journal:
+        journal.fail("j0", {"error_type": "TrainingFailedError"})
+    failed = tmp_path / "inbox" / "failed" / "j0"
+    failed.mkdir(parents=True)
+    (failed / "v.csv").write_text("formatted_prompt,Standardised_Rating\n")
+    res = run("retry", "j0", "--root", str(tmp_path), "--learning-rate", "nan", cwd=tmp_path)
+    assert (res.returncode, res.stdout, res.stderr.splitlines()[-1]) == (
+        2, "", "fine-tuner retry: error: argument --learning-rate: must be a finite number")
+    assert sorted(os.listdir(tmp_path / "inbox")) == ["failed"]
+    res = run("retry", "j0", "--root", str(tmp_path), "--learning-rate", "0.002", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(tmp_path / "inbox")) == ["failed", "v.csv", "v.job.yaml"]
+    assert "learning_rate: 0.002\n" in (tmp_path / "inbox" / "v.job.yaml").read_text()
+
+
+@pytest.mark.parametrize("args, error", [
+    (("cancel", "j0", "--wait", "-1"), "fine-tuner cancel: error: argument --wait: must not be negative"),
+    (("cancel", "j0", "--wait", "86401"), "fine-tuner cancel: error: argument --wait: must be at most 86400"),
+    (("retry", "j0", "--learning-rate", "0"), "fine-tuner retry: error: argument --learning-rate: must be greater than 0"),
+    (("retry", "j0", "--learning-rate", "fast"),
+     "fine-tuner retry: error: argument --learning-rate: expected a number, got 'fast'"),
+    (("process", "--input", "v.csv", "--learning-rate", "inf"),
+     "fine-tuner process: error: argument --learning-rate: must be a finite number"),
+    (("rate", "--input", "v.csv", "--review-below", "nan"),
+     "fine-tuner rate: error: argument --review-below: must be a finite number"),
+])
+def test_number_flags_are_finite_and_in_range(tmp_path, args, error):
+    """Every number flag refuses nan, inf and values out of its range at once: exit 2, one line."""
+    res = run(*args, cwd=tmp_path)
+    assert (res.returncode, res.stdout, res.stderr.splitlines()[-1]) == (2, "", error)
+    assert os.listdir(tmp_path) == []
+
+
 def test_rate_shows_a_progress_bar_on_a_terminal(tmp_path, fake_ollama, dataset):
     """With stderr on a terminal, rate draws tqdm's progress bar, advanced per answer (12 records,
     one chunk: it moves before the chunk ends), with records/s, reaching 12/12; without a terminal
@@ -625,3 +713,63 @@ def test_rate_says_what_an_input_that_is_not_a_file_is(tmp_path, fake_ollama, da
     assert res.returncode == 2
     assert res.stderr.splitlines() == [
         f"fine-tuner: error: {source}: {what}, not a file; pass the records to rate (a CSV file) with --input"]
+
+
+def _model_set_output(tmp_path: Path) -> Path:
+    """A model set built from 60 synthetic rows, in outputs/visits (no evaluation, no Ollama)."""
+    import pandas as pd
+
+    from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
+    from daemon.fine_tuner import FineTuner
+
+    out = tmp_path / "outputs" / "visits"
+    ok, _ = FineTuner(config={"ollama": {"host": "http://127.0.0.1:9", "retries": 0, "connect_timeout_s": 0.5,
+                                         "register": "off"}, "evaluation": {"enabled": "off"},
+                              "paths": {"root": str(tmp_path)}}).process_dataset(
+        pd.DataFrame(list(synthetic_rows(60, 7)), columns=HEADER), "llama3.2:1b", MAPPING, "respiratory infections",
+        approach="model_set", output_dir=out)
+    assert ok
+    return out
+
+
+def test_evaluate_refuses_links_and_says_in_one_line_what_is_wrong_with_a_file(tmp_path):
+    """`evaluate` refuses a link to an output folder, and a metadata file of the wrong shape, a FIFO
+    or a link in its place, or a held-out line that is not a chat record: one line each, at once,
+    nothing asked of a model."""
+    out = _model_set_output(tmp_path)
+    (tmp_path / "link").symlink_to(out)
+    res = run("evaluate", str(tmp_path / "link"), cwd=tmp_path, timeout=60)
+    assert (res.returncode, res.stderr) == (2, f"fine-tuner: error: {tmp_path / 'link'} is a symbolic link; links are "
+                                               "never followed: pass the output folder itself\n")
+    meta_path, held_out = out / "fine_tuning_metadata.json", out / "validation_data.jsonl"
+    meta, records = meta_path.read_text(), held_out.read_text()
+    where = f"cannot evaluate {out}: fine_tuning_metadata.json in the model folder visits"
+    cases = {"labels": f"{where}: mapping.labels: must be a non-empty object of label: integer rating pairs, "
+                       "not a text",
+             "fifo": f"{where} is not a regular file",
+             "link": f"{where} is a symbolic link; links in a model folder are never followed",
+             "line": f"cannot evaluate {out}: validation_data.jsonl line 2 is not a chat record (an object whose "
+                     "messages are a list of turns with text content)",
+             "held-out fifo": f"cannot evaluate {out}: validation_data.jsonl cannot be read: a FIFO (named pipe), "
+                              "not a regular file"}
+    for case, message in cases.items():
+        meta_path.unlink()
+        meta_path.write_text(meta)
+        held_out.unlink()
+        held_out.write_text(records)
+        if case == "labels":
+            meta_path.write_text(json.dumps({**json.loads(meta), "mapping": {"labels": "Match"}}))
+        elif case == "fifo":
+            meta_path.unlink()
+            os.mkfifo(meta_path)
+        elif case == "link":
+            (tmp_path / "meta.json").write_text(meta)
+            meta_path.unlink()
+            meta_path.symlink_to(tmp_path / "meta.json")
+        elif case == "line":
+            held_out.write_text(records.splitlines()[0] + '\n{"messages": "not turns"}\n')
+        else:
+            held_out.unlink()
+            os.mkfifo(held_out)
+        res = run("evaluate", str(out), cwd=tmp_path, timeout=60)
+        assert (case, res.returncode, res.stdout, res.stderr) == (case, 1, "", f"fine-tuner: error: {message}\n")

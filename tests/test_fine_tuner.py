@@ -136,6 +136,29 @@ class TestFineTuner:
         assert info.value.report.supported is False
         assert tuner.check_fine_tuning_capability("no-such-model:7b") is False
 
+    def test_a_cut_off_gguf_base_falls_back_to_a_model_set(self, tmp_path, monkeypatch):
+        """A base_models .gguf cut short fails the base_weights check with what is wrong with it, and
+        the job builds a model set instead of stopping on an internal error."""
+        from tests.training.test_ggufheader import _tensor_table_end, write_gguf
+
+        monkeypatch.setenv("FINE_TUNER_CACHE_DIR", str(tmp_path / "cache"))
+        whole = write_gguf(tmp_path / "whole.gguf").read_bytes()
+        (tmp_path / "base.gguf").write_bytes(whole[:-16])
+        cfg = offline_config(tmp_path, ollama={"register": "off"}, evaluation={"enabled": "off"})
+        cfg["base_models"] = {"llama3.2:1b": str(tmp_path / "base.gguf")}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ok, meta = FineTuner(config=cfg).process_dataset(frame(60), "llama3.2:1b", MAPPING, "flu",
+                                                             output_dir=tmp_path / "o")
+        assert (ok, meta["approach"]) == (True, "model_set")
+        check = next(c for c in meta["capability"]["checks"] if c["name"] == "base_weights")
+        assert (check["ok"], check["detail"]) == (
+            False, f"the GGUF base.gguf holds {len(whole) - 16:,} bytes but its tensors need {len(whole):,}: "
+                   f"the file is cut short (at byte {_tensor_table_end(tmp_path / 'whole.gguf')}): the GGUF "
+                   "file is damaged or incomplete: pull the model again (ollama pull), or name another .gguf "
+                   "file under base_models:")
+        assert (tmp_path / "o" / "model_set_config.json").is_file()
+
     def test_logs_carry_no_cell_values(self, tmp_path):
         """fine_tuner.log has the job's events and never a cell value."""
         FineTuner(config=offline_config(tmp_path)).process_dataset(

@@ -235,3 +235,61 @@ def test_make_executable_adds_execute_where_read_is(tmp_path):
         os.chmod(path, mode)
         fsutil.make_executable(path)
     assert [_mode(private), _mode(shared)] == ["0o700", "0o770"]
+
+
+def test_read_json_never_blocks_on_a_fifo_nor_reads_a_device_or_a_link(tmp_path):
+    """A FIFO (no writer), a link to /dev/zero and a link to a good file in place of a JSON file are
+    refused at once, each saying what it is; read_json_object gives {} for them, following only a
+    link to a regular file when asked to."""
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    (tmp_path / "good.json").write_text('{"a": 1}')
+    (tmp_path / "link.json").symlink_to(tmp_path / "good.json")
+    problems = {}
+    for name in ("fifo.json", "zero.json", "link.json"):
+        with pytest.raises(fsutil.NotRegularFileError) as info:
+            fsutil.read_json(tmp_path / name)
+        problems[name] = fsutil.read_problem(info.value)
+    assert problems == {"fifo.json": "a FIFO (named pipe), not a regular file",
+                        "zero.json": "a symbolic link, not a file", "link.json": "a symbolic link, not a file"}
+    with pytest.raises(fsutil.NotRegularFileError) as info:
+        fsutil.read_json(tmp_path / "zero.json", follow_links=True)
+    assert fsutil.read_problem(info.value) == "a character device, not a regular file"
+    assert [fsutil.read_json_object(tmp_path / n) for n in ("fifo.json", "zero.json", "link.json")] == [
+        {}, {}, {"a": 1}]
+    assert fsutil.read_json_object(tmp_path / "link.json", follow_links=False) == {}
+
+
+def test_read_regular_stops_at_its_limit_or_gives_the_tail(tmp_path):
+    """A file over the limit is a FileTooLargeError (nothing past the limit read); ``tail`` gives its
+    last bytes instead; a file that is not JSON is a ValueError that does not quote it."""
+    path = tmp_path / "big.log"
+    path.write_bytes(b"0123456789" * 10)
+    with pytest.raises(fsutil.FileTooLargeError) as info:
+        fsutil.read_regular(path, limit=99)
+    assert fsutil.read_problem(info.value) == "over the limit of 99 bytes"
+    assert (fsutil.read_regular(path, limit=100), fsutil.read_regular(path, limit=15, tail=True)) == (
+        b"0123456789" * 10, b"567890123456789")
+    path.write_text("secret text, not json")
+    with pytest.raises(ValueError) as bad:
+        fsutil.read_json(path)
+    assert str(bad.value) == "not valid JSON in UTF-8"
+
+
+def test_write_problem_refuses_an_input_and_what_is_not_a_regular_file(tmp_path):
+    """Writing at a path that is an input (itself, through a link, a hard link), a FIFO, a folder or
+    a device is refused in words; a regular file or a free name is not."""
+    source = tmp_path / "journal.sqlite3"
+    source.write_text("x")
+    (tmp_path / "link").symlink_to(source)
+    os.link(source, tmp_path / "hard")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "other").write_text("y")
+    problems = {name: fsutil.write_problem(tmp_path / name, inputs=(source,))
+                for name in ("journal.sqlite3", "link", "hard", "fifo", "dir", "other", "free")}
+    same = f"is the input file {source} itself"
+    assert problems == {"journal.sqlite3": same, "link": same, "hard": same,
+                        "fifo": "is a FIFO (named pipe), not a regular file", "dir": "is a folder, not a regular file",
+                        "other": None, "free": None}
+    assert fsutil.write_problem("/dev/null") == "is a character device, not a regular file"

@@ -14,7 +14,8 @@ file, the column and the row where they apply, never a cell value: these are pat
 - ``scan_csv(path) -> CsvTable`` and ``read_chunks(table, chunk_rows, columns)``: the same checks
   and the same strings for a file too large to hold (rating), read again chunk by chunk.
 - ``find_column(names, candidates)``: a known column as the file spells it (case-insensitive).
-- ``safe_cell`` / ``csv_text``: how the product writes every CSV cell (no spreadsheet formulas).
+- ``safe_cell`` / ``csv_text``: how the product writes every CSV cell (no spreadsheet formulas);
+  every reader takes that guard off again (``unguard_cell``), so our own files read back exactly.
 
 Never log, never call Ollama; messages never contain cell values.
 """
@@ -62,6 +63,9 @@ _HEADER_LIMIT = 8 << 20  # bounded read of the header line, whatever the file ho
 _CP1252_UNDEFINED = re.compile(rb"[\x81\x8d\x8f\x90\x9d]")
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0e-\x1f]")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list for CSV injection
+# spreadsheets in many locales split cells on ";": what follows one starts a cell of its own
+_FORMULA_AFTER_SEMICOLON = re.compile(r";[=+\-@\t\r]")
+_GUARD = "'"
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
@@ -331,7 +335,8 @@ def _parse_chunks(path: Path, info: ReadInfo, chunk_rows: int,
                          encoding=info.encoding, engine="c", quotechar='"', doublequote=True,
                          skip_blank_lines=True, chunksize=chunk_rows, usecols=usecols) as reader:
             for chunk in reader:
-                chunk.columns = [str(c).strip().lstrip("\ufeff") for c in chunk.columns]
+                chunk.columns = [unguard_cell(str(c).strip().lstrip("\ufeff")) for c in chunk.columns]
+                _unguard_frame(chunk)
                 yield chunk
     except pd.errors.EmptyDataError:
         raise EmptyDatasetError("the file has no header row", file=name,
@@ -453,22 +458,59 @@ def canonical_columns(names: Iterable[str]) -> list[str]:
 
 # --- writing -----------------------------------------------------------------------------------
 
+def _runs_as_formula(text: str) -> bool:
+    """A spreadsheet could run ``text`` as a formula: it starts with ``=``, ``+``, ``-``, ``@``, a
+    tab or a carriage return (not a plain number such as ``-3``), or holds a ``;`` followed by one."""
+    return ((text.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text))
+            or _FORMULA_AFTER_SEMICOLON.search(text) is not None)
+
+
+def _guarded(text: str) -> bool:
+    """``safe_cell`` puts the guard before ``text``: it could run as a formula behind any number of
+    leading apostrophes (a cell's own apostrophe then survives ``unguard_cell``)."""
+    return _runs_as_formula(text.lstrip(_GUARD))
+
+
 def safe_cell(value: Any) -> str:
     """A cell as the product writes it into a CSV file. Text a spreadsheet would run as a formula
-    (it starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) gets a leading single
-    quote, as OWASP recommends against CSV injection; plain numbers (``-3``, ``+1.5``) stay as
-    they are, so ratings still read as numbers."""
+    (``_runs_as_formula``) gets a leading single quote, as OWASP recommends against CSV injection;
+    plain numbers (``-3``, ``+1.5``) stay as they are, so ratings still read as numbers.
+    ``unguard_cell`` takes the quote off again when the file is read back."""
     text = "" if value is None else value if isinstance(value, str) else str(value)
-    if text.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text):
-        return "'" + text
-    return text
+    return _GUARD + text if _guarded(text) else text
+
+
+def unguard_cell(text: str) -> str:
+    """A cell as it was before ``safe_cell`` guarded it: the leading single quote taken off exactly
+    where ``safe_cell`` would have put it, so a file we wrote (``needs_review.csv`` sent back as
+    training data) reads back as the records it was made from; any other cell is unchanged."""
+    return text[1:] if text.startswith(_GUARD) and _guarded(text[1:]) else text
+
+
+def _unguard_frame(chunk: pd.DataFrame) -> None:
+    """``unguard_cell`` on every cell of ``chunk`` that starts with a single quote, in place. A
+    column with no such cell is passed over at C speed (one join and one search), so reading a
+    dataset costs about the same with the guard as without."""
+    for i in range(chunk.shape[1]):
+        values = chunk.iloc[:, i].to_numpy(dtype=object)
+        if "\n" + _GUARD not in "\n" + "\n".join(values):  # a cell's own "\n'" only costs the loop below
+            continue
+        rows = [j for j, v in enumerate(values) if v.startswith(_GUARD)]
+        if rows:
+            chunk.iloc[rows, i] = [unguard_cell(values[j]) for j in rows]
 
 
 def csv_text(rows: Iterable[Sequence[Any]]) -> str:
     """Rows as CSV text with ``\n`` line ends, every cell through ``safe_cell``: the one way the
     product writes a CSV file (``ratings.csv``, ``predictions.csv``)."""
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows([safe_cell(c) for c in row] for row in rows)
+    plain = csv.writer(buf, lineterminator="\n")
+    # with "\n" line ends the writer leaves a cell holding a lone "\r" unquoted, and a reader then
+    # ends the row there: such a row has every cell quoted
+    quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        cells = [safe_cell(c) for c in row]
+        (quoted if any("\r" in c for c in cells) else plain).writerow(cells)
     return buf.getvalue()
 
 

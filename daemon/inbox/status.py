@@ -4,7 +4,10 @@ base model's, the verdict, warnings) and failures from the journal, each topic's
 orphans and datasets waiting in the inbox; one job in full (``status JOB_ID``: its record, progress,
 the operator's actions, its log's events, warnings and files); and the text form, escaped so that no
 file name can forge a line. It only reads: SQLite's write-ahead log lets it read while the daemon
-writes.
+writes. It owns reading a job's output folder for ``status``, ``report`` and ``promote``
+(``output_json``, ``evaluation_file``): never through a link, never from a FIFO or a device, never
+more than a bounded size, and ``evaluation.json`` checked for the type of every value read, so
+that a file that cannot be read is named on its job's line and never breaks the other jobs'.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
+import os
 import random
 import tempfile
 import threading
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import evaluation, trust
+from .. import fsutil
 from ..data import prompts
 from ..config import Config
 from ..logconfig import get_logger
@@ -74,27 +77,62 @@ class HeldOut:
 
 
 def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    """A JSON object file of an output folder (``fsutil.read_json``: never through a link, never a
+    FIFO or a device, never more than ``fsutil.MAX_READ_BYTES``); EvaluationSkipped saying why not."""
+    try:
+        data = fsutil.read_json(path)
+    except (OSError, ValueError) as exc:
+        raise EvaluationSkipped(f"{path.name} cannot be read: {fsutil.read_problem(exc)}") from None
+    if not isinstance(data, dict):
+        raise EvaluationSkipped(f"{path.name} cannot be read: it is not a JSON object")
+    return data
+
+
+def _held_out_records(path: Path) -> list[list[dict]]:
+    """The chat records of ``validation_data.jsonl`` (opened as ``fsutil.open_regular`` does, each
+    line at most ``fsutil.MAX_READ_BYTES``); EvaluationSkipped naming the line that is not one
+    (a list of at least two ``{"role", "content": text}`` turns), never quoting it."""
+    try:
+        fh = os.fdopen(fsutil.open_regular(path), "rb")
+    except OSError as exc:
+        raise EvaluationSkipped(f"{path.name} cannot be read: {fsutil.read_problem(exc)}") from None
+    records = []
+    with fh:
+        for number in itertools.count(1):
+            line = fh.readline(fsutil.MAX_READ_BYTES + 1)
+            if not line:
+                break
+            if len(line) > fsutil.MAX_READ_BYTES:
+                raise EvaluationSkipped(f"{path.name} line {number} is over the limit of "
+                                        f"{fsutil.MAX_READ_BYTES} bytes")
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line.decode("utf-8"))["messages"]
+            except (ValueError, RecursionError, KeyError, TypeError):
+                messages = None
+            if not (isinstance(messages, list) and len(messages) >= 2
+                    and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
+                raise EvaluationSkipped(f"{path.name} line {number} is not a chat record (an object whose "
+                                        "messages are a list of turns with text content)")
+            records.append(messages)
+    return records
 
 
 def held_out(folder: Path, meta: dict, *, max_rows: int | None, seed: int) -> HeldOut:
     """The held-out rows of an output folder (at most ``max_rows``, a seeded sample in row order)."""
     path = folder / "validation_data.jsonl"
-    if not path.is_file():
+    if not os.path.lexists(path):  # a link or a FIFO in its place: _held_out_records says so
         raise EvaluationSkipped("there are no held-out rows (a dataset below defaults.min_rows usable "
                                 "rows keeps every row for building the model)")
     values = sorted(int(v) for v in (meta.get("mapping") or {}).get("labels", {}).values())
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                records.append(json.loads(line)["messages"])
+    records = _held_out_records(path)
     if not records:
         raise EvaluationSkipped("there are no held-out rows (validation_data.jsonl is empty)")
-    split = meta.get("split") or {}
-    rows = list(split.get("validation_source_rows") or range(1, len(records) + 1))
-    if len(rows) != len(records):
+    split = meta.get("split") if isinstance(meta.get("split"), dict) else {}
+    rows = split.get("validation_source_rows")
+    if not (isinstance(rows, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in rows)) \
+            or len(rows) != len(records):
         rows = list(range(1, len(records) + 1))
     familiar = split.get("familiar_rows")
     sets = None

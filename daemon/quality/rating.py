@@ -47,7 +47,8 @@ from . import confidence, evaluation
 from .. import fsutil
 from ..data import prompts
 from ..config import Config, display_name, model_name_problem
-from ..data.csvfile import ID_COLUMNS, PROMPT_COLUMNS, csv_text, find_column, read_chunks, safe_cell, scan_csv
+from ..data.csvfile import (ID_COLUMNS, PROMPT_COLUMNS, csv_text, find_column, read_chunks, safe_cell, scan_csv,
+                             unguard_cell)
 from ..errors import ConfigError, FineTunerError, MissingColumnError, TrainingInterruptedError
 from .evaluator import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, prefix, served
 from ..logconfig import get_logger
@@ -197,39 +198,45 @@ class _ModelFolder:
 
     def _open(self, name: str, *, required: bool) -> IO[bytes] | None:
         try:
-            fd = fsutil.open_regular(name, dir_fd=self.fd)
-        except FileNotFoundError:
+            return os.fdopen(fsutil.open_regular(name, dir_fd=self.fd), "rb")
+        except OSError as exc:
+            return self._unreadable(name, exc, required=required)
+
+    def _unreadable(self, name: str, exc: OSError, *, required: bool) -> None:
+        """None for a missing file the folder may lack; else the ModelFolderError saying why."""
+        if isinstance(exc, FileNotFoundError):
             if required:
                 raise self.error(name, None, "is missing") from None
             return None
-        except fsutil.NotRegularFileError as exc:
-            problem = ("is a symbolic link; links in a model folder are never followed" if exc.errno == errno.ELOOP
-                       else "is not a regular file")
-            raise self.error(name, None, problem) from None
-        except OSError as exc:
-            raise self.error(name, None, f"cannot be read ({exc.strerror or type(exc).__name__})") from None
-        return os.fdopen(fd, "rb")
+        if isinstance(exc, fsutil.NotRegularFileError):
+            raise self.error(name, None, "is a symbolic link; links in a model folder are never followed"
+                             if exc.errno == errno.ELOOP else "is not a regular file") from None
+        if isinstance(exc, fsutil.FileTooLargeError):
+            raise self.error(name, None, f"is over the limit of {MAX_MODEL_FILE_BYTES} bytes") from None
+        raise self.error(name, None, f"cannot be read ({exc.strerror or type(exc).__name__})") from None
 
-    def json_object(self, name: str) -> dict:
-        """The JSON object file ``name`` holds (ModelFolderError naming it when it does not)."""
-        fh = self._open(name, required=True)
-        assert fh is not None
-        with fh:
-            data = fh.read(MAX_MODEL_FILE_BYTES + 1)
-        if len(data) > MAX_MODEL_FILE_BYTES:
-            raise self.error(name, None, f"is over the limit of {MAX_MODEL_FILE_BYTES} bytes")
+    def _read(self, name: str, *, required: bool) -> bytes | None:
+        try:
+            return fsutil.read_regular(name, limit=MAX_MODEL_FILE_BYTES, dir_fd=self.fd)
+        except OSError as exc:
+            return self._unreadable(name, exc, required=required)
+
+    def _object(self, name: str, data: bytes) -> dict:
         value = self._parse(name, data)
         if not isinstance(value, dict):
             raise self.error(name, None, f"is not a JSON object (it holds {_kind(value)})")
         return value
 
+    def json_object(self, name: str) -> dict:
+        """The JSON object file ``name`` holds (ModelFolderError naming it when it does not)."""
+        data = self._read(name, required=True)
+        assert data is not None
+        return self._object(name, data)
+
     def optional_object(self, name: str) -> dict | None:
         """``json_object`` of a file the folder may lack (None then)."""
-        fh = self._open(name, required=False)
-        if fh is None:
-            return None
-        fh.close()
-        return self.json_object(name)
+        data = self._read(name, required=False)
+        return None if data is None else self._object(name, data)
 
     def first_line(self, name: str) -> Any:
         """The JSON value of the first line of ``name``; None when the file is missing or empty."""
@@ -441,8 +448,9 @@ def _temperature(files: "_ModelFolder") -> float | None:
     if data is None:
         return None
     value = data.get("temperature")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1000:
-        raise files.error(evaluation.CALIBRATION_FILE, "temperature", "must be a number above 0")
+    if not confidence.valid_temperature(value):
+        low, high = confidence.T_VALID
+        raise files.error(evaluation.CALIBRATION_FILE, "temperature", f"must be a number from {low:g} to {high:g}")
     return float(value)
 
 
@@ -676,24 +684,12 @@ def output_problem(input_csv: str | os.PathLike, output_csv: str | os.PathLike,
                    also: tuple[str | os.PathLike, ...] = ()) -> str | None:
     """Why rating ``input_csv`` into ``output_csv`` must not start, in words (None when it may): a
     file the run would write (the output, its part file and sidecar, and ``also``) is the input
-    itself (the same name, another path to it, a symbolic or hard link: compared by device and
-    inode), or exists and is not a regular file (a folder, FIFO, device or socket)."""
-    try:
-        source = os.stat(input_csv)
-    except OSError:
-        source = None
+    itself or exists and is not a regular file (``fsutil.write_problem``)."""
     for path in (Path(output_csv), *part_files(output_csv), *map(Path, also)):
-        try:
-            st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as exc:
-            return f"{path}: {exc.strerror or type(exc).__name__}"
-        where = "" if path == Path(output_csv) else " (written beside the output)"
-        if source is not None and (st.st_dev, st.st_ino) == (source.st_dev, source.st_ino):
-            return f"{path}{where} is the input file {input_csv} itself: rating would overwrite the records"
-        if not stat.S_ISREG(st.st_mode):
-            return f"{path}{where} is {fsutil.kind_of(st.st_mode)}, not a regular file"
+        if (problem := fsutil.write_problem(path, inputs=(input_csv,))) is not None:
+            where = "" if path == Path(output_csv) else " (written beside the output)"
+            overwrite = ": rating would overwrite the records" if fsutil.same_file(path, input_csv) else ""
+            return f"{path}{where} {problem}{overwrite}"
     return None
 
 
@@ -878,7 +874,7 @@ def write_needs_review(input_csv: str | os.PathLike, ratings_csv: str | os.PathL
             for _first, chunk in chunks:
                 rows = []
                 for record in chunk.itertuples(index=False, name=None):
-                    verdict = next(rated)
+                    verdict = {k: unguard_cell(v) if isinstance(v, str) else v for k, v in next(rated).items()}
                     if not verdict.get("model"):  # an empty prompt: nobody was asked
                         continue
                     sure = verdict.get("confidence") or ""

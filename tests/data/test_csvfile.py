@@ -168,6 +168,32 @@ def test_csv_text_writes_every_cell_safely():
         "'=id,rating\n-1,\"'=HYPERLINK(\"\"h\"\",\"\"c\"\")\"\n")
 
 
+def test_safe_cell_guards_a_formula_after_a_semicolon_and_its_own_quote():
+    """A ``;`` followed by = + - @, a tab or a carriage return starts a formula where spreadsheets
+    split cells on ``;``: the cell gets the leading quote; a cell's own leading quote before a
+    formula gets one more, so that reading back can take exactly ours off; other cells stay."""
+    cells = ["cough;=HYPERLINK(1)", "a;+1", "a;-b", "a;@b", "a;\tb", "a;\rb", "'-ve", "''=x", "a;b", "a; =b",
+             "'hello", "'-3"]
+    assert [safe_cell(c) for c in cells] == [
+        "'cough;=HYPERLINK(1)", "'a;+1", "'a;-b", "'a;@b", "'a;\tb", "'a;\rb", "''-ve", "'''=x", "a;b", "a; =b",
+        "'hello", "'-3"]
+
+
+def test_what_we_write_reads_back_exactly(tmp_path):
+    """Cells guarded on writing (formulas, a formula after ``;``, a lone carriage return, a cell's
+    own leading quote) read back, header included, as the cells that were written; a quote that is
+    not our guard stays."""
+    cells = ["-ve for flu", "+ve strep", "=SUM(A1)", "@home", "\tx", "\rx", "a\rb", "cough;=1", "'-already",
+             "''=x", "'hello", "'-3", "-3", "'", "plain"]
+    rows = [["formatted_prompt", "Standardized_Rating", "-notes"], *(["p", "1", c] for c in cells)]
+    path = write(tmp_path / "ours.csv", csv_text(rows))
+    df, _ = read_csv(path)
+    assert (list(df.columns), df["-notes"].tolist()) == (["formatted_prompt", "Standardized_Rating", "-notes"], cells)
+    table = scan_csv(path)
+    assert [c["-notes"].tolist() for _, c in read_chunks(table, 4, ["-notes"])] == [
+        cells[0:4], cells[4:8], cells[8:12], cells[12:]]
+
+
 def test_find_column_takes_the_exact_name_then_any_case():
     """The exact spelling wins; otherwise a known column is found in another case; None when absent."""
     assert find_column(["C_Biosense_ID", "Row_ID"], ("Row_ID", "C_BioSense_ID")) == "Row_ID"

@@ -179,8 +179,8 @@ def test_html_page_has_a_chart_per_topic_the_table_and_every_confusion_matrix(ro
 
 def test_hostile_job_id_and_topic_are_escaped_everywhere(tmp_path):
     """A job id and a topic holding markup, a terminal escape, a direction override and a
-    spreadsheet formula: HTML-escaped (and shown as escapes) on the page, escaped in the text,
-    quoted in the CSV cell."""
+    spreadsheet formula: HTML-escaped (and shown as escapes) on the page, escaped in the text and
+    in the CSV (no terminal escape in the file), the formula quoted in its CSV cell."""
     build_history(tmp_path, (PlannedJob(HOSTILE_ID, HOSTILE_TOPIC, 60, 0.0, "2026-01-01T00:00:00.000+00:00",
                                         evaluated=False),))
     rows = history.report_rows(cfg_for(tmp_path))
@@ -192,7 +192,8 @@ def test_hostile_job_id_and_topic_are_escaped_everywhere(tmp_path):
     text = history.render(rows, "text")
     assert ("\x1b" in text, "\u202e" in text, printable(HOSTILE_ID) in text) == (False, False, True)
     [row] = list(csv.DictReader(io.StringIO(history.render(rows, "csv"))))
-    assert (row["job_id"], row["topic"]) == (HOSTILE_ID, "'" + HOSTILE_TOPIC)
+    assert (row["job_id"], row["topic"]) == (printable(HOSTILE_ID), "'" + HOSTILE_TOPIC)
+    assert ("\x1b" in history.render(rows, "csv"), "\u202e" in history.render(rows, "csv")) == (False, False)
 
 
 def test_rating_jobs_are_left_out_and_a_missing_folder_is_a_reason(tmp_path):

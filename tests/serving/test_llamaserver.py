@@ -290,4 +290,5 @@ def test_serve_says_in_one_line_what_is_wrong_with_a_folders_metadata(tmp_path):
                                   "name": '{"model": "gemma3:270m", "registration": {"name": 3}}'}[case])
         res = run("serve", str(folder), cwd=tmp_path, timeout=60)
         assert (case, res.returncode, res.stdout, res.stderr) == (
-            case, 2, "", f"fine-tuner: error: {message}; name an output folder that fine-tuner built, or a .gguf file\n")
+            case, 2, "", f"fine-tuner: error: {message}; name an output folder that fine-tuner built, or a .gguf "
+                         "file\n")
