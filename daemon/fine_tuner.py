@@ -502,12 +502,36 @@ class FineTuner:
         if chosen.kind == "none":
             plan.meta["split"]["note"] = (f"no hold-out: fewer than {d.min_rows} usable rows (defaults.min_rows), "
                                           "so every row is used and the model cannot be evaluated on unseen rows")
+        else:
+            self._fit_baseline(plan, build_dir, train_pos)
         log.info("split_made", kind=chosen.kind, train_rows=int(len(train_pos)),
                  familiar_rows=int(len(chosen.familiar)), new_kinds_rows=int(len(chosen.new_kinds)),
                  group_column=ds.grouping.get("column"), groups=chosen.info.get("groups"),
                  duplicate_rows=chosen.info.get("duplicate_rows"),
                  duplicates_set_aside=chosen.info.get("duplicates_set_aside"))
         return train_pos, val_pos
+
+    def _fit_baseline(self, plan: JobPlan, build_dir: Path, train_pos) -> None:
+        """The bag-of-words baseline on exactly the training rows (their prompt text, what the models
+        see), saved as ``baseline.json`` for the evaluation to measure beside the models and for
+        ``rate --backend baseline``; seconds of work, never skipped when there is a hold-out."""
+        import time
+
+        from .quality import baseline
+
+        frame = plan.ds.frame
+        texts = [str(t) for t in frame["prompt"].to_numpy(dtype=object)[train_pos]]
+        ratings = [int(r) for r in frame["rating"].to_numpy()[train_pos]]
+        if len(set(ratings)) < 2:
+            plan.meta["baseline"] = {"fitted": False, "reason": "the training rows hold a single rating"}
+            return
+        started = time.monotonic()
+        fitted = baseline.fit(texts, ratings, seed=self.config.defaults.seed)
+        fsutil.write_json(build_dir / baseline.FILE, fitted.to_json())
+        fit_s = round(time.monotonic() - started, 3)
+        plan.meta["baseline"] = {"fitted": True, "file": baseline.FILE, "train_rows": len(texts), "c": fitted.c,
+                                 "fit_s": fit_s}
+        log.info("baseline_fitted", train_rows=len(texts), c=fitted.c, duration_s=fit_s)
 
     def _write_model_set(self, plan: JobPlan, build_dir: Path) -> None:
         from .data import modelset
@@ -634,7 +658,7 @@ class FineTuner:
 
     def _fine_tune(self, plan: JobPlan, build_dir: Path) -> None:
         from .data import modelset, trainingdata
-        from .serving import register
+        from .serving import merge, register
         from .training import supervisor
 
         ds, settings, stem, meta, stages, job = plan.ds, plan.settings, plan.stem, plan.meta, plan.stages, plan.job
@@ -695,11 +719,25 @@ class FineTuner:
                              "base_weights": _base_weights_record(base),
                              "template": base.template}
         schema = prompts.output_schema(ds.mapping.values)
+        merged_gguf, merges = build_dir / merge.MERGED_GGUF, []
+
+        def merged() -> dict:
+            record = merge.merge_adapter(base.gguf_path, Path(result.adapter_dir) / merge.ADAPTER_GGUF, merged_gguf)
+            merges.append(record)
+            return {**record, "path": str(merged_gguf)}
+
         with stages("registration"):
-            meta["registration"] = self._register(lambda client: register.register_adapter(
-                client, name=name, base=settings.model, adapter_dir=Path(result.adapter_dir),
-                system=system, parameters=parameters, output_schema=schema, adapter_format=adapter_format,
-                template=fmt.ollama if fmt else None), plan.ollama_memory)
+            meta["registration"] = self._register(lambda client: register.register_fine_tune(
+                client, merge=self.config.ollama.merge_adapter, merged=merged, name=name, base=settings.model,
+                adapter_dir=Path(result.adapter_dir), system=system, parameters=parameters, output_schema=schema,
+                adapter_format=adapter_format, template=fmt.ollama if fmt else None), plan.ollama_memory)
+        if merges:
+            # the Modelfile says what Ollama holds (or would, made from it): FROM the merged file, no ADAPTER
+            used = meta["registration"].get("modelfile") or {}
+            fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
+                base=f"./{merge.MERGED_GGUF}", system=system, messages=[],
+                parameters=used.get("parameters") or parameters,
+                template=used["template"] if "template" in used else fmt.ollama if fmt else None))
 
     # --- output folders ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .baseline import KEY as BASELINE_KEY
 from .evaluation import new_model
 
 # Landis and Koch's bands, the ones evaluation.md explains
@@ -52,14 +53,39 @@ def _kappa_text(kappa: float | None, ci: list[float] | None) -> str:
     return f"kappa {kappa:.2f}" + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
 
 
-def _basis(report: dict) -> tuple[str, dict | None, dict | None]:
-    """(what the verdict rests on, the new model's figures there, the base model's)."""
+def _basis_models(report: dict) -> tuple[str, dict[str, dict]]:
+    """(what the verdict rests on, every model's figures there by key)."""
     new_kinds = (report.get("figures") or {}).get("new_kinds")
     if new_kinds and new_kinds.get("n", 0) >= NEW_KINDS_MIN_ROWS:
-        by_key = {m["key"]: m for m in new_kinds["models"]}
-        return f"new kinds of records ({new_kinds['n']} rows)", by_key.get("new"), by_key.get("base")
-    by_key = {m["key"]: m for m in report.get("models", [])}
-    return f"all held-out rows ({report.get('n', 0)})", by_key.get("new"), by_key.get("base")
+        return f"new kinds of records ({new_kinds['n']} rows)", {m["key"]: m for m in new_kinds["models"]}
+    return f"all held-out rows ({report.get('n', 0)})", {m["key"]: m for m in report.get("models", [])}
+
+
+def _basis(report: dict) -> tuple[str, dict | None, dict | None]:
+    """(what the verdict rests on, the new model's figures there, the base model's)."""
+    basis, by_key = _basis_models(report)
+    return basis, by_key.get("new"), by_key.get("base")
+
+
+def _against_baseline(report: dict, new: dict) -> tuple[str | None, str | None, str | None, bool]:
+    """What the verdict says of the bag-of-words baseline trained on the same rows: (a reason, a
+    problem, a caveat, whether it agrees better than every model). A model that loses to it is not
+    recommended; one that does not beat it beyond the intervals is told so plainly."""
+    _, by_key = _basis_models(report)
+    baseline = by_key.get(BASELINE_KEY)
+    kappa, ci = new.get("kappa"), new.get("kappa_ci95")
+    if baseline is None or baseline.get("kappa") is None or kappa is None:
+        return None, None, None, False
+    b_kappa, b_ci = baseline["kappa"], baseline.get("kappa_ci95")
+    others = [m.get("kappa") for k, m in by_key.items() if k != BASELINE_KEY]
+    best = all(k is None or b_kappa > k for k in others)
+    what = f"a bag-of-words classifier trained on the same rows ({_kappa_text(b_kappa, b_ci)})"
+    if ci and b_ci and ci[0] > b_ci[1]:
+        return f"better than {what}, the intervals apart", None, None, best
+    if b_kappa > kappa:
+        return None, f"{what} agrees better with the experts", None, best
+    return None, None, (f"{what[0].upper()}{what[1:]} agrees as well: the {new.get('title', 'new model')} "
+                        "does not beat it beyond their intervals."), best
 
 
 def verdict(report: dict, thresholds: Thresholds = Thresholds()) -> dict:
@@ -109,6 +135,11 @@ def verdict(report: dict, thresholds: Thresholds = Thresholds()) -> dict:
     (reasons if invalid_ok else problems).append(
         f"{_pct(invalid)} of its answers were invalid"
         + ("" if invalid_ok else f" (at most {_pct(thresholds.max_invalid_rate)} for a recommended model)"))
+    beats_baseline, baseline_problem, caveat, use_baseline = _against_baseline(report, new)
+    if beats_baseline:
+        reasons.append(beats_baseline)
+    if baseline_problem:
+        problems.append(baseline_problem)
     effect = report.get("adapter_effect") or {}
     if effect.get("ignored"):
         problems.insert(0, "its adapter had no effect: it answered exactly like the base model")
@@ -121,7 +152,13 @@ def verdict(report: dict, thresholds: Thresholds = Thresholds()) -> dict:
         headline = f"Recommended: the {title} shows " + "; ".join(reasons) + "."
     else:
         headline = f"Not recommended: the {title}: " + "; ".join(problems) + "."
-    return {"recommended": recommended, "basis": basis, "kappa": kappa, "kappa_ci95": ci, "band": what,
+    if caveat:
+        headline += " " + caveat
+    if use_baseline:
+        headline += (" Use the bag-of-words classifier instead: it agrees better than every model measured "
+                     "(fine-tuner rate --backend baseline).")
+    return {"recommended": recommended, "use_baseline": use_baseline, "basis": basis, "kappa": kappa,
+            "kappa_ci95": ci, "band": what,
             "headline": headline, "reasons": reasons, "problems": problems,
             "thresholds": {"min_kappa": thresholds.min_kappa, "max_invalid_rate": thresholds.max_invalid_rate,
                            "min_rows": thresholds.min_rows}}
