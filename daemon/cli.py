@@ -30,7 +30,7 @@ from pathlib import Path
 import structlog
 
 from . import __version__
-from .config import APPROACHES, DAY_S, EVALUATION_BACKENDS, Config, ConfigError, load_config, number_problem
+from .config import APPROACHES, DAY_S, EVALUATION_BACKENDS, RATING_BACKENDS, Config, ConfigError, load_config, number_problem
 from .errors import DatasetTooSmallWarning, FineTunerError, JournalError
 from .logconfig import from_this_package
 
@@ -105,10 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     rate.add_argument("--root", metavar="DIR", help="the daemon's folder, for --topic")
     rate.add_argument("--input", required=True, metavar="CSV", help="the records to rate")
     rate.add_argument("--output", metavar="CSV", help="ratings file (default: <input stem>.ratings.csv beside the input)")
-    rate.add_argument("--backend", choices=EVALUATION_BACKENDS, default="auto",
+    rate.add_argument("--backend", choices=RATING_BACKENDS, default="auto",
                       help="who answers: auto (Ollama, then an OpenAI-compatible server at openai.base_url, "
                            "then llama-server started for the run when evaluation.start_llama_server is on, "
-                           "then the local child), ollama, openai, llama-server or local")
+                           "then the local child), ollama, openai, llama-server, local, or baseline (the "
+                           "output folder's bag-of-words classifier: thousands of records a second)")
     rate.add_argument("--mapping", metavar="FILE", help="rating mapping (only with a bare Ollama name)")
     rate.add_argument("--topics", help="target topic(s) of the system prompt (only with a bare Ollama name)")
     rate.add_argument("--review-below", type=_number_arg("rating.review_below"), metavar="P",

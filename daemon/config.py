@@ -239,6 +239,8 @@ SECTIONS = {"defaults": Defaults, "ollama": OllamaConfig, "openai": OpenAIConfig
             "metrics": MetricsConfig}
 EVALUATION_MODES = ("auto", "required", "off")
 EVALUATION_BACKENDS = ("auto", "ollama", "openai", "llama-server", "local")
+# rating can also use the bag-of-words baseline every job with a hold-out stores (baseline.json)
+RATING_BACKENDS = (*EVALUATION_BACKENDS, "baseline")
 TRAINING_BACKENDS = ("local", "axolotl")
 # training_config.yaml keys that fine-tuner writes itself: training.axolotl may not set them
 AXOLOTL_OWN_KEYS = frozenset((

@@ -45,8 +45,8 @@ def test_process_model_set(tmp_path, dataset):
               "--topics", "respiratory infections", "--approach", "model_set", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     out = tmp_path / "outputs" / "visits"
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "fine_tuning_metadata.json", "model_set_config.json",
-                                                     "validation_data.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "baseline.json", "fine_tuning_metadata.json",
+                                                     "model_set_config.json", "validation_data.jsonl"]
     assert "approach: model_set" in res.stdout
     log_text = (tmp_path / "fine_tuner.log").read_text()
     assert "approach_selected" in log_text and MARKER not in log_text
@@ -191,7 +191,7 @@ def test_demo_runs_offline(tmp_path):
     assert "model set: ok=True" in res.stdout
     assert "fine-tune: ok=True" in res.stdout
     assert (tmp_path / "demo_outputs" / "fine_tune" / "adapter" / "adapter_model.safetensors").is_file()
-    assert "| | fine-tune | model set | base model (zero-shot) |" in res.stdout  # it ends with the evaluation
+    assert "| | fine-tune | bag-of-words baseline | model set | base model (zero-shot) |" in res.stdout  # the evaluation
     assert (tmp_path / "demo_outputs" / "fine_tune" / "evaluation.json").is_file()
 
 
@@ -269,7 +269,7 @@ def test_damaged_journal_is_one_line_and_no_restart_loop(tmp_path, command, code
                 "read-only": (f"the journal {path} is not writable: Read-only file system", WRITABLE),
                 "dangling link": (f"the journal {path} is a symbolic link to a missing file",
                                   "point the link at the journal, or remove it to start with a new, empty journal"),
-                "newer schema": (f"the journal {path} has schema version 7; this fine-tuner knows version 3",
+                "newer schema": (f"the journal {path} has schema version 7; this fine-tuner knows version 4",
                                  "run the fine-tuner version that wrote it, or move it aside to start a new journal"),
                 }[kind]
     if kind == "garbage":
@@ -344,9 +344,10 @@ def test_evaluate_an_output_folder_again(tmp_path, fake_ollama, synthetic_csv, m
     fake_ollama.chat_content = json.dumps({"rating": 1, "rationale": "x"})
     res = run("evaluate", str(out), "--backend", "ollama", "--max-rows", "4", cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr
-    assert "| accuracy (95% CI) |" in res.stdout and "| model set | base model (zero-shot) |" in res.stdout
+    assert "| accuracy (95% CI) |" in res.stdout
+    assert "| model set | bag-of-words baseline | base model (zero-shot) |" in res.stdout
     report = json.loads((out / "evaluation.json").read_text())
-    assert [m["n"] for m in report["models"]] == [4, 4]
+    assert [m["n"] for m in report["models"]] == [4, 4, 4]
     assert json.loads((out / "fine_tuning_metadata.json").read_text())["evaluation"]["status"] == "done"
     res = run("evaluate", str(tmp_path), cwd=tmp_path, env=env)
     assert res.returncode == 2
@@ -641,7 +642,7 @@ def test_process_evaluate_and_rate_write_private_files_whatever_the_umask(tmp_pa
     modes = {str(p.relative_to(work)): oct(p.lstat().st_mode & 0o777) for p in work.rglob("*")}
     folders = ["outputs", "outputs/visits", "rated", "rated/deep"]
     files = ["fine_tuner.log", "rated/deep/r.csv", "rated/deep/r.summary.json"] + [
-        f"outputs/visits/{name}" for name in ("Modelfile", "confusion_matrix.png", "evaluation.json", "evaluation.md",
+        f"outputs/visits/{name}" for name in ("Modelfile", "baseline.json", "confusion_matrix.png", "evaluation.json", "evaluation.md",
                                               "fine_tuning_metadata.json", "model_set_config.json",
                                               "predictions.csv", "validation_data.jsonl")]
     assert modes == {**{f: "0o700" for f in folders}, **{f: "0o600" for f in files}}

@@ -88,7 +88,7 @@ class TestFineTuner:
             frame(60), "llama3.2:1b", MAPPING, "respiratory infections", approach="model_set", output_dir=out)
         assert ok is True
         assert meta["approach"] == "model_set"
-        assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "fine_tuning_metadata.json",
+        assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "baseline.json", "fine_tuning_metadata.json",
                                                         "model_set_config.json", "validation_data.jsonl"]
         held_out = set(meta["split"]["validation_source_rows"])
         assert (len(held_out), meta["split"]["train_rows"]) == (6, 54)

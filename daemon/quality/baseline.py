@@ -31,6 +31,7 @@ VECTORIZERS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("char", {"analyzer": "char_wb", "ngram_range": (3, 5), "lowercase": True, "min_df": 1}),
 )
 MAX_FEATURES = 2_000_000  # a stored vocabulary larger than this is refused, not loaded
+MAX_FILE_BYTES = 256 * 1024 * 1024
 
 
 class BaselineError(ValueError):
@@ -79,7 +80,7 @@ class Baseline:
         return [{c: float(p) for c, p in zip(self.classes, row)} for row in probs]
 
     def predict(self, texts: Sequence[str]) -> list[int]:
-        return [max(p, key=lambda c: (p[c], -c)) for p in self.probabilities(texts)]
+        return [most_likely(p) for p in self.probabilities(texts)]
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "classes": list(self.classes), "c": self.c, "train_rows": self.train_rows,
@@ -119,6 +120,11 @@ class Baseline:
         if type(c) not in (int, float) or not math.isfinite(c) or c <= 0 or type(train_rows) is not int:
             raise BaselineError(f"{FILE}: c must be a positive number and train_rows an integer")
         return cls(tuple(classes), tuple(vocabularies), tuple(idfs), coef_rows, intercept, float(c), train_rows)
+
+
+def most_likely(probs: dict[int, float]) -> int:
+    """The rating with the highest probability (the lower rating on a tie)."""
+    return max(probs, key=lambda c: (probs[c], -c))
 
 
 def _ints(value: Any, field: str) -> list[int]:

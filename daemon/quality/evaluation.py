@@ -289,7 +289,8 @@ def evaluation_report(results: Sequence[ModelResult], expert: Sequence[int], row
 CONFIDENCE_SOURCES = {"ollama": "Ollama's token log-probabilities (/api/chat logprobs)",
                       "openai": "the server's token log-probabilities (logprobs)",
                       "llama-server": "llama-server's token log-probabilities (logprobs)",
-                      "local": "teacher forcing of each allowed rating at the rating position"}
+                      "local": "teacher forcing of each allowed rating at the rating position",
+                      "baseline": "the bag-of-words classifier's own probabilities"}
 
 
 def confidence_report(result: ModelResult, expert: Sequence[int], *, seed: int) -> tuple[dict, list]:

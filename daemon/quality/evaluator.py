@@ -422,6 +422,9 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
     with served(chosen, plan, models, base, config) as (speak, weights, cfg):
         results, texts = _answer_all(models, data, base, speak, weights, cfg, schema, values, memory, stop_event,
                                      label=chosen)
+    measured = baseline_result(folder, data.users)
+    if measured is not None:  # beside the new model, before the comparisons
+        results.insert(1, measured)
     adapter_check = None
     if any(m.adapter_dir is not None for m in models) and "new" in texts and "base" in texts:
         adapter_check = evaluation.adapter_effect(texts["new"], texts["base"])
@@ -439,6 +442,37 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
              models=evaluation.summary_line(report), recommended=report["verdict"]["recommended"],
              quality_gate=report["quality_gate"]["status"])
     return report
+
+
+def load_baseline(folder: Path) -> "baseline.Baseline | None":
+    """The folder's stored bag-of-words baseline; None for a folder built before there was one, and
+    for an unreadable one (logged, never a reason to skip the evaluation)."""
+    from . import baseline
+
+    path = folder / baseline.FILE
+    if not os.path.lexists(path):
+        return None
+    try:
+        return baseline.Baseline.from_json(fsutil.read_json(path, limit=baseline.MAX_FILE_BYTES))
+    except (OSError, ValueError) as exc:
+        log.warning("baseline_unreadable", file=baseline.FILE, reason=fsutil.read_problem(exc))
+        return None
+
+
+def baseline_result(folder: Path, users: list[str]) -> evaluation.ModelResult | None:
+    """The bag-of-words baseline's ratings of the held-out records, timed, with its probabilities."""
+    from . import baseline
+
+    fitted = load_baseline(folder)
+    if fitted is None:
+        return None
+    started = time.monotonic()
+    probs = fitted.probabilities(users)
+    duration = time.monotonic() - started
+    ratings = [baseline.most_likely(p) for p in probs]
+    per_row = duration / len(users) if users else 0.0
+    return evaluation.ModelResult(baseline.KEY, baseline.TITLE, baseline.FILE, ratings, [per_row] * len(users),
+                                  round(duration, 4), baseline.KEY, probs=probs)
 
 
 def _topic(meta: dict) -> str:

@@ -129,6 +129,32 @@ def _stopped(stop_event: threading.Event | None) -> None:
         raise TrainingInterruptedError("rating was stopped because the service is shutting down")
 
 
+class BaselineRater:
+    """The bag-of-words baseline (``baseline.Baseline``) as a rater: each record's rating is its most
+    likely one, its probabilities the confidence; no server, no generation."""
+
+    CHUNK = 512
+
+    def __init__(self, fitted) -> None:
+        self.fitted = fitted
+
+    def answer(self, conversations: Sequence[list[dict]], on_progress: Progress | None = None,
+               stop_event: threading.Event | None = None) -> list[Answer]:
+        from .baseline import most_likely
+
+        out: list[Answer] = []
+        for start in range(0, len(conversations), self.CHUNK):
+            _stopped(stop_event)
+            began = time.monotonic()
+            chunk = conversations[start:start + self.CHUNK]
+            probs = self.fitted.probabilities([c[-1]["content"] for c in chunk])
+            each = (time.monotonic() - began) / len(chunk)
+            out += [Answer(json.dumps({"rating": most_likely(p)}), each, p) for p in probs]
+            if on_progress is not None:
+                on_progress(len(out), len(conversations))
+        return out
+
+
 class OllamaRater:
     backend = "ollama"
 

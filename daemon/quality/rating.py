@@ -52,7 +52,7 @@ from ..data.csvfile import (ID_COLUMNS, PROMPT_COLUMNS, csv_text, find_column, r
 from ..errors import ConfigError, FineTunerError, MissingColumnError, TrainingInterruptedError
 from .evaluator import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, prefix, served
 from ..logconfig import get_logger
-from .rater import LocalRater, OllamaRater, OpenAIRater, RaterError
+from .rater import BaselineRater, LocalRater, OllamaRater, OpenAIRater, RaterError
 from ..data.template import Template, check_columns, render
 
 if TYPE_CHECKING:
@@ -95,6 +95,8 @@ class RatingModel:
     approach: str | None = None  # "fine_tune", "model_set", or None for a bare Ollama model
     # the temperature the evaluation fitted (``calibration.json``), applied to every confidence
     temperature: float | None = None
+    # the folder's bag-of-words baseline (``baseline.json``; ``rate --backend baseline``), if it has one
+    baseline: Any = None
 
     @property
     def values(self) -> list[int]:
@@ -114,7 +116,8 @@ class RatingModel:
 METADATA_FILE = "fine_tuning_metadata.json"
 MODEL_SET_FILE = "model_set_config.json"
 TRAINING_FILES = ("validation_data.jsonl", "training_data.jsonl")
-MAX_MODEL_FILE_BYTES = 64 * 1024 * 1024  # a folder's JSON files and a record line are far smaller
+MAX_MODEL_FILE_BYTES = 64 * 1024 * 1024
+BASELINE = "baseline"  # rate --backend baseline: the folder's bag-of-words classifier  # a folder's JSON files and a record line are far smaller
 FOLDER_HINT = ("rate with a complete output folder of fine-tuner process or the daemon; a folder copied from "
                "another machine or written by an older version may need to be built again")
 
@@ -413,6 +416,7 @@ def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLik
         template = _template(files, meta)
         approach = meta.get("approach")
         temperature = _temperature(files)
+        fitted = _baseline(files)
         if approach not in ("fine_tune", "model_set"):
             raise files.error(METADATA_FILE, "approach", f"must be fine_tune or model_set, not {_kind(approach)}"
                               if not isinstance(approach, str) else "must be fine_tune or model_set")
@@ -425,7 +429,7 @@ def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLik
                                                definition if isinstance(definition, str) else None)
             adapter = _adapter(files, meta)
             return RatingModel(base, registered, system, labels, [], adapter, template, str(folder), approach,
-                               temperature)
+                               temperature, fitted)
         config = files.json_object(MODEL_SET_FILE)
         if config.get("base_model") is not None:
             base = _model_name(files, MODEL_SET_FILE, "base_model", config["base_model"])
@@ -437,9 +441,24 @@ def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLik
                               else "is empty" if isinstance(system, str)
                               else f"must be a text, not {_kind(system)}")
         return RatingModel(base, registered, system, labels, _few_shot(files, config), None, template,
-                           str(folder), "model_set", temperature)
+                           str(folder), "model_set", temperature, fitted)
     finally:
         files.close()
+
+
+def _baseline(files: "_ModelFolder"):
+    """The folder's bag-of-words baseline (None when it has none: built before there was one, or
+    without a hold-out); every field checked, never code run (``baseline.Baseline.from_json``)."""
+    from . import baseline
+
+    data = files.optional_object(baseline.FILE)
+    if data is None:
+        return None
+    try:
+        return baseline.Baseline.from_json(data)
+    except baseline.BaselineError as exc:
+        raise files.error(baseline.FILE, None, str(exc).removeprefix(f"{baseline.FILE}").lstrip(": ")
+                          or "is not a fine-tuner baseline") from None
 
 
 def _temperature(files: "_ModelFolder") -> float | None:
@@ -644,6 +663,8 @@ def _rationale(text: str | None) -> str:
 def _rater(model: RatingModel, backend: str, weights, config: Config, schema: dict, memory):
     """(the rater's answer function, the model name written in each output row)."""
     values = model.values
+    if backend == BASELINE:
+        return BaselineRater(model.baseline).answer, "bag-of-words baseline"
     if backend == "ollama":
         name = model.ollama_name or model.base_model
         rater = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=config.defaults.seed,
@@ -662,8 +683,14 @@ def _rater(model: RatingModel, backend: str, weights, config: Config, schema: di
 
 
 def _choose(model: RatingModel, backend: str, config: Config, memory) -> tuple[str, Any]:
+    if backend == BASELINE:
+        if model.baseline is None:
+            raise RatingError("this model has no bag-of-words baseline (baseline.json): it is kept in the output "
+                              "folder of every job built with held-out rows",
+                              hint="rate with another backend, or build the model again with this version")
+        return BASELINE, None
     if backend not in BACKENDS:
-        raise RatingError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
+        raise RatingError(f"unknown backend {backend!r}; one of {', '.join((*BACKENDS, BASELINE))}")
     try:
         return choose_backend(backend, [_eval_model(model)], model.base_model, config, memory)
     except EvaluationSkipped as exc:
@@ -735,6 +762,9 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
     read_s = time.monotonic() - started
 
     chosen, plan = _choose(model, backend, config, memory)
+    temperature = model.temperature or 1.0  # fitted for the model's answers, not the baseline's
+    if chosen == BASELINE:
+        temperature = 1.0
     with contextlib.ExitStack() as serving:
         try:  # a llama-server started for this run (evaluator.served) lives until the run ends
             speak, weights, config = serving.enter_context(
@@ -758,7 +788,6 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
                  chunk_rows=chunk_rows, input_sha256=info.sha256, id_column=id_column)
         rating_started = time.monotonic()
         progress = _Progress(total, resumed, rating_started)
-        temperature = model.temperature or 1.0
         confident = 0
         done = resumed
         status = "done"

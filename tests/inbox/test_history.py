@@ -53,12 +53,13 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_one_row_per_job_and_model_in_finish_order(root):
-    """Each evaluated job gives a row for its new model and one for the base model, oldest job
-    first; the job that was not evaluated gives one row."""
+    """Each evaluated job gives a row for its new model, one for the bag-of-words baseline and one for
+    the base model, oldest job first; the job that was not evaluated gives one row."""
     rows = history.report_rows(cfg_for(root))
     expected = []
     for job in JOBS:
-        expected += [(job.job_id, "new"), (job.job_id, "base")] if job.evaluated else [(job.job_id, None)]
+        expected += ([(job.job_id, "new"), (job.job_id, "baseline"), (job.job_id, "base")] if job.evaluated
+                     else [(job.job_id, None)])
     assert [(r["job_id"], r["model"]) for r in rows] == expected
     assert [list(r) for r in rows] == [list(history.COLUMNS)] * len(rows)
 
@@ -83,12 +84,13 @@ def test_a_row_holds_the_figures_of_the_jobs_files(root):
 
 
 def test_the_verdict_is_on_the_new_models_row_only_and_a_random_split_has_no_new_kinds(root):
-    """The base model's row carries no verdict; a job with a random split has no new-kinds kappa."""
+    """The base model's and the baseline's rows carry no verdict; a job with a random split has no
+    new-kinds kappa."""
     rows = history.report_rows(cfg_for(root))
-    base = [r for r in rows if r["model"] == "base"]
-    assert {(r["recommended"], r["verdict"]) for r in base} == {(None, None)}
+    others = [r for r in rows if r["model"] in ("base", "baseline")]
+    assert {(r["recommended"], r["verdict"]) for r in others} == {(None, None)}
     injuries = [r["kappa_new_kinds"] for r in rows if r["topic"] == "Injuries"]
-    assert injuries == [None, None]
+    assert injuries == [None, None, None]
 
 
 def test_a_job_not_evaluated_has_empty_figures_and_the_reason(root):
@@ -129,7 +131,7 @@ def test_csv_and_json_hold_the_rows(root):
     meta, report = files_of(root, JOBS[3])
     new = report["models"][0]
     [kinds] = [m for m in report["figures"]["new_kinds"]["models"] if m["key"] == "new"]
-    assert parsed[6] == {
+    assert parsed[9] == {
         "job_id": JOBS[3].job_id, "finished_at": JOBS[3].finished_at, "topic": "respiratory infections",
         "approach": "model_set", "base_model": "llama3.2:1b", "rows": "360",
         "train_rows": str(meta["split"]["train_rows"]), "held_out": str(report["n"]), "model": "new",
@@ -148,17 +150,20 @@ def test_text_table_shows_each_job_once_with_its_verdict(root):
     lines = history.render(rows, "text").splitlines()
     assert lines[0].split() == ["finished", "job", "topic", "approach", "base", "model", "rows", "model", "kappa",
                                 "95%", "CI", "new", "kinds", "macro-F1", "invalid"]
-    new, base = rows[6], rows[7]
-    assert lines[10].split() == ["2026-05-18", "09:00", JOBS[3].job_id, "respiratory", "infections", "model_set",
+    new, measured, base = rows[9], rows[10], rows[11]
+    assert lines[13].split() == ["2026-05-18", "09:00", JOBS[3].job_id, "respiratory", "infections", "model_set",
                                 "llama3.2:1b", "360", "new", f"{new['kappa']:.2f}",
                                 f"{new['kappa_ci_low']:.2f}..{new['kappa_ci_high']:.2f}",
                                 f"{new['kappa_new_kinds']:.2f}", f"{new['macro_f1']:.2f}", "0%"]
-    assert lines[11].split() == ["base", f"{base['kappa']:.2f}",
+    assert lines[14].split() == ["baseline", f"{measured['kappa']:.2f}",
+                                 f"{measured['kappa_ci_low']:.2f}..{measured['kappa_ci_high']:.2f}",
+                                 f"{measured['kappa_new_kinds']:.2f}", f"{measured['macro_f1']:.2f}", "0%"]
+    assert lines[15].split() == ["base", f"{base['kappa']:.2f}",
                                  f"{base['kappa_ci_low']:.2f}..{base['kappa_ci_high']:.2f}",
                                  f"{base['kappa_new_kinds']:.2f}", f"{base['macro_f1']:.2f}", "0%"]
-    assert lines[12] == f"    {new['verdict']}"
+    assert lines[16] == f"    {new['verdict']}"
     assert lines[-1] == f"    {rows[-1]['note']}"
-    assert len(lines) == 1 + 4 * 3 + 2
+    assert len(lines) == 1 + 4 * 4 + 2
 
 
 def test_html_page_has_a_chart_per_topic_the_table_and_every_confusion_matrix(root):
@@ -237,4 +242,4 @@ def test_command_writes_each_format_to_a_file_or_stdout(root, tmp_path):
             assert written == history.render(rows, fmt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv", "report.html", "report.json"]
     res = run_cli("report", "--root", str(root), "--topic", "injuries", cwd=tmp_path)
-    assert (res.returncode, res.stdout, res.stderr) == (0, history.render(rows[4:6], "text"), "")
+    assert (res.returncode, res.stdout, res.stderr) == (0, history.render(rows[6:9], "text"), "")

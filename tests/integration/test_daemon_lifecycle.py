@@ -17,7 +17,8 @@ from tests.conftest import leftovers, wait_for
 from tests.integration.conftest import MARKER, REPO, all_log_text
 
 MODEL_SET_OUTPUTS = ["Modelfile", "fine_tuning_metadata.json", "job.log", "model_set_config.json"]
-HELD_OUT = "validation_data.jsonl"  # only datasets of 50 rows or more hold rows out
+# only datasets of 50 rows or more hold rows out, and fit the bag-of-words baseline on the others
+HELD_OUT = ("baseline.json", "validation_data.jsonl")
 
 
 def _check_invariants(root, stems: list[str]) -> None:
@@ -34,7 +35,7 @@ def _check_invariants(root, stems: list[str]) -> None:
     assert {p.name for p in root.outputs.iterdir()} == successes
     for job_id in successes:
         files = sorted(os.listdir(root.outputs / job_id))
-        assert files in (MODEL_SET_OUTPUTS, sorted([*MODEL_SET_OUTPUTS, HELD_OUT])), files
+        assert files in (MODEL_SET_OUTPUTS, sorted([*MODEL_SET_OUTPUTS, *HELD_OUT])), files
     assert leftovers(root.path) == []
     assert os.listdir(root.inbox / ".work") == []
 
@@ -227,9 +228,9 @@ def test_once_refuses_unknown_entries_like_the_daemon(root, start_daemon):
 
 
 def _journal_root(state) -> list[tuple[str, str]]:
-    """The journal_info rows of the journal in ``state`` (its schema checked to be version 2)."""
+    """The journal_info rows of the journal in ``state`` (its schema checked to be version 4)."""
     with contextlib.closing(sqlite3.connect(state / "journal.sqlite3")) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
         return db.execute("SELECT key, value FROM journal_info").fetchall()
 
 

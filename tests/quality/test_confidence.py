@@ -114,7 +114,8 @@ def test_the_evaluation_through_ollama_reports_known_confidences_and_coverage(fa
     chats = [r.body for r in fake_ollama.requests_to("/api/chat")][1:]
     assert {(c["logprobs"], c["top_logprobs"]) for c in chats} == {(True, 20)}
     report = json.loads((out / "evaluation.json").read_text())
-    new, base = report["models"]
+    by_key = {m["key"]: m for m in report["models"]}
+    new, base = by_key["new"], by_key["base"]
     n = report["n"]
     assert (new["confidence"]["available"], new["confidence"]["source"]) == (
         n, "Ollama's token log-probabilities (/api/chat logprobs)")

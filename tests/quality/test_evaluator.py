@@ -72,9 +72,10 @@ def test_model_set_is_evaluated_through_ollama_beside_the_base_model(fake_ollama
     assert ok is True and meta["registration"]["registered"] is True
     assert meta["evaluation"]["status"] == "done"
     report = json.loads((out / "evaluation.json").read_text())
-    new, base = report["models"]
+    new, measured, base = report["models"]
     n = meta["split"]["validation_rows"]
-    assert (report["n"], new["key"], base["key"]) == (n, "new", "base")
+    assert (report["n"], new["key"], measured["key"], base["key"]) == (n, "new", "baseline", "base")
+    assert (measured["backend"], measured["model"], measured["invalid"]) == ("baseline", "baseline.json", 0)
     assert (new["accuracy"], new["kappa"], new["invalid"]) == (1.0, 1.0, 0)
     assert (base["accuracy"], base["invalid"], base["invalid_rate"]) == (0.0, n, 1.0)
     assert (new["backend"], new["model"], base["model"]) == ("ollama", "llama3.2-1b-dataset:latest", "llama3.2:1b")
@@ -102,13 +103,15 @@ def test_model_set_is_evaluated_through_ollama_beside_the_base_model(fake_ollama
     [finished] = [e for e in events if e["event"] == "evaluation_finished"]
     assert (started["backend"], started["rows"], started["models"]) == ("ollama", n, ["new", "base"])
     assert finished["models"] == [{"model": "new", "accuracy": 1.0, "kappa": 1.0, "invalid_rate": 0.0},
+                                  {"model": "baseline", "accuracy": measured["accuracy"], "kappa": measured["kappa"],
+                                   "invalid_rate": 0.0},
                                   {"model": "base", "accuracy": 0.0, "kappa": 0.0, "invalid_rate": 1.0}]
     assert finished["topic"] == "respiratory infections"  # the metrics' kappa label
     progress = [e for e in events if e["event"] == "evaluation_progress"]
     assert {(e["model"], e["done"], e["total"]) for e in progress} >= {("new", n, n), ("base", n, n)}
     assert MARKER not in log_text
     assert sorted(meta["artifacts"]) == sorted([
-        "Modelfile", "calibration.json", "confusion_matrix.png", "evaluation.json", "evaluation.md",
+        "Modelfile", "baseline.json", "calibration.json", "confusion_matrix.png", "evaluation.json", "evaluation.md",
         "fine_tuning_metadata.json", "model_set_config.json", "predictions.csv", "validation_data.jsonl"])
 
 
@@ -122,7 +125,7 @@ def test_evaluate_again_later_and_cap_rows(fake_ollama, tmp_path):
     FineTuner(config=cfg).process_dataset(df, "llama3.2:1b", MAPPING, "flu", approach="model_set", output_dir=out)
     meta = json.loads((out / "fine_tuning_metadata.json").read_text())
     report = evaluate_folder(out, meta, load_config(None, {}, overrides=cfg), max_rows=5)
-    assert [m["n"] for m in report["models"]] == [5, 5]
+    assert [(m["key"], m["n"]) for m in report["models"]] == [("new", 5), ("baseline", 5), ("base", 5)]
     assert report["_predictions"]["rows"] == sorted(report["_predictions"]["rows"])
     with pytest.raises(EvaluationSkipped) as info:
         evaluate_folder(out, meta, load_config(None, {}, overrides=cfg), backend="local")
@@ -190,7 +193,8 @@ def test_a_job_holds_out_whole_diagnosis_groups_and_reports_both_figures(fake_ol
     report = json.loads((out / "evaluation.json").read_text())
     assert {name: report["figures"][name]["n"] for name in ("familiar", "new_kinds")} == {
         "familiar": len(familiar), "new_kinds": len(new_kinds)}
-    assert [g["learned_examples_more_than_rule"] for g in report["generalisation"]] == [False, False]
+    learned = {g["key"]: g["learned_examples_more_than_rule"] for g in report["generalisation"]}
+    assert (learned["new"], learned["base"]) == (False, False)
     assert "## Familiar records and new kinds of records" in (out / "evaluation.md").read_text()
     brief = _evaluation_brief(out, meta)
     assert brief["new"]["kappa_new_kinds"] == 1.0 and brief["split"]["kind"] == "grouped"
@@ -204,3 +208,73 @@ def test_group_by_none_in_a_job_keeps_the_random_split(fake_ollama, tmp_path):
     assert meta["split"]["grouping"] == {"column": None, "reason": "turned off (group_by: none)"}
     report = json.loads((out / "evaluation.json").read_text())
     assert "figures" not in report and report["split"]["kind"] == "random"
+
+
+def test_every_evaluation_measures_the_bag_of_words_baseline_and_the_verdict_weighs_it(fake_ollama, tmp_path):
+    """A job's baseline is fitted on exactly its training rows and scored beside the models on the same
+    familiar and new-kinds rows; a model that answers no better than chance loses to it, and the
+    verdict says to use the baseline."""
+    from daemon.data.dataset import load_dataset
+    from daemon.data.visits import MAPPING as VISIT_MAPPING
+    from daemon.quality import baseline
+
+    frame, meta, out = _visits_job(tmp_path, fake_ollama)
+    assert (meta["baseline"]["fitted"], meta["baseline"]["train_rows"]) == (True, meta["split"]["train_rows"])
+    report = json.loads((out / "evaluation.json").read_text())
+    assert [m["key"] for m in report["models"]] == ["new", "baseline", "base"]
+    measured = report["models"][1]
+    # the same figures as a classifier fitted here on the same training rows and scored on the held-out ones
+    held = set(meta["split"]["validation_source_rows"])
+    train = frame[~frame["source_row"].isin(held)]
+    rows = frame.set_index("source_row").loc[meta["split"]["validation_source_rows"]]
+    refit = baseline.fit(train["prompt"].tolist(), train["rating"].astype(int).tolist())
+    from sklearn.metrics import cohen_kappa_score
+    assert measured["kappa"] == round(cohen_kappa_score(rows["rating"].astype(int), refit.predict(rows["prompt"].tolist())), 4)
+    assert [m["key"] for m in report["figures"]["new_kinds"]["models"]] == ["new", "baseline", "base"]
+    assert measured["backend"] == "baseline" and measured["invalid"] == 0
+    assert "bag-of-words baseline" in (out / "evaluation.md").read_text()
+    # a model answering 0 to everything: the baseline agrees better, the verdict says to use it
+    fake_ollama.chat_responder = lambda model, messages: json.dumps({"rating": 0, "rationale": ""})
+    from daemon.config import load_config
+    report = evaluate_folder(out, json.loads((out / "fine_tuning_metadata.json").read_text()),
+                             load_config(None, {}, overrides=_config(tmp_path, fake_ollama)), backend="ollama")
+    verdict = report["verdict"]
+    assert verdict["recommended"] is False and verdict["use_baseline"] is True
+    assert any(p.startswith("a bag-of-words classifier trained on the same rows (kappa ") and
+               p.endswith(") agrees better with the experts") for p in verdict["problems"])
+    assert verdict["headline"].endswith("Use the bag-of-words classifier instead: it agrees better than every "
+                                        "model measured (fine-tuner rate --backend baseline).")
+
+
+def test_rate_with_the_baseline_needs_no_server_and_gives_its_probabilities_as_confidence(fake_ollama, tmp_path):
+    """`fine-tuner rate --backend baseline` rates new visits with the folder's bag-of-words classifier
+    while no model server answers: every record valid, its confidence the classifier's probability."""
+    import subprocess
+    import sys
+
+    from daemon.data.visits import generate_visits, write_csv
+    from daemon.quality.baseline import Baseline
+
+    _, _, out = _visits_job(tmp_path, fake_ollama)
+    visits = generate_visits(50, seed=21, vocabulary="b")
+    write_csv(tmp_path / "new.csv", visits)
+    config = tmp_path / "offline.yaml"
+    config.write_text(f"ollama:\n  host: http://127.0.0.1:9\npaths:\n  root: {tmp_path}\n")
+    res = subprocess.run([sys.executable, "-m", "daemon", "rate", "--config", str(config), "--model", str(out),
+                          "--input", str(tmp_path / "new.csv"), "--backend", "baseline"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    with open(tmp_path / "new.ratings.csv", newline="", encoding="utf-8") as fh:
+        rated = list(csv.DictReader(fh))
+    summary = json.loads((tmp_path / "new.ratings.summary.json").read_text())
+    assert (summary["backend"], summary["rated"], summary["invalid"]) == ("baseline", 50, 0)
+    assert [r["C_BioSense_ID"] for r in rated] == [v["C_BioSense_ID"] for v in visits]
+    from daemon.data.dataset import load_dataset
+    from daemon.data.visits import MAPPING as VISIT_MAPPING
+
+    fitted = Baseline.from_json(json.loads((out / "baseline.json").read_text()))
+    probs = fitted.probabilities(load_dataset(str(tmp_path / "new.csv"), mapping=VISIT_MAPPING).frame["prompt"].tolist())
+    assert [int(r["rating"]) for r in rated] == [max(p, key=p.get) for p in probs]
+    assert all(r["valid"] == "true" and abs(float(r["confidence"]) - max(p.values())) < 1e-3
+               for r, p in zip(rated, probs))
+    assert {r["model"] for r in rated} == {"bag-of-words baseline"}

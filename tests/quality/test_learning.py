@@ -70,9 +70,9 @@ def evaluation(tmp_path_factory, tiny_base_models) -> dict:
 
 def test_every_model_is_measured_on_the_60_held_out_rows_locally(evaluation):
     """With Ollama down, the fine-tune, the model set from the same rows and the base model are
-    each rated on the same 60 held-out rows by the local backend."""
+    each rated on the same 60 held-out rows by the local backend, the bag-of-words baseline beside them."""
     assert [(m["key"], m["n"], m["backend"]) for m in evaluation["models"]] == [
-        ("new", 60, "local"), ("model_set", 60, "local"), ("base", 60, "local")]
+        ("new", 60, "local"), ("baseline", 60, "baseline"), ("model_set", 60, "local"), ("base", 60, "local")]
 
 
 # Answers are written reason first. The 2-layer model then decides at the rationale's first token,
@@ -178,7 +178,7 @@ def test_auto_starts_llama_server_for_the_evaluation_and_rate_when_asked(evaluat
     with capture_logs() as logs, pytest.MonkeyPatch.context() as mp:
         mp.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the server's output goes
         report = evaluator.evaluate_folder(folder, meta, cfg, backend="auto")
-    assert [m["backend"] for m in report["models"]] == ["llama-server"] * 3
+    assert [m["backend"] for m in report["models"]] == ["llama-server", "baseline", "llama-server", "llama-server"]
     [started] = [e for e in logs if e["event"] == "llama_server_started"]
     assert (started["gguf"], started["adapters"], started["slots"]) == ("tiny.gguf", 1, 2)
     assert [e["exit_code"] for e in logs if e["event"] == "llama_server_stopped"] == [0]

@@ -123,10 +123,11 @@ def test_evaluate_a_model_set_through_the_cli_with_the_openai_backend(tmp_path, 
                env={"FINE_TUNER_OPENAI__BASE_URL": fake_openai.url, "FINE_TUNER_OPENAI__MODEL": "served-model"})
     assert res.returncode == 0, res.stderr
     report = json.loads((out / "evaluation.json").read_text())
-    new, base = report["models"]
+    new, measured, base = report["models"]
     n = report["n"]
     assert [(m["key"], m["backend"], m["model"], m["invalid"], m["accuracy"]) for m in report["models"]] == [
-        ("new", "openai", "served-model", 0, 1.0), ("base", "openai", "served-model", n, 0.0)]
+        ("new", "openai", "served-model", 0, 1.0), ("baseline", "baseline", "baseline.json", 0, measured["accuracy"]),
+        ("base", "openai", "served-model", n, 0.0)]
     config = json.loads((out / "model_set_config.json").read_text())
     few_shot = [m for ex in config["few_shot_examples"]
                 for m in ({"role": "user", "content": ex["input"]}, {"role": "assistant", "content": ex["output"]})]

@@ -148,7 +148,7 @@ def test_axolotl_adapter_is_published_registered_and_evaluated(axolotl_job):
                 for name in ("adapter_config.json", "adapter_model.safetensors")}
     assert meta["_creates"][-1]["adapters"] == expected
     models = {m["model"]: m for m in meta["evaluation"]["models"]}
-    assert meta["evaluation"]["status"] == "done" and set(models) == {"new", "model_set", "base"}
+    assert meta["evaluation"]["status"] == "done" and set(models) == {"new", "baseline", "model_set", "base"}
     for name in (".trainer-work", "trainer-output", "run_spec.json", "last_run_prepared"):
         assert not (job / name).exists(), name
     assert leftovers(job.parent) == []
