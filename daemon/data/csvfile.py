@@ -63,8 +63,9 @@ _HEADER_LIMIT = 8 << 20  # bounded read of the header line, whatever the file ho
 _CP1252_UNDEFINED = re.compile(rb"[\x81\x8d\x8f\x90\x9d]")
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0e-\x1f]")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list for CSV injection
-# spreadsheets in many locales split cells on ";": what follows one starts a cell of its own
-_FORMULA_AFTER_SEMICOLON = re.compile(r";[=+\-@\t\r]")
+# spreadsheets in many locales split cells on ";": what follows one starts a cell of its own, so
+# every ";"-separated piece of a cell is guarded as a cell of its own
+_PIECES = ";"
 _GUARD = "'"
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
@@ -460,9 +461,8 @@ def canonical_columns(names: Iterable[str]) -> list[str]:
 
 def _runs_as_formula(text: str) -> bool:
     """A spreadsheet could run ``text`` as a formula: it starts with ``=``, ``+``, ``-``, ``@``, a
-    tab or a carriage return (not a plain number such as ``-3``), or holds a ``;`` followed by one."""
-    return ((text.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text))
-            or _FORMULA_AFTER_SEMICOLON.search(text) is not None)
+    tab or a carriage return (not a plain number such as ``-3``)."""
+    return text.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text)
 
 
 def _guarded(text: str) -> bool:
@@ -471,20 +471,33 @@ def _guarded(text: str) -> bool:
     return _runs_as_formula(text.lstrip(_GUARD))
 
 
-def safe_cell(value: Any) -> str:
-    """A cell as the product writes it into a CSV file. Text a spreadsheet would run as a formula
-    (``_runs_as_formula``) gets a leading single quote, as OWASP recommends against CSV injection;
-    plain numbers (``-3``, ``+1.5``) stay as they are, so ratings still read as numbers.
-    ``unguard_cell`` takes the quote off again when the file is read back."""
-    text = "" if value is None else value if isinstance(value, str) else str(value)
+def _guard_piece(text: str) -> str:
     return _GUARD + text if _guarded(text) else text
 
 
-def unguard_cell(text: str) -> str:
-    """A cell as it was before ``safe_cell`` guarded it: the leading single quote taken off exactly
-    where ``safe_cell`` would have put it, so a file we wrote (``needs_review.csv`` sent back as
-    training data) reads back as the records it was made from; any other cell is unchanged."""
+def _unguard_piece(text: str) -> str:
     return text[1:] if text.startswith(_GUARD) and _guarded(text[1:]) else text
+
+
+def safe_cell(value: Any) -> str:
+    """A cell as the product writes it into a CSV file. Text a spreadsheet would run as a formula
+    (``_runs_as_formula``) gets a leading single quote, as OWASP recommends against CSV injection,
+    and so does each piece after a ``;`` (``a;'=b``: a spreadsheet that splits cells on ``;`` sees
+    every piece guarded); plain numbers (``-3``, ``+1.5``) stay as they are, so ratings still read
+    as numbers. ``unguard_cell`` takes the quotes off again when the file is read back."""
+    text = "" if value is None else value if isinstance(value, str) else str(value)
+    if _PIECES not in text:
+        return _guard_piece(text)
+    return _PIECES.join(_guard_piece(piece) for piece in text.split(_PIECES))
+
+
+def unguard_cell(text: str) -> str:
+    """A cell as it was before ``safe_cell`` guarded it: each single quote taken off exactly where
+    ``safe_cell`` would have put it, so a file we wrote (``needs_review.csv`` sent back as training
+    data) reads back as the records it was made from; any other cell is unchanged."""
+    if _PIECES not in text:
+        return _unguard_piece(text)
+    return _PIECES.join(_unguard_piece(piece) for piece in text.split(_PIECES))
 
 
 def _unguard_frame(chunk: pd.DataFrame) -> None:
@@ -493,9 +506,10 @@ def _unguard_frame(chunk: pd.DataFrame) -> None:
     dataset costs about the same with the guard as without."""
     for i in range(chunk.shape[1]):
         values = chunk.iloc[:, i].to_numpy(dtype=object)
-        if "\n" + _GUARD not in "\n" + "\n".join(values):  # a cell's own "\n'" only costs the loop below
+        joined = "\n" + "\n".join(values)  # a cell's own "\n'" or ";'" only costs the loop below
+        if "\n" + _GUARD not in joined and _PIECES + _GUARD not in joined:
             continue
-        rows = [j for j, v in enumerate(values) if v.startswith(_GUARD)]
+        rows = [j for j, v in enumerate(values) if v.startswith(_GUARD) or _PIECES + _GUARD in v]
         if rows:
             chunk.iloc[rows, i] = [unguard_cell(values[j]) for j in rows]
 

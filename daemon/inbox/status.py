@@ -328,10 +328,13 @@ def _kappa_text(evaluation: dict | None) -> str:
             text = f"  kappa {v(new.get('kappa_familiar'))} familiar / {v(new.get('kappa_new_kinds'))} new kinds"
             if "new" in (evaluation.get("learned_examples_more_than_rule") or []):
                 text += " (learned the examples more than the rule)"
-            return text + f" (base {k('base')}){ignored}"
+            bow = (f", bag-of-words {v((evaluation.get('baseline') or {}).get('kappa_new_kinds'))} new kinds"
+                   if "baseline" in evaluation else "")
+            return text + f" (base {k('base')}{bow}){ignored}"
         split = evaluation.get("split") or {}
         kind = f", {split['kind']} split" if split.get("kind") else ""
-        return f"  kappa {k('new')} (base {k('base')}{kind}){ignored}"
+        bow = f", bag-of-words {k('baseline')}" if "baseline" in evaluation else ""
+        return f"  kappa {k('new')} (base {k('base')}{bow}{kind}){ignored}"
     if evaluation.get("status") in ("skipped", "failed"):
         return "  not evaluated"
     if evaluation.get("status") == "unreadable":

@@ -170,13 +170,17 @@ def test_csv_text_writes_every_cell_safely():
 
 def test_safe_cell_guards_a_formula_after_a_semicolon_and_its_own_quote():
     """A ``;`` followed by = + - @, a tab or a carriage return starts a formula where spreadsheets
-    split cells on ``;``: the cell gets the leading quote; a cell's own leading quote before a
-    formula gets one more, so that reading back can take exactly ours off; other cells stay."""
-    cells = ["cough;=HYPERLINK(1)", "a;+1", "a;-b", "a;@b", "a;\tb", "a;\rb", "'-ve", "''=x", "a;b", "a; =b",
-             "'hello", "'-3"]
-    assert [safe_cell(c) for c in cells] == [
-        "'cough;=HYPERLINK(1)", "'a;+1", "'a;-b", "'a;@b", "'a;\tb", "'a;\rb", "''-ve", "'''=x", "a;b", "a; =b",
-        "'hello", "'-3"]
+    split cells on ``;``: that piece gets the quote, so every cell such a spreadsheet makes is
+    guarded; a piece's own leading quote before a formula gets one more, so that reading back can
+    take exactly ours off; other cells and pieces stay."""
+    cells = ["cough;=HYPERLINK(1)", "a;+b", "a;-b", "a;@b", "a;\tb", "a;\rb", "'-ve", "''=x", "a;b", "a; =b",
+             "'hello", "'-3", "=a;=b;-1", "a;'=b"]
+    guarded = ["cough;'=HYPERLINK(1)", "a;'+b", "a;'-b", "a;'@b", "a;'\tb", "a;'\rb", "''-ve", "'''=x", "a;b",
+               "a; =b", "'hello", "'-3", "'=a;'=b;-1", "a;''=b"]
+    assert [safe_cell(c) for c in cells] == guarded
+    # what a spreadsheet splitting cells on ";" makes of them: no piece starts a formula
+    pieces = [p for g in guarded for p in g.split(";")]
+    assert [p for p in pieces if p.startswith(("=", "+", "-", "@", "\t", "\r")) and p != "-1"] == []
 
 
 def test_what_we_write_reads_back_exactly(tmp_path):
@@ -184,14 +188,14 @@ def test_what_we_write_reads_back_exactly(tmp_path):
     own leading quote) read back, header included, as the cells that were written; a quote that is
     not our guard stays."""
     cells = ["-ve for flu", "+ve strep", "=SUM(A1)", "@home", "\tx", "\rx", "a\rb", "cough;=1", "'-already",
-             "''=x", "'hello", "'-3", "-3", "'", "plain"]
+             "''=x", "'hello", "'-3", "-3", "'", "plain", "a;'=b", "=a;=b;'c", "x;;'"]
     rows = [["formatted_prompt", "Standardized_Rating", "-notes"], *(["p", "1", c] for c in cells)]
     path = write(tmp_path / "ours.csv", csv_text(rows))
     df, _ = read_csv(path)
     assert (list(df.columns), df["-notes"].tolist()) == (["formatted_prompt", "Standardized_Rating", "-notes"], cells)
     table = scan_csv(path)
     assert [c["-notes"].tolist() for _, c in read_chunks(table, 4, ["-notes"])] == [
-        cells[0:4], cells[4:8], cells[8:12], cells[12:]]
+        cells[0:4], cells[4:8], cells[8:12], cells[12:16], cells[16:]]
 
 
 def test_find_column_takes_the_exact_name_then_any_case():

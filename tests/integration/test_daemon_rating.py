@@ -90,7 +90,10 @@ def test_raw_export_builds_a_model_set_and_a_rating_job_rates_with_it(root, star
     status = subprocess.run([sys.executable, "-m", "daemon", "status", "--config", str(root.config),
                              "--root", str(root.path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     [line] = [x for x in status.stdout.splitlines() if x.startswith(f"  {job_id}")]
-    assert line.endswith("kappa 1.00 (base 1.00, random split)")  # the scripted model reads the diagnosis: perfect
+    # the scripted model reads the diagnosis: perfect; the bag-of-words baseline beside it
+    meta = json.loads((root.outputs / job_id / "fine_tuning_metadata.json").read_text())
+    [bow] = [m["kappa"] for m in meta["evaluation"]["models"] if m["model"] == "baseline"]
+    assert line.endswith(f"kappa 1.00 (base 1.00, bag-of-words {bow:.2f}, random split)")
     out = root.outputs / rated.name
     rows = list(csv.DictReader((out / "ratings.csv").open()))
     assert [r["C_BioSense_ID"] for r in rows] == [f"B9-{i}" for i in range(1, 31)]
