@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     proc.add_argument("--group-by", metavar="COLUMN",
                       help="the column whose values are held out whole to measure agreement on new kinds of "
                            "records (default: a diagnosis column with ICD-10 codes; none: random split only)")
+    proc.add_argument("--code-knowledge", choices=("auto", "on", "off"),
+                      help="expand a diagnosis column's ICD-10-CM codes into their description, category, "
+                           "block and CCSR category in every prompt (default from config: auto, when the "
+                           "column holds codes)")
 
     val = sub.add_parser("validate", parents=[common], help="report on a dataset without processing it")
     val.add_argument("--input", required=True, metavar="CSV")
@@ -110,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                            "then llama-server started for the run when evaluation.start_llama_server is on, "
                            "then the local child), ollama, openai, llama-server, local, or baseline (the "
                            "output folder's bag-of-words classifier: thousands of records a second)")
+    rate.add_argument("--explain", action="store_true",
+                      help="a fine-tune trained with training.answer_forms: both writes its rationale too "
+                           "(generation, much slower) instead of deciding each rating in one forward pass")
     rate.add_argument("--mapping", metavar="FILE", help="rating mapping (only with a bare Ollama name)")
     rate.add_argument("--topics", help="target topic(s) of the system prompt (only with a bare Ollama name)")
     rate.add_argument("--review-below", type=_number_arg("rating.review_below"), metavar="P",
@@ -356,6 +363,7 @@ def _cmd_process(cfg: Config, args: argparse.Namespace) -> int:
         "approach": args.approach, "fallback": False if args.no_fallback else None,
         "output_model": args.output_model, "prompt_template": _template_arg(args.prompt_template),
         "topic_definition": args.topic_definition, "group_by": args.group_by,
+        "code_knowledge": args.code_knowledge,
     }, source="command line")
     out_dir = Path(args.output_dir) if args.output_dir else _new_output_dir(
         Path(cfg.paths.root) / cfg.paths.outputs, csv_path.stem)
@@ -540,12 +548,28 @@ def _cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
         print(f"base_url: {server.base_url}", flush=True)
         print(f"use it with: --backend openai, openai.base_url: {server.base_url}, openai.model: {spec.alias}",
               flush=True)
+        if (columns := _expanded_code_columns(target)):
+            print(f"prompts: the model was trained with the ICD-10-CM codes of {', '.join(columns)} explained; "
+                  "`fine-tuner rate --model OUTPUT_DIR --backend openai` builds its prompts the same way", flush=True)
         while not stop.wait(0.5):
             if server.proc is None or server.proc.poll() is not None:
                 return _fail(f"llama-server stopped by itself; read {log_path}", 1)
     finally:
         server.stop()
     return 0
+
+
+def _expanded_code_columns(target: Path) -> list[str]:
+    """The columns whose codes an output folder's prompts explain (none for a GGUF or an older folder)."""
+    from .quality.rating import RatingError, model_from_folder
+
+    if not target.is_dir():
+        return []
+    try:
+        template = model_from_folder(target).template
+    except RatingError:  # serve_target already accepted the folder; the note is only a hint
+        return []
+    return list(template.codes) if template is not None else []
 
 
 def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
@@ -611,6 +635,7 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
     try:
         with structlog.contextvars.bound_contextvars(job_id=output.stem):
             summary = rating.rate_file(model, csv_path, output, cfg, backend=args.backend, on_progress=bar,
+                                       explain=args.explain,
                                        on_answer=bar)
     finally:
         if bar is not None:

@@ -41,7 +41,8 @@ import yaml
 
 from .errors import ConfigError
 
-APPROACHES = ("auto", "fine_tune", "model_set")
+# head: a classifier on the base model's own hidden states (quality/head.py), rated by the local backend
+APPROACHES = ("auto", "fine_tune", "model_set", "head")
 REGISTER_MODES = ("auto", "required", "off")
 # ollama.merge_adapter: register a fine-tune as base + adapter, or merged into one GGUF
 MERGE_ADAPTER_MODES = ("auto", "always", "never")
@@ -73,6 +74,10 @@ class Defaults:
     # the experts' written criteria for the topic, put into every system prompt (model sets and
     # fine-tunes alike) under the rating scale; None: none
     topic_definition: str | None = None
+    # ICD-10-CM codes of a template's diagnosis columns expanded into their description, category,
+    # block and CCSR category in every prompt (daemon/data/codes.py): auto (when a diagnosis column
+    # holds codes) | on | off
+    code_knowledge: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,10 @@ class TrainingConfig:
     # many epochs, and keeps the best epoch's adapter;
     # 0: train every epoch (axolotl's own early stopping needs step-based saving: set it there)
     early_stopping_patience: int = 1
+    # reason_first: each row is trained as {"rationale", "rating"}; both: also as {"rating"} alone, so
+    # that the local backend can rate with one forward pass and no generation (the rating as a direct
+    # decision; a rationale only with rate --explain)
+    answer_forms: str = "reason_first"
     logging_steps: int = 1
     timeout_s: float = 6 * 3600.0
     grace_s: float = 10.0
@@ -242,6 +251,7 @@ EVALUATION_BACKENDS = ("auto", "ollama", "openai", "llama-server", "local")
 # rating can also use the bag-of-words baseline every job with a hold-out stores (baseline.json)
 RATING_BACKENDS = (*EVALUATION_BACKENDS, "baseline")
 TRAINING_BACKENDS = ("local", "axolotl")
+ANSWER_FORMS = ("reason_first", "both")
 # training_config.yaml keys that fine-tuner writes itself: training.axolotl may not set them
 AXOLOTL_OWN_KEYS = frozenset((
     "base_model", "datasets", "test_datasets", "adapter", "lora_r", "lora_alpha", "lora_dropout",
@@ -423,6 +433,9 @@ def _decode(data: bytes) -> str:
 
 # --- type coercion -----------------------------------------------------------------------------
 
+_ON_OFF_KEYS = frozenset({"code_knowledge"})  # text settings whose values include on and off
+
+
 def _coerce(value: Any, hint: Any, key: str, from_text: bool, problems: list[str]) -> Any:
     """Check ``value`` against the annotation ``hint``; strings from the environment are parsed."""
     if hint is Any:  # checked by its own parser (prompt_template)
@@ -459,6 +472,8 @@ def _coerce(value: Any, hint: Any, key: str, from_text: bool, problems: list[str
     elif hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and key.rsplit(".", 1)[-1] in _ON_OFF_KEYS:  # YAML reads on/off as booleans
+            return "on" if value else "off"
     elif origin is tuple:
         if from_text and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -587,6 +602,8 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     _check_openai(cfg.openai, bad, problems)
     if d.approach not in APPROACHES:
         problems.append(f"defaults.approach: must be one of {', '.join(APPROACHES)}")
+    if d.code_knowledge not in CODE_KNOWLEDGE:
+        problems.append(f"defaults.code_knowledge: must be one of {', '.join(CODE_KNOWLEDGE)}")
     if d.model is not None and (why := model_name_problem(d.model)):
         problems.append(f"defaults.model: {why}")
     if isinstance(d.topics, str) and (why := topics_problem(d.topics)):
@@ -619,6 +636,8 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append("training.device: must be one of auto, cpu, cuda, mps")
     if t.backend not in TRAINING_BACKENDS:
         problems.append(f"training.backend: must be one of {', '.join(TRAINING_BACKENDS)}")
+    if t.answer_forms not in ANSWER_FORMS:
+        problems.append(f"training.answer_forms: must be one of {', '.join(ANSWER_FORMS)}")
     problems.extend(f"training.axolotl: {why}" for why in axolotl_settings_problems(t.axolotl))
     problems.extend(metrics_problems(cfg.metrics))
 
@@ -945,7 +964,9 @@ def as_dict(cfg: Config) -> dict:
 # --- per-job settings (job files, CLI flags) ----------------------------------------------------
 
 JOB_KEYS = ("task", "model", "topics", "epochs", "learning_rate", "batch_size", "approach", "fallback",
-            "output_model", "force", "prompt_template", "topic_definition", "group_by", "review_below", "topic")
+            "output_model", "force", "prompt_template", "topic_definition", "group_by", "review_below", "topic",
+            "code_knowledge")
+CODE_KNOWLEDGE = ("auto", "on", "off")  # data/codes.py: auto expands codes when a diagnosis column holds them
 TASKS = ("build", "rate")  # build a model (the default) | rate the dataset with a built one
 # The free text a job carries goes into every training record's system prompt, the metadata, the
 # Modelfile and errors: a few lines each. A bigger value is refused naming its key and the limit
@@ -977,6 +998,7 @@ class JobSettings:
     group_by: str | None = None  # None: the config's evaluation.group_by
     review_below: float | None = None  # a rate job's needs_review.csv; None: the config's rating.review_below
     topic: str | None = None  # a rate job: rate with this topic's current model (fine-tuner promote)
+    code_knowledge: str = "auto"  # expand a diagnosis column's ICD-10-CM codes: auto | on | off
 
 
 def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
@@ -1023,6 +1045,8 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
         merged[key] = _coerce(value, hints[key], key, False, problems)
     if merged.get("approach") not in APPROACHES:
         problems.append(f"approach: must be one of {', '.join(APPROACHES)}")
+    if merged.get("code_knowledge", "auto") not in CODE_KNOWLEDGE:
+        problems.append(f"code_knowledge: must be one of {', '.join(CODE_KNOWLEDGE)}")
     if merged.get("task", "build") not in TASKS:
         problems.append(f"task: must be one of {', '.join(TASKS)}")
     for key in ("epochs", "batch_size"):

@@ -46,7 +46,7 @@ from .logconfig import get_logger
 
 log = get_logger("fine_tuner")
 
-FINE_TUNE, MODEL_SET = "fine_tune", "model_set"
+FINE_TUNE, MODEL_SET, HEAD = "fine_tune", "model_set", "head"
 # where training_config.yaml sends another trainer's output: never the adapter/ folder published here
 OTHER_TRAINER_OUTPUT = "trainer-output"
 # runs axolotl on training_config.yaml from the folder it lies in, whatever the working directory
@@ -298,11 +298,12 @@ class FineTuner:
         stages = _Stages()
         with stages("load"):
             ds = load_dataset(job.csv_path, job.mapping_path, template=job.settings.prompt_template,
-                              group_by=self._group_by(job.settings))
+                              group_by=self._group_by(job.settings), code_knowledge=job.settings.code_knowledge)
         hashes = _file_hashes(ds)
         log.info("dataset_loaded", file=job.csv_path.name, rows_read=ds.rows_read, rows_used=ds.rows_used,
                  dropped=ds.dropped, mapping_source=ds.mapping.source, columns=list(ds.columns.values()),
-                 duration_s=stages.durations["load"])
+                 codes_expanded=ds.code_knowledge.get("codes_expanded"),
+                 unknown_codes=ds.code_knowledge.get("unknown_codes"), duration_s=stages.durations["load"])
         return self._plan(ds, job.settings, job.output_dir, stem=job.stem, staged=job.staged,
                           input_hashes=hashes, job=job, stages=stages)
 
@@ -318,7 +319,7 @@ class FineTuner:
         assert job is not None  # drop_dataset allows files only
         with plan.stages("reload"):
             ds = load_dataset(job.csv_path, job.mapping_path, template=job.settings.prompt_template,
-                              group_by=self._group_by(job.settings))
+                              group_by=self._group_by(job.settings), code_knowledge=job.settings.code_knowledge)
         now = _file_hashes(ds)
         if now != plan.input_hashes:
             changed = [name for name in ("dataset", "mapping") if now[name] != plan.input_hashes.get(name)]
@@ -356,6 +357,10 @@ class FineTuner:
             log.warning("dataset_warning", warning=warning)
         if (ds.prompt_source or {}).get("template"):
             meta["prompt_template"] = ds.prompt_source["template"]
+        # the ICD-10-CM expansion the template carries: the code sets' versions and the counts
+        meta["code_knowledge"] = dict(ds.code_knowledge) or {
+            "setting": settings.code_knowledge, "expanded": False,
+            "reason": "the prompts are the table's prompt column, used as written"}
         approach, reason, report = self._decide(ds, settings, meta, stages, memory)
         meta.update(approach=approach, approach_reason=reason)
         if report is not None:
@@ -392,6 +397,8 @@ class FineTuner:
                     approach = MODEL_SET
             if approach == MODEL_SET:
                 self._write_model_set(plan, build_dir)
+            elif approach == HEAD:
+                self._head(plan, build_dir)
             with stages("evaluation"):
                 meta["evaluation"] = self._evaluate(plan, build_dir)
                 self._quality_gate(plan)
@@ -438,6 +445,8 @@ class FineTuner:
             log.warning("dataset_too_small", rows_used=ds.rows_used, min_rows=min_rows)
         if settings.approach == MODEL_SET:
             return MODEL_SET, "model_set requested", None
+        if settings.approach == HEAD:  # the base weights on disk are all it needs: no Ollama, no training
+            return HEAD, "head requested", None
         if small and settings.approach == "auto":
             return MODEL_SET, f"fewer than {min_rows} usable rows", None
         with stages("capability"):
@@ -532,6 +541,64 @@ class FineTuner:
         plan.meta["baseline"] = {"fitted": True, "file": baseline.FILE, "train_rows": len(texts), "c": fitted.c,
                                  "fit_s": fit_s}
         log.info("baseline_fitted", train_rows=len(texts), c=fitted.c, duration_s=fit_s)
+
+    def _head(self, plan: JobPlan, build_dir: Path) -> None:
+        """The head on the base model's hidden states (``quality.head``): the same hold-out as the
+        other approaches (and the baseline beside it), then the features child's forward passes over
+        the training rows and the choice of layer, pooling and C by cross-validation; stored as
+        ``head.json``. Not an Ollama model: it rates through the local backend only."""
+        from .quality import head
+        from .training import supervisor
+
+        ds, settings, meta, stages, job = plan.ds, plan.settings, plan.meta, plan.stages, plan.job
+        t = self.config.training
+        with stages("head"):
+            system = prompts.system_prompt(settings.topics, ds.mapping.labels, settings.topic_definition)
+            train_pos, _ = self._hold_out(plan, build_dir, system)
+            base = supervisor.resolve_base_weights(settings.model, self.config.base_models, allow_download=False,
+                                                 ollama_models_dir=self.config.ollama.models_dir,
+                                                 show_modelfile=plan.ollama_modelfile)
+            # a head reads hidden states, never a chat: weights without a chat template will do
+            if base.local_dir is None or base.model_type is None:
+                raise TrainingFailedError(
+                    f"the head needs the base weights of {settings.model} on this machine: "
+                    f"{base.problem or 'they are not on disk'}",
+                    hint="name a .gguf file or a Hugging Face weights folder under base_models:, or pull the "
+                         "model with Ollama on this machine")
+            frame = ds.frame
+            texts = [str(x) for x in frame["prompt"].to_numpy(dtype=object)[train_pos]]
+            ratings = [int(r) for r in frame["rating"].to_numpy()[train_pos]]
+            if len(set(ratings)) < 2:
+                raise TrainingFailedError("the training rows hold a single rating: a head needs two or more",
+                                          hint="add rated rows of the other ratings and resubmit")
+
+            def relay(done: int, total: int) -> None:
+                log.info("head_progress", done=done, total=total)
+                if job is not None and job.on_progress is not None:
+                    job.on_progress({"step": done, "total_steps": total, "stage": "head"})
+
+            lock = job.training_lock if job and job.training_lock is not None else contextlib.nullcontext()
+            try:
+                with lock:
+                    fitted, timings = head.fit_head(
+                        base, settings.model, texts, ratings, topics=", ".join(prompts.normalize_topics(settings.topics)),
+                        seed=self.config.defaults.seed, timeout_s=t.timeout_s, grace_s=t.grace_s,
+                        stop_event=job.stop_event if job else None, on_progress=relay)
+            except head.FeaturesError as exc:
+                raise TrainingFailedError(f"the head could not be fitted: {exc}",
+                                          hint="check that the base weights load (fine-tuner check MODEL), "
+                                               "then resubmit") from None
+            fsutil.write_json(build_dir / head.FILE, fitted.to_json())
+        best = next((r for r in fitted.cv if (r["layer"], r["pooling"]) == (fitted.layer, fitted.pooling)), {})
+        meta["head"] = {"file": head.FILE, "layer": fitted.layer, "layers_total": fitted.base["layers_total"],
+                        "pooling": fitted.pooling, "c": fitted.c, "cv_kappa": best.get("kappa"),
+                        "candidates": len(fitted.cv), "train_rows": fitted.train_rows, **timings,
+                        "base_weights": _base_weights_record(base),
+                        "rates_with": "the local backend: the base model's forward passes, no generation"}
+        meta["registration"] = {"registered": False,
+                                "reason": "a head is not an Ollama model: it rates through the local backend"}
+        log.info("head_fitted", layer=fitted.layer, pooling=fitted.pooling, c=fitted.c, cv_kappa=best.get("kappa"),
+                 train_rows=fitted.train_rows, features_s=timings["features_s"], fit_s=timings["fit_s"])
 
     def _write_model_set(self, plan: JobPlan, build_dir: Path) -> None:
         from .data import modelset
@@ -666,7 +733,8 @@ class FineTuner:
         system = prompts.system_prompt(settings.topics, ds.mapping.labels, settings.topic_definition)
         with stages("training_data"):
             train_pos, val_pos = self._hold_out(plan, build_dir, system)
-            fsutil.write_lines(build_dir / "training_data.jsonl", trainingdata.jsonl_chunks(ds, train_pos, system))
+            fsutil.write_lines(build_dir / "training_data.jsonl", trainingdata.jsonl_chunks(
+                ds, train_pos, system, direct=t.answer_forms == "both"))
             base = supervisor.resolve_base_weights(settings.model, self.config.base_models,
                                                  allow_download=t.allow_download,
                                                  ollama_models_dir=self.config.ollama.models_dir,
@@ -716,6 +784,7 @@ class FineTuner:
             adapter="./adapter/adapter.gguf" if adapter_format == "gguf" else "./adapter",
             template=fmt.ollama if fmt else None))
         meta["fine_tune"] = {"model_name": name, "adapter_dir": "adapter", "adapter_format": adapter_format,
+                             "answer_forms": t.answer_forms,
                              "base_weights": _base_weights_record(base),
                              "template": base.template}
         schema = prompts.output_schema(ds.mapping.values)

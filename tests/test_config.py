@@ -543,6 +543,28 @@ def test_topic_definition_and_group_by_in_jobs_and_config():
         load_config(env={}, overrides={"evaluation": {"group_by": ""}})
 
 
+def test_code_knowledge_in_jobs_and_config(tmp_path):
+    """code_knowledge is a job key and a defaults setting (auto unless set); YAML's bare on and off
+    read as the words, not booleans; any other value is refused naming the key."""
+    from daemon.config import Defaults, job_settings
+
+    assert (Defaults().code_knowledge, job_settings(Defaults(model="m")).code_knowledge) == ("auto", "auto")
+    config = tmp_path / "config.yaml"
+    config.write_text("defaults:\n  model: m\n  code_knowledge: off\n")
+    cfg = load_config(config, env={})
+    assert cfg.defaults.code_knowledge == "off"
+    job = tmp_path / "visits.job.yaml"
+    job.write_text("code_knowledge: on\n")
+    assert job_settings(cfg.defaults, read_job_file(job)).code_knowledge == "on"
+    assert job_settings(cfg.defaults, {}).code_knowledge == "off"
+    assert load_config(None, env={"FINE_TUNER_DEFAULTS__CODE_KNOWLEDGE": "on"}).defaults.code_knowledge == "on"
+    with pytest.raises(ConfigError) as err:
+        job_settings(Defaults(model="m"), {"code_knowledge": "always"})
+    assert err.value.problems == ["code_knowledge: must be one of auto, on, off"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={}, overrides={"defaults": {"code_knowledge": "yes"}})
+    assert err.value.problems == ["defaults.code_knowledge: must be one of auto, on, off"]
+
 def test_the_openai_section_from_the_environment():
     """FINE_TUNER_OPENAI__* set the openai section like any other; evaluation.backend takes openai."""
     cfg = load_config(None, env={"FINE_TUNER_OPENAI__BASE_URL": "http://127.0.0.1:8080/v1",

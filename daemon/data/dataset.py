@@ -95,6 +95,9 @@ class Dataset:
     # how rows are grouped for the held-out split (``holdout.Grouping.to_json``); the frame has a
     # ``group`` column when ``grouping["column"]`` is set
     grouping: dict = field(default_factory=dict)
+    # whether the prompts expand ICD-10-CM codes (``codes.py``): the setting, the columns, the code
+    # sets' versions and the counts, or why not (``code_knowledge_record``)
+    code_knowledge: dict = field(default_factory=dict)
 
     @property
     def rows_used(self) -> int:
@@ -337,21 +340,26 @@ def _groups(df: pd.DataFrame, group_by: str | None, source: str):
 
 def load_dataset(csv_path: str | os.PathLike, mapping_path: str | os.PathLike | None = None, *,
                  mapping: RatingMapping | dict | None = None, template: Template | None = None,
-                 group_by: str | None = None) -> Dataset:
+                 group_by: str | None = None, code_knowledge: str = "auto") -> Dataset:
     """Read and validate a dataset file. The mapping comes from ``mapping_path``, else ``mapping``,
     else is inferred from the ``Expert Rating`` column. The mapping is read first so that a bad
     mapping fails before a large CSV is parsed. A raw export (no prompt column) gets its prompts
     from ``template`` or the built-in syndromic-surveillance template, and its ratings from its
     labels through the mapping when it has no ``Standardized_Rating`` column (``derive_columns``).
-    ``group_by``: see ``validate_frame``."""
+    ``group_by``: see ``validate_frame``. ``code_knowledge`` (auto, on, off): whether the prompts a
+    template builds expand the ICD-10-CM codes of its diagnosis columns (``code_knowledge_record``)."""
     if mapping_path is not None:
         mapping = load_mapping(mapping_path)
     df, info = read_csv(csv_path)
     df.columns = canonical_columns(df.columns)  # known columns in any case (C_Biosense_ID)
     file_columns = len(df.columns)
-    df, source = derive_columns(df, mapping, template, file=info.file)
+    df, source = derive_columns(df, mapping, template, file=info.file, code_knowledge=code_knowledge)
+    knowledge = source.pop("code_knowledge", None) or code_knowledge_record(code_knowledge, None, df)
     ds = validate_frame(df, mapping, source=info.file, read_info=info, file_columns=file_columns,
                         group_by=group_by)
+    ds.code_knowledge = knowledge
+    if knowledge.get("warning"):
+        ds.warnings.append(knowledge.pop("warning"))
     if source:
         ds.prompt_source = {**ds.prompt_source, **source}
         if "template" in source:
@@ -362,13 +370,16 @@ def load_dataset(csv_path: str | os.PathLike, mapping_path: str | os.PathLike | 
 
 
 def derive_columns(df: pd.DataFrame, mapping: RatingMapping | dict | None, template: Template | None, *,
-                   file: str) -> tuple[pd.DataFrame, dict]:
+                   file: str, code_knowledge: str = "auto") -> tuple[pd.DataFrame, dict]:
     """The prompt and rating columns of a raw export, when the file lacks them: prompts rendered
-    from ``template`` (or the built-in one for syndromic-surveillance columns), ratings from the
+    from ``template`` (or the built-in one for syndromic-surveillance columns), with the ICD-10-CM
+    codes of its diagnosis columns expanded as ``code_knowledge`` says, ratings from the
     ``Expert Rating`` labels through the mapping (an unmapped label is an error naming the label and
-    how many rows carry it). Returns the frame and what was derived ({} when nothing was)."""
+    how many rows carry it). Returns the frame and what was derived ({} when nothing was; with a
+    template, ``code_knowledge``: the ``code_knowledge_record``)."""
     import numpy as np
 
+    from .codes import CodeCounts
     from .template import builtin_for, check_columns, render
 
     names = [str(c).strip() for c in df.columns]
@@ -378,9 +389,14 @@ def derive_columns(df: pd.DataFrame, mapping: RatingMapping | dict | None, templ
         if chosen is not None:
             df = df.rename(columns=lambda c: str(c).strip())
             check_columns(chosen, names, file=file)
-            df = df.assign(**{PROMPT_COLUMNS[0]: render(chosen, df).to_numpy(dtype=object)})
+            knowledge = code_knowledge_record(code_knowledge, chosen, df)
+            chosen = chosen.with_codes(knowledge.get("columns", ()))
+            counts = CodeCounts()
+            df = df.assign(**{PROMPT_COLUMNS[0]: render(chosen, df, counts).to_numpy(dtype=object)})
+            if chosen.codes:
+                knowledge.update(counts.to_json())
             derived = {"kind": "template", "template": chosen.to_json(), "builtin": template is None,
-                       "column": PROMPT_COLUMNS[0]}
+                       "column": PROMPT_COLUMNS[0], "code_knowledge": knowledge}
     if RATING_COLUMN not in names and EXPERT_RATING_COLUMN in names and mapping is not None:
         if not isinstance(mapping, RatingMapping):
             mapping = mapping_from_object(mapping, "object")
@@ -400,3 +416,29 @@ def derive_columns(df: pd.DataFrame, mapping: RatingMapping | dict | None, templ
         df = df.assign(**{RATING_COLUMN: mapped})
         derived = {**(derived or {"kind": "column"}), "ratings_from": "labels"}
     return df, derived
+
+
+def code_knowledge_record(setting: str, template: Template | None, df: pd.DataFrame) -> dict:
+    """Whether a template's prompts expand ICD-10-CM codes, and which columns: ``setting`` (auto: the
+    known diagnosis columns that hold codes; on: every known diagnosis column; off: none), the
+    columns, the code sets' packages and versions, or the ``reason`` there is no expansion (with a
+    ``warning`` for the dataset when ``on`` could not be honoured). Counts are added by the caller."""
+    from . import codes
+
+    record: dict[str, Any] = {"setting": setting, "expanded": False}
+    if setting == "off":
+        return {**record, "reason": "turned off (code_knowledge: off)"}
+    if template is None:
+        record["reason"] = "the prompts are the file's prompt column, used as written"
+    else:
+        columns = codes.diagnosis_columns(template.columns, df, setting)
+        if not columns:
+            record["reason"] = ("no known diagnosis column of the prompt template holds ICD-10-style codes"
+                                if setting == "auto" else "the prompt template uses no known diagnosis column")
+        elif not codes.available():
+            record["reason"] = "the ICD-10-CM code sets are not installed (pip install -e . installs them)"
+        else:
+            return {**record, "expanded": True, "columns": list(columns), "code_sets": codes.code_sets()}
+    if setting == "on":
+        record["warning"] = f"code_knowledge is on, but no code was expanded: {record['reason']}"
+    return record

@@ -80,6 +80,11 @@ def answer_json(rating: int, rationale: str | None) -> str:
     return json.dumps({"rationale": rationale or "", "rating": int(rating)}, ensure_ascii=False)
 
 
+def direct_answer_json(rating: int) -> str:
+    """The rating-only answer (``training.answer_forms: both``): the rating as a direct decision."""
+    return json.dumps({"rating": int(rating)})
+
+
 def output_schema(values: Sequence[int]) -> dict:
     """JSON Schema of the answer (usable as Ollama's ``format``); the rationale may be empty. The
     properties are in answer order: grammar-constrained servers write them in this order."""

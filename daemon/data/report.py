@@ -36,7 +36,7 @@ def validation_report(csv_path: Path, mapping_path: Path | None, cfg: Config, te
         template = parse_template(cfg.defaults.prompt_template)
     report: dict[str, Any] = {"file": csv_path.name, "usable": False, "problems": [], "warnings": []}
     try:
-        ds = load_dataset(csv_path, mapping_path, template=template)
+        ds = load_dataset(csv_path, mapping_path, template=template, code_knowledge=cfg.defaults.code_knowledge)
     except DatasetError as exc:
         report["problems"].append(exc.to_dict())
         return report
@@ -49,6 +49,7 @@ def validation_report(csv_path: Path, mapping_path: Path | None, cfg: Config, te
         usable=True,
         summary=ds.summary(),
         prompt_source=dict(ds.prompt_source),
+        code_knowledge=dict(ds.code_knowledge),
         rows={"read": ds.rows_read, "used": ds.rows_used, "dropped": dict(ds.dropped)},
         label_balance={str(k): {"count": v, "share": round(v / total, 4),
                                 "labels": ds.mapping.labels_for(k)} for k, v in dist.items()},

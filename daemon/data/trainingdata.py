@@ -33,7 +33,7 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .prompts import answer_json
+from .prompts import answer_json, direct_answer_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,8 +89,11 @@ def split_holdout(ds: Dataset, *, fraction: float = 0.1, seed: int = 42,
     return everything[mask], validation.astype(np.int64)
 
 
-def jsonl_chunks(ds: Dataset, positions: Sequence[int] | np.ndarray, system: str) -> Iterator[str]:
-    """The JSONL text of the rows at ``positions``, ``CHUNK_ROWS`` lines per chunk.
+def jsonl_chunks(ds: Dataset, positions: Sequence[int] | np.ndarray, system: str, *,
+                 direct: bool = False) -> Iterator[str]:
+    """The JSONL text of the rows at ``positions``, ``CHUNK_ROWS`` lines per chunk. ``direct``: each
+    row is followed by a second line with the same prompt and the rating-only answer
+    (``prompts.direct_answer_json``), the two answer forms of multi-task training.
 
     Builds each line from pre-encoded pieces instead of ``json.dumps`` of a dict per row: the
     system turn is encoded once, and the prompt, rationale and answer strings go through the C
@@ -115,7 +118,12 @@ def jsonl_chunks(ds: Dataset, positions: Sequence[int] | np.ndarray, system: str
             answers = map(table.__getitem__, zip(rating_col[block].tolist(), rationale_col[block].tolist()))
         else:
             answers = map(_encoded_answer, rating_col[block].tolist(), rationale_col[block].tolist())
-        yield "".join([f"{head}{p}{middle}{a}{tail}" for p, a in zip(prompts, answers)])
+        if direct:
+            directs = [_encode(direct_answer_json(r)) for r in rating_col[block].tolist()]
+            yield "".join([f"{head}{p}{middle}{a}{tail}{head}{p}{middle}{d}{tail}"
+                           for p, a, d in zip(prompts, answers, directs)])
+        else:
+            yield "".join([f"{head}{p}{middle}{a}{tail}" for p, a in zip(prompts, answers)])
 
 
 def _encoded_answer(rating: int, rationale: str) -> str:

@@ -290,7 +290,8 @@ CONFIDENCE_SOURCES = {"ollama": "Ollama's token log-probabilities (/api/chat log
                       "openai": "the server's token log-probabilities (logprobs)",
                       "llama-server": "llama-server's token log-probabilities (logprobs)",
                       "local": "teacher forcing of each allowed rating at the rating position",
-                      "baseline": "the bag-of-words classifier's own probabilities"}
+                      "baseline": "the bag-of-words classifier's own probabilities",
+                      "head": "the head's own probabilities (logistic regression on the base model's hidden states)"}
 
 
 def confidence_report(result: ModelResult, expert: Sequence[int], *, seed: int) -> tuple[dict, list]:

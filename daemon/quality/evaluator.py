@@ -40,7 +40,8 @@ from .. import fsutil
 from ..data import prompts
 from ..config import Config
 from ..logconfig import get_logger
-from .rater import LocalRater, OllamaRater, OpenAIRater, RaterError
+from . import head as head_module
+from .rater import HeadRater, LocalRater, OllamaRater, OpenAIRater, RaterError
 
 log = get_logger("evaluator")
 
@@ -64,6 +65,8 @@ class EvalModel:
     ollama_name: str | None = None  # a registered model that already holds its few-shot turns
     adapter_dir: Path | None = None
     few_shot: list[dict] = field(default_factory=list)
+    direct: bool = False  # trained on rating-only answers too: the local backend rates in one pass
+    head: Any = None  # a head (``head.Head``): rated by the local features child, no generation
 
 
 @dataclass
@@ -161,8 +164,11 @@ def models_of(folder: Path, meta: dict) -> list[EvalModel]:
     registration = meta.get("registration") or {}
     registered = registration.get("name") if registration.get("registered") else None
     base = EvalModel("base", "base model (zero-shot)")
+    if meta.get("approach") == "head":  # measured beside the baseline; no chat model to compare
+        return [EvalModel("new", head_module.TITLE, head=load_head(folder))]
     if meta.get("approach") == "fine_tune":
-        out = [EvalModel("new", "fine-tune", ollama_name=registered, adapter_dir=folder / "adapter")]
+        direct = (meta.get("fine_tune") or {}).get("answer_forms") == "both"
+        out = [EvalModel("new", "fine-tune", ollama_name=registered, adapter_dir=folder / "adapter", direct=direct)]
         comparison = folder / "comparison_model_set.json"
         if comparison.is_file():
             out.append(EvalModel("model_set", "model set", few_shot=few_shot_messages(read_json(comparison))))
@@ -262,6 +268,32 @@ def _local_problem(models: list[EvalModel], base: str, config: Config,
     return weights, None
 
 
+def _head_weights(requested: str, base: str, config: Config, show_modelfile: str | None = None):
+    """The base weights a head reads (through the local features child); EvaluationSkipped saying
+    why not: another backend was asked for, the training packages are missing, or the weights are not
+    on this machine. A chat template is not needed: a head never chats."""
+    from ..training.supervisor import resolve_base_weights, trainer_packages_available
+
+    if requested not in ("auto", "local"):
+        raise EvaluationSkipped(f"a head rates through the local backend only (the base model's hidden states), "
+                                f"not {requested}")
+    if not trainer_packages_available():
+        raise EvaluationSkipped("local: torch and transformers are not installed (pip install 'fine-tuner[train]')")
+    weights = resolve_base_weights(base, config.base_models, allow_download=False,
+                                   ollama_models_dir=config.ollama.models_dir, show_modelfile=show_modelfile)
+    if weights.local_dir is None or weights.model_type is None:
+        raise EvaluationSkipped(f"local: {weights.problem or f'the weights of {base} are not on disk'}")
+    return weights
+
+
+def load_head(folder: Path):
+    """The folder's ``head.json``, every field checked; EvaluationSkipped saying why it cannot be used."""
+    try:
+        return head_module.load(folder / head_module.FILE)
+    except (OSError, ValueError) as exc:
+        raise EvaluationSkipped(f"{head_module.FILE} cannot be used: {fsutil.read_problem(exc)}") from None
+
+
 def _llama_server_problem(models: list[EvalModel], base: str, config: Config,
                           show_modelfile: str | None = None):
     """(the managed server's ``ServerSpec``, why it cannot run): llama-server is not built, the base
@@ -323,6 +355,8 @@ def choose_backend(requested: str, models: list[EvalModel], base: str, config: C
     ``memory``: the job's memory of unreachable Ollama servers (one wait per job);
     ``show_modelfile``: see ``_local_problem``."""
     reasons = []
+    if any(m.head is not None for m in models):
+        return "local", _head_weights(requested, base, config, show_modelfile)
     if requested in ("auto", "ollama"):
         problem = _ollama_problem(models, base, config, memory)
         if problem is None:
@@ -388,17 +422,22 @@ def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, 
             answers = OpenAIRater(config.openai, seed=seed, schema=schema, extra=extra, values=values,
                                   max_tokens=ev.max_new_tokens).answer(
                 name, conversations, on_progress=progress, stop_event=stop_event)
+        elif model.head is not None:
+            name = f"{base}: layer {model.head.layer} ({model.head.pooling}) + head"
+            answers = HeadRater(weights, model.head, timeout_s=ev.timeout_s, grace_s=config.training.grace_s).answer(
+                conversations, on_progress=progress, stop_event=stop_event)
         else:
             name = base + (" + adapter" if model.adapter_dir is not None else "")
             answers = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size,
                                  max_new_tokens=ev.max_new_tokens, timeout_s=ev.timeout_s,
-                                 grace_s=config.training.grace_s, values=values).answer(
+                                 grace_s=config.training.grace_s, values=values, direct=model.direct).answer(
                 conversations, on_progress=progress, stop_event=stop_event)
         duration = time.monotonic() - started
         texts[model.key] = [a.text for a in answers]
         results.append(evaluation.ModelResult(
             model.key, model.title, name, [evaluation.parse_answer(a.text, values) for a in answers],
-            [a.latency_s for a in answers], duration, label, probs=[a.probs for a in answers],
+            [a.latency_s for a in answers], duration, label if model.head is None else HeadRater.backend,
+            probs=[a.probs for a in answers],
             extra={"few_shot_turns": len(model.few_shot) // 2}))
     return results, texts
 

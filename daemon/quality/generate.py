@@ -13,7 +13,10 @@ one ``{"messages": [...]}`` per line, each ending with the user turn), ``output`
 ``{"index", "text", "latency_s"}`` per line, appended and flushed per batch), and optionally
 ``batch_size`` (8), ``max_new_tokens`` (96), ``threads``, ``device`` ("auto"), ``parent_pid`` and
 ``values`` (the allowed ratings: each answer then also gets ``probs``, each value's probability at
-its rating position by teacher forcing, ``score_values``).
+its rating position by teacher forcing, ``score_values``) and ``direct`` (true: no generation, the
+rating as a direct decision after ``{"rating": ``, one forward pass per record, ``direct_answers``)
+or ``reasoned`` (true: every answer starts ``{"rationale": "``, the reasoned form of a model trained
+on both).
 Progress goes to stdout as ``{"event": "generate_progress", "done": n, "total": N}`` lines.
 Nothing from the records ever reaches stdout or stderr: only counts and line numbers.
 
@@ -138,35 +141,38 @@ class _ObjectClosed:
     """A transformers stopping criterion: a row is done once its answer holds a complete JSON
     object, or once it starts with something that is not one (it can only be invalid)."""
 
-    def __init__(self, tokenizer: Any, prompt_width: int):
-        self.tokenizer, self.width = tokenizer, prompt_width
+    def __init__(self, tokenizer: Any, prompt_width: int, prefix: str = ""):
+        self.tokenizer, self.width, self.prefix = tokenizer, prompt_width, prefix
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
         done = []
         for row in input_ids[:, self.width:].tolist():
-            text = self.tokenizer.decode(row, skip_special_tokens=True).lstrip()
+            text = (self.prefix + self.tokenizer.decode(row, skip_special_tokens=True)).lstrip()
             done.append(bool(text) and (not text.startswith("{") or first_object(text) is not None))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def answer_batch(tokenizer: Any, model: Any, device: str, prompts: list[str], config: Any,
-                 stops: set[int]) -> list[str]:
+                 stops: set[int], prefix: str = "") -> list[str]:
     """The decoded answers of one batch of rendered prompts (left-padded, greedy), each ending at
-    the end-of-turn token or where its JSON object closes (``first_object``)."""
+    the end-of-turn token or where its JSON object closes (``first_object``). ``prefix``: the
+    answer's start, given after each prompt and part of each answer (``REASON_PREFIX`` asks a model
+    trained on both answer forms for its reasoned one)."""
     import torch
     from transformers import StoppingCriteriaList
 
-    enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+    enc = tokenizer([p + prefix for p in prompts], add_special_tokens=False, padding=True,
+                    return_tensors="pt").to(device)
     width = enc["input_ids"].shape[1]
     with torch.inference_mode():
         out = model.generate(**enc, generation_config=config,
-                             stopping_criteria=StoppingCriteriaList([_ObjectClosed(tokenizer, width)]))
+                             stopping_criteria=StoppingCriteriaList([_ObjectClosed(tokenizer, width, prefix)]))
     texts = []
     for row in out[:, width:].tolist():
         end = next((i for i, t in enumerate(row) if t in stops), len(row))
-        text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+        text = (prefix + tokenizer.decode(row[:end], skip_special_tokens=True)).strip()
         texts.append(first_object(text) or text)
     return texts
 
@@ -228,8 +234,73 @@ def score_values(tokenizer: Any, model: Any, device: str, prompts: list[str], te
     return out
 
 
+DIRECT_PREFIX = '{"rating": '  # how a rating-only answer starts (prompts.direct_answer_json)
+REASON_PREFIX = '{"rationale": "'  # how a reasoned answer starts (prompts.answer_json)
+
+
+def direct_answers(tokenizer: Any, model: Any, device: str, prompts: list[str],
+                   values: list[int]) -> list[tuple[str, dict[str, float]]]:
+    """The rating as a direct decision, no generation: each prompt followed by ``{"rating": ``, and
+    each allowed value's probability as the next tokens, normalised over the allowed values (what a
+    grammar-constrained server decides). When the values part at their first token, as they do for
+    the usual ratings, that is one forward pass per prompt (batched, logits for one position only);
+    otherwise the prompt's values are scored whole (``score_values``). Returns per prompt the answer
+    text (``{"rating": v}``) and the probabilities."""
+    import torch
+
+    plans: list[tuple[list[int], dict[int, int]] | None] = []
+    for prompt in prompts:
+        seqs = {v: tokenizer(f"{prompt}{DIRECT_PREFIX}{v}}}", add_special_tokens=False)["input_ids"] for v in values}
+        shortest, k = min(len(s) for s in seqs.values()), 0
+        while k < shortest and len({s[k] for s in seqs.values()}) == 1:
+            k += 1
+        first = {v: s[k] for v, s in seqs.items()} if k < shortest else {}
+        plans.append((seqs[values[0]][:k], first) if k and len(set(first.values())) == len(values) else None)
+    out: list[tuple[str, dict[str, float]] | None] = [None] * len(prompts)
+    one_pass = [i for i, p in enumerate(plans) if p is not None]
+    if one_pass:
+        width = max(len(plans[i][0]) for i in one_pass)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(plans[i][0])) + plans[i][0] for i in one_pass], device=device)
+        mask = torch.tensor([[0] * (width - len(plans[i][0])) + [1] * len(plans[i][0]) for i in one_pass],
+                            device=device)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           logits_to_keep=1).logits[:, -1, :].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for row, i in enumerate(one_pass):
+            scores = {v: float(logp[row, token]) for v, token in plans[i][1].items()}
+            out[i] = _direct(scores)
+    for i, plan in enumerate(plans):
+        if plan is None:  # values that share their first tokens: scored whole
+            [probs] = score_values(tokenizer, model, device, [prompts[i]], [f"{DIRECT_PREFIX}{values[0]}}}"], values)
+            out[i] = _direct({int(v): math.log(max(p, 1e-300)) for v, p in (probs or {}).items()})
+    return [o for o in out if o is not None]
+
+
+def _direct(scores: dict[int, float]) -> tuple[str, dict[str, float]]:
+    top = max(scores.values())
+    weights = {v: math.exp(x - top) for v, x in scores.items()}
+    norm = sum(weights.values())
+    probs = {v: w / norm for v, w in weights.items()}
+    best = max(probs, key=lambda v: (probs[v], -v))
+    return json.dumps({"rating": best}), {str(v): p for v, p in probs.items()}
+
+
+def iter_direct(tokenizer: Any, model: Any, device: str, conversations: list[list[dict]], *, batch_size: int,
+                values: list[int]):
+    """``iter_answers`` for the rating as a direct decision (``direct_answers``): the same
+    ``(start, answers)`` per batch, each answer with its ``probs``."""
+    for start in range(0, len(conversations), batch_size):
+        batch = conversations[start:start + batch_size]
+        began = time.monotonic()
+        answers = direct_answers(tokenizer, model, device, [render_prompt(tokenizer, c) for c in batch], values)
+        latency = (time.monotonic() - began) / len(batch)
+        yield start, [{"text": text, "latency_s": latency, "probs": probs} for text, probs in answers]
+
+
 def iter_answers(tokenizer: Any, model: Any, device: str, conversations: list[list[dict]], *,
-                 batch_size: int, max_new_tokens: int, values: list[int] | None = None):
+                 batch_size: int, max_new_tokens: int, values: list[int] | None = None, prefix: str = ""):
     """Yield ``(start, answers)`` per batch, in input order; each answer is
     ``{"text", "latency_s"}`` with the batch's wall time shared equally among its records, and
     with ``values`` its ``probs`` (``score_values``)."""
@@ -238,7 +309,7 @@ def iter_answers(tokenizer: Any, model: Any, device: str, conversations: list[li
         batch = conversations[start:start + batch_size]
         began = time.monotonic()
         prompts = [render_prompt(tokenizer, c) for c in batch]
-        texts = answer_batch(tokenizer, model, device, prompts, config, stops)
+        texts = answer_batch(tokenizer, model, device, prompts, config, stops, prefix)
         probs = score_values(tokenizer, model, device, prompts, texts, values) if values else [None] * len(texts)
         latency = (time.monotonic() - began) / len(batch)
         yield start, [{"text": text, "latency_s": latency, **({"probs": p} if p is not None else {})}
@@ -291,6 +362,10 @@ def load_spec(path: str) -> dict:
     if values is not None and not (isinstance(values, list) and values
                                    and all(type(v) is int for v in values)):
         raise GenerateExit(EXIT_SPEC, "the spec's values must be a list of integers (the allowed ratings)")
+    if spec.get("direct") not in (None, False, True) or (spec.get("direct") and values is None):
+        raise GenerateExit(EXIT_SPEC, "the spec's direct must be true or false, and true needs values")
+    if spec.get("reasoned") not in (None, False, True):
+        raise GenerateExit(EXIT_SPEC, "the spec's reasoned must be true or false")
     return spec
 
 
@@ -348,9 +423,14 @@ def run(spec: dict) -> int:
             # that is not a folder read as an invalid hub id)
             raise GenerateExit(EXIT_SPEC, "cannot load the weights from the spec's base_ref or adapter_dir "
                                           f"({type(exc).__name__})") from None
-        for start, answers in iter_answers(tokenizer, model, device, conversations,
-                                           batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"],
-                                           values=spec.get("values")):
+        if spec.get("direct"):
+            batches = iter_direct(tokenizer, model, device, conversations, batch_size=spec["batch_size"],
+                                  values=spec["values"])
+        else:
+            batches = iter_answers(tokenizer, model, device, conversations, batch_size=spec["batch_size"],
+                                   max_new_tokens=spec["max_new_tokens"], values=spec.get("values"),
+                                   prefix=REASON_PREFIX if spec.get("reasoned") else "")
+        for start, answers in batches:
             for offset, answer in enumerate(answers):
                 out.write(json.dumps({"index": start + offset, **answer}, ensure_ascii=False) + "\n")
             out.flush()

@@ -155,6 +155,44 @@ class BaselineRater:
         return out
 
 
+class HeadRater:
+    """A head (``head.Head``) as a rater: the features child computes each record's vectors on the
+    base weights exactly as at fitting (one forward pass per record, no generation), the head gives
+    each rating's probability; the most likely rating is the answer, its probabilities the
+    confidence. Weights other than those the head was fitted on are refused (their sha256)."""
+
+    backend = "head"
+
+    def __init__(self, weights, fitted, *, timeout_s: float | None = None, grace_s: float = 10.0) -> None:
+        self.weights, self.fitted = weights, fitted
+        self.timeout_s, self.grace_s = timeout_s, grace_s
+        self.checked = False
+
+    def answer(self, conversations: Sequence[list[dict]], on_progress: Progress | None = None,
+               stop_event: threading.Event | None = None) -> list[Answer]:
+        from .baseline import most_likely
+        from .head import FeaturesError, head_vectors, weights_sha256
+
+        if not self.checked:
+            if weights_sha256(self.weights) != self.fitted.base["weights_sha256"]:
+                raise RaterError(f"the base weights of {self.fitted.base['model']} found here are not those the "
+                                 "head was fitted on (their sha256 differs): build the head again on these weights")
+            self.checked = True
+        if not conversations:
+            return []
+        _stopped(stop_event)
+        began = time.monotonic()
+        try:
+            vectors = head_vectors(self.weights, self.fitted, [c[-1]["content"] for c in conversations],
+                                   timeout_s=self.timeout_s, grace_s=self.grace_s, stop_event=stop_event,
+                                   on_progress=on_progress)
+        except FeaturesError as exc:
+            raise RaterError(str(exc)) from None
+        probs = self.fitted.probabilities(vectors)
+        each = (time.monotonic() - began) / len(conversations)
+        return [Answer(json.dumps({"rating": most_likely(p)}), each, p) for p in probs]
+
+
 class OllamaRater:
     backend = "ollama"
 
@@ -252,8 +290,13 @@ class LocalRater:
     def __init__(self, base_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, *,
                  batch_size: int = 8, max_new_tokens: int = 96, timeout_s: float | None = None,
                  grace_s: float = 10.0, python: str = sys.executable, gguf_path: str | None = None,
-                 chat_template: str | None = None, values: Sequence[int] | None = None) -> None:
+                 chat_template: str | None = None, values: Sequence[int] | None = None,
+                 direct: bool = False, reasoned: bool = False) -> None:
         self.values = list(values) if values is not None else None
+        # direct: the rating as a direct decision (one forward pass, no generation, no rationale);
+        # reasoned: generated answers start with the rationale (a model trained on both forms)
+        self.direct = bool(direct) and self.values is not None
+        self.reasoned = bool(reasoned) and not self.direct
         # gguf_path: a GGUF base, dequantized into base_dir by the child when not done yet;
         # chat_template: the turn format of a base whose tokenizer has none
         self.gguf_path, self.chat_template = gguf_path, chat_template
@@ -280,7 +323,8 @@ class LocalRater:
                     "gguf_path": self.gguf_path, "chat_template": self.chat_template,
                     "input": str(work / "input.jsonl"), "output": str(work / "output.jsonl"),
                     "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
-                    "threads": max(1, (os.cpu_count() or 1)), "values": self.values,
+                    "threads": max(1, (os.cpu_count() or 1)), "values": self.values, "direct": self.direct,
+                    "reasoned": self.reasoned,
                     "parent_pid": os.getpid()}  # the child stops when this process is gone
             write_json(work / "spec.json", spec, durable=False)
             with open(work / "stderr.log", "wb") as err:

@@ -52,7 +52,7 @@ from ..data.csvfile import (ID_COLUMNS, PROMPT_COLUMNS, csv_text, find_column, r
 from ..errors import ConfigError, FineTunerError, MissingColumnError, TrainingInterruptedError
 from .evaluator import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, prefix, served
 from ..logconfig import get_logger
-from .rater import BaselineRater, LocalRater, OllamaRater, OpenAIRater, RaterError
+from .rater import BaselineRater, HeadRater, LocalRater, OllamaRater, OpenAIRater, RaterError
 from ..data.template import Template, check_columns, render
 
 if TYPE_CHECKING:
@@ -97,6 +97,14 @@ class RatingModel:
     temperature: float | None = None
     # the folder's bag-of-words baseline (``baseline.json``; ``rate --backend baseline``), if it has one
     baseline: Any = None
+    # the ICD-10-CM code sets the template's code expansion was built with (``code_knowledge.code_sets``)
+    code_sets: list | None = None
+    # a fine-tune trained on rating-only answers too (``training.answer_forms: both``): the local
+    # backend rates in one forward pass, no generation
+    direct: bool = False
+    # a head on the base model's hidden states (``head.json``; approach head): rated by the local
+    # features child, one forward pass per record, no generation
+    head: Any = None
 
     @property
     def values(self) -> list[int]:
@@ -108,6 +116,8 @@ class RatingModel:
                 "few_shot": self.few_shot, "adapter": str(self.adapter_dir) if self.adapter_dir else None,
                 "template": self.template.to_json() if self.template else None,
                 "labels": {str(k): int(v) for k, v in sorted(self.labels.items())}}
+        if self.head is not None:  # only then: the fingerprints of other models stay as they were
+            data["head"] = self.head.fingerprint()
         return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
@@ -417,9 +427,17 @@ def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLik
         approach = meta.get("approach")
         temperature = _temperature(files)
         fitted = _baseline(files)
-        if approach not in ("fine_tune", "model_set"):
-            raise files.error(METADATA_FILE, "approach", f"must be fine_tune or model_set, not {_kind(approach)}"
-                              if not isinstance(approach, str) else "must be fine_tune or model_set")
+        if approach not in ("fine_tune", "model_set", "head"):
+            raise files.error(METADATA_FILE, "approach", f"must be fine_tune, model_set or head, not {_kind(approach)}"
+                              if not isinstance(approach, str) else "must be fine_tune, model_set or head")
+        if approach == "head":
+            base = _model_name(files, METADATA_FILE, "model", meta.get("model"))
+            definition = (meta.get("parameters") or {}).get("topic_definition")
+            # the head reads the record alone; the system prompt only names the model's task
+            system = prompts.system_prompt(_topics(files, meta), labels,
+                                           definition if isinstance(definition, str) else None)
+            return RatingModel(base, None, system, labels, [], None, template, str(folder), approach,
+                               temperature, fitted, _code_sets(meta, template), head=_head(files))
         if approach == "fine_tune":
             base = _model_name(files, METADATA_FILE, "model", meta.get("model"))
             system = _first_system_prompt(files)
@@ -428,8 +446,9 @@ def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLik
                 system = prompts.system_prompt(_topics(files, meta), labels,
                                                definition if isinstance(definition, str) else None)
             adapter = _adapter(files, meta)
+            direct = isinstance(meta.get("fine_tune"), dict) and meta["fine_tune"].get("answer_forms") == "both"
             return RatingModel(base, registered, system, labels, [], adapter, template, str(folder), approach,
-                               temperature, fitted)
+                               temperature, fitted, _code_sets(meta, template), direct=direct)
         config = files.json_object(MODEL_SET_FILE)
         if config.get("base_model") is not None:
             base = _model_name(files, MODEL_SET_FILE, "base_model", config["base_model"])
@@ -441,9 +460,32 @@ def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLik
                               else "is empty" if isinstance(system, str)
                               else f"must be a text, not {_kind(system)}")
         return RatingModel(base, registered, system, labels, _few_shot(files, config), None, template,
-                           str(folder), "model_set", temperature, fitted)
+                           str(folder), "model_set", temperature, fitted, _code_sets(meta, template))
     finally:
         files.close()
+
+
+def _code_sets(meta: dict, template: Template | None) -> list | None:
+    """The code sets a template's expansion was built with, as the metadata records them (None
+    without an expansion, or when the record is not a list)."""
+    if template is None or not template.codes:
+        return None
+    record = meta.get("code_knowledge")
+    sets = record.get("code_sets") if isinstance(record, dict) else None
+    return sets if isinstance(sets, list) else None
+
+
+def _head(files: "_ModelFolder"):
+    """The folder's head (``head.json``, required for approach head); every field checked, never code
+    run (``head.Head.from_json``)."""
+    from . import head
+
+    data = files.json_object(head.FILE)
+    try:
+        return head.Head.from_json(data)
+    except head.HeadError as exc:
+        raise files.error(head.FILE, None, str(exc).removeprefix(head.FILE).lstrip(": ")
+                          or "is not a fine-tuner head") from None
 
 
 def _baseline(files: "_ModelFolder"):
@@ -482,7 +524,7 @@ def model_from_name(name: str, *, system: str, labels: Mapping[str, int],
 
 def _eval_model(model: RatingModel) -> EvalModel:
     return EvalModel("rate", "rating model", ollama_name=model.ollama_name, adapter_dir=model.adapter_dir,
-                     few_shot=list(model.few_shot))
+                     few_shot=list(model.few_shot), direct=model.direct, head=model.head)
 
 
 # --- prompts -----------------------------------------------------------------------------------
@@ -493,10 +535,32 @@ class _Prompts:
 
     template: Template | None
     column: str | None
+    codes: Any = None  # a codes.CodeCounts when the template expands ICD-10-CM codes
+
+    def __post_init__(self) -> None:
+        if self.template is not None and self.template.codes:
+            from ..data.codes import CodeCounts
+
+            self.codes = CodeCounts()
 
     @property
     def columns(self) -> list[str]:
         return list(self.template.columns) if self.template is not None else [str(self.column)]
+
+    def knowledge(self, built_with: list | None) -> dict | None:
+        """The summary's ``code_knowledge``: the columns, the code sets installed now, this run's
+        counts, and a note when the model was built with other versions; None without an expansion."""
+        if self.codes is None:
+            return None
+        from ..data.codes import code_sets
+
+        now = code_sets()
+        out = {"columns": list(self.template.codes), "code_sets": now, **self.codes.to_json()}
+        if built_with is not None and [(s.get("package"), s.get("version")) for s in built_with
+                                       if isinstance(s, dict)] != [(s["package"], s["version"]) for s in now]:
+            out["note"] = ("the model was built with other versions of the code sets: a code's expansion may "
+                           "differ from its training text")
+        return out
 
     def describe(self) -> dict:
         if self.template is not None:
@@ -506,7 +570,7 @@ class _Prompts:
     def build(self, chunk: pd.DataFrame) -> list[str]:
         """The chunk's prompts, stripped like the dataset strips them for training."""
         if self.template is not None:
-            texts = render(self.template, chunk)
+            texts = render(self.template, chunk, self.codes)
         else:
             texts = chunk[self.column]
         return [t.strip() if isinstance(t, str) else "" for t in texts.tolist()]
@@ -597,8 +661,9 @@ def _open_part(part: Path, sidecar: Path, identity: dict, header: list[str],
             raise RatingError(f"{part.name} exists but {sidecar.name}, which says which input it belongs to, "
                               f"does not", hint=f"remove {part.name} to rate from the start")
         recorded = _read_json(sidecar)
-        for key, what in (("input_sha256", "input file"), ("model_fingerprint", "model")):
-            if recorded.get(key) != identity[key]:
+        for key, what in (("input_sha256", "input file"), ("model_fingerprint", "model"),
+                          ("explain", "kind of answer (one-pass or explained)")):
+            if recorded.get(key) != identity.get(key):
                 raise RatingError(f"{part.name} holds ratings of another {what} (its {key} differs)",
                                   hint=f"rate the same {what} to resume, or remove {part.name} and "
                                        f"{sidecar.name} to rate from the start")
@@ -660,11 +725,17 @@ def _rationale(text: str | None) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _rater(model: RatingModel, backend: str, weights, config: Config, schema: dict, memory):
-    """(the rater's answer function, the model name written in each output row)."""
+def _rater(model: RatingModel, backend: str, weights, config: Config, schema: dict, memory, *,
+           explain: bool = False):
+    """(the rater's answer function, the model name written in each output row). ``explain``: a
+    fine-tune trained on rating-only answers writes its rationale too (generation) instead of
+    deciding the rating in one pass."""
     values = model.values
     if backend == BASELINE:
         return BaselineRater(model.baseline).answer, "bag-of-words baseline"
+    if backend == HeadRater.backend:
+        rater = HeadRater(weights, model.head, timeout_s=config.evaluation.timeout_s, grace_s=config.training.grace_s)
+        return rater.answer, f"{model.base_model}: layer {model.head.layer} ({model.head.pooling}) + head"
     if backend == "ollama":
         name = model.ollama_name or model.base_model
         rater = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=config.defaults.seed,
@@ -678,7 +749,8 @@ def _rater(model: RatingModel, backend: str, weights, config: Config, schema: di
         return (lambda convs, **kw: served.answer(name, convs, **kw)), name
     ev = config.evaluation
     local = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                       timeout_s=ev.timeout_s, grace_s=config.training.grace_s, values=values)
+                       timeout_s=ev.timeout_s, grace_s=config.training.grace_s, values=values,
+                       direct=model.direct and not explain, reasoned=model.direct and explain)
     return local.answer, model.base_model + (" + adapter" if model.adapter_dir is not None else "")
 
 
@@ -692,7 +764,9 @@ def _choose(model: RatingModel, backend: str, config: Config, memory) -> tuple[s
     if backend not in BACKENDS:
         raise RatingError(f"unknown backend {backend!r}; one of {', '.join((*BACKENDS, BASELINE))}")
     try:
-        return choose_backend(backend, [_eval_model(model)], model.base_model, config, memory)
+        chosen, plan = choose_backend(backend, [_eval_model(model)], model.base_model, config, memory)
+        # a head's own backend: the local features child (rating never generates for it)
+        return (HeadRater.backend, plan) if model.head is not None else (chosen, plan)
     except EvaluationSkipped as exc:
         reasons = exc.reason.removeprefix("no backend can run the evaluation (").removesuffix(")")
         raise RatingError(f"no backend can rate with {model.ollama_name or model.base_model} ({reasons})",
@@ -735,7 +809,7 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
               backend: str = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS,
               on_progress: Callable[[int, int], None] | None = None,
               stop_event: threading.Event | None = None, memory=None,
-              on_answer: Callable[[int, int], None] | None = None) -> dict:
+              on_answer: Callable[[int, int], None] | None = None, explain: bool = False) -> dict:
     """Rate every record of ``input_csv`` into ``output_csv`` (see the module docstring); returns the
     summary (``write_summary``). ``status`` is "done", or "stopped" when ``stop_event`` was set: the
     part file then keeps the records rated so far and the same call resumes from them.
@@ -777,7 +851,10 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
         part, sidecar = part_files(output)
         identity = {"input": info.file, "input_sha256": info.sha256, "rows": total,
                     "model_fingerprint": model.fingerprint(), "model_source": model.source, "created_at": started_at}
-        answer, model_name = _rater(model, speak, weights, config, prompts.output_schema(model.values), memory)
+        if model.direct:  # a run resumes only with the same kind of answers (one-pass ratings or explained)
+            identity["explain"] = bool(explain)
+        answer, model_name = _rater(model, speak, weights, config, prompts.output_schema(model.values), memory,
+                                    explain=explain)
         shared = prefix(_eval_model(model), model.system, speak)  # one object shared by every request
         out, resumed, counts = _open_part(part, sidecar, identity, header, names)
         if resumed > total:
@@ -863,6 +940,8 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
             "backend": chosen, "model": model_name, "base_model": model.base_model, "approach": model.approach,
             "model_source": model.source, "few_shot_turns": len(model.few_shot) // 2,
             "prompt": source.describe(),
+            # the ICD-10-CM expansion's counts, only for a model built with it
+            **({"code_knowledge": knowledge} if (knowledge := source.knowledge(model.code_sets)) else {}),
             "id_column": id_column,
             "started_at": started_at, "finished_at": _utc_now(),
             "durations_s": {"read": round(read_s, 3), "rating": round(rating_s, 3), "total": round(duration, 3)},

