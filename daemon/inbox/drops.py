@@ -636,6 +636,7 @@ class InboxWatcher:
 
         self.inbox = Path(inbox)
         self.hints = hints
+        self.polling = polling
         if polling:
             self.observer = PollingObserver(timeout=poll_interval_s)
         else:
@@ -665,6 +666,10 @@ class InboxWatcher:
                   "closed_no_write": "closed_no_write", "deleted": "deleted"}.get(kind)
         if mapped is None or (event.is_directory and mapped not in ("created", "deleted")):
             return
+        if self.polling and mapped == "modified":
+            # a poll sees a change but never a close: the file settles by its size and time, not
+            # by a close that will not come (as "modified" it would stay "being written" forever)
+            mapped = "created"
         self.hints.put((mapped, os.path.basename(path)))
 
     def start(self) -> None:

@@ -339,3 +339,18 @@ def test_a_dataset_copied_in_place_before_a_start_is_claimed(root, start_daemon)
     _copied_in_place(root, "visits.csv", root.dataset_bytes())
     d = start_daemon()
     _one_inferred_job(root, d, "visits")
+
+
+def test_a_dataset_copied_in_place_is_claimed_when_the_inbox_is_polled(root, start_daemon):
+    """With watch.polling (network file systems, where inotify sees nothing), a file written in
+    place is seen as modified but never as closed: it settles by its size and time, and is claimed."""
+    root.write_config(watch={"polling": True})
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    data = root.dataset_bytes()
+    with open(root.inbox / "visits.csv", "wb") as fh:  # written in place, in two parts a poll apart
+        fh.write(data[: len(data) // 2])
+        fh.flush()
+        d.wait_event("file_detected")
+        fh.write(data[len(data) // 2:])
+    _one_inferred_job(root, d, "visits")
