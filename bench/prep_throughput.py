@@ -101,7 +101,8 @@ def child(kind: str, csv_path: Path, mapping_path: Path, out_dir: Path) -> int:
     import pandas  # noqa: F401
     import yaml  # noqa: F401
 
-    from daemon import dataset, fsutil, prompts, trainingdata  # noqa: F401
+    from daemon import fsutil  # noqa: F401
+    from daemon.data import dataset, prompts, trainingdata  # noqa: F401
     _IMPORTED_RSS_KIB = _status_kib("VmRSS")
     return (run_project if kind == "project" else run_baseline)(csv_path, mapping_path, out_dir)
 
