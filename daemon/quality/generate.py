@@ -238,41 +238,78 @@ DIRECT_PREFIX = '{"rating": '  # how a rating-only answer starts (prompts.direct
 REASON_PREFIX = '{"rationale": "'  # how a reasoned answer starts (prompts.answer_json)
 
 
+def _direct_plan(tokenizer: Any, prompt: str, values: list[int]) -> tuple[list[int], dict[int, int],
+                                                                           dict[int, int], int | None] | None:
+    """How to score ``values`` after ``prompt`` + ``{"rating": `` as a constrained decoder would:
+    (the tokens all values share, each value's first own token, each value's second own token
+    where two values share their first, that shared token). Tokenizers often split the values
+    unevenly (Gemma: ``▁-`` ``1`` against ``▁`` ``0`` and ``▁`` ``1``), so values may share their first
+    own token; one such group is resolved one token further. None when that does not separate
+    them (they are then scored whole)."""
+    seqs = {v: tokenizer(f"{prompt}{DIRECT_PREFIX}{v}}}", add_special_tokens=False)["input_ids"] for v in values}
+    shortest, k = min(len(s) for s in seqs.values()), 0
+    while k < shortest and len({s[k] for s in seqs.values()}) == 1:
+        k += 1
+    if k == 0 or k >= shortest:
+        return None
+    first = {v: s[k] for v, s in seqs.items()}
+    groups: dict[int, list[int]] = {}
+    for v, token in first.items():
+        groups.setdefault(token, []).append(v)
+    shared = [token for token, members in groups.items() if len(members) > 1]
+    if not shared:
+        return seqs[values[0]][:k], first, {}, None
+    if len(shared) > 1 or any(len(seqs[v]) <= k + 1 for v in groups[shared[0]]):
+        return None
+    second = {v: seqs[v][k + 1] for v in groups[shared[0]]}
+    if len(set(second.values())) != len(second):
+        return None
+    return seqs[values[0]][:k], first, second, shared[0]
+
+
 def direct_answers(tokenizer: Any, model: Any, device: str, prompts: list[str],
                    values: list[int]) -> list[tuple[str, dict[str, float]]]:
     """The rating as a direct decision, no generation: each prompt followed by ``{"rating": ``, and
-    each allowed value's probability as the next tokens, normalised over the allowed values (what a
-    grammar-constrained server decides). When the values part at their first token, as they do for
-    the usual ratings, that is one forward pass per prompt (batched, logits for one position only);
-    otherwise the prompt's values are scored whole (``score_values``). Returns per prompt the answer
-    text (``{"rating": v}``) and the probabilities."""
+    each allowed value's probability as the next tokens, as a grammar-constrained decoder decides
+    (``_direct_plan``): the first own token's probability normalised over the allowed first tokens,
+    and where values share that token, the next token's normalised over theirs. One forward pass
+    per batch of prompts (logits for one position), and a one-token step on its cache when values
+    share a first token; a prompt whose values no such plan separates is scored whole
+    (``score_values``). Returns per prompt the answer text (``{"rating": v}``) and the probabilities."""
     import torch
 
-    plans: list[tuple[list[int], dict[int, int]] | None] = []
-    for prompt in prompts:
-        seqs = {v: tokenizer(f"{prompt}{DIRECT_PREFIX}{v}}}", add_special_tokens=False)["input_ids"] for v in values}
-        shortest, k = min(len(s) for s in seqs.values()), 0
-        while k < shortest and len({s[k] for s in seqs.values()}) == 1:
-            k += 1
-        first = {v: s[k] for v, s in seqs.items()} if k < shortest else {}
-        plans.append((seqs[values[0]][:k], first) if k and len(set(first.values())) == len(values) else None)
+    plans = [_direct_plan(tokenizer, prompt, values) for prompt in prompts]
     out: list[tuple[str, dict[str, float]] | None] = [None] * len(prompts)
-    one_pass = [i for i, p in enumerate(plans) if p is not None]
-    if one_pass:
-        width = max(len(plans[i][0]) for i in one_pass)
+    planned = [i for i, p in enumerate(plans) if p is not None]
+    if planned:
+        width = max(len(plans[i][0]) for i in planned)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(plans[i][0])) + plans[i][0] for i in one_pass], device=device)
-        mask = torch.tensor([[0] * (width - len(plans[i][0])) + [1] * len(plans[i][0]) for i in one_pass],
+        ids = torch.tensor([[pad] * (width - len(plans[i][0])) + plans[i][0] for i in planned], device=device)
+        mask = torch.tensor([[0] * (width - len(plans[i][0])) + [1] * len(plans[i][0]) for i in planned],
                             device=device)
+        deeper = any(plans[i][3] is not None for i in planned)
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                           logits_to_keep=1).logits[:, -1, :].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        for row, i in enumerate(one_pass):
-            scores = {v: float(logp[row, token]) for v, token in plans[i][1].items()}
+            first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                          logits_to_keep=1, use_cache=deeper)
+            logp1 = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1)
+            logp2 = None
+            if deeper:  # one more token, the shared one, on the cache of the first pass
+                step = torch.tensor([[plans[i][3] if plans[i][3] is not None else pad] for i in planned],
+                                    device=device)
+                second = model(input_ids=step, attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+                               position_ids=mask.sum(-1, keepdim=True), past_key_values=first.past_key_values,
+                               logits_to_keep=1)
+                logp2 = torch.log_softmax(second.logits[:, -1, :].float(), dim=-1)
+        for row, i in enumerate(planned):
+            _, firsts, seconds, _ = plans[i]
+            scores = {v: float(logp1[row, token]) for v, token in firsts.items()}
+            if seconds:
+                inner = torch.stack([logp2[row, token] for token in seconds.values()])
+                for v, x in zip(seconds, (inner - torch.logsumexp(inner, 0)).tolist()):
+                    scores[v] += x
             out[i] = _direct(scores)
     for i, plan in enumerate(plans):
-        if plan is None:  # values that share their first tokens: scored whole
+        if plan is None:  # values no plan separates: scored whole
             [probs] = score_values(tokenizer, model, device, [prompts[i]], [f"{DIRECT_PREFIX}{values[0]}}}"], values)
             out[i] = _direct({int(v): math.log(max(p, 1e-300)) for v, p in (probs or {}).items()})
     return [o for o in out if o is not None]

@@ -292,3 +292,32 @@ def test_the_child_rates_directly_when_the_spec_asks(tmp_path, tiny_model_dir):
     refused = run_child(tmp_path / "no-values", spec_for(tmp_path / "no-values", tiny_model_dir, direct=True), convs)
     assert (refused.returncode, refused.stderr.strip()) == (
         2, "generate failed - the spec's direct must be true or false, and true needs values")
+
+
+def test_ratings_that_share_their_first_token_are_told_apart_one_token_further(tiny_model_dir):
+    """-2 and -1 share their first token after ``{"rating": `` (" -"): each gets that token's
+    probability times its next token's, normalised over the two (a one-token step on the first
+    pass's cache), as a constrained decoder decides; checked against plain unpadded passes."""
+    import math
+
+    import torch
+
+    from daemon.quality.generate import DIRECT_PREFIX, direct_answers, load, render_prompt
+
+    tokenizer, model, device = load(str(tiny_model_dir), None, "cpu")
+    prompts = [render_prompt(tokenizer, c) for c in conversations(3)]
+    values = [-2, -1, 0, 1]
+    got = direct_answers(tokenizer, model, device, prompts, values)
+    for prompt, (text, probs) in zip(prompts, got):
+        seqs = {v: tokenizer(f"{prompt}{DIRECT_PREFIX}{v}}}", add_special_tokens=False)["input_ids"] for v in values}
+        k = next(k for k in range(min(map(len, seqs.values()))) if len({s[k] for s in seqs.values()}) > 1)
+        assert seqs[-2][k] == seqs[-1][k] and len({seqs[v][k] for v in values}) == 3  # the shared " -"
+        with torch.inference_mode():
+            logp1 = torch.log_softmax(model(input_ids=torch.tensor([seqs[0][:k]])).logits.float()[0, -1], -1)
+            logp2 = torch.log_softmax(model(input_ids=torch.tensor([seqs[-1][:k + 1]])).logits.float()[0, -1], -1)
+        inner = {v: math.exp(float(logp2[seqs[v][k + 1]])) for v in (-2, -1)}
+        weight = {v: math.exp(float(logp1[seqs[v][k]])) for v in (0, 1)}
+        weight.update({v: math.exp(float(logp1[seqs[v][k]])) * inner[v] / sum(inner.values()) for v in (-2, -1)})
+        norm = sum(weight.values())
+        assert probs == pytest.approx({str(v): w / norm for v, w in weight.items()}, rel=1e-4)
+        assert json.loads(text) == {"rating": max(values, key=lambda v: (probs[str(v)], -v))}
