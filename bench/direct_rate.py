@@ -6,9 +6,10 @@ Q4_K_M GGUF (dequantized once into the cache) with the product's system prompt a
 emergency-department visits: (a) ``direct``: each record's allowed ratings scored right after
 ``{"rating": `` (``training.answer_forms: both`` makes a fine-tune answer this way; the base model is
 used here, the cost is the same with a LoRA adapter); (b) greedy generation of the reasoned answer
-(up to ``evaluation.max_new_tokens``, 96), as every rating ran before. Records/s count the model's
-own time (the child's start-up, the same for both, is left out). Target: (a) >= 5 records/s on 2
-cores.
+(up to ``evaluation.max_new_tokens``, 96), as every rating ran before; the base model does not
+answer in JSON, so its generation ends after a few tokens and (b) shows the prompt's cost more than
+a fine-tune's rationale. Records/s count the model's own time (the child's start-up, the same for
+both, is left out). Target: (a) >= 5 records/s on 2 cores.
 
 Usage: ``python bench/direct_rate.py [--records 48] [--generated 12] [--batch 8]``.
 """
