@@ -4,7 +4,8 @@ validate → decide the approach → build the outputs (training data → traine
 model set) → register in Ollama → metadata. The approach decision lives here and nowhere else:
 ``auto`` fine-tunes when the dataset is large enough and every required capability check passes,
 and otherwise (or when training fails) falls back to a model set if fallback is on. ``fine_tune``
-and ``model_set`` force one path, with no fallback. This module knows nothing about the inbox: the
+and ``model_set`` force one path, with no fallback; ``head`` (only when asked for) fits a classifier
+on the base model's hidden states (``quality.head``). This module knows nothing about the inbox: the
 daemon hands it a ``JobInputs`` and publishes the folder it filled.
 """
 
@@ -572,10 +573,16 @@ class FineTuner:
                 raise TrainingFailedError("the training rows hold a single rating: a head needs two or more",
                                           hint="add rated rows of the other ratings and resubmit")
 
+            last = [0.0]
+
             def relay(done: int, total: int) -> None:
+                if done < total and time.monotonic() - last[0] < 1.0:  # at most a line a second, and the last
+                    return
+                last[0] = time.monotonic()
                 log.info("head_progress", done=done, total=total)
                 if job is not None and job.on_progress is not None:
-                    job.on_progress({"step": done, "total_steps": total, "stage": "head"})
+                    job.on_progress({"step": done, "total_steps": total, "stage": "head",
+                                     "percent": round(100.0 * done / total, 1) if total else 100.0})
 
             lock = job.training_lock if job and job.training_lock is not None else contextlib.nullcontext()
             try:

@@ -21,7 +21,7 @@ from .journal import Journal
 
 STAGE_NAMES = {"load": "loading", "capability": "checking the model", "training_data": "writing training data",
                "model_set": "building the model set", "training": "training", "registration": "registering",
-               "evaluation": "evaluation", "reload": "loading"}
+               "evaluation": "evaluation", "reload": "loading", "head": "fitting the head"}
 
 
 def progress_row(event: dict) -> dict[str, Any] | None:

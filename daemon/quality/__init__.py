@@ -6,7 +6,8 @@ OpenAI-compatible server, or the local child ``generate``, run as
 the agreement metrics and report files (``evaluation``), evaluating an output folder's models on
 held-out rows (``evaluator``), each answer's confidence, its calibration and the coverage table
 (``confidence``), the bag-of-words classifier measured beside every model
-(``baseline``), the verdict on a model and the quality gate (``trust``), and rating
+(``baseline``), the head on the base model's hidden states: its fitting, its stored form and the
+features child it runs (``head``), the verdict on a model and the quality gate (``trust``), and rating
 new records with a built model (``rating``). May import:
 the top-level base modules (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``),
 ``daemon.data``, ``daemon.training``, ``daemon.serving`` and this package; never ``inbox``,

@@ -419,7 +419,7 @@ MALFORMED = [  # (approach, file, change, key, problem)
      "must be a non-empty object of label: integer rating pairs, not an object (empty)"),
     ("model_set", META, lambda m: m.pop("mapping"), "mapping",
      "must be an object holding the rating labels, not null"),
-    ("model_set", META, lambda m: m.update({"approach": "magic"}), "approach", "must be fine_tune or model_set"),
+    ("model_set", META, lambda m: m.update({"approach": "magic"}), "approach", "must be fine_tune, model_set or head"),
     ("model_set", META, lambda m: m.update({"registration": {"registered": True, "name": 7}}), "registration.name",
      "must be an Ollama model name, not a number"),
     ("model_set", META, lambda m: m.update({"prompt_template": {"kind": "columns", "value": "x"}}),

@@ -1,0 +1,262 @@
+"""The head on the base model's hidden states, on the tiny Llama: it learns, its vectors at rating are
+those it was fitted on, its stored form loads back identically and a hostile one is refused, and a
+job with approach head is evaluated beside the baseline and rates through the local backend."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import cohen_kappa_score
+
+from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
+from daemon.data.visits import generate_visits
+from daemon.fine_tuner import FineTuner
+from daemon.quality import head
+from daemon.quality.baseline import most_likely
+from daemon.quality.evaluation import CONFIDENCE_SOURCES
+from daemon.quality.rater import HeadRater, RaterError
+from daemon.quality.rating import ModelFolderError, RatingError, model_from_folder, rate_file
+from daemon.training.features import POOLINGS
+from daemon.training.supervisor import resolve_base_weights
+from tests.tiny_model import TINY_NAME
+
+pytestmark = pytest.mark.xdist_group("head")
+
+SKIP = ("C_BioSense_ID", "Expert Rating", "Standardized_Rating", "Rationale_of_Rating")
+QUESTION = head.question_text("respiratory infections")
+
+
+def _text(row: dict) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in row.items() if k not in SKIP)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One thread per child: the model is tiny, and threads waiting for each other on a busy machine
+    only slow it down."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_base_models):
+    return resolve_base_weights(TINY_NAME, tiny_base_models)
+
+
+@pytest.fixture(scope="module")
+def fitted(weights):
+    """A head fitted on 200 generated visits (familiar vocabulary "a")."""
+    train = generate_visits(200, seed=11)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        fitted, timings = head.fit_head(weights, TINY_NAME, [_text(r) for r in train],
+                                        [int(r["Standardized_Rating"]) for r in train], topics="respiratory infections")
+    return fitted
+
+
+def test_the_head_learns_the_experts_ratings_on_visits_it_never_saw(weights, fitted):
+    """On the tiny model's states, a head fitted on 200 visits agrees with the experts on 60 others
+    far beyond chance (measured: kappa 0.91 on another draw); its choice comes from the CV table."""
+    held = generate_visits(60, seed=12)
+    vectors = head.head_vectors(weights, fitted, [_text(r) for r in held])
+    predicted = [most_likely(p) for p in fitted.probabilities(vectors)]
+    assert cohen_kappa_score([int(r["Standardized_Rating"]) for r in held], predicted) > 0.6
+    assert fitted.classes == (-1, 0, 1) and fitted.train_rows == 200 and fitted.c in head.C_GRID
+    assert [(row["layer"], row["pooling"]) for row in fitted.cv] == [(1, "mean"), (1, "last"), (2, "mean"), (2, "last")]
+    top = max(fitted.cv, key=lambda row: row["kappa"])  # within one standard error: mean first, then layer 1
+    floor = top["kappa"] - top["kappa_se"]
+    best = min((row for row in fitted.cv if row["kappa"] >= floor - 1e-4),
+               key=lambda row: (POOLINGS.index(row["pooling"]), abs(row["layer"] - 1)))
+    assert (fitted.layer, fitted.pooling, fitted.c) == (best["layer"], best["pooling"], best["c"])
+    assert fitted.base["layers_total"] == 2 and fitted.base["hidden_size"] == 64
+    assert fitted.base["weights_sha256"] == head.weights_sha256(weights)
+
+
+def test_the_vectors_computed_for_rating_equal_those_computed_for_fitting(weights):
+    """The same text gives bit-identical vectors whatever comes before or beside it, and a pass that
+    stops after layer 1 gives exactly layer 1's vectors of a whole pass."""
+    texts = [_text(r) for r in generate_visits(12, seed=21)]
+    info, fitting = head.compute_features(weights, texts, layers="candidates", poolings=POOLINGS, question=QUESTION)
+    assert (info["layers"], info["poolings"], info["layers_total"]) == ([1, 2], ["mean", "last"], 2)
+    order = [7, 3, 11, 0, 5]
+    _, rating = head.compute_features(weights, [texts[i] for i in order], layers=[1], poolings=POOLINGS,
+                                      question=QUESTION)
+    assert sorted(rating) == [(1, "last"), (1, "mean")]
+    for key, array in rating.items():
+        assert array.dtype == np.float32 and array.shape == (5, 64)
+        assert np.array_equal(array, fitting[key][order])
+    assert not np.array_equal(fitting[(1, "mean")], fitting[(2, "mean")])
+
+
+def test_the_head_rater_gives_the_fitted_heads_probabilities_as_the_answer_and_confidence(weights, fitted):
+    """HeadRater's answers are the head's most likely ratings, its probabilities those of the
+    vectors the child computes, each record answered."""
+    texts = [_text(r) for r in generate_visits(6, seed=22)]
+    _, arrays = head.compute_features(weights, texts, layers=[fitted.layer], poolings=[fitted.pooling],
+                                      question=fitted.question)
+    expected = fitted.probabilities(arrays[(fitted.layer, fitted.pooling)])
+    answers = HeadRater(weights, fitted).answer([[{"role": "system", "content": "s"},
+                                                  {"role": "user", "content": t}] for t in texts])
+    assert [a.probs for a in answers] == expected
+    assert [json.loads(a.text) for a in answers] == [{"rating": most_likely(p)} for p in expected]
+
+
+def test_the_head_rater_refuses_weights_other_than_those_the_head_was_fitted_on(weights, fitted):
+    """A head whose recorded weights' sha256 differs from the weights found is refused before any
+    forward pass."""
+    other = head.Head.from_json({**fitted.to_json(), "base": {**fitted.base, "weights_sha256": "0" * 64}})
+    with pytest.raises(RaterError, match="not those the head was fitted on"):
+        HeadRater(weights, other).answer([[{"role": "user", "content": "x"}]])
+
+
+def test_a_stored_head_loads_back_with_the_same_probabilities(fitted):
+    """to_json -> JSON text -> from_json gives exactly the same probabilities and fingerprint."""
+    vectors = np.random.default_rng(3).normal(size=(20, 64)).astype(np.float32)
+    loaded = head.Head.from_json(json.loads(json.dumps(fitted.to_json())))
+    assert loaded == fitted and loaded.fingerprint() == fitted.fingerprint()
+    after = loaded.probabilities(vectors)
+    assert after == fitted.probabilities(vectors)
+    assert [sorted(p) for p in after] == [[-1, 0, 1]] * 20 and all(abs(sum(p.values()) - 1) < 1e-9 for p in after)
+
+
+def test_the_stored_probabilities_are_scikit_learns_own():
+    """The stored numbers rate exactly as the scikit-learn pipeline fitted on the same vectors would."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(60, 8)), np.array([-1, 0, 1] * 20)
+    x[:, 0] += y
+    got = head.fit({(1, "mean"): x, (1, "last"): rng.normal(size=(60, 8))}, list(y))
+    assert (got.layer, got.pooling) == (1, "mean")  # the informative vectors, not the noise
+    model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", C=got.c, max_iter=5000))
+    model.fit(x, y)
+    stored = head.Head(got.layer, got.pooling, "", 10, got.mean, got.scale, got.classes, got.coef, got.intercept,
+                       got.c, 60, got.cv,
+                       {"model": "m", "weights_sha256": "0" * 64, "layers_total": 1, "hidden_size": 8})
+    expected = model.predict_proba(x[:10])
+    assert all(abs(p[c] - expected[i][j]) < 1e-9 for i, p in enumerate(stored.probabilities(x[:10]))
+               for j, c in enumerate(model.classes_))
+
+
+def test_candidates_as_good_as_the_best_go_to_the_mean_of_the_layer_nearest_the_middle():
+    """When every candidate separates the rows perfectly (within one standard error of the best),
+    the middle layer's mean is chosen (the choice measured best on new kinds of records), not the
+    first or the last layer."""
+    rng = np.random.default_rng(7)
+    y = np.array([0, 1] * 20)
+    x = rng.normal(size=(40, 4)) + 10 * y[:, None]
+    got = head.fit({(1, "mean"): x, (2, "last"): x, (2, "mean"): x, (4, "mean"): x}, list(y))
+    assert [(row["kappa"], row["kappa_se"]) for row in got.cv] == [(1.0, 0.0)] * 4
+    assert (got.layer, got.pooling) == (2, "mean")
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda d: d.update(format="pickle"), "is not a fine-tuner head"),
+    (lambda d: d.update(pooling="max"), "pooling must be one of mean, last"),
+    (lambda d: d.update(layer=3), "base must name"),
+    (lambda d: d.update(layer=True), "layer must be a layer number"),
+    (lambda d: d.update(classes=[1, 1]), "classes must be two or more distinct"),
+    (lambda d: d["scaler"]["scale"].__setitem__(0, 0.0), "scaler.scale must hold positive numbers"),
+    (lambda d: d["scaler"]["mean"].__setitem__(0, float("nan")), "scaler.mean must be a list"),
+    (lambda d: d["coef"][0].append(1.0), "coef must be a list of 64 finite numbers"),
+    (lambda d: d["coef"].pop(), "coef must have 3 rows"),
+    (lambda d: d.update(intercept=["1", "2", "3"]), "intercept must be a list of 3 finite numbers"),
+    (lambda d: d.update(c=-1), "c must be a positive number"),
+    (lambda d: d["base"].update(weights_sha256="abc"), "base must name"),
+    (lambda d: d.update(cv={"layer": 1}), "cv must be a list"),
+])
+def test_a_hostile_stored_head_is_refused_naming_the_field(fitted, change, field):
+    """Each wrong type, shape or value is refused with the field's name."""
+    data = json.loads(json.dumps(fitted.to_json()))
+    change(data)
+    with pytest.raises(head.HeadError, match=field):
+        head.Head.from_json(data)
+
+
+# --- a job with approach head -------------------------------------------------------------------
+
+ROWS = 320  # 287 training rows, 33 held out (defaults.validation_fraction 0.1)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_base_models):
+    """A FineTuner job with approach head on synthetic rows; Ollama is down (a closed port)."""
+    out = tmp_path_factory.mktemp("head-job")
+    cfg = {"base_models": tiny_base_models,
+           "ollama": {"register": "auto", "host": "http://127.0.0.1:9", "retries": 0, "connect_timeout_s": 0.5},
+           "evaluation": {"enabled": "required", "backend": "auto"}, "paths": {"root": str(out)}}
+    df = pd.DataFrame(list(synthetic_rows(ROWS, 5)), columns=HEADER)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        ok, meta = FineTuner(config=cfg).process_dataset(df, TINY_NAME, MAPPING, "respiratory infections",
+                                                         approach="head", output_dir=out / "job")
+    assert ok is True
+    return {"folder": out / "job", "meta": meta, "cfg": cfg, "df": df}
+
+
+def test_a_head_job_is_evaluated_beside_the_baseline_and_stores_plain_numbers(job):
+    """approach head: the hold-out, the baseline and head.json (no pickle, no Ollama model); the
+    evaluation rates the 33 held-out rows with the head and the baseline, the head's
+    probabilities as its confidence."""
+    meta, folder = job["meta"], job["folder"]
+    assert (meta["approach"], meta["approach_reason"]) == ("head", "head requested")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "baseline.json", "calibration.json", "confusion_matrix.png", "evaluation.json", "evaluation.md",
+        "fine_tuning_metadata.json", "head.json", "predictions.csv", "validation_data.jsonl"]
+    assert meta["registration"] == {"registered": False,
+                                    "reason": "a head is not an Ollama model: it rates through the local backend"}
+    stored = head.load(folder / "head.json")
+    assert (meta["head"]["layer"], meta["head"]["pooling"], meta["head"]["c"], meta["head"]["train_rows"]) == (
+        stored.layer, stored.pooling, stored.c, meta["split"]["train_rows"])
+    assert (meta["split"]["train_rows"], meta["split"]["validation_rows"], stored.train_rows) == (287, 33, 287)
+    report = json.loads((folder / "evaluation.json").read_text())
+    assert [(m["key"], m["title"], m["n"], m["backend"]) for m in report["models"]] == [
+        ("new", "head on the base model", 33, "head"), ("baseline", "bag-of-words baseline", 33, "baseline")]
+    new = report["models"][0]
+    assert new["confidence"]["source"] == CONFIDENCE_SOURCES["head"] and new["confidence"]["available"] == 33
+    assert new["kappa"] > 0.8 and meta["evaluation"]["backend"] == "head"
+
+
+def test_a_head_rates_new_records_through_the_local_backend_as_the_evaluation_did(job, tmp_path):
+    """rate with the head's folder (backend auto: the head's own) gives each held-out record the
+    rating the evaluation gave it, with a confidence; another backend is refused."""
+    from daemon.config import load_config
+
+    folder, df = job["folder"], job["df"]
+    rows = job["meta"]["split"]["validation_source_rows"]
+    held = df.iloc[[r - 1 for r in rows]]
+    src = tmp_path / "new.csv"
+    held.drop(columns=["Expert Rating", "Standardized_Rating"]).to_csv(src, index=False)
+    model = model_from_folder(folder)
+    assert (model.approach, model.head) == ("head", head.load(folder / "head.json"))
+    cfg = load_config(None, {}, overrides=job["cfg"])
+    summary = rate_file(model, src, tmp_path / "ratings.csv", cfg)
+    assert (summary["backend"], summary["rated"], summary["invalid"]) == ("head", 33, 0)
+    assert summary["confidence"]["source"] == CONFIDENCE_SOURCES["head"]
+    with open(tmp_path / "ratings.csv", newline="") as fh:
+        rated = list(csv.DictReader(fh))
+    with open(folder / "predictions.csv", newline="") as fh:
+        evaluated = {int(r["row"]): r["new_rating"] for r in csv.DictReader(fh)}
+    assert [r["rating"] for r in rated] == [evaluated[r] for r in rows]
+    assert all(r["confidence"] for r in rated)
+    with pytest.raises(RatingError, match="a head rates through the local backend only"):
+        rate_file(model, src, tmp_path / "other.csv", cfg, backend="ollama")
+
+
+def test_a_hostile_head_json_in_a_model_folder_is_refused_naming_it(job, tmp_path):
+    """A head.json with a wrong field makes the folder unusable, the error naming file and field."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(job["folder"], copy)
+    data = json.loads((copy / "head.json").read_text())
+    data["coef"] = "import os"
+    (copy / "head.json").write_text(json.dumps(data))
+    with pytest.raises(ModelFolderError, match=r"head\.json in the model folder copy coef must have 3 rows") as info:
+        model_from_folder(copy)
+    assert info.value.file == "head.json"
