@@ -102,7 +102,7 @@ class Baseline:
             raise BaselineError(f"{FILE}: vectorizers must be {[name for name, _ in VECTORIZERS]}")
         vocabularies, idfs, width = [], [], 0
         for v in vecs:
-            vocab, idf = v.get("vocabulary"), _floats(v.get("idf"), f"{v['name']}.idf")
+            vocab, idf = v.get("vocabulary"), finite_numbers(v.get("idf"), f"{v['name']}.idf")
             if not isinstance(vocab, dict) or len(vocab) != len(idf) or len(vocab) > MAX_FEATURES \
                     or sorted(vocab.values()) != list(range(len(vocab))) \
                     or not all(isinstance(k, str) and type(i) is int for k, i in vocab.items()):
@@ -114,8 +114,8 @@ class Baseline:
         coef = data.get("coef")
         if not isinstance(coef, list) or len(coef) != rows:
             raise BaselineError(f"{FILE}: coef must have {rows} rows")
-        coef_rows = tuple(_floats(row, "coef", width) for row in coef)
-        intercept = _floats(data.get("intercept"), "intercept", rows)
+        coef_rows = tuple(finite_numbers(row, "coef", width) for row in coef)
+        intercept = finite_numbers(data.get("intercept"), "intercept", rows)
         c, train_rows = data.get("c"), data.get("train_rows")
         if type(c) not in (int, float) or not math.isfinite(c) or c <= 0 or type(train_rows) is not int:
             raise BaselineError(f"{FILE}: c must be a positive number and train_rows an integer")
@@ -133,14 +133,18 @@ def _ints(value: Any, field: str) -> list[int]:
     return value
 
 
-def _floats(value: Any, field: str, length: int | None = None) -> tuple[float, ...]:
+def finite_numbers(value: Any, field: str, length: int | None = None, *, file: str = FILE,
+                   error: type[ValueError] = BaselineError) -> tuple[float, ...]:
+    """A stored list of finite numbers (``length`` of them when given), else ``error`` naming the
+    file and the field (the stored classifiers, ``baseline.json`` and ``head.json``, share it)."""
     if not isinstance(value, list) or (length is not None and len(value) != length) or not all(
             type(v) in (int, float) and math.isfinite(v) for v in value):
-        raise BaselineError(f"{FILE}: {field} must be a list of {length or 'some'} finite numbers")
+        raise error(f"{file}: {field} must be a list of {length or 'some'} finite numbers")
     return tuple(float(v) for v in value)
 
 
-def _folds(ratings: Sequence[int]) -> int:
+def folds(ratings: Sequence[int]) -> int:
+    """Cross-validation folds for these ratings: five, or as many as the rarest rating has rows."""
     from collections import Counter
 
     return min(MAX_FOLDS, min(Counter(ratings).values()))
@@ -164,13 +168,13 @@ def fit(texts: Sequence[str], ratings: Sequence[int], *, seed: int = 42) -> Base
     x = sparse.hstack([v.fit_transform(list(texts)) for v in vectorizers]).tocsr()
     y = np.asarray(ratings)
     model = LogisticRegression(class_weight="balanced", max_iter=5000)
-    folds = _folds(ratings)
+    n_folds = folds(ratings)
     # one BLAS thread: each fit is a fraction of a second, and threads competing for the cores of a
     # busy machine made the same search 50 times slower (0.09 s against 5.4 s a fit, measured)
     with threadpool_limits(1):
-        if folds >= 2:
+        if n_folds >= 2:
             search = GridSearchCV(model, {"C": list(C_GRID)}, scoring=make_scorer(cohen_kappa_score),
-                                  cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+                                  cv=StratifiedKFold(n_folds, shuffle=True, random_state=seed))
             model = search.fit(x, y).best_estimator_
         else:
             model.set_params(C=1.0).fit(x, y)
@@ -182,4 +186,4 @@ def fit(texts: Sequence[str], ratings: Sequence[int], *, seed: int = 42) -> Base
                     train_rows=len(texts))
 
 
-__all__ = ["Baseline", "BaselineError", "FILE", "KEY", "TITLE", "fit"]
+__all__ = ["Baseline", "BaselineError", "FILE", "KEY", "TITLE", "finite_numbers", "fit", "folds"]

@@ -36,6 +36,8 @@ from typing import Any
 
 from ..errors import TrainingInterruptedError
 from ..training.features import FEATURES_FILE, POOLINGS, array_name
+from .baseline import finite_numbers
+from .baseline import folds as cv_folds
 
 FILE = "head.json"
 FORMAT = "fine-tuner-head/1"
@@ -45,7 +47,6 @@ KEY = "head"
 # regularisation (the tiny test model's 64 dimensions chose 1.0, the top of a grid ending there)
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 C_WITHOUT_CV = 0.1  # when a rating has a single training row, no cross-validation can run
-MAX_FOLDS = 5
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_WIDTH = 65_536  # a stored vector wider than this is refused, not loaded
 MAX_TOKENS = 2048  # a record's tokens beyond this are not read (the same at fitting and rating)
@@ -180,18 +181,10 @@ class Head:
 
 
 def _floats(value: Any, field: str, length: int | None = None) -> tuple[float, ...]:
-    if not isinstance(value, list) or (length is not None and len(value) != length) or not all(
-            type(v) in (int, float) and math.isfinite(v) for v in value):
-        raise HeadError(f"{FILE}: {field} must be a list of {length or 'some'} finite numbers")
-    return tuple(float(v) for v in value)
+    return finite_numbers(value, field, length, file=FILE, error=HeadError)
 
 
 # --- fitting ------------------------------------------------------------------------------------
-
-def _folds(ratings: Sequence[int]) -> int:
-    from collections import Counter
-
-    return min(MAX_FOLDS, min(Counter(ratings).values()))
 
 
 @dataclass(frozen=True)
@@ -236,7 +229,7 @@ def fit(candidates: Mapping[tuple[int, str], Any], ratings: Sequence[int], *, se
     keys = sorted(candidates, key=lambda k: (k[0], POOLINGS.index(k[1])))
     middle = max(k[0] for k in keys) / 2
     preference = sorted(keys, key=lambda k: (POOLINGS.index(k[1]), abs(k[0] - middle), k[0]))
-    folds = _folds(ratings)
+    folds = cv_folds(ratings)
     table: list[dict] = []
 
     def pipeline(c: float):
