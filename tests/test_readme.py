@@ -45,3 +45,19 @@ def test_readme_names_debian_packages_and_what_make_run_installs():
     assert f"`make run` installs\n  the package with its {named} extras" in readme
     assert ("`sudo apt install python3-venv git make`" in readme, "`sudo apt install g++ cmake`" in readme) == (
         True, True)
+
+
+def test_the_module_map_names_every_module_of_each_room():
+    """The README's module map lists exactly the modules each room holds (and the top level's)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("### Module map"):]
+    listed: dict[str, set[str]] = {}
+    for line in table.splitlines():
+        cells = line.split("|")
+        if len(cells) > 3 and ("daemon/" in cells[1] or "top level" in cells[1]):
+            room = cells[1].strip().strip("`").removeprefix("daemon/").rstrip("/") if "daemon/" in cells[1] else ""
+            listed.setdefault(room, set()).update(re.findall(r"`([a-z_0-9]+)`", cells[2]))
+    package = ROOT / "daemon"
+    for room in ("", "data", "training", "serving", "quality", "inbox"):
+        present = {p.stem for p in (package / room).glob("*.py") if p.stem != "__init__"}
+        assert listed.get(room) == present, room or "top level"
