@@ -18,6 +18,7 @@ imported inside the functions (the daemon's import stays light).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import math
@@ -361,7 +362,9 @@ def _follow(proc: subprocess.Popen, on_progress, stop_event, timeout_s, grace_s,
     """Relay the child's progress lines until it exits, is stopped or times out."""
     started = time.monotonic()
     outcome = "done"
-    reader = threading.Thread(target=_relay, args=(proc.stdout, on_progress), name="features-progress", daemon=True)
+    # in the caller's context: its progress lines carry the job's job_id (status, job.log)
+    reader = threading.Thread(target=contextvars.copy_context().run, args=(_relay, proc.stdout, on_progress),
+                              name="features-progress", daemon=True)
     reader.start()
     try:
         while proc.poll() is None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import json
 import os
 import shutil
@@ -352,8 +353,9 @@ class LocalRater:
 
         started = time.monotonic()
         outcome = "done"
-        reader = threading.Thread(target=_relay, args=(proc.stdout, on_progress), name="rate-progress",
-                                  daemon=True)
+        # in the caller's context: its progress lines carry the job's job_id (status, job.log)
+        reader = threading.Thread(target=contextvars.copy_context().run, args=(_relay, proc.stdout, on_progress),
+                                  name="rate-progress", daemon=True)
         reader.start()
         try:
             while proc.poll() is None:

@@ -321,3 +321,19 @@ def test_ratings_that_share_their_first_token_are_told_apart_one_token_further(t
         norm = sum(weight.values())
         assert probs == pytest.approx({str(v): w / norm for v, w in weight.items()}, rel=1e-4)
         assert json.loads(text) == {"rating": max(values, key=lambda v: (probs[str(v)], -v))}
+
+
+def test_the_local_raters_progress_reaches_the_caller_in_its_own_context(tiny_model_dir):
+    """The local rater relays the child's progress from a thread of its own: each call sees the
+    caller's bound job_id, so progress lines reach the job's status and job.log."""
+    import structlog
+
+    from daemon.quality.rater import LocalRater
+
+    seen = []
+    with structlog.contextvars.bound_contextvars(job_id="visits-20261207T000000-0a1b2c3d"):
+        LocalRater(tiny_model_dir, batch_size=2, max_new_tokens=8).answer(
+            conversations(4), on_progress=lambda done, total: seen.append(
+                (done, total, structlog.contextvars.get_contextvars().get("job_id"))))
+    assert seen[-1][:2] == (4, 4)
+    assert {job for _, _, job in seen} == {"visits-20261207T000000-0a1b2c3d"}
