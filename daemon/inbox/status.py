@@ -206,6 +206,8 @@ def _finished_brief(job: JobRecord, meta: dict) -> dict:
     reg = meta.get("registration")
     if isinstance(reg, dict) and reg.get("registered") and isinstance(reg.get("name"), str):
         out["ollama_name"] = reg["name"]
+    elif isinstance(reg, dict) and not reg.get("registered") and isinstance(reg.get("reason"), str):
+        out["not_registered"] = reg["reason"]  # our own words: why the model is not in Ollama
     return out
 
 
@@ -336,7 +338,8 @@ def _kappa_text(evaluation: dict | None) -> str:
         bow = f", bag-of-words {k('baseline')}" if "baseline" in evaluation else ""
         return f"  kappa {k('new')} (base {k('base')}{bow}{kind}){ignored}"
     if evaluation.get("status") in ("skipped", "failed"):
-        return "  not evaluated"
+        reason = evaluation.get("reason")
+        return f"  not evaluated: {reason}" if isinstance(reason, str) and reason else "  not evaluated"
     if evaluation.get("status") == "unreadable":
         return "  evaluation unreadable"
     return ""
@@ -437,6 +440,8 @@ def _finished_text(job: dict) -> str:
         parts.append(f"took {duration_text(job['duration_s'])}")
     if job.get("ollama_name"):
         parts.append(f"in Ollama as {job['ollama_name']}")
+    elif job.get("not_registered"):
+        parts.append(f"not in Ollama: {job['not_registered']}")
     return "; ".join(parts)
 
 

@@ -105,3 +105,25 @@ def test_status_reads_while_another_process_holds_the_write_lock(tmp_path):
         writer.execute("ROLLBACK")
     assert proc.returncode == 0, proc.stderr
     assert [j["job_id"] for j in json.loads(proc.stdout)["recent_succeeded"]] == ["a1"]
+
+
+def test_a_job_not_evaluated_or_registered_says_why_on_its_lines(tmp_path):
+    """A finished job whose model was neither evaluated nor registered shows both reasons, as the
+    job recorded them, on its status lines."""
+    cfg, path = _root(tmp_path)
+    out = tmp_path / "outputs" / "quick1"
+    out.mkdir(parents=True)
+    (out / "fine_tuning_metadata.json").write_text(json.dumps({
+        "target_topics": ["falls"], "model": "llama3.2:1b", "rows": {"read": 40, "used": 40}, "duration_s": 0.3,
+        "registration": {"registered": False, "reason": "Ollama is not reachable at http://127.0.0.1:11434"},
+        "evaluation": {"status": "skipped", "reason": "there are no held-out rows (fewer than 50 usable rows)"},
+        "warnings": []}))
+    with Journal(path) as journal:
+        journal.add_job("quick1", "quick1", [InputFile("dataset", "quick1.csv", "ab" * 32, 10)], "quick1")
+        journal.start("quick1")
+        journal.succeed("quick1", output_path=str(out), approach="model_set")
+    lines = format_status(status(cfg)).splitlines()
+    [at] = [i for i, line in enumerate(lines) if line.startswith("  quick1")]
+    assert lines[at].endswith("  not evaluated: there are no held-out rows (fewer than 50 usable rows)")
+    assert lines[at + 1] == ("    topic falls; base llama3.2:1b; 40 rows; took 0 s; "
+                             "not in Ollama: Ollama is not reachable at http://127.0.0.1:11434")
