@@ -70,14 +70,7 @@ class Baseline:
         if not texts:
             return []
         scores = self._features(texts) @ np.asarray(self.coef, dtype=np.float64).T + np.asarray(self.intercept)
-        if len(self.classes) == 2:  # scikit-learn's binary model: one row of coefficients, a sigmoid
-            positive = 1.0 / (1.0 + np.exp(-np.clip(scores[:, 0], -700, 700)))
-            probs = np.stack([1.0 - positive, positive], axis=1)
-        else:
-            shifted = scores - scores.max(axis=1, keepdims=True)
-            probs = np.exp(shifted)
-            probs /= probs.sum(axis=1, keepdims=True)
-        return [{c: float(p) for c, p in zip(self.classes, row)} for row in probs]
+        return class_probabilities(scores, self.classes)
 
     def predict(self, texts: Sequence[str]) -> list[int]:
         return [most_likely(p) for p in self.probabilities(texts)]
@@ -110,16 +103,8 @@ class Baseline:
             vocabularies.append(vocab)
             idfs.append(idf)
             width += len(vocab)
-        rows = 1 if len(classes) == 2 else len(classes)
-        coef = data.get("coef")
-        if not isinstance(coef, list) or len(coef) != rows:
-            raise BaselineError(f"{FILE}: coef must have {rows} rows")
-        coef_rows = tuple(finite_numbers(row, "coef", width) for row in coef)
-        intercept = finite_numbers(data.get("intercept"), "intercept", rows)
-        c, train_rows = data.get("c"), data.get("train_rows")
-        if type(c) not in (int, float) or not math.isfinite(c) or c <= 0 or type(train_rows) is not int:
-            raise BaselineError(f"{FILE}: c must be a positive number and train_rows an integer")
-        return cls(tuple(classes), tuple(vocabularies), tuple(idfs), coef_rows, intercept, float(c), train_rows)
+        coef_rows, intercept, c, train_rows = stored_regression(data, classes, width)
+        return cls(tuple(classes), tuple(vocabularies), tuple(idfs), coef_rows, intercept, c, train_rows)
 
 
 def most_likely(probs: dict[int, float]) -> int:
@@ -141,6 +126,38 @@ def finite_numbers(value: Any, field: str, length: int | None = None, *, file: s
             type(v) in (int, float) and math.isfinite(v) for v in value):
         raise error(f"{file}: {field} must be a list of {length or 'some'} finite numbers")
     return tuple(float(v) for v in value)
+
+
+def stored_regression(data: dict, classes: Sequence[int], width: int, *, file: str = FILE,
+                      error: type[ValueError] = BaselineError) -> tuple[tuple[tuple[float, ...], ...],
+                                                                        tuple[float, ...], float, int]:
+    """A stored logistic regression's (coef rows, intercept, c, train_rows), checked: one row of
+    ``width`` coefficients per class (one for two classes, as scikit-learn keeps a binary model),
+    finite numbers, a positive C; else ``error`` naming the file and the field."""
+    rows = 1 if len(classes) == 2 else len(classes)
+    coef = data.get("coef")
+    if not isinstance(coef, list) or len(coef) != rows:
+        raise error(f"{file}: coef must have {rows} rows")
+    coef_rows = tuple(finite_numbers(row, "coef", width, file=file, error=error) for row in coef)
+    intercept = finite_numbers(data.get("intercept"), "intercept", rows, file=file, error=error)
+    c, train_rows = data.get("c"), data.get("train_rows")
+    if type(c) not in (int, float) or not math.isfinite(c) or c <= 0 or type(train_rows) is not int:
+        raise error(f"{file}: c must be a positive number and train_rows an integer")
+    return coef_rows, intercept, float(c), train_rows
+
+
+def class_probabilities(scores: Any, classes: Sequence[int]) -> list[dict[int, float]]:
+    """A logistic regression's scores (one row per record) as each class's probability: a sigmoid
+    for scikit-learn's binary model (one column), else a softmax."""
+    import numpy as np
+
+    if len(classes) == 2:
+        positive = 1.0 / (1.0 + np.exp(-np.clip(scores[:, 0], -700, 700)))
+        probs = np.stack([1.0 - positive, positive], axis=1)
+    else:
+        probs = np.exp(scores - scores.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+    return [{c: float(p) for c, p in zip(classes, row)} for row in probs]
 
 
 def folds(ratings: Sequence[int]) -> int:
@@ -186,4 +203,5 @@ def fit(texts: Sequence[str], ratings: Sequence[int], *, seed: int = 42) -> Base
                     train_rows=len(texts))
 
 
-__all__ = ["Baseline", "BaselineError", "FILE", "KEY", "TITLE", "finite_numbers", "fit", "folds"]
+__all__ = ["Baseline", "BaselineError", "FILE", "KEY", "TITLE", "class_probabilities", "finite_numbers", "fit", "folds",
+           "stored_regression"]

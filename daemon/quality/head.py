@@ -17,8 +17,6 @@ imported inside the functions (the daemon's import stays light).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import hashlib
 import json
 import math
@@ -37,7 +35,8 @@ from typing import Any
 
 from ..errors import TrainingInterruptedError
 from ..training.features import FEATURES_FILE, POOLINGS, array_name
-from .baseline import finite_numbers
+from .baseline import class_probabilities, finite_numbers, stored_regression
+from .rater import follow_child, last_line
 from .baseline import folds as cv_folds
 
 FILE = "head.json"
@@ -56,7 +55,6 @@ MAX_TOKENS = 2048  # a record's tokens beyond this are not read (the same at fit
 # against 0.095 s on one (measured)
 THREADS = 1
 PROGRESS_EVENT = "features_progress"
-STDERR_TAIL_BYTES = 2000
 
 
 class HeadError(ValueError):
@@ -102,14 +100,7 @@ class Head:
             raise HeadError(f"{FILE}: the vectors have {x.shape[-1]} dimensions, the head {len(self.mean)}")
         z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
         scores = z @ np.asarray(self.coef, dtype=np.float64).T + np.asarray(self.intercept)
-        if len(self.classes) == 2:  # scikit-learn's binary model: one row of coefficients, a sigmoid
-            positive = 1.0 / (1.0 + np.exp(-np.clip(scores[:, 0], -700, 700)))
-            probs = np.stack([1.0 - positive, positive], axis=1)
-        else:
-            shifted = scores - scores.max(axis=1, keepdims=True)
-            probs = np.exp(shifted)
-            probs /= probs.sum(axis=1, keepdims=True)
-        return [{c: float(p) for c, p in zip(self.classes, row)} for row in probs]
+        return class_probabilities(scores, self.classes)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "layer": self.layer, "pooling": self.pooling, "question": self.question,
@@ -151,15 +142,7 @@ class Head:
         scale = _floats(scaler.get("scale"), "scaler.scale", width)
         if not all(s > 0 for s in scale):
             raise HeadError(f"{FILE}: scaler.scale must hold positive numbers")
-        rows = 1 if len(classes) == 2 else len(classes)
-        coef = data.get("coef")
-        if not isinstance(coef, list) or len(coef) != rows:
-            raise HeadError(f"{FILE}: coef must have {rows} rows")
-        coef_rows = tuple(_floats(row, "coef", width) for row in coef)
-        intercept = _floats(data.get("intercept"), "intercept", rows)
-        c, train_rows = data.get("c"), data.get("train_rows")
-        if type(c) not in (int, float) or not math.isfinite(c) or c <= 0 or type(train_rows) is not int:
-            raise HeadError(f"{FILE}: c must be a positive number and train_rows an integer")
+        coef_rows, intercept, c, train_rows = stored_regression(data, classes, width, file=FILE, error=HeadError)
         base = data.get("base")
         if not (isinstance(base, dict) and isinstance(base.get("model"), str)
                 and isinstance(base.get("weights_sha256"), str) and len(base["weights_sha256"]) == 64
@@ -175,7 +158,7 @@ class Head:
                 for row in cv):
             raise HeadError(f"{FILE}: cv must be a list of {{layer, pooling, c, kappa, kappa_se}} rows")
         return cls(layer, pooling, question, max_tokens, mean, scale, tuple(classes), coef_rows, intercept,
-                   float(c), train_rows,
+                   c, train_rows,
                    tuple({"layer": r["layer"], "pooling": r["pooling"], "c": r["c"], "kappa": r.get("kappa"),
                           "kappa_se": r.get("kappa_se")} for r in cv),
                    {k: base[k] for k in ("model", "weights_sha256", "layers_total", "hidden_size")})
@@ -318,7 +301,7 @@ def compute_features(weights: Any, texts: Sequence[str], *, layers: list[int] | 
 
     from ..fsutil import write_json, write_lines
     from ..training.parentdeath import tied_to_this_process
-    from ..training.supervisor import child_env, describe_exit, terminate_group
+    from ..training.supervisor import child_env, describe_exit
 
     # the texts are records: a private folder, removed whatever happens
     work = Path(tempfile.mkdtemp(prefix="fine-tuner-features-"))
@@ -336,7 +319,8 @@ def compute_features(weights: Any, texts: Sequence[str], *, layers: list[int] | 
                                                           str(work / "spec.json")], signal.SIGTERM),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                     env=child_env(), start_new_session=True)
-        outcome = _follow(proc, on_progress, stop_event, timeout_s, grace_s, terminate_group)
+        outcome = follow_child(proc, on_progress, stop_event, timeout_s, grace_s, event=PROGRESS_EVENT,
+                               name="features-progress")
         if outcome == "interrupted":
             raise TrainingInterruptedError("the head's forward passes were stopped because the service is "
                                            "shutting down")
@@ -344,7 +328,7 @@ def compute_features(weights: Any, texts: Sequence[str], *, layers: list[int] | 
             raise FeaturesError(f"the base model's forward passes did not finish within {timeout_s:g} s")
         if proc.returncode != 0:
             raise FeaturesError(f"the base model's forward passes failed ({describe_exit(proc.returncode)}): "
-                                f"{_last_line(work / 'stderr.log')}")
+                                f"{last_line(work / 'stderr.log')}")
         info = json.loads((work / "out" / FEATURES_FILE).read_text(encoding="utf-8"))
         arrays = {}
         for layer in info["layers"]:
@@ -356,55 +340,6 @@ def compute_features(weights: Any, texts: Sequence[str], *, layers: list[int] | 
         return info, arrays
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _follow(proc: subprocess.Popen, on_progress, stop_event, timeout_s, grace_s, terminate_group) -> str:
-    """Relay the child's progress lines until it exits, is stopped or times out."""
-    started = time.monotonic()
-    outcome = "done"
-    # in the caller's context: its progress lines carry the job's job_id (status, job.log)
-    reader = threading.Thread(target=contextvars.copy_context().run, args=(_relay, proc.stdout, on_progress),
-                              name="features-progress", daemon=True)
-    reader.start()
-    try:
-        while proc.poll() is None:
-            if stop_event is not None and stop_event.is_set():
-                outcome = "interrupted"
-                break
-            if timeout_s is not None and time.monotonic() - started > timeout_s:
-                outcome = "timed_out"
-                break
-            time.sleep(0.05)
-    finally:
-        terminate_group(proc, grace_s if proc.poll() is None else 0)
-        reader.join(timeout=5)
-        with contextlib.suppress(OSError):
-            proc.stdout.close()
-    return outcome
-
-
-def _relay(stream, on_progress) -> None:
-    for raw in iter(stream.readline, b""):
-        try:
-            event = json.loads(raw)
-        except ValueError:
-            continue
-        if on_progress is not None and isinstance(event, dict) and event.get("event") == PROGRESS_EVENT:
-            with contextlib.suppress(TypeError, ValueError, KeyError):
-                on_progress(int(event["done"]), int(event["total"]))
-
-
-def _last_line(path: Path) -> str:
-    """What went wrong in the child: the part of its last stderr line before the first colon (a
-    library's message after it could quote record text)."""
-    with contextlib.suppress(OSError):
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - STDERR_TAIL_BYTES))
-            lines = fh.read().decode("utf-8", errors="replace").strip().splitlines()
-            if lines:
-                return lines[-1].split(":", 1)[0][:120]
-    return "no error output"
 
 
 def fit_head(weights: Any, model: str, texts: Sequence[str], ratings: Sequence[int], *, topics: str | None,

@@ -334,59 +334,63 @@ class LocalRater:
                                                               str(work / "spec.json")], signal.SIGTERM),
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                         env=child_env(), start_new_session=True)
-            outcome = self._follow(proc, on_progress, stop_event)
+            outcome = follow_child(proc, on_progress, stop_event, self.timeout_s, self.grace_s,
+                                   event="generate_progress", name="rate-progress")
             if outcome == "interrupted":
                 raise TrainingInterruptedError("rating was stopped because the service is shutting down")
             if outcome == "timed_out":
                 raise RaterError(f"the local rater did not finish within {self.timeout_s:g} s")
             if proc.returncode != 0:
                 raise RaterError(f"the local rater failed ({describe_exit(proc.returncode)}): "
-                                 f"{_last_line(work / 'stderr.log')}")
+                                 f"{last_line(work / 'stderr.log')}")
             return _read_answers(work / "output.jsonl", len(conversations))
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _follow(self, proc: subprocess.Popen, on_progress: Progress | None,
-                stop_event: threading.Event | None) -> str:
-        """Relay the child's progress lines until it exits, is stopped or times out."""
-        from ..training.supervisor import terminate_group
 
-        started = time.monotonic()
-        outcome = "done"
-        # in the caller's context: its progress lines carry the job's job_id (status, job.log)
-        reader = threading.Thread(target=contextvars.copy_context().run, args=(_relay, proc.stdout, on_progress),
-                                  name="rate-progress", daemon=True)
-        reader.start()
-        try:
-            while proc.poll() is None:
-                if stop_event is not None and stop_event.is_set():
-                    outcome = "interrupted"
-                    break
-                if self.timeout_s is not None and time.monotonic() - started > self.timeout_s:
-                    outcome = "timed_out"
-                    break
-                time.sleep(0.05)
-        finally:
-            terminate_group(proc, self.grace_s if proc.poll() is None else 0)
-            reader.join(timeout=5)
-            with contextlib.suppress(OSError):
-                proc.stdout.close()
-        return outcome
+def follow_child(proc: subprocess.Popen, on_progress: Progress | None, stop_event: threading.Event | None,
+                 timeout_s: float | None, grace_s: float, *, event: str, name: str) -> str:
+    """Relay a child's ``event`` progress lines (its stdout) until it exits, is stopped or times
+    out, then stop its process group: "done", "interrupted" or "timed_out". The local rater's and
+    the head's children are followed this way."""
+    from ..training.supervisor import terminate_group
+
+    started = time.monotonic()
+    outcome = "done"
+    # in the caller's context: its progress lines carry the job's job_id (status, job.log)
+    reader = threading.Thread(target=contextvars.copy_context().run, args=(_relay, proc.stdout, on_progress, event),
+                              name=name, daemon=True)
+    reader.start()
+    try:
+        while proc.poll() is None:
+            if stop_event is not None and stop_event.is_set():
+                outcome = "interrupted"
+                break
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                outcome = "timed_out"
+                break
+            time.sleep(0.05)
+    finally:
+        terminate_group(proc, grace_s if proc.poll() is None else 0)
+        reader.join(timeout=5)
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
+    return outcome
 
 
-def _relay(stream, on_progress: Progress | None) -> None:
-    """Read the child's stdout: JSON progress lines go to ``on_progress``; nothing is kept."""
+def _relay(stream, on_progress: Progress | None, name: str) -> None:
+    """Read the child's stdout: JSON progress lines named ``name`` go to ``on_progress``; nothing is kept."""
     for raw in iter(stream.readline, b""):
         try:
             event = json.loads(raw)
         except ValueError:
             continue
-        if on_progress is not None and isinstance(event, dict) and event.get("event") == "generate_progress":
-            with contextlib.suppress(TypeError, ValueError):
+        if on_progress is not None and isinstance(event, dict) and event.get("event") == name:
+            with contextlib.suppress(TypeError, ValueError, KeyError):
                 on_progress(int(event["done"]), int(event["total"]))
 
 
-def _last_line(path: Path) -> str:
+def last_line(path: Path) -> str:
     """What went wrong in the child, from the last line of its stderr: only the part before the
     first colon (an exception type or our own error prefix), since a library's message could quote
     record text."""
