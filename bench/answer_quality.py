@@ -10,7 +10,8 @@ other vocabulary ("b": diagnosis codes and phrasings never seen in training): ag
 kinds of records.
 
 Targets: the fine-tune's kappa >= 0.8 and >= the base's + 0.3, with <= 2 % invalid answers.
-Usage: ``python bench/answer_quality.py [--rows 400] [--epochs 2] [--lr 1e-3] [--new-kinds 100]``.
+Usage: ``python bench/answer_quality.py [--rows 400] [--epochs N] [--lr X] [--new-kinds 100]`` (training
+settings left out: the product's configured defaults, what a job with no settings gets).
 About an hour on a 2-core machine with the defaults; not part of ``make test``.
 """
 
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -76,12 +79,18 @@ def new_kinds_folder(out: Path, work: Path, rows: int, seed: int) -> Path:
     return copy
 
 
+def recipe_flags(args: argparse.Namespace) -> list[str]:
+    """The training flags given on this command line; none: the product's configured defaults."""
+    flags = {"--epochs": args.epochs, "--learning-rate": args.lr, "--batch-size": args.batch_size}
+    return [part for flag, value in flags.items() if value is not None for part in (flag, str(value))]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=400)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the product's (defaults.epochs)")
+    parser.add_argument("--lr", type=float, default=None, help="default: the product's (defaults.learning_rate)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the product's (defaults.batch_size)")
     parser.add_argument("--new-kinds", type=int, default=100, help="rows of the unseen vocabulary (0: skip)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--topic-definition", action="store_true",
@@ -121,8 +130,8 @@ def main() -> int:
         proc = subprocess.run(
             [sys.executable, "-m", "daemon", "process", "--config", str(work / "config.json"),
              "--input", str(csv_path), "--mapping", str(work / "visits.mapping.json"), "--model", NAME,
-             "--approach", "fine_tune", "--no-fallback", "--epochs", str(args.epochs), "--learning-rate",
-             str(args.lr), "--batch-size", str(args.batch_size), "--topics", TOPIC, "--output-dir", str(out),
+             "--approach", "fine_tune", "--no-fallback", *recipe_flags(args), "--topics", TOPIC,
+             "--output-dir", str(out),
              *(["--topic-definition", TOPIC_DEFINITION] if args.topic_definition else [])],
             cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
             capture_output=True, text=True)
@@ -137,8 +146,10 @@ def main() -> int:
             evaluation.write_report(report, out)
         report = json.loads((out / "evaluation.json").read_text())
         t = meta["training"]
-        print(f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {args.rows} visits, {args.epochs} epochs, lr {args.lr}, "
-              f"batch {args.batch_size}; job wall time {wall / 60:.1f} min")
+        recipe = yaml.safe_load((out / "training_config.yaml").read_text())
+        print(f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {args.rows} visits, {recipe['num_epochs']} epochs, "
+              f"lr {recipe['learning_rate']}, batch {recipe['micro_batch_size']} "
+              f"({'the product defaults' if not recipe_flags(args) else 'set here'}); job wall time {wall / 60:.1f} min")
         lora = json.loads((out / "adapter" / "adapter_config.json").read_text())
         print(f"LoRA r {lora.get('r')}, alpha {lora.get('lora_alpha')}, on {sorted(lora.get('target_modules') or [])}; "
               f"topic definition in the system prompt: {'yes' if args.topic_definition else 'no'}")
@@ -157,6 +168,10 @@ def main() -> int:
                 print(table(part))
         for verdict in report.get("generalisation", []):
             print(f"- {verdict['message']}")
+        verdict = report.get("verdict") or {}
+        print(f"verdict: {verdict.get('headline')}")
+        for reason in verdict.get("reasons") or []:
+            print(f"- {reason}")
         effect = report.get("adapter_effect") or {}
         print(f"adapter effect: {effect.get('message')}")
         by_key = {m["key"]: m for m in report["models"]}

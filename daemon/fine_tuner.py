@@ -272,14 +272,18 @@ class FineTuner:
                                 source="arguments")
         return self._model_set(ds, settings, stem="dataset", exclude=(), input_hashes={})
 
-    def process_dataset(self, df, model_name: str, rating_mapping, target_topics, *, epochs: int = 3,
-                        learning_rate: float = 1e-4, batch_size: int = 4, output_dir: str | os.PathLike = "outputs",
+    def process_dataset(self, df, model_name: str, rating_mapping, target_topics, *, epochs: int | None = None,
+                        learning_rate: float | None = None, batch_size: int | None = None,
+                        output_dir: str | os.PathLike = "outputs",
                         approach: str = "auto", output_model: str | None = None,
                         source_name: str = "dataset") -> tuple[bool, dict]:
-        """Process an in-memory dataset; outputs go into ``output_dir`` (moved in when complete)."""
+        """Process an in-memory dataset; outputs go into ``output_dir`` (moved in when complete).
+        ``epochs``, ``learning_rate`` and ``batch_size`` left out: the config's ``defaults``."""
+        given = {"epochs": epochs, "learning_rate": None if learning_rate is None else float(learning_rate),
+                 "batch_size": batch_size}
         settings = job_settings(self.config.defaults, {
-            "model": model_name, "topics": _topics_text(target_topics), "epochs": epochs,
-            "learning_rate": float(learning_rate), "batch_size": batch_size, "approach": approach,
+            "model": model_name, "topics": _topics_text(target_topics),
+            **{key: value for key, value in given.items() if value is not None}, "approach": approach,
             "fallback": self.fallback_mode, "output_model": output_model}, source="arguments")
         ds = self._dataset(df, rating_mapping)
         return self._process(ds, settings, Path(output_dir), stem=source_name, staged=True,

@@ -118,8 +118,8 @@ def test_yaml_tags_are_refused(tmp_path):
 
 def test_job_settings_merge_and_validate():
     """A job file's values override the defaults; bad keys and values are named."""
-    s = job_settings(Defaults(model="m"), {"epochs": 2, "topics": ["a", "b"], "force": True})
-    assert (s.model, s.epochs, s.topics, s.force, s.batch_size) == ("m", 2, "a, b", True, 4)
+    s = job_settings(Defaults(model="m", batch_size=3), {"epochs": 5, "topics": ["a", "b"], "force": True})
+    assert (s.model, s.epochs, s.topics, s.force, s.batch_size) == ("m", 5, "a, b", True, 3)
     with pytest.raises(ConfigError) as info:
         job_settings(Defaults(), {"epochs": 0, "approach": "magic", "colour": "red"}, source="x.job.yaml")
     assert len(info.value.problems) == 3

@@ -169,9 +169,11 @@ class TestFineTuner:
         assert MARKER not in text
 
     def test_process_dataset_fine_tuning_approach(self, tmp_path, tiny_model_dir, fake_ollama):
-        """A real LoRA fine-tune of the tiny model through process_dataset, registered in the fake Ollama."""
+        """A real LoRA fine-tune of the tiny model through process_dataset, registered in the fake Ollama;
+        epochs, learning rate and batch size left out come from the config's defaults."""
         fake_ollama.add_model("tiny-llama:latest", architecture="llama")
         cfg = {"ollama": {"host": fake_ollama.url, "register": "required", "retries": 0},
+               "defaults": {"epochs": 2, "learning_rate": 1e-2, "batch_size": 4},
                "base_models": {"tiny-llama:latest": str(tiny_model_dir)},
                "training": {"sequence_len": 512, "device": "cpu"},
                "paths": {"root": str(tmp_path)}}
@@ -179,9 +181,10 @@ class TestFineTuner:
         assert tuner.check_fine_tuning_capability("tiny-llama") is True
         out = tmp_path / "ft"
         ok, meta = tuner.process_dataset(frame(60), "tiny-llama", MAPPING, "respiratory infections",
-                                         epochs=2, learning_rate=1e-2, batch_size=4, output_dir=out,
-                                         source_name="visits")
+                                         output_dir=out, source_name="visits")
         assert (ok, meta["approach"]) == (True, "fine_tune")
+        recipe = yaml.safe_load((out / "training_config.yaml").read_text())
+        assert (recipe["num_epochs"], recipe["learning_rate"], recipe["micro_batch_size"]) == (2, 1e-2, 4)
         for name in ("training_data.jsonl", "validation_data.jsonl", "training_config.yaml", "Modelfile",
                      "training_log.jsonl", "fine_tuning_metadata.json", "adapter/adapter_model.safetensors",
                      "adapter/adapter_config.json"):
