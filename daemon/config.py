@@ -1,6 +1,7 @@
 """Configuration: frozen dataclasses and ``load_config(path, env, overrides)``.
 
-Precedence: built-in defaults, then one YAML file (``--config FILE`` or ``FINE_TUNER_CONFIG``), then
+Precedence: built-in defaults, then one YAML file (``find_config_file``: ``--config FILE``,
+``FINE_TUNER_CONFIG``, ``<root>/config.yaml``, ``/etc/fine-tuner/config.yaml``), then
 ``FINE_TUNER_<SECTION>__<KEY>`` environment variables (for example ``FINE_TUNER_OLLAMA__HOST``;
 ``FINE_TUNER_<KEY>`` alone addresses ``defaults``; ``PROCESS_VARIABLES`` such as
 ``FINE_TUNER_CACHE_DIR`` are not settings), then CLI overrides (later wins). Every problem
@@ -142,8 +143,8 @@ class TrainingConfig:
     # 0: train every epoch (axolotl's own early stopping needs step-based saving: set it there)
     early_stopping_patience: int = 1
     # reason_first: each row is trained as {"rationale", "rating"}; both: also as {"rating"} alone, so
-    # that the local backend can rate with one forward pass and no generation (the rating as a direct
-    # decision; a rationale only with rate --explain)
+    # that every backend rates it as a direct decision (one forward pass locally, a few schema-held
+    # tokens on a server; a rationale only with rate --explain, or for the records sent to review)
     answer_forms: str = "reason_first"
     logging_steps: int = 1
     timeout_s: float = 6 * 3600.0
@@ -204,6 +205,9 @@ class EvaluationConfig:
     verdict_min_rows: int = 30
     # the quality gate, off unless set: a model below it is not registered under its final name
     min_kappa: float | None = None
+    # which comparisons are measured beside the new model and the bag-of-words baseline (always
+    # measured): all (the base model zero-shot and, for a fine-tune, the model set) | base | none
+    compare: str = "all"
     max_invalid_rate: float | None = None
 
 
@@ -250,6 +254,7 @@ SECTIONS = {"defaults": Defaults, "ollama": OllamaConfig, "openai": OpenAIConfig
             "metrics": MetricsConfig}
 EVALUATION_MODES = ("auto", "required", "off")
 EVALUATION_BACKENDS = ("auto", "ollama", "openai", "llama-server", "local")
+COMPARE_MODES = ("all", "base", "none")  # evaluation.compare / a job's compare
 # rating can also use the bag-of-words baseline every job with a hold-out stores (baseline.json)
 RATING_BACKENDS = (*EVALUATION_BACKENDS, "baseline")
 TRAINING_BACKENDS = ("local", "axolotl")
@@ -634,6 +639,8 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         problems.append(f"evaluation.enabled: must be one of {', '.join(EVALUATION_MODES)}")
     if cfg.evaluation.backend not in EVALUATION_BACKENDS:
         problems.append(f"evaluation.backend: must be one of {', '.join(EVALUATION_BACKENDS)}")
+    if cfg.evaluation.compare not in COMPARE_MODES:
+        problems.append(f"evaluation.compare: must be one of {', '.join(COMPARE_MODES)}")
     if t.device not in ("auto", "cpu", "cuda", "mps"):
         problems.append("training.device: must be one of auto, cpu, cuda, mps")
     if t.backend not in TRAINING_BACKENDS:
@@ -828,19 +835,102 @@ def _check_openai(o: OpenAIConfig, bad: set[str], problems: list[str]) -> None:
 PROCESS_VARIABLES = frozenset({"FINE_TUNER_CONFIG", "FINE_TUNER_CACHE_DIR", "FINE_TUNER_LLAMA_SERVER"})
 
 
+def _env_setting(name: str) -> tuple[str, str] | None:
+    """(section, key) a ``FINE_TUNER_*`` variable sets (``debug`` is ("debug", "")), or None for
+    another variable or one of ``PROCESS_VARIABLES``."""
+    if not name.startswith("FINE_TUNER_") or name in PROCESS_VARIABLES:
+        return None
+    rest = name[len("FINE_TUNER_"):].lower()
+    section, _, key = rest.partition("__")
+    if not key:
+        section, key = ("debug", "") if rest == "debug" else ("defaults", rest)
+    return section, key
+
+
 def _env_layer(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
     """``FINE_TUNER_OLLAMA__HOST`` → {"ollama": {"host": ...}}; ``FINE_TUNER_EPOCHS`` → defaults.
     ``PROCESS_VARIABLES`` are left out; any other ``FINE_TUNER_*`` name is a setting (unknown: an error)."""
     layer: dict[str, dict[str, str]] = {}
     for name, value in env.items():
-        if not name.startswith("FINE_TUNER_") or name in PROCESS_VARIABLES:
-            continue
-        rest = name[len("FINE_TUNER_"):].lower()
-        section, _, key = rest.partition("__")
-        if not key:
-            section, key = ("debug", "") if rest == "debug" else ("defaults", rest)
-        layer.setdefault(section, {})[key] = value
+        if (setting := _env_setting(name)) is not None:
+            layer.setdefault(setting[0], {})[setting[1]] = value
     return layer
+
+
+# --- which file: --config, $FINE_TUNER_CONFIG, the root's config.yaml, the system's -------------
+
+ROOT_CONFIG = "config.yaml"  # <root>/config.yaml: --root, else the current directory
+SYSTEM_CONFIG = "/etc/fine-tuner/config.yaml"  # where systemd/INSTALL.md puts the service's
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """The configuration file every command reads, and why that one (``find_config_file``)."""
+
+    path: str | None  # None: no file, built-in defaults and FINE_TUNER_* variables only
+    found_by: str  # "--config", "FINE_TUNER_CONFIG", "root", "system" or "none"
+    looked_at: tuple[str, ...] = ()
+
+
+def find_config_file(flag: str | None, env: Mapping[str, str], root: str | os.PathLike | None = None, *,
+                     system: str | os.PathLike = SYSTEM_CONFIG) -> ConfigFile:
+    """The first of: ``--config FILE``, ``$FINE_TUNER_CONFIG``, ``<root>/config.yaml`` (root: ``--root``,
+    else the current directory) and ``/etc/fine-tuner/config.yaml``. A file found rather than named
+    must be a regular file owned by the caller or root that nobody else may write: a config.yaml
+    dropped into a shared folder could send records to another server, so such a file is a
+    ConfigError naming it, never silently read or skipped."""
+    if flag:
+        return ConfigFile(str(flag), "--config")
+    if env.get("FINE_TUNER_CONFIG"):
+        return ConfigFile(env["FINE_TUNER_CONFIG"], "FINE_TUNER_CONFIG")
+    candidates = ((Path(os.path.abspath(Path(root or ".") / ROOT_CONFIG)), "root"), (Path(system), "system"))
+    for path, found_by in candidates:
+        if os.path.lexists(path):
+            if problem := _found_file_problem(path):
+                raise ConfigError([problem], source=printable(str(path), limit=4096),
+                                  hint="fix the file's owner or mode, or name the file to use with --config "
+                                       "or FINE_TUNER_CONFIG")
+            return ConfigFile(str(path), found_by)
+    return ConfigFile(None, "none", tuple(str(p) for p, _ in candidates))
+
+
+def _found_file_problem(path: Path) -> str | None:
+    """Why a config file found by its place may not be read: not a regular file, owned by someone
+    other than the caller or root, or writable by its group or others."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot read the file: {exc.strerror or type(exc).__name__}"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if hasattr(os, "getuid") and st.st_uid not in (0, os.getuid()):
+        return f"owned by another user (uid {st.st_uid}): only your own file or root's is read without --config"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return "writable by its group or by others: only a file nobody else can change is read without --config"
+    return None
+
+
+def value_sources(cfg: Config, found: ConfigFile, env: Mapping[str, str]) -> list[tuple[str, Any, str]]:
+    """Every effective setting as (key, value, where it came from): the variable that set it, the
+    file, or "default" (for ``fine-tuner config --show``)."""
+    file_layer = read_config_file(found.path) if found.path is not None else {}
+    from_env = {setting: name for name in sorted(env) if (setting := _env_setting(name)) is not None}
+    rows: list[tuple[str, Any, str]] = []
+    data = as_dict(cfg)
+    for section in (*SECTIONS, "base_models", "debug"):
+        values = data[section]
+        items = values.items() if isinstance(values, dict) else [("", values)]
+        in_file = file_layer.get(section)
+        for key, value in sorted(items) if section == "base_models" else items:
+            name = from_env.get((section, key))
+            if name is not None:
+                where = f"env {name}"
+            elif (isinstance(in_file, Mapping) and key in in_file) or (key == "" and section in file_layer):
+                where = f"file {found.path}"
+            else:
+                where = "default"
+            rows.append((f"{section}.{key}" if key else section, value, where))
+    return rows
 
 
 def _merge(base: dict, top: Mapping) -> dict:
@@ -967,9 +1057,10 @@ def as_dict(cfg: Config) -> dict:
 
 JOB_KEYS = ("task", "model", "topics", "epochs", "learning_rate", "batch_size", "approach", "fallback",
             "output_model", "force", "prompt_template", "topic_definition", "group_by", "review_below", "topic",
-            "code_knowledge")
+            "code_knowledge", "compare")
 CODE_KNOWLEDGE = ("auto", "on", "off")  # data/codes.py: auto expands codes when a diagnosis column holds them
-TASKS = ("build", "rate")  # build a model (the default) | rate the dataset with a built one
+TASKS = ("build", "rate", "retrain")  # build a model (the default) | rate the dataset with a built one |
+# retrain: add reviewed records to a topic's training rows and build its model again
 # The free text a job carries goes into every training record's system prompt, the metadata, the
 # Modelfile and errors: a few lines each. A bigger value is refused naming its key and the limit
 # (model names: MAX_MODEL_NAME_CHARS; a format-string prompt_template: template.MAX_TEMPLATE_CHARS).
@@ -1001,6 +1092,7 @@ class JobSettings:
     review_below: float | None = None  # a rate job's needs_review.csv; None: the config's rating.review_below
     topic: str | None = None  # a rate job: rate with this topic's current model (fine-tuner promote)
     code_knowledge: str = "auto"  # expand a diagnosis column's ICD-10-CM codes: auto | on | off
+    compare: str | None = None  # the evaluation's comparisons: all | base | none; None: evaluation.compare
 
 
 def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
@@ -1049,13 +1141,17 @@ def job_settings(defaults: Defaults, values: Mapping[str, Any] | None = None, *,
         problems.append(f"approach: must be one of {', '.join(APPROACHES)}")
     if merged.get("code_knowledge", "auto") not in CODE_KNOWLEDGE:
         problems.append(f"code_knowledge: must be one of {', '.join(CODE_KNOWLEDGE)}")
+    if merged.get("compare") is not None and merged["compare"] not in COMPARE_MODES:
+        problems.append(f"compare: must be one of {', '.join(COMPARE_MODES)}")
     if merged.get("task", "build") not in TASKS:
         problems.append(f"task: must be one of {', '.join(TASKS)}")
     for key in ("epochs", "batch_size"):
         if isinstance(merged.get(key), int) and merged[key] < 1:
             problems.append(f"{key}: must be at least 1")
     if values.get("topic") is not None:
-        if merged.get("task", "build") != "rate":
+        if merged.get("task", "build") == "retrain":
+            pass  # the topic whose training rows the reviewed records join
+        elif merged.get("task", "build") != "rate":
             problems.append("topic: only for task: rate (it picks the topic's current model); a build job "
                             "names its topics with topics")
         elif "model" in values:

@@ -239,6 +239,10 @@ class EvaluationError(FineTunerError):
     default_hint = "make a backend available (Ollama, or the base weights on disk), or set evaluation.enabled: auto"
 
 
+class RaterError(FineTunerError, RuntimeError):
+    """A rating backend could not answer (the server failed, the child died). The message names no data."""
+
+
 class ModelSetConfigError(FineTunerError):
     """The model set configuration could not be created."""
 

@@ -513,6 +513,9 @@ class FineTuner:
             # 1-based data row numbers of the held-out rows, in validation_data.jsonl order
             "validation_source_rows": [int(r) for r in source_rows[val_pos]],
         }
+        if "row_id" in frame.columns:  # the records' own ids (Row_ID / C_BioSense_ID), for predictions.csv
+            plan.meta["split"]["id_column"] = ds.columns.get("id")
+            plan.meta["split"]["validation_ids"] = [str(v) for v in frame["row_id"].to_numpy(dtype=object)[val_pos]]
         if chosen.kind == "none":
             plan.meta["split"]["note"] = (f"no hold-out: fewer than {d.min_rows} usable rows (defaults.min_rows), "
                                           "so every row is used and the model cannot be evaluated on unseen rows")
@@ -692,7 +695,7 @@ class FineTuner:
         try:
             report = evaluate_folder(build_dir, plan.meta, self.config, backend=self.config.evaluation.backend,
                                      stop_event=job.stop_event if job else None, memory=plan.ollama_memory,
-                                     show_modelfile=plan.ollama_modelfile)
+                                     show_modelfile=plan.ollama_modelfile, compare=plan.settings.compare)
         except (EvaluationSkipped, RaterError) as exc:
             status = "skipped" if isinstance(exc, EvaluationSkipped) else "failed"
             reason = exc.reason if isinstance(exc, EvaluationSkipped) else str(exc)

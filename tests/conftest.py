@@ -22,6 +22,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# A test is slow (left out of `make test-fast`, the edit loop) when it trains, loads or serves a model:
+# it takes the tiny model or the real GGUF, or sits in a module that builds a trained model once and
+# keeps to one xdist worker (an xdist_group).
+SLOW_FIXTURES = frozenset({"tiny_model_dir", "tiny_base_models", "gemma_gguf"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tests ``slow`` (see SLOW_FIXTURES)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.slow)
+
+
 # for child processes running third-party trainers (axolotl, TRL): offline, no telemetry, one
 # thread each (the model is tiny; on a busy machine more threads only wait for each other)
 THIRD_PARTY_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",

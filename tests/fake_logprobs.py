@@ -2,7 +2,8 @@
 OpenAI-compatible server's ``choices[0].logprobs.content``): the answer split into word, number,
 space and punctuation tokens, each with its ``bytes``; every token certain (log-probability 0)
 except the rating's value, which gets the scripted probabilities of the allowed ratings as its
-alternatives. Written from the two APIs' documented shapes, not from the product's parser."""
+alternatives. ``cut`` holds an answer to the most tokens a request allows, in the same tokens.
+Written from the two APIs' documented shapes, not from the product's parser."""
 
 from __future__ import annotations
 
@@ -35,6 +36,16 @@ def token_logprobs(content: str, probs: dict[int, float] | None, top: int) -> li
         out.append(entry)
         offset += len(token)
     return out
+
+
+def cut(content: str, limit: int | None) -> tuple[str, bool]:
+    """(``content`` cut after its first ``limit`` tokens, whether it was cut): what a server holding
+    an answer to ``num_predict`` / ``max_tokens`` sends (then with ``done_reason`` / ``finish_reason``
+    ``length``). None or a limit below 1 (Ollama's -1: no limit) cuts nothing."""
+    tokens = TOKENS.findall(content)
+    if limit is None or limit < 1 or len(tokens) <= limit:
+        return content, False
+    return "".join(tokens[:limit]), True
 
 
 def with_rating_logprob(tokens: list[dict], logprob: float) -> list[dict]:

@@ -10,7 +10,9 @@ in the middle of a create or chat response), ``"garbage"`` (200 with a body that
 ``"hang"`` (reads the request and never answers, until the client closes the connection) and
 ``"trickle"`` (the normal answer, status line included, one byte every ``trickle_s`` seconds, so that
 no single socket read ever waits long). ``accepted`` counts the TCP connections the server accepted
-and ``open_connections()`` those still open.
+and ``open_connections()`` those still open. A chat's answer (scripted, or JSON made from a
+``format`` schema) is held to ``options.num_predict`` tokens (then ``done_reason`` ``length``) and
+comes with its tokens' ``logprobs`` when asked.
 ``hostile`` maps a path to a hostile answer for that path only (the others answer normally):
 ``"endless"`` (200 without Content-Length, then spaces without end, ``endless_chunk_bytes`` at a
 time, ``endless_pause_s`` apart, 0 for no pause),
@@ -48,7 +50,7 @@ from typing import Any
 
 import pytest
 
-from tests.fake_logprobs import token_logprobs
+from tests.fake_logprobs import cut, token_logprobs
 
 FAULTS = (None, "down", "slow", "error500", "reset", "garbage", "hang", "trickle")
 HOSTILE = ("endless", "huge", "huge_unannounced", "redirect", "body")
@@ -517,6 +519,11 @@ class FakeOllama:
         messages = body.get("messages") or []
         if not isinstance(messages, list):
             raise BadRequest(400, "json: cannot unmarshal messages into []api.Message")
+        options = body.get("options")
+        if options is not None and not isinstance(options, dict):
+            raise BadRequest(400, "json: cannot unmarshal into Go struct field ChatRequest.options of type "
+                                  "map[string]interface {}")
+        limit = (options or {}).get("num_predict")
         if "logprobs" in body and not isinstance(body["logprobs"], bool):
             raise BadRequest(400, "json: cannot unmarshal into Go struct field ChatRequest.logprobs of type bool")
         top = body.get("top_logprobs", 0)
@@ -536,7 +543,9 @@ class FakeOllama:
             content = json.dumps({"answer": "scripted answer from the fake Ollama server"})
         else:
             content = "This is a scripted answer from the fake Ollama server."
-        return model, content, "stop"
+        # num_predict holds the answer to that many tokens (-1: no limit), done_reason "length"
+        content, was_cut = cut(content, limit if type(limit) is int else None)
+        return model, content, "length" if was_cut else "stop"
 
 
 class _Server(ThreadingHTTPServer):
@@ -936,7 +945,7 @@ class _Handler(BaseHTTPRequestHandler):
         final = {"model": model.name, "created_at": created,
                  "message": {"role": "assistant", "content": "" if stream else content},
                  "done": True, "done_reason": reason}
-        if reason == "stop":
+        if reason in ("stop", "length"):
             final.update(total_duration=812_000_000, load_duration=15_000_000, prompt_eval_count=42,
                          prompt_eval_duration=120_000_000, eval_count=17, eval_duration=600_000_000)
         if self.fake.fault == "reset":
@@ -953,7 +962,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data[: len(data) // 2])
                 self._reset()
             return
-        if body.get("logprobs") is True and reason == "stop":
+        if body.get("logprobs") is True and reason in ("stop", "length"):
             probs = self.fake.probs_responder(model.name, body["messages"]) if self.fake.probs_responder else None
             final["logprobs"] = token_logprobs(content, probs, int(body.get("top_logprobs", 0)))
             if self.fake.logprobs_edit is not None:

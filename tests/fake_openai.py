@@ -21,7 +21,8 @@ at its root lists them and a chat's ``"lora"`` must be a list of ``{"id", "scale
 plain text), else that path is a 404.
 
 A chat's answer is ``responder(model, messages, body)`` when set, else JSON made from the request's
-JSON Schema (the first enum value, fixed text), else a fixed text. ``script(path, Reply(...), ...)``
+JSON Schema (the first enum value, fixed text), else a fixed text, held to ``max_tokens`` tokens (then
+``finish_reason`` ``length``). ``script(path, Reply(...), ...)``
 queues scripted replies for the next requests to a path, in order: a status, headers (``Retry-After``),
 a body (bytes, or JSON), or ``close="before"`` (the connection is closed without an answer) /
 ``close="midway"`` (the headers and half of the announced body, then the connection closes).
@@ -45,7 +46,7 @@ from typing import Any
 
 import pytest
 
-from tests.fake_logprobs import token_logprobs
+from tests.fake_logprobs import cut, token_logprobs
 
 from tests.fake_ollama import _schema_sample, _Server
 
@@ -360,6 +361,10 @@ class _Handler(BaseHTTPRequestHandler):
             with fake.changed:
                 fake.in_flight -= 1
         scores = None
+        finish = "stop"
+        if isinstance(content, str):  # held to max_tokens, as a server does
+            content, was_cut = cut(content, body.get("max_tokens"))
+            finish = "length" if was_cut else finish
         if body.get("logprobs") is True and isinstance(content, str):
             probs = fake.probs_responder(model, body["messages"]) if fake.probs_responder else None
             tokens = token_logprobs(content, probs, int(body.get("top_logprobs") or 0))
@@ -367,7 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion",
                          "created": int(time.time()), "model": model, "system_fingerprint": "fp_fake",
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                      "logprobs": scores, "finish_reason": "stop"}],
+                                      "logprobs": scores, "finish_reason": finish}],
                          "usage": {"prompt_tokens": 42, "completion_tokens": 17, "total_tokens": 59}})
 
     do_GET = do_POST = do_PUT = do_DELETE = _handle

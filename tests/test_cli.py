@@ -193,6 +193,17 @@ def test_demo_runs_offline(tmp_path):
     assert (tmp_path / "demo_outputs" / "fine_tune" / "adapter" / "adapter_model.safetensors").is_file()
     assert "| | fine-tune | bag-of-words baseline | model set | base model (zero-shot) |" in res.stdout  # the evaluation
     assert (tmp_path / "demo_outputs" / "fine_tune" / "evaluation.json").is_file()
+    # the README shows the table the demo prints: the same columns, rows and backends (figures vary)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = readme.split("`.venv/bin/python demo_fine_tuner.py` prints it", 1)[1].split("```text\n", 1)[1]
+    assert _table_shape(shown.split("```", 1)[0]) == _table_shape(res.stdout)
+
+
+def _table_shape(text: str) -> list[list[str]]:
+    """The first side-by-side table in ``text``: its header, its row names and its backend row."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    table = lines[:lines.index(next(line for line in lines if line.startswith("| backend"))) + 1]
+    return [table[0].split(" | ")] + [[line.split(" | ")[0]] for line in table[1:-1]] + [table[-1].split(" | ")]
 
 
 def _on_a_terminal(args: list[str], *, cwd: Path, env: dict) -> tuple[int, str, str]:
@@ -269,7 +280,7 @@ def test_damaged_journal_is_one_line_and_no_restart_loop(tmp_path, command, code
                 "read-only": (f"the journal {path} is not writable: Read-only file system", WRITABLE),
                 "dangling link": (f"the journal {path} is a symbolic link to a missing file",
                                   "point the link at the journal, or remove it to start with a new, empty journal"),
-                "newer schema": (f"the journal {path} has schema version 7; this fine-tuner knows version 4",
+                "newer schema": (f"the journal {path} has schema version 7; this fine-tuner knows version 5",
                                  "run the fine-tuner version that wrote it, or move it aside to start a new journal"),
                 }[kind]
     if kind == "garbage":
@@ -774,3 +785,75 @@ def test_evaluate_refuses_links_and_says_in_one_line_what_is_wrong_with_a_file(t
             os.mkfifo(held_out)
         res = run("evaluate", str(out), cwd=tmp_path, timeout=60)
         assert (case, res.returncode, res.stdout, res.stderr) == (case, 1, "", f"fine-tuner: error: {message}\n")
+
+
+def _shown(tmp_path: Path, *args: str, cwd: Path, env: dict | None = None) -> dict:
+    """`fine-tuner config --show --json` run in ``cwd``: the file used and each setting's source."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FINE_TUNER_")}
+    res = subprocess.run([sys.executable, "-m", "daemon", "config", "--show", "--json", *args], cwd=cwd,
+                         env={**full, "PYTHONPATH": str(ROOT), **(env or {})}, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    return {"file": out["file"], "found_by": out["found_by"],
+            **{s["key"]: [s["value"], s["source"]] for s in out["settings"]}}
+
+
+def test_every_command_finds_the_config_flag_env_root_in_that_order(tmp_path):
+    """Without --config the commands read $FINE_TUNER_CONFIG, else <root>/config.yaml (--root, else
+    the current directory); --config beats the variable, which beats the root's file; config
+    --show says which file and where each value came from (file, env variable, default, flag)."""
+    files = {}
+    for name in ("flag", "env", "root"):
+        folder = tmp_path / name
+        folder.mkdir()
+        files[name] = folder / "config.yaml"
+        files[name].write_text(f"defaults:\n  topics: from {name}\n")
+    root = tmp_path / "root"
+    env = {"FINE_TUNER_CONFIG": str(files["env"])}
+    flagged = _shown(tmp_path, "--config", str(files["flag"]), cwd=root, env=env)
+    assert (flagged["file"], flagged["found_by"], flagged["defaults.topics"]) == (
+        str(files["flag"]), "--config", ["from flag", f"file {files['flag']}"])
+    by_env = _shown(tmp_path, cwd=root, env={**env, "FINE_TUNER_EPOCHS": "5"})
+    assert (by_env["found_by"], by_env["defaults.topics"], by_env["defaults.epochs"], by_env["defaults.seed"]) == (
+        "FINE_TUNER_CONFIG", ["from env", f"file {files['env']}"], [5, "env FINE_TUNER_EPOCHS"], [42, "default"])
+    here = _shown(tmp_path, cwd=root)
+    assert (here["file"], here["found_by"], here["defaults.topics"]) == (
+        str(files["root"]), "root", ["from root", f"file {files['root']}"])
+    named_root = _shown(tmp_path, "--root", str(root), cwd=tmp_path)
+    assert (named_root["file"], named_root["defaults.topics"], named_root["paths.root"]) == (
+        str(files["root"]), ["from root", f"file {files['root']}"], [str(root), "flag --root"])
+    nothing = _shown(tmp_path, cwd=tmp_path)
+    assert (nothing["file"], nothing["found_by"], nothing["defaults.topics"]) == (None, "none", ["", "default"])
+
+
+def test_a_found_config_that_others_may_write_is_refused_not_read(tmp_path):
+    """A config.yaml found in the root (not named) that its group may write stops the command with
+    one line naming the file; named with --config, the same file is read."""
+    config = tmp_path / "config.yaml"
+    config.write_text("ollama:\n  host: http://198.51.100.7:11434\n")
+    config.chmod(0o664)
+    res = run("status", "--root", str(tmp_path), cwd=tmp_path, env={"FINE_TUNER_CONFIG": ""})
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        f"fine-tuner: error: invalid configuration in {config}: writable by its group or by others: only a file "
+        "nobody else can change is read without --config (fix the file's owner or mode, or name the file to use "
+        "with --config or FINE_TUNER_CONFIG)"]
+    shown = _shown(tmp_path, "--config", str(config), cwd=tmp_path)
+    assert shown["ollama.host"] == ["http://198.51.100.7:11434", f"file {config}"]
+
+
+def test_a_file_without_a_prompt_column_lists_its_columns_and_names_prompt_template(tmp_path):
+    """`process` on a file whose columns hold no prompt says, in one line, which columns the file has
+    (names only, never a cell) and that prompt_template builds the prompt from them."""
+    bad = tmp_path / "notes.csv"
+    bad.write_text(f"Visit,Complaint,Standardized_Rating\nV1,{MARKER} cough,1\n")
+    res = run("process", "--input", str(bad), "--model", "m", "--topics", "t", cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == [
+        "fine-tuner: error: notes.csv, column 'formatted_prompt': missing required column 'formatted_prompt' or "
+        "'Prompt'; the file has 3 column(s): 'Visit', 'Complaint', 'Standardized_Rating' (a dataset needs a "
+        "prompt column (formatted_prompt or Prompt) and Standardized_Rating; rename the column or set "
+        "prompt_template to build the prompt from the file's columns (a list such as [ChiefComplaintOrig, "
+        "DischargeDiagnosis], or a format string with {Column} fields: in the job file, the config's defaults "
+        "or --prompt-template) and run the command again)"]

@@ -635,3 +635,55 @@ def test_openai_settings_that_cannot_work_are_named_without_their_values():
             load_config(None, env={}, overrides={"openai": values})
         assert info.value.problems == problems, values
         assert "ZZSECRET" not in str(info.value)
+
+
+def test_the_config_file_is_the_first_of_flag_env_root_and_system(tmp_path):
+    """find_config_file: --config, then $FINE_TUNER_CONFIG, then <root>/config.yaml, then the
+    system's file; none of them: no file, and the places it looked at."""
+    from daemon.config import ConfigFile, find_config_file
+
+    root, system = tmp_path / "root", tmp_path / "etc" / "config.yaml"
+    root.mkdir()
+    (tmp_path / "etc").mkdir()
+    assert find_config_file(None, {}, root, system=system) == ConfigFile(
+        None, "none", (str(root / "config.yaml"), str(system)))
+    system.write_text("{}\n")
+    assert find_config_file(None, {}, root, system=system) == ConfigFile(str(system), "system")
+    (root / "config.yaml").write_text("{}\n")
+    assert find_config_file(None, {}, root, system=system) == ConfigFile(str(root / "config.yaml"), "root")
+    env = {"FINE_TUNER_CONFIG": "/e.yaml"}
+    assert find_config_file(None, env, root, system=system) == ConfigFile("/e.yaml", "FINE_TUNER_CONFIG")
+    assert find_config_file("/f.yaml", env, root, system=system) == ConfigFile("/f.yaml", "--config")
+
+
+def test_a_found_config_file_must_be_a_regular_file_nobody_else_can_change(tmp_path):
+    """A config.yaml found by its place that others may write, or that is a folder, is a
+    ConfigError naming it."""
+    from daemon.config import find_config_file
+
+    system = tmp_path / "absent.yaml"
+    (tmp_path / "config.yaml").mkdir()
+    with pytest.raises(ConfigError) as info:
+        find_config_file(None, {}, tmp_path, system=system)
+    assert info.value.problems == ["not a regular file"]
+    (tmp_path / "config.yaml").rmdir()
+    (tmp_path / "config.yaml").write_text("{}\n")
+    (tmp_path / "config.yaml").chmod(0o646)
+    with pytest.raises(ConfigError) as info:
+        find_config_file(None, {}, tmp_path, system=system)
+    assert info.value.problems == ["writable by its group or by others: only a file nobody else can change is "
+                                   "read without --config"]
+
+
+def test_compare_is_a_job_key_and_an_evaluation_setting_with_three_values(tmp_path):
+    """`compare` in a job file takes all, base or none (unset: evaluation.compare); anything else is
+    a ConfigError naming the key, as is a bad evaluation.compare in the config."""
+    assert job_settings(Defaults(), {}).compare is None
+    assert job_settings(Defaults(), {"compare": "none"}).compare == "none"
+    with pytest.raises(ConfigError) as info:
+        job_settings(Defaults(), {"compare": "some"})
+    assert info.value.problems == ["compare: must be one of all, base, none"]
+    assert load_config(None, {"FINE_TUNER_EVALUATION__COMPARE": "base"}).evaluation.compare == "base"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {}, overrides={"evaluation": {"compare": "everything"}})
+    assert info.value.problems == ["evaluation.compare: must be one of all, base, none"]

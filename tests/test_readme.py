@@ -61,3 +61,45 @@ def test_the_module_map_names_every_module_of_each_room():
     for room in ("", "data", "training", "serving", "quality", "inbox"):
         present = {p.stem for p in (package / room).glob("*.py") if p.stem != "__init__"}
         assert listed.get(room) == present, room or "top level"
+
+
+def _quick_start_config() -> str:
+    """The YAML block of the README's quick start without Ollama, as written there."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Quick start without Ollama", 1)[1].split("\n## ", 1)[0]
+    return section.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_quick_start_without_ollama_config_means_what_the_readme_says(tmp_path, gemma_gguf):
+    """The README's five-line config, saved as config.yaml in a folder, is found by the commands run
+    there without --config; its model is the base model, whose weights `check` takes from that GGUF
+    file and not from Ollama."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    text = _quick_start_config()
+    assert len(text.splitlines()) == 5
+    [path] = re.findall(r"^  gemma3:270m: (\S+\.gguf)$", text, flags=re.M)
+    (tmp_path / "config.yaml").write_text(text.replace(path, str(gemma_gguf)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9",
+           "FINE_TUNER_OLLAMA__RETRIES": "0"}
+    env.pop("FINE_TUNER_CONFIG", None)
+
+    def command(*args: str) -> dict:
+        res = subprocess.run([sys.executable, "-m", "daemon", *args, "--json"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode in (0, 1), res.stderr
+        return json.loads(res.stdout)
+
+    shown = command("config", "--show")
+    settings = {s["key"]: (s["value"], s["source"]) for s in shown["settings"]}
+    where = f"file {tmp_path / 'config.yaml'}"
+    assert (shown["file"], shown["found_by"]) == (str(tmp_path / "config.yaml"), "root")
+    assert settings["defaults.model"] == ("gemma3:270m", where)
+    assert settings["defaults.topics"] == ("respiratory infections", where)
+    assert settings["base_models.gemma3:270m"] == (str(gemma_gguf), where)
+    facts = command("check", "gemma3:270m")["facts"]
+    assert (facts["weights_source"], facts["weights_architecture"], facts["weights_quantization"]) == (
+        "gguf file", "gemma3", "Q4_K_M")

@@ -146,6 +146,17 @@ def describe(code: str) -> tuple[str, str] | None:
     return code, "; ".join(parts)
 
 
+@lru_cache(maxsize=CACHE_CODES)
+def block_of(code: str) -> str | None:
+    """The ICD-10-CM block a code or category sits in, as the code set names it ("J20-J22" for
+    J21.9 and for J21), or None when the code set does not know it."""
+    icd, _ = _lookups()
+    code = code.upper()
+    if not icd.is_valid_item(code):
+        return None
+    return next((a for a in icd.get_ancestors(code) if "-" in a), None)
+
+
 @lru_cache(maxsize=CACHE_CELLS)
 def expand_cell(text: str) -> tuple[str, tuple[int, int, int, int]]:
     """The cell as written, then one ``[note]`` per distinct known code (see the module docstring),
@@ -211,6 +222,6 @@ def diagnosis_columns(columns: tuple[str, ...], frame: pd.DataFrame, setting: st
     return tuple(chosen)
 
 
-__all__ = ["CODE_SETS", "CodeCounts", "CodeSetMissing", "MAX_CODES_PER_CELL", "available",
+__all__ = ["CODE_SETS", "CodeCounts", "CodeSetMissing", "MAX_CODES_PER_CELL", "available", "block_of",
            "code_sets", "describe", "diagnosis_columns", "expand_cell", "expand_cells", "find_codes",
            "holds_codes"]

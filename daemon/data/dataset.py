@@ -34,6 +34,7 @@ from .csvfile import (
     canonical_columns,
     read_csv,
 )
+from ..config import printable
 from ..errors import (
     DatasetError,
     DatasetFormatError,
@@ -181,12 +182,16 @@ def _resolve_columns(df: pd.DataFrame, source: str, *, file_columns: int | None 
             close += [lowered[m] for m in difflib.get_close_matches(want.lower(), list(lowered), n=1, cutoff=0.6)]
         suggestion = f" (closest column: {close[0]!r})" if close else ""
         label = " or ".join(repr(w) for w in wanted)
+        own = names if file_columns is None else names[:file_columns]
+        # a template builds the prompt from any columns; a missing rating it cannot replace
+        use = (" or set prompt_template to build the prompt from the file's columns (a list such as "
+               "[ChiefComplaintOrig, DischargeDiagnosis], or a format string with {Column} fields: in the job "
+               "file, the config's defaults or --prompt-template)" if wanted is PROMPT_COLUMNS else "")
         raise MissingColumnError(
-            f"missing required column {label}{suggestion}; the file has "
-            f"{len(names) if file_columns is None else file_columns} column(s)",
+            f"missing required column {label}{suggestion}; the file has {len(own)} column(s): {_column_list(own)}",
             file=source, column=wanted[0],
             hint=f"a dataset needs a prompt column ({' or '.join(PROMPT_COLUMNS)}) and {RATING_COLUMN}; "
-                 f"rename the column and drop the file again")
+                 f"rename the column{use} and drop the file again")
     rationale = next((c for c in RATIONALE_COLUMNS if c in names), None)
     if rationale:
         columns["rationale"] = rationale
@@ -194,6 +199,16 @@ def _resolve_columns(df: pd.DataFrame, source: str, *, file_columns: int | None 
     if ident:
         columns["id"] = ident
     return columns
+
+
+MAX_COLUMNS_NAMED = 30  # a wide export's header in an error: the first names, then how many more
+
+
+def _column_list(names: list[str]) -> str:
+    """The file's column names for an error (names only, escaped and cut; never a cell)."""
+    shown = ", ".join(repr(printable(n, limit=60)) for n in names[:MAX_COLUMNS_NAMED])
+    more = len(names) - MAX_COLUMNS_NAMED
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _conflicting_duplicates(prompts: np.ndarray, ratings: np.ndarray) -> tuple[int, np.ndarray]:

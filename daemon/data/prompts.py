@@ -99,6 +99,17 @@ def output_schema(values: Sequence[int]) -> dict:
     }
 
 
+def direct_output_schema(values: Sequence[int]) -> dict:
+    """JSON Schema of the rating-only answer (``direct_answer_json``): a server held to it (Ollama's
+    ``format``, an OpenAI-compatible ``response_format``) can only write ``{"rating": <allowed>}``."""
+    return {
+        "type": "object",
+        "properties": {"rating": {"type": "integer", "enum": sorted({int(v) for v in values})}},
+        "required": ["rating"],
+        "additionalProperties": False,
+    }
+
+
 def parse_answer(text: str, values: Sequence[int] | None = None) -> dict | None:
     """Parse a model's answer; the dict when it is ``{"rationale": str, "rating": int}``, keys in
     either order, with the rating among ``values`` when given; else None."""

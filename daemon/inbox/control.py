@@ -1,5 +1,5 @@
-"""Job control from the command line, safe while the daemon runs: ``cancel``, ``retry``, ``promote``
-and the current model of a topic.
+"""Job control from the command line, safe while the daemon runs: ``cancel``, ``retry``, ``promote``,
+``retrain`` and the current model of a topic.
 
 Nothing here touches a job the daemon holds: ``cancel`` records a request in the journal, which the
 daemon acts on within a second (``service``) and ``wait_for_cancel`` watches; ``retry`` copies a failed
@@ -7,8 +7,9 @@ job's inputs back into the inbox (companions first, the dataset last and renamed
 daemon never sees half a drop), with a job file carrying the overrides; ``promote`` records the
 topic's current model in the journal and gives it an Ollama alias (``<topic-slug>:current``,
 through ``/api/copy``) when Ollama is reachable; it refuses a model that the quality gate withdrew
-and a job whose output folder is gone. Every action is recorded as the job's event in the
-journal and logged.
+and a job whose output folder is gone. ``retrain`` drops a reviewed file into the inbox with a
+``task: retrain`` job file (and the mapping, when given) for the daemon to add to the topic's
+training rows. Every action is recorded as the job's event in the journal and logged.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..errors import JobControlError
 from ..fsutil import write_text
 from ..logconfig import get_logger
 from .drops import DATASET, JOB, MAPPING, classify_name
-from .journal import Journal, normal_topic
+from .journal import Journal, normal_topic, utc_now
 from .paths import resolve_paths
 from .status import METADATA_FILE, evaluation_file, existing_journal, job_not_found, output_json
 
@@ -135,6 +136,11 @@ def _drop(inbox: Path, inputs: dict[str, Path], job_text: str | None) -> list[st
     if MAPPING in inputs:
         plan.append((inputs[MAPPING].name, inputs[MAPPING]))
     plan.append((dataset.name, dataset))
+    return _place(inbox, plan)
+
+
+def _place(inbox: Path, plan: list[tuple[str, Path | str]]) -> list[str]:
+    """Write ``plan``'s files into the inbox in its order (``_drop``)."""
     taken = [name for name, _ in plan if os.path.lexists(inbox / name)]
     if taken:
         raise JobControlError(f"the inbox already holds {', '.join(map(printable, taken))}", job_id=None,
@@ -243,3 +249,51 @@ def _existing_output(folder: Path | None, job_id: str) -> Path:
         raise JobControlError(f"job {printable(job_id)}'s output folder {printable(str(folder), limit=4096)} is gone",
                               job_id=job_id, hint="put the folder back, or promote another job")
     return folder
+
+
+# --- retrain ---------------------------------------------------------------------------------------
+
+def retrain(cfg: Config, topic: str, reviewed: Path, *, mapping: Path | None = None) -> dict:
+    """Drop ``reviewed`` into the inbox as a retrain of ``topic`` (``task: retrain``, the topic, and
+    the mapping when given), after checking that a model of the topic recorded its training rows.
+    Returns the names dropped, the dataset's sha256 and when it was dropped."""
+    from ..fsutil import sha256_file
+    from .topicrows import base_job
+
+    paths = resolve_paths(cfg)
+    wanted = normal_topic(topic)
+    with Journal(existing_journal(cfg)) as journal:
+        base = base_job(journal, wanted)
+    if base is None:
+        raise JobControlError(f"no model of the topic {printable(wanted)!r} has recorded its training rows",
+                              job_id=None, hint="build the topic's model first (its rated dataset with topics: "
+                                                "in a job file); 'fine-tuner status' lists the jobs")
+    stem = classify_name(reviewed.name)[1] if classify_name(reviewed.name)[0] == DATASET else reviewed.stem
+    plan: list[tuple[str, Path | str]] = [
+        (f"{stem}.job.yaml", "# fine-tuner retrain\n" + yaml.safe_dump({"task": "retrain", "topic": wanted},
+                                                                       sort_keys=False, allow_unicode=True))]
+    if mapping is not None:
+        suffix = ".mapping.yaml" if mapping.name.lower().endswith((".yaml", ".yml")) else ".mapping.json"
+        plan.append((f"{stem}{suffix}", mapping))
+    plan.append((f"{stem}.csv", reviewed))
+    since = utc_now()
+    sha = sha256_file(reviewed)
+    dropped = _place(paths.inbox, plan)
+    log.info("retrain_dropped", topic=wanted, base_job=base.id, dropped=dropped)
+    return {"topic": wanted, "base_job": base.id, "dropped": dropped, "sha256": sha, "since": since}
+
+
+def wait_for_retrain(cfg: Config, sha256: str, since: str, timeout_s: float) -> dict | None:
+    """The job that took up a dropped reviewed file (by its dataset's sha256, created at or after
+    ``since``) once it ended: its record and its training set; None when none ended in time."""
+    deadline = time.monotonic() + timeout_s
+    with Journal(existing_journal(cfg)) as journal:
+        while True:
+            for record in journal.jobs(["succeeded", "failed", "duplicate"], since=since):
+                if record.created_at >= since and any(f.role == DATASET and f.sha256 == sha256
+                                                      for f in record.inputs):
+                    sets = [s for s in journal.training_sets() if s["job_id"] == record.id]
+                    return {"record": record, "training": sets[0] if sets else None}
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(CANCEL_POLL_S)

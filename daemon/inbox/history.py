@@ -7,7 +7,10 @@ job and evaluated model, oldest first, or one row with the reason for a job that
 The rows become a text table (every value escaped with ``config.printable``), CSV (a text cell that
 a spreadsheet would run as a formula is quoted), JSON, or one self-contained HTML page (every value
 HTML-escaped, no script allowed, each job's confusion matrix inline, the new model's kappa over time
-per topic as an SVG chart). It only reads: nothing is created where the journal or a folder is missing.
+per topic as an SVG chart). ``curve_rows`` is the learning curve (``report --curve``): per topic,
+each model's agreement on familiar records and on new kinds of records, and the baseline's, over
+the number of expert-rated rows it was trained on (the journal's ``training_sets``), oldest first.
+It only reads: nothing is created where the journal or a folder is missing.
 """
 
 from __future__ import annotations
@@ -469,3 +472,86 @@ def _axes(scale: _Scale, new_points: Iterable[dict]) -> list[str]:
 
 def _finish_seconds(row: dict) -> float:
     return _aware(str(row["finished_at"])).timestamp()
+
+
+# --- the learning curve: agreement over the number of expert-rated rows, per topic -----------------
+
+CURVE_COLUMNS = ("topic", "job_id", "finished_at", "rated_rows", "reviewed_rows", "rows_added", "conflicts",
+                 "approach", "kappa_familiar", "kappa_new_kinds", "baseline_kappa_familiar",
+                 "baseline_kappa_new_kinds", "note")
+CURVE_TEXT = (("topic", "topic"), ("rated rows", "rated_rows"), ("reviewed", "reviewed_rows"), ("job", "job_id"),
+              ("approach", "approach"), ("kappa familiar", "kappa_familiar"), ("new kinds", "kappa_new_kinds"),
+              ("baseline familiar", "baseline_kappa_familiar"), ("baseline new kinds", "baseline_kappa_new_kinds"))
+CURVE_RIGHT = {"rated_rows", "reviewed_rows", "kappa_familiar", "kappa_new_kinds", "baseline_kappa_familiar",
+               "baseline_kappa_new_kinds"}
+
+
+def curve_rows(cfg: Config, *, topic: str | None = None) -> list[dict]:
+    """One row per job that recorded its training rows: its topic, the expert-rated rows it was
+    trained on (and how many came from reviewed files), and from its ``evaluation.json`` the new
+    model's and the baseline's kappa on familiar records and on new kinds of records (a random
+    split has familiar records only); by topic, then oldest first."""
+    paths = resolve_paths(cfg)
+    with Journal(existing_journal(cfg)) as journal:
+        sets = journal.training_sets(topic)
+        records = {s["job_id"]: journal.get(s["job_id"]) for s in sets}
+    rows = []
+    for s in sets:
+        record = records[s["job_id"]]
+        folder = (paths.output_folder(record.output_path) if record else None) or paths.outputs / s["job_id"]
+        meta, _ = output_json(folder, METADATA_FILE)
+        report, problem = evaluation_file(folder) if meta else ({}, None)
+        kappas = _set_kappas(report)
+        row = {c: None for c in CURVE_COLUMNS} | {
+            "topic": s["topic"], "job_id": s["job_id"], "finished_at": s["finished_at"], "rated_rows": s["rows"],
+            "reviewed_rows": s["reviewed_rows"], "rows_added": s["rows_added"], "conflicts": s["conflicts"],
+            "approach": _text(meta.get("approach")) or (record.approach if record else None),
+            "kappa_familiar": kappas.get(("new", "familiar")), "kappa_new_kinds": kappas.get(("new", "new_kinds")),
+            "baseline_kappa_familiar": kappas.get(("baseline", "familiar")),
+            "baseline_kappa_new_kinds": kappas.get(("baseline", "new_kinds"))}
+        if not kappas:
+            row["note"] = problem or _not_evaluated(meta, folder)
+        rows.append(row)
+    order = {t: i for i, t in enumerate(dict.fromkeys(r["topic"] for r in rows))}
+    return sorted(rows, key=lambda r: order[r["topic"]])  # stable: oldest first within a topic
+
+
+def _set_kappas(report: dict) -> dict[tuple[str, str], float | None]:
+    """(model key, "familiar" | "new_kinds") -> kappa; a split without new kinds: every held-out
+    row is a familiar record, so the overall kappa is the familiar one."""
+    figures = report.get("figures") if isinstance(report.get("figures"), dict) else {}
+    out: dict[tuple[str, str], float | None] = {}
+    for part in ("familiar", "new_kinds"):
+        block = figures.get(part) if isinstance(figures.get(part), dict) else {}
+        for m in block.get("models") or []:
+            if isinstance(m, dict) and _text(m.get("key")):
+                out[(m["key"], part)] = _number(m.get("kappa"))
+    if not figures:
+        for m in report.get("models") or []:
+            if isinstance(m, dict) and _text(m.get("key")):
+                out[(m["key"], "familiar")] = _number(m.get("kappa"))
+    return out
+
+
+def render_curve(rows: list[dict], fmt: str) -> str:
+    """The learning curve as a text table (a topic's name on its first row), CSV or JSON."""
+    if fmt == "csv":
+        return csvfile.csv_text([CURVE_COLUMNS, *([_csv_cell(row.get(c)) for c in CURVE_COLUMNS] for row in rows)])
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if not rows:
+        return "no job has recorded its training rows yet\n"
+    cells = [[printable("" if key == "topic" and i and rows[i - 1]["topic"] == row["topic"] else display(row, key),
+                        limit=200) for _, key in CURVE_TEXT] for i, row in enumerate(rows)]
+    widths = [max(len(h), *(len(c[j]) for c in cells)) for j, (h, _) in enumerate(CURVE_TEXT)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if key in CURVE_RIGHT else v.ljust(w)
+                         for v, w, (_, key) in zip(values, widths, CURVE_TEXT)).rstrip()
+    out = ["Learning curve: agreement with the experts over the expert-rated rows each model learned from",
+           line([h for h, _ in CURVE_TEXT])]
+    for row, values in zip(rows, cells):
+        out.append(line(values))
+        if row.get("note"):
+            out.append(printable(f"    {row['note']}", limit=2000))
+    return "\n".join(out) + "\n"

@@ -5,7 +5,11 @@
 * a **build** job (the default) checks for a duplicate and a poison job, then plans (load,
   validate, decide the approach); a model set is built on the same worker, a fine-tune is handed
   to the training lane (``run_planned``), which executes it under the machine-wide training lock;
-* a **rating** job (``task: rate`` in the job file) rates the dataset with an existing model.
+* a **rating** job (``task: rate`` in the job file) rates the dataset with an existing model;
+* a **retrain** job (``task: retrain``) adds a reviewed file's expert ratings to its topic's training
+  rows (``topicrows``) and builds the topic's model again on the union, as a build job does.
+
+Every job that builds a model records the rows it trained on for its topic (journal + rows file).
 
 Every kind ends the same way: outputs built in ``outputs/.tmp-<job_id>`` and published, the
 journal updated, the inputs moved to ``processed/`` or ``failed/`` (with ``error.json``) and one
@@ -104,6 +108,7 @@ class JobRunner:
         self._fine_tuner = None
         self._fine_tuner_cfg: Config | None = None
         self._stops: dict[str, JobStop] = {}  # the jobs this runner holds, from start to end
+        self._retrains: dict[str, Any] = {}  # job id -> its topicrows.Retrain, from planning to the end
         self._stops_lock = threading.Lock()
 
     @property
@@ -168,6 +173,9 @@ class JobRunner:
     def _release(self, job_id: str) -> None:
         with self._stops_lock:
             self._stops.pop(job_id, None)
+            retrain = self._retrains.pop(job_id, None)
+        if retrain is not None:  # the union's scratch files: its rows are kept in the topic's rows file
+            shutil.rmtree(retrain.csv_path.parent, ignore_errors=True)
 
     def stop_of(self, job_id: str) -> JobStop:
         with self._stops_lock:
@@ -337,18 +345,26 @@ class JobRunner:
         """Load, validate and decide; a model set is built here, a fine-tune goes to the lane."""
         from ..fine_tuner import FINE_TUNE
 
+        from .topicrows import NothingNew
+
         error: dict | None = None
+        nothing_new: NothingNew | None = None
         with self._observed(build, claim.job_id):
-            log.info("job_started", attempt=attempt, files=names(claim))
+            log.info("job_started", attempt=attempt, files=names(claim),
+                     **({"task": "retrain"} if job_values.get("task") == "retrain" else {}))
             try:
                 if job_error is not None:
                     raise job_error
                 plan = self._plan(claim, build, job_values)
             except (FineTunerError, DatasetTooSmallWarning) as exc:
                 error = error_fields(exc)
+            except NothingNew as exc:
+                nothing_new = exc
         if error is not None:
             self._fail(claim, error, attempts=attempt, build=build)
             return "failed"
+        if nothing_new is not None:
+            return self._nothing_new(claim, build, nothing_new)
         if plan.approach == FINE_TUNE:
             self.journal.await_training(claim.job_id)
             plan.drop_dataset()  # a queued fine-tune may wait for hours; the lane reads the files again
@@ -360,12 +376,47 @@ class JobRunner:
 
         settings = self._settings(claim, values)
         mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
-        inputs = JobInputs(csv_path=claim.path / claim.files["dataset"],
-                           mapping_path=claim.path / mapping if mapping else None,
+        csv_path = claim.path / claim.files["dataset"]
+        mapping_path = claim.path / mapping if mapping else None
+        retrain = None
+        from . import topicrows
+
+        lone_review = not claim.files.get("job") and topicrows.is_reviewed_file(csv_path)
+        if settings.task == "retrain" or lone_review:  # a needs_review.csv sent back on its own: a retrain
+            topic = values.get("topic") or settings.topics
+            retrain = topicrows.prepare_retrain(
+                self.journal, self.paths, self.cfg, job_id=claim.job_id,
+                topic=topicrows.lone_topic(self.journal, topic) if lone_review else topic, reviewed=csv_path,
+                # the default mapping is the configuration's; the topic's model brings its own
+                mapping_path=claim.path / claim.files["mapping"] if claim.files.get("mapping") else None,
+                values=values)
+            with self._stops_lock:
+                self._retrains[claim.job_id] = retrain
+            csv_path, mapping_path, settings = retrain.csv_path, retrain.mapping_path, retrain.settings
+            log.info("retrain_prepared", topic=retrain.topic, **retrain.counts)
+        inputs = JobInputs(csv_path=csv_path, mapping_path=mapping_path,
                            settings=settings, output_dir=build,
                            stem=escape_name(Path(claim.files["dataset"]).stem),
                            job_id=claim.job_id, stop_event=self.stop_of(claim.job_id))
-        return self._fine_tuner_instance().plan_job(inputs)
+        plan = self._fine_tuner_instance().plan_job(inputs)
+        if retrain is not None:
+            plan.meta["retrain"] = {"topic": retrain.topic, **retrain.counts}
+        return plan
+
+    def _nothing_new(self, claim: Claim, build: Path, nothing: Any) -> str:
+        """A reviewed file that adds nothing to its topic's rows builds no model: the job is a
+        duplicate of the job whose rows it would have started from."""
+        earlier = self.journal.get(nothing.base_job)
+        assert earlier is not None
+        shutil.rmtree(build, ignore_errors=True)
+        self.journal.mark_duplicate(claim.job_id, of=earlier)
+        record = self.journal.get(claim.job_id)
+        assert record is not None
+        log.info("job_duplicate", duplicate_of=earlier.id, reason="no_new_reviewed_rows", **nothing.counts)
+        note = {**self.duplicate_note(record), "counts": nothing.counts,
+                "hint": "every reviewed row is already among the topic's training rows with the same rating"}
+        self.move_inputs(claim, self.paths.processed, note=("duplicate.json", note))
+        return "duplicate"
 
     def _settings(self, claim: Claim, values: dict):
         """The job's settings: its job file's values over the configuration's defaults. An error
@@ -426,7 +477,26 @@ class JobRunner:
             self._fail(claim, {"error_type": "JobFailedError", "message": "the job did not complete",
                                "hint": "see job.log next to this file"}, attempts=attempt, build=build)
             return "failed"
-        return self._succeed(claim, build, approach=metadata.get("approach"))
+        return self._succeed(claim, build, approach=metadata.get("approach"),
+                             training=self._training_rows(claim, plan, metadata))
+
+    def _training_rows(self, claim: Claim, plan: Any, metadata: dict):
+        """The rows the job's model was trained on, for its topic: their content added to the
+        topic's rows file now, their keys recorded in the journal with the job's success. None for
+        a job without a topic."""
+        from . import topicrows
+
+        with self._stops_lock:
+            retrain = self._retrains.get(claim.job_id)
+        topic = retrain.topic if retrain is not None else topicrows.job_topic(metadata)
+        if not topic or plan.ds is None or plan.job is None:
+            return None
+        rows = topicrows.with_origins(topicrows.rows_of(plan.ds, plan.job.csv_path), retrain)
+        training = topicrows.training_set(topic, rows, retrain.counts if retrain is not None else None)
+        topicrows.keep_rows(self.paths, topic, rows)
+        log.info("training_rows_recorded", topic=topic, rows=len(training.rows),
+                 **{k: v for k, v in training.counts.items() if k not in ("base_job", "rows")})
+        return training
 
     # --- rating jobs: rate the dataset with a built model -----------------------------------------
 
@@ -446,8 +516,12 @@ class JobRunner:
                                            self.cfg, backend=self.cfg.evaluation.backend,
                                            stop_event=self.stop_of(claim.job_id))
                 below = settings.review_below if settings.review_below is not None else self.cfg.rating.review_below
+                summary = rating.explain_for_review(model, summary, claim.path / claim.files["dataset"],
+                                                    build / "ratings.csv", self.cfg, below,
+                                                    stop_event=self.stop_of(claim.job_id))
                 summary = rating.route_for_review(summary, claim.path / claim.files["dataset"],
-                                                  build / "ratings.csv", below)
+                                                  build / "ratings.csv", below, group_by=settings.group_by
+                                                  if settings.group_by is not None else self.cfg.evaluation.group_by)
             except (FineTunerError, DatasetTooSmallWarning) as exc:
                 error = error_fields(exc)
         if error is not None:
@@ -506,10 +580,11 @@ class JobRunner:
 
         return machine_roots([build, self.paths.outputs / job_id], {"<root>": self.paths.root})
 
-    def _succeed(self, claim: Claim, build: Path, *, approach: str | None) -> str:
+    def _succeed(self, claim: Claim, build: Path, *, approach: str | None, training: Any = None) -> str:
         job_id = claim.job_id
         final = publish_dir(build, self.paths.outputs / job_id)
-        self.journal.succeed(job_id, output_path=self.paths.recorded_output(final), approach=approach)
+        self.journal.succeed(job_id, output_path=self.paths.recorded_output(final), approach=approach,
+                             training=training)
         # the job's own log ends with its outcome too
         with job_log(final / "job.log", job_id, self._log_roots(build, job_id)):
             log.info("job_succeeded", approach=approach, outputs=str(final))

@@ -1,6 +1,6 @@
 """The job journal: one SQLite row per job, its state and history, and duplicate detection.
 
-Schema (``PRAGMA user_version`` = 4; an older journal gains the tables it lacks when it is opened):
+Schema (``PRAGMA user_version`` = 5; an older journal gains the tables it lacks when it is opened):
 
 - ``jobs``: ``id`` (the job id ``<stem>-<UTC yyyymmddThhmmss>-<8 hex>``, or the folder name of a
   refused file), ``stem``, ``inputs`` (JSON list of ``{"role", "name", "sha256", "size_bytes"}``;
@@ -32,6 +32,16 @@ Schema (``PRAGMA user_version`` = 4; an older journal gains the tables it lacks 
   (``fine-tuner promote``), its Ollama name and alias. The topic is stored as ``normal_topic``
   makes it (case and runs of spaces aside), so that two spellings name one topic; opening a
   version 3 journal merges its spellings, keeping the latest promotion.
+- ``training_rows`` (version 5): per job and topic (as ``normal_topic`` makes it), the rows its model
+  was trained on: ``row_key`` (``id:`` + sha256 of the record id where the input has one, else
+  ``text:`` + sha256 of the normalised prompt), ``text_key`` (the latter, always), ``content_sha256``
+  (the row's cells, rating and rationale), ``rating``, ``reviewed`` (1: an expert's rating from a
+  reviewed file), ``added_by`` / ``added_at`` (the job that brought the row in this content, and
+  when). Hashes and ratings only: the rows' text is in the topic's rows file (``topicrows``).
+- ``training_sets`` (version 5): per job and topic, the counts of its training rows: ``rows``,
+  ``reviewed_rows``, ``rows_before`` (the topic's rows it started from), ``rows_added``,
+  ``duplicates``, ``conflicts`` (a duplicate with another rating: the newest won),
+  ``unreviewed_skipped``, ``base_job``. A version 4 journal gains both tables, empty.
 
 The database runs in WAL mode with a busy timeout, so the daemon's worker threads, ``fine-tuner
 status`` and a second daemon on the same root can use it at once. Every change goes
@@ -58,7 +68,7 @@ from typing import Any
 from ..errors import JournalError
 
 STATES = ("queued", "running", "succeeded", "failed", "duplicate")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 ROOT_KEY = "root"
 
 _SCHEMA = """
@@ -119,6 +129,32 @@ CREATE TABLE IF NOT EXISTS current_models (
     alias       TEXT,
     promoted_at TEXT NOT NULL,
     forced      INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS training_rows (
+    job_id         TEXT NOT NULL,
+    topic          TEXT NOT NULL,
+    row_key        TEXT NOT NULL,
+    text_key       TEXT NOT NULL,
+    content_sha256 TEXT NOT NULL,
+    rating         INTEGER NOT NULL,
+    reviewed       INTEGER NOT NULL DEFAULT 0,
+    added_by       TEXT NOT NULL,
+    added_at       TEXT NOT NULL,
+    PRIMARY KEY (job_id, topic, row_key)
+);
+CREATE TABLE IF NOT EXISTS training_sets (
+    job_id             TEXT NOT NULL,
+    topic              TEXT NOT NULL,
+    rows               INTEGER NOT NULL,
+    reviewed_rows      INTEGER NOT NULL,
+    rows_before        INTEGER NOT NULL,
+    rows_added         INTEGER NOT NULL,
+    duplicates         INTEGER NOT NULL,
+    conflicts          INTEGER NOT NULL,
+    unreviewed_skipped INTEGER NOT NULL,
+    base_job           TEXT,
+    recorded_at        TEXT NOT NULL,
+    PRIMARY KEY (job_id, topic)
 );
 """
 
@@ -428,8 +464,10 @@ class Journal:
                        (utc_now(), int(give_back_attempt), job_id))
             db.execute("DELETE FROM progress WHERE job_id = ?", (job_id,))
 
-    def succeed(self, job_id: str, *, output_path: str, approach: str | None) -> None:
-        """Mark the job ``succeeded`` and make it the owner of its content key."""
+    def succeed(self, job_id: str, *, output_path: str, approach: str | None,
+                training: TrainingSet | None = None) -> None:
+        """Mark the job ``succeeded`` and make it the owner of its content key; ``training``: the
+        rows its model was trained on, recorded in the same transaction."""
         now = utc_now()
         with self.transaction() as db:
             db.execute("UPDATE jobs SET state = 'succeeded', output_path = ?, approach = ?,"
@@ -438,6 +476,8 @@ class Journal:
             db.execute("INSERT INTO contents (content_key, job_id) SELECT content_key, id FROM jobs"
                        " WHERE id = ? ON CONFLICT (content_key) DO UPDATE SET job_id = excluded.job_id",
                        (job_id,))
+            if training is not None:
+                _record_training(db, job_id, training, now)
             _ended(db, job_id)
 
     def fail(self, job_id: str, error: dict) -> None:
@@ -581,6 +621,20 @@ class Journal:
         return {r["topic"]: {k: r[k] for k in ("job_id", "model", "alias", "promoted_at")} | {"forced": bool(r["forced"])}
                 for r in self._read("SELECT * FROM current_models ORDER BY topic")}
 
+    def training_rows(self, job_id: str, topic: str) -> list[dict]:
+        """The rows ``job_id``'s model of ``topic`` was trained on, in the order recorded."""
+        return [dict(r) for r in self._read(
+            "SELECT row_key, text_key, content_sha256, rating, reviewed, added_by, added_at FROM training_rows"
+            " WHERE job_id = ? AND topic = ? ORDER BY rowid", (job_id, normal_topic(topic)))]
+
+    def training_sets(self, topic: str | None = None) -> list[dict]:
+        """Every recorded training set (of ``topic`` only, when given) with its job's finish time,
+        oldest finish first; only succeeded jobs."""
+        where, params = ("AND s.topic = ?", (normal_topic(topic),)) if topic is not None else ("", ())
+        return [dict(r) for r in self._read(
+            "SELECT s.*, j.finished_at FROM training_sets s JOIN jobs j ON j.id = s.job_id"
+            f" WHERE j.state = 'succeeded' {where} ORDER BY j.finished_at, s.rowid", params)]
+
     def current_model(self, topic: str) -> dict | None:
         """The current model of ``topic`` (compared as ``normal_topic`` makes it)."""
         wanted = normal_topic(topic)
@@ -597,6 +651,35 @@ def _merge_topic_spellings(db: sqlite3.Connection) -> None:
                    " VALUES (?, ?, ?, ?, ?, ?)",
                    [(topic, r["job_id"], r["model"], r["alias"], r["promoted_at"], r["forced"])
                     for topic, r in latest.items()])
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """What ``succeed`` records of a job's training rows for one topic: ``rows`` as
+    ``Journal.training_rows`` returns them (``added_by`` / ``added_at`` None: this job, now) and
+    the counts of ``training_sets``."""
+
+    topic: str
+    rows: tuple[dict, ...]
+    counts: dict[str, Any]
+
+
+def _record_training(db: sqlite3.Connection, job_id: str, training: TrainingSet, now: str) -> None:
+    topic = normal_topic(training.topic)
+    db.execute("DELETE FROM training_rows WHERE job_id = ? AND topic = ?", (job_id, topic))
+    db.executemany(
+        "INSERT OR REPLACE INTO training_rows (job_id, topic, row_key, text_key, content_sha256, rating, reviewed,"
+        " added_by, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(job_id, topic, r["row_key"], r["text_key"], r["content_sha256"], int(r["rating"]), int(bool(r["reviewed"])),
+          r.get("added_by") or job_id, r.get("added_at") or now) for r in training.rows])
+    c = training.counts
+    db.execute(
+        "INSERT OR REPLACE INTO training_sets (job_id, topic, rows, reviewed_rows, rows_before, rows_added,"
+        " duplicates, conflicts, unreviewed_skipped, base_job, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (job_id, topic, len(training.rows), sum(1 for r in training.rows if r["reviewed"]),
+         int(c.get("rows_before", 0)),
+         int(c.get("rows_added", len(training.rows))), int(c.get("duplicates", 0)), int(c.get("conflicts", 0)),
+         int(c.get("unreviewed_skipped", 0)), c.get("base_job"), now))
 
 
 def _check_writable(path: Path) -> None:

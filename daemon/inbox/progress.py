@@ -2,9 +2,10 @@
 events into the journal's progress row.
 
 The events are the ones the job already logs (``job_started``, ``stage_started``,
-``training_progress``, ``evaluation_progress``, ``rating_progress``), so the log and ``status`` never
-disagree. A row is written when the stage changes and otherwise at most once per ``every_s``; a
-journal that cannot take it (busy, full) costs the job nothing: progress is best effort.
+``training_progress``, ``evaluation_estimated``, ``evaluation_progress``, ``rating_progress``), so
+the log and ``status`` never disagree. A row is written when the stage changes and otherwise at most
+once per ``every_s``; a journal that cannot take it (busy, full) costs the job nothing: progress is
+best effort.
 """
 
 from __future__ import annotations
@@ -37,13 +38,19 @@ def progress_row(event: dict) -> dict[str, Any] | None:
         return {"stage": "training", "percent": _number(event.get("percent")), "done": event.get("step"),
                 "total": event.get("total_steps"), "rate": _number(event.get("tokens_per_s")),
                 "rate_unit": "tokens", "eta_s": _number(event.get("eta_s"))}
+    if name == "evaluation_estimated":  # shown until the first model's own progress replaces it
+        return {"stage": f"evaluation (estimated: {event.get('models')} model(s) x {event.get('rows')} records)",
+                "rate": _number(event.get("records_per_s")), "rate_unit": "records",
+                "eta_s": _number(event.get("seconds"))}
     if name in ("evaluation_progress", "rating_progress"):
         done, total = event.get("done"), event.get("total")
         percent = 100.0 * done / total if isinstance(done, int) and isinstance(total, int) and total else None
         stage = f"evaluation ({event.get('model')})" if name == "evaluation_progress" else "rating"
+        # an evaluation's time left is the whole evaluation's: the models after this one too
+        eta = _number(event.get("evaluation_eta_s"))
         return {"stage": stage, "percent": percent, "done": done, "total": total,
                 "rate": _number(event.get("records_per_s")), "rate_unit": "records",
-                "eta_s": _number(event.get("eta_s"))}
+                "eta_s": eta if eta is not None else _number(event.get("eta_s"))}
     return None
 
 

@@ -544,6 +544,8 @@ class Service:
             return True
         if values.get("task") == "rate" and values.get("topic") is not None:
             return False  # the topic's current model is an output folder of this service
+        if values.get("task") == "retrain":
+            return False  # the topic's model brings its mapping
         model = self.cfg.defaults.model if values.get("model") is None else values["model"]
         return not (values.get("task") == "rate" and isinstance(model, str)
                     and model_folder(model, self.cfg, self.paths) is not None)
@@ -620,6 +622,9 @@ class Service:
     def recover(self) -> None:
         """Take up claim folders nobody holds (a crash, or a daemon that died): finish or retry."""
         assert self.journal is not None
+        from . import topicrows
+
+        topicrows.sweep(self.paths)
         for claim in abandoned_claims(self.paths.work):
             try:
                 self._recover_one(claim)

@@ -323,6 +323,8 @@ def _kappa_text(evaluation: dict | None) -> str:
             value = (evaluation.get(key) or {}).get("kappa")
             return "n/a" if value is None else f"{value:.2f}"
         ignored = "  ADAPTER HAD NO EFFECT (answers identical to the base model)" if evaluation.get("adapter_ignored") else ""
+        # evaluation.compare: none leaves the base model out of the evaluation
+        base = f"base {k('base')}" if "base" in evaluation else "base not compared"
         new = evaluation.get("new") or {}
         if "kappa_new_kinds" in new:
             def v(value) -> str:
@@ -332,11 +334,11 @@ def _kappa_text(evaluation: dict | None) -> str:
                 text += " (learned the examples more than the rule)"
             bow = (f", bag-of-words {v((evaluation.get('baseline') or {}).get('kappa_new_kinds'))} new kinds"
                    if "baseline" in evaluation else "")
-            return text + f" (base {k('base')}{bow}){ignored}"
+            return text + f" ({base}{bow}){ignored}"
         split = evaluation.get("split") or {}
         kind = f", {split['kind']} split" if split.get("kind") else ""
         bow = f", bag-of-words {k('baseline')}" if "baseline" in evaluation else ""
-        return f"  kappa {k('new')} (base {k('base')}{bow}{kind}){ignored}"
+        return f"  kappa {k('new')} ({base}{bow}{kind}){ignored}"
     if evaluation.get("status") in ("skipped", "failed"):
         reason = evaluation.get("reason")
         return f"  not evaluated: {reason}" if isinstance(reason, str) and reason else "  not evaluated"

@@ -7,8 +7,9 @@ the agreement metrics and report files (``evaluation``), evaluating an output fo
 held-out rows (``evaluator``), each answer's confidence, its calibration and the coverage table
 (``confidence``), the bag-of-words classifier measured beside every model
 (``baseline``), the head on the base model's hidden states: its fitting, its stored form and the
-features child it runs (``head``), the verdict on a model and the quality gate (``trust``), and rating
-new records with a built model (``rating``). May import:
+features child it runs (``head``), the verdict on a model and the quality gate (``trust``), rating
+new records with a built model (``rating``), and the records it sends to the experts, ranked by what
+a rating is worth (``review``). May import:
 the top-level base modules (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``),
 ``daemon.data``, ``daemon.training``, ``daemon.serving`` and this package; never ``inbox``,
 ``fine_tuner`` or ``cli``.

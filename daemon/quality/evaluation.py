@@ -258,10 +258,12 @@ def generalisation(fig: dict) -> list[dict]:
 def evaluation_report(results: Sequence[ModelResult], expert: Sequence[int], rows: Sequence[int | str],
                       labels: Mapping[str, int], *, seed: int, source: str, created_at: str,
                       adapter_check: dict | None = None, sets: Sequence[str] | None = None,
-                      split: dict | None = None) -> dict:
+                      split: dict | None = None, ids: Sequence[str] | None = None,
+                      id_column: str | None = None) -> dict:
     """The machine-readable evaluation (``evaluation.json``); ``adapter_check``: ``adapter_effect``
     of a fine-tune; ``sets``: per row "familiar" or "new_kinds" (a grouped split), for the two
-    figures side by side; ``split``: how the held-out rows were chosen."""
+    figures side by side; ``split``: how the held-out rows were chosen; ``ids``: each row's record
+    id from the input's ``id_column`` (``predictions.csv`` carries them)."""
     extra: dict[str, Any] = {}
     if split is not None:
         extra["split"] = split
@@ -282,7 +284,8 @@ def evaluation_report(results: Sequence[ModelResult], expert: Sequence[int], row
         "majority_class": majority(expert, labels),
         "models": scored,
         "_predictions": {"rows": list(rows), "expert": [int(e) for e in expert],
-                         "models": {r.key: r.ratings for r in results}, "confidence": confidences},
+                         "models": {r.key: r.ratings for r in results}, "confidence": confidences,
+                         **({"ids": list(ids), "id_column": id_column} if ids is not None and id_column else {})},
     }
 
 
@@ -494,16 +497,18 @@ def table_text(report: dict) -> str:
 
 
 def predictions_csv(report: dict) -> str:
-    """``predictions.csv``: row, expert rating, then each model's rating (empty when invalid),
-    validity and calibrated confidence (empty when the backend gave none). No prompt or rationale
-    text; every cell through ``csvfile.safe_cell``."""
+    """``predictions.csv``: the record id (when the input had an id column, under its name), row,
+    expert rating, then each model's rating (empty when invalid), validity and calibrated confidence
+    (empty when the backend gave none). No prompt or rationale text; every cell through
+    ``csvfile.safe_cell``."""
     pred = report["_predictions"]
     keys = list(pred["models"])
     confidences = pred.get("confidence") or {}
-    lines: list[list[Any]] = [["row", "expert_rating"] + [c for k in keys for c in (
-        f"{k}_rating", f"{k}_valid", f"{k}_confidence")]]
+    ids = pred.get("ids")
+    lines: list[list[Any]] = [([pred["id_column"]] if ids else []) + ["row", "expert_rating"] + [
+        c for k in keys for c in (f"{k}_rating", f"{k}_valid", f"{k}_confidence")]]
     for i, row in enumerate(pred["rows"]):
-        cells: list[Any] = [row, pred["expert"][i]]
+        cells: list[Any] = ([ids[i]] if ids else []) + [row, pred["expert"][i]]
         for k in keys:
             rating = pred["models"][k][i]
             value = (confidences.get(k) or [None] * len(pred["rows"]))[i]

@@ -8,6 +8,10 @@ model never saw: the fine-tune did not train on them and no few-shot example com
 3. for a fine-tune, also the model set built from the same training rows
    (``comparison_model_set.json``), so the user sees whether fine-tuning was worth its cost.
 
+``evaluation.compare`` (a job's ``compare``) keeps 2 and 3 (``all``), 2 only (``base``) or neither
+(``none``); the bag-of-words baseline is measured beside the new model in every case. The whole
+evaluation's time is estimated from the first model's first answers (``evaluation_estimated``).
+
 Backend ``auto`` uses Ollama when it is reachable and can serve every model (a fine-tune only once
 its adapter is registered), else the OpenAI-compatible server at ``openai.base_url`` when its
 ``GET /models`` lists the served name (``openai.model``, else the base model's; a model set's
@@ -65,7 +69,7 @@ class EvalModel:
     ollama_name: str | None = None  # a registered model that already holds its few-shot turns
     adapter_dir: Path | None = None
     few_shot: list[dict] = field(default_factory=list)
-    direct: bool = False  # trained on rating-only answers too: the local backend rates in one pass
+    direct: bool = False  # trained on rating-only answers too: every backend asks for the direct decision
     head: Any = None  # a head (``head.Head``): rated by the local features child, no generation
 
 
@@ -77,6 +81,8 @@ class HeldOut:
     users: list[str]
     source: str
     sets: list[str] | None = None  # per row "familiar" | "new_kinds" (a grouped split), else None
+    ids: list[str] | None = None  # per row the record's id (the input's id column), else None
+    id_column: str | None = None
 
 
 def read_json(path: Path) -> dict:
@@ -153,8 +159,13 @@ def held_out(folder: Path, meta: dict, *, max_rows: int | None, seed: int) -> He
             raise EvaluationSkipped("validation_data.jsonl holds an expert answer that is not a valid rating")
         expert.append(rating)
         users.append(messages[-2]["content"])
+    ids, id_column = split.get("validation_ids"), split.get("id_column")
+    if not (isinstance(ids, list) and len(ids) == len(records) and all(isinstance(v, str) for v in ids)
+            and isinstance(id_column, str)):
+        ids, id_column = None, None  # a folder built before ids were kept, or without an id column
     return HeldOut([rows[i] for i in keep], expert, records[0][0]["content"], users, path.name,
-                   [sets[i] for i in keep] if sets is not None else None)
+                   [sets[i] for i in keep] if sets is not None else None,
+                   [ids[i] for i in keep] if ids is not None else None, id_column)
 
 
 def models_of(folder: Path, meta: dict) -> list[EvalModel]:
@@ -381,22 +392,55 @@ def choose_backend(requested: str, models: list[EvalModel], base: str, config: C
 
 
 class _ProgressLog:
-    """``evaluation_progress`` lines, at most one a second per model and always the last one."""
+    """``evaluation_progress`` lines, at most one a second per model and always the last one: done /
+    total, percent, records/s, this model's time left (``eta_s``) and the whole evaluation's
+    (``evaluation_eta_s``: the rows left of this model and of the models after it, at this model's
+    measured rate). The first answers of the first model also make the ``_Estimate``."""
 
-    def __init__(self, key: str, started: float) -> None:
+    def __init__(self, key: str, started: float, *, after: int = 0, estimate: "_Estimate | None" = None) -> None:
         self.key = key
         self.started = started
+        self.after = after  # models still to be asked after this one
+        self.estimate = estimate
         self.last = 0.0
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
+        elapsed = now - self.started
+        if done > 0 and self.estimate is not None:
+            self.estimate.measured(done, elapsed)
         if done < total and now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
-        elapsed = now - self.started
-        eta = elapsed / done * (total - done) if done else None
+        rate = done / elapsed if done and elapsed > 0 else None
+        eta = (total - done) / rate if rate else None
+        whole = ((total - done) + total * self.after) / rate if rate else None
         log.info("evaluation_progress", model=self.key, done=done, total=total,
-                 eta_s=round(eta, 1) if eta is not None else None)
+                 percent=round(100.0 * done / total, 1) if total else None,
+                 records_per_s=round(rate, 2) if rate else None,
+                 eta_s=round(eta, 1) if eta is not None else None,
+                 evaluation_eta_s=round(whole, 1) if whole is not None else None)
+
+
+class _Estimate:
+    """How long the whole evaluation will take, measured rather than guessed: the seconds the first
+    model took for its first answers (a backend's first batch: the local child's ``batch_size``
+    records, its loading included; Ollama's or a server's first ``parallel`` answers), per record, times every
+    held-out row of every model. Logged once as ``evaluation_estimated``."""
+
+    def __init__(self, rows: int, models: int, backend: str, batch: int) -> None:
+        self.rows, self.models, self.backend = rows, models, backend
+        self.batch = max(1, min(batch, rows))  # answers in flight together: one of them alone says too little
+        self.logged = False
+
+    def measured(self, done: int, elapsed: float) -> None:
+        if self.logged or done < self.batch:
+            return
+        self.logged = True
+        per_record = elapsed / done
+        log.info("evaluation_estimated", backend=self.backend, rows=self.rows, models=self.models,
+                 seconds=round(per_record * self.rows * self.models, 1), measured_records=done,
+                 records_per_s=round(1 / per_record, 2) if per_record > 0 else None)
 
 
 def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, config: Config, schema: dict,
@@ -406,21 +450,24 @@ def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, 
     ev = config.evaluation
     seed = config.defaults.seed
     results, texts = [], {}
-    for model in models:
+    batch = {"ollama": config.ollama.parallel, "openai": config.openai.parallel}.get(chosen, ev.batch_size)
+    estimate = _Estimate(len(data.users), len(models), label, batch)
+    for number, model in enumerate(models):
         shared = prefix(model, data.system, chosen)  # one object: every request starts byte-identical
         conversations = [[*shared, {"role": "user", "content": u}] for u in data.users]
         started = time.monotonic()
-        progress = _ProgressLog(model.key, started)
+        progress = _ProgressLog(model.key, started, after=len(models) - number - 1,
+                                estimate=estimate if number == 0 else None)
         if chosen == "ollama":
             name = model.ollama_name or base
             answers = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=seed,
                                   schema=schema, memory=memory, values=values,
-                                  max_tokens=ev.max_new_tokens).answer(
+                                  max_tokens=ev.max_new_tokens, direct=model.direct).answer(
                 name, conversations, on_progress=progress, stop_event=stop_event)
         elif chosen == "openai":
             name, extra = weights.target(model)  # for this backend, choose_backend's plan
             answers = OpenAIRater(config.openai, seed=seed, schema=schema, extra=extra, values=values,
-                                  max_tokens=ev.max_new_tokens).answer(
+                                  max_tokens=ev.max_new_tokens, direct=model.direct).answer(
                 name, conversations, on_progress=progress, stop_event=stop_event)
         elif model.head is not None:
             name = f"{base}: layer {model.head.layer} ({model.head.pooling}) + head"
@@ -442,20 +489,30 @@ def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, 
     return results, texts
 
 
+def compared(models: list[EvalModel], compare: str) -> list[EvalModel]:
+    """The models ``compare`` keeps: ``all``, ``base`` (the base model zero-shot, not a fine-tune's
+    model set) or ``none`` (the new model alone; the baseline is measured beside it in any case)."""
+    keep = {"all": ("new", "model_set", "base"), "base": ("new", "base"), "none": ("new",)}[compare]
+    return [m for m in models if m.key in keep]
+
+
 def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: str = "auto",
                     max_rows: int | None = None, stop_event: threading.Event | None = None,
-                    memory=None, show_modelfile: str | None = None) -> dict:
+                    memory=None, show_modelfile: str | None = None, compare: str | None = None) -> dict:
     """Evaluate every model of an output folder on its held-out rows; returns the report
     (``evaluation.evaluation_report``). EvaluationSkipped when it cannot run, RaterError when a
-    backend fails part-way. ``show_modelfile``: the job's /api/show Modelfile (``choose_backend``)."""
+    backend fails part-way. ``show_modelfile``: the job's /api/show Modelfile (``choose_backend``);
+    ``compare``: which comparisons (``compared``; None: ``evaluation.compare``)."""
     folder = Path(folder)
     ev = config.evaluation
     seed = config.defaults.seed
+    compare = compare or ev.compare
     data = held_out(folder, meta, max_rows=ev.max_rows if max_rows is None else max_rows, seed=seed)
-    models = models_of(folder, meta)
+    models = compared(models_of(folder, meta), compare)
     base = str(meta.get("model"))
     chosen, plan = choose_backend(backend, models, base, config, memory, show_modelfile=show_modelfile)
-    log.info("evaluation_started", backend=chosen, rows=len(data.expert), models=[m.key for m in models])
+    log.info("evaluation_started", backend=chosen, rows=len(data.expert), models=[m.key for m in models],
+             compare=compare)
     values = sorted(int(v) for v in meta["mapping"]["labels"].values())
     schema = prompts.output_schema(values)
     with served(chosen, plan, models, base, config) as (speak, weights, cfg):
@@ -472,7 +529,9 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
     report = evaluation.evaluation_report(
         results, data.expert, data.rows, meta["mapping"]["labels"], seed=seed, source=data.source,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        adapter_check=adapter_check, sets=data.sets, split=_split_summary(meta))
+        adapter_check=adapter_check, sets=data.sets, split=_split_summary(meta), ids=data.ids,
+        id_column=data.id_column)
+    report["compare"] = compare
     report["verdict"] = trust.verdict(report, trust.Thresholds(
         min_kappa=ev.recommend_min_kappa, max_invalid_rate=ev.recommend_max_invalid_rate,
         min_rows=ev.verdict_min_rows))

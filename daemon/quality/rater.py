@@ -19,6 +19,11 @@ Given the mapping's ``values``, each rater also returns every allowed rating's p
 answer's rating position (``Answer.probs``, see ``confidence``): Ollama and the OpenAI-compatible
 servers are asked for the answer tokens' log-probabilities (``logprobs``, ``top_logprobs``), the
 local child scores each value by teacher forcing. A backend that sends none leaves it None.
+
+``direct`` (a fine-tune trained on both answer forms, ``training.answer_forms: both``): the servers
+are held to the rating-only schema (``prompts.direct_output_schema``: ``{"rating": <allowed>}`` and
+nothing else) with at most ``DIRECT_MAX_TOKENS`` tokens, so they write a handful of tokens instead
+of a rationale, and the rating's log-probabilities are the confidence, as for a reasoned answer.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import OllamaConfig, OpenAIConfig
-from ..errors import TrainingInterruptedError
+from ..errors import RaterError, TrainingInterruptedError
 from ..logconfig import get_logger
 from .confidence import TOP_LOGPROBS, probabilities_from_tokens, token_entries
 
@@ -50,6 +55,9 @@ log = get_logger("rater")
 Progress = Callable[[int, int], None]  # (done, total)
 DEFAULT_SEED = 42
 STDERR_TAIL_BYTES = 2000
+# a rating-only answer is about 6 tokens; a JSON-Schema grammar lets a model pad it with whitespace,
+# which this cuts short (the object is already closed by then)
+DIRECT_MAX_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -59,10 +67,6 @@ class Answer:
     # each allowed rating's probability at the answer's rating position (``confidence``), or None
     # when the backend gave none
     probs: dict[int, float] | None = None
-
-
-class RaterError(RuntimeError):
-    """A backend could not answer (the server failed, the child died). The message names no data."""
 
 
 class _PerThread:
@@ -123,6 +127,19 @@ def _probs(tokens: Any, values: list[int] | None) -> dict[int, float] | None:
     if values is None:
         return None
     return probabilities_from_tokens(token_entries(tokens), values)
+
+
+def _answer_form(schema: Mapping | None, max_tokens: int | None, values: Sequence[int] | None,
+                 direct: bool) -> tuple[dict | None, int | None]:
+    """(the schema a server is held to, the most tokens it may write): the rating-only schema and
+    ``DIRECT_MAX_TOKENS`` for a direct decision (it needs the allowed ``values``), else as given."""
+    if direct:
+        if values is None:
+            raise ValueError("a direct decision needs the allowed ratings (values)")
+        from ..data.prompts import direct_output_schema
+
+        return direct_output_schema(values), DIRECT_MAX_TOKENS
+    return (dict(schema) if schema is not None else None), max_tokens
 
 
 def _stopped(stop_event: threading.Event | None) -> None:
@@ -199,14 +216,13 @@ class OllamaRater:
 
     def __init__(self, cfg: OllamaConfig, *, parallel: int = 2, seed: int = DEFAULT_SEED,
                  schema: Mapping | None = None, env: Mapping[str, str] = os.environ, memory=None,
-                 values: Sequence[int] | None = None, max_tokens: int | None = None) -> None:
+                 values: Sequence[int] | None = None, max_tokens: int | None = None, direct: bool = False) -> None:
         self.cfg = cfg
         self.values = list(values) if values is not None else None
-        self.max_tokens = max_tokens
         self.memory = memory
         self.parallel = max(1, int(parallel))
         self.seed = seed
-        self.schema = dict(schema) if schema is not None else None
+        self.schema, self.max_tokens = _answer_form(schema, max_tokens, values, direct)
         self.env = env
 
     def answer(self, model: str, conversations: Sequence[list[dict]], *, on_progress: Progress | None = None,
@@ -246,13 +262,12 @@ class OpenAIRater:
     def __init__(self, cfg: OpenAIConfig, *, parallel: int | None = None, seed: int = DEFAULT_SEED,
                  schema: Mapping | None = None, env: Mapping[str, str] = os.environ,
                  extra: Mapping[str, Any] | None = None, values: Sequence[int] | None = None,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, direct: bool = False) -> None:
         self.cfg = cfg
         self.values = list(values) if values is not None and cfg.logprobs else None
-        self.max_tokens = max_tokens
         self.parallel = max(1, int(parallel if parallel is not None else cfg.parallel))
         self.seed = seed
-        self.schema = dict(schema) if schema is not None else None
+        self.schema, self.max_tokens = _answer_form(schema, max_tokens, values, direct)
         self.env = env
         self.extra = dict(extra) if extra else None
 

@@ -32,7 +32,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import math
 import os
 import stat
 import threading
@@ -53,6 +52,9 @@ from ..errors import ConfigError, FineTunerError, MissingColumnError, TrainingIn
 from .evaluator import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, prefix, served
 from ..logconfig import get_logger
 from .rater import BaselineRater, HeadRater, LocalRater, OllamaRater, OpenAIRater, RaterError
+# needs_review.csv: its columns (the contract a reviewed file is read back by) and its writer
+from .review import (EXPERT_COLUMNS, MODEL_COLUMNS, ORDER_COLUMNS, REVIEW_COLUMNS,  # noqa: F401
+                     write_needs_review)
 from ..data.template import Template, check_columns, render
 
 if TYPE_CHECKING:
@@ -65,8 +67,6 @@ PROGRESS_EVERY_S = 1.0
 ROW_COLUMN = "row"  # the output's id column when the input has none: the 1-based data row number
 OUTPUT_COLUMNS = ("rating", "label", "rationale", "valid", "model", "confidence")
 REVIEW_FILE_SUFFIX = ".needs_review.csv"
-# what needs_review.csv adds to the input's own columns (the experts fill in EXPERT_RATING_COLUMN)
-REVIEW_COLUMNS = ("Model Rating", "Model Label", "Model Confidence")
 PART_SUFFIX = ".part"
 SIDECAR_SUFFIX = ".part.json"
 SUMMARY_FILE = "rating_summary.json"
@@ -99,8 +99,8 @@ class RatingModel:
     baseline: Any = None
     # the ICD-10-CM code sets the template's code expansion was built with (``code_knowledge.code_sets``)
     code_sets: list | None = None
-    # a fine-tune trained on rating-only answers too (``training.answer_forms: both``): the local
-    # backend rates in one forward pass, no generation
+    # a fine-tune trained on rating-only answers too (``training.answer_forms: both``): the rating is
+    # a direct decision (one forward pass locally, a few tokens held to the schema on a server)
     direct: bool = False
     # a head on the base model's hidden states (``head.json``; approach head): rated by the local
     # features child, one forward pass per record, no generation
@@ -705,6 +705,7 @@ class _Progress:
         rate = (done - self.resumed) / elapsed if elapsed > 0 and done > self.resumed else None
         eta = (self.total - done) / rate if rate else None
         log.info("rating_progress", done=done, total=self.total,
+                 percent=round(100.0 * done / self.total, 1) if self.total else None,
                  records_per_s=round(rate, 2) if rate else None, eta_s=round(eta, 1) if eta is not None else None)
 
 
@@ -727,9 +728,10 @@ def _rationale(text: str | None) -> str:
 
 def _rater(model: RatingModel, backend: str, weights, config: Config, schema: dict, memory, *,
            explain: bool = False):
-    """(the rater's answer function, the model name written in each output row). ``explain``: a
-    fine-tune trained on rating-only answers writes its rationale too (generation) instead of
-    deciding the rating in one pass."""
+    """(the rater's answer function, the model name written in each output row). A fine-tune trained
+    on rating-only answers too (``model.direct``) decides the rating directly on every backend (one
+    forward pass locally; a server held to the rating-only schema); ``explain``: it writes its
+    rationale too (generation) instead."""
     values = model.values
     if backend == BASELINE:
         return BaselineRater(model.baseline).answer, "bag-of-words baseline"
@@ -740,12 +742,12 @@ def _rater(model: RatingModel, backend: str, weights, config: Config, schema: di
         name = model.ollama_name or model.base_model
         rater = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=config.defaults.seed,
                             schema=schema, memory=memory, values=values,
-                            max_tokens=config.evaluation.max_new_tokens)
+                            max_tokens=config.evaluation.max_new_tokens, direct=model.direct and not explain)
         return (lambda convs, **kw: rater.answer(name, convs, **kw)), name
     if backend == "openai":
         name, extra = weights.target(_eval_model(model))  # for this backend, choose_backend's plan
         served = OpenAIRater(config.openai, seed=config.defaults.seed, schema=schema, extra=extra, values=values,
-                             max_tokens=config.evaluation.max_new_tokens)
+                             max_tokens=config.evaluation.max_new_tokens, direct=model.direct and not explain)
         return (lambda convs, **kw: served.answer(name, convs, **kw)), name
     ev = config.evaluation
     local = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
@@ -939,6 +941,8 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
             "invalid_answer_rule": evaluation.INVALID_RULE,
             "backend": chosen, "model": model_name, "base_model": model.base_model, "approach": model.approach,
             "model_source": model.source, "few_shot_turns": len(model.few_shot) // 2,
+            # a model trained on both answer forms: one-pass ratings ("direct") or explained ones
+            **({"answer_form": "reasoned" if explain else "direct"} if model.direct else {}),
             "prompt": source.describe(),
             # the ICD-10-CM expansion's counts, only for a model built with it
             **({"code_knowledge": knowledge} if (knowledge := source.knowledge(model.code_sets)) else {}),
@@ -959,47 +963,102 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
         return summary
 
 
-def write_needs_review(input_csv: str | os.PathLike, ratings_csv: str | os.PathLike, dest: str | os.PathLike,
-                       below: float, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict:
-    """``needs_review.csv``: the records to send to the experts, those whose answer was invalid, had
-    no confidence or a confidence under ``below``. Each is the input's own row (its
-    ``Standardized_Rating`` left out and an empty ``Expert Rating`` for the experts to fill in, so
-    the file goes back into the inbox as training data with the mapping) plus the model's rating,
-    label and confidence. The input and ``ratings_csv`` are read again side by side, a chunk at a
-    time; the file is written atomically. Returns ``{"threshold", "records", "without_confidence"}``."""
-    from ..data.csvfile import EXPERT_RATING_COLUMN, RATING_COLUMN
+def explain_for_review(model: RatingModel, summary: dict, input_csv: str | os.PathLike,
+                       output_csv: str | os.PathLike, config: Config, below: float | None, *, memory=None,
+                       stop_event: threading.Event | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict:
+    """Before ``route_for_review``: after a finished run of one-pass ratings (``answer_form``
+    "direct"), with ``below`` set, the records going to the experts with a rating (a confidence
+    missing or under ``below``) are asked again for the reasoned answer on the run's backend, and its
+    rationale is written into their rows of ``output_csv`` (rewritten atomically), so the experts see
+    the model's reason. The rating stays the one-pass decision: a reasoned answer that rates
+    otherwise, or is invalid, leaves the rationale empty. Returns the summary with
+    ``explained_for_review`` ({"records", "rationales", "other_rating", "invalid"}); a stop or a
+    backend failure leaves ``output_csv`` as it was and says so there (``status``)."""
+    if below is None or summary.get("status") != "done" or summary.get("answer_form") != "direct":
+        return summary
+    output = Path(output_csv)
+    # data row (0-based) -> its one-pass rating, for the rows that go to the experts with a rating
+    chosen = {i: int(row["rating"]) for i, row in enumerate(_rated_rows(output)) if _explainable(row, below)}
+    counts: dict[str, Any] = {"records": len(chosen), "rationales": 0, "other_rating": 0, "invalid": 0}
+    if chosen:
+        try:
+            rationales = _reasoned_rationales(model, chosen, input_csv, config, str(summary["backend"]), memory,
+                                              stop_event, chunk_rows, counts)
+        except (RaterError, RatingError, TrainingInterruptedError) as exc:
+            stopped = isinstance(exc, TrainingInterruptedError)
+            log.warning("review_explain_skipped", records=len(chosen), status="stopped" if stopped else "failed",
+                        error_type=type(exc).__name__)
+            return {**summary, "explained_for_review": {**counts, "status": "stopped" if stopped else "failed"}}
+        if rationales:
+            fsutil.write_lines(output, _with_rationales(output, rationales))
+        counts["rationales"] = len(rationales)
+    log.info("review_explained", **counts)
+    return {**summary, "explained_for_review": {**counts, "status": "done"}}
 
+
+def _rated_rows(path: Path):
+    """The data rows of a ratings file as dicts of its columns, unguarded (``csvfile.unguard_cell``)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            yield {k: unguard_cell(v) if isinstance(v, str) else v for k, v in row.items()}
+
+
+def _explainable(row: Mapping[str, str], below: float) -> bool:
+    """A valid rating that goes to the experts: its confidence is missing or under ``below``."""
+    if row.get("valid") != "true":
+        return False
+    sure = row.get("confidence") or ""
+    return not sure or float(sure) < below
+
+
+def _reasoned_rationales(model: RatingModel, chosen: Mapping[int, int], input_csv: str | os.PathLike,
+                         config: Config, backend: str, memory, stop_event: threading.Event | None,
+                         chunk_rows: int, counts: dict) -> dict[int, str]:
+    """Data row -> the rationale of its reasoned answer, for the rows ``chosen`` (row -> one-pass
+    rating) whose reasoned answer is valid, rates the same and gives a reason; ``counts`` gets the
+    answers that rate otherwise (``other_rating``) or are invalid. One chunk of records at a time."""
     table = scan_csv(input_csv)
-    columns = [c for c in table.columns if c != RATING_COLUMN]
-    header = [*columns, *([] if EXPERT_RATING_COLUMN in columns else [EXPERT_RATING_COLUMN]), *REVIEW_COLUMNS]
-    counts = {"threshold": below, "records": 0, "without_confidence": 0}
+    source = _prompt_source(model, list(table.columns), table.info.file)
+    kind, plan = _choose(model, backend, config, memory)
+    out: dict[int, str] = {}
+    with served(kind, plan, [_eval_model(model)], model.base_model, config) as (speak, weights, cfg):
+        answer, _name = _rater(model, speak, weights, cfg, prompts.output_schema(model.values), memory, explain=True)
+        shared = prefix(_eval_model(model), model.system, speak)
+        with contextlib.closing(read_chunks(table, chunk_rows, list(dict.fromkeys(source.columns)))) as chunks:
+            for first, chunk in chunks:
+                rows = [first + j for j in range(len(chunk)) if first + j in chosen]
+                if not rows:
+                    continue
+                texts = source.build(chunk)
+                conversations = [[*shared, {"role": "user", "content": texts[r - first]}] for r in rows]
+                del texts
+                for r, reply in zip(rows, answer(conversations, stop_event=stop_event)):
+                    rating = evaluation.parse_answer(reply.text, model.values)
+                    if rating is None:
+                        counts["invalid"] += 1
+                    elif rating != chosen[r]:
+                        counts["other_rating"] += 1
+                    elif reason := _rationale(reply.text):
+                        out[r] = reason
+    return out
 
-    def lines():
-        yield _csv_lines([header])
-        with open(ratings_csv, newline="", encoding="utf-8") as fh, \
-                contextlib.closing(read_chunks(table, chunk_rows)) as chunks:
-            rated = csv.DictReader(fh)
-            for _first, chunk in chunks:
-                rows = []
-                for record in chunk.itertuples(index=False, name=None):
-                    verdict = {k: unguard_cell(v) if isinstance(v, str) else v for k, v in next(rated).items()}
-                    if not verdict.get("model"):  # an empty prompt: nobody was asked
-                        continue
-                    sure = verdict.get("confidence") or ""
-                    if verdict.get("valid") == "true" and sure and float(sure) >= below:
-                        continue
-                    counts["records"] += 1
-                    counts["without_confidence"] += not sure
-                    cells = dict(zip(table.columns, record))
-                    row = ["" if c == EXPERT_RATING_COLUMN else _cell(cells.get(c)) for c in columns]
-                    if EXPERT_RATING_COLUMN not in columns:
-                        row.append("")
-                    rows.append([*row, verdict.get("rating", ""), verdict.get("label", ""), sure])
-                if rows:
-                    yield _csv_lines(rows)
 
-    fsutil.write_lines(Path(dest), lines())
-    return counts
+def _with_rationales(path: Path, rationales: Mapping[int, str]):
+    """The ratings file's text again, with ``rationales`` (data row -> text) in those rows' rationale
+    cells; every other line byte for byte as it was."""
+    column = 1 + OUTPUT_COLUMNS.index("rationale")
+    with open(path, newline="", encoding="utf-8") as fh:
+        lines = [fh.readline()]
+        for i, line in enumerate(fh):  # a record is one line (``_one_line``)
+            if i in rationales:
+                cells = [unguard_cell(c) for c in next(csv.reader([line]))]
+                cells[column] = _one_line(rationales[i])
+                line = _csv_lines([cells])
+            lines.append(line)
+            if len(lines) >= DEFAULT_CHUNK_ROWS:
+                yield "".join(lines)
+                lines = []
+        yield "".join(lines)
 
 
 def review_path(output_csv: str | os.PathLike) -> Path:
@@ -1012,23 +1071,19 @@ def review_path(output_csv: str | os.PathLike) -> Path:
 
 
 def route_for_review(summary: dict, input_csv: str | os.PathLike, output_csv: str | os.PathLike,
-                     below: float | None) -> dict:
-    """After a finished run: with ``below`` set, write ``needs_review.csv`` (``write_needs_review``)
-    and count it in the summary; the summary, updated, is returned."""
+                     below: float | None, *, group_by: str | None = None) -> dict:
+    """After a finished run: with ``below`` set, write ``needs_review.csv`` (``review.write_needs_review``:
+    ranked by what a rating is worth, spread over the kinds of records ``group_by`` names, else a
+    diagnosis column's) and count it in the summary; the summary, updated, is returned."""
     if below is None or summary.get("status") != "done":
         return summary
     dest = review_path(output_csv)
-    counts = write_needs_review(input_csv, output_csv, dest, below)
-    log.info("review_routed", threshold=below, records=counts["records"],
-             without_confidence=counts["without_confidence"])
+    counts = write_needs_review(input_csv, output_csv, dest, below, group_by=group_by)
+    grouped = counts["grouped_by"]
+    log.info("review_routed", threshold=below, records=counts["records"], invalid=counts["invalid"],
+             without_confidence=counts["without_confidence"], group_column=grouped.get("column"),
+             kinds=grouped.get("kinds"))
     return {**summary, "needs_review": {**counts, "file": dest.name}}
-
-
-def _cell(value: Any) -> str:
-    """An input cell as text again (pandas' missing value is an empty cell)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value)
 
 
 def write_summary(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -1039,5 +1094,5 @@ def write_summary(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 __all__ = ["BACKENDS", "SUMMARY_FILE", "ModelFolderError", "RatingError", "RatingModel", "model_from_folder",
-           "route_for_review", "write_needs_review",
+           "explain_for_review", "route_for_review", "write_needs_review",
            "model_from_name", "output_problem", "part_files", "rate_file", "write_summary"]

@@ -68,7 +68,9 @@ class ServerSpec:
         for adapter in self.adapters:
             args += ["--lora", str(adapter)]
         if self.chat_template:
-            args += ["--chat-template", self.chat_template]
+            # a built-in template's name: the server takes --chat-template as Jinja text while
+            # Jinja is on (its default), and would render every conversation as that word
+            args += ["--no-jinja", "--chat-template", self.chat_template]
         if self.threads:
             args += ["--threads", str(self.threads)]
         return args + list(self.extra_args)

@@ -345,4 +345,6 @@ def test_missing_rating_column_counts_the_files_own_columns(tmp_path):
     with pytest.raises(MissingColumnError) as info:
         load_dataset(path)
     assert info.value.message == ("export.csv, column 'Standardized_Rating': missing required column "
-                                  "'Standardized_Rating'; the file has 6 column(s)")
+                                  "'Standardized_Rating'; the file has 6 column(s): 'C_BioSense_ID', 'Age', 'Sex', "
+                                  "'ChiefComplaintOrig', 'TriageNotes', 'DischargeDiagnosis'")
+    assert "prompt_template" not in info.value.hint  # a template makes prompts, not ratings

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import mounted
 
 from daemon.errors import JournalError
-from daemon.inbox.journal import InputFile, Journal
+from daemon.inbox.journal import InputFile, Journal, TrainingSet
 
 DAMAGED_HINT = ("move the damaged journal file aside, with its -wal and -shm files if any; the service "
                 "then starts with a new, empty journal")
@@ -121,7 +121,7 @@ def test_wal_mode_and_a_second_connection_sees_writes(tmp_path):
     db = sqlite3.connect(path)
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
     finally:
         db.close()
 
@@ -383,14 +383,14 @@ def test_journal_of_a_newer_schema_is_refused_and_kept(tmp_path):
     with Journal(path) as j:
         j.add_job("j1", "s", INPUTS, "k1")
     with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("PRAGMA user_version = 5")
+        db.execute("PRAGMA user_version = 6")
     with pytest.raises(JournalError) as info:
         Journal(path)
-    assert info.value.message == (f"the journal {path} has schema version 5; this fine-tuner "
-                                  "knows version 4")
+    assert info.value.message == (f"the journal {path} has schema version 6; this fine-tuner "
+                                  "knows version 5")
     assert info.value.hint == "run the fine-tuner version that wrote it, or move it aside to start a new journal"
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 6
 
 
 def test_locked_journal_is_a_journal_error_that_does_not_say_to_move_it(tmp_path):
@@ -506,7 +506,7 @@ PRAGMA user_version = 1;
 
 
 def test_a_version_1_journal_is_migrated_keeping_its_jobs(tmp_path):
-    """A journal of schema version 1 (before roots were recorded) opens as version 4 with its jobs
+    """A journal of schema version 1 (before roots were recorded) opens as version 5 with its jobs
     and duplicate detection intact and no root recorded yet; the first root is then recorded, and
     the tables of version 3 (progress, events, requests, current models) work."""
     path = tmp_path / "journal.sqlite3"
@@ -518,7 +518,7 @@ def test_a_version_1_journal_is_migrated_keeping_its_jobs(tmp_path):
         j.add_event("old-job", "promoted", topic="t")
         assert [e["event"] for e in j.events("old-job")] == ["promoted"]
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
         assert db.execute("SELECT key, value FROM journal_info").fetchall() == [("root", "/srv/a")]
 
 
@@ -533,7 +533,7 @@ def test_two_spellings_of_a_topic_name_one_current_model(journal):
 
 def test_a_version_3_journal_merges_the_spellings_of_its_topics_keeping_the_latest(tmp_path):
     """A version 3 journal whose topics were stored as typed opens as version 4 with one current
-    model per topic (the latest promotion of its spellings), stored as compared."""
+    model per topic (the latest promotion of its spellings), stored as compared (and opens as version 5)."""
     path = tmp_path / "journal.sqlite3"
     with Journal(path):
         pass
@@ -548,4 +548,35 @@ def test_a_version_3_journal_merges_the_spellings_of_its_topics_keeping_the_late
         assert {t: (c["job_id"], c["model"], c["forced"]) for t, c in j.current_models().items()} == {
             "injuries": ("c", None, False), "respiratory infections": ("b", "m-b:latest", True)}
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+
+
+def test_a_version_4_journal_gains_the_training_rows_tables_and_keeps_its_jobs(tmp_path):
+    """A version 4 journal (before training rows were recorded) opens as version 5 with its jobs,
+    no training sets yet, and a job's success then records its rows and their counts."""
+    path = tmp_path / "journal.sqlite3"
+    with Journal(path) as j:
+        j.add_job("old", "s", INPUTS, "k1")
+        j.succeed("old", output_path="outputs/old", approach="model_set")
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("DROP TABLE training_rows")
+        db.execute("DROP TABLE training_sets")
+        db.execute("PRAGMA user_version = 4")
+    with Journal(path) as j:
+        assert (j.get("old").state, j.training_sets()) == ("succeeded", [])
+        j.add_job("new", "s", INPUTS, "k2")
+        rows = ({"row_key": "id:a", "text_key": "text:a", "content_sha256": "c1", "rating": 1, "reviewed": True},
+                {"row_key": "text:b", "text_key": "text:b", "content_sha256": "c2", "rating": 0, "reviewed": False,
+                 "added_by": "old", "added_at": "2026-01-01T00:00:00.000+00:00"})
+        j.succeed("new", output_path="outputs/new", approach="model_set", training=TrainingSet(
+            "Respiratory  Infections", rows, {"rows_before": 1, "rows_added": 1, "duplicates": 2, "conflicts": 1,
+                                              "unreviewed_skipped": 3, "base_job": "old"}))
+        [recorded] = j.training_sets("respiratory infections")
+        assert {k: recorded[k] for k in ("job_id", "topic", "rows", "reviewed_rows", "rows_before", "rows_added",
+                                         "duplicates", "conflicts", "unreviewed_skipped", "base_job")} == {
+            "job_id": "new", "topic": "respiratory infections", "rows": 2, "reviewed_rows": 1, "rows_before": 1,
+            "rows_added": 1, "duplicates": 2, "conflicts": 1, "unreviewed_skipped": 3, "base_job": "old"}
+        assert [(r["row_key"], r["rating"], r["reviewed"], r["added_by"]) for r in
+                j.training_rows("new", "RESPIRATORY INFECTIONS")] == [("id:a", 1, 1, "new"), ("text:b", 0, 0, "old")]
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 5

@@ -127,3 +127,27 @@ def test_a_job_not_evaluated_or_registered_says_why_on_its_lines(tmp_path):
     assert lines[at].endswith("  not evaluated: there are no held-out rows (fewer than 50 usable rows)")
     assert lines[at + 1] == ("    topic falls; base llama3.2:1b; 40 rows; took 0 s; "
                              "not in Ollama: Ollama is not reachable at http://127.0.0.1:11434")
+
+
+def test_a_running_evaluation_shows_its_estimate_then_its_progress_with_the_whole_time_left(tmp_path):
+    """The evaluation's estimate is the job's progress line until the first model's progress
+    replaces it; that line's time left is the whole evaluation's (evaluation_eta_s)."""
+    cfg, path = _root(tmp_path)
+    logconfig.configure(stream=None)
+    log = logconfig.get_logger("test")
+    lines = []
+    try:
+        with Journal(path) as journal:
+            journal.add_job("e1", "e1", [], "k")
+            journal.start("e1")
+            with recording(journal, "e1"), structlog.contextvars.bound_contextvars(job_id="e1"):
+                log.info("evaluation_estimated", backend="ollama", rows=20, models=2, seconds=80.0,
+                         measured_records=2, records_per_s=0.5)
+                lines.append(format_status(status(cfg)).splitlines()[4])
+                log.info("evaluation_progress", model="new", done=5, total=20, percent=25.0, records_per_s=0.5,
+                         eta_s=30.0, evaluation_eta_s=70.0)
+                lines.append(format_status(status(cfg)).splitlines()[4])
+    finally:
+        logconfig.configure(stream=None, owner=None)
+    assert lines == ["    evaluation (estimated: 2 model(s) x 20 records), 0.5 records/s, about 80 s left",
+                     "    evaluation (new) 25 % (record 5 of 20), 0.5 records/s, about 70 s left"]

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 
 from daemon.data.synthetic import MAPPING, synthetic_rows
+from daemon.quality.review import ORDER_RULE, REVIEW_COLUMNS
 from tests.conftest import leftovers, wait_for
 from tests.integration.conftest import MARKER, REPO, all_log_text
 
@@ -102,13 +103,20 @@ def test_raw_export_builds_a_model_set_and_a_rating_job_rates_with_it(root, star
     summary = json.loads((out / "rating_summary.json").read_text())
     assert (summary["rows"], summary["invalid"], summary["backend"]) == (30, 1, "ollama")
     assert sum(summary["counts"].values()) == 29
-    unsure = [r["C_BioSense_ID"] for r in rows if r["valid"] == "false" or r["rating"] == "0"]
+    # the invalid answer first, then the unsure ones (all equally unsure, "dx 0" is no code: in file order)
+    unsure = ([r["C_BioSense_ID"] for r in rows if r["valid"] == "false"] +
+              [r["C_BioSense_ID"] for r in rows if r["rating"] == "0"])
     assert {r["confidence"] for r in rows if r["rating"] == "0"} == {"0.7000"}
     review = list(csv.DictReader((out / "needs_review.csv").open()))
     assert [r["C_BioSense_ID"] for r in review] == unsure
-    assert {r["Expert Rating"] for r in review} == {""} and "Rationale_of_Rating" not in review[0]
-    assert summary["needs_review"] == {"threshold": 0.9, "records": len(unsure), "without_confidence": 1,
-                                       "file": "needs_review.csv"}
+    assert list(review[0]) == [*RAW_HEADER[:6], *REVIEW_COLUMNS]
+    assert {(r["Expert Rating"], r["Rationale_of_Rating"]) for r in review} == {("", "")}
+    assert [r["Review Rank"] for r in review] == [str(i) for i in range(1, len(unsure) + 1)]
+    assert summary["needs_review"] == {
+        "threshold": 0.9, "records": len(unsure), "invalid": 1, "without_confidence": 1, "order": ORDER_RULE,
+        "grouped_by": {"column": None, "reason": "the diagnosis column 'DischargeDiagnosis' holds no ICD-10-style "
+                                                 "codes (name a column with evaluation.group_by)"},
+        "file": "needs_review.csv"}
     assert MARKER not in all_log_text(root)
     assert leftovers(root.path) == []
 

@@ -21,6 +21,7 @@ from daemon.fine_tuner import FineTuner
 from daemon.quality import confidence as conf
 from daemon.quality.evaluation import ModelResult, confidence_report
 from daemon.quality.rating import model_from_folder, rate_file, route_for_review
+from daemon.quality.review import ORDER_RULE, REVIEW_COLUMNS
 from tests.fake_logprobs import token_logprobs, with_rating_logprob
 from tests.quality.test_evaluator import ScriptedModels, _config, _frame
 from tests.quality.test_rating import FOLDER_HINT
@@ -190,14 +191,16 @@ def test_rating_applies_the_calibration_and_sends_unsure_records_to_review(fake_
     expected = ["" if i == 4 else f"{calibrated(sure[row[1]]):.4f}" for i, row in enumerate(rows)]
     assert [r["confidence"] for r in rated] == expected
     review = list(csv.DictReader((tmp_path / "new.needs_review.csv").open()))
-    unsure = [i for i, c in enumerate(expected) if c == "" or float(c) < 0.8]
+    # the invalid answer first, then the unsure ones (all equally unsure: in file order)
+    unsure = sorted((i for i, c in enumerate(expected) if c == "" or float(c) < 0.8), key=lambda i: i != 4)
     assert [r["Row_ID"] for r in review] == [rows[i][0] for i in unsure]
-    assert list(review[0]) == ["Row_ID", "formatted_prompt", "Expert Rating", "Rationale of Rating",
-                               "Model Rating", "Model Label", "Model Confidence"]
+    assert list(review[0]) == ["Row_ID", "formatted_prompt", *REVIEW_COLUMNS]
     assert {r["Expert Rating"] for r in review} == {""}
     assert [r["formatted_prompt"] for r in review] == [rows[i][1] for i in unsure]
-    assert summary["needs_review"] == {"threshold": 0.8, "records": len(unsure), "without_confidence": 1,
-                                       "file": "new.needs_review.csv"}
+    assert summary["needs_review"] == {
+        "threshold": 0.8, "records": len(unsure), "invalid": 1, "without_confidence": 1, "order": ORDER_RULE,
+        "grouped_by": {"column": None, "reason": "no known diagnosis column (name a column with evaluation.group_by)"},
+        "file": "new.needs_review.csv"}
     assert summary["confidence"]["source"] == "the server's token log-probabilities (logprobs)"
 
 

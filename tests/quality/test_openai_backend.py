@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from daemon.config import load_config
+from daemon.errors import FineTunerError
 from daemon.data import prompts
 from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
 from daemon.fine_tuner import FineTuner
@@ -340,4 +341,7 @@ def test_a_llama_server_that_does_not_come_up_is_a_rater_error_with_its_last_lin
             raise AssertionError("the body runs only once the server is up")
     assert str(info.value).startswith("the llama-server started for nosuch:1b did not come up: llama-server exited "
                                       "with code 3 while loading the model: error: unknown model architecture")
+    # one of the product's errors: error.json and the CLI report it like any other
+    assert isinstance(info.value, FineTunerError)
+    assert info.value.to_dict()["error_type"] == "RaterError"
     assert list((tmp_path / "tmp").iterdir()) == []

@@ -669,14 +669,15 @@ def test_a_part_file_sidecar_nested_too_deeply_is_a_rating_error(fake_ollama, tm
 
 
 def test_needs_review_csv_sent_back_as_training_data_reads_as_its_records(fake_ollama, tmp_path):
-    """Records, rationales and model labels that start with - + = @ (or hold ``;=``) are guarded
-    with a leading quote in needs_review.csv, and the file read back as a dataset is read gives
-    exactly the records, rationales and labels again (a record's own leading quote included)."""
+    """Records, model rationales and model labels that start with - + = @ (or hold ``;=``) are
+    guarded with a leading quote in needs_review.csv, and the file read back as a dataset is read
+    gives exactly the records, rationales and labels again (a record's own leading quote included)."""
     records = ["-ve for influenza", "+ve strep screen", "=SUM(A1)", "@home after a fall", "cough;=HYPERLINK(1)",
                "'-own quote", "plain visit"]
     src = tmp_path / "new.csv"
-    src.write_text(csv_text([HEADER, *([f"r{i}", p, "", "", f"-because {i}"] for i, p in enumerate(records))]))
-    fake_ollama.chat_responder = lambda model, messages: json.dumps({"rating": 1, "rationale": "r"})
+    src.write_text(csv_text([HEADER, *([f"r{i}", p, "", "", "old"] for i, p in enumerate(records))]))
+    fake_ollama.chat_responder = lambda model, messages: json.dumps(
+        {"rating": 1, "rationale": f"-because {records.index(messages[-1]['content'])}"})
     fake_ollama.probs_responder = lambda model, messages: {1: 0.5, 0: 0.3, -1: 0.2}  # every record is unsure
     model = model_from_name("llama3.2:1b", system="S", labels={"+ve": 1, "-ve": 0, "unknown": -1})
     output = tmp_path / "ratings.csv"
@@ -684,9 +685,10 @@ def test_needs_review_csv_sent_back_as_training_data_reads_as_its_records(fake_o
         None, {}, overrides=_overrides(tmp_path, fake_ollama))), src, output, 0.9)
     assert summary["needs_review"]["records"] == len(records)
     assert (tmp_path / "needs_review.csv").read_text().splitlines()[1] == (
-        "r0,'-ve for influenza,,'-because 0,1,'+ve,0.5000")
+        "r0,'-ve for influenza,,,1,'+ve,0.5000,'-because 0,1,"
+        '"confidence 0.50, least confident first (no column to group the records by)"')
     review, _ = read_csv(tmp_path / "needs_review.csv")
-    assert (review["formatted_prompt"].tolist(), review["Rationale of Rating"].tolist(),
+    assert (review["formatted_prompt"].tolist(), review["Model Rationale"].tolist(),
             review["Model Label"].tolist()) == (records, [f"-because {i}" for i in range(len(records))],
                                                 ["+ve"] * len(records))
 

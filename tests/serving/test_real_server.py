@@ -91,3 +91,32 @@ def test_serve_runs_llama_server_on_gemma_and_rate_through_it_answers_in_the_sch
     # llama.cpp returns the answer tokens' log-probabilities: every rating has its confidence
     assert all(0 < float(r["confidence"]) <= 1 for r in ratings), ratings
     assert summary["confidence"]["source"] == "the server's token log-probabilities (logprobs)"
+
+
+@pytest.mark.timeout(600)
+def test_llama_server_renders_gemma_turns_and_decides_the_rating_directly(tmp_path, gemma_gguf):
+    """llama-server serving Gemma 3 270M with the built-in gemma turn format renders each conversation
+    as Gemma's turns (the record in it, not the template's name), and a direct decision through it
+    (the rating-only schema, a few tokens) is an allowed rating with each rating's probability from
+    the server's log-probabilities (summing to 1)."""
+    from daemon.config import OpenAIConfig
+    from daemon.data.prompts import system_prompt
+    from daemon.quality.evaluation import parse_answer
+    from daemon.quality.rater import OpenAIRater
+    from daemon.serving.llamaserver import LlamaServer, ServerSpec
+
+    visits = generate_visits(2, seed=5)
+    system = system_prompt(TOPIC, MAPPING)
+    users = [f"Chief complaint: {v['ChiefComplaintOrig']}" for v in visits]
+    spec = ServerSpec(model=gemma_gguf, alias=NAME, chat_template="gemma", parallel=1, threads=1)
+    with LlamaServer(spec, log_path=tmp_path / "llama-server.log") as server:
+        conversations = [[{"role": "system", "content": system}, {"role": "user", "content": u}] for u in users]
+        rendered = requests.post(f"{server.url}/apply-template", json={"messages": conversations[0]}, timeout=60)
+        assert rendered.json() == {"prompt": f"<start_of_turn>user\n{system}\n\n{users[0]}<end_of_turn>\n"
+                                             "<start_of_turn>model\n"}
+        values = sorted(MAPPING.values())
+        cfg = OpenAIConfig(base_url=server.base_url, parallel=1, read_timeout_s=300.0, retries=0)
+        answers = OpenAIRater(cfg, values=values, direct=True).answer(NAME, conversations)
+    assert [parse_answer(a.text, values) in values for a in answers] == [True, True], [a.text for a in answers]
+    assert [json.loads(a.text).keys() == {"rating"} for a in answers] == [True, True]
+    assert [sorted(a.probs) == values and abs(sum(a.probs.values()) - 1) < 1e-9 for a in answers] == [True, True]
