@@ -53,7 +53,7 @@ def gguf_path() -> Path:
 def table(report: dict) -> str:
     lines = ["| model | kappa (95% CI) | macro-F1 | accuracy (95% CI) | invalid |", "|---|---|---|---|---|"]
     for m in report["models"]:
-        def ci(key: str) -> str:
+        def ci(key: str, m: dict = m) -> str:
             value, interval = m.get(key), m.get(f"{key}_ci95")
             if value is None:
                 return "n/a"

@@ -95,7 +95,7 @@ def bench_sequential(root: Path, sources: list[Path], *, job_file: bool = True) 
             os.rename(src.with_name(f"{stem}.job.yaml"), inbox / f"{stem}.job.yaml")
         t0 = time.perf_counter()
         os.rename(src, inbox / src.name)
-        wait(lambda: processed_has(processed, stem), 60, f"{stem} processed")
+        wait(lambda stem=stem: processed_has(processed, stem), 60, f"{stem} processed")
         latencies.append(time.perf_counter() - t0)
     return latencies
 

@@ -429,10 +429,10 @@ class FakeOllama:
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in messages):
                 raise BadRequest(400, "json: cannot unmarshal messages into []api.Message")
-        for key, digest in (files or {}).items():
+        for digest in (files or {}).values():
             if digest not in self.blobs:
                 raise BadRequest(500, f"open {BLOB_DIR}/{str(digest).replace(':', '-')}: no such file or directory")
-        for key, digest in (adapters or {}).items():
+        for digest in (adapters or {}).values():
             if digest not in self.blobs:
                 raise BadRequest(400, f"open {BLOB_DIR}/{str(digest).replace(':', '-')}: no such file or directory")
 

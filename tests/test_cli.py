@@ -193,8 +193,8 @@ def test_demo_runs_offline(tmp_path):
     assert (tmp_path / "demo_outputs" / "fine_tune" / "adapter" / "adapter_model.safetensors").is_file()
     assert "| | fine-tune | bag-of-words baseline | model set | base model (zero-shot) |" in res.stdout  # the evaluation
     assert (tmp_path / "demo_outputs" / "fine_tune" / "evaluation.json").is_file()
-    # the README shows the table the demo prints: the same columns, rows and backends (figures vary)
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    # the answer-quality page shows the table the demo prints: the same columns, rows and backends (figures vary)
+    readme = (ROOT / "docs" / "quality.md").read_text(encoding="utf-8")
     shown = readme.split("`.venv/bin/python demo_fine_tuner.py` prints it", 1)[1].split("```text\n", 1)[1]
     assert _table_shape(shown.split("```", 1)[0]) == _table_shape(res.stdout)
 

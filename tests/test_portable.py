@@ -15,8 +15,8 @@ def test_known_folders_become_labels_the_longest_first(tmp_path):
     roots = machine_roots([job], {"..": job.parent, "<base weights>": weights})
     text = (f"see {job}/trainer_stderr.log, {job.parent}/failed-job/x, {weights}, {tmp_path}/outputs/job-2 "
             f"and {sys.prefix}/lib/site.py")
-    assert scrub(text, roots) == (f"see ./trainer_stderr.log, ../failed-job/x, <base weights>, ../job-2 "
-                                  f"and <python>/lib/site.py")
+    assert scrub(text, roots) == ("see ./trainer_stderr.log, ../failed-job/x, <base weights>, ../job-2 "
+                                  "and <python>/lib/site.py")
 
 
 def test_every_path_cuts_other_absolute_paths_but_not_urls_or_ratios():

@@ -1,4 +1,5 @@
-"""The README stays true: every event the code logs is listed, and it speaks to users only."""
+"""The README and the docs/ pages stay true: every event the code logs is on the log events page, the
+module map matches the package, and they speak to users only."""
 
 from __future__ import annotations
 
@@ -6,6 +7,18 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+
+def page(name: str) -> str:
+    """A docs/ page's text."""
+    return (DOCS / name).read_text(encoding="utf-8")
+
+
+def every_document() -> dict[str, str]:
+    """The README and every docs/ page, by name."""
+    return {"README.md": (ROOT / "README.md").read_text(encoding="utf-8"),
+            **{f"docs/{p.name}": p.read_text(encoding="utf-8") for p in sorted(DOCS.glob("*.md"))}}
 EVENT_CALL = re.compile(r"\blog\.(?:debug|info|warning|error|exception)\(\s*\"([a-z][a-z0-9_]*)\"")
 
 
@@ -17,23 +30,24 @@ def logged_events() -> set[str]:
     return names
 
 
-def test_every_logged_event_is_in_the_readme():
-    """Each event name the code can log appears in the README (as `name`), so the list is complete."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_every_logged_event_is_on_the_log_events_page():
+    """Each event name the code can log appears on docs/logs.md (as `name`), so the list is complete."""
+    readme = page("logs.md")
     events = logged_events()
     assert len(events) > 50  # the scan itself works
     assert sorted(e for e in events if f"`{e}`" not in readme) == []
 
 
-def test_readme_speaks_about_the_product_only():
-    """No issue numbers, sessions, seed jargon or paths outside the repository in the README."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for pattern in (r"[Ii]ssue #?\d", r"\bsession\b", r"issues were silent", r"the seed's", r"\.\./shared"):
-        assert re.search(pattern, readme) is None, pattern
+def test_the_documents_speak_about_the_product_only():
+    """No issue numbers, sessions, seed jargon or paths outside the repository in the README or a page."""
+    for name, text in every_document().items():
+        for pattern in (r"[Ii]ssue #?\d", r"\bsession\b", r"issues were silent", r"the seed's", r"\.\./shared"):
+            assert re.search(pattern, text) is None, (name, pattern)
 
 
 def test_readme_names_debian_packages_and_what_make_run_installs():
-    """The quick start names the Debian 12 packages to install first, and the README says which
+    """The quick start names the Debian 12 packages to install first, and the README (and the design
+    page) say which
     extras `make run` installs: exactly the Makefile's EXTRAS, which its run target installs."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
@@ -42,14 +56,14 @@ def test_readme_names_debian_packages_and_what_make_run_installs():
     [run_line] = [line for line in readme.splitlines() if line.startswith("make run ")]
     assert re.search(r"installs the package with its (.+) extras", run_line).group(1) == " and ".join(extras)
     named = " and ".join(f"`{e}`" for e in extras)
-    assert f"`make run` installs\n  the package with its {named} extras" in readme
+    assert f"`make run` installs\n  the package with its {named} extras" in page("design.md")
     assert ("`sudo apt install python3-venv git make`" in readme, "`sudo apt install g++ cmake`" in readme) == (
         True, True)
 
 
 def test_the_module_map_names_every_module_of_each_room():
-    """The README's module map lists exactly the modules each room holds (and the top level's)."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The module map (docs/design.md) lists exactly the modules each room holds (and the top level's)."""
+    readme = page("design.md")
     table = readme[readme.index("### Module map"):]
     listed: dict[str, set[str]] = {}
     for line in table.splitlines():
@@ -66,7 +80,7 @@ def test_the_module_map_names_every_module_of_each_room():
 def _quick_start_config() -> str:
     """The YAML block of the README's quick start without Ollama, as written there."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Quick start without Ollama", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## Without Ollama", 1)[1].split("\n## ", 1)[0]
     return section.split("```yaml\n", 1)[1].split("```", 1)[0]
 
 

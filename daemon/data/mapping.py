@@ -241,7 +241,6 @@ def infer_mapping(df: pd.DataFrame, source: str = "<dataframe>") -> RatingMappin
     """Label → rating from the ``Expert Rating`` and ``Standardized_Rating`` pairs of ``df``.
 
     Rows where either is empty are ignored; a label seen with two ratings is a ``MappingError``."""
-    import numpy as np
 
     stem = Path(source).stem if source and not source.startswith("<") else "<dataset>"
     if EXPERT_RATING_COLUMN not in df.columns or RATING_COLUMN not in df.columns:

@@ -90,7 +90,7 @@ def probabilities_from_tokens(entries: Sequence[tuple[str, float, Sequence[tuple
     start, end = span
     chosen = int(text[start:end])
     offset, k = 0, 0
-    for k, (token, _, _) in enumerate(entries):
+    for k, (token, _, _) in enumerate(entries):  # noqa: B007 (k is the token the loop stops at)
         if offset + len(token) > start:
             break
         offset += len(token)

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import evaluation, trust
 from .. import fsutil
@@ -46,6 +46,9 @@ from ..config import Config
 from ..logconfig import get_logger
 from . import head as head_module
 from .rater import HeadRater, LocalRater, OllamaRater, OpenAIRater, RaterError
+
+if TYPE_CHECKING:
+    from . import baseline
 
 log = get_logger("evaluator")
 
@@ -542,7 +545,7 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
     return report
 
 
-def load_baseline(folder: Path) -> "baseline.Baseline | None":
+def load_baseline(folder: Path) -> baseline.Baseline | None:
     """The folder's stored bag-of-words baseline; None for a folder built before there was one, and
     for an unreadable one (logged, never a reason to skip the evaluation)."""
     from . import baseline

@@ -33,7 +33,6 @@ import fcntl
 import hashlib
 import json
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Mapping

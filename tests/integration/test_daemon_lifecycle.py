@@ -145,7 +145,7 @@ def test_kill_9_during_a_burst_loses_and_doubles_nothing(root, start_daemon):
         d = start_daemon(log_name=f"daemon-{round_no}.log")
         target = finished_before + rng.randint(1, 20)
         d.wait_event("daemon_ready", timeout=30)
-        wait_for(lambda: len(d.events("job_finished")) + finished_before >= target
+        wait_for(lambda d=d, before=finished_before, target=target: len(d.events("job_finished")) + before >= target
                  or len(root.folders(root.processed)) + len(root.folders(root.failed)) >= 100,
                  timeout=60, message="some progress")
         finished_before += len(d.events("job_finished"))

@@ -58,8 +58,9 @@ def test_endless_and_huge_chat_answers_fail_the_rating_job_with_bounded_memory(r
         stem = f"hostile{i}"
         root.drop_bytes(f"{stem}.job.yaml", f"task: rate\nmodel: outputs/{built.name}\n".encode())
         root.drop_bytes(f"{stem}.csv", raw_export(6, seed=20 + i, ratings=False))
-        [failed] = wait_for(lambda: (peaks.append(_peak_rss_bytes(d.proc.pid))
-                                     or root.job_folders(root.failed, stem)), timeout=60, message=f"{stem} failed")
+        [failed] = wait_for(lambda stem=stem: (peaks.append(_peak_rss_bytes(d.proc.pid))
+                                               or root.job_folders(root.failed, stem)),
+                            timeout=60, message=f"{stem} failed")
         error = _error(failed)
         assert (mode, error["error_type"]) == (mode, "RatingError")
         assert re.fullmatch(f"Ollama could not answer for llama3.2:1b: {expected}; the 0 records rated so far "
@@ -93,7 +94,8 @@ def test_wrong_shaped_model_list_leaves_the_model_set_published_and_not_register
         fake_ollama.hostile_bodies["/api/tags"] = json.dumps(body).encode()
         stem = f"shape{i}"
         root.drop_dataset(stem, seed=40 + i)
-        [done] = wait_for(lambda: root.job_folders(root.processed, stem), timeout=60, message=f"{stem} done")
+        [done] = wait_for(lambda stem=stem: root.job_folders(root.processed, stem), timeout=60,
+                          message=f"{stem} done")
         out = root.outputs / done.name
         assert sorted(p.name for p in out.iterdir() if p.name in ("Modelfile", "model_set_config.json")) == [
             "Modelfile", "model_set_config.json"]

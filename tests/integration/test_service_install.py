@@ -41,7 +41,7 @@ from daemon.data.synthetic import MAPPING, write_csv
 from tests.integration.conftest import REPO
 
 INSTALL = REPO / "systemd" / "INSTALL.md"
-README = REPO / "README.md"
+README = REPO / "docs" / "operations.md"  # the short version of the install steps
 UNIT = REPO / "systemd" / "fine-tuner.service"
 SHARED_GROUP_DROP_IN = REPO / "systemd" / "shared-group.conf"
 PREFIXES = ("/srv/", "/etc/", "/opt/")  # the system folders the documents write to

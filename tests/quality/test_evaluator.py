@@ -214,8 +214,6 @@ def test_every_evaluation_measures_the_bag_of_words_baseline_and_the_verdict_wei
     """A job's baseline is fitted on exactly its training rows and scored beside the models on the same
     familiar and new-kinds rows; a model that answers no better than chance loses to it, and the
     verdict says to use the baseline."""
-    from daemon.data.dataset import load_dataset
-    from daemon.data.visits import MAPPING as VISIT_MAPPING
     from daemon.quality import baseline
 
     frame, meta, out = _visits_job(tmp_path, fake_ollama)
