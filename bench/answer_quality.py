@@ -104,6 +104,8 @@ def main() -> int:
     parser.add_argument("--fine-tune-only", action="store_true",
                         help="evaluate the fine-tune and the base only, not the model set (saves ~12 min "
                              "when only the training recipe changes)")
+    parser.add_argument("--code-knowledge", choices=("auto", "on", "off"), default=None,
+                        help="defaults.code_knowledge for the job (default: the product's)")
     parser.add_argument("--keep", help="keep the output folder here")
     args = parser.parse_args()
 
@@ -132,7 +134,8 @@ def main() -> int:
              "--input", str(csv_path), "--mapping", str(work / "visits.mapping.json"), "--model", NAME,
              "--approach", "fine_tune", "--no-fallback", *recipe_flags(args), "--topics", TOPIC,
              "--output-dir", str(out),
-             *(["--topic-definition", TOPIC_DEFINITION] if args.topic_definition else [])],
+             *(["--topic-definition", TOPIC_DEFINITION] if args.topic_definition else []),
+             *(["--code-knowledge", args.code_knowledge] if args.code_knowledge else [])],
             cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
             capture_output=True, text=True)
         wall = time.monotonic() - started
@@ -149,12 +152,17 @@ def main() -> int:
         recipe = yaml.safe_load((out / "training_config.yaml").read_text())
         print(f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {args.rows} visits, {recipe['num_epochs']} epochs, "
               f"lr {recipe['learning_rate']}, batch {recipe['micro_batch_size']} "
-              f"({'the product defaults' if not recipe_flags(args) else 'set here'}); job wall time {wall / 60:.1f} min")
+              f"({'the product defaults' if not recipe_flags(args) else 'set here'}); "
+              f"job wall time {wall / 60:.1f} min")
         lora = json.loads((out / "adapter" / "adapter_config.json").read_text())
         print(f"LoRA r {lora.get('r')}, alpha {lora.get('lora_alpha')}, on {sorted(lora.get('target_modules') or [])}; "
               f"topic definition in the system prompt: {'yes' if args.topic_definition else 'no'}")
         print(f"training: {t['train_s'] / 60:.1f} min, {t['tokens_per_s']} tokens/s, {t['steps']} steps, "
               f"loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, eval_loss {t.get('eval_loss')}")
+        knowledge = meta.get("code_knowledge") or {}
+        print(f"code knowledge: {knowledge.get('setting')}, expanded: {knowledge.get('expanded')} "
+              f"({knowledge.get('codes_expanded', 0)} codes, {knowledge.get('unknown_codes', 0)} unknown; "
+              f"{knowledge.get('reason', '')})")
         stopping = t.get("early_stopping") or {}
         print(f"early stopping: loss by epoch {stopping.get('loss_by_epoch')} on {stopping.get('watched')}, "
               f"best epoch {stopping.get('best_epoch')} kept")

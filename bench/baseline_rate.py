@@ -35,7 +35,8 @@ def main() -> int:
     import json
 
     from bench.rate_throughput import _Slow
-    from daemon.config import job_settings, load_config
+    from daemon.config import load_config
+    from daemon.data.jobsettings import job_settings
     from daemon.data.visits import MAPPING, generate_visits, write_csv
     from daemon.fine_tuner import FineTuner, JobInputs
     from daemon.quality import rating

@@ -103,8 +103,7 @@ def server(records: int, threads: int) -> int:
     import time
 
     from daemon.config import OpenAIConfig
-    from daemon.data.prompts import output_schema
-    from daemon.quality.evaluation import parse_answer
+    from daemon.data.prompts import output_schema, parse_answer
     from daemon.quality.rater import DIRECT_MAX_TOKENS, OpenAIRater
     from daemon.serving.llamaserver import LlamaServer, ServerSpec
 

@@ -6,11 +6,12 @@ is light: ``FineTuner`` (and pandas behind it) is loaded on first use; torch nev
 The package is grouped into rooms, in the order a job passes through them; a room imports only the
 rooms before it (each room's ``__init__`` states its rule, ``tests/test_layout.py`` checks it):
 
-* top-level base modules, imported by every room: ``errors`` (imports nothing of ours), ``fsutil``,
-  ``portable``, ``logconfig``, ``llamacpp`` (where the pinned llama.cpp and fine-tuner's machine-wide
-  cache live), ``config`` (which borrows ``data.template``'s parser to check the
-  ``prompt_template`` setting: the one exception to the order);
-* ``data``: CSV and mapping to validated rows, prompts, training records, model-set text;
+* top-level base modules, imported by every room: ``errors`` (imports nothing of ours), ``text``
+  (safe text for messages), ``fsutil``, ``portable``, ``logconfig``, ``llamacpp`` (where the pinned
+  llama.cpp and fine-tuner's machine-wide cache live) and the ``config`` package (by section:
+  ``schema``, ``files``, ``rules``, ``loading``);
+* ``data``: CSV and mapping to validated rows, prompts, training records, model-set text, a job's
+  settings (``jobsettings``, which also checks the config's ``prompt_template``);
 * ``training``: the trainer children and the parent that supervises them;
 * ``serving``: the Ollama client, registration and the capability report;
 * ``quality``: raters, evaluation against the experts, rating new records;

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sys
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +33,9 @@ from pathlib import Path
 import structlog
 
 from . import __version__
-from .config import (APPROACHES, COMPARE_MODES, DAY_S, EVALUATION_BACKENDS, RATING_BACKENDS, Config, ConfigError,
-                     find_config_file, load_config, number_problem)
+from .config import (DAY_S, EVALUATION_BACKENDS, RATING_BACKENDS, Config, ConfigError, find_config_file, load_config,
+                     number_problem)
+from .data.jobsettings import FLAGS, JobSettings, defaults_problems
 from .errors import DatasetTooSmallWarning, FineTunerError, JournalError
 from .logconfig import from_this_package
 
@@ -62,33 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     proc = sub.add_parser("process", parents=[common], help="turn one dataset into a fine-tune or a model set")
     proc.add_argument("--input", required=True, metavar="CSV", help="formatted dataset (CSV)")
     proc.add_argument("--mapping", metavar="FILE", help="rating mapping (JSON or YAML); inferred when omitted")
-    proc.add_argument("--model", help="Ollama base model (default from config)")
-    proc.add_argument("--topics", help='target topic(s), comma-separated, e.g. "respiratory infections"')
     proc.add_argument("--output-dir", metavar="DIR", help="where the outputs go (default: outputs/<input stem>)")
-    proc.add_argument("--output-model", metavar="NAME", help="Ollama name to register (default derived)")
-    proc.add_argument("--epochs", type=int)
-    proc.add_argument("--learning-rate", type=_number_arg("defaults.learning_rate"))
-    proc.add_argument("--batch-size", type=int)
-    proc.add_argument("--approach", choices=APPROACHES)
-    proc.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to a model set")
-    proc.add_argument("--prompt-template", metavar="TEMPLATE",
-                      help="how a record becomes its prompt when the file has no formatted_prompt/Prompt "
-                           "column: a format string with {Column} fields, or a JSON list of columns")
-    proc.add_argument("--topic-definition", metavar="TEXT",
-                      help="the experts' written criteria for the topic, added to the system prompt")
-    proc.add_argument("--group-by", metavar="COLUMN",
-                      help="the column whose values are held out whole to measure agreement on new kinds of "
-                           "records (default: a diagnosis column with ICD-10 codes; none: random split only)")
-    proc.add_argument("--code-knowledge", choices=("auto", "on", "off"),
-                      help="expand a diagnosis column's ICD-10-CM codes into their description, category, "
-                           "block and CCSR category in every prompt (default from config: auto, when the "
-                           "column holds codes)")
+    _add_job_flags(proc, *PROCESS_FLAGS)
 
     val = sub.add_parser("validate", parents=[common], help="report on a dataset without processing it")
     val.add_argument("--input", required=True, metavar="CSV")
     val.add_argument("--mapping", metavar="FILE")
     val.add_argument("--json", action="store_true", help="print the report as JSON")
-    val.add_argument("--prompt-template", metavar="TEMPLATE", help="as for process")
+    _add_job_flags(val, "prompt_template")
 
     chk = sub.add_parser("check", parents=[common], help="can MODEL be fine-tuned here? (exit 0 yes, 1 no)")
     chk.add_argument("model", metavar="MODEL")
@@ -104,17 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", choices=EVALUATION_BACKENDS,
                     help="who answers (default: evaluation.backend, auto)")
     ev.add_argument("--max-rows", type=_positive_int, metavar="N", help="held-out rows evaluated at most")
-    ev.add_argument("--compare", choices=COMPARE_MODES,
-                    help="comparisons beside the new model and the bag-of-words baseline: all (the base model "
-                         "zero-shot and a fine-tune's model set), base or none (default: evaluation.compare)")
+    _add_job_flags(ev, "compare")
     ev.add_argument("--json", action="store_true", help="print evaluation.json instead of the table")
 
     rate = sub.add_parser("rate", parents=[common], help="rate new records with a built model")
-    rate.add_argument("--model", metavar="NAME|OUTPUT_DIR",
-                      help="a job's output folder (outputs/<job_id>), or a bare Ollama model name")
-    rate.add_argument("--topic", metavar="T", help="rate with this topic's current model (fine-tuner promote); "
-                                                   "instead of --model")
-    rate.add_argument("--root", metavar="DIR", help="the daemon's folder, for --topic")
+    _add_job_flags(rate, "model", "topic")
+    rate.add_argument("--root", metavar="DIR",
+                      help="the daemon's folder: for --topic, a job id's output folder and defaults.mapping")
     rate.add_argument("--input", required=True, metavar="CSV", help="the records to rate")
     rate.add_argument("--output", metavar="CSV", help="ratings file (default: <input stem>.ratings.csv beside the input)")
     rate.add_argument("--backend", choices=RATING_BACKENDS, default="auto",
@@ -126,13 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="a fine-tune trained with training.answer_forms: both writes its rationale too "
                            "(generation, much slower) instead of deciding each rating in one forward pass")
     rate.add_argument("--mapping", metavar="FILE", help="rating mapping (only with a bare Ollama name)")
-    rate.add_argument("--topics", help="target topic(s) of the system prompt (only with a bare Ollama name)")
-    rate.add_argument("--review-below", type=_number_arg("rating.review_below"), metavar="P",
-                      help="write the records whose answer is invalid or whose confidence is under P to "
-                           "needs_review.csv for the experts (default: rating.review_below)")
-    rate.add_argument("--prompt-template", metavar="TEMPLATE",
-                      help="how a record becomes the prompt (only with a bare Ollama name): a format "
-                           "string with {Column} fields, or a JSON list of columns")
+    _add_job_flags(rate, "topics", "topic_definition", "review_below", "prompt_template")
 
     srv = sub.add_parser("serve", parents=[common],
                          help="serve an output folder (base GGUF + its adapter) or a GGUF with llama-server")
@@ -176,11 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     ret = sub.add_parser("retry", parents=[common], help="run a failed job again through the inbox")
     ret.add_argument("job_id", metavar="JOB_ID")
     ret.add_argument("--root", metavar="DIR")
-    ret.add_argument("--epochs", type=_positive_int)
-    ret.add_argument("--learning-rate", type=_number_arg("defaults.learning_rate"))
-    ret.add_argument("--batch-size", type=_positive_int)
-    ret.add_argument("--approach", choices=APPROACHES)
-    ret.add_argument("--model", help="another Ollama base model")
+    _add_job_flags(ret, *RETRY_FLAGS)
 
     conf = sub.add_parser("config", parents=[common],
                           help="show the configuration every command uses and where each value came from")
@@ -204,6 +173,42 @@ def _parser() -> argparse.ArgumentParser:
     rtr.add_argument("--wait", type=_number_arg(at_most=DAY_S), default=0.0, metavar="S",
                      help="seconds to wait for the daemon's job to end (default 0: just drop it)")
     return p
+
+
+# the job settings (data/jobsettings.py) each command takes as flags, as the settings declare them
+PROCESS_FLAGS = ("model", "topics", "output_model", "epochs", "learning_rate", "batch_size", "approach", "fallback",
+                 "prompt_template", "topic_definition", "group_by", "code_knowledge")
+RATE_FLAGS = ("model", "topic", "topics", "topic_definition", "review_below", "prompt_template")
+RETRY_FLAGS = ("epochs", "learning_rate", "batch_size", "approach", "model")  # inbox.control.RETRY_KEYS
+
+
+def _add_job_flags(parser: argparse.ArgumentParser, *names: str) -> None:
+    """The flags of the job settings ``names``, each spelled, typed and explained as its declaration
+    says (``jobsettings.FLAGS``), its value under the setting's own name (``args.<name>``, None when
+    not given): one declaration, the same flag on every command that takes it."""
+    hints = typing.get_type_hints(JobSettings)
+    for name in names:
+        flag = FLAGS[name]
+        how: dict = {"dest": name, "help": flag.help, "default": None}
+        if flag.negated:
+            parser.add_argument(flag.spelling(name), action="store_const", const=False, **how)
+            continue
+        kind = next(t for t in (*typing.get_args(hints[name]), hints[name]) if t is not type(None))
+        if flag.choices:
+            how["choices"] = flag.choices
+        elif kind is int:
+            how["type"] = _positive_int
+        elif kind is float:
+            how["type"] = _number_arg(flag.number_rules)
+        parser.add_argument(flag.spelling(name), metavar=flag.metavar, **how)
+
+
+def _job_values(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """The job settings ``names`` as the command line gave them (None: not given), for ``job_settings``."""
+    values = {name: getattr(args, name) for name in names}
+    if "prompt_template" in values:
+        values["prompt_template"] = _template_arg(values["prompt_template"])
+    return values
 
 
 def _positive_int(text: str) -> int:
@@ -311,7 +316,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         # the same file for every command: --config, $FINE_TUNER_CONFIG, <root>/config.yaml, /etc
         args.config_file = find_config_file(args.config, os.environ, getattr(args, "root", None))
-        cfg = load_config(args.config_file.path, os.environ)
+        cfg = load_config(args.config_file.path, os.environ, checks=(defaults_problems,))
     except ConfigError as exc:
         return _fail(str(exc), EXIT_CONFIG if args.command == "watch" else EXIT_USAGE)
     if args.command != "watch":  # watch sets its own
@@ -376,7 +381,7 @@ def _private_outputs() -> None:
 
 
 def _cmd_process(cfg: Config, args: argparse.Namespace) -> int:
-    from .config import job_settings
+    from .data.jobsettings import job_settings
     from .fine_tuner import FineTuner, JobInputs
     from .fsutil import not_a_file
 
@@ -387,14 +392,7 @@ def _cmd_process(cfg: Config, args: argparse.Namespace) -> int:
         return _fail(f"{csv_path}: {problem}; pass the formatted dataset CSV with --input", EXIT_USAGE)
     if args.mapping and not Path(args.mapping).is_file():
         return _fail(f"{args.mapping}: no such file; pass the rating mapping with --mapping", EXIT_USAGE)
-    settings = job_settings(cfg.defaults, {
-        "model": args.model, "topics": args.topics, "epochs": args.epochs,
-        "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-        "approach": args.approach, "fallback": False if args.no_fallback else None,
-        "output_model": args.output_model, "prompt_template": _template_arg(args.prompt_template),
-        "topic_definition": args.topic_definition, "group_by": args.group_by,
-        "code_knowledge": args.code_knowledge,
-    }, source="command line")
+    settings = job_settings(cfg.defaults, _job_values(args, PROCESS_FLAGS), source="command line")
     out_dir = Path(args.output_dir) if args.output_dir else _new_output_dir(
         Path(cfg.paths.root) / cfg.paths.outputs, csv_path.stem)
     tuner = FineTuner(debug_mode=args.debug, fallback_mode=settings.fallback, config=cfg)
@@ -513,7 +511,8 @@ def _cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_check(cfg: Config, args: argparse.Namespace) -> int:
-    from .config import model_name_problem, printable
+    from .config import model_name_problem
+    from .text import printable
     from .fine_tuner import FineTuner
 
     # the job files' rule, before anything is asked of Ollama or suggested for the config
@@ -603,25 +602,25 @@ def _expanded_code_columns(target: Path) -> list[str]:
 
 
 def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from .outputs import build, names
+    from .outputs.folder import read_metadata
     from .quality import evaluation
-    from . import fsutil
-    from .quality.evaluator import EvaluationSkipped, evaluate_folder, read_json
+    from .quality.evaluator import EvaluationSkipped, evaluate_folder
     from .quality.rater import RaterError
     from .quality.rating import ModelFolderError, model_from_folder
 
     _private_outputs()
     _configure_logging(cfg, args, stdout=False)
     folder = Path(args.output_dir)
-    meta_path = folder / "fine_tuning_metadata.json"
     if folder.is_symlink():
         return _fail(f"{folder} is a symbolic link; links are never followed: pass the output folder itself",
                      EXIT_USAGE)
-    if not os.path.lexists(meta_path):
-        return _fail(f"{folder}: not an output folder (it has no fine_tuning_metadata.json); pass "
-                     "outputs/<job_id>", EXIT_USAGE)
+    if not os.path.lexists(folder / names.METADATA):
+        return _fail(f"{folder}: not an output folder (it has no {names.METADATA}); pass outputs/<job_id>",
+                     EXIT_USAGE)
     try:
         model_from_folder(folder)  # every file opened without following a link, every key it reads checked
-        meta = read_json(meta_path)
+        meta = read_metadata(folder, error=ModelFolderError)
         report = evaluate_folder(folder, meta, cfg, backend=args.backend or cfg.evaluation.backend,
                                  max_rows=args.max_rows, compare=args.compare)
     except ModelFolderError as exc:
@@ -629,8 +628,7 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     except (EvaluationSkipped, RaterError) as exc:
         return _fail(f"cannot evaluate {folder}: {getattr(exc, 'reason', exc)}", EXIT_FAILED)
     files = evaluation.write_report(report, folder)
-    meta["evaluation"] = evaluation.metadata_summary(report, files)
-    fsutil.write_json(meta_path, meta)
+    build.record_evaluation(folder, meta, evaluation.metadata_summary(report, files))
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=2))
     else:
@@ -642,7 +640,7 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
 
 def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
     from .fsutil import not_a_file
-    from .quality import rating
+    from .quality import rating, raterequest
 
     _private_outputs()
     _configure_logging(cfg, args, stdout=False)
@@ -656,11 +654,7 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.topic):
         return _fail("name the model with --model NAME|OUTPUT_DIR, or --topic T for the topic's current model "
                      "(one of them)", EXIT_USAGE)
-    if args.topic:
-        from .inbox import control
-
-        args.model = str(control.current_model_folder(_with_root(cfg, args.root), args.topic))
-    model = _rating_model(cfg, args)
+    settings, model = _rating_model(cfg, args)
     bar = _RateBar() if sys.stderr.isatty() else None
     try:
         with structlog.contextvars.bound_contextvars(job_id=output.stem):
@@ -670,11 +664,8 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    below = args.review_below if args.review_below is not None else cfg.rating.review_below
     with structlog.contextvars.bound_contextvars(job_id=output.stem):
-        summary = rating.explain_for_review(model, summary, csv_path, output, cfg, below)
-    summary = rating.route_for_review(summary, csv_path, output, below, group_by=cfg.evaluation.group_by)
-    rating.write_summary(summary, summary_path)
+        summary = raterequest.finish(model, summary, csv_path, output, settings, cfg, summary_path)
     counts = ", ".join(f"{label} {n}" for label, n in summary["counts"].items())
     ids = summary.get("id_column")
     print(f"rated: {summary['rated']} of {summary['rows']} records with {summary['model']} ({summary['backend']})")
@@ -709,32 +700,38 @@ def _template_arg(text: str | None):
 
 
 def _rating_model(cfg: Config, args: argparse.Namespace):
-    """The model to rate with: everything from an output folder, or a bare Ollama name with the
-    configuration's (or the flags') topic, mapping and template."""
-    from .data import prompts
-    from .quality import rating
-    from .data.mapping import load_mapping
-    from .data.template import parse_template
+    """``rate``'s request as an inbox rating job's settings (the flags over the configuration's
+    defaults), and the model that rates it (``raterequest.rating_model``, as for the inbox): an
+    output folder named by its path, the topic's current model, a job's folder in the outputs, or a
+    bare Ollama model name with the flags' (or the configuration's) mapping, topic and template."""
+    from .data.jobsettings import job_settings
+    from .inbox.paths import resolve_paths
+    from .outputs import names
+    from .quality import raterequest
 
-    folder = Path(args.model)
-    if (folder / "fine_tuning_metadata.json").is_file():
-        if args.mapping or args.topics or args.prompt_template:
-            raise ConfigError(["--mapping, --topics and --prompt-template: an output folder already says "
-                               "how its model rates; leave them out"], source="command line")
-        return rating.model_from_folder(folder)
-    mapping_file = args.mapping or cfg.defaults.mapping
-    if not mapping_file:
-        raise ConfigError(["--mapping: required with a bare Ollama model name (or set defaults.mapping); "
-                           f"or pass an output folder: {folder} has no fine_tuning_metadata.json"],
-                          source="command line")
-    labels = dict(load_mapping(mapping_file).labels)
-    topics = args.topics if args.topics is not None else cfg.defaults.topics
-    raw = _template_arg(args.prompt_template)
-    if raw is None:
-        raw = cfg.defaults.prompt_template
-    template = parse_template(raw) if raw is not None else None
-    return rating.model_from_name(args.model, system=prompts.system_prompt(topics, labels), labels=labels,
-                                  template=template)
+    cfg = _with_root(cfg, args.root)
+    paths = resolve_paths(cfg)
+    folder = Path(args.model) if args.model and (Path(args.model) / names.METADATA).is_file() else None
+    settings = job_settings(cfg.defaults, {**_job_values(args, RATE_FLAGS), "task": "rate",
+                                           "model": None if folder is not None else args.model},
+                            source="command line")
+    # --mapping as the shell names it; defaults.mapping under the root, as the daemon reads it
+    mapping = (Path(args.mapping) if args.mapping
+               else paths.root / cfg.defaults.mapping if cfg.defaults.mapping else None)
+
+    def current_folder(topic: str) -> Path:
+        from .inbox import control
+
+        return control.current_model_folder(cfg, topic)
+
+    model = raterequest.rating_model(
+        settings, cfg, outputs=paths.outputs, mapping=mapping, folder=folder,
+        current_folder=current_folder, ask_mapping="pass --mapping FILE or set defaults.mapping",
+        source="command line")
+    if model.approach is not None and any((args.mapping, args.topics, args.prompt_template, args.topic_definition)):
+        raise ConfigError(["--mapping, --topics, --topic-definition and --prompt-template: an output folder "
+                           "already says how its model rates; leave them out"], source="command line")
+    return settings, model
 
 
 def _cmd_status(cfg: Config, args: argparse.Namespace) -> int:
@@ -774,7 +771,7 @@ def _cmd_report(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
-    from .config import printable
+    from .text import printable
     from .inbox import control
 
     cfg = _with_root(cfg, args.root)
@@ -796,14 +793,12 @@ def _cmd_cancel(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
-    from .config import printable
+    from .text import printable
     from .inbox import control
 
     cfg = _with_root(cfg, args.root)
     _configure_logging(cfg, args, stdout=False)
-    overrides = {k: v for k, v in {"epochs": args.epochs, "learning_rate": args.learning_rate,
-                                   "batch_size": args.batch_size, "approach": args.approach,
-                                   "model": args.model}.items() if v is not None}
+    overrides = {k: v for k, v in _job_values(args, RETRY_FLAGS).items() if v is not None}
     dropped = control.retry(cfg, args.job_id, overrides)
     print(f"{printable(args.job_id)} dropped into the inbox again: {', '.join(map(printable, dropped))}")
     print("'fine-tuner status' shows the new job")
@@ -811,7 +806,7 @@ def _cmd_retry(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_retrain(cfg: Config, args: argparse.Namespace) -> int:
-    from .config import printable
+    from .text import printable
     from .fsutil import not_a_file
     from .inbox import control
 
@@ -859,7 +854,7 @@ def _output_of(cfg: Config, record) -> Path | None:
 
 
 def _cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
-    from .config import printable
+    from .text import printable
     from .inbox import control
 
     cfg = _with_root(cfg, args.root)

@@ -16,8 +16,6 @@ import dataclasses
 import functools
 import importlib.metadata
 import os
-import shutil
-import tempfile
 import threading
 import time
 import warnings
@@ -31,8 +29,10 @@ import yaml
 
 from . import fsutil, portable
 from .data import prompts, turns
+from .outputs import build as outputs, names
 from .serving.capability import CapabilityReport, build_report
-from .config import Config, JobSettings, job_settings, load_config
+from .config import Config, load_config
+from .data.jobsettings import JobSettings, defaults_problems, job_settings
 from .errors import (
     DatasetEncodingError,
     DatasetError,
@@ -64,9 +64,6 @@ command="${1:-train}"
 [ $# -gt 0 ] && shift
 exec axolotl "$command" training_config.yaml "$@"
 """
-MODEL_SET_FILES = ("model_set_config.json", "Modelfile", "fine_tuning_metadata.json")
-FINE_TUNE_FILES = ("training_data.jsonl", "validation_data.jsonl", "training_config.yaml",
-                   "fine_tuning_metadata.json")
 CAPABILITY_TTL_S = 30.0
 _CAPABILITY_CACHE: dict[tuple[int, str], tuple[Config, float, CapabilityReport]] = {}
 _CAPABILITY_LOCK = threading.Lock()
@@ -171,10 +168,10 @@ def _resolve_config(config: Config | Mapping | str | os.PathLike | None) -> Conf
     if isinstance(config, Config):
         return config
     if config is None:
-        return load_config(None, os.environ)
+        return load_config(None, os.environ, checks=(defaults_problems,))
     if isinstance(config, Mapping):
-        return load_config(None, os.environ, overrides=config)
-    return load_config(config, os.environ)
+        return load_config(None, os.environ, overrides=config, checks=(defaults_problems,))
+    return load_config(config, os.environ, checks=(defaults_problems,))
 
 
 class FineTuner:
@@ -386,7 +383,7 @@ class FineTuner:
         if plan.ds is None:
             plan.ds = self._reload(plan)
         ds, settings, meta, stages = plan.ds, plan.settings, plan.meta, plan.stages
-        build_dir, final_dir = self._build_dir(plan.output_dir, plan.staged)
+        build_dir, final_dir = outputs.staging(plan.output_dir, plan.staged)
         try:
             approach = plan.approach
             if approach == FINE_TUNE:
@@ -410,28 +407,27 @@ class FineTuner:
             meta["stage_durations_s"] = stages.durations
             meta["duration_s"] = round(sum(stages.durations.values()), 4)  # work time, not queueing
             meta["artifacts"] = sorted(p.name for p in build_dir.iterdir() if not p.name.startswith("."))
-            if "fine_tuning_metadata.json" not in meta["artifacts"]:
-                meta["artifacts"].append("fine_tuning_metadata.json")
+            if names.METADATA not in meta["artifacts"]:
+                meta["artifacts"].append(names.METADATA)
             # the library caller gets the paths of this machine; the folder, which is handed on, does not
-            fsutil.write_json(build_dir / "fine_tuning_metadata.json",
-                              portable.scrub_value(meta, _machine_roots(meta, build_dir, final_dir)))
+            outputs.write_metadata(build_dir, portable.scrub_value(meta, _machine_roots(meta, build_dir, final_dir)))
         except UnicodeEncodeError:
             # only an in-memory DataFrame can hold text that is not valid Unicode (lone surrogates)
             if plan.staged:
-                self._discard_staging(build_dir)
+                outputs.discard(build_dir)
             raise DatasetEncodingError(
                 "the text holds characters that cannot be written as UTF-8 (lone surrogates)",
                 file=ds.source, hint="clean the text columns (e.g. decode the source with errors='replace')") from None
         except BaseException as exc:
             if plan.staged:
-                kept = self._discard_staging(build_dir)
+                kept = outputs.discard(build_dir)
                 if kept is not None and isinstance(exc, TrainingFailedError):
                     # the log moved with its folder: name it where the user will find it
                     exc.message = exc.message.replace(str(build_dir), str(kept))
-                    exc.stderr_path = str(kept / "trainer_stderr.log")
+                    exc.stderr_path = str(kept / names.TRAINER_STDERR)
             raise
         if plan.staged:
-            self._publish_staged(build_dir, final_dir)
+            outputs.publish(build_dir, final_dir)
         log.info("dataset_processed", approach=meta["approach"], rows_used=ds.rows_used,
                  duration_s=meta["duration_s"], output_dir=str(final_dir))
         return True, meta
@@ -503,7 +499,7 @@ class FineTuner:
                                fraction=d.validation_fraction, seed=d.seed, min_rows=d.min_rows)
         train_pos, val_pos = chosen.train, chosen.held_out
         if len(val_pos):
-            fsutil.write_lines(build_dir / "validation_data.jsonl", trainingdata.jsonl_chunks(ds, val_pos, system))
+            fsutil.write_lines(build_dir / names.VALIDATION_DATA, trainingdata.jsonl_chunks(ds, val_pos, system))
         plan.validation_positions = frozenset(int(p) for p in val_pos) | frozenset(int(p) for p in chosen.set_aside)
         source_rows = frame["source_row"].to_numpy()
         plan.meta["split"] = {
@@ -628,8 +624,8 @@ class FineTuner:
             config["prompt_source"] = meta["prompt_source"]
             if meta.get("prompt_template"):
                 config["prompt_template"] = meta["prompt_template"]
-            fsutil.write_json(build_dir / "model_set_config.json", config)
-            fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
+            fsutil.write_json(build_dir / names.MODEL_SET_CONFIG, config)
+            fsutil.write_text(build_dir / names.MODELFILE, modelset.modelfile_text(
                 base=settings.model, system=config["system_prompt"],
                 messages=register.few_shot_messages(config), parameters=config["ollama"]["parameters"]))
         meta["model_set"] = {"model_name": config["ollama"]["model_name"],
@@ -747,29 +743,29 @@ class FineTuner:
         system = prompts.system_prompt(settings.topics, ds.mapping.labels, settings.topic_definition)
         with stages("training_data"):
             train_pos, val_pos = self._hold_out(plan, build_dir, system)
-            fsutil.write_lines(build_dir / "training_data.jsonl", trainingdata.jsonl_chunks(
+            fsutil.write_lines(build_dir / names.TRAINING_DATA, trainingdata.jsonl_chunks(
                 ds, train_pos, system, direct=t.answer_forms == "both"))
             base = supervisor.resolve_base_weights(settings.model, self.config.base_models,
                                                  allow_download=t.allow_download,
                                                  ollama_models_dir=self.config.ollama.models_dir,
                                                  show_modelfile=plan.ollama_modelfile)
-            validation = "validation_data.jsonl" if len(val_pos) else None
+            validation = names.VALIDATION_DATA if len(val_pos) else None
             cfg = trainingdata.training_config(
-                base_model=base.hf_id or supervisor.BASE_MODEL_PLACEHOLDER, dataset_path="training_data.jsonl",
+                base_model=base.hf_id or supervisor.BASE_MODEL_PLACEHOLDER, dataset_path=names.TRAINING_DATA,
                 validation_path=validation, output_dir=OTHER_TRAINER_OUTPUT, training=t,
                 epochs=settings.epochs, learning_rate=settings.learning_rate,
                 micro_batch_size=settings.batch_size, seed=d.seed)
-            fsutil.write_text(build_dir / "training_config.yaml",
+            fsutil.write_text(build_dir / names.TRAINING_CONFIG,
                               _config_header(settings.model, base.hf_id, base.gguf_path is not None)
                               + yaml.safe_dump(cfg, sort_keys=False))
             fsutil.write_text(build_dir / AXOLOTL_LAUNCHER, AXOLOTL_LAUNCHER_TEXT)
             fsutil.make_executable(build_dir / AXOLOTL_LAUNCHER)
             fsutil.write_json(build_dir / "dataset_info.json",
-                              trainingdata.dataset_info("training_data.jsonl", validation))
+                              trainingdata.dataset_info(names.TRAINING_DATA, validation))
             # the model set built from the same training rows, measured beside the fine-tune
             comparison = self._model_set(ds, settings, stem=stem, exclude=plan.validation_positions,
                                          input_hashes=plan.input_hashes)
-            fsutil.write_json(build_dir / "comparison_model_set.json", comparison)
+            fsutil.write_json(build_dir / names.COMPARISON_MODEL_SET, comparison)
         log.info("training_data_written", train_rows=len(train_pos), validation_rows=len(val_pos))
 
         def relay(event: dict) -> None:
@@ -793,11 +789,11 @@ class FineTuner:
         fmt = turns.turn_format(base.model_type) if base.chat_template else None
         adapter_format = supervisor.adapter_format(base.model_type)
         parameters: dict[str, Any] = {"temperature": 0, **({"stop": list(fmt.stop)} if fmt else {})}
-        fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
+        fsutil.write_text(build_dir / names.MODELFILE, modelset.modelfile_text(
             base=settings.model, system=system, messages=[], parameters=parameters,
             adapter="./adapter/adapter.gguf" if adapter_format == "gguf" else "./adapter",
             template=fmt.ollama if fmt else None))
-        meta["fine_tune"] = {"model_name": name, "adapter_dir": "adapter", "adapter_format": adapter_format,
+        meta["fine_tune"] = {"model_name": name, "adapter_dir": names.ADAPTER_DIR, "adapter_format": adapter_format,
                              "answer_forms": t.answer_forms,
                              "base_weights": _base_weights_record(base),
                              "template": base.template}
@@ -817,49 +813,10 @@ class FineTuner:
         if merges:
             # the Modelfile says what Ollama holds (or would, made from it): FROM the merged file, no ADAPTER
             used = meta["registration"].get("modelfile") or {}
-            fsutil.write_text(build_dir / "Modelfile", modelset.modelfile_text(
+            fsutil.write_text(build_dir / names.MODELFILE, modelset.modelfile_text(
                 base=f"./{merge.MERGED_GGUF}", system=system, messages=[],
                 parameters=used.get("parameters") or parameters,
                 template=used["template"] if "template" in used else fmt.ollama if fmt else None))
-
-    # --- output folders ------------------------------------------------------------------------
-
-    @staticmethod
-    def _build_dir(output_dir: Path, staged: bool) -> tuple[Path, Path]:
-        output_dir = Path(output_dir)
-        if not staged:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            return output_dir, output_dir
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
-        return tmp, output_dir
-
-    @staticmethod
-    def _publish_staged(build_dir: Path, final_dir: Path) -> None:
-        """A new folder is renamed into place whole; into an existing folder each file is replaced
-        atomically (the seed wrote into a shared ``outputs/``)."""
-        if not final_dir.exists():
-            fsutil.publish_dir(build_dir, final_dir)
-            return
-        for item in sorted(build_dir.iterdir(), key=lambda p: p.name == "fine_tuning_metadata.json"):
-            target = final_dir / item.name
-            if item.is_dir() and target.is_dir():
-                # an adapter folder from an earlier run: keep it beside, never delete it
-                os.rename(target, fsutil.unique_path(final_dir / f"{item.name}.previous"))
-            os.replace(item, target)
-        fsutil.fsync_dir(final_dir)
-        build_dir.rmdir()
-
-    @staticmethod
-    def _discard_staging(build_dir: Path) -> Path | None:
-        """A failed run leaves no half output. When the trainer ran, its folder (with its stderr log)
-        is kept as ``failed-<name>`` for the error message; the folder it moved to is returned."""
-        if (build_dir / "trainer_stderr.log").exists():
-            keep = fsutil.unique_path(build_dir.parent / f"failed-{build_dir.name.removeprefix('.tmp-')}")
-            os.rename(build_dir, keep)
-            return keep
-        shutil.rmtree(build_dir, ignore_errors=True)
-        return None
 
 
 def _machine_roots(meta: dict, build_dir: Path, final_dir: Path) -> dict[str, str]:

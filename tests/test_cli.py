@@ -857,3 +857,29 @@ def test_a_file_without_a_prompt_column_lists_its_columns_and_names_prompt_templ
         "prompt_template to build the prompt from the file's columns (a list such as [ChiefComplaintOrig, "
         "DischargeDiagnosis], or a format string with {Column} fields: in the job file, the config's defaults "
         "or --prompt-template) and run the command again)"]
+
+
+def test_job_setting_flags_are_generated_from_the_job_settings_declaration():
+    """Every per-job setting (each JobSettings field but the job-file keys task and force) is declared
+    as a flag, has one spelling on every command that takes it, and its help is the declaration's."""
+    import argparse
+    import dataclasses
+
+    from daemon.cli import _parser
+    from daemon.data.jobsettings import FLAGS, JobSettings
+
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    spellings: dict[str, set] = {}
+    helps: dict[str, set] = {}
+    for command in ("process", "validate", "evaluate", "rate", "retry"):
+        for action in commands[command]._actions:
+            if action.dest in FLAGS:
+                spellings.setdefault(action.dest, set()).add(tuple(action.option_strings))
+                helps.setdefault(action.dest, set()).add(action.help)
+    assert sorted({f.name for f in dataclasses.fields(JobSettings)} - set(FLAGS)) == ["force", "task"]
+    assert spellings == {name: {(flag.spelling(name),)} for name, flag in FLAGS.items()}
+    assert helps == {name: {flag.help} for name, flag in FLAGS.items()}
+    assert sorted(flag.spelling(name) for name, flag in FLAGS.items()) == [
+        "--approach", "--batch-size", "--code-knowledge", "--compare", "--epochs", "--group-by", "--learning-rate",
+        "--model", "--no-fallback", "--output-model", "--prompt-template", "--review-below", "--topic",
+        "--topic-definition", "--topics"]

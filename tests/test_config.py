@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from daemon.config import (
-    JOB_KEYS,
     MAX_COMPANION_BYTES,
     MAX_TOPICS,
     MAX_TOPICS_CHARS,
@@ -20,11 +19,10 @@ from daemon.config import (
     SECTIONS,
     ConfigError,
     Defaults,
-    job_settings,
     load_config,
     read_config_file,
-    read_job_file,
 )
+from daemon.data.jobsettings import JOB_KEYS, job_settings, read_job_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -528,7 +526,7 @@ def test_paths_group_that_does_not_exist_is_refused_with_what_to_do(tmp_path):
 
 def test_topic_definition_and_group_by_in_jobs_and_config():
     """Both are job keys and settings; a blank or oversized value is refused naming the key."""
-    from daemon.config import MAX_DEFINITION_CHARS, Defaults, job_settings
+    from daemon.config import MAX_DEFINITION_CHARS, Defaults
 
     settings = job_settings(Defaults(model="m"), {"topic_definition": "Match: a respiratory infection.",
                                                   "group_by": "Site"})
@@ -546,7 +544,7 @@ def test_topic_definition_and_group_by_in_jobs_and_config():
 def test_code_knowledge_in_jobs_and_config(tmp_path):
     """code_knowledge is a job key and a defaults setting (auto unless set); YAML's bare on and off
     read as the words, not booleans; any other value is refused naming the key."""
-    from daemon.config import Defaults, job_settings
+    from daemon.config import Defaults
 
     assert (Defaults().code_knowledge, job_settings(Defaults(model="m")).code_knowledge) == ("auto", "auto")
     config = tmp_path / "config.yaml"

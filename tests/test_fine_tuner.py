@@ -282,7 +282,7 @@ class TestPlannedJobs:
     """plan_job / execute on files, as the daemon runs them; a queued plan may drop its rows."""
 
     def _plan(self, tmp_path: Path, name: str):
-        from daemon.config import job_settings
+        from daemon.data.jobsettings import job_settings
         from daemon.fine_tuner import JobInputs
         from daemon.data.synthetic import write_csv
 

@@ -34,7 +34,7 @@ from .csvfile import (
     canonical_columns,
     read_csv,
 )
-from ..config import printable
+from ..text import printable
 from ..errors import (
     DatasetError,
     DatasetFormatError,

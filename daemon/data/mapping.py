@@ -9,7 +9,7 @@ integer) naming the file, never a cell value.
 
 - ``sibling_mapping(csv_path) -> Path | None``: ``<stem>.mapping.json|yaml|yml`` next to the CSV.
 - ``load_mapping(path) -> RatingMapping``: JSON or YAML (``safe_load`` rules, read strictly by
-  ``config.read_small_file``/``parse_yaml``: no link, FIFO, file over 256 KiB, duplicate label, deep
+  ``config.files.read_small_file``/``parse_yaml``: no link, FIFO, file over 256 KiB, duplicate label, deep
   nesting, YAML alias or invalid Unicode), flat or schema-mapper shape.
 - ``mapping_from_object(obj, source) -> RatingMapping``: the same from an in-memory dict.
 - ``infer_mapping(df, source) -> RatingMapping``: from ``Expert Rating`` + ``Standardized_Rating`` pairs.
@@ -30,19 +30,17 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import (
     LONE_SURROGATE,
-    LONE_SURROGATE_RE,
     MAX_COMPANION_BYTES,
     TOO_MANY_DIGITS,
     FileRefused,
     ParseProblem,
-    display_name,
     duplicate_key,
     parse_yaml,
-    printable,
     read_small_file,
 )
 from .csvfile import EXPERT_RATING_COLUMN, RATING_COLUMN
 from ..errors import InvalidRatingError, MappingError
+from ..text import LONE_SURROGATE_RE, display_name, printable
 
 if TYPE_CHECKING:  # pandas is imported lazily by the implementation where it is needed
     import numpy as np

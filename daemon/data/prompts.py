@@ -7,8 +7,14 @@ same answer shape is the assistant turn of every training record and few-shot ex
 
 The rationale rule: the rationale is the expert's own text, never invented. A row without one (no
 rationale column, or an empty cell) is answered with ``"rationale": ""``, so the system prompt says
-the rationale may be empty, and ``output_schema`` and ``parse_answer`` take any string, the empty
-one included. The instruction and the trained answers therefore always agree.
+the rationale may be empty, and ``output_schema`` takes any string, the empty one included. The
+instruction and the trained answers therefore always agree.
+
+``parse_answer`` is the one judge of a model's answer: registration's check, evaluation and rating
+all call it, so one answer gets one verdict everywhere (``INVALID_RULE``). The rating is what
+counts: the rating-only form ``{"rating": N}`` (``direct_answer_json``, what a fine-tune trained on
+both answer forms, the baseline and the head answer) is as valid as the reasoned one, and the
+rationale is returned when the answer holds one as text.
 
 The reason comes before the rating. A model writes its answer token by token: with the rating
 first it must decide on one token before any of the reasoning is written, and a fine-tune's loss is
@@ -110,18 +116,32 @@ def direct_output_schema(values: Sequence[int]) -> dict:
     }
 
 
-def parse_answer(text: str, values: Sequence[int] | None = None) -> dict | None:
-    """Parse a model's answer; the dict when it is ``{"rationale": str, "rating": int}``, keys in
-    either order, with the rating among ``values`` when given; else None."""
+INVALID_RULE = ("an answer is valid only when it is a JSON object whose \"rating\" is one of the "
+                "mapping's values; any other answer is invalid and counts as wrong (it is never "
+                "repaired or guessed)")
+
+
+def parse_answer(text: str | None, values: Sequence[int] | None = None) -> dict | None:
+    """``{"rating": int}``, plus ``"rationale"`` when the answer holds one as text, for a valid
+    answer (``INVALID_RULE``; the rating among ``values`` when given), else None. Never repaired:
+    no regex, no code fence stripped; hostile text (JSON nested thousands deep, a number of
+    thousands of digits) is an invalid answer, never an exception."""
+    if not isinstance(text, str):
+        return None
     try:
         data = json.loads(text)
-    except (TypeError, ValueError):
+    except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
     rating, rationale = data.get("rating"), data.get("rationale")
-    if not isinstance(rating, int) or isinstance(rating, bool) or not isinstance(rationale, str):
+    # bool is an int in Python, and 1.0 == 1: neither is an integer rating in the answer's schema
+    if type(rating) is not int or (values is not None and rating not in {int(v) for v in values}):
         return None
-    if values is not None and rating not in set(values):
-        return None
-    return {"rating": rating, "rationale": rationale}
+    return {"rating": rating, "rationale": rationale} if isinstance(rationale, str) else {"rating": rating}
+
+
+def answer_rating(text: str | None, values: Sequence[int] | None = None) -> int | None:
+    """The rating of a valid answer (``parse_answer``), None for an invalid one."""
+    parsed = parse_answer(text, values)
+    return None if parsed is None else parsed["rating"]

@@ -197,7 +197,7 @@ def training_config(*, base_model: str, dataset_path: str, validation_path: str 
     })
     if validation_path:
         config["eval_strategy"] = "epoch"  # like the project's trainer: the hold-out after each epoch
-    config.update(dict(training.axolotl or {}))  # config.py refuses keys this function writes
+    config.update(dict(training.axolotl or {}))  # config.rules refuses keys this function writes
     return config
 
 

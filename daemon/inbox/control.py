@@ -24,14 +24,18 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, model_name_problem, printable, read_job_file
+from ..config import Config, ConfigError, model_name_problem
+from ..data.jobsettings import read_job_file
 from ..errors import JobControlError
 from ..fsutil import write_text
 from ..logconfig import get_logger
+from ..text import printable
 from .drops import DATASET, JOB, MAPPING, classify_name
 from .journal import Journal, normal_topic, utc_now
 from .paths import resolve_paths
-from .status import METADATA_FILE, evaluation_file, existing_journal, job_not_found, output_json
+from ..outputs import names
+from ..outputs.folder import evaluation_file, read_json, registered_name
+from .status import existing_journal, job_not_found
 
 log = get_logger("control")
 
@@ -173,7 +177,7 @@ def promote(cfg: Config, job_id: str, *, topic: str | None = None, force: bool =
                                   "built a model can be promoted", job_id=job_id,
                                   hint="run 'fine-tuner status' for the jobs that built models")
         folder = _existing_output(paths.output_folder(record.output_path), job_id)
-        meta, problem = output_json(folder, METADATA_FILE)
+        meta, problem = read_json(folder, names.METADATA)
         report, eval_problem = evaluation_file(folder)
         if problem or (eval_problem and not force):  # a FIFO or a link there never blocks nor is followed
             raise JobControlError(f"job {printable(job_id)}'s {problem or eval_problem}", job_id=job_id,
@@ -195,8 +199,7 @@ def promote(cfg: Config, job_id: str, *, topic: str | None = None, force: bool =
             raise JobControlError(f"job {printable(job_id)}'s model is not recommended: "
                                   f"{printable(str(verdict.get('headline')), limit=300)}", job_id=job_id,
                                   hint="promote it anyway with --force, or promote a better job")
-        reg = meta.get("registration") if isinstance(meta.get("registration"), dict) else {}
-        model = reg.get("name") if reg.get("registered") else None
+        model = registered_name(meta)
         alias, note = _alias(cfg, model, topic)
         journal.promote(topic, job_id, model=model, alias=alias, forced=force)
     log.info("model_promoted", job_id=job_id, model=model, alias=alias, forced=force)

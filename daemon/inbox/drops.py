@@ -43,9 +43,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..config import MAX_COMPANION_BYTES, display_name
+from ..config import MAX_COMPANION_BYTES
 from ..fsutil import (NotRegularFileError, fsync_dir, hash_regular_file, new_dir, open_regular, real_dir, reserve_dir,
                      write_json)
+from ..text import display_name
 
 DATASET_SUFFIXES = (".csv",)
 MAPPING_SUFFIXES = (".mapping.json", ".mapping.yaml", ".mapping.yml")
@@ -63,7 +64,7 @@ MAX_ID_STEM_BYTES = 120
 
 
 def escape_name(name: str) -> str:
-    """A file name as text that is safe everywhere (``config.display_name``): bytes that are not
+    """A file name as text that is safe everywhere (``text.display_name``): bytes that are not
     UTF-8 (``os.listdir`` hands them over as lone surrogates) become ``\\xNN``; control and
     formatting characters (newlines, escape sequences, right-to-left overrides) are escaped. Used for
     job ids, log lines, JSON, the journal and ``status`` output; the file keeps its real name."""

@@ -4,7 +4,7 @@ jobs (never a rating job, never a duplicate) and, in each job's output folder,
 ``fine_tuning_metadata.json`` (topic, base model, rows) and ``evaluation.json`` (each model's kappa
 with its interval, kappa on new kinds of records, macro-F1, invalid rate, the verdict): one row per
 job and evaluated model, oldest first, or one row with the reason for a job that was not evaluated.
-The rows become a text table (every value escaped with ``config.printable``), CSV (a text cell that
+The rows become a text table (every value escaped with ``text.printable``), CSV (a text cell that
 a spreadsheet would run as a formula is quoted), JSON, or one self-contained HTML page (every value
 HTML-escaped, no script allowed, each job's confusion matrix inline, the new model's kappa over time
 per topic as an SVG chart). ``curve_rows`` is the learning curve (``report --curve``): per topic,
@@ -25,12 +25,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, printable
+from ..config import Config
 from ..data import csvfile
 from ..fsutil import open_regular
+from ..text import printable
 from .journal import Journal, JobRecord, normal_topic
 from .paths import Paths, resolve_paths
-from .status import METADATA_FILE, evaluation_file, existing_journal, output_json
+from ..outputs import names
+from ..outputs.folder import evaluation_file, read_json
+from .status import existing_journal
 
 FORMATS = ("text", "csv", "json", "html")
 COLUMNS = ("job_id", "finished_at", "topic", "approach", "base_model", "rows", "train_rows", "held_out",
@@ -91,7 +94,7 @@ def rows_of_job(job: JobRecord, paths: Paths) -> list[dict]:
     """The job's rows: one per model in its ``evaluation.json``, else one saying why there is none.
     Its folder is the one under ``paths``' root (a moved or copied root reads its own)."""
     folder = paths.output_folder(job.output_path) or paths.outputs / job.id
-    meta, problem = output_json(folder, METADATA_FILE)
+    meta, problem = read_json(folder, names.METADATA)
     report, eval_problem = evaluation_file(folder) if meta else ({}, None)
     problem = problem or eval_problem
     common = _job_fields(job, meta, report, folder)
@@ -195,7 +198,7 @@ def render(rows: list[dict], fmt: str, *, title: str = "Model quality over time"
 
 def format_text(rows: list[dict]) -> str:
     """A table for the terminal: a job's own cells on its first row, its verdict or the reason it
-    was not evaluated on the line below. Every value is escaped (``config.printable``)."""
+    was not evaluated on the line below. Every value is escaped (``text.printable``)."""
     if not rows:
         return "no finished jobs to report\n"
     cells = [[printable(_text_cell(row, key, first), limit=200) for _, key in TEXT_COLUMNS]
@@ -261,7 +264,7 @@ def display(row: dict, key: str) -> str:
 
 def csv_text(rows: list[dict]) -> str:
     """The rows as CSV (header ``COLUMNS``; numbers as measured, booleans as true/false, none as an
-    empty cell). Text is escaped (``config.printable``: no terminal escape or control character
+    empty cell). Text is escaped (``text.printable``: no terminal escape or control character
     from a topic or a job id reaches whoever shows the file) and written by ``csvfile.csv_text``
     (a cell a spreadsheet would run as a formula gets a leading ``'``)."""
     return csvfile.csv_text([COLUMNS, *([_csv_cell(row.get(c)) for c in COLUMNS] for row in rows)])
@@ -499,7 +502,7 @@ def curve_rows(cfg: Config, *, topic: str | None = None) -> list[dict]:
     for s in sets:
         record = records[s["job_id"]]
         folder = (paths.output_folder(record.output_path) if record else None) or paths.outputs / s["job_id"]
-        meta, _ = output_json(folder, METADATA_FILE)
+        meta, _ = read_json(folder, names.METADATA)
         report, problem = evaluation_file(folder) if meta else ({}, None)
         kappas = _set_kappas(report)
         row = {c: None for c in CURVE_COLUMNS} | {

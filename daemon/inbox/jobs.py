@@ -38,7 +38,8 @@ from typing import Any
 
 import structlog
 
-from ..config import JOB_FILE_HINT, Config, ConfigError, job_settings, read_job_file
+from ..config import Config, ConfigError
+from ..data.jobsettings import JOB_FILE_HINT, job_settings, read_job_file
 from ..errors import DatasetTooSmallWarning, FineTunerError, JournalError, TrainingInterruptedError
 from ..fsutil import make_dir_like_parent, publish_dir
 from .drops import Claim, escape_name, finish_claim
@@ -503,7 +504,7 @@ class JobRunner:
     def _rate(self, claim: Claim, build: Path, attempt: int, values: dict) -> str:
         """Rate the dropped records into ``ratings.csv`` + ``rating_summary.json``. A stopped or
         killed run resumes from its part file in the build folder."""
-        from ..quality import rating
+        from ..quality import rating, raterequest
 
         summary: dict = {}
         error: dict | None = None
@@ -515,13 +516,9 @@ class JobRunner:
                 summary = rating.rate_file(model, claim.path / claim.files["dataset"], build / "ratings.csv",
                                            self.cfg, backend=self.cfg.evaluation.backend,
                                            stop_event=self.stop_of(claim.job_id))
-                below = settings.review_below if settings.review_below is not None else self.cfg.rating.review_below
-                summary = rating.explain_for_review(model, summary, claim.path / claim.files["dataset"],
-                                                    build / "ratings.csv", self.cfg, below,
-                                                    stop_event=self.stop_of(claim.job_id))
-                summary = rating.route_for_review(summary, claim.path / claim.files["dataset"],
-                                                  build / "ratings.csv", below, group_by=settings.group_by
-                                                  if settings.group_by is not None else self.cfg.evaluation.group_by)
+                summary = raterequest.finish(model, summary, claim.path / claim.files["dataset"],
+                                             build / "ratings.csv", settings, self.cfg, build / rating.SUMMARY_FILE,
+                                             stop_event=self.stop_of(claim.job_id))
             except (FineTunerError, DatasetTooSmallWarning) as exc:
                 error = error_fields(exc)
         if error is not None:
@@ -531,38 +528,29 @@ class JobRunner:
             if self.stop_of(claim.job_id).cancelled.is_set():
                 return self._cancelled(claim, build)
             return self.give_back(claim, build, keep_build=True)  # the service is stopping: resume later
-        rating.write_summary({**summary, "output": "ratings.csv"}, build / rating.SUMMARY_FILE)
         return self._succeed(claim, build, approach="rate")
 
     def _rating_model(self, claim: Claim, settings):
-        """The job's ``model``: an output folder of this service (``outputs/<job_id>`` or the bare
-        job id: its prompt, few-shot turns, template, mapping and Ollama name come from it), else an
-        Ollama model name with the drop's (or the configuration's) mapping and the job's topic."""
-        from ..data import prompts
-        from ..quality import rating
-        from ..data.mapping import load_mapping
+        """The job's model (``raterequest.rating_model``, as for ``fine-tuner rate``): the topic's
+        current model, an output folder of this service (``outputs/<job_id>`` or the bare job id:
+        its prompt, few-shot turns, template, mapping and Ollama name come from it), else an Ollama
+        model name with the drop's (or the configuration's) mapping and the job's settings."""
+        from ..quality import raterequest
 
         job_file = claim.files.get("job")
-        if settings.topic is not None:  # the topic's current model (fine-tuner promote)
+        mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
+
+        def current_folder(topic: str) -> Path:
             from .control import current_model_folder
 
             # the service's own journal: a second one on the same file in this process could cost
             # the service its locks on it (see Journal._check_file)
-            folder = current_model_folder(self.cfg, settings.topic, journal=self.journal)
-            return rating.model_from_folder(folder, within=self.paths.outputs)
-        folder = model_folder(settings.model, self.cfg, self.paths)
-        if folder is not None:
-            return rating.model_from_folder(folder, within=self.paths.outputs)
-        mapping = claim.files.get("mapping") or claim.files.get("default_mapping")
-        if mapping is None:
-            raise ConfigError([f"model: {settings.model} is not an output folder of this service, and a bare "
-                               "Ollama model needs a rating mapping: drop NAME.mapping.json with the job "
-                               "or set defaults.mapping"], source=escape_name(job_file) if job_file else None,
-                              hint=JOB_FILE_HINT)
-        labels = dict(load_mapping(claim.path / mapping).labels)
-        system = prompts.system_prompt(settings.topics, labels, settings.topic_definition)
-        return rating.model_from_name(settings.model, system=system, labels=labels,
-                                      template=settings.prompt_template)
+            return current_model_folder(self.cfg, topic, journal=self.journal)
+
+        return raterequest.rating_model(
+            settings, self.cfg, outputs=self.paths.outputs, mapping=claim.path / mapping if mapping else None,
+            current_folder=current_folder, ask_mapping="drop NAME.mapping.json with the job or set defaults.mapping",
+            source=escape_name(job_file) if job_file else None, hint=JOB_FILE_HINT)
 
     # --- every kind's end ------------------------------------------------------------------------
 
@@ -615,20 +603,6 @@ class JobRunner:
             log.warning("job_failed", error_type=error.get("error_type"), message=error.get("message"),
                         hint=error.get("hint"), attempts=error["attempts"])
         self.move_inputs(claim, self.paths.failed, note=("error.json", error))
-
-
-def model_folder(model: str, cfg: Config, paths: Paths) -> Path | None:
-    """The output folder of this service that a rating job's ``model`` names (``outputs/<job_id>``
-    or the bare job id), else None: an Ollama model name, which needs a rating mapping. A link in
-    place of the folder or its metadata counts as a folder: ``model_from_folder`` refuses it, never
-    follows it (a model folder elsewhere would bring its own system prompt and files)."""
-    from ..quality.rating import METADATA_FILE
-
-    name = model.removeprefix(f"{cfg.paths.outputs.rstrip('/')}/")
-    folder = paths.outputs / name
-    if "/" not in name and (os.path.islink(folder) or os.path.lexists(folder / METADATA_FILE)):
-        return folder
-    return None
 
 
 # --- log and error fields (never an exception's text: it may quote data) -----------------------

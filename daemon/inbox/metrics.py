@@ -33,9 +33,10 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
 
 from .. import __version__
-from ..config import ConfigError, MetricsConfig, printable
+from ..config import ConfigError, MetricsConfig
 from ..fsutil import atomic_open
 from ..logconfig import ROOT_LOGGER, get_logger
+from ..text import printable
 
 log = get_logger("metrics")
 
@@ -353,5 +354,5 @@ def _number(value: Any) -> float | None:
 
 
 def _label(value: Any) -> str:
-    """A label value: the text escaped (``config.printable``) and cut to ``MAX_LABEL_CHARS``."""
+    """A label value: the text escaped (``text.printable``) and cut to ``MAX_LABEL_CHARS``."""
     return "" if value is None else printable(str(value), MAX_LABEL_CHARS)

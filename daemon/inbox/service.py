@@ -33,7 +33,8 @@ import warnings
 from pathlib import Path
 
 from .. import __version__
-from ..config import Config, ConfigError, load_config, printable, read_job_file
+from ..config import Config, ConfigError, load_config
+from ..data.jobsettings import defaults_problems, read_job_file
 from ..errors import JournalError
 from ..fsutil import make_private_dir, make_shared_dir
 from .drops import (
@@ -53,11 +54,12 @@ from .drops import (
     refuse,
     CLAIM_PREFIX,
 )
-from .jobs import JobContext, JobRunner, frames, model_folder, names, os_error_fields
+from .jobs import JobContext, JobRunner, frames, names, os_error_fields
 from .journal import InputFile, Journal, utc_now
 from .lane import TrainingLane
 from .metrics import Metrics, metrics_for
 from ..logconfig import from_this_package, get_logger
+from ..text import printable
 from .notify import Notifier
 from .paths import resolve_paths
 from .status import format_status, status  # noqa: F401 - the `status` command's entry points
@@ -449,7 +451,7 @@ class Service:
     def _reload(self) -> None:
         self.notifier.reloading()
         try:
-            new = load_config(self.config_path)
+            new = load_config(self.config_path, checks=(defaults_problems,))
         except ConfigError as exc:
             log.error("config_reload_failed", problems=exc.problems, source=exc.source, hint=exc.hint)
         else:
@@ -538,6 +540,8 @@ class Service:
         not when the job rates with an output folder of this service, which brings its own. The
         job file is read as the worker reads it (small, never a link or a FIFO); one that cannot be
         read waits as before, and its job fails on it with any mapping that came."""
+        from ..quality.raterequest import model_folder
+
         try:
             values = read_job_file(job_file)
         except ConfigError:
@@ -548,7 +552,7 @@ class Service:
             return False  # the topic's model brings its mapping
         model = self.cfg.defaults.model if values.get("model") is None else values["model"]
         return not (values.get("task") == "rate" and isinstance(model, str)
-                    and model_folder(model, self.cfg, self.paths) is not None)
+                    and model_folder(model, self.cfg, self.paths.outputs) is not None)
 
     def _default_mapping(self) -> Path | None:
         value = self.cfg.defaults.mapping

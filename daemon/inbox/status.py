@@ -4,10 +4,10 @@ base model's, the verdict, warnings) and failures from the journal, each topic's
 orphans and datasets waiting in the inbox; one job in full (``status JOB_ID``: its record, progress,
 the operator's actions, its log's events, warnings and files); and the text form, escaped so that no
 file name can forge a line. It only reads: SQLite's write-ahead log lets it read while the daemon
-writes. It owns reading a job's output folder for ``status``, ``report`` and ``promote``
-(``output_json``, ``evaluation_file``): never through a link, never from a FIFO or a device, never
-more than a bounded size, and ``evaluation.json`` checked for the type of every value read, so
-that a file that cannot be read is named on its job's line and never breaks the other jobs'.
+writes. A job's output folder is read as ``outputs.folder.read_json`` and ``evaluation_file``
+read it: never through a link, never from a FIFO or a device, never more than a bounded size, and
+``evaluation.json`` checked for the type of every value read, so that a file that cannot be read is
+named on its job's line and never breaks the other jobs'.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, printable
+from ..config import Config
 from ..errors import JobControlError, JournalError
-from ..fsutil import read_json, read_problem, read_regular
+from ..fsutil import read_problem, read_regular
+from ..outputs import names
+from ..outputs.folder import evaluation_file, read_json, registered_name
+from ..text import printable
 from .drops import DATASET, classify_name, orphans
 from .journal import Journal, JobRecord, normal_topic
 from .paths import Paths, resolve_paths
@@ -167,7 +170,7 @@ def _brief(job: JobRecord, journal: Journal, paths: Paths) -> dict:
     if output is not None:
         out["output_path"] = str(output)
         if job.state == "succeeded":
-            meta, problem = output_json(output, METADATA_FILE)
+            meta, problem = read_json(output, names.METADATA)
             if problem:
                 out["unreadable"] = [problem]
             out.update(_finished_brief(job, meta))
@@ -204,79 +207,11 @@ def _finished_brief(job: JobRecord, meta: dict) -> dict:
             out["duration_s"] = round((datetime.fromisoformat(job.finished_at)
                                        - datetime.fromisoformat(job.started_at)).total_seconds(), 1)
     reg = meta.get("registration")
-    if isinstance(reg, dict) and reg.get("registered") and isinstance(reg.get("name"), str):
-        out["ollama_name"] = reg["name"]
+    if (name := registered_name(meta)) is not None:
+        out["ollama_name"] = name
     elif isinstance(reg, dict) and not reg.get("registered") and isinstance(reg.get("reason"), str):
         out["not_registered"] = reg["reason"]  # our own words: why the model is not in Ollama
     return out
-
-
-METADATA_FILE = "fine_tuning_metadata.json"
-EVALUATION_FILE = "evaluation.json"
-
-
-def output_json(folder: Path, name: str) -> tuple[dict, str | None]:
-    """The JSON object ``name`` of a job's output folder and why it cannot be read: ``({}, None)``
-    when the folder lacks it, ``({}, "<name> cannot be read: <why>")`` when it is a link, a FIFO, a
-    device, over ``fsutil.MAX_READ_BYTES``, not JSON or not an object (``fsutil.read_json``: never
-    followed, never blocks, never read whole)."""
-    try:
-        data = read_json(folder / name)
-    except (FileNotFoundError, NotADirectoryError):
-        return {}, None
-    except (OSError, ValueError) as exc:
-        return {}, f"{name} cannot be read: {read_problem(exc)}"
-    if not isinstance(data, dict):
-        return {}, f"{name} cannot be read: it holds {_kind(data)}, not an object"
-    return data, None
-
-
-def evaluation_file(folder: Path) -> tuple[dict, str | None]:
-    """``output_json`` of ``evaluation.json`` with every value status and report read checked for
-    its type: one of the wrong type (a kappa that is a text, a model that is not an object) makes
-    the file unreadable, the key named, so that it never breaks the listing of other jobs."""
-    report, problem = output_json(folder, EVALUATION_FILE)
-    if problem is None and (wrong := _shape_problem(report, _EVALUATION_SHAPE, "")):
-        return {}, f"{EVALUATION_FILE} cannot be read: {wrong}"
-    return report, problem
-
-
-_NUMBER, _COUNT, _TEXT, _FLAG = "a number", "a whole number", "a text", "true or false"
-_MODEL_SHAPE = {"key": _TEXT, "model": _TEXT, "kappa": _NUMBER, "kappa_ci95": [_NUMBER], "accuracy": _NUMBER,
-                "macro_f1": _NUMBER, "invalid_rate": _NUMBER}
-_EVALUATION_SHAPE = {
-    "n": _COUNT, "models": [_MODEL_SHAPE],
-    "figures": {"familiar": {"models": [_MODEL_SHAPE]}, "new_kinds": {"models": [_MODEL_SHAPE]}},
-    "split": {"kind": _TEXT, "duplicate_rows": _COUNT, "duplicates_set_aside": _COUNT},
-    "generalisation": [{"key": _TEXT, "learned_examples_more_than_rule": _FLAG}],
-    "adapter_effect": {"ignored": _FLAG}, "verdict": {"headline": _TEXT, "recommended": _FLAG},
-    "quality_gate": {"status": _TEXT, "reason": _TEXT}}
-
-
-def _shape_problem(value: Any, shape: Any, where: str) -> str | None:
-    """Where ``value`` departs from ``shape`` (an object's keys, ``[item shape]``, or a kind), in
-    words naming the key, never the value; None (a missing key or null) always fits."""
-    if value is None:
-        return None
-    if isinstance(shape, dict):
-        if not isinstance(value, dict):
-            return f"{where or 'the file'} must be an object, not {_kind(value)}"
-        return next((p for key, inner in shape.items()
-                     if (p := _shape_problem(value.get(key), inner, f"{where}.{key}" if where else key))), None)
-    if isinstance(shape, list):
-        if not isinstance(value, list):
-            return f"{where} must be a list, not {_kind(value)}"
-        return next((p for i, item in enumerate(value) if (p := _shape_problem(item, shape[0], f"{where}[{i}]"))),
-                    None)
-    fits = (isinstance(value, bool) if shape == _FLAG else isinstance(value, str) if shape == _TEXT
-            else not isinstance(value, bool) and isinstance(value, int if shape == _COUNT else (int, float)))
-    return None if fits else f"{where} must be {shape}, not {_kind(value)}"
-
-
-def _kind(value: Any) -> str:
-    """How a message describes a JSON value it must not quote."""
-    return {dict: "an object", list: "a list", str: "a text", bool: "true or false", int: "a number",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _evaluation_brief(folder: Path, meta: dict) -> dict:
@@ -349,7 +284,7 @@ def _kappa_text(evaluation: dict | None) -> str:
 
 def format_status(report: dict) -> str:
     """The status report as a few human-readable lines. Every name and message is escaped
-    (``config.printable``): a file name with a newline, an escape sequence or a right-to-left override
+    (``text.printable``): a file name with a newline, an escape sequence or a right-to-left override
     must not be able to forge a line of this report."""
     return "\n".join(printable(line, limit=10_000) for line in _status_lines(report))
 

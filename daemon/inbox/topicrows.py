@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, JobSettings, job_settings, printable
+from ..config import Config
+from ..data.jobsettings import JobSettings, job_settings
 from ..errors import DatasetError, EmptyDatasetError, FineTunerError
 from .. import fsutil
+from ..text import printable
 from .journal import Journal, JobRecord, TrainingSet, normal_topic, utc_now
 from .paths import Paths
 from ..quality.review import LEFT_OUT_COLUMNS, REVIEW_RANK_COLUMN
@@ -283,7 +285,8 @@ def prepare_retrain(journal: Journal, paths: Paths, cfg: Config, *, job_id: str,
     """Read the reviewed file and write the union of the topic's rows and its rows into the job's
     scratch folder; ``NothingNew`` when it changes nothing."""
     from ..data.dataset import load_dataset
-    from .status import METADATA_FILE, output_json
+    from ..outputs import names
+    from ..outputs.folder import read_json
 
     topic = normal_topic(topic)
     if not topic:
@@ -294,7 +297,7 @@ def prepare_retrain(journal: Journal, paths: Paths, cfg: Config, *, job_id: str,
     if base is None:
         raise TopicRowsError(f"no model of the topic {printable(topic)!r} has recorded its training rows, so the "
                              "reviewed rows have nothing to be added to")
-    meta, problem = output_json(paths.output_folder(base.output_path) or paths.outputs / base.id, METADATA_FILE)
+    meta, problem = read_json(paths.output_folder(base.output_path) or paths.outputs / base.id, names.METADATA)
     if problem:
         raise TopicRowsError(f"the topic's model (job {base.id}): {problem}",
                              hint="put the job's output folder back, or promote another job of the topic")

@@ -2,15 +2,19 @@
 
 Owns the raters that turn conversations into answers (``rater``: through Ollama, an
 OpenAI-compatible server, or the local child ``generate``, run as
-``python -m daemon.quality.generate SPEC``), the one strict answer parser and
-the agreement metrics and report files (``evaluation``), evaluating an output folder's models on
-held-out rows (``evaluator``), each answer's confidence, its calibration and the coverage table
+``python -m daemon.quality.generate SPEC``; the rating and features children are followed by
+``children``), evaluating an output folder's models on held-out rows (``evaluator``: who
+answers, then each answer judged by ``daemon.data.prompts.parse_answer``, the one answer parser
+that registration's check and rating use too), the report it writes: metrics, ``evaluation.md``,
+``predictions.csv`` (``evaluation``), the statistics the reports share: kappa, bootstrap
+intervals (``agreement``), each answer's confidence, its calibration and the coverage table
 (``confidence``), the bag-of-words classifier measured beside every model
 (``baseline``), the head on the base model's hidden states: its fitting, its stored form and the
 features child it runs (``head``), the verdict on a model and the quality gate (``trust``), rating
-new records with a built model (``rating``), and the records it sends to the experts, ranked by what
-a rating is worth (``review``). May import:
-the top-level base modules (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``),
-``daemon.data``, ``daemon.training``, ``daemon.serving`` and this package; never ``inbox``,
+new records with a built model (``rating``), one rating request from either door (``fine-tuner
+rate`` or an inbox rating job): its model and what follows the run (``raterequest``), and the
+records it sends to the experts, ranked by what a rating is worth (``review``). May import:
+the top-level base modules (``errors``, ``text``, ``config``, ``fsutil``, ``portable``, ``logconfig``),
+``daemon.data``, ``daemon.outputs``, ``daemon.training``, ``daemon.serving`` and this package; never ``inbox``,
 ``fine_tuner`` or ``cli``.
 """

@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-FILE = "baseline.json"
+from ..outputs import names
+
+FILE = names.BASELINE
 FORMAT = "fine-tuner-bag-of-words/1"
 TITLE = "bag-of-words baseline"
 KEY = "baseline"

@@ -15,7 +15,8 @@ probabilities become ``p ** (1 / T)``, renormalised; T is chosen so that the ans
 confidence best forecasts whether the experts agree with it), ``ece`` is the expected calibration error of
 the answered ratings' confidences (10 equal-width bins), and ``coverage`` says, for confidence
 thresholds, what share of the records would be accepted and how well those agree with the experts.
-Pure Python and numpy; no record text is ever read here beyond the answer's rating.
+Pure Python and numpy (``coverage`` counts agreement with ``agreement``'s statistics); no record
+text is ever read here beyond the answer's rating.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from .agreement import bootstrap, ci95, encode, kappa, rounded
 
 TOP_LOGPROBS = 20  # alternatives asked for at each answer token (Ollama and OpenAI allow 0-20)
 # an unescaped "rating" key and its integer value (inside a JSON string every quote is escaped)
@@ -238,29 +241,18 @@ def coverage(confidences: Sequence[float | None], ratings: Sequence[int | None],
     """For each threshold: the records whose answer is valid with a confidence at or above it are
     accepted; their share of all records, and their accuracy and kappa against the experts (with
     bootstrap intervals). The rest would go to the experts."""
-    from .evaluation import _ci, _encode, _round, bootstrap
-
     n = len(expert)
     out = []
     for t in thresholds:
         idx = [i for i in range(n) if ratings[i] is not None and confidences[i] is not None and confidences[i] >= t]
-        row: dict[str, Any] = {"threshold": t, "accepted": len(idx), "share": _round(len(idx) / n) if n else None}
+        row: dict[str, Any] = {"threshold": t, "accepted": len(idx), "share": rounded(len(idx) / n) if n else None}
         if idx:
-            y_true = _encode([expert[i] for i in idx])
-            y_pred = _encode([ratings[i] for i in idx])
+            y_true = encode([expert[i] for i in idx])
+            y_pred = encode([ratings[i] for i in idx])
             acc, kap = bootstrap(y_true, y_pred, seed=seed)
             hits = sum(a == b for a, b in zip(y_true, y_pred))
-            row.update(accuracy=_round(hits / len(idx)), accuracy_ci95=_ci(acc), kappa=_kappa(y_true, y_pred),
-                       kappa_ci95=_ci(kap))
+            row.update(accuracy=rounded(hits / len(idx)), accuracy_ci95=ci95(acc), kappa=kappa(y_true, y_pred),
+                       kappa_ci95=ci95(kap))
         out.append(row)
     return out
 
-
-def _kappa(y_true: list[str], y_pred: list[str]) -> float | None:
-    from .evaluation import IMPORT_LOCK, _round
-
-    with IMPORT_LOCK:
-        from sklearn.metrics import cohen_kappa_score
-    if len(set(y_true + y_pred)) < 2:
-        return None
-    return _round(cohen_kappa_score(y_true, y_pred))

@@ -1,8 +1,7 @@
-"""Answer quality: strict answer parsing, agreement metrics against the experts, and the report files.
+"""Answer quality: agreement metrics against the experts, and the report files.
 
-``parse_answer`` is the one parser of model answers (evaluation and rating use it): an answer is
-valid only when it is a JSON object whose ``rating`` is one of the mapping's values; anything else is
-invalid and counts as wrong. It is never guessed or repaired. ``score`` computes, for one model on
+Each answer is judged by ``prompts.parse_answer`` (``INVALID_RULE``): an invalid answer counts as
+wrong, never guessed or repaired. ``score`` computes, for one model on
 the held-out rows, what an analyst needs to judge it (accuracy, Cohen's kappa, macro-F1, per-label
 precision / recall / F1, the confusion matrix with invalid answers as their own column, seeded
 bootstrap 95 % intervals, latency) with scikit-learn. ``write_report`` writes ``evaluation.json``,
@@ -17,10 +16,7 @@ from __future__ import annotations
 
 import html
 import io
-import json
-import math
 import re
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,36 +24,12 @@ from typing import Any
 
 from .. import fsutil
 from ..data.csvfile import csv_text
+from ..data.prompts import INVALID_RULE
+from ..outputs import names
+from .agreement import BOOTSTRAP_SAMPLES, IMPORT_LOCK, INVALID, bootstrap, ci95, encode, rounded
 
-INVALID = "invalid"
-INVALID_RULE = ("an answer is valid only when it is a JSON object whose \"rating\" is one of the "
-                "mapping's values; any other answer is invalid and counts as wrong (it is never "
-                "repaired or guessed)")
-BOOTSTRAP_SAMPLES = 1000
-REPORT_FILES = ("evaluation.json", "evaluation.md", "confusion_matrix.png", "predictions.csv")
-CALIBRATION_FILE = "calibration.json"  # the new model's temperature, applied when it rates
-# The daemon's workers may evaluate two jobs at once: the first import of scikit-learn or
-# matplotlib (C extensions with circular imports) from two threads together can fail with a
-# "partially initialized module" error, so they are imported one thread at a time. pyplot is
-# not thread-safe either: figures are drawn under the same lock.
-IMPORT_LOCK = threading.RLock()
-
-
-def parse_answer(text: str | None, values: Sequence[int]) -> int | None:
-    """The rating of a model's answer, or None when the answer is invalid (see ``INVALID_RULE``)."""
-    if not isinstance(text, str):
-        return None
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    rating = data.get("rating")
-    # bool is an int in Python, and 1.0 == 1: neither is an integer rating in the answer's schema
-    if type(rating) is not int or rating not in set(int(v) for v in values):
-        return None
-    return rating
+REPORT_FILES = names.REPORT_FILES
+CALIBRATION_FILE = names.CALIBRATION  # the new model's temperature, applied when it rates
 
 
 @dataclass
@@ -75,60 +47,6 @@ class ModelResult:
     # per row, each allowed rating's probability at the answer's rating position (None: the
     # backend gave none for that row); None: no probabilities at all
     probs: list[dict[int, float] | None] | None = None
-
-
-def _ci(values: list[float]) -> list[float] | None:
-    import numpy as np
-
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    if not finite:
-        return None
-    lo, hi = np.percentile(finite, [2.5, 97.5])
-    return [round(float(lo), 4), round(float(hi), 4)]
-
-
-def _round(value: float | None) -> float | None:
-    if value is None or math.isnan(value):
-        return None
-    return round(float(value), 4)
-
-
-def _encode(ratings: Sequence[int | None]) -> list[str]:
-    """Ratings as class names for scikit-learn: the rating's text, or ``invalid``."""
-    return [INVALID if r is None else str(int(r)) for r in ratings]
-
-
-def bootstrap(y_true: Sequence[Any], y_pred: Sequence[Any], *, seed: int,
-              samples: int = BOOTSTRAP_SAMPLES) -> tuple[list[float], list[float]]:
-    """Accuracy and Cohen's kappa of ``samples`` seeded resamples of the rows (NaN for a kappa
-    whose resample holds one class only). Each round counts over the classes present in the rows
-    (at most two per row), never over the mapping's whole scale, so its cost is O(rows) whatever
-    the number of labels. The kappa is scikit-learn's unweighted one, from the same counts:
-    1 - (rows - hits) / (rows - sum(true count x predicted count per class) / rows)."""
-    import numpy as np
-
-    n = len(y_true)
-    if n == 0:
-        return [], []
-    _, codes = np.unique(np.array([str(v) for v in (*y_true, *y_pred)]), return_inverse=True)
-    codes = codes.reshape(-1)  # one class index per answer: the expert's n, then the model's n
-    true_idx, pred_idx = codes[:n], codes[n:]
-    classes = int(codes.max()) + 1
-    correct = true_idx == pred_idx
-    rng = np.random.default_rng(seed)
-    accuracy, kappa = [], []
-    for _ in range(samples):
-        idx = rng.integers(0, n, n)  # one draw per round, as before: the same seed gives the same rows
-        hits = int(np.count_nonzero(correct[idx]))
-        true_counts = np.bincount(true_idx[idx], minlength=classes)
-        pred_counts = np.bincount(pred_idx[idx], minlength=classes)
-        accuracy.append(hits / n)
-        if np.count_nonzero(true_counts + pred_counts) < 2:
-            kappa.append(float("nan"))
-            continue
-        chance = float(np.dot(true_counts, pred_counts)) / n
-        kappa.append(1.0 - (n - hits) / (n - chance))
-    return accuracy, kappa
 
 
 def score(result: ModelResult, expert: Sequence[int], labels: Mapping[str, int], *, seed: int = 42,
@@ -151,8 +69,8 @@ def score(result: ModelResult, expert: Sequence[int], labels: Mapping[str, int],
     names = {int(v): str(k) for k, v in labels.items()}
     values = sorted(names)
     classes = [str(v) for v in values]
-    y_true = _encode(expert)
-    y_pred = _encode(result.ratings)
+    y_true = encode(expert)
+    y_pred = encode(result.ratings)
     invalid = sum(r is None for r in result.ratings)
     out: dict[str, Any] = {"key": result.key, "title": result.title, "model": result.model,
                            "backend": result.backend, "n": n, **result.extra}
@@ -166,23 +84,23 @@ def score(result: ModelResult, expert: Sequence[int], labels: Mapping[str, int],
     boot_acc, boot_kappa = bootstrap(y_true, y_pred, seed=seed, samples=samples)
     latencies = np.array(result.latencies_s, dtype=float) if result.latencies_s else np.zeros(0)
     out.update({
-        "accuracy": _round(accuracy_score(y_true, y_pred)),
-        "accuracy_ci95": _ci(boot_acc),
-        "kappa": _round(kappa),
-        "kappa_ci95": _ci(boot_kappa),
-        "macro_f1": _round(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
+        "accuracy": rounded(accuracy_score(y_true, y_pred)),
+        "accuracy_ci95": ci95(boot_acc),
+        "kappa": rounded(kappa),
+        "kappa_ci95": ci95(boot_kappa),
+        "macro_f1": rounded(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
         "invalid": int(invalid),
-        "invalid_rate": _round(invalid / n),
-        "per_label": [{"label": names[v], "rating": v, "precision": _round(precision[i]),
-                       "recall": _round(recall[i]), "f1": _round(f1[i]), "support": int(support[i])}
+        "invalid_rate": rounded(invalid / n),
+        "per_label": [{"label": names[v], "rating": v, "precision": rounded(precision[i]),
+                       "recall": rounded(recall[i]), "f1": rounded(f1[i]), "support": int(support[i])}
                       for i, v in enumerate(values)],
         "confusion_matrix": {"rows": [names[v] for v in values],
                              "columns": [names[v] for v in values] + [INVALID],
                              "counts": matrix.astype(int).tolist()},
-        "latency_s": {"p50": _round(float(np.percentile(latencies, 50))) if latencies.size else None,
-                      "p95": _round(float(np.percentile(latencies, 95))) if latencies.size else None},
-        "duration_s": _round(result.duration_s),
-        "records_per_s": _round(n / result.duration_s) if result.duration_s > 0 else None,
+        "latency_s": {"p50": rounded(float(np.percentile(latencies, 50))) if latencies.size else None,
+                      "p95": rounded(float(np.percentile(latencies, 95))) if latencies.size else None},
+        "duration_s": rounded(result.duration_s),
+        "records_per_s": rounded(n / result.duration_s) if result.duration_s > 0 else None,
     })
     return out
 
@@ -197,7 +115,7 @@ def majority(expert: Sequence[int], labels: Mapping[str, int]) -> dict:
     rating = max(counts, key=lambda v: (counts[v], v))
     names = {int(v): str(k) for k, v in labels.items()}
     return {"label": names.get(rating, str(rating)), "rating": rating,
-            "accuracy": _round(counts[rating] / len(expert))}
+            "accuracy": rounded(counts[rating] / len(expert))}
 
 
 def adapter_effect(new_answers: Sequence[str], base_answers: Sequence[str]) -> dict:
@@ -582,10 +500,10 @@ def write_report(report: dict, dest: Path) -> list[str]:
     """Write the four report files into ``dest`` (each atomically); returns their names."""
     dest = Path(dest)
     public = {k: v for k, v in report.items() if not k.startswith("_")}
-    fsutil.write_json(dest / "evaluation.json", public)
-    fsutil.write_text(dest / "evaluation.md", markdown(report))
-    fsutil.write_text(dest / "predictions.csv", predictions_csv(report))
-    confusion_png(report, dest / "confusion_matrix.png")
+    fsutil.write_json(dest / names.EVALUATION, public)
+    fsutil.write_text(dest / names.EVALUATION_MD, markdown(report))
+    fsutil.write_text(dest / names.PREDICTIONS, predictions_csv(report))
+    confusion_png(report, dest / names.CONFUSION_MATRIX)
     files = list(REPORT_FILES)
     new = new_model(report)
     calibration = ((new or {}).get("confidence") or {}).get("calibration") or {}

@@ -44,6 +44,8 @@ from .. import fsutil
 from ..data import prompts
 from ..config import Config
 from ..logconfig import get_logger
+from ..outputs import names
+from ..outputs.folder import registered_name
 from . import head as head_module
 from .rater import HeadRater, LocalRater, OllamaRater, OpenAIRater, RaterError
 
@@ -133,7 +135,7 @@ def _held_out_records(path: Path) -> list[list[dict]]:
 
 def held_out(folder: Path, meta: dict, *, max_rows: int | None, seed: int) -> HeldOut:
     """The held-out rows of an output folder (at most ``max_rows``, a seeded sample in row order)."""
-    path = folder / "validation_data.jsonl"
+    path = folder / names.VALIDATION_DATA
     if not os.path.lexists(path):  # a link or a FIFO in its place: _held_out_records says so
         raise EvaluationSkipped("there are no held-out rows (a dataset below defaults.min_rows usable "
                                 "rows keeps every row for building the model)")
@@ -157,7 +159,7 @@ def held_out(folder: Path, meta: dict, *, max_rows: int | None, seed: int) -> He
     expert, users = [], []
     for i in keep:
         messages = records[i]
-        rating = evaluation.parse_answer(messages[-1]["content"], values)
+        rating = prompts.answer_rating(messages[-1]["content"], values)
         if rating is None:
             raise EvaluationSkipped("validation_data.jsonl holds an expert answer that is not a valid rating")
         expert.append(rating)
@@ -175,19 +177,19 @@ def models_of(folder: Path, meta: dict) -> list[EvalModel]:
     """The models to compare for this output folder, the new one first."""
     from ..serving.register import few_shot_messages
 
-    registration = meta.get("registration") or {}
-    registered = registration.get("name") if registration.get("registered") else None
+    registered = registered_name(meta)
     base = EvalModel("base", "base model (zero-shot)")
     if meta.get("approach") == "head":  # measured beside the baseline; no chat model to compare
         return [EvalModel("new", head_module.TITLE, head=load_head(folder))]
     if meta.get("approach") == "fine_tune":
         direct = (meta.get("fine_tune") or {}).get("answer_forms") == "both"
-        out = [EvalModel("new", "fine-tune", ollama_name=registered, adapter_dir=folder / "adapter", direct=direct)]
-        comparison = folder / "comparison_model_set.json"
+        out = [EvalModel("new", "fine-tune", ollama_name=registered, adapter_dir=folder / names.ADAPTER_DIR,
+                         direct=direct)]
+        comparison = folder / names.COMPARISON_MODEL_SET
         if comparison.is_file():
             out.append(EvalModel("model_set", "model set", few_shot=few_shot_messages(read_json(comparison))))
         return out + [base]
-    config = read_json(folder / "model_set_config.json")
+    config = read_json(folder / names.MODEL_SET_CONFIG)
     return [EvalModel("new", "model set", ollama_name=registered, few_shot=few_shot_messages(config)), base]
 
 
@@ -485,7 +487,7 @@ def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, 
         duration = time.monotonic() - started
         texts[model.key] = [a.text for a in answers]
         results.append(evaluation.ModelResult(
-            model.key, model.title, name, [evaluation.parse_answer(a.text, values) for a in answers],
+            model.key, model.title, name, [prompts.answer_rating(a.text, values) for a in answers],
             [a.latency_s for a in answers], duration, label if model.head is None else HeadRater.backend,
             probs=[a.probs for a in answers],
             extra={"few_shot_turns": len(model.few_shot) // 2}))

@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingInterruptedError
+from ..outputs import names
 from ..training.features import FEATURES_FILE, POOLINGS, array_name
 from .baseline import class_probabilities, finite_numbers, stored_regression
-from .rater import follow_child, last_line
+from .children import follow_child, last_line
 from .baseline import folds as cv_folds
 
-FILE = "head.json"
+FILE = names.HEAD
 FORMAT = "fine-tuner-head/1"
 TITLE = "head on the base model"
 KEY = "head"

@@ -3,7 +3,7 @@
 A conversation is the list of chat messages a model sees for one record (the system prompt, any
 few-shot turns, the record as the user turn); every conversation of one run shares the same prefix
 object, byte for byte, so a server can reuse its prompt cache. Answers come back in input order as
-``Answer(text, latency_s)``; judging them is ``evaluation.parse_answer``'s job, never this module's.
+``Answer(text, latency_s)``; judging them is ``prompts.parse_answer``'s job, never this module's.
 
 * ``OllamaRater``: ``POST /api/chat`` with the answer's JSON Schema as ``format``, ``temperature`` 0
   and a fixed seed, ``stream: false``, at most ``ollama.parallel`` requests at a time (one client per
@@ -29,8 +29,6 @@ of a rationale, and the rating's log-probabilities are the confidence, as for a 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import contextvars
 import json
 import os
 import shutil
@@ -48,13 +46,12 @@ from typing import Any
 from ..config import OllamaConfig, OpenAIConfig
 from ..errors import RaterError, TrainingInterruptedError
 from ..logconfig import get_logger
+from .children import Progress, follow_child, last_line
 from .confidence import TOP_LOGPROBS, probabilities_from_tokens, token_entries
 
 log = get_logger("rater")
 
-Progress = Callable[[int, int], None]  # (done, total)
 DEFAULT_SEED = 42
-STDERR_TAIL_BYTES = 2000
 # a rating-only answer is about 6 tokens; a JSON-Schema grammar lets a model pad it with whitespace,
 # which this cuts short (the object is already closed by then)
 DIRECT_MAX_TOKENS = 16
@@ -361,62 +358,6 @@ class LocalRater:
             return _read_answers(work / "output.jsonl", len(conversations))
         finally:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def follow_child(proc: subprocess.Popen, on_progress: Progress | None, stop_event: threading.Event | None,
-                 timeout_s: float | None, grace_s: float, *, event: str, name: str) -> str:
-    """Relay a child's ``event`` progress lines (its stdout) until it exits, is stopped or times
-    out, then stop its process group: "done", "interrupted" or "timed_out". The local rater's and
-    the head's children are followed this way."""
-    from ..training.supervisor import terminate_group
-
-    started = time.monotonic()
-    outcome = "done"
-    # in the caller's context: its progress lines carry the job's job_id (status, job.log)
-    reader = threading.Thread(target=contextvars.copy_context().run, args=(_relay, proc.stdout, on_progress, event),
-                              name=name, daemon=True)
-    reader.start()
-    try:
-        while proc.poll() is None:
-            if stop_event is not None and stop_event.is_set():
-                outcome = "interrupted"
-                break
-            if timeout_s is not None and time.monotonic() - started > timeout_s:
-                outcome = "timed_out"
-                break
-            time.sleep(0.05)
-    finally:
-        terminate_group(proc, grace_s if proc.poll() is None else 0)
-        reader.join(timeout=5)
-        with contextlib.suppress(OSError):
-            proc.stdout.close()
-    return outcome
-
-
-def _relay(stream, on_progress: Progress | None, name: str) -> None:
-    """Read the child's stdout: JSON progress lines named ``name`` go to ``on_progress``; nothing is kept."""
-    for raw in iter(stream.readline, b""):
-        try:
-            event = json.loads(raw)
-        except ValueError:
-            continue
-        if on_progress is not None and isinstance(event, dict) and event.get("event") == name:
-            with contextlib.suppress(TypeError, ValueError, KeyError):
-                on_progress(int(event["done"]), int(event["total"]))
-
-
-def last_line(path: Path) -> str:
-    """What went wrong in the child, from the last line of its stderr: only the part before the
-    first colon (an exception type or our own error prefix), since a library's message could quote
-    record text."""
-    with contextlib.suppress(OSError):
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - STDERR_TAIL_BYTES))
-            lines = fh.read().decode("utf-8", errors="replace").strip().splitlines()
-            if lines:
-                return lines[-1].split(":", 1)[0][:120]
-    return "no error output"
 
 
 def _read_answers(path: Path, total: int) -> list[Answer]:

@@ -8,7 +8,7 @@ template, else the file's prompt column), asks the backend the evaluator would c
 it can serve the model, else an OpenAI-compatible server that lists it, else the local child on the
 base weights) in chunks of ``chunk_rows``
 records, every request sharing one system + few-shot prefix, and parses every answer strictly with
-``evaluation.parse_answer``: an invalid answer is written as invalid, never guessed.
+``prompts.parse_answer``: an invalid answer is written as invalid, never guessed.
 
 Each finished chunk is appended to ``<output>.part`` and fsynced; a sidecar ``<output>.part.json``
 records the input's sha256 and the model's fingerprint. A run that was stopped or killed resumes
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import fcntl
 import hashlib
 import json
@@ -44,10 +43,10 @@ from typing import IO, TYPE_CHECKING, Any
 from . import confidence, evaluation
 from .. import fsutil
 from ..data import prompts
-from ..config import Config, display_name, model_name_problem
+from ..config import Config
 from ..data.csvfile import (ID_COLUMNS, PROMPT_COLUMNS, csv_text, find_column, read_chunks, safe_cell, scan_csv,
                              unguard_cell)
-from ..errors import ConfigError, FineTunerError, MissingColumnError, TrainingInterruptedError
+from ..errors import FineTunerError, MissingColumnError, TrainingInterruptedError
 from .evaluator import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, prefix, served
 from ..logconfig import get_logger
 from .rater import BaselineRater, HeadRater, LocalRater, OllamaRater, OpenAIRater, RaterError
@@ -55,6 +54,8 @@ from .rater import BaselineRater, HeadRater, LocalRater, OllamaRater, OpenAIRate
 from .review import (EXPERT_COLUMNS, MODEL_COLUMNS, ORDER_COLUMNS, REVIEW_COLUMNS,  # noqa: F401
                      write_needs_review)
 from ..data.template import Template, check_columns, render
+from ..outputs import names
+from ..outputs.folder import OutputFolder, OutputFolderError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -122,35 +123,18 @@ class RatingModel:
 
 # --- the model ---------------------------------------------------------------------------------
 
-METADATA_FILE = "fine_tuning_metadata.json"
-MODEL_SET_FILE = "model_set_config.json"
-TRAINING_FILES = ("validation_data.jsonl", "training_data.jsonl")
-MAX_MODEL_FILE_BYTES = 64 * 1024 * 1024
-BASELINE = "baseline"  # rate --backend baseline: the folder's bag-of-words classifier  # a folder's JSON files and a record line are far smaller
+METADATA_FILE = names.METADATA
+MODEL_SET_FILE = names.MODEL_SET_CONFIG
+BASELINE = "baseline"  # rate --backend baseline: the folder's bag-of-words classifier
 FOLDER_HINT = ("rate with a complete output folder of fine-tuner process or the daemon; a folder copied from "
                "another machine or written by an older version may need to be built again")
 
 
-class ModelFolderError(RatingError):
-    """A model folder, or a file in it, that cannot be used: a symbolic link (never followed), not a
-    folder of ``outputs/``, missing, not JSON, nested too deeply, or a key of the wrong shape.
-    ``file`` names the file as the folder holds it (None: the folder itself) and ``key`` the key
-    (dotted, list positions in brackets; None: the file as a whole). The message never quotes a
-    value: few-shot examples and system prompts may hold patient text."""
+class ModelFolderError(RatingError, OutputFolderError):
+    """A model folder, or a file in it, that cannot be used (``outputs.folder.OutputFolderError``:
+    ``file`` and ``key`` name where, the message never quotes a value), raised as a RatingError."""
 
     default_hint = FOLDER_HINT
-
-    def __init__(self, message: str, *, file: str | None = None, key: str | None = None,
-                 hint: str | None = None) -> None:
-        self.file = file
-        self.key = key
-        super().__init__(message, hint=hint)
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        if self.key is not None:
-            out["key"] = self.key
-        return out
 
 
 def _read_json(path: Path) -> dict:
@@ -168,313 +152,44 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-class _ModelFolder:
-    """One model folder opened once; its files are opened relative to it with ``O_NOFOLLOW``, so a
-    symbolic link inside it is refused, never followed. ``within``: the folder must be a real
-    folder (not a link) directly in that one (the daemon's ``outputs/``); without it the folder
-    is the one a user named, reached however the user's path goes."""
-
-    def __init__(self, folder: Path, within: Path | None) -> None:
-        self.path = folder
-        self.name = display_name(folder)
-        try:
-            if within is None:
-                self.fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                return
-            if os.path.abspath(folder.parent) != os.path.abspath(within) or folder.name in ("", ".", ".."):
-                raise self.error(None, None, "is not a folder directly in the outputs folder",
-                                 hint="name an output folder of this service (outputs/<job_id> or the job id)")
-            parent = os.open(within, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                self.fd = fsutil.open_real_dir(folder.name, dir_fd=parent)
-            finally:
-                os.close(parent)
-        except NotADirectoryError:
-            if within is None:
-                raise self.error(None, None, "is a file, not a folder") from None
-            raise self.error(None, None, "is a symbolic link or a file, not a folder of the outputs folder; "
-                                         "links are never followed",
-                             hint="put the model folder itself in outputs/, or name an Ollama model") from None
-        except FileNotFoundError:
-            raise self.error(None, None, "does not exist") from None
-        except OSError as exc:
-            raise self.error(None, None, f"cannot be opened ({exc.strerror or type(exc).__name__})") from None
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def error(self, file: str | None, key: str | None, problem: str, *, hint: str | None = None) -> ModelFolderError:
-        where = f"{file} in the model folder {self.name}" if file else f"the model folder {self.name}"
-        return ModelFolderError(f"{where}: {key}: {problem}" if key else f"{where} {problem}", file=file, key=key,
-                                hint=hint)
-
-    def _open(self, name: str, *, required: bool) -> IO[bytes] | None:
-        try:
-            return os.fdopen(fsutil.open_regular(name, dir_fd=self.fd), "rb")
-        except OSError as exc:
-            return self._unreadable(name, exc, required=required)
-
-    def _unreadable(self, name: str, exc: OSError, *, required: bool) -> None:
-        """None for a missing file the folder may lack; else the ModelFolderError saying why."""
-        if isinstance(exc, FileNotFoundError):
-            if required:
-                raise self.error(name, None, "is missing") from None
-            return None
-        if isinstance(exc, fsutil.NotRegularFileError):
-            raise self.error(name, None, "is a symbolic link; links in a model folder are never followed"
-                             if exc.errno == errno.ELOOP else "is not a regular file") from None
-        if isinstance(exc, fsutil.FileTooLargeError):
-            raise self.error(name, None, f"is over the limit of {MAX_MODEL_FILE_BYTES} bytes") from None
-        raise self.error(name, None, f"cannot be read ({exc.strerror or type(exc).__name__})") from None
-
-    def _read(self, name: str, *, required: bool) -> bytes | None:
-        try:
-            return fsutil.read_regular(name, limit=MAX_MODEL_FILE_BYTES, dir_fd=self.fd)
-        except OSError as exc:
-            return self._unreadable(name, exc, required=required)
-
-    def _object(self, name: str, data: bytes) -> dict:
-        value = self._parse(name, data)
-        if not isinstance(value, dict):
-            raise self.error(name, None, f"is not a JSON object (it holds {_kind(value)})")
-        return value
-
-    def json_object(self, name: str) -> dict:
-        """The JSON object file ``name`` holds (ModelFolderError naming it when it does not)."""
-        data = self._read(name, required=True)
-        assert data is not None
-        return self._object(name, data)
-
-    def optional_object(self, name: str) -> dict | None:
-        """``json_object`` of a file the folder may lack (None then)."""
-        data = self._read(name, required=False)
-        return None if data is None else self._object(name, data)
-
-    def first_line(self, name: str) -> Any:
-        """The JSON value of the first line of ``name``; None when the file is missing or empty."""
-        fh = self._open(name, required=False)
-        if fh is None:
-            return None
-        with fh:
-            line = fh.readline(MAX_MODEL_FILE_BYTES + 1)
-        if len(line) > MAX_MODEL_FILE_BYTES:
-            raise self.error(name, None, f"has a first line over the limit of {MAX_MODEL_FILE_BYTES} bytes")
-        return self._parse(name, line) if line.strip() else None
-
-    def _parse(self, name: str, data: bytes) -> Any:
-        try:
-            return json.loads(data.decode("utf-8"))
-        except RecursionError:
-            raise self.error(name, None, "is nested too deeply to be read (lists or objects inside each other "
-                                         "thousands of levels deep)") from None
-        except ValueError:  # not UTF-8, not JSON, or a number over Python's digit limit
-            raise self.error(name, None, "is not valid JSON in UTF-8") from None
-
-    def real_subfolder(self, name: str) -> None:
-        """Refuse a link in place of the subfolder ``name``, or a link or non-file inside it (the
-        child that loads an adapter follows names it is given). A missing one is the user's to see."""
-        try:
-            fd = fsutil.open_real_dir(name, dir_fd=self.fd)
-        except FileNotFoundError:
-            return
-        except NotADirectoryError:
-            raise self.error(name, None, "is a symbolic link or a file, not a folder; links in a model folder "
-                                         "are never followed") from None
-        try:
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    if not entry.is_file(follow_symlinks=False):
-                        raise self.error(f"{name}/{display_name(entry.name)}", None,
-                                         "is a symbolic link or not a regular file; links in a model folder "
-                                         "are never followed")
-        finally:
-            os.close(fd)
-
-
-def _kind(value: Any) -> str:
-    """How a message describes a JSON value it must not quote."""
-    return {dict: "an object", list: "a list", str: "a text", bool: "true or false", int: "a number",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _rating_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
-def _labels(files: _ModelFolder, meta: dict) -> dict[str, int]:
-    mapping = meta.get("mapping")
-    if not isinstance(mapping, dict):
-        raise files.error(METADATA_FILE, "mapping",
-                          f"must be an object holding the rating labels, not {_kind(mapping)}")
-    labels = mapping.get("labels")
-    if not isinstance(labels, dict) or not labels:
-        raise files.error(METADATA_FILE, "mapping.labels",
-                          f"must be a non-empty object of label: integer rating pairs, not {_kind(labels)}"
-                          + (" (empty)" if labels == {} else ""))
-    bad = [i for i, value in enumerate(labels.values(), 1) if _rating_int(value) is None]
-    if bad:
-        raise files.error(METADATA_FILE, "mapping.labels",
-                          f"{len(bad)} of its {len(labels)} ratings are not integers (the first is label number "
-                          f"{bad[0]})")
-    return {str(k): int(_rating_int(v)) for k, v in labels.items()}  # type: ignore[arg-type]
-
-
-def _model_name(files: _ModelFolder, file: str, key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise files.error(file, key, f"must be an Ollama model name, not {_kind(value)}")
-    if why := model_name_problem(value):
-        raise files.error(file, key, why)
-    return value
-
-
-def _registered_name(files: _ModelFolder, meta: dict) -> str | None:
-    registration = meta.get("registration")
-    if registration is None:
-        return None
-    if not isinstance(registration, dict):
-        raise files.error(METADATA_FILE, "registration", f"must be an object, not {_kind(registration)}")
-    if registration.get("registered") is not True:
-        return None
-    return _model_name(files, METADATA_FILE, "registration.name", registration.get("name"))
-
-
-def _template(files: _ModelFolder, meta: dict) -> Template | None:
-    if not meta.get("prompt_template"):
-        return None
-    try:
-        return Template.from_json(meta["prompt_template"])
-    except ConfigError as exc:
-        problems = "; ".join(p.removeprefix("prompt_template: ") for p in exc.problems)
-        raise files.error(METADATA_FILE, "prompt_template", problems) from None
-
-
-def _topics(files: _ModelFolder, meta: dict) -> str | list[str] | None:
-    topics = meta.get("target_topics")
-    if topics is None or isinstance(topics, str) or (isinstance(topics, list)
-                                                     and all(isinstance(t, str) for t in topics)):
-        return topics
-    raise files.error(METADATA_FILE, "target_topics", f"must be a text or a list of texts, not {_kind(topics)}")
-
-
-def _first_system_prompt(files: _ModelFolder) -> str | None:
-    """The system turn of the fine-tune's first training record (exactly what it was trained with);
-    None when neither file is there (or both are empty)."""
-    for name in TRAINING_FILES:
-        record = files.first_line(name)
-        if record is None:
-            continue
-        messages = record.get("messages") if isinstance(record, dict) else None
-        first = messages[0] if isinstance(messages, list) and messages else None
-        if not (isinstance(first, dict) and first.get("role") == "system" and isinstance(first.get("content"), str)):
-            raise files.error(name, "messages[0]", "the first record does not start with a system turn "
-                                                   '({"role": "system", "content": "<text>"})')
-        return first["content"]
-    return None
-
-
-def _adapter(files: _ModelFolder, meta: dict) -> Path:
-    fine_tune = meta.get("fine_tune")
-    if fine_tune is not None and not isinstance(fine_tune, dict):
-        raise files.error(METADATA_FILE, "fine_tune", f"must be an object, not {_kind(fine_tune)}")
-    name = (fine_tune or {}).get("adapter_dir") or "adapter"
-    if not isinstance(name, str) or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise files.error(METADATA_FILE, "fine_tune.adapter_dir",
-                          "must be the name of a folder inside the model folder (no path)")
-    files.real_subfolder(name)
-    return files.path / name
-
-
-def _few_shot(files: _ModelFolder, config: dict) -> list[dict]:
-    from ..serving.register import few_shot_messages
-
-    examples = config.get("few_shot_examples")
-    if examples is None:
-        return []
-    if not isinstance(examples, list):
-        raise files.error(MODEL_SET_FILE, "few_shot_examples", f"must be a list of examples, not {_kind(examples)}")
-    for i, example in enumerate(examples):
-        if not isinstance(example, dict):
-            raise files.error(MODEL_SET_FILE, f"few_shot_examples[{i}]",
-                              f"must be an object with input and output texts, not {_kind(example)}")
-        for key in ("input", "output"):
-            if not isinstance(example.get(key), str):
-                what = "is missing" if key not in example else f"must be a text, not {_kind(example[key])}"
-                raise files.error(MODEL_SET_FILE, f"few_shot_examples[{i}].{key}", what)
-    return few_shot_messages(config)
-
-
 def model_from_folder(output_dir: str | os.PathLike, *, within: str | os.PathLike | None = None) -> RatingModel:
     """The model an output folder holds: its fine-tune (base + adapter) or its model set, with the
     registered Ollama name when registration succeeded and the prompt template it was built with.
 
-    Every file is opened without following a link, and checked key by key: ``ModelFolderError``
-    names the file and the key that cannot be used (never a value). ``within`` (the daemon's
-    ``outputs/``): the folder must be a real folder directly in it, not a link to one elsewhere."""
+    The folder is read by ``outputs.folder.OutputFolder``: every file opened without following a
+    link, every key checked (``ModelFolderError`` names the file and the key, never a value).
+    ``within`` (the daemon's ``outputs/``): the folder must be a real folder directly in it."""
+    from ..serving.register import few_shot_messages
+
     folder = Path(output_dir)
-    files = _ModelFolder(folder, Path(within) if within is not None else None)
-    try:
-        meta = files.json_object(METADATA_FILE)
-        labels = _labels(files, meta)
-        registered = _registered_name(files, meta)
-        template = _template(files, meta)
-        approach = meta.get("approach")
+    with OutputFolder(folder, within, error=ModelFolderError) as files:
+        labels = files.labels()
+        registered = files.registered_name()
+        template = files.template()
         temperature = _temperature(files)
         fitted = _baseline(files)
-        if approach not in ("fine_tune", "model_set", "head"):
-            raise files.error(METADATA_FILE, "approach", f"must be fine_tune, model_set or head, not {_kind(approach)}"
-                              if not isinstance(approach, str) else "must be fine_tune, model_set or head")
+        approach = files.approach()
+        code_sets = files.code_sets(template)
         if approach == "head":
-            base = _model_name(files, METADATA_FILE, "model", meta.get("model"))
-            definition = (meta.get("parameters") or {}).get("topic_definition")
+            base = files.base_model()
             # the head reads the record alone; the system prompt only names the model's task
-            system = prompts.system_prompt(_topics(files, meta), labels,
-                                           definition if isinstance(definition, str) else None)
+            system = prompts.system_prompt(files.topics(), labels, files.topic_definition())
             return RatingModel(base, None, system, labels, [], None, template, str(folder), approach,
-                               temperature, fitted, _code_sets(meta, template), head=_head(files))
+                               temperature, fitted, code_sets, head=_head(files))
         if approach == "fine_tune":
-            base = _model_name(files, METADATA_FILE, "model", meta.get("model"))
-            system = _first_system_prompt(files)
+            base = files.base_model()
+            system = files.trained_system_prompt()
             if system is None:  # the training files were removed: the prompt is rebuilt the same way
-                definition = (meta.get("parameters") or {}).get("topic_definition")
-                system = prompts.system_prompt(_topics(files, meta), labels,
-                                               definition if isinstance(definition, str) else None)
-            adapter = _adapter(files, meta)
-            direct = isinstance(meta.get("fine_tune"), dict) and meta["fine_tune"].get("answer_forms") == "both"
-            return RatingModel(base, registered, system, labels, [], adapter, template, str(folder), approach,
-                               temperature, fitted, _code_sets(meta, template), direct=direct)
-        config = files.json_object(MODEL_SET_FILE)
-        if config.get("base_model") is not None:
-            base = _model_name(files, MODEL_SET_FILE, "base_model", config["base_model"])
-        else:
-            base = _model_name(files, METADATA_FILE, "model", meta.get("model"))
-        system = config.get("system_prompt")
-        if not isinstance(system, str) or not system.strip():
-            raise files.error(MODEL_SET_FILE, "system_prompt", "is missing" if "system_prompt" not in config
-                              else "is empty" if isinstance(system, str)
-                              else f"must be a text, not {_kind(system)}")
-        return RatingModel(base, registered, system, labels, _few_shot(files, config), None, template,
-                           str(folder), "model_set", temperature, fitted, _code_sets(meta, template))
-    finally:
-        files.close()
+                system = prompts.system_prompt(files.topics(), labels, files.topic_definition())
+            return RatingModel(base, registered, system, labels, [], files.adapter_folder(), template, str(folder),
+                               approach, temperature, fitted, code_sets, direct=files.answers_directly())
+        model_set = files.model_set()
+        return RatingModel(model_set.base_model, registered, model_set.system_prompt, labels,
+                           few_shot_messages(model_set.config), None, template, str(folder), "model_set",
+                           temperature, fitted, code_sets)
 
 
-def _code_sets(meta: dict, template: Template | None) -> list | None:
-    """The code sets a template's expansion was built with, as the metadata records them (None
-    without an expansion, or when the record is not a list)."""
-    if template is None or not template.codes:
-        return None
-    record = meta.get("code_knowledge")
-    sets = record.get("code_sets") if isinstance(record, dict) else None
-    return sets if isinstance(sets, list) else None
-
-
-def _head(files: "_ModelFolder"):
+def _head(files: OutputFolder):
     """The folder's head (``head.json``, required for approach head); every field checked, never code
     run (``head.Head.from_json``)."""
     from . import head
@@ -487,7 +202,7 @@ def _head(files: "_ModelFolder"):
                           or "is not a fine-tuner head") from None
 
 
-def _baseline(files: "_ModelFolder"):
+def _baseline(files: OutputFolder):
     """The folder's bag-of-words baseline (None when it has none: built before there was one, or
     without a hold-out); every field checked, never code run (``baseline.Baseline.from_json``)."""
     from . import baseline
@@ -502,15 +217,15 @@ def _baseline(files: "_ModelFolder"):
                           or "is not a fine-tuner baseline") from None
 
 
-def _temperature(files: "_ModelFolder") -> float | None:
+def _temperature(files: OutputFolder) -> float | None:
     """The calibration temperature of ``calibration.json`` (None when the folder has none)."""
-    data = files.optional_object(evaluation.CALIBRATION_FILE)
+    data = files.calibration()
     if data is None:
         return None
     value = data.get("temperature")
     if not confidence.valid_temperature(value):
         low, high = confidence.T_VALID
-        raise files.error(evaluation.CALIBRATION_FILE, "temperature", f"must be a number from {low:g} to {high:g}")
+        raise files.error(names.CALIBRATION, "temperature", f"must be a number from {low:g} to {high:g}")
     return float(value)
 
 
@@ -720,9 +435,8 @@ def _label_names(labels: Mapping[str, int]) -> dict[int, str]:
 
 
 def _rationale(text: str | None) -> str:
-    """The rationale of an answer ``parse_answer`` found valid (a JSON object)."""
-    value = json.loads(text).get("rationale") if isinstance(text, str) else None
-    return value if isinstance(value, str) else ""
+    """The rationale of an answer (``prompts.parse_answer``), "" when it holds none."""
+    return (prompts.parse_answer(text) or {}).get("rationale", "")
 
 
 def _rater(model: RatingModel, backend: str, weights, config: Config, schema: dict, memory, *,
@@ -895,7 +609,7 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
                     rows = []
                     for i, ident in enumerate(ids):
                         reply = by_position.get(i)
-                        rating = evaluation.parse_answer(reply.text, model.values) if reply is not None else None
+                        rating = prompts.answer_rating(reply.text, model.values) if reply is not None else None
                         counts.add(rating, empty=reply is None)
                         if reply is None:  # an empty prompt: nothing to rate, no model asked
                             rows.append([_one_line(ident), "", "", "", "false", "", ""])
@@ -1032,7 +746,7 @@ def _reasoned_rationales(model: RatingModel, chosen: Mapping[int, int], input_cs
                 conversations = [[*shared, {"role": "user", "content": texts[r - first]}] for r in rows]
                 del texts
                 for r, reply in zip(rows, answer(conversations, stop_event=stop_event)):
-                    rating = evaluation.parse_answer(reply.text, model.values)
+                    rating = prompts.answer_rating(reply.text, model.values)
                     if rating is None:
                         counts["invalid"] += 1
                     elif rating != chosen[r]:

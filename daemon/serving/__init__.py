@@ -9,7 +9,8 @@ answers (``register``), the adapter merged into its base GGUF by llama.cpp's too
 that will not take it (``merge``), and the capability report that says whether a model can be fine-tuned and
 served here (``capability``), and a managed llama.cpp server for a GGUF base and its adapter
 (``llamaserver``). May import: the top-level base
-modules (``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``, ``llamacpp``), ``daemon.data``,
-``daemon.training`` (where the base weights are and which adapter files exist) and this package;
+modules (``errors``, ``text``, ``config``, ``fsutil``, ``portable``, ``logconfig``, ``llamacpp``), ``daemon.data``,
+``daemon.outputs`` (the output folder's files and its reader), ``daemon.training`` (where the base
+weights are and which adapter files exist) and this package;
 never ``quality``, ``inbox``, ``fine_tuner`` or ``cli``.
 """

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import requests
 
-from .. import fsutil
 from ..errors import FineTunerError
+from ..outputs import names
+from ..outputs.folder import OutputFolder, OutputFolderError
 
 HEALTH_TIMEOUT_S = 300.0  # loading a large GGUF from a slow disk takes minutes
 POLL_S = 0.2
@@ -278,49 +279,26 @@ class LlamaServer:
 def serve_target(target: Path, *, base_models, ollama_models_dir: str | None = None, parallel: int = 4,
                  port: int = 0, with_adapter: bool = True) -> ServerSpec:
     """The server for an output folder (its base GGUF, and its ``adapter/adapter.gguf`` for a
-    fine-tune) or a GGUF file (served alone). The served name is the folder's registered model
-    name, or the file's stem."""
+    fine-tune) or a GGUF file (served alone). The served name is the folder's
+    (``OutputFolder.served_name``), or the file's stem. The folder is read as every command reads
+    it (``outputs.folder``): a link is never followed, every key used is checked, and a problem is
+    a ServerError naming the file and the key (never a value)."""
     target = Path(target)
     if target.is_file():
         return ServerSpec(model=target, alias=target.stem, parallel=parallel, port=port)
-    if not os.path.lexists(target / METADATA_FILE):
-        raise ServerError(f"{target.name}: neither a GGUF file nor an output folder (no fine_tuning_metadata.json)",
+    if not os.path.lexists(target / names.METADATA):
+        raise ServerError(f"{target.name}: neither a GGUF file nor an output folder (no {names.METADATA})",
                           hint="name a job's output folder or a .gguf file")
-    meta = _metadata(target)
-    base_name = meta["model"]
-    adapters: tuple[Path, ...] = ()
-    if with_adapter and meta.get("approach") == "fine_tune":
-        adapters = (target / "adapter",)
-    alias = ((meta.get("registration") or {}).get("name") or (meta.get("fine_tune") or {}).get("model_name")
-             or base_name)
+    try:
+        with OutputFolder(target) as folder:
+            approach = folder.approach()
+            base_name = folder.base_model()
+            adapters = (folder.adapter_folder(),) if with_adapter and approach == "fine_tune" else ()
+            alias = folder.served_name()
+    except OutputFolderError as exc:
+        raise ServerError(exc.message, hint="name an output folder that fine-tuner built, or a .gguf file") from None
     return model_spec(base_name, adapters, alias=alias, base_models=base_models,
                       ollama_models_dir=ollama_models_dir, parallel=parallel, port=port)
-
-
-METADATA_FILE = "fine_tuning_metadata.json"
-
-
-def _metadata(folder: Path) -> dict:
-    """The output folder's metadata (``fsutil.read_json``: never through a link, never a FIFO or a
-    device), with each key ``serve_target`` reads checked; ServerError naming the file and the
-    key otherwise (never a value)."""
-    where = f"{folder.name}/{METADATA_FILE}"
-    hint = "name an output folder that fine-tuner built, or a .gguf file"
-    try:
-        meta = fsutil.read_json(folder / METADATA_FILE)
-    except (OSError, ValueError) as exc:
-        raise ServerError(f"{where} cannot be read: {fsutil.read_problem(exc)}", hint=hint) from None
-    if not isinstance(meta, dict):
-        raise ServerError(f"{where} is not a JSON object", hint=hint)
-    if not isinstance(meta.get("model"), str) or not meta["model"]:
-        raise ServerError(f"{where}: model must be the base model's name", hint=hint)
-    for key, inner in (("registration", "name"), ("fine_tune", "model_name")):
-        part = meta.get(key)
-        if part is not None and not isinstance(part, dict):
-            raise ServerError(f"{where}: {key} must be an object", hint=hint)
-        if part and part.get(inner) is not None and not isinstance(part.get(inner), str):
-            raise ServerError(f"{where}: {key}.{inner} must be a model name", hint=hint)
-    return meta
 
 
 def model_spec(base_name: str, adapter_dirs: tuple[Path, ...] = (), *, alias: str, base_models,
@@ -331,7 +309,7 @@ def model_spec(base_name: str, adapter_dirs: tuple[Path, ...] = (), *, alias: st
     from ..data import turns
     from ..training.supervisor import resolve_base_weights
 
-    adapters = tuple(Path(d) / "adapter.gguf" for d in adapter_dirs)
+    adapters = tuple(Path(d) / names.ADAPTER_GGUF for d in adapter_dirs)
     for adapter in adapters:
         if not adapter.is_file():
             raise ServerError(f"{adapter.parent.parent.name} has no adapter/adapter.gguf",

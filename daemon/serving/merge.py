@@ -24,11 +24,12 @@ from pathlib import Path
 from .. import fsutil, llamacpp
 from ..errors import RegistrationError
 from ..logconfig import get_logger
+from ..outputs import names
 
 _log = get_logger("merge")
 
 MERGED_GGUF = "merged.gguf"
-ADAPTER_GGUF = "adapter.gguf"  # llama.cpp's converter's form of the adapter, beside the PEFT files
+ADAPTER_GGUF = names.ADAPTER_GGUF  # llama.cpp's converter's form of the adapter, beside the PEFT files
 F16_FILE_TYPE = 1  # llama.cpp's LLAMA_FTYPE_MOSTLY_F16: what llama-export-lora writes
 MERGE_TIMEOUT_S = 3600.0  # each tool; a 7B model takes minutes on a few cores
 OUTPUT_TAIL_CHARS = 300

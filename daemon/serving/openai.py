@@ -46,9 +46,11 @@ from typing import Any
 
 import requests
 
-from ..config import OpenAIConfig, printable
+from ..config import OpenAIConfig
 from ..errors import OpenAIError
 from ..logconfig import get_logger
+from ..outputs.names import ADAPTER_GGUF as GGUF_ADAPTER
+from ..text import printable
 from .http import (
     AnswerTimedOut,
     AnswerTooLarge,
@@ -133,7 +135,6 @@ class _Retry(Exception):
 
 
 LORA_FIELDS = {"id": int, "path": str}
-GGUF_ADAPTER = "adapter.gguf"
 
 
 @dataclass(frozen=True)

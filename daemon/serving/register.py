@@ -4,7 +4,8 @@ into its base GGUF (one blob as ``files``), each followed by a check, and the ``
 and ``ollama.merge_adapter`` policies.
 
 Registration is ``create`` → ``show`` → one chat with the answer schema as ``format``; the check
-records whether the answer parses as ``{"rationale": str, "rating": int}``. ``register_with_policy``
+records whether the answer is valid by the rule evaluation and rating judge answers with
+(``prompts.parse_answer``: a JSON object whose ``rating`` is on the scale). ``register_with_policy``
 turns failures into a result (``auto``) or a ``RegistrationError`` (``required``). Neither the
 few-shot texts nor a chat answer ever reach a log line or an error message: they are patient text.
 The server's own error text is kept (truncated by the client).
@@ -23,11 +24,10 @@ from ..errors import (AdapterRefusedError, ConfigError, ModelSetConfigError, Oll
 from ..logconfig import get_logger
 from ..data.modelset import modelfile_create_fields, parse_modelfile
 from ..data.prompts import parse_answer
+from ..outputs.names import ADAPTER_FILES, ADAPTER_GGUF as GGUF_ADAPTER
 
 _log = get_logger("register")
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-GGUF_ADAPTER = "adapter.gguf"
 NEUTRAL_PROBE = ("Emergency department visit. Chief complaint: routine follow-up, no acute complaint. "
                  "Rate this record.")
 CHECK_OPTIONS = {"temperature": 0, "seed": 42, "num_predict": 256}
@@ -79,10 +79,10 @@ def check_answer(client, name: str, output_schema: Mapping[str, Any], probe: str
     if parsed is None:
         size = len(content) if isinstance(content, str) else 0
         return {"ok": False, "duration_s": duration,
-                "detail": f"the answer ({size} characters) is not a JSON object "
-                          f'{{"rationale": <text>, "rating": <one of the scale>}}'}
+                "detail": f"the answer ({size} characters) is not a JSON object whose "
+                          '"rating" is one of the scale'}
     return {"ok": True, "duration_s": duration,
-            "detail": 'the answer parses as {"rationale": str, "rating": int} with a rating on the scale'}
+            "detail": 'the answer is a JSON object whose "rating" is one of the scale'}
 
 
 def _log_status(name: str) -> Callable[[dict], None]:

@@ -11,6 +11,7 @@ dequantized once into a trainable folder (``ggufmodel``; its header read with bo
 ``ggufheader``), and the tiny locally built model of the
 demo and tests (``tinymodel``). Child entry points: ``python -m daemon.training.trainer SPEC``,
 ``python -m daemon.training.axolotl_trainer SPEC`` and ``python -m daemon.training.features SPEC``. May import: the top-level base modules
-(``errors``, ``config``, ``fsutil``, ``portable``, ``logconfig``), ``daemon.data`` and this package;
-never ``serving``, ``quality``, ``inbox``, ``fine_tuner`` or ``cli``.
+(``errors``, ``text``, ``config``, ``fsutil``, ``portable``, ``logconfig``), ``daemon.data``,
+``daemon.outputs`` (the output folder's file names) and this package; never ``serving``,
+``quality``, ``inbox``, ``fine_tuner`` or ``cli``.
 """

@@ -43,6 +43,7 @@ from .. import llamacpp
 from ..logconfig import get_logger
 from ..portable import machine_roots, scrub_file
 from ..data import turns
+from ..outputs import names
 from . import ggufmodel
 from .parentdeath import tied_to_this_process
 from .trainer import ADAPTER as ADAPTER_DIR, ADAPTER_FILES, DEFAULT_ENDPOINT, DOWNLOAD_FAILED, EXIT_DOWNLOAD
@@ -82,8 +83,8 @@ BACKEND_MODULES = {"local": "daemon.training.trainer", "axolotl": "daemon.traini
 SPEC_FILE = "run_spec.json"  # exists only while the child runs: it holds this machine's paths
 WORK_DIR = ".trainer-work"  # the axolotl backend's own files (its output, prepared data), removed after
 LOG_FILE = "training_log.jsonl"
-RESULT_FILE = "training_result.json"
-STDERR_FILE = "trainer_stderr.log"
+RESULT_FILE = names.TRAINING_RESULT
+STDERR_FILE = names.TRAINER_STDERR
 POLL_S = 0.1
 GROUP_EXIT_S = 10.0  # how long a stopped group's processes may take to tear down
 
@@ -326,7 +327,7 @@ def trainer_packages_available() -> bool:
 def build_run_spec(job_dir: Path, base: BaseWeights, training: TrainingConfig) -> dict[str, Any]:
     """The JSON the child reads: the job's training_config.yaml resolved to absolute paths, plus
     what the parent knows (base weights, device, logging)."""
-    cfg_path = job_dir / "training_config.yaml"
+    cfg_path = job_dir / names.TRAINING_CONFIG
     try:
         cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -350,7 +351,7 @@ def build_run_spec(job_dir: Path, base: BaseWeights, training: TrainingConfig) -
         "chat_template": base.chat_template,
         "gguf_converter": gguf_converter(),
         "base_name": base.hf_id or BASE_MODEL_PLACEHOLDER,
-        "train_path": path_of("datasets") or str(job_dir / "training_data.jsonl"),
+        "train_path": path_of("datasets") or str(job_dir / names.TRAINING_DATA),
         "validation_path": path_of("test_datasets"),
         "output_dir": str(job_dir),
         "lora_r": int(get("lora_r", training.lora_r)),

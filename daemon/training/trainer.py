@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..fsutil import publish_dir, temp_dir_for, write_json
+from ..outputs.names import ADAPTER_DIR as ADAPTER, ADAPTER_FILES, ADAPTER_GGUF as GGUF_ADAPTER
 
 EXIT_SPEC = 2
 EXIT_DATA = 3
@@ -49,9 +50,6 @@ DOWNLOAD_FAILED = "could not be downloaded: "  # the parent finds the cause afte
 HOOK_ENV = "FT_TRAINER_TEST_HOOK"
 HANG_ENV = "FT_TRAINER_TEST_HANG_S"
 DEFAULT_ENDPOINT = "https://huggingface.co"
-ADAPTER = "adapter"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # what Ollama and PEFT need
-GGUF_ADAPTER = "adapter.gguf"  # the same adapter converted by llama.cpp (Ollama's ADAPTER for other architectures)
 
 T = TypeVar("T")
 

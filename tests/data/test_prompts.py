@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from daemon.data import prompts
 
 
@@ -54,10 +56,37 @@ def test_answer_json_and_schema_agree():
     assert prompts.parse_answer(answer, [-1, 0, 1]) == {"rating": 1, "rationale": 'cough "and" fever'}
 
 
-def test_parse_answer_rejects_wrong_shapes():
-    """Non-JSON, wrong types, booleans and out-of-scale ratings are refused."""
-    assert prompts.parse_answer("not json") is None
-    assert prompts.parse_answer('{"rating": "1", "rationale": ""}') is None
-    assert prompts.parse_answer('{"rating": true, "rationale": ""}') is None
+BOMB = '{"rating": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"  # JSON nested 100,000 deep
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"rationale": "cough", "rating": 1}', {"rating": 1, "rationale": "cough"}),
+    ('  {"rating": -1}\n', {"rating": -1}),  # the rating-only form: valid, no rationale
+    ('{"rationale": 5, "rating": 0}', {"rating": 0}),  # the rating counts; a rationale only as text
+    ('{"rating": 2, "rationale": ""}', None),  # not a mapping value
+    ('{"rating": "1", "rationale": ""}', None),  # a string, not an integer
+    ('{"rating": true, "rationale": ""}', None),  # a bool is not a rating
+    ('{"rating": 1.0}', None),
+    ("[1]", None),
+    ("Rating: 1", None),  # never dug out with a regex
+    ('```json\n{"rating": 1}\n```', None),
+    ('{"rationale": "no rating"}', None),
+    ("", None),
+    (None, None),
+    (BOMB, None),  # hostile: a RecursionError inside json, caught
+    ("[" * 100_000, None),
+    ('{"rating": ' + "1" * 5000 + "}", None),  # hostile: more digits than Python converts (ValueError)
+])
+def test_parse_answer_is_the_one_strict_rule(text, expected):
+    """A JSON object whose rating is one of the mapping's values is valid, with or without a
+    rationale; anything else, hostile text included, is invalid (None) and never an exception."""
+    assert prompts.parse_answer(text, [-1, 0, 1]) == expected
+    assert prompts.answer_rating(text, [-1, 0, 1]) == (None if expected is None else expected["rating"])
+
+
+def test_parse_answer_without_values_takes_any_integer_rating():
+    """Without the mapping's values any integer rating is valid; a bool or text still is not."""
+    assert prompts.parse_answer('{"rating": 5, "rationale": ""}') == {"rating": 5, "rationale": ""}
     assert prompts.parse_answer('{"rating": 5, "rationale": ""}', [0, 1]) is None
-    assert prompts.parse_answer("[1]") is None
+    assert prompts.parse_answer('{"rating": true}') is None
+    assert prompts.parse_answer("not json") is None

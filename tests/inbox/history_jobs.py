@@ -12,7 +12,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.config import job_settings, load_config
+from daemon.config import load_config
+from daemon.data.jobsettings import job_settings
 from daemon.data.dataset import load_dataset
 from daemon.data.visits import MAPPING, generate_visits, write_csv
 from daemon.fine_tuner import FineTuner, JobInputs

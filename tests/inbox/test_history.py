@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import load_config, printable
+from daemon.config import load_config
+from daemon.text import printable
 from daemon.errors import JournalError
 from daemon.inbox import history
 from daemon.inbox.journal import InputFile, Journal

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -229,3 +230,43 @@ def test_a_rating_job_never_follows_a_link_to_a_model_folder(root, start_daemon,
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
     assert MARKER not in all_log_text(root)
+
+
+def test_rate_on_the_command_line_and_an_inbox_rating_job_ask_the_same_prompts(root, start_daemon, fake_ollama,
+                                                                               tmp_path):
+    """`fine-tuner rate --model NAME` and a `task: rate` job with the same bare Ollama model ask it the
+    same system and user messages for the same records: both take the configuration's topics,
+    topic_definition, prompt_template and mapping."""
+    definition = "ZZDEFINITION: a match names a cough or a fever"
+    root.write_config(defaults={"model": "llama3.2:1b", "topic_definition": definition,
+                                "mapping": str(root.path / "labels.json"),
+                                "prompt_template": "Complaint: {ChiefComplaintOrig}; diagnosis: {DischargeDiagnosis}"},
+                      ollama={"host": fake_ollama.url, "register": "off", "retries": 0})
+    (root.path / "labels.json").write_text(json.dumps(MAPPING))
+    fake_ollama.chat_responder = Scripted()
+    records = raw_export(6, seed=12, ratings=False)
+
+    def asked(since: int) -> list[tuple[str, str]]:
+        chats = [r.body["messages"] for r in fake_ollama.requests_to("/api/chat")][since:]
+        return sorted((m[0]["content"], m[-1]["content"]) for m in chats)
+
+    cli = tmp_path / "cli"
+    cli.mkdir()
+    (cli / "new.csv").write_bytes(records)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINE_TUNER_")}
+    res = subprocess.run([sys.executable, "-m", "daemon", "rate", "--config", str(root.config), "--root",
+                          str(root.path), "--model", "llama3.2:1b", "--input", "new.csv"],
+                         cwd=cli, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    from_cli = asked(0)
+    d = start_daemon()
+    d.wait_event("daemon_ready")
+    before = len(fake_ollama.requests_to("/api/chat"))
+    root.drop_bytes("new.job.yaml", b"task: rate\nmodel: llama3.2:1b\n")
+    root.drop_bytes("new.csv", records)
+    wait_for(lambda: root.job_folders(root.processed, "new"), timeout=60, message="rated through the inbox")
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert asked(before) == from_cli
+    assert len(from_cli) == 6 and all(f"How the experts decide:\n{definition}\n" in system for system, _ in from_cli)
+    assert from_cli[0][1].startswith("Complaint: ")

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from daemon.config import load_config, printable
+from daemon.config import load_config
+from daemon.text import printable
 from daemon.inbox import history
 from tests.inbox.history_jobs import JOBS, PlannedJob, build_history
 

@@ -150,10 +150,34 @@ def test_required_evaluation_fails_the_job_when_no_backend_can_run(tmp_path):
     assert not (tmp_path / "auto" / "evaluation.json").exists()
 
 
+@pytest.mark.parametrize("answer, valid", [
+    ('{"rationale": "cough", "rating": 1}', True),
+    ('{"rating": 1}', True),  # the rating-only form
+    ('{"rationale": 5, "rating": 1}', True),  # the rating counts, not the rationale
+    ('{"rationale": "", "rating": 7}', False),  # off the scale
+    ("It looks like a match", False),
+    ('{"rating": 1, "x": ' + "[" * 5000 + "]" * 5000 + "}", False),  # JSON nested 5,000 deep
+], ids=["reasoned", "rating_only", "rationale_not_text", "off_the_scale", "prose", "nested_json_bomb"])
+def test_registration_check_and_evaluation_judge_an_answer_alike(fake_ollama, tmp_path, answer, valid):
+    """Every chat answered with the same text: registration's check and the evaluation give it the
+    same verdict (valid, or every held-out answer invalid), and a nested-JSON bomb fails neither."""
+    reply = {"model": "m", "created_at": "2026-01-01T00:00:00Z", "message": {"role": "assistant", "content": answer},
+             "done": True, "done_reason": "stop"}
+    fake_ollama.hostile["/api/chat"] = "body"  # sent as is: no num_predict cut, as a real server may
+    fake_ollama.hostile_bodies["/api/chat"] = json.dumps(reply).encode()
+    out = tmp_path / "out"
+    ok, meta = FineTuner(config=_config(tmp_path, fake_ollama, compare="none")).process_dataset(
+        _frame(), "llama3.2:1b", MAPPING, "flu", approach="model_set", output_dir=out)
+    new = json.loads((out / "evaluation.json").read_text())["models"][0]
+    n = meta["split"]["validation_rows"]
+    assert (ok, meta["registration"]["check"]["ok"], new["key"]) == (True, valid, "new")
+    assert new["invalid"] == (0 if valid else n)
+
+
 def _visits_job(tmp_path, fake_ollama, **values):
     """A model-set job on 300 generated ED visits (raw export columns, ICD-10 diagnoses), planned
     from files as the daemon plans it, with the fake answering like the experts."""
-    from daemon.config import job_settings
+    from daemon.data.jobsettings import job_settings
     from daemon.data.dataset import load_dataset
     from daemon.data.visits import MAPPING as VISIT_MAPPING, generate_visits, write_csv
     from daemon.fine_tuner import JobInputs

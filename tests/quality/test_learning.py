@@ -6,7 +6,7 @@ One real job end to end through ``FineTuner``: a 600-row synthetic dataset is sp
 own evaluation rates the held-out rows through the local backend (the ``daemon.quality.generate`` child):
 the fine-tune, the model set built from the same training rows, and the base model zero-shot. The
 numbers come from the job's ``evaluation.json``: answers parsed strictly by
-``evaluation.parse_answer``, invalid answers counted as wrong.
+``prompts.parse_answer``, invalid answers counted as wrong.
 """
 
 from __future__ import annotations

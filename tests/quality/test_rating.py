@@ -696,7 +696,7 @@ def test_needs_review_csv_sent_back_as_training_data_reads_as_its_records(fake_o
 def _coded_visits_folder(tmp_path, fake_ollama, rows, **values):
     """A registered model set built by FineTuner.run_job from ``rows`` (generated visits) written as a
     raw export, with the job settings ``values``; returns (folder, metadata)."""
-    from daemon.config import job_settings
+    from daemon.data.jobsettings import job_settings
     from daemon.data.visits import MAPPING as VISIT_MAPPING, write_csv
     from daemon.fine_tuner import JobInputs
 

@@ -273,21 +273,23 @@ def test_serve_says_in_one_line_what_is_wrong_with_a_folders_metadata(tmp_path):
     type fails at once with one line naming the file and the key (no traceback, no server)."""
     folder = _fine_tune_folder(tmp_path)
     meta_path = folder / "fine_tuning_metadata.json"
-    where = "resp-20261203/fine_tuning_metadata.json"
-    cases = {"not json": f"{where} cannot be read: not valid JSON in UTF-8",
-             "fifo": f"{where} cannot be read: a FIFO (named pipe), not a regular file",
-             "list": f"{where} is not a JSON object",
-             "model": f"{where}: model must be the base model's name",
-             "registration": f"{where}: registration must be an object",
-             "name": f"{where}: registration.name must be a model name"}
+    where = "fine_tuning_metadata.json in the model folder resp-20261203"
+    cases = {"not json": f"{where} is not valid JSON in UTF-8",
+             "fifo": f"{where} is not a regular file",
+             "list": f"{where} is not a JSON object (it holds a list)",
+             "model": f"{where}: model: must be an Ollama model name, not a list",
+             "registration": f"{where}: registration: must be an object, not a text",
+             "name": f"{where}: registration.name: must be an Ollama model name, not a number"}
+    tune = '"approach": "fine_tune", "model": "gemma3:270m"'
     for case, message in cases.items():
         meta_path.unlink()
         if case == "fifo":
             os.mkfifo(meta_path)
         else:
-            meta_path.write_text({"not json": "{model: gemma", "list": "[1]", "model": '{"model": ["gemma3:270m"]}',
-                                  "registration": '{"model": "gemma3:270m", "registration": "yes"}',
-                                  "name": '{"model": "gemma3:270m", "registration": {"name": 3}}'}[case])
+            meta_path.write_text({"not json": "{model: gemma", "list": "[1]",
+                                  "model": '{"approach": "fine_tune", "model": ["gemma3:270m"]}',
+                                  "registration": '{%s, "registration": "yes"}' % tune,
+                                  "name": '{%s, "registration": {"registered": true, "name": 3}}' % tune}[case])
         res = run("serve", str(folder), cwd=tmp_path, timeout=60)
         assert (case, res.returncode, res.stdout, res.stderr) == (
             case, 2, "", f"fine-tuner: error: {message}; name an output folder that fine-tuner built, or a .gguf "

@@ -100,8 +100,7 @@ def test_llama_server_renders_gemma_turns_and_decides_the_rating_directly(tmp_pa
     (the rating-only schema, a few tokens) is an allowed rating with each rating's probability from
     the server's log-probabilities (summing to 1)."""
     from daemon.config import OpenAIConfig
-    from daemon.data.prompts import system_prompt
-    from daemon.quality.evaluation import parse_answer
+    from daemon.data.prompts import answer_rating, system_prompt
     from daemon.quality.rater import OpenAIRater
     from daemon.serving.llamaserver import LlamaServer, ServerSpec
 
@@ -117,6 +116,6 @@ def test_llama_server_renders_gemma_turns_and_decides_the_rating_directly(tmp_pa
         values = sorted(MAPPING.values())
         cfg = OpenAIConfig(base_url=server.base_url, parallel=1, read_timeout_s=300.0, retries=0)
         answers = OpenAIRater(cfg, values=values, direct=True).answer(NAME, conversations)
-    assert [parse_answer(a.text, values) in values for a in answers] == [True, True], [a.text for a in answers]
+    assert [answer_rating(a.text, values) in values for a in answers] == [True, True], [a.text for a in answers]
     assert [json.loads(a.text).keys() == {"rating"} for a in answers] == [True, True]
     assert [sorted(a.probs) == values and abs(sum(a.probs.values()) - 1) < 1e-9 for a in answers] == [True, True]
