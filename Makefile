@@ -20,7 +20,7 @@ TEST_EXTRAS   := $(EXTRAS),axolotl
 # `python -m daemon.llamacpp source` does nothing when it is already there
 LLAMA_SRC = $(PY) -m daemon.llamacpp source >/dev/null
 
-.PHONY: run test llama-cpp chromium
+.PHONY: run test test-fast lint docs llama-cpp chromium
 
 # venv, pip, the torch pin, then the project with the given extras (one resolution for all of them)
 define install
@@ -58,6 +58,22 @@ run: $(STAMP)
 # per process: with three workers on two cores, more threads only spin-wait for each other. The
 # suite serves real models with llama-server, so it is built first (once per machine), and renders
 # one page in Chromium (installed when missing).
-test: $(HANDOFF) llama-cpp chromium
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 OMP_NUM_THREADS=1 \
-		LLAMAFACTORY_PATH=$(abspath $(LF_DIR)) $(PY) -m pytest -n 3 --dist loadgroup --durations=15
+TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 DO_NOT_TRACK=1 OMP_NUM_THREADS=1 \
+	LLAMAFACTORY_PATH=$(abspath $(LF_DIR))
+
+test: lint llama-cpp chromium
+	$(TEST_ENV) $(PY) -m pytest -n 3 --dist loadgroup --durations=15
+
+# The edit loop: the linter, then every test that does not train, load or serve a model (the `slow`
+# marker, set in tests/conftest.py); a few minutes instead of the whole suite's ten
+test-fast: lint
+	$(TEST_ENV) $(PY) -m pytest -n 3 --dist loadgroup -m "not slow" --durations=10
+
+# the docs/ pages as a site in site/ (MkDocs with the Material theme; strict: a broken link, a
+# missing anchor or a page left out of the navigation fails; tests/test_docs.py builds it in `make test`)
+docs: $(HANDOFF)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# ruff, with the rules in pyproject.toml ([tool.ruff])
+lint: $(HANDOFF)
+	$(VENV)/bin/ruff check daemon tests bench scripts

@@ -3,7 +3,8 @@
 Builds the tiny Llama of the test suite, writes one job folder of synthetic rows, then measures
 (1) tokens/s of a plain ``Trainer`` LoRA loop written here (same tokenizer, same encoded rows, same
 LoRA, batch, epochs, learning rate and warm-up), and (2) ``daemon.training.supervisor.run_training`` on the
-same job: tokens/s as the child reports it (runs alternate, best of ``--repeat`` each), and start-up (spawn to first progress line, as the
+same job: tokens/s as the child reports it (runs alternate, best of ``--repeat`` each), and start-up (spawn to first
+progress line, as the
 parent sees it). Prints the ratio against the targets: >= 0.9x the plain loop's tokens/s, start-up
 <= 10 s on CPU. Usage: ``python bench/train_throughput.py [--rows 200] [--epochs 2] [--repeat 2]``.
 """
@@ -130,7 +131,8 @@ def main() -> int:
     ratio = mine["tokens_per_s"] / baseline["tokens_per_s"]
     print(f"rows={args.rows} epochs={args.epochs} micro_batch={args.micro_batch} steps={mine['steps']} "
           f"repeat={args.repeat} (best of each) load_avg_1m={os.getloadavg()[0]:.2f} cpus={os.cpu_count()}")
-    print(f"plain Trainer : {baseline['tokens_per_s']:10.1f} tokens/s ({baseline['tokens']} tokens in {baseline['train_s']:.2f} s)")
+    print(f"plain Trainer : {baseline['tokens_per_s']:10.1f} tokens/s "
+          f"({baseline['tokens']} tokens in {baseline['train_s']:.2f} s)")
     print(f"fine-tuner    : {mine['tokens_per_s']:10.1f} tokens/s ({mine['tokens']} tokens in {mine['train_s']:.2f} s)")
     print(f"ratio         : {ratio:.2f}x (target >= {TARGET_RATIO}x) {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}")
     print(f"start-up      : {mine['startup_s']:.2f} s spawn to first step seen by the parent "

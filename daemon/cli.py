@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     rate.add_argument("--root", metavar="DIR",
                       help="the daemon's folder: for --topic, a job id's output folder and defaults.mapping")
     rate.add_argument("--input", required=True, metavar="CSV", help="the records to rate")
-    rate.add_argument("--output", metavar="CSV", help="ratings file (default: <input stem>.ratings.csv beside the input)")
+    rate.add_argument("--output", metavar="CSV",
+                      help="ratings file (default: <input stem>.ratings.csv beside the input)")
     rate.add_argument("--backend", choices=RATING_BACKENDS, default="auto",
                       help="who answers: auto (Ollama, then an OpenAI-compatible server at openai.base_url, "
                            "then llama-server started for the run when evaluation.start_llama_server is on, "
@@ -410,7 +411,8 @@ def _cmd_process(cfg: Config, args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     print(f"outputs: {out_dir}")
     if reg:
-        print(f"ollama: {'registered as ' + reg.get('name', '') if reg.get('registered') else 'not registered: ' + str(reg.get('reason', ''))}")
+        print("ollama: " + ("registered as " + reg.get("name", "") if reg.get("registered")
+                            else "not registered: " + str(reg.get("reason", ""))))
     evaluation = meta.get("evaluation") or {}
     print(_evaluation_line(evaluation, out_dir))
     if evaluation.get("verdict"):
@@ -506,7 +508,8 @@ def _cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
     template = _template_arg(args.prompt_template)
     report = validation_report(Path(args.input), Path(args.mapping) if args.mapping else None, cfg,
                                template=parse_template(template) if template is not None else None)
-    print(json.dumps(report, indent=2, default=str) if args.json else _for_command_line(format_validation_report(report)))
+    print(json.dumps(report, indent=2, default=str) if args.json
+          else _for_command_line(format_validation_report(report)))
     return EXIT_OK if report["usable"] else EXIT_FAILED
 
 

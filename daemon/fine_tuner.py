@@ -395,7 +395,8 @@ class FineTuner:
                     meta["fine_tune_failure"] = exc.to_dict()
                     meta.update(approach=MODEL_SET, approach_reason=f"fine-tuning failed, fell back: {exc.message}")
                     log.warning("fallback_to_model_set", reason="training_failed", exit_code=exc.exit_code)
-                    warnings.warn(f"fine-tuning failed; fell back to a model set: {exc.message}", UserWarning, stacklevel=3)
+                    warnings.warn(f"fine-tuning failed; fell back to a model set: {exc.message}", UserWarning,
+                                  stacklevel=3)
                     approach = MODEL_SET
             if approach == MODEL_SET:
                 self._write_model_set(plan, build_dir)
@@ -458,7 +459,8 @@ class FineTuner:
         failed = ", ".join(f"{c.name} ({c.detail})" for c in report.failed)
         if settings.approach == FINE_TUNE or not settings.fallback:
             raise FineTuningNotSupportedError(
-                f"{settings.model} cannot be fine-tuned here: failed checks: {', '.join(c.name for c in report.failed)}",
+                f"{settings.model} cannot be fine-tuned here: failed checks: "
+                f"{', '.join(c.name for c in report.failed)}",
                 report=report, hint=f"see 'fine-tuner check {settings.model}': {failed}")
         return MODEL_SET, f"fine-tuning not possible: {failed}", report
 
@@ -591,7 +593,8 @@ class FineTuner:
             try:
                 with lock:
                     fitted, timings = head.fit_head(
-                        base, settings.model, texts, ratings, topics=", ".join(prompts.normalize_topics(settings.topics)),
+                        base, settings.model, texts, ratings,
+                        topics=", ".join(prompts.normalize_topics(settings.topics)),
                         seed=self.config.defaults.seed, timeout_s=t.timeout_s, grace_s=t.grace_s,
                         stop_event=job.stop_event if job else None, on_progress=relay)
             except head.FeaturesError as exc:

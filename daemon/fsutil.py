@@ -81,8 +81,8 @@ def write_lines(path: str | os.PathLike, chunks: Iterable[str], *, durable: bool
 
     A helper thread writes while the caller's iterator builds the next chunk: writing a large new
     file is mostly the kernel allocating page-cache pages, which runs without the GIL, so the two
-    overlap (building + writing 164 MiB of training_data.jsonl: 0.53 s → 0.35 s on 2 cores). The thread always ends before
-    this returns or raises, and an error on either side removes the temporary file."""
+    overlap (building + writing 164 MiB of training_data.jsonl: 0.53 s → 0.35 s on 2 cores). The thread
+    always ends before this returns or raises, and an error on either side removes the temporary file."""
     with atomic_open(path, "wb", durable=durable) as fh:
         _write_overlapped(fh, chunks)
 

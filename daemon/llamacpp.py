@@ -11,8 +11,9 @@ which merge an adapter into its base) into a cache folder outside the clone (``c
 ``$FINE_TUNER_CACHE_DIR``, else ``$XDG_CACHE_HOME/fine-tuner``, else ``~/.cache/fine-tuner``), so later
 clones and runs reuse it. The build is for the CPU it runs on (``-march=native``) less AMX, whose kernels
 crash at this pin, and lives in a folder named after that CPU's features (``cpu_key``): a cache shared by
-machines with different CPUs holds one build per kind of CPU and never runs one built for another. ``python -m daemon.llamacpp
-build`` is what ``make`` runs; ``paths`` prints where things are. Nothing happens at import time.
+machines with different CPUs holds one build per kind of CPU and never runs one built for another.
+``python -m daemon.llamacpp build`` is what ``make`` runs; ``paths`` prints where things are. Nothing happens at
+import time.
 """
 
 from __future__ import annotations

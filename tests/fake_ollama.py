@@ -19,7 +19,8 @@ time, ``endless_pause_s`` apart, 0 for no pause),
 ``"huge"`` / ``"huge_unannounced"`` (the normal answer after ``huge_bytes`` spaces, with or without
 a Content-Length), ``"redirect"`` (307 to ``redirect_to``; with ``redirect_endless``, a body of
 spaces without end) and ``"body"`` (the bytes in
-``hostile_bodies[path]``, with the status in ``hostile_status[path]``, 200 if none). ``hostile_sent`` counts the bytes each hostile answer got out, by path.
+``hostile_bodies[path]``, with the status in ``hostile_status[path]``, 200 if none).
+``hostile_sent`` counts the bytes each hostile answer got out, by path.
 ``refuse_adapters`` makes it a server that creates no model from base + adapter, as Ollama 0.34.1 and
 later (its pull request 14969, "create: add server-side MLX imports and drop GGUF conversion"):
 safetensors adapters are refused before any status line with 400 ``supplied file was not in GGUF
@@ -206,7 +207,8 @@ class Model:
 
     @property
     def weights_digest(self) -> str:
-        return hashlib.sha256(f"weights:{self.architecture}:{self.name if not self.parent_model else self.parent_model}".encode()).hexdigest()
+        name = self.name if not self.parent_model else self.parent_model
+        return hashlib.sha256(f"weights:{self.architecture}:{name}".encode()).hexdigest()
 
     @property
     def adapter_layer_digest(self) -> str | None:

@@ -29,7 +29,8 @@ a body (bytes, or JSON), or ``close="before"`` (the connection is closed without
 ``requests`` records every request (method, path, headers, raw body, parsed JSON, arrival time);
 ``delay_s`` holds each chat answer that long; ``peak_in_flight`` is the most chats that were being
 answered at once, and with ``gate`` set no chat is answered before that many were in flight together
-(or ``gate_timeout_s`` passed), which makes concurrency measurable without timing. The ``fake_openai`` fixture yields a started server serving ``served-model`` and
+(or ``gate_timeout_s`` passed), which makes concurrency measurable without timing. The ``fake_openai``
+fixture yields a started server serving ``served-model`` and
 ``llama3.2:1b`` and stops it afterwards.
 """
 

@@ -173,7 +173,8 @@ def test_seed_script_command_line(tmp_path, dataset):
 
 def test_daemon_import_is_light():
     """Importing the package, the CLI, the facade and the service pulls in no ML library."""
-    code = ("import sys, daemon, daemon.cli, daemon.fine_tuner, daemon.serving.capability, daemon.training.supervisor, daemon.inbox.service;"
+    code = ("import sys, daemon, daemon.cli, daemon.fine_tuner, daemon.serving.capability, "
+            "daemon.training.supervisor, daemon.inbox.service;"
             "bad=[m for m in ('torch','transformers','peft','accelerate') if m in sys.modules];"
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -191,7 +192,8 @@ def test_demo_runs_offline(tmp_path):
     assert "model set: ok=True" in res.stdout
     assert "fine-tune: ok=True" in res.stdout
     assert (tmp_path / "demo_outputs" / "fine_tune" / "adapter" / "adapter_model.safetensors").is_file()
-    assert "| | fine-tune | bag-of-words baseline | model set | base model (zero-shot) |" in res.stdout  # the evaluation
+    # the evaluation
+    assert "| | fine-tune | bag-of-words baseline | model set | base model (zero-shot) |" in res.stdout
     assert (tmp_path / "demo_outputs" / "fine_tune" / "evaluation.json").is_file()
     # the answer-quality page shows the table the demo prints: the same columns, rows and backends (figures vary)
     readme = (ROOT / "docs" / "quality.md").read_text(encoding="utf-8")
@@ -362,7 +364,8 @@ def test_evaluate_an_output_folder_again(tmp_path, fake_ollama, synthetic_csv, m
     assert json.loads((out / "fine_tuning_metadata.json").read_text())["evaluation"]["status"] == "done"
     res = run("evaluate", str(tmp_path), cwd=tmp_path, env=env)
     assert res.returncode == 2
-    assert res.stderr.strip().endswith("not an output folder (it has no fine_tuning_metadata.json); pass outputs/<job_id>")
+    assert res.stderr.strip().endswith(
+        "not an output folder (it has no fine_tuning_metadata.json); pass outputs/<job_id>")
 
 
 @pytest.mark.parametrize("content", [b"defaults:\n  topics: Erk\xe4ltung\n",
@@ -544,7 +547,8 @@ def test_cache_dir_and_llama_server_variables_are_used_not_refused_as_settings(t
     named = _stand_in_server(tmp_path / "bin" / "llama-server", "stand-in named by the variable")
     gguf, log = tmp_path / "m.gguf", tmp_path / "server.log"
     gguf.write_bytes(b"GGUF")
-    for env, says in (({"FINE_TUNER_CACHE_DIR": str(cache), "FINE_TUNER_LLAMA_SERVER": ""}, "stand-in built in the cache"),
+    for env, says in (({"FINE_TUNER_CACHE_DIR": str(cache), "FINE_TUNER_LLAMA_SERVER": ""},
+                       "stand-in built in the cache"),
                       ({"FINE_TUNER_CACHE_DIR": str(cache), "FINE_TUNER_LLAMA_SERVER": str(named)},
                        "stand-in named by the variable")):
         res = run("serve", str(gguf), "--log", str(log), cwd=tmp_path, env=env)
@@ -598,7 +602,8 @@ def test_retry_learning_rate_nan_is_refused_and_nothing_is_dropped(tmp_path):
 @pytest.mark.parametrize("args, error", [
     (("cancel", "j0", "--wait", "-1"), "fine-tuner cancel: error: argument --wait: must not be negative"),
     (("cancel", "j0", "--wait", "86401"), "fine-tuner cancel: error: argument --wait: must be at most 86400"),
-    (("retry", "j0", "--learning-rate", "0"), "fine-tuner retry: error: argument --learning-rate: must be greater than 0"),
+    (("retry", "j0", "--learning-rate", "0"),
+     "fine-tuner retry: error: argument --learning-rate: must be greater than 0"),
     (("retry", "j0", "--learning-rate", "fast"),
      "fine-tuner retry: error: argument --learning-rate: expected a number, got 'fast'"),
     (("process", "--input", "v.csv", "--learning-rate", "inf"),
@@ -653,7 +658,8 @@ def test_process_evaluate_and_rate_write_private_files_whatever_the_umask(tmp_pa
     modes = {str(p.relative_to(work)): oct(p.lstat().st_mode & 0o777) for p in work.rglob("*")}
     folders = ["outputs", "outputs/visits", "rated", "rated/deep"]
     files = ["fine_tuner.log", "rated/deep/r.csv", "rated/deep/r.summary.json"] + [
-        f"outputs/visits/{name}" for name in ("Modelfile", "baseline.json", "confusion_matrix.png", "evaluation.json", "evaluation.md",
+        f"outputs/visits/{name}" for name in ("Modelfile", "baseline.json", "confusion_matrix.png", "evaluation.json",
+                                              "evaluation.md",
                                               "fine_tuning_metadata.json", "model_set_config.json",
                                               "predictions.csv", "validation_data.jsonl")]
     assert modes == {**{f: "0o700" for f in folders}, **{f: "0o600" for f in files}}

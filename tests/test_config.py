@@ -535,7 +535,8 @@ def test_topic_definition_and_group_by_in_jobs_and_config():
         job_settings(Defaults(model="m"), {"topic_definition": "x" * (MAX_DEFINITION_CHARS + 1), "group_by": " "})
     assert err.value.problems == [f"topic_definition: {MAX_DEFINITION_CHARS + 1} characters, over the limit of "
                                   f"{MAX_DEFINITION_CHARS}", "group_by: must not be blank (leave the key out instead)"]
-    cfg = load_config(env={"FINE_TUNER_EVALUATION__GROUP_BY": "Site"}, overrides={"defaults": {"topic_definition": "c"}})
+    cfg = load_config(env={"FINE_TUNER_EVALUATION__GROUP_BY": "Site"},
+                      overrides={"defaults": {"topic_definition": "c"}})
     assert (cfg.evaluation.group_by, cfg.defaults.topic_definition) == ("Site", "c")
     with pytest.raises(ConfigError, match="evaluation.group_by: must not be blank"):
         load_config(env={}, overrides={"evaluation": {"group_by": ""}})
@@ -566,7 +567,8 @@ def test_code_knowledge_in_jobs_and_config(tmp_path):
 def test_the_openai_section_from_the_environment():
     """FINE_TUNER_OPENAI__* set the openai section like any other; evaluation.backend takes openai."""
     cfg = load_config(None, env={"FINE_TUNER_OPENAI__BASE_URL": "http://127.0.0.1:8080/v1",
-                                 "FINE_TUNER_OPENAI__MODEL": "gemma-3-270m", "FINE_TUNER_OPENAI__API_KEY_ENV": "LLM_KEY",
+                                 "FINE_TUNER_OPENAI__MODEL": "gemma-3-270m",
+                                 "FINE_TUNER_OPENAI__API_KEY_ENV": "LLM_KEY",
                                  "FINE_TUNER_OPENAI__PARALLEL": "8", "FINE_TUNER_EVALUATION__BACKEND": "openai"})
     o = cfg.openai
     assert (o.base_url, o.model, o.api_key_env, o.parallel, o.retries, o.read_timeout_s, cfg.evaluation.backend) == (
@@ -576,7 +578,8 @@ def test_the_openai_section_from_the_environment():
 
 def test_the_metrics_section_from_the_environment():
     """FINE_TUNER_METRICS__* set the metrics section; by default it is off (no port, no textfile)."""
-    cfg = load_config(None, env={"FINE_TUNER_METRICS__PORT": "9464", "FINE_TUNER_METRICS__TEXTFILE": "m/fine_tuner.prom",
+    cfg = load_config(None, env={"FINE_TUNER_METRICS__PORT": "9464",
+                                 "FINE_TUNER_METRICS__TEXTFILE": "m/fine_tuner.prom",
                                  "FINE_TUNER_METRICS__TEXTFILE_EVERY_S": "5"})
     m = cfg.metrics
     assert (m.port, m.host, m.textfile, m.textfile_every_s) == (9464, "127.0.0.1", "m/fine_tuner.prom", 5.0)
@@ -615,7 +618,8 @@ def test_openai_settings_that_cannot_work_are_named_without_their_values():
         ({"base_url": "http://user:ZZSECRET@host/v1"}, [
             "openai.base_url: it must not hold a user name or password: put the API key in an environment variable "
             f"and name that variable in openai.api_key_env{url_rule}"]),
-        ({"base_url": "https://host/v1?key=ZZSECRET"}, [f"openai.base_url: it must not hold a query or fragment{url_rule}"]),
+        ({"base_url": "https://host/v1?key=ZZSECRET"},
+         [f"openai.base_url: it must not hold a query or fragment{url_rule}"]),
         ({"base_url": "http://host:0/v1"}, [f"openai.base_url: the port must be a number from 1 to 65535{url_rule}"]),
         ({"base_url": "http:///v1"}, [f"openai.base_url: it names no host{url_rule}"]),
         ({"api_key_env": "sk-ZZSECRET"}, [

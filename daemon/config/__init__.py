@@ -38,7 +38,7 @@ from .files import (
     read_config_file,
     read_small_file,
 )
-from .loading import PROCESS_VARIABLES, as_dict, load_config, value_sources, with_defaults
+from .loading import PROCESS_VARIABLES, as_dict, load_config, state_directory, value_sources, with_defaults
 from .rules import (
     AXOLOTL_OWN_KEYS,
     DAY_S,
@@ -91,6 +91,7 @@ __all__ = [
     "MetricsConfig", "NoAliasLoader", "OllamaConfig", "OpenAIConfig", "ParseProblem", "PathsConfig", "RatingConfig",
     "StrictLoader", "TrainingConfig", "WatchConfig", "as_dict", "axolotl_settings_problems", "base_url_problem",
     "display_name", "duplicate_key", "find_config_file", "group_problem", "host_problem", "load_config",
+    "state_directory",
     "metrics_problems", "model_name_problem", "number_problem", "parse_yaml", "printable", "read_config_file",
     "read_small_file", "topics_problem", "value_sources", "with_defaults",
 ]

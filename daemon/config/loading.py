@@ -12,6 +12,7 @@ import dataclasses
 import os
 import typing
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -143,6 +144,14 @@ def load_config(
 def _optional(cls: type, key: str) -> bool:
     hint = typing.get_type_hints(cls)[key]
     return type(None) in typing.get_args(hint)
+
+
+def state_directory(cfg: Config, env: Mapping[str, str] | None = None) -> Path:
+    """Where the daemon keeps its state (journal, logs, measured rates): ``paths.state_dir``, else
+    ``$STATE_DIRECTORY`` (systemd), else ``<root>/.fine-tuner``; relative paths under ``paths.root``."""
+    env = os.environ if env is None else env
+    state = cfg.paths.state_dir or env.get("STATE_DIRECTORY", "").split(":")[0] or ".fine-tuner"
+    return Path(cfg.paths.root).absolute() / state
 
 
 def with_defaults(cfg: Config, **changes: Any) -> Config:

@@ -76,7 +76,8 @@ def system_prompt(topics: str | Sequence[str] | None, label_to_value: Mapping[st
         *rating_scale_lines(label_to_value),
         "",
         *(["How the experts decide:", definition.strip(), ""] if definition and definition.strip() else []),
-        'Answer with exactly one JSON object and nothing else: {"rationale": "<short reason, or empty>", "rating": <integer>}',
+        ('Answer with exactly one JSON object and nothing else: '
+         '{"rationale": "<short reason, or empty>", "rating": <integer>}'),
         f"The rating must be one of: {', '.join(str(v) for v in values)}.",
     ])
 

@@ -88,16 +88,20 @@ def format_validation_report(report: dict[str, Any]) -> str:
         dropped = ", ".join(f"{k}={v}" for k, v in rows["dropped"].items() if v) or "none"
         lines.append(f"  rows: {rows['used']} used of {rows['read']} read (dropped: {dropped})")
         lines.append("  labels: " + ", ".join(
-            f"{k} [{' / '.join(v['labels'])}] {v['count']} ({v['share']:.0%})" for k, v in report["label_balance"].items()))
+            f"{k} [{' / '.join(v['labels'])}] {v['count']} ({v['share']:.0%})"
+            for k, v in report["label_balance"].items()))
         pc = report["prompt_chars"]
         if pc:
-            lines.append(f"  prompt length (chars): min {pc['min']}, median {pc['p50']}, p95 {pc['p95']}, max {pc['max']}")
+            lines.append(f"  prompt length (chars): min {pc['min']}, median {pc['p50']}, "
+                         f"p95 {pc['p95']}, max {pc['max']}")
         lines.append(f"  rationale coverage: {report['rationale_coverage']:.0%}")
         lines.append(f"  mapping: {report['mapping']['source']}")
         source = report.get("prompt_source") or {}
         if source.get("kind") == "template":
             which = "built-in syndromic-surveillance template" if source.get("builtin") else "prompt template"
-            lines.append(f"  prompts: built from the {which} ({', '.join(source['template']['value']) if isinstance(source['template']['value'], list) else source['template']['value']})")
+            value = source["template"]["value"]
+            lines.append(f"  prompts: built from the {which} "
+                         f"({', '.join(value) if isinstance(value, list) else value})")
         if source.get("ratings_from") == "labels":
             lines.append("  ratings: from the Expert Rating labels through the mapping")
         approach = report["recommended_approach"]

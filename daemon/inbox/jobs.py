@@ -557,7 +557,8 @@ class JobRunner:
     @contextlib.contextmanager
     def _observed(self, build: Path, job_id: str):
         """The job's lines copied into its ``job.log``, its progress into the journal."""
-        with job_log(build / "job.log", job_id, self._log_roots(build, job_id)), progress.recording(self.journal, job_id):
+        with (job_log(build / "job.log", job_id, self._log_roots(build, job_id)),
+              progress.recording(self.journal, job_id)):
             yield
 
     def _log_roots(self, build: Path, job_id: str) -> dict[str, str]:

@@ -618,7 +618,8 @@ class Journal:
 
     def current_models(self) -> dict[str, dict]:
         """Topic → the promoted job, its model, alias and when."""
-        return {r["topic"]: {k: r[k] for k in ("job_id", "model", "alias", "promoted_at")} | {"forced": bool(r["forced"])}
+        return {r["topic"]: {k: r[k] for k in ("job_id", "model", "alias", "promoted_at")}
+                | {"forced": bool(r["forced"])}
                 for r in self._read("SELECT * FROM current_models ORDER BY topic")}
 
     def training_rows(self, job_id: str, topic: str) -> list[dict]:

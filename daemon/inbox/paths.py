@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, state_directory
 
 JOURNAL_NAME = "journal.sqlite3"
 TRAINING_LOCK = "training.lock"
@@ -61,6 +61,5 @@ def resolve_paths(cfg: Config, env: dict[str, str] | None = None) -> Paths:
     p = cfg.paths
     root = Path(p.root).absolute()
     inbox = root / p.inbox
-    state = p.state_dir or env.get("STATE_DIRECTORY", "").split(":")[0] or ".fine-tuner"
     return Paths(root=root, inbox=inbox, outputs=root / p.outputs, processed=inbox / "processed",
-                 failed=inbox / "failed", work=inbox / ".work", state_dir=root / state)
+                 failed=inbox / "failed", work=inbox / ".work", state_dir=state_directory(cfg, env))

@@ -257,7 +257,8 @@ def _kappa_text(evaluation: dict | None) -> str:
         def k(key: str) -> str:
             value = (evaluation.get(key) or {}).get("kappa")
             return "n/a" if value is None else f"{value:.2f}"
-        ignored = "  ADAPTER HAD NO EFFECT (answers identical to the base model)" if evaluation.get("adapter_ignored") else ""
+        ignored = ("  ADAPTER HAD NO EFFECT (answers identical to the base model)"
+                   if evaluation.get("adapter_ignored") else "")
         # evaluation.compare: none leaves the base model out of the evaluation
         base = f"base {k('base')}" if "base" in evaluation else "base not compared"
         new = evaluation.get("new") or {}
@@ -406,7 +407,8 @@ def format_job(detail: dict) -> str:
         lines.extend(f"  {f['name']}{'/' if f['folder'] else ''}  {f['size_bytes']} bytes" for f in detail["files"])
     if detail.get("actions"):
         lines.append("actions:")
-        lines.extend(f"  {a['at']}  {a['event']}" + "".join(f" {k}={v}" for k, v in a.items() if k not in ("at", "event"))
+        lines.extend(f"  {a['at']}  {a['event']}"
+                     + "".join(f" {k}={v}" for k, v in a.items() if k not in ("at", "event"))
                      for a in detail["actions"])
     if detail.get("events"):
         lines.append("events:")

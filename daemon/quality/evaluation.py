@@ -388,7 +388,8 @@ def _confidence_lines(report: dict) -> list[str]:
     cal = info["calibration"]
     t = cal.get("temperature")
     lines.append(f"Confidence is the probability the {md_text(new['title'])} gives its rating, from "
-                 f"{md_text(info['source'])}, over the allowed ratings ({info['available']} of {new['n']} rows have one)"
+                 f"{md_text(info['source'])}, over the allowed ratings "
+                 f"({info['available']} of {new['n']} rows have one)"
                  + (f", calibrated with temperature {t:.2f} fitted on these rows: expected calibration error "
                     f"{_fmt(cal.get('ece_before'))} before, {_fmt(cal.get('ece_after'))} after." if t is not None
                     else f"; too few rows to calibrate (expected calibration error {_fmt(cal.get('ece_before'))})."))

@@ -427,25 +427,69 @@ class _ProgressLog:
                  evaluation_eta_s=round(whole, 1) if whole is not None else None)
 
 
-class _Estimate:
-    """How long the whole evaluation will take, measured rather than guessed: the seconds the first
-    model took for its first answers (a backend's first batch: the local child's ``batch_size``
-    records, its loading included; Ollama's or a server's first ``parallel`` answers), per record, times every
-    held-out row of every model. Logged once as ``evaluation_estimated``."""
+RATES_FILE = "evaluation_rates.json"  # in the state directory: the last measured records/s per backend and base
+MAX_RATES_BYTES = 64 * 1024
+EARLIER, MEASURED = "earlier evaluations", "this evaluation's first answers"
 
-    def __init__(self, rows: int, models: int, backend: str, batch: int) -> None:
+
+class _Estimate:
+    """How long the whole evaluation will take: before the first answer, at the rate the last
+    evaluation with the same backend and base model measured on this machine (when one did), then
+    measured rather than guessed: the seconds the first model took for its first answers (a
+    backend's first batch: the local child's ``batch_size`` records, its loading included;
+    Ollama's or a server's first ``parallel`` answers), per record, times every held-out row of
+    every model. Each is logged as ``evaluation_estimated`` with its ``basis``."""
+
+    def __init__(self, rows: int, models: int, backend: str, batch: int, prior: float | None = None) -> None:
         self.rows, self.models, self.backend = rows, models, backend
         self.batch = max(1, min(batch, rows))  # answers in flight together: one of them alone says too little
         self.logged = False
+        if prior:
+            self._log(1 / prior, 0, EARLIER)
+
+    def _log(self, per_record: float, done: int, basis: str) -> None:
+        log.info("evaluation_estimated", backend=self.backend, rows=self.rows, models=self.models,
+                 seconds=round(per_record * self.rows * self.models, 1), measured_records=done,
+                 records_per_s=round(1 / per_record, 2) if per_record > 0 else None, basis=basis)
 
     def measured(self, done: int, elapsed: float) -> None:
         if self.logged or done < self.batch:
             return
         self.logged = True
-        per_record = elapsed / done
-        log.info("evaluation_estimated", backend=self.backend, rows=self.rows, models=self.models,
-                 seconds=round(per_record * self.rows * self.models, 1), measured_records=done,
-                 records_per_s=round(1 / per_record, 2) if per_record > 0 else None)
+        self._log(elapsed / done, done, MEASURED)
+
+
+def _rates_path(config: Config) -> Path:
+    from ..config import state_directory
+
+    return state_directory(config) / RATES_FILE
+
+
+def _prior_rate(config: Config, key: str) -> float | None:
+    """The records/s the last evaluation with ``key`` (backend and base model) measured; None when
+    none did here or the file is unreadable (never a reason to stop)."""
+    try:
+        rate = fsutil.read_json(_rates_path(config), limit=MAX_RATES_BYTES).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(rate) if isinstance(rate, (int, float)) and 0 < rate < 1e6 else None
+
+
+def _record_rate(config: Config, key: str, rate: float) -> None:
+    """Keep ``rate`` for ``key`` in the state directory's rates file, when that directory exists."""
+    path = _rates_path(config)
+    if not path.parent.is_dir() or not rate > 0:
+        return
+    try:
+        rates = fsutil.read_json(path, limit=MAX_RATES_BYTES)
+    except (OSError, ValueError):
+        rates = {}
+    rates = {k: v for k, v in (rates if isinstance(rates, dict) else {}).items() if isinstance(k, str)}
+    rates[key] = round(rate, 4)
+    try:
+        fsutil.write_json(path, dict(list(rates.items())[-100:]))
+    except OSError as exc:
+        log.warning("evaluation_rate_not_kept", error=type(exc).__name__)
 
 
 def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, config: Config, schema: dict,
@@ -456,7 +500,9 @@ def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, 
     seed = config.defaults.seed
     results, texts = [], {}
     batch = {"ollama": config.ollama.parallel, "openai": config.openai.parallel}.get(chosen, ev.batch_size)
-    estimate = _Estimate(len(data.users), len(models), label, batch)
+    rate_key = f"{label}:{base}"
+    estimate = _Estimate(len(data.users), len(models), label, batch, prior=_prior_rate(config, rate_key))
+    began = time.monotonic()
     for number, model in enumerate(models):
         shared = prefix(model, data.system, chosen)  # one object: every request starts byte-identical
         conversations = [[*shared, {"role": "user", "content": u}] for u in data.users]
@@ -491,6 +537,9 @@ def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, 
             [a.latency_s for a in answers], duration, label if model.head is None else HeadRater.backend,
             probs=[a.probs for a in answers],
             extra={"few_shot_turns": len(model.few_shot) // 2}))
+    elapsed = time.monotonic() - began
+    if elapsed > 0:  # the next evaluation's first estimate
+        _record_rate(config, rate_key, len(data.users) * len(models) / elapsed)
     return results, texts
 
 

@@ -463,7 +463,8 @@ def _rater(model: RatingModel, backend: str, weights, config: Config, schema: di
                              max_tokens=config.evaluation.max_new_tokens, direct=model.direct and not explain)
         return (lambda convs, **kw: served.answer(name, convs, **kw)), name
     ev = config.evaluation
-    local = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+    local = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size,
+                       max_new_tokens=ev.max_new_tokens,
                        timeout_s=ev.timeout_s, grace_s=config.training.grace_s, values=values,
                        direct=model.direct and not explain, reasoned=model.direct and explain)
     return local.answer, model.base_model + (" + adapter" if model.adapter_dir is not None else "")
@@ -602,7 +603,8 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
                         if on_answer is not None:  # per answer: a progress bar moves for small files too
                             on_answer(base_done + d, total)
 
-                    answers = answer(conversations, on_progress=answered, stop_event=stop_event) if conversations else []
+                    answers = (answer(conversations, on_progress=answered, stop_event=stop_event)
+                               if conversations else [])
                     del conversations
                     ids = (chunk[id_column].tolist() if id_column else range(done + 1, end + 1))
                     by_position = dict(zip(asked, answers))

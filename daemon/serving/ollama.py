@@ -547,7 +547,8 @@ class OllamaClient:
                         log.warning("ollama_create_failed", model=model, status=resp.status_code)
                         raise OllamaError(f"Ollama could not create {model!r}: {server_error}",
                                           status=resp.status_code, server_error=server_error,
-                                          hint="read the server's error text; check the base model and the uploaded files")
+                                          hint="read the server's error text; "
+                                               "check the base model and the uploaded files")
                     final = status
                     if on_status is not None:
                         on_status(status)

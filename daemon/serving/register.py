@@ -299,5 +299,6 @@ def register_with_policy(mode: str, action: Callable[[], dict], *, log=None) -> 
     if mode == "required" and result.get("registered") and check.get("ok") is False:
         raise RegistrationError(f"{result.get('name')!r} was registered but failed its check: {check.get('detail')}",
                                 status=check.get("status"),
-                                hint="inspect the model with ollama run; set ollama.register to auto to keep such results")
+                                hint="inspect the model with ollama run; "
+                                     "set ollama.register to auto to keep such results")
     return result

@@ -10,7 +10,8 @@ torch, transformers and peft, always inside functions; the GGUF base weights a u
 dequantized once into a trainable folder (``ggufmodel``; its header read with bounded memory by
 ``ggufheader``), and the tiny locally built model of the
 demo and tests (``tinymodel``). Child entry points: ``python -m daemon.training.trainer SPEC``,
-``python -m daemon.training.axolotl_trainer SPEC`` and ``python -m daemon.training.features SPEC``. May import: the top-level base modules
+``python -m daemon.training.axolotl_trainer SPEC`` and ``python -m daemon.training.features SPEC``.
+May import: the top-level base modules
 (``errors``, ``text``, ``config``, ``fsutil``, ``portable``, ``logconfig``), ``daemon.data``,
 ``daemon.outputs`` (the output folder's file names) and this package; never ``serving``,
 ``quality``, ``inbox``, ``fine_tuner`` or ``cli``.

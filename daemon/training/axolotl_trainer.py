@@ -8,7 +8,8 @@ config, or the one ``accelerate config`` wrote), and the DeepSpeed / FSDP keys o
 (``training.axolotl``) reach axolotl as written. Only what this run needs differently from a run
 by hand is given on axolotl's command line: the base weights found on this machine, an output
 and a prepared-data folder in ``.trainer-work`` (never ``adapter/`` or ``trainer-output/``; removed
-after the run, checkpoints included), and ``daemon.training.axolotl_plugin.ProgressPlugin``, which writes ``training_log.jsonl`` and
+after the run, checkpoints included), and ``daemon.training.axolotl_plugin.ProgressPlugin``, which
+writes ``training_log.jsonl`` and
 the summary behind ``training_result.json`` from the Trainer's logs. When axolotl is done, the
 adapter's two files become ``adapter/`` whole (``trainer.publish_adapter``).
 

@@ -2,7 +2,8 @@
 
 Child-side code like ``trainer`` and ``quality.generate``: torch and transformers are imported
 inside the functions, and nothing happens at import time (the parent imports this module only for
-its names: the poolings and the output files). ``run`` loads the base weights without the language-model head (the decoder
+its names: the poolings and the output files). ``run`` loads the base weights without the
+language-model head (the decoder
 alone, ``AutoModel``), and for each text runs one forward pass, no generation, on the token ids
 ``[bos] + text + question`` (the text cut to ``max_tokens``), reading the hidden state after chosen
 decoder layers: layer ``k`` of ``L`` is the output of decoder layer ``k`` (1-based), and layer ``L``

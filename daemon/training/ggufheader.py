@@ -8,7 +8,8 @@ bytes), then each tensor's name, dimensions, ggml type and data offset, padded t
 every array item, which makes a vocabulary of a million empty tokens cost gigabytes in the daemon.
 ``read_header`` walks the file instead: arrays it does not need are skipped by seeking (a list of
 texts by reading only their lengths, a megabyte at a time), the two vocabulary arrays are visited
-again only for the few tokens a summary keeps, and every count and length is capped and checked against the file's size, so a damaged,
+again only for the few tokens a summary keeps, and every count and length is capped and checked
+against the file's size, so a damaged,
 cut-off or hostile file is a ``GGUFFormatError`` (it names the file and the offset, never a value),
 never an exception of another kind or an exhausted memory.
 """

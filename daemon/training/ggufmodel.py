@@ -98,7 +98,8 @@ def find_ollama_blob(name: str, models_dirs: list[Path]) -> tuple[Path | None, s
         layers = data.get("layers") if isinstance(data.get("layers"), list) else []
         for layer in layers:
             digest = layer.get("digest") if isinstance(layer, dict) else None
-            if (layer.get("mediaType") if isinstance(layer, dict) else None) != MODEL_LAYER or not isinstance(digest, str):
+            if ((layer.get("mediaType") if isinstance(layer, dict) else None) != MODEL_LAYER
+                    or not isinstance(digest, str)):
                 continue
             blob = models_dir / "blobs" / digest.replace(":", "-")
             if is_gguf(blob):

@@ -514,7 +514,8 @@ def train(spec: dict, started: float) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(spec["learning_rate"]), weight_decay=0.0)
-    micro, accum, epochs = int(spec["micro_batch_size"]), int(spec["gradient_accumulation_steps"]), int(spec["num_epochs"])
+    micro, accum, epochs = (int(spec["micro_batch_size"]), int(spec["gradient_accumulation_steps"]),
+                            int(spec["num_epochs"]))
     batches_per_epoch = math.ceil(len(train_ex) / micro)
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
     total_steps = steps_per_epoch * epochs

@@ -19,7 +19,8 @@ R059 = ("[R05.9: Cough, unspecified; category: R05 Cough; block: Symptoms and si
         "and respiratory systems (R00-R09); CCSR: SYM013 (symptoms and signs)]")
 J210 = ("[J21.0: Acute bronchiolitis due to respiratory syncytial virus; category: J21 Acute bronchiolitis; "
         "block: Other acute lower respiratory infections (J20-J22); CCSR: INF008 (infectious and parasitic)]")
-I10 = "[I10: Essential (primary) hypertension; block: Hypertensive diseases (I10-I1A); CCSR: CIR007 (circulatory system)]"
+I10 = ("[I10: Essential (primary) hypertension; block: Hypertensive diseases (I10-I1A); "
+       "CCSR: CIR007 (circulatory system)]")
 MARKER = "ZZPATIENTMARKER"
 CODE_SETS = [
     {"package": "simple-icd-10-cm", "version": version("simple-icd-10-cm"),
@@ -110,7 +111,8 @@ def test_auto_leaves_a_diagnosis_column_without_codes_and_on_expands_it_anyway(t
     path = _export(tmp_path, ["Acute URI", "bronchitis", "J06.9"])
     auto = load_dataset(path, mapping={"Match": 1, "Does Not Match": 0})
     assert auto.code_knowledge == {"setting": "auto", "expanded": False,
-                                   "reason": "no known diagnosis column of the prompt template holds ICD-10-style codes"}
+                                   "reason": "no known diagnosis column of the prompt template "
+                                             "holds ICD-10-style codes"}
     assert auto.frame["prompt"].tolist()[2] == f"Chief complaint: cough {MARKER}\nDischarge diagnosis: J06.9"
     on = load_dataset(path, mapping={"Match": 1, "Does Not Match": 0}, code_knowledge="on")
     assert on.frame["prompt"].tolist()[2] == f"Chief complaint: cough {MARKER}\nDischarge diagnosis: J06.9 {J069}"

@@ -291,7 +291,8 @@ def test_rows_whose_label_disagrees_with_the_given_mapping_are_refused(tmp_path)
     rows = [f"R{i},{MARKER} {i},{label},{rating}" for i, (label, rating) in enumerate(
         [("Match", 1), ("Match", 0), ("Unknown", -1), ("Does Not Match", 0), ("Probable", 1),
          ("Does Not Match", 1), ("Match", ""), ("Match", 1)], start=1)]
-    path = write(tmp_path / "v.csv", "Row_ID,formatted_prompt,Expert Rating,Standardized_Rating\n" + "\n".join(rows) + "\n")
+    path = write(tmp_path / "v.csv",
+                 "Row_ID,formatted_prompt,Expert Rating,Standardized_Rating\n" + "\n".join(rows) + "\n")
     with pytest.raises(LabelRatingMismatchError) as info:
         load_dataset(path, mapping=MAPPING)
     assert info.value.message == (

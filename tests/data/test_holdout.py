@@ -117,7 +117,8 @@ def test_a_generated_export_is_grouped_by_its_diagnosis_codes(tmp_path):
     """load_dataset keeps each usable row's group: the discharge diagnosis' ICD-10 category."""
     path = write_csv(tmp_path / "visits.csv", generate_visits(120, seed=5))
     ds = load_dataset(path, mapping=MAPPING)
-    assert ds.grouping == {"column": DIAGNOSIS_COLUMN, "rule": holdout.ICD_RULE, "chosen_by": "a known diagnosis column"}
+    assert ds.grouping == {"column": DIAGNOSIS_COLUMN, "rule": holdout.ICD_RULE,
+                           "chosen_by": "a known diagnosis column"}
     raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     expected = holdout._codes(raw[DIAGNOSIS_COLUMN].str.strip())
     assert ds.frame["group"].tolist() == expected.iloc[ds.frame["source_row"] - 1].tolist()

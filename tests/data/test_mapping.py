@@ -251,7 +251,8 @@ def test_a_mapping_with_more_labels_than_a_rating_scale_is_refused(tmp_path):
 def test_an_inferred_mapping_with_more_labels_than_a_rating_scale_is_refused():
     """Inferring from an Expert Rating column of 51 distinct labels is a MappingError naming the
     count and the limit, never a label."""
-    df = pd.DataFrame({"Expert Rating": [f"ZZ{i}" for i in range(51)], "Standardized_Rating": [str(i) for i in range(51)]})
+    df = pd.DataFrame({"Expert Rating": [f"ZZ{i}" for i in range(51)],
+                       "Standardized_Rating": [str(i) for i in range(51)]})
     with pytest.raises(MappingError) as info:
         infer_mapping(df, source="v.csv")
     assert (info.value.message, info.value.hint) == (

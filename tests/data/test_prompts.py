@@ -37,7 +37,8 @@ def test_system_prompt_text_allows_the_empty_rationale_rows_train():
         "- 1: Match\n"
         "- 0: No\n"
         "\n"
-        'Answer with exactly one JSON object and nothing else: {"rationale": "<short reason, or empty>", "rating": <integer>}\n'
+        'Answer with exactly one JSON object and nothing else: '
+        '{"rationale": "<short reason, or empty>", "rating": <integer>}\n'
         "The rating must be one of: 0, 1.")
     assert prompts.answer_json(0, None) == '{"rationale": "", "rating": 0}'
     assert prompts.parse_answer(prompts.answer_json(0, None), [0, 1]) == {"rating": 0, "rationale": ""}

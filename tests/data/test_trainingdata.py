@@ -146,7 +146,8 @@ def test_training_config_uses_axolotl_keys():
         "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "sequence_len": 2048,
         "micro_batch_size": 4, "gradient_accumulation_steps": 1, "num_epochs": 5, "learning_rate": 0.001,
         "warmup_ratio": 0.03, "lr_scheduler": "linear", "optimizer": "adamw_torch", "weight_decay": 0.0,
-        "logging_steps": 1, "seed": 42, "bf16": "auto", "fp16": False, "tf32": False, "lora_mlp_kernel": False, "lora_qkv_kernel": False,
+        "logging_steps": 1, "seed": 42, "bf16": "auto", "fp16": False, "tf32": False,
+        "lora_mlp_kernel": False, "lora_qkv_kernel": False,
         "lora_o_kernel": False, "output_dir": "adapter", "eval_strategy": "epoch",
     }
     assert yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)) == cfg

@@ -126,8 +126,8 @@ def test_queue_counts_and_version(metrics):
     m = metrics()
     m.update_queue({"queued": 2, "running": 1, "succeeded": 5, "failed": 0, "duplicate": 1}, 2)
     value = m.registry.get_sample_value
-    assert [value("fine_tuner_jobs", {"state": s}) for s in ("queued", "running", "succeeded", "failed", "duplicate")] == [
-        2.0, 1.0, 5.0, 0.0, 1.0]
+    assert [value("fine_tuner_jobs", {"state": s})
+            for s in ("queued", "running", "succeeded", "failed", "duplicate")] == [2.0, 1.0, 5.0, 0.0, 1.0]
     assert (value("fine_tuner_queue_length"), value("fine_tuner_info", {"version": __version__})) == (2.0, 1.0)
 
 

@@ -24,7 +24,8 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 def _root(tmp_path):
     (tmp_path / "inbox").mkdir()
     (tmp_path / ".fine-tuner").mkdir()
-    return load_config(None, {}, overrides={"paths": {"root": str(tmp_path)}}), tmp_path / ".fine-tuner" / "journal.sqlite3"
+    return (load_config(None, {}, overrides={"paths": {"root": str(tmp_path)}}),
+            tmp_path / ".fine-tuner" / "journal.sqlite3")
 
 
 def _finished(journal, tmp_path, job_id, topic, *, used=80, name="m:latest"):
@@ -50,7 +51,8 @@ def test_finished_jobs_show_topic_base_rows_duration_and_ollama_name_and_filter(
         journal.fail("f1", {"error_type": "DatasetError", "message": "no rows", "hint": "add rows"})
     report = status(cfg, topic="RESPIRATORY  infections")
     assert [j["job_id"] for j in report["recent_succeeded"]] == ["a2", "a1"]
-    assert {k: report["recent_succeeded"][1][k] for k in ("topics", "base_model", "rows", "duration_s", "ollama_name")} == {
+    assert {k: report["recent_succeeded"][1][k]
+            for k in ("topics", "base_model", "rows", "duration_s", "ollama_name")} == {
         "topics": ["Respiratory infections"], "base_model": "llama3.2:1b", "rows": 80, "duration_s": 125.0,
         "ollama_name": "a:latest"}
     assert format_status(report).splitlines()[4] == (

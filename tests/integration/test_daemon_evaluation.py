@@ -19,8 +19,9 @@ from tests.integration.test_daemon_rating import Scripted, raw_export
 PROGRESS_LINE = re.compile(r"    evaluation \(new\) \d+ % \(record \d+ of 20\), \d+\.\d records/s, about \d+ s left")
 
 
-def _events(path, name: str) -> list[dict]:
-    return [e for e in map(json.loads, path.read_text().splitlines()) if e.get("event") == name]
+def _events(path, name: str | None) -> list[dict]:
+    """The JSON lines of a log (those of event ``name``; None: all)."""
+    return [e for e in map(json.loads, path.read_text().splitlines()) if name is None or e.get("event") == name]
 
 
 def _status(root) -> str:
@@ -46,9 +47,9 @@ def test_evaluation_is_estimated_followed_in_status_and_shrunk_by_compare(root, 
                       timeout=120, interval=0.2, message="evaluation progress in status")
     [done] = wait_for(lambda: root.job_folders(root.processed, "slow"), timeout=120, message="slow job done")
     log = root.outputs / done.name / "job.log"
-    [estimate] = _events(log, "evaluation_estimated")
-    assert (estimate["rows"], estimate["models"], estimate["measured_records"], estimate["backend"]) == (
-        20, 2, 1, "ollama")
+    [estimate] = _events(log, "evaluation_estimated")  # the root's first evaluation: measured only
+    assert (estimate["rows"], estimate["models"], estimate["measured_records"], estimate["backend"],
+            estimate["basis"]) == (20, 2, 1, "ollama", "this evaluation's first answers")
     assert estimate["seconds"] > 0 and estimate["records_per_s"] > 0
     last = {e["model"]: e for e in _events(log, "evaluation_progress")}
     assert {k: (e["done"], e["total"], e["percent"], e["eta_s"]) for k, e in last.items()} == {
@@ -67,8 +68,17 @@ def test_evaluation_is_estimated_followed_in_status_and_shrunk_by_compare(root, 
     [lean] = wait_for(lambda: root.job_folders(root.processed, "lean"), timeout=120, message="lean job done")
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
-    [started] = _events(root.outputs / lean.name / "job.log", "evaluation_started")
+    lean_log = root.outputs / lean.name / "job.log"
+    [started] = _events(lean_log, "evaluation_started")
     assert (started["models"], started["compare"]) == (["new"], "none")
+    # the next evaluation on this root estimates before its first question, at the rate measured before
+    events = [e["event"] for e in _events(lean_log, None)]
+    first = _events(lean_log, "evaluation_estimated")[0]
+    assert events.index("evaluation_estimated") < events.index("evaluation_progress")
+    assert (first["basis"], first["measured_records"], first["rows"], first["models"]) == (
+        "earlier evaluations", 0, 20, 1)
+    rates = json.loads((root.path / ".fine-tuner" / "evaluation_rates.json").read_text())
+    assert list(rates) == ["ollama:llama3.2:1b"] and rates["ollama:llama3.2:1b"] > 0
     report = json.loads((root.outputs / lean.name / "evaluation.json").read_text())
     assert ([m["key"] for m in report["models"]], report["compare"]) == (["new", "baseline"], "none")
     [brief] = [x for x in _status(root).splitlines() if x.startswith(f"  {lean.name}")]

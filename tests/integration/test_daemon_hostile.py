@@ -297,7 +297,8 @@ def test_config_that_cannot_be_read_on_sighup_keeps_the_daemon_running(root, sta
     root.config.write_bytes(b"defaults:\n  topics: Erk\xe4ltung\n")
     d.signal(signal.SIGHUP)
     [failed] = d.wait_event("config_reload_failed")
-    assert (failed["problems"], failed["source"]) == (["the file is not UTF-8 text (save it as UTF-8)"], str(root.config))
+    assert (failed["problems"], failed["source"]) == (["the file is not UTF-8 text (save it as UTF-8)"],
+                                                      str(root.config))
     root.drop_dataset("after")
     wait_for(lambda: root.job_folders(root.processed, "after"), timeout=30, message="still serving")
     _stop(d)

@@ -43,7 +43,8 @@ def test_endless_and_huge_chat_answers_fail_the_rating_job_with_bounded_memory(r
     [built] = wait_for(lambda: root.job_folders(root.processed, "raw"), timeout=60, message="model set built")
     idle_peak = _peak_rss_bytes(d.proc.pid)
     fake_ollama.huge_bytes = 1 << 30
-    over_cap = f"Ollama's answer to POST /api/chat is larger than ollama.max_response_bytes ({CAP}); reading stopped there"
+    over_cap = (f"Ollama's answer to POST /api/chat is larger than ollama.max_response_bytes ({CAP}); "
+                "reading stopped there")
     cases = [
         ("huge", 0.0, rf"Ollama's answer to POST /api/chat announces 10737\d{{5}} bytes, more than "
                       rf"ollama.max_response_bytes \({CAP}\); it was not read"),

@@ -173,7 +173,8 @@ def test_rating_applies_the_calibration_and_sends_unsure_records_to_review(fake_
     fake_openai.models = ["llama3.2:1b"]
     fake_openai.responder = lambda model, messages, body: (
         "no idea" if messages[-1]["content"] == rows[4][1]
-        else json.dumps({"rationale": "r", "rating": int(rows[[r[1] for r in rows].index(messages[-1]["content"])][3])}))
+        else json.dumps({"rationale": "r",
+                         "rating": int(rows[[r[1] for r in rows].index(messages[-1]["content"])][3])}))
     fake_openai.probs_responder = lambda model, messages: {
         v: (sure[messages[-1]["content"]] if v == int(next(r for r in rows if r[1] == messages[-1]["content"])[3])
             else (1 - sure[messages[-1]["content"]]) / 2) for v in VALUES}

@@ -62,8 +62,8 @@ def _rate(folder: Path, csv_path: Path, output: Path, base_models: dict, *extra:
     config.write_text(json.dumps({"base_models": base_models}))  # JSON is YAML
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FINE_TUNER_OLLAMA__HOST": "http://127.0.0.1:9",
            "FINE_TUNER_OLLAMA__RETRIES": "0", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "daemon", "rate", "--config", str(config), "--model", str(folder), "--input", str(csv_path),
-                          "--output", str(output), "--backend", "local", *extra],
+    res = subprocess.run([sys.executable, "-m", "daemon", "rate", "--config", str(config), "--model", str(folder),
+                          "--input", str(csv_path), "--output", str(output), "--backend", "local", *extra],
                          cwd=csv_path.parent, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     with open(output, newline="", encoding="utf-8") as fh:

@@ -180,7 +180,8 @@ def _two_kinds_report():
     results = [ModelResult("new", "fine-tune", "m", fine, [0.1] * 120, 1.0, "local"),
                ModelResult("base", "base model (zero-shot)", "m", base, [0.1] * 120, 1.0, "local")]
     split = {"kind": "grouped", "familiar_rows": 60, "new_kinds_rows": 60, "groups": 24, "held_out_groups": 3,
-             "grouping": {"column": "DischargeDiagnosis", "rule": "ICD-10 category", "chosen_by": "a known diagnosis column"},
+             "grouping": {"column": "DischargeDiagnosis", "rule": "ICD-10 category",
+                          "chosen_by": "a known diagnosis column"},
              "duplicate_rows": 5, "duplicates_set_aside": 2}
     return evaluation_report(results, expert, list(range(1, 121)), MAPPING, seed=42, source="validation_data.jsonl",
                              created_at="2026-01-01T00:00:00Z", sets=sets, split=split)
@@ -216,7 +217,8 @@ def test_familiar_and_new_kinds_are_scored_apart_and_a_gap_is_said_in_plain_word
 def test_a_random_split_has_one_figure_and_says_why():
     result = ModelResult("new", "model set", "m", PREDICTED, [0.1] * 8, 2.0, "local")
     report = evaluation_report([result], EXPERT, list(range(1, 9)), MAPPING, seed=42, source="v", created_at="t",
-                               split={"kind": "random", "grouping": {"column": None, "reason": "no known diagnosis column"},
+                               split={"kind": "random",
+                                      "grouping": {"column": None, "reason": "no known diagnosis column"},
                                       "duplicate_rows": 0, "duplicates_set_aside": 0})
     assert "figures" not in report and "generalisation" not in report
     assert "Held-out rows: a random split only (no known diagnosis column)" in markdown(report)

@@ -251,7 +251,8 @@ def test_every_evaluation_measures_the_bag_of_words_baseline_and_the_verdict_wei
     rows = frame.set_index("source_row").loc[meta["split"]["validation_source_rows"]]
     refit = baseline.fit(train["prompt"].tolist(), train["rating"].astype(int).tolist())
     from sklearn.metrics import cohen_kappa_score
-    assert measured["kappa"] == round(cohen_kappa_score(rows["rating"].astype(int), refit.predict(rows["prompt"].tolist())), 4)
+    assert measured["kappa"] == round(
+        cohen_kappa_score(rows["rating"].astype(int), refit.predict(rows["prompt"].tolist())), 4)
     assert [m["key"] for m in report["figures"]["new_kinds"]["models"]] == ["new", "baseline", "base"]
     assert measured["backend"] == "baseline" and measured["invalid"] == 0
     assert "bag-of-words baseline" in (out / "evaluation.md").read_text()
@@ -295,7 +296,8 @@ def test_rate_with_the_baseline_needs_no_server_and_gives_its_probabilities_as_c
     from daemon.data.visits import MAPPING as VISIT_MAPPING
 
     fitted = Baseline.from_json(json.loads((out / "baseline.json").read_text()))
-    probs = fitted.probabilities(load_dataset(str(tmp_path / "new.csv"), mapping=VISIT_MAPPING).frame["prompt"].tolist())
+    probs = fitted.probabilities(
+        load_dataset(str(tmp_path / "new.csv"), mapping=VISIT_MAPPING).frame["prompt"].tolist())
     assert [int(r["rating"]) for r in rated] == [max(p, key=p.get) for p in probs]
     assert all(r["valid"] == "true" and abs(float(r["confidence"]) - max(p.values())) < 1e-3
                for r, p in zip(rated, probs))

@@ -271,7 +271,8 @@ def test_a_direct_rating_is_one_pass_over_the_allowed_ratings_first_tokens(tiny_
         seqs = {v: tokenizer(f"{prompt}{DIRECT_PREFIX}{v}}}", add_special_tokens=False)["input_ids"] for v in values}
         shared = next(k for k in range(min(map(len, seqs.values()))) if len({s[k] for s in seqs.values()}) > 1)
         with torch.inference_mode():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([seqs[values[0]][:shared]])).logits.float()[0, -1], -1)
+            logp = torch.log_softmax(
+                model(input_ids=torch.tensor([seqs[values[0]][:shared]])).logits.float()[0, -1], -1)
         alone = {v: math.exp(float(logp[s[shared]])) for v, s in seqs.items()}
         norm = sum(alone.values())
         assert probs == pytest.approx({str(v): p / norm for v, p in alone.items()}, rel=1e-4)

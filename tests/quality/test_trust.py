@@ -142,7 +142,8 @@ def test_status_shows_the_verdict_and_a_failed_gate():
         {"job_id": "j1", "approach": "model_set", "output_path": "outputs/j1",
          "evaluation": {"new": {"kappa": -0.03}, "base": {"kappa": 0.02}, "recommended": False,
                         "verdict": "Not recommended: the model set: 29 % of its answers were invalid.",
-                        "quality_gate": {"status": "failed", "reason": "kappa -0.03 is below evaluation.min_kappa 0.60"}}}]}
+                        "quality_gate": {"status": "failed",
+                                         "reason": "kappa -0.03 is below evaluation.min_kappa 0.60"}}}]}
     assert format_status(report).splitlines()[-3:] == [
         "  j1  model_set -> outputs/j1  kappa -0.03 (base 0.02)",
         "    quality gate failed: kappa -0.03 is below evaluation.min_kappa 0.60",

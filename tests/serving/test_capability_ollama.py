@@ -101,7 +101,8 @@ def test_unknown_model_says_ollama_pull(client, fake_ollama):
     report = _report("nope:1b", client)
     assert _checks(report) == {"ollama_reachable": (True, False), "ollama_model": (False, True),
                                "adapter_architecture": (False, True)}
-    assert _detail(report, "ollama_model") == f"'nope:1b' is not in Ollama at {fake_ollama.url}: run ollama pull nope:1b"
+    assert _detail(report, "ollama_model") == (
+        f"'nope:1b' is not in Ollama at {fake_ollama.url}: run ollama pull nope:1b")
     assert report.supported is False
 
 

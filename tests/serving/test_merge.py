@@ -255,7 +255,8 @@ def test_never_records_the_refusal_and_merges_nothing(job_with_base, refusing, t
             register_with_policy("required", action)
     assert (result["registered"], result["error"]["error_type"], result["error"]["status"],
             result["error"]["server_error"]) == (False, "AdapterRefusedError", 400, NOT_GGUF)
-    assert info.value.message == f"Ollama refused to create 'tiny-ft:latest' from {TINY_NAME!r} with the adapter: {NOT_GGUF}"
+    assert info.value.message == (f"Ollama refused to create 'tiny-ft:latest' from {TINY_NAME!r} with the adapter: "
+                                  f"{NOT_GGUF}")
     assert (calls, refusing.get_model("tiny-ft:latest"), list(tmp_path.iterdir())) == ([], None, [])
 
 

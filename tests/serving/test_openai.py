@@ -47,7 +47,8 @@ def test_chat_sends_the_schema_as_response_format_at_temperature_0_with_the_seed
     (req,) = fake_openai.requests_to(CHAT)
     assert (req.method, req.body) == ("POST", {
         "model": "served-model", "messages": MESSAGES, "temperature": 0, "seed": 7,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "rating", "strict": True, "schema": SCHEMA}}})
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "rating", "strict": True, "schema": SCHEMA}}})
     assert ("Authorization" in req.headers, req.headers["Content-Type"]) == (False, "application/json")
 
 
@@ -144,7 +145,8 @@ def test_a_key_variable_that_is_not_set_is_named():
 
     with pytest.raises(OpenAIError) as info:
         OpenAIClient(OpenAIConfig(base_url="http://127.0.0.1:9/v1", api_key_env="FT_OPENAI_KEY"), env={})
-    assert info.value.message == "openai.api_key_env names the environment variable FT_OPENAI_KEY, which is not set or empty"
+    assert info.value.message == ("openai.api_key_env names the environment variable FT_OPENAI_KEY, "
+                                  "which is not set or empty")
 
 
 # --- retries --------------------------------------------------------------------------------------

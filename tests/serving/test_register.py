@@ -181,7 +181,8 @@ def test_register_adapter_on_unsupported_base(client, fake_ollama, tmp_path):
         register_adapter(client, **_adapter_kwargs(tmp_path, base="qwen2.5:0.5b"))
     assert (info.value.status, info.value.server_error) == (200, "unsupported architecture")
     with pytest.raises(RegistrationError) as required:
-        register_with_policy("required", lambda: register_adapter(client, **_adapter_kwargs(tmp_path, base="qwen2.5:0.5b")))
+        register_with_policy("required",
+                             lambda: register_adapter(client, **_adapter_kwargs(tmp_path, base="qwen2.5:0.5b")))
     assert (required.value.status, required.value.server_error) == (200, "unsupported architecture")
 
 

@@ -101,7 +101,8 @@ def test_an_axolotl_run_whose_parent_dies_stops_by_itself(tiny_model_dir, tmp_pa
         base = resolve_base_weights({TINY_NAME!r}, {{{TINY_NAME!r}: {str(tiny_model_dir)!r}}})
         run_training({str(job)!r}, base=base, training=TrainingConfig(backend="axolotl", device="cpu",
                                                                       sequence_len=512, grace_s=5.0))
-        """)], cwd=Path.cwd(), env={**os.environ, **THIRD_PARTY_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        """)], cwd=Path.cwd(), env={**os.environ, **THIRD_PARTY_ENV},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         log_file = job / "training_log.jsonl"
         wait_for(lambda: log_file.exists() and log_file.read_text(), timeout=180,

@@ -191,7 +191,8 @@ def test_axolotl_validates_both_configs_and_keeps_the_recipe(axolotl_job, small_
     """axolotl's own validate_config accepts training_config.yaml as written (base_model filled in)
     with and without a hold-out, and keeps the project's recipe instead of its own defaults."""
     job, meta, _log = axolotl_job
-    copies = [handed_on(job, tmp_path / "big", tiny_model_dir), handed_on(small_job, tmp_path / "small", tiny_model_dir)]
+    copies = [handed_on(job, tmp_path / "big", tiny_model_dir),
+              handed_on(small_job, tmp_path / "small", tiny_model_dir)]
     result = run_python(f"""
         import json, yaml
         from axolotl.utils.config import validate_config

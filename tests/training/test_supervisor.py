@@ -351,7 +351,8 @@ def test_unreachable_hub_fails_at_once_naming_the_weights_and_what_to_do(tmp_pat
     with structlog.testing.capture_logs() as logs, pytest.raises(TrainingFailedError) as info:
         run_training(job, base=base, training=TrainingConfig())
     err, stderr_path = info.value, job / "trainer_stderr.log"
-    cause = "the Hugging Face Hub at http://127.0.0.1:9 could not be reached (ConnectError: [Errno 111] Connection refused)"
+    cause = ("the Hugging Face Hub at http://127.0.0.1:9 could not be reached "
+             "(ConnectError: [Errno 111] Connection refused)")
     assert err.exit_code == 5
     assert stderr_path.read_text() == f"trainer: the weights of org/not-cached could not be downloaded: {cause}\n"
     assert err.message == f"the weights of org/not-cached could not be downloaded: {cause}; see {stderr_path}"
