@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
 
 from daemon import FineTuner  # noqa: E402
-from daemon.quality.evaluation import table_text  # noqa: E402
+from daemon.quality.evalreport import table_text  # noqa: E402
 from daemon.data.synthetic import MAPPING, write_csv  # noqa: E402
 
 OUT = Path("demo_outputs")

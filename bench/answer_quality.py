@@ -37,8 +37,8 @@ from daemon.data import trainingdata  # noqa: E402
 from daemon.data.dataset import load_dataset  # noqa: E402
 from daemon.data.visits import MAPPING, TOPIC_DEFINITION, generate_visits, write_csv  # noqa: E402
 from daemon.llamacpp import cache_dir  # noqa: E402
-from daemon.quality import evaluation  # noqa: E402
-from daemon.quality.evaluator import evaluate_folder  # noqa: E402
+from daemon.quality import evalreport  # noqa: E402
+from daemon.quality.heldout import evaluate_folder  # noqa: E402
 
 NAME = "gemma3:270m"
 TOPIC = "respiratory infections"
@@ -146,7 +146,7 @@ def main() -> int:
         if args.fine_tune_only:
             (out / "comparison_model_set.json").rename(work / "comparison_model_set.json")
             report = evaluate_folder(out, meta, load_config(env={}, overrides=config), backend="local")
-            evaluation.write_report(report, out)
+            evalreport.write_report(report, out)
         report = json.loads((out / "evaluation.json").read_text())
         t = meta["training"]
         recipe = yaml.safe_load((out / "training_config.yaml").read_text())
@@ -166,10 +166,10 @@ def main() -> int:
         stopping = t.get("early_stopping") or {}
         print(f"early stopping: loss by epoch {stopping.get('loss_by_epoch')} on {stopping.get('watched')}, "
               f"best epoch {stopping.get('best_epoch')} kept")
-        print(f"\n{evaluation.split_text(report['split'])}" if report.get("split") else "")
+        print(f"\n{evalreport.split_text(report['split'])}" if report.get("split") else "")
         print(f"\nall held-out rows: {report['n']}")
         print(table(report))
-        for name, title in evaluation.SETS.items():
+        for name, title in evalreport.SETS.items():
             part = (report.get("figures") or {}).get(name)
             if part:
                 print(f"\n{title}: {part['n']} held-out rows")
@@ -191,7 +191,7 @@ def main() -> int:
             cfg = load_config(env={}, overrides=config)
             started = time.monotonic()
             fresh = evaluate_folder(folder, meta, cfg, backend="local", max_rows=args.new_kinds)
-            evaluation.write_report(fresh, folder)
+            evalreport.write_report(fresh, folder)
             print(f"\nanother vocabulary: {fresh['n']} visits written by another site "
                   f"({(time.monotonic() - started) / 60:.1f} min)")
             print(table(fresh))

@@ -3,7 +3,7 @@ any served model can be, in the same run.
 
 A model-set job is built from 400 generated visits (Ollama unreachable, so no registration and no
 evaluation; the job still fits its ``baseline.json``), then the same file of new visits is rated
-twice by ``rating.rate_file``: (a) with the folder's baseline, (b) through a loopback stand-in for
+twice by ``ratefile.rate_file``: (a) with the folder's baseline, (b) through a loopback stand-in for
 Ollama that answers every chat at once (``ollama.parallel`` 4), which is only the client's own
 cost: a real model adds its time to every record on top. Prints records/s of both and the ratio.
 Target: the baseline rates >= 1,000 records/s on 2 cores.
@@ -39,7 +39,7 @@ def main() -> int:
     from daemon.data.jobsettings import job_settings
     from daemon.data.visits import MAPPING, generate_visits, write_csv
     from daemon.fine_tuner import FineTuner, JobInputs
-    from daemon.quality import rating
+    from daemon.quality import ratefile
 
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
         work = Path(tmp)
@@ -60,11 +60,11 @@ def main() -> int:
               f"(baseline fitted in {meta['baseline']['fit_s']:.2f} s on {meta['baseline']['train_rows']} rows)")
         new = work / "new.csv"
         write_csv(new, generate_visits(args.records, seed=2, vocabulary="b"))
-        model = rating.model_from_folder(work / "out")
+        model = ratefile.model_from_folder(work / "out")
 
         def timed(backend: str, cfg, tag: str) -> float:
             began = time.monotonic()
-            summary = rating.rate_file(model, new, work / f"{tag}.csv", cfg, backend=backend)
+            summary = ratefile.rate_file(model, new, work / f"{tag}.csv", cfg, backend=backend)
             seconds = time.monotonic() - began
             assert summary["rated"] == args.records, summary
             return args.records / seconds

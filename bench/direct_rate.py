@@ -75,7 +75,7 @@ def main() -> int:
     if args.server:
         return server(args.records, args.threads)
 
-    from daemon.quality.rater import LocalRater
+    from daemon.quality.backends import LocalRater
     from daemon.training.supervisor import resolve_base_weights
 
     weights = resolve_base_weights(NAME, {NAME: str(gemma_gguf())})
@@ -104,7 +104,7 @@ def server(records: int, threads: int) -> int:
 
     from daemon.config import OpenAIConfig
     from daemon.data.prompts import output_schema, parse_answer
-    from daemon.quality.rater import DIRECT_MAX_TOKENS, OpenAIRater
+    from daemon.quality.backends import DIRECT_MAX_TOKENS, OpenAIRater
     from daemon.serving.llamaserver import LlamaServer, ServerSpec
 
     values = [-1, 0, 1]

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from daemon.config import OllamaConfig  # noqa: E402
 from daemon.data.prompts import system_prompt  # noqa: E402
-from daemon.quality.rater import LocalRater, OllamaRater  # noqa: E402
+from daemon.quality.backends import LocalRater, OllamaRater  # noqa: E402
 from daemon.data.synthetic import MAPPING, synthetic_rows  # noqa: E402
 
 TARGET = 3.0

@@ -1,4 +1,4 @@
-"""Benchmark: rating a file (``daemon.quality.rating.rate_file``) through Ollama, each number against its
+"""Benchmark: rating a file (``daemon.quality.ratefile.rate_file``) through Ollama, each number against its
 own baseline in the same run.
 
 A loopback server stands in for Ollama and answers every ``/api/chat`` after a fixed delay (the
@@ -13,7 +13,7 @@ production. Each run is a child process, so that its peak RSS (``VmHWM``) is its
     counted in one pass that keeps no rows, then read again a chunk at a time). A million records
     through the loopback HTTP server take about an hour on 2 cores (about 250 records/s with no
     delay at all), so this section answers in-process with zero latency: the child replaces the
-    backend (``rating._choose`` / ``rating._rater``) with a function that returns a fixed valid
+    backend (``ratefile._choose`` / ``ratefile._rater``) with a function that returns a fixed valid
     answer for every conversation; everything else (the checks, the row count, the chunked reads,
     building the conversations, parsing the answers, writing and fsyncing the part file) runs as
     in production.
@@ -127,7 +127,7 @@ def overhead_child(spec_path: str) -> int:
     from daemon.config import load_config
     from daemon.data import prompts
     from daemon.data.synthetic import MAPPING, synthetic_rows
-    from daemon.quality.rater import OpenAIRater
+    from daemon.quality.backends import OpenAIRater
 
     spec = json.loads(Path(spec_path).read_text())
     config = load_config(None, {}, overrides={"openai": {"base_url": spec["base_url"], "parallel": spec["parallel"],
@@ -213,8 +213,8 @@ def client_overhead(records: int, parallel: int) -> int:
 
 def _answer_in_process() -> None:
     """The zero-latency backend of section (c): every conversation gets ``ANSWER`` at once."""
-    from daemon.quality import rating
-    from daemon.quality.rater import Answer
+    from daemon.quality import ratefile
+    from daemon.quality.backends import Answer
 
     def answer(conversations, *, on_progress=None, stop_event=None):
         answers = [Answer(ANSWER, 0.0) for _ in conversations]
@@ -222,14 +222,14 @@ def _answer_in_process() -> None:
             on_progress(len(answers), len(answers))
         return answers
 
-    rating._choose = lambda model, backend, config, memory: ("ollama", None)
-    rating._rater = lambda model, backend, weights, config, schema, memory: (answer, "in-process")
+    ratefile._choose = lambda model, backend, config, memory: ("ollama", None)
+    ratefile._rater = lambda model, backend, weights, config, schema, memory: (answer, "in-process")
 
 
 def child(spec_path: str) -> int:
     """One run in its own process: rate the file, print records/s and this process's peak RSS."""
     from daemon.config import load_config
-    from daemon.quality.rating import model_from_name, rate_file
+    from daemon.quality.ratefile import model_from_name, rate_file
     from daemon.data.synthetic import MAPPING
 
     spec = json.loads(Path(spec_path).read_text())

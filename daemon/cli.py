@@ -593,7 +593,7 @@ def _cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
 
 def _expanded_code_columns(target: Path) -> list[str]:
     """The columns whose codes an output folder's prompts explain (none for a GGUF or an older folder)."""
-    from .quality.rating import RatingError, model_from_folder
+    from .quality.ratefile import RatingError, model_from_folder
 
     if not target.is_dir():
         return []
@@ -607,10 +607,10 @@ def _expanded_code_columns(target: Path) -> list[str]:
 def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from .outputs import build, names
     from .outputs.folder import read_metadata
-    from .quality import evaluation
-    from .quality.evaluator import EvaluationSkipped, evaluate_folder
-    from .quality.rater import RaterError
-    from .quality.rating import ModelFolderError, model_from_folder
+    from .quality import evalreport
+    from .quality.heldout import EvaluationSkipped, evaluate_folder
+    from .quality.backends import RaterError
+    from .quality.ratefile import ModelFolderError, model_from_folder
 
     _private_outputs()
     _configure_logging(cfg, args, stdout=False)
@@ -630,12 +630,12 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
         return _fail(f"cannot evaluate {folder}: {exc.message}", EXIT_FAILED)
     except (EvaluationSkipped, RaterError) as exc:
         return _fail(f"cannot evaluate {folder}: {getattr(exc, 'reason', exc)}", EXIT_FAILED)
-    files = evaluation.write_report(report, folder)
-    build.record_evaluation(folder, meta, evaluation.metadata_summary(report, files))
+    files = evalreport.write_report(report, folder)
+    build.record_evaluation(folder, meta, evalreport.metadata_summary(report, files))
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=2))
     else:
-        print(evaluation.table_text(report))
+        print(evalreport.table_text(report))
         print(f"written: {', '.join(str(folder / f) for f in files)}")
         print(f"verdict: {report['verdict']['headline']}")
     return EXIT_OK
@@ -643,7 +643,7 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
 
 def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
     from .fsutil import not_a_file
-    from .quality import rating, raterequest
+    from .quality import ratefile, raterequest
 
     _private_outputs()
     _configure_logging(cfg, args, stdout=False)
@@ -652,7 +652,7 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
         return _fail(f"{csv_path}: {problem}; pass the records to rate (a CSV file) with --input", EXIT_USAGE)
     output = Path(args.output) if args.output else csv_path.with_name(f"{csv_path.stem}.ratings.csv")
     summary_path = output.with_name(f"{output.stem}.summary.json")
-    if (problem := rating.output_problem(csv_path, output, also=(summary_path,))) is not None:
+    if (problem := ratefile.output_problem(csv_path, output, also=(summary_path,))) is not None:
         return _fail(f"{problem}; pass another --output", EXIT_USAGE)
     if bool(args.model) == bool(args.topic):
         return _fail("name the model with --model NAME|OUTPUT_DIR, or --topic T for the topic's current model "
@@ -661,7 +661,7 @@ def _cmd_rate(cfg: Config, args: argparse.Namespace) -> int:
     bar = _RateBar() if sys.stderr.isatty() else None
     try:
         with structlog.contextvars.bound_contextvars(job_id=output.stem):
-            summary = rating.rate_file(model, csv_path, output, cfg, backend=args.backend, on_progress=bar,
+            summary = ratefile.rate_file(model, csv_path, output, cfg, backend=args.backend, on_progress=bar,
                                        explain=args.explain,
                                        on_answer=bar)
     finally:

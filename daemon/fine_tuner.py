@@ -683,9 +683,9 @@ class FineTuner:
         """Measure the job's models on its held-out rows (``evaluation.enabled``): ``auto`` records
         a skip and its reason when no backend can run it, ``required`` fails the job then, ``off``
         does nothing. The report files are written into the job's folder."""
-        from .quality import evaluation
-        from .quality.evaluator import EvaluationSkipped, evaluate_folder
-        from .quality.rater import RaterError
+        from .quality import evalreport
+        from .quality.heldout import EvaluationSkipped, evaluate_folder
+        from .quality.backends import RaterError
 
         mode = self.config.evaluation.enabled
         if mode == "off":
@@ -705,7 +705,7 @@ class FineTuner:
                                            "evaluation.enabled to auto") from None
             log.warning("evaluation_skipped", status=status, reason=reason)
             return {"status": status, "reason": reason}
-        return evaluation.metadata_summary(report, evaluation.write_report(report, build_dir))
+        return evalreport.metadata_summary(report, evalreport.write_report(report, build_dir))
 
     def _register(self, action: Callable[[Any], dict], memory=None) -> dict:
         """Register under ``ollama.register``; ``memory`` is the job's (see ``_ollama_client``): a

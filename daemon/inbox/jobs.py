@@ -504,7 +504,7 @@ class JobRunner:
     def _rate(self, claim: Claim, build: Path, attempt: int, values: dict) -> str:
         """Rate the dropped records into ``ratings.csv`` + ``rating_summary.json``. A stopped or
         killed run resumes from its part file in the build folder."""
-        from ..quality import rating, raterequest
+        from ..quality import ratefile, raterequest
 
         summary: dict = {}
         error: dict | None = None
@@ -513,11 +513,11 @@ class JobRunner:
             try:
                 settings = self._settings(claim, values)
                 model = self._rating_model(claim, settings)
-                summary = rating.rate_file(model, claim.path / claim.files["dataset"], build / "ratings.csv",
+                summary = ratefile.rate_file(model, claim.path / claim.files["dataset"], build / "ratings.csv",
                                            self.cfg, backend=self.cfg.evaluation.backend,
                                            stop_event=self.stop_of(claim.job_id))
                 summary = raterequest.finish(model, summary, claim.path / claim.files["dataset"],
-                                             build / "ratings.csv", settings, self.cfg, build / rating.SUMMARY_FILE,
+                                             build / "ratings.csv", settings, self.cfg, build / ratefile.SUMMARY_FILE,
                                              stop_event=self.stop_of(claim.job_id))
             except (FineTunerError, DatasetTooSmallWarning) as exc:
                 error = error_fields(exc)

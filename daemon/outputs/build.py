@@ -66,7 +66,7 @@ def write_metadata(folder: Path, meta: dict) -> Path:
 
 
 def record_evaluation(folder: Path, meta: dict, summary: dict) -> dict:
-    """Record an evaluation's summary (``evaluation.metadata_summary``) under ``evaluation`` in the
+    """Record an evaluation's summary (``evalreport.metadata_summary``) under ``evaluation`` in the
     folder's metadata, written atomically; the metadata as written."""
     meta["evaluation"] = summary
     write_metadata(folder, meta)

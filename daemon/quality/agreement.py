@@ -1,7 +1,7 @@
 """Agreement with the experts, the statistics every report shares: ratings as scikit-learn classes
 (an invalid answer is its own class, ``invalid``), Cohen's kappa, seeded bootstrap resamples and
 their 95 % intervals, and the rounding every reported number gets. The evaluation report
-(``evaluation``) and the coverage table (``confidence``) both count with these, so this module
+(``evalreport``) and the coverage table (``confidence``) both count with these, so this module
 imports nothing of theirs. numpy and scikit-learn are imported inside the functions (the daemon's
 import stays light), scikit-learn under ``IMPORT_LOCK``.
 """

@@ -18,7 +18,7 @@ from ..config import Config, ConfigError
 from ..data import prompts
 from ..data.mapping import load_mapping
 from ..outputs import names
-from . import rating
+from . import ratefile
 
 if TYPE_CHECKING:
     from ..data.jobsettings import JobSettings
@@ -38,7 +38,7 @@ def model_folder(model: str, config: Config, outputs: Path) -> Path | None:
 
 def rating_model(settings: JobSettings, config: Config, *, outputs: Path, mapping: Path | None,
                  folder: Path | None = None, current_folder: Callable[[str], Path] | None = None,
-                 ask_mapping: str, source: str | None = None, hint: str | None = None) -> rating.RatingModel:
+                 ask_mapping: str, source: str | None = None, hint: str | None = None) -> ratefile.RatingModel:
     """The model that rates the request, in this order: ``folder`` (an output folder the user named
     by its path: everything from it); the topic's current model (``settings.topic``, its folder from
     ``current_folder``); an output folder of the service that ``settings.model`` names (both
@@ -47,20 +47,20 @@ def rating_model(settings: JobSettings, config: Config, *, outputs: Path, mappin
     ``settings.topic_definition``, and ``settings.prompt_template``. Without a mapping for a bare
     model: one ConfigError (``source``, ``hint``) ending with ``ask_mapping``, how to give one."""
     if folder is not None:
-        return rating.model_from_folder(folder)
+        return ratefile.model_from_folder(folder)
     if settings.topic is not None:
         if current_folder is None:
             raise ValueError("a request with a topic needs current_folder")
-        return rating.model_from_folder(current_folder(settings.topic), within=outputs)
+        return ratefile.model_from_folder(current_folder(settings.topic), within=outputs)
     named = model_folder(settings.model, config, outputs)
     if named is not None:
-        return rating.model_from_folder(named, within=outputs)
+        return ratefile.model_from_folder(named, within=outputs)
     if mapping is None:
         raise ConfigError([f"model: {settings.model} is not an output folder of this service, and a bare Ollama "
                            f"model needs a rating mapping: {ask_mapping}"], source=source, hint=hint)
     labels = dict(load_mapping(mapping).labels)
     system = prompts.system_prompt(settings.topics, labels, settings.topic_definition)
-    return rating.model_from_name(settings.model, system=system, labels=labels, template=settings.prompt_template)
+    return ratefile.model_from_name(settings.model, system=system, labels=labels, template=settings.prompt_template)
 
 
 def review_threshold(settings: JobSettings, config: Config) -> float | None:
@@ -69,18 +69,18 @@ def review_threshold(settings: JobSettings, config: Config) -> float | None:
     return settings.review_below if settings.review_below is not None else config.rating.review_below
 
 
-def finish(model: rating.RatingModel, summary: dict, input_csv: Path, output_csv: Path, settings: JobSettings,
+def finish(model: ratefile.RatingModel, summary: dict, input_csv: Path, output_csv: Path, settings: JobSettings,
            config: Config, summary_path: Path, *, stop_event: threading.Event | None = None) -> dict:
-    """After ``rating.rate_file``: the rationales of the records going to review
-    (``rating.explain_for_review``), ``needs_review.csv`` (``rating.route_for_review``, spread over
+    """After ``ratefile.rate_file``: the rationales of the records going to review
+    (``ratefile.explain_for_review``), ``needs_review.csv`` (``ratefile.route_for_review``, spread over
     the kinds of records ``settings.group_by``, else ``evaluation.group_by``, names) and, for a
     finished run, the summary written to ``summary_path`` with the ratings file's name. Returns the
     summary; a stopped run's is returned unwritten (it resumes later)."""
     below = review_threshold(settings, config)
-    summary = rating.explain_for_review(model, summary, input_csv, output_csv, config, below, stop_event=stop_event)
+    summary = ratefile.explain_for_review(model, summary, input_csv, output_csv, config, below, stop_event=stop_event)
     group_by = settings.group_by if settings.group_by is not None else config.evaluation.group_by
-    summary = rating.route_for_review(summary, input_csv, output_csv, below, group_by=group_by)
+    summary = ratefile.route_for_review(summary, input_csv, output_csv, below, group_by=group_by)
     if summary.get("status") == "done":
         summary = {**summary, "output": Path(output_csv).name}
-        rating.write_summary(summary, summary_path)
+        ratefile.write_summary(summary, summary_path)
     return summary

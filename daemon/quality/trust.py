@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .baseline import KEY as BASELINE_KEY
-from .evaluation import new_model
+from .evalreport import new_model
 
 # Landis and Koch's bands, the ones evaluation.md explains
 BANDS = ((0.8, "almost perfect agreement"), (0.6, "substantial agreement"), (0.4, "moderate agreement"),

@@ -11,7 +11,7 @@ import pytest
 from daemon.data import prompts
 from daemon.outputs import names
 from daemon.outputs.folder import OutputFolder, OutputFolderError, registered_name
-from daemon.quality.rating import ModelFolderError, model_from_folder
+from daemon.quality.ratefile import ModelFolderError, model_from_folder
 from daemon.serving.llamaserver import ServerError, serve_target
 
 LABELS = {"Match": 1, "No match": 0}

@@ -19,12 +19,12 @@ from daemon.config import load_config
 from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
 from daemon.fine_tuner import FineTuner
 from daemon.quality import confidence as conf
-from daemon.quality.evaluation import ModelResult, confidence_report
-from daemon.quality.rating import model_from_folder, rate_file, route_for_review
+from daemon.quality.evalreport import ModelResult, confidence_report
+from daemon.quality.ratefile import model_from_folder, rate_file, route_for_review
 from daemon.quality.review import ORDER_RULE, REVIEW_COLUMNS
 from tests.fake_logprobs import token_logprobs, with_rating_logprob
-from tests.quality.test_evaluator import ScriptedModels, _config, _frame
-from tests.quality.test_rating import FOLDER_HINT
+from tests.quality.test_heldout import ScriptedModels, _config, _frame
+from tests.quality.test_ratefile import FOLDER_HINT
 
 VALUES = sorted(MAPPING.values())
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,7 +268,7 @@ def test_rate_through_a_server_sending_impossible_log_probabilities_rates_every_
 def test_a_calibration_temperature_outside_0001_to_1000_is_refused_by_name(tmp_path, fake_ollama):
     """calibration.json with a temperature of 1e-320 (which made every confidence NaN) or 1e6:
     the model folder is refused with the file, the key and the range, before anything is rated."""
-    from daemon.quality.rating import ModelFolderError
+    from daemon.quality.ratefile import ModelFolderError
 
     folder = tmp_path / "model"
     ok, _ = FineTuner(config={"ollama": {"host": fake_ollama.url, "retries": 0, "register": "off"},

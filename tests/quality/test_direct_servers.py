@@ -16,8 +16,8 @@ from pathlib import Path
 from daemon.config import load_config
 from daemon.data import prompts
 from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
-from daemon.quality.rater import DIRECT_MAX_TOKENS
-from daemon.quality.rating import explain_for_review, model_from_name, rate_file, route_for_review
+from daemon.quality.backends import DIRECT_MAX_TOKENS
+from daemon.quality.ratefile import explain_for_review, model_from_name, rate_file, route_for_review
 from tests.conftest import leftovers
 
 MARKER = "ZZPATIENTMARKER"

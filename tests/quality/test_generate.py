@@ -329,7 +329,7 @@ def test_the_local_raters_progress_reaches_the_caller_in_its_own_context(tiny_mo
     caller's bound job_id, so progress lines reach the job's status and job.log."""
     import structlog
 
-    from daemon.quality.rater import LocalRater
+    from daemon.quality.backends import LocalRater
 
     seen = []
     with structlog.contextvars.bound_contextvars(job_id="visits-20261207T000000-0a1b2c3d"):

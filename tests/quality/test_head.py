@@ -17,9 +17,9 @@ from daemon.data.visits import generate_visits
 from daemon.fine_tuner import FineTuner
 from daemon.quality import head
 from daemon.quality.baseline import most_likely
-from daemon.quality.evaluation import CONFIDENCE_SOURCES
-from daemon.quality.rater import HeadRater, RaterError
-from daemon.quality.rating import ModelFolderError, RatingError, model_from_folder, rate_file
+from daemon.quality.evalreport import CONFIDENCE_SOURCES
+from daemon.quality.backends import HeadRater, RaterError
+from daemon.quality.ratefile import ModelFolderError, RatingError, model_from_folder, rate_file
 from daemon.training.features import POOLINGS
 from daemon.training.supervisor import resolve_base_weights
 from tests.tiny_model import TINY_NAME

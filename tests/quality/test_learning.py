@@ -162,7 +162,7 @@ def test_auto_starts_llama_server_for_the_evaluation_and_rate_when_asked(evaluat
 
     from daemon.data.synthetic import write_csv
     from daemon.llamacpp import server_binary
-    from daemon.quality import evaluator
+    from daemon.quality import heldout
 
     assert server_binary() is not None, "llama-server is not built: `make llama-cpp` (make test builds it)"
 
@@ -177,7 +177,7 @@ def test_auto_starts_llama_server_for_the_evaluation_and_rate_when_asked(evaluat
     (tmp_path / "tmp").mkdir()
     with capture_logs() as logs, pytest.MonkeyPatch.context() as mp:
         mp.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the server's output goes
-        report = evaluator.evaluate_folder(folder, meta, cfg, backend="auto")
+        report = heldout.evaluate_folder(folder, meta, cfg, backend="auto")
     assert [m["backend"] for m in report["models"]] == ["llama-server", "baseline", "llama-server", "llama-server"]
     [started] = [e for e in logs if e["event"] == "llama_server_started"]
     assert (started["gguf"], started["adapters"], started["slots"]) == ("tiny.gguf", 1, 2)

@@ -19,7 +19,7 @@ from daemon.errors import FineTunerError
 from daemon.data import prompts
 from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
 from daemon.fine_tuner import FineTuner
-from daemon.quality.evaluator import EvalModel, EvaluationSkipped, OpenAIPlan, choose_backend
+from daemon.quality.heldout import EvalModel, EvaluationSkipped, OpenAIPlan, choose_backend
 from tests.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -211,7 +211,7 @@ def test_a_llama_cpp_server_started_with_the_adapter_serves_the_fine_tune_and_it
     assert plan.target(models[1]) == plan.target(models[2]) == (
         "visits-ft", {"lora": [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}]})
     assert [(r.method, r.path) for r in fake_openai.requests] == [("GET", "/models"), ("GET", "/lora-adapters")]
-    from daemon.quality.rater import OpenAIRater
+    from daemon.quality.backends import OpenAIRater
 
     name, extra = plan.target(models[0])
     OpenAIRater(_config(fake_openai).openai, extra=extra).answer(name, [[{"role": "user", "content": "r"}]])
@@ -324,7 +324,7 @@ def test_auto_with_start_llama_server_names_the_missing_gguf_and_adapter(monkeyp
 def test_a_llama_server_that_does_not_come_up_is_a_rater_error_with_its_last_line(monkeypatch, tmp_path):
     """A managed server that exits while loading ends the run with one line saying so (its own last
     line of output), and nothing is left running or written in the state directory."""
-    from daemon.quality.evaluator import RaterError, served
+    from daemon.quality.heldout import RaterError, served
     from daemon.serving.llamaserver import ServerSpec
 
     script = tmp_path / "llama-server"

@@ -13,7 +13,7 @@ from pathlib import Path
 from daemon.data.csvfile import csv_text
 from daemon.data.dataset import load_dataset
 from daemon.data.visits import MAPPING as VISIT_MAPPING, generate_visits, write_csv
-from daemon.quality.rating import OUTPUT_COLUMNS
+from daemon.quality.ratefile import OUTPUT_COLUMNS
 from daemon.quality.review import (BLOCK_RULE, ORDER_RULE, REVIEW_COLUMNS, Candidate, Placed, review_order,
                                    write_needs_review)
 from tests.conftest import leftovers

@@ -11,7 +11,7 @@ from daemon.errors import EvaluationError
 from daemon.fine_tuner import FineTuner
 from daemon.inbox.status import format_status
 from daemon.quality.trust import Thresholds, band, quality_gate, verdict
-from tests.quality.test_evaluator import ScriptedModels, _config, _frame
+from tests.quality.test_heldout import ScriptedModels, _config, _frame
 from daemon.data.synthetic import MAPPING
 
 

@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.errors import OpenAIError, TrainingInterruptedError
-from daemon.quality.rater import OpenAIRater, RaterError
+from daemon.quality.backends import OpenAIRater, RaterError
 from daemon.serving.openai import OpenAIClient, retry_after_s
 from tests.fake_openai import FakeOpenAI, Reply
 

@@ -101,7 +101,7 @@ def test_llama_server_renders_gemma_turns_and_decides_the_rating_directly(tmp_pa
     the server's log-probabilities (summing to 1)."""
     from daemon.config import OpenAIConfig
     from daemon.data.prompts import answer_rating, system_prompt
-    from daemon.quality.rater import OpenAIRater
+    from daemon.quality.backends import OpenAIRater
     from daemon.serving.llamaserver import LlamaServer, ServerSpec
 
     visits = generate_visits(2, seed=5)

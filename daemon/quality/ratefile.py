@@ -40,16 +40,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from . import confidence, evaluation
+from . import confidence, evalreport
 from .. import fsutil
 from ..data import prompts
 from ..config import Config
 from ..data.csvfile import (ID_COLUMNS, PROMPT_COLUMNS, csv_text, find_column, read_chunks, safe_cell, scan_csv,
                              unguard_cell)
 from ..errors import FineTunerError, MissingColumnError, TrainingInterruptedError
-from .evaluator import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, prefix, served
+from .heldout import BACKENDS, EvalModel, EvaluationSkipped, choose_backend, prefix, served
 from ..logconfig import get_logger
-from .rater import BaselineRater, HeadRater, LocalRater, OllamaRater, OpenAIRater, RaterError
+from .backends import BaselineRater, HeadRater, LocalRater, OllamaRater, OpenAIRater, RaterError
 # needs_review.csv: its columns (the contract a reviewed file is read back by) and its writer
 from .review import (EXPERT_COLUMNS, MODEL_COLUMNS, ORDER_COLUMNS, REVIEW_COLUMNS,  # noqa: F401
                      write_needs_review)
@@ -653,7 +653,7 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
             "counts": {names[v]: counts.by_rating.get(v, 0) for v in names},
             "counts_by_rating": {str(v): counts.by_rating.get(v, 0) for v in names},
             "invalid": counts.invalid, "empty_prompt": counts.empty_prompt,
-            "invalid_answer_rule": evaluation.INVALID_RULE,
+            "invalid_answer_rule": evalreport.INVALID_RULE,
             "backend": chosen, "model": model_name, "base_model": model.base_model, "approach": model.approach,
             "model_source": model.source, "few_shot_turns": len(model.few_shot) // 2,
             # a model trained on both answer forms: one-pass ratings ("direct") or explained ones
@@ -667,7 +667,7 @@ def rate_file(model: RatingModel, input_csv: str | os.PathLike, output_csv: str 
             "records_per_s": round(this_run / rating_s, 2) if rating_s > 0 and this_run else None,
             "confidence": {
                 "rated_with_confidence_this_run": confident,
-                "source": evaluation.CONFIDENCE_SOURCES.get(chosen, chosen) if confident else None,
+                "source": evalreport.CONFIDENCE_SOURCES.get(chosen, chosen) if confident else None,
                 "temperature": model.temperature,
                 **({} if confident or not this_run else {
                     "note": f"the {chosen} backend gave no probabilities: the confidence column is empty"})},

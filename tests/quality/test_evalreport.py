@@ -1,4 +1,4 @@
-"""Agreement metrics and the report files (daemon/quality/evaluation.py)."""
+"""Agreement metrics and the report files (daemon/quality/evalreport.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from daemon.quality.evaluation import (
+from daemon.quality.evalreport import (
     adapter_effect,
     ModelResult,
     evaluation_report,

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import evaluation, trust
+from . import evalreport, trust
 from .. import fsutil
 from ..data import prompts
 from ..config import Config
@@ -47,7 +47,7 @@ from ..logconfig import get_logger
 from ..outputs import names
 from ..outputs.folder import registered_name
 from . import head as head_module
-from .rater import HeadRater, LocalRater, OllamaRater, OpenAIRater, RaterError
+from .backends import HeadRater, LocalRater, OllamaRater, OpenAIRater, RaterError
 
 if TYPE_CHECKING:
     from . import baseline
@@ -532,7 +532,7 @@ def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, 
                 conversations, on_progress=progress, stop_event=stop_event)
         duration = time.monotonic() - started
         texts[model.key] = [a.text for a in answers]
-        results.append(evaluation.ModelResult(
+        results.append(evalreport.ModelResult(
             model.key, model.title, name, [prompts.answer_rating(a.text, values) for a in answers],
             [a.latency_s for a in answers], duration, label if model.head is None else HeadRater.backend,
             probs=[a.probs for a in answers],
@@ -554,7 +554,7 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
                     max_rows: int | None = None, stop_event: threading.Event | None = None,
                     memory=None, show_modelfile: str | None = None, compare: str | None = None) -> dict:
     """Evaluate every model of an output folder on its held-out rows; returns the report
-    (``evaluation.evaluation_report``). EvaluationSkipped when it cannot run, RaterError when a
+    (``evalreport.evaluation_report``). EvaluationSkipped when it cannot run, RaterError when a
     backend fails part-way. ``show_modelfile``: the job's /api/show Modelfile (``choose_backend``);
     ``compare``: which comparisons (``compared``; None: ``evaluation.compare``)."""
     folder = Path(folder)
@@ -577,10 +577,10 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
         results.insert(1, measured)
     adapter_check = None
     if any(m.adapter_dir is not None for m in models) and "new" in texts and "base" in texts:
-        adapter_check = evaluation.adapter_effect(texts["new"], texts["base"])
+        adapter_check = evalreport.adapter_effect(texts["new"], texts["base"])
         if adapter_check["ignored"]:
             log.warning("adapter_without_effect", rows=adapter_check["compared_rows"])
-    report = evaluation.evaluation_report(
+    report = evalreport.evaluation_report(
         results, data.expert, data.rows, meta["mapping"]["labels"], seed=seed, source=data.source,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         adapter_check=adapter_check, sets=data.sets, split=_split_summary(meta), ids=data.ids,
@@ -591,7 +591,7 @@ def evaluate_folder(folder: str | Path, meta: dict, config: Config, *, backend: 
         min_rows=ev.verdict_min_rows))
     report["quality_gate"] = trust.quality_gate(report, ev.min_kappa, ev.max_invalid_rate)
     log.info("evaluation_finished", backend=chosen, rows=len(data.expert), topic=_topic(meta),
-             models=evaluation.summary_line(report), recommended=report["verdict"]["recommended"],
+             models=evalreport.summary_line(report), recommended=report["verdict"]["recommended"],
              quality_gate=report["quality_gate"]["status"])
     return report
 
@@ -611,7 +611,7 @@ def load_baseline(folder: Path) -> baseline.Baseline | None:
         return None
 
 
-def baseline_result(folder: Path, users: list[str]) -> evaluation.ModelResult | None:
+def baseline_result(folder: Path, users: list[str]) -> evalreport.ModelResult | None:
     """The bag-of-words baseline's ratings of the held-out records, timed, with its probabilities."""
     from . import baseline
 
@@ -623,7 +623,7 @@ def baseline_result(folder: Path, users: list[str]) -> evaluation.ModelResult | 
     duration = time.monotonic() - started
     ratings = [baseline.most_likely(p) for p in probs]
     per_row = duration / len(users) if users else 0.0
-    return evaluation.ModelResult(baseline.KEY, baseline.TITLE, baseline.FILE, ratings, [per_row] * len(users),
+    return evalreport.ModelResult(baseline.KEY, baseline.TITLE, baseline.FILE, ratings, [per_row] * len(users),
                                   round(duration, 4), baseline.KEY, probs=probs)
 
 

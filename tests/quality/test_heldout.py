@@ -13,7 +13,7 @@ import pytest
 from daemon.data import prompts
 from daemon.config import load_config
 from daemon.errors import EvaluationError
-from daemon.quality.evaluator import EvaluationSkipped, evaluate_folder
+from daemon.quality.heldout import EvaluationSkipped, evaluate_folder
 from daemon.fine_tuner import FineTuner
 from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
 

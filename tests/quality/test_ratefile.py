@@ -19,7 +19,7 @@ from daemon.config import load_config
 from daemon.errors import MissingColumnError
 from daemon.fine_tuner import FineTuner
 from daemon.data.csvfile import csv_text, read_csv
-from daemon.quality.rating import (RatingError, model_from_folder, model_from_name, rate_file, route_for_review,
+from daemon.quality.ratefile import (RatingError, model_from_folder, model_from_name, rate_file, route_for_review,
                                    write_summary)
 from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
 from daemon.data.template import BUILTIN_SYNDROMIC
@@ -447,7 +447,7 @@ def test_a_malformed_model_folder_names_the_file_and_the_key(tmp_path, approach,
     """A model folder from another machine or an older version with a key of the wrong shape is a
     ModelFolderError (a RatingError) naming the file and the key, never a ValueError/TypeError/
     KeyError and never a value (few-shot examples hold patient text)."""
-    from daemon.quality.rating import ModelFolderError
+    from daemon.quality.ratefile import ModelFolderError
 
     folder = _hand_made_folder(tmp_path / "foreign", approach)
     _edit(folder, file, change)
@@ -465,7 +465,7 @@ def test_a_malformed_model_folder_names_the_file_and_the_key(tmp_path, approach,
 def test_a_fine_tune_whose_first_training_record_is_not_a_chat_is_named(tmp_path):
     """A fine-tune folder whose training_data.jsonl does not start with a system turn names the file
     and the key instead of silently using another prompt; an empty validation file is skipped."""
-    from daemon.quality.rating import ModelFolderError
+    from daemon.quality.ratefile import ModelFolderError
 
     folder = _hand_made_folder(tmp_path / "tune", "fine_tune")
     (folder / "validation_data.jsonl").write_text("")
@@ -481,7 +481,7 @@ def test_a_fine_tune_whose_first_training_record_is_not_a_chat_is_named(tmp_path
 def test_deeply_nested_json_in_a_model_folder_names_the_file(tmp_path, name):
     """A model folder file of JSON nested 100,000 levels deep is a ModelFolderError naming the file,
     not a RecursionError."""
-    from daemon.quality.rating import ModelFolderError
+    from daemon.quality.ratefile import ModelFolderError
 
     folder = _hand_made_folder(tmp_path / "deep")
     (folder / name).write_bytes(b"[" * 100_000 + b"]" * 100_000)
@@ -496,7 +496,7 @@ def test_links_inside_a_model_folder_are_never_followed(tmp_path):
     """fine_tuning_metadata.json linked to /etc/passwd, model_set_config.json linked to a valid file
     elsewhere, an adapter folder linked elsewhere and a link inside the adapter are each refused
     naming the file, even in a folder a user named directly."""
-    from daemon.quality.rating import ModelFolderError
+    from daemon.quality.ratefile import ModelFolderError
 
     elsewhere = _hand_made_folder(tmp_path / "elsewhere")
     cases = []
@@ -531,7 +531,7 @@ def test_a_model_folder_in_outputs_must_be_a_real_folder_there(tmp_path):
     """With ``within`` (the daemon's outputs/), a link in outputs/ to a model folder outside is
     refused; without it (a folder the user named on the command line) the link the user gave is
     taken, and the same folder inside outputs/ loads either way."""
-    from daemon.quality.rating import ModelFolderError
+    from daemon.quality.ratefile import ModelFolderError
 
     outputs = tmp_path / "outputs"
     outputs.mkdir()
