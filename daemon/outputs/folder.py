@@ -9,7 +9,9 @@ A file or key that cannot be used is an ``OutputFolderError`` naming the file an
 value: few-shot examples and system prompts may hold patient text. ``within`` (the daemon's
 ``outputs/``): the folder must be a real folder directly in it, not a link to one elsewhere.
 
-``read_json`` and ``evaluation_file`` are the lenient reading of ``status``, ``report`` and
+``object_file`` and ``chat_records`` are the strict reading of the files the evaluation needs
+(a JSON object file; the chat records of ``validation_data.jsonl``), in a folder being built or
+published. ``read_json`` and ``evaluation_file`` are the lenient reading of ``status``, ``report`` and
 ``promote``: a file that cannot be read comes back as the sentence saying why, so that one job's
 broken file is named on its line and never breaks the listing of the others. ``registered_name``
 is the one rule for the name a model is registered in Ollama under; ``OutputFolder.served_name``
@@ -19,6 +21,7 @@ extends it to the name a server presents the model under.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -401,6 +404,50 @@ class OutputFolder:
         return report
 
 
+def object_file(path: Path) -> dict:
+    """A JSON object file of an output folder (``fsutil.read_json``: never through a link, never a
+    FIFO or a device, never more than ``fsutil.MAX_READ_BYTES``); OutputFolderError saying why not."""
+    try:
+        data = fsutil.read_json(path)
+    except (OSError, ValueError) as exc:
+        raise OutputFolderError(f"{path.name} cannot be read: {fsutil.read_problem(exc)}", file=path.name) from None
+    if not isinstance(data, dict):
+        raise OutputFolderError(f"{path.name} cannot be read: it is not a JSON object", file=path.name)
+    return data
+
+
+def chat_records(path: Path) -> list[list[dict]]:
+    """The chat records of a JSONL file of the folder (``validation_data.jsonl``; opened as
+    ``fsutil.open_regular`` does, each line at most ``fsutil.MAX_READ_BYTES``); OutputFolderError
+    naming the line that is not one
+    (a list of at least two ``{"role", "content": text}`` turns), never quoting it."""
+    try:
+        fh = os.fdopen(fsutil.open_regular(path), "rb")
+    except OSError as exc:
+        raise OutputFolderError(f"{path.name} cannot be read: {fsutil.read_problem(exc)}", file=path.name) from None
+    records = []
+    with fh:
+        for number in itertools.count(1):
+            line = fh.readline(fsutil.MAX_READ_BYTES + 1)
+            if not line:
+                break
+            if len(line) > fsutil.MAX_READ_BYTES:
+                raise OutputFolderError(f"{path.name} line {number} is over the limit of "
+                                        f"{fsutil.MAX_READ_BYTES} bytes", file=path.name)
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line.decode("utf-8"))["messages"]
+            except (ValueError, RecursionError, KeyError, TypeError):
+                messages = None
+            if not (isinstance(messages, list) and len(messages) >= 2
+                    and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
+                raise OutputFolderError(f"{path.name} line {number} is not a chat record (an object whose "
+                                        "messages are a list of turns with text content)", file=path.name)
+            records.append(messages)
+    return records
+
+
 def read_metadata(folder: str | os.PathLike, within: str | os.PathLike | None = None, *,
                   error: type[OutputFolderError] = OutputFolderError) -> dict:
     """``fine_tuning_metadata.json`` of an output folder, read as ``OutputFolder`` reads."""
@@ -482,5 +529,5 @@ def _shape_problem(value: Any, shape: Any, where: str) -> str | None:
     return None if fits else f"{where} must be {shape}, not {kind_of(value)}"
 
 
-__all__ = ["FOLDER_HINT", "MAX_FILE_BYTES", "ModelSet", "OutputFolder", "OutputFolderError", "evaluation_file",
-           "kind_of", "read_json", "read_metadata", "registered_name"]
+__all__ = ["FOLDER_HINT", "MAX_FILE_BYTES", "ModelSet", "OutputFolder", "OutputFolderError", "chat_records",
+           "evaluation_file", "kind_of", "object_file", "read_json", "read_metadata", "registered_name"]

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
-import json
 import os
 import random
 import tempfile
@@ -45,6 +43,7 @@ from ..data import prompts
 from ..config import Config
 from ..logconfig import get_logger
 from ..outputs import names
+from ..outputs import folder as folder_files
 from ..outputs.folder import registered_name
 from . import head as head_module
 from .backends import HeadRater, LocalRater, OllamaRater, OpenAIRater, RaterError
@@ -91,46 +90,21 @@ class HeldOut:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object file of an output folder (``fsutil.read_json``: never through a link, never a
-    FIFO or a device, never more than ``fsutil.MAX_READ_BYTES``); EvaluationSkipped saying why not."""
+    """A JSON object file of an output folder (``outputs.folder.object_file``); EvaluationSkipped
+    saying why not."""
     try:
-        data = fsutil.read_json(path)
-    except (OSError, ValueError) as exc:
-        raise EvaluationSkipped(f"{path.name} cannot be read: {fsutil.read_problem(exc)}") from None
-    if not isinstance(data, dict):
-        raise EvaluationSkipped(f"{path.name} cannot be read: it is not a JSON object")
-    return data
+        return folder_files.object_file(path)
+    except folder_files.OutputFolderError as exc:
+        raise EvaluationSkipped(exc.message) from None
 
 
 def _held_out_records(path: Path) -> list[list[dict]]:
-    """The chat records of ``validation_data.jsonl`` (opened as ``fsutil.open_regular`` does, each
-    line at most ``fsutil.MAX_READ_BYTES``); EvaluationSkipped naming the line that is not one
-    (a list of at least two ``{"role", "content": text}`` turns), never quoting it."""
+    """The chat records of ``validation_data.jsonl`` (``outputs.folder.chat_records``);
+    EvaluationSkipped naming the line that is not one, never quoting it."""
     try:
-        fh = os.fdopen(fsutil.open_regular(path), "rb")
-    except OSError as exc:
-        raise EvaluationSkipped(f"{path.name} cannot be read: {fsutil.read_problem(exc)}") from None
-    records = []
-    with fh:
-        for number in itertools.count(1):
-            line = fh.readline(fsutil.MAX_READ_BYTES + 1)
-            if not line:
-                break
-            if len(line) > fsutil.MAX_READ_BYTES:
-                raise EvaluationSkipped(f"{path.name} line {number} is over the limit of "
-                                        f"{fsutil.MAX_READ_BYTES} bytes")
-            if not line.strip():
-                continue
-            try:
-                messages = json.loads(line.decode("utf-8"))["messages"]
-            except (ValueError, RecursionError, KeyError, TypeError):
-                messages = None
-            if not (isinstance(messages, list) and len(messages) >= 2
-                    and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
-                raise EvaluationSkipped(f"{path.name} line {number} is not a chat record (an object whose "
-                                        "messages are a list of turns with text content)")
-            records.append(messages)
-    return records
+        return folder_files.chat_records(path)
+    except folder_files.OutputFolderError as exc:
+        raise EvaluationSkipped(exc.message) from None
 
 
 def held_out(folder: Path, meta: dict, *, max_rows: int | None, seed: int) -> HeldOut:

@@ -114,3 +114,27 @@ def test_the_adapter_files_are_named_once():
 
     assert (trainer.ADAPTER_FILES is names.ADAPTER_FILES, supervisor.ADAPTER_FILES is names.ADAPTER_FILES,
             register.ADAPTER_FILES is names.ADAPTER_FILES) == (True, True, True)
+
+
+def test_the_evaluations_files_are_read_strictly_by_the_room(tmp_path):
+    """``object_file`` and ``chat_records`` refuse a link, a non-object and a line that is not a chat
+    record, naming the file and the line, never quoting what is in it."""
+    from daemon.outputs.folder import chat_records, object_file
+
+    (tmp_path / "real.json").write_text('{"a": 1}')
+    (tmp_path / names.MODEL_SET_CONFIG).symlink_to(tmp_path / "real.json")
+    (tmp_path / "list.json").write_text('["secret cough"]')
+    (tmp_path / names.VALIDATION_DATA).write_text(
+        '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}\n'
+        '{"messages": "secret cough"}\n')
+    assert object_file(tmp_path / "real.json") == {"a": 1}
+    with pytest.raises(OutputFolderError, match=f"^{names.MODEL_SET_CONFIG} cannot be read: "):
+        object_file(tmp_path / names.MODEL_SET_CONFIG)
+    with pytest.raises(OutputFolderError) as info:
+        object_file(tmp_path / "list.json")
+    assert (info.value.message, info.value.file) == ("list.json cannot be read: it is not a JSON object", "list.json")
+    with pytest.raises(OutputFolderError) as info:
+        chat_records(tmp_path / names.VALIDATION_DATA)
+    assert info.value.message == (f"{names.VALIDATION_DATA} line 2 is not a chat record (an object whose messages "
+                                  "are a list of turns with text content)")
+    assert "secret" not in str(info.value)
