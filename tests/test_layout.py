@@ -122,13 +122,19 @@ def test_every_import_follows_the_room_order():
     assert broken_rules() == []
 
 
-def test_the_rule_check_can_fail(tmp_path):
-    """A data module importing the Ollama client is reported: the check reads real imports."""
+def package_copy(tmp_path) -> Path:
+    """A copy of the package's modules under ``tmp_path`` (to plant a broken import in)."""
     copy = tmp_path / "daemon"
     for path in PACKAGE.rglob("*.py"):
         dest = copy / path.relative_to(PACKAGE)
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    return copy
+
+
+def test_the_rule_check_can_fail(tmp_path):
+    """A data module importing the Ollama client is reported: the check reads real imports."""
+    copy = package_copy(tmp_path)
     prompts = copy / "data" / "prompts.py"
     prompts.write_text(prompts.read_text(encoding="utf-8") + "\n\ndef _f():\n    from ..serving import ollama\n",
                        encoding="utf-8")
@@ -168,11 +174,7 @@ def test_no_modules_import_each_other():
 
 def test_the_cycle_check_can_fail(tmp_path):
     """The agreement statistics importing the confidence module, which imports them, is reported."""
-    copy = tmp_path / "daemon"
-    for path in PACKAGE.rglob("*.py"):
-        dest = copy / path.relative_to(PACKAGE)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    copy = package_copy(tmp_path)
     agreement = copy / "quality" / "agreement.py"
     agreement.write_text(agreement.read_text(encoding="utf-8") + "\n\ndef _f():\n    from . import confidence\n",
                          encoding="utf-8")

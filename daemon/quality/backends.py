@@ -240,12 +240,21 @@ class OllamaRater:
             return Answer(content if isinstance(content, str) else None, time.monotonic() - started,
                           _probs(reply.get("logprobs"), self.values))
 
-        try:
-            return _in_parallel(one, conversations, self.parallel, on_progress)
-        except OllamaError as exc:
-            raise RaterError(f"Ollama could not answer for {model}: {exc.message}") from None
-        finally:
-            clients.close()
+        return _served(clients, one, conversations, self.parallel, on_progress, OllamaError,
+                       lambda exc: f"Ollama could not answer for {model}: {exc.message}")
+
+
+def _served(clients: _PerThread, one: Callable[[list[dict]], Answer], conversations: Sequence[list[dict]],
+            parallel: int, on_progress: Progress | None, failure: type[Exception],
+            message: Callable[[Any], str]) -> list[Answer]:
+    """A server's answers, ``parallel`` requests in flight; its ``failure`` is a RaterError saying
+    ``message(exc)``; the per-thread clients are closed in any case."""
+    try:
+        return _in_parallel(one, conversations, parallel, on_progress)
+    except failure as exc:
+        raise RaterError(message(exc)) from None
+    finally:
+        clients.close()
 
 
 class OpenAIRater:
@@ -283,12 +292,8 @@ class OpenAIRater:
                 logprobs=TOP_LOGPROBS if self.values is not None else None, max_tokens=self.max_tokens)
             return Answer(text, time.monotonic() - started, _probs(scores, self.values))
 
-        try:
-            return _in_parallel(one, conversations, self.parallel, on_progress)
-        except OpenAIError as exc:
-            raise RaterError(f"the OpenAI-compatible server could not answer for {model}: {exc}") from None
-        finally:
-            clients.close()
+        return _served(clients, one, conversations, self.parallel, on_progress, OpenAIError,
+                       lambda exc: f"the OpenAI-compatible server could not answer for {model}: {exc}")
 
 
 class LocalRater:
