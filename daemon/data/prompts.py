@@ -92,13 +92,19 @@ def direct_answer_json(rating: int) -> str:
     return json.dumps({"rating": int(rating)})
 
 
+# the longest rationale a server held to the schema may write: a short reason, about 120 tokens. A
+# small model left unbounded can repeat itself until the token cap cuts the answer into invalid JSON
+RATIONALE_MAX_CHARS = 500
+
+
 def output_schema(values: Sequence[int]) -> dict:
-    """JSON Schema of the answer (usable as Ollama's ``format``); the rationale may be empty. The
-    properties are in answer order: grammar-constrained servers write them in this order."""
+    """JSON Schema of the answer (usable as Ollama's ``format``); the rationale may be empty and is
+    at most ``RATIONALE_MAX_CHARS`` long. The properties are in answer order: grammar-constrained
+    servers write them in this order."""
     return {
         "type": "object",
         "properties": {
-            "rationale": {"type": "string"},
+            "rationale": {"type": "string", "maxLength": RATIONALE_MAX_CHARS},
             "rating": {"type": "integer", "enum": sorted({int(v) for v in values})},
         },
         "required": ["rationale", "rating"],

@@ -42,7 +42,8 @@ def test_system_prompt_text_allows_the_empty_rationale_rows_train():
         "The rating must be one of: 0, 1.")
     assert prompts.answer_json(0, None) == '{"rationale": "", "rating": 0}'
     assert prompts.parse_answer(prompts.answer_json(0, None), [0, 1]) == {"rating": 0, "rationale": ""}
-    assert prompts.output_schema([0, 1])["properties"]["rationale"] == {"type": "string"}
+    # a string, empty allowed, bounded so that a server held to the schema always closes the answer
+    assert prompts.output_schema([0, 1])["properties"]["rationale"] == {"type": "string", "maxLength": 500}
 
 
 def test_answer_json_and_schema_agree():

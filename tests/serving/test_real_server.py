@@ -63,7 +63,10 @@ def test_serve_runs_llama_server_on_gemma_and_rate_through_it_answers_in_the_sch
             assert line, f"serve ended: {serve.stderr.read()[-2000:]}"
             lines.append(line.strip())
         base_url = next(line for line in lines if line.startswith("base_url: "))[len("base_url: "):]
-        assert requests.get(f"{base_url}/models", timeout=10).json()["data"][0]["id"] == NAME
+        # the server presents the model set under the model set's own name (it is not registered in Ollama)
+        built = json.loads((model / "fine_tuning_metadata.json").read_text())["model_set"]["model_name"]
+        assert built != NAME
+        assert requests.get(f"{base_url}/models", timeout=10).json()["data"][0]["id"] == built
         rated = _cli("rate", "--config", str(config), "--model", str(model), "--input", str(tmp_path / "new.csv"),
                      "--backend", "openai", "--output", str(tmp_path / "ratings.csv"),
                      FINE_TUNER_OPENAI__BASE_URL=base_url,
