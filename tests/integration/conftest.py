@@ -75,7 +75,11 @@ class Root:
         return sorted(p.name for p in where.iterdir()) if where.exists() else []
 
     def job_folders(self, where: Path, stem: str) -> list[Path]:
-        return sorted(p for p in where.iterdir() if p.name.startswith(f"{stem}-")) if where.exists() else []
+        """The job folders of ``stem`` in ``where`` whose files have arrived: the daemon reserves the
+        folder's name (an empty folder) and then renames the finished claim onto it."""
+        if not where.exists():
+            return []
+        return sorted(p for p in where.iterdir() if p.name.startswith(f"{stem}-") and any(p.iterdir()))
 
     def inputs_everywhere(self) -> list[str]:
         """Every dataset file name anywhere under the inbox (inbox, .work, processed, failed)."""

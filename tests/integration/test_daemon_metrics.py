@@ -117,7 +117,8 @@ def test_idle_connections_to_the_metrics_port_do_not_starve_the_daemon(root, sta
         # timeout (5 s) before this sees them, so the bound is what is exact
         wait_for(lambda: all(closed_by_server(c) for c in conns[:184]),
                  message="all but the newest 16 idle connections closed")
-        assert _sockets_of(d.proc.pid) - sockets <= 16
+        # a 17th connection is accepted before the oldest is closed: the bound holds once that settles
+        wait_for(lambda: _sockets_of(d.proc.pid) - sockets <= 16, message="at most 16 idle connections held")
         assert _threads_of(d.proc.pid) - threads <= 16  # (<: the warm-up thread may have been ending)
         assert after_one_success(scrape(port))[-1] == 1.0  # the scrape replaced the oldest idle one
         root.drop_dataset("visits")
