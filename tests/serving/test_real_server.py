@@ -70,9 +70,10 @@ def test_serve_runs_llama_server_on_gemma_and_rate_through_it_answers_in_the_sch
         rated = _cli("rate", "--config", str(config), "--model", str(model), "--input", str(tmp_path / "new.csv"),
                      "--backend", "openai", "--output", str(tmp_path / "ratings.csv"),
                      FINE_TUNER_OPENAI__BASE_URL=base_url,
-                     # room for a whole answer: the base model's reasons run longer than a fine-tune's;
-                     # a machine busy with the rest of the suite answers slowly
-                     FINE_TUNER_EVALUATION__MAX_NEW_TOKENS="256", FINE_TUNER_OPENAI__READ_TIMEOUT_S="600")
+                     # room for a whole answer: the schema bounds the rationale at 500 characters, but
+                     # the base model may spend a token on each (its reasons run longer than a
+                     # fine-tune's); a machine busy with the rest of the suite answers slowly
+                     FINE_TUNER_EVALUATION__MAX_NEW_TOKENS="768", FINE_TUNER_OPENAI__READ_TIMEOUT_S="600")
         assert rated.returncode == 0, rated.stderr[-3000:]
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
