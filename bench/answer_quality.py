@@ -106,6 +106,10 @@ def main() -> int:
                              "when only the training recipe changes)")
     parser.add_argument("--code-knowledge", choices=("auto", "on", "off"), default=None,
                         help="defaults.code_knowledge for the job (default: the product's)")
+    parser.add_argument("--approach", choices=("fine_tune", "head"), default="fine_tune",
+                        help="the model the job builds (default fine_tune)")
+    parser.add_argument("--compare", choices=("all", "base", "none"), default=None,
+                        help="the evaluation's comparisons (default: the product's)")
     parser.add_argument("--keep", help="keep the output folder here")
     args = parser.parse_args()
 
@@ -125,14 +129,14 @@ def main() -> int:
                                    "lora_target_modules": [m.strip() for m in args.lora_targets.split(",")]})},
                   "evaluation": {"enabled": "off" if args.fine_tune_only else "required", "backend": "local",
                                  "timeout_s": 3 * 3600,
-                                 "max_new_tokens": 96}}
+                                 "max_new_tokens": 96, **({"compare": args.compare} if args.compare else {})}}
         (work / "config.json").write_text(json.dumps(config))
         out = work / "out"
         started = time.monotonic()
         proc = subprocess.run(
             [sys.executable, "-m", "daemon", "process", "--config", str(work / "config.json"),
              "--input", str(csv_path), "--mapping", str(work / "visits.mapping.json"), "--model", NAME,
-             "--approach", "fine_tune", "--no-fallback", *recipe_flags(args), "--topics", TOPIC,
+             "--approach", args.approach, "--no-fallback", *recipe_flags(args), "--topics", TOPIC,
              "--output-dir", str(out),
              *(["--topic-definition", TOPIC_DEFINITION] if args.topic_definition else []),
              *(["--code-knowledge", args.code_knowledge] if args.code_knowledge else [])],
@@ -148,24 +152,33 @@ def main() -> int:
             report = evaluate_folder(out, meta, load_config(env={}, overrides=config), backend="local")
             evalreport.write_report(report, out)
         report = json.loads((out / "evaluation.json").read_text())
-        t = meta["training"]
-        recipe = yaml.safe_load((out / "training_config.yaml").read_text())
-        print(f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {args.rows} visits, {recipe['num_epochs']} epochs, "
-              f"lr {recipe['learning_rate']}, batch {recipe['micro_batch_size']} "
-              f"({'the product defaults' if not recipe_flags(args) else 'set here'}); "
-              f"job wall time {wall / 60:.1f} min")
-        lora = json.loads((out / "adapter" / "adapter_config.json").read_text())
-        print(f"LoRA r {lora.get('r')}, alpha {lora.get('lora_alpha')}, on {sorted(lora.get('target_modules') or [])}; "
-              f"topic definition in the system prompt: {'yes' if args.topic_definition else 'no'}")
-        print(f"training: {t['train_s'] / 60:.1f} min, {t['tokens_per_s']} tokens/s, {t['steps']} steps, "
-              f"loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, eval_loss {t.get('eval_loss')}")
+        if args.approach == "head":
+            h = meta["head"]
+            print(f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {args.rows} visits, the head: layer {h['layer']} of "
+                  f"{h['layers_total']}, {h['pooling']} pooling, C {h['c']}, CV kappa {h['cv_kappa']}; "
+                  f"forward passes {h['features_s']:.0f} s, fitting {h['fit_s']:.1f} s; "
+                  f"job wall time {wall / 60:.1f} min")
+        else:
+            t = meta["training"]
+            recipe = yaml.safe_load((out / "training_config.yaml").read_text())
+            print(f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {args.rows} visits, {recipe['num_epochs']} epochs, "
+                  f"lr {recipe['learning_rate']}, batch {recipe['micro_batch_size']} "
+                  f"({'the product defaults' if not recipe_flags(args) else 'set here'}); "
+                  f"job wall time {wall / 60:.1f} min")
+            lora = json.loads((out / "adapter" / "adapter_config.json").read_text())
+            print(f"LoRA r {lora.get('r')}, alpha {lora.get('lora_alpha')}, "
+                  f"on {sorted(lora.get('target_modules') or [])}; "
+                  f"topic definition in the system prompt: {'yes' if args.topic_definition else 'no'}")
+            print(f"training: {t['train_s'] / 60:.1f} min, {t['tokens_per_s']} tokens/s, {t['steps']} steps, "
+                  f"loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, eval_loss {t.get('eval_loss')}")
         knowledge = meta.get("code_knowledge") or {}
         print(f"code knowledge: {knowledge.get('setting')}, expanded: {knowledge.get('expanded')} "
               f"({knowledge.get('codes_expanded', 0)} codes, {knowledge.get('unknown_codes', 0)} unknown; "
               f"{knowledge.get('reason', '')})")
-        stopping = t.get("early_stopping") or {}
-        print(f"early stopping: loss by epoch {stopping.get('loss_by_epoch')} on {stopping.get('watched')}, "
-              f"best epoch {stopping.get('best_epoch')} kept")
+        if args.approach != "head":
+            stopping = t.get("early_stopping") or {}
+            print(f"early stopping: loss by epoch {stopping.get('loss_by_epoch')} on {stopping.get('watched')}, "
+                  f"best epoch {stopping.get('best_epoch')} kept")
         print(f"\n{evalreport.split_text(report['split'])}" if report.get("split") else "")
         print(f"\nall held-out rows: {report['n']}")
         print(table(report))
@@ -183,9 +196,10 @@ def main() -> int:
         effect = report.get("adapter_effect") or {}
         print(f"adapter effect: {effect.get('message')}")
         by_key = {m["key"]: m for m in report["models"]}
-        ft, base = by_key["new"], by_key["base"]
-        print(f"fine-tune kappa {ft['kappa']:.2f} vs base {base['kappa']:.2f}: +{ft['kappa'] - base['kappa']:.2f} "
-              f"(target >= 0.8 and >= base + 0.3; invalid {ft['invalid_rate'] * 100:.0f}%, target <= 2%)")
+        ft, base = by_key["new"], by_key.get("base")
+        if base is not None:
+            print(f"new model kappa {ft['kappa']:.2f} vs base {base['kappa']:.2f}: +{ft['kappa'] - base['kappa']:.2f} "
+                  f"(target >= 0.8 and >= base + 0.3; invalid {ft['invalid_rate'] * 100:.0f}%, target <= 2%)")
         if args.new_kinds:
             folder = new_kinds_folder(out, work, args.new_kinds, args.seed)
             cfg = load_config(env={}, overrides=config)

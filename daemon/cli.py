@@ -178,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # the job settings (data/jobsettings.py) each command takes as flags, as the settings declare them
 PROCESS_FLAGS = ("model", "topics", "output_model", "epochs", "learning_rate", "batch_size", "approach", "fallback",
-                 "prompt_template", "topic_definition", "group_by", "code_knowledge")
+                 "prompt_template", "topic_definition", "group_by", "code_knowledge", "compare")
 RATE_FLAGS = ("model", "topic", "topics", "topic_definition", "review_below", "prompt_template")
 RETRY_FLAGS = ("epochs", "learning_rate", "batch_size", "approach", "model")  # inbox.control.RETRY_KEYS
 

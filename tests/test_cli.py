@@ -665,6 +665,21 @@ def test_process_evaluate_and_rate_write_private_files_whatever_the_umask(tmp_pa
     assert modes == {**{f: "0o700" for f in folders}, **{f: "0o600" for f in files}}
 
 
+def test_process_compare_none_measures_the_new_model_and_the_baseline_only(tmp_path, fake_ollama, dataset):
+    """`process --compare none`, as a job file's `compare: none`: the evaluation asks nothing of the
+    base model and measures the new model beside the bag-of-words baseline."""
+    csv_path, mapping = dataset
+    fake_ollama.chat_content = json.dumps({"rating": 1, "rationale": "x"})
+    res = run("process", "--input", str(csv_path), "--mapping", str(mapping), "--model", "llama3.2:1b",
+              "--approach", "model_set", "--compare", "none", cwd=tmp_path,
+              env={"FINE_TUNER_OLLAMA__HOST": fake_ollama.url, "FINE_TUNER_EVALUATION__BACKEND": "ollama"})
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "outputs" / "visits" / "evaluation.json").read_text())
+    assert (report["compare"], [m["key"] for m in report["models"]]) == ("none", ["new", "baseline"])
+    asked = {r.body["model"] for r in fake_ollama.requests_to("/api/chat")}
+    assert "llama3.2:1b" not in asked and asked
+
+
 def _rate(csv_path: Path, mapping: Path, output: str, cwd: Path, fake_ollama) -> subprocess.CompletedProcess:
     return run("rate", "--model", "llama3.2:1b", "--mapping", str(mapping), "--input", str(csv_path),
                "--output", output, cwd=cwd, env={"FINE_TUNER_OLLAMA__HOST": fake_ollama.url})
