@@ -8,7 +8,9 @@ This module knows nothing about jobs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -301,28 +303,71 @@ def temp_dir_for(final: str | os.PathLike) -> Path:
 
 
 def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
-    """Rename a completely built folder into place. Fails if ``final`` already exists."""
+    """Rename a completely built folder into place. Fails (FileExistsError) if ``final`` exists."""
     tmp, final = Path(tmp), Path(final)
-    if final.exists():
-        raise FileExistsError(f"{final} already exists; not replacing published output")
-    os.rename(tmp, final)
+    try:
+        rename_no_replace(tmp, final)
+    except FileExistsError:
+        raise FileExistsError(f"{final} already exists; not replacing published output") from None
     fsync_dir(final.parent)
     return final
 
 
 def claim(src: str | os.PathLike, dest: str | os.PathLike) -> bool:
     """Atomically move ``src`` to ``dest`` (same filesystem). False when another process won the race
-    (``src`` vanished); never overwrites an existing ``dest``."""
-    src, dest = Path(src), Path(dest)
-    if dest.exists():
-        return False
+    (``src`` vanished) or ``dest`` exists: never overwrites."""
     try:
-        # os.link + unlink would refuse to overwrite, but rename is what makes the claim atomic;
-        # the exists() check above covers the only case rename would silently replace.
-        os.rename(src, dest)
-    except FileNotFoundError:
+        rename_no_replace(src, dest)
+    except (FileNotFoundError, FileExistsError):
         return False
     return True
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Any:
+    """glibc's ``renameat2`` (2.28 and later), or None where the C library lacks it."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def rename_no_replace(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Rename ``src`` to ``dest`` unless ``dest`` exists (``FileExistsError``), in one step: the
+    kernel's ``renameat2(RENAME_NOREPLACE)``, so that nothing ever has to hold the name first (a
+    plain rename silently replaces a file or an empty folder). Where the kernel or the filesystem
+    cannot (ENOSYS, EINVAL), a check and then a rename: the old, narrow race."""
+    function = _renameat2()
+    if function is not None:
+        if function(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code), os.fspath(src), None, os.fspath(dest))
+    if os.path.lexists(dest):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(src), None, os.fspath(dest))
+    os.rename(src, dest)
+
+
+def rename_to_free_name(src: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Rename ``src`` to ``path`` or, when taken, to its first free ``-N`` variant (``unique_path``'s
+    names); the rename itself decides, so two processes never take one name. Returns the name."""
+    target = Path(path)
+    n = 0
+    while True:
+        candidate = target if n == 0 else target.with_name(f"{target.stem}-{n}{target.suffix}")
+        try:
+            rename_no_replace(src, candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
 
 
 def unique_path(path: str | os.PathLike) -> Path:
@@ -337,18 +382,6 @@ def unique_path(path: str | os.PathLike) -> Path:
         if not candidate.exists():
             return candidate
         n += 1
-
-
-def reserve_dir(path: str | os.PathLike) -> Path:
-    """Create a new, empty 0700 folder (2770 in a shared folder, see ``new_dir``) at ``path`` or,
-    when taken, at the first free ``-N`` variant (race-free: the mkdir itself decides)."""
-    target = Path(path)
-    while True:
-        target = unique_path(target)
-        try:
-            return new_dir(target)
-        except FileExistsError:
-            continue
 
 
 # A folder shared with a group (the daemon's ``paths.group``): setgid, so that everything created

@@ -106,12 +106,41 @@ def test_unique_path_and_private_dir(tmp_path):
     assert d.stat().st_mode & 0o777 == 0o700
 
 
-def test_reserve_dir_never_reuses_a_folder(tmp_path):
-    """reserve_dir creates a fresh empty 0700 folder, with -N when the name is taken."""
-    first = fsutil.reserve_dir(tmp_path / "job")
-    second = fsutil.reserve_dir(tmp_path / "job")
-    assert (first.name, second.name) == ("job", "job-1")
-    assert second.stat().st_mode & 0o777 == 0o700 and list(second.iterdir()) == []
+def test_rename_no_replace_refuses_what_a_plain_rename_replaces(tmp_path):
+    """A plain rename silently replaces an existing file or an empty folder; rename_no_replace
+    raises FileExistsError and leaves both sides as they were, for files, folders and links."""
+    (tmp_path / "a.csv").write_text("mine")
+    (tmp_path / "b.csv").write_text("theirs")
+    with pytest.raises(FileExistsError):
+        fsutil.rename_no_replace(tmp_path / "a.csv", tmp_path / "b.csv")
+    assert [(tmp_path / n).read_text() for n in ("a.csv", "b.csv")] == ["mine", "theirs"]
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "f").write_text("x")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError):
+        fsutil.rename_no_replace(tmp_path / "job", tmp_path / "taken")
+    assert os.listdir(tmp_path / "taken") == [] and os.listdir(tmp_path / "job") == ["f"]
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    with pytest.raises(FileExistsError):
+        fsutil.rename_no_replace(tmp_path / "job", tmp_path / "dangling")
+    fsutil.rename_no_replace(tmp_path / "job", tmp_path / "free")
+    assert (tmp_path / "free" / "f").read_text() == "x" and not (tmp_path / "job").exists()
+    with pytest.raises(FileNotFoundError):
+        fsutil.rename_no_replace(tmp_path / "job", tmp_path / "other")
+
+
+def test_rename_to_free_name_takes_the_first_free_variant_whole(tmp_path):
+    """Taken names (a file, an empty folder) are skipped, never replaced: the folder arrives under
+    the first free -N name with its files, and the names' holders are unchanged."""
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job-1").write_text("other")
+    for n in range(3):
+        (tmp_path / f"w{n}").mkdir()
+        (tmp_path / f"w{n}" / "error.json").write_text("{}")
+    placed = [fsutil.rename_to_free_name(tmp_path / f"w{n}", tmp_path / "job") for n in range(3)]
+    assert [p.name for p in placed] == ["job-2", "job-3", "job-4"]
+    assert all(os.listdir(p) == ["error.json"] for p in placed)
+    assert os.listdir(tmp_path / "job") == [] and (tmp_path / "job-1").read_text() == "other"
 
 
 def test_open_regular_refuses_fifo_and_symlink_without_blocking(tmp_path):
@@ -198,13 +227,12 @@ def test_make_shared_dir_never_follows_a_symlink(tmp_path):
 
 
 def test_what_is_made_in_a_shared_folder_is_for_the_group(tmp_path):
-    """In a shared folder atomic files are 0660 and new folders (reserve_dir, new_dir,
-    make_dir_like_parent) 2770 with the folder's group."""
+    """In a shared folder atomic files are 0660 and new folders (new_dir, make_dir_like_parent)
+    2770 with the folder's group."""
     shared = fsutil.make_shared_dir(tmp_path / "outputs", os.getgid())
     fsutil.write_json(shared / "error.json", {})
-    made = [fsutil.reserve_dir(shared / "job"), fsutil.new_dir(shared / ".claim-1"),
-            fsutil.make_dir_like_parent(shared / ".tmp-job")]
-    assert [_mode(p) for p in (shared / "error.json", *made)] == ["0o660", "0o2770", "0o2770", "0o2770"]
+    made = [fsutil.new_dir(shared / ".claim-1"), fsutil.make_dir_like_parent(shared / ".tmp-job")]
+    assert [_mode(p) for p in (shared / "error.json", *made)] == ["0o660", "0o2770", "0o2770"]
     assert {os.stat(p).st_gid for p in made} == {os.getgid()}
 
 
@@ -212,9 +240,8 @@ def test_what_is_made_in_a_private_folder_stays_private(tmp_path):
     """Outside a shared folder nothing changes: atomic files 0600, new folders 0700."""
     private = fsutil.make_private_dir(tmp_path / "outputs")
     fsutil.write_json(private / "error.json", {})
-    made = [fsutil.reserve_dir(private / "job"), fsutil.new_dir(private / ".claim-1"),
-            fsutil.make_dir_like_parent(private / ".tmp-job")]
-    assert [_mode(p) for p in (private / "error.json", *made)] == ["0o600", "0o700", "0o700", "0o700"]
+    made = [fsutil.new_dir(private / ".claim-1"), fsutil.make_dir_like_parent(private / ".tmp-job")]
+    assert [_mode(p) for p in (private / "error.json", *made)] == ["0o600", "0o700", "0o700"]
 
 
 def test_make_dir_like_parent_refuses_a_group_members_folder(tmp_path):

@@ -44,8 +44,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..config import MAX_COMPANION_BYTES
-from ..fsutil import (NotRegularFileError, fsync_dir, hash_regular_file, new_dir, open_regular, real_dir, reserve_dir,
-                     write_json)
+from ..fsutil import (NotRegularFileError, fsync_dir, hash_regular_file, new_dir, open_regular, real_dir,
+                      rename_no_replace, rename_to_free_name, write_json)
 from ..text import display_name
 
 DATASET_SUFFIXES = (".csv",)
@@ -59,7 +59,7 @@ DEFAULT_MAPPING_STEM = "default-mapping"  # the config's default mapping, copied
 
 DATASET, MAPPING, JOB, IGNORED, UNKNOWN = "dataset", "mapping", "job", "ignored", "unknown"
 # Job ids and the folders named after them must stay well below the 255-byte name limit:
-# ``.tmp-`` + stem + ``-<stamp>-<8 hex>`` + ``-N`` from reserve_dir.
+# ``.refusing-`` + stem + ``-<stamp>-<8 hex>``, or a job id's ``-N`` variant.
 MAX_ID_STEM_BYTES = 120
 
 
@@ -572,30 +572,71 @@ def roles_of(names: Iterable[str]) -> dict[str, str]:
 
 def finish_claim(claim: Claim, destination: Path, *, note: tuple[str, dict] | None = None) -> Path:
     """Write an optional note (``error.json``, ``duplicate.json``) and rename the work folder to
-    ``destination/<job_id>`` (never overwriting: ``-N`` when taken). Releases the lock."""
+    ``destination/<job_id>`` (never overwriting: ``-N`` when taken), whole: the folder appears
+    there with its files, never empty. Releases the lock."""
     if note is not None:
         write_json(claim.path / note[0], note[1])
-    target = reserve_dir(real_dir(destination) / claim.job_id)
-    os.rename(claim.path, target)
+    target = rename_to_free_name(claim.path, real_dir(destination) / claim.job_id)
     fsync_dir(destination)
     fsync_dir(claim.path.parent)
     claim.release()
     return target
 
 
+REFUSING_PREFIX = ".refusing-"
+
+
 def refuse(inbox: Path, failed: Path, refusal: Refusal, error: dict) -> Path | None:
     """Move a refused entry (the link itself for a symlink) into ``failed/<name>-<stamp>/`` with
     ``error.json``. None when it vanished first (another daemon took it). The folder's name is the
-    entry's escaped and bounded name, so any name the kernel allows gives a valid folder name."""
-    target = reserve_dir(real_dir(failed) / f"{id_stem(refusal.name)}-{utc_stamp()}")
+    entry's escaped and bounded name, so any name the kernel allows gives a valid folder name. The
+    folder is put together under a hidden name (``.refusing-<name>-<stamp>-<random>``) and renamed
+    into place whole; ``sweep_refusals`` finishes one a stop left behind."""
+    failed = real_dir(failed)
+    name = f"{id_stem(refusal.name)}-{utc_stamp()}"
+    staging = new_dir(failed / f"{REFUSING_PREFIX}{name}-{secrets.token_hex(4)}")
     try:
-        os.rename(inbox / refusal.name, target / refusal.name)
+        os.rename(inbox / refusal.name, staging / refusal.name)
     except FileNotFoundError:
-        target.rmdir()
+        staging.rmdir()
         return None
-    write_json(target / "error.json", {**error, "job_id": target.name})
+    n = 0
+    while True:  # the same name refused twice within a second: -1, -2, ... (error.json says which)
+        target = failed / (name if n == 0 else f"{name}-{n}")
+        write_json(staging / "error.json", {**error, "job_id": target.name})
+        try:
+            rename_no_replace(staging, target)
+            break
+        except FileExistsError:
+            n += 1
+    fsync_dir(failed)
     fsync_dir(inbox)
     return target
+
+
+def sweep_refusals(failed: Path) -> list[Path]:
+    """Finish the refusals a stop interrupted (hidden ``.refusing-`` folders in ``failed/``): one
+    holding the entry is renamed into place, with an ``error.json`` saying that the reason was lost
+    when the stop came before it was written; an empty one is removed. Returns the folders placed."""
+    placed = []
+    for staging in sorted(Path(failed).glob(f"{REFUSING_PREFIX}*")):
+        if not staging.is_dir() or staging.is_symlink():
+            continue
+        entries = os.listdir(staging)
+        if not entries:
+            staging.rmdir()
+            continue
+        name = staging.name[len(REFUSING_PREFIX):].rsplit("-", 1)[0]
+        if "error.json" not in entries:
+            write_json(staging / "error.json", {
+                "error_type": "RecoveryError", "job_id": name,
+                "failed_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "message": "the service stopped while it refused this entry, before it wrote why",
+                "hint": "drop the file again: the service says why it refuses it"})
+        placed.append(rename_to_free_name(staging, Path(failed) / name))
+    if placed:
+        fsync_dir(failed)
+    return placed
 
 
 # --- the watcher -------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from .drops import (
     hash_claim,
     name_claim,
     refuse,
+    sweep_refusals,
     CLAIM_PREFIX,
 )
 from .jobs import JobContext, JobRunner, frames, names, os_error_fields
@@ -629,6 +630,8 @@ class Service:
         from . import topicrows
 
         topicrows.sweep(self.paths)
+        for placed in sweep_refusals(self.paths.failed):
+            log.warning("input_moved", job_id=placed.name, to=str(placed), reason="refusal_interrupted")
         for claim in abandoned_claims(self.paths.work):
             try:
                 self._recover_one(claim)

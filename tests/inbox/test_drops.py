@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -284,6 +285,64 @@ def test_refuse_moves_symlink_itself_with_error_json(dirs, tmp_path):
     assert target.read_text() == "PATIENT-MARKER"
     assert json.loads((dest / "error.json").read_text()) == {"error_type": "RefusedInputError", "job_id": dest.name}
     assert refuse(inbox, failed, Refusal("l.csv", "symlink", 0), {}) is None
+    assert os.listdir(failed) == [dest.name]  # no staging folder left behind
+
+
+def test_a_job_folder_never_appears_before_its_files(dirs):
+    """finish_claim and refuse put a folder into processed/ or failed/ whole: a watcher listing
+    the destination the whole time sees each job's folder only with its files (and never takes
+    the name of a folder already there: the second refusal within a second gets -1)."""
+    import threading
+
+    inbox, work, failed, processed = dirs
+    seen: list[tuple[str, tuple]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for where in (failed, processed):
+                for entry in os.scandir(where):
+                    if not entry.name.startswith("."):
+                        with contextlib.suppress(FileNotFoundError):  # renamed away meanwhile
+                            seen.append((entry.name, tuple(sorted(os.listdir(entry.path)))))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for n in range(20):
+            (inbox / f"r{n}.csv").write_text("rows")
+            claim = claim_drop(inbox, work, Drop(f"r{n}", f"r{n}.csv", None, None))
+            finish_claim(claim, processed, note=("duplicate.json", {}))
+            (inbox / "bad.txt").write_text("x")
+            refuse(inbox, failed, Refusal("bad.txt", "unknown_extension", 1), {"error_type": "RefusedInputError"})
+    finally:
+        done.set()
+        watcher.join()
+    assert seen, "the watcher saw nothing"
+    assert {files for _, files in seen} <= {("duplicate.json", "r%d.csv" % n) for n in range(20)} | {
+        ("bad.txt", "error.json")}
+    names = sorted(os.listdir(failed))
+    assert len(names) == 20 and all(json.loads((failed / n / "error.json").read_text())["job_id"] == n for n in names)
+
+
+def test_sweep_refusals_finishes_what_a_stop_interrupted(dirs):
+    """A stop in the middle of a refusal leaves a hidden staging folder in failed/: the sweep puts
+    one holding the entry into place (an error.json saying the reason was lost, when it had none)
+    and removes an empty one; nothing is lost."""
+    from daemon.inbox.drops import REFUSING_PREFIX, sweep_refusals
+
+    _, _, failed, _ = dirs
+    stamp = "bad.txt-20261207T101010"
+    kept = failed / f"{REFUSING_PREFIX}{stamp}-0a1b2c3d"
+    kept.mkdir()
+    (kept / "bad.txt").write_text("PATIENT-MARKER")
+    (failed / f"{REFUSING_PREFIX}other-20261207T101011-00000000").mkdir()
+    placed = sweep_refusals(failed)
+    assert placed == [failed / stamp] and sorted(os.listdir(failed)) == [stamp]
+    assert (failed / stamp / "bad.txt").read_text() == "PATIENT-MARKER"
+    error = json.loads((failed / stamp / "error.json").read_text())
+    assert (error["error_type"], error["job_id"]) == ("RecoveryError", stamp)
+    assert "PATIENT" not in json.dumps(error)
 
 
 def test_orphans_lists_companions_without_dataset(dirs):

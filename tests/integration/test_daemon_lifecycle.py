@@ -224,10 +224,17 @@ def test_once_refuses_unknown_entries_like_the_daemon(root, start_daemon):
     root.drop_bytes("x.txt", b"hello")
     (root.inbox / "dir3").mkdir()
     root.drop_dataset("drained")
+    root.failed.mkdir(parents=True, exist_ok=True)
+    interrupted = root.failed / ".refusing-y.txt-20261207T101010-0a1b2c3d"  # a stop in mid-refusal
+    interrupted.mkdir()
+    (interrupted / "y.txt").write_bytes(b"kept")
     once = start_daemon("--once")
     assert once.wait_exit(timeout=60) == 0
     assert sorted(n for n in os.listdir(root.inbox) if n not in ("processed", "failed", ".work")) == []
-    assert sorted(p.name.split("-")[0] for p in root.failed.iterdir()) == ["dir3", "x.txt"]
+    assert sorted(p.name.split("-")[0] for p in root.failed.iterdir()) == ["dir3", "x.txt", "y.txt"]
+    placed = root.failed / "y.txt-20261207T101010"
+    assert (placed / "y.txt").read_bytes() == b"kept"
+    assert json.loads((placed / "error.json").read_text())["error_type"] == "RecoveryError"
     assert len(root.job_folders(root.processed, "drained")) == 1
 
 
