@@ -51,7 +51,8 @@ def gguf_path() -> Path:
 
 
 def table(report: dict) -> str:
-    lines = ["| model | kappa (95% CI) | macro-F1 | accuracy (95% CI) | invalid |", "|---|---|---|---|---|"]
+    lines = ["| model | kappa (95% CI) | macro-F1 | accuracy (95% CI) | invalid | records/s |",
+             "|---|---|---|---|---|---|"]
     for m in report["models"]:
         def ci(key: str, m: dict = m) -> str:
             value, interval = m.get(key), m.get(f"{key}_ci95")
@@ -59,7 +60,7 @@ def table(report: dict) -> str:
                 return "n/a"
             return f"{value:.2f}" + (f" ({interval[0]:.2f}–{interval[1]:.2f})" if interval else "")
         lines.append(f"| {m['title']} | {ci('kappa')} | {m.get('macro_f1') or 0:.2f} | {ci('accuracy')} | "
-                     f"{(m.get('invalid_rate') or 0) * 100:.0f}% |")
+                     f"{(m.get('invalid_rate') or 0) * 100:.0f}% | {m.get('records_per_s') or 'n/a'} |")
     return "\n".join(lines)
 
 
@@ -106,6 +107,9 @@ def main() -> int:
                              "when only the training recipe changes)")
     parser.add_argument("--code-knowledge", choices=("auto", "on", "off"), default=None,
                         help="defaults.code_knowledge for the job (default: the product's)")
+    parser.add_argument("--answer-forms", choices=("reason_first", "both"), default=None,
+                        help="training.answer_forms (default: the product's): both also trains the direct decision, "
+                             "and the evaluation then rates in one forward pass per record")
     parser.add_argument("--approach", choices=("fine_tune", "head"), default="fine_tune",
                         help="the model the job builds (default fine_tune)")
     parser.add_argument("--compare", choices=("all", "base", "none"), default=None,
@@ -123,6 +127,7 @@ def main() -> int:
                   "base_models": {NAME: str(gguf)}, "paths": {"root": str(work)},
                   "training": {"device": "cpu", "sequence_len": 1024, "timeout_s": 4 * 3600,
                                **({} if args.patience is None else {"early_stopping_patience": args.patience}),
+                               **({} if args.answer_forms is None else {"answer_forms": args.answer_forms}),
                                **({} if args.lora_rank is None else {"lora_r": args.lora_rank,
                                                                      "lora_alpha": 2 * args.lora_rank}),
                                **({} if args.lora_targets is None else {
