@@ -56,9 +56,14 @@ def gguf_path() -> Path:
 
 
 def kappa(truth, predicted) -> float:
+    """Cohen's kappa; where it is undefined (a fold of one rating, answered alike), the agreement."""
+    import warnings
+
     from sklearn.metrics import cohen_kappa_score
 
-    value = cohen_kappa_score(truth, predicted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = cohen_kappa_score(truth, predicted)
     return float(sum(a == b for a, b in zip(truth, predicted)) / len(truth)) if math.isnan(value) else float(value)
 
 
