@@ -159,8 +159,8 @@ def main() -> int:
         report = json.loads((out / "evaluation.json").read_text())
         if args.approach == "head":
             h = meta["head"]
-            print(f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {args.rows} visits, the head: layer {h['layer']} of "
-                  f"{h['layers_total']}, {h['pooling']} pooling, C {h['c']}, CV kappa {h['cv_kappa']}; "
+            print(f"Gemma 3 270M (Q4_K_M GGUF, dequantized), {args.rows} visits, the head: {h['members']} members "
+                  f"(layers {h['layers']} of {h['layers_total']}, {h['poolings']}), mean CV kappa {h['cv_kappa']}; "
                   f"forward passes {h['features_s']:.0f} s, fitting {h['fit_s']:.1f} s; "
                   f"job wall time {wall / 60:.1f} min")
         else:

@@ -10,10 +10,10 @@ with the codes explained (``code_knowledge``). Measured on the three sets, per s
 
 - the bag-of-words baseline (codes as written, codes explained);
 - every (layer, pooling) head, C by stratified cross-validation (what ``head.fit`` does per candidate);
-- the product's own choice (``head.fit`` over its candidate layers);
+- the product's head (``head.fit`` over its candidate layers: every candidate's probabilities averaged);
 - the choice by grouped cross-validation (folds that hold out whole ICD-10 categories, as the new
   kinds are held out);
-- probability averages: every candidate, the means, the last tokens, and every candidate with the baseline.
+- probability averages: the means, the last tokens, and every candidate with the baseline.
 
 Usage: ``python bench/head_arms.py [--seeds 11 23 37] [--rows 400] [--other-site 200]``; about
 8 minutes a seed on two cores; not part of ``make test``.
@@ -128,15 +128,17 @@ def one_seed(weights, seed: int, rows: int, other_site: int, work: Path) -> dict
             probs[key] = model.predict_proba(x)
             score(f"head L{key[0]} {key[1]}, codes {setting}", probs[key])
             _, gcv[key] = regression(x[train], y[train], groups=groups[train])
-        product = head.fit({k: v[train] for k, v in arrays.items() if k[0] in candidate_layers(info["layers_total"])},
-                           list(y[train]))
-        key = (product.layer, product.pooling)
-        score(f"the product's choice, codes {setting}", probs[key])
+        fitted = head.fit({k: v[train] for k, v in arrays.items() if k[0] in candidate_layers(info["layers_total"])},
+                          list(y[train]))
+        product = head.Head(fitted.members, "", head.MAX_TOKENS, fitted.classes, len(train), fitted.cv,
+                            {"model": NAME, "weights_sha256": "0" * 64, "layers_total": info["layers_total"],
+                             "hidden_size": len(fitted.members[0].mean)})
+        averaged = np.array([[p[c] for c in classes] for p in product.probabilities(arrays)])
+        score(f"the product's head (every candidate averaged), codes {setting}", averaged)
         chosen = max(gcv, key=gcv.get)
         score(f"grouped-CV choice, codes {setting}", probs[chosen])
-        print(f"  the product chose L{key[0]} {key[1]}; grouped CV chose L{chosen[0]} {chosen[1]} "
-              f"(its kappa {gcv[chosen]:.2f})", flush=True)
-        for label, keys in (("every candidate", list(probs)), ("the means", [k for k in probs if k[1] == "mean"]),
+        print(f"  grouped CV chose L{chosen[0]} {chosen[1]} (its kappa {gcv[chosen]:.2f})", flush=True)
+        for label, keys in (("the means", [k for k in probs if k[1] == "mean"]),
                             ("the last tokens", [k for k in probs if k[1] == "last"])):
             average = sum(probs[k] for k in keys) / len(keys)
             score(f"average of {label}, codes {setting}", average)

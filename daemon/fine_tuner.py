@@ -71,24 +71,6 @@ _PACKAGES = ("fine-tuner", "pandas", "pyyaml", "structlog", "requests", "watchdo
              "torch", "transformers", "peft", "accelerate", "safetensors")
 
 
-# code_knowledge: auto explains a diagnosis column's codes for the approaches it measurably helps
-# (Gemma 3 270M, 400 visits: the fine-tune's kappa on new kinds 0.51 -> 0.76, the bag-of-words
-# baseline's 0.65 -> 0.79), not for the head, whose averaged hidden states the appended titles
-# dilute (0.46 -> 0.37 on new kinds; bench/head_quality.py --code-knowledge on)
-HEAD_WITHOUT_CODES = ("auto leaves the codes as written for the head approach: the explanations lowered its "
-                      "agreement on new kinds of records (set code_knowledge: on to explain them anyway)")
-
-
-def _with_code_knowledge(settings: JobSettings, load: Callable[[str], Any]):
-    """``load(code_knowledge)`` with the job's setting, ``auto`` read as ``off`` for the head approach
-    (``HEAD_WITHOUT_CODES``, recorded as the reason)."""
-    if settings.code_knowledge == "auto" and settings.approach == HEAD:
-        ds = load("off")
-        ds.code_knowledge = {**ds.code_knowledge, "setting": "auto", "reason": HEAD_WITHOUT_CODES}
-        return ds
-    return load(settings.code_knowledge)
-
-
 @dataclass
 class JobInputs:
     """One job as the daemon or the CLI hands it over.
@@ -317,9 +299,8 @@ class FineTuner:
 
         stages = _Stages()
         with stages("load"):
-            ds = _with_code_knowledge(job.settings, lambda knowledge: load_dataset(
-                job.csv_path, job.mapping_path, template=job.settings.prompt_template,
-                group_by=self._group_by(job.settings), code_knowledge=knowledge))
+            ds = load_dataset(job.csv_path, job.mapping_path, template=job.settings.prompt_template,
+                              group_by=self._group_by(job.settings), code_knowledge=job.settings.code_knowledge)
         hashes = _file_hashes(ds)
         log.info("dataset_loaded", file=job.csv_path.name, rows_read=ds.rows_read, rows_used=ds.rows_used,
                  dropped=ds.dropped, mapping_source=ds.mapping.source, columns=list(ds.columns.values()),
@@ -339,9 +320,8 @@ class FineTuner:
         job = plan.job
         assert job is not None  # drop_dataset allows files only
         with plan.stages("reload"):
-            ds = _with_code_knowledge(job.settings, lambda knowledge: load_dataset(
-                job.csv_path, job.mapping_path, template=job.settings.prompt_template,
-                group_by=self._group_by(job.settings), code_knowledge=knowledge))
+            ds = load_dataset(job.csv_path, job.mapping_path, template=job.settings.prompt_template,
+                              group_by=self._group_by(job.settings), code_knowledge=job.settings.code_knowledge)
         now = _file_hashes(ds)
         if now != plan.input_hashes:
             changed = [name for name in ("dataset", "mapping") if now[name] != plan.input_hashes.get(name)]
@@ -622,16 +602,19 @@ class FineTuner:
                                           hint="check that the base weights load (fine-tuner check MODEL), "
                                                "then resubmit") from None
             fsutil.write_json(build_dir / head.FILE, fitted.to_json())
-        best = next((r for r in fitted.cv if (r["layer"], r["pooling"]) == (fitted.layer, fitted.pooling)), {})
-        meta["head"] = {"file": head.FILE, "layer": fitted.layer, "layers_total": fitted.base["layers_total"],
-                        "pooling": fitted.pooling, "c": fitted.c, "cv_kappa": best.get("kappa"),
-                        "candidates": len(fitted.cv), "train_rows": fitted.train_rows, **timings,
+        kappas = [r["kappa"] for r in fitted.cv if r.get("kappa") is not None]
+        cv_kappa = round(sum(kappas) / len(kappas), 4) if kappas else None
+        meta["head"] = {"file": head.FILE, "layers": fitted.layers, "layers_total": fitted.base["layers_total"],
+                        "poolings": fitted.poolings, "members": len(fitted.members), "cv_kappa": cv_kappa,
+                        "combined": "the members' probabilities averaged", "train_rows": fitted.train_rows,
+                        **timings,
                         "base_weights": _base_weights_record(base),
                         "rates_with": "the local backend: the base model's forward passes, no generation"}
         meta["registration"] = {"registered": False,
                                 "reason": "a head is not an Ollama model: it rates through the local backend"}
-        log.info("head_fitted", layer=fitted.layer, pooling=fitted.pooling, c=fitted.c, cv_kappa=best.get("kappa"),
-                 train_rows=fitted.train_rows, features_s=timings["features_s"], fit_s=timings["fit_s"])
+        log.info("head_fitted", layers=fitted.layers, poolings=fitted.poolings, members=len(fitted.members),
+                 cv_kappa=cv_kappa, train_rows=fitted.train_rows, features_s=timings["features_s"],
+                 fit_s=timings["fit_s"])
 
     def _write_model_set(self, plan: JobPlan, build_dir: Path) -> None:
         from .data import modelset

@@ -328,24 +328,15 @@ class TestPlannedJobs:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["fine_tuner.log", "visits.csv", "visits.mapping.json"]
 
 
-@pytest.mark.parametrize("approach, setting, expanded", [
-    ("fine_tune", "auto", True), ("model_set", "auto", True), ("head", "auto", False), ("head", "on", True),
-    ("fine_tune", "off", False)])
-def test_auto_code_knowledge_explains_codes_for_every_approach_but_the_head(tmp_path, approach, setting, expanded):
-    """With ``code_knowledge: auto`` a raw export's ICD-10-CM codes are explained for the fine-tune and
-    the model set, and left as written for the head (the reason recorded); ``on`` explains them for
-    the head too."""
-    from daemon.config import Defaults
+@pytest.mark.parametrize("setting, expanded", [("auto", True), ("on", True), ("off", False)])
+def test_code_knowledge_explains_a_raw_exports_codes_unless_off(tmp_path, setting, expanded):
+    """With ``code_knowledge: auto`` (or ``on``) a raw export's ICD-10-CM codes are explained in the
+    prompts, for every approach alike; ``off`` leaves them as written."""
     from daemon.data.dataset import load_dataset
-    from daemon.data.jobsettings import job_settings
     from daemon.data.visits import MAPPING as VISIT_MAPPING, generate_visits, write_csv
-    from daemon.fine_tuner import HEAD_WITHOUT_CODES, _with_code_knowledge
 
     path = tmp_path / "visits.csv"
     write_csv(path, generate_visits(60, seed=5))
-    settings = job_settings(Defaults(), {"approach": approach, "code_knowledge": setting})
-    ds = _with_code_knowledge(settings, lambda knowledge: load_dataset(path, mapping=VISIT_MAPPING,
-                                                                       code_knowledge=knowledge))
+    ds = load_dataset(path, mapping=VISIT_MAPPING, code_knowledge=setting)
     assert (ds.code_knowledge["setting"], ds.code_knowledge["expanded"]) == (setting, expanded)
-    assert (ds.code_knowledge.get("reason") == HEAD_WITHOUT_CODES) == (approach == "head" and setting == "auto")
     assert any("Acute upper respiratory infections" in p for p in ds.frame["prompt"]) == expanded

@@ -1,14 +1,15 @@
 """The head: a classifier on the base model's own hidden states, fitted to the experts' ratings.
 
 The base model (the same weights a fine-tune would start from, untouched) turns each record into
-vectors: the hidden state after a chosen decoder layer, pooled over the record's tokens (``mean``)
-or taken at the last token of a question appended to it (``last``), by the child
+vectors: the hidden state after each candidate decoder layer, pooled over the record's tokens
+(``mean``) or taken at the last token of a question appended to it (``last``), by the child
 ``python -m daemon.training.features`` (``compute_features`` runs it: one forward pass per record,
 no generation, this process never imports torch). ``fit`` standardises each candidate's vectors and
-fits a class-balanced logistic regression; the layer, the pooling and the regularisation C are
-chosen together by stratified cross-validation (Cohen's kappa) on the training rows only. The
-fitted head is stored in ``head.json`` as plain numbers (the scaler's mean and scale, the
-coefficients, the intercepts, the CV table, the identity of the base weights), never a pickle:
+fits a class-balanced logistic regression, its regularisation C chosen by stratified
+cross-validation (Cohen's kappa) on the training rows only; the head averages the candidates'
+probabilities (see ``fit`` for why). The fitted head is stored in ``head.json`` as plain numbers
+(per member the scaler's mean and scale, the coefficients, the intercepts; the CV table, the
+identity of the base weights), never a pickle:
 ``Head.from_json`` checks every field's type and shape, so a hostile output folder cannot make
 loading it run code. Rating computes exactly the same vectors (same child, same text, one record
 per pass) and gives each rating's probability as the confidence. numpy and scikit-learn are
@@ -41,7 +42,8 @@ from .children import follow_child, last_line
 from .baseline import folds as cv_folds
 
 FILE = names.HEAD
-FORMAT = "fine-tuner-head/1"
+FORMAT = "fine-tuner-head/2"
+FORMAT_SINGLE = "fine-tuner-head/1"  # one (layer, pooling) at the top level; still read
 TITLE = "head on the base model"
 KEY = "head"
 # standardised vectors of tens to thousands of dimensions from a few hundred rows: mostly strong
@@ -50,6 +52,7 @@ C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 C_WITHOUT_CV = 0.1  # when a rating has a single training row, no cross-validation can run
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_WIDTH = 65_536  # a stored vector wider than this is refused, not loaded
+MAX_MEMBERS = 64
 MAX_TOKENS = 2048  # a record's tokens beyond this are not read (the same at fitting and rating)
 # One thread per child unless OMP_NUM_THREADS says otherwise: a pass over one record is small, and
 # on a busy 2-core machine two OpenMP threads made a 27-token pass of Gemma 3 270M take 1.1 s
@@ -72,44 +75,82 @@ def question_text(topics: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class Head:
-    """A fitted head: which vectors (layer, pooling, the question and token limit that made them),
-    the standardisation, and one logistic regression over them."""
+class Member:
+    """One logistic regression of the head, on one kind of vector: the hidden state after decoder
+    layer ``layer``, pooled by ``pooling``, standardised by ``mean`` and ``scale``."""
 
     layer: int
     pooling: str
-    question: str
-    max_tokens: int
     mean: tuple[float, ...]
     scale: tuple[float, ...]
-    classes: tuple[int, ...]
     coef: tuple[tuple[float, ...], ...]
     intercept: tuple[float, ...]
     c: float
-    train_rows: int
-    cv: tuple[dict, ...]  # per candidate: layer, pooling, the best C, its mean kappa and standard error
-    base: dict  # model, weights_sha256, layers_total, hidden_size
 
-    def probabilities(self, vectors: Any) -> list[dict[int, float]]:
-        """Per vector (a row of ``vectors``), each rating's probability."""
+    @property
+    def kind(self) -> tuple[int, str]:
+        return self.layer, self.pooling
+
+    def probabilities(self, vectors: Any, classes: Sequence[int]) -> list[dict[int, float]]:
         import numpy as np
 
         x = np.asarray(vectors, dtype=np.float64)
-        if x.shape[0] == 0:
-            return []
         if x.ndim != 2 or x.shape[1] != len(self.mean):
             raise HeadError(f"{FILE}: the vectors have {x.shape[-1]} dimensions, the head {len(self.mean)}")
         z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
         scores = z @ np.asarray(self.coef, dtype=np.float64).T + np.asarray(self.intercept)
-        return class_probabilities(scores, self.classes)
+        return class_probabilities(scores, classes)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "layer": self.layer, "pooling": self.pooling, "question": self.question,
-                "max_tokens": self.max_tokens, "classes": list(self.classes), "c": self.c,
-                "train_rows": self.train_rows, "base": dict(self.base),
+        return {"layer": self.layer, "pooling": self.pooling, "c": self.c,
                 "scaler": {"mean": list(self.mean), "scale": list(self.scale)},
-                "coef": [list(row) for row in self.coef], "intercept": list(self.intercept),
-                "cv": [dict(row) for row in self.cv]}
+                "coef": [list(row) for row in self.coef], "intercept": list(self.intercept)}
+
+
+@dataclass(frozen=True)
+class Head:
+    """A fitted head: one logistic regression per kind of vector (``members``: every candidate
+    layer and pooling), whose probabilities are averaged; the question and token limit that made
+    the vectors, the cross-validation table and the identity of the base weights."""
+
+    members: tuple[Member, ...]
+    question: str
+    max_tokens: int
+    classes: tuple[int, ...]
+    train_rows: int
+    cv: tuple[dict, ...]  # per candidate: layer, pooling, the best C, its mean kappa and standard error
+    base: dict  # model, weights_sha256, layers_total, hidden_size
+
+    @property
+    def kinds(self) -> list[tuple[int, str]]:
+        """The (layer, pooling) vectors rating needs, one per member."""
+        return [m.kind for m in self.members]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({m.layer for m in self.members})
+
+    @property
+    def poolings(self) -> list[str]:
+        return [p for p in POOLINGS if any(m.pooling == p for m in self.members)]
+
+    def describe(self) -> str:
+        """The vectors it reads, in words: "layers 3, 6, 9 (mean, last)"."""
+        return f"layers {', '.join(str(n) for n in self.layers)} ({', '.join(self.poolings)})"
+
+    def probabilities(self, vectors: Mapping[tuple[int, str], Any]) -> list[dict[int, float]]:
+        """Per record (a row of each member's vectors), each rating's probability: the members'
+        probabilities averaged."""
+        each = [m.probabilities(vectors[m.kind], self.classes) for m in self.members]
+        rows = {len(p) for p in each}
+        if len(rows) != 1:
+            raise HeadError(f"{FILE}: the vectors of the head's members hold different numbers of records")
+        return [{c: sum(p[i][c] for p in each) / len(each) for c in self.classes} for i in range(rows.pop())]
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "question": self.question, "max_tokens": self.max_tokens,
+                "classes": list(self.classes), "train_rows": self.train_rows, "base": dict(self.base),
+                "members": [m.to_json() for m in self.members], "cv": [dict(row) for row in self.cv]}
 
     def fingerprint(self) -> str:
         """sha256 of the stored form (a resumed rating run must use the same head)."""
@@ -117,14 +158,11 @@ class Head:
 
     @classmethod
     def from_json(cls, data: Any) -> "Head":
-        """The stored head, every field checked (``HeadError`` names the first bad one)."""
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        """The stored head, every field checked (``HeadError`` names the first bad one). A head of
+        the earlier single-regression form (``fine-tuner-head/1``) is read as one member."""
+        if not isinstance(data, dict) or data.get("format") not in (FORMAT, FORMAT_SINGLE):
             raise HeadError(f"{FILE} is not a fine-tuner head ({FORMAT})")
-        layer, pooling, question, max_tokens = (data.get(k) for k in ("layer", "pooling", "question", "max_tokens"))
-        if type(layer) is not int or not 1 <= layer <= 10_000:
-            raise HeadError(f"{FILE}: layer must be a layer number (1 or more)")
-        if pooling not in POOLINGS:
-            raise HeadError(f"{FILE}: pooling must be one of {', '.join(POOLINGS)}")
+        question, max_tokens = data.get("question"), data.get("max_tokens")
         if not isinstance(question, str) or len(question) > 10_000:
             raise HeadError(f"{FILE}: question must be a text")
         if type(max_tokens) is not int or not 1 <= max_tokens <= 1_000_000:
@@ -133,24 +171,24 @@ class Head:
         if not isinstance(classes, list) or not all(type(v) is int for v in classes) or len(classes) < 2 \
                 or len(set(classes)) != len(classes):
             raise HeadError(f"{FILE}: classes must be two or more distinct integer ratings")
-        scaler = data.get("scaler")
-        if not isinstance(scaler, dict):
-            raise HeadError(f"{FILE}: scaler must be an object with mean and scale")
-        mean = _floats(scaler.get("mean"), "scaler.mean")
-        width = len(mean)
-        if not 1 <= width <= MAX_WIDTH:
-            raise HeadError(f"{FILE}: scaler.mean must have 1 to {MAX_WIDTH} numbers")
-        scale = _floats(scaler.get("scale"), "scaler.scale", width)
-        if not all(s > 0 for s in scale):
-            raise HeadError(f"{FILE}: scaler.scale must hold positive numbers")
-        coef_rows, intercept, c, train_rows = stored_regression(data, classes, width, file=FILE, error=HeadError)
+        train_rows = data.get("train_rows")
+        if type(train_rows) is not int:
+            raise HeadError(f"{FILE}: train_rows must be an integer")
+        stored = [data] if data["format"] == FORMAT_SINGLE else data.get("members")
+        if not isinstance(stored, list) or not 1 <= len(stored) <= MAX_MEMBERS:
+            raise HeadError(f"{FILE}: members must be a list of 1 to {MAX_MEMBERS} regressions")
+        members = tuple(_member(m, classes, train_rows) for m in stored)
+        if len({m.kind for m in members}) != len(members):
+            raise HeadError(f"{FILE}: members must each read another (layer, pooling)")
         base = data.get("base")
         if not (isinstance(base, dict) and isinstance(base.get("model"), str)
                 and isinstance(base.get("weights_sha256"), str) and len(base["weights_sha256"]) == 64
-                and type(base.get("layers_total")) is int and layer <= base["layers_total"]
-                and type(base.get("hidden_size")) is int and base["hidden_size"] == width):
+                and type(base.get("layers_total")) is int
+                and all(m.layer <= base["layers_total"] for m in members)
+                and type(base.get("hidden_size")) is int
+                and all(base["hidden_size"] == len(m.mean) for m in members)):
             raise HeadError(f"{FILE}: base must name the model, its weights' sha256, its layers (at least the "
-                            "head's layer) and its width (the scaler's)")
+                            "members' layers) and its width (the scalers')")
         cv = data.get("cv")
         if not isinstance(cv, list) or not all(
                 isinstance(row, dict) and type(row.get("layer")) is int and row.get("pooling") in POOLINGS
@@ -158,11 +196,34 @@ class Head:
                 and all(row.get(k) is None or type(row[k]) in (int, float) for k in ("kappa", "kappa_se"))
                 for row in cv):
             raise HeadError(f"{FILE}: cv must be a list of {{layer, pooling, c, kappa, kappa_se}} rows")
-        return cls(layer, pooling, question, max_tokens, mean, scale, tuple(classes), coef_rows, intercept,
-                   c, train_rows,
+        return cls(members, question, max_tokens, tuple(classes), train_rows,
                    tuple({"layer": r["layer"], "pooling": r["pooling"], "c": r["c"], "kappa": r.get("kappa"),
                           "kappa_se": r.get("kappa_se")} for r in cv),
                    {k: base[k] for k in ("model", "weights_sha256", "layers_total", "hidden_size")})
+
+
+def _member(data: Any, classes: list[int], train_rows: int) -> Member:
+    """One stored member, checked (``HeadError`` names the field)."""
+    if not isinstance(data, dict):
+        raise HeadError(f"{FILE}: members must be a list of regressions")
+    layer, pooling = data.get("layer"), data.get("pooling")
+    if type(layer) is not int or not 1 <= layer <= 10_000:
+        raise HeadError(f"{FILE}: layer must be a layer number (1 or more)")
+    if pooling not in POOLINGS:
+        raise HeadError(f"{FILE}: pooling must be one of {', '.join(POOLINGS)}")
+    scaler = data.get("scaler")
+    if not isinstance(scaler, dict):
+        raise HeadError(f"{FILE}: scaler must be an object with mean and scale")
+    mean = _floats(scaler.get("mean"), "scaler.mean")
+    width = len(mean)
+    if not 1 <= width <= MAX_WIDTH:
+        raise HeadError(f"{FILE}: scaler.mean must have 1 to {MAX_WIDTH} numbers")
+    scale = _floats(scaler.get("scale"), "scaler.scale", width)
+    if not all(v > 0 for v in scale):
+        raise HeadError(f"{FILE}: scaler.scale must hold positive numbers")
+    coef, intercept, c, _ = stored_regression({**data, "train_rows": train_rows}, classes, width, file=FILE,
+                                              error=HeadError)
+    return Member(layer, pooling, mean, scale, coef, intercept, c)
 
 
 def _floats(value: Any, field: str, length: int | None = None) -> tuple[float, ...]:
@@ -174,32 +235,27 @@ def _floats(value: Any, field: str, length: int | None = None) -> tuple[float, .
 
 @dataclass(frozen=True)
 class Fitted:
-    """``fit``'s result: the chosen vectors and the regression, before the head is stored."""
+    """``fit``'s result: the members and the cross-validation table, before the head is stored."""
 
-    layer: int
-    pooling: str
-    mean: tuple[float, ...]
-    scale: tuple[float, ...]
+    members: tuple[Member, ...]
     classes: tuple[int, ...]
-    coef: tuple[tuple[float, ...], ...]
-    intercept: tuple[float, ...]
-    c: float
     cv: tuple[dict, ...]
 
 
 def fit(candidates: Mapping[tuple[int, str], Any], ratings: Sequence[int], *, seed: int = 42) -> Fitted:
-    """Choose (layer, pooling, C) by stratified cross-validation (Cohen's kappa, the mean over the
-    folds; standardisation fitted within each fold) and fit on every training row.
+    """One member per candidate (layer, pooling): standardisation and a class-balanced logistic
+    regression fitted on every training row, its C chosen by stratified cross-validation (Cohen's
+    kappa, the mean over the folds; standardisation fitted within each fold). The head averages
+    the members' probabilities.
 
-    The one-standard-error rule picks among the candidates: every candidate whose kappa (at its
-    best C) is within one standard error of the best one's is as good as the training rows can tell,
-    and of those the preferred one is taken: the mean before the last token, then the layer nearest
-    the middle of the depth. Cross-validation only sees familiar records, where the candidates of
-    Gemma 3 270M differed by less than their noise (the last layer's last token won by 0.0001 and
-    then agreed 0.14 on new kinds of records). On new kinds the means agreed better than the last
-    tokens (bench/head_quality.py on the product's prompts: 0.40-0.52 against 0.12-0.22; a
-    standalone measurement: the middle layer's mean 0.75-0.89, the last layer's 0.58-0.79). With a
-    rating of a single row no cross-validation can run: the preferred candidate with C = 0.1."""
+    Why every candidate rather than the one cross-validation prefers: cross-validation sees only
+    familiar records, where Gemma 3 270M's candidates all agreed (kappa 0.95-1.00), while on new
+    kinds of records the same candidates ranged from 0.00 to 0.97 from one draw of visits to the
+    next, and no choice made on the training rows (the preferred mean near the middle layer,
+    or folds holding out whole diagnosis categories) found the good one reliably. Averaging them
+    was measured best over three draws (``bench/head_arms.py``, codes explained: kappa on new kinds
+    0.85 against 0.57 for the one chosen; another site's visits 0.54 against 0.60 and 0.80 for the
+    bag-of-words baseline). With a rating of a single row no cross-validation can run: C = 0.1."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import cohen_kappa_score, make_scorer
@@ -212,49 +268,39 @@ def fit(candidates: Mapping[tuple[int, str], Any], ratings: Sequence[int], *, se
     if len(set(ratings)) < 2:
         raise ValueError("a head needs training rows of at least two different ratings")
     keys = sorted(candidates, key=lambda k: (k[0], POOLINGS.index(k[1])))
-    middle = max(k[0] for k in keys) / 2
-    preference = sorted(keys, key=lambda k: (POOLINGS.index(k[1]), abs(k[0] - middle), k[0]))
     folds = cv_folds(ratings)
     table: list[dict] = []
+    members: list[Member] = []
+    classes: tuple[int, ...] = ()
 
     def pipeline(c: float):
         return make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", C=c, max_iter=5000))
 
     # one BLAS thread: each fit is a fraction of a second (see baseline.fit)
     with threadpool_limits(1):
-        if folds >= 2:
-            scores: dict[tuple[int, str], tuple[float, float]] = {}  # (mean kappa, its standard error)
-            for key in keys:
-                x = np.asarray(candidates[key], dtype=np.float64)
+        for key in keys:
+            x = np.asarray(candidates[key], dtype=np.float64)
+            c, score, se = C_WITHOUT_CV, None, None
+            if folds >= 2:
                 search = GridSearchCV(pipeline(1.0), {"logisticregression__C": list(C_GRID)},
                                       scoring=make_scorer(cohen_kappa_score),
                                       cv=StratifiedKFold(folds, shuffle=True, random_state=seed), refit=False)
                 search.fit(x, y)
                 at = search.best_index_
-                score = float(search.cv_results_["mean_test_score"][at])
-                se = float(search.cv_results_["std_test_score"][at]) / math.sqrt(folds)
+                mean_kappa = float(search.cv_results_["mean_test_score"][at])
+                error = float(search.cv_results_["std_test_score"][at]) / math.sqrt(folds)
                 c = float(search.best_params_["logisticregression__C"])
-                finite = math.isfinite(score) and math.isfinite(se)
-                table.append({"layer": key[0], "pooling": key[1], "c": c, "kappa": round(score, 4) if finite else None,
-                              "kappa_se": round(se, 4) if finite else None})
-                if finite:
-                    scores[key] = (score, se)
-            if scores:
-                top = max(scores, key=lambda k: scores[k][0])
-                floor = scores[top][0] - scores[top][1]
-                chosen = next(k for k in preference if k in scores and scores[k][0] >= floor)
-            else:
-                chosen = preference[0]
-            c = next(row["c"] for row in table if (row["layer"], row["pooling"]) == chosen)
-        else:
-            chosen, c = preference[0], C_WITHOUT_CV
-            table.append({"layer": chosen[0], "pooling": chosen[1], "c": c, "kappa": None, "kappa_se": None})
-        model = pipeline(c).fit(np.asarray(candidates[chosen], dtype=np.float64), y)
-    scaler, regression = model.named_steps["standardscaler"], model.named_steps["logisticregression"]
-    return Fitted(chosen[0], chosen[1], tuple(float(v) for v in scaler.mean_), tuple(float(v) for v in scaler.scale_),
-                  tuple(int(v) for v in regression.classes_),
-                  tuple(tuple(float(w) for w in row) for row in regression.coef_),
-                  tuple(float(b) for b in regression.intercept_), float(c), tuple(table))
+                if math.isfinite(mean_kappa) and math.isfinite(error):
+                    score, se = round(mean_kappa, 4), round(error, 4)
+            table.append({"layer": key[0], "pooling": key[1], "c": c, "kappa": score, "kappa_se": se})
+            model = pipeline(c).fit(x, y)
+            scaler, regression = model.named_steps["standardscaler"], model.named_steps["logisticregression"]
+            classes = tuple(int(v) for v in regression.classes_)
+            members.append(Member(key[0], key[1], tuple(float(v) for v in scaler.mean_),
+                                  tuple(float(v) for v in scaler.scale_),
+                                  tuple(tuple(float(w) for w in row) for row in regression.coef_),
+                                  tuple(float(b) for b in regression.intercept_), c))
+    return Fitted(tuple(members), classes, tuple(table))
 
 
 # --- the base weights and the child -------------------------------------------------------------
@@ -358,19 +404,19 @@ def fit_head(weights: Any, model: str, texts: Sequence[str], ratings: Sequence[i
     began = time.monotonic()
     fitted = fit(arrays, ratings, seed=seed)
     fit_s = time.monotonic() - began
-    head = Head(fitted.layer, fitted.pooling, question, MAX_TOKENS, fitted.mean, fitted.scale, fitted.classes,
-                fitted.coef, fitted.intercept, fitted.c, len(texts), fitted.cv,
+    head = Head(fitted.members, question, MAX_TOKENS, fitted.classes, len(texts), fitted.cv,
                 {"model": model, "weights_sha256": weights_sha256(weights), "layers_total": int(info["layers_total"]),
-                 "hidden_size": len(fitted.mean)})
+                 "hidden_size": len(fitted.members[0].mean)})
     return head, {"features_s": round(features_s, 3), "fit_s": round(fit_s, 3),
                   "forward_s": info.get("forward_s"), "device": info.get("device")}
 
 
-def head_vectors(weights: Any, head: Head, texts: Sequence[str], **kwargs: Any) -> Any:
-    """The head's vectors of ``texts``: exactly those it was fitted on for the same text."""
-    _, arrays = compute_features(weights, texts, layers=[head.layer], poolings=[head.pooling],
+def head_vectors(weights: Any, head: Head, texts: Sequence[str], **kwargs: Any) -> dict[tuple[int, str], Any]:
+    """The head's vectors of ``texts``, per member's (layer, pooling): exactly those it was fitted
+    on for the same text (one pass per text, up to the deepest member's layer)."""
+    _, arrays = compute_features(weights, texts, layers=head.layers, poolings=head.poolings,
                                  question=head.question, max_tokens=head.max_tokens, **kwargs)
-    return arrays[(head.layer, head.pooling)]
+    return {kind: arrays[kind] for kind in head.kinds}
 
 
 def load(path: str | os.PathLike) -> Head:
@@ -380,5 +426,5 @@ def load(path: str | os.PathLike) -> Head:
     return Head.from_json(fsutil.read_json(Path(path), limit=MAX_FILE_BYTES))
 
 
-__all__ = ["FILE", "Head", "HeadError", "FeaturesError", "KEY", "TITLE", "compute_features", "fit", "fit_head",
-           "head_vectors", "load", "question_text", "weights_sha256"]
+__all__ = ["FILE", "Head", "HeadError", "FeaturesError", "KEY", "Member", "TITLE", "compute_features", "fit",
+           "fit_head", "head_vectors", "load", "question_text", "weights_sha256"]

@@ -495,7 +495,7 @@ def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, 
                                   max_tokens=ev.max_new_tokens, direct=model.direct).answer(
                 name, conversations, on_progress=progress, stop_event=stop_event)
         elif model.head is not None:
-            name = f"{base}: layer {model.head.layer} ({model.head.pooling}) + head"
+            name = f"{base}: {model.head.describe()} + head"
             answers = HeadRater(weights, model.head, timeout_s=ev.timeout_s, grace_s=config.training.grace_s).answer(
                 conversations, on_progress=progress, stop_event=stop_event)
         else:

@@ -450,7 +450,7 @@ def _rater(model: RatingModel, backend: str, weights, config: Config, schema: di
         return BaselineRater(model.baseline).answer, "bag-of-words baseline"
     if backend == HeadRater.backend:
         rater = HeadRater(weights, model.head, timeout_s=config.evaluation.timeout_s, grace_s=config.training.grace_s)
-        return rater.answer, f"{model.base_model}: layer {model.head.layer} ({model.head.pooling}) + head"
+        return rater.answer, f"{model.base_model}: {model.head.describe()} + head"
     if backend == "ollama":
         name = model.ollama_name or model.base_model
         rater = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=config.defaults.seed,

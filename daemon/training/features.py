@@ -9,8 +9,8 @@ alone, ``AutoModel``), and for each text runs one forward pass, no generation, o
 decoder layers: layer ``k`` of ``L`` is the output of decoder layer ``k`` (1-based), and layer ``L``
 is the model's final, normalised state. Each (layer, pooling) gives one float32 vector per text:
 ``mean``, the average over the text's own tokens (not the bos or the question), or ``last``, the
-state at the last token (the question's end). The pass stops after the deepest layer asked for, so
-rating with a middle layer costs half a pass.
+state at the last token (the question's end). The pass stops after the deepest layer asked for
+(a head whose members read every sixth of the depth needs the whole pass).
 
 One text per forward pass, never padded beside another: a text's vectors depend on that text
 alone, so the vectors computed when rating equal those the head was fitted on, bit for bit, on the
@@ -43,9 +43,9 @@ EXIT_SPEC = 2
 EXIT_DATA = 3
 EXIT_ORPHANED = 4
 POOLINGS = ("mean", "last")
-# where the candidate layers sit in the model's depth: measured on Gemma 3 270M (18 layers), the
-# middle layer's average agreed best on new kinds of records; the last layer is kept as a candidate
-CANDIDATE_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1.0)
+# where the candidate layers sit in the model's depth: every sixth of it (layers 3, 6, ..., 18 of
+# Gemma 3 270M's 18), each a member of the head (bench/head_arms.py measured these six)
+CANDIDATE_FRACTIONS = (1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0)
 FEATURES_FILE = "features.json"
 PROGRESS_EVERY = 8
 

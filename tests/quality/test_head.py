@@ -59,18 +59,18 @@ def fitted(weights):
 
 def test_the_head_learns_the_experts_ratings_on_visits_it_never_saw(weights, fitted):
     """On the tiny model's states, a head fitted on 200 visits agrees with the experts on 60 others
-    far beyond chance (measured: kappa 0.91 on another draw); its choice comes from the CV table."""
+    far beyond chance (measured: kappa 0.91 on another draw); every candidate is a member, at the C
+    its cross-validation chose."""
     held = generate_visits(60, seed=12)
     vectors = head.head_vectors(weights, fitted, [_text(r) for r in held])
+    assert sorted(vectors) == [(1, "last"), (1, "mean"), (2, "last"), (2, "mean")]
     predicted = [most_likely(p) for p in fitted.probabilities(vectors)]
     assert cohen_kappa_score([int(r["Standardized_Rating"]) for r in held], predicted) > 0.6
-    assert fitted.classes == (-1, 0, 1) and fitted.train_rows == 200 and fitted.c in head.C_GRID
+    assert fitted.classes == (-1, 0, 1) and fitted.train_rows == 200
     assert [(row["layer"], row["pooling"]) for row in fitted.cv] == [(1, "mean"), (1, "last"), (2, "mean"), (2, "last")]
-    top = max(fitted.cv, key=lambda row: row["kappa"])  # within one standard error: mean first, then layer 1
-    floor = top["kappa"] - top["kappa_se"]
-    best = min((row for row in fitted.cv if row["kappa"] >= floor - 1e-4),
-               key=lambda row: (POOLINGS.index(row["pooling"]), abs(row["layer"] - 1)))
-    assert (fitted.layer, fitted.pooling, fitted.c) == (best["layer"], best["pooling"], best["c"])
+    assert [(m.layer, m.pooling, m.c) for m in fitted.members] == [
+        (r["layer"], r["pooling"], r["c"]) for r in fitted.cv]
+    assert all(m.c in head.C_GRID for m in fitted.members) and fitted.describe() == "layers 1, 2 (mean, last)"
     assert fitted.base["layers_total"] == 2 and fitted.base["hidden_size"] == 64
     assert fitted.base["weights_sha256"] == head.weights_sha256(weights)
 
@@ -95,9 +95,9 @@ def test_the_head_rater_gives_the_fitted_heads_probabilities_as_the_answer_and_c
     """HeadRater's answers are the head's most likely ratings, its probabilities those of the
     vectors the child computes, each record answered."""
     texts = [_text(r) for r in generate_visits(6, seed=22)]
-    _, arrays = head.compute_features(weights, texts, layers=[fitted.layer], poolings=[fitted.pooling],
+    _, arrays = head.compute_features(weights, texts, layers=fitted.layers, poolings=fitted.poolings,
                                       question=fitted.question)
-    expected = fitted.probabilities(arrays[(fitted.layer, fitted.pooling)])
+    expected = fitted.probabilities(arrays)
     answers = HeadRater(weights, fitted).answer([[{"role": "system", "content": "s"},
                                                   {"role": "user", "content": t}] for t in texts])
     assert [a.probs for a in answers] == expected
@@ -114,7 +114,8 @@ def test_the_head_rater_refuses_weights_other_than_those_the_head_was_fitted_on(
 
 def test_a_stored_head_loads_back_with_the_same_probabilities(fitted):
     """to_json -> JSON text -> from_json gives exactly the same probabilities and fingerprint."""
-    vectors = np.random.default_rng(3).normal(size=(20, 64)).astype(np.float32)
+    rng = np.random.default_rng(3)
+    vectors = {kind: rng.normal(size=(20, 64)).astype(np.float32) for kind in fitted.kinds}
     loaded = head.Head.from_json(json.loads(json.dumps(fitted.to_json())))
     assert loaded == fitted and loaded.fingerprint() == fitted.fingerprint()
     after = loaded.probabilities(vectors)
@@ -122,52 +123,60 @@ def test_a_stored_head_loads_back_with_the_same_probabilities(fitted):
     assert [sorted(p) for p in after] == [[-1, 0, 1]] * 20 and all(abs(sum(p.values()) - 1) < 1e-9 for p in after)
 
 
-def test_the_stored_probabilities_are_scikit_learns_own():
-    """The stored numbers rate exactly as the scikit-learn pipeline fitted on the same vectors would."""
+def test_the_stored_probabilities_are_the_average_of_scikit_learns_own():
+    """Each member rates exactly as the scikit-learn pipeline fitted on its vectors at its C would,
+    and the head's probabilities are the members' average."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     rng = np.random.default_rng(5)
-    x, y = rng.normal(size=(60, 8)), np.array([-1, 0, 1] * 20)
-    x[:, 0] += y
-    got = head.fit({(1, "mean"): x, (1, "last"): rng.normal(size=(60, 8))}, list(y))
-    assert (got.layer, got.pooling) == (1, "mean")  # the informative vectors, not the noise
-    model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", C=got.c, max_iter=5000))
-    model.fit(x, y)
-    stored = head.Head(got.layer, got.pooling, "", 10, got.mean, got.scale, got.classes, got.coef, got.intercept,
-                       got.c, 60, got.cv,
+    y = np.array([-1, 0, 1] * 20)
+    vectors = {(1, "mean"): rng.normal(size=(60, 8)), (1, "last"): rng.normal(size=(60, 8))}
+    vectors[(1, "mean")][:, 0] += 3 * y
+    got = head.fit(vectors, list(y))
+    stored = head.Head(got.members, "", 10, got.classes, 60, got.cv,
                        {"model": "m", "weights_sha256": "0" * 64, "layers_total": 1, "hidden_size": 8})
-    expected = model.predict_proba(x[:10])
-    assert all(abs(p[c] - expected[i][j]) < 1e-9 for i, p in enumerate(stored.probabilities(x[:10]))
-               for j, c in enumerate(model.classes_))
+    assert stored.kinds == [(1, "mean"), (1, "last")] and [r["kappa"] for r in got.cv][0] > 0.5
+    expected = np.zeros((10, 3))
+    for member in got.members:
+        model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", C=member.c,
+                                                                   max_iter=5000))
+        expected += model.fit(vectors[member.kind], y).predict_proba(vectors[member.kind][:10]) / 2
+    got_probs = stored.probabilities({k: v[:10] for k, v in vectors.items()})
+    assert all(abs(p[c] - expected[i][j]) < 1e-9 for i, p in enumerate(got_probs) for j, c in enumerate((-1, 0, 1)))
 
 
-def test_candidates_as_good_as_the_best_go_to_the_mean_of_the_layer_nearest_the_middle():
-    """When every candidate separates the rows perfectly (within one standard error of the best),
-    the middle layer's mean is chosen (the choice measured best on new kinds of records), not the
-    first or the last layer."""
-    rng = np.random.default_rng(7)
-    y = np.array([0, 1] * 20)
-    x = rng.normal(size=(40, 4)) + 10 * y[:, None]
-    got = head.fit({(1, "mean"): x, (2, "last"): x, (2, "mean"): x, (4, "mean"): x}, list(y))
-    assert [(row["kappa"], row["kappa_se"]) for row in got.cv] == [(1.0, 0.0)] * 4
-    assert (got.layer, got.pooling) == (2, "mean")
+def test_a_head_of_the_earlier_single_regression_form_is_read_as_one_member(fitted):
+    """A head.json written before heads averaged their candidates (one layer and pooling at the top
+    level, fine-tuner-head/1) still loads, as a head of that one member, and rates as it did."""
+    member = fitted.members[0]
+    old = {"format": "fine-tuner-head/1", "question": fitted.question, "max_tokens": fitted.max_tokens,
+           "classes": list(fitted.classes), "train_rows": fitted.train_rows, "base": dict(fitted.base),
+           "cv": list(fitted.cv), **member.to_json()}
+    loaded = head.Head.from_json(json.loads(json.dumps(old)))
+    assert loaded.members == (member,) and loaded.kinds == [member.kind]
+    vectors = np.random.default_rng(3).normal(size=(5, 64))
+    assert loaded.probabilities({member.kind: vectors}) == [
+        {c: p[c] for c in fitted.classes} for p in member.probabilities(vectors, fitted.classes)]
 
 
 @pytest.mark.parametrize("change, field", [
     (lambda d: d.update(format="pickle"), "is not a fine-tuner head"),
-    (lambda d: d.update(pooling="max"), "pooling must be one of mean, last"),
-    (lambda d: d.update(layer=3), "base must name"),
-    (lambda d: d.update(layer=True), "layer must be a layer number"),
+    (lambda d: d["members"][0].update(pooling="max"), "pooling must be one of mean, last"),
+    (lambda d: d["members"][0].update(layer=3), "base must name"),
+    (lambda d: d["members"][0].update(layer=True), "layer must be a layer number"),
+    (lambda d: d.update(members=[]), "members must be a list of 1 to 64"),
+    (lambda d: d.update(members=d["members"] * 2), "members must each read another"),
     (lambda d: d.update(classes=[1, 1]), "classes must be two or more distinct"),
-    (lambda d: d["scaler"]["scale"].__setitem__(0, 0.0), "scaler.scale must hold positive numbers"),
-    (lambda d: d["scaler"]["mean"].__setitem__(0, float("nan")), "scaler.mean must be a list"),
-    (lambda d: d["coef"][0].append(1.0), "coef must be a list of 64 finite numbers"),
-    (lambda d: d["coef"].pop(), "coef must have 3 rows"),
-    (lambda d: d.update(intercept=["1", "2", "3"]), "intercept must be a list of 3 finite numbers"),
-    (lambda d: d.update(c=-1), "c must be a positive number"),
+    (lambda d: d["members"][0]["scaler"]["scale"].__setitem__(0, 0.0), "scaler.scale must hold positive numbers"),
+    (lambda d: d["members"][0]["scaler"]["mean"].__setitem__(0, float("nan")), "scaler.mean must be a list"),
+    (lambda d: d["members"][1]["coef"][0].append(1.0), "coef must be a list of 64 finite numbers"),
+    (lambda d: d["members"][0]["coef"].pop(), "coef must have 3 rows"),
+    (lambda d: d["members"][0].update(intercept=["1", "2", "3"]), "intercept must be a list of 3 finite numbers"),
+    (lambda d: d["members"][0].update(c=-1), "c must be a positive number"),
     (lambda d: d["base"].update(weights_sha256="abc"), "base must name"),
+    (lambda d: d["base"].update(hidden_size=32), "base must name"),
     (lambda d: d.update(cv={"layer": 1}), "cv must be a list"),
 ])
 def test_a_hostile_stored_head_is_refused_naming_the_field(fitted, change, field):
@@ -211,8 +220,8 @@ def test_a_head_job_is_evaluated_beside_the_baseline_and_stores_plain_numbers(jo
     assert meta["registration"] == {"registered": False,
                                     "reason": "a head is not an Ollama model: it rates through the local backend"}
     stored = head.load(folder / "head.json")
-    assert (meta["head"]["layer"], meta["head"]["pooling"], meta["head"]["c"], meta["head"]["train_rows"]) == (
-        stored.layer, stored.pooling, stored.c, meta["split"]["train_rows"])
+    assert (meta["head"]["layers"], meta["head"]["poolings"], meta["head"]["members"], meta["head"]["train_rows"]) == (
+        stored.layers, stored.poolings, len(stored.members), meta["split"]["train_rows"])
     assert (meta["split"]["train_rows"], meta["split"]["validation_rows"], stored.train_rows) == (287, 33, 287)
     report = json.loads((folder / "evaluation.json").read_text())
     assert [(m["key"], m["title"], m["n"], m["backend"]) for m in report["models"]] == [
@@ -255,7 +264,7 @@ def test_a_hostile_head_json_in_a_model_folder_is_refused_naming_it(job, tmp_pat
     copy = tmp_path / "copy"
     shutil.copytree(job["folder"], copy)
     data = json.loads((copy / "head.json").read_text())
-    data["coef"] = "import os"
+    data["members"][0]["coef"] = "import os"
     (copy / "head.json").write_text(json.dumps(data))
     with pytest.raises(ModelFolderError, match=r"head\.json in the model folder copy coef must have 3 rows") as info:
         model_from_folder(copy)
