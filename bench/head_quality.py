@@ -44,6 +44,17 @@ def gguf_path() -> Path:
     return Path(assemble(cache_dir() / "models" / MODEL_NAME))
 
 
+def gemma_weights():
+    """Gemma 3 270M's base weights as a job resolves them (offline), or None with the reason printed."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    weights = resolve_base_weights(NAME, {NAME: str(gguf_path())})
+    if weights.local_dir is None:
+        print(f"the base weights cannot be used: {weights.problem}", file=sys.stderr)
+        return None
+    return weights
+
+
 def prompts(work: Path, n: int, seed: int, vocabulary: str, code_knowledge: str,
             noise: float) -> tuple[list[str], list[int]]:
     """The visits' prompts as a job builds them, and the experts' ratings."""
@@ -93,11 +104,8 @@ def main() -> int:
                         help="the job setting: expand the diagnosis codes in the prompts (default off)")
     args = parser.parse_args()
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    weights = resolve_base_weights(NAME, {NAME: str(gguf_path())})
-    if weights.local_dir is None:
-        print(f"the base weights cannot be used: {weights.problem}", file=sys.stderr)
+    weights = gemma_weights()
+    if weights is None:
         return 1
     work = Path(tempfile.mkdtemp(prefix="head-quality-"))
     try:
