@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..config import MAX_COMPANION_BYTES
-from ..fsutil import (NotRegularFileError, fsync_dir, hash_regular_file, new_dir, open_regular, real_dir,
+from ..fsutil import (NotRegularFileError, fsync_dir, hash_regular_file, new_dir, open_regular, read_json, real_dir,
                       rename_no_replace, rename_to_free_name, write_json)
 from ..text import display_name
 
@@ -600,24 +600,32 @@ def refuse(inbox: Path, failed: Path, refusal: Refusal, error: dict) -> Path | N
     except FileNotFoundError:
         staging.rmdir()
         return None
-    n = 0
-    while True:  # the same name refused twice within a second: -1, -2, ... (error.json says which)
-        target = failed / (name if n == 0 else f"{name}-{n}")
-        write_json(staging / "error.json", {**error, "job_id": target.name})
-        try:
-            rename_no_replace(staging, target)
-            break
-        except FileExistsError:
-            n += 1
+    target = _place_refusal(staging, failed, name, error)
     fsync_dir(failed)
     fsync_dir(inbox)
     return target
 
 
+def _place_refusal(staging: Path, failed: Path, name: str, error: dict) -> Path:
+    """Write ``error.json`` into a staging folder, its ``job_id`` the folder's final name, and rename
+    the folder to ``failed/<name>``, or ``<name>-1``, ``-2``, ... when taken (the same name refused
+    twice within a second): it appears whole, and its error.json names it."""
+    n = 0
+    while True:
+        target = failed / (name if n == 0 else f"{name}-{n}")
+        write_json(staging / "error.json", {**error, "job_id": target.name})
+        try:
+            rename_no_replace(staging, target)
+            return target
+        except FileExistsError:
+            n += 1
+
+
 def sweep_refusals(failed: Path) -> list[Path]:
     """Finish the refusals a stop interrupted (hidden ``.refusing-`` folders in ``failed/``): one
-    holding the entry is renamed into place, with an ``error.json`` saying that the reason was lost
-    when the stop came before it was written; an empty one is removed. Returns the folders placed."""
+    holding the entry is put into place as ``refuse`` places one, keeping the ``error.json`` it had
+    or, when the stop came before it was written, one saying that the reason was lost; an empty one
+    is removed. Returns the folders placed."""
     placed = []
     for staging in sorted(Path(failed).glob(f"{REFUSING_PREFIX}*")):
         if not staging.is_dir() or staging.is_symlink():
@@ -626,14 +634,17 @@ def sweep_refusals(failed: Path) -> list[Path]:
         if not entries:
             staging.rmdir()
             continue
+        error: object = None
+        if "error.json" in entries:
+            with contextlib.suppress(OSError, ValueError):  # unreadable: as if never written
+                error = read_json(staging / "error.json")
+        if not isinstance(error, dict):
+            error = {"error_type": "RecoveryError",
+                     "failed_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                     "message": "the service stopped while it refused this entry, before it wrote why",
+                     "hint": "drop the file again: the service says why it refuses it"}
         name = staging.name[len(REFUSING_PREFIX):].rsplit("-", 1)[0]
-        if "error.json" not in entries:
-            write_json(staging / "error.json", {
-                "error_type": "RecoveryError", "job_id": name,
-                "failed_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "message": "the service stopped while it refused this entry, before it wrote why",
-                "hint": "drop the file again: the service says why it refuses it"})
-        placed.append(rename_to_free_name(staging, Path(failed) / name))
+        placed.append(_place_refusal(staging, Path(failed), name, error))
     if placed:
         fsync_dir(failed)
     return placed

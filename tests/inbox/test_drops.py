@@ -343,6 +343,14 @@ def test_sweep_refusals_finishes_what_a_stop_interrupted(dirs):
     error = json.loads((failed / stamp / "error.json").read_text())
     assert (error["error_type"], error["job_id"]) == ("RecoveryError", stamp)
     assert "PATIENT" not in json.dumps(error)
+    # a stop after the reason was written: it is kept; the name already taken: -1, as refuse names it
+    again = failed / f"{REFUSING_PREFIX}{stamp}-99999999"
+    again.mkdir()
+    (again / "bad.txt").write_text("x")
+    (again / "error.json").write_text(json.dumps({"error_type": "RefusedInputError", "job_id": stamp}))
+    assert sweep_refusals(failed) == [failed / f"{stamp}-1"]
+    assert json.loads((failed / f"{stamp}-1" / "error.json").read_text()) == {
+        "error_type": "RefusedInputError", "job_id": f"{stamp}-1"}
 
 
 def test_orphans_lists_companions_without_dataset(dirs):
