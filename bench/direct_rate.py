@@ -22,8 +22,15 @@ records/s are the records over each arm's own wall-clock time. The base GGUF is 
 direct prompt by the schema: only a model trained on both forms (``training.answer_forms: both``)
 decides well this way, the cost is the same. No target: the ratio is the point.
 
-Usage: ``python bench/direct_rate.py [--records 48] [--generated 12] [--batch 8]`` or
-``python bench/direct_rate.py --server [--records 20] [--threads 1]``.
+``--head``: the head's rating (``approach: head``: the features child's forward passes through the
+decoder, every candidate layer's vectors, both poolings, one record per pass, no generation) in
+float32 and in the dtype a job picks on this machine (``auto``: bfloat16 on a CPU with AVX512-BF16
+or AMX), against (b) above, same records, same run; the child's start-up is left out here too and
+reported apart. Target: the head's rating, at the dtype a job picks, >= 5 records/s on 2 cores.
+
+Usage: ``python bench/direct_rate.py [--records 48] [--generated 12] [--batch 8]``,
+``python bench/direct_rate.py --server [--records 20] [--threads 1]`` or
+``python bench/direct_rate.py --head [--records 200] [--generated 12]``.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ def main() -> int:
     parser.add_argument("--server", action="store_true",
                         help="through llama-server (the openai backend) instead of the local child")
     parser.add_argument("--threads", type=int, default=1, help="llama-server's threads (--server)")
+    parser.add_argument("--head", action="store_true", help="the head's rating against generation")
     args = parser.parse_args()
     if args.server:
         return server(args.records, args.threads)
@@ -88,6 +96,8 @@ def main() -> int:
         answers = rater.answer(convs[:rows])
         return rows / sum(a.latency_s for a in answers)
 
+    if args.head:
+        return head_rating(weights, convs, args.records, rate(False, args.generated), args.generated)
     direct = rate(True, args.records)
     generated = rate(False, args.generated)
     print(f"(a) direct decision: {direct:.2f} records/s ({args.records} records, batch {args.batch})")
@@ -95,6 +105,32 @@ def main() -> int:
     print(f"ratio (a)/(b): {direct / generated:.1f}x; target (a) >= {TARGET_RECORDS_S:.0f} records/s: "
           f"{'met' if direct >= TARGET_RECORDS_S else 'NOT met'}")
     return 0 if direct >= TARGET_RECORDS_S else 1
+
+
+def head_rating(weights, convs: list[list[dict]], records: int, generated: float, generated_rows: int) -> int:
+    """``--head``: the head's forward passes in float32 and at the job's dtype vs generation (b)."""
+    import time
+
+    from daemon.quality import head
+    from daemon.training.features import POOLINGS
+
+    texts = [conv[-1]["content"] for conv in convs[:records]]
+    speed = {}
+    for dtype in ("float32", "auto"):
+        started = time.monotonic()
+        info, _ = head.compute_features(weights, texts, layers="candidates", poolings=POOLINGS,
+                                        question=head.question_text("respiratory infections"), dtype=dtype)
+        wall = time.monotonic() - started
+        speed[dtype] = (info["dtype"], records / info["forward_s"])
+        print(f"head, {info['dtype']}{' (a job picks this)' if dtype == 'auto' else ''}: "
+              f"{speed[dtype][1]:.2f} records/s over {records} records, layers {info['layers']} "
+              f"(the child's start-up, {wall - info['forward_s']:.1f} s, apart)")
+    print(f"(b) generation of the reasoned answer: {generated:.2f} records/s ({generated_rows} records)")
+    picked, rate = speed["auto"]
+    print(f"ratio head ({picked}) / (b): {rate / generated:.1f}x; {picked} / float32: "
+          f"{rate / speed['float32'][1]:.2f}x; target head >= {TARGET_RECORDS_S:.0f} records/s: "
+          f"{'met' if rate >= TARGET_RECORDS_S else 'NOT met'}")
+    return 0 if rate >= TARGET_RECORDS_S else 1
 
 
 def server(records: int, threads: int) -> int:

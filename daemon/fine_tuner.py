@@ -614,7 +614,7 @@ class FineTuner:
                                 "reason": "a head is not an Ollama model: it rates through the local backend"}
         log.info("head_fitted", layers=fitted.layers, poolings=fitted.poolings, members=len(fitted.members),
                  cv_kappa=cv_kappa, train_rows=fitted.train_rows, features_s=timings["features_s"],
-                 fit_s=timings["fit_s"])
+                 fit_s=timings["fit_s"], dtype=fitted.dtype)
 
     def _write_model_set(self, plan: JobPlan, build_dir: Path) -> None:
         from .data import modelset

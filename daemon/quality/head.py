@@ -36,7 +36,7 @@ from typing import Any
 
 from ..errors import TrainingInterruptedError
 from ..outputs import names
-from ..training.features import FEATURES_FILE, POOLINGS, array_name
+from ..training.features import DTYPES, FEATURES_FILE, POOLINGS, array_name
 from .baseline import class_probabilities, finite_numbers, stored_regression
 from .children import follow_child, last_line
 from .baseline import folds as cv_folds
@@ -119,12 +119,18 @@ class Head:
     classes: tuple[int, ...]
     train_rows: int
     cv: tuple[dict, ...]  # per candidate: layer, pooling, the best C, its mean kappa and standard error
-    base: dict  # model, weights_sha256, layers_total, hidden_size
+    base: dict  # model, weights_sha256, layers_total, hidden_size, dtype (the forward passes')
 
     @property
     def kinds(self) -> list[tuple[int, str]]:
         """The (layer, pooling) vectors rating needs, one per member."""
         return [m.kind for m in self.members]
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the forward passes ran in when the head was fitted (rating runs the same; a head
+        stored before the dtype was recorded was fitted in float32)."""
+        return self.base.get("dtype", "float32")
 
     @property
     def layers(self) -> list[int]:
@@ -189,6 +195,8 @@ class Head:
                 and all(base["hidden_size"] == len(m.mean) for m in members)):
             raise HeadError(f"{FILE}: base must name the model, its weights' sha256, its layers (at least the "
                             "members' layers) and its width (the scalers')")
+        if base.get("dtype", "float32") not in DTYPES:
+            raise HeadError(f"{FILE}: base.dtype must be one of {', '.join(DTYPES)}")
         cv = data.get("cv")
         if not isinstance(cv, list) or not all(
                 isinstance(row, dict) and type(row.get("layer")) is int and row.get("pooling") in POOLINGS
@@ -199,7 +207,8 @@ class Head:
         return cls(members, question, max_tokens, tuple(classes), train_rows,
                    tuple({"layer": r["layer"], "pooling": r["pooling"], "c": r["c"], "kappa": r.get("kappa"),
                           "kappa_se": r.get("kappa_se")} for r in cv),
-                   {k: base[k] for k in ("model", "weights_sha256", "layers_total", "hidden_size")})
+                   {k: base[k] for k in ("model", "weights_sha256", "layers_total", "hidden_size", "dtype")
+                    if k in base})
 
 
 def _member(data: Any, classes: list[int], train_rows: int) -> Member:
@@ -336,12 +345,14 @@ def weights_sha256(weights: Any) -> str:
 
 
 def compute_features(weights: Any, texts: Sequence[str], *, layers: list[int] | str, poolings: Sequence[str],
-                     question: str, max_tokens: int = MAX_TOKENS, timeout_s: float | None = None,
+                     question: str, max_tokens: int = MAX_TOKENS, dtype: str = "auto",
+                     timeout_s: float | None = None,
                      grace_s: float = 10.0, stop_event: threading.Event | None = None,
                      on_progress: Callable[[int, int], None] | None = None, python: str = sys.executable,
                      ) -> tuple[dict, dict[tuple[int, str], Any]]:
     """(the child's ``features.json``, per (layer, pooling) a float32 array of one row per text) for
-    ``weights`` (``training.supervisor.BaseWeights``). ``layers``: numbers, or ``"candidates"``.
+    ``weights`` (``training.supervisor.BaseWeights``). ``layers``: numbers, or ``"candidates"``;
+    ``dtype``: the passes' (``DTYPES``), or "auto" (the child picks; ``features.json`` says which).
     Raises ``FeaturesError`` (the child failed or timed out) or ``TrainingInterruptedError``
     (``stop_event`` was set)."""
     import numpy as np
@@ -358,7 +369,7 @@ def compute_features(weights: Any, texts: Sequence[str], *, layers: list[int] | 
         spec = {"base_ref": weights.local_dir, "gguf_path": weights.gguf_path,
                 "chat_template": weights.chat_template, "input": str(work / "input.jsonl"),
                 "output_dir": str(work / "out"), "layers": layers, "poolings": list(poolings),
-                "question": question, "max_tokens": max_tokens, "threads": THREADS,
+                "question": question, "max_tokens": max_tokens, "threads": THREADS, "dtype": dtype,
                 "parent_pid": os.getpid()}  # the child stops when this process is gone
         write_json(work / "spec.json", spec, durable=False)
         with open(work / "stderr.log", "wb") as err:
@@ -390,15 +401,16 @@ def compute_features(weights: Any, texts: Sequence[str], *, layers: list[int] | 
 
 
 def fit_head(weights: Any, model: str, texts: Sequence[str], ratings: Sequence[int], *, topics: str | None,
-             seed: int = 42, timeout_s: float | None = None, grace_s: float = 10.0,
+             seed: int = 42, dtype: str = "auto", timeout_s: float | None = None, grace_s: float = 10.0,
              stop_event: threading.Event | None = None,
              on_progress: Callable[[int, int], None] | None = None) -> tuple[Head, dict]:
-    """Fit a head on the training rows: every candidate's vectors from one forward pass per row, then
-    ``fit``. Returns (the head, timings: ``features_s``, ``fit_s``)."""
+    """Fit a head on the training rows: every candidate's vectors from one forward pass per row (in
+    ``dtype``; "auto": the child's choice, recorded in the head), then ``fit``. Returns (the head,
+    timings: ``features_s``, ``fit_s``, ``forward_s``, ``device``, ``dtype``)."""
     started = time.monotonic()
     question = question_text(topics)
     info, arrays = compute_features(weights, texts, layers="candidates", poolings=POOLINGS, question=question,
-                                    timeout_s=timeout_s, grace_s=grace_s, stop_event=stop_event,
+                                    dtype=dtype, timeout_s=timeout_s, grace_s=grace_s, stop_event=stop_event,
                                     on_progress=on_progress)
     features_s = time.monotonic() - started
     began = time.monotonic()
@@ -406,16 +418,17 @@ def fit_head(weights: Any, model: str, texts: Sequence[str], ratings: Sequence[i
     fit_s = time.monotonic() - began
     head = Head(fitted.members, question, MAX_TOKENS, fitted.classes, len(texts), fitted.cv,
                 {"model": model, "weights_sha256": weights_sha256(weights), "layers_total": int(info["layers_total"]),
-                 "hidden_size": len(fitted.members[0].mean)})
+                 "hidden_size": len(fitted.members[0].mean), "dtype": str(info["dtype"])})
     return head, {"features_s": round(features_s, 3), "fit_s": round(fit_s, 3),
-                  "forward_s": info.get("forward_s"), "device": info.get("device")}
+                  "forward_s": info.get("forward_s"), "device": info.get("device"), "dtype": info["dtype"]}
 
 
 def head_vectors(weights: Any, head: Head, texts: Sequence[str], **kwargs: Any) -> dict[tuple[int, str], Any]:
     """The head's vectors of ``texts``, per member's (layer, pooling): exactly those it was fitted
-    on for the same text (one pass per text, up to the deepest member's layer)."""
+    on for the same text (one pass per text, up to the deepest member's layer, in the dtype it was
+    fitted with)."""
     _, arrays = compute_features(weights, texts, layers=head.layers, poolings=head.poolings,
-                                 question=head.question, max_tokens=head.max_tokens, **kwargs)
+                                 question=head.question, max_tokens=head.max_tokens, dtype=head.dtype, **kwargs)
     return {kind: arrays[kind] for kind in head.kinds}
 
 

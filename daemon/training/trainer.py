@@ -300,6 +300,22 @@ def pick_dtype(device: str):
     return torch.float32
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX): there a forward pass
+    in bf16 is about three times as fast as in fp32; elsewhere bf16 is emulated, slower than fp32."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        probe = getattr(cpu, check, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except (RuntimeError, OSError):
+            continue
+    return False
+
+
 def set_threads() -> int:
     import torch
 

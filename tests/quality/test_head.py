@@ -20,7 +20,7 @@ from daemon.quality.baseline import most_likely
 from daemon.quality.evalreport import CONFIDENCE_SOURCES
 from daemon.quality.backends import HeadRater, RaterError
 from daemon.quality.ratefile import ModelFolderError, RatingError, model_from_folder, rate_file
-from daemon.training.features import POOLINGS
+from daemon.training.features import DTYPES, POOLINGS
 from daemon.training.supervisor import resolve_base_weights
 from tests.tiny_model import TINY_NAME
 
@@ -89,6 +89,40 @@ def test_the_vectors_computed_for_rating_equal_those_computed_for_fitting(weight
         assert array.dtype == np.float32 and array.shape == (5, 64)
         assert np.array_equal(array, fitting[key][order])
     assert not np.array_equal(fitting[(1, "mean")], fitting[(2, "mean")])
+
+
+def test_the_passes_run_in_the_dtype_asked_for_and_a_head_rates_in_the_one_it_was_fitted_with(weights, fitted):
+    """bfloat16 and float32 passes give close but different vectors, each reported in features.json;
+    a head records the dtype its vectors had ("auto" picked one of the two) and computes its rating
+    vectors in that dtype, whichever this machine would pick now; a head without one is float32."""
+    texts = [_text(r) for r in generate_visits(4, seed=23)]
+    runs = {}
+    for dtype in DTYPES:
+        info, runs[dtype] = head.compute_features(weights, texts, layers=[1], poolings=["mean"], question=QUESTION,
+                                                  dtype=dtype)
+        assert info["dtype"] == dtype and runs[dtype][(1, "mean")].dtype == np.float32
+    assert not np.array_equal(runs["float32"][(1, "mean")], runs["bfloat16"][(1, "mean")])
+    assert np.allclose(runs["float32"][(1, "mean")], runs["bfloat16"][(1, "mean")], rtol=0.1, atol=0.05)
+    assert fitted.dtype in DTYPES and fitted.to_json()["base"]["dtype"] == fitted.dtype
+    for dtype in DTYPES:
+        stored = json.loads(json.dumps(fitted.to_json()))
+        stored["base"]["dtype"] = dtype
+        rebuilt = head.Head.from_json(stored)
+        assert rebuilt.dtype == dtype
+        vectors = head.head_vectors(weights, rebuilt, texts)
+        _, same = head.compute_features(weights, texts, layers=rebuilt.layers, poolings=rebuilt.poolings,
+                                        question=rebuilt.question, dtype=dtype)
+        assert all(np.array_equal(vectors[kind], same[kind]) for kind in rebuilt.kinds)
+    older = json.loads(json.dumps(fitted.to_json()))
+    del older["base"]["dtype"]
+    assert head.Head.from_json(older).dtype == "float32"
+
+
+def test_the_features_child_refuses_a_dtype_it_does_not_know(weights):
+    """A spec asking for float16 (or anything but auto, float32, bfloat16) fails the child with the
+    reason, before any weights are loaded."""
+    with pytest.raises(head.FeaturesError, match="dtype must be auto, float32 or bfloat16"):
+        head.compute_features(weights, ["a visit"], layers=[1], poolings=["mean"], question="", dtype="float16")
 
 
 def test_the_head_rater_gives_the_fitted_heads_probabilities_as_the_answer_and_confidence(weights, fitted):
@@ -177,6 +211,7 @@ def test_a_head_of_the_earlier_single_regression_form_is_read_as_one_member(fitt
     (lambda d: d["members"][0].update(c=-1), "c must be a positive number"),
     (lambda d: d["base"].update(weights_sha256="abc"), "base must name"),
     (lambda d: d["base"].update(hidden_size=32), "base must name"),
+    (lambda d: d["base"].update(dtype="float16"), "base.dtype must be one of float32, bfloat16"),
     (lambda d: d.update(cv={"layer": 1}), "cv must be a list"),
 ])
 def test_a_hostile_stored_head_is_refused_naming_the_field(fitted, change, field):
