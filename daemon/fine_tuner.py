@@ -398,10 +398,20 @@ class FineTuner:
                     warnings.warn(f"fine-tuning failed; fell back to a model set: {exc.message}", UserWarning,
                                   stacklevel=3)
                     approach = MODEL_SET
+            if approach == HEAD:
+                try:
+                    self._head(plan, build_dir)
+                except TrainingFailedError as exc:
+                    if settings.approach != "auto" or not settings.fallback:
+                        raise
+                    meta["head_failure"] = exc.to_dict()
+                    meta.update(approach=MODEL_SET, approach_reason=f"the head failed, fell back: {exc.message}")
+                    log.warning("fallback_to_model_set", reason="head_failed", exit_code=exc.exit_code)
+                    warnings.warn(f"the head failed; fell back to a model set: {exc.message}", UserWarning,
+                                  stacklevel=3)
+                    approach = MODEL_SET
             if approach == MODEL_SET:
                 self._write_model_set(plan, build_dir)
-            elif approach == HEAD:
-                self._head(plan, build_dir)
             with stages("evaluation"):
                 meta["evaluation"] = self._evaluate(plan, build_dir)
                 self._quality_gate(plan)
@@ -453,6 +463,9 @@ class FineTuner:
             return MODEL_SET, f"fewer than {min_rows} usable rows", None
         with stages("capability"):
             report = self._cached_capability_report(settings.model, memory)
+        if settings.approach == "auto" and _head_possible(report):
+            return HEAD, ("auto: the head, the rater that agreed best with the experts on new kinds of records "
+                          "in the measurements (approach fine_tune for an Ollama model)"), report
         if report.supported:
             return FINE_TUNE, ("fine_tune requested" if settings.approach == FINE_TUNE
                                else "every capability check passed"), report
@@ -833,6 +846,13 @@ def _machine_roots(meta: dict, build_dir: Path, final_dir: Path) -> dict[str, st
     facts = (meta.get("capability") or {}).get("facts") or {}
     return portable.machine_roots([build_dir, final_dir], {
         "..": final_dir.parent, "<base weights>": facts.get("weights_dir"), "<hf cache>": hf_cache_dir()})
+
+
+def _head_possible(report: CapabilityReport) -> bool:
+    """Whether a head can be fitted here: the training extra installed and the base weights on disk
+    (a GGUF Ollama serves or a weights folder; no Ollama, download or GPU needed)."""
+    packages = next((c for c in report.checks if c.name == "trainer_packages"), None)
+    return bool(packages and packages.ok and report.facts.get("weights_dir") and report.facts.get("model_type"))
 
 
 def _base_weights_record(base: Any) -> Any:

@@ -169,7 +169,8 @@ class TestFineTuner:
         assert MARKER not in text
 
     def test_process_dataset_fine_tuning_approach(self, tmp_path, tiny_model_dir, fake_ollama):
-        """A real LoRA fine-tune of the tiny model through process_dataset, registered in the fake Ollama;
+        """A real LoRA fine-tune of the tiny model through process_dataset (approach fine_tune: with no
+        approach, a job whose base weights are here builds the head), registered in the fake Ollama;
         epochs, learning rate and batch size left out come from the config's defaults."""
         fake_ollama.add_model("tiny-llama:latest", architecture="llama")
         cfg = {"ollama": {"host": fake_ollama.url, "register": "required", "retries": 0},
@@ -181,7 +182,7 @@ class TestFineTuner:
         assert tuner.check_fine_tuning_capability("tiny-llama") is True
         out = tmp_path / "ft"
         ok, meta = tuner.process_dataset(frame(60), "tiny-llama", MAPPING, "respiratory infections",
-                                         output_dir=out, source_name="visits")
+                                         approach="fine_tune", output_dir=out, source_name="visits")
         assert (ok, meta["approach"]) == (True, "fine_tune")
         recipe = yaml.safe_load((out / "training_config.yaml").read_text())
         assert (recipe["num_epochs"], recipe["learning_rate"], recipe["micro_batch_size"]) == (2, 1e-2, 4)
@@ -253,29 +254,68 @@ class TestFineTuner:
         assert "ollama_retry" not in events
         assert "model_not_registered" in events
 
-    def test_training_failure_falls_back_to_a_model_set_outside_the_holdout(self, tmp_path, tiny_model_dir):
-        """A trainer crash with fallback on gives a model set, records the failure, and takes no
-        few-shot example from the validation hold-out."""
+    def test_a_job_with_no_approach_builds_the_head_when_the_base_weights_are_here(self, tmp_path, tiny_model_dir):
+        """approach auto (the default), the base weights on disk and the training extra installed: the
+        job fits a head (no Ollama needed, nothing registered), evaluated beside the baseline."""
+        cfg = offline_config(tmp_path, evaluation={"enabled": "required"})
+        cfg["base_models"] = {"tiny-llama:latest": str(tiny_model_dir)}
+        out = tmp_path / "out"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OMP_NUM_THREADS", "1")
+            ok, meta = FineTuner(config=cfg).process_dataset(frame(80), "tiny-llama", MAPPING, "flu",
+                                                             output_dir=out)
+        assert (ok, meta["approach"]) == (True, "head")
+        assert meta["approach_reason"].startswith("auto: the head")
+        assert meta["parameters"]["approach"] == "auto" and meta["registration"]["registered"] is False
+        assert (out / "head.json").is_file() and (out / "baseline.json").is_file()
+        assert not (out / "adapter").exists() and not (out / "Modelfile").exists()
+        assert {"new", "baseline"} <= {m["model"] for m in meta["evaluation"]["models"]}
+
+    def test_a_failed_head_falls_back_to_a_model_set_outside_the_holdout(self, tmp_path, tiny_model_dir):
+        """approach auto with fallback on: a head whose forward passes crash (unreadable weights) gives
+        a model set, records the failure, and takes no few-shot example from the validation hold-out."""
         import shutil
 
         broken = tmp_path / "broken"
         shutil.copytree(tiny_model_dir, broken)
         (broken / "model.safetensors").write_bytes(b"not safetensors")
-        cfg = offline_config(tmp_path, training={"sequence_len": 512, "device": "cpu"},
-                             ollama={"register": "off"}, evaluation={"enabled": "off"})
+        cfg = offline_config(tmp_path, ollama={"register": "off"}, evaluation={"enabled": "off"})
         cfg["base_models"] = {"tiny-llama:latest": str(broken)}
         out = tmp_path / "out"
-        with pytest.warns(UserWarning, match="fine-tuning failed"):
+        with pytest.warns(UserWarning, match="the head failed; fell back to a model set"):
             ok, meta = FineTuner(config=cfg).process_dataset(frame(80), "tiny-llama", MAPPING, "flu",
                                                              output_dir=out)
         assert (ok, meta["approach"]) == (True, "model_set")
-        assert meta["fine_tune_failure"]["error_type"] == "TrainingFailedError"
-        assert meta["fine_tune_failure"]["exit_code"] != 0
+        assert meta["head_failure"]["error_type"] == "TrainingFailedError"
+        assert "forward passes failed" in meta["head_failure"]["message"]
+        events = [json.loads(line) for line in (tmp_path / "fine_tuner.log").read_text().splitlines()]
+        assert [e["reason"] for e in events if e["event"] == "fallback_to_model_set"] == ["head_failed"]
         held_out = {json.loads(line)["messages"][1]["content"]
                     for line in (out / "validation_data.jsonl").read_text().splitlines()}
         config = json.loads((out / "model_set_config.json").read_text())
         assert len(held_out) == 8
         assert {e["input"] for e in config["few_shot_examples"]}.isdisjoint(held_out)
+        assert not (out / "head.json").exists()
+
+    def test_training_failure_falls_back_to_a_model_set(self, tmp_path, monkeypatch):
+        """approach auto with weights still to be downloaded (no head without them): the fine-tune is
+        chosen, and when the trainer fails (the Hub unreachable) fallback gives a model set with the
+        failure recorded."""
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        cfg = offline_config(tmp_path, training={"allow_download": True, "device": "cpu"},
+                             ollama={"register": "off"}, evaluation={"enabled": "off"})
+        cfg["base_models"] = {"tiny-llama:latest": "org/not-cached"}
+        out = tmp_path / "out"
+        with pytest.warns(UserWarning, match="fine-tuning failed"):
+            ok, meta = FineTuner(config=cfg).process_dataset(frame(80), "tiny-llama", MAPPING, "flu",
+                                                             output_dir=out)
+        assert (ok, meta["approach"]) == (True, "model_set")
+        assert meta["fine_tune_failure"]["exit_code"] == 5
+        assert "could not be downloaded" in meta["fine_tune_failure"]["message"]
+        assert (out / "model_set_config.json").is_file() and not (out / "adapter").exists()
 
 
 class TestPlannedJobs:

@@ -81,7 +81,8 @@ class JobSettings:
         number_rules="defaults.learning_rate"))
     batch_size: int = field(metadata=_flag("records per training step (default: defaults.batch_size)", metavar="N"))
     approach: str = field(metadata=_flag(
-        "auto (decided from the data and the machine), fine_tune, model_set or head (default: defaults.approach)",
+        "auto (the head when the base weights are here, else decided from the data and the machine), "
+        "fine_tune (an Ollama model), model_set or head (default: defaults.approach)",
         choices=APPROACHES))
     fallback: bool = field(metadata=_flag("fail instead of falling back to a model set", negated=True))
     output_model: str | None = field(default=None, metadata=_flag(
