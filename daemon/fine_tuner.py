@@ -386,29 +386,20 @@ class FineTuner:
         build_dir, final_dir = outputs.staging(plan.output_dir, plan.staged)
         try:
             approach = plan.approach
-            if approach == FINE_TUNE:
+            if approach in (FINE_TUNE, HEAD):
+                # under auto with fallback on, a failed fine-tune or head becomes a model set
+                build, key, reason, what = ((self._fine_tune, "fine_tune_failure", "training_failed",
+                                             "fine-tuning failed") if approach == FINE_TUNE else
+                                            (self._head, "head_failure", "head_failed", "the head failed"))
                 try:
-                    self._fine_tune(plan, build_dir)
+                    build(plan, build_dir)
                 except TrainingFailedError as exc:
                     if settings.approach != "auto" or not settings.fallback:
                         raise
-                    meta["fine_tune_failure"] = exc.to_dict()
-                    meta.update(approach=MODEL_SET, approach_reason=f"fine-tuning failed, fell back: {exc.message}")
-                    log.warning("fallback_to_model_set", reason="training_failed", exit_code=exc.exit_code)
-                    warnings.warn(f"fine-tuning failed; fell back to a model set: {exc.message}", UserWarning,
-                                  stacklevel=3)
-                    approach = MODEL_SET
-            if approach == HEAD:
-                try:
-                    self._head(plan, build_dir)
-                except TrainingFailedError as exc:
-                    if settings.approach != "auto" or not settings.fallback:
-                        raise
-                    meta["head_failure"] = exc.to_dict()
-                    meta.update(approach=MODEL_SET, approach_reason=f"the head failed, fell back: {exc.message}")
-                    log.warning("fallback_to_model_set", reason="head_failed", exit_code=exc.exit_code)
-                    warnings.warn(f"the head failed; fell back to a model set: {exc.message}", UserWarning,
-                                  stacklevel=3)
+                    meta[key] = exc.to_dict()
+                    meta.update(approach=MODEL_SET, approach_reason=f"{what}, fell back: {exc.message}")
+                    log.warning("fallback_to_model_set", reason=reason, exit_code=exc.exit_code)
+                    warnings.warn(f"{what}; fell back to a model set: {exc.message}", UserWarning, stacklevel=3)
                     approach = MODEL_SET
             if approach == MODEL_SET:
                 self._write_model_set(plan, build_dir)
