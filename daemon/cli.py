@@ -513,20 +513,27 @@ def _cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if report["usable"] else EXIT_FAILED
 
 
+AUTO_BUILDS = {"head": "the head (the base weights are on disk and the training extra is installed)",
+               "fine_tune": "a fine-tune (no head: the base weights are not on disk or the training extra is missing)",
+               "model_set": "a model set (no head and no fine-tune here; with fallback off, the job fails)"}
+
+
 def _cmd_check(cfg: Config, args: argparse.Namespace) -> int:
     from .config import model_name_problem
     from .text import printable
-    from .fine_tuner import FineTuner
+    from .fine_tuner import FineTuner, auto_choice
 
     # the job files' rule, before anything is asked of Ollama or suggested for the config
     if (why := model_name_problem(args.model)) is not None:
         return _fail(f"MODEL '{printable(args.model)}': {why}", EXIT_USAGE)
     _configure_logging(cfg, args, stdout=False)
     report = FineTuner(debug_mode=args.debug, config=cfg).capability_report(args.model)
+    builds = auto_choice(report)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, default=str))
+        print(json.dumps({**report.to_dict(), "auto_builds": builds}, indent=2, default=str))
     else:
         print(f"{report.model}: fine-tuning {'supported' if report.supported else 'NOT supported'}")
+        print(f"approach auto builds here: {AUTO_BUILDS[builds]}")
         for c in report.checks:
             mark = "ok " if c.ok else ("-- " if not c.required else "NO ")
             print(f"  [{mark}] {c.name}: {c.detail}")

@@ -454,7 +454,7 @@ class FineTuner:
             return MODEL_SET, f"fewer than {min_rows} usable rows", None
         with stages("capability"):
             report = self._cached_capability_report(settings.model, memory)
-        if settings.approach == "auto" and _head_possible(report):
+        if settings.approach == "auto" and auto_choice(report) == HEAD:
             return HEAD, ("auto: the head, the rater that agreed best with the experts on new kinds of records "
                           "in the measurements (approach fine_tune for an Ollama model)"), report
         if report.supported:
@@ -839,11 +839,15 @@ def _machine_roots(meta: dict, build_dir: Path, final_dir: Path) -> dict[str, st
         "..": final_dir.parent, "<base weights>": facts.get("weights_dir"), "<hf cache>": hf_cache_dir()})
 
 
-def _head_possible(report: CapabilityReport) -> bool:
-    """Whether a head can be fitted here: the training extra installed and the base weights on disk
-    (a GGUF Ollama serves or a weights folder; no Ollama, download or GPU needed)."""
+def auto_choice(report: CapabilityReport) -> str:
+    """What ``approach: auto`` builds for a dataset of at least ``min_rows`` rows, given the model's
+    capability report: the head when it can be fitted here (the training extra installed and the
+    base weights on disk: a GGUF Ollama serves or a weights folder; no Ollama, download or GPU
+    needed), else a fine-tune when every required check passes, else a model set (with fallback on)."""
     packages = next((c for c in report.checks if c.name == "trainer_packages"), None)
-    return bool(packages and packages.ok and report.facts.get("weights_dir") and report.facts.get("model_type"))
+    if packages and packages.ok and report.facts.get("weights_dir") and report.facts.get("model_type"):
+        return HEAD
+    return FINE_TUNE if report.supported else MODEL_SET
 
 
 def _base_weights_record(base: Any) -> Any:

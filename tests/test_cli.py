@@ -109,7 +109,7 @@ def test_validate_text_report_points_at_check_for_the_machine(tmp_path, dataset)
     lines = res.stdout.splitlines()
     assert lines[0] == f"{csv_path.name}: usable"
     assert "  rows: 60 used of 60 read (dropped: none)" in lines
-    assert "  recommended approach: fine_tune (enough rows; whether this machine can train a model: " \
+    assert "  recommended approach: head (enough rows for a head or a fine-tune; what this machine builds: " \
            "fine-tuner check MODEL)" in lines
     assert MARKER not in res.stdout
 
@@ -138,6 +138,20 @@ def test_check_refuses_a_name_that_is_not_an_ollama_model_name(tmp_path, fake_ol
         f"fine-tuner: error: MODEL '{shown}': not a valid Ollama model name ({why}); use "
         "[host[:port]/][namespace/]name[:tag] made of letters, digits, '_', '.' and '-', e.g. llama3.2:1b"]
     assert fake_ollama.accepted == 0
+
+
+def test_check_says_what_approach_auto_builds_here(tmp_path, tiny_model_dir):
+    """check names what a job with approach auto builds for the model on this machine: the head when
+    its base weights are on disk (here the tiny model's folder), a model set when nothing is known
+    of its weights (fine-tuning NOT supported)."""
+    (tmp_path / "config.yaml").write_text(json.dumps({"base_models": {"tiny-llama:latest": str(tiny_model_dir)},
+                                                      "ollama": {"host": "http://127.0.0.1:9", "retries": 0}}))
+    res = run("check", "tiny-llama", cwd=tmp_path)
+    assert res.stdout.splitlines()[1] == ("approach auto builds here: the head (the base weights are on disk and the "
+                                          "training extra is installed)")
+    assert json.loads(run("check", "tiny-llama", "--json", cwd=tmp_path).stdout)["auto_builds"] == "head"
+    res = run("check", "no-such-model:7b", "--json", cwd=tmp_path)
+    assert (res.returncode, json.loads(res.stdout)["auto_builds"]) == (1, "model_set")
 
 
 def test_check_says_whether_axolotl_can_train(tmp_path):

@@ -74,7 +74,9 @@ def validation_report(csv_path: Path, mapping_path: Path | None, cfg: Config, te
     if long_rows:
         report["warnings"].append(f"about {long_rows} rows may exceed sequence_len={seq} tokens and would be "
                                   "dropped from fine-tuning")
-    report["recommended_approach"] = "fine_tune" if ds.rows_used >= min_rows else "model_set"
+    # with enough rows, what approach auto builds where the base weights are on disk (check MODEL says
+    # what it builds on this machine)
+    report["recommended_approach"] = "head" if ds.rows_used >= min_rows else "model_set"
     return report
 
 
@@ -106,8 +108,8 @@ def format_validation_report(report: dict[str, Any]) -> str:
             lines.append("  ratings: from the Expert Rating labels through the mapping")
         approach = report["recommended_approach"]
         lines.append(f"  recommended approach: {approach}" + (
-            " (enough rows; whether this machine can train a model: fine-tuner check MODEL)"
-            if approach == "fine_tune" else ""))
+            " (enough rows for a head or a fine-tune; what this machine builds: fine-tuner check MODEL)"
+            if approach == "head" else ""))
     for warning in report["warnings"]:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
