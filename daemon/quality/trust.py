@@ -4,10 +4,12 @@
 new model is recommended and why, from the measured figures only: its kappa and the band it falls
 in, on the honest figure (the new kinds of records when the split was grouped and holds enough of
 them, else all held-out rows); whether it beats always answering the most common rating and the
-base model beyond the overlap of their intervals; its invalid rate; and whether there were enough
-held-out rows to tell at all. ``quality_gate`` applies the configured floor (``evaluation.min_kappa``,
-``evaluation.max_invalid_rate``), off unless set. Pure functions on the report's numbers: no data
-text ever enters a verdict.
+base model beyond the overlap of their intervals; its invalid rate; whether it learned the examples
+more than the rule (a reason not to recommend it when the verdict rests on all held-out rows, a
+caution when it rests on the new kinds, which already measure records unlike the training rows);
+and whether there were enough held-out rows to tell at all. ``quality_gate`` applies the
+configured floor (``evaluation.min_kappa``, ``evaluation.max_invalid_rate``), off unless set.
+Pure functions on the report's numbers: no data text ever enters a verdict.
 """
 
 from __future__ import annotations
@@ -144,14 +146,22 @@ def verdict(report: dict, thresholds: Thresholds = Thresholds()) -> dict:
     if effect.get("ignored"):
         problems.insert(0, "its adapter had no effect: it answered exactly like the base model")
     learned = next((g for g in report.get("generalisation", []) if g.get("key") == "new"), None)
+    gap = None
     if learned and learned.get("learned_examples_more_than_rule"):
-        problems.append("it agrees less on new kinds of records than on familiar ones: it learned the "
-                        "examples more than the rule")
+        if basis.startswith("new kinds"):
+            # the verdict already rests on the new kinds: the gap says what to expect, it is no reason more
+            gap = ("It agrees less on new kinds of records than on familiar ones (it learned the examples more "
+                   "than the rule): expect records unlike the training rows to score like the new kinds.")
+        else:
+            problems.append("it agrees less on new kinds of records than on familiar ones: it learned the "
+                            "examples more than the rule")
     recommended = not problems
     if recommended:
         headline = f"Recommended: the {title} shows " + "; ".join(reasons) + "."
     else:
         headline = f"Not recommended: the {title}: " + "; ".join(problems) + "."
+    if gap:
+        headline += " " + gap
     if caveat:
         headline += " " + caveat
     if use_baseline:

@@ -73,12 +73,30 @@ def test_too_few_rows_gives_no_verdict_and_the_thresholds_come_from_the_config()
         "slight agreement", "no agreement beyond chance", "no measurable agreement"]
 
 
-def test_an_ignored_adapter_or_examples_learned_over_the_rule_is_never_recommended():
+def test_an_ignored_adapter_or_examples_learned_over_the_rule_on_all_rows_is_not_recommended():
     v = verdict(_report(GOOD, BASE, adapter_effect={"ignored": True},
                         generalisation=[{"key": "new", "learned_examples_more_than_rule": True}]))
     assert v["recommended"] is False and v["problems"] == [
         "its adapter had no effect: it answered exactly like the base model",
         "it agrees less on new kinds of records than on familiar ones: it learned the examples more than the rule"]
+
+
+def test_a_gap_between_familiar_records_and_new_kinds_is_a_caution_when_the_verdict_rests_on_the_new_kinds():
+    """Perfect on familiar records (an interval of 1.00-1.00) and 0.86 on 46 new kinds: the gap is
+    beyond the intervals, but the verdict already rests on the new kinds, so the model is
+    recommended on them with the gap said in words; on all held-out rows the gap still withholds it."""
+    new_kinds = _model("new", "head", 0.86, [0.74, 0.96], 0.92, [0.85, 0.98])
+    figures = {"familiar": {"n": 36, "models": [_model("new", "head", 1.0, [1.0, 1.0], 1.0, [1.0, 1.0]), BASE]},
+               "new_kinds": {"n": 46, "models": [new_kinds, BASE]}}
+    gap = [{"key": "new", "learned_examples_more_than_rule": True}]
+    v = verdict(_report(GOOD, BASE, n=82, figures=figures, generalisation=gap))
+    assert (v["recommended"], v["basis"], v["kappa"]) == (True, "new kinds of records (46 rows)", 0.86)
+    assert v["headline"].endswith(
+        "It agrees less on new kinds of records than on familiar ones (it learned the examples more than the "
+        "rule): expect records unlike the training rows to score like the new kinds.")
+    figures["new_kinds"]["n"] = 12  # too few to rest on: all rows, where the gap is a reason not to trust it
+    v = verdict(_report(GOOD, BASE, n=82, figures=figures, generalisation=gap))
+    assert v["recommended"] is False and v["problems"][-1].endswith("it learned the examples more than the rule")
 
 
 def test_the_gate_is_off_unless_set_and_names_each_failure():
