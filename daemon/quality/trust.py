@@ -55,10 +55,16 @@ def _kappa_text(kappa: float | None, ci: list[float] | None) -> str:
     return f"kappa {kappa:.2f}" + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
 
 
+def _new_kinds_basis(report: dict) -> dict | None:
+    """The new kinds' figures when the verdict rests on them (a grouped split with enough of them)."""
+    new_kinds = (report.get("figures") or {}).get("new_kinds")
+    return new_kinds if new_kinds and new_kinds.get("n", 0) >= NEW_KINDS_MIN_ROWS else None
+
+
 def _basis_models(report: dict) -> tuple[str, dict[str, dict]]:
     """(what the verdict rests on, every model's figures there by key)."""
-    new_kinds = (report.get("figures") or {}).get("new_kinds")
-    if new_kinds and new_kinds.get("n", 0) >= NEW_KINDS_MIN_ROWS:
+    new_kinds = _new_kinds_basis(report)
+    if new_kinds is not None:
         return f"new kinds of records ({new_kinds['n']} rows)", {m["key"]: m for m in new_kinds["models"]}
     return f"all held-out rows ({report.get('n', 0)})", {m["key"]: m for m in report.get("models", [])}
 
@@ -148,7 +154,7 @@ def verdict(report: dict, thresholds: Thresholds = Thresholds()) -> dict:
     learned = next((g for g in report.get("generalisation", []) if g.get("key") == "new"), None)
     gap = None
     if learned and learned.get("learned_examples_more_than_rule"):
-        if basis.startswith("new kinds"):
+        if _new_kinds_basis(report) is not None:
             # the verdict already rests on the new kinds: the gap says what to expect, it is no reason more
             gap = ("It agrees less on new kinds of records than on familiar ones (it learned the examples more "
                    "than the rule): expect records unlike the training rows to score like the new kinds.")

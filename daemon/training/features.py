@@ -82,7 +82,7 @@ def array_name(layer: int, pooling: str) -> str:
 
 # --- the model ----------------------------------------------------------------------------------
 
-def pick_dtype(device: str, requested: str = "auto") -> str:
+def passes_dtype(device: str, requested: str = "auto") -> str:
     """The dtype of the passes: ``requested`` unless "auto"; then bf16 where the hardware multiplies it
     (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX), else float32."""
     import torch
@@ -107,7 +107,7 @@ def load(base_ref: str, device: str = "auto", dtype: str = "auto") -> tuple[Any,
     from .trainer import pick_device
 
     device = pick_device(device)
-    dtype = pick_dtype(device, dtype)
+    dtype = passes_dtype(device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(base_ref)
     model = AutoModelForCausalLM.from_pretrained(base_ref, dtype=getattr(torch, dtype))
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
