@@ -15,9 +15,9 @@ with the codes explained (``code_knowledge``). Measured on the three sets, per s
   kinds are held out);
 - probability averages: the means, the last tokens, and every candidate with the baseline.
 
-Usage: ``python bench/head_arms.py [--seeds 11 23 37] [--rows 400] [--other-site 200] [--dtype auto]``; about
-8 minutes a seed on two cores in float32, about 3 in bfloat16 (a CPU with AVX512-BF16 or AMX); not
-part of ``make test``.
+Usage: ``python bench/head_arms.py [--seeds 11 23 37] [--rows 400] [--other-site 200] [--dtype auto]
+[--states normed]``; about 8 minutes a seed on two cores in float32, about 3 in bfloat16 (a CPU with
+AVX512-BF16 or AMX); not part of ``make test``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from daemon.data import holdout  # noqa: E402
 from daemon.data.dataset import load_dataset  # noqa: E402
 from daemon.data.visits import MAPPING, generate_visits, write_csv  # noqa: E402
 from daemon.quality import baseline, head  # noqa: E402
-from daemon.training.features import DTYPES, POOLINGS, candidate_layers  # noqa: E402
+from daemon.training.features import DTYPES, POOLINGS, STATES, candidate_layers  # noqa: E402
 from head_quality import NAME, TOPIC, gemma_weights  # noqa: E402  (this folder: the same model and topic)
 
 SETS = ("familiar", "new kinds", "another site")
@@ -75,7 +75,7 @@ def regression(x, y, groups=None):
 
 
 def one_seed(weights, seed: int, rows: int, other_site: int, work: Path,
-             dtype: str = "auto") -> dict[str, dict[str, float]]:
+             dtype: str = "auto", states: str = "normed") -> dict[str, dict[str, float]]:
     import numpy as np
 
     d = Defaults()
@@ -109,7 +109,8 @@ def one_seed(weights, seed: int, rows: int, other_site: int, work: Path,
         started = time.monotonic()
         layers = sorted({max(1, round(f * LAYERS_TOTAL)) for f in FRACTIONS})
         info, arrays = head.compute_features(weights, texts, layers=layers, poolings=POOLINGS,
-                                             question=head.question_text(TOPIC), dtype=dtype)
+                                             question=head.question_text(TOPIC), dtype=dtype,
+                                             states=states)
         print(f"seed {seed}, codes {setting}: {len(texts)} forward passes ({info['dtype']}) in "
               f"{time.monotonic() - started:.0f} s", flush=True)
         probs = {}
@@ -146,13 +147,16 @@ def main() -> int:
     parser.add_argument("--other-site", type=int, default=200)
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                         help="the forward passes' dtype (default auto: what a job picks on this machine)")
+    parser.add_argument("--states", default="normed", choices=STATES,
+                        help="each layer's states through the final norm (the default, as a job) or raw")
     args = parser.parse_args()
     weights = gemma_weights()
     if weights is None:
         return 1
     work = Path(tempfile.mkdtemp(prefix="head-arms-"))
     try:
-        per_seed = [one_seed(weights, seed, args.rows, args.other_site, work, args.dtype) for seed in args.seeds]
+        per_seed = [one_seed(weights, seed, args.rows, args.other_site, work, args.dtype, args.states)
+                for seed in args.seeds]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seeds = " / ".join(str(s) for s in args.seeds)

@@ -1,7 +1,8 @@
 """Pytest plugin: the tiny Llama the training tests run on (built by ``daemon.training.tinymodel``).
 
 ``tiny_model_dir`` is the session fixture (built once per test session, about ten seconds of one core),
-``tiny_base_models`` the matching ``base_models`` config slice.
+``tiny_base_models`` the matching ``base_models`` config slice, ``tiny_gguf`` the same model as a GGUF
+file (llama.cpp's converter, f32).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 
 from daemon.training.tinymodel import TINY_NAME, build_tiny_model
 
-__all__ = ["TINY_NAME", "build_tiny_model", "tiny_base_models", "tiny_model_dir"]
+__all__ = ["TINY_NAME", "build_tiny_model", "tiny_base_models", "tiny_gguf", "tiny_model_dir"]
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +42,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_base_models(tiny_model_dir) -> dict[str, str]:
     """The ``base_models`` config slice that maps the tiny model's Ollama name to its directory."""
     return {TINY_NAME: str(tiny_model_dir)}
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny base as a GGUF file (llama.cpp's converter, f32), made once per worker."""
+    from daemon.llamacpp import convert_hf_to_gguf
+
+    return convert_hf_to_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf", gpt2_pre=True)

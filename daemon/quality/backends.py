@@ -29,6 +29,7 @@ of a rationale, and the rating's log-probabilities are the confidence, as for a 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -171,16 +172,22 @@ class BaselineRater:
 
 
 class HeadRater:
-    """A head (``head.Head``) as a rater: the features child computes each record's vectors on the
-    base weights exactly as at fitting (one forward pass per record, no generation), the head gives
-    each rating's probability; the most likely rating is the answer, its probabilities the
-    confidence. Weights other than those the head was fitted on are refused (their sha256)."""
+    """A head (``head.Head``) as a rater: each record's vectors are computed on the base weights exactly
+    as at fitting (one forward pass per record, no generation), by the features child (``via``
+    "local") or by llama-server on GGUFs cut after the head's layers (``via`` ``SERVED``: the same
+    vectors to within float rounding, see ``serving.headserver``; the servers live for one call);
+    the head gives each rating's probability; the most likely rating is the answer, its
+    probabilities the confidence. Weights other than those the head was fitted on are refused
+    (their sha256)."""
 
     backend = "head"
+    SERVED = "head-llama-server"  # choose_backend's name for a head rated through llama-server
 
-    def __init__(self, weights, fitted, *, timeout_s: float | None = None, grace_s: float = 10.0) -> None:
+    def __init__(self, weights, fitted, *, timeout_s: float | None = None, grace_s: float = 10.0,
+                 via: str = "local") -> None:
         self.weights, self.fitted = weights, fitted
         self.timeout_s, self.grace_s = timeout_s, grace_s
+        self.via = via
         self.checked = False
 
     def answer(self, conversations: Sequence[list[dict]], on_progress: Progress | None = None,
@@ -197,15 +204,40 @@ class HeadRater:
             return []
         _stopped(stop_event)
         began = time.monotonic()
-        try:
-            vectors = head_vectors(self.weights, self.fitted, [c[-1]["content"] for c in conversations],
-                                   timeout_s=self.timeout_s, grace_s=self.grace_s, stop_event=stop_event,
-                                   on_progress=on_progress)
-        except FeaturesError as exc:
-            raise RaterError(str(exc)) from None
+        texts = [c[-1]["content"] for c in conversations]
+        if self.via == self.SERVED:
+            vectors = self._served_vectors(texts, on_progress, stop_event)
+        else:
+            try:
+                vectors = head_vectors(self.weights, self.fitted, texts, timeout_s=self.timeout_s,
+                                       grace_s=self.grace_s, stop_event=stop_event, on_progress=on_progress)
+            except FeaturesError as exc:
+                raise RaterError(str(exc)) from None
         probs = self.fitted.probabilities(vectors)
         each = (time.monotonic() - began) / len(conversations)
         return [Answer(json.dumps({"rating": most_likely(p)}), each, p) for p in probs]
+
+    def _served_vectors(self, texts: list[str], on_progress: Progress | None,
+                        stop_event: threading.Event | None) -> dict:
+        from ..serving.headserver import HeadServerError, HeadServers
+        from ..serving.llamaserver import ServerError, ServerInterrupted
+
+        # the servers' own output may echo records: a folder only we can read, removed afterwards
+        with tempfile.TemporaryDirectory(prefix="fine-tuner-head-servers-") as tmp:
+            try:
+                servers = HeadServers(self.weights.gguf_path, self.weights.gguf_sha256, self.fitted, log_dir=tmp)
+                servers.start(stop_event=stop_event)
+            except ServerInterrupted:
+                raise TrainingInterruptedError("the head's servers were stopped because the service is shutting "
+                                               "down") from None
+            except (HeadServerError, ServerError) as exc:
+                raise RaterError(f"the head's llama-servers did not come up: {exc}") from None
+            with contextlib.closing(servers):
+                try:
+                    return servers.vectors(texts, on_progress=on_progress, stop_event=stop_event)
+                except HeadServerError as exc:
+                    _stopped(stop_event)
+                    raise RaterError(str(exc)) from None
 
 
 class OllamaRater:

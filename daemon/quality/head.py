@@ -36,7 +36,7 @@ from typing import Any
 
 from ..errors import TrainingInterruptedError
 from ..outputs import names
-from ..training.features import DTYPES, FEATURES_FILE, POOLINGS, array_name
+from ..training.features import DTYPES, FEATURES_FILE, POOLINGS, STATES, array_name
 from .baseline import class_probabilities, finite_numbers, stored_regression
 from .children import follow_child, last_line
 from .baseline import folds as cv_folds
@@ -133,6 +133,12 @@ class Head:
         return self.base.get("dtype", "float32")
 
     @property
+    def states(self) -> str:
+        """What its vectors are made of (``features.STATES``): "normed" for the heads fitted now (a
+        llama-server can compute them), "raw" for those stored before it was recorded."""
+        return self.base.get("states", "raw")
+
+    @property
     def layers(self) -> list[int]:
         return sorted({m.layer for m in self.members})
 
@@ -197,6 +203,8 @@ class Head:
                             "members' layers) and its width (the scalers')")
         if base.get("dtype", "float32") not in DTYPES:
             raise HeadError(f"{FILE}: base.dtype must be one of {', '.join(DTYPES)}")
+        if base.get("states", "raw") not in STATES:
+            raise HeadError(f"{FILE}: base.states must be one of {', '.join(STATES)}")
         cv = data.get("cv")
         if not isinstance(cv, list) or not all(
                 isinstance(row, dict) and type(row.get("layer")) is int and row.get("pooling") in POOLINGS
@@ -207,7 +215,7 @@ class Head:
         return cls(members, question, max_tokens, tuple(classes), train_rows,
                    tuple({"layer": r["layer"], "pooling": r["pooling"], "c": r["c"], "kappa": r.get("kappa"),
                           "kappa_se": r.get("kappa_se")} for r in cv),
-                   {k: base[k] for k in ("model", "weights_sha256", "layers_total", "hidden_size", "dtype")
+                   {k: base[k] for k in ("model", "weights_sha256", "layers_total", "hidden_size", "dtype", "states")
                     if k in base})
 
 
@@ -346,13 +354,14 @@ def weights_sha256(weights: Any) -> str:
 
 def compute_features(weights: Any, texts: Sequence[str], *, layers: list[int] | str, poolings: Sequence[str],
                      question: str, max_tokens: int = MAX_TOKENS, dtype: str = "auto",
-                     timeout_s: float | None = None,
+                     states: str = "normed", timeout_s: float | None = None,
                      grace_s: float = 10.0, stop_event: threading.Event | None = None,
                      on_progress: Callable[[int, int], None] | None = None, python: str = sys.executable,
                      ) -> tuple[dict, dict[tuple[int, str], Any]]:
     """(the child's ``features.json``, per (layer, pooling) a float32 array of one row per text) for
     ``weights`` (``training.supervisor.BaseWeights``). ``layers``: numbers, or ``"candidates"``;
-    ``dtype``: the passes' (``DTYPES``), or "auto" (the child picks; ``features.json`` says which).
+    ``dtype``: the passes' (``DTYPES``), or "auto" (the child picks; ``features.json`` says which);
+    ``states``: ``features.STATES``.
     Raises ``FeaturesError`` (the child failed or timed out) or ``TrainingInterruptedError``
     (``stop_event`` was set)."""
     import numpy as np
@@ -369,7 +378,7 @@ def compute_features(weights: Any, texts: Sequence[str], *, layers: list[int] | 
         spec = {"base_ref": weights.local_dir, "gguf_path": weights.gguf_path,
                 "chat_template": weights.chat_template, "input": str(work / "input.jsonl"),
                 "output_dir": str(work / "out"), "layers": layers, "poolings": list(poolings),
-                "question": question, "max_tokens": max_tokens, "threads": THREADS, "dtype": dtype,
+                "question": question, "max_tokens": max_tokens, "threads": THREADS, "dtype": dtype, "states": states,
                 "parent_pid": os.getpid()}  # the child stops when this process is gone
         write_json(work / "spec.json", spec, durable=False)
         with open(work / "stderr.log", "wb") as err:
@@ -418,7 +427,8 @@ def fit_head(weights: Any, model: str, texts: Sequence[str], ratings: Sequence[i
     fit_s = time.monotonic() - began
     head = Head(fitted.members, question, MAX_TOKENS, fitted.classes, len(texts), fitted.cv,
                 {"model": model, "weights_sha256": weights_sha256(weights), "layers_total": int(info["layers_total"]),
-                 "hidden_size": len(fitted.members[0].mean), "dtype": str(info["dtype"])})
+                 "hidden_size": len(fitted.members[0].mean), "dtype": str(info["dtype"]),
+                 "states": str(info["states"])})
     return head, {"features_s": round(features_s, 3), "fit_s": round(fit_s, 3),
                   "forward_s": info.get("forward_s"), "device": info.get("device"), "dtype": info["dtype"]}
 
@@ -428,7 +438,8 @@ def head_vectors(weights: Any, head: Head, texts: Sequence[str], **kwargs: Any) 
     on for the same text (one pass per text, up to the deepest member's layer, in the dtype it was
     fitted with)."""
     _, arrays = compute_features(weights, texts, layers=head.layers, poolings=head.poolings,
-                                 question=head.question, max_tokens=head.max_tokens, dtype=head.dtype, **kwargs)
+                                 question=head.question, max_tokens=head.max_tokens, dtype=head.dtype,
+                                 states=head.states, **kwargs)
     return {kind: arrays[kind] for kind in head.kinds}
 
 

@@ -259,21 +259,34 @@ def _local_problem(models: list[EvalModel], base: str, config: Config,
 
 
 def _head_weights(requested: str, base: str, config: Config, show_modelfile: str | None = None):
-    """The base weights a head reads (through the local features child); EvaluationSkipped saying
-    why not: another backend was asked for, the training packages are missing, or the weights are not
-    on this machine. A chat template is not needed: a head never chats."""
+    """(how a head's vectors are computed: "local", the features child, or ``HeadRater.SERVED``,
+    llama-server on GGUFs cut from the base GGUF, when llama-server is asked for; the base weights);
+    EvaluationSkipped saying why not: another backend was asked for, the packages or llama-server are
+    missing, or the weights are not on this machine. A chat template is not needed: a head never chats."""
+    import importlib.util
+
+    from ..llamacpp import server_binary
     from ..training.supervisor import resolve_base_weights, trainer_packages_available
 
-    if requested not in ("auto", "local"):
-        raise EvaluationSkipped(f"a head rates through the local backend only (the base model's hidden states), "
-                                f"not {requested}")
-    if not trainer_packages_available():
-        raise EvaluationSkipped("local: torch and transformers are not installed (pip install 'fine-tuner[train]')")
+    if requested not in ("auto", "local", LLAMA_SERVER):
+        raise EvaluationSkipped(f"a head rates through the local backend or llama-server (the base model's hidden "
+                                f"states), not {requested}")
     weights = resolve_base_weights(base, config.base_models, allow_download=False,
                                    ollama_models_dir=config.ollama.models_dir, show_modelfile=show_modelfile)
+    if requested == LLAMA_SERVER:
+        if importlib.util.find_spec("gguf") is None:
+            raise EvaluationSkipped("llama-server: the gguf package is not installed (pip install 'fine-tuner[train]')")
+        if server_binary() is None:
+            raise EvaluationSkipped("llama-server: it is not built on this machine (make llama-cpp)")
+        if not getattr(weights, "gguf_path", None):
+            raise EvaluationSkipped(f"llama-server: the base of {base} is not a GGUF on this machine (a head is "
+                                    "served from its base GGUF)")
+        return HeadRater.SERVED, weights
+    if not trainer_packages_available():
+        raise EvaluationSkipped("local: torch and transformers are not installed (pip install 'fine-tuner[train]')")
     if weights.local_dir is None or weights.model_type is None:
         raise EvaluationSkipped(f"local: {weights.problem or f'the weights of {base} are not on disk'}")
-    return weights
+    return "local", weights
 
 
 def load_head(folder: Path):
@@ -346,7 +359,7 @@ def choose_backend(requested: str, models: list[EvalModel], base: str, config: C
     ``show_modelfile``: see ``_local_problem``."""
     reasons = []
     if any(m.head is not None for m in models):
-        return "local", _head_weights(requested, base, config, show_modelfile)
+        return _head_weights(requested, base, config, show_modelfile)
     if requested in ("auto", "ollama"):
         problem = _ollama_problem(models, base, config, memory)
         if problem is None:
@@ -496,8 +509,8 @@ def _answer_all(models: list[EvalModel], data, base: str, chosen: str, weights, 
                 name, conversations, on_progress=progress, stop_event=stop_event)
         elif model.head is not None:
             name = f"{base}: {model.head.describe()} + head"
-            answers = HeadRater(weights, model.head, timeout_s=ev.timeout_s, grace_s=config.training.grace_s).answer(
-                conversations, on_progress=progress, stop_event=stop_event)
+            answers = HeadRater(weights, model.head, timeout_s=ev.timeout_s, grace_s=config.training.grace_s,
+                                via=chosen).answer(conversations, on_progress=progress, stop_event=stop_event)
         else:
             name = base + (" + adapter" if model.adapter_dir is not None else "")
             answers = LocalRater.for_weights(weights, model.adapter_dir, batch_size=ev.batch_size,

@@ -448,9 +448,11 @@ def _rater(model: RatingModel, backend: str, weights, config: Config, schema: di
     values = model.values
     if backend == BASELINE:
         return BaselineRater(model.baseline).answer, "bag-of-words baseline"
-    if backend == HeadRater.backend:
-        rater = HeadRater(weights, model.head, timeout_s=config.evaluation.timeout_s, grace_s=config.training.grace_s)
-        return rater.answer, f"{model.base_model}: {model.head.describe()} + head"
+    if backend in (HeadRater.backend, HeadRater.SERVED):
+        rater = HeadRater(weights, model.head, timeout_s=config.evaluation.timeout_s, grace_s=config.training.grace_s,
+                          via=backend)
+        return rater.answer, f"{model.base_model}: {model.head.describe()} + head" + (
+            " (llama-server)" if backend == HeadRater.SERVED else "")
     if backend == "ollama":
         name = model.ollama_name or model.base_model
         rater = OllamaRater(config.ollama, parallel=config.ollama.parallel, seed=config.defaults.seed,
@@ -481,8 +483,11 @@ def _choose(model: RatingModel, backend: str, config: Config, memory) -> tuple[s
         raise RatingError(f"unknown backend {backend!r}; one of {', '.join((*BACKENDS, BASELINE))}")
     try:
         chosen, plan = choose_backend(backend, [_eval_model(model)], model.base_model, config, memory)
-        # a head's own backend: the local features child (rating never generates for it)
-        return (HeadRater.backend, plan) if model.head is not None else (chosen, plan)
+        # a head's own backends: the local features child, or llama-server's embeddings of the cut base
+        # GGUF when llama-server is asked for (rating never generates for it)
+        if model.head is not None:
+            return (HeadRater.SERVED if chosen == HeadRater.SERVED else HeadRater.backend), plan
+        return chosen, plan
     except EvaluationSkipped as exc:
         reasons = exc.reason.removeprefix("no backend can run the evaluation (").removesuffix(")")
         raise RatingError(f"no backend can rate with {model.ollama_name or model.base_model} ({reasons})",

@@ -7,7 +7,11 @@ language-model head (the decoder
 alone, ``AutoModel``), and for each text runs one forward pass, no generation, on the token ids
 ``[bos] + text + question`` (the text cut to ``max_tokens``), reading the hidden state after chosen
 decoder layers: layer ``k`` of ``L`` is the output of decoder layer ``k`` (1-based), and layer ``L``
-is the model's final, normalised state. Each (layer, pooling) gives one float32 vector per text:
+is the model's final, normalised state. Each token's state after an earlier layer is passed through
+the model's final norm too (``states`` "normed", the default: what llama.cpp's embeddings of the
+GGUF cut after that layer give, so that a llama-server can compute the same vectors; "raw" keeps
+the residual stream as the layer leaves it, as heads fitted before did). Each (layer, pooling) gives
+one float32 vector per text:
 ``mean``, the average over the text's own tokens (not the bos or the question), or ``last``, the
 state at the last token (the question's end). The pass stops after the deepest layer asked for
 (a head whose members read every sixth of the depth needs the whole pass).
@@ -26,8 +30,9 @@ line), ``output_dir`` (where ``features.json`` and one ``L<layer>-<pooling>.npy`
 go), ``layers`` (a list of layer numbers, or ``"candidates"``: ``candidate_layers``), ``poolings``
 (``["mean", "last"]`` or one of them), ``question`` (text appended to every text; may be empty),
 ``max_tokens``, and optionally ``gguf_path`` (a GGUF base, dequantized into ``base_ref`` first),
-``threads``, ``device`` ("auto"), ``dtype`` (``DTYPES`` or "auto", the default) and ``parent_pid``.
-``features.json``: ``{"rows", "layers_total", "hidden_size", "layers", "poolings", "device", "dtype",
+``threads``, ``device`` ("auto"), ``dtype`` (``DTYPES`` or "auto", the default), ``states``
+(``STATES``) and ``parent_pid``.
+``features.json``: ``{"rows", "layers_total", "hidden_size", "layers", "poolings", "states", "device", "dtype",
 "files": {"<layer>-<pooling>": "<file>.npy"}}``.
 Progress goes to stdout as ``{"event": "features_progress", "done": n, "total": N}`` lines. Nothing
 from the texts ever reaches stdout or stderr: only counts and line numbers.
@@ -50,6 +55,10 @@ EXIT_DATA = 3
 EXIT_ORPHANED = 4
 POOLINGS = ("mean", "last")
 DTYPES = ("float32", "bfloat16")
+# what a layer's vector is made of: "normed", each token's state passed through the model's own final
+# norm (what llama.cpp's embeddings of a GGUF cut after that layer give, so that a server can compute
+# the same vectors), or "raw", the residual stream as the layer leaves it (heads fitted before)
+STATES = ("normed", "raw")
 # where the candidate layers sit in the model's depth: every sixth of it (layers 3, 6, ..., 18 of
 # Gemma 3 270M's 18), each a member of the head (bench/head_arms.py measured these six)
 CANDIDATE_FRACTIONS = (1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0)
@@ -137,12 +146,24 @@ def token_ids(tokenizer: Any, text: str, question_ids: list[int], max_tokens: in
     return bos + text_ids + question_ids, len(bos), len(bos) + len(text_ids)
 
 
+def final_norm(model: Any) -> Any:
+    """The decoder's final norm (``model.norm`` for the decoders transformers builds)."""
+    norm = getattr(model, "norm", None)
+    if norm is None and hasattr(model, "language_model"):
+        norm = getattr(model.language_model, "norm", None)
+    if norm is None:
+        raise FeaturesExit(EXIT_SPEC, f"the base model ({type(model).__name__}) has no final norm")
+    return norm
+
+
 def vectors(model: Any, device: str, ids: list[int], start: int, end: int, layers: list[int],
-            poolings: list[str]) -> dict[tuple[int, str], Any]:
-    """One forward pass of ``ids``: per (layer, pooling) the float32 vector (a numpy array)."""
+            poolings: list[str], states: str = "normed") -> dict[tuple[int, str], Any]:
+    """One forward pass of ``ids``: per (layer, pooling) the float32 vector (a numpy array) of the
+    ``states`` (``STATES``) after each layer."""
     import torch
 
     stack = decoder_layers(model)
+    norm = final_norm(model) if states == "normed" else None
     total = len(stack)
     captured: dict[int, Any] = {}
     deepest = max(layers)
@@ -172,13 +193,17 @@ def vectors(model: Any, device: str, ids: list[int], start: int, end: int, layer
             handle.remove()
     result = {}
     for layer in layers:
-        states = captured[layer][0].float()
+        tokens = captured[layer][0]
+        if norm is not None and layer < total:  # the final state is normalised already
+            with torch.inference_mode():
+                tokens = norm(tokens)
+        tokens = tokens.float()
         for pooling in poolings:
             if pooling == "mean":
-                span = states[start:end] if end > start else states
+                span = tokens[start:end] if end > start else tokens
                 vector = span.mean(dim=0)
             else:
-                vector = states[-1]
+                vector = tokens[-1]
             result[(layer, pooling)] = vector.cpu().numpy()
     return result
 
@@ -203,6 +228,8 @@ def load_spec(path: str) -> dict:
     poolings = spec.get("poolings")
     if not (isinstance(poolings, list) and poolings and all(p in POOLINGS for p in poolings)):
         raise FeaturesExit(EXIT_SPEC, f"the spec's poolings must be a list of {', '.join(POOLINGS)}")
+    if spec.get("states", "normed") not in STATES:
+        raise FeaturesExit(EXIT_SPEC, f"the spec's states must be {' or '.join(STATES)}")
     if spec.get("dtype", "auto") not in (*DTYPES, "auto"):
         raise FeaturesExit(EXIT_SPEC, f"the spec's dtype must be auto, {' or '.join(DTYPES)}")
     for key in ("max_tokens", "threads"):
@@ -260,13 +287,14 @@ def run(spec: dict) -> dict:
     poolings = [p for p in POOLINGS if p in spec["poolings"]]
     question = tokenizer(spec["question"], add_special_tokens=False)["input_ids"] if spec["question"] else []
     max_tokens = spec.get("max_tokens") or 4096
+    states = spec.get("states", "normed")
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)
     arrays: dict[tuple[int, str], Any] = {}
     parent_pid = spec.get("parent_pid")
     started = time.monotonic()
     for i, text in enumerate(texts):
         ids, start, end = token_ids(tokenizer, text, question, max_tokens)
-        for key, vector in vectors(model, device, ids, start, end, layers, poolings).items():
+        for key, vector in vectors(model, device, ids, start, end, layers, poolings, states).items():
             if key not in arrays:  # the width the model really gives
                 hidden = vector.shape[0]
                 arrays[key] = np.zeros((len(texts), hidden), dtype=np.float32)
@@ -286,7 +314,7 @@ def run(spec: dict) -> dict:
             np.save(out / name, array, allow_pickle=False)
             files[f"{layer}-{pooling}"] = name
     info = {"rows": len(texts), "layers_total": total_layers, "hidden_size": hidden, "layers": layers,
-            "poolings": poolings, "device": device, "dtype": dtype, "files": files,
+            "poolings": poolings, "states": states, "device": device, "dtype": dtype, "files": files,
             "forward_s": round(time.monotonic() - started, 3)}
     (out / FEATURES_FILE).write_text(json.dumps(info), encoding="utf-8")
     return info

@@ -268,7 +268,8 @@ def test_a_head_job_is_evaluated_beside_the_baseline_and_stores_plain_numbers(jo
 
 def test_a_head_rates_new_records_through_the_local_backend_as_the_evaluation_did(job, tmp_path):
     """rate with the head's folder (backend auto: the head's own) gives each held-out record the
-    rating the evaluation gave it, with a confidence; another backend is refused."""
+    rating the evaluation gave it, with a confidence; another backend is refused, and so is
+    llama-server for a head on a weights folder (a head is served from its base GGUF)."""
     from daemon.config import load_config
 
     folder, df = job["folder"], job["df"]
@@ -288,8 +289,10 @@ def test_a_head_rates_new_records_through_the_local_backend_as_the_evaluation_di
         evaluated = {int(r["row"]): r["new_rating"] for r in csv.DictReader(fh)}
     assert [r["rating"] for r in rated] == [evaluated[r] for r in rows]
     assert all(r["confidence"] for r in rated)
-    with pytest.raises(RatingError, match="a head rates through the local backend only"):
+    with pytest.raises(RatingError, match="a head rates through the local backend or llama-server"):
         rate_file(model, src, tmp_path / "other.csv", cfg, backend="ollama")
+    with pytest.raises(RatingError, match="the base of .* is not a GGUF on this machine"):
+        rate_file(model, src, tmp_path / "other.csv", cfg, backend="llama-server")
 
 
 def test_a_hostile_head_json_in_a_model_folder_is_refused_naming_it(job, tmp_path):

@@ -121,14 +121,6 @@ def test_base_model_cannot_already_rate(evaluation):
 MIN_SAME_AS_LOCAL = 0.95
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory, tiny_model_dir):
-    """The tiny base as a GGUF file (llama.cpp's converter, f32)."""
-    from daemon.llamacpp import convert_hf_to_gguf
-
-    return convert_hf_to_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf", gpt2_pre=True)
-
-
 def _local_ratings(evaluation) -> list[int | None]:
     """The fine-tune's ratings of the held-out rows by the job's own (local) evaluation."""
     with open(evaluation["folder"] / "predictions.csv", newline="", encoding="utf-8") as fh:

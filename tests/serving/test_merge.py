@@ -48,13 +48,6 @@ def _tools() -> llamacpp.LlamaCpp:
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny base as a GGUF file (llama.cpp's converter, F32)."""
-    return llamacpp.convert_hf_to_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf",
-                                       gpt2_pre=True)
-
-
-@pytest.fixture(scope="module")
 def job(tmp_path_factory, tiny_gguf) -> dict:
     """A fine-tune of the tiny GGUF base registered (register: required) in a fake Ollama that
     refuses adapters: its folder, metadata and the create requests the server got."""

@@ -1,0 +1,195 @@
+"""A head's vectors through llama-server: the base GGUF cut after a layer holds that layer's first blocks
+in the head's dtype; llama-server serving the cuts for embeddings gives the vectors the features child
+gives (the tiny Llama, and Gemma 3 270M in the dtype a job picks here); a head job rates through it as
+its evaluation did; what cannot be served is refused, saying why."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
+from daemon.data.visits import generate_visits
+from daemon.fine_tuner import FineTuner
+from daemon.quality import head
+from daemon.quality.backends import HeadRater
+from daemon.quality.ratefile import model_from_folder, rate_file
+from daemon.serving.headserver import HeadServerError, HeadServers, cut_gguf, cut_path
+from daemon.training.supervisor import resolve_base_weights
+from tests.conftest import leftovers
+from tests.tiny_model import TINY_NAME
+
+pytestmark = pytest.mark.xdist_group("head")
+
+TOPIC = "respiratory infections"
+SKIP = ("C_BioSense_ID", "Expert Rating", "Standardized_Rating", "Rationale_of_Rating")
+# how close the served vectors must be to the child's (the least cosine of a record's two vectors,
+# the largest difference against the largest value): float32 passes differ in the order of additions
+# only; bfloat16 passes round every product's inputs, and torch keeps the residual stream in
+# bfloat16 where llama.cpp keeps it in float32 (Gemma 3 270M measured: cosine 0.9998 at the least)
+CLOSE = {"float32": (0.99999, 1e-3), "bfloat16": (0.999, 5e-2)}
+
+
+def _text(row: dict) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in row.items() if k not in SKIP)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_gguf):
+    return resolve_base_weights(TINY_NAME, {TINY_NAME: str(tiny_gguf)})
+
+
+def _fit(weights, model: str, rows: int, dtype: str = "auto"):
+    train = generate_visits(rows, seed=11)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        fitted, _ = head.fit_head(weights, model, [_text(r) for r in train],
+                                  [int(r["Standardized_Rating"]) for r in train], topics=TOPIC, dtype=dtype)
+    return fitted
+
+
+@pytest.fixture(scope="module")
+def fitted(weights):
+    """A head fitted in float32 on 80 generated visits through the tiny GGUF's weights."""
+    return _fit(weights, TINY_NAME, 80, "float32")
+
+
+def _assert_the_same_vectors(local: dict, served: dict, dtype: str) -> None:
+    min_cos, max_rel = CLOSE[dtype]
+    assert sorted(local) == sorted(served)
+    for kind in local:
+        a, b = local[kind].astype(np.float64), served[kind].astype(np.float64)
+        assert a.shape == b.shape and a.shape[0] > 0
+        cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.min() >= min_cos, (kind, cos.min())
+        assert np.abs(a - b).max() <= max_rel * np.abs(a).max(), (kind, np.abs(a - b).max() / np.abs(a).max())
+
+
+def test_a_cut_holds_the_first_layers_with_their_matrices_in_the_dtype_asked_for(tiny_gguf, tmp_path):
+    """The cut after layer 1 of 2: block count 1, every tensor but layer 2's, in the source's order;
+    layer 1's matrices in bfloat16 (the source's values rounded), its norms and every other tensor
+    as stored, every other key as stored. It is made once (a second call leaves it as it is); a
+    layer past the last is refused and leaves nothing behind."""
+    import gguf
+
+    source = gguf.GGUFReader(tiny_gguf)
+    arch = source.fields["general.architecture"].contents()
+    path = cut_gguf(tiny_gguf, tmp_path / "cuts" / "L1.gguf", 1, "bfloat16")
+    cut = gguf.GGUFReader(path)
+    assert cut.fields[f"{arch}.block_count"].contents() == 1
+    assert {k: f.contents() for k, f in cut.fields.items() if not k.startswith("GGUF.") and "block_count" not in k} \
+        == {k: f.contents() for k, f in source.fields.items() if not k.startswith("GGUF.") and "block_count" not in k}
+    assert [t.name for t in cut.tensors] == [t.name for t in source.tensors if not t.name.startswith("blk.1.")]
+    by_name = {t.name: t for t in source.tensors}
+    for tensor in cut.tensors:
+        stored = by_name[tensor.name]
+        matrix = tensor.name.startswith("blk.0.") and len(tensor.shape) > 1
+        assert tensor.tensor_type.name == ("BF16" if matrix else stored.tensor_type.name), tensor.name
+        if matrix:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            expected = gguf.quants.dequantize(stored.data, stored.tensor_type)
+            assert values.shape == expected.shape
+            assert np.abs(values - expected).max() <= 2 ** -7 * np.abs(expected).max()
+        else:
+            assert np.array_equal(np.asarray(tensor.data), np.asarray(stored.data)), tensor.name
+    made = path.stat().st_mtime_ns
+    assert cut_gguf(tiny_gguf, path, 1, "bfloat16") == path and path.stat().st_mtime_ns == made
+    with pytest.raises(ValueError, match="has 2 layers; a cut after layer 3 cannot be made"):
+        cut_gguf(tiny_gguf, tmp_path / "cuts" / "L3.gguf", 3, "float32")
+    assert sorted(p.name for p in (tmp_path / "cuts").iterdir() if not p.name.startswith(".") or "tmp" in p.name) \
+        == ["L1.gguf"]
+
+
+def test_llama_server_gives_the_vectors_the_features_child_gives(weights, fitted, tmp_path):
+    """Every member's vectors of 12 visits the head never saw, from llama-server on the cuts (made in
+    the cache the environment names) and from the features child, agree to float rounding; so do
+    the head's probabilities, and its ratings are the same."""
+    texts = [_text(r) for r in generate_visits(12, seed=5)]
+    local = head.head_vectors(weights, fitted, texts)
+    env = {**os.environ, "FINE_TUNER_CACHE_DIR": str(tmp_path / "cache")}
+    done = []
+    with HeadServers(weights.gguf_path, weights.gguf_sha256, fitted, log_dir=tmp_path / "logs", env=env) as servers:
+        served = servers.vectors(texts, on_progress=lambda n, total: done.append((n, total)))
+    assert done[-1] == (12, 12)
+    assert sorted(p.name for p in (tmp_path / "cache" / "cuts" / weights.gguf_sha256[:24]).iterdir()
+                  if p.suffix == ".gguf") == [f"L{layer}-float32.gguf" for layer in fitted.layers]
+    assert cut_path(weights.gguf_sha256, fitted.layers[0], "float32", env).is_file()
+    _assert_the_same_vectors(local, served, "float32")
+    ours, theirs = fitted.probabilities(local), fitted.probabilities(served)
+    assert max(abs(a[c] - b[c]) for a, b in zip(ours, theirs) for c in a) <= 1e-3
+    assert [max(p, key=p.get) for p in ours] == [max(p, key=p.get) for p in theirs]
+
+
+def test_a_head_of_raw_states_is_refused_saying_why(fitted, tmp_path):
+    """A head fitted on raw hidden states (before they were normed) cannot be served: llama-server
+    gives normed ones."""
+    raw = dataclasses.replace(fitted, base={**fitted.base, "states": "raw"})
+    assert raw.states == "raw"
+    with pytest.raises(HeadServerError, match="reads the raw hidden states"):
+        HeadServers(tmp_path / "any.gguf", "0" * 64, raw, log_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_gguf):
+    """A head job on the tiny GGUF base (approach head), Ollama down."""
+    out = tmp_path_factory.mktemp("served-head-job")
+    cfg = {"base_models": {TINY_NAME: str(tiny_gguf)},
+           "ollama": {"register": "auto", "host": "http://127.0.0.1:9", "retries": 0, "connect_timeout_s": 0.5},
+           "evaluation": {"enabled": "required", "backend": "auto"}, "paths": {"root": str(out)}}
+    df = pd.DataFrame(list(synthetic_rows(160, 5)), columns=HEADER)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        ok, meta = FineTuner(config=cfg).process_dataset(df, TINY_NAME, MAPPING, TOPIC, approach="head",
+                                                         output_dir=out / "job")
+    assert ok is True
+    return {"folder": out / "job", "meta": meta, "cfg": cfg, "df": df}
+
+
+def test_rate_through_llama_server_gives_a_head_jobs_evaluation_ratings(job, tmp_path):
+    """rate --backend llama-server with a head job's folder: each held-out record gets the rating its
+    (local) evaluation gave it, with a confidence, the model named as served; no server and no
+    server log is left behind."""
+    from daemon.config import load_config
+
+    folder, df = job["folder"], job["df"]
+    rows = job["meta"]["split"]["validation_source_rows"]
+    src = tmp_path / "new.csv"
+    df.iloc[[r - 1 for r in rows]].drop(columns=["Expert Rating", "Standardized_Rating"]).to_csv(src, index=False)
+    model = model_from_folder(folder)
+    assert model.head.states == "normed"
+    cfg = load_config(None, {}, overrides=job["cfg"])
+    summary = rate_file(model, src, tmp_path / "ratings.csv", cfg, backend="llama-server")
+    assert (summary["backend"], summary["rated"], summary["invalid"]) == (HeadRater.SERVED, len(rows), 0)
+    with open(tmp_path / "ratings.csv", newline="") as fh:
+        rated = list(csv.DictReader(fh))
+    with open(folder / "predictions.csv", newline="") as fh:
+        evaluated = {int(r["row"]): r["new_rating"] for r in csv.DictReader(fh)}
+    assert [r["rating"] for r in rated] == [evaluated[r] for r in rows]
+    assert all(r["confidence"] for r in rated) and rated[0]["model"].endswith("+ head (llama-server)")
+    assert leftovers(tmp_path) == []
+
+
+def test_gemma_through_llama_server_gives_the_vectors_and_ratings_of_the_features_child(gemma_gguf, tmp_path):
+    """On Gemma 3 270M (Q4_K_M), a head fitted in the dtype a job picks on this machine: llama-server on
+    the six cuts gives each member's vectors of 20 new visits as the features child does (to float
+    rounding), and the same rating of every visit."""
+    gemma = resolve_base_weights("gemma3:270m", {"gemma3:270m": str(gemma_gguf)})
+    fitted = _fit(gemma, "gemma3:270m", 48)
+    assert fitted.states == "normed" and len(fitted.layers) == 6
+    texts = [_text(r) for r in generate_visits(20, seed=5)]
+    local = head.head_vectors(gemma, fitted, texts)
+    with HeadServers(gemma.gguf_path, gemma.gguf_sha256, fitted, log_dir=tmp_path) as servers:
+        served = servers.vectors(texts)
+    _assert_the_same_vectors(local, served, fitted.dtype)
+    ours, theirs = fitted.probabilities(local), fitted.probabilities(served)
+    assert [max(p, key=p.get) for p in ours] == [max(p, key=p.get) for p in theirs]
