@@ -26,7 +26,9 @@ decides well this way, the cost is the same. No target: the ratio is the point.
 decoder, every candidate layer's vectors, both poolings, one record per pass, no generation) in
 float32 and in the dtype a job picks on this machine (``auto``: bfloat16 on a CPU with AVX512-BF16
 or AMX), against (b) above, same records, same run; the child's start-up is left out here too and
-reported apart. Target: the head's rating, at the dtype a job picks, >= 5 records/s on 2 cores.
+reported apart; then the same head's vectors through llama-server (``rate --backend llama-server``: the
+GGUF cut after each layer, served for embeddings), the cuts' making and the servers' start-up apart.
+Target: the head's rating, at the dtype a job picks, >= 5 records/s on 2 cores.
 
 Usage: ``python bench/direct_rate.py [--records 48] [--generated 12] [--batch 8]``,
 ``python bench/direct_rate.py --server [--records 20] [--threads 1]`` or
@@ -125,12 +127,49 @@ def head_rating(weights, convs: list[list[dict]], records: int, generated: float
         print(f"head, {info['dtype']}{' (a job picks this)' if dtype == 'auto' else ''}: "
               f"{speed[dtype][1]:.2f} records/s over {records} records, layers {info['layers']} "
               f"(the child's start-up, {wall - info['forward_s']:.1f} s, apart)")
+    served = served_head(weights, texts, info["dtype"])
     print(f"(b) generation of the reasoned answer: {generated:.2f} records/s ({generated_rows} records)")
     picked, rate = speed["auto"]
+    if served is not None:
+        print(f"ratio head through llama-server / head ({picked}) in the child: {served / rate:.2f}x")
     print(f"ratio head ({picked}) / (b): {rate / generated:.1f}x; {picked} / float32: "
           f"{rate / speed['float32'][1]:.2f}x; target head >= {TARGET_RECORDS_S:.0f} records/s: "
           f"{'met' if rate >= TARGET_RECORDS_S else 'NOT met'}")
     return 0 if rate >= TARGET_RECORDS_S else 1
+
+
+def served_head(weights, texts: list[str], dtype: str) -> float | None:
+    """The head's vectors through llama-server (the GGUF cut after each candidate layer, in the job's
+    dtype), same records; the cuts' making and the servers' start-up apart. None without llama-server."""
+    import tempfile
+    import time
+
+    from daemon.llamacpp import server_binary
+    from daemon.quality import head
+    from daemon.serving.headserver import HeadServers
+    from daemon.training.features import POOLINGS
+
+    if server_binary() is None:
+        print("head through llama-server: not measured (llama-server is not built: make llama-cpp)")
+        return None
+    question = head.question_text("respiratory infections")
+    _, arrays = head.compute_features(weights, texts[:24], layers="candidates", poolings=POOLINGS,
+                                      question=question, dtype=dtype)
+    fitted = head.fit(arrays, [i % 3 - 1 for i in range(24)])  # any head of this shape: only speed is measured
+    some = next(iter(arrays.values()))
+    shaped = head.Head(fitted.members, question, head.MAX_TOKENS, fitted.classes, 24, fitted.cv,
+                       {"model": NAME, "weights_sha256": weights.gguf_sha256, "layers_total": 18,
+                        "hidden_size": some.shape[1], "dtype": dtype, "states": "normed"})
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.monotonic()
+        with HeadServers(weights.gguf_path, weights.gguf_sha256, shaped, log_dir=tmp) as servers:
+            ready = time.monotonic()
+            servers.vectors(texts)
+            took = time.monotonic() - ready
+    rate = len(texts) / took
+    print(f"head through llama-server ({dtype} cuts at layers {shaped.layers}): {rate:.2f} records/s over "
+          f"{len(texts)} records (the cuts and the servers' start-up, {ready - started:.1f} s, apart)")
+    return rate
 
 
 def server(records: int, threads: int) -> int:

@@ -1,8 +1,10 @@
 """The head: a classifier on the base model's own hidden states, fitted to the experts' ratings.
 
 The base model (the same weights a fine-tune would start from, untouched) turns each record into
-vectors: the hidden state after each candidate decoder layer, pooled over the record's tokens
-(``mean``) or taken at the last token of a question appended to it (``last``), by the child
+vectors: the hidden state after each candidate decoder layer (each token's state through the
+model's final norm, as llama.cpp gives it: ``serving.headserver`` computes the same vectors with
+llama-server), pooled over the record's tokens (``mean``) or taken at the last token of a question
+appended to it (``last``), by the child
 ``python -m daemon.training.features`` (``compute_features`` runs it: one forward pass per record,
 no generation, this process never imports torch). ``fit`` standardises each candidate's vectors and
 fits a class-balanced logistic regression, its regularisation C chosen by stratified

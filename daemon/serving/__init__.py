@@ -7,8 +7,9 @@ llama.cpp's (``openai``: chat completions and the served models, retries that ho
 errors that never repeat a server's text), registering a model set or an adapter and checking it
 answers (``register``), the adapter merged into its base GGUF by llama.cpp's tools for an Ollama
 that will not take it (``merge``), and the capability report that says whether a model can be fine-tuned and
-served here (``capability``), and a managed llama.cpp server for a GGUF base and its adapter
-(``llamaserver``). May import: the top-level base
+served here (``capability``), a managed llama.cpp server for a GGUF base and its adapter
+(``llamaserver``), and a head's vectors through llama-server: the base GGUF cut after each layer the
+head reads, served for embeddings (``headserver``). May import: the top-level base
 modules (``errors``, ``text``, ``config``, ``fsutil``, ``portable``, ``logconfig``, ``llamacpp``), ``daemon.data``,
 ``daemon.outputs`` (the output folder's files and its reader), ``daemon.training`` (where the base
 weights are and which adapter files exist) and this package;

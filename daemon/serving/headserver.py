@@ -162,7 +162,7 @@ class HeadServers:
                                self.head.dtype)
                 spec = ServerSpec(cut, alias=f"L{layer}", parallel=1, ctx_per_slot=context, threads=self.threads,
                                   extra_args=("--embeddings", "--pooling", "none", "--batch-size", str(context),
-                                              "--ubatch-size", str(context)))
+                                              "--ubatch-size", str(context), "--poll", "0"))
                 server = LlamaServer(spec, log_path=self.log_dir / f"llama-server-head-L{layer}.log")
                 self.servers[layer] = server
                 server.start(stop_event=stop_event)

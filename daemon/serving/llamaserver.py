@@ -279,10 +279,10 @@ class LlamaServer:
 def serve_target(target: Path, *, base_models, ollama_models_dir: str | None = None, parallel: int = 4,
                  port: int = 0, with_adapter: bool = True) -> ServerSpec:
     """The server for an output folder (its base GGUF, and its ``adapter/adapter.gguf`` for a
-    fine-tune) or a GGUF file (served alone). The served name is the folder's
-    (``OutputFolder.served_name``), or the file's stem. The folder is read as every command reads
-    it (``outputs.folder``): a link is never followed, every key used is checked, and a problem is
-    a ServerError naming the file and the key (never a value)."""
+    fine-tune; a head's folder is refused: it is no chat model) or a GGUF file (served alone). The
+    served name is the folder's (``OutputFolder.served_name``), or the file's stem. The folder is
+    read as every command reads it (``outputs.folder``): a link is never followed, every key used is
+    checked, and a problem is a ServerError naming the file and the key (never a value)."""
     target = Path(target)
     if target.is_file():
         return ServerSpec(model=target, alias=target.stem, parallel=parallel, port=port)
@@ -292,6 +292,11 @@ def serve_target(target: Path, *, base_models, ollama_models_dir: str | None = N
     try:
         with OutputFolder(target) as folder:
             approach = folder.approach()
+            if approach == "head":
+                raise ServerError(f"{target.name} holds a head on the base model's hidden states, not a chat "
+                                  "model: a server of its base alone would answer without it",
+                                  hint=f"rate with it: fine-tuner rate --model {target.name} --backend llama-server "
+                                       "(which starts the servers a head needs) or --backend local")
             base_name = folder.base_model()
             adapters = (folder.adapter_folder(),) if with_adapter and approach == "fine_tune" else ()
             alias = folder.served_name()

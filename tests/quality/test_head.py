@@ -118,6 +118,35 @@ def test_the_passes_run_in_the_dtype_asked_for_and_a_head_rates_in_the_one_it_wa
     assert head.Head.from_json(older).dtype == "float32"
 
 
+def test_each_layers_states_pass_through_the_final_norm_and_a_head_of_raw_states_rates_with_raw_ones(weights, fitted):
+    """A head is fitted on normed states (each token's state after a layer through the model's final
+    norm): layer 1's vectors differ from the raw residual stream's, the last layer's (normed by the
+    model itself) do not. A head stored before (no base.states) reads raw states and rates with
+    them; an unknown kind of states is refused by the child and by from_json."""
+    texts = [_text(r) for r in generate_visits(4, seed=29)]
+    runs = {}
+    for states in ("normed", "raw"):
+        info, runs[states] = head.compute_features(weights, texts, layers=[1, 2], poolings=POOLINGS, question=QUESTION,
+                                                   dtype="float32", states=states)
+        assert info["states"] == states
+    for pooling in POOLINGS:
+        assert not np.allclose(runs["normed"][(1, pooling)], runs["raw"][(1, pooling)], rtol=0.05)
+        assert np.array_equal(runs["normed"][(2, pooling)], runs["raw"][(2, pooling)])
+    assert fitted.states == "normed" and fitted.to_json()["base"]["states"] == "normed"
+    older = json.loads(json.dumps(fitted.to_json()))
+    del older["base"]["states"]
+    older["base"]["dtype"] = "float32"
+    raw = head.Head.from_json(older)
+    assert raw.states == "raw"
+    vectors = head.head_vectors(weights, raw, texts)
+    assert all(np.array_equal(vectors[kind], runs["raw"][kind]) for kind in raw.kinds)
+    with pytest.raises(head.FeaturesError, match="states must be normed or raw"):
+        head.compute_features(weights, ["a visit"], layers=[1], poolings=["mean"], question="", states="scaled")
+    older["base"]["states"] = "scaled"
+    with pytest.raises(head.HeadError, match="base.states must be one of normed, raw"):
+        head.Head.from_json(older)
+
+
 def test_the_features_child_refuses_a_dtype_it_does_not_know(weights):
     """A spec asking for float16 (or anything but auto, float32, bfloat16) fails the child with the
     reason, before any weights are loaded."""

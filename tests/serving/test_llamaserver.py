@@ -54,7 +54,8 @@ def test_a_fine_tune_is_served_as_its_base_gguf_with_its_adapter_and_turn_format
 
 def test_what_cannot_be_served_is_a_clear_error(tmp_path, gemma_gguf, monkeypatch):
     """A fine-tune without adapter.gguf, a folder that is not an output folder, a base whose GGUF is
-    not here, and a missing llama-server: each one line saying what to do."""
+    not here, a head's folder (no chat model) and a missing llama-server: each one line saying what
+    to do."""
     with pytest.raises(ServerError, match="has no adapter/adapter.gguf"):
         serve_target(_fine_tune_folder(tmp_path, adapter=False), base_models={"gemma3:270m": str(gemma_gguf)})
     with pytest.raises(ServerError, match="neither a GGUF file nor an output folder"):
@@ -63,6 +64,11 @@ def test_what_cannot_be_served_is_a_clear_error(tmp_path, gemma_gguf, monkeypatc
     with pytest.raises(ServerError, match="the GGUF of gemma3:270m is not on this machine"):
         serve_target(folder, base_models={}, ollama_models_dir=str(tmp_path / "no-ollama"))
     assert serve_target(gemma_gguf, base_models={}).alias == gemma_gguf.stem
+    head = _fine_tune_folder(tmp_path / "head", adapter=False)
+    (head / "fine_tuning_metadata.json").write_text(json.dumps({"approach": "head", "model": "gemma3:270m"}))
+    with pytest.raises(ServerError, match="holds a head on the base model's hidden states, not a chat model") as err:
+        serve_target(head, base_models={"gemma3:270m": str(gemma_gguf)})
+    assert "--backend llama-server" in err.value.hint
     not_a_binary = tmp_path / "llama-server"
     not_a_binary.write_text("")
     os.chmod(not_a_binary, stat.S_IRUSR)
