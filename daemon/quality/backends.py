@@ -341,9 +341,8 @@ class LocalRater:
                  batch_size: int = 8, max_new_tokens: int = 96, timeout_s: float | None = None,
                  grace_s: float = 10.0, python: str = sys.executable, gguf_path: str | None = None,
                  chat_template: str | None = None, values: Sequence[int] | None = None,
-                 direct: bool = False, reasoned: bool = False, dtype: str | None = None) -> None:
+                 direct: bool = False, reasoned: bool = False) -> None:
         self.values = list(values) if values is not None else None
-        self.dtype = dtype  # the child's passes (generate's spec): None, its own choice
         # direct: the rating as a direct decision (one forward pass, no generation, no rationale);
         # reasoned: generated answers start with the rationale (a model trained on both forms)
         self.direct = bool(direct) and self.values is not None
@@ -375,7 +374,7 @@ class LocalRater:
                     "input": str(work / "input.jsonl"), "output": str(work / "output.jsonl"),
                     "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
                     "threads": max(1, (os.cpu_count() or 1)), "values": self.values, "direct": self.direct,
-                    "reasoned": self.reasoned, "dtype": self.dtype,
+                    "reasoned": self.reasoned,
                     "parent_pid": os.getpid()}  # the child stops when this process is gone
             write_json(work / "spec.json", spec, durable=False)
             with open(work / "stderr.log", "wb") as err:

@@ -11,9 +11,7 @@ close of the answer's JSON object (as a server's JSON-Schema grammar ends it).
 The spec (JSON): ``base_ref`` (weights folder or hub id), ``adapter_dir`` (or null), ``input`` (JSONL,
 one ``{"messages": [...]}`` per line, each ending with the user turn), ``output`` (JSONL, one
 ``{"index", "text", "latency_s"}`` per line, appended and flushed per batch), and optionally
-``batch_size`` (8), ``max_new_tokens`` (96), ``threads``, ``device`` ("auto"), ``dtype`` (absent:
-float32 on a CPU, bfloat16 on a GPU that supports it; "auto": bfloat16 on a CPU that multiplies it
-in hardware too, as ``features.passes_dtype``; or one of ``features.DTYPES``), ``parent_pid`` and
+``batch_size`` (8), ``max_new_tokens`` (96), ``threads``, ``device`` ("auto"), ``parent_pid`` and
 ``values`` (the allowed ratings: each answer then also gets ``probs``, each value's probability at
 its rating position by teacher forcing, ``score_values``) and ``direct`` (true: no generation, the
 rating as a direct decision after ``{"rating": ``, one forward pass per record, ``direct_answers``)
@@ -37,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from ..training.trainer import TrainerExit, pick_device, pick_dtype, render
-from ..training.features import DTYPES
 
 EXIT_SPEC = 2
 EXIT_DATA = 3
@@ -84,7 +81,7 @@ def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
 # --- loading and generating ---------------------------------------------------------------------
 
 def load(base_ref: str, adapter_dir: str | None, device: str = "auto",
-         chat_template: str | None = None, dtype: str | None = None) -> tuple[Any, Any, str]:
+         chat_template: str | None = None) -> tuple[Any, Any, str]:
     """(tokenizer, model in eval mode, device). The adapter is merged into the weights: the same
     function, one matrix product per layer fewer at each generated token. ``chat_template``: the
     turn format the trainer used for a base whose tokenizer has none."""
@@ -99,15 +96,7 @@ def load(base_ref: str, adapter_dir: str | None, device: str = "auto",
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if dtype is None:
-        chosen = pick_dtype(device)
-    else:
-        import torch
-
-        from ..training.features import passes_dtype
-
-        chosen = getattr(torch, passes_dtype(device, dtype))
-    model = AutoModelForCausalLM.from_pretrained(base_ref, dtype=chosen)
+    model = AutoModelForCausalLM.from_pretrained(base_ref, dtype=pick_dtype(device))
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -412,8 +401,6 @@ def load_spec(path: str) -> dict:
         raise GenerateExit(EXIT_SPEC, "the spec's values must be a list of integers (the allowed ratings)")
     if spec.get("direct") not in (None, False, True) or (spec.get("direct") and values is None):
         raise GenerateExit(EXIT_SPEC, "the spec's direct must be true or false, and true needs values")
-    if spec.get("dtype") not in (None, "auto", *DTYPES):
-        raise GenerateExit(EXIT_SPEC, f"the spec's dtype must be auto, {' or '.join(DTYPES)}")
     if spec.get("reasoned") not in (None, False, True):
         raise GenerateExit(EXIT_SPEC, "the spec's reasoned must be true or false")
     return spec
@@ -467,7 +454,7 @@ def run(spec: dict) -> int:
 
                 prepare(spec["gguf_path"], spec["base_ref"], spec.get("chat_template"))
             tokenizer, model, device = load(spec["base_ref"], spec.get("adapter_dir"), spec.get("device", "auto"),
-                                            spec.get("chat_template"), spec.get("dtype"))
+                                            spec.get("chat_template"))
         except (OSError, ValueError) as exc:
             # from_pretrained's ways of saying a folder holds no usable weights (ValueError: a path
             # that is not a folder read as an invalid hub id)

@@ -157,8 +157,7 @@ def test_empty_input_writes_an_empty_output(tmp_path, tiny_model_dir):
     ({"adapter_dir": "/nonexistent/adapter"}, 2, "the spec's adapter_dir holds no adapter_config.json"),
     ({"base_ref": "/nonexistent/weights"}, 2,
      "cannot load the weights from the spec's base_ref or adapter_dir (OSError)"),
-    ({"dtype": "float16"}, 2, "the spec's dtype must be auto, float32 or bfloat16"),
-], ids=["missing-keys", "zero-batch", "string-tokens", "no-adapter", "no-weights", "unknown-dtype"])
+], ids=["missing-keys", "zero-batch", "string-tokens", "no-adapter", "no-weights"])
 def test_bad_spec_exits_with_one_line(tmp_path, tiny_model_dir, change, code, message):
     """A bad spec ends the child with its exit code, one error line on stderr and nothing on stdout
     beyond the progress start."""
@@ -294,21 +293,6 @@ def test_the_child_rates_directly_when_the_spec_asks(tmp_path, tiny_model_dir):
     refused = run_child(tmp_path / "no-values", spec_for(tmp_path / "no-values", tiny_model_dir, direct=True), convs)
     assert (refused.returncode, refused.stderr.strip()) == (
         2, "generate failed - the spec's direct must be true or false, and true needs values")
-
-
-def test_the_child_runs_its_passes_in_the_dtype_the_spec_asks_for(tmp_path, tiny_model_dir):
-    """``dtype: bfloat16`` gives the direct ratings' probabilities of float32 to bfloat16's rounding,
-    not bit for bit (the passes did run in bfloat16)."""
-    convs = conversations(4)
-    runs = {}
-    for dtype in ("float32", "bfloat16"):
-        proc = run_child(tmp_path / dtype, spec_for(tmp_path / dtype, tiny_model_dir, direct=True, values=[-1, 0, 1],
-                                                    dtype=dtype), convs)
-        assert proc.returncode == 0, proc.stderr
-        runs[dtype] = [o["probs"] for o in read_output(tmp_path / dtype / "output.jsonl")]
-    assert runs["float32"] != runs["bfloat16"]
-    for full, half in zip(runs["float32"], runs["bfloat16"]):
-        assert half == pytest.approx(full, abs=0.05)
 
 
 def test_ratings_that_share_their_first_token_are_told_apart_one_token_further(tiny_model_dir):

@@ -179,6 +179,23 @@ def test_rate_through_llama_server_gives_a_head_jobs_evaluation_ratings(job, tmp
     assert leftovers(tmp_path) == []
 
 
+def test_an_evaluation_through_llama_server_measures_a_head_as_the_local_one_did(job):
+    """evaluate with backend llama-server: the head's kappa and ratings equal the job's own (local)
+    evaluation's; the baseline is measured beside it as always."""
+    import json
+
+    from daemon.config import load_config
+    from daemon.quality.heldout import evaluate_folder
+
+    folder = job["folder"]
+    local = json.loads((folder / "evaluation.json").read_text())
+    cfg = load_config(None, {}, overrides=job["cfg"])
+    report = evaluate_folder(folder, job["meta"], cfg, backend="llama-server")
+    assert [m["key"] for m in report["models"]] == [m["key"] for m in local["models"]] == ["new", "baseline"]
+    assert report["models"][0]["kappa"] == local["models"][0]["kappa"]
+    assert report["models"][0]["n"] == local["models"][0]["n"] > 0
+
+
 def test_gemma_through_llama_server_gives_the_vectors_and_ratings_of_the_features_child(gemma_gguf, tmp_path):
     """On Gemma 3 270M (Q4_K_M), a head fitted in the dtype a job picks on this machine: llama-server on
     the six cuts gives each member's vectors of 20 new visits as the features child does (to float
