@@ -150,10 +150,9 @@ class HeadServers:
     def start(self, stop_event: threading.Event | None = None) -> "HeadServers":
         from ..training.ggufheader import read_header
 
+        # the features child puts the tokenizer's bos first whenever it has one, as the GGUF names it
         bos_key = "tokenizer.ggml.bos_token_id"
-        header = read_header(self.gguf_path, keys={bos_key, "tokenizer.ggml.add_bos_token"})
-        add_bos = header.values.get("tokenizer.ggml.add_bos_token", True)
-        self.bos = header.values.get(bos_key) if add_bos is not False else None
+        self.bos = read_header(self.gguf_path, keys={bos_key}).values.get(bos_key)
         # room for the token limit, the bos and the question, in one batch (embeddings need it whole)
         context = self.head.max_tokens + 512
         try:

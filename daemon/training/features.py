@@ -125,14 +125,24 @@ def load(base_ref: str, device: str = "auto", dtype: str = "auto") -> tuple[Any,
     return tokenizer, decoder, device, dtype
 
 
+def _decoder_part(model: Any, name: str, what: str) -> Any:
+    """``model.<name>`` of the decoders transformers builds (or of their language model)."""
+    part = getattr(model, name, None)
+    if part is None and hasattr(model, "language_model"):
+        part = getattr(model.language_model, name, None)
+    if part is None:
+        raise FeaturesExit(EXIT_SPEC, f"the base model ({type(model).__name__}) has no {what}")
+    return part
+
+
 def decoder_layers(model: Any) -> Any:
-    """The model's list of decoder layers (``model.layers`` for the decoders transformers builds)."""
-    layers = getattr(model, "layers", None)
-    if layers is None and hasattr(model, "language_model"):
-        layers = getattr(model.language_model, "layers", None)
-    if layers is None:
-        raise FeaturesExit(EXIT_SPEC, f"the base model ({type(model).__name__}) has no list of decoder layers")
-    return layers
+    """The model's list of decoder layers (``model.layers``)."""
+    return _decoder_part(model, "layers", "list of decoder layers")
+
+
+def final_norm(model: Any) -> Any:
+    """The decoder's final norm (``model.norm``)."""
+    return _decoder_part(model, "norm", "final norm")
 
 
 class _Enough(Exception):
@@ -144,16 +154,6 @@ def token_ids(tokenizer: Any, text: str, question_ids: list[int], max_tokens: in
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     text_ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     return bos + text_ids + question_ids, len(bos), len(bos) + len(text_ids)
-
-
-def final_norm(model: Any) -> Any:
-    """The decoder's final norm (``model.norm`` for the decoders transformers builds)."""
-    norm = getattr(model, "norm", None)
-    if norm is None and hasattr(model, "language_model"):
-        norm = getattr(model.language_model, "norm", None)
-    if norm is None:
-        raise FeaturesExit(EXIT_SPEC, f"the base model ({type(model).__name__}) has no final norm")
-    return norm
 
 
 def vectors(model: Any, device: str, ids: list[int], start: int, end: int, layers: list[int],

@@ -24,7 +24,8 @@ from daemon.training.supervisor import resolve_base_weights
 from tests.conftest import leftovers
 from tests.tiny_model import TINY_NAME
 
-pytestmark = pytest.mark.xdist_group("head")
+# together (the job fixture is built once), beside tests/quality/test_head.py's group, not behind it
+pytestmark = pytest.mark.xdist_group("headserver")
 
 TOPIC = "respiratory infections"
 SKIP = ("C_BioSense_ID", "Expert Rating", "Standardized_Rating", "Rationale_of_Rating")
@@ -198,12 +199,14 @@ def test_an_evaluation_through_llama_server_measures_a_head_as_the_local_one_did
 
 def test_gemma_through_llama_server_gives_the_vectors_and_ratings_of_the_features_child(gemma_gguf, tmp_path):
     """On Gemma 3 270M (Q4_K_M), a head fitted in the dtype a job picks on this machine: llama-server on
-    the six cuts gives each member's vectors of 20 new visits as the features child does (to float
-    rounding), and the same rating of every visit."""
+    the six cuts gives each member's vectors of 9 new visits and 3 odd texts as the features child
+    does (to float rounding), and the same rating of every one."""
     gemma = resolve_base_weights("gemma3:270m", {"gemma3:270m": str(gemma_gguf)})
-    fitted = _fit(gemma, "gemma3:270m", 48)
+    fitted = _fit(gemma, "gemma3:270m", 32)
     assert fitted.states == "normed" and len(fitted.layers) == 6
-    texts = [_text(r) for r in generate_visits(20, seed=5)]
+    # and texts a tokenizer may split otherwise: the server tokenizes, the child used the GGUF's tokenizer
+    texts = [_text(r) for r in generate_visits(9, seed=5)] + [
+        "  fièvre 38,5°C – toux 😷\r\nDx:\tJ06.9;R05.9;  ", "<b>cough</b> &amp; <start_of_turn>user", "咳嗽\u00a0x"]
     local = head.head_vectors(gemma, fitted, texts)
     with HeadServers(gemma.gguf_path, gemma.gguf_sha256, fitted, log_dir=tmp_path) as servers:
         served = servers.vectors(texts)
