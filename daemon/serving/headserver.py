@@ -24,6 +24,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,10 @@ import requests
 
 from ..errors import FineTunerError
 from ..llamacpp import cache_dir
+from ..logconfig import get_logger
 from .llamaserver import LlamaServer, ServerSpec
+
+log = get_logger("headserver")
 
 CUT_TYPES = ("float32", "bfloat16")
 REQUEST_TIMEOUT_S = 120.0
@@ -155,10 +159,15 @@ class HeadServers:
         self.bos = read_header(self.gguf_path, keys={bos_key}).values.get(bos_key)
         # room for the token limit, the bos and the question, in one batch (embeddings need it whole)
         context = self.head.max_tokens + 512
+        began, made, cut_s = time.monotonic(), 0, 0.0
         try:
             for layer in self.head.layers:
-                cut = cut_gguf(self.gguf_path, cut_path(self.sha256, layer, self.head.dtype, self.env), layer,
-                               self.head.dtype)
+                path = cut_path(self.sha256, layer, self.head.dtype, self.env)
+                if not path.is_file():  # the first time: a minute or so for a small base
+                    started = time.monotonic()
+                    cut_gguf(self.gguf_path, path, layer, self.head.dtype)
+                    made, cut_s = made + 1, cut_s + time.monotonic() - started
+                cut = path
                 spec = ServerSpec(cut, alias=f"L{layer}", parallel=1, ctx_per_slot=context, threads=self.threads,
                                   extra_args=("--embeddings", "--pooling", "none", "--batch-size", str(context),
                                               "--ubatch-size", str(context), "--poll", "0"))
@@ -168,6 +177,8 @@ class HeadServers:
         except BaseException:
             self.close()
             raise
+        log.info("head_servers_started", gguf=self.gguf_path.name, layers=self.head.layers, dtype=self.head.dtype,
+                 cuts_made=made, cut_s=round(cut_s, 1), load_s=round(time.monotonic() - began - cut_s, 1))
         return self
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
 from daemon.data.visits import generate_visits
@@ -113,15 +114,23 @@ def test_a_cut_holds_the_first_layers_with_their_matrices_in_the_dtype_asked_for
 
 def test_llama_server_gives_the_vectors_the_features_child_gives(weights, fitted, tmp_path):
     """Every member's vectors of 12 visits the head never saw, from llama-server on the cuts (made in
-    the cache the environment names) and from the features child, agree to float rounding; so do
-    the head's probabilities, and its ratings are the same."""
+    the cache the environment names, once: head_servers_started says how many were made) and from
+    the features child, agree to float rounding; so do the head's probabilities, and its ratings
+    are the same."""
     texts = [_text(r) for r in generate_visits(12, seed=5)]
     local = head.head_vectors(weights, fitted, texts)
     env = {**os.environ, "FINE_TUNER_CACHE_DIR": str(tmp_path / "cache")}
     done = []
-    with HeadServers(weights.gguf_path, weights.gguf_sha256, fitted, log_dir=tmp_path / "logs", env=env) as servers:
-        served = servers.vectors(texts, on_progress=lambda n, total: done.append((n, total)))
+    with capture_logs() as logs:
+        for _ in range(2):  # the second time, the cuts are there already
+            with HeadServers(weights.gguf_path, weights.gguf_sha256, fitted, log_dir=tmp_path / "logs",
+                             env=env) as servers:
+                served = servers.vectors(texts, on_progress=lambda n, total: done.append((n, total)))
     assert done[-1] == (12, 12)
+    started = [e for e in logs if e["event"] == "head_servers_started"]
+    assert [(e["layers"], e["dtype"], e["cuts_made"]) for e in started] == [
+        (fitted.layers, "float32", len(fitted.layers)), (fitted.layers, "float32", 0)]
+    assert started[1]["cut_s"] == 0 and all(e["load_s"] >= 0 for e in started)
     assert sorted(p.name for p in (tmp_path / "cache" / "cuts" / weights.gguf_sha256[:24]).iterdir()
                   if p.suffix == ".gguf") == [f"L{layer}-float32.gguf" for layer in fitted.layers]
     assert cut_path(weights.gguf_sha256, fitted.layers[0], "float32", env).is_file()
