@@ -54,6 +54,20 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
         time.sleep(interval)
 
 
+def llama_server_children() -> list[str]:
+    """The command lines of this process's llama-server children."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and cmdline.endswith("llama-server"):
+            found.append(cmdline)
+    return found
+
+
 def leftovers(root: Path) -> list[str]:
     """Temporary files or folders (``*.tmp``, ``.tmp-*``) anywhere under ``root``."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 from daemon.config import load_config
 from daemon.fine_tuner import FineTuner
 from daemon.data.synthetic import HEADER, MAPPING, synthetic_rows
+from tests.conftest import llama_server_children
 from tests.tiny_model import TINY_NAME
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -127,20 +127,6 @@ def _local_ratings(evaluation) -> list[int | None]:
         return [int(r["new_rating"]) if r["new_valid"] == "true" else None for r in csv.DictReader(fh)]
 
 
-def _server_children() -> list[str]:
-    """The command lines of this process's llama-server children."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
-        except (OSError, ValueError):
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and cmdline.endswith("llama-server"):
-            found.append(cmdline)
-    return found
-
-
 def test_auto_starts_llama_server_for_the_evaluation_and_rate_when_asked(evaluation, tmp_path, tiny_gguf):
     """With Ollama down, no openai.base_url and evaluation.start_llama_server on, auto starts
     llama-server itself (the tiny base as GGUF, which base_models names, the job's adapter.gguf, and
@@ -177,7 +163,7 @@ def test_auto_starts_llama_server_for_the_evaluation_and_rate_when_asked(evaluat
     local, remote = _local_ratings(evaluation), report["_predictions"]["models"]["new"]
     same = sum(a == b for a, b in zip(local, remote)) / len(local)
     assert same >= MIN_SAME_AS_LOCAL, (same, local, remote)
-    assert _server_children() == []
+    assert llama_server_children() == []
     assert list((tmp_path / "tmp").iterdir()) == []
 
     write_csv(tmp_path / "new.csv", 12, seed=21)

@@ -22,7 +22,7 @@ from daemon.quality.backends import HeadRater
 from daemon.quality.ratefile import model_from_folder, rate_file
 from daemon.serving.headserver import HeadServerError, HeadServers, cut_gguf, cut_path
 from daemon.training.supervisor import resolve_base_weights
-from tests.conftest import leftovers
+from tests.conftest import leftovers, llama_server_children
 from tests.tiny_model import TINY_NAME
 
 # together (the job fixture is built once), beside tests/quality/test_head.py's group, not behind it
@@ -138,6 +138,27 @@ def test_llama_server_gives_the_vectors_the_features_child_gives(weights, fitted
     ours, theirs = fitted.probabilities(local), fitted.probabilities(served)
     assert max(abs(a[c] - b[c]) for a, b in zip(ours, theirs) for c in a) <= 1e-3
     assert [max(p, key=p.get) for p in ours] == [max(p, key=p.get) for p in theirs]
+
+
+def test_a_rating_stopped_part_way_stops_the_heads_servers(weights, fitted):
+    """The service shutting down while a head rates through llama-server: the rating stops as
+    interrupted after the record in hand, and none of its servers is left running."""
+    import threading
+
+    from daemon.errors import TrainingInterruptedError
+
+    stop = threading.Event()
+    convs = [[{"role": "user", "content": _text(r)}] for r in generate_visits(6, seed=7)]
+    seen = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(done)
+        if done == 2:
+            stop.set()
+
+    with pytest.raises(TrainingInterruptedError, match="shutting down"):
+        HeadRater(weights, fitted, via=HeadRater.SERVED).answer(convs, on_progress=progress, stop_event=stop)
+    assert seen == [1, 2] and llama_server_children() == []
 
 
 def test_a_head_of_raw_states_is_refused_saying_why(fitted, tmp_path):
