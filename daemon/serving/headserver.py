@@ -19,9 +19,11 @@ import stays light: ``gguf`` and numpy are imported inside the functions (the tr
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -40,6 +42,7 @@ log = get_logger("headserver")
 
 CUT_TYPES = ("float32", "bfloat16")
 REQUEST_TIMEOUT_S = 120.0
+FREE_MARGIN_BYTES = 256 * 1024 * 1024  # a cut is not started unless it leaves this much free
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -121,6 +124,11 @@ def _write_cut(source: Path, dest: Path, layer: int, dtype: str) -> None:
         else:
             writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
                                    tensor.tensor_type)
+    planned = sum(info.nbytes for part in writer.tensors for info in part.values())
+    free = shutil.disk_usage(dest.parent).free
+    if free < planned + FREE_MARGIN_BYTES:
+        raise OSError(errno.ENOSPC, f"the cut needs {planned / 1e9:.1f} GB and {dest.parent} has "
+                                    f"{free / 1e9:.1f} GB free")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -165,7 +173,13 @@ class HeadServers:
                 path = cut_path(self.sha256, layer, self.head.dtype, self.env)
                 if not path.is_file():  # the first time: a minute or so for a small base
                     started = time.monotonic()
-                    cut_gguf(self.gguf_path, path, layer, self.head.dtype)
+                    try:
+                        cut_gguf(self.gguf_path, path, layer, self.head.dtype)
+                    except (OSError, ValueError) as exc:
+                        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                        raise HeadServerError(f"cannot cut {self.gguf_path.name} after layer {layer}: {reason}",
+                                              hint="free disk space in fine-tuner's cache (FINE_TUNER_CACHE_DIR "
+                                                   "moves it), or rate with the local backend") from None
                     made, cut_s = made + 1, cut_s + time.monotonic() - started
                 cut = path
                 spec = ServerSpec(cut, alias=f"L{layer}", parallel=1, ctx_per_slot=context, threads=self.threads,

@@ -161,6 +161,24 @@ def test_a_rating_stopped_part_way_stops_the_heads_servers(weights, fitted):
     assert seen == [1, 2] and llama_server_children() == []
 
 
+def test_a_cut_that_would_fill_the_disk_is_not_started(weights, fitted, tmp_path, monkeypatch):
+    """With less free space than a cut needs (and a margin), no cut is written and the servers are
+    not started: the error says how much is needed and what to do."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    env = {**os.environ, "FINE_TUNER_CACHE_DIR": str(tmp_path / "cache")}
+    with pytest.raises(HeadServerError, match=r"cannot cut tiny.gguf after layer 1: the cut needs 0\.0 GB and .* "
+                                              r"has 0\.0 GB free") as err:
+        HeadServers(weights.gguf_path, weights.gguf_sha256, fitted, log_dir=tmp_path, env=env).start()
+    assert "free disk space" in err.value.hint
+    assert [p.name for p in (tmp_path / "cache" / "cuts" / weights.gguf_sha256[:24]).iterdir()
+            if p.suffix == ".gguf"] == []
+    assert llama_server_children() == []
+
+
 def test_a_head_of_raw_states_is_refused_saying_why(fitted, tmp_path):
     """A head fitted on raw hidden states (before they were normed) cannot be served: llama-server
     gives normed ones."""
