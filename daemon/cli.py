@@ -101,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="who answers: auto (Ollama, then an OpenAI-compatible server at openai.base_url, "
                            "then llama-server started for the run when evaluation.start_llama_server is on, "
                            "then the local child), ollama, openai, llama-server, local, or baseline (the "
-                           "output folder's bag-of-words classifier: thousands of records a second)")
+                           "output folder's bag-of-words classifier: thousands of records a second); a head "
+                           "rates through the local child (auto, local) or llama-server on its base GGUF's "
+                           "layers")
     rate.add_argument("--explain", action="store_true",
                       help="a fine-tune trained with training.answer_forms: both writes its rationale too "
                            "(generation, much slower) instead of deciding each rating in one forward pass")
