@@ -33,7 +33,7 @@ from typing import Any
 
 import requests
 
-from ..errors import FineTunerError
+from ..errors import FineTunerError, GGUFFormatError
 from ..llamacpp import cache_dir
 from ..logconfig import get_logger
 from .llamaserver import LlamaServer, ServerSpec
@@ -164,7 +164,12 @@ class HeadServers:
 
         # the features child puts the tokenizer's bos first whenever it has one, as the GGUF names it
         bos_key = "tokenizer.ggml.bos_token_id"
-        self.bos = read_header(self.gguf_path, keys={bos_key}).values.get(bos_key)
+        try:
+            self.bos = read_header(self.gguf_path, keys={bos_key}).values.get(bos_key)
+        except GGUFFormatError as exc:  # it names the file and the offset, never a value
+            raise HeadServerError(str(exc)) from None
+        except OSError as exc:
+            raise HeadServerError(f"cannot read {self.gguf_path.name} ({type(exc).__name__})") from None
         # room for the token limit, the bos and the question, in one batch (embeddings need it whole)
         context = self.head.max_tokens + 512
         began, made, cut_s = time.monotonic(), 0, 0.0
@@ -181,8 +186,7 @@ class HeadServers:
                                               hint="free disk space in fine-tuner's cache (FINE_TUNER_CACHE_DIR "
                                                    "moves it), or rate with the local backend") from None
                     made, cut_s = made + 1, cut_s + time.monotonic() - started
-                cut = path
-                spec = ServerSpec(cut, alias=f"L{layer}", parallel=1, ctx_per_slot=context, threads=self.threads,
+                spec = ServerSpec(path, alias=f"L{layer}", parallel=1, ctx_per_slot=context, threads=self.threads,
                                   extra_args=("--embeddings", "--pooling", "none", "--batch-size", str(context),
                                               "--ubatch-size", str(context), "--poll", "0"))
                 server = LlamaServer(spec, log_path=self.log_dir / f"llama-server-head-L{layer}.log")

@@ -179,13 +179,17 @@ def test_a_cut_that_would_fill_the_disk_is_not_started(weights, fitted, tmp_path
     assert llama_server_children() == []
 
 
-def test_a_head_of_raw_states_is_refused_saying_why(fitted, tmp_path):
+def test_a_head_of_raw_states_or_on_a_broken_gguf_is_refused_saying_why(fitted, tmp_path):
     """A head fitted on raw hidden states (before they were normed) cannot be served: llama-server
-    gives normed ones."""
+    gives normed ones; a base GGUF cut off after its version is named with where it ends."""
     raw = dataclasses.replace(fitted, base={**fitted.base, "states": "raw"})
     assert raw.states == "raw"
     with pytest.raises(HeadServerError, match="reads the raw hidden states"):
         HeadServers(tmp_path / "any.gguf", "0" * 64, raw, log_dir=tmp_path)
+    (tmp_path / "cut-off.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(HeadServerError, match=r"the GGUF cut-off.gguf ends before its header does.*\(at byte 8\)"):
+        HeadServers(tmp_path / "cut-off.gguf", "0" * 64, fitted, log_dir=tmp_path).start()
+    assert llama_server_children() == []
 
 
 @pytest.fixture(scope="module")
