@@ -153,13 +153,14 @@ def served_head(weights, texts: list[str], dtype: str) -> float | None:
         print("head through llama-server: not measured (llama-server is not built: make llama-cpp)")
         return None
     question = head.question_text("respiratory infections")
-    _, arrays = head.compute_features(weights, texts[:24], layers="candidates", poolings=POOLINGS,
-                                      question=question, dtype=dtype)
-    fitted = head.fit(arrays, [i % 3 - 1 for i in range(24)])  # any head of this shape: only speed is measured
-    some = next(iter(arrays.values()))
-    shaped = head.Head(fitted.members, question, head.MAX_TOKENS, fitted.classes, 24, fitted.cv,
-                       {"model": NAME, "weights_sha256": weights.gguf_sha256, "layers_total": 18,
-                        "hidden_size": some.shape[1], "dtype": dtype, "states": "normed"})
+    few = texts[:24]
+    info, arrays = head.compute_features(weights, few, layers="candidates", poolings=POOLINGS,
+                                         question=question, dtype=dtype)
+    # any head of this shape: only speed is measured
+    fitted = head.fit(arrays, [i % 3 - 1 for i in range(len(few))])
+    shaped = head.Head(fitted.members, question, head.MAX_TOKENS, fitted.classes, len(few), fitted.cv,
+                       {"model": NAME, "weights_sha256": weights.gguf_sha256, "dtype": info["dtype"],
+                        **{k: info[k] for k in ("layers_total", "hidden_size", "states")}})
     with tempfile.TemporaryDirectory() as tmp:
         started = time.monotonic()
         with HeadServers(weights.gguf_path, weights.gguf_sha256, shaped, log_dir=tmp) as servers:

@@ -12,8 +12,9 @@ head was fitted on. Cuts are made once per base GGUF, layer and dtype in the mac
 (``cut_path``), under a lock, written under a temporary name and renamed into place.
 
 ``HeadServers`` starts one llama-server per layer the head reads (loopback, its output to a private
-log), tokenizes each record as the features child does (``[bos] + text + question``, the text cut
-to the head's token limit), asks every server for the tokens' states and pools them. The daemon's
+log), lays each record's pass out as the features child does (``features.pass_ids``: ``[bos] + text
++ question``, the text cut to the head's token limit; the text tokenized by the server), asks every
+server for the tokens' states and pools them by the child's rule (``features.pool``). The daemon's
 import stays light: ``gguf`` and numpy are imported inside the functions (the training extra).
 """
 
@@ -36,6 +37,7 @@ import requests
 from ..errors import FineTunerError, GGUFFormatError
 from ..llamacpp import cache_dir
 from ..logconfig import get_logger
+from ..training.features import pass_ids, pool
 from .llamaserver import LlamaServer, ServerSpec
 
 log = get_logger("headserver")
@@ -107,6 +109,7 @@ def _write_cut(source: Path, dest: Path, layer: int, dtype: str) -> None:
             value = value[:layer]  # a value per layer
         writer.add_key_value(field.name, value, kind, sub_type=sub)
     target = gguf.GGMLQuantizationType.F32 if dtype == "float32" else gguf.GGMLQuantizationType.BF16
+    stored = np.dtype(np.float32 if dtype == "float32" else np.uint16)  # bfloat16's bits, as gguf writes them
     kept = []
     for tensor in reader.tensors:
         block = BLOCK_RE.match(tensor.name)
@@ -118,9 +121,7 @@ def _write_cut(source: Path, dest: Path, layer: int, dtype: str) -> None:
             shape = gguf.quant_shape_from_byte_shape(tensor.data.shape, tensor.tensor_type) \
                 if tensor.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) \
                 else tensor.data.shape
-            size = 4 if dtype == "float32" else 2
-            writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32 if dtype == "float32" else np.uint16),
-                                   int(np.prod(shape)) * size, raw_dtype=target)
+            writer.add_tensor_info(tensor.name, shape, stored, int(np.prod(shape)) * stored.itemsize, raw_dtype=target)
         else:
             writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
                                    tensor.tensor_type)
@@ -223,13 +224,6 @@ class HeadServers:
         except ValueError:
             raise HeadServerError(f"llama-server's answer to {path} is not JSON") from None
 
-    def token_ids(self, text: str, question_ids: list[int]) -> tuple[list[int], int, int]:
-        """(the ids of one pass, where the text's tokens start, where they end), as the features child."""
-        first = self.servers[self.head.layers[0]]
-        text_ids = self._tokens(first, text)[: self.head.max_tokens]
-        bos = [self.bos] if self.bos is not None else []
-        return bos + text_ids + question_ids, len(bos), len(bos) + len(text_ids)
-
     def _tokens(self, server: LlamaServer, text: str) -> list[int]:
         data = self._post(server, "/tokenize", {"content": text, "add_special": False})
         tokens = data.get("tokens") if isinstance(data, dict) else None
@@ -249,14 +243,13 @@ class HeadServers:
         for i, text in enumerate(texts):
             if stop_event is not None and stop_event.is_set():
                 raise HeadServerError("stopped")
-            ids, start, end = self.token_ids(text, question)
+            ids, start, end = pass_ids(self.bos, self._tokens(self.servers[self.head.layers[0]], text), question,
+                                       self.head.max_tokens)
             for layer, server in self.servers.items():
                 states = self._states(server, ids, width)
                 for kind in self.head.kinds:
-                    if kind[0] != layer:
-                        continue
-                    span = states[start:end] if end > start else states
-                    out[kind][i] = span.mean(axis=0) if kind[1] == "mean" else states[-1]
+                    if kind[0] == layer:
+                        out[kind][i] = pool(states, start, end, kind[1])
             if on_progress is not None:
                 on_progress(i + 1, len(texts))
         return out

@@ -151,9 +151,27 @@ class _Enough(Exception):
 
 def token_ids(tokenizer: Any, text: str, question_ids: list[int], max_tokens: int) -> tuple[list[int], int, int]:
     """(the ids of one pass, where the text's tokens start, where they end)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    return bos + text_ids + question_ids, len(bos), len(bos) + len(text_ids)
+    return pass_ids(tokenizer.bos_token_id, tokenizer(text, add_special_tokens=False)["input_ids"], question_ids,
+                    max_tokens)
+
+
+def pass_ids(bos: int | None, text_ids: list[int], question_ids: list[int],
+             max_tokens: int) -> tuple[list[int], int, int]:
+    """``[bos] + text + question``, the text cut to ``max_tokens`` (no bos when the tokenizer has none):
+    (the ids, where the text's tokens start, where they end). A llama-server computing a head's
+    vectors (``serving.headserver``) lays a pass out by this rule too."""
+    first = [bos] if bos is not None else []
+    text_ids = text_ids[:max_tokens]
+    return first + text_ids + question_ids, len(first), len(first) + len(text_ids)
+
+
+def pool(tokens: Any, start: int, end: int, pooling: str) -> Any:
+    """One vector of a pass's token states (a torch tensor or a numpy array, one row per token):
+    ``mean`` over the text's own tokens (all of them when the text has none), ``last`` the last
+    token's."""
+    if pooling == "mean":
+        return (tokens[start:end] if end > start else tokens).mean(0)
+    return tokens[-1]
 
 
 def vectors(model: Any, device: str, ids: list[int], start: int, end: int, layers: list[int],
@@ -199,12 +217,7 @@ def vectors(model: Any, device: str, ids: list[int], start: int, end: int, layer
                 tokens = norm(tokens)
         tokens = tokens.float()
         for pooling in poolings:
-            if pooling == "mean":
-                span = tokens[start:end] if end > start else tokens
-                vector = span.mean(dim=0)
-            else:
-                vector = tokens[-1]
-            result[(layer, pooling)] = vector.cpu().numpy()
+            result[(layer, pooling)] = pool(tokens, start, end, pooling).cpu().numpy()
     return result
 
 
