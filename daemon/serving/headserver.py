@@ -38,12 +38,25 @@ from ..errors import FineTunerError, GGUFFormatError
 from ..llamacpp import cache_dir
 from ..logconfig import get_logger
 from ..training.features import pass_ids, pool
+from .http import (
+    AnswerTimedOut,
+    AnswerTooLarge,
+    Deadline,
+    DeadlineAdapter,
+    NotJSON,
+    parse_json,
+    read_body,
+    refuse_redirects,
+    under,
+)
 from .llamaserver import LlamaServer, ServerSpec
 
 log = get_logger("headserver")
 
 CUT_TYPES = ("float32", "bfloat16")
+CONNECT_TIMEOUT_S = 5.0  # our own servers, on the loopback interface
 REQUEST_TIMEOUT_S = 120.0
+ANSWER_MARGIN_BYTES = 64 * 1024  # beyond what the ids or states asked for can take as JSON
 FREE_MARGIN_BYTES = 256 * 1024 * 1024  # a cut is not started unless it leaves this much free
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
 
@@ -159,6 +172,8 @@ class HeadServers:
         self.log_dir, self.threads, self.env = Path(log_dir), threads, env
         self.servers: dict[int, LlamaServer] = {}
         self.bos: int | None = None
+        self.session = refuse_redirects(requests.Session())
+        self.session.mount("http://", DeadlineAdapter())
 
     def start(self, stop_event: threading.Event | None = None) -> "HeadServers":
         from ..training.ggufheader import read_header
@@ -204,6 +219,7 @@ class HeadServers:
         for server in self.servers.values():
             server.stop()
         self.servers = {}
+        self.session.close()
 
     def __enter__(self) -> "HeadServers":
         return self.start() if not self.servers else self
@@ -211,21 +227,37 @@ class HeadServers:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _post(self, server: LlamaServer, path: str, body: dict) -> Any:
+    def _post(self, server: LlamaServer, path: str, body: dict, limit: int) -> Any:
+        """``POST path`` to one of our servers, as every client here asks a server (``serving.http``): a
+        total deadline, no redirect followed, the answer read in pieces up to ``limit`` bytes, JSON
+        checked before use; each problem a HeadServerError naming the endpoint, never a value."""
+        deadline = Deadline(CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S)
+        with under(deadline):
+            try:
+                resp = self.session.post(server.url + path, json=body, timeout=deadline.timeouts(), stream=True,
+                                         allow_redirects=False)
+            except requests.RequestException as exc:
+                raise HeadServerError(f"llama-server did not answer {path} ({type(exc).__name__})") from None
+            try:
+                if resp.status_code != 200:
+                    raise HeadServerError(f"llama-server answered {path} with HTTP {resp.status_code}",
+                                          hint=f"read {server.log_path}")
+                raw = read_body(resp, limit=limit, deadline=deadline)
+            except AnswerTooLarge:
+                raise HeadServerError(f"llama-server's answer to {path} is larger than {limit:,} bytes") from None
+            except (AnswerTimedOut, requests.RequestException) as exc:
+                raise HeadServerError(f"llama-server did not answer {path} ({type(exc).__name__})") from None
+            finally:
+                resp.close()
         try:
-            resp = requests.post(server.url + path, json=body, timeout=REQUEST_TIMEOUT_S, allow_redirects=False)
-        except requests.RequestException as exc:
-            raise HeadServerError(f"llama-server did not answer {path} ({type(exc).__name__})") from None
-        if resp.status_code != 200:
-            raise HeadServerError(f"llama-server answered {path} with HTTP {resp.status_code}",
-                                  hint=f"read {server.log_path}")
-        try:
-            return resp.json()
-        except ValueError:
-            raise HeadServerError(f"llama-server's answer to {path} is not JSON") from None
+            return parse_json(raw)
+        except NotJSON as exc:
+            raise HeadServerError(f"llama-server's answer to {path} {exc.reason}") from None
 
     def _tokens(self, server: LlamaServer, text: str) -> list[int]:
-        data = self._post(server, "/tokenize", {"content": text, "add_special": False})
+        # a token is at least one byte of the text; an id and its comma, a few dozen characters at most
+        data = self._post(server, "/tokenize", {"content": text, "add_special": False},
+                          ANSWER_MARGIN_BYTES + 32 * len(text.encode()))
         tokens = data.get("tokens") if isinstance(data, dict) else None
         if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
             raise HeadServerError("llama-server's /tokenize answer holds no list of token ids")
@@ -257,7 +289,8 @@ class HeadServers:
     def _states(self, server: LlamaServer, ids: list[int], width: int) -> Any:
         import numpy as np
 
-        data = self._post(server, "/embeddings", {"content": ids})
+        # a float as JSON text takes at most a few dozen characters
+        data = self._post(server, "/embeddings", {"content": ids}, ANSWER_MARGIN_BYTES + 32 * len(ids) * width)
         try:
             states = np.asarray(data[0]["embedding"], dtype=np.float32)
         except (KeyError, IndexError, TypeError, ValueError):

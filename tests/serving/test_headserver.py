@@ -8,6 +8,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import threading
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pandas as pd
@@ -177,6 +180,56 @@ def test_a_cut_that_would_fill_the_disk_is_not_started(weights, fitted, tmp_path
     assert [p.name for p in (tmp_path / "cache" / "cuts" / weights.gguf_sha256[:24]).iterdir()
             if p.suffix == ".gguf"] == []
     assert llama_server_children() == []
+
+
+class _Hostile(BaseHTTPRequestHandler):
+    """A server answering /tokenize with a redirect, /embeddings with an endless list, /other with a
+    body that is not JSON."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path == "/tokenize":
+            self.send_response(307)
+            self.send_header("Location", "http://192.0.2.1/tokenize")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.end_headers()
+        try:
+            if self.path == "/embeddings":
+                self.wfile.write(b'[{"embedding": [[')
+                while True:
+                    self.wfile.write(b"0.0, " * 8192)
+            self.wfile.write(b"<html>not json</html>")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *_args) -> None:
+        pass
+
+
+def test_a_hostile_server_costs_one_clear_error_not_a_redirect_or_the_memory(fitted, tmp_path):
+    """Every request to a head's servers is bounded as every client's here (serving.http): a redirect
+    is refused, not followed; an endless answer stops at its cap (a few MB for 40 tokens' states);
+    a body that is not JSON is named so. No value of the answer is quoted."""
+    hostile = ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
+    thread = threading.Thread(target=hostile.serve_forever, daemon=True)
+    thread.start()
+    server = types.SimpleNamespace(url=f"http://127.0.0.1:{hostile.server_address[1]}", log_path=tmp_path / "x.log")
+    servers = HeadServers(tmp_path / "any.gguf", "0" * 64, fitted, log_dir=tmp_path)
+    try:
+        with pytest.raises(HeadServerError, match="llama-server answered /tokenize with HTTP 307"):
+            servers._tokens(server, "a visit")
+        with pytest.raises(HeadServerError, match=r"answer to /embeddings is larger than [\d,]+ bytes"):
+            servers._states(server, list(range(40)), 64)
+        with pytest.raises(HeadServerError, match="answer to /other is not JSON"):
+            servers._post(server, "/other", {}, 1024)
+    finally:
+        servers.close()
+        hostile.shutdown()
+        hostile.server_close()
+        thread.join(5)
 
 
 def test_a_head_of_raw_states_or_on_a_broken_gguf_is_refused_saying_why(fitted, tmp_path):
