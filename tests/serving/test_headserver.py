@@ -24,6 +24,7 @@ from daemon.quality import head
 from daemon.quality.backends import HeadRater
 from daemon.quality.ratefile import model_from_folder, rate_file
 from daemon.serving.headserver import HeadServerError, HeadServers, cut_gguf, cut_path
+from daemon.training.features import POOLINGS
 from daemon.training.supervisor import resolve_base_weights
 from tests.conftest import leftovers, llama_server_children
 from tests.tiny_model import TINY_NAME
@@ -304,15 +305,24 @@ def test_an_evaluation_through_llama_server_measures_a_head_as_the_local_one_did
 
 def test_gemma_through_llama_server_gives_the_vectors_and_ratings_of_the_features_child(gemma_gguf, tmp_path):
     """On Gemma 3 270M (Q4_K_M), a head fitted in the dtype a job picks on this machine: llama-server on
-    the six cuts gives each member's vectors of 9 new visits and 3 odd texts as the features child
-    does (to float rounding), and the same rating of every one."""
+    the six cuts gives each member's vectors of 6 new visits and 3 odd texts as the features child
+    does (to float rounding), and the same rating of every one. One run of the child computes the
+    training rows' vectors and the new texts' (a text's vectors depend on that text alone)."""
     gemma = resolve_base_weights("gemma3:270m", {"gemma3:270m": str(gemma_gguf)})
-    fitted = _fit(gemma, "gemma3:270m", 32)
-    assert fitted.states == "normed" and len(fitted.layers) == 6
+    train = generate_visits(32, seed=11)
     # and texts a tokenizer may split otherwise: the server tokenizes, the child used the GGUF's tokenizer
-    texts = [_text(r) for r in generate_visits(9, seed=5)] + [
+    texts = [_text(r) for r in generate_visits(6, seed=5)] + [
         "  fièvre 38,5°C – toux 😷\r\nDx:\tJ06.9;R05.9;  ", "<b>cough</b> &amp; <start_of_turn>user", "咳嗽\u00a0x"]
-    local = head.head_vectors(gemma, fitted, texts)
+    question = head.question_text(TOPIC)
+    info, arrays = head.compute_features(gemma, [_text(r) for r in train] + texts, layers="candidates",
+                                         poolings=POOLINGS, question=question)
+    rows = len(train)
+    fit = head.fit({kind: a[:rows] for kind, a in arrays.items()}, [int(r["Standardized_Rating"]) for r in train])
+    fitted = head.Head(fit.members, question, head.MAX_TOKENS, fit.classes, rows, fit.cv,
+                       {"model": "gemma3:270m", "weights_sha256": head.weights_sha256(gemma),
+                        **{k: info[k] for k in ("layers_total", "hidden_size", "dtype", "states")}})
+    assert fitted.states == "normed" and len(fitted.layers) == 6 and fitted.dtype == info["dtype"]
+    local = {kind: a[rows:] for kind, a in arrays.items()}
     with HeadServers(gemma.gguf_path, gemma.gguf_sha256, fitted, log_dir=tmp_path) as servers:
         served = servers.vectors(texts)
     _assert_the_same_vectors(local, served, fitted.dtype)
